@@ -1,0 +1,177 @@
+"""Every event repeld writes is built here: one stable vocabulary for a SIEM.
+
+An `Event` is a name (the RFC 5424 MSGID), a severity, ordered fields and a
+one-line human summary in the spirit of postscreen's log lines. The writers in
+logformat.py only serialise what this module built; nothing else invents field
+names. The vocabulary (README "Events", repeld(8) EVENTS) is a contract:
+add to it, never rename.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .core import EarlyTalk, HangUp, Pass, escape_bytes
+
+__all__ = [
+    "ConnInfo",
+    "Event",
+    "FieldValue",
+    "Severity",
+    "backend_error",
+    "early_talker",
+    "hangup",
+    "internal_error",
+    "passed",
+    "relay_end",
+]
+
+FieldValue = str | int | float
+
+
+class Severity(enum.IntEnum):
+    """Syslog severities (RFC 5424 section 6.2.1) that repeld uses."""
+
+    ERR = 3
+    WARNING = 4
+    NOTICE = 5
+    INFO = 6
+
+
+@dataclass(frozen=True, slots=True)
+class ConnInfo:
+    """Who connected where; taken from accept() and getsockname(), never getpeername()."""
+
+    client: str
+    client_port: int
+    server: str
+    server_port: int
+
+    def fields(self) -> tuple[tuple[str, FieldValue], ...]:
+        return (
+            ("client", self.client),
+            ("client_port", self.client_port),
+            ("server", self.server),
+            ("server_port", self.server_port),
+        )
+
+    @property
+    def peer(self) -> str:
+        """`[address]:port` of the client, as postscreen writes it."""
+        return f"[{self.client}]:{self.client_port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One thing that happened, ready to be written in any format."""
+
+    name: str
+    severity: Severity
+    fields: tuple[tuple[str, FieldValue], ...]
+    summary: str
+
+    def get(self, key: str) -> FieldValue | None:
+        for k, v in self.fields:
+            if k == key:
+                return v
+        return None
+
+
+def _ms(seconds: float) -> float:
+    # Millisecond precision is what the vocabulary promises for every duration.
+    return round(seconds, 3)
+
+
+def early_talker(conn: ConnInfo, verdict: EarlyTalk, action: str) -> Event:
+    """A client that spoke before it was greeted (a security event)."""
+    first = escape_bytes(verdict.first)
+    elapsed = _ms(verdict.elapsed)
+    return Event(
+        "early-talker",
+        Severity.WARNING,
+        (
+            ("event", "early-talker"),
+            *conn.fields(),
+            ("elapsed", elapsed),
+            ("bytes", verdict.nbytes),
+            ("first", first),
+            ("action", action),
+        ),
+        f"PREGREET {verdict.nbytes} after {elapsed:.3f} from {conn.peer}: {first}"
+        f" (action={action})",
+    )
+
+
+def hangup(conn: ConnInfo, verdict: HangUp) -> Event:
+    """A client that left before it was greeted."""
+    elapsed = _ms(verdict.elapsed)
+    how = "reset" if verdict.reset else "close"
+    return Event(
+        "hangup",
+        Severity.INFO,
+        (("event", "hangup"), *conn.fields(), ("elapsed", elapsed), ("how", how)),
+        f"HANGUP after {elapsed:.3f} from {conn.peer} ({how}) before the greeting",
+    )
+
+
+def passed(conn: ConnInfo, verdict: Pass) -> Event:
+    """A client handed to the MTA, and why."""
+    elapsed = _ms(verdict.elapsed)
+    reason = str(verdict.reason)
+    return Event(
+        "pass",
+        Severity.INFO,
+        (("event", "pass"), *conn.fields(), ("elapsed", elapsed), ("reason", reason)),
+        f"PASS {reason.upper()} {conn.peer} after {elapsed:.3f}",
+    )
+
+
+def backend_error(conn: ConnInfo, elapsed: float, backend: str, error: str) -> Event:
+    """The MTA could not be reached for a passed client (it was told 421)."""
+    elapsed = _ms(elapsed)
+    return Event(
+        "backend-error",
+        Severity.INFO,
+        (
+            ("event", "backend-error"),
+            *conn.fields(),
+            ("elapsed", elapsed),
+            ("backend", backend),
+            ("error", error),
+        ),
+        f"BACKEND-ERROR {backend} for {conn.peer} after {elapsed:.3f}: {error} (replied 421)",
+    )
+
+
+def relay_end(
+    conn: ConnInfo, elapsed: float, duration: float, from_client: int, to_client: int, end: str
+) -> Event:
+    """A relayed session is over: how much went each way, how long, how it ended."""
+    elapsed = _ms(elapsed)
+    duration = _ms(duration)
+    return Event(
+        "relay-end",
+        Severity.INFO,
+        (
+            ("event", "relay-end"),
+            *conn.fields(),
+            ("elapsed", elapsed),
+            ("duration", duration),
+            ("bytes_from_client", from_client),
+            ("bytes_to_client", to_client),
+            ("end", end),
+        ),
+        f"RELAY-END {conn.peer} after {elapsed:.3f}: {from_client} bytes in,"
+        f" {to_client} bytes out in {duration:.3f}s ({end})",
+    )
+
+
+def internal_error(conn: ConnInfo | None, elapsed: float, error: str) -> Event:
+    """Something in repeld failed for one connection; the server itself carries on."""
+    fields: tuple[tuple[str, FieldValue], ...] = (("event", "error"),)
+    if conn is not None:
+        fields += conn.fields()
+    fields += (("elapsed", _ms(elapsed)), ("error", error))
+    where = f" for {conn.peer}" if conn is not None else ""
+    return Event("error", Severity.ERR, fields, f"ERROR{where}: {error}")

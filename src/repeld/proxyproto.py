@@ -1,0 +1,57 @@
+"""PROXY protocol headers (HAProxy's proxy-protocol.txt, v1 and v2), so the MTA
+sees the real client. Pure functions: addresses in, bytes out.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+from .policy import normalize_address
+
+__all__ = ["V2_SIGNATURE", "header", "v1", "v2"]
+
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+_V2_PROXY = 0x21  # version 2, command PROXY
+_TCP4 = 0x11
+_TCP6 = 0x21
+
+
+def _pair(client: str, server: str) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address] | tuple[
+    ipaddress.IPv6Address, ipaddress.IPv6Address
+] | None:
+    src = ipaddress.ip_address(normalize_address(client))
+    dst = ipaddress.ip_address(normalize_address(server))
+    if isinstance(src, ipaddress.IPv4Address) and isinstance(dst, ipaddress.IPv4Address):
+        return src, dst
+    if isinstance(src, ipaddress.IPv6Address) and isinstance(dst, ipaddress.IPv6Address):
+        return src, dst
+    return None  # mixed families cannot be expressed; say UNKNOWN / LOCAL
+
+
+def v1(client: str, client_port: int, server: str, server_port: int) -> bytes:
+    """`PROXY TCP4 src dst sport dport\\r\\n` (or TCP6, or UNKNOWN)."""
+    pair = _pair(client, server)
+    if pair is None:
+        return b"PROXY UNKNOWN\r\n"
+    proto = "TCP4" if pair[0].version == 4 else "TCP6"
+    return f"PROXY {proto} {pair[0]} {pair[1]} {client_port} {server_port}\r\n".encode("ascii")
+
+
+def v2(client: str, client_port: int, server: str, server_port: int) -> bytes:
+    """The binary v2 header with command PROXY over TCP4 or TCP6, no TLVs."""
+    pair = _pair(client, server)
+    if pair is None:
+        return V2_SIGNATURE + struct.pack("!BBH", 0x20, 0x00, 0)  # LOCAL, UNSPEC
+    fam = _TCP4 if pair[0].version == 4 else _TCP6
+    body = pair[0].packed + pair[1].packed + struct.pack("!HH", client_port, server_port)
+    return V2_SIGNATURE + struct.pack("!BBH", _V2_PROXY, fam, len(body)) + body
+
+
+def header(version: str, client: str, client_port: int, server: str, server_port: int) -> bytes:
+    """The header for `--proxy-protocol VERSION` (empty for `none`)."""
+    if version == "v1":
+        return v1(client, client_port, server, server_port)
+    if version == "v2":
+        return v2(client, client_port, server, server_port)
+    return b""

@@ -1,0 +1,381 @@
+"""The one place where settings live: their names, defaults, limits and parsers.
+
+Every option is declared once in `OPTIONS`; the command line (cli.py) and, later,
+a configuration file are two sources of raw strings fed through the same parsers.
+A bad value raises `SettingError`, which names the option and the value so the
+administrator sees one clear line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import netaddr
+
+from .logformat import FACILITIES, FORMATS, valid_sd_id
+from .policy import TrustedNetworks
+
+__all__ = [
+    "OPTIONS",
+    "Backend",
+    "Listen",
+    "Option",
+    "SettingError",
+    "Settings",
+    "SyslogTarget",
+    "build_settings",
+    "default_syslog",
+    "load_trusted",
+    "parse_backend",
+    "parse_listen",
+    "parse_syslog",
+]
+
+ProxyProtocol = Literal["none", "v1", "v2"]
+EarlyAction = Literal["drop", "reject"]
+
+
+class SettingError(ValueError):
+    """A bad value for one option; `str()` is the one line shown to the admin."""
+
+    def __init__(self, option: str, value: object, reason: str) -> None:
+        self.option = option
+        self.value = value
+        self.reason = reason
+        super().__init__(f"--{option}: invalid value {value!r}: {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """One listening address; `nodelay` listeners (implicit TLS) are never held."""
+
+    host: str
+    port: int
+    nodelay: bool = False
+
+    @property
+    def family(self) -> int:
+        import socket
+
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    def __str__(self) -> str:
+        addr = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return addr + (",nodelay" if self.nodelay else "")
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """The MTA that patient clients are handed to."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class SyslogTarget:
+    """Where events go: a unix datagram socket, or syslog over UDP or TCP."""
+
+    kind: Literal["unix", "udp", "tcp"]
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return self.path
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.kind}://{host}:{self.port}"
+
+
+def default_syslog() -> SyslogTarget:
+    """The platform's local syslog socket."""
+    path = "/var/run/log" if sys.platform.startswith("freebsd") else "/dev/log"
+    return SyslogTarget("unix", path=path)
+
+
+def _split_hostport(text: str, option: str) -> tuple[str, int]:
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise SettingError(option, text, "expected [IPV6]:PORT")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise SettingError(option, text, "expected HOST:PORT")
+        if ":" in host:
+            raise SettingError(option, text, "write an IPv6 address in brackets: [::1]:25")
+    try:
+        port = int(port_text, 10)
+    except ValueError:
+        raise SettingError(option, text, f"port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise SettingError(option, text, "port must be 0-65535")
+    return host, port
+
+
+def _ip_literal(host: str, option: str, text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        raise SettingError(option, text, f"{host!r} is not an IP address") from None
+
+
+def parse_listen(text: str) -> Listen:
+    """`ADDR:PORT[,nodelay]`, IPv6 in brackets."""
+    spec, *flags = [part.strip() for part in text.split(",")]
+    host, port = _split_hostport(spec, "listen")
+    host = _ip_literal(host, "listen", text)
+    nodelay = False
+    for flag in flags:
+        if flag != "nodelay":
+            raise SettingError("listen", text, f"unknown listener flag {flag!r} (known: nodelay)")
+        nodelay = True
+    return Listen(host, port, nodelay)
+
+
+def parse_backend(text: str) -> Backend:
+    """`HOST:PORT` of the MTA; a name is resolved once at start (and on reload)."""
+    host, port = _split_hostport(text, "backend")
+    if port == 0:
+        raise SettingError("backend", text, "port must be 1-65535")
+    return Backend(host, port)
+
+
+def parse_syslog(text: str) -> SyslogTarget:
+    """A unix datagram socket path, `udp://HOST:PORT` or `tcp://HOST:PORT`."""
+    for kind in ("udp", "tcp"):
+        prefix = f"{kind}://"
+        if text.startswith(prefix):
+            host, port = _split_hostport(text[len(prefix) :], "syslog")
+            if port == 0:
+                raise SettingError("syslog", text, "port must be 1-65535")
+            return SyslogTarget(kind, host=host, port=port)  # type: ignore[arg-type]
+    if "://" in text:
+        raise SettingError("syslog", text, "expected a socket path, udp://HOST:PORT or tcp://...")
+    if not text.startswith("/"):
+        raise SettingError("syslog", text, "a unix socket path must be absolute")
+    return SyslogTarget("unix", path=text)
+
+
+def _seconds(option: str, low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise SettingError(option, text, "expected a number of seconds") from None
+        if not low < value <= high:
+            raise SettingError(option, text, f"must be more than {low:g} and at most {high:g}")
+        return value
+
+    return parse
+
+
+def _choice(option: str, choices: Sequence[str]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise SettingError(option, text, "expected one of " + ", ".join(choices))
+        return text
+
+    return parse
+
+
+def _network(text: str) -> str:
+    try:
+        net = netaddr.IPNetwork(text.strip())
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        raise SettingError("trusted", text, "expected an IP address or CIDR network") from None
+    return str(net.cidr)
+
+
+def _sd_id(text: str) -> str:
+    if not valid_sd_id(text):
+        raise SettingError("sd-id", text, "expected NAME@NUMBER, e.g. repeld@32473")
+    return text
+
+
+def _facility(text: str) -> str:
+    if text not in FACILITIES:
+        raise SettingError("facility", text, "expected one of " + ", ".join(FACILITIES))
+    return text
+
+
+def _path(text: str) -> str:
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: its flag, how to parse it, its default and its help text."""
+
+    name: str
+    short: str | None
+    parse: Callable[[str], Any] | None  # None: a boolean switch
+    default: Any
+    help: str
+    metavar: str | None = None
+    repeat: bool = False
+    negatable: bool = False  # a --no-NAME form exists
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "listen", "-l", parse_listen, (Listen("0.0.0.0", 25), Listen("::", 25)),
+        "listen on ADDR:PORT, IPv6 as [::1]:25; add ,nodelay for a listener that is never "
+        "held (implicit TLS, port 465); repeatable (default: 0.0.0.0:25 and [::]:25)",
+        metavar="ADDR:PORT[,nodelay]", repeat=True,
+    ),
+    Option(
+        "backend", "-b", parse_backend, None,
+        "the MTA to hand patient clients to (required)", metavar="HOST:PORT",
+    ),
+    Option(
+        "delay", "-d", _seconds("delay", 0.0, 3600.0), 25.0,
+        "seconds to withhold the greeting, fractions allowed, >0 and <=3600 (default: 25)",
+        metavar="SECONDS",
+    ),
+    Option(
+        "trusted", "-t", _network, (),
+        "a network (address or CIDR) whose clients skip the delay; repeatable", metavar="NET",
+        repeat=True,
+    ),
+    Option(
+        "trusted-file", "-T", _path, (),
+        "a file of trusted networks, one per line, # comments; repeatable", metavar="FILE",
+        repeat=True,
+    ),
+    Option(
+        "proxy-protocol", None, _choice("proxy-protocol", ("none", "v1", "v2")), "none",
+        "send a PROXY protocol header of this version to the backend (default: none)",
+        metavar="none|v1|v2",
+    ),
+    Option(
+        "on-early", None, _choice("on-early", ("drop", "reject")), "drop",
+        "what to do to an early talker: drop closes at once, reject sends one 554 line "
+        "first (default: drop)", metavar="drop|reject",
+    ),
+    Option(
+        "report-attacks", None, None, True,
+        "write early-talker events to the log; --no-report-attacks only counts them "
+        "(default: on)", negatable=True,
+    ),
+    Option(
+        "syslog", None, parse_syslog, None,
+        "where events go: a unix datagram socket path, udp://HOST:PORT or tcp://HOST:PORT "
+        "(default: /dev/log on Linux, /var/run/log on FreeBSD)", metavar="TARGET",
+    ),
+    Option(
+        "log-format", None, _choice("log-format", FORMATS), "rfc5424",
+        "rfc5424 (structured data) or json (@cee: after an RFC 3164 header) "
+        "(default: rfc5424)", metavar="rfc5424|json",
+    ),
+    Option(
+        "facility", None, _facility, "mail", "syslog facility (default: mail)",
+        metavar="NAME",
+    ),
+    Option(
+        "sd-id", None, _sd_id, "repeld@32473",
+        "the RFC 5424 SD-ID of the structured data, NAME@PEN (default: repeld@32473)",
+        metavar="NAME@NUMBER",
+    ),
+    Option(
+        "relay-timeout", None, _seconds("relay-timeout", 0.0, 86400.0), 600.0,
+        "close a relayed session idle this long in both directions (default: 600)",
+        metavar="SECONDS",
+    ),
+    Option(
+        "connect-timeout", None, _seconds("connect-timeout", 0.0, 300.0), 10.0,
+        "give up connecting to the backend after this long and answer 421 (default: 10)",
+        metavar="SECONDS",
+    ),
+    Option(
+        "foreground", "-f", None, False,
+        "stay in the foreground and also print a readable line per event on stderr",
+    ),
+)
+
+OPTION_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The effective settings of a running repeld, all validated."""
+
+    backend: Backend
+    listen: tuple[Listen, ...] = (Listen("0.0.0.0", 25), Listen("::", 25))
+    delay: float = 25.0
+    trusted: tuple[str, ...] = ()
+    trusted_file: tuple[str, ...] = ()
+    proxy_protocol: ProxyProtocol = "none"
+    on_early: EarlyAction = "drop"
+    report_attacks: bool = True
+    syslog: SyslogTarget = field(default_factory=default_syslog)
+    log_format: str = "rfc5424"
+    facility: str = "mail"
+    sd_id: str = "repeld@32473"
+    relay_timeout: float = 600.0
+    connect_timeout: float = 10.0
+    foreground: bool = False
+
+
+def build_settings(values: Mapping[str, Any]) -> Settings:
+    """Settings from already-parsed option values keyed by long flag name.
+
+    Options not in `values` take their defaults. Checks that concern several
+    options at once live here.
+    """
+    unknown = set(values) - set(OPTION_BY_NAME)
+    if unknown:
+        name = sorted(unknown)[0]
+        raise SettingError(name, values[name], "unknown option")
+    backend = values.get("backend")
+    if backend is None:
+        raise SettingError("backend", None, "required: the MTA to hand patient clients to")
+    kwargs: dict[str, Any] = {}
+    for opt in OPTIONS:
+        if opt.name in values and values[opt.name] is not None:
+            value = values[opt.name]
+            kwargs[opt.name.replace("-", "_")] = tuple(value) if opt.repeat else value
+    if "listen" in kwargs and not kwargs["listen"]:
+        del kwargs["listen"]
+    seen: set[tuple[str, int]] = set()
+    for lst in kwargs.get("listen", ()):
+        if (lst.host, lst.port) in seen:
+            raise SettingError("listen", str(lst), "listed twice")
+        seen.add((lst.host, lst.port))
+    return Settings(**kwargs)
+
+
+def load_trusted(settings: Settings) -> TrustedNetworks:
+    """The trusted networks from the flags and every trusted file, all validated.
+
+    A file that cannot be read, or a line that is not a network, raises
+    `SettingError` naming the file and the line number.
+    """
+    networks = list(settings.trusted)
+    for path in settings.trusted_file:
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise SettingError("trusted-file", path, f"cannot read: {reason}") from None
+        for lineno, raw in enumerate(lines, 1):
+            text = raw.split("#", 1)[0].strip()
+            if not text:
+                continue
+            try:
+                networks.append(_network(text))
+            except SettingError:
+                raise SettingError(
+                    "trusted-file", path, f"line {lineno}: {text!r} is not an address or network"
+                ) from None
+    return TrustedNetworks(networks)
