@@ -1,0 +1,210 @@
+"""The event writer: a bounded queue in front of syslog that never blocks the loop.
+
+`EventLog.emit()` is synchronous and O(1): it counts the event and queues it, or
+counts it as dropped when the queue is full. One writer task drains the queue to
+the syslog target (unix datagram socket, UDP, or TCP with RFC 6587 octet
+counting). A syslog daemon that stops reading makes repeld drop events, never
+stall: the writer waits at most `SEND_WAIT` seconds for one message.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+import trio
+
+from .events import Event
+from .logformat import FACILITIES, Header, format_json, format_rfc5424, format_stderr
+from .settings import Settings, SyslogTarget
+
+__all__ = ["EventLog"]
+
+#: Events waiting for the writer; past this they are dropped (and counted).
+QUEUE_SIZE = 4096
+#: The longest the writer waits for the target to accept one message.
+SEND_WAIT = 1.0
+#: After a failure, the writer tries to reach the target again this much later.
+RETRY_AFTER = 2.0
+
+
+class EventLog:
+    """Counts every event and writes it to syslog (and stderr with -f)."""
+
+    def __init__(
+        self,
+        target: SyslogTarget | None,
+        log_format: str = "rfc5424",
+        *,
+        facility: str = "mail",
+        sd_id: str = "repeld@32473",
+        report_attacks: bool = True,
+        stderr: TextIO | None = None,
+        queue_size: int = QUEUE_SIZE,
+        hostname: str | None = None,
+    ) -> None:
+        self.target = target
+        self.report_attacks = report_attacks
+        self.stderr = stderr
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.dropped = 0
+        self.written = 0
+        self._queue: collections.deque[tuple[Event, float]] = collections.deque()
+        self._queue_size = queue_size
+        self._wakeup = trio.Event()
+        self._format: Callable[[Event, Header, float], bytes] = (
+            format_json if log_format == "json" else format_rfc5424
+        )
+        self._header = Header(
+            facility=FACILITIES[facility],
+            hostname=hostname if hostname is not None else socket.gethostname(),
+            app_name="repeld",
+            procid=os.getpid(),
+            sd_id=sd_id,
+            local=target is not None and target.kind == "unix",
+        )
+        self._octet_counting = target is not None and target.kind == "tcp"
+        self._sock: trio.socket.SocketType | None = None
+        self._retry_at = 0.0
+        self._complained = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EventLog:
+        return cls(
+            settings.syslog,
+            settings.log_format,
+            facility=settings.facility,
+            sd_id=settings.sd_id,
+            report_attacks=settings.report_attacks,
+            stderr=sys.stderr if settings.foreground else None,
+        )
+
+    def emit(self, event: Event) -> None:
+        """Count `event` and queue it for writing; never blocks, never raises."""
+        self.counts[event.name] += 1
+        if event.name == "early-talker" and not self.report_attacks:
+            return
+        if len(self._queue) >= self._queue_size:
+            self.dropped += 1
+            return
+        self._queue.append((event, time.time()))
+        self._wakeup.set()
+
+    def statistics(self) -> dict[str, int]:
+        """Queue depth and what has been written or dropped so far."""
+        return {"queued": len(self._queue), "written": self.written, "dropped": self.dropped}
+
+    async def run(self) -> None:
+        """The writer task: drain the queue for as long as repeld runs."""
+        try:
+            while True:
+                if not self._queue:
+                    self._wakeup = trio.Event()
+                    await self._wakeup.wait()
+                while self._queue:
+                    event, stamp = self._queue.popleft()
+                    if self.stderr is not None:
+                        self._write_stderr(event, stamp)
+                    if self.target is not None:
+                        await self._send(self._format(event, self._header, stamp))
+        finally:
+            await self.flush_nowait()
+
+    async def flush_nowait(self) -> None:
+        """Write what is still queued without waiting (at shutdown)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(SEND_WAIT):
+            while self._queue:
+                event, stamp = self._queue.popleft()
+                if self.stderr is not None:
+                    self._write_stderr(event, stamp)
+                if self.target is not None:
+                    await self._send(self._format(event, self._header, stamp))
+        self._close()
+
+    def _write_stderr(self, event: Event, stamp: float) -> None:
+        assert self.stderr is not None
+        try:
+            self.stderr.write(format_stderr(event, stamp) + "\n")
+            self.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+    def _complain(self, what: str, exc: BaseException) -> None:
+        # One line per outage on stderr, where a supervisor keeps it.
+        if not self._complained:
+            self._complained = True
+            print(f"repeld: syslog {self.target}: {what}: {exc}", file=sys.stderr, flush=True)
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    async def _connect(self) -> trio.socket.SocketType | None:
+        target = self.target
+        assert target is not None
+        if trio.current_time() < self._retry_at:
+            return None
+        try:
+            if target.kind == "unix":
+                sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                try:
+                    await sock.connect(target.path)
+                except OSError:
+                    sock.close()
+                    raise
+            else:
+                kind = socket.SOCK_DGRAM if target.kind == "udp" else socket.SOCK_STREAM
+                infos = await trio.socket.getaddrinfo(target.host, target.port, type=kind)
+                family, type_, proto, _, addr = infos[0]
+                sock = trio.socket.socket(family, type_, proto)
+                try:
+                    with trio.fail_after(SEND_WAIT * 5):
+                        await sock.connect(addr)
+                except (OSError, trio.TooSlowError):
+                    sock.close()
+                    raise
+        except (OSError, trio.TooSlowError) as exc:
+            self._retry_at = trio.current_time() + RETRY_AFTER
+            self._complain("cannot connect", exc)
+            return None
+        self._sock = sock
+        return sock
+
+    async def _send(self, message: bytes) -> None:
+        sock = self._sock or await self._connect()
+        if sock is None:
+            self.dropped += 1
+            return
+        if self._octet_counting:
+            message = b"%d %s" % (len(message), message)
+        try:
+            with trio.move_on_after(SEND_WAIT) as scope:
+                view = memoryview(message)
+                while view:
+                    sent = await sock.send(view)
+                    view = view[sent:]
+            if scope.cancelled_caught:
+                # The receiver is not reading: drop this one, keep the socket
+                # (a stream socket's framing may be broken: reconnect).
+                self.dropped += 1
+                if self._octet_counting:
+                    self._close()
+                return
+        except OSError as exc:
+            self.dropped += 1
+            self._close()
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOBUFS):
+                self._retry_at = trio.current_time() + RETRY_AFTER
+            self._complain("send failed", exc)
+            return
+        self.written += 1
+        if self._complained:
+            self._complained = False
+            print(f"repeld: syslog {self.target}: writing again", file=sys.stderr, flush=True)

@@ -1,0 +1,209 @@
+"""The holding pen: one task watches every connection that waits for its greeting.
+
+A task per silent connection costs kilobytes; a held connection here costs a
+socket object, a `Held` record and a slot in a deadline queue. The pen keeps
+its own epoll (Linux) or kqueue (BSD) set of held sockets and asks trio to wake
+it when that set is readable or when the earliest deadline is due, much as
+OpenBSD's spamd runs one poll loop over all its clients.
+
+Deadlines are kept in FIFO queues, one per delay value: connections accepted
+later with the same delay are due later, so the queue is already sorted and
+costs one pointer per connection (a reload that changes the delay starts a new
+queue). What a peek or the deadline means is decided by `core.Hold`; the pen
+only observes the socket and hands the verdict to `on_verdict`.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import math
+import select
+import socket
+import struct
+import sys
+import termios
+from collections.abc import Callable
+
+import trio
+
+from .core import PEEK_LIMIT, Hold, Verdict, Wait
+from .events import ConnInfo
+
+__all__ = ["Held", "HoldingPen"]
+
+_PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+_BATCH = 512
+
+
+class Held:
+    """One connection waiting for its greeting."""
+
+    __slots__ = ("conn", "hold", "sock")
+
+    def __init__(self, sock: socket.socket, conn: ConnInfo, hold: Hold) -> None:
+        self.sock = sock
+        self.conn = conn
+        self.hold = hold
+
+
+class _Poller:
+    """A readiness set of its own that trio can wait on as one fd (epoll or kqueue)."""
+
+    def __init__(self) -> None:
+        self._epoll: select.epoll | None = None
+        self._kqueue: select.kqueue | None = None
+        if hasattr(select, "epoll"):
+            self._epoll = select.epoll()
+        else:  # pragma: no cover - BSD
+            self._kqueue = select.kqueue()
+
+    def fileno(self) -> int:
+        if self._epoll is not None:
+            return self._epoll.fileno()
+        assert self._kqueue is not None  # pragma: no cover
+        return self._kqueue.fileno()  # pragma: no cover
+
+    def add(self, fd: int) -> None:
+        if self._epoll is not None:
+            self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+        else:  # pragma: no cover - BSD
+            assert self._kqueue is not None
+            ev = select.kevent(fd, select.KQ_FILTER_READ, select.KQ_EV_ADD)
+            self._kqueue.control([ev], 0, 0)
+
+    def remove(self, fd: int) -> None:
+        try:
+            if self._epoll is not None:
+                self._epoll.unregister(fd)
+            else:  # pragma: no cover - BSD
+                assert self._kqueue is not None
+                ev = select.kevent(fd, select.KQ_FILTER_READ, select.KQ_EV_DELETE)
+                self._kqueue.control([ev], 0, 0)
+        except OSError:
+            pass
+
+    def ready(self, limit: int) -> list[int]:
+        if self._epoll is not None:
+            return [fd for fd, _ in self._epoll.poll(0, limit)]
+        assert self._kqueue is not None  # pragma: no cover
+        return [int(ev.ident) for ev in self._kqueue.control(None, limit, 0)]  # pragma: no cover
+
+    def close(self) -> None:
+        if self._epoll is not None:
+            self._epoll.close()
+        if self._kqueue is not None:  # pragma: no cover
+            self._kqueue.close()
+
+
+def _pending(sock: socket.socket) -> int:
+    # How many bytes are waiting in all, so a flood is counted beyond the peek.
+    try:
+        buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        return int(struct.unpack("i", buf)[0])
+    except OSError:
+        return 0
+
+
+class HoldingPen:
+    """Holds silent connections until a verdict; `on_verdict` gets each one once."""
+
+    def __init__(self, on_verdict: Callable[[Held, Verdict], None]) -> None:
+        self._on_verdict = on_verdict
+        self._poller = _Poller()
+        self._held: dict[int, Held] = {}
+        self._queues: dict[float, collections.deque[Held]] = {}
+        self._wake: trio.CancelScope | None = None
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def add(self, held: Held) -> None:
+        """Start watching `held`; its deadline is `held.hold.deadline`."""
+        fd = held.sock.fileno()
+        self._held[fd] = held
+        self._poller.add(fd)
+        delay = held.hold.deadline - held.hold.accepted_at
+        queue = self._queues.get(delay)
+        if queue is None:
+            queue = self._queues[delay] = collections.deque()
+        queue.append(held)
+        if self._wake is not None and held.hold.deadline < self._wake.deadline:
+            self._wake.deadline = held.hold.deadline
+
+    def _release(self, held: Held) -> None:
+        fd = held.sock.fileno()
+        if self._held.get(fd) is held:
+            del self._held[fd]
+            self._poller.remove(fd)
+
+    def _decide(self, held: Held, verdict: Verdict) -> None:
+        if isinstance(verdict, Wait):
+            return
+        self._release(held)
+        try:
+            self._on_verdict(held, verdict)
+        except Exception as exc:  # a handler never takes the pen down
+            print(f"repeld: internal error after verdict {verdict}: {exc!r}", file=sys.stderr)
+            held.sock.close()
+
+    def _peek(self, held: Held, now: float, *, due: bool) -> None:
+        hold = held.hold
+        try:
+            data = held.sock.recv(PEEK_LIMIT, _PEEK_FLAGS)
+        except BlockingIOError:
+            if due:
+                self._decide(held, hold.silence(now))
+            return
+        except OSError:
+            self._decide(held, hold.reset(now))
+            return
+        if data:
+            total = _pending(held.sock) if len(data) >= PEEK_LIMIT else len(data)
+            self._decide(held, hold.data(data, now, total))
+        else:
+            self._decide(held, hold.eof(now))
+
+    def _expire(self, now: float) -> float:
+        """Decide every connection whose delay is over; the next deadline."""
+        next_deadline = math.inf
+        for delay, queue in list(self._queues.items()):
+            while queue and queue[0].hold.deadline <= now:
+                held = queue.popleft()
+                if not held.hold.done and self._held.get(held.sock.fileno()) is held:
+                    self._peek(held, now, due=True)
+            if queue:
+                next_deadline = min(next_deadline, queue[0].hold.deadline)
+            elif len(self._queues) > 1:
+                del self._queues[delay]
+        return next_deadline
+
+    async def run(self) -> None:
+        """Watch the pen until cancelled; then close every connection still held."""
+        try:
+            while True:
+                next_deadline = self._expire(trio.current_time())
+                with trio.CancelScope(deadline=next_deadline) as wake:
+                    self._wake = wake
+                    await trio.lowlevel.wait_readable(self._poller.fileno())
+                self._wake = None
+                now = trio.current_time()
+                for fd in self._poller.ready(_BATCH):
+                    held = self._held.get(fd)
+                    if held is not None:
+                        self._peek(held, now, due=False)
+        finally:
+            self._wake = None
+
+    def evict_all(self) -> list[Held]:
+        """Stop watching every held connection and give them to the caller (shutdown)."""
+        held = list(self._held.values())
+        for h in held:
+            self._release(h)
+        self._queues.clear()
+        return held
+
+    def close(self) -> None:
+        for h in self.evict_all():
+            h.sock.close()
+        self._poller.close()

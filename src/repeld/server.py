@@ -1,0 +1,221 @@
+"""The shell: listeners, accept loops, and what happens after each verdict.
+
+Everything here is I/O and wiring. The decisions are made by `policy.Policy`
+(before the hold) and `core.Hold` (during it, driven by the holding pen); this
+module carries them out and writes one event per verdict.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import sys
+from dataclasses import dataclass, field
+
+import trio
+
+from . import events
+from .core import EarlyTalk, HangUp, Hold, Pass, Verdict
+from .eventlog import EventLog
+from .events import ConnInfo
+from .handoff import BackendTarget, handoff, reply_and_close, resolve_backend
+from .pen import Held, HoldingPen
+from .policy import Policy, TrustedNetworks, normalize_address
+from .settings import Listen, Settings, load_trusted
+
+__all__ = ["EARLY_REJECT", "Server", "bind_listener", "run_server"]
+
+EARLY_REJECT = b"554 5.5.1 Protocol error: you talked before my greeting\r\n"
+#: Accept errors that mean "out of resources for now": pause, never spin.
+_ACCEPT_PAUSE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+ACCEPT_BACKOFF = 0.1
+#: Accepts in a row before the accept loop lets other tasks run.
+_ACCEPT_BATCH = 64
+DEFAULT_BACKLOG = 4096
+
+
+def bind_listener(spec: Listen, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
+    """A bound, listening, non-blocking socket for `spec` (IPv6 sockets are v6-only)."""
+    sock = socket.socket(spec.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if spec.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((spec.host, spec.port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass(slots=True)
+class _Listener:
+    sock: socket.socket
+    spec: Listen
+    # The server address for every connection on a non-wildcard listener.
+    local: tuple[str, int] | None = field(default=None)
+
+
+class Server:
+    """One running repeld: its listeners, its pen and its handlers."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        trusted: TrustedNetworks,
+        backend: BackendTarget,
+        log: EventLog,
+    ) -> None:
+        self.settings = settings
+        self.policy = Policy(trusted)
+        self.backend = backend
+        self.log = log
+        self.pen = HoldingPen(self._on_verdict)
+        self.listeners: list[_Listener] = []
+        self.relays = 0
+        self._handlers: trio.Nursery | None = None
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Where this server listens (useful with port 0)."""
+        return [tuple(lst.sock.getsockname()[:2]) for lst in self.listeners]  # type: ignore[misc]
+
+    def add_listener(self, sock: socket.socket, spec: Listen) -> None:
+        host, port = sock.getsockname()[:2]
+        wildcard = host in ("0.0.0.0", "::")
+        self.listeners.append(_Listener(sock, spec, None if wildcard else (host, port)))
+
+    # -- accepting ---------------------------------------------------------------
+
+    async def _accept_loop(self, listener: _Listener) -> None:
+        lsock = listener.sock
+        batch = 0
+        while True:
+            try:
+                sock, addr = lsock.accept()
+            except BlockingIOError:
+                batch = 0
+                await trio.lowlevel.wait_readable(lsock)
+                continue
+            except OSError as exc:
+                if exc.errno in _ACCEPT_PAUSE_ERRNOS:
+                    print(f"repeld: accept on {listener.spec}: {exc}; pausing", file=sys.stderr)
+                    await trio.sleep(ACCEPT_BACKOFF)
+                # ECONNABORTED and friends: that client is gone, take the next.
+                continue
+            self._accepted(sock, addr, listener)
+            batch += 1
+            if batch >= _ACCEPT_BATCH:
+                batch = 0
+                await trio.lowlevel.checkpoint()
+
+    def _accepted(self, sock: socket.socket, addr: tuple[object, ...], listener: _Listener) -> None:
+        now = trio.current_time()
+        try:
+            sock.setblocking(False)
+            if listener.local is not None:
+                server, server_port = listener.local
+            else:
+                server, server_port = sock.getsockname()[:2]
+                server = normalize_address(server)
+        except OSError:
+            # Reset between accept() and here: nothing to serve, nobody to greet.
+            sock.close()
+            return
+        client = normalize_address(str(addr[0]))
+        conn = ConnInfo(client, int(addr[1]), server, int(server_port))  # type: ignore[call-overload]
+        reason = self.policy.admit(client, nodelay=listener.spec.nodelay)
+        if reason is not None:
+            self._pass(sock, conn, now, Pass(reason, 0.0))
+        else:
+            self.pen.add(Held(sock, conn, Hold(now, self.settings.delay)))
+
+    # -- verdicts ----------------------------------------------------------------
+
+    def _on_verdict(self, held: Held, verdict: Verdict) -> None:
+        if isinstance(verdict, Pass):
+            self._pass(held.sock, held.conn, held.hold.accepted_at, verdict)
+        elif isinstance(verdict, EarlyTalk):
+            self._cut_off(held, verdict)
+        elif isinstance(verdict, HangUp):
+            held.sock.close()
+            self.log.emit(events.hangup(held.conn, verdict))
+
+    def _cut_off(self, held: Held, verdict: EarlyTalk) -> None:
+        action = self.settings.on_early
+        if action == "reject":
+            try:  # take what the talker said so the close is a FIN, not an RST
+                held.sock.recv(verdict.nbytes)
+            except OSError:
+                pass
+            reply_and_close(held.sock, EARLY_REJECT)
+        else:
+            held.sock.close()
+        self.log.emit(events.early_talker(held.conn, verdict, action))
+
+    def _pass(self, sock: socket.socket, conn: ConnInfo, accepted_at: float, verdict: Pass) -> None:
+        self.log.emit(events.passed(conn, verdict))
+        assert self._handlers is not None
+        self._handlers.start_soon(self._handoff, sock, conn, accepted_at)
+
+    async def _handoff(self, sock: socket.socket, conn: ConnInfo, accepted_at: float) -> None:
+        s = self.settings
+        self.relays += 1
+        try:
+            await handoff(
+                sock,
+                conn,
+                accepted_at,
+                self.backend,
+                s.proxy_protocol,
+                s.connect_timeout,
+                s.relay_timeout,
+                self.log,
+            )
+        finally:
+            self.relays -= 1
+
+    # -- running -----------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept and serve until cancelled; then close every held connection."""
+        try:
+            async with trio.open_nursery() as handlers:
+                self._handlers = handlers
+                handlers.start_soon(self.pen.run)
+                for listener in self.listeners:
+                    handlers.start_soon(self._accept_loop, listener)
+                task_status.started(self)
+        finally:
+            for lst in self.listeners:
+                lst.sock.close()
+            self.pen.close()
+
+
+async def run_server(
+    settings: Settings,
+    log: EventLog | None = None,
+    *,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Bind, resolve and serve `settings` until cancelled (the whole daemon)."""
+    trusted = load_trusted(settings)
+    backend = await resolve_backend(settings.backend.host, settings.backend.port)
+    log = log or EventLog.from_settings(settings)
+    socks: list[tuple[socket.socket, Listen]] = []
+    try:
+        for spec in settings.listen:
+            socks.append((bind_listener(spec), spec))
+    except OSError:
+        for sock, _ in socks:
+            sock.close()
+        raise
+    server = Server(settings, trusted, backend, log)
+    for sock, spec in socks:
+        server.add_listener(sock, spec)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(log.run)
+        await nursery.start(server.serve)
+        task_status.started(server)
