@@ -1,0 +1,41 @@
+"""Who skips the delay: trusted networks, IPv4-mapped addresses, nodelay listeners."""
+
+from __future__ import annotations
+
+import pytest
+
+from repeld.core import PassReason
+from repeld.policy import Policy, TrustedNetworks, normalize_address
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("192.0.2.7", True),
+        ("192.0.2.255", True),
+        ("192.0.3.1", False),
+        ("::ffff:192.0.2.7", True),
+        ("::FFFF:192.0.2.7", True),
+        ("2001:db8::1", True),
+        ("2001:db8:1::1", False),
+        ("fe80::1%eth0", False),
+        ("not an address", False),
+    ],
+)
+def test_trusted_membership(address: str, expected: bool) -> None:
+    trusted = TrustedNetworks(["192.0.2.0/24", "2001:db8::/48"])
+    assert (address in trusted) is expected
+
+
+def test_policy_order_trusted_before_nodelay() -> None:
+    policy = Policy(TrustedNetworks(["127.0.0.2"]))
+    assert policy.admit("127.0.0.2", nodelay=False) is PassReason.TRUSTED
+    assert policy.admit("127.0.0.2", nodelay=True) is PassReason.TRUSTED
+    assert policy.admit("127.0.0.1", nodelay=True) is PassReason.NODELAY
+    assert policy.admit("127.0.0.1", nodelay=False) is None
+
+
+def test_normalize_address() -> None:
+    assert normalize_address("::ffff:10.1.2.3") == "10.1.2.3"
+    assert normalize_address("fe80::1%lo") == "fe80::1"
+    assert normalize_address("::1") == "::1"

@@ -1,0 +1,283 @@
+"""The daemon in-process over real loopback sockets, with trio's autojump clock:
+a 25 s delay costs nothing, and every verdict is checked through the syslog
+receiver.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+import trio
+import trio.testing
+
+from repeld.settings import Listen
+
+from .harness import GREETING, connect, read_line, read_until_closed, running
+
+DELAY = 25.0
+
+
+async def test_patient_client_is_greeted_by_the_backend_after_the_delay(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running(delay=DELAY) as h:
+        client = await connect(h.address())
+        client_port = client.getsockname()[1]
+        start = trio.current_time()
+        greeting = await read_line(client)
+        waited = trio.current_time() - start
+        assert greeting == GREETING
+        assert DELAY <= waited < DELAY + 0.1
+        await client.send(b"EHLO me\r\n")
+        assert await read_line(client) == b"250 ok\r\n"
+        await client.send(b"QUIT\r\n")
+        assert await read_line(client) == b"221 2.0.0 bye\r\n"
+        assert (await read_until_closed(client))[1] == "eof"
+        client.close()
+        (passed,) = await h.receiver.wait_for("pass")
+        assert passed.fields["reason"] == "delay"
+        assert float(passed.fields["elapsed"]) == pytest.approx(DELAY, abs=0.01)
+        assert passed.fields["client"] == "127.0.0.1"
+        assert int(passed.fields["client_port"]) == client_port
+        assert passed.fields["server_port"] == str(h.address()[1])
+        assert passed.severity == 6
+        assert passed.facility == 2
+        (end,) = await h.receiver.wait_for("relay-end")
+        assert end.fields["bytes_from_client"] == str(len(b"EHLO me\r\nQUIT\r\n"))
+        assert end.fields["bytes_to_client"] == str(len(GREETING) + 8 + 15)
+        assert end.fields["end"] == "closed"
+
+
+@pytest.mark.parametrize(
+    ("after", "payload"),
+    [
+        (0.0, b"EHLO bot.example\r\n"),
+        (24.5, b"HELO late\r\n"),
+        (1.0, b"Q"),
+        (0.0, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"),
+    ],
+    ids=["at-once", "late-in-window", "one-byte", "binary"],
+)
+async def test_early_talker_is_cut_off_at_once(
+    autojump_clock: trio.testing.MockClock, after: float, payload: bytes
+) -> None:
+    async with running(delay=DELAY) as h:
+        client = await connect(h.address())
+        await trio.sleep(after)
+        await client.send(payload)
+        sent_at = trio.current_time()
+        data, _how = await read_until_closed(client)
+        assert data == b""  # never greeted
+        assert trio.current_time() - sent_at < 0.05
+        (ev,) = await h.receiver.wait_for("early-talker")
+        assert ev.severity == 4
+        assert ev.fields["bytes"] == str(len(payload))
+        assert ev.fields["action"] == "drop"
+        assert float(ev.fields["elapsed"]) == pytest.approx(after, abs=0.01)
+        assert ev.fields["first"] == "".join(
+            chr(b) if 0x20 <= b < 0x7F else {13: "\\r", 10: "\\n"}.get(b, f"\\x{b:02x}")
+            for b in payload
+        )
+        assert h.backend.sessions == 0
+        assert h.log.counts["early-talker"] == 1
+
+
+async def test_flood_is_cut_off_and_counted(autojump_clock: trio.testing.MockClock) -> None:
+    async with running(delay=DELAY) as h:
+        client = await connect(h.address())
+        flood = b"A" * (1 << 20)
+
+        async def send_flood() -> None:
+            try:
+                await client.send(flood)
+            except OSError:
+                pass
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_flood)
+            data, _ = await read_until_closed(client)
+        assert data == b""
+        (ev,) = await h.receiver.wait_for("early-talker")
+        assert int(ev.fields["bytes"]) > 1024  # more than one peek's worth was seen waiting
+        assert ev.fields["first"] == "A" * 100
+
+
+async def test_hostile_bytes_come_out_escaped_in_both_formats(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hostile = b'EHLO "x"] \\ [y@1 z="\x00\x1b[31m\xff\r\n'
+    for fmt in ("rfc5424", "json"):
+        async with running(delay=DELAY, log_format=fmt) as h:
+            client = await connect(h.address())
+            await client.send(hostile)
+            await read_until_closed(client)
+            (ev,) = await h.receiver.wait_for("early-talker")
+            assert ev.format == fmt
+            assert ev.fields["first"] == 'EHLO "x"] \\\\ [y@1 z="\\x00\\x1b[31m\\xff\\r\\n'
+            assert all(0x20 <= b < 0x7F for b in h.receiver.raw[-1])
+            assert ev.fields["client"] == "127.0.0.1"  # the SD parsed cleanly past the "]"
+
+
+async def test_reject_sends_one_554_line(autojump_clock: trio.testing.MockClock) -> None:
+    async with running(delay=DELAY, on_early="reject") as h:
+        client = await connect(h.address())
+        await client.send(b"EHLO x\r\n")
+        data, how = await read_until_closed(client)
+        assert data.startswith(b"554 5.5.1 ")
+        assert data.endswith(b"\r\n") and data.count(b"\r\n") == 1
+        assert b"greeting" in data
+        assert how == "eof"
+        (ev,) = await h.receiver.wait_for("early-talker")
+        assert ev.fields["action"] == "reject"
+
+
+async def test_hangup_by_fin_and_by_rst(autojump_clock: trio.testing.MockClock) -> None:
+    async with running(delay=DELAY) as h:
+        fin = await connect(h.address())
+        rst = await connect(h.address())
+        await trio.sleep(3)
+        fin.close()
+        await trio.sleep(2)
+        rst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        rst.close()
+        events = await h.receiver.wait_for("hangup", 2)
+        by_how = {e.fields["how"]: e for e in events}
+        assert float(by_how["close"].fields["elapsed"]) == pytest.approx(3.0, abs=0.01)
+        assert float(by_how["reset"].fields["elapsed"]) == pytest.approx(5.0, abs=0.01)
+        await trio.sleep(DELAY)
+        assert h.backend.sessions == 0
+        assert not h.receiver.named("pass")
+
+
+async def test_trusted_source_skips_the_delay(autojump_clock: trio.testing.MockClock) -> None:
+    async with running(delay=DELAY, trusted=("127.0.0.2/32",)) as h:
+        client = await connect(h.address(), source="127.0.0.2")
+        start = trio.current_time()
+        assert await read_line(client) == GREETING
+        assert trio.current_time() - start < 0.1
+        (ev,) = await h.receiver.wait_for("pass")
+        assert ev.fields["reason"] == "trusted"
+        assert ev.fields["client"] == "127.0.0.2"
+        # a trusted client may even talk first
+        other = await connect(h.address(), source="127.0.0.2")
+        await other.send(b"EHLO trusted\r\n")
+        assert await read_line(other) == GREETING
+        assert await read_line(other) == b"250 ok\r\n"
+
+
+async def test_nodelay_listener_is_never_held(autojump_clock: trio.testing.MockClock) -> None:
+    listen = (Listen("127.0.0.1", 0), Listen("127.0.0.1", 0, nodelay=True))
+    async with running(delay=DELAY, listen=listen) as h:
+        client = await connect(h.address(1))
+        start = trio.current_time()
+        assert await read_line(client) == GREETING
+        assert trio.current_time() - start < 0.1
+        (ev,) = await h.receiver.wait_for("pass")
+        assert ev.fields["reason"] == "nodelay"
+        held = await connect(h.address(0))
+        await held.send(b"EHLO\r\n")
+        await h.receiver.wait_for("early-talker")
+
+
+async def test_ipv6_loopback(autojump_clock: trio.testing.MockClock) -> None:
+    async with running(delay=DELAY, listen=(Listen("::1", 0),), backend_proxy=True,
+                       proxy_protocol="v2") as h:
+        client = await connect(h.address())
+        assert await read_line(client) == GREETING
+        (ev,) = await h.receiver.wait_for("pass")
+        assert ev.fields["client"] == "::1"
+        assert ev.fields["server"] == "::1"
+        (info,) = h.backend.headers
+        assert info is not None
+        assert (info.src, info.src_port) == ("::1", client.getsockname()[1])
+        assert (info.dst, info.dst_port) == ("::1", h.address()[1])
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+async def test_proxy_header_carries_the_real_client(
+    autojump_clock: trio.testing.MockClock, version: str
+) -> None:
+    async with running(delay=DELAY, backend_proxy=True, proxy_protocol=version) as h:
+        client = await connect(h.address(), source="127.0.0.3")
+        assert await read_line(client) == GREETING
+        (info,) = h.backend.headers
+        assert info is not None
+        assert info.version == int(version[1])
+        assert (info.src, info.src_port) == ("127.0.0.3", client.getsockname()[1])
+        assert (info.dst, info.dst_port) == h.address()
+
+
+async def test_dead_backend_gets_421(autojump_clock: trio.testing.MockClock) -> None:
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()  # nothing listens there now
+    async with running(delay=DELAY, backend_port=dead_port) as h:
+        client = await connect(h.address())
+        data, how = await read_until_closed(client)
+        assert data == b"421 4.3.2 Service temporarily unavailable, try again later\r\n"
+        assert how == "eof"
+        (ev,) = await h.receiver.wait_for("backend-error")
+        assert ev.fields["backend"] == f"127.0.0.1:{dead_port}"
+        assert "refused" in ev.fields["error"].lower()
+        assert float(ev.fields["elapsed"]) == pytest.approx(DELAY, abs=0.05)
+
+
+async def test_half_close_is_propagated(autojump_clock: trio.testing.MockClock) -> None:
+    async with running(delay=DELAY) as h:
+        client = await connect(h.address())
+        assert await read_line(client) == GREETING
+        await client.send(b"NOOP\r\nQUIT\r\n")
+        client.shutdown(socket.SHUT_WR)
+        data, how = await read_until_closed(client)
+        assert data == b"250 ok\r\n221 2.0.0 bye\r\n"
+        assert how == "eof"
+        (end,) = await h.receiver.wait_for("relay-end")
+        assert end.fields["end"] == "closed"
+
+
+async def test_idle_relay_times_out(autojump_clock: trio.testing.MockClock) -> None:
+    async with running(delay=DELAY, relay_timeout=60.0) as h:
+        client = await connect(h.address())
+        assert await read_line(client) == GREETING
+        greeted = trio.current_time()
+        data, _ = await read_until_closed(client)
+        assert data == b""
+        assert trio.current_time() - greeted == pytest.approx(60.0, abs=0.1)
+        (end,) = await h.receiver.wait_for("relay-end")
+        assert end.fields["end"] == "timeout"
+
+
+async def test_no_report_attacks_counts_but_does_not_write(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running(delay=DELAY, report_attacks=False, trusted=("127.0.0.2",)) as h:
+        client = await connect(h.address())
+        await client.send(b"EHLO\r\n")
+        await read_until_closed(client)
+        ok = await connect(h.address(), source="127.0.0.2")
+        assert await read_line(ok) == GREETING
+        await h.receiver.wait_for("pass")
+        assert h.log.counts["early-talker"] == 1
+        assert not h.receiver.named("early-talker")
+
+
+async def test_many_held_connections_each_get_their_own_verdict(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running(delay=DELAY) as h:
+        patient = [await connect(h.address()) for _ in range(20)]
+        talkers = [await connect(h.address()) for _ in range(20)]
+        for i, t in enumerate(talkers):
+            await trio.sleep(0.5)
+            await t.send(b"X" * (i + 1))
+        for t in talkers:
+            assert (await read_until_closed(t))[0] == b""
+        for p in patient:
+            assert await read_line(p) == GREETING
+        early = await h.receiver.wait_for("early-talker", 20)
+        assert sorted(int(e.fields["bytes"]) for e in early) == list(range(1, 21))
+        assert len(await h.receiver.wait_for("pass", 20)) == 20
+        assert len(h.server.pen) == 0
