@@ -1,0 +1,28 @@
+/*
+ * tcpnative.h -- the cdef text of repeld._tcpnative (cffi API mode).
+ *
+ * Declarations only: native/build_tcpnative.py hands this file to
+ * ffibuilder.cdef(), and the definitions live in tcpnative.c.  It is not a
+ * C header: "#define X ..." asks the compiler for the value, and the struct
+ * is checked against tcpnative.c when the module is built.
+ */
+
+/* 1 if the headers the module was compiled against have TCP_USER_TIMEOUT. */
+#define REPELD_HAVE_USER_TIMEOUT ...
+
+/* Returned by repeld_set_user_timeout() where the option does not exist. */
+#define REPELD_UNSUPPORTED ...
+
+/* The fields of the platform's struct tcp_info that repeld reports. */
+struct repeld_tcp_info {
+    int state;                          /* the platform's own tcpi_state */
+    unsigned int rtt_us;                /* smoothed round-trip time */
+    unsigned int rttvar_us;             /* round-trip time variance */
+    unsigned int retransmits;           /* segments retransmitted, in total */
+    unsigned long long bytes_received;  /* Linux only; 0 on FreeBSD */
+};
+
+int repeld_set_user_timeout(int fd, int ms);
+int repeld_tcp_info(int fd, struct repeld_tcp_info *out);
+const char *repeld_tcp_state_name(int state);
+long long repeld_sysctl_uint(const char *name);

@@ -1,0 +1,265 @@
+"""repeld.tcptune against real loopback TCP sockets: every value is read back from the kernel."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import errno
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from repeld import tcptune
+
+LINUX = sys.platform.startswith("linux")
+FREEBSD = sys.platform.startswith("freebsd")
+linux_only = pytest.mark.skipif(not LINUX, reason="Linux-specific behaviour")
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILDER = ROOT / "native" / "build_tcpnative.py"
+
+Pair = tuple[socket.socket, socket.socket]
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    """A connected loopback TCP pair: (client, the server's accepted socket)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname(), timeout=5)
+        server, _ = listener.accept()
+    server.settimeout(5)
+    with client, server:
+        yield client, server
+
+
+def closed_fd() -> int:
+    """An fd number that was a socket a moment ago and is now closed."""
+    sock = socket.socket()
+    fd = sock.fileno()
+    sock.close()
+    return fd
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """Read n bytes, however the kernel splits them."""
+    chunks = bytearray()
+    while len(chunks) < n:
+        chunk = sock.recv(n - len(chunks))
+        assert chunk, "peer closed early"
+        chunks += chunk
+    return bytes(chunks)
+
+
+# --- keepalive -------------------------------------------------------------------------
+
+
+def test_set_keepalive_reads_back(pair: Pair) -> None:
+    _, server = pair
+    tcptune.set_keepalive(server.fileno(), idle=75, interval=15, count=4)
+    assert server.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
+    assert server.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 75
+    assert server.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 15
+    assert server.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 4
+
+
+def test_set_keepalive_leaves_fd_open(pair: Pair) -> None:
+    client, server = pair
+    tcptune.set_keepalive(server.fileno(), 60, 10, 5)
+    server.sendall(b"still here")
+    assert recv_exactly(client, 10) == b"still here"
+
+
+@pytest.mark.parametrize(("idle", "interval", "count"), [(0, 10, 5), (60, 0, 5), (60, 10, -1)])
+def test_set_keepalive_rejects_non_positive(
+    pair: Pair, idle: int, interval: int, count: int
+) -> None:
+    _, server = pair
+    with pytest.raises(ValueError, match="keepalive"):
+        tcptune.set_keepalive(server.fileno(), idle, interval, count)
+    assert server.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+
+
+@linux_only
+def test_set_keepalive_kernel_refusal_is_oserror_and_leaves_keepalive_off(pair: Pair) -> None:
+    _, server = pair
+    with pytest.raises(OSError) as excinfo:
+        tcptune.set_keepalive(server.fileno(), 60, 10, 1000)  # Linux caps TCP_KEEPCNT at 127
+    assert excinfo.value.errno == errno.EINVAL
+    assert server.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+
+
+# --- user timeout ----------------------------------------------------------------------
+
+
+def test_platform_has_user_timeout_matches_platform() -> None:
+    has = tcptune.platform_has_user_timeout()
+    if LINUX:
+        assert has is True
+    elif FREEBSD:
+        assert has is False
+    else:
+        assert isinstance(has, bool)
+
+
+def test_set_user_timeout(pair: Pair) -> None:
+    _, server = pair
+    applied = tcptune.set_user_timeout(server.fileno(), 12_345)
+    assert applied is tcptune.platform_has_user_timeout()
+    if applied:
+        assert server.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 12_345
+
+
+@pytest.mark.parametrize("ms", [-1, 2**31])
+def test_set_user_timeout_rejects_out_of_range(pair: Pair, ms: int) -> None:
+    _, server = pair
+    with pytest.raises(ValueError, match="user timeout"):
+        tcptune.set_user_timeout(server.fileno(), ms)
+
+
+# --- abortive close --------------------------------------------------------------------
+
+
+def test_set_abortive_close_reads_back(pair: Pair) -> None:
+    _, server = pair
+    tcptune.set_abortive_close(server.fileno())
+    raw = server.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.calcsize("ii"))
+    assert struct.unpack("ii", raw) == (1, 0)
+
+
+def test_abortive_close_resets_the_peer(pair: Pair) -> None:
+    client, server = pair
+    tcptune.set_abortive_close(server.fileno())
+    server.close()
+    with pytest.raises(ConnectionResetError) as excinfo:
+        client.recv(1)
+    assert excinfo.value.errno == errno.ECONNRESET
+
+
+# --- tcp_info --------------------------------------------------------------------------
+
+
+def test_tcp_info_of_established_connection(pair: Pair) -> None:
+    client, server = pair
+    payload = b"EHLO spammer.example\r\n" * 100
+    client.sendall(payload)
+    assert recv_exactly(server, len(payload)) == payload
+
+    info = tcptune.tcp_info(server.fileno())
+
+    assert info.state_name == "ESTABLISHED"
+    if LINUX:
+        assert info.state == 1  # TCP_ESTABLISHED
+        assert info.bytes_received == len(payload)
+    elif FREEBSD:
+        assert info.state == 4  # TCPS_ESTABLISHED
+        assert info.bytes_received == 0  # FreeBSD's tcp_info has no byte count
+    assert info.rtt_us >= 0
+    assert info.rttvar_us >= 0
+    assert info.retransmits >= 0
+
+
+def test_tcp_info_of_listener_and_half_closed_connection(pair: Pair) -> None:
+    client, server = pair
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        assert tcptune.tcp_info(listener.fileno()).state_name == "LISTEN"
+    client.close()
+    assert server.recv(1) == b""
+    assert tcptune.tcp_info(server.fileno()).state_name == "CLOSE_WAIT"
+
+
+def test_tcp_info_is_frozen(pair: Pair) -> None:
+    _, server = pair
+    info = tcptune.tcp_info(server.fileno())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        info.state = 0  # type: ignore[misc]
+
+
+def test_tcp_info_on_a_file_is_enotsock(tmp_path: Path) -> None:
+    with open(tmp_path / "not-a-socket", "wb") as f, pytest.raises(OSError) as excinfo:
+        tcptune.tcp_info(f.fileno())
+    assert excinfo.value.errno == errno.ENOTSOCK
+
+
+# --- bad file descriptors --------------------------------------------------------------
+
+
+def _user_timeout(fd: int) -> object:
+    if not tcptune.platform_has_user_timeout():
+        pytest.skip("no TCP_USER_TIMEOUT on this platform")
+    return tcptune.set_user_timeout(fd, 1000)
+
+
+FD_CALLS: dict[str, Callable[[int], object]] = {
+    "set_keepalive": lambda fd: tcptune.set_keepalive(fd, 60, 10, 5),
+    "set_user_timeout": _user_timeout,
+    "set_abortive_close": tcptune.set_abortive_close,
+    "tcp_info": tcptune.tcp_info,
+}
+
+
+@pytest.mark.parametrize("call", FD_CALLS.values(), ids=FD_CALLS.keys())
+@pytest.mark.parametrize("bad_fd", ["closed", "negative"])
+def test_bad_fd_raises_ebadf(call: Callable[[int], object], bad_fd: str) -> None:
+    fd = closed_fd() if bad_fd == "closed" else -1
+    with pytest.raises(OSError) as excinfo:
+        call(fd)
+    assert excinfo.value.errno == errno.EBADF
+    assert excinfo.value.strerror  # built from os.strerror, not left empty
+
+
+# --- kernel limits ---------------------------------------------------------------------
+
+
+@linux_only
+def test_accept_queue_cap_is_somaxconn() -> None:
+    expected = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    assert tcptune.accept_queue_cap() == expected
+
+
+def test_accept_queue_cap_is_positive() -> None:
+    assert tcptune.accept_queue_cap() > 0
+
+
+def test_syn_backlog() -> None:
+    value = tcptune.syn_backlog()
+    assert isinstance(value, int)
+    assert value > 0
+    if LINUX:
+        assert value == int(Path("/proc/sys/net/ipv4/tcp_max_syn_backlog").read_text())
+
+
+# --- the builder -----------------------------------------------------------------------
+
+
+def imported_modules(source: str) -> list[str]:
+    """Every module an import statement in source names."""
+    names: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.append(node.module or "")
+    return names
+
+
+def test_builder_loads_by_path_without_importing_repeld() -> None:
+    source = BUILDER.read_text(encoding="utf-8")
+    assert "import repeld" not in source
+    assert not [name for name in imported_modules(source) if name.split(".")[0] == "repeld"]
+    probe = (
+        "import runpy, sys, cffi\n"
+        f"ns = runpy.run_path({str(BUILDER)!r})\n"
+        "assert isinstance(ns['ffibuilder'], cffi.FFI), ns.get('ffibuilder')\n"
+        "loaded = [m for m in sys.modules if m == 'repeld' or m.startswith('repeld.')]\n"
+        "assert not loaded, loaded\n"
+    )
+    # A fresh interpreter in a directory with no repeld in it, so the check means something.
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=BUILDER.parent, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
