@@ -48,13 +48,15 @@ async def _read_proxy(stream: trio.SocketStream, buf: bytearray) -> ProxyInfo | 
         body = bytes(buf[16 : 16 + length])
         del buf[: 16 + length]
         if fam == 0x11:
-            src, dst = socket.inet_ntop(socket.AF_INET, body[:4]), socket.inet_ntop(
-                socket.AF_INET, body[4:8]
+            src, dst = (
+                socket.inet_ntop(socket.AF_INET, body[:4]),
+                socket.inet_ntop(socket.AF_INET, body[4:8]),
             )
             sp, dp = struct.unpack("!HH", body[8:12])
         else:
-            src, dst = socket.inet_ntop(socket.AF_INET6, body[:16]), socket.inet_ntop(
-                socket.AF_INET6, body[16:32]
+            src, dst = (
+                socket.inet_ntop(socket.AF_INET6, body[:16]),
+                socket.inet_ntop(socket.AF_INET6, body[16:32]),
             )
             sp, dp = struct.unpack("!HH", body[32:36])
         return ProxyInfo(2, src, sp, dst, dp)

@@ -56,7 +56,12 @@ def parse(datagram: bytes) -> Received:
         obj = json.loads(m["json"])
         msg = obj.pop("msg")
         return Received(
-            "json", pri // 8, pri % 8, obj["event"], {k: str(v) for k, v in obj.items()}, msg,
+            "json",
+            pri // 8,
+            pri % 8,
+            obj["event"],
+            {k: str(v) for k, v in obj.items()},
+            msg,
             host=m["host"] or "",
         )
     raise ValueError(f"not a syslog message repeld writes: {text!r}")

@@ -55,7 +55,9 @@ def feed(hold: Hold, what: str, data: bytes, at: float) -> Verdict:
 
 
 @pytest.mark.parametrize(("name", "steps", "expected"), CASES, ids=[c[0] for c in CASES])
-def test_decision_table(name: str, steps: list[tuple[str, bytes, float]], expected: Verdict) -> None:
+def test_decision_table(
+    name: str, steps: list[tuple[str, bytes, float]], expected: Verdict
+) -> None:
     hold = Hold(T0, 25.0)
     verdict: Verdict | None = None
     for what, data, at in steps:

@@ -39,3 +39,27 @@ def test_normalize_address() -> None:
     assert normalize_address("::ffff:10.1.2.3") == "10.1.2.3"
     assert normalize_address("fe80::1%lo") == "fe80::1"
     assert normalize_address("::1") == "::1"
+
+
+@pytest.mark.parametrize(
+    ("held", "from_client", "expected"),
+    [
+        (0, 0, None),
+        (9, 2, None),
+        (10, 0, "max-held"),
+        (11, 0, "max-held"),
+        (5, 3, "max-per-client"),
+        (10, 3, "max-held"),
+    ],
+)
+def test_limits_protect_the_pen(held: int, from_client: int, expected: str | None) -> None:
+    policy = Policy(TrustedNetworks(["127.0.0.2"]), max_held=10, max_per_client=3)
+    verdict = policy.admit("192.0.2.1", nodelay=False, held=held, held_from_client=from_client)
+    assert verdict == expected
+    # the limits guard the pen only: trusted and nodelay clients are never held
+    assert policy.admit("127.0.0.2", nodelay=False, held=held, held_from_client=from_client) == (
+        PassReason.TRUSTED
+    )
+    assert policy.admit("192.0.2.1", nodelay=True, held=held, held_from_client=from_client) == (
+        PassReason.NODELAY
+    )

@@ -182,8 +182,9 @@ async def test_nodelay_listener_is_never_held(autojump_clock: trio.testing.MockC
 
 
 async def test_ipv6_loopback(autojump_clock: trio.testing.MockClock) -> None:
-    async with running(delay=DELAY, listen=(Listen("::1", 0),), backend_proxy=True,
-                       proxy_protocol="v2") as h:
+    async with running(
+        delay=DELAY, listen=(Listen("::1", 0),), backend_proxy=True, proxy_protocol="v2"
+    ) as h:
         client = await connect(h.address())
         assert await read_line(client) == GREETING
         (ev,) = await h.receiver.wait_for("pass")
@@ -267,7 +268,7 @@ async def test_no_report_attacks_counts_but_does_not_write(
 async def test_many_held_connections_each_get_their_own_verdict(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async with running(delay=DELAY) as h:
+    async with running(delay=DELAY, max_per_client=100) as h:
         patient = [await connect(h.address()) for _ in range(20)]
         talkers = [await connect(h.address()) for _ in range(20)]
         for i, t in enumerate(talkers):
@@ -281,3 +282,48 @@ async def test_many_held_connections_each_get_their_own_verdict(
         assert sorted(int(e.fields["bytes"]) for e in early) == list(range(1, 21))
         assert len(await h.receiver.wait_for("pass", 20)) == 20
         assert len(h.server.pen) == 0
+
+
+async def test_max_held_answers_421_busy(autojump_clock: trio.testing.MockClock) -> None:
+    async with running(delay=DELAY, max_held=3, trusted=("127.0.0.2",)) as h:
+        held = [await connect(h.address(), source=f"127.0.0.{10 + i}") for i in range(3)]
+        await trio.sleep(1)
+        refused = [await connect(h.address(), source=f"127.0.0.{20 + i}") for i in range(4)]
+        for r in refused:
+            data, how = await read_until_closed(r)
+            assert data == b"421 4.3.2 All server ports are busy\r\n"
+            assert how == "eof"
+        # a trusted client is never held, so the limit does not apply to it
+        ok = await connect(h.address(), source="127.0.0.2")
+        assert await read_line(ok) == GREETING
+        (ev,) = await h.receiver.wait_for("overload")  # rate-limited: one for the burst
+        assert ev.fields["limit"] == "max-held"
+        assert ev.fields["refused"] == "1"
+        assert ev.severity == 4
+        await trio.sleep(2)
+        late = await connect(h.address(), source="127.0.0.30")
+        assert (await read_until_closed(late))[0].startswith(b"421 4.3.2")
+        second = await h.receiver.wait_for("overload", 2)
+        assert second[1].fields["refused"] == "4"  # the three suppressed plus this one
+        for c in held:
+            assert await read_line(c) == GREETING
+
+
+async def test_max_per_client_answers_421_too_many(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running(delay=DELAY, max_per_client=2) as h:
+        first = [await connect(h.address(), source="127.0.0.7") for _ in range(2)]
+        extra = await connect(h.address(), source="127.0.0.7")
+        data, _ = await read_until_closed(extra)
+        assert data == b"421 4.7.0 Too many connections\r\n"
+        other = await connect(h.address(), source="127.0.0.8")  # another address is fine
+        (ev,) = await h.receiver.wait_for("overload")
+        assert ev.fields["limit"] == "max-per-client"
+        assert ev.fields["client"] == "127.0.0.7"
+        # once one of the two leaves, that address may be held again
+        first[0].close()
+        await h.receiver.wait_for("hangup")
+        again = await connect(h.address(), source="127.0.0.7")
+        for c in (first[1], other, again):
+            assert await read_line(c) == GREETING

@@ -60,9 +60,7 @@ def make_parser() -> argparse.ArgumentParser:
         flags = [f for f in (opt.short, f"--{opt.name}") if f]
         if opt.parse is None:
             if opt.negatable:
-                parser.add_argument(
-                    *flags, action=argparse.BooleanOptionalAction, help=opt.help
-                )
+                parser.add_argument(*flags, action=argparse.BooleanOptionalAction, help=opt.help)
             else:
                 parser.add_argument(*flags, action="store_true", help=opt.help)
         else:
@@ -73,24 +71,46 @@ def make_parser() -> argparse.ArgumentParser:
                 metavar=opt.metavar,
                 help=opt.help,
             )
+    parser.add_argument(
+        "--check-kernel",
+        action="store_true",
+        help="print the kernel and process limits that decide how many connections repeld "
+        "can hold, and the lines that raise them; then exit",
+    )
     parser.add_argument("--version", action="version", version=f"repeld {__version__}")
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Settings:
-    """Settings from the command line; exits with status 2 on bad input."""
+#: Flags that are actions of the command, not settings.
+_ACTIONS = ("check-kernel",)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings | None, dict[str, Any]]:
+    """Settings from the command line, and the actions asked for; exits 2 on bad input.
+
+    Settings are None when an action that needs none (--check-kernel) was asked for.
+    """
     parser = make_parser()
     ns = parser.parse_args(argv)
     values = {k.replace("_", "-"): v for k, v in vars(ns).items()}
+    actions = {name: values.pop(name) for name in _ACTIONS if name in values}
+    if actions.get("check-kernel"):
+        return None, {"check-kernel": True, "values": values}
     try:
-        return build_settings(values)
+        return build_settings(values), actions
     except SettingError as exc:
         parser.error(str(exc))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run repeld; the exit status."""
-    settings = parse_args(argv)
+    settings, actions = parse_args(argv)
+    if settings is None:
+        from .capacity import kernel_report
+
+        values = actions["values"]
+        sys.stdout.write(kernel_report(values.get("max-held"), values.get("backlog")))
+        return 0
     try:
         load_trusted(settings)  # report a bad trusted file before binding anything
     except SettingError as exc:
@@ -118,8 +138,11 @@ async def _run(settings: Settings) -> None:
             if settings.foreground:
                 where = ", ".join(str(spec) for spec in settings.listen)
                 bound = " ".join(f"{h}:{p}" for h, p in server.addresses)
-                print(f"repeld: listening on {where} (bound {bound}), backend {settings.backend}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"repeld: listening on {where} (bound {bound}), backend {settings.backend}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             async for _ in signals:
                 nursery.cancel_scope.cancel()
                 break

@@ -23,6 +23,7 @@ __all__ = [
     "early_talker",
     "hangup",
     "internal_error",
+    "overload",
     "passed",
     "relay_end",
 ]
@@ -175,3 +176,19 @@ def internal_error(conn: ConnInfo | None, elapsed: float, error: str) -> Event:
     fields += (("elapsed", _ms(elapsed)), ("error", error))
     where = f" for {conn.peer}" if conn is not None else ""
     return Event("error", Severity.ERR, fields, f"ERROR{where}: {error}")
+
+
+def overload(conn: ConnInfo, limit: str, refused: int) -> Event:
+    """Clients turned away at a limit; one event stands for `refused` of them."""
+    return Event(
+        "overload",
+        Severity.WARNING,
+        (
+            ("event", "overload"),
+            *conn.fields(),
+            ("elapsed", 0.0),
+            ("limit", limit),
+            ("refused", refused),
+        ),
+        f"OVERLOAD {limit}: refused {refused} connection(s), last from {conn.peer} (replied 421)",
+    )

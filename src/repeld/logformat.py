@@ -47,7 +47,7 @@ FORMATS = ("rfc5424", "json")
 
 # SD-NAME: 1 to 32 printable US-ASCII but '=', ' ', ']' and '"' (RFC 5424 6.3.2);
 # a private SD-ID is name@<private enterprise number>.
-_SD_ID = re.compile(r'^[!#-<>-\\^-~]{1,32}$')
+_SD_ID = re.compile(r"^[!#-<>-\\^-~]{1,32}$")
 _SD_ID_PRIVATE = re.compile(r"^[^@]+@[0-9]+(\.[0-9]+)*$")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -97,7 +97,9 @@ def format_rfc5424(event: Event, header: Header, now: float) -> bytes:
 
 def _rfc3164_time(now: float) -> str:
     tm = time.localtime(now)
-    return f"{_MONTHS[tm.tm_mon - 1]} {tm.tm_mday:2d} {tm.tm_hour:02d}:{tm.tm_min:02d}:{tm.tm_sec:02d}"
+    return (
+        f"{_MONTHS[tm.tm_mon - 1]} {tm.tm_mday:2d} {tm.tm_hour:02d}:{tm.tm_min:02d}:{tm.tm_sec:02d}"
+    )
 
 
 def format_json(event: Event, header: Header, now: float) -> bytes:

@@ -47,52 +47,58 @@ class Held:
         self.hold = hold
 
 
-class _Poller:
-    """A readiness set of its own that trio can wait on as one fd (epoll or kqueue)."""
+if sys.platform == "linux":
 
-    def __init__(self) -> None:
-        self._epoll: select.epoll | None = None
-        self._kqueue: select.kqueue | None = None
-        if hasattr(select, "epoll"):
+    class _Poller:
+        """A readiness set of its own that trio can wait on as one fd (epoll)."""
+
+        def __init__(self) -> None:
             self._epoll = select.epoll()
-        else:  # pragma: no cover - BSD
+
+        def fileno(self) -> int:
+            return self._epoll.fileno()
+
+        def add(self, fd: int) -> None:
+            self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+
+        def remove(self, fd: int) -> None:
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass
+
+        def ready(self, limit: int) -> list[int]:
+            return [fd for fd, _ in self._epoll.poll(0, limit)]
+
+        def close(self) -> None:
+            self._epoll.close()
+
+else:  # FreeBSD and the other BSDs
+
+    class _Poller:
+        """A readiness set of its own that trio can wait on as one fd (kqueue)."""
+
+        def __init__(self) -> None:
             self._kqueue = select.kqueue()
 
-    def fileno(self) -> int:
-        if self._epoll is not None:
-            return self._epoll.fileno()
-        assert self._kqueue is not None  # pragma: no cover
-        return self._kqueue.fileno()  # pragma: no cover
+        def fileno(self) -> int:
+            return self._kqueue.fileno()
 
-    def add(self, fd: int) -> None:
-        if self._epoll is not None:
-            self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
-        else:  # pragma: no cover - BSD
-            assert self._kqueue is not None
+        def add(self, fd: int) -> None:
             ev = select.kevent(fd, select.KQ_FILTER_READ, select.KQ_EV_ADD)
             self._kqueue.control([ev], 0, 0)
 
-    def remove(self, fd: int) -> None:
-        try:
-            if self._epoll is not None:
-                self._epoll.unregister(fd)
-            else:  # pragma: no cover - BSD
-                assert self._kqueue is not None
-                ev = select.kevent(fd, select.KQ_FILTER_READ, select.KQ_EV_DELETE)
+        def remove(self, fd: int) -> None:
+            ev = select.kevent(fd, select.KQ_FILTER_READ, select.KQ_EV_DELETE)
+            try:
                 self._kqueue.control([ev], 0, 0)
-        except OSError:
-            pass
+            except OSError:
+                pass
 
-    def ready(self, limit: int) -> list[int]:
-        if self._epoll is not None:
-            return [fd for fd, _ in self._epoll.poll(0, limit)]
-        assert self._kqueue is not None  # pragma: no cover
-        return [int(ev.ident) for ev in self._kqueue.control(None, limit, 0)]  # pragma: no cover
+        def ready(self, limit: int) -> list[int]:
+            return [int(ev.ident) for ev in self._kqueue.control(None, limit, 0)]
 
-    def close(self) -> None:
-        if self._epoll is not None:
-            self._epoll.close()
-        if self._kqueue is not None:  # pragma: no cover
+        def close(self) -> None:
             self._kqueue.close()
 
 
@@ -114,6 +120,8 @@ class HoldingPen:
         self._held: dict[int, Held] = {}
         self._queues: dict[float, collections.deque[Held]] = {}
         self._wake: trio.CancelScope | None = None
+        #: How many connections each client address has in the pen now.
+        self.per_client: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._held)
@@ -123,6 +131,8 @@ class HoldingPen:
         fd = held.sock.fileno()
         self._held[fd] = held
         self._poller.add(fd)
+        client = held.conn.client
+        self.per_client[client] = self.per_client.get(client, 0) + 1
         delay = held.hold.deadline - held.hold.accepted_at
         queue = self._queues.get(delay)
         if queue is None:
@@ -136,6 +146,12 @@ class HoldingPen:
         if self._held.get(fd) is held:
             del self._held[fd]
             self._poller.remove(fd)
+            client = held.conn.client
+            left = self.per_client[client] - 1
+            if left:
+                self.per_client[client] = left
+            else:
+                del self.per_client[client]
 
     def _decide(self, held: Held, verdict: Verdict) -> None:
         if isinstance(verdict, Wait):

@@ -8,6 +8,7 @@ per-client limits), so the connection shell never grows rules of its own.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ import netaddr
 
 from .core import PassReason
 
-__all__ = ["Policy", "TrustedNetworks", "normalize_address"]
+__all__ = ["Admission", "Policy", "Refuse", "TrustedNetworks", "normalize_address"]
 
 
 def normalize_address(address: str) -> str:
@@ -51,16 +52,40 @@ class TrustedNetworks:
         return len(self.sources)
 
 
+class Refuse(enum.StrEnum):
+    """Why a connection is turned away before any hold; stable names for events."""
+
+    MAX_HELD = "max-held"
+    MAX_PER_CLIENT = "max-per-client"
+
+
+#: What the policy step answers: None holds the client.
+Admission = PassReason | Refuse | None
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """Decides, before any hold, whether a connection may skip the delay."""
+    """Decides, before any hold, whether a connection may skip the delay or must go."""
 
     trusted: TrustedNetworks
+    max_held: int = 1 << 30
+    max_per_client: int = 1 << 30
 
-    def admit(self, client: str, *, nodelay: bool) -> PassReason | None:
-        """`None` to hold the client, else why it passes at once."""
+    def admit(
+        self, client: str, *, nodelay: bool, held: int = 0, held_from_client: int = 0
+    ) -> Admission:
+        """`None` to hold the client, else why it passes at once or is refused.
+
+        `held` is how many connections are held now, `held_from_client` how many
+        of them come from `client`. Clients that are never held do not count
+        against the limits, which only protect the pen.
+        """
         if client in self.trusted:
             return PassReason.TRUSTED
         if nodelay:
             return PassReason.NODELAY
+        if held >= self.max_held:
+            return Refuse.MAX_HELD
+        if held_from_client >= self.max_per_client:
+            return Refuse.MAX_PER_CLIENT
         return None

@@ -17,9 +17,13 @@ _TCP4 = 0x11
 _TCP6 = 0x21
 
 
-def _pair(client: str, server: str) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address] | tuple[
-    ipaddress.IPv6Address, ipaddress.IPv6Address
-] | None:
+def _pair(
+    client: str, server: str
+) -> (
+    tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]
+    | tuple[ipaddress.IPv6Address, ipaddress.IPv6Address]
+    | None
+):
     src = ipaddress.ip_address(normalize_address(client))
     dst = ipaddress.ip_address(normalize_address(server))
     if isinstance(src, ipaddress.IPv4Address) and isinstance(dst, ipaddress.IPv4Address):

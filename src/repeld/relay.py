@@ -78,9 +78,7 @@ async def connect(addr: tuple[object, ...], family: int, timeout: float) -> sock
         raise
 
 
-async def _pump(
-    src: socket.socket, dst: socket.socket, session: _Session, upstream: bool
-) -> None:
+async def _pump(src: socket.socket, dst: socket.socket, session: _Session, upstream: bool) -> None:
     src_side = "client" if upstream else "backend"
     dst_side = "backend" if upstream else "client"
     result = session.result

@@ -14,21 +14,29 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import events
+from . import events, tcptune
+from .capacity import capacity_warnings, default_max_held, raise_nofile
 from .core import EarlyTalk, HangUp, Hold, Pass, Verdict
 from .eventlog import EventLog
 from .events import ConnInfo
 from .handoff import BackendTarget, handoff, reply_and_close, resolve_backend
 from .pen import Held, HoldingPen
-from .policy import Policy, TrustedNetworks, normalize_address
+from .policy import Policy, Refuse, TrustedNetworks, normalize_address
 from .settings import Listen, Settings, load_trusted
 
 __all__ = ["EARLY_REJECT", "Server", "bind_listener", "run_server"]
 
 EARLY_REJECT = b"554 5.5.1 Protocol error: you talked before my greeting\r\n"
+REFUSALS = {
+    Refuse.MAX_HELD: b"421 4.3.2 All server ports are busy\r\n",
+    Refuse.MAX_PER_CLIENT: b"421 4.7.0 Too many connections\r\n",
+}
+#: At most one overload event per limit this often; it counts the refusals between.
+OVERLOAD_EVENT_INTERVAL = 1.0
 #: Accept errors that mean "out of resources for now": pause, never spin.
 _ACCEPT_PAUSE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 ACCEPT_BACKOFF = 0.1
+ACCEPT_COMPLAIN_INTERVAL = 10.0
 #: Accepts in a row before the accept loop lets other tasks run.
 _ACCEPT_BATCH = 64
 DEFAULT_BACKLOG = 4096
@@ -67,20 +75,25 @@ class Server:
         trusted: TrustedNetworks,
         backend: BackendTarget,
         log: EventLog,
+        max_held: int | None = None,
     ) -> None:
         self.settings = settings
-        self.policy = Policy(trusted)
+        self.max_held = max_held if max_held is not None else (settings.max_held or 1 << 30)
+        self.policy = Policy(trusted, self.max_held, settings.max_per_client)
         self.backend = backend
         self.log = log
         self.pen = HoldingPen(self._on_verdict)
         self.listeners: list[_Listener] = []
         self.relays = 0
         self._handlers: trio.Nursery | None = None
+        # limit -> (time of the last overload event, refusals since then)
+        self._overload: dict[Refuse, tuple[float, int]] = {}
+        self._accept_complained = -ACCEPT_COMPLAIN_INTERVAL
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """Where this server listens (useful with port 0)."""
-        return [tuple(lst.sock.getsockname()[:2]) for lst in self.listeners]  # type: ignore[misc]
+        return [(str(a[0]), int(a[1])) for a in (lst.sock.getsockname() for lst in self.listeners)]
 
     def add_listener(self, sock: socket.socket, spec: Listen) -> None:
         host, port = sock.getsockname()[:2]
@@ -101,7 +114,17 @@ class Server:
                 continue
             except OSError as exc:
                 if exc.errno in _ACCEPT_PAUSE_ERRNOS:
-                    print(f"repeld: accept on {listener.spec}: {exc}; pausing", file=sys.stderr)
+                    # Out of descriptors or memory: stop accepting for a moment
+                    # (spamd does the same) instead of spinning on the error.
+                    now = trio.current_time()
+                    if now - self._accept_complained >= ACCEPT_COMPLAIN_INTERVAL:
+                        self._accept_complained = now
+                        print(
+                            f"repeld: accept on {listener.spec}: {exc.strerror}; pausing "
+                            f"{ACCEPT_BACKOFF:g}s (held {len(self.pen)}, relays {self.relays})",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                     await trio.sleep(ACCEPT_BACKOFF)
                 # ECONNABORTED and friends: that client is gone, take the next.
                 continue
@@ -126,11 +149,30 @@ class Server:
             return
         client = normalize_address(str(addr[0]))
         conn = ConnInfo(client, int(addr[1]), server, int(server_port))  # type: ignore[call-overload]
-        reason = self.policy.admit(client, nodelay=listener.spec.nodelay)
-        if reason is not None:
-            self._pass(sock, conn, now, Pass(reason, 0.0))
+        pen = self.pen
+        admission = self.policy.admit(
+            client,
+            nodelay=listener.spec.nodelay,
+            held=len(pen),
+            held_from_client=pen.per_client.get(client, 0),
+        )
+        if admission is None:
+            pen.add(Held(sock, conn, Hold(now, self.settings.delay)))
+        elif isinstance(admission, Refuse):
+            reply_and_close(sock, REFUSALS[admission])
+            self._note_overload(conn, admission, now)
         else:
-            self.pen.add(Held(sock, conn, Hold(now, self.settings.delay)))
+            self._pass(sock, conn, now, Pass(admission, 0.0))
+
+    def _note_overload(self, conn: ConnInfo, limit: Refuse, now: float) -> None:
+        # Under a flood one event a second stands for every refusal in it.
+        last, count = self._overload.get(limit, (-OVERLOAD_EVENT_INTERVAL, 0))
+        count += 1
+        if now - last >= OVERLOAD_EVENT_INTERVAL:
+            self.log.emit(events.overload(conn, str(limit), count))
+            self._overload[limit] = (now, 0)
+        else:
+            self._overload[limit] = (last, count)
 
     # -- verdicts ----------------------------------------------------------------
 
@@ -152,6 +194,10 @@ class Server:
                 pass
             reply_and_close(held.sock, EARLY_REJECT)
         else:
+            try:  # an abortive close: no TIME_WAIT left behind for a bot
+                tcptune.set_abortive_close(held.sock.fileno())
+            except OSError:
+                pass
             held.sock.close()
         self.log.emit(events.early_talker(held.conn, verdict, action))
 
@@ -179,7 +225,9 @@ class Server:
 
     # -- running -----------------------------------------------------------------
 
-    async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Accept and serve until cancelled; then close every held connection."""
         try:
             async with trio.open_nursery() as handlers:
@@ -204,15 +252,24 @@ async def run_server(
     trusted = load_trusted(settings)
     backend = await resolve_backend(settings.backend.host, settings.backend.port)
     log = log or EventLog.from_settings(settings)
+    limits = raise_nofile()
+    max_held = settings.max_held or default_max_held(limits.soft)
+    try:
+        accept_cap: int | None = tcptune.accept_queue_cap()
+    except OSError:
+        accept_cap = None
+    backlog = settings.backlog or accept_cap or DEFAULT_BACKLOG
+    for warning in capacity_warnings(max_held, limits, backlog, accept_cap):
+        print(f"repeld: warning: {warning}", file=sys.stderr, flush=True)
     socks: list[tuple[socket.socket, Listen]] = []
     try:
         for spec in settings.listen:
-            socks.append((bind_listener(spec), spec))
+            socks.append((bind_listener(spec, backlog), spec))
     except OSError:
         for sock, _ in socks:
             sock.close()
         raise
-    server = Server(settings, trusted, backend, log)
+    server = Server(settings, trusted, backend, log, max_held)
     for sock, spec in socks:
         server.add_listener(sock, spec)
     async with trio.open_nursery() as nursery:

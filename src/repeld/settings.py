@@ -158,7 +158,7 @@ def parse_syslog(text: str) -> SyslogTarget:
             host, port = _split_hostport(text[len(prefix) :], "syslog")
             if port == 0:
                 raise SettingError("syslog", text, "port must be 1-65535")
-            return SyslogTarget(kind, host=host, port=port)  # type: ignore[arg-type]
+            return SyslogTarget(kind, host=host, port=port)
     if "://" in text:
         raise SettingError("syslog", text, "expected a socket path, udp://HOST:PORT or tcp://...")
     if not text.startswith("/"):
@@ -174,6 +174,19 @@ def _seconds(option: str, low: float, high: float) -> Callable[[str], float]:
             raise SettingError(option, text, "expected a number of seconds") from None
         if not low < value <= high:
             raise SettingError(option, text, f"must be more than {low:g} and at most {high:g}")
+        return value
+
+    return parse
+
+
+def _count(option: str, low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise SettingError(option, text, "expected a whole number") from None
+        if not low <= value <= high:
+            raise SettingError(option, text, f"must be {low} to {high}")
         return value
 
     return parse
@@ -228,76 +241,155 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option(
-        "listen", "-l", parse_listen, (Listen("0.0.0.0", 25), Listen("::", 25)),
+        "listen",
+        "-l",
+        parse_listen,
+        (Listen("0.0.0.0", 25), Listen("::", 25)),
         "listen on ADDR:PORT, IPv6 as [::1]:25; add ,nodelay for a listener that is never "
         "held (implicit TLS, port 465); repeatable (default: 0.0.0.0:25 and [::]:25)",
-        metavar="ADDR:PORT[,nodelay]", repeat=True,
+        metavar="ADDR:PORT[,nodelay]",
+        repeat=True,
     ),
     Option(
-        "backend", "-b", parse_backend, None,
-        "the MTA to hand patient clients to (required)", metavar="HOST:PORT",
+        "backend",
+        "-b",
+        parse_backend,
+        None,
+        "the MTA to hand patient clients to (required)",
+        metavar="HOST:PORT",
     ),
     Option(
-        "delay", "-d", _seconds("delay", 0.0, 3600.0), 25.0,
+        "delay",
+        "-d",
+        _seconds("delay", 0.0, 3600.0),
+        25.0,
         "seconds to withhold the greeting, fractions allowed, >0 and <=3600 (default: 25)",
         metavar="SECONDS",
     ),
     Option(
-        "trusted", "-t", _network, (),
-        "a network (address or CIDR) whose clients skip the delay; repeatable", metavar="NET",
+        "trusted",
+        "-t",
+        _network,
+        (),
+        "a network (address or CIDR) whose clients skip the delay; repeatable",
+        metavar="NET",
         repeat=True,
     ),
     Option(
-        "trusted-file", "-T", _path, (),
-        "a file of trusted networks, one per line, # comments; repeatable", metavar="FILE",
+        "trusted-file",
+        "-T",
+        _path,
+        (),
+        "a file of trusted networks, one per line, # comments; repeatable",
+        metavar="FILE",
         repeat=True,
     ),
     Option(
-        "proxy-protocol", None, _choice("proxy-protocol", ("none", "v1", "v2")), "none",
+        "proxy-protocol",
+        None,
+        _choice("proxy-protocol", ("none", "v1", "v2")),
+        "none",
         "send a PROXY protocol header of this version to the backend (default: none)",
         metavar="none|v1|v2",
     ),
     Option(
-        "on-early", None, _choice("on-early", ("drop", "reject")), "drop",
+        "on-early",
+        None,
+        _choice("on-early", ("drop", "reject")),
+        "drop",
         "what to do to an early talker: drop closes at once, reject sends one 554 line "
-        "first (default: drop)", metavar="drop|reject",
+        "first (default: drop)",
+        metavar="drop|reject",
     ),
     Option(
-        "report-attacks", None, None, True,
-        "write early-talker events to the log; --no-report-attacks only counts them "
-        "(default: on)", negatable=True,
+        "report-attacks",
+        None,
+        None,
+        True,
+        "write early-talker events to the log; --no-report-attacks only counts them (default: on)",
+        negatable=True,
     ),
     Option(
-        "syslog", None, parse_syslog, None,
+        "syslog",
+        None,
+        parse_syslog,
+        None,
         "where events go: a unix datagram socket path, udp://HOST:PORT or tcp://HOST:PORT "
-        "(default: /dev/log on Linux, /var/run/log on FreeBSD)", metavar="TARGET",
+        "(default: /dev/log on Linux, /var/run/log on FreeBSD)",
+        metavar="TARGET",
     ),
     Option(
-        "log-format", None, _choice("log-format", FORMATS), "rfc5424",
-        "rfc5424 (structured data) or json (@cee: after an RFC 3164 header) "
-        "(default: rfc5424)", metavar="rfc5424|json",
+        "log-format",
+        None,
+        _choice("log-format", FORMATS),
+        "rfc5424",
+        "rfc5424 (structured data) or json (@cee: after an RFC 3164 header) (default: rfc5424)",
+        metavar="rfc5424|json",
     ),
     Option(
-        "facility", None, _facility, "mail", "syslog facility (default: mail)",
+        "facility",
+        None,
+        _facility,
+        "mail",
+        "syslog facility (default: mail)",
         metavar="NAME",
     ),
     Option(
-        "sd-id", None, _sd_id, "repeld@32473",
+        "sd-id",
+        None,
+        _sd_id,
+        "repeld@32473",
         "the RFC 5424 SD-ID of the structured data, NAME@PEN (default: repeld@32473)",
         metavar="NAME@NUMBER",
     ),
     Option(
-        "relay-timeout", None, _seconds("relay-timeout", 0.0, 86400.0), 600.0,
+        "relay-timeout",
+        None,
+        _seconds("relay-timeout", 0.0, 86400.0),
+        600.0,
         "close a relayed session idle this long in both directions (default: 600)",
         metavar="SECONDS",
     ),
     Option(
-        "connect-timeout", None, _seconds("connect-timeout", 0.0, 300.0), 10.0,
+        "connect-timeout",
+        None,
+        _seconds("connect-timeout", 0.0, 300.0),
+        10.0,
         "give up connecting to the backend after this long and answer 421 (default: 10)",
         metavar="SECONDS",
     ),
     Option(
-        "foreground", "-f", None, False,
+        "backlog",
+        None,
+        _count("backlog", 1, 1 << 20),
+        None,
+        "listen(2) backlog; the kernel caps it (default: the kernel's cap, "
+        "net.core.somaxconn or kern.ipc.soacceptqueue)",
+        metavar="N",
+    ),
+    Option(
+        "max-held",
+        None,
+        _count("max-held", 1, 10_000_000),
+        None,
+        "connections held at once; past it new clients get 421 4.3.2 All server ports are "
+        "busy (default: the open-files limit minus 512)",
+        metavar="N",
+    ),
+    Option(
+        "max-per-client",
+        None,
+        _count("max-per-client", 1, 1_000_000),
+        10,
+        "connections held at once from one address; past it 421 4.7.0 Too many connections "
+        "(default: 10)",
+        metavar="N",
+    ),
+    Option(
+        "foreground",
+        "-f",
+        None,
+        False,
         "stay in the foreground and also print a readable line per event on stderr",
     ),
 )
@@ -323,6 +415,9 @@ class Settings:
     sd_id: str = "repeld@32473"
     relay_timeout: float = 600.0
     connect_timeout: float = 10.0
+    backlog: int | None = None
+    max_held: int | None = None
+    max_per_client: int = 10
     foreground: bool = False
 
 
