@@ -1,27 +1,28 @@
 """The command line: argparse over settings.OPTIONS, `main(argv) -> int`.
 
 Argument defaults are a sentinel (hypercorn's pattern), so only what the user
-typed ends up in the values handed to `build_settings`; that is what lets a
-configuration file sit underneath the flags.
+typed ends up in the values handed to the configuration loader; that is what
+lets the configuration file sit underneath the flags.
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-import trio
-
 from . import __version__
-from .settings import OPTIONS, Option, SettingError, Settings, build_settings, load_trusted
+from .config import ConfigError, default_config_path, load_settings, render_settings
+from .settings import OPTIONS, Option, SettingError, Settings
 
-__all__ = ["EXIT_USAGE", "main", "make_parser", "parse_args"]
+__all__ = ["EXIT_FAILURE", "EXIT_USAGE", "main", "make_parser", "parse_args"]
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+
+#: Flags that are actions of the command (or say where the settings are), not settings.
+_ACTIONS = ("config", "check-config", "check-kernel")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,14 +48,22 @@ def _wrap(opt: Option) -> Any:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    """The parser for every flag in settings.OPTIONS plus the actions."""
     parser = _Parser(
         prog="repeld",
         description=(
             "Withhold the SMTP greeting, cut off clients that talk before it, and hand "
             "patient clients to the real MTA."
         ),
-        epilog="See repeld(8) for the events, examples and deployment recipes.",
+        epilog="See repeld(8) and repeld.conf(5) for the events, signals and examples.",
         argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help=f"read settings from this TOML file; flags override it (default: "
+        f"{default_config_path()}, if it exists)",
     )
     for opt in OPTIONS:
         flags = [f for f in (opt.short, f"--{opt.name}") if f]
@@ -72,6 +81,12 @@ def make_parser() -> argparse.ArgumentParser:
                 help=opt.help,
             )
     parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="check the configuration file and flags, print the effective settings, and exit "
+        "(status 0, or 2 with one line per problem)",
+    )
+    parser.add_argument(
         "--check-kernel",
         action="store_true",
         help="print the kernel and process limits that decide how many connections repeld "
@@ -81,68 +96,40 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: Flags that are actions of the command, not settings.
-_ACTIONS = ("check-kernel",)
+def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The settings the user typed (by long flag name), and the actions asked for.
 
-
-def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings | None, dict[str, Any]]:
-    """Settings from the command line, and the actions asked for; exits 2 on bad input.
-
-    Settings are None when an action that needs none (--check-kernel) was asked for.
+    Exits with status 2 on a bad flag or value.
     """
-    parser = make_parser()
-    ns = parser.parse_args(argv)
+    ns = make_parser().parse_args(argv)
     values = {k.replace("_", "-"): v for k, v in vars(ns).items()}
     actions = {name: values.pop(name) for name in _ACTIONS if name in values}
-    if actions.get("check-kernel"):
-        return None, {"check-kernel": True, "values": values}
-    try:
-        return build_settings(values), actions
-    except SettingError as exc:
-        parser.error(str(exc))
+    return values, actions
+
+
+def settings_from(flags: dict[str, Any], actions: dict[str, Any]) -> Settings:
+    """Defaults, the configuration file, then the flags; raises ConfigError."""
+    path = actions.get("config") or default_config_path()
+    return load_settings(flags, path, explicit="config" in actions)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run repeld; the exit status."""
-    settings, actions = parse_args(argv)
-    if settings is None:
+    flags, actions = parse_args(argv)
+    if actions.get("check-kernel"):
         from .capacity import kernel_report
 
-        values = actions["values"]
-        sys.stdout.write(kernel_report(values.get("max-held"), values.get("backlog")))
+        sys.stdout.write(kernel_report(flags.get("max-held"), flags.get("backlog")))
         return 0
     try:
-        load_trusted(settings)  # report a bad trusted file before binding anything
-    except SettingError as exc:
-        print(f"repeld: {exc}", file=sys.stderr)
+        settings = settings_from(flags, actions)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"repeld: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        trio.run(_run, settings)
-    except OSError as exc:
-        print(f"repeld: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        pass
-    return 0
+    if actions.get("check-config"):
+        sys.stdout.write(render_settings(settings))
+        return 0
+    from . import daemon
 
-
-async def _run(settings: Settings) -> None:
-    from .server import run_server
-
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            try:
-                server = await nursery.start(run_server, settings)
-            except OSError as exc:
-                raise OSError(exc.errno, f"cannot start: {exc.strerror or exc}") from None
-            if settings.foreground:
-                where = ", ".join(str(spec) for spec in settings.listen)
-                bound = " ".join(f"{h}:{p}" for h, p in server.addresses)
-                print(
-                    f"repeld: listening on {where} (bound {bound}), backend {settings.backend}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            async for _ in signals:
-                nursery.cancel_scope.cancel()
-                break
+    return daemon.start(settings, lambda: settings_from(flags, actions))

@@ -32,6 +32,8 @@ QUEUE_SIZE = 4096
 SEND_WAIT = 1.0
 #: After a failure, the writer tries to reach the target again this much later.
 RETRY_AFTER = 2.0
+#: The most often a failing target is reported on stderr.
+COMPLAIN_INTERVAL = 60.0
 
 
 class EventLog:
@@ -49,30 +51,57 @@ class EventLog:
         queue_size: int = QUEUE_SIZE,
         hostname: str | None = None,
     ) -> None:
-        self.target = target
-        self.report_attacks = report_attacks
-        self.stderr = stderr
         self.counts: collections.Counter[str] = collections.Counter()
         self.dropped = 0
         self.written = 0
         self._queue: collections.deque[tuple[Event, float]] = collections.deque()
         self._queue_size = queue_size
         self._wakeup = trio.Event()
+        self._hostname = hostname if hostname is not None else socket.gethostname()
+        self._sock: trio.socket.SocketType | None = None
+        self._retry_at = 0.0
+        self._complained = False
+        self._complained_at = -COMPLAIN_INTERVAL
+        self._configure(target, log_format, facility, sd_id, report_attacks, stderr)
+
+    def _configure(
+        self,
+        target: SyslogTarget | None,
+        log_format: str,
+        facility: str,
+        sd_id: str,
+        report_attacks: bool,
+        stderr: TextIO | None,
+    ) -> None:
+        if target != getattr(self, "target", None):
+            self._close()  # the next message connects to the new target
+            self._retry_at = 0.0
+        self.target = target
+        self.report_attacks = report_attacks
+        self.stderr = stderr
         self._format: Callable[[Event, Header, float], bytes] = (
             format_json if log_format == "json" else format_rfc5424
         )
         self._header = Header(
             facility=FACILITIES[facility],
-            hostname=hostname if hostname is not None else socket.gethostname(),
+            hostname=self._hostname,
             app_name="repeld",
             procid=os.getpid(),
             sd_id=sd_id,
             local=target is not None and target.kind == "unix",
         )
         self._octet_counting = target is not None and target.kind == "tcp"
-        self._sock: trio.socket.SocketType | None = None
-        self._retry_at = 0.0
-        self._complained = False
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Take the logging settings of a reloaded configuration."""
+        self._configure(
+            settings.syslog,
+            settings.log_format,
+            settings.facility,
+            settings.sd_id,
+            settings.report_attacks,
+            sys.stderr if settings.foreground else None,
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EventLog:
@@ -127,6 +156,11 @@ class EventLog:
                     await self._send(self._format(event, self._header, stamp))
         self._close()
 
+    async def connect_now(self) -> None:
+        """Open the syslog socket now (before a chroot hides a unix socket path)."""
+        if self.target is not None and self._sock is None:
+            await self._connect()
+
     def _write_stderr(self, event: Event, stamp: float) -> None:
         assert self.stderr is not None
         try:
@@ -136,9 +170,12 @@ class EventLog:
             pass
 
     def _complain(self, what: str, exc: BaseException) -> None:
-        # One line per outage on stderr, where a supervisor keeps it.
-        if not self._complained:
+        # One line per outage on stderr, where a supervisor keeps it (and at most
+        # one a minute: a UDP target that refuses flips between states).
+        now = trio.current_time()
+        if not self._complained and now - self._complained_at >= COMPLAIN_INTERVAL:
             self._complained = True
+            self._complained_at = now
             print(f"repeld: syslog {self.target}: {what}: {exc}", file=sys.stderr, flush=True)
 
     def _close(self) -> None:
@@ -207,4 +244,5 @@ class EventLog:
         self.written += 1
         if self._complained:
             self._complained = False
-            print(f"repeld: syslog {self.target}: writing again", file=sys.stderr, flush=True)
+            if self.target is not None and self.target.kind != "udp":  # UDP cannot tell
+                print(f"repeld: syslog {self.target}: writing again", file=sys.stderr, flush=True)

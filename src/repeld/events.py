@@ -20,12 +20,16 @@ __all__ = [
     "FieldValue",
     "Severity",
     "backend_error",
+    "config_error",
     "early_talker",
     "hangup",
     "internal_error",
+    "lifecycle",
     "overload",
     "passed",
     "relay_end",
+    "reload",
+    "stats",
 ]
 
 FieldValue = str | int | float
@@ -191,4 +195,43 @@ def overload(conn: ConnInfo, limit: str, refused: int) -> Event:
             ("refused", refused),
         ),
         f"OVERLOAD {limit}: refused {refused} connection(s), last from {conn.peer} (replied 421)",
+    )
+
+
+def _service(name: str, severity: Severity, summary: str, **fields: FieldValue) -> Event:
+    # Events about the daemon itself carry no connection fields.
+    return Event(name, severity, (("event", name), *fields.items()), summary)
+
+
+def lifecycle(what: str, **fields: FieldValue) -> Event:
+    """The daemon started or is stopping (`what` is "start" or "stop")."""
+    detail = " ".join(f"{k}={v}" for k, v in fields.items())
+    return _service(what, Severity.NOTICE, f"{what.upper()} {detail}".rstrip(), **fields)
+
+
+def reload(notes: list[str]) -> Event:
+    """SIGHUP: a new configuration is in force for the next connections."""
+    summary = "RELOAD new configuration in force" + ("; " + "; ".join(notes) if notes else "")
+    return _service("reload", Severity.NOTICE, summary, restart_needed="; ".join(notes))
+
+
+def config_error(error: str) -> Event:
+    """SIGHUP with a bad configuration: refused, the old one stays in force."""
+    return _service(
+        "config-error",
+        Severity.ERR,
+        f"CONFIG-ERROR reload refused, old configuration kept: {error}",
+        error=error,
+    )
+
+
+def stats(counters: dict[str, int], uptime: float) -> Event:
+    """SIGUSR1/SIGINFO: connections by verdict since start, and what is in flight."""
+    detail = " ".join(f"{k}={v}" for k, v in counters.items())
+    return _service(
+        "stats",
+        Severity.INFO,
+        f"STATS uptime={uptime:.0f}s {detail}",
+        uptime=_ms(uptime),
+        **counters,
     )

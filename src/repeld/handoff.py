@@ -14,7 +14,7 @@ import trio
 from . import events, proxyproto
 from .eventlog import EventLog
 from .events import ConnInfo
-from .relay import connect, relay, send_all
+from .relay import RelayResult, connect, relay, send_all
 
 __all__ = ["BACKEND_UNAVAILABLE", "BackendTarget", "handoff", "reply_and_close", "resolve_backend"]
 
@@ -86,14 +86,24 @@ async def handoff(
             elapsed = trio.current_time() - accepted_at
             log.emit(events.backend_error(conn, elapsed, target.name, _reason(exc)))
             return
+        started = trio.current_time()
+        result = RelayResult()
         try:
-            started = trio.current_time()
             header = proxyproto.header(
                 proxy_protocol, conn.client, conn.client_port, conn.server, conn.server_port
             )
-            if header:
-                await send_all(backend, header)
-            result = await relay(sock, backend, relay_timeout)
+            try:
+                if header:
+                    await send_all(backend, header)
+            except OSError:
+                result.end = "backend-reset"
+            else:
+                await relay(sock, backend, relay_timeout, result)
+        except trio.Cancelled:
+            result.end = "shutdown"  # cut at the end of the shutdown grace period
+            raise
+        finally:
+            backend.close()
             now = trio.current_time()
             log.emit(
                 events.relay_end(
@@ -105,8 +115,6 @@ async def handoff(
                     result.end,
                 )
             )
-        finally:
-            backend.close()
     except Exception as exc:  # never let one session take the server down
         log.emit(events.internal_error(conn, trio.current_time() - accepted_at, repr(exc)))
     finally:

@@ -34,10 +34,10 @@ class RelayResult:
 class _Session:
     __slots__ = ("cancel", "last", "result")
 
-    def __init__(self, cancel: trio.CancelScope) -> None:
+    def __init__(self, cancel: trio.CancelScope, result: RelayResult) -> None:
         self.cancel = cancel
         self.last = trio.current_time()
-        self.result = RelayResult()
+        self.result = result
 
 
 class _Reset(Exception):
@@ -123,10 +123,19 @@ async def _watchdog(session: _Session, idle_timeout: float) -> None:
             return
 
 
-async def relay(client: socket.socket, backend: socket.socket, idle_timeout: float) -> RelayResult:
-    """Copy both ways until both sides are done; the caller closes the sockets."""
+async def relay(
+    client: socket.socket,
+    backend: socket.socket,
+    idle_timeout: float,
+    result: RelayResult | None = None,
+) -> RelayResult:
+    """Copy both ways until both sides are done; the caller closes the sockets.
+
+    `result` is filled in as bytes flow, so a caller that is cancelled midway
+    still knows how much went each way.
+    """
     with trio.CancelScope() as cancel:
-        session = _Session(cancel)
+        session = _Session(cancel, result or RelayResult())
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watchdog, session, idle_timeout)

@@ -24,9 +24,10 @@ from .pen import Held, HoldingPen
 from .policy import Policy, Refuse, TrustedNetworks, normalize_address
 from .settings import Listen, Settings, load_trusted
 
-__all__ = ["EARLY_REJECT", "Server", "bind_listener", "run_server"]
+__all__ = ["EARLY_REJECT", "SHUTTING_DOWN", "Server", "bind_listener", "open_server", "run_server"]
 
 EARLY_REJECT = b"554 5.5.1 Protocol error: you talked before my greeting\r\n"
+SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
 REFUSALS = {
     Refuse.MAX_HELD: b"421 4.3.2 All server ports are busy\r\n",
     Refuse.MAX_PER_CLIENT: b"421 4.7.0 Too many connections\r\n",
@@ -86,6 +87,8 @@ class Server:
         self.listeners: list[_Listener] = []
         self.relays = 0
         self._handlers: trio.Nursery | None = None
+        self._front: trio.CancelScope | None = None
+        self._grace = settings.shutdown_grace
         # limit -> (time of the last overload event, refusals since then)
         self._overload: dict[Refuse, tuple[float, int]] = {}
         self._accept_complained = -ACCEPT_COMPLAIN_INTERVAL
@@ -228,30 +231,96 @@ class Server:
     async def serve(
         self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Accept and serve until cancelled; then close every held connection."""
+        """Accept and serve until `shutdown()` (a drain) or cancellation (at once).
+
+        Two nurseries, as hypercorn does: the front (pen and accept loops) stops
+        at once on shutdown; the relays behind it get the grace period.
+        """
         try:
-            async with trio.open_nursery() as handlers:
-                self._handlers = handlers
-                handlers.start_soon(self.pen.run)
-                for listener in self.listeners:
-                    handlers.start_soon(self._accept_loop, listener)
-                task_status.started(self)
+            async with trio.open_nursery() as relays:
+                self._handlers = relays
+                async with trio.open_nursery() as front:
+                    self._front = front.cancel_scope
+                    front.start_soon(self.pen.run)
+                    for listener in self.listeners:
+                        self._start_listener(front, listener)
+                    task_status.started(self)
+                # Drain: no new clients, held ones told to come back, relays finish.
+                self._close_listeners()
+                for held in self.pen.evict_all():
+                    reply_and_close(held.sock, SHUTTING_DOWN)
+                    self.log.counts["shutdown-held"] += 1
+                with trio.move_on_after(self._grace):
+                    while self.relays:
+                        await trio.sleep(_DRAIN_POLL)
+                relays.cancel_scope.cancel()
         finally:
-            for lst in self.listeners:
-                lst.sock.close()
+            self._close_listeners()
             self.pen.close()
 
+    def _start_listener(self, nursery: trio.Nursery, listener: _Listener) -> None:
+        nursery.start_soon(self._accept_loop, listener)
 
-async def run_server(
-    settings: Settings,
-    log: EventLog | None = None,
-    *,
-    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Bind, resolve and serve `settings` until cancelled (the whole daemon)."""
+    def _close_listeners(self) -> None:
+        for lst in self.listeners:
+            lst.sock.close()
+
+    def shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting now; 421 to held clients; relays get `grace` seconds."""
+        self._grace = self.settings.shutdown_grace if grace is None else grace
+        if self._front is not None:
+            self._front.cancel()
+
+    def apply(
+        self, settings: Settings, trusted: TrustedNetworks, backend: BackendTarget
+    ) -> list[str]:
+        """Take new settings for the next connections (SIGHUP); what could not change.
+
+        Held connections keep their deadlines and relays their backend; new
+        connections see the new delay, trusted networks, limits and backend.
+        """
+        old = self.settings
+        notes = [
+            f"{name} changed: takes effect after a restart"
+            for name in _RESTART_ONLY
+            if getattr(old, name) != getattr(settings, name)
+        ]
+        if settings.max_held != old.max_held and settings.max_held is not None:
+            self.max_held = settings.max_held
+        self.settings = settings
+        self.policy = Policy(trusted, self.max_held, settings.max_per_client)
+        self.backend = backend
+        self.log.reconfigure(settings)
+        return notes
+
+    def statistics(self) -> dict[str, int]:
+        """Connections by verdict since start, and what is in flight now."""
+        counts = self.log.counts
+        return {
+            "held": len(self.pen),
+            "relays": self.relays,
+            "pass": counts["pass"],
+            "early_talker": counts["early-talker"],
+            "hangup": counts["hangup"],
+            "overload": counts["overload"],
+            "backend_error": counts["backend-error"],
+            "relay_end": counts["relay-end"],
+            "dropped_events": self.log.dropped,
+        }
+
+
+#: Settings a running server cannot take over on SIGHUP.
+_RESTART_ONLY = ("listen", "backlog", "user", "group", "chroot", "pidfile")
+_DRAIN_POLL = 0.05
+
+
+async def open_server(settings: Settings, log: EventLog) -> Server:
+    """Resolve, check the limits and bind every listener: a Server ready to serve.
+
+    Binding happens here, before any privilege drop.
+    """
     trusted = load_trusted(settings)
     backend = await resolve_backend(settings.backend.host, settings.backend.port)
-    log = log or EventLog.from_settings(settings)
     limits = raise_nofile()
     max_held = settings.max_held or default_max_held(limits.soft)
     try:
@@ -264,7 +333,10 @@ async def run_server(
     socks: list[tuple[socket.socket, Listen]] = []
     try:
         for spec in settings.listen:
-            socks.append((bind_listener(spec, backlog), spec))
+            try:
+                socks.append((bind_listener(spec, backlog), spec))
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot listen on {spec}: {exc.strerror}") from None
     except OSError:
         for sock, _ in socks:
             sock.close()
@@ -272,6 +344,18 @@ async def run_server(
     server = Server(settings, trusted, backend, log, max_held)
     for sock, spec in socks:
         server.add_listener(sock, spec)
+    return server
+
+
+async def run_server(
+    settings: Settings,
+    log: EventLog | None = None,
+    *,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Bind, resolve and serve `settings` until cancelled or shut down."""
+    log = log or EventLog.from_settings(settings)
+    server = await open_server(settings, log)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(log.run)
         await nursery.start(server.serve)

@@ -166,13 +166,18 @@ def parse_syslog(text: str) -> SyslogTarget:
     return SyslogTarget("unix", path=text)
 
 
-def _seconds(option: str, low: float, high: float) -> Callable[[str], float]:
+def _seconds(option: str, low: float, high: float, *, zero: bool = False) -> Callable[[str], float]:
+    """A parser for seconds in (low, high], or [low, high] when `zero` allows low itself."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise SettingError(option, text, "expected a number of seconds") from None
-        if not low < value <= high:
+        if zero:
+            if not low <= value <= high:
+                raise SettingError(option, text, f"must be {low:g} to {high:g}")
+        elif not low < value <= high:
             raise SettingError(option, text, f"must be more than {low:g} and at most {high:g}")
         return value
 
@@ -223,6 +228,24 @@ def _facility(text: str) -> str:
 
 def _path(text: str) -> str:
     return text
+
+
+def _name(option: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if not text or any(c.isspace() or c in ":/" for c in text):
+            raise SettingError(option, text, "expected a user or group name or number")
+        return text
+
+    return parse
+
+
+def _absolute(option: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if not text.startswith("/"):
+            raise SettingError(option, text, "expected an absolute path")
+        return text
+
+    return parse
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,11 +409,56 @@ OPTIONS: tuple[Option, ...] = (
         metavar="N",
     ),
     Option(
+        "shutdown-grace",
+        None,
+        _seconds("shutdown-grace", 0.0, 3600.0, zero=True),
+        30.0,
+        "on SIGTERM, seconds relays in progress may take to finish before they are cut; "
+        "0 cuts them at once (default: 30)",
+        metavar="SECONDS",
+    ),
+    Option(
+        "user",
+        "-u",
+        _name("user"),
+        None,
+        "after binding, drop to this user (default: repeld where it exists; running on as "
+        "root needs --user root)",
+        metavar="USER",
+    ),
+    Option(
+        "group",
+        "-g",
+        _name("group"),
+        None,
+        "after binding, drop to this group (default: the user's primary group)",
+        metavar="GROUP",
+    ),
+    Option(
+        "chroot",
+        None,
+        _absolute("chroot"),
+        None,
+        "after binding, chroot to this directory (a unix --syslog socket must be reachable "
+        "inside it)",
+        metavar="DIR",
+    ),
+    Option(
+        "pidfile",
+        "-p",
+        _absolute("pidfile"),
+        None,
+        "write the process id here (created before the drop, owned by the service user, "
+        "removed on exit)",
+        metavar="FILE",
+    ),
+    Option(
         "foreground",
         "-f",
         None,
         False,
-        "stay in the foreground and also print a readable line per event on stderr",
+        "print a readable line per event on stderr (repeld never detaches itself; "
+        "run it under daemon(8) or systemd)",
     ),
 )
 
@@ -418,6 +486,11 @@ class Settings:
     backlog: int | None = None
     max_held: int | None = None
     max_per_client: int = 10
+    shutdown_grace: float = 30.0
+    user: str | None = None
+    group: str | None = None
+    chroot: str | None = None
+    pidfile: str | None = None
     foreground: bool = False
 
 

@@ -1,0 +1,164 @@
+"""The configuration file: TOML, one key per long flag, under the command line.
+
+Values from the file go through the same parsers as the flags (settings.OPTIONS),
+so a key means exactly what its flag means. Flags the user typed override the
+file; the file overrides the defaults. Every problem is collected and reported
+on its own line with the file, the line number, the key and the bad value, so
+`repeld --check-config` shows them all at once.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .settings import (
+    OPTION_BY_NAME,
+    Option,
+    SettingError,
+    Settings,
+    build_settings,
+    load_trusted,
+)
+
+__all__ = [
+    "CLI_ONLY",
+    "ConfigError",
+    "default_config_path",
+    "load_settings",
+    "read_config",
+    "render_settings",
+]
+
+#: Flags that make no sense as keys in the file.
+CLI_ONLY = frozenset({"config", "check-config", "check-kernel", "version", "help"})
+
+
+class ConfigError(ValueError):
+    """One or more problems; each is a complete line for the admin."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def default_config_path() -> str:
+    """Where the configuration lives by default on this platform."""
+    if sys.platform.startswith("freebsd"):
+        return "/usr/local/etc/repeld.toml"
+    return "/etc/repeld/repeld.toml"
+
+
+def _line_of(text: str, key: str) -> int | None:
+    # tomllib gives no positions; the key's own line is what the admin needs.
+    pattern = re.compile(rf"""^\s*(?:{re.escape(key)}|"{re.escape(key)}"|'{re.escape(key)}')\s*=""")
+    for number, line in enumerate(text.splitlines(), 1):
+        if pattern.match(line):
+            return number
+    return None
+
+
+def _convert(opt: Option, value: Any) -> Any:
+    """A TOML value for `opt`, through the flag's own parser."""
+    if opt.parse is None:
+        if not isinstance(value, bool):
+            raise SettingError(opt.name, value, "expected true or false")
+        return value
+    items = value if isinstance(value, list) else [value]
+    if not opt.repeat and isinstance(value, list):
+        raise SettingError(opt.name, value, "expected a single value, not a list")
+    parsed = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, str | int | float):
+            raise SettingError(opt.name, item, "expected a string or a number")
+        parsed.append(opt.parse(str(item)))
+    return parsed if opt.repeat else parsed[0]
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """Parsed values from the file at `path`, keyed by long flag name.
+
+    Raises ConfigError listing every problem (unreadable file, bad TOML,
+    unknown keys, bad values), each with the file and line.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError([f"{path}: cannot read: {reason}"]) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in raw.items():
+        line = _line_of(text, key)
+        where = f"{path}:{line}" if line else path
+        opt = OPTION_BY_NAME.get(key)
+        if opt is None or key in CLI_ONLY:
+            hint = ""
+            if key.replace("_", "-") in OPTION_BY_NAME:
+                hint = f" (did you mean {key.replace('_', '-')!r}?)"
+            problems.append(f"{where}: unknown key {key!r}{hint}")
+            continue
+        try:
+            values[key] = _convert(opt, value)
+        except SettingError as exc:
+            problems.append(f"{where}: {key}: invalid value {exc.value!r}: {exc.reason}")
+    if problems:
+        raise ConfigError(problems)
+    return values
+
+
+def load_settings(
+    flags: Mapping[str, Any], config_path: str | None, *, explicit: bool = False
+) -> Settings:
+    """Defaults, under the file at `config_path`, under the flags the user typed.
+
+    A missing default file is fine (flags only); a missing file the user named
+    is an error. Trusted-network files are read too, so a bad one is reported
+    here rather than at the first connection.
+    """
+    values: dict[str, Any] = {}
+    if config_path is not None and (explicit or Path(config_path).exists()):
+        values.update(read_config(config_path))
+    values.update(flags)
+    try:
+        settings = build_settings(values)
+        load_trusted(settings)
+    except SettingError as exc:
+        origin = "command line" if exc.option in flags else (config_path or "command line")
+        if exc.option == "backend" and exc.value is None:
+            raise ConfigError(
+                [f"backend is required: set it in {config_path} or with --backend"]
+            ) from None
+        raise ConfigError([f"{origin}: {exc}"]) from None
+    return settings
+
+
+def render_settings(settings: Settings) -> str:
+    """The effective settings as TOML, the way --check-config prints them."""
+    lines = []
+    for name, opt in OPTION_BY_NAME.items():
+        value = getattr(settings, name.replace("-", "_"))
+        if opt.repeat:
+            lines.append(f"{name} = [{', '.join(_toml(str(v)) for v in value)}]")
+        elif value is None:
+            derived = name in ("backlog", "max-held")
+            lines.append(f"# {name}: " + ("derived at start" if derived else "not set"))
+        elif isinstance(value, bool):
+            lines.append(f"{name} = {'true' if value else 'false'}")
+        elif isinstance(value, int | float):
+            lines.append(f"{name} = {value!r}")
+        else:
+            lines.append(f"{name} = {_toml(str(value))}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

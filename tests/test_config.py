@@ -1,0 +1,151 @@
+"""The configuration file: precedence under the flags, every error path, --check-config."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from repeld.cli import parse_args, settings_from
+from repeld.config import ConfigError, load_settings, read_config, render_settings
+from repeld.settings import Listen
+
+SAMPLE = Path(__file__).parent.parent / "scripts" / "repeld.toml.sample"
+
+
+def settings_for(tmp_path: Path, text: str, *argv: str):  # type: ignore[no-untyped-def]
+    path = tmp_path / "repeld.toml"
+    path.write_text(text)
+    flags, actions = parse_args(["-c", str(path), *argv])
+    return settings_from(flags, actions)
+
+
+def test_flags_override_the_file_and_the_file_overrides_defaults(tmp_path: Path) -> None:
+    text = 'backend = "127.0.0.1:10025"\ndelay = 5\nlisten = ["127.0.0.1:2525"]\n'
+    s = settings_for(tmp_path, text)
+    assert (s.delay, s.listen, s.max_per_client) == (5.0, (Listen("127.0.0.1", 2525),), 10)
+    s = settings_for(tmp_path, text, "--delay", "7", "-l", "[::1]:2526,nodelay")
+    assert s.delay == 7.0
+    assert s.listen == (Listen("::1", 2526, nodelay=True),)  # a flag replaces the list
+    assert s.backend.port == 10025
+
+
+def test_boolean_keys_and_their_flags(tmp_path: Path) -> None:
+    text = 'backend = "127.0.0.1:25"\nreport-attacks = false\n'
+    assert settings_for(tmp_path, text).report_attacks is False
+    assert settings_for(tmp_path, text, "--report-attacks").report_attacks is True
+
+
+def test_missing_default_file_is_fine_but_a_named_one_is_not(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    s = load_settings({"backend": parse_args(["-b", "127.0.0.1:25"])[0]["backend"]}, str(missing))
+    assert s.delay == 25.0
+    with pytest.raises(ConfigError, match=r"nope\.toml: cannot read: No such file"):
+        load_settings({}, str(missing), explicit=True)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("delay = [", r"repeld\.toml: not valid TOML: Invalid value"),
+        ('backend = "x:1"\ndelay = 3 3\n', r"repeld\.toml: not valid TOML: .*line 2"),
+        ('backend = "x:1"\nmax_held = 5\n', r"repeld\.toml:2: unknown key 'max_held' .*'max-held'"),
+        ('backend = "x:1"\nbogus = 1\n', r"repeld\.toml:2: unknown key 'bogus'$"),
+        ('backend = "x:1"\nconfig = "/x"\n', r":2: unknown key 'config'"),
+        (
+            'backend = "x:1"\n\ndelay = 0\n',
+            r"repeld\.toml:3: delay: invalid value '0': must be more",
+        ),
+        ('backend = "x:1"\ndelay = -2.5\n', r":2: delay: invalid value '-2.5'"),
+        ('backend = "x:1"\ndelay = true\n', r":2: delay: invalid value True: expected a string"),
+        ('backend = "x:1"\ndelay = [1, 2]\n', r":2: delay: .*expected a single value"),
+        ('backend = "x:1"\nreport-attacks = "no"\n', r":2: report-attacks: .*true or false"),
+        ('backend = "x:1"\nlisten = ["mail.example:25"]\n', r":2: listen: .*not an IP address"),
+        (
+            'backend = "x:1"\ntrusted = ["10.0.0.0/33"]\n',
+            r":2: trusted: invalid value '10\.0\.0\.0/33'",
+        ),
+        ('backend = "x:1"\nmax-held = "many"\n', r":2: max-held: .*whole number"),
+        ("delay = 3\n", r"backend is required"),
+    ],
+)
+def test_every_problem_names_file_line_key_and_value(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = tmp_path / "repeld.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings({}, str(path), explicit=True)
+    assert len(info.value.problems) == 1
+    assert re.search(expected, info.value.problems[0]), info.value.problems[0]
+
+
+def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "repeld.toml"
+    path.write_text('backend = "x:1"\ndelay = 0\nbogus = 1\non-early = "bite"\n')
+    with pytest.raises(ConfigError) as info:
+        read_config(str(path))
+    assert [p.split(": ")[0] for p in info.value.problems] == [f"{path}:{n}" for n in (2, 3, 4)]
+
+
+def test_trusted_file_problems(tmp_path: Path) -> None:
+    nets = tmp_path / "trusted.txt"
+    nets.write_text("# our relays\n192.0.2.0/24\n\n2001:db8::/32  # v6\nnot-a-net\n")
+    path = tmp_path / "repeld.toml"
+    path.write_text(f'backend = "x:1"\ntrusted-file = ["{nets}"]\n')
+    with pytest.raises(
+        ConfigError, match=rf"trusted-file: invalid value '{nets}': line 5: 'not-a-net'"
+    ):
+        load_settings({}, str(path), explicit=True)
+    nets.write_text("192.0.2.0/24\n2001:db8::/32\n")
+    assert load_settings({}, str(path), explicit=True).trusted_file == (str(nets),)
+    path.write_text(f'backend = "x:1"\ntrusted-file = ["{tmp_path}/absent"]\n')
+    with pytest.raises(ConfigError, match="absent': cannot read: No such file"):
+        load_settings({}, str(path), explicit=True)
+
+
+def test_check_config_prints_settings_that_read_back_the_same(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "repeld", "--check-config", "-c", str(SAMPLE), "-d", "12.5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "delay = 12.5\n" in out
+    again = tmp_path / "effective.toml"
+    again.write_text(out)
+    assert load_settings({}, str(again), explicit=True) == load_settings(
+        {"delay": 12.5}, str(SAMPLE), explicit=True
+    )
+
+
+def test_check_config_exit_2_with_one_line_per_problem(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('backend = "127.0.0.1:25"\ndelay = 0\nlisten = ["[::1]:99999"]\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "repeld", "--check-config", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert lines == [
+        f"repeld: {path}:2: delay: invalid value '0': must be more than 0 and at most 3600",
+        f"repeld: {path}:3: listen: invalid value '[::1]:99999': port must be 0-65535",
+    ]
+
+
+def test_the_sample_config_is_valid_and_documents_every_key() -> None:
+    settings = load_settings({}, str(SAMPLE), explicit=True)
+    assert settings.proxy_protocol == "v1"
+    text = SAMPLE.read_text()
+    rendered = render_settings(settings)
+    for line in rendered.splitlines():
+        key = line.lstrip("# ").split(" ")[0].rstrip(":")
+        assert key in text, f"the sample does not mention {key}"
