@@ -34,6 +34,7 @@ class Received:
     msg: str
     sd_id: str = ""
     host: str = ""
+    procid: str = ""
 
 
 def _unescape(value: str) -> str:
@@ -48,7 +49,15 @@ def parse(datagram: bytes) -> Received:
         pri = int(m["pri"])
         fields = {k: _unescape(v) for k, v in _PARAM.findall(m["params"])}
         return Received(
-            "rfc5424", pri // 8, pri % 8, m["msgid"], fields, m["msg"], m["sdid"], m["host"]
+            "rfc5424",
+            pri // 8,
+            pri % 8,
+            m["msgid"],
+            fields,
+            m["msg"],
+            m["sdid"],
+            m["host"],
+            m["procid"],
         )
     m = _CEE.match(text)
     if m:
@@ -63,5 +72,6 @@ def parse(datagram: bytes) -> Received:
             {k: str(v) for k, v in obj.items()},
             msg,
             host=m["host"] or "",
+            procid=m["procid"],
         )
     raise ValueError(f"not a syslog message repeld writes: {text!r}")

@@ -115,6 +115,7 @@ def settings_from(flags: dict[str, Any], actions: dict[str, Any]) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run repeld; the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     flags, actions = parse_args(argv)
     if actions.get("check-kernel"):
         from .capacity import kernel_report
@@ -132,4 +133,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from . import daemon
 
-    return daemon.start(settings, lambda: settings_from(flags, actions))
+    return daemon.start(settings, lambda: settings_from(flags, actions), argv)

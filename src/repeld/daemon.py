@@ -19,21 +19,24 @@ directly, which a self-forking daemon would break.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import signal
+import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import trio
 
-from . import __version__, events, sdnotify
+from . import __version__, activation, events, privileges, sdnotify, workers
 from .eventlog import EventLog
 from .handoff import resolve_backend
+from .pidfile import PidFile, PidFileError
 from .server import Server, open_server
 from .settings import SettingError, Settings, load_trusted
 
-__all__ = ["EXIT_FAILURE", "run", "serve_forever", "start"]
+__all__ = ["EXIT_FAILURE", "serve_forever", "start"]
 
 EXIT_FAILURE = 1
 
@@ -41,6 +44,10 @@ EXIT_FAILURE = 1
 #: default (700) runs the collector constantly for nothing (held connections
 #: make no reference cycles).
 _GC_GEN0 = 50_000
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _signals() -> list[int]:
@@ -88,41 +95,44 @@ async def _handle_signals(
             # The first asks for a drain; a second cuts the relays at once.
             server.shutdown(0.0 if stopping else None)
             stopping = True
-        else:
+        elif not workers.send_statistics(server.statistics()):  # a worker tells its parent
             log.emit(events.stats(server.statistics(), trio.current_time() - started))
 
 
 async def serve_forever(
     settings: Settings,
     reload_settings: Callable[[], Settings],
-    prepare: Callable[[Server, EventLog], None] | None = None,
+    prepare: Callable[[], None] | None = None,
+    inherited: list[tuple[socket.socket, str]] | None = None,
 ) -> None:
     """Run one repeld until SIGTERM: bind, drop privileges, serve, drain."""
     log = EventLog.from_settings(settings)
     with trio.open_signal_receiver(*_signals()) as signals:
-        server = await open_server(settings, log)
+        server = await open_server(settings, log, inherited or ())
         await log.connect_now()  # before a chroot can hide the syslog socket
         if prepare is not None:
-            prepare(server, log)  # pidfile, privilege drop: after binding
+            prepare()  # pidfile, privilege drop: after binding
         started = trio.current_time()
         _tune_gc()
         async with trio.open_nursery() as outer:
             outer.start_soon(log.run)
             async with trio.open_nursery() as inner:
                 inner.start_soon(_handle_signals, signals, server, log, reload_settings, started)
-                where = " ".join(f"{h}:{p}" for h, p in server.addresses)
+                workers.announce_ready()  # to a supervising parent, if there is one
+                bound = " ".join(_hostport(h, p) for h, p in server.addresses)
+                where = ", ".join(str(lst.spec) for lst in server.listeners)
                 log.emit(
                     events.lifecycle(
-                        "start", version=__version__, listen=where, backend=str(settings.backend)
+                        "start", version=__version__, listen=bound, backend=str(settings.backend)
                     )
                 )
                 if settings.foreground:
                     print(
-                        f"repeld: listening on {where}, backend {settings.backend}",
+                        f"repeld: listening on {where} (bound {bound}), backend {settings.backend}",
                         file=sys.stderr,
                         flush=True,
                     )
-                sdnotify.ready(f"listening on {where}")
+                sdnotify.ready(f"listening on {bound}")
                 await server.serve()
                 inner.cancel_scope.cancel()
             stats = server.statistics()
@@ -130,23 +140,77 @@ async def serve_forever(
             outer.cancel_scope.cancel()  # the writer flushes what is queued
 
 
-def run(
-    settings: Settings,
-    reload_settings: Callable[[], Settings],
-    prepare: Callable[[Server, EventLog], None] | None = None,
-) -> None:
-    """trio.run(serve_forever); OSError escapes for the caller to report."""
+def _prepare(
+    settings: Settings, plan: privileges.Plan, pid: PidFile | None, *, drop: bool = True
+) -> Callable[[], None]:
+    def prepare() -> None:
+        # Root's last acts: the pid file, then the chroot and the drop.
+        if pid is not None:
+            pid.create()
+        if not drop:
+            return
+        if plan.action == "drop":
+            assert plan.user is not None
+            privileges.drop_privileges(plan.user, settings.group, settings.chroot)
+        elif settings.chroot is not None:
+            try:
+                os.chroot(settings.chroot)
+                os.chdir("/")
+            except OSError as exc:
+                raise privileges.PrivilegeError(
+                    f"--chroot: cannot chroot to {settings.chroot!r}: {exc.strerror}"
+                ) from None
+
+    return prepare
+
+
+def start(
+    settings: Settings, reload_settings: Callable[[], Settings], argv: Sequence[str] = ()
+) -> int:
+    """Run the daemon; the exit status (0 after SIGTERM, 1 when it cannot start).
+
+    Three shapes: a single process (the default), a supervisor of
+    --workers processes, or one of those workers (spawned by the supervisor,
+    which has already bound the listeners and dropped privileges).
+    """
     os.umask(0o022)
-    trio.run(serve_forever, settings, reload_settings, prepare)
-
-
-def start(settings: Settings, reload_settings: Callable[[], Settings]) -> int:
-    """Run the daemon; the exit status (0 after SIGTERM, 1 when it cannot start)."""
+    pid: PidFile | None = None
     try:
-        run(settings, reload_settings)
+        if os.environ.get(workers.WORKER_ENV) is not None:
+            inherited = workers.inherited_sockets()
+            # The parent decided what to listen on; the sockets say it exactly.
+            listen = tuple(activation.spec_for(sock, name) for sock, name in inherited)
+            settings = dataclasses.replace(settings, listen=listen)
+            configured = reload_settings
+
+            def reload_settings() -> Settings:
+                return dataclasses.replace(configured(), listen=listen)
+
+            plan = privileges.decide(settings.user)
+            trio.run(
+                serve_forever, settings, reload_settings, _prepare(settings, plan, None), inherited
+            )
+            return 0
+        plan = privileges.decide(settings.user)
+        pid = PidFile(settings.pidfile) if settings.pidfile else None
+        if settings.workers > 1:
+            # Like Postfix's master, the supervisor stays root so that it can
+            # replace a worker at any time; each worker drops privileges itself.
+            parent = _prepare(settings, plan, pid, drop=False)
+            trio.run(workers.supervise, settings, list(argv), reload_settings, parent)
+        else:
+            inherited = activation.listen_fds() if "LISTEN_FDS" in os.environ else []
+            prepare = _prepare(settings, plan, pid)
+            trio.run(serve_forever, settings, reload_settings, prepare, inherited)
+    except (privileges.PrivilegeError, PidFileError, activation.ActivationError) as exc:
+        print(f"repeld: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except OSError as exc:
         print(f"repeld: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         pass
+    finally:
+        if pid is not None:
+            pid.remove()
     return 0

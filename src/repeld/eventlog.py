@@ -137,11 +137,15 @@ class EventLog:
                     self._wakeup = trio.Event()
                     await self._wakeup.wait()
                 while self._queue:
-                    event, stamp = self._queue.popleft()
+                    event, stamp = self._queue[0]
                     if self.stderr is not None:
                         self._write_stderr(event, stamp)
                     if self.target is not None:
-                        await self._send(self._format(event, self._header, stamp))
+                        # One message is written whole or not at all (a cut TCP
+                        # frame would garble the stream); _send is time-bounded.
+                        with trio.CancelScope(shield=True):
+                            await self._send(self._format(event, self._header, stamp))
+                    self._queue.popleft()
         finally:
             await self.flush_nowait()
 

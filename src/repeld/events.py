@@ -30,6 +30,7 @@ __all__ = [
     "relay_end",
     "reload",
     "stats",
+    "worker",
 ]
 
 FieldValue = str | int | float
@@ -234,4 +235,21 @@ def stats(counters: dict[str, int], uptime: float) -> Event:
         f"STATS uptime={uptime:.0f}s {detail}",
         uptime=_ms(uptime),
         **counters,
+    )
+
+
+def worker(what: str, index: int, pid: int, status: int | None = None) -> Event:
+    """A worker process started ("worker-start") or died and will be replaced ("worker-exit")."""
+    if status is None:
+        return _service(
+            what, Severity.INFO, f"WORKER {index} started, pid {pid}", worker=index, pid=pid
+        )
+    how = f"signal {-status}" if status < 0 else f"status {status}"
+    return _service(
+        what,
+        Severity.ERR,
+        f"WORKER {index} pid {pid} exited with {how}; restarting",
+        worker=index,
+        pid=pid,
+        status=status,
     )

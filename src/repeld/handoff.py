@@ -99,7 +99,7 @@ async def handoff(
                 result.end = "backend-reset"
             else:
                 await relay(sock, backend, relay_timeout, result)
-        except trio.Cancelled:
+        except* trio.Cancelled:
             result.end = "shutdown"  # cut at the end of the shutdown grace period
             raise
         finally:

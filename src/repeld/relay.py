@@ -144,7 +144,11 @@ async def relay(
                     pumps.start_soon(_pump, backend, client, session, False)
                 nursery.cancel_scope.cancel()
         except* _Reset as group:
-            first = group.exceptions[0]
+            # The pumps' nursery sits inside the watchdog's, so the _Reset comes
+            # wrapped in one ExceptionGroup per nursery: take the innermost.
+            first: BaseException = group
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
             assert isinstance(first, _Reset)
             session.result.end = f"{first.side}-reset"
     return session.result

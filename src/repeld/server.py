@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import socket
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import trio
@@ -20,11 +21,12 @@ from .core import EarlyTalk, HangUp, Hold, Pass, Verdict
 from .eventlog import EventLog
 from .events import ConnInfo
 from .handoff import BackendTarget, handoff, reply_and_close, resolve_backend
+from .listeners import backlog_for, open_listeners
 from .pen import Held, HoldingPen
 from .policy import Policy, Refuse, TrustedNetworks, normalize_address
 from .settings import Listen, Settings, load_trusted
 
-__all__ = ["EARLY_REJECT", "SHUTTING_DOWN", "Server", "bind_listener", "open_server", "run_server"]
+__all__ = ["EARLY_REJECT", "SHUTTING_DOWN", "Server", "open_server", "run_server"]
 
 EARLY_REJECT = b"554 5.5.1 Protocol error: you talked before my greeting\r\n"
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
@@ -40,23 +42,6 @@ ACCEPT_BACKOFF = 0.1
 ACCEPT_COMPLAIN_INTERVAL = 10.0
 #: Accepts in a row before the accept loop lets other tasks run.
 _ACCEPT_BATCH = 64
-DEFAULT_BACKLOG = 4096
-
-
-def bind_listener(spec: Listen, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
-    """A bound, listening, non-blocking socket for `spec` (IPv6 sockets are v6-only)."""
-    sock = socket.socket(spec.family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if spec.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((spec.host, spec.port))
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 @dataclass(slots=True)
@@ -314,35 +299,26 @@ _RESTART_ONLY = ("listen", "backlog", "user", "group", "chroot", "pidfile")
 _DRAIN_POLL = 0.05
 
 
-async def open_server(settings: Settings, log: EventLog) -> Server:
-    """Resolve, check the limits and bind every listener: a Server ready to serve.
+async def open_server(
+    settings: Settings,
+    log: EventLog,
+    inherited: Iterable[tuple[socket.socket, str]] = (),
+) -> Server:
+    """Resolve, check the limits and open every listener: a Server ready to serve.
 
-    Binding happens here, before any privilege drop.
+    Binding happens here, before any privilege drop; `inherited` sockets
+    (systemd socket activation, or a supervising parent) are used where they
+    match a --listen spec.
     """
     trusted = load_trusted(settings)
     backend = await resolve_backend(settings.backend.host, settings.backend.port)
     limits = raise_nofile()
     max_held = settings.max_held or default_max_held(limits.soft)
-    try:
-        accept_cap: int | None = tcptune.accept_queue_cap()
-    except OSError:
-        accept_cap = None
-    backlog = settings.backlog or accept_cap or DEFAULT_BACKLOG
+    backlog, accept_cap = backlog_for(settings)
     for warning in capacity_warnings(max_held, limits, backlog, accept_cap):
         print(f"repeld: warning: {warning}", file=sys.stderr, flush=True)
-    socks: list[tuple[socket.socket, Listen]] = []
-    try:
-        for spec in settings.listen:
-            try:
-                socks.append((bind_listener(spec, backlog), spec))
-            except OSError as exc:
-                raise OSError(exc.errno, f"cannot listen on {spec}: {exc.strerror}") from None
-    except OSError:
-        for sock, _ in socks:
-            sock.close()
-        raise
     server = Server(settings, trusted, backend, log, max_held)
-    for sock, spec in socks:
+    for sock, spec in open_listeners(settings, backlog, inherited):
         server.add_listener(sock, spec)
     return server
 

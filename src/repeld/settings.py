@@ -9,6 +9,7 @@ administrator sees one clear line instead of a traceback.
 from __future__ import annotations
 
 import ipaddress
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -230,6 +231,18 @@ def _path(text: str) -> str:
     return text
 
 
+def _workers(text: str) -> int:
+    if text == "auto":
+        return max(1, os.cpu_count() or 1)
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise SettingError("workers", text, "expected a number of processes or auto") from None
+    if not 1 <= value <= 256:
+        raise SettingError("workers", text, "must be 1 to 256, or auto")
+    return value
+
+
 def _name(option: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if not text or any(c.isspace() or c in ":/" for c in text):
@@ -409,6 +422,15 @@ OPTIONS: tuple[Option, ...] = (
         metavar="N",
     ),
     Option(
+        "workers",
+        "-w",
+        _workers,
+        1,
+        "worker processes serving the same listeners, or auto for one per CPU; a parent "
+        "binds, supervises and restarts them (default: 1, no parent)",
+        metavar="N|auto",
+    ),
+    Option(
         "shutdown-grace",
         None,
         _seconds("shutdown-grace", 0.0, 3600.0, zero=True),
@@ -486,6 +508,7 @@ class Settings:
     backlog: int | None = None
     max_held: int | None = None
     max_per_client: int = 10
+    workers: int = 1
     shutdown_grace: float = 30.0
     user: str | None = None
     group: str | None = None

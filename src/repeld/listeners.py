@@ -1,0 +1,107 @@
+"""Listening sockets: bound by repeld, inherited from systemd, or shared with workers.
+
+Everything here runs before the privilege drop: port 25 needs root (or
+CAP_NET_BIND_SERVICE) to bind, and nothing after the drop binds again.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from collections.abc import Iterable
+
+from . import tcptune
+from .activation import match_listeners
+from .settings import Listen, Settings
+
+__all__ = [
+    "DEFAULT_BACKLOG",
+    "backlog_for",
+    "bind_listener",
+    "open_listeners",
+    "reuseport_option",
+]
+
+#: The backlog when the kernel's cap cannot be read.
+DEFAULT_BACKLOG = 4096
+
+
+def reuseport_option() -> int | None:
+    """The socket option that load-balances one port over several sockets, if any.
+
+    FreeBSD's SO_REUSEPORT only lets a port be shared; SO_REUSEPORT_LB balances.
+    Linux's SO_REUSEPORT balances.
+    """
+    if sys.platform.startswith("freebsd"):
+        return getattr(socket, "SO_REUSEPORT_LB", None)
+    if sys.platform.startswith("linux"):
+        return getattr(socket, "SO_REUSEPORT", None)
+    return None
+
+
+def backlog_for(settings: Settings) -> tuple[int, int | None]:
+    """The listen(2) backlog to ask for, and the kernel's cap on it (None if unknown)."""
+    try:
+        cap: int | None = tcptune.accept_queue_cap()
+    except OSError:
+        cap = None
+    return settings.backlog or cap or DEFAULT_BACKLOG, cap
+
+
+def bind_listener(
+    spec: Listen, backlog: int = DEFAULT_BACKLOG, *, reuseport: bool = False
+) -> socket.socket:
+    """A bound, listening, non-blocking socket for `spec` (IPv6 sockets are v6-only)."""
+    sock = socket.socket(spec.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        option = reuseport_option() if reuseport else None
+        if option is not None:
+            sock.setsockopt(socket.SOL_SOCKET, option, 1)
+        if spec.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((spec.host, spec.port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {spec}: {exc.strerror}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def open_listeners(
+    settings: Settings,
+    backlog: int,
+    inherited: Iterable[tuple[socket.socket, str]] = (),
+    *,
+    reuseport: bool = False,
+) -> list[tuple[socket.socket, Listen]]:
+    """A socket for every --listen spec: an inherited one where it matches, else bound.
+
+    Inherited sockets that no spec asks for are closed with a warning: the
+    configuration is the one description of what repeld serves.
+    """
+    matched = match_listeners(inherited, settings.listen)
+    socks = list(matched.listeners)
+    for sock, name in matched.extra:
+        host, port = sock.getsockname()[:2]
+        print(
+            f"repeld: warning: inherited socket {host}:{port} ({name!r}) is not in --listen; "
+            "closing it",
+            file=sys.stderr,
+        )
+        sock.close()
+    try:
+        for spec in matched.unbound:
+            socks.append((bind_listener(spec, backlog, reuseport=reuseport), spec))
+    except BaseException:
+        for sock, _ in socks:
+            sock.close()
+        raise
+    # Keep the configured order: events and tests refer to listeners by it.
+    order = {(s.host, s.port): i for i, s in enumerate(settings.listen)}
+    socks.sort(key=lambda pair: order[(pair[1].host, pair[1].port)])
+    return socks

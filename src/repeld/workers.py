@@ -1,0 +1,323 @@
+"""One worker per core: a parent binds once, spawns workers, restarts them, sums stats.
+
+With `--workers N` (N > 1) the process that the admin starts becomes a small
+supervisor. It binds every listener (as root), writes the pidfile, drops
+privileges, and spawns N copies of itself (`python -m repeld` with the same
+arguments) that inherit the listening sockets. On Linux and FreeBSD each worker
+gets its own socket per listener bound with SO_REUSEPORT (SO_REUSEPORT_LB on
+FreeBSD), so the kernel spreads new connections over the workers; elsewhere
+they share one socket. Spawning (fork+exec) rather than forking keeps trio's
+state out of the children and lets a crashed worker be replaced at any time.
+
+Signals are fanned out: SIGHUP is checked by the parent first (a bad file is
+refused once, with one `config-error`, and never reaches the workers), SIGTERM
+and SIGINT are forwarded and the parent exits once every worker has drained,
+SIGUSR1/SIGINFO ask each worker for its counters over a pipe and the parent
+writes one `stats` event with the sums.
+
+The environment protocol between parent and worker (internal, not an API):
+REPELD_WORKER is the worker's index, REPELD_WORKER_FDS lists `fd:name` pairs of
+inherited listeners (a name ending in "nodelay" marks a nodelay listener, as
+with socket activation), REPELD_STATS_FD is the pipe for the counters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import trio
+
+from . import __version__, events, sdnotify
+from .eventlog import EventLog
+from .listeners import backlog_for, open_listeners, reuseport_option
+from .settings import Listen, SettingError, Settings
+
+__all__ = [
+    "FDS_ENV",
+    "STATS_ENV",
+    "WORKER_ENV",
+    "Supervisor",
+    "announce_ready",
+    "inherited_sockets",
+    "send_statistics",
+    "supervise",
+]
+
+WORKER_ENV = "REPELD_WORKER"
+FDS_ENV = "REPELD_WORKER_FDS"
+STATS_ENV = "REPELD_STATS_FD"
+#: A worker that dies is replaced after this long, doubling while it keeps dying.
+RESTART_DELAY = 1.0
+RESTART_DELAY_MAX = 30.0
+#: A worker that ran this long before dying is not considered crash-looping.
+STABLE_AFTER = 10.0
+#: How long the parent waits for every worker's counters.
+STATS_WAIT = 1.0
+
+
+def inherited_sockets(env: dict[str, str] | None = None) -> list[tuple[socket.socket, str]]:
+    """The listeners a supervising parent passed to this worker (empty if none)."""
+    environ = os.environ if env is None else env
+    spec = environ.pop(FDS_ENV, "")
+    result = []
+    for item in filter(None, spec.split(",")):
+        fd, _, name = item.partition(":")
+        sock = socket.socket(fileno=int(fd))
+        os.set_inheritable(sock.fileno(), False)
+        result.append((sock, name))
+    return result
+
+
+def _tell_parent(message: dict[str, int]) -> bool:
+    fd = os.environ.get(STATS_ENV)
+    if not fd:
+        return False
+    line = json.dumps({"pid": os.getpid(), **message}).encode() + b"\n"
+    try:
+        os.write(int(fd), line)  # one small write to a pipe: atomic, never partial
+    except OSError:
+        return False
+    return True
+
+
+def send_statistics(stats: dict[str, int]) -> bool:
+    """In a worker: hand the counters to the parent; False when not a worker."""
+    return _tell_parent(stats)
+
+
+def announce_ready() -> bool:
+    """In a worker: say that signals are handled now (before, one would kill it)."""
+    return _tell_parent({"ready": 1})
+
+
+def _fd_name(spec: Listen) -> str:
+    return "listen-nodelay" if spec.nodelay else "listen"
+
+
+class Supervisor:
+    """Keeps N workers running over the same listeners."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        argv: Sequence[str],
+        sockets: list[list[tuple[socket.socket, Listen]]],
+        log: EventLog,
+    ) -> None:
+        self.settings = settings
+        self.argv = list(argv)
+        self.sockets = sockets
+        self.log = log
+        self.stopping = False
+        self.procs: dict[int, trio.Process] = {}
+        self.restarts = 0
+        self._stats: dict[int, dict[str, int]] = {}
+        #: Workers (by pid) that have said they handle signals.
+        self.ready: set[int] = set()
+        self._stats_arrived = trio.Event()
+
+    def _sockets_for(self, index: int) -> list[tuple[socket.socket, Listen]]:
+        return self.sockets[index % len(self.sockets)]
+
+    async def _spawn(self, index: int) -> tuple[trio.Process, int]:
+        socks = self._sockets_for(index)
+        read_fd, write_fd = os.pipe()
+        env = dict(os.environ)
+        env[WORKER_ENV] = str(index)
+        env[FDS_ENV] = ",".join(f"{s.fileno()}:{_fd_name(spec)}" for s, spec in socks)
+        env[STATS_ENV] = str(write_fd)
+        env.pop("NOTIFY_SOCKET", None)  # only the parent speaks to systemd
+        try:
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "repeld", *self.argv],
+                env=env,
+                pass_fds=[s.fileno() for s, _ in socks] + [write_fd],
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            os.close(write_fd)
+        return proc, read_fd
+
+    async def _read_stats(self, read_fd: int) -> None:
+        stream = trio.lowlevel.FdStream(read_fd)
+        buf = b""
+        async with stream:
+            while True:
+                chunk = await stream.receive_some()
+                if not chunk:
+                    return
+                buf += chunk
+                while b"\n" in buf:
+                    line, _, buf = buf.partition(b"\n")
+                    try:
+                        data = json.loads(line)
+                        pid = int(data.pop("pid"))
+                        if data.get("ready"):
+                            self.ready.add(pid)
+                            continue
+                        self._stats[pid] = {k: int(v) for k, v in data.items()}
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                    self._stats_arrived.set()
+
+    async def keep_worker(self, index: int) -> None:
+        """Run worker `index`; replace it whenever it dies, until shutdown."""
+        delay = RESTART_DELAY
+        while True:
+            proc, read_fd = await self._spawn(index)
+            self.procs[index] = proc
+            started = trio.current_time()
+            self.log.emit(events.worker("worker-start", index, proc.pid))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_stats, read_fd)
+                status = await proc.wait()
+                nursery.cancel_scope.cancel()
+            del self.procs[index]
+            self.ready.discard(proc.pid)
+            if self.stopping:
+                return
+            self.restarts += 1
+            self.log.emit(events.worker("worker-exit", index, proc.pid, status))
+            if trio.current_time() - started >= STABLE_AFTER:
+                delay = RESTART_DELAY
+            await trio.sleep(delay)
+            delay = min(delay * 2, RESTART_DELAY_MAX)
+
+    def signal_workers(self, signum: int) -> None:
+        """Pass a signal on to every worker that handles signals already.
+
+        A worker still starting up would die of SIGHUP or SIGUSR1; it reads the
+        current configuration anyway. SIGTERM reaches every worker.
+        """
+        for proc in list(self.procs.values()):
+            if proc.pid not in self.ready and signum != signal.SIGTERM:
+                continue
+            try:
+                proc.send_signal(signum)
+            except OSError:
+                pass
+
+    async def collect_stats(self, started: float) -> None:
+        """Ask every worker for its counters and write one summed `stats` event."""
+        self._stats.clear()
+        expected = {proc.pid for proc in self.procs.values()} & self.ready
+        self.signal_workers(signal.SIGUSR1)
+        with trio.move_on_after(STATS_WAIT):
+            while not expected <= set(self._stats):
+                self._stats_arrived = trio.Event()
+                await self._stats_arrived.wait()
+        totals: dict[str, int] = {}
+        for stats in self._stats.values():
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0) + value
+        totals["workers"] = len(self.procs)
+        totals["workers_answered"] = len(expected & set(self._stats))
+        totals["worker_restarts"] = self.restarts
+        totals["dropped_events"] = totals.get("dropped_events", 0) + self.log.dropped
+        self.log.emit(events.stats(totals, trio.current_time() - started))
+
+
+async def _handle_signals(
+    sup: Supervisor,
+    signals: AsyncIterator[int],
+    reload_settings: Callable[[], Settings],
+    started: float,
+) -> None:
+    async for signum in signals:
+        if signum == signal.SIGHUP:
+            sdnotify.reloading()
+            try:
+                settings = reload_settings()
+            except (SettingError, ValueError, OSError) as exc:
+                sup.log.emit(events.config_error(str(exc).replace("\n", "; ")))
+            else:
+                sup.log.reconfigure(settings)
+                sup.signal_workers(signal.SIGHUP)
+            sdnotify.ready()
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            sdnotify.stopping()
+            sup.stopping = True
+            sup.signal_workers(signal.SIGTERM)
+        else:
+            await sup.collect_stats(started)
+
+
+async def supervise(
+    settings: Settings,
+    argv: Sequence[str],
+    reload_settings: Callable[[], Settings],
+    prepare: Callable[[], None] | None = None,
+) -> None:
+    """The parent of `settings.workers` workers, until they have all drained."""
+    log = EventLog.from_settings(settings)
+    sigs = [signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1]
+    if hasattr(signal, "SIGINFO"):
+        sigs.append(signal.SIGINFO)
+    with trio.open_signal_receiver(*sigs) as signals:
+        backlog, _ = backlog_for(settings)
+        balanced = reuseport_option() is not None
+        copies = settings.workers if balanced else 1
+        sockets: list[list[tuple[socket.socket, Listen]]] = []
+        try:
+            sockets.append(open_listeners(settings, backlog, reuseport=balanced))
+            # Port 0 (tests) means "any": every copy must share the first one's port.
+            same = dataclasses.replace(
+                settings,
+                listen=tuple(
+                    dataclasses.replace(spec, port=s.getsockname()[1]) for s, spec in sockets[0]
+                ),
+            )
+            for _ in range(copies - 1):
+                sockets.append(open_listeners(same, backlog, reuseport=True))
+        except BaseException:
+            for socks in sockets:
+                for s, _ in socks:
+                    s.close()
+            raise
+        await log.connect_now()
+        if prepare is not None:
+            prepare()
+        sup = Supervisor(settings, argv, sockets, log)
+        started = trio.current_time()
+        async with trio.open_nursery() as outer:
+            outer.start_soon(log.run)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_handle_signals, sup, signals, reload_settings, started)
+                where = ", ".join(str(spec) for spec in settings.listen)
+                bound = " ".join(
+                    f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+                    for h, p, *_ in (s.getsockname() for s, _ in sockets[0])
+                )
+                log.emit(
+                    events.lifecycle(
+                        "start",
+                        version=__version__,
+                        listen=bound,
+                        backend=str(settings.backend),
+                        workers=settings.workers,
+                    )
+                )
+                if settings.foreground:
+                    print(
+                        f"repeld: listening on {where} (bound {bound}), backend "
+                        f"{settings.backend}, {settings.workers} workers",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                async with trio.open_nursery() as workers:
+                    for index in range(settings.workers):
+                        workers.start_soon(sup.keep_worker, index)
+                    sdnotify.ready(f"{settings.workers} workers")
+                nursery.cancel_scope.cancel()
+            log.emit(events.lifecycle("stop", workers=settings.workers, restarts=sup.restarts))
+            outer.cancel_scope.cancel()
+        for socks in sockets:
+            for s, _ in socks:
+                s.close()

@@ -1,0 +1,228 @@
+"""Real processes for tests: repeld as a subprocess, a UDP syslog receiver and a
+tiny threaded SMTP backend, all on loopback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+from .syslog_receiver import Received, parse
+
+TIMEOUT = 30.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class SyslogUDP:
+    """A real UDP syslog receiver; every datagram must parse."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.messages: list[Received] = []
+
+    @property
+    def target(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return f"udp://{host}:{port}"
+
+    def _receive(self, timeout: float) -> bool:
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            return False
+        self.messages.append(parse(data))
+        return True
+
+    def wait_for(self, event: str, count: int = 1, timeout: float = TIMEOUT) -> list[Received]:
+        """At least `count` messages for `event`, waiting up to `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [m for m in self.messages if m.event == event]
+            if len(found) >= count:
+                return found
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(
+                    f"expected {count} {event!r} event(s) within {timeout}s, "
+                    f"got {[m.event for m in self.messages]}"
+                )
+            self._receive(left)
+
+    def drain(self, seconds: float = 0.2) -> None:
+        """Take in whatever arrives within `seconds`."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self._receive(deadline - time.monotonic())
+
+    def named(self, event: str) -> list[Received]:
+        return [m for m in self.messages if m.event == event]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Daemon:
+    """`python -m repeld -f ARGS` with its stderr collected line by line."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+        self.argv = [sys.executable, "-m", "repeld", "-f", *args]
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._eof = False
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def stderr_text(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def wait_line(self, pattern: str, timeout: float = TIMEOUT) -> re.Match[str]:
+        """The first stderr line matching `pattern`."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                left = deadline - time.monotonic()
+                if self._eof or left <= 0:
+                    raise AssertionError(
+                        f"no stderr line matching {pattern!r} (exit {self.proc.poll()}):\n"
+                        + "\n".join(self.lines)
+                    )
+                self._cond.wait(left)
+
+    def wait_listening(self) -> tuple[str, int]:
+        """The first bound address, once repeld says it listens."""
+        m = self.wait_line(r"^repeld: listening on .* \(bound (?P<bound>[^)]*)\)")
+        host, _, port = m["bound"].split()[0].rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = TIMEOUT) -> int:
+        try:
+            status = self.proc.wait(timeout)
+        finally:
+            self._reader.join(timeout)
+        return status
+
+    def stop(self) -> int:
+        """SIGTERM, then SIGKILL if it does not exit; the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(TIMEOUT)
+        self._reader.join(TIMEOUT)
+        return int(self.proc.returncode)
+
+
+@contextlib.contextmanager
+def daemon(*args: str, env: dict[str, str] | None = None) -> Iterator[Daemon]:
+    """A running repeld (listening); always stopped afterwards."""
+    d = Daemon(args, env)
+    try:
+        d.wait_listening()
+        yield d
+    finally:
+        d.stop()
+
+
+class _LineHandler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        server = self.server
+        assert isinstance(server, LineBackend)
+        server.sessions += 1
+        self.wfile.write(b"220 backend.test ESMTP\r\n")
+        for line in self.rfile:
+            server.lines.append(line)
+            if line.strip().upper() == b"QUIT":
+                self.wfile.write(b"221 2.0.0 bye\r\n")
+                return
+            self.wfile.write(b"250 ok\r\n")
+
+
+class LineBackend(socketserver.ThreadingTCPServer):
+    """A tiny SMTP-shaped MTA in threads: 220, then 250 to anything, 221 to QUIT."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _LineHandler)
+        self.sessions = 0
+        self.lines: list[bytes] = []
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server_address[1]}"
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def read_line(sock: socket.socket, timeout: float = TIMEOUT) -> bytes:
+    """One CRLF line from a blocking socket (b"" at EOF)."""
+    sock.settimeout(timeout)
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def connect(port: int, source: str | None = None, host: str = "127.0.0.1") -> socket.socket:
+    """A blocking client connection, optionally from a chosen loopback source."""
+    return socket.create_connection(
+        (host, port), timeout=TIMEOUT, source_address=(source, 0) if source else None
+    )

@@ -1,0 +1,371 @@
+"""repeld as a real Unix service: privileges, pidfile, signals, workers, sd_notify.
+
+Every test runs the daemon as a subprocess and talks to it over loopback.
+CI runs as root, which the privilege tests need (they skip otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .procs import (
+    Daemon,
+    LineBackend,
+    SyslogUDP,
+    connect,
+    daemon,
+    free_port,
+    read_line,
+)
+
+ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not ROOT, reason="needs root (CI runs as root)")
+AS_ROOT = ["--user", "root"] if ROOT else []
+
+
+@pytest.fixture
+def syslog() -> Iterator[SyslogUDP]:
+    receiver = SyslogUDP()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture
+def backend() -> Iterator[LineBackend]:
+    server = LineBackend()
+    yield server
+    server.close()
+
+
+def _status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+@needs_root
+def test_binds_a_low_port_as_root_then_runs_as_the_service_user(
+    syslog: SyslogUDP, backend: LineBackend, tmp_path: Path
+) -> None:
+    port = next(p for p in range(700, 1000) if _port_free(p))
+    nobody = pwd.getpwnam("nobody")
+    pidfile = tmp_path / "repeld.pid"
+    with daemon(
+        "-l",
+        f"127.0.0.1:{port}",
+        "-b",
+        backend.address,
+        "-d",
+        "0.3",
+        "--user",
+        "nobody",
+        "--pidfile",
+        str(pidfile),
+        "--syslog",
+        syslog.target,
+    ) as d:
+        status = _status(d.pid)
+        assert status["Uid"].split() == [str(nobody.pw_uid)] * 4
+        assert status["Gid"].split() == [str(nobody.pw_gid)] * 4
+        assert status["Groups"] == ""
+        assert pidfile.read_text() == f"{d.pid}\n"  # written as root, before the drop
+        client = connect(port)
+        assert read_line(client) == b"220 backend.test ESMTP\r\n"
+        client.close()
+        assert syslog.wait_for("pass")[0].fields["server_port"] == str(port)
+    # after the drop the root-owned directory forbids unlinking: the file is emptied
+    assert not pidfile.exists() or pidfile.read_text() == ""
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@needs_root
+def test_refuses_to_run_on_as_root_without_a_user(backend: LineBackend) -> None:
+    try:
+        pwd.getpwnam("repeld")
+        pytest.skip("a repeld user exists here, so repeld would drop to it")
+    except KeyError:
+        pass
+    d = Daemon(["-l", f"127.0.0.1:{free_port()}", "-b", backend.address])
+    assert d.wait() == 1
+    assert d.stderr_text() == "repeld: running as root: create user repeld or pass --user root"
+
+
+def test_a_second_instance_is_refused_by_the_pidfile(backend: LineBackend, tmp_path: Path) -> None:
+    pidfile = tmp_path / "repeld.pid"
+    args = [
+        "-b",
+        backend.address,
+        "--syslog",
+        "udp://127.0.0.1:9",
+        "--pidfile",
+        str(pidfile),
+        *AS_ROOT,
+    ]
+    with daemon("-l", f"127.0.0.1:{free_port()}", *args) as first:
+        second = Daemon(["-l", f"127.0.0.1:{free_port()}", *args])
+        assert second.wait() == 1
+        assert f"{pidfile}" in second.stderr_text()
+        assert str(first.pid) in second.stderr_text()
+        assert pidfile.read_text() == f"{first.pid}\n"
+    assert not pidfile.exists()  # removed on exit (root could unlink here)
+
+
+def _config(
+    path: Path, backend: LineBackend, port: int, syslog: SyslogUDP, extra: str = ""
+) -> None:
+    path.write_text(
+        f'listen = ["127.0.0.1:{port}"]\nbackend = "{backend.address}"\ndelay = 2\n'
+        f'syslog = "{syslog.target}"\nmax-per-client = 100\n{extra}'
+    )
+
+
+def test_sighup_trusts_a_new_network_without_disturbing_a_relay(
+    syslog: SyslogUDP, backend: LineBackend, tmp_path: Path
+) -> None:
+    config = tmp_path / "repeld.toml"
+    port = free_port()
+    _config(config, backend, port, syslog)
+    with daemon("-c", str(config), *AS_ROOT) as d:
+        relayed = connect(port, source="127.0.0.9")
+        t0 = time.monotonic()
+        assert read_line(relayed) == b"220 backend.test ESMTP\r\n"
+        assert time.monotonic() - t0 >= 1.9  # held: not trusted yet
+        relayed.sendall(b"EHLO before\r\n")
+        assert read_line(relayed) == b"250 ok\r\n"
+
+        _config(config, backend, port, syslog, 'trusted = ["127.0.0.9/32"]\n')
+        d.signal(signal.SIGHUP)
+        (reload,) = syslog.wait_for("reload")
+        assert reload.fields["restart_needed"] == ""
+
+        fresh = connect(port, source="127.0.0.9")
+        t0 = time.monotonic()
+        assert read_line(fresh) == b"220 backend.test ESMTP\r\n"
+        assert time.monotonic() - t0 < 1.5  # trusted now: not held
+        fresh.close()
+        # the relay that started before the reload carries on
+        relayed.sendall(b"MAIL FROM:<a@x.test>\r\n")
+        assert read_line(relayed) == b"250 ok\r\n"
+        relayed.sendall(b"QUIT\r\n")
+        assert read_line(relayed) == b"221 2.0.0 bye\r\n"
+        relayed.close()
+        reasons = [e.fields["reason"] for e in syslog.wait_for("pass", 2)]
+        assert reasons == ["delay", "trusted"]
+
+
+def test_sighup_with_a_broken_file_keeps_the_old_config(
+    syslog: SyslogUDP, backend: LineBackend, tmp_path: Path
+) -> None:
+    config = tmp_path / "repeld.toml"
+    port = free_port()
+    _config(config, backend, port, syslog, 'trusted = ["127.0.0.9/32"]\n')
+    with daemon("-c", str(config), *AS_ROOT) as d:
+        config.write_text(config.read_text().replace("delay = 2", "delay = -1"))
+        d.signal(signal.SIGHUP)
+        (err,) = syslog.wait_for("config-error")
+        assert err.severity == 3
+        assert "delay" in err.fields["error"]
+        config.write_text(f'backend = "{backend.address}"\nlisten = [\n')
+        d.signal(signal.SIGHUP)
+        assert "not valid TOML" in syslog.wait_for("config-error", 2)[1].fields["error"]
+        client = connect(port, source="127.0.0.9")  # still trusted: the old config is in force
+        t0 = time.monotonic()
+        assert read_line(client) == b"220 backend.test ESMTP\r\n"
+        assert time.monotonic() - t0 < 1.5
+        client.close()
+        assert not syslog.named("reload")
+
+
+def test_sigterm_drains_held_and_relayed_clients(syslog: SyslogUDP, backend: LineBackend) -> None:
+    port = free_port()
+    d = Daemon(
+        [
+            "-l",
+            f"127.0.0.1:{port}",
+            "-b",
+            backend.address,
+            "-d",
+            "30",
+            "-t",
+            "127.0.0.2",
+            "--syslog",
+            syslog.target,
+            "--shutdown-grace",
+            "20",
+            *AS_ROOT,
+        ]
+    )
+    try:
+        d.wait_listening()
+        relayed = connect(port, source="127.0.0.2")
+        assert read_line(relayed) == b"220 backend.test ESMTP\r\n"
+        held = connect(port)
+        syslog.wait_for("pass")
+        time.sleep(0.2)  # the held one is in the pen
+        d.signal(signal.SIGTERM)
+        assert read_line(held) == b"421 4.3.2 Service shutting down, try again later\r\n"
+        with pytest.raises(ConnectionRefusedError):
+            connect(port)  # no longer accepting
+        relayed.sendall(b"NOOP\r\n")  # the relay still works within the grace period
+        assert read_line(relayed) == b"250 ok\r\n"
+        relayed.sendall(b"QUIT\r\n")
+        assert read_line(relayed) == b"221 2.0.0 bye\r\n"
+        relayed.close()
+        assert d.wait() == 0
+        (end,) = syslog.wait_for("relay-end")
+        assert end.fields["end"] == "closed"
+        (stop,) = syslog.wait_for("stop")
+        assert stop.fields["relays"] == "0"
+    finally:
+        d.stop()
+
+
+def test_sigterm_grace_runs_out_and_the_relay_is_cut(
+    syslog: SyslogUDP, backend: LineBackend
+) -> None:
+    port = free_port()
+    d = Daemon(
+        [
+            "-l",
+            f"127.0.0.1:{port}",
+            "-b",
+            backend.address,
+            "-t",
+            "127.0.0.2",
+            "--syslog",
+            syslog.target,
+            "--shutdown-grace",
+            "1",
+            *AS_ROOT,
+        ]
+    )
+    try:
+        d.wait_listening()
+        relayed = connect(port, source="127.0.0.2")
+        assert read_line(relayed) == b"220 backend.test ESMTP\r\n"
+        t0 = time.monotonic()
+        d.signal(signal.SIGTERM)
+        assert read_line(relayed) == b""  # cut after the grace period
+        assert time.monotonic() - t0 >= 0.9
+        assert d.wait() == 0
+        (end,) = syslog.wait_for("relay-end")
+        assert end.fields["end"] == "shutdown"
+    finally:
+        d.stop()
+
+
+def test_sigusr1_writes_stats(syslog: SyslogUDP, backend: LineBackend) -> None:
+    port = free_port()
+    with daemon(
+        "-l",
+        f"127.0.0.1:{port}",
+        "-b",
+        backend.address,
+        "-d",
+        "30",
+        "--syslog",
+        syslog.target,
+        *AS_ROOT,
+    ) as d:
+        talker = connect(port)
+        talker.sendall(b"EHLO\r\n")
+        syslog.wait_for("early-talker")
+        held = connect(port)
+        time.sleep(0.3)
+        d.signal(signal.SIGUSR1)
+        (stats,) = syslog.wait_for("stats")
+        assert stats.fields["early_talker"] == "1"
+        assert stats.fields["held"] == "1"
+        assert stats.fields["relays"] == "0"
+        assert stats.fields["dropped_events"] == "0"
+        held.close()
+
+
+def test_two_workers_share_the_load_and_a_dead_one_is_replaced(
+    syslog: SyslogUDP, backend: LineBackend
+) -> None:
+    port = free_port()
+    with daemon(
+        "-l",
+        f"127.0.0.1:{port}",
+        "-b",
+        backend.address,
+        "-t",
+        "127.0.0.0/8",
+        "--workers",
+        "2",
+        "--syslog",
+        syslog.target,
+        *AS_ROOT,
+    ) as d:
+        starts = syslog.wait_for("worker-start", 2)
+        pids = {int(e.fields["pid"]) for e in starts}
+        assert len(pids) == 2
+        for i in range(40):
+            c = connect(port, source=f"127.0.1.{i + 1}")
+            assert read_line(c) == b"220 backend.test ESMTP\r\n"
+            c.close()
+        served = {int(e.procid) for e in syslog.wait_for("pass", 40)}
+        assert served == pids  # both workers accepted connections
+
+        victim = pids.pop()
+        os.kill(victim, signal.SIGKILL)
+        (exit_,) = syslog.wait_for("worker-exit")
+        assert exit_.fields["status"] == str(-signal.SIGKILL)
+        replacement = int(syslog.wait_for("worker-start", 3)[2].fields["pid"])
+        assert replacement not in (victim, *pids)
+        syslog.wait_for("start", 4)  # the parent's, both workers', the replacement's
+
+        d.signal(signal.SIGUSR1)
+        (stats,) = syslog.wait_for("stats")
+        assert stats.fields["workers"] == "2"
+        assert stats.fields["workers_answered"] == "2"
+        assert stats.fields["worker_restarts"] == "1"
+        assert int(stats.fields["pass"]) <= 40  # the killed worker's counts went with it
+    assert "Traceback" not in d.stderr_text()
+
+
+def test_sd_notify_ready_reloading_stopping(backend: LineBackend, tmp_path: Path) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = str(tmp_path / "notify")
+    notify.bind(path)
+    notify.settimeout(30)
+    env = {**os.environ, "NOTIFY_SOCKET": path}
+    d = Daemon(
+        [
+            "-l",
+            f"127.0.0.1:{free_port()}",
+            "-b",
+            backend.address,
+            "--syslog",
+            "udp://127.0.0.1:9",
+            *AS_ROOT,
+        ],
+        env=env,
+    )
+    try:
+        assert notify.recv(4096).startswith(b"READY=1")
+        d.signal(signal.SIGHUP)
+        assert notify.recv(4096).startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+        assert notify.recv(4096).startswith(b"READY=1")
+        d.signal(signal.SIGTERM)
+        assert notify.recv(4096).startswith(b"STOPPING=1")
+        assert d.wait() == 0
+    finally:
+        d.stop()
+        notify.close()
