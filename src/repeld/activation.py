@@ -26,7 +26,8 @@ lets the socket unit be the only description.
 A socket unit for repeld must use ``Accept=no`` (the default: repeld gets the
 listening socket, not one connection per process) and, like repeld's own
 listeners, ``BindIPv6Only=ipv6-only`` when it has both 0.0.0.0 and [::]
-addresses on one port: a dual-stack [::]:25 already owns 0.0.0.0:25.
+addresses on one port: a dual-stack [::]:25 already owns 0.0.0.0:25, and
+`match_listeners` says so instead of leaving a bare "Address already in use".
 """
 
 from __future__ import annotations

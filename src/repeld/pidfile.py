@@ -40,6 +40,7 @@ class PidFileError(RuntimeError):
     """The pid file cannot be taken; `str()` is one line for the admin."""
 
     def __init__(self, message: str, pid: int | None = None) -> None:
+        """The message, and the running repeld's pid when that is the reason."""
         super().__init__(message)
         #: The pid of the repeld already running, when that is the reason.
         self.pid = pid
@@ -63,6 +64,7 @@ class PidFile:
     """Create with `create()` (or `with`), release with `remove()`."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        """A pid file at `path`, not yet taken."""
         self.path = os.fspath(path)
         self._fd: int | None = None
         self._dir_fd: int | None = None

@@ -91,11 +91,9 @@ def default_user(name: str = DEFAULT_USER) -> str | None:
 def plan_drop(
     euid: int, user: str | None, *, default: str | None, user_uid: int | None = None
 ) -> Plan:
-    """Decide whether to drop root and to whom (pure: the caller does the lookups).
-
-    `default` is `default_user()`; `user_uid` is the uid `user` names, or None
-    if no such user exists; it only matters when not running as root.
-    """
+    """Decide whether to drop root and to whom (pure: the caller does the lookups)."""
+    # `default` is default_user(); `user_uid` is the uid `user` names, or None
+    # if there is no such user; it only matters when not running as root.
     if euid == 0:
         if user == "root":
             return Plan("stay")
