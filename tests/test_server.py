@@ -12,9 +12,9 @@ import pytest
 import trio
 import trio.testing
 
-from repeld.settings import Listen
+from repeld.settings import Backend, Listen
 
-from .harness import GREETING, connect, read_line, read_until_closed, running
+from .harness import GREETING, TrioBackend, connect, read_line, read_until_closed, running
 
 DELAY = 25.0
 
@@ -327,3 +327,20 @@ async def test_max_per_client_answers_421_too_many(
         again = await connect(h.address(), source="127.0.0.7")
         for c in (first[1], other, again):
             assert await read_line(c) == GREETING
+
+
+async def test_a_listener_can_have_its_own_backend(autojump_clock: trio.testing.MockClock) -> None:
+    other = TrioBackend()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(other.serve)
+        listen = (
+            Listen("127.0.0.1", 0),
+            Listen("127.0.0.1", 0, nodelay=True, backend=Backend("127.0.0.1", port)),
+        )
+        async with running(delay=DELAY, listen=listen) as h:
+            tls = await connect(h.address(1))
+            assert await read_line(tls) == GREETING
+            plain = await connect(h.address(0))
+            assert await read_line(plain) == GREETING
+            assert (other.sessions, h.backend.sessions) == (1, 1)
+        nursery.cancel_scope.cancel()

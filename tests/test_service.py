@@ -369,3 +369,79 @@ def test_sd_notify_ready_reloading_stopping(backend: LineBackend, tmp_path: Path
     finally:
         d.stop()
         notify.close()
+
+
+def test_a_second_sigterm_cuts_the_relays_at_once(syslog: SyslogUDP, backend: LineBackend) -> None:
+    port = free_port()
+    d = Daemon(
+        [
+            "-l",
+            f"127.0.0.1:{port}",
+            "-b",
+            backend.address,
+            "-t",
+            "127.0.0.2",
+            "--syslog",
+            syslog.target,
+            "--shutdown-grace",
+            "60",
+            *AS_ROOT,
+        ]
+    )
+    try:
+        d.wait_listening()
+        relayed = connect(port, source="127.0.0.2")
+        assert read_line(relayed) == b"220 backend.test ESMTP\r\n"
+        d.signal(signal.SIGTERM)
+        syslog.drain(0.5)
+        assert d.proc.poll() is None  # draining: the relay may go on for 60 s
+        t0 = time.monotonic()
+        d.signal(signal.SIGTERM)
+        assert read_line(relayed) == b""
+        assert d.wait() == 0
+        assert time.monotonic() - t0 < 30  # far sooner than the 60 s grace
+        assert syslog.wait_for("relay-end")[0].fields["end"] == "shutdown"
+    finally:
+        d.stop()
+
+
+def test_workers_leave_when_their_parent_dies(syslog: SyslogUDP, backend: LineBackend) -> None:
+    port = free_port()
+    d = Daemon(
+        [
+            "-l",
+            f"127.0.0.1:{port}",
+            "-b",
+            backend.address,
+            "--workers",
+            "2",
+            "--syslog",
+            syslog.target,
+            *AS_ROOT,
+        ]
+    )
+    try:
+        d.wait_listening()
+        pids = [int(e.fields["pid"]) for e in syslog.wait_for("worker-start", 2)]
+        syslog.wait_for("start", 3)
+        d.proc.kill()  # no chance to forward anything
+        d.wait()
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids)
+        assert len(syslog.wait_for("stop", 2)) == 2  # each worker drained and said so
+    finally:
+        for p in pids:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+        d.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")

@@ -118,6 +118,7 @@ async def serve_forever(
             outer.start_soon(log.run)
             async with trio.open_nursery() as inner:
                 inner.start_soon(_handle_signals, signals, server, log, reload_settings, started)
+                inner.start_soon(workers.watch_parent, server.shutdown)
                 workers.announce_ready()  # to a supervising parent, if there is one
                 bound = " ".join(_hostport(h, p) for h, p in server.addresses)
                 where = ", ".join(str(lst.spec) for lst in server.listeners)
@@ -179,7 +180,11 @@ def start(
         if os.environ.get(workers.WORKER_ENV) is not None:
             inherited = workers.inherited_sockets()
             # The parent decided what to listen on; the sockets say it exactly.
-            listen = tuple(activation.spec_for(sock, name) for sock, name in inherited)
+            configured_specs = {(spec.host, spec.port): spec for spec in settings.listen}
+            listen = tuple(
+                configured_specs.get((spec.host, spec.port), spec)  # keep a configured ,backend=
+                for spec in (activation.spec_for(sock, name) for sock, name in inherited)
+            )
             settings = dataclasses.replace(settings, listen=listen)
             configured = reload_settings
 

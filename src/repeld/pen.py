@@ -37,14 +37,17 @@ _BATCH = 512
 
 
 class Held:
-    """One connection waiting for its greeting."""
+    """One connection waiting for its greeting (`backend`: its listener's own MTA)."""
 
-    __slots__ = ("conn", "hold", "sock")
+    __slots__ = ("backend", "conn", "hold", "sock")
 
-    def __init__(self, sock: socket.socket, conn: ConnInfo, hold: Hold) -> None:
+    def __init__(
+        self, sock: socket.socket, conn: ConnInfo, hold: Hold, backend: object = None
+    ) -> None:
         self.sock = sock
         self.conn = conn
         self.hold = hold
+        self.backend = backend
 
 
 if sys.platform == "linux":

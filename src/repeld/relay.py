@@ -1,10 +1,10 @@
 """Relay bytes both ways between a passed client and the MTA.
 
 Works on plain non-blocking sockets with trio's readiness waits (no stream
-objects, no per-connection buffers: a relayed session costs two small tasks and
-a watchdog). Half-close is propagated with shutdown(SHUT_WR); the session ends
-when both directions are done, when either side resets, or after
-`idle_timeout` seconds without a byte either way.
+objects, no per-connection buffers: a relayed session costs one extra task, and
+its idle timeout is a cancel-scope deadline). Half-close is propagated with
+shutdown(SHUT_WR); the session ends when both directions are done, when either
+side resets, or after `idle_timeout` seconds without a byte either way.
 """
 
 from __future__ import annotations
@@ -32,17 +32,46 @@ class RelayResult:
 
 
 class _Session:
-    __slots__ = ("cancel", "last", "result")
+    """What the two pumps of one session share: the scope, the socks, the result.
 
-    def __init__(self, cancel: trio.CancelScope, result: RelayResult) -> None:
-        self.cancel = cancel
-        self.last = trio.current_time()
+    The session ends without a single exception when both sides close: a reset
+    is recorded here and the other pump is woken by shutting down its socket's
+    reading side, and the idle timeout is the scope's deadline, pushed on with
+    every chunk. (Raising and cancelling instead left some 80 objects in
+    reference cycles per session for the garbage collector.)
+    """
+
+    __slots__ = ("backend", "cancel", "client", "idle_timeout", "reset_seen", "result")
+
+    def __init__(
+        self,
+        client: socket.socket,
+        backend: socket.socket,
+        idle_timeout: float,
+        result: RelayResult,
+    ) -> None:
+        self.cancel = trio.CancelScope(deadline=trio.current_time() + idle_timeout)
+        self.client = client
+        self.backend = backend
+        self.idle_timeout = idle_timeout
         self.result = result
+        self.reset_seen = False
 
+    def touch(self) -> None:
+        # Bytes went through: the session is not idle.
+        self.cancel.deadline = trio.current_time() + self.idle_timeout
 
-class _Reset(Exception):
-    def __init__(self, side: str) -> None:
-        self.side = side
+    def reset(self, side: str) -> None:
+        # The first reset names the end; stop reading both sides so that the
+        # other pump sees end of file and returns too.
+        if not self.reset_seen:
+            self.reset_seen = True
+            self.result.end = f"{side}-reset"
+            for sock in (self.client, self.backend):
+                try:
+                    sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
 
 
 async def send_all(sock: socket.socket, data: bytes | memoryview) -> None:
@@ -91,7 +120,8 @@ async def _pump(src: socket.socket, dst: socket.socket, session: _Session, upstr
             await trio.lowlevel.wait_readable(src)
             continue
         except OSError:
-            raise _Reset(src_side) from None
+            session.reset(src_side)
+            return
         if not data:
             try:
                 dst.shutdown(socket.SHUT_WR)
@@ -105,22 +135,13 @@ async def _pump(src: socket.socket, dst: socket.socket, session: _Session, upstr
         try:
             await send_all(dst, data)
         except OSError:
-            raise _Reset(dst_side) from None
-        session.last = trio.current_time()
+            session.reset(dst_side)
+            return
+        session.touch()
         streak += 1
         if streak >= _FAIRNESS:
             streak = 0
             await trio.lowlevel.checkpoint()
-
-
-async def _watchdog(session: _Session, idle_timeout: float) -> None:
-    # Sleeps until the session could have been idle long enough; checks; sleeps on.
-    while True:
-        await trio.sleep_until(session.last + idle_timeout)
-        if trio.current_time() >= session.last + idle_timeout:
-            session.result.end = "timeout"
-            session.cancel.cancel()
-            return
 
 
 async def relay(
@@ -134,21 +155,11 @@ async def relay(
     `result` is filled in as bytes flow, so a caller that is cancelled midway
     still knows how much went each way.
     """
-    with trio.CancelScope() as cancel:
-        session = _Session(cancel, result or RelayResult())
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watchdog, session, idle_timeout)
-                async with trio.open_nursery() as pumps:
-                    pumps.start_soon(_pump, client, backend, session, True)
-                    pumps.start_soon(_pump, backend, client, session, False)
-                nursery.cancel_scope.cancel()
-        except* _Reset as group:
-            # The pumps' nursery sits inside the watchdog's, so the _Reset comes
-            # wrapped in one ExceptionGroup per nursery: take the innermost.
-            first: BaseException = group
-            while isinstance(first, BaseExceptionGroup):
-                first = first.exceptions[0]
-            assert isinstance(first, _Reset)
-            session.result.end = f"{first.side}-reset"
+    session = _Session(client, backend, idle_timeout, result or RelayResult())
+    with session.cancel:
+        async with trio.open_nursery() as pumps:
+            pumps.start_soon(_pump, backend, client, session, False)
+            await _pump(client, backend, session, True)
+    if session.cancel.cancelled_caught:
+        session.result.end = "timeout"
     return session.result

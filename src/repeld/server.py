@@ -50,6 +50,8 @@ class _Listener:
     spec: Listen
     # The server address for every connection on a non-wildcard listener.
     local: tuple[str, int] | None = field(default=None)
+    # This listener's own MTA (,backend=), else None for --backend.
+    backend: BackendTarget | None = field(default=None)
 
 
 class Server:
@@ -74,6 +76,10 @@ class Server:
         self._handlers: trio.Nursery | None = None
         self._front: trio.CancelScope | None = None
         self._grace = settings.shutdown_grace
+        self._drain: trio.CancelScope | None = None
+        #: Clients turned away at a limit, and held clients told to come back at shutdown.
+        self.refused = 0
+        self.shutdown_held = 0
         # limit -> (time of the last overload event, refusals since then)
         self._overload: dict[Refuse, tuple[float, int]] = {}
         self._accept_complained = -ACCEPT_COMPLAIN_INTERVAL
@@ -83,10 +89,12 @@ class Server:
         """Where this server listens (useful with port 0)."""
         return [(str(a[0]), int(a[1])) for a in (lst.sock.getsockname() for lst in self.listeners)]
 
-    def add_listener(self, sock: socket.socket, spec: Listen) -> None:
+    def add_listener(
+        self, sock: socket.socket, spec: Listen, backend: BackendTarget | None = None
+    ) -> None:
         host, port = sock.getsockname()[:2]
         wildcard = host in ("0.0.0.0", "::")
-        self.listeners.append(_Listener(sock, spec, None if wildcard else (host, port)))
+        self.listeners.append(_Listener(sock, spec, None if wildcard else (host, port), backend))
 
     # -- accepting ---------------------------------------------------------------
 
@@ -145,12 +153,13 @@ class Server:
             held_from_client=pen.per_client.get(client, 0),
         )
         if admission is None:
-            pen.add(Held(sock, conn, Hold(now, self.settings.delay)))
+            pen.add(Held(sock, conn, Hold(now, self.settings.delay), listener.backend))
         elif isinstance(admission, Refuse):
             reply_and_close(sock, REFUSALS[admission])
+            self.refused += 1
             self._note_overload(conn, admission, now)
         else:
-            self._pass(sock, conn, now, Pass(admission, 0.0))
+            self._pass(sock, conn, now, Pass(admission, 0.0), listener.backend)
 
     def _note_overload(self, conn: ConnInfo, limit: Refuse, now: float) -> None:
         # Under a flood one event a second stands for every refusal in it.
@@ -166,7 +175,8 @@ class Server:
 
     def _on_verdict(self, held: Held, verdict: Verdict) -> None:
         if isinstance(verdict, Pass):
-            self._pass(held.sock, held.conn, held.hold.accepted_at, verdict)
+            backend = held.backend if isinstance(held.backend, BackendTarget) else None
+            self._pass(held.sock, held.conn, held.hold.accepted_at, verdict, backend)
         elif isinstance(verdict, EarlyTalk):
             self._cut_off(held, verdict)
         elif isinstance(verdict, HangUp):
@@ -189,12 +199,21 @@ class Server:
             held.sock.close()
         self.log.emit(events.early_talker(held.conn, verdict, action))
 
-    def _pass(self, sock: socket.socket, conn: ConnInfo, accepted_at: float, verdict: Pass) -> None:
+    def _pass(
+        self,
+        sock: socket.socket,
+        conn: ConnInfo,
+        accepted_at: float,
+        verdict: Pass,
+        backend: BackendTarget | None = None,
+    ) -> None:
         self.log.emit(events.passed(conn, verdict))
         assert self._handlers is not None
-        self._handlers.start_soon(self._handoff, sock, conn, accepted_at)
+        self._handlers.start_soon(self._handoff, sock, conn, accepted_at, backend or self.backend)
 
-    async def _handoff(self, sock: socket.socket, conn: ConnInfo, accepted_at: float) -> None:
+    async def _handoff(
+        self, sock: socket.socket, conn: ConnInfo, accepted_at: float, backend: BackendTarget
+    ) -> None:
         s = self.settings
         self.relays += 1
         try:
@@ -202,7 +221,7 @@ class Server:
                 sock,
                 conn,
                 accepted_at,
-                self.backend,
+                backend,
                 s.proxy_protocol,
                 s.connect_timeout,
                 s.relay_timeout,
@@ -234,8 +253,9 @@ class Server:
                 self._close_listeners()
                 for held in self.pen.evict_all():
                     reply_and_close(held.sock, SHUTTING_DOWN)
-                    self.log.counts["shutdown-held"] += 1
-                with trio.move_on_after(self._grace):
+                    self.shutdown_held += 1
+                with trio.CancelScope(deadline=trio.current_time() + self._grace) as drain:
+                    self._drain = drain
                     while self.relays:
                         await trio.sleep(_DRAIN_POLL)
                 relays.cancel_scope.cancel()
@@ -253,6 +273,8 @@ class Server:
     def shutdown(self, grace: float | None = None) -> None:
         """Stop accepting now; 421 to held clients; relays get `grace` seconds."""
         self._grace = self.settings.shutdown_grace if grace is None else grace
+        if self._drain is not None:  # already draining: a second SIGTERM shortens it
+            self._drain.deadline = min(self._drain.deadline, trio.current_time() + self._grace)
         if self._front is not None:
             self._front.cancel()
 
@@ -287,7 +309,8 @@ class Server:
             "pass": counts["pass"],
             "early_talker": counts["early-talker"],
             "hangup": counts["hangup"],
-            "overload": counts["overload"],
+            "refused": self.refused,
+            "shutdown_held": self.shutdown_held,
             "backend_error": counts["backend-error"],
             "relay_end": counts["relay-end"],
             "dropped_events": self.log.dropped,
@@ -318,8 +341,15 @@ async def open_server(
     for warning in capacity_warnings(max_held, limits, backlog, accept_cap):
         print(f"repeld: warning: {warning}", file=sys.stderr, flush=True)
     server = Server(settings, trusted, backend, log, max_held)
+    own: dict[tuple[str, int], BackendTarget] = {}
     for sock, spec in open_listeners(settings, backlog, inherited):
-        server.add_listener(sock, spec)
+        target = None
+        if spec.backend is not None:
+            key = (spec.backend.host, spec.backend.port)
+            if key not in own:
+                own[key] = await resolve_backend(*key)
+            target = own[key]
+        server.add_listener(sock, spec, target)
     return server
 
 

@@ -51,12 +51,28 @@ class SettingError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class Backend:
+    """The MTA that patient clients are handed to."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
 class Listen:
-    """One listening address; `nodelay` listeners (implicit TLS) are never held."""
+    """One listening address; `nodelay` listeners (implicit TLS) are never held.
+
+    `backend`, when set, is the MTA for this listener's clients instead of
+    --backend (port 465's clients belong to the MTA's TLS-on-connect port).
+    """
 
     host: str
     port: int
     nodelay: bool = False
+    backend: Backend | None = None
 
     @property
     def family(self) -> int:
@@ -66,18 +82,11 @@ class Listen:
 
     def __str__(self) -> str:
         addr = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-        return addr + (",nodelay" if self.nodelay else "")
-
-
-@dataclass(frozen=True, slots=True)
-class Backend:
-    """The MTA that patient clients are handed to."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        if self.nodelay:
+            addr += ",nodelay"
+        if self.backend is not None:
+            addr += f",backend={self.backend}"
+        return addr
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,16 +140,25 @@ def _ip_literal(host: str, option: str, text: str) -> str:
 
 
 def parse_listen(text: str) -> Listen:
-    """`ADDR:PORT[,nodelay]`, IPv6 in brackets."""
+    """`ADDR:PORT[,nodelay][,backend=HOST:PORT]`, IPv6 in brackets."""
     spec, *flags = [part.strip() for part in text.split(",")]
     host, port = _split_hostport(spec, "listen")
     host = _ip_literal(host, "listen", text)
     nodelay = False
+    backend = None
     for flag in flags:
-        if flag != "nodelay":
-            raise SettingError("listen", text, f"unknown listener flag {flag!r} (known: nodelay)")
-        nodelay = True
-    return Listen(host, port, nodelay)
+        if flag == "nodelay":
+            nodelay = True
+        elif flag.startswith("backend="):
+            try:
+                backend = parse_backend(flag[len("backend=") :])
+            except SettingError as exc:
+                raise SettingError("listen", text, f"backend: {exc.reason}") from None
+        else:
+            raise SettingError(
+                "listen", text, f"unknown listener flag {flag!r} (known: nodelay, backend=)"
+            )
+    return Listen(host, port, nodelay, backend)
 
 
 def parse_backend(text: str) -> Backend:
@@ -246,7 +264,7 @@ def _workers(text: str) -> int:
 def _name(option: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if not text or any(c.isspace() or c in ":/" for c in text):
-            raise SettingError(option, text, "expected a user or group name or number")
+            raise SettingError(option, text, "expected a user or group name")
         return text
 
     return parse
@@ -282,8 +300,9 @@ OPTIONS: tuple[Option, ...] = (
         parse_listen,
         (Listen("0.0.0.0", 25), Listen("::", 25)),
         "listen on ADDR:PORT, IPv6 as [::1]:25; add ,nodelay for a listener that is never "
-        "held (implicit TLS, port 465); repeatable (default: 0.0.0.0:25 and [::]:25)",
-        metavar="ADDR:PORT[,nodelay]",
+        "held (implicit TLS, port 465) and ,backend=HOST:PORT for its own MTA; repeatable "
+        "(default: 0.0.0.0:25 and [::]:25)",
+        metavar="ADDR:PORT[,nodelay][,backend=HOST:PORT]",
         repeat=True,
     ),
     Option(
@@ -470,8 +489,8 @@ OPTIONS: tuple[Option, ...] = (
         "-p",
         _absolute("pidfile"),
         None,
-        "write the process id here (created before the drop, owned by the service user, "
-        "removed on exit)",
+        "write the process id here, locked while repeld runs (created as root before the "
+        "drop; removed on exit, or emptied where the directory does not allow it)",
         metavar="FILE",
     ),
     Option(

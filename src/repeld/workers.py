@@ -48,11 +48,13 @@ __all__ = [
     "inherited_sockets",
     "send_statistics",
     "supervise",
+    "watch_parent",
 ]
 
 WORKER_ENV = "REPELD_WORKER"
 FDS_ENV = "REPELD_WORKER_FDS"
 STATS_ENV = "REPELD_STATS_FD"
+LIFELINE_ENV = "REPELD_LIFELINE_FD"
 #: A worker that dies is replaced after this long, doubling while it keeps dying.
 RESTART_DELAY = 1.0
 RESTART_DELAY_MAX = 30.0
@@ -92,6 +94,22 @@ def send_statistics(stats: dict[str, int]) -> bool:
     return _tell_parent(stats)
 
 
+async def watch_parent(on_orphaned: Callable[[], None]) -> None:
+    """In a worker: call `on_orphaned` once the supervising parent has died."""
+    fd = os.environ.get(LIFELINE_ENV)
+    if not fd:
+        return
+    lifeline = int(fd)
+    while True:
+        await trio.lowlevel.wait_readable(lifeline)
+        try:
+            if os.read(lifeline, 64) == b"":
+                break
+        except BlockingIOError:
+            continue
+    on_orphaned()
+
+
 def announce_ready() -> bool:
     """In a worker: say that signals are handled now (before, one would kill it)."""
     return _tell_parent({"ready": 1})
@@ -121,6 +139,7 @@ class Supervisor:
         self._stats: dict[int, dict[str, int]] = {}
         #: Workers (by pid) that have said they handle signals.
         self.ready: set[int] = set()
+        self._lifelines: dict[int, int] = {}
         self._stats_arrived = trio.Event()
 
     def _sockets_for(self, index: int) -> list[tuple[socket.socket, Listen]]:
@@ -129,20 +148,26 @@ class Supervisor:
     async def _spawn(self, index: int) -> tuple[trio.Process, int]:
         socks = self._sockets_for(index)
         read_fd, write_fd = os.pipe()
+        # The worker holds the read end of a pipe only the parent can write to:
+        # EOF on it means the parent is gone, and the worker drains and exits.
+        life_read, life_write = os.pipe()
+        self._lifelines[index] = life_write
         env = dict(os.environ)
         env[WORKER_ENV] = str(index)
         env[FDS_ENV] = ",".join(f"{s.fileno()}:{_fd_name(spec)}" for s, spec in socks)
         env[STATS_ENV] = str(write_fd)
+        env[LIFELINE_ENV] = str(life_read)
         env.pop("NOTIFY_SOCKET", None)  # only the parent speaks to systemd
         try:
             proc = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "repeld", *self.argv],
                 env=env,
-                pass_fds=[s.fileno() for s, _ in socks] + [write_fd],
+                pass_fds=[s.fileno() for s, _ in socks] + [write_fd, life_read],
                 stdin=subprocess.DEVNULL,
             )
         finally:
             os.close(write_fd)
+            os.close(life_read)
         return proc, read_fd
 
     async def _read_stats(self, read_fd: int) -> None:
@@ -180,6 +205,7 @@ class Supervisor:
                 status = await proc.wait()
                 nursery.cancel_scope.cancel()
             del self.procs[index]
+            os.close(self._lifelines.pop(index))
             self.ready.discard(proc.pid)
             if self.stopping:
                 return

@@ -1,0 +1,350 @@
+"""The pass cache in Redis: several MX hosts share one cache (`--cache redis://...`).
+
+`--cache redis://[[USER]:PASSWORD@]HOST[:PORT][/DB][?password_file=/ABS/PATH]`,
+or `rediss://...` for TLS (system CA store, host name checked). Port 6379 and
+database 0 unless told. Give the password in a file (`password_file`, its
+first line, read once at start) rather than in the URL: the command line is
+visible to every local user. No password: none is sent. USER is for Redis 6
+ACLs.
+
+Keys, all with a native Redis expiry, written `SET <name> <unix-time> EX <ttl>`::
+
+    repeld:pass:<key>      a client that waited the whole delay  (EX --cache-ttl)
+    repeld:penalty:<key>   an early talker, only with --penalty-ttl (EX --penalty-ttl)
+
+`<key>` is `cache.cache_key()`: `192.0.2.7`, or `2001:db8:1:2::/64` for IPv6.
+The value is the Unix time the verdict was written, for the curious; only the
+key's presence counts. A pass deletes the penalty key and a penalty (or, with
+penalties off, an early talk) deletes the pass key in the same MULTI/EXEC, so
+the last verdict wins; if both keys exist anyway, BAD wins. A lookup is one
+MGET of both names. Inspect with `redis-cli --scan --pattern 'repeld:*'` and
+`TTL`; clearing a client is `DEL repeld:pass:<key> repeld:penalty:<key>`. The
+`repeld` prefix is the `namespace` argument.
+
+The client: redis-py's synchronous client, each command run in
+`trio.to_thread.run_sync` under a `trio.CapacityLimiter(threads)` (default 4)
+of this cache's own. Why this and not something else:
+
+* redis-py's asyncio client needs an asyncio event loop; under trio that means
+  trio-asyncio, which this project rules out.
+* The sync client is redis-py's main, complete path -- TLS, ACL users, RESP,
+  pooling, error types. A home-made RESP client on trio sockets would be
+  natively cancellable, but it would be one more protocol for repeld to own.
+* Its blocking is bounded on every side: socket connect and read timeouts
+  (`io_timeout`, 1 s) bound how long a thread can be stuck; redis-py's own
+  retries are off (the cache has its own reconnect); the limiter bounds the
+  threads, and the pool (`max_connections = threads`) the connections.
+* The loop never waits on it: a lookup waits for a free thread and the answer
+  at most `lookup_timeout` (0.1 s), then answers UNKNOWN and abandons the
+  thread (`abandon_on_cancel=True`), which ends within `io_timeout` and keeps
+  its limiter token until then, so threads never pile up beyond `threads`.
+
+Outages: a Redis error, or `timeouts_before_down` (3) lookup timeouts in a
+row, marks Redis down: ONE `on_error(message)`. While down, lookups answer
+UNKNOWN at once without touching Redis (the delay applies, which is safe),
+verdicts stay queued (bounded by `max_pending`), and `run` probes with PING
+every `retry_min` (0.5 s) doubling to `retry_max` (10 s). A probe whose second
+PING answers within `lookup_timeout` ends the outage: ONE `on_recover`, then
+the queue is written. redis-py reconnects its pooled connections by itself.
+Expiries are Redis's, so the hosts' clocks do not matter for them; the
+injectable `wallclock` only dates the values and the time a verdict waited in
+the queue.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+import trio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .cache import (
+    DEFAULT_PASS_TTL,
+    CacheSpec,
+    CacheStats,
+    CacheVerdict,
+    Callback,
+    OutageNotice,
+    PendingWrites,
+    Write,
+)
+
+__all__ = ["DEFAULT_NAMESPACE", "RedisCache"]
+
+DEFAULT_NAMESPACE = "repeld"
+
+#: What a failed Redis call can raise through redis-py.
+_ERRORS = (redis.RedisError, OSError)
+
+
+class RedisCache:
+    """A `PassCache` in Redis; see the module docstring."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 6379,
+        *,
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        tls: bool = False,
+        pass_ttl: float = DEFAULT_PASS_TTL,
+        penalty_ttl: float | None = None,
+        on_error: Callback | None = None,
+        on_recover: Callback | None = None,
+        lookup_timeout: float = 0.1,
+        io_timeout: float = 1.0,
+        threads: int = 4,
+        flush_interval: float = 0.5,
+        batch_size: int = 256,
+        max_pending: int = 100_000,
+        retry_min: float = 0.5,
+        retry_max: float = 10.0,
+        timeouts_before_down: int = 3,
+        namespace: str = DEFAULT_NAMESPACE,
+        close_timeout: float = 2.0,
+        wallclock: Callable[[], float] = time.time,
+        label: str | None = None,
+    ) -> None:
+        if pass_ttl <= 0 or (penalty_ttl is not None and penalty_ttl <= 0):
+            raise ValueError("TTLs must be positive")
+        if threads < 1 or timeouts_before_down < 1:
+            raise ValueError("threads and timeouts_before_down must be positive")
+        self.pass_ttl = pass_ttl
+        self.penalty_ttl = penalty_ttl
+        self.lookup_timeout = lookup_timeout
+        self.io_timeout = io_timeout
+        self.flush_interval = flush_interval
+        self.retry_min = retry_min
+        self.retry_max = retry_max
+        self.timeouts_before_down = timeouts_before_down
+        self.namespace = namespace
+        self.close_timeout = close_timeout
+        shown = f"[{host}]" if ":" in host else host
+        self.label = label or f"{'rediss' if tls else 'redis'}://{shown}:{port}/{db}"
+        self._wallclock = wallclock
+        self._client = redis.Redis(
+            host=host,
+            port=port,
+            db=db,
+            username=username,
+            password=password,
+            ssl=tls,
+            socket_timeout=io_timeout,
+            socket_connect_timeout=io_timeout,
+            retry=Retry(NoBackoff(), 0),
+            max_connections=threads,
+            client_name="repeld",
+        )
+        self._limiter = trio.CapacityLimiter(threads)
+        self._pending = PendingWrites(max_pending, batch_size)
+        self._flush_lock = trio.Lock()
+        self._notice = OutageNotice(on_error, on_recover)
+        self._stats = CacheStats()
+        self._slow = 0  # lookup timeouts in a row
+        self._closed = False
+
+    @classmethod
+    def from_spec(cls, spec: CacheSpec, **kwargs: Any) -> RedisCache:
+        """A cache for a parsed `--cache redis://...`; reads the password file now."""
+        if spec.kind != "redis":
+            raise ValueError(f"not a Redis cache: {spec}")
+        return cls(
+            spec.host,
+            spec.port,
+            db=spec.db,
+            username=spec.username,
+            password=spec.read_password(),
+            tls=spec.tls,
+            label=str(spec),
+            **kwargs,
+        )
+
+    def __str__(self) -> str:
+        return self.label
+
+    def pass_name(self, key: str) -> str:
+        """The Redis key of a pass: `repeld:pass:<key>`."""
+        return f"{self.namespace}:pass:{key}"
+
+    def penalty_name(self, key: str) -> str:
+        """The Redis key of a penalty: `repeld:penalty:<key>`."""
+        return f"{self.namespace}:penalty:{key}"
+
+    # -- the worker threads' side ------------------------------------------------------
+
+    def _mget(self, names: list[str]) -> list[bytes | str | None]:
+        return list(self._client.mget(names))
+
+    def _write(self, batch: dict[str, Write], now: float) -> None:
+        stamp = str(int(now))
+        pipe = self._client.pipeline(transaction=True)
+        for key, (verdict, expires) in batch.items():
+            ttl = math.ceil(expires - now)
+            good, bad = self.pass_name(key), self.penalty_name(key)
+            if verdict is CacheVerdict.GOOD:
+                pipe.delete(bad)
+                if ttl > 0:
+                    pipe.set(good, stamp, ex=ttl)
+            elif verdict is CacheVerdict.BAD:
+                pipe.delete(good)
+                if ttl > 0:
+                    pipe.set(bad, stamp, ex=ttl)
+            else:
+                pipe.delete(good)
+        pipe.execute()
+
+    def _ping(self) -> None:
+        self._client.ping()
+
+    # -- health ----------------------------------------------------------------------
+
+    def _failed(self, message: str) -> None:
+        self._stats.errors += 1
+        self._notice.failed(f"cache {self.label}: {message}")
+
+    async def _probe(self) -> str | None:
+        """None if Redis answers a PING, and a second within lookup_timeout; else why not."""
+        try:
+            with trio.move_on_after(3 * self.io_timeout) as scope:
+                await trio.to_thread.run_sync(
+                    self._ping, limiter=self._limiter, abandon_on_cancel=True
+                )
+            if scope.cancelled_caught:
+                return "no answer to PING"
+            with trio.move_on_after(self.lookup_timeout) as scope:
+                await trio.to_thread.run_sync(
+                    self._ping, limiter=self._limiter, abandon_on_cancel=True
+                )
+            if scope.cancelled_caught:
+                return f"PING takes longer than {self.lookup_timeout * 1000:.0f} ms"
+        except _ERRORS as exc:
+            return str(exc) or type(exc).__name__
+        return None
+
+    # -- the PassCache API -------------------------------------------------------------
+
+    async def lookup(self, key: str) -> CacheVerdict:
+        now = self._wallclock()
+        queued = self._pending.get(key, now)
+        if queued is not None:
+            await trio.lowlevel.checkpoint()
+            return self._stats.count(queued)
+        if self._closed or not self._notice.up:
+            await trio.lowlevel.checkpoint()
+            return self._stats.count(CacheVerdict.UNKNOWN)
+        values: list[bytes | str | None] = [None, None]
+        with trio.move_on_after(self.lookup_timeout) as scope:
+            try:
+                values = await trio.to_thread.run_sync(
+                    self._mget,
+                    [self.pass_name(key), self.penalty_name(key)],
+                    limiter=self._limiter,
+                    abandon_on_cancel=True,
+                )
+            except _ERRORS as exc:
+                self._failed(f"lookup failed: {exc}")
+                return self._stats.count(CacheVerdict.UNKNOWN)
+        if scope.cancelled_caught:
+            self._stats.timeouts += 1
+            self._slow += 1
+            if self._slow >= self.timeouts_before_down:
+                self._failed(
+                    f"{self._slow} lookups in a row got no answer within"
+                    f" {self.lookup_timeout * 1000:.0f} ms"
+                )
+            return self._stats.count(CacheVerdict.UNKNOWN)
+        self._slow = 0
+        good, bad = values
+        if bad is not None:
+            return self._stats.count(CacheVerdict.BAD)
+        if good is not None:
+            return self._stats.count(CacheVerdict.GOOD)
+        return self._stats.count(CacheVerdict.UNKNOWN)
+
+    def _queue(self, key: str, verdict: CacheVerdict, ttl: float) -> None:
+        if self._closed or not self._pending.put(key, verdict, self._wallclock() + ttl):
+            self._stats.dropped += 1
+            return
+        self._stats.writes += 1
+
+    def remember_good(self, key: str) -> None:
+        self._queue(key, CacheVerdict.GOOD, self.pass_ttl)
+
+    def remember_bad(self, key: str) -> None:
+        if self.penalty_ttl is not None:
+            self._queue(key, CacheVerdict.BAD, self.penalty_ttl)
+        else:  # forget any pass: an early talker is never left marked good
+            self._queue(key, CacheVerdict.UNKNOWN, self.pass_ttl)
+
+    async def flush(self) -> None:
+        """Write the queued verdicts now, if Redis is up (run does this every flush_interval)."""
+        async with self._flush_lock:
+            if not self._pending.queued or not self._notice.up:
+                return
+            batch = self._pending.take()
+            written = False
+            try:
+                await trio.to_thread.run_sync(
+                    self._write, batch, self._wallclock(), limiter=self._limiter
+                )
+                written = True
+            except _ERRORS as exc:
+                self._failed(f"cannot write {len(batch)} entries: {exc}")
+            finally:
+                if written:
+                    self._stats.written += len(batch)
+                    self._pending.done()
+                else:
+                    self._stats.dropped += self._pending.failed()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Check Redis, then write batches while it is up and probe it while it is down.
+
+        Starts at once: Redis being down at start is an outage like any other.
+        """
+        task_status.started()
+        why = await self._probe()
+        if why is not None:
+            self._failed(f"unreachable: {why}")
+        delay = self.retry_min
+        while True:
+            if self._notice.up:
+                delay = self.retry_min
+                await self._pending.wait(self.flush_interval)
+                await self.flush()
+                continue
+            await trio.sleep(delay)
+            delay = min(delay * 2, self.retry_max)
+            if await self._probe() is None:
+                self._slow = 0
+                self._notice.ok(f"cache {self.label}: reachable again")
+            else:
+                self._stats.errors += 1
+
+    async def aclose(self) -> None:
+        """Write what is queued if Redis is up (at most close_timeout), then disconnect."""
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self.close_timeout):
+                await self.flush()
+            self._stats.dropped += len(self._pending)
+            self._pending = PendingWrites()
+            with trio.move_on_after(self.close_timeout):
+                await trio.to_thread.run_sync(
+                    self._client.close, limiter=self._limiter, abandon_on_cancel=True
+                )
+
+    def statistics(self) -> dict[str, int]:
+        stats = self._stats.as_dict()
+        stats["outages"] = self._notice.outages
+        stats["pending"] = len(self._pending)
+        return stats

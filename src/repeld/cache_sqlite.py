@@ -1,0 +1,343 @@
+"""The pass cache in an SQLite file: one host, survives restarts (`--cache sqlite:PATH`).
+
+The default backend. Defaults to /var/lib/repeld/cache.sqlite on Linux and
+/var/db/repeld/cache.sqlite on FreeBSD (`cache.default_cache_path`); the
+directory must exist and be writable by repeld.
+
+Never blocking the event loop: every SQLite call runs in a worker thread
+through `trio.to_thread.run_sync` with a CapacityLimiter(1) of this cache's
+own, so at most one thread touches the one connection at a time (hence
+`check_same_thread=False`; the OS thread may differ between calls, the
+connection is never used by two at once). A lookup waits for that worker at
+most `lookup_timeout` (default 0.1 s); when the worker is busy -- typically a
+write waiting on another process's lock for up to `busy_timeout` -- the lookup
+answers UNKNOWN and the client is simply held (safe). A lookup cut off while
+its query runs is abandoned; the thread keeps the limiter until it returns,
+so the connection still has a single user.
+
+Writes are queued by `remember_good` / `remember_bad` (coalesced per key) and
+written by `run` in one transaction every `flush_interval` (0.5 s) or as soon as
+`batch_size` (256) verdicts wait; lookups see queued verdicts at once. A failed
+batch is kept for the next round (bounded by `max_pending`). `run` also deletes
+expired rows every `sweep_interval` (600 s), in chunks so lookups interleave.
+
+Several repeld processes on one host may share the file: WAL journal (readers
+never wait for the writer), `busy_timeout` for writers, and short write
+transactions (BEGIN IMMEDIATE, one batch, COMMIT). Not for NFS.
+
+Schema (PRAGMA user_version = 1)::
+
+    CREATE TABLE cache (
+        key     TEXT PRIMARY KEY,   -- cache.cache_key(): 192.0.2.7, 2001:db8::/64
+        verdict INTEGER NOT NULL,   -- CacheVerdict: 1 GOOD (passed), 2 BAD (penalty)
+        expires REAL NOT NULL       -- wall-clock Unix time, seconds
+    );
+    CREATE INDEX cache_expires ON cache (expires);
+
+Expiries are wall-clock (`wallclock`, default `time.time`) because monotonic
+time means nothing after a restart; a clock step only shortens or lengthens
+what is remembered. A row whose `expires` has passed is never answered, swept
+or not. Errors reach `on_error` once per outage (a failed write, sweep or
+lookup) and `on_recover` once when the database works again.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+
+import trio
+
+from .cache import (
+    DEFAULT_PASS_TTL,
+    CacheError,
+    CacheStats,
+    CacheVerdict,
+    Callback,
+    OutageNotice,
+    PendingWrites,
+    Write,
+)
+
+__all__ = ["SCHEMA_VERSION", "SqliteCache"]
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = f"""
+BEGIN IMMEDIATE;
+CREATE TABLE IF NOT EXISTS cache (
+    key     TEXT PRIMARY KEY,
+    verdict INTEGER NOT NULL,
+    expires REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cache_expires ON cache (expires);
+PRAGMA user_version = {SCHEMA_VERSION};
+COMMIT;
+"""
+
+
+def _open(path: str, busy_timeout: float) -> sqlite3.Connection:
+    # Runs in the worker thread.
+    conn = sqlite3.connect(
+        path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+    )
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise CacheError(f"schema version {version}, this repeld knows {SCHEMA_VERSION}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise CacheError(f"cannot use WAL mode (journal mode stays {mode})")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.executescript(_SCHEMA)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+class SqliteCache:
+    """A `PassCache` in an SQLite file; see the module docstring."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        pass_ttl: float = DEFAULT_PASS_TTL,
+        penalty_ttl: float | None = None,
+        on_error: Callback | None = None,
+        on_recover: Callback | None = None,
+        lookup_timeout: float = 0.1,
+        flush_interval: float = 0.5,
+        batch_size: int = 256,
+        max_pending: int = 100_000,
+        sweep_interval: float = 600.0,
+        sweep_chunk: int = 2000,
+        busy_timeout: float = 1.0,
+        close_timeout: float = 5.0,
+        wallclock: Callable[[], float] = time.time,
+    ) -> None:
+        if pass_ttl <= 0 or (penalty_ttl is not None and penalty_ttl <= 0):
+            raise ValueError("TTLs must be positive")
+        self.path = path
+        self.pass_ttl = pass_ttl
+        self.penalty_ttl = penalty_ttl
+        self.lookup_timeout = lookup_timeout
+        self.flush_interval = flush_interval
+        self.sweep_interval = sweep_interval
+        self.sweep_chunk = sweep_chunk
+        self.busy_timeout = busy_timeout
+        self.close_timeout = close_timeout
+        self._wallclock = wallclock
+        self._limiter = trio.CapacityLimiter(1)
+        self._conn: sqlite3.Connection | None = None
+        self._pending = PendingWrites(max_pending, batch_size)
+        self._flush_lock = trio.Lock()
+        self._notice = OutageNotice(on_error, on_recover)
+        self._stats = CacheStats()
+        self._closed = False
+
+    def __str__(self) -> str:
+        return f"sqlite:{self.path}"
+
+    # -- the worker thread's side (never called from trio directly) ----------------
+
+    def _select(self, key: str, now: float) -> int | None:
+        conn = self._conn
+        if conn is None:
+            return None
+        row = conn.execute(
+            "SELECT verdict FROM cache WHERE key = ? AND expires > ?", (key, now)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def _write(self, batch: dict[str, Write]) -> None:
+        conn = self._conn
+        if conn is None:
+            raise sqlite3.ProgrammingError("the cache database is closed")
+        rows = [(k, v.value, e) for k, (v, e) in batch.items() if v is not CacheVerdict.UNKNOWN]
+        forget = [(k,) for k, (v, _) in batch.items() if v is CacheVerdict.UNKNOWN]
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                "INSERT OR REPLACE INTO cache (key, verdict, expires) VALUES (?, ?, ?)", rows
+            )
+            conn.executemany("DELETE FROM cache WHERE key = ?", forget)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _sweep_chunk(self, now: float) -> int:
+        conn = self._conn
+        if conn is None:
+            return 0
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            cur = conn.execute(
+                "DELETE FROM cache WHERE rowid IN"
+                " (SELECT rowid FROM cache WHERE expires <= ? LIMIT ?)",
+                (now, self.sweep_chunk),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return cur.rowcount
+
+    def _probe(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn.execute("SELECT count(*) FROM (SELECT 1 FROM cache LIMIT 1)").fetchone()
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    # -- health ----------------------------------------------------------------------
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self._stats.errors += 1
+        self._notice.failed(f"cache {self}: {what}: {exc}")
+
+    def _ok(self) -> None:
+        self._notice.ok(f"cache {self}: working again")
+
+    # -- the PassCache API -------------------------------------------------------------
+
+    async def lookup(self, key: str) -> CacheVerdict:
+        now = self._wallclock()
+        queued = self._pending.get(key, now)
+        if queued is not None:
+            await trio.lowlevel.checkpoint()
+            return self._stats.count(queued)
+        if self._conn is None:
+            await trio.lowlevel.checkpoint()
+            return self._stats.count(CacheVerdict.UNKNOWN)
+        stored: int | None = None
+        with trio.move_on_after(self.lookup_timeout) as scope:
+            try:
+                stored = await trio.to_thread.run_sync(
+                    self._select, key, now, limiter=self._limiter, abandon_on_cancel=True
+                )
+            except sqlite3.Error as exc:
+                self._failed("lookup failed", exc)
+                return self._stats.count(CacheVerdict.UNKNOWN)
+        if scope.cancelled_caught:
+            self._stats.timeouts += 1
+            return self._stats.count(CacheVerdict.UNKNOWN)
+        try:
+            verdict = CacheVerdict(stored) if stored is not None else CacheVerdict.UNKNOWN
+        except ValueError:  # a value this repeld does not know: not cached
+            verdict = CacheVerdict.UNKNOWN
+        return self._stats.count(verdict)
+
+    def _queue(self, key: str, verdict: CacheVerdict, ttl: float) -> None:
+        if self._closed or not self._pending.put(key, verdict, self._wallclock() + ttl):
+            self._stats.dropped += 1
+            return
+        self._stats.writes += 1
+
+    def remember_good(self, key: str) -> None:
+        self._queue(key, CacheVerdict.GOOD, self.pass_ttl)
+
+    def remember_bad(self, key: str) -> None:
+        if self.penalty_ttl is not None:
+            self._queue(key, CacheVerdict.BAD, self.penalty_ttl)
+        else:  # forget any pass: an early talker is never left marked good
+            self._queue(key, CacheVerdict.UNKNOWN, self.pass_ttl)
+
+    async def flush(self) -> None:
+        """Write the queued verdicts now (run does this every flush_interval)."""
+        async with self._flush_lock:
+            if self._conn is None or not self._pending.queued:
+                return
+            batch = self._pending.take()
+            written = False
+            try:
+                await trio.to_thread.run_sync(self._write, batch, limiter=self._limiter)
+                written = True
+            except sqlite3.Error as exc:
+                self._failed(f"cannot write {len(batch)} entries", exc)
+            finally:
+                if written:
+                    self._stats.written += len(batch)
+                    self._pending.done()
+                else:
+                    self._stats.dropped += self._pending.failed()
+            if written:
+                self._ok()
+
+    async def sweep(self) -> int:
+        """Delete expired rows now (run does this every sweep_interval); how many went."""
+        total = 0
+        while self._conn is not None:
+            try:
+                n = await trio.to_thread.run_sync(
+                    self._sweep_chunk, self._wallclock(), limiter=self._limiter
+                )
+            except sqlite3.Error as exc:
+                self._failed("cannot sweep expired entries", exc)
+                break
+            total += n
+            if n < self.sweep_chunk:
+                break
+        self._stats.swept += total
+        return total
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the database, then write batches, sweep, and notice recovery.
+
+        Raises CacheError before `started()` if the database cannot be opened.
+        """
+        if self._closed:
+            raise CacheError(f"cache {self} is closed")
+        if self._conn is None:
+            try:
+                self._conn = await trio.to_thread.run_sync(
+                    _open, self.path, self.busy_timeout, limiter=self._limiter
+                )
+            except (sqlite3.Error, OSError) as exc:
+                raise CacheError(f"cannot open the cache database {self.path}: {exc}") from None
+        task_status.started()
+        next_sweep = trio.current_time()
+        while True:
+            if trio.current_time() >= next_sweep:
+                await self.sweep()
+                next_sweep = trio.current_time() + self.sweep_interval
+            await self._pending.wait(self.flush_interval)
+            if self._pending.queued:
+                await self.flush()
+            elif not self._notice.up:
+                try:
+                    await trio.to_thread.run_sync(self._probe, limiter=self._limiter)
+                except sqlite3.Error:
+                    self._stats.errors += 1
+                else:
+                    self._ok()
+
+    async def aclose(self) -> None:
+        """Write what is queued (at most close_timeout) and close the database."""
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self.close_timeout):
+                await self.flush()
+            self._stats.dropped += len(self._pending)
+            self._pending = PendingWrites()
+            with trio.move_on_after(self.close_timeout) as scope:
+                await trio.to_thread.run_sync(self._close, limiter=self._limiter)
+            if scope.cancelled_caught:
+                self._conn = None  # a stuck thread still holds it; it closes when freed
+
+    def statistics(self) -> dict[str, int]:
+        stats = self._stats.as_dict()
+        stats["outages"] = self._notice.outages
+        stats["pending"] = len(self._pending)
+        return stats
