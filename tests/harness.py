@@ -176,6 +176,8 @@ async def running(
             listen=listen,
             syslog=SyslogTarget("udp", host="127.0.0.1", port=udp_port),
         )
+        # No test writes to the system's pass cache: off unless a test asks for one.
+        overrides.setdefault("no_cache", "cache" not in overrides)
         settings = dataclasses.replace(settings, **overrides)
         log = EventLog.from_settings(settings)
         server = await nursery.start(run_server, settings, log)

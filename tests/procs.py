@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
 import signal
 import socket
 import socketserver
@@ -14,10 +15,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import redis
 
 from .syslog_receiver import Received, parse
 
 TIMEOUT = 30.0
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -82,7 +87,9 @@ class Daemon:
     """`python -m repeld -f ARGS` with its stderr collected line by line."""
 
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
-        self.argv = [sys.executable, "-m", "repeld", "-f", *args]
+        # No test writes to the system's pass cache: off unless a test names one.
+        cache = [] if any(a.startswith("--cache") for a in args) else ["--no-cache"]
+        self.argv = [sys.executable, "-m", "repeld", "-f", *cache, *args]
         self.proc = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,
@@ -226,3 +233,52 @@ def connect(port: int, source: str | None = None, host: str = "127.0.0.1") -> so
     return socket.create_connection(
         (host, port), timeout=TIMEOUT, source_address=(source, 0) if source else None
     )
+
+
+class RedisServer:
+    """One redis-server process on 127.0.0.1:port, restartable on the same port."""
+
+    def __init__(self, workdir: Path, port: int, password: str | None = None) -> None:
+        self.workdir = workdir
+        self.port = port
+        self.password = password
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> None:
+        args = [REDIS_SERVER, "--save", "", "--appendonly", "no", "--port", str(self.port)]
+        args += ["--bind", "127.0.0.1", "--dir", str(self.workdir), "--daemonize", "no"]
+        if self.password is not None:
+            args += ["--requirepass", self.password]
+        with open(self.workdir / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.client(timeout=0.2).ping():
+                    return
+            except redis.RedisError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                log_text = (self.workdir / "redis.log").read_text(errors="replace")
+                raise RuntimeError(f"redis-server did not start:\n{log_text}")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()  # SIGKILL works on a stopped process too
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def client(self, timeout: float = 2.0) -> redis.Redis:
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            password=self.password,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )

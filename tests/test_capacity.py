@@ -82,6 +82,8 @@ def test_out_of_descriptors_pauses_accepting_and_recovers(tmp_path: Path) -> Non
             "1000",
             "--syslog",
             "udp://127.0.0.1:9",
+            "--no-cache",
+            *(["--user", "root"] if os.geteuid() == 0 else []),
         ],
         stderr=subprocess.PIPE,
         text=True,

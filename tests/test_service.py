@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -445,3 +447,47 @@ def _alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+@needs_root
+def test_a_missing_cache_directory_is_made_for_the_service_user(
+    syslog: SyslogUDP, backend: LineBackend
+) -> None:
+    top = Path(tempfile.mkdtemp(prefix="repeld-cache-"))
+    top.chmod(0o755)  # the service user must reach into it
+    db = top / "state" / "cache.sqlite"
+    port = free_port()
+    nobody = pwd.getpwnam("nobody")
+    try:
+        with daemon(
+            "-l",
+            f"127.0.0.1:{port}",
+            "-b",
+            backend.address,
+            "-d",
+            "0.5",
+            "--cache",
+            f"sqlite:{db}",
+            "--user",
+            "nobody",
+            "--syslog",
+            syslog.target,
+        ):
+            client = connect(port, source="127.0.0.95")
+            assert read_line(client) == b"220 backend.test ESMTP\r\n"
+            client.close()
+            deadline = time.monotonic() + 10
+            while True:  # the pass is written in the background, by the service user
+                again = connect(port, source="127.0.0.95")
+                t0 = time.monotonic()
+                assert read_line(again) == b"220 backend.test ESMTP\r\n"
+                again.close()
+                if time.monotonic() - t0 < 0.3:
+                    break
+                assert time.monotonic() < deadline, "the pass was never remembered"
+        st = db.parent.stat()
+        assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid)
+        assert db.stat().st_uid == nobody.pw_uid
+        assert not syslog.named("cache-error")
+    finally:
+        shutil.rmtree(top)

@@ -149,7 +149,7 @@ def render_settings(settings: Settings) -> str:
         if opt.repeat:
             lines.append(f"{name} = [{', '.join(_toml(str(v)) for v in value)}]")
         elif value is None:
-            derived = name in ("backlog", "max-held")
+            derived = name in ("backlog", "max-held", "cache")
             lines.append(f"# {name}: " + ("derived at start" if derived else "not set"))
         elif isinstance(value, bool):
             lines.append(f"{name} = {'true' if value else 'false'}")

@@ -13,6 +13,8 @@ The life of a held connection is a small table:
     HOLDING   eof / reset    -> HangUp                DONE
     HOLDING   silence, early -> Wait(deadline)        HOLDING
     HOLDING   silence, due   -> Pass("delay")         DONE
+    HOLDING   cache: good    -> Pass("cache")         DONE
+    HOLDING   cache: bad     -> Penalty               DONE
     DONE      anything       -> LocalProtocolError (a bug in the shell)
 
 "silence, due" must only be reported after a last non-blocking peek at the
@@ -34,6 +36,7 @@ __all__ = [
     "LocalProtocolError",
     "Pass",
     "PassReason",
+    "Penalty",
     "Verdict",
     "Wait",
     "escape_bytes",
@@ -56,6 +59,7 @@ class PassReason(enum.StrEnum):
     DELAY = "delay"
     TRUSTED = "trusted"
     NODELAY = "nodelay"
+    CACHE = "cache"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +94,14 @@ class HangUp:
     reset: bool
 
 
-Verdict = Wait | Pass | EarlyTalk | HangUp
+@dataclass(frozen=True, slots=True)
+class Penalty:
+    """The pass cache remembers this client as an early talker: cut it off unheard."""
+
+    elapsed: float
+
+
+Verdict = Wait | Pass | EarlyTalk | HangUp | Penalty
 
 
 class Hold:
@@ -135,6 +146,16 @@ class Hold:
         """The connection was reset (RST) or failed before the greeting."""
         self._finish()
         return HangUp(self._elapsed(now), reset=True)
+
+    def remembered_good(self, now: float) -> Verdict:
+        """The pass cache knows this client waited before: pass it now."""
+        self._finish()
+        return Pass(PassReason.CACHE, self._elapsed(now))
+
+    def remembered_bad(self, now: float) -> Verdict:
+        """The pass cache holds a penalty for this client: cut it off now."""
+        self._finish()
+        return Penalty(self._elapsed(now))
 
     def silence(self, now: float) -> Verdict:
         """Nothing to read now: wait on, or pass once the delay is over."""

@@ -152,6 +152,7 @@ def _prepare(
             return
         if plan.action == "drop":
             assert plan.user is not None
+            _make_cache_dir(settings, plan.user)
             privileges.drop_privileges(plan.user, settings.group, settings.chroot)
         elif settings.chroot is not None:
             try:
@@ -163,6 +164,25 @@ def _prepare(
                 ) from None
 
     return prepare
+
+
+def _make_cache_dir(settings: Settings, user: str) -> None:
+    """Create a missing SQLite cache directory for the service user (as root, before the drop).
+
+    An existing directory is left as the admin made it.
+    """
+    spec = settings.cache_spec()
+    if spec.kind != "sqlite" or not spec.path:
+        return
+    directory = os.path.dirname(spec.path)
+    if os.path.isdir(directory):
+        return
+    ident = privileges.resolve(user, settings.group)
+    try:
+        os.makedirs(directory, mode=0o750)
+        os.chown(directory, ident.uid, ident.gid)
+    except OSError as exc:
+        print(f"repeld: warning: cannot create {directory}: {exc.strerror}", file=sys.stderr)
 
 
 def start(

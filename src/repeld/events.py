@@ -20,6 +20,7 @@ __all__ = [
     "FieldValue",
     "Severity",
     "backend_error",
+    "cache_notice",
     "config_error",
     "early_talker",
     "hangup",
@@ -27,6 +28,7 @@ __all__ = [
     "lifecycle",
     "overload",
     "passed",
+    "penalized",
     "relay_end",
     "reload",
     "stats",
@@ -107,6 +109,33 @@ def early_talker(conn: ConnInfo, verdict: EarlyTalk, action: str) -> Event:
         f"PREGREET {verdict.nbytes} after {elapsed:.3f} from {conn.peer}: {first}"
         f" (action={action})",
     )
+
+
+def penalized(conn: ConnInfo, elapsed: float) -> Event:
+    """A client the pass cache remembers as an early talker, cut off unheard."""
+    elapsed = _ms(elapsed)
+    return Event(
+        "early-talker",
+        Severity.WARNING,
+        (
+            ("event", "early-talker"),
+            *conn.fields(),
+            ("elapsed", elapsed),
+            ("bytes", 0),
+            ("first", ""),
+            ("action", "penalty"),
+        ),
+        f"PREGREET penalty after {elapsed:.3f} from {conn.peer}: remembered as an early talker"
+        " (action=penalty)",
+    )
+
+
+def cache_notice(what: str, message: str) -> Event:
+    """The pass cache became unusable ("cache-error", once per outage) or usable again."""
+    if what == "cache-error":
+        summary = f"CACHE-ERROR {message}; clients are held as if unknown until it is back"
+        return _service(what, Severity.WARNING, summary, error=message)
+    return _service(what, Severity.NOTICE, f"CACHE-RECOVER {message}", message=message)
 
 
 def hangup(conn: ConnInfo, verdict: HangUp) -> Event:

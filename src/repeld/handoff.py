@@ -88,6 +88,10 @@ async def handoff(
             return
         started = trio.current_time()
         result = RelayResult()
+        try:  # forward each reply at once: no Nagle delay behind a delayed ACK
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         try:
             header = proxyproto.header(
                 proxy_protocol, conn.client, conn.client_port, conn.server, conn.server_port

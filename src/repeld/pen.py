@@ -144,6 +144,16 @@ class HoldingPen:
         if self._wake is not None and held.hold.deadline < self._wake.deadline:
             self._wake.deadline = held.hold.deadline
 
+    def settle(self, held: Held, decide: Callable[[float], Verdict]) -> bool:
+        """Decide a still-held connection from outside the pen (a cache answer).
+
+        `decide(now)` is called only if `held` is still waiting; True if it was.
+        """
+        if held.hold.done or self._held.get(held.sock.fileno()) is not held:
+            return False
+        self._decide(held, decide(trio.current_time()))
+        return True
+
     def _release(self, held: Held) -> None:
         fd = held.sock.fileno()
         if self._held.get(fd) is held:

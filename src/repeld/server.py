@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import trio
 
 from . import events, tcptune
+from .cache import CacheError, CacheVerdict, PassCache, cache_key, make_cache
 from .capacity import capacity_warnings, default_max_held, raise_nofile
-from .core import EarlyTalk, HangUp, Hold, Pass, Verdict
+from .core import EarlyTalk, HangUp, Hold, Pass, PassReason, Penalty, Verdict
 from .eventlog import EventLog
 from .events import ConnInfo
 from .handoff import BackendTarget, handoff, reply_and_close, resolve_backend
@@ -80,6 +81,10 @@ class Server:
         #: Clients turned away at a limit, and held clients told to come back at shutdown.
         self.refused = 0
         self.shutdown_held = 0
+        #: The pass cache (None when off); it learns from every verdict.
+        self.cache: PassCache | None = None
+        self._v6_prefix = settings.cache_v6_prefix
+        self._penalties = settings.penalty_ttl > 0
         # limit -> (time of the last overload event, refusals since then)
         self._overload: dict[Refuse, tuple[float, int]] = {}
         self._accept_complained = -ACCEPT_COMPLAIN_INTERVAL
@@ -153,7 +158,13 @@ class Server:
             held_from_client=pen.per_client.get(client, 0),
         )
         if admission is None:
-            pen.add(Held(sock, conn, Hold(now, self.settings.delay), listener.backend))
+            held = Held(sock, conn, Hold(now, self.settings.delay), listener.backend)
+            pen.add(held)
+            if self.cache is not None:
+                # The hold has begun; a known client is let out as soon as the
+                # cache answers, so a slow cache never delays anyone further.
+                assert self._handlers is not None
+                self._handlers.start_soon(self._consult_cache, held)
         elif isinstance(admission, Refuse):
             reply_and_close(sock, REFUSALS[admission])
             self.refused += 1
@@ -173,15 +184,56 @@ class Server:
 
     # -- verdicts ----------------------------------------------------------------
 
+    async def _consult_cache(self, held: Held) -> None:
+        cache = self.cache
+        if cache is None:
+            return
+        try:
+            key = cache_key(held.conn.client, self._v6_prefix)
+        except ValueError:
+            return
+        answer = await cache.lookup(key)
+        if answer is CacheVerdict.GOOD:
+            self.pen.settle(held, held.hold.remembered_good)
+        elif answer is CacheVerdict.BAD and self._penalties:
+            self.pen.settle(held, held.hold.remembered_bad)
+
+    def _learn(self, conn: ConnInfo, good: bool) -> None:
+        # Only a full wait makes a client good; early talk makes it bad.
+        if self.cache is None:
+            return
+        try:
+            key = cache_key(conn.client, self._v6_prefix)
+        except ValueError:
+            return
+        if good:
+            self.cache.remember_good(key)
+        else:
+            self.cache.remember_bad(key)
+
     def _on_verdict(self, held: Held, verdict: Verdict) -> None:
         if isinstance(verdict, Pass):
             backend = held.backend if isinstance(held.backend, BackendTarget) else None
+            if verdict.reason is PassReason.DELAY:
+                self._learn(held.conn, good=True)
             self._pass(held.sock, held.conn, held.hold.accepted_at, verdict, backend)
         elif isinstance(verdict, EarlyTalk):
+            self._learn(held.conn, good=False)
             self._cut_off(held, verdict)
+        elif isinstance(verdict, Penalty):
+            self._abort(held.sock)
+            self.log.emit(events.penalized(held.conn, verdict.elapsed))
         elif isinstance(verdict, HangUp):
             held.sock.close()
             self.log.emit(events.hangup(held.conn, verdict))
+
+    @staticmethod
+    def _abort(sock: socket.socket) -> None:
+        try:  # an abortive close: no TIME_WAIT left behind for a bot
+            tcptune.set_abortive_close(sock.fileno())
+        except OSError:
+            pass
+        sock.close()
 
     def _cut_off(self, held: Held, verdict: EarlyTalk) -> None:
         action = self.settings.on_early
@@ -192,11 +244,7 @@ class Server:
                 pass
             reply_and_close(held.sock, EARLY_REJECT)
         else:
-            try:  # an abortive close: no TIME_WAIT left behind for a bot
-                tcptune.set_abortive_close(held.sock.fileno())
-            except OSError:
-                pass
-            held.sock.close()
+            self._abort(held.sock)
         self.log.emit(events.early_talker(held.conn, verdict, action))
 
     def _pass(
@@ -241,27 +289,48 @@ class Server:
         at once on shutdown; the relays behind it get the grace period.
         """
         try:
-            async with trio.open_nursery() as relays:
-                self._handlers = relays
-                async with trio.open_nursery() as front:
-                    self._front = front.cancel_scope
-                    front.start_soon(self.pen.run)
-                    for listener in self.listeners:
-                        self._start_listener(front, listener)
-                    task_status.started(self)
-                # Drain: no new clients, held ones told to come back, relays finish.
-                self._close_listeners()
-                for held in self.pen.evict_all():
-                    reply_and_close(held.sock, SHUTTING_DOWN)
-                    self.shutdown_held += 1
-                with trio.CancelScope(deadline=trio.current_time() + self._grace) as drain:
-                    self._drain = drain
-                    while self.relays:
-                        await trio.sleep(_DRAIN_POLL)
-                relays.cancel_scope.cancel()
+            async with trio.open_nursery() as services:
+                await self._start_cache(services)
+                try:
+                    await self._serve(task_status)
+                finally:
+                    if self.cache is not None:
+                        await self.cache.aclose()
+                    services.cancel_scope.cancel()
         finally:
             self._close_listeners()
             self.pen.close()
+
+    async def _start_cache(self, services: trio.Nursery) -> None:
+        if self.cache is None:
+            return
+        try:
+            await services.start(self.cache.run)
+        except (CacheError, OSError) as exc:
+            # A mail host keeps accepting mail: without its cache every client
+            # simply waits, which is safe.
+            self.log.emit(events.cache_notice("cache-error", str(exc)))
+            self.cache = None
+
+    async def _serve(self, task_status: trio.TaskStatus[Server]) -> None:
+        async with trio.open_nursery() as relays:
+            self._handlers = relays
+            async with trio.open_nursery() as front:
+                self._front = front.cancel_scope
+                front.start_soon(self.pen.run)
+                for listener in self.listeners:
+                    self._start_listener(front, listener)
+                task_status.started(self)
+            # Drain: no new clients, held ones told to come back, relays finish.
+            self._close_listeners()
+            for held in self.pen.evict_all():
+                reply_and_close(held.sock, SHUTTING_DOWN)
+                self.shutdown_held += 1
+            with trio.CancelScope(deadline=trio.current_time() + self._grace) as drain:
+                self._drain = drain
+                while self.relays:
+                    await trio.sleep(_DRAIN_POLL)
+            relays.cancel_scope.cancel()
 
     def _start_listener(self, nursery: trio.Nursery, listener: _Listener) -> None:
         nursery.start_soon(self._accept_loop, listener)
@@ -288,7 +357,7 @@ class Server:
         """
         old = self.settings
         notes = [
-            f"{name} changed: takes effect after a restart"
+            f"{name.replace('_', '-')} changed: takes effect after a restart"
             for name in _RESTART_ONLY
             if getattr(old, name) != getattr(settings, name)
         ]
@@ -314,11 +383,34 @@ class Server:
             "backend_error": counts["backend-error"],
             "relay_end": counts["relay-end"],
             "dropped_events": self.log.dropped,
+            **self._cache_statistics(),
+        }
+
+    def _cache_statistics(self) -> dict[str, int]:
+        if self.cache is None:
+            return {}
+        stats = self.cache.statistics()
+        return {
+            f"cache_{k}": int(stats.get(k, 0))
+            for k in ("lookups", "good", "bad", "unknown", "errors", "outages")
         }
 
 
 #: Settings a running server cannot take over on SIGHUP.
-_RESTART_ONLY = ("listen", "backlog", "user", "group", "chroot", "pidfile")
+_RESTART_ONLY = (
+    "listen",
+    "backlog",
+    "user",
+    "group",
+    "chroot",
+    "pidfile",
+    "workers",
+    "cache",
+    "no_cache",
+    "cache_ttl",
+    "cache_v6_prefix",
+    "penalty_ttl",
+)
 _DRAIN_POLL = 0.05
 
 
@@ -341,6 +433,14 @@ async def open_server(
     for warning in capacity_warnings(max_held, limits, backlog, accept_cap):
         print(f"repeld: warning: {warning}", file=sys.stderr, flush=True)
     server = Server(settings, trusted, backend, log, max_held)
+    # Built here, before any privilege drop or chroot, so its modules are loaded.
+    server.cache = make_cache(
+        settings.cache_spec(),
+        pass_ttl=settings.cache_ttl,
+        penalty_ttl=settings.penalty_ttl or None,
+        on_error=lambda message: log.emit(events.cache_notice("cache-error", message)),
+        on_recover=lambda message: log.emit(events.cache_notice("cache-recover", message)),
+    )
     own: dict[tuple[str, int], BackendTarget] = {}
     for sock, spec in open_listeners(settings, backlog, inherited):
         target = None

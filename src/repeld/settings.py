@@ -13,11 +13,14 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import netaddr
 
 from .logformat import FACILITIES, FORMATS, valid_sd_id
+
+if TYPE_CHECKING:
+    from .cache import CacheSpec
 from .policy import TrustedNetworks
 
 __all__ = [
@@ -249,6 +252,18 @@ def _path(text: str) -> str:
     return text
 
 
+def _cache(text: str) -> CacheSpec:
+    from .cache import parse_cache_url
+
+    return parse_cache_url(text)
+
+
+def _v6_prefix(text: str) -> int:
+    from .cache import parse_v6_prefix
+
+    return parse_v6_prefix(text)
+
+
 def _workers(text: str) -> int:
     if text == "auto":
         return max(1, os.cpu_count() or 1)
@@ -441,6 +456,50 @@ OPTIONS: tuple[Option, ...] = (
         metavar="N",
     ),
     Option(
+        "cache",
+        None,
+        _cache,
+        None,
+        "where clients that waited once are remembered: sqlite:/PATH (one host), "
+        "redis://HOST[:PORT][/DB] or rediss://... (shared by several MX hosts), memory, or "
+        "none (default: sqlite:/var/lib/repeld/cache.sqlite on Linux, "
+        "sqlite:/var/db/repeld/cache.sqlite on FreeBSD)",
+        metavar="URL",
+    ),
+    Option(
+        "no-cache",
+        None,
+        None,
+        False,
+        "remember nobody: every untrusted client waits the full delay every time",
+    ),
+    Option(
+        "cache-ttl",
+        None,
+        _seconds("cache-ttl", 0.0, 366 * 86400.0),
+        86400.0,
+        "seconds a client that waited once skips the delay (default: 86400, one day)",
+        metavar="SECONDS",
+    ),
+    Option(
+        "cache-v6-prefix",
+        None,
+        _v6_prefix,
+        64,
+        "IPv6 clients are remembered by this prefix, since one host owns a /64; 32 to 128 "
+        "(default: 64)",
+        metavar="BITS",
+    ),
+    Option(
+        "penalty-ttl",
+        None,
+        _seconds("penalty-ttl", 0.0, 366 * 86400.0, zero=True),
+        0.0,
+        "seconds an early talker is remembered and cut off at once on its next connections; "
+        "0 turns penalties off (default: 0)",
+        metavar="SECONDS",
+    ),
+    Option(
         "workers",
         "-w",
         _workers,
@@ -510,6 +569,14 @@ OPTION_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
 class Settings:
     """The effective settings of a running repeld, all validated."""
 
+    def cache_spec(self) -> CacheSpec:
+        """The pass cache in force: --no-cache, else --cache, else the platform default."""
+        from .cache import CacheSpec, parse_cache_url
+
+        if self.no_cache:
+            return CacheSpec("none")
+        return self.cache if self.cache is not None else parse_cache_url("sqlite")
+
     backend: Backend
     listen: tuple[Listen, ...] = (Listen("0.0.0.0", 25), Listen("::", 25))
     delay: float = 25.0
@@ -527,6 +594,11 @@ class Settings:
     backlog: int | None = None
     max_held: int | None = None
     max_per_client: int = 10
+    cache: CacheSpec | None = None
+    no_cache: bool = False
+    cache_ttl: float = 86400.0
+    cache_v6_prefix: int = 64
+    penalty_ttl: float = 0.0
     workers: int = 1
     shutdown_grace: float = 30.0
     user: str | None = None

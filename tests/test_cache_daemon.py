@@ -1,0 +1,232 @@
+"""The pass cache inside the daemon: in-process with a memory cache and the autojump
+clock, then real processes sharing SQLite and Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from repeld.cache import parse_cache_url
+
+from .harness import GREETING, connect, read_line, read_until_closed, running
+from .procs import (
+    REDIS_SERVER,
+    LineBackend,
+    RedisServer,
+    SyslogUDP,
+    daemon,
+    free_port,
+)
+from .procs import connect as tcp_connect
+from .procs import read_line as tcp_read_line
+
+DELAY = 25.0
+MEMORY = parse_cache_url("memory")
+AS_ROOT = ["--user", "root"] if os.geteuid() == 0 else []
+
+
+async def test_a_client_that_waited_once_is_passed_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running(delay=DELAY, cache=MEMORY) as h:
+        first = await connect(h.address(), source="127.0.0.21")
+        assert await read_line(first) == GREETING  # after the full delay
+        again = await connect(h.address(), source="127.0.0.21")
+        start = trio.current_time()
+        assert await read_line(again) == GREETING
+        assert trio.current_time() - start < 0.1
+        stranger = await connect(h.address(), source="127.0.0.22")
+        start = trio.current_time()
+        assert await read_line(stranger) == GREETING
+        assert trio.current_time() - start >= DELAY  # somebody else still waits
+        reasons = [e.fields["reason"] for e in await h.receiver.wait_for("pass", 3)]
+        assert reasons == ["delay", "cache", "delay"]
+
+
+async def test_early_talkers_and_hangups_are_never_remembered_as_good(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running(delay=DELAY, cache=MEMORY) as h:
+        good = await connect(h.address(), source="127.0.0.31")
+        assert await read_line(good) == GREETING
+        # the same address now talks early: its pass is forgotten
+        talker = await connect(h.address(), source="127.0.0.31")
+        await talker.send(b"EHLO\r\n")
+        await read_until_closed(talker)
+        leaver = await connect(h.address(), source="127.0.0.32")
+        await trio.sleep(1)
+        leaver.close()
+        await h.receiver.wait_for("hangup")
+        for source in ("127.0.0.31", "127.0.0.32"):
+            c = await connect(h.address(), source=source)
+            start = trio.current_time()
+            assert await read_line(c) == GREETING
+            assert trio.current_time() - start >= DELAY
+        assert [e.fields["reason"] for e in h.receiver.named("pass")] == ["delay"] * 3
+
+
+async def test_cache_ttl_expires(autojump_clock: trio.testing.MockClock) -> None:
+    async with running(delay=DELAY, cache=MEMORY, cache_ttl=3600.0) as h:
+        c = await connect(h.address(), source="127.0.0.41")
+        assert await read_line(c) == GREETING
+        await trio.sleep(3601)
+        c = await connect(h.address(), source="127.0.0.41")
+        start = trio.current_time()
+        assert await read_line(c) == GREETING
+        assert trio.current_time() - start >= DELAY
+
+
+async def test_penalty_cuts_a_known_early_talker_unheard(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running(delay=DELAY, cache=MEMORY, penalty_ttl=600.0) as h:
+        bot = await connect(h.address(), source="127.0.0.51")
+        await bot.send(b"EHLO bot\r\n")
+        await read_until_closed(bot)
+        again = await connect(h.address(), source="127.0.0.51")  # silent this time
+        start = trio.current_time()
+        data, how = await read_until_closed(again)
+        assert (data, how) == (b"", "reset")
+        assert trio.current_time() - start < 0.1
+        events = await h.receiver.wait_for("early-talker", 2)
+        assert [e.fields["action"] for e in events] == ["drop", "penalty"]
+        assert events[1].fields["bytes"] == "0"
+        await trio.sleep(601)  # the penalty is over: held and judged again
+        later = await connect(h.address(), source="127.0.0.51")
+        assert await read_line(later) == GREETING
+
+
+async def test_no_cache_remembers_nobody(autojump_clock: trio.testing.MockClock) -> None:
+    async with running(delay=DELAY, cache=MEMORY, no_cache=True) as h:
+        for _ in range(2):
+            c = await connect(h.address(), source="127.0.0.61")
+            start = trio.current_time()
+            assert await read_line(c) == GREETING
+            assert trio.current_time() - start >= DELAY
+        assert h.server.cache is None
+
+
+# -- real processes -------------------------------------------------------------
+
+
+@pytest.fixture
+def syslog() -> Iterator[SyslogUDP]:
+    receiver = SyslogUDP()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture
+def backend() -> Iterator[LineBackend]:
+    server = LineBackend()
+    yield server
+    server.close()
+
+
+def _greeted_after(port: int, source: str) -> float:
+    c = tcp_connect(port, source=source)
+    t0 = time.monotonic()
+    assert tcp_read_line(c) == b"220 backend.test ESMTP\r\n"
+    elapsed = time.monotonic() - t0
+    c.close()
+    return elapsed
+
+
+def test_sqlite_cache_survives_a_restart(
+    syslog: SyslogUDP, backend: LineBackend, tmp_path: Path
+) -> None:
+    db = tmp_path / "cache.sqlite"
+    args = [
+        "-b",
+        backend.address,
+        "-d",
+        "1",
+        "--cache",
+        f"sqlite:{db}",
+        "--syslog",
+        syslog.target,
+        *AS_ROOT,
+    ]
+    port = free_port()
+    with daemon("-l", f"127.0.0.1:{port}", *args):
+        assert _greeted_after(port, "127.0.0.71") >= 0.9
+        syslog.wait_for("relay-end")
+    with daemon("-l", f"127.0.0.1:{port}", *args):  # a new process, the same file
+        assert _greeted_after(port, "127.0.0.71") < 0.5
+    reasons = [e.fields["reason"] for e in syslog.wait_for("pass", 2)]
+    assert reasons == ["delay", "cache"]
+
+
+@pytest.mark.skipif(not os.access(REDIS_SERVER, os.X_OK), reason="redis-server is not installed")
+def test_two_mx_hosts_share_redis_and_survive_its_outage(
+    syslog: SyslogUDP, backend: LineBackend, tmp_path: Path
+) -> None:
+    redis = RedisServer(tmp_path, free_port())
+    redis.start()
+    url = f"redis://127.0.0.1:{redis.port}/0"
+    mx1, mx2 = free_port(), free_port()
+    common = ["-b", backend.address, "-d", "1", "--cache", url, "--syslog", syslog.target, *AS_ROOT]
+    try:
+        with daemon("-l", f"127.0.0.1:{mx1}", *common), daemon("-l", f"127.0.0.1:{mx2}", *common):
+            # passes on mx1, is not delayed on mx2
+            assert _greeted_after(mx1, "127.0.0.81") >= 0.9
+            deadline = time.monotonic() + 10
+            while not redis.client().exists("repeld:pass:127.0.0.81"):
+                assert time.monotonic() < deadline, "the pass never reached Redis"
+                time.sleep(0.05)
+            assert _greeted_after(mx2, "127.0.0.81") < 0.5
+
+            redis.kill()  # mid-test: connections are still served, with the delay
+            assert _greeted_after(mx2, "127.0.0.82") >= 0.9
+            assert _greeted_after(mx1, "127.0.0.81") < 5  # served, cached or not
+            errors = syslog.wait_for("cache-error", 2)  # one per process, not per connection
+            assert {e.procid for e in errors} and len(errors) == 2
+
+            redis.start()  # the same port: the cache works again by itself
+            syslog.wait_for("cache-recover", 2, timeout=30)
+            assert _greeted_after(mx1, "127.0.0.83") >= 0.9
+            deadline = time.monotonic() + 10
+            while not redis.client().exists("repeld:pass:127.0.0.83"):
+                assert time.monotonic() < deadline, "the pass never reached Redis"
+                time.sleep(0.05)
+            assert _greeted_after(mx2, "127.0.0.83") < 0.5
+            assert len(syslog.named("cache-error")) == 2
+    finally:
+        redis.kill()
+    reasons = [(e.fields["client"], e.fields["reason"]) for e in syslog.wait_for("pass", 6)]
+    assert ("127.0.0.81", "cache") in reasons and ("127.0.0.83", "cache") in reasons
+
+
+def test_an_unusable_cache_path_leaves_repeld_serving(
+    syslog: SyslogUDP, backend: LineBackend, tmp_path: Path
+) -> None:
+    port = free_port()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with daemon(
+        "-l",
+        f"127.0.0.1:{port}",
+        "-b",
+        backend.address,
+        "-d",
+        "0.5",
+        "--cache",
+        f"sqlite:{blocker}/cache.sqlite",
+        "--syslog",
+        syslog.target,
+        *AS_ROOT,
+    ) as d:
+        (err,) = syslog.wait_for("cache-error")
+        assert str(blocker) in err.fields["error"]
+        assert _greeted_after(port, "127.0.0.91") >= 0.4
+        d.signal(signal.SIGUSR1)
+        stats = syslog.wait_for("stats")[0]
+        assert "cache_lookups" not in stats.fields  # running without a cache

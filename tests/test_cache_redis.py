@@ -1,0 +1,269 @@
+"""The Redis pass cache against a real redis-server: two MX hosts, TTLs, outages, recovery.
+
+Every test starts its own redis-server (no persistence) on a free loopback
+port in a temporary directory and kills it at the end; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from repeld.cache import CacheVerdict, make_cache, parse_cache_url
+from repeld.cache_redis import RedisCache
+
+from .procs import REDIS_SERVER, RedisServer, free_port
+
+GOOD, BAD, UNKNOWN = CacheVerdict.GOOD, CacheVerdict.BAD, CacheVerdict.UNKNOWN
+
+pytestmark = pytest.mark.skipif(
+    not os.access(REDIS_SERVER, os.X_OK), reason="redis-server is not installed"
+)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    srv = RedisServer(tmp_path, free_port())
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.kill()
+
+
+class Calls:
+    """Collects the error and recover callbacks of one cache."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.recoveries: list[str] = []
+
+
+def make(server: RedisServer, calls: Calls | None = None, **kwargs: object) -> RedisCache:
+    options: dict[str, object] = {
+        "flush_interval": 0.05,
+        "lookup_timeout": 0.1,
+        "io_timeout": 0.5,
+        "retry_min": 0.1,
+        "retry_max": 0.4,
+    }
+    options.update(kwargs)
+    if calls is not None:
+        options["on_error"] = calls.errors.append
+        options["on_recover"] = calls.recoveries.append
+    return RedisCache("127.0.0.1", server.port, **options)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def running(*caches: RedisCache) -> AsyncIterator[None]:
+    try:
+        async with trio.open_nursery() as nursery:
+            for cache in caches:
+                await nursery.start(cache.run)
+            yield
+            nursery.cancel_scope.cancel()
+    finally:
+        for cache in caches:
+            await cache.aclose()
+
+
+async def eventually(condition: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not await condition():
+            await trio.sleep(0.02)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+def answers(cache: RedisCache, key: str, verdict: CacheVerdict) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await cache.lookup(key) is verdict
+
+    return check
+
+
+async def timed_lookup(cache: RedisCache, key: str) -> tuple[CacheVerdict, float]:
+    started = trio.current_time()
+    verdict = await cache.lookup(key)
+    return verdict, trio.current_time() - started
+
+
+async def test_two_mx_hosts_share_passes_and_penalties(server: RedisServer) -> None:
+    mx1 = make(server, pass_ttl=3600.0, penalty_ttl=600.0)
+    mx2 = make(server, pass_ttl=3600.0, penalty_ttl=600.0)
+    direct = server.client()
+    async with running(mx1, mx2):
+        assert await mx2.lookup("192.0.2.7") is UNKNOWN
+        mx1.remember_good("192.0.2.7")
+        await eventually(answers(mx2, "192.0.2.7", GOOD))
+        ttl = direct.ttl("repeld:pass:192.0.2.7")
+        assert 3590 <= ttl <= 3600  # a native Redis expiry: SET ... EX
+        stamp = direct.get("repeld:pass:192.0.2.7")
+        assert stamp is not None
+        assert abs(int(stamp) - time.time()) < 60
+
+        mx2.remember_bad("2001:db8:1:2::/64")
+        await eventually(answers(mx1, "2001:db8:1:2::/64", BAD))
+        assert 590 <= direct.ttl("repeld:penalty:2001:db8:1:2::/64") <= 600
+
+        mx1.remember_good("2001:db8:1:2::/64")  # a later pass clears the penalty
+        await eventually(answers(mx2, "2001:db8:1:2::/64", GOOD))
+        assert direct.exists("repeld:penalty:2001:db8:1:2::/64") == 0
+
+        mx2.remember_bad("192.0.2.7")  # a later early talk replaces the pass
+        await eventually(answers(mx1, "192.0.2.7", BAD))
+        assert direct.exists("repeld:pass:192.0.2.7") == 0
+    names = sorted(n.decode() for n in direct.scan_iter(match="repeld:*"))
+    assert names == ["repeld:pass:2001:db8:1:2::/64", "repeld:penalty:192.0.2.7"]
+    assert mx1.statistics()["errors"] == mx2.statistics()["errors"] == 0
+
+
+async def test_short_ttl_expires_in_redis(server: RedisServer) -> None:
+    mx1 = make(server, pass_ttl=1.0)
+    mx2 = make(server)
+    async with running(mx1, mx2):
+        mx1.remember_good("192.0.2.9")
+        await eventually(answers(mx2, "192.0.2.9", GOOD))
+        await eventually(answers(mx2, "192.0.2.9", UNKNOWN), timeout=3.0)
+
+
+async def test_without_penalties_an_early_talker_loses_its_pass(server: RedisServer) -> None:
+    mx1 = make(server)
+    mx2 = make(server)
+    async with running(mx1, mx2):
+        mx1.remember_good("192.0.2.7")
+        await eventually(answers(mx2, "192.0.2.7", GOOD))
+        mx2.remember_bad("192.0.2.7")
+        await eventually(answers(mx1, "192.0.2.7", UNKNOWN))
+        assert server.client().exists("repeld:penalty:192.0.2.7") == 0
+
+
+async def test_redis_killed_and_restarted(server: RedisServer) -> None:
+    calls = Calls()
+    mx1 = make(server, calls)
+    mx2 = make(server)
+    async with running(mx1, mx2):
+        mx1.remember_good("192.0.2.7")
+        await eventually(answers(mx1, "192.0.2.7", GOOD))
+        await eventually(answers(mx2, "192.0.2.7", GOOD))
+
+        server.kill()
+        for _ in range(20):
+            verdict, took = await timed_lookup(mx1, "192.0.2.7")
+            assert verdict is UNKNOWN  # down: not cached, the delay applies
+            assert took < 0.1 + 0.2
+        mx1.remember_good("198.51.100.1")  # queued while down
+        assert await mx1.lookup("198.51.100.1") is GOOD
+        await trio.sleep(0.5)  # several probes fail meanwhile
+        assert len(calls.errors) == 1, calls.errors
+        assert "cache redis://127.0.0.1" in calls.errors[0]
+        assert calls.recoveries == []
+
+        await trio.to_thread.run_sync(server.start)  # same port, empty data set
+        await until(lambda: len(calls.recoveries) == 1)
+        assert "reachable again" in calls.recoveries[0]
+        await eventually(answers(mx2, "198.51.100.1", GOOD))  # the queue was written
+        mx1.remember_good("198.51.100.2")
+        await eventually(answers(mx2, "198.51.100.2", GOOD))
+        assert len(calls.errors) == 1
+        assert len(calls.recoveries) == 1
+        assert mx1.statistics()["outages"] == 1
+
+
+async def test_a_hung_redis_never_blocks_the_loop(server: RedisServer) -> None:
+    calls = Calls()
+    mx1 = make(server, calls, threads=2, timeouts_before_down=3)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await trio.sleep(0.01)
+            ticks += 1
+
+    async with running(mx1), trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        mx1.remember_good("192.0.2.7")
+        await eventually(answers(mx1, "192.0.2.7", GOOD))
+        await trio.sleep(0.1)  # the write is out of the queue: lookups ask Redis
+
+        server.signal(signal.SIGSTOP)  # alive, connected, silent
+        try:
+            ticks_before = ticks
+            started = trio.current_time()
+            for _ in range(10):
+                verdict, took = await timed_lookup(mx1, "192.0.2.7")
+                assert verdict is UNKNOWN
+                assert took < 0.1 + 0.2
+            elapsed = trio.current_time() - started
+            assert ticks - ticks_before >= elapsed / 0.01 / 3  # the loop kept ticking
+            assert len(calls.errors) == 1, calls.errors
+            assert "no answer within 100 ms" in calls.errors[0]
+            assert mx1.statistics()["timeouts"] == 3  # then down: no more waiting
+        finally:
+            server.signal(signal.SIGCONT)
+        await until(lambda: len(calls.recoveries) == 1)
+        await eventually(answers(mx1, "192.0.2.7", GOOD))
+        assert len(calls.errors) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_redis_down_at_start_then_up(tmp_path: Path) -> None:
+    srv = RedisServer(tmp_path, free_port())
+    calls = Calls()
+    cache = make(srv, calls)
+    try:
+        async with running(cache):
+            await until(lambda: len(calls.errors) == 1)
+            assert "unreachable" in calls.errors[0]
+            verdict, took = await timed_lookup(cache, "192.0.2.7")
+            assert verdict is UNKNOWN
+            assert took < 0.1
+            await trio.to_thread.run_sync(srv.start)
+            await until(lambda: len(calls.recoveries) == 1)
+            cache.remember_good("192.0.2.7")
+            await trio.sleep(0.2)
+            assert srv.client().exists("repeld:pass:192.0.2.7") == 1
+            assert len(calls.errors) == 1
+    finally:
+        srv.kill()
+
+
+async def test_password_from_a_file(tmp_path: Path) -> None:
+    srv = RedisServer(tmp_path, free_port(), password="s3cret-pw")
+    srv.start()
+    try:
+        pw = tmp_path / "redis.pw"
+        pw.write_text("s3cret-pw\n")
+        spec = parse_cache_url(f"redis://127.0.0.1:{srv.port}/0?password_file={pw}")
+        calls = Calls()
+        cache = make_cache(spec, on_error=calls.errors.append)
+        assert isinstance(cache, RedisCache)
+        async with running(cache):
+            cache.remember_good("192.0.2.7")
+            await cache.flush()
+            assert await cache.lookup("192.0.2.7") is GOOD
+        assert srv.client().exists("repeld:pass:192.0.2.7") == 1
+        assert calls.errors == []
+
+        pw.write_text("wrong-pw\n")
+        bad = make_cache(spec, on_error=calls.errors.append)
+        assert isinstance(bad, RedisCache)
+        async with running(bad):
+            await until(lambda: len(calls.errors) == 1)
+            assert await bad.lookup("192.0.2.7") is UNKNOWN
+        assert "wrong-pw" not in calls.errors[0]
+        assert "s3cret" not in calls.errors[0]
+    finally:
+        srv.kill()

@@ -1,0 +1,263 @@
+"""The SQLite pass cache on real files: batches, restarts, expiry, sharing, and locks."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from repeld.cache import CacheError, CacheVerdict
+from repeld.cache_sqlite import SqliteCache
+
+GOOD, BAD, UNKNOWN = CacheVerdict.GOOD, CacheVerdict.BAD, CacheVerdict.UNKNOWN
+
+
+@asynccontextmanager
+async def running(*caches: SqliteCache) -> AsyncIterator[None]:
+    """The caches' background tasks for the block; each closed after it."""
+    try:
+        async with trio.open_nursery() as nursery:
+            for cache in caches:
+                await nursery.start(cache.run)
+            yield
+            nursery.cancel_scope.cancel()
+    finally:
+        for cache in caches:
+            await cache.aclose()
+
+
+def rows(path: Path) -> dict[str, tuple[int, float]]:
+    """What is in the file, read by a connection of its own (WAL: never waits)."""
+    conn = sqlite3.connect(path)
+    try:
+        return {k: (v, e) for k, v, e in conn.execute("SELECT key, verdict, expires FROM cache")}
+    finally:
+        conn.close()
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "cache.sqlite"
+
+
+async def test_a_pass_is_written_in_a_batch_and_seen_by_another_instance(db: Path) -> None:
+    a = SqliteCache(str(db), pass_ttl=3600.0, flush_interval=0.05)
+    b = SqliteCache(str(db), flush_interval=0.05)
+    async with running(a, b):
+        before = time.time()
+        a.remember_good("192.0.2.7")
+        assert await a.lookup("192.0.2.7") is GOOD  # queued verdicts answer at once
+        await wait_for(lambda: "192.0.2.7" in rows(db))
+        verdict, expires = rows(db)["192.0.2.7"]
+        assert verdict == 1
+        assert before + 3600.0 <= expires <= time.time() + 3600.0  # wall-clock epoch
+        assert await b.lookup("192.0.2.7") is GOOD
+        assert await b.lookup("192.0.2.8") is UNKNOWN
+        assert a.statistics()["written"] == 1
+        assert a.statistics()["pending"] == 0
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+
+
+async def test_a_full_batch_is_written_before_the_interval(db: Path) -> None:
+    cache = SqliteCache(str(db), flush_interval=60.0, batch_size=10)
+    async with running(cache):
+        for i in range(10):
+            cache.remember_good(f"192.0.2.{i}")
+        await wait_for(lambda: len(rows(db)) == 10, timeout=2.0)
+
+
+async def test_entries_survive_a_restart(db: Path) -> None:
+    first = SqliteCache(str(db), flush_interval=60.0, penalty_ttl=600.0)
+    async with running(first):
+        first.remember_good("192.0.2.7")
+        first.remember_bad("2001:db8:1:2::/64")
+    # Only aclose wrote them (the interval is a minute): nothing queued is lost.
+    assert set(rows(db)) == {"192.0.2.7", "2001:db8:1:2::/64"}
+    second = SqliteCache(str(db))
+    async with running(second):
+        assert await second.lookup("192.0.2.7") is GOOD
+        assert await second.lookup("2001:db8:1:2::/64") is BAD
+
+
+async def test_last_verdict_wins_and_no_penalty_means_forget(db: Path) -> None:
+    with_penalty = SqliteCache(str(db), penalty_ttl=600.0, flush_interval=60.0)
+    reader = SqliteCache(str(db))
+    async with running(with_penalty, reader):
+        with_penalty.remember_bad("k")
+        await with_penalty.flush()
+        assert await reader.lookup("k") is BAD
+        with_penalty.remember_good("k")  # a pass clears the penalty
+        await with_penalty.flush()
+        assert await reader.lookup("k") is GOOD
+    without = SqliteCache(str(db), flush_interval=60.0)
+    async with running(without):
+        without.remember_bad("k")  # an early talker is never left marked good
+        assert await without.lookup("k") is UNKNOWN
+        await without.flush()
+        assert "k" not in rows(db)
+
+
+async def test_expiry_on_the_injected_wall_clock_and_sweep(db: Path) -> None:
+    now = [1_000_000.0]
+    cache = SqliteCache(str(db), pass_ttl=10.0, flush_interval=60.0, wallclock=lambda: now[0])
+    async with running(cache):
+        cache.remember_good("a")
+        await cache.flush()
+        now[0] += 9.9
+        assert await cache.lookup("a") is GOOD
+        now[0] += 0.1
+        assert await cache.lookup("a") is UNKNOWN  # expired though not yet swept
+        assert "a" in rows(db)
+        assert await cache.sweep() == 1
+        assert rows(db) == {}
+        assert cache.statistics()["swept"] == 1
+
+
+async def test_run_sweeps_rows_whose_time_has_passed(db: Path) -> None:
+    async with running(SqliteCache(str(db))):  # creates the schema
+        pass
+    past = time.time() - 1.0
+    with sqlite3.connect(db) as conn:
+        conn.executemany(
+            "INSERT INTO cache VALUES (?, ?, ?)",
+            [(f"old{i}", 1, past) for i in range(25)]
+            + [("fresh", 1, time.time() + 600), ("odd", 7, time.time() + 600)],
+        )
+    conn.close()
+    cache = SqliteCache(str(db), sweep_interval=0.05, sweep_chunk=10)
+    async with running(cache):
+        assert await cache.lookup("old3") is UNKNOWN
+        await wait_for(lambda: set(rows(db)) == {"fresh", "odd"})
+        assert cache.statistics()["swept"] == 25
+        assert await cache.lookup("fresh") is GOOD
+        assert await cache.lookup("odd") is UNKNOWN  # a verdict this repeld does not know
+
+
+async def test_two_processes_share_the_file(db: Path) -> None:
+    parent = SqliteCache(str(db), flush_interval=0.05)
+    child_script = textwrap.dedent(
+        """
+        import sys, trio
+        from repeld.cache import CacheVerdict
+        from repeld.cache_sqlite import SqliteCache
+
+        async def main(path: str) -> int:
+            cache = SqliteCache(path, flush_interval=60.0)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(cache.run)
+                seen = await cache.lookup("198.51.100.1")
+                cache.remember_good("198.51.100.2")
+                nursery.cancel_scope.cancel()
+            await cache.aclose()
+            return 0 if seen is CacheVerdict.GOOD else 3
+
+        sys.exit(trio.run(main, sys.argv[1]))
+        """
+    )
+    async with running(parent):
+        parent.remember_good("198.51.100.1")
+        await parent.flush()
+        with trio.fail_after(30):
+            child = await trio.run_process(
+                [sys.executable, "-c", child_script, str(db)], check=False
+            )
+        assert child.returncode == 0, "the child did not see the parent's pass"
+        assert await parent.lookup("198.51.100.2") is GOOD  # the child's pass
+
+
+async def test_lookups_never_block_the_loop_while_another_writer_holds_the_lock(
+    db: Path,
+) -> None:
+    errors: list[str] = []
+    recoveries: list[str] = []
+    cache = SqliteCache(
+        str(db),
+        lookup_timeout=0.1,
+        flush_interval=0.05,
+        busy_timeout=0.6,
+        on_error=errors.append,
+        on_recover=recoveries.append,
+    )
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await trio.sleep(0.01)
+            ticks += 1
+
+    async with running(cache), trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        cache.remember_good("stored")
+        await cache.flush()
+        assert await cache.lookup("stored") is GOOD
+
+        blocker = sqlite3.connect(db, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # another process's write transaction
+        try:
+            cache.remember_good("queued")
+            await trio.sleep(0.15)  # the worker is now inside a write, waiting on the lock
+            ticks_before = ticks
+            started = trio.current_time()
+            verdict = await cache.lookup("stored")
+            took = trio.current_time() - started
+            assert verdict is UNKNOWN  # the worker is busy: not cached, hold the client
+            assert took < 0.3
+            assert ticks - ticks_before >= 3  # the loop kept running meanwhile
+            assert await cache.lookup("queued") is GOOD  # queued verdicts still answer
+            assert cache.statistics()["timeouts"] >= 1
+            # The write gives up after busy_timeout, once per outage however often it fails.
+            await wait_for(lambda: len(errors) == 1, timeout=5.0)
+            await trio.sleep(1.5)
+            assert len(errors) == 1
+            assert "database is locked" in errors[0]
+            assert "queued" not in rows(db)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        await wait_for(lambda: len(recoveries) == 1, timeout=5.0)
+        assert "working again" in recoveries[0]
+        await wait_for(lambda: "queued" in rows(db))
+        assert await cache.lookup("stored") is GOOD
+        assert cache.statistics()["outages"] == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_unusable_path_fails_at_start(tmp_path: Path) -> None:
+    missing_dir = SqliteCache(str(tmp_path / "no" / "such" / "dir" / "cache.sqlite"))
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(CacheError, match="cannot open the cache database"):
+            await nursery.start(missing_dir.run)
+    not_a_db = tmp_path / "junk"
+    not_a_db.write_bytes(b"this is not an SQLite database, not even close" * 100)
+    junk = SqliteCache(str(not_a_db))
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(CacheError, match=r"junk.*not a database"):
+            await nursery.start(junk.run)
+    assert await junk.lookup("k") is UNKNOWN  # never opened: every lookup is a miss
+    await junk.aclose()
+
+
+async def test_after_close_lookups_miss_and_writes_are_dropped(db: Path) -> None:
+    cache = SqliteCache(str(db))
+    async with running(cache):
+        pass
+    assert await cache.lookup("k") is UNKNOWN
+    cache.remember_good("k")
+    assert cache.statistics()["dropped"] == 1
+    assert rows(db) == {}
