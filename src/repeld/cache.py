@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -145,10 +146,10 @@ def parse_v6_prefix(text: str) -> int:
     """`--cache-v6-prefix`: bits of an IPv6 address that identify a client (32-128)."""
     from .settings import SettingError
 
-    try:
-        value = int(text.strip().lstrip("/"), 10)
-    except ValueError:
-        raise SettingError("cache-v6-prefix", text, "expected a prefix length in bits") from None
+    digits = text.strip().lstrip("/")
+    if not re.fullmatch(r"[0-9]+", digits):
+        raise SettingError("cache-v6-prefix", text, "expected a prefix length in bits")
+    value = int(digits, 10)
     if not V6_PREFIX_MIN <= value <= V6_PREFIX_MAX:
         raise SettingError(
             "cache-v6-prefix", text, f"must be {V6_PREFIX_MIN}-{V6_PREFIX_MAX} (64 is one host)"

@@ -146,6 +146,9 @@ class EventLog:
                         with trio.CancelScope(shield=True):
                             await self._send(self._format(event, self._header, stamp))
                     self._queue.popleft()
+                    # The shield hides a cancel: notice it between messages, or a
+                    # stuck receiver would hold up shutdown for the whole backlog.
+                    await trio.lowlevel.checkpoint_if_cancelled()
         finally:
             await self.flush_nowait()
 

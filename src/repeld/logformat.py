@@ -54,7 +54,7 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 
 def valid_sd_id(sd_id: str) -> bool:
     """Whether `sd_id` is a well-formed private SD-ID such as `repeld@32473`."""
-    return bool(_SD_ID.match(sd_id)) and bool(_SD_ID_PRIVATE.match(sd_id))
+    return bool(_SD_ID.fullmatch(sd_id)) and bool(_SD_ID_PRIVATE.fullmatch(sd_id))
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +112,7 @@ def format_json(event: Event, header: Header, now: float) -> bytes:
         f"{_pri(header, event)}{_rfc3164_time(now)} {host}{header.app_name}[{header.procid}]:"
         f" @cee:{body}"
     )
-    return line.encode("ascii")
+    return line.encode("utf-8", "backslashreplace")
 
 
 def format_stderr(event: Event, now: float) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -114,6 +115,12 @@ def default_syslog() -> SyslogTarget:
     return SyslogTarget("unix", path=path)
 
 
+# Plain ASCII numbers only: int() and float() would also take "2_5" and other
+# scripts' digits, and a mistyped port must not quietly become another one.
+_DIGITS = re.compile(r"[0-9]+")
+_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+
+
 def _split_hostport(text: str, option: str) -> tuple[str, int]:
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
@@ -126,10 +133,9 @@ def _split_hostport(text: str, option: str) -> tuple[str, int]:
             raise SettingError(option, text, "expected HOST:PORT")
         if ":" in host:
             raise SettingError(option, text, "write an IPv6 address in brackets: [::1]:25")
-    try:
-        port = int(port_text, 10)
-    except ValueError:
-        raise SettingError(option, text, f"port {port_text!r} is not a number") from None
+    if not _DIGITS.fullmatch(port_text):
+        raise SettingError(option, text, f"port {port_text!r} is not a number")
+    port = int(port_text, 10)
     if not 0 <= port <= 65535:
         raise SettingError(option, text, "port must be 0-65535")
     return host, port
@@ -177,7 +183,10 @@ def parse_syslog(text: str) -> SyslogTarget:
     for kind in ("udp", "tcp"):
         prefix = f"{kind}://"
         if text.startswith(prefix):
-            host, port = _split_hostport(text[len(prefix) :], "syslog")
+            try:
+                host, port = _split_hostport(text[len(prefix) :], "syslog")
+            except SettingError as exc:
+                raise SettingError("syslog", text, exc.reason) from None
             if port == 0:
                 raise SettingError("syslog", text, "port must be 1-65535")
             return SyslogTarget(kind, host=host, port=port)
@@ -192,10 +201,9 @@ def _seconds(option: str, low: float, high: float, *, zero: bool = False) -> Cal
     """A parser for seconds in (low, high], or [low, high] when `zero` allows low itself."""
 
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise SettingError(option, text, "expected a number of seconds") from None
+        if not _DECIMAL.fullmatch(text):
+            raise SettingError(option, text, "expected a number of seconds")
+        value = float(text)
         if zero:
             if not low <= value <= high:
                 raise SettingError(option, text, f"must be {low:g} to {high:g}")
@@ -208,10 +216,9 @@ def _seconds(option: str, low: float, high: float, *, zero: bool = False) -> Cal
 
 def _count(option: str, low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise SettingError(option, text, "expected a whole number") from None
+        if not _DIGITS.fullmatch(text):
+            raise SettingError(option, text, "expected a whole number")
+        value = int(text, 10)
         if not low <= value <= high:
             raise SettingError(option, text, f"must be {low} to {high}")
         return value
@@ -267,10 +274,9 @@ def _v6_prefix(text: str) -> int:
 def _workers(text: str) -> int:
     if text == "auto":
         return max(1, os.cpu_count() or 1)
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise SettingError("workers", text, "expected a number of processes or auto") from None
+    if not _DIGITS.fullmatch(text):
+        raise SettingError("workers", text, "expected a number of processes or auto")
+    value = int(text, 10)
     if not 1 <= value <= 256:
         raise SettingError("workers", text, "must be 1 to 256, or auto")
     return value

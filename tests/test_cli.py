@@ -1,0 +1,347 @@
+"""The command line: bad input gets one line naming the flag and the value, status 2.
+
+The table runs `repeld.cli.main()` in-process with `--check-config`, so a value
+that is wrongly accepted prints the settings instead of serving; a few cases
+run `python -m repeld` for real, always on 127.0.0.1 and under a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from repeld import __version__
+from repeld.cli import main
+from repeld.settings import OPTIONS
+
+#: Bound for a subprocess that should exit at once (a hung one is killed).
+RUN_TIMEOUT = 60.0
+#: For runs that get as far as starting: drop root, and no pass cache under /var.
+USER_ARGS = ["--no-cache", *(["--user", "nobody"] if os.geteuid() == 0 else [])]
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> str:
+    """An explicit, empty configuration file: only the flags count."""
+    path = tmp_path / "repeld.toml"
+    path.write_text("")
+    return str(path)
+
+
+def base(config: str, *, backend: bool = True) -> list[str]:
+    args = ["--config", config, "--listen", "127.0.0.1:0"]
+    if backend:
+        args += ["--backend", "127.0.0.1:25"]
+    return args
+
+
+def run_main(argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> tuple[object, str, str]:
+    """main(argv) in-process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        status: object = main(list(argv))
+    except SystemExit as exc:
+        status = exc.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def one_line(err: str) -> str:
+    assert err.endswith("\n"), repr(err)
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith("repeld: "), lines[0]
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def run_repeld(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "repeld", *args],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+# -- the baseline the table varies ---------------------------------------------------
+
+
+def test_baseline_is_accepted(config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run_main([*base(config), "--check-config"], capsys)
+    assert status == 0, err
+    assert err == ""
+    assert 'backend = "127.0.0.1:25"' in out
+
+
+# -- the table of bad values -----------------------------------------------------------
+
+BAD_VALUES: list[Any] = [
+    ("delay", "abc"),
+    ("delay", "0"),
+    ("delay", "-1"),
+    ("delay", "99999"),
+    ("delay", "3600.5"),
+    ("delay", "nan"),
+    ("delay", "inf"),
+    ("delay", ""),
+    ("listen", "127.0.0.1"),  # no port
+    ("listen", "127.0.0.1:"),
+    ("listen", "localhost:25"),  # a host name
+    ("listen", "mx.example.org:25"),
+    ("listen", "::1:25"),  # IPv6 without brackets
+    ("listen", "[::1]25"),
+    ("listen", "[::1:25"),
+    ("listen", "127.0.0.1:25,fast"),  # unknown listener flag
+    ("listen", "127.0.0.1:65536"),
+    ("listen", "127.0.0.1:smtp"),
+    ("backend", "nope"),
+    ("backend", "127.0.0.1:0"),
+    ("backend", "127.0.0.1:smtp"),
+    ("backend", "::1:25"),
+    ("proxy-protocol", "v3"),
+    ("proxy-protocol", "V1"),
+    ("proxy-protocol", "yes"),
+    ("on-early", "kill"),
+    ("on-early", "tarpit"),
+    ("log-format", "xml"),
+    ("log-format", "JSON"),
+    ("facility", "mial"),
+    ("facility", "local8"),
+    ("sd-id", "repeld"),
+    ("sd-id", "re peld@32473"),
+    ("sd-id", "repeld@pen"),
+    ("sd-id", "x" * 40 + "@1"),
+    ("syslog", "http://127.0.0.1:514"),
+    ("syslog", "udp://127.0.0.1:0"),
+    pytest.param(
+        "syslog",
+        "udp://127.0.0.1",
+    ),
+    pytest.param(
+        "syslog",
+        "tcp://[::1]",
+    ),
+    ("syslog", "relative/log"),
+    ("trusted", "300.1.1.1"),
+    ("trusted", "10.0.0.0/33"),
+    ("trusted", "127.1"),
+    ("relay-timeout", "0"),
+    ("connect-timeout", "abc"),
+]
+
+
+@pytest.mark.parametrize(("flag", "value"), BAD_VALUES)
+def test_bad_value_is_one_line_naming_flag_and_value_status_2(
+    config: str, capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    status, out, err = run_main([*base(config), f"--{flag}", value, "--check-config"], capsys)
+    assert status == 2
+    assert out == ""  # nothing was checked, let alone served
+    line = one_line(err)
+    assert f"--{flag}" in line
+    assert repr(value) in line
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        pytest.param("listen", "127.0.0.1:2_5", id="listen-underscore"),
+        pytest.param("backend", "127.0.0.1:2_5", id="backend-underscore"),
+        pytest.param("listen", "127.0.0.1:\u0662\u0665", id="listen-arabic-indic-digits"),
+        pytest.param("delay", "2_5", id="delay-underscore"),
+    ],
+)
+def test_numbers_are_ascii_digits_only(
+    config: str, capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    status, _out, err = run_main([*base(config), f"--{flag}", value, "--check-config"], capsys)
+    assert status == 2
+    assert f"--{flag}" in one_line(err)
+
+
+def test_sd_id_with_a_newline_is_refused(config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    status, _out, err = run_main(
+        [*base(config), "--sd-id", "repeld@32473\n", "--check-config"], capsys
+    )
+    assert status == 2
+    assert "--sd-id" in one_line(err)
+
+
+def test_unknown_flag(config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run_main([*base(config), "--frobnicate", "--check-config"], capsys)
+    assert status == 2
+    assert out == ""
+    assert "--frobnicate" in one_line(err)
+
+
+def test_missing_backend(config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run_main([*base(config, backend=False), "--check-config"], capsys)
+    assert status == 2
+    assert out == ""
+    assert "--backend" in one_line(err)
+
+
+def test_listen_twice(config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [*base(config), "--listen", "127.0.0.1:2525", "--listen", "127.0.0.1:2525"]
+    status, out, err = run_main([*argv, "--check-config"], capsys)
+    assert status == 2
+    assert out == ""
+    line = one_line(err)
+    assert "--listen" in line
+    assert "127.0.0.1:2525" in line
+
+
+# -- trusted-network files ----------------------------------------------------------------
+
+
+def test_missing_trusted_file(
+    config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(tmp_path / "no-such-file")
+    status, out, err = run_main([*base(config), "-T", path, "--check-config"], capsys)
+    assert status == 2
+    assert out == ""
+    line = one_line(err)
+    assert "--trusted-file" in line
+    assert repr(path) in line
+    assert "No such file" in line
+
+
+def test_trusted_file_that_is_a_directory(
+    config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = run_main([*base(config), "-T", str(tmp_path), "--check-config"], capsys)
+    assert status == 2
+    assert out == ""
+    line = one_line(err)
+    assert "--trusted-file" in line
+    assert repr(str(tmp_path)) in line
+
+
+def test_trusted_file_that_is_not_utf8(
+    config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "trusted.txt"
+    path.write_bytes(b"127.0.0.1\n\xff\xfe 10.0.0.0/8\n")
+    status, out, err = run_main([*base(config), "-T", str(path), "--check-config"], capsys)
+    assert status == 2
+    assert out == ""
+    line = one_line(err)
+    assert "--trusted-file" in line
+    assert repr(str(path)) in line
+
+
+def test_bad_line_in_trusted_file_names_file_and_line(
+    config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "trusted.txt"
+    path.write_text("127.0.0.0/8   # loopback\n# a comment\n\nnot-a-network\n::1\n")
+    status, out, err = run_main([*base(config), "-T", str(path), "--check-config"], capsys)
+    assert status == 2
+    assert out == ""
+    line = one_line(err)
+    assert "--trusted-file" in line
+    assert repr(str(path)) in line
+    assert "line 4" in line
+    assert "not-a-network" in line
+
+
+def test_good_trusted_file_is_accepted(
+    config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "trusted.txt"
+    path.write_text("127.0.0.0/8   # loopback\n# a comment\n\n  ::1  \n192.0.2.0/24\n")
+    status, _out, err = run_main([*base(config), "-T", str(path), "--check-config"], capsys)
+    assert status == 0, err
+
+
+# -- version and help ----------------------------------------------------------------------
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run_main(["--version"], capsys)
+    assert status == 0
+    assert out == f"repeld {__version__}\n"
+    assert err == ""
+
+
+def test_help_mentions_every_long_option(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _err = run_main(["--help"], capsys)
+    assert status == 0
+    missing = [f"--{o.name}" for o in OPTIONS if f"--{o.name}" not in out]
+    missing += [f"--no-{o.name}" for o in OPTIONS if o.negatable and f"--no-{o.name}" not in out]
+    assert not missing, out
+    for short in (o.short for o in OPTIONS if o.short):
+        assert short in out
+    assert "--version" in out
+
+
+# -- the real program ------------------------------------------------------------------------
+
+
+def test_subprocess_bad_delay(config: str) -> None:
+    proc = run_repeld(*base(config), *USER_ARGS, "--delay", "abc")
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    line = one_line(proc.stderr)
+    assert "--delay" in line and "'abc'" in line
+
+
+def test_subprocess_missing_backend(config: str) -> None:
+    proc = run_repeld(*base(config, backend=False), *USER_ARGS)
+    assert proc.returncode == 2
+    assert "--backend" in one_line(proc.stderr)
+
+
+def test_subprocess_bad_trusted_file_is_reported_before_serving(
+    config: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "trusted.txt"
+    path.write_text("127.0.0.2\n10.0.0.0/8\n10.1.2.3.4\n")
+    # No --check-config: the real start-up path must stop before binding.
+    proc = run_repeld(*base(config), *USER_ARGS, "-T", str(path))
+    assert proc.returncode == 2
+    line = one_line(proc.stderr)
+    assert str(path) in line and "line 3" in line
+
+
+def test_subprocess_unreadable_trusted_file(config: str, tmp_path: Path) -> None:
+    proc = run_repeld(*base(config), *USER_ARGS, "-T", str(tmp_path / "absent"))
+    assert proc.returncode == 2
+    line = one_line(proc.stderr)
+    assert "--trusted-file" in line and "absent" in line
+
+
+def test_subprocess_port_in_use_is_one_line_status_1(config: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = run_repeld(
+            "--config", config, *USER_ARGS,
+            "--listen", f"127.0.0.1:{port}",
+            "--backend", "127.0.0.1:25",
+            "--syslog", "udp://127.0.0.1:9",
+        )  # fmt: skip
+    assert proc.returncode == 1
+    line = one_line(proc.stderr)
+    assert "in use" in line.lower()
+
+
+def test_subprocess_version_and_help() -> None:
+    proc = run_repeld("--version")
+    assert proc.returncode == 0
+    assert proc.stdout == f"repeld {__version__}\n"
+    proc = run_repeld("--help")
+    assert proc.returncode == 0
+    assert all(f"--{o.name}" in proc.stdout for o in OPTIONS)

@@ -1,0 +1,342 @@
+"""The event writer never blocks the loop: real unix, UDP-less and TCP receivers.
+
+A syslog daemon that stops reading, disappears or was never there costs repeld
+dropped (and counted) events, never a stalled accept loop.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from repeld import events
+from repeld.core import HangUp, Pass, PassReason
+from repeld.eventlog import RETRY_AFTER, SEND_WAIT, EventLog
+from repeld.events import ConnInfo, Event
+from repeld.logformat import FACILITIES, Header, format_json, format_rfc5424
+from repeld.settings import SyslogTarget
+
+from .syslog_receiver import Received, parse
+
+
+def passed(i: int) -> Event:
+    """A distinct event per `i` (carried in the client port)."""
+    return events.passed(ConnInfo("127.0.0.1", i % 65536, "127.0.0.1", 25),
+                         Pass(PassReason.DELAY, 1.0))  # fmt: skip
+
+
+def marker() -> Event:
+    return events.hangup(ConnInfo("127.0.0.9", 9, "127.0.0.1", 25), HangUp(0.5, reset=False))
+
+
+def _untimed(message: bytes) -> bytes:
+    # The timestamp is the one thing the test cannot know in advance.
+    return re.sub(rb"^(<\d+>)(1 \S+|[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d)", rb"\1TIME", message)
+
+
+def unix_receiver(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    return sock
+
+
+def drain_now(sock: socket.socket) -> list[bytes]:
+    """Every datagram waiting in `sock` right now."""
+    out: list[bytes] = []
+    while True:
+        try:
+            out.append(sock.recv(65536, socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return out
+
+
+# -- a receiver that never reads ----------------------------------------------------
+
+
+async def test_receiver_that_never_reads_costs_drops_not_time(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    queue_size = 256
+    ticks, per_tick, period = 100, 50, 0.1
+    receiver = unix_receiver(tmp_path / "log.sock")
+    log = EventLog(SyslogTarget("unix", path=str(tmp_path / "log.sock")), queue_size=queue_size,
+                   hostname="testhost")  # fmt: skip
+    max_queued = 0
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(log.run)
+            # This task is the event loop's heartbeat: it emits a burst, then
+            # sleeps one period, a hundred times.
+            started = trio.current_time()
+            for tick in range(ticks):
+                for i in range(per_tick):
+                    log.emit(passed(tick * per_tick + i))
+                max_queued = max(max_queued, log.statistics()["queued"])
+                await trio.sleep(period)
+            elapsed = trio.current_time() - started
+            stats = log.statistics()
+            # The heartbeat kept its rhythm although every send now waits
+            # SEND_WAIT for a receiver that does not read ...
+            assert elapsed == pytest.approx(ticks * period, abs=0.01)
+            # ... and finished while the writer was still stuck with a backlog.
+            assert stats["queued"] > 0
+            assert max_queued <= queue_size
+            assert log.dropped > 0
+            assert log.written > 0  # what fitted in the socket before it filled up
+            total = ticks * per_tick
+            assert log.counts["pass"] == total
+            # every event is written, dropped or queued (one may be in flight)
+            assert total - 1 <= stats["written"] + stats["dropped"] + stats["queued"] <= total
+
+            # The receiver wakes up: what it finds is well-formed, and the
+            # writer gets through again.
+            written_before = log.written
+            early = [parse(d) for d in drain_now(receiver)]
+            assert len(early) == written_before
+            assert all(m.format == "rfc5424" and m.event == "pass" for m in early)
+            rsock = trio.socket.from_stdlib_socket(receiver)
+            later: list[Received] = []
+            marked = False
+            with trio.fail_after(queue_size * SEND_WAIT * 2):
+                while not any(m.event == "hangup" for m in later):
+                    if not marked and log.statistics()["queued"] < queue_size:
+                        log.emit(marker())  # as soon as there is room for it
+                        marked = True
+                    later.append(parse(await rsock.recv(65536)))
+            assert log.counts["hangup"] == 1
+            assert all(m.host == "testhost" and m.sd_id == "repeld@32473" for m in later)
+            assert later[-1].fields["client"] == "127.0.0.9"
+            with trio.fail_after(60):
+                while log.written < len(early) + len(later):  # the counter may lag behind
+                    await trio.sleep(0.01)
+            assert log.written == len(early) + len(later)  # every written message arrived
+            nursery.cancel_scope.cancel()
+    finally:
+        receiver.close()
+
+
+async def test_receiver_that_never_reads_real_time(tmp_path: Path) -> None:
+    # The same in real time: the loop is never held for a send.
+    receiver = unix_receiver(tmp_path / "log.sock")
+    log = EventLog(SyslogTarget("unix", path=str(tmp_path / "log.sock")), queue_size=64,
+                   hostname="testhost")  # fmt: skip
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(log.run)
+            wall = time.monotonic()
+            for tick in range(20):
+                for i in range(100):
+                    log.emit(passed(tick * 100 + i))
+                await trio.sleep(0.02)
+            # 20 heartbeats came back while each blocked send waits SEND_WAIT,
+            # so the writer still has most of its backlog.
+            assert log.statistics()["queued"] > 0
+            assert log.dropped > 0
+            assert log.statistics()["queued"] <= 64
+            assert time.monotonic() - wall < 20 * SEND_WAIT  # generous: ~0.4 s expected
+            # The receiver goes away: the backlog fails fast (refused) instead of
+            # each message waiting SEND_WAIT, so the writer can be stopped.
+            receiver.close()
+            with trio.fail_after(60):
+                while log.statistics()["queued"]:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        receiver.close()
+
+
+async def test_cancelling_the_writer_with_a_stuck_receiver_is_prompt(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    receiver = unix_receiver(tmp_path / "log.sock")
+    log = EventLog(SyslogTarget("unix", path=str(tmp_path / "log.sock")), queue_size=256,
+                   hostname="testhost")  # fmt: skip
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(log.run)
+            for i in range(1000):
+                log.emit(passed(i))
+            await trio.sleep(SEND_WAIT * 3)  # the socket is full, the writer stuck
+            assert log.statistics()["queued"] > 100
+            cancelled_at = trio.current_time()
+            nursery.cancel_scope.cancel()
+        # The writer may finish the message in hand and spend flush_nowait()'s
+        # budget; it must not work through the whole backlog first.
+        assert trio.current_time() - cancelled_at <= 3 * SEND_WAIT
+    finally:
+        receiver.close()
+
+
+# -- a receiver that is not there ----------------------------------------------------
+
+
+async def test_missing_unix_socket_counts_drops_and_recovers(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "absent.sock"
+    log = EventLog(SyslogTarget("unix", path=str(path)), hostname="testhost")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(log.run)
+        for i in range(10):
+            log.emit(passed(i))  # never raises
+        with trio.fail_after(60):
+            while log.dropped < 10:
+                await trio.sleep(0.1)
+        assert log.written == 0
+        assert log.dropped == 10
+        err = capsys.readouterr().err
+        assert err.count("cannot connect") == 1, err  # one line per outage
+        assert str(path) in err
+
+        # The syslog daemon starts: after RETRY_AFTER the writer finds it.
+        receiver = unix_receiver(path)
+        try:
+            rsock = trio.socket.from_stdlib_socket(receiver)
+            got: list[Received] = []
+            with trio.fail_after(60):
+                while not got:
+                    log.emit(marker())
+                    with trio.move_on_after(RETRY_AFTER / 4):
+                        got.append(parse(await rsock.recv(65536)))
+            assert got[0].event == "hangup"
+            with trio.fail_after(60):
+                while log.written < 1:  # the receiver may be ahead of the counter
+                    await trio.sleep(0.01)
+        finally:
+            receiver.close()
+        nursery.cancel_scope.cancel()
+
+
+# -- TCP with RFC 6587 octet counting --------------------------------------------------
+
+
+class OctetCountingReceiver:
+    """A real TCP syslog receiver that splits RFC 6587 octet-counted frames."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.connections = 0
+        self.arrived = trio.Event()
+        self._scopes: list[trio.CancelScope] = []
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        listener = listeners[0]
+        assert isinstance(listener, trio.SocketListener)
+        task_status.started(int(listener.socket.getsockname()[1]))
+        await trio.serve_listeners(self.handle, listeners)
+
+    def kick(self) -> None:
+        """Close every connection accepted so far (the receiver restarts)."""
+        for scope in self._scopes:
+            scope.cancel()
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        with trio.CancelScope() as scope:
+            self._scopes.append(scope)
+            async with stream:
+                await self._frames(stream, b"")
+
+    async def _frames(self, stream: trio.SocketStream, buf: bytes) -> None:
+        while True:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return
+            buf += chunk
+            while True:
+                length, sep, rest = buf.partition(b" ")
+                if not sep:
+                    break
+                # MSG-LEN is a NONZERO-DIGIT then DIGITs (RFC 6587 3.4.1)
+                assert length.isdigit() and not length.startswith(b"0"), buf[:40]
+                if len(rest) < int(length):
+                    break
+                self.frames.append(rest[: int(length)])
+                buf = rest[int(length) :]
+                self.arrived.set()
+                self.arrived = trio.Event()
+
+    async def wait_frames(self, count: int) -> list[bytes]:
+        with trio.fail_after(60):
+            while len(self.frames) < count:
+                await self.arrived.wait()
+        return self.frames
+
+
+@pytest.mark.parametrize("fmt", ["rfc5424", "json"])
+async def test_tcp_target_uses_octet_counting(
+    autojump_clock: trio.testing.MockClock, fmt: str
+) -> None:
+    receiver = OctetCountingReceiver()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(receiver.serve)
+        log = EventLog(SyslogTarget("tcp", host="127.0.0.1", port=port), fmt,
+                       facility="local3", hostname="testhost")  # fmt: skip
+        nursery.start_soon(log.run)
+        from repeld.core import EarlyTalk
+
+        hostile = b"EHLO x\r\n<13>1 - - - - - [fake] 999 ]\n\x00\xff"
+        sent: list[Event] = [passed(i) for i in range(50)]
+        sent.append(
+            events.early_talker(
+                ConnInfo("127.0.0.7", 7, "127.0.0.1", 25),
+                EarlyTalk(len(hostile), hostile, 0.1),
+                "drop",
+            )
+        )
+        for event in sent:
+            log.emit(event)
+        frames = await receiver.wait_frames(len(sent))
+        assert len(frames) == len(sent)
+        with trio.fail_after(60):
+            while log.written < len(sent):  # the receiver may be ahead of the counter
+                await trio.sleep(0.01)
+        assert receiver.connections == 1
+        got = [parse(f) for f in frames]
+        assert [g.event for g in got] == [e.name for e in sent]
+        assert all(g.format == fmt and g.facility == FACILITIES["local3"] for g in got)
+        assert [int(g.fields["client_port"]) for g in got[:50]] == list(range(50))
+        assert got[-1].fields["first"] == ("EHLO x\\r\\n<13>1 - - - - - [fake] 999 ]\\n\\x00\\xff")
+        assert all(b"\n" not in f for f in frames)
+        assert log.written == len(sent)
+        assert log.dropped == 0
+        # the framing is exactly LEN SP MSG with the bytes of the formatter
+        header = Header(FACILITIES["local3"], "testhost", "repeld", os.getpid(), "repeld@32473")
+        formatter = format_json if fmt == "json" else format_rfc5424
+        assert [_untimed(f) for f in frames] == [
+            _untimed(formatter(e, header, time.time())) for e in sent
+        ]
+        nursery.cancel_scope.cancel()
+
+
+async def test_tcp_receiver_restart_keeps_framing(autojump_clock: trio.testing.MockClock) -> None:
+    receiver = OctetCountingReceiver()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(receiver.serve)
+        log = EventLog(SyslogTarget("tcp", host="127.0.0.1", port=port), hostname="testhost")
+        nursery.start_soon(log.run)
+        log.emit(passed(0))
+        await receiver.wait_frames(1)
+        # The receiver closes the connection (a syslog daemon restart) ...
+        receiver.kick()
+        # ... repeld drops what it cannot send, reconnects, and frames stay whole.
+        emitted = 1
+        with trio.fail_after(120):
+            while receiver.connections < 2 or len(receiver.frames) < 2:
+                log.emit(passed(emitted))
+                emitted += 1
+                await trio.sleep(0.5)
+        assert all(parse(f).event == "pass" for f in receiver.frames)
+        ports = [int(parse(f).fields["client_port"]) for f in receiver.frames]
+        assert ports == sorted(set(ports))  # in order, none twice
+        stats = log.statistics()
+        assert emitted - 1 <= stats["written"] + stats["dropped"] + stats["queued"] <= emitted
+        nursery.cancel_scope.cancel()
