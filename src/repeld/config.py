@@ -131,6 +131,7 @@ def load_settings(
     try:
         settings = build_settings(values)
         load_trusted(settings)
+        _check_cache(settings)
     except SettingError as exc:
         origin = "command line" if exc.option in flags else (config_path or "command line")
         if exc.option == "backend" and exc.value is None:
@@ -139,6 +140,20 @@ def load_settings(
             ) from None
         raise ConfigError([f"{origin}: {exc}"]) from None
     return settings
+
+
+def _check_cache(settings: Settings) -> None:
+    """What the cache needs from outside: the Redis client library and its password."""
+    spec = settings.cache_spec()
+    if spec.kind != "redis":
+        return
+    try:
+        import redis  # noqa: F401  (only to know it is there)
+    except ImportError:
+        raise SettingError(
+            "cache", str(spec), "needs the redis package: pip install 'repeld[redis]'"
+        ) from None
+    spec.read_password()  # SettingError for an unreadable or empty password file
 
 
 def render_settings(settings: Settings) -> str:

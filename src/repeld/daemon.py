@@ -31,7 +31,7 @@ import trio
 
 from . import __version__, activation, events, privileges, sdnotify, workers
 from .eventlog import EventLog
-from .handoff import resolve_backend
+from .handoff import resolve_optional_backend
 from .pidfile import PidFile, PidFileError
 from .server import Server, open_server
 from .settings import SettingError, Settings, load_trusted
@@ -44,6 +44,13 @@ EXIT_FAILURE = 1
 #: default (700) runs the collector constantly for nothing (held connections
 #: make no reference cycles).
 _GC_GEN0 = 50_000
+
+
+def _handler_fields(settings: Settings) -> dict[str, str]:
+    """The start event's `backend` field, or `exec` for an --exec program."""
+    if settings.exec is not None:
+        return {"exec": " ".join(settings.exec)}
+    return {"backend": str(settings.backend)}
 
 
 def _hostport(host: str, port: int) -> str:
@@ -71,7 +78,7 @@ async def _reload(server: Server, log: EventLog, reload_settings: Callable[[], S
     try:
         settings = reload_settings()
         trusted = load_trusted(settings)
-        backend = await resolve_backend(settings.backend.host, settings.backend.port)
+        backend = await resolve_optional_backend(settings)
     except (SettingError, ValueError, OSError) as exc:
         log.emit(events.config_error(str(exc).replace("\n", "; ")))
     else:
@@ -124,12 +131,12 @@ async def serve_forever(
                 where = ", ".join(str(lst.spec) for lst in server.listeners)
                 log.emit(
                     events.lifecycle(
-                        "start", version=__version__, listen=bound, backend=str(settings.backend)
+                        "start", version=__version__, listen=bound, **_handler_fields(settings)
                     )
                 )
                 if settings.foreground:
                     print(
-                        f"repeld: listening on {where} (bound {bound}), backend {settings.backend}",
+                        f"repeld: listening on {where} (bound {bound}), {settings.handler()}",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -175,6 +182,8 @@ def _make_cache_dir(settings: Settings, user: str) -> None:
     if spec.kind != "sqlite" or not spec.path:
         return
     directory = os.path.dirname(spec.path)
+    if settings.chroot is not None:  # the cache is opened after the chroot
+        directory = os.path.join(settings.chroot, directory.lstrip("/"))
     if os.path.isdir(directory):
         return
     ident = privileges.resolve(user, settings.group)

@@ -23,6 +23,7 @@ __all__ = [
     "cache_notice",
     "config_error",
     "early_talker",
+    "exec_end",
     "hangup",
     "internal_error",
     "lifecycle",
@@ -133,7 +134,7 @@ def penalized(conn: ConnInfo, elapsed: float) -> Event:
 def cache_notice(what: str, message: str) -> Event:
     """The pass cache became unusable ("cache-error", once per outage) or usable again."""
     if what == "cache-error":
-        summary = f"CACHE-ERROR {message}; clients are held as if unknown until it is back"
+        summary = f"CACHE-ERROR {message}; meanwhile every client waits the full delay"
         return _service(what, Severity.WARNING, summary, error=message)
     return _service(what, Severity.NOTICE, f"CACHE-RECOVER {message}", message=message)
 
@@ -199,6 +200,30 @@ def relay_end(
         ),
         f"RELAY-END {conn.peer} after {elapsed:.3f}: {from_client} bytes in,"
         f" {to_client} bytes out in {duration:.3f}s ({end})",
+    )
+
+
+def exec_end(
+    conn: ConnInfo, elapsed: float, duration: float, program: str, status: int, end: str
+) -> Event:
+    """A client handed to an --exec program is done: how the program exited."""
+    elapsed = _ms(elapsed)
+    duration = _ms(duration)
+    how = f"signal {-status}" if status < 0 else f"status {status}"
+    return Event(
+        "exec-end",
+        Severity.INFO,
+        (
+            ("event", "exec-end"),
+            *conn.fields(),
+            ("elapsed", elapsed),
+            ("duration", duration),
+            ("program", program),
+            ("status", status),
+            ("end", end),
+        ),
+        f"EXEC-END {conn.peer} after {elapsed:.3f}: {program} exited with {how}"
+        f" after {duration:.3f}s ({end})",
     )
 
 

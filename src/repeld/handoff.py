@@ -15,8 +15,16 @@ from . import events, proxyproto
 from .eventlog import EventLog
 from .events import ConnInfo
 from .relay import RelayResult, connect, relay, send_all
+from .settings import Settings
 
-__all__ = ["BACKEND_UNAVAILABLE", "BackendTarget", "handoff", "reply_and_close", "resolve_backend"]
+__all__ = [
+    "BACKEND_UNAVAILABLE",
+    "BackendTarget",
+    "handoff",
+    "reply_and_close",
+    "resolve_backend",
+    "resolve_optional_backend",
+]
 
 BACKEND_UNAVAILABLE = b"421 4.3.2 Service temporarily unavailable, try again later\r\n"
 
@@ -39,6 +47,13 @@ async def resolve_backend(host: str, port: int) -> BackendTarget:
             seen.append(entry)
     name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return BackendTarget(name, tuple(seen))
+
+
+async def resolve_optional_backend(settings: Settings) -> BackendTarget | None:
+    """The --backend resolved, or None when clients go to an --exec program."""
+    if settings.backend is None:
+        return None
+    return await resolve_backend(settings.backend.host, settings.backend.port)
 
 
 def reply_and_close(sock: socket.socket, line: bytes) -> None:

@@ -21,11 +21,18 @@ from .capacity import capacity_warnings, default_max_held, raise_nofile
 from .core import EarlyTalk, HangUp, Hold, Pass, PassReason, Penalty, Verdict
 from .eventlog import EventLog
 from .events import ConnInfo
-from .handoff import BackendTarget, handoff, reply_and_close, resolve_backend
+from .handoff import (
+    BackendTarget,
+    handoff,
+    reply_and_close,
+    resolve_backend,
+    resolve_optional_backend,
+)
 from .listeners import backlog_for, open_listeners
 from .pen import Held, HoldingPen
 from .policy import Policy, Refuse, TrustedNetworks, normalize_address
 from .settings import Listen, Settings, load_trusted
+from .ucspi import handoff_exec
 
 __all__ = ["EARLY_REJECT", "SHUTTING_DOWN", "Server", "open_server", "run_server"]
 
@@ -62,7 +69,7 @@ class Server:
         self,
         settings: Settings,
         trusted: TrustedNetworks,
-        backend: BackendTarget,
+        backend: BackendTarget | None,
         log: EventLog,
         max_held: int | None = None,
     ) -> None:
@@ -260,11 +267,19 @@ class Server:
         self._handlers.start_soon(self._handoff, sock, conn, accepted_at, backend or self.backend)
 
     async def _handoff(
-        self, sock: socket.socket, conn: ConnInfo, accepted_at: float, backend: BackendTarget
+        self,
+        sock: socket.socket,
+        conn: ConnInfo,
+        accepted_at: float,
+        backend: BackendTarget | None,
     ) -> None:
         s = self.settings
         self.relays += 1
         try:
+            if backend is None:
+                assert s.exec is not None  # settings guarantee one or the other
+                await handoff_exec(sock, conn, accepted_at, s.exec, self.log)
+                return
             await handoff(
                 sock,
                 conn,
@@ -309,7 +324,7 @@ class Server:
         except (CacheError, OSError) as exc:
             # A mail host keeps accepting mail: without its cache every client
             # simply waits, which is safe.
-            self.log.emit(events.cache_notice("cache-error", str(exc)))
+            self.log.emit(events.cache_notice("cache-error", f"{exc} (cache off until restart)"))
             self.cache = None
 
     async def _serve(self, task_status: trio.TaskStatus[Server]) -> None:
@@ -348,7 +363,7 @@ class Server:
             self._front.cancel()
 
     def apply(
-        self, settings: Settings, trusted: TrustedNetworks, backend: BackendTarget
+        self, settings: Settings, trusted: TrustedNetworks, backend: BackendTarget | None
     ) -> list[str]:
         """Take new settings for the next connections (SIGHUP); what could not change.
 
@@ -426,7 +441,7 @@ async def open_server(
     match a --listen spec.
     """
     trusted = load_trusted(settings)
-    backend = await resolve_backend(settings.backend.host, settings.backend.port)
+    backend = await resolve_optional_backend(settings)
     limits = raise_nofile()
     max_held = settings.max_held or default_max_held(limits.soft)
     backlog, accept_cap = backlog_for(settings)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -259,6 +260,18 @@ def _path(text: str) -> str:
     return text
 
 
+def _command(text: str) -> tuple[str, ...]:
+    try:
+        argv = tuple(shlex.split(text))
+    except ValueError as exc:
+        raise SettingError("exec", text, str(exc)) from None
+    if not argv:
+        raise SettingError("exec", text, "expected a program to run")
+    if not argv[0].startswith("/"):
+        raise SettingError("exec", text, "give the program's absolute path")
+    return argv
+
+
 def _cache(text: str) -> CacheSpec:
     from .cache import parse_cache_url
 
@@ -273,7 +286,7 @@ def _v6_prefix(text: str) -> int:
 
 def _workers(text: str) -> int:
     if text == "auto":
-        return max(1, os.cpu_count() or 1)
+        return min(256, max(1, os.cpu_count() or 1))
     if not _DIGITS.fullmatch(text):
         raise SettingError("workers", text, "expected a number of processes or auto")
     value = int(text, 10)
@@ -333,6 +346,15 @@ OPTIONS: tuple[Option, ...] = (
         None,
         "the MTA to hand patient clients to (required)",
         metavar="HOST:PORT",
+    ),
+    Option(
+        "exec",
+        "-e",
+        _command,
+        None,
+        "instead of a backend, run this program for each passed client with the client as "
+        "its stdin and stdout (inetd/ucspi-tcp style; TCPREMOTEIP and friends are set)",
+        metavar="'PROGRAM [ARGS]'",
     ),
     Option(
         "delay",
@@ -575,6 +597,12 @@ OPTION_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
 class Settings:
     """The effective settings of a running repeld, all validated."""
 
+    def handler(self) -> str:
+        """Who gets the passed clients, for log lines: the backend or the program."""
+        if self.exec is not None:
+            return "exec " + shlex.join(self.exec)
+        return f"backend {self.backend}"
+
     def cache_spec(self) -> CacheSpec:
         """The pass cache in force: --no-cache, else --cache, else the platform default."""
         from .cache import CacheSpec, parse_cache_url
@@ -583,7 +611,7 @@ class Settings:
             return CacheSpec("none")
         return self.cache if self.cache is not None else parse_cache_url("sqlite")
 
-    backend: Backend
+    backend: Backend | None = None
     listen: tuple[Listen, ...] = (Listen("0.0.0.0", 25), Listen("::", 25))
     delay: float = 25.0
     trusted: tuple[str, ...] = ()
@@ -595,6 +623,7 @@ class Settings:
     log_format: str = "rfc5424"
     facility: str = "mail"
     sd_id: str = "repeld@32473"
+    exec: tuple[str, ...] | None = None
     relay_timeout: float = 600.0
     connect_timeout: float = 10.0
     backlog: int | None = None
@@ -625,8 +654,10 @@ def build_settings(values: Mapping[str, Any]) -> Settings:
         name = sorted(unknown)[0]
         raise SettingError(name, values[name], "unknown option")
     backend = values.get("backend")
-    if backend is None:
+    if backend is None and values.get("exec") is None:
         raise SettingError("backend", None, "required: the MTA to hand patient clients to")
+    if backend is not None and values.get("exec") is not None:
+        raise SettingError("exec", " ".join(values["exec"]), "give --exec or --backend, not both")
     kwargs: dict[str, Any] = {}
     for opt in OPTIONS:
         if opt.name in values and values[opt.name] is not None:

@@ -1,8 +1,10 @@
 """One worker per core: a parent binds once, spawns workers, restarts them, sums stats.
 
 With `--workers N` (N > 1) the process that the admin starts becomes a small
-supervisor. It binds every listener (as root), writes the pidfile, drops
-privileges, and spawns N copies of itself (`python -m repeld` with the same
+supervisor. It binds every listener (as root) or takes them from systemd,
+writes the pidfile, stays root like Postfix's master (so that it can replace a
+worker at any time), and spawns N copies of itself, each of which drops
+privileges on its own (`python -m repeld` with the same
 arguments) that inherit the listening sockets. On Linux and FreeBSD each worker
 gets its own socket per listener bound with SO_REUSEPORT (SO_REUSEPORT_LB on
 FreeBSD), so the kernel spreads new connections over the workers; elsewhere
@@ -34,7 +36,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import trio
 
-from . import __version__, events, sdnotify
+from . import __version__, activation, events, sdnotify
 from .eventlog import EventLog
 from .listeners import backlog_for, open_listeners, reuseport_option
 from .settings import Listen, SettingError, Settings
@@ -113,6 +115,12 @@ async def watch_parent(on_orphaned: Callable[[], None]) -> None:
 def announce_ready() -> bool:
     """In a worker: say that signals are handled now (before, one would kill it)."""
     return _tell_parent({"ready": 1})
+
+
+def _handler_fields(settings: Settings) -> dict[str, str]:
+    if settings.exec is not None:
+        return {"exec": " ".join(settings.exec)}
+    return {"backend": str(settings.backend)}
 
 
 def _fd_name(spec: Listen) -> str:
@@ -288,11 +296,13 @@ async def supervise(
         sigs.append(signal.SIGINFO)
     with trio.open_signal_receiver(*sigs) as signals:
         backlog, _ = backlog_for(settings)
-        balanced = reuseport_option() is not None
+        inherited = activation.listen_fds() if "LISTEN_FDS" in os.environ else []
+        # systemd's sockets cannot be copied with SO_REUSEPORT: workers share them.
+        balanced = reuseport_option() is not None and not inherited
         copies = settings.workers if balanced else 1
         sockets: list[list[tuple[socket.socket, Listen]]] = []
         try:
-            sockets.append(open_listeners(settings, backlog, reuseport=balanced))
+            sockets.append(open_listeners(settings, backlog, inherited, reuseport=balanced))
             # Port 0 (tests) means "any": every copy must share the first one's port.
             same = dataclasses.replace(
                 settings,
@@ -326,14 +336,14 @@ async def supervise(
                         "start",
                         version=__version__,
                         listen=bound,
-                        backend=str(settings.backend),
+                        **_handler_fields(settings),
                         workers=settings.workers,
                     )
                 )
                 if settings.foreground:
                     print(
-                        f"repeld: listening on {where} (bound {bound}), backend "
-                        f"{settings.backend}, {settings.workers} workers",
+                        f"repeld: listening on {where} (bound {bound}), "
+                        f"{settings.handler()}, {settings.workers} workers",
                         file=sys.stderr,
                         flush=True,
                     )
