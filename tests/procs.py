@@ -7,15 +7,15 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
-import signal
 import socket
 import socketserver
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from signal import SIGTERM
 
 import redis
 
@@ -23,6 +23,17 @@ from .syslog_receiver import Received, parse
 
 TIMEOUT = 30.0
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Poll `predicate()` until it is true or `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -37,14 +48,16 @@ class SyslogUDP:
     """A real UDP syslog receiver; every datagram must parse."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
         self.sock.bind((host, 0))
         self.messages: list[Received] = []
+        self.raw: list[bytes] = []
 
     @property
     def target(self) -> str:
         host, port = self.sock.getsockname()[:2]
-        return f"udp://{host}:{port}"
+        return f"udp://[{host}]:{port}" if ":" in host else f"udp://{host}:{port}"
 
     def _receive(self, timeout: float) -> bool:
         self.sock.settimeout(max(timeout, 0.001))
@@ -52,6 +65,7 @@ class SyslogUDP:
             data = self.sock.recv(65536)
         except TimeoutError:
             return False
+        self.raw.append(data)
         self.messages.append(parse(data))
         return True
 
@@ -99,6 +113,8 @@ class Daemon:
             env=env,
         )
         self.lines: list[str] = []
+        self.address: tuple[str, int] = ("", 0)
+        self.killed = False
         self._cond = threading.Condition()
         self._eof = False
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -141,10 +157,11 @@ class Daemon:
                 self._cond.wait(left)
 
     def wait_listening(self) -> tuple[str, int]:
-        """The first bound address, once repeld says it listens."""
+        """The first bound address, once repeld says it listens (also in `.address`)."""
         m = self.wait_line(r"^repeld: listening on .* \(bound (?P<bound>[^)]*)\)")
         host, _, port = m["bound"].split()[0].rpartition(":")
-        return host.strip("[]"), int(port)
+        self.address = (host.strip("[]"), int(port))
+        return self.address
 
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
@@ -156,13 +173,14 @@ class Daemon:
             self._reader.join(timeout)
         return status
 
-    def stop(self) -> int:
-        """SIGTERM, then SIGKILL if it does not exit; the exit status."""
+    def stop(self, sig: int = SIGTERM, timeout: float = TIMEOUT) -> int:
+        """Signal it, then SIGKILL if it does not exit (`.killed`); the exit status."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
-                self.proc.wait(TIMEOUT)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                self.killed = True
                 self.proc.kill()
                 self.proc.wait(TIMEOUT)
         self._reader.join(TIMEOUT)

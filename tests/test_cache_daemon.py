@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -115,20 +114,6 @@ async def test_no_cache_remembers_nobody(autojump_clock: trio.testing.MockClock)
 
 
 # -- real processes -------------------------------------------------------------
-
-
-@pytest.fixture
-def syslog() -> Iterator[SyslogUDP]:
-    receiver = SyslogUDP()
-    yield receiver
-    receiver.close()
-
-
-@pytest.fixture
-def backend() -> Iterator[LineBackend]:
-    server = LineBackend()
-    yield server
-    server.close()
 
 
 def _greeted_after(port: int, source: str) -> float:

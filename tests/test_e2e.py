@@ -20,11 +20,10 @@ import signal
 import smtplib
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,9 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from .postfix_fixture import POSTFIX, free_port, is_listening, postfix_instance, wait_for
-from .syslog_receiver import Received, parse
+from .postfix_fixture import POSTFIX, is_listening, postfix_instance
+from .procs import Daemon as Repeld
+from .procs import SyslogUDP, free_port, wait_for
 
 #: Short greeting delay for sessions that must get through.
 DELAY = 0.5
@@ -68,147 +68,6 @@ def _ipv6_loopback() -> bool:
 
 
 HAVE_IPV6 = _ipv6_loopback()
-
-
-# -- the syslog receiver ---------------------------------------------------------
-
-
-class SyslogUDP:
-    """A real UDP syslog receiver; every datagram must parse."""
-
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
-        self.messages: list[Received] = []
-        self.raw: list[bytes] = []
-
-    @property
-    def target(self) -> str:
-        host, port = self.sock.getsockname()[:2]
-        return f"udp://[{host}]:{port}" if ":" in host else f"udp://{host}:{port}"
-
-    def wait_for(self, event: str, count: int = 1, timeout: float = TIMEOUT) -> list[Received]:
-        """At least `count` messages for `event`, waiting up to `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [m for m in self.messages if m.event == event]
-            if len(found) >= count:
-                return found
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(
-                    f"expected {count} {event!r} event(s) within {timeout}s, "
-                    f"got {[m.event for m in self.messages]}"
-                )
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            self.raw.append(data)
-            self.messages.append(parse(data))
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@pytest.fixture
-def syslog() -> Iterator[SyslogUDP]:
-    receiver = SyslogUDP()
-    try:
-        yield receiver
-    finally:
-        receiver.close()
-
-
-# -- repeld as a subprocess ---------------------------------------------------
-
-
-class Repeld:
-    """`python -m repeld -f ARGS` with its stderr collected line by line."""
-
-    def __init__(self, args: Sequence[str]) -> None:
-        self.argv = [sys.executable, "-m", "repeld", "-f", *args]
-        self.proc = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-        )
-        self.lines: list[str] = []
-        self.killed = False
-        self.address: tuple[str, int] = ("", 0)
-        self._cond = threading.Condition()
-        self._eof = False
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        stream = self.proc.stderr
-        assert stream is not None
-        for line in stream:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
-    def stderr_text(self) -> str:
-        with self._cond:
-            return "\n".join(self.lines)
-
-    def wait_line(self, pattern: str, timeout: float = TIMEOUT) -> re.Match[str]:
-        """The first stderr line matching `pattern`, waiting up to `timeout` seconds."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for line in self.lines:
-                    m = rx.search(line)
-                    if m:
-                        return m
-                if self._eof:
-                    raise AssertionError(
-                        f"repeld exited (status {self.proc.poll()}) without a line matching "
-                        f"{pattern!r}; stderr:\n" + "\n".join(self.lines)
-                    )
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(
-                        f"no stderr line matching {pattern!r} within {timeout}s; stderr:\n"
-                        + "\n".join(self.lines)
-                    )
-                self._cond.wait(left)
-
-    def wait_listening(self) -> tuple[str, int]:
-        # "repeld: listening on ADDR:PORT [ADDR:PORT...], backend HOST:PORT"
-        m = self.wait_line(r"^repeld: listening on (?P<where>.*), backend ")
-        where = m["where"]
-        if "(bound " in where:  # an older wording: "SPEC (bound ADDR:PORT)"
-            where = where.split("(bound ", 1)[1].rstrip(")")
-        host, _, port = where.split()[0].rpartition(":")
-        host = host.removeprefix("[").removesuffix("]")
-        self.address = (host, int(port))
-        return self.address
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        """Signal the process, wait for it (SIGKILL after `timeout`); its exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.killed = True
-                self.proc.kill()
-                self.proc.wait(timeout)
-        self._reader.join(timeout)
-        assert self.proc.returncode is not None
-        return self.proc.returncode
 
 
 #: As root, repeld insists on a user to drop to after binding: a real drop.

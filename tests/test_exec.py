@@ -6,7 +6,6 @@ import os
 import shlex
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,13 +24,6 @@ SMTP_SH = (
     'while read -r line; do case "$line" in QUIT*) printf "221 bye\\r\\n"; exit 3;; '
     '*) printf "250 ok\\r\\n";; esac; done'
 )
-
-
-@pytest.fixture
-def syslog() -> Iterator[SyslogUDP]:
-    receiver = SyslogUDP()
-    yield receiver
-    receiver.close()
 
 
 def test_the_program_talks_to_the_client_and_knows_who_it_is(syslog: SyslogUDP) -> None:

@@ -13,7 +13,6 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,20 +30,6 @@ from .procs import (
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root (CI runs as root)")
 AS_ROOT = ["--user", "root"] if ROOT else []
-
-
-@pytest.fixture
-def syslog() -> Iterator[SyslogUDP]:
-    receiver = SyslogUDP()
-    yield receiver
-    receiver.close()
-
-
-@pytest.fixture
-def backend() -> Iterator[LineBackend]:
-    server = LineBackend()
-    yield server
-    server.close()
 
 
 def _status(pid: int) -> dict[str, str]:

@@ -70,6 +70,7 @@ __all__ = [
     "OutageNotice",
     "PassCache",
     "PendingWrites",
+    "QueuedVerdicts",
     "Write",
     "cache_key",
     "default_cache_path",
@@ -248,6 +249,38 @@ class OutageNotice:
 
 #: A queued write: the verdict (UNKNOWN means "forget the key") and its expiry.
 Write = tuple[CacheVerdict, float]
+
+
+class QueuedVerdicts:
+    """remember_good/remember_bad for a backend that writes in batches from `run`.
+
+    The backend provides `pass_ttl`, `penalty_ttl`, `_closed`, `_pending` (a
+    PendingWrites), `_stats` and `_wallclock`; verdicts carry wall-clock expiries.
+    """
+
+    pass_ttl: float
+    penalty_ttl: float | None
+    _closed: bool
+    _pending: PendingWrites
+    _stats: CacheStats
+    _wallclock: Callable[[], float]
+
+    def _queue(self, key: str, verdict: CacheVerdict, ttl: float) -> None:
+        if self._closed or not self._pending.put(key, verdict, self._wallclock() + ttl):
+            self._stats.dropped += 1
+            return
+        self._stats.writes += 1
+
+    def remember_good(self, key: str) -> None:
+        """Queue a pass for `key`; never blocks."""
+        self._queue(key, CacheVerdict.GOOD, self.pass_ttl)
+
+    def remember_bad(self, key: str) -> None:
+        """Queue a penalty for `key`, or with penalties off forget its pass; never blocks."""
+        if self.penalty_ttl is not None:
+            self._queue(key, CacheVerdict.BAD, self.penalty_ttl)
+        else:  # forget any pass: an early talker is never left marked good
+            self._queue(key, CacheVerdict.UNKNOWN, self.pass_ttl)
 
 
 class PendingWrites:

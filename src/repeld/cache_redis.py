@@ -71,6 +71,7 @@ from .cache import (
     Callback,
     OutageNotice,
     PendingWrites,
+    QueuedVerdicts,
     Write,
 )
 
@@ -82,7 +83,7 @@ DEFAULT_NAMESPACE = "repeld"
 _ERRORS = (redis.RedisError, OSError)
 
 
-class RedisCache:
+class RedisCache(QueuedVerdicts):
     """A `PassCache` in Redis; see the module docstring."""
 
     def __init__(
@@ -267,21 +268,6 @@ class RedisCache:
         if good is not None:
             return self._stats.count(CacheVerdict.GOOD)
         return self._stats.count(CacheVerdict.UNKNOWN)
-
-    def _queue(self, key: str, verdict: CacheVerdict, ttl: float) -> None:
-        if self._closed or not self._pending.put(key, verdict, self._wallclock() + ttl):
-            self._stats.dropped += 1
-            return
-        self._stats.writes += 1
-
-    def remember_good(self, key: str) -> None:
-        self._queue(key, CacheVerdict.GOOD, self.pass_ttl)
-
-    def remember_bad(self, key: str) -> None:
-        if self.penalty_ttl is not None:
-            self._queue(key, CacheVerdict.BAD, self.penalty_ttl)
-        else:  # forget any pass: an early talker is never left marked good
-            self._queue(key, CacheVerdict.UNKNOWN, self.pass_ttl)
 
     async def flush(self) -> None:
         """Write the queued verdicts now, if Redis is up (run does this every flush_interval)."""

@@ -57,6 +57,7 @@ from .cache import (
     Callback,
     OutageNotice,
     PendingWrites,
+    QueuedVerdicts,
     Write,
 )
 
@@ -98,7 +99,7 @@ def _open(path: str, busy_timeout: float) -> sqlite3.Connection:
     return conn
 
 
-class SqliteCache:
+class SqliteCache(QueuedVerdicts):
     """A `PassCache` in an SQLite file; see the module docstring."""
 
     def __init__(
@@ -236,21 +237,6 @@ class SqliteCache:
         except ValueError:  # a value this repeld does not know: not cached
             verdict = CacheVerdict.UNKNOWN
         return self._stats.count(verdict)
-
-    def _queue(self, key: str, verdict: CacheVerdict, ttl: float) -> None:
-        if self._closed or not self._pending.put(key, verdict, self._wallclock() + ttl):
-            self._stats.dropped += 1
-            return
-        self._stats.writes += 1
-
-    def remember_good(self, key: str) -> None:
-        self._queue(key, CacheVerdict.GOOD, self.pass_ttl)
-
-    def remember_bad(self, key: str) -> None:
-        if self.penalty_ttl is not None:
-            self._queue(key, CacheVerdict.BAD, self.penalty_ttl)
-        else:  # forget any pass: an early talker is never left marked good
-            self._queue(key, CacheVerdict.UNKNOWN, self.pass_ttl)
 
     async def flush(self) -> None:
         """Write the queued verdicts now (run does this every flush_interval)."""

@@ -1,0 +1,632 @@
+"""Shared helpers for scripts/bench-hold and scripts/bench-relay (loopback only).
+
+What is here:
+- address and port helpers that refuse anything outside 127.0.0.0/8 and ::1;
+- /proc readers for a server's process tree: RSS, RssAnon, PSS, CPU
+  (utime+stime), open descriptors, and the server-side sockets of a port held
+  by each process (matched through /proc/net/tcp inodes, as hold_idle.py does);
+- starting and stopping the servers under test: repeld and smtp-sink as our
+  own children (stopped by their PID), and the peers through the start/stop
+  scripts of /work/shared/peers (which act only by PID too);
+- small statistics and a plain-text table printer.
+
+Nothing here ever kills by name, and nothing talks to a non-loopback address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "IP_BIND_ADDRESS_NO_PORT",
+    "PEERS",
+    "CpuSample",
+    "MemSample",
+    "Server",
+    "UdpSink",
+    "assert_loopback",
+    "bind_source",
+    "cpu_seconds",
+    "fd_count",
+    "free_port",
+    "machine_facts",
+    "mem_sample",
+    "percentile",
+    "print_table",
+    "raise_nofile",
+    "rst_close",
+    "server_held",
+    "sockstat",
+    "start_haproxy",
+    "start_postscreen",
+    "start_repeld",
+    "start_smtp_sink",
+    "stopping",
+    "tree_pids",
+    "wait_listening",
+]
+
+#: The peers' start/stop scripts (see its README.md).
+PEERS = Path(os.environ.get("REPELD_PEERS", "/work/shared/peers"))
+#: Linux: let connect() choose the source port (4-tuple unique), so thousands of
+#: sockets on one source address do not exhaust bind()'s port search.
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+# ---------------------------------------------------------------- addresses
+
+
+def assert_loopback(*addresses: str) -> None:
+    """Exit 2 if any address is not loopback (127.0.0.0/8 or ::1)."""
+    for addr in addresses:
+        if not ipaddress.ip_address(addr).is_loopback:
+            print(f"refusing non-loopback address {addr}", file=sys.stderr)
+            sys.exit(2)
+
+
+def _port_free(port: int) -> bool:
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET, "0.0.0.0")):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def free_port(used: set[int] | None = None) -> int:
+    """A TCP port that nothing listens on, below the ephemeral range (32768+) so
+    that the load's own source ports can never collide with it."""
+    used = used if used is not None else set()
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(500):
+        port = rng.randrange(20000, 32000)
+        if port not in used and _port_free(port):
+            used.add(port)
+            return port
+    raise RuntimeError("no free TCP port found in 20000-31999")
+
+
+def wait_listening(port: int, timeout: float = 20.0) -> bool:
+    """Whether a listener on `port` shows up in /proc/net/tcp* within `timeout`
+    (checked without connecting, so no server logs a probe)."""
+    hexport = f":{port:04X}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                with open(path) as f:
+                    next(f)
+                    for line in f:
+                        parts = line.split()
+                        if parts[1].endswith(hexport) and parts[3] == "0A":
+                            return True
+            except OSError:
+                pass
+        time.sleep(0.05)
+    return False
+
+
+def raise_nofile() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to the hard limit; the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def bind_source(sock: socket.socket, source: str | None) -> None:
+    """Bind `sock` to a source address with IP_BIND_ADDRESS_NO_PORT (IPv4)."""
+    if source:
+        if sock.family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((source, 0))
+
+
+def rst_close(sock: socket.socket) -> None:
+    """Abortive close (RST): leaves no TIME_WAIT, so back-to-back runs do not pile up."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+
+
+# ---------------------------------------------------------------- /proc
+
+
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        rest = data[data.rindex(")") + 2 :].split()
+        kids.setdefault(int(rest[1]), []).append(int(d))
+    return kids
+
+
+def tree_pids(root: int) -> list[int]:
+    """`root` and all its descendants that exist now."""
+    kids = _children_map()
+    out: list[int] = []
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        if os.path.exists(f"/proc/{pid}"):
+            out.append(pid)
+            todo.extend(kids.get(pid, []))
+    return out
+
+
+@dataclass
+class MemSample:
+    """Memory of a process tree, in KiB."""
+
+    rss: int = 0
+    anon: int = 0  # RssAnon
+    pss: int = 0
+    pss_anon: int = 0  # Pss_Anon: anonymous pages, shared ones split between sharers
+    nproc: int = 0
+    threads: int = 0
+    per_comm: dict[str, int] = field(default_factory=dict)  # comm -> RSS KiB
+
+
+def mem_sample(pids: Sequence[int]) -> MemSample:
+    """Summed VmRSS, RssAnon (from status), PSS and Pss_Anon (from smaps_rollup)."""
+    out = MemSample()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                comm = f.read().strip()
+            rss = anon = threads = 0
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        rss = int(line.split()[1])
+                    elif line.startswith("RssAnon:"):
+                        anon = int(line.split()[1])
+                    elif line.startswith("Threads:"):
+                        threads = int(line.split()[1])
+            pss = pss_anon = 0
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        pss = int(line.split()[1])
+                    elif line.startswith("Pss_Anon:"):
+                        pss_anon = int(line.split()[1])
+        except OSError:
+            continue
+        out.rss += rss
+        out.anon += anon
+        out.pss += pss
+        out.pss_anon += pss_anon
+        out.nproc += 1
+        out.threads += threads
+        out.per_comm[comm] = out.per_comm.get(comm, 0) + rss
+    return out
+
+
+@dataclass
+class CpuSample:
+    """CPU seconds (user + system) of a process tree at one moment."""
+
+    seconds: float
+    wall: float
+
+
+def cpu_seconds(pids: Sequence[int]) -> CpuSample:
+    """On-CPU time of every thread of the given processes, in seconds.
+
+    Read from /proc/PID/task/TID/schedstat (nanoseconds) where the kernel has
+    it; otherwise utime+stime from /proc/PID/stat (1/CLK_TCK resolution).
+    """
+    total = 0.0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+            ns = 0
+            for tid in tids:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    ns += int(f.read().split()[0])
+            total += ns / 1e9
+            continue
+        except (OSError, ValueError, IndexError):
+            pass
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        rest = data[data.rindex(")") + 2 :].split()
+        # fields 14-15 (1-based) = utime stime; rest starts at field 3
+        total += (int(rest[11]) + int(rest[12])) / CLK_TCK
+    return CpuSample(total, time.monotonic())
+
+
+def fd_count(pids: Sequence[int]) -> int:
+    """Open descriptors of the given processes (a cheap count of accepted sockets)."""
+    n = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            n += len(os.listdir(f"/proc/{pid}/fd"))
+    return n
+
+
+def _server_inodes(port: int) -> set[str]:
+    # ESTABLISHED (01) or CLOSE_WAIT (08) sockets whose LOCAL port is `port`.
+    hexport = f":{port:04X}"
+    inodes: set[str] = set()
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f)
+                for line in f:
+                    p = line.split()
+                    if p[1].endswith(hexport) and p[3] in ("01", "08"):
+                        inodes.add(p[9])
+        except OSError:
+            pass
+    return inodes
+
+
+def server_held(pids: Sequence[int], port: int) -> dict[str, int]:
+    """comm -> how many server-side sockets of `port` that process has open."""
+    inodes = _server_inodes(port)
+    out: dict[str, int] = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                comm = f.read().strip()
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        n = 0
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                n += 1
+        if n:
+            out[comm] = out.get(comm, 0) + n
+    return out
+
+
+def sockstat() -> dict[str, int]:
+    """System-wide TCP numbers from /proc/net/sockstat ('mem' is in pages)."""
+    with contextlib.suppress(OSError), open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                v = line.split()[1:]
+                return {k: int(x) for k, x in zip(v[::2], v[1::2], strict=True)}
+    return {}
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation; nan for no values."""
+    if not values:
+        return math.nan
+    s = sorted(values)
+    k = (len(s) - 1) * q / 100.0
+    lo = math.floor(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A plain-text table, first column left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        out = [cells[0].ljust(widths[0])]
+        out += [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+        return "| " + " | ".join(out) + " |"
+
+    print(line(header))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print(line(r))
+    sys.stdout.flush()
+
+
+def machine_facts() -> dict[str, str]:
+    """What the figures were measured on."""
+    facts = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "kernel": os.uname().release,
+        "cpus": str(os.cpu_count()),
+        "python": sys.version.split()[0],
+        "nofile": "/".join(str(x) for x in resource.getrlimit(resource.RLIMIT_NOFILE)),
+    }
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                facts["cpu"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        facts["mem"] = f.readline().split(":", 1)[1].strip()
+    with contextlib.suppress(OSError), open("/proc/loadavg") as f:
+        facts["loadavg"] = " ".join(f.read().split()[:3])
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        repo = Path(__file__).resolve().parent.parent
+        rev = subprocess.run(
+            ["git", "-C", str(repo), "describe", "--always", "--dirty"],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+        facts["repeld_git"] = rev.stdout.decode().strip() or "unknown"
+    for name in ("net/core/somaxconn",):
+        with contextlib.suppress(OSError), open(f"/proc/sys/{name}") as f:
+            facts[name.rsplit("/", 1)[1]] = f.read().strip()
+    return facts
+
+
+# ---------------------------------------------------------------- servers
+
+
+class UdpSink:
+    """A loopback UDP socket that plays syslog: it counts datagrams when drained.
+
+    Datagrams wait in a large receive buffer and are counted by `drain()` between
+    the bench phases, so the sink costs no CPU while a measurement runs.
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with contextlib.suppress(OSError):  # root: beyond rmem_max
+            self.sock.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.port = int(self.sock.getsockname()[1])
+        self.count = 0
+        self.by_msgid: dict[str, int] = {}
+
+    def drain(self) -> int:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return self.count
+            self.count += 1
+            # RFC 5424: <PRI>1 TIMESTAMP HOST APP PROCID MSGID ...
+            parts = data.split(b" ", 6)
+            if len(parts) > 5:
+                msgid = parts[5].decode("ascii", "replace")
+                self.by_msgid[msgid] = self.by_msgid.get(msgid, 0) + 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class Server:
+    """A server under test: its process-tree root, port and how to stop it."""
+
+    name: str
+    pid: int
+    port: int
+    stop_cmd: list[str] | None = None  # a peer's stop script, else we signal `pid`
+    proc: subprocess.Popen[bytes] | None = None
+    log: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    note: str = ""
+
+    def pids(self) -> list[int]:
+        return tree_pids(self.pid)
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return os.path.exists(f"/proc/{self.pid}")
+
+    def stop(self) -> None:
+        if self.stop_cmd is not None:
+            subprocess.run(
+                self.stop_cmd,
+                env={**os.environ, **self.env},
+                check=False,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=60,
+            )
+            return
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+
+def _spawn(
+    name: str, argv: list[str], port: int, logdir: Path, env: dict[str, str] | None = None
+) -> Server:
+    log = logdir / f"{name}-{port}.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+    srv = Server(name, proc.pid, port, proc=proc, log=str(log))
+    if not wait_listening(port, 20.0) or proc.poll() is not None:
+        srv.stop()
+        tail = log.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{name} did not start listening on {port}:\n{tail}")
+    return srv
+
+
+def start_smtp_sink(port: int, logdir: Path, backlog: int = 4096) -> Server:
+    """Postfix's smtp-sink on 127.0.0.1:port (with -u nobody when root)."""
+    exe = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+    argv = [exe]
+    if os.geteuid() == 0:
+        argv += ["-u", "nobody"]
+    argv += [f"127.0.0.1:{port}", str(backlog)]
+    return _spawn("smtp-sink", argv, port, logdir)
+
+
+def _fresh_cache(argv: list[str], logdir: Path, port: int, pythonpath: str) -> list[str]:
+    """`--cache sqlite:` in a new file when this repeld has a pass cache.
+
+    The default cache persists across runs, and the benches reuse client
+    addresses: a fresh file keeps the default code path without yesterday's
+    passes. (Older repeld without --cache: nothing.)
+    """
+    env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None
+    try:
+        helptext = subprocess.run(
+            [*argv, "--help"], capture_output=True, timeout=30, check=False, env=env
+        ).stdout.decode(errors="replace")
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if "--cache URL" not in helptext:
+        return []
+    cachedir = logdir / f"cache-{port}"
+    cachedir.mkdir(mode=0o777, exist_ok=True)
+    os.chmod(cachedir, 0o777)  # the service user writes here
+    return ["--cache", f"sqlite:{cachedir}/cache.sqlite"]
+
+
+def start_repeld(
+    port: int,
+    backend_port: int,
+    delay: float,
+    syslog_port: int,
+    logdir: Path,
+    extra: Sequence[str] = (),
+    wrapper: Sequence[str] = (),
+    *,
+    foreground: bool = True,
+    pythonpath: str = "",
+    name: str = "repeld",
+) -> Server:
+    """repeld on 127.0.0.1:port in front of 127.0.0.1:backend_port.
+
+    `wrapper` replaces `python -m repeld` (e.g. scripts/profile_repeld.py for
+    profiling); `pythonpath` puts another source tree first (an A/B of a patch).
+    """
+    argv = list(wrapper) if wrapper else [sys.executable, "-m", "repeld"]
+    opts = ["-f"] if foreground else []
+    opts += ["-l", f"127.0.0.1:{port}", "-b", f"127.0.0.1:{backend_port}", "-d", f"{delay:g}"]
+    opts += ["--syslog", f"udp://127.0.0.1:{syslog_port}"]
+    if os.geteuid() == 0 and not any(
+        x in ("-u", "--user") or x.startswith("--user=") for x in extra
+    ):
+        opts += ["--user", "nobody"]  # as in production: drop root after binding
+    if not any(x.startswith(("--cache", "--no-cache")) for x in extra):
+        opts += _fresh_cache(argv, logdir, port, pythonpath)
+    opts += list(extra)
+    env = {"PYTHONPATH": pythonpath} if pythonpath else None
+    srv = _spawn(name, argv + opts, port, logdir, env)
+    srv.note = (f"PYTHONPATH={pythonpath} " if pythonpath else "") + " ".join(opts)
+    return srv
+
+
+def _run_start_script(script: str, env: dict[str, str]) -> int:
+    res = subprocess.run(
+        [str(PEERS / script)],
+        env={**os.environ, **env},
+        check=False,
+        capture_output=True,
+        timeout=120,
+    )
+    lines = res.stdout.decode(errors="replace").strip().splitlines()
+    if res.returncode != 0 or not lines or not lines[-1].strip().isdigit():
+        raise RuntimeError(
+            f"{script} failed (rc {res.returncode}): {res.stderr.decode(errors='replace')[-2000:]}"
+        )
+    return int(lines[-1].strip())
+
+
+def start_postscreen(port: int, delay: int, held: int, name: str = "benchps") -> Server:
+    """A private postscreen via start_postscreen.sh; greet action drop (521 + close)."""
+    env = {
+        "PS_NAME": name,
+        "PS_PORT": str(port),
+        "PS_GREET_WAIT": f"{delay}s",
+        "PS_GREET_ACTION": "drop",
+        # postscreen enters stress mode at 90 % of the pre-queue limit: keep far off
+        "PS_PRE_QUEUE": str(max(10000, 2 * held + 1000)),
+        # default_process_limit is also postscreen's listen(2) backlog: 100 would
+        # drop SYNs under a fast ramp; 4096 = the kernel's somaxconn here
+        "PS_PROCS": "4096",
+    }
+    pid = _run_start_script("start_postscreen.sh", env)
+    return Server(
+        "postscreen",
+        pid,
+        port,
+        stop_cmd=[str(PEERS / "stop_postscreen.sh"), name],
+        env=env,
+        log=f"/tmp/peers/postfix-{name}.log",
+        note=" ".join(f"{k}={v}" for k, v in env.items()) + " start_postscreen.sh",
+    )
+
+
+def start_haproxy(
+    port: int, backend_port: int, delay: float, name: str = "benchhp", trusted: str = ""
+) -> Server:
+    """HAProxy (TCP mode, inspect-delay recipe) via start_haproxy.sh, PROXY off."""
+    env = {
+        "HP_NAME": name,
+        "HP_PORT": str(port),
+        "HP_DELAY": f"{delay:g}",
+        "HP_PROXY": "none",
+        "HP_BACKEND_PORT": str(backend_port),
+    }
+    if trusted:
+        env["HP_TRUSTED"] = trusted
+    pid = _run_start_script("start_haproxy.sh", env)
+    return Server(
+        "haproxy",
+        pid,
+        port,
+        stop_cmd=[str(PEERS / "stop_haproxy.sh"), name],
+        env=env,
+        log=f"/tmp/peers/haproxy-{name}.log",
+        note=" ".join(f"{k}={v}" for k, v in env.items()) + " start_haproxy.sh",
+    )
+
+
+@contextlib.contextmanager
+def stopping(servers: list[Server]) -> Iterator[list[Server]]:
+    """Stop every server in `servers` (appended to while inside) on the way out."""
+    try:
+        yield servers
+    finally:
+        for srv in reversed(servers):
+            try:
+                srv.stop()
+            except Exception as exc:  # keep stopping the others
+                print(f"bench: stopping {srv.name} (pid {srv.pid}): {exc!r}", file=sys.stderr)

@@ -1,0 +1,75 @@
+"""The benchmark scripts keep working: a small bench-hold run prints its table.
+
+No speed is asserted here (speed is measured by scripts/bench-hold and
+scripts/bench-relay, and written down in docs/PERFORMANCE.md); this only
+checks that the small run finishes, exits 0 and reports every column.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_HOLD = ROOT / "scripts" / "bench-hold"
+
+#: A hung run is a failure, not a slow pass (the run takes about 10 s).
+TIMEOUT = 60.0
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or shutil.which("smtp-sink") is None,
+    reason="bench-hold needs Linux (/proc, 127.0.0.0/8 sources) and Postfix's smtp-sink",
+)
+
+ROWS = (
+    "held (server side)",
+    "accept rate conn/s",
+    "RSS KiB/conn",
+    "RssAnon KiB/conn",
+    "Pss_Anon KiB/conn",
+    "cut-off p50 ms",
+    "cut-off p99 ms",
+    "timer error p50 ms",
+    "timer error p99 ms",
+    "CPU s per 1000 conns (accept)",
+    "idle CPU % holding N",
+)
+
+
+def test_bench_hold_small_run_prints_the_table() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH_HOLD), "--n", "200", "--delay", "2", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("| metric"))
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "metric",
+        "repeld",
+        "target",
+        "met",
+    ]
+    table = {
+        cells[0]: cells[1:]
+        for cells in (
+            [c.strip() for c in line.strip("|").split("|")]
+            for line in lines
+            if line.startswith("| ") and not line.startswith("| metric")
+        )
+    }
+    for row in ROWS:
+        matches = [name for name in table if name.startswith(row)]
+        assert matches, f"no {row!r} row in:\n{proc.stdout}"
+        assert table[matches[0]][0], f"empty value for {row!r}"
+    # every connection asked for was held by the server (plus the timer probes)
+    held = int(table["held (server side)"][0].replace(",", ""))
+    assert held >= 200
