@@ -344,3 +344,19 @@ async def test_a_listener_can_have_its_own_backend(autojump_clock: trio.testing.
             assert await read_line(plain) == GREETING
             assert (other.sessions, h.backend.sessions) == (1, 1)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_reset_after_the_greeting_ends_the_relay_as_client_reset(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running(delay=DELAY) as h:
+        client = await connect(h.address())
+        assert await read_line(client) == GREETING
+        await client.send(b"EHLO me\r\n")
+        assert await read_line(client) == b"250 ok\r\n"
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        (end,) = await h.receiver.wait_for("relay-end")
+        assert end.fields["end"] == "client-reset"
+        assert end.fields["bytes_from_client"] == "9"
+        assert not h.receiver.named("error")

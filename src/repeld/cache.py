@@ -46,7 +46,7 @@ import enum
 import ipaddress
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
@@ -367,6 +367,10 @@ class PassCache(Protocol):
         """GOOD, BAD or UNKNOWN for `key` (from `cache_key`); bounded, never raises."""
         ...
 
+    async def lookup_many(self, keys: Sequence[str]) -> list[CacheVerdict]:
+        """`lookup` for many keys in one trip to the backend, in order; bounded, never raises."""
+        ...
+
     def remember_good(self, key: str) -> None:
         """A client that waited the whole delay; queued, never blocks."""
         ...
@@ -429,11 +433,19 @@ class MemoryCache:
 
     async def lookup(self, key: str) -> CacheVerdict:
         await trio.lowlevel.checkpoint()
+        return self._lookup_now(key, self._clock())
+
+    async def lookup_many(self, keys: Sequence[str]) -> list[CacheVerdict]:
+        await trio.lowlevel.checkpoint()
+        now = self._clock()
+        return [self._lookup_now(key, now) for key in keys]
+
+    def _lookup_now(self, key: str, now: float) -> CacheVerdict:
         entry = self._entries.get(key)
         if entry is None:
             return self._stats.count(CacheVerdict.UNKNOWN)
         verdict, expires = entry
-        if expires <= self._clock():
+        if expires <= now:
             del self._entries[key]
             self._stats.swept += 1
             return self._stats.count(CacheVerdict.UNKNOWN)

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -232,26 +232,37 @@ class RedisCache(QueuedVerdicts):
     # -- the PassCache API -------------------------------------------------------------
 
     async def lookup(self, key: str) -> CacheVerdict:
+        return (await self.lookup_many([key]))[0]
+
+    async def lookup_many(self, keys: Sequence[str]) -> list[CacheVerdict]:
         now = self._wallclock()
-        queued = self._pending.get(key, now)
-        if queued is not None:
+        # Verdicts still waiting to be written answer first: they are the newest.
+        answers = [self._pending.get(key, now) for key in keys]
+        missing = [key for key, answer in zip(keys, answers, strict=True) if answer is None]
+        found: dict[str, CacheVerdict] = {}
+        if missing and not self._closed and self._notice.up:
+            found = await self._fetch(missing)
+        else:
             await trio.lowlevel.checkpoint()
-            return self._stats.count(queued)
-        if self._closed or not self._notice.up:
-            await trio.lowlevel.checkpoint()
-            return self._stats.count(CacheVerdict.UNKNOWN)
-        values: list[bytes | str | None] = [None, None]
+        return [
+            self._stats.count(
+                answer if answer is not None else found.get(key, CacheVerdict.UNKNOWN)
+            )
+            for key, answer in zip(keys, answers, strict=True)
+        ]
+
+    async def _fetch(self, keys: list[str]) -> dict[str, CacheVerdict]:
+        """One MGET of both names of every key; empty when Redis fails or is slow."""
+        names = [name for key in keys for name in (self.pass_name(key), self.penalty_name(key))]
+        values: list[bytes | str | None] = []
         with trio.move_on_after(self.lookup_timeout) as scope:
             try:
                 values = await trio.to_thread.run_sync(
-                    self._mget,
-                    [self.pass_name(key), self.penalty_name(key)],
-                    limiter=self._limiter,
-                    abandon_on_cancel=True,
+                    self._mget, names, limiter=self._limiter, abandon_on_cancel=True
                 )
             except _ERRORS as exc:
                 self._failed(f"lookup failed: {exc}")
-                return self._stats.count(CacheVerdict.UNKNOWN)
+                return {}
         if scope.cancelled_caught:
             self._stats.timeouts += 1
             self._slow += 1
@@ -260,14 +271,16 @@ class RedisCache(QueuedVerdicts):
                     f"{self._slow} lookups in a row got no answer within"
                     f" {self.lookup_timeout * 1000:.0f} ms"
                 )
-            return self._stats.count(CacheVerdict.UNKNOWN)
+            return {}
         self._slow = 0
-        good, bad = values
-        if bad is not None:
-            return self._stats.count(CacheVerdict.BAD)
-        if good is not None:
-            return self._stats.count(CacheVerdict.GOOD)
-        return self._stats.count(CacheVerdict.UNKNOWN)
+        found: dict[str, CacheVerdict] = {}
+        for i, key in enumerate(keys):
+            good, bad = values[2 * i], values[2 * i + 1]
+            if bad is not None:  # a penalty wins over a pass
+                found[key] = CacheVerdict.BAD
+            elif good is not None:
+                found[key] = CacheVerdict.GOOD
+        return found
 
     async def flush(self) -> None:
         """Write the queued verdicts now, if Redis is up (run does this every flush_interval)."""

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -99,6 +99,18 @@ def _open(path: str, busy_timeout: float) -> sqlite3.Connection:
     return conn
 
 
+#: Keys per SELECT ... IN (...): well under SQLite's 999-parameter floor.
+_SELECT_CHUNK = 500
+
+
+def _verdict(stored: int | None) -> CacheVerdict:
+    """What a stored value means (a value this repeld does not know: not cached)."""
+    try:
+        return CacheVerdict(stored) if stored is not None else CacheVerdict.UNKNOWN
+    except ValueError:
+        return CacheVerdict.UNKNOWN
+
+
 class SqliteCache(QueuedVerdicts):
     """A `PassCache` in an SQLite file; see the module docstring."""
 
@@ -145,14 +157,20 @@ class SqliteCache(QueuedVerdicts):
 
     # -- the worker thread's side (never called from trio directly) ----------------
 
-    def _select(self, key: str, now: float) -> int | None:
+    def _select(self, keys: Sequence[str], now: float) -> dict[str, int]:
         conn = self._conn
         if conn is None:
-            return None
-        row = conn.execute(
-            "SELECT verdict FROM cache WHERE key = ? AND expires > ?", (key, now)
-        ).fetchone()
-        return None if row is None else int(row[0])
+            return {}
+        found: dict[str, int] = {}
+        for start in range(0, len(keys), _SELECT_CHUNK):  # under SQLite's parameter limit
+            chunk = keys[start : start + _SELECT_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows = conn.execute(
+                f"SELECT key, verdict FROM cache WHERE expires > ? AND key IN ({marks})",
+                (now, *chunk),
+            )
+            found.update((str(key), int(verdict)) for key, verdict in rows)
+        return found
 
     def _write(self, batch: dict[str, Write]) -> None:
         conn = self._conn
@@ -212,31 +230,30 @@ class SqliteCache(QueuedVerdicts):
     # -- the PassCache API -------------------------------------------------------------
 
     async def lookup(self, key: str) -> CacheVerdict:
+        return (await self.lookup_many([key]))[0]
+
+    async def lookup_many(self, keys: Sequence[str]) -> list[CacheVerdict]:
         now = self._wallclock()
-        queued = self._pending.get(key, now)
-        if queued is not None:
+        # Verdicts still waiting to be written answer first: they are the newest.
+        answers = [self._pending.get(key, now) for key in keys]
+        missing = [key for key, answer in zip(keys, answers, strict=True) if answer is None]
+        stored: dict[str, int] = {}
+        if missing and self._conn is not None:
+            with trio.move_on_after(self.lookup_timeout) as scope:
+                try:
+                    stored = await trio.to_thread.run_sync(
+                        self._select, missing, now, limiter=self._limiter, abandon_on_cancel=True
+                    )
+                except sqlite3.Error as exc:
+                    self._failed("lookup failed", exc)
+            if scope.cancelled_caught:
+                self._stats.timeouts += 1
+        else:
             await trio.lowlevel.checkpoint()
-            return self._stats.count(queued)
-        if self._conn is None:
-            await trio.lowlevel.checkpoint()
-            return self._stats.count(CacheVerdict.UNKNOWN)
-        stored: int | None = None
-        with trio.move_on_after(self.lookup_timeout) as scope:
-            try:
-                stored = await trio.to_thread.run_sync(
-                    self._select, key, now, limiter=self._limiter, abandon_on_cancel=True
-                )
-            except sqlite3.Error as exc:
-                self._failed("lookup failed", exc)
-                return self._stats.count(CacheVerdict.UNKNOWN)
-        if scope.cancelled_caught:
-            self._stats.timeouts += 1
-            return self._stats.count(CacheVerdict.UNKNOWN)
-        try:
-            verdict = CacheVerdict(stored) if stored is not None else CacheVerdict.UNKNOWN
-        except ValueError:  # a value this repeld does not know: not cached
-            verdict = CacheVerdict.UNKNOWN
-        return self._stats.count(verdict)
+        return [
+            self._stats.count(answer if answer is not None else _verdict(stored.get(key)))
+            for key, answer in zip(keys, answers, strict=True)
+        ]
 
     async def flush(self) -> None:
         """Write the queued verdicts now (run does this every flush_interval)."""

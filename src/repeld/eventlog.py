@@ -1,10 +1,12 @@
-"""The event writer: a bounded queue in front of syslog that never blocks the loop.
+"""The event writer: never blocks the loop, never floods it.
 
-`EventLog.emit()` is synchronous and O(1): it counts the event and queues it, or
-counts it as dropped when the queue is full. One writer task drains the queue to
-the syslog target (unix datagram socket, UDP, or TCP with RFC 6587 octet
-counting). A syslog daemon that stops reading makes repeld drop events, never
-stall: the writer waits at most `SEND_WAIT` seconds for one message.
+`EventLog.emit()` is synchronous and cheap: it counts the event, then either
+writes it at once as one non-blocking datagram (unix or UDP syslog, the common
+case) or queues it, and counts it as dropped when the bounded queue is full.
+One writer task drains the queue to the target (unix datagram socket, UDP, or
+TCP with RFC 6587 octet counting). A syslog daemon that stops reading makes
+repeld drop events, never stall: the writer waits at most `SEND_WAIT` seconds
+for one message.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ import trio
 
 from .events import Event
 from .logformat import FACILITIES, Header, format_json, format_rfc5424, format_stderr
+from .relay import connect, send_all
 from .settings import Settings, SyslogTarget
 
 __all__ = ["EventLog"]
 
 #: Events waiting for the writer; past this they are dropped (and counted).
-QUEUE_SIZE = 4096
+QUEUE_SIZE = 16384
 #: The longest the writer waits for the target to accept one message.
 SEND_WAIT = 1.0
 #: After a failure, the writer tries to reach the target again this much later.
@@ -58,7 +61,7 @@ class EventLog:
         self._queue_size = queue_size
         self._wakeup = trio.Event()
         self._hostname = hostname if hostname is not None else socket.gethostname()
-        self._sock: trio.socket.SocketType | None = None
+        self._sock: socket.socket | None = None
         self._retry_at = 0.0
         self._complained = False
         self._complained_at = -COMPLAIN_INTERVAL
@@ -91,6 +94,9 @@ class EventLog:
             local=target is not None and target.kind == "unix",
         )
         self._octet_counting = target is not None and target.kind == "tcp"
+        # Datagrams may be written straight from emit(); not with -f, whose
+        # stderr line is the writer's, in order with the rest.
+        self._datagram = target is not None and target.kind != "tcp" and stderr is None
 
     def reconfigure(self, settings: Settings) -> None:
         """Take the logging settings of a reloaded configuration."""
@@ -115,14 +121,25 @@ class EventLog:
         )
 
     def emit(self, event: Event) -> None:
-        """Count `event` and queue it for writing; never blocks, never raises."""
+        """Count `event` and write or queue it; never blocks, never raises."""
         self.counts[event.name] += 1
         if event.name == "early-talker" and not self.report_attacks:
             return
+        stamp = time.time()
+        if self._datagram and self._sock is not None and not self._queue:
+            # The common case writes at once: one non-blocking datagram, no
+            # task switch. Only a full socket buffer or an error queues it.
+            try:
+                self._sock.send(self._format(event, self._header, stamp))
+            except OSError:
+                pass  # the writer retries it and reports any error
+            else:
+                self.written += 1
+                return
         if len(self._queue) >= self._queue_size:
             self.dropped += 1
             return
-        self._queue.append((event, time.time()))
+        self._queue.append((event, stamp))
         self._wakeup.set()
 
     def statistics(self) -> dict[str, int]:
@@ -190,31 +207,31 @@ class EventLog:
             self._sock.close()
             self._sock = None
 
-    async def _connect(self) -> trio.socket.SocketType | None:
+    async def _connect(self) -> socket.socket | None:
         target = self.target
         assert target is not None
         if trio.current_time() < self._retry_at:
             return None
         try:
             if target.kind == "unix":
-                sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
                 try:
-                    await sock.connect(target.path)
+                    sock.setblocking(False)
+                    sock.connect(target.path)  # a datagram connect never waits
                 except OSError:
                     sock.close()
                     raise
             else:
                 kind = socket.SOCK_DGRAM if target.kind == "udp" else socket.SOCK_STREAM
                 infos = await trio.socket.getaddrinfo(target.host, target.port, type=kind)
-                family, type_, proto, _, addr = infos[0]
-                sock = trio.socket.socket(family, type_, proto)
-                try:
-                    with trio.fail_after(SEND_WAIT * 5):
-                        await sock.connect(addr)
-                except (OSError, trio.TooSlowError):
-                    sock.close()
-                    raise
-        except (OSError, trio.TooSlowError) as exc:
+                family, _, _, _, addr = infos[0]
+                if kind == socket.SOCK_STREAM:
+                    sock = await connect(tuple(addr), family, SEND_WAIT * 5)
+                else:
+                    sock = socket.socket(family, socket.SOCK_DGRAM)
+                    sock.setblocking(False)
+                    sock.connect(addr)
+        except (OSError, TimeoutError) as exc:
             self._retry_at = trio.current_time() + RETRY_AFTER
             self._complain("cannot connect", exc)
             return None
@@ -230,10 +247,7 @@ class EventLog:
             message = b"%d %s" % (len(message), message)
         try:
             with trio.move_on_after(SEND_WAIT) as scope:
-                view = memoryview(message)
-                while view:
-                    sent = await sock.send(view)
-                    view = view[sent:]
+                await send_all(sock, message)
             if scope.cancelled_caught:
                 # The receiver is not reading: drop this one, keep the socket
                 # (a stream socket's framing may be broken: reconnect).

@@ -92,6 +92,8 @@ class Server:
         self.cache: PassCache | None = None
         self._v6_prefix = settings.cache_v6_prefix
         self._penalties = settings.penalty_ttl > 0
+        self._to_look_up: list[Held] = []
+        self._lookups_due = trio.Event()
         # limit -> (time of the last overload event, refusals since then)
         self._overload: dict[Refuse, tuple[float, int]] = {}
         self._accept_complained = -ACCEPT_COMPLAIN_INTERVAL
@@ -170,8 +172,8 @@ class Server:
             if self.cache is not None:
                 # The hold has begun; a known client is let out as soon as the
                 # cache answers, so a slow cache never delays anyone further.
-                assert self._handlers is not None
-                self._handlers.start_soon(self._consult_cache, held)
+                self._to_look_up.append(held)
+                self._lookups_due.set()
         elif isinstance(admission, Refuse):
             reply_and_close(sock, REFUSALS[admission])
             self.refused += 1
@@ -191,19 +193,38 @@ class Server:
 
     # -- verdicts ----------------------------------------------------------------
 
-    async def _consult_cache(self, held: Held) -> None:
-        cache = self.cache
-        if cache is None:
-            return
-        try:
-            key = cache_key(held.conn.client, self._v6_prefix)
-        except ValueError:
-            return
-        answer = await cache.lookup(key)
-        if answer is CacheVerdict.GOOD:
-            self.pen.settle(held, held.hold.remembered_good)
-        elif answer is CacheVerdict.BAD and self._penalties:
-            self.pen.settle(held, held.hold.remembered_bad)
+    async def _look_up_held(self) -> None:
+        """One task asks the cache about every newly held client, in batches.
+
+        A batch is one trip to the backend (one thread hop for SQLite, one MGET
+        for Redis) however many clients arrived meanwhile, so a burst of
+        connections costs a handful of lookups, not one task each.
+        """
+        while True:
+            if not self._to_look_up:
+                self._lookups_due = trio.Event()
+                await self._lookups_due.wait()
+            cache = self.cache
+            batch = self._to_look_up[:_LOOKUP_BATCH]
+            del self._to_look_up[:_LOOKUP_BATCH]
+            if cache is None:
+                continue
+            waiting: list[tuple[Held, str]] = []
+            for held in batch:
+                if held.hold.done:
+                    continue
+                try:
+                    waiting.append((held, cache_key(held.conn.client, self._v6_prefix)))
+                except ValueError:
+                    continue
+            if not waiting:
+                continue
+            answers = await cache.lookup_many([key for _, key in waiting])
+            for (held, _), answer in zip(waiting, answers, strict=True):
+                if answer is CacheVerdict.GOOD:
+                    self.pen.settle(held, held.hold.remembered_good)
+                elif answer is CacheVerdict.BAD and self._penalties:
+                    self.pen.settle(held, held.hold.remembered_bad)
 
     def _learn(self, conn: ConnInfo, good: bool) -> None:
         # Only a full wait makes a client good; early talk makes it bad.
@@ -333,6 +354,8 @@ class Server:
             async with trio.open_nursery() as front:
                 self._front = front.cancel_scope
                 front.start_soon(self.pen.run)
+                if self.cache is not None:
+                    front.start_soon(self._look_up_held)
                 for listener in self.listeners:
                     self._start_listener(front, listener)
                 task_status.started(self)
@@ -427,6 +450,8 @@ _RESTART_ONLY = (
     "penalty_ttl",
 )
 _DRAIN_POLL = 0.05
+#: The most clients asked about in one trip to the cache.
+_LOOKUP_BATCH = 1024
 
 
 async def open_server(
