@@ -44,6 +44,7 @@ async def test_patient_client_is_greeted_by_the_backend_after_the_delay(
         assert passed.fields["server_port"] == str(h.address()[1])
         assert passed.severity == 6
         assert passed.facility == 2
+        assert float(passed.fields["rtt_ms"]) >= 0.0  # from TCP_INFO, tiny on loopback
         (end,) = await h.receiver.wait_for("relay-end")
         assert end.fields["bytes_from_client"] == str(len(b"EHLO me\r\nQUIT\r\n"))
         assert end.fields["bytes_to_client"] == str(len(GREETING) + 8 + 15)

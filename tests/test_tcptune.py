@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from repeld import tcptune
+from repeld import handoff, tcptune
 
 LINUX = sys.platform.startswith("linux")
 FREEBSD = sys.platform.startswith("freebsd")
@@ -263,3 +263,18 @@ def test_builder_loads_by_path_without_importing_repeld() -> None:
         [sys.executable, "-c", probe], cwd=BUILDER.parent, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_a_relayed_client_socket_gets_keepalive_and_a_user_timeout() -> None:
+    """What handoff applies to every relayed client, read back from a real socket."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        conn, _ = server.accept()
+        with client, conn:
+            handoff._reap_dead_peers(conn)
+            assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 6
+            if tcptune.platform_has_user_timeout():
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 120_000

@@ -92,8 +92,11 @@ def _ms(seconds: float) -> float:
     return round(seconds, 3)
 
 
-def early_talker(conn: ConnInfo, verdict: EarlyTalk, action: str) -> Event:
-    """A client that spoke before it was greeted (a security event)."""
+def early_talker(conn: ConnInfo, verdict: EarlyTalk, action: str, rtt_ms: float = 0.0) -> Event:
+    """A client that spoke before it was greeted (a security event).
+
+    `rtt_ms` is the kernel's smoothed round-trip time to the client (0 if unknown).
+    """
     first = escape_bytes(verdict.first)
     elapsed = _ms(verdict.elapsed)
     return Event(
@@ -106,6 +109,7 @@ def early_talker(conn: ConnInfo, verdict: EarlyTalk, action: str) -> Event:
             ("bytes", verdict.nbytes),
             ("first", first),
             ("action", action),
+            ("rtt_ms", _ms(rtt_ms)),
         ),
         f"PREGREET {verdict.nbytes} after {elapsed:.3f} from {conn.peer}: {first}"
         f" (action={action})",
@@ -151,14 +155,20 @@ def hangup(conn: ConnInfo, verdict: HangUp) -> Event:
     )
 
 
-def passed(conn: ConnInfo, verdict: Pass) -> Event:
-    """A client handed to the MTA, and why."""
+def passed(conn: ConnInfo, verdict: Pass, rtt_ms: float = 0.0) -> Event:
+    """A client handed to the MTA, and why (`rtt_ms`: round-trip time, 0 if unknown)."""
     elapsed = _ms(verdict.elapsed)
     reason = str(verdict.reason)
     return Event(
         "pass",
         Severity.INFO,
-        (("event", "pass"), *conn.fields(), ("elapsed", elapsed), ("reason", reason)),
+        (
+            ("event", "pass"),
+            *conn.fields(),
+            ("elapsed", elapsed),
+            ("reason", reason),
+            ("rtt_ms", _ms(rtt_ms)),
+        ),
         f"PASS {reason.upper()} {conn.peer} after {elapsed:.3f}",
     )
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import trio
 
-from . import events, proxyproto
+from . import events, proxyproto, tcptune
 from .eventlog import EventLog
 from .events import ConnInfo
 from .relay import RelayResult, connect, relay, send_all
@@ -76,6 +76,24 @@ async def _open_backend(target: BackendTarget, timeout: float) -> socket.socket:
     raise last
 
 
+#: A relayed client silent this long is probed; after KEEPALIVE_COUNT unanswered
+#: probes KEEPALIVE_INTERVAL apart, or data unacknowledged for USER_TIMEOUT_MS,
+#: the kernel drops it, well before --relay-timeout would.
+KEEPALIVE_IDLE = 60
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 6
+USER_TIMEOUT_MS = 120_000
+
+
+def _reap_dead_peers(sock: socket.socket) -> None:
+    """Let the kernel notice a relayed client that vanished without closing."""
+    try:
+        tcptune.set_keepalive(sock.fileno(), KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+        tcptune.set_user_timeout(sock.fileno(), USER_TIMEOUT_MS)
+    except OSError:
+        pass  # the client may have gone already; the relay will see it
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
@@ -107,6 +125,7 @@ async def handoff(
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        _reap_dead_peers(sock)
         try:
             header = proxyproto.header(
                 proxy_protocol, conn.client, conn.client_port, conn.server, conn.server_port

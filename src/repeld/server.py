@@ -62,6 +62,14 @@ class _Listener:
     backend: BackendTarget | None = field(default=None)
 
 
+def _rtt_ms(sock: socket.socket) -> float:
+    """The kernel's smoothed round-trip time to the client, for the event (0 if unknown)."""
+    try:
+        return tcptune.tcp_info(sock.fileno()).rtt_us / 1000.0
+    except OSError:
+        return 0.0
+
+
 class Server:
     """One running repeld: its listeners, its pen and its handlers."""
 
@@ -265,6 +273,7 @@ class Server:
 
     def _cut_off(self, held: Held, verdict: EarlyTalk) -> None:
         action = self.settings.on_early
+        rtt = _rtt_ms(held.sock)
         if action == "reject":
             try:  # take what the talker said so the close is a FIN, not an RST
                 held.sock.recv(verdict.nbytes)
@@ -273,7 +282,7 @@ class Server:
             reply_and_close(held.sock, EARLY_REJECT)
         else:
             self._abort(held.sock)
-        self.log.emit(events.early_talker(held.conn, verdict, action))
+        self.log.emit(events.early_talker(held.conn, verdict, action, rtt))
 
     def _pass(
         self,
@@ -283,7 +292,7 @@ class Server:
         verdict: Pass,
         backend: BackendTarget | None = None,
     ) -> None:
-        self.log.emit(events.passed(conn, verdict))
+        self.log.emit(events.passed(conn, verdict, _rtt_ms(sock)))
         assert self._handlers is not None
         self._handlers.start_soon(self._handoff, sock, conn, accepted_at, backend or self.backend)
 
