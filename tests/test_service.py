@@ -11,6 +11,8 @@ import pwd
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -476,3 +478,54 @@ def test_a_missing_cache_directory_is_made_for_the_service_user(
         assert not syslog.named("cache-error")
     finally:
         shutil.rmtree(top)
+
+
+SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
+
+
+@pytest.mark.skipif(SOCKET_ACTIVATE is None, reason="systemd-socket-activate is not installed")
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_socket_activation_serves_systemd_s_listener(
+    syslog: SyslogUDP, backend: LineBackend, workers: str
+) -> None:
+    assert SOCKET_ACTIVATE is not None
+    port = free_port()
+    argv = [
+        SOCKET_ACTIVATE,
+        "-l",
+        f"127.0.0.1:{port}",
+        "--fdname=smtp",
+        sys.executable,
+        "-m",
+        "repeld",
+        "-f",
+        "--no-cache",
+        "-l",
+        f"127.0.0.1:{port}",
+        "-b",
+        backend.address,
+        "-d",
+        "0.3",
+        "-w",
+        workers,
+        "--syslog",
+        syslog.target,
+        *AS_ROOT,
+    ]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        # systemd-socket-activate binds first and starts repeld on the first connection
+        assert proc.stderr is not None
+        said = proc.stderr.readline()
+        assert "Listening on" in said, said
+        client = connect(port, source="127.0.0.96")
+        assert read_line(client) == b"220 backend.test ESMTP\r\n"
+        client.close()
+        (start,) = syslog.wait_for("start")[:1]
+        assert start.fields["listen"] == f"127.0.0.1:{port}"
+        assert syslog.wait_for("pass")[0].fields["server_port"] == str(port)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "Address already in use" not in err
