@@ -8,6 +8,10 @@ What is here:
 - starting and stopping the servers under test: repeld and smtp-sink as our
   own children (stopped by their PID), and the peers through the start/stop
   scripts of /work/shared/peers (which act only by PID too);
+- the load: processes that open many silent connections (`bulk_worker`) and
+  probes that time the greeting or the cut-off (`probe_worker`);
+- a UDP syslog sink that counts events and keeps the ones asked for, and a
+  parser for their RFC 5424 structured data;
 - small statistics and a plain-text table printer.
 
 Nothing here ever kills by name, and nothing talks to a non-loopback address.
@@ -16,11 +20,15 @@ Nothing here ever kills by name, and nothing talks to a non-loopback address.
 from __future__ import annotations
 
 import contextlib
+import errno
+import heapq
 import ipaddress
 import math
 import os
 import random
+import re
 import resource
+import selectors
 import shutil
 import signal
 import socket
@@ -28,36 +36,48 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "IP_BIND_ADDRESS_NO_PORT",
     "PEERS",
+    "TALK",
     "CpuSample",
     "MemSample",
+    "Probe",
     "Server",
     "UdpSink",
     "assert_loopback",
     "bind_source",
+    "bulk_worker",
+    "check_silent",
     "cpu_seconds",
     "fd_count",
     "free_port",
     "machine_facts",
     "mem_sample",
+    "open_many",
     "percentile",
     "print_table",
+    "probe_worker",
     "raise_nofile",
+    "repeld_workers",
     "rst_close",
+    "sd_params",
     "server_held",
     "sockstat",
     "start_haproxy",
     "start_postscreen",
+    "start_redis",
     "start_repeld",
     "start_smtp_sink",
     "stopping",
     "tree_pids",
     "wait_listening",
+    "wait_workers",
 ]
 
 #: The peers' start/stop scripts (see its README.md).
@@ -67,6 +87,8 @@ PEERS = Path(os.environ.get("REPELD_PEERS", "/work/shared/peers"))
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+#: What a cut-off probe says before the greeting.
+TALK = b"EHLO probe.test\r\n"
 
 
 # ---------------------------------------------------------------- addresses
@@ -323,6 +345,249 @@ def sockstat() -> dict[str, int]:
     return {}
 
 
+# ---------------------------------------------------------------- load processes
+
+
+def _sock(obj: object) -> socket.socket:
+    assert isinstance(obj, socket.socket)
+    return obj
+
+
+def open_many(
+    host: str,
+    port: int,
+    source: str,
+    count: int,
+    start_at: float,
+    window: int,
+    socks: list[socket.socket],
+) -> dict[str, Any]:
+    """Open `count` silent connections, at most `window` connects in flight."""
+    sel = selectors.DefaultSelector()
+    fails: dict[str, int] = {}
+    started = done = inflight = 0
+    while time.monotonic() < start_at:
+        time.sleep(0.0005)
+    t_first = time.monotonic()
+    give_up = t_first + 120.0
+    while done + sum(fails.values()) < count and time.monotonic() < give_up:
+        while started < count and inflight < window:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                bind_source(s, source)
+                err = s.connect_ex((host, port))
+            except OSError as exc:
+                err = exc.errno or -1
+            started += 1
+            if err == 0:
+                done += 1
+                socks.append(s)
+            elif err == errno.EINPROGRESS:
+                inflight += 1
+                sel.register(s, selectors.EVENT_WRITE)
+            else:
+                name = errno.errorcode.get(err, str(err))
+                fails[name] = fails.get(name, 0) + 1
+                s.close()
+        for key, _ in sel.select(1.0):
+            s = _sock(key.fileobj)
+            sel.unregister(s)
+            inflight -= 1
+            err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                name = errno.errorcode.get(err, str(err))
+                fails[name] = fails.get(name, 0) + 1
+                s.close()
+            else:
+                done += 1
+                socks.append(s)
+    for key in list(sel.get_map().values()):  # connects that never finished
+        s = _sock(key.fileobj)
+        fails["timeout"] = fails.get("timeout", 0) + 1
+        sel.unregister(s)
+        rst_close(s)
+    sel.close()
+    return {"established": done, "fails": fails, "t_first": t_first, "t_last": time.monotonic()}
+
+
+def check_silent(socks: list[socket.socket]) -> dict[str, int]:
+    """What the server did to the silent connections: sent bytes, greeted, closed."""
+    out = {"open": 0, "got_bytes": 0, "greeted": 0, "closed": 0}
+    for s in socks:
+        try:
+            data = s.recv(512, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            out["open"] += 1
+            continue
+        except OSError:
+            out["closed"] += 1
+            continue
+        if not data:
+            out["closed"] += 1
+            continue
+        out["open"] += 1
+        out["got_bytes"] += 1
+        if data.startswith(b"220 ") or b"\n220 " in data:
+            out["greeted"] += 1
+    return out
+
+
+def bulk_worker(conn: Connection, host: str, port: int, source: str, window: int) -> None:
+    """One load process: opens, checks and resets its share of silent connections."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent cleans up
+    raise_nofile()
+    socks: list[socket.socket] = []
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            break
+        cmd = msg[0]
+        if cmd == "open":
+            conn.send(open_many(host, port, source, msg[1], msg[2], window, socks))
+        elif cmd == "check":
+            conn.send(check_silent(socks))
+        elif cmd == "close":
+            n = len(socks)
+            for s in socks:
+                rst_close(s)
+            socks.clear()
+            conn.send(n)
+        else:
+            break
+    for s in socks:
+        rst_close(s)
+
+
+@dataclass
+class Probe:
+    t_start: float
+    sock: socket.socket | None = None
+    t_conn: float = math.nan
+    t_first: float = math.nan  # first byte from the server
+    t_greet: float = math.nan  # the final "220 " greeting line
+    t_talk: float = math.nan
+    t_cut: float = math.nan  # FIN or RST seen after talking
+    how: str = ""  # fin | rst | error text
+    buf: bytes = b""
+
+
+def probe_worker(
+    conn: Connection,
+    mode: str,
+    host: str,
+    port: int,
+    net: str,
+    k: int,
+    start_at: float,
+    spread: float,
+    window: float,
+    give_up_at: float,
+    seed: int,
+) -> None:
+    """Timer probes (mode "timer": wait for the greeting) or cut-off probes (mode
+    "cutoff": talk at a random time within `window` after connecting, then time
+    the server's FIN/RST).  Sends back a list of per-probe dicts."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise_nofile()
+    rng = random.Random(seed)
+    probes = [Probe(start_at + i * spread / max(1, k)) for i in range(k)]
+    sel = selectors.DefaultSelector()
+    talks: list[tuple[float, int]] = []  # heap of (talk time, probe index)
+    nxt = 0
+    live = 0
+
+    def finish(i: int, how: str) -> None:
+        nonlocal live
+        p = probes[i]
+        if p.sock is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                sel.unregister(p.sock)
+            rst_close(p.sock)
+            p.sock = None
+            live -= 1
+        p.how = p.how or how
+
+    while True:
+        now = time.monotonic()
+        if now >= give_up_at or (nxt >= k and live == 0):
+            break
+        while nxt < k and probes[nxt].t_start <= now:
+            p = probes[nxt]
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            bind_source(s, f"{net}.{nxt % 250 + 1}")
+            err = s.connect_ex((host, port))
+            p.t_start = time.monotonic()
+            if err not in (0, errno.EINPROGRESS):
+                p.how = f"connect {errno.errorcode.get(err, err)}"
+                s.close()
+            else:
+                p.sock = s
+                live += 1
+                sel.register(s, selectors.EVENT_WRITE, nxt)
+            nxt += 1
+        while talks and talks[0][0] <= now:
+            _, i = heapq.heappop(talks)
+            p = probes[i]
+            if p.sock is None:
+                continue
+            try:
+                p.sock.send(TALK)
+                p.t_talk = time.monotonic()
+            except OSError as exc:
+                finish(i, f"send {exc.strerror}")
+        wake = give_up_at
+        if nxt < k:
+            wake = min(wake, probes[nxt].t_start)
+        if talks:
+            wake = min(wake, talks[0][0])
+        for key, _ in sel.select(max(0.0, min(0.05, wake - time.monotonic()))):
+            i = key.data
+            p = probes[i]
+            s = p.sock
+            t = time.monotonic()
+            if s is None:
+                continue
+            if math.isnan(p.t_conn):
+                err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    finish(i, f"connect {errno.errorcode.get(err, err)}")
+                    continue
+                p.t_conn = t
+                sel.modify(s, selectors.EVENT_READ, i)
+                if mode == "cutoff":
+                    heapq.heappush(talks, (t + rng.uniform(0.0, window), i))
+                continue
+            try:
+                data = s.recv(4096)
+            except OSError as exc:
+                if not math.isnan(p.t_talk):
+                    p.t_cut = t
+                how = "rst" if exc.errno == errno.ECONNRESET else (exc.strerror or "error")
+                finish(i, how if not math.isnan(p.t_talk) else f"{how} before talking")
+                continue
+            if not data:
+                if not math.isnan(p.t_talk):
+                    p.t_cut = t
+                    finish(i, "fin")
+                else:
+                    finish(i, "closed before talking" if mode == "cutoff" else "closed ungreeted")
+                continue
+            if math.isnan(p.t_first):
+                p.t_first = t
+            if mode == "timer":
+                p.buf = (p.buf + data)[-4096:]
+                if p.buf.startswith(b"220 ") or b"\n220 " in p.buf:
+                    p.t_greet = t
+                    finish(i, "greeted")
+    for i in range(k):
+        finish(i, "gave up")
+    conn.send([{k_: v for k_, v in asdict(p).items() if k_ not in ("sock", "buf")} for p in probes])
+    sel.close()
+
+
 # ---------------------------------------------------------------- statistics
 
 
@@ -396,7 +661,10 @@ class UdpSink:
     the bench phases, so the sink costs no CPU while a measurement runs.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep: Sequence[str] = ()) -> None:
+        #: Datagrams whose MSGID is in `keep` are kept whole, in arrival order.
+        self.keep = frozenset(keep)
+        self.kept: list[bytes] = []
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         with contextlib.suppress(OSError):  # root: beyond rmem_max
             self.sock.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE
@@ -418,9 +686,31 @@ class UdpSink:
             if len(parts) > 5:
                 msgid = parts[5].decode("ascii", "replace")
                 self.by_msgid[msgid] = self.by_msgid.get(msgid, 0) + 1
+                if msgid in self.keep:
+                    self.kept.append(data)
+
+    def take(self, msgid: str) -> list[dict[str, str]]:
+        """Drain, then remove and return the kept events of `msgid` as SD params."""
+        self.drain()
+        out = [sd_params(d) for d in self.kept if d.split(b" ", 6)[5:6] == [msgid.encode()]]
+        self.kept = [d for d in self.kept if d.split(b" ", 6)[5:6] != [msgid.encode()]]
+        return out
 
     def close(self) -> None:
         self.sock.close()
+
+
+_SD_PARAM = re.compile(rb'([A-Za-z0-9_.-]+)="((?:[^"\\]|\\.)*)"')
+
+
+def sd_params(datagram: bytes) -> dict[str, str]:
+    """The PARAM-NAME="value" pairs of an RFC 5424 message's structured data."""
+    head, sep, _ = datagram.partition(b"] ")
+    body = head if sep else datagram
+    return {
+        k.decode("ascii", "replace"): re.sub(rb"\\(.)", rb"\1", v).decode("utf-8", "replace")
+        for k, v in _SD_PARAM.findall(body)
+    }
 
 
 @dataclass
@@ -496,6 +786,69 @@ def start_smtp_sink(port: int, logdir: Path, backlog: int = 4096) -> Server:
     return _spawn("smtp-sink", argv, port, logdir)
 
 
+def start_redis(port: int, logdir: Path) -> Server:
+    """A throw-away redis-server on 127.0.0.1:port: no persistence (--save '',
+    --appendonly no), its working directory in `logdir`; stopped by its PID."""
+    exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    argv += ["--dir", str(logdir), "--daemonize", "no", "--protected-mode", "yes"]
+    return _spawn("redis-server", argv, port, logdir)
+
+
+def _workers_ready(pids: Sequence[int]) -> int:
+    """How many of `pids` are repeld workers that have opened their holding pen.
+
+    A worker has two epoll sets once its server exists (trio's and the pen's);
+    before that it is still importing and would leave connections queued.
+    """
+    ready = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if b"REPELD_WORKER=" not in f.read():
+                    continue
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        epolls = 0
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[eventpoll]":
+                    epolls += 1
+        if epolls >= 2:
+            ready += 1
+    return ready
+
+
+def wait_workers(srv: Server, count: int, timeout: float = 30.0) -> bool:
+    """Wait until `count` repeld workers under `srv` are serving (then 0.3 s more)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _workers_ready(srv.pids()) >= count:
+            time.sleep(0.3)  # from the pen to the accept loop
+            return True
+        if not srv.alive():
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def repeld_workers(args: Sequence[str]) -> int:
+    """The --workers N (or -w N) among repeld arguments; 1 when absent."""
+    count = 1
+    for i, arg in enumerate(args):
+        value = None
+        if arg in ("-w", "--workers") and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--workers="):
+            value = arg.split("=", 1)[1]
+        elif arg.startswith("-w") and len(arg) > 2:
+            value = arg[2:]
+        if value is not None:
+            count = (os.cpu_count() or 1) if value == "auto" else int(value)
+    return count
+
+
 def _fresh_cache(argv: list[str], logdir: Path, port: int, pythonpath: str) -> list[str]:
     """`--cache sqlite:` in a new file when this repeld has a pass cache.
 
@@ -550,6 +903,12 @@ def start_repeld(
     env = {"PYTHONPATH": pythonpath} if pythonpath else None
     srv = _spawn(name, argv + opts, port, logdir, env)
     srv.note = (f"PYTHONPATH={pythonpath} " if pythonpath else "") + " ".join(opts)
+    workers = repeld_workers(opts)
+    # With --workers the parent listens before its workers can accept.
+    if workers > 1 and not wait_workers(srv, workers):
+        srv.stop()
+        tail = Path(srv.log).read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{name}: {workers} workers did not come up:\n{tail}")
     return srv
 
 

@@ -24,11 +24,15 @@ import struct
 import sys
 import termios
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import trio
 
 from .core import PEEK_LIMIT, Hold, Verdict, Wait
 from .events import ConnInfo
+
+if TYPE_CHECKING:
+    from .handoff import BackendTarget
 
 __all__ = ["Held", "HoldingPen"]
 
@@ -42,7 +46,11 @@ class Held:
     __slots__ = ("backend", "conn", "hold", "sock")
 
     def __init__(
-        self, sock: socket.socket, conn: ConnInfo, hold: Hold, backend: object = None
+        self,
+        sock: socket.socket,
+        conn: ConnInfo,
+        hold: Hold,
+        backend: BackendTarget | None = None,
     ) -> None:
         self.sock = sock
         self.conn = conn

@@ -249,7 +249,7 @@ class Server:
 
     def _on_verdict(self, held: Held, verdict: Verdict) -> None:
         if isinstance(verdict, Pass):
-            backend = held.backend if isinstance(held.backend, BackendTarget) else None
+            backend = held.backend
             if verdict.reason is PassReason.DELAY:
                 self._learn(held.conn, good=True)
             self._pass(held.sock, held.conn, held.hold.accepted_at, verdict, backend)
