@@ -6,6 +6,7 @@ CI runs as root, which the privilege tests need (they skip otherwise).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -180,7 +182,11 @@ def test_sighup_with_a_broken_file_keeps_the_old_config(
         assert not syslog.named("reload")
 
 
-def test_sigterm_drains_held_and_relayed_clients(syslog: SyslogUDP, backend: LineBackend) -> None:
+@contextlib.contextmanager
+def relaying(
+    syslog: SyslogUDP, backend: LineBackend, grace: str, *extra: str
+) -> Iterator[tuple[Daemon, socket.socket, int]]:
+    """A daemon with one trusted client (127.0.0.2) already relayed; stopped afterwards."""
     port = free_port()
     d = Daemon(
         [
@@ -188,14 +194,13 @@ def test_sigterm_drains_held_and_relayed_clients(syslog: SyslogUDP, backend: Lin
             f"127.0.0.1:{port}",
             "-b",
             backend.address,
-            "-d",
-            "30",
             "-t",
             "127.0.0.2",
             "--syslog",
             syslog.target,
             "--shutdown-grace",
-            "20",
+            grace,
+            *extra,
             *AS_ROOT,
         ]
     )
@@ -203,6 +208,13 @@ def test_sigterm_drains_held_and_relayed_clients(syslog: SyslogUDP, backend: Lin
         d.wait_listening()
         relayed = connect(port, source="127.0.0.2")
         assert read_line(relayed) == b"220 backend.test ESMTP\r\n"
+        yield d, relayed, port
+    finally:
+        d.stop()
+
+
+def test_sigterm_drains_held_and_relayed_clients(syslog: SyslogUDP, backend: LineBackend) -> None:
+    with relaying(syslog, backend, "20", "-d", "30") as (d, relayed, port):
         held = connect(port)
         syslog.wait_for("pass")
         time.sleep(0.2)  # the held one is in the pen
@@ -220,33 +232,12 @@ def test_sigterm_drains_held_and_relayed_clients(syslog: SyslogUDP, backend: Lin
         assert end.fields["end"] == "closed"
         (stop,) = syslog.wait_for("stop")
         assert stop.fields["relays"] == "0"
-    finally:
-        d.stop()
 
 
 def test_sigterm_grace_runs_out_and_the_relay_is_cut(
     syslog: SyslogUDP, backend: LineBackend
 ) -> None:
-    port = free_port()
-    d = Daemon(
-        [
-            "-l",
-            f"127.0.0.1:{port}",
-            "-b",
-            backend.address,
-            "-t",
-            "127.0.0.2",
-            "--syslog",
-            syslog.target,
-            "--shutdown-grace",
-            "1",
-            *AS_ROOT,
-        ]
-    )
-    try:
-        d.wait_listening()
-        relayed = connect(port, source="127.0.0.2")
-        assert read_line(relayed) == b"220 backend.test ESMTP\r\n"
+    with relaying(syslog, backend, "1") as (d, relayed, _):
         t0 = time.monotonic()
         d.signal(signal.SIGTERM)
         assert read_line(relayed) == b""  # cut after the grace period
@@ -254,8 +245,6 @@ def test_sigterm_grace_runs_out_and_the_relay_is_cut(
         assert d.wait() == 0
         (end,) = syslog.wait_for("relay-end")
         assert end.fields["end"] == "shutdown"
-    finally:
-        d.stop()
 
 
 def test_sigusr1_writes_stats(syslog: SyslogUDP, backend: LineBackend) -> None:
@@ -361,26 +350,7 @@ def test_sd_notify_ready_reloading_stopping(backend: LineBackend, tmp_path: Path
 
 
 def test_a_second_sigterm_cuts_the_relays_at_once(syslog: SyslogUDP, backend: LineBackend) -> None:
-    port = free_port()
-    d = Daemon(
-        [
-            "-l",
-            f"127.0.0.1:{port}",
-            "-b",
-            backend.address,
-            "-t",
-            "127.0.0.2",
-            "--syslog",
-            syslog.target,
-            "--shutdown-grace",
-            "60",
-            *AS_ROOT,
-        ]
-    )
-    try:
-        d.wait_listening()
-        relayed = connect(port, source="127.0.0.2")
-        assert read_line(relayed) == b"220 backend.test ESMTP\r\n"
+    with relaying(syslog, backend, "60") as (d, relayed, _):
         d.signal(signal.SIGTERM)
         syslog.drain(0.5)
         assert d.proc.poll() is None  # draining: the relay may go on for 60 s
@@ -390,8 +360,6 @@ def test_a_second_sigterm_cuts_the_relays_at_once(syslog: SyslogUDP, backend: Li
         assert d.wait() == 0
         assert time.monotonic() - t0 < 30  # far sooner than the 60 s grace
         assert syslog.wait_for("relay-end")[0].fields["end"] == "shutdown"
-    finally:
-        d.stop()
 
 
 def test_workers_leave_when_their_parent_dies(syslog: SyslogUDP, backend: LineBackend) -> None:
