@@ -23,6 +23,7 @@ import contextlib
 import errno
 import heapq
 import ipaddress
+import itertools
 import math
 import os
 import random
@@ -45,6 +46,7 @@ __all__ = [
     "IP_BIND_ADDRESS_NO_PORT",
     "PEERS",
     "TALK",
+    "TCP_EXT",
     "CpuSample",
     "MemSample",
     "Probe",
@@ -64,6 +66,7 @@ __all__ = [
     "print_table",
     "probe_worker",
     "raise_nofile",
+    "ramp_stats",
     "repeld_workers",
     "rst_close",
     "sd_params",
@@ -75,6 +78,8 @@ __all__ = [
     "start_repeld",
     "start_smtp_sink",
     "stopping",
+    "tcp_ext",
+    "tcp_ext_delta",
     "tree_pids",
     "wait_listening",
     "wait_workers",
@@ -343,6 +348,44 @@ def sockstat() -> dict[str, int]:
                 v = line.split()[1:]
                 return {k: int(x) for k, x in zip(v[::2], v[1::2], strict=True)}
     return {}
+
+
+#: TcpExt counters that tell a slow accept from a slow client: an accept queue
+#: that overflows drops the handshake's last ACK, and the client's SYN is sent
+#: again only after the initial RTO (1 s), which no server speed can make up.
+TCP_EXT = ("ListenOverflows", "ListenDrops", "TCPSynRetrans", "TCPReqQFullDrop")
+
+
+def tcp_ext() -> dict[str, int]:
+    """System-wide TcpExt counters of /proc/net/netstat (the TCP_EXT ones)."""
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError), open("/proc/net/netstat") as f:
+        lines = f.read().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        keys, vals = names.split(), values.split()
+        if keys and keys[0] == "TcpExt:":
+            out = {k: int(v) for k, v in zip(keys[1:], vals[1:], strict=False) if k in TCP_EXT}
+    return out
+
+
+def ramp_stats(samples: Sequence[tuple[float, int]]) -> tuple[float, float]:
+    """From (time, descriptors) samples of a ramp: (seconds in which the count
+    rose, the longest stretch in which it did not), i.e. busy time and the
+    longest stall (a SYN retransmit after an accept-queue overflow is ~1 s)."""
+    busy = stall = longest = 0.0
+    for (t0, n0), (t1, n1) in itertools.pairwise(samples):
+        if n1 > n0:
+            busy += t1 - t0
+            stall = 0.0
+        else:
+            stall += t1 - t0
+            longest = max(longest, stall)
+    return busy, longest
+
+
+def tcp_ext_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """after - before, for the counters that moved."""
+    return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
 
 
 # ---------------------------------------------------------------- load processes

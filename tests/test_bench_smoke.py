@@ -1,8 +1,10 @@
-"""The benchmark scripts keep working: a small bench-hold run prints its table.
+"""The benchmark scripts keep working: small bench-hold and bench-cache runs print
+their tables.
 
-No speed is asserted here (speed is measured by scripts/bench-hold and
-scripts/bench-relay, and written down in docs/PERFORMANCE.md); this only
-checks that the small run finishes, exits 0 and reports every column.
+No speed is asserted here (speed is measured by scripts/bench-hold,
+scripts/bench-relay and scripts/bench-cache, and written down in
+docs/PERFORMANCE.md); this only checks that the small runs finish, exit 0 and
+report every column.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_HOLD = ROOT / "scripts" / "bench-hold"
+BENCH_CACHE = ROOT / "scripts" / "bench-cache"
 
 #: A hung run is a failure, not a slow pass (the run takes about 10 s).
 TIMEOUT = 60.0
@@ -73,3 +76,61 @@ def test_bench_hold_small_run_prints_the_table() -> None:
     # every connection asked for was held by the server (plus the timer probes)
     held = int(table["held (server side)"][0].replace(",", ""))
     assert held >= 200
+
+
+def _table(stdout: str) -> tuple[list[str], dict[str, list[str]]]:
+    lines = stdout.splitlines()
+    header = next(line for line in lines if line.startswith("| metric"))
+    rows = {
+        cells[0]: cells[1:]
+        for cells in (
+            [c.strip() for c in line.strip("|").split("|")]
+            for line in lines
+            if line.startswith("| ") and not line.startswith("| metric")
+        )
+    }
+    return [c.strip() for c in header.strip("|").split("|")], rows
+
+
+@pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="bench-cache's redis variant needs redis-server"
+)
+def test_bench_cache_small_run_prints_the_table() -> None:
+    # About 16 s: one round of three variants, each learning for the 2 s delay.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH_CACHE),
+            "--quick",
+            "--variants",
+            "none,sqlite,redis",
+            "--delay",
+            "2",
+            "--probes",
+            "20",
+            "--flood-probes",
+            "0",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header, table = _table(proc.stdout)
+    assert header == ["metric", "none", "sqlite", "redis"]
+    for row in (
+        "accept rate conn/s (until held)",
+        "repeld CPU s per 1000 conns",
+        "cached: greeting p50 ms (quiet)",
+        "trusted: greeting p99 ms (quiet)",
+    ):
+        assert row in table, f"no {row!r} row in:\n{proc.stdout}"
+        assert all(table[row]), f"empty value in {row!r}"
+    # the learners were remembered: the cached clients passed by the cache, not the delay
+    passed = [int(x.replace(",", "")) for x in table["passes by cache (sum)"]]
+    assert passed[0] == 0
+    assert passed[1] > 0
+    assert passed[2] > 0
