@@ -63,3 +63,20 @@ def test_limits_protect_the_pen(held: int, from_client: int, expected: str | Non
     assert policy.admit("192.0.2.1", nodelay=True, held=held, held_from_client=from_client) == (
         PassReason.NODELAY
     )
+
+
+def test_range_edges_and_overlapping_networks() -> None:
+    trusted = TrustedNetworks(["10.0.0.0/24", "10.0.0.128/25", "10.0.1.0/24", "::1", "0.0.0.0/32"])
+    inside = [
+        "10.0.0.0",
+        "10.0.0.255",
+        "10.0.1.0",
+        "10.0.1.255",
+        "::1",
+        "0.0.0.0",
+        "::ffff:10.0.1.7",
+    ]
+    outside = ["9.255.255.255", "10.0.2.0", "::2", "::", "0.0.0.1", "255.255.255.255", "10.0.0"]
+    assert all(a in trusted for a in inside)
+    assert not any(a in trusted for a in outside)
+    assert "10.0.0.1" not in TrustedNetworks([])

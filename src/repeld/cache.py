@@ -45,6 +45,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -135,6 +136,11 @@ def cache_key(address: str, v6_prefix: int = DEFAULT_V6_PREFIX) -> str:
     Raises ValueError for a bad address or a prefix outside 32-128.
     """
     _check_prefix(v6_prefix)
+    if ":" not in address:  # the common case, checked cheaply: a plain IPv4 address
+        try:
+            return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, address))
+        except OSError:
+            raise ValueError(f"{address!r} is not an IP address") from None
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv4Address):
         return str(ip)

@@ -8,7 +8,9 @@ per-client limits), so the connection shell never grows rules of its own.
 
 from __future__ import annotations
 
+import bisect
 import enum
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -27,26 +29,55 @@ def normalize_address(address: str) -> str:
     return address
 
 
-class TrustedNetworks:
-    """A set of networks whose clients skip the delay (IPv4 and IPv6)."""
+def _address_int(address: str) -> tuple[int, int] | None:
+    """(family, integer) of a textual address, the fast way; None if it is not one."""
+    try:
+        if ":" in address:
+            packed = socket.inet_pton(socket.AF_INET6, address.split("%", 1)[0])
+            if packed[:12] == _MAPPED_PREFIX:  # ::ffff:a.b.c.d is a.b.c.d
+                return 4, int.from_bytes(packed[12:], "big")
+            return 6, int.from_bytes(packed, "big")
+        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big")
+    except (OSError, ValueError):
+        return None
 
-    __slots__ = ("_set", "sources")
+
+_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
+
+
+class TrustedNetworks:
+    """A set of networks whose clients skip the delay (IPv4 and IPv6).
+
+    netaddr parses and merges the networks once; a lookup is then a bisection
+    over sorted integer ranges (an IPSet tests every supernet of the address,
+    33 or 129 hash lookups, which the accept path felt), and nothing at all
+    when there are no trusted networks.
+    """
+
+    __slots__ = ("_ranges", "sources")
 
     def __init__(self, networks: Iterable[str] = ()) -> None:
         self.sources: tuple[str, ...] = tuple(networks)
         # Raises netaddr.AddrFormatError for a bad entry; settings.py reports it.
-        self._set = netaddr.IPSet(self.sources)
+        merged = netaddr.IPSet(self.sources)
+        self._ranges: dict[int, tuple[list[int], list[int]]] = {}
+        for block in merged.iter_ipranges():
+            starts, ends = self._ranges.setdefault(block.version, ([], []))
+            starts.append(int(block.first))
+            ends.append(int(block.last))
 
     def __contains__(self, address: object) -> bool:
-        if not isinstance(address, str):
+        if not self._ranges or not isinstance(address, str):
             return False
-        try:
-            ip = netaddr.IPAddress(normalize_address(address))
-        except (netaddr.AddrFormatError, ValueError):
+        found = _address_int(address)
+        if found is None:
             return False
-        if ip.version == 6 and ip.is_ipv4_mapped():
-            ip = ip.ipv4()
-        return ip in self._set
+        ranges = self._ranges.get(found[0])
+        if ranges is None:
+            return False
+        starts, ends = ranges
+        i = bisect.bisect_right(starts, found[1]) - 1
+        return i >= 0 and found[1] <= ends[i]
 
     def __len__(self) -> int:
         return len(self.sources)
