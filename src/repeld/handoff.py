@@ -14,7 +14,8 @@ import trio
 from . import events, proxyproto, tcptune
 from .eventlog import EventLog
 from .events import ConnInfo
-from .relay import RelayResult, connect, relay, send_all
+from .relay import RelayResult, connect, send_all
+from .relaypool import RelayPool
 from .settings import Settings
 
 __all__ = [
@@ -109,8 +110,9 @@ async def handoff(
     connect_timeout: float,
     relay_timeout: float,
     log: EventLog,
+    pool: RelayPool,
 ) -> None:
-    """Hand one passed client to the MTA and relay until the session ends."""
+    """Hand one passed client to the MTA and relay (in `pool`) until the session ends."""
     try:
         try:
             backend = await _open_backend(target, connect_timeout)
@@ -136,7 +138,7 @@ async def handoff(
             except OSError:
                 result.end = "backend-reset"
             else:
-                await relay(sock, backend, relay_timeout, result)
+                await pool.relay(sock, backend, relay_timeout, result)
         except* trio.Cancelled:
             result.end = "shutdown"  # cut at the end of the shutdown grace period
             raise

@@ -31,6 +31,7 @@ from .handoff import (
 from .listeners import backlog_for, open_listeners
 from .pen import Held, HoldingPen
 from .policy import Policy, Refuse, TrustedNetworks, normalize_address
+from .relaypool import RelayPool
 from .settings import Listen, Settings, load_trusted
 from .ucspi import handoff_exec
 
@@ -90,6 +91,8 @@ class Server:
         self.listeners: list[_Listener] = []
         self.relays = 0
         self._handlers: trio.Nursery | None = None
+        #: Every relayed session's bytes, moved by one task (in the relays nursery).
+        self.relay_pool: RelayPool | None = None
         self._front: trio.CancelScope | None = None
         self._grace = settings.shutdown_grace
         self._drain: trio.CancelScope | None = None
@@ -310,6 +313,7 @@ class Server:
                 assert s.exec is not None  # settings guarantee one or the other
                 await handoff_exec(sock, conn, accepted_at, s.exec, self.log)
                 return
+            assert self.relay_pool is not None  # started with the relays nursery
             await handoff(
                 sock,
                 conn,
@@ -319,6 +323,7 @@ class Server:
                 s.connect_timeout,
                 s.relay_timeout,
                 self.log,
+                self.relay_pool,
             )
         finally:
             self.relays -= 1
@@ -360,6 +365,9 @@ class Server:
     async def _serve(self, task_status: trio.TaskStatus[Server]) -> None:
         async with trio.open_nursery() as relays:
             self._handlers = relays
+            # Cancelled with the relays at the end of the drain, never before them.
+            self.relay_pool = RelayPool()
+            relays.start_soon(self.relay_pool.run)
             async with trio.open_nursery() as front:
                 self._front = front.cancel_scope
                 front.start_soon(self.pen.run)
