@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import fcntl
 import math
-import select
 import socket
 import struct
 import sys
@@ -30,6 +29,7 @@ import trio
 
 from .core import PEEK_LIMIT, Hold, Verdict, Wait
 from .events import ConnInfo
+from .poller import IN, Poller
 
 if TYPE_CHECKING:
     from .handoff import BackendTarget
@@ -58,61 +58,6 @@ class Held:
         self.backend = backend
 
 
-if sys.platform == "linux":
-
-    class _Poller:
-        """A readiness set of its own that trio can wait on as one fd (epoll)."""
-
-        def __init__(self) -> None:
-            self._epoll = select.epoll()
-
-        def fileno(self) -> int:
-            return self._epoll.fileno()
-
-        def add(self, fd: int) -> None:
-            self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
-
-        def remove(self, fd: int) -> None:
-            try:
-                self._epoll.unregister(fd)
-            except OSError:
-                pass
-
-        def ready(self, limit: int) -> list[int]:
-            return [fd for fd, _ in self._epoll.poll(0, limit)]
-
-        def close(self) -> None:
-            self._epoll.close()
-
-else:  # FreeBSD and the other BSDs
-
-    class _Poller:
-        """A readiness set of its own that trio can wait on as one fd (kqueue)."""
-
-        def __init__(self) -> None:
-            self._kqueue = select.kqueue()
-
-        def fileno(self) -> int:
-            return self._kqueue.fileno()
-
-        def add(self, fd: int) -> None:
-            ev = select.kevent(fd, select.KQ_FILTER_READ, select.KQ_EV_ADD)
-            self._kqueue.control([ev], 0, 0)
-
-        def remove(self, fd: int) -> None:
-            ev = select.kevent(fd, select.KQ_FILTER_READ, select.KQ_EV_DELETE)
-            try:
-                self._kqueue.control([ev], 0, 0)
-            except OSError:
-                pass
-
-        def ready(self, limit: int) -> list[int]:
-            return [int(ev.ident) for ev in self._kqueue.control(None, limit, 0)]
-
-        def close(self) -> None:
-            self._kqueue.close()
-
-
 def _pending(sock: socket.socket) -> int:
     # How many bytes are waiting in all, so a flood is counted beyond the peek.
     try:
@@ -127,7 +72,7 @@ class HoldingPen:
 
     def __init__(self, on_verdict: Callable[[Held, Verdict], None]) -> None:
         self._on_verdict = on_verdict
-        self._poller = _Poller()
+        self._poller = Poller()
         self._held: dict[int, Held] = {}
         self._queues: dict[float, collections.deque[Held]] = {}
         self._wake: trio.CancelScope | None = None
@@ -141,7 +86,7 @@ class HoldingPen:
         """Start watching `held`; its deadline is `held.hold.deadline`."""
         fd = held.sock.fileno()
         self._held[fd] = held
-        self._poller.add(fd)
+        self._poller.update(fd, 0, IN)
         client = held.conn.client
         self.per_client[client] = self.per_client.get(client, 0) + 1
         delay = held.hold.deadline - held.hold.accepted_at
@@ -166,7 +111,7 @@ class HoldingPen:
         fd = held.sock.fileno()
         if self._held.get(fd) is held:
             del self._held[fd]
-            self._poller.remove(fd)
+            self._poller.update(fd, IN, 0)
             client = held.conn.client
             left = self.per_client[client] - 1
             if left:
@@ -225,7 +170,7 @@ class HoldingPen:
                     await trio.lowlevel.wait_readable(self._poller.fileno())
                 self._wake = None
                 now = trio.current_time()
-                for fd in self._poller.ready(_BATCH):
+                for fd, _ in self._poller.ready(_BATCH):
                     held = self._held.get(fd)
                     if held is not None:
                         self._peek(held, now, due=False)

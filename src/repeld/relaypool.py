@@ -23,12 +23,11 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-import select
 import socket
-import sys
 
 import trio
 
+from .poller import IN, OUT, READ_READY, WRITE_READY, Poller
 from .relay import CHUNK, RelayResult
 
 __all__ = ["RelayPool", "RelayPoolClosed"]
@@ -37,86 +36,10 @@ __all__ = ["RelayPool", "RelayPoolClosed"]
 _BATCH = 512
 #: Most full chunks read from one socket per wake-up before the next socket's turn.
 _FAIRNESS = 16
-#: Interest bits (the same values on both platforms): epoll's EPOLLIN / EPOLLOUT.
-_IN = 1
-_OUT = 4
 
 
 class RelayPoolClosed(RuntimeError):
     """The pool stopped (its `run` ended) while a session was still relaying."""
-
-
-if sys.platform == "linux":
-    # A socket in error or hung up is reported whatever the interest: then the
-    # recv or send that is due shows what happened (error or end of file).
-    _READ_READY = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
-    _WRITE_READY = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
-
-    class _Poller:
-        """A level-triggered readiness set that trio waits on as one fd (epoll).
-
-        No EPOLLRDHUP: end of file shows as readable, and a socket that is
-        interesting for nothing (mask 0) is taken out of the set, so an EPOLLHUP
-        that is reported regardless of interest cannot spin the pool.
-        """
-
-        def __init__(self) -> None:
-            self._epoll = select.epoll()
-
-        def fileno(self) -> int:
-            return self._epoll.fileno()
-
-        def update(self, fd: int, old: int, new: int) -> None:
-            if not old:
-                self._epoll.register(fd, new)
-            elif not new:
-                try:
-                    self._epoll.unregister(fd)
-                except OSError:
-                    pass
-            else:
-                self._epoll.modify(fd, new)
-
-        def ready(self, limit: int) -> list[tuple[int, int]]:
-            return self._epoll.poll(0, limit)
-
-        def close(self) -> None:
-            self._epoll.close()
-
-else:  # FreeBSD and the other BSDs
-    _READ_READY = _IN
-    _WRITE_READY = _OUT
-
-    class _Poller:
-        """A readiness set that trio waits on as one fd (kqueue, one filter per direction)."""
-
-        def __init__(self) -> None:
-            self._kqueue = select.kqueue()
-
-        def fileno(self) -> int:
-            return self._kqueue.fileno()
-
-        def update(self, fd: int, old: int, new: int) -> None:
-            changes: list[select.kevent] = []
-            for bit, kind in ((_IN, select.KQ_FILTER_READ), (_OUT, select.KQ_FILTER_WRITE)):
-                if (old ^ new) & bit:
-                    flags = select.KQ_EV_ADD if new & bit else select.KQ_EV_DELETE
-                    changes.append(select.kevent(fd, kind, flags))
-            try:
-                self._kqueue.control(changes, 0, 0)
-            except OSError:
-                if new & ~old:
-                    raise  # adding failed; a failed delete means the fd is gone already
-
-        def ready(self, limit: int) -> list[tuple[int, int]]:
-            # EV_EOF and errors come on the filter concerned: the recv or send shows them.
-            return [
-                (int(ev.ident), _IN if ev.filter == select.KQ_FILTER_READ else _OUT)
-                for ev in self._kqueue.control(None, limit, 0)
-            ]
-
-        def close(self) -> None:
-            self._kqueue.close()
 
 
 class _Side:
@@ -170,7 +93,7 @@ class RelayPool:
     """Relays many sessions from one task: start `run()`, then call `relay()` per session."""
 
     def __init__(self) -> None:
-        self._poller = _Poller()
+        self._poller = Poller()
         self._sides: dict[int, _Side] = {}
         self._sessions = 0
         # (deadline, tie-breaker, session): at most one live entry per open session.
@@ -234,13 +157,13 @@ class RelayPool:
         client, backend = session.client, session.backend
         if client.fd in self._sides or backend.fd in self._sides or client.fd == backend.fd:
             raise ValueError("socket already relayed")
-        self._poller.update(client.fd, 0, _IN)
+        self._poller.update(client.fd, 0, IN)
         try:
-            self._poller.update(backend.fd, 0, _IN)
+            self._poller.update(backend.fd, 0, IN)
         except BaseException:
-            self._poller.update(client.fd, _IN, 0)
+            self._poller.update(client.fd, IN, 0)
             raise
-        client.mask = backend.mask = _IN
+        client.mask = backend.mask = IN
         self._sides[client.fd] = client
         self._sides[backend.fd] = backend
         self._sessions += 1
@@ -271,10 +194,10 @@ class RelayPool:
                     if side is None:
                         continue  # its session ended earlier in this batch
                     try:
-                        if events & _WRITE_READY and side.pending is not None:
+                        if events & WRITE_READY and side.pending is not None:
                             self._flush(side, now)
                         if (
-                            events & _READ_READY
+                            events & READ_READY
                             and side.session.open
                             and not side.eof
                             and side.peer.pending is None
@@ -392,9 +315,9 @@ class RelayPool:
             return
         mask = 0
         if not side.eof and side.peer.pending is None:
-            mask = _IN
+            mask = IN
         if side.pending is not None:
-            mask |= _OUT
+            mask |= OUT
         if mask != side.mask:
             self._poller.update(side.fd, side.mask, mask)
             side.mask = mask

@@ -1,0 +1,92 @@
+"""A readiness set of our own that trio waits on as one file descriptor.
+
+The holding pen and the relay pool each watch thousands of sockets from one
+task: they keep them in a private epoll (Linux) or kqueue (BSD) set, ask trio
+to wake them when that set's own fd is readable, then read the ready sockets
+in one batch. Interest is level-triggered, per socket: IN, OUT, both, or none
+(a socket interesting for nothing is taken out of the set).
+"""
+
+from __future__ import annotations
+
+import select
+import sys
+
+__all__ = ["IN", "OUT", "READ_READY", "WRITE_READY", "Poller"]
+
+#: Interest bits (the same values on both platforms): epoll's EPOLLIN / EPOLLOUT.
+IN = 1
+OUT = 4
+
+
+if sys.platform == "linux":
+    # A socket in error or hung up is reported whatever the interest: then the
+    # recv or send that is due shows what happened (error or end of file).
+    READ_READY = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
+    WRITE_READY = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+
+    class Poller:
+        """A level-triggered readiness set that trio waits on as one fd (epoll).
+
+        No EPOLLRDHUP: end of file shows as readable, and a socket that is
+        interesting for nothing (mask 0) is taken out of the set, so an EPOLLHUP
+        that is reported regardless of interest cannot spin the pool.
+        """
+
+        def __init__(self) -> None:
+            self._epoll = select.epoll()
+
+        def fileno(self) -> int:
+            return self._epoll.fileno()
+
+        def update(self, fd: int, old: int, new: int) -> None:
+            if not old:
+                self._epoll.register(fd, new)
+            elif not new:
+                try:
+                    self._epoll.unregister(fd)
+                except OSError:
+                    pass
+            else:
+                self._epoll.modify(fd, new)
+
+        def ready(self, limit: int) -> list[tuple[int, int]]:
+            return self._epoll.poll(0, limit)
+
+        def close(self) -> None:
+            self._epoll.close()
+
+else:  # FreeBSD and the other BSDs
+    READ_READY = IN
+    WRITE_READY = OUT
+
+    class Poller:
+        """A readiness set that trio waits on as one fd (kqueue, one filter per direction)."""
+
+        def __init__(self) -> None:
+            self._kqueue = select.kqueue()
+
+        def fileno(self) -> int:
+            return self._kqueue.fileno()
+
+        def update(self, fd: int, old: int, new: int) -> None:
+            changes: list[select.kevent] = []
+            for bit, kind in ((IN, select.KQ_FILTER_READ), (OUT, select.KQ_FILTER_WRITE)):
+                if (old ^ new) & bit:
+                    flags = select.KQ_EV_ADD if new & bit else select.KQ_EV_DELETE
+                    changes.append(select.kevent(fd, kind, flags))
+            try:
+                self._kqueue.control(changes, 0, 0)
+            except OSError:
+                if new & ~old:
+                    raise  # adding failed; a failed delete means the fd is gone already
+
+        def ready(self, limit: int) -> list[tuple[int, int]]:
+            # EV_EOF and errors come on the filter concerned: the recv or send shows them.
+            return [
+                (int(ev.ident), IN if ev.filter == select.KQ_FILTER_READ else OUT)
+                for ev in self._kqueue.control(None, limit, 0)
+            ]
+
+        def close(self) -> None:
+            self._kqueue.close()
