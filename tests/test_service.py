@@ -67,6 +67,7 @@ def test_binds_a_low_port_as_root_then_runs_as_the_service_user(
         assert status["Gid"].split() == [str(nobody.pw_gid)] * 4
         assert status["Groups"] == ""
         assert pidfile.read_text() == f"{d.pid}\n"  # written as root, before the drop
+        assert (pidfile.stat().st_uid, pidfile.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid)
         client = connect(port)
         assert read_line(client) == b"220 backend.test ESMTP\r\n"
         client.close()

@@ -154,7 +154,7 @@ def _prepare(
     def prepare() -> None:
         # Root's last acts: the pid file, then the chroot and the drop.
         if pid is not None:
-            pid.create()
+            pid.create(owner=_owner(settings, plan))
         if not drop:
             return
         if plan.action == "drop":
@@ -171,6 +171,14 @@ def _prepare(
                 ) from None
 
     return prepare
+
+
+def _owner(settings: Settings, plan: privileges.Plan) -> tuple[int, int] | None:
+    """(uid, gid) of the service user the pid file belongs to, or None to leave it as is."""
+    if plan.action != "drop" or plan.user is None:
+        return None
+    ident = privileges.resolve(plan.user, settings.group)
+    return ident.uid, ident.gid
 
 
 def _make_cache_dir(settings: Settings, user: str) -> None:

@@ -8,12 +8,11 @@ replaced: a pid that happens to be alive again (reused by an unrelated process)
 does not stop repeld from starting, which is what makes a liveness check with
 kill(pid, 0) wrong after a crash.
 
-Ownership after a privilege drop. Removing a file needs write permission on
-its directory, not ownership of the file, so chown would not help. Instead:
+Ownership after a privilege drop. The file is created as root, before the
+drop, and handed to the service user (`create(owner=...)`), like the rest of
+what the daemon owns. Removing a file needs write permission on its
+directory, not ownership of the file, so:
 
-* The file stays root-owned and is written through the descriptor opened
-  before the drop, so a compromised daemon cannot point root's
-  `kill $(cat pidfile)` at another process.
 * `remove()` unlinks the file if the directory permits (e.g. a
   /var/run/repeld/ directory owned by the service user, as systemd's
   RuntimeDirectory=repeld or an rc.d precmd creates it), and otherwise
@@ -74,8 +73,12 @@ class PidFile:
         """Whether this object holds the pid file now."""
         return self._fd is not None
 
-    def create(self, pid: int | None = None) -> None:
-        """Take the pid file for `pid` (default: this process), or raise PidFileError."""
+    def create(self, pid: int | None = None, owner: tuple[int, int] | None = None) -> None:
+        """Take the pid file for `pid` (default: this process), or raise PidFileError.
+
+        `owner` (uid, gid) hands the file to the service user, as root, before
+        the privilege drop.
+        """
         if self._fd is not None:
             raise PidFileError(f"{self.path}: already held by this process")
         directory, name = os.path.split(os.path.abspath(self.path))
@@ -92,6 +95,8 @@ class PidFile:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid() if pid is None else pid}\n".encode("ascii"))
             os.fsync(fd)
+            if owner is not None:
+                os.fchown(fd, *owner)
         except OSError as exc:
             os.close(fd)
             os.close(dir_fd)

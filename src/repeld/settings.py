@@ -577,7 +577,8 @@ OPTIONS: tuple[Option, ...] = (
         _absolute("pidfile"),
         None,
         "write the process id here, locked while repeld runs (created as root before the "
-        "drop; removed on exit, or emptied where the directory does not allow it)",
+        "drop and owned by the service user; removed on exit, or emptied where the "
+        "directory does not allow it)",
         metavar="FILE",
     ),
     Option(
