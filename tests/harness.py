@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 
+from repeld.cache import PassCache
 from repeld.eventlog import EventLog
 from repeld.proxyproto import V2_SIGNATURE
 from repeld.server import Server, run_server
@@ -219,3 +220,17 @@ async def read_line(sock: trio.socket.SocketType) -> bytes:
             break
         data += chunk
     return data
+
+
+@asynccontextmanager
+async def running_caches(*caches: PassCache) -> AsyncIterator[None]:
+    """The caches' background tasks for the block; each closed after it."""
+    try:
+        async with trio.open_nursery() as nursery:
+            for cache in caches:
+                await nursery.start(cache.run)
+            yield
+            nursery.cancel_scope.cancel()
+    finally:
+        for cache in caches:
+            await cache.aclose()

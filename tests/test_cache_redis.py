@@ -9,8 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import trio
 from repeld.cache import CacheVerdict, make_cache, parse_cache_url
 from repeld.cache_redis import RedisCache
 
+from .harness import running_caches
 from .procs import REDIS_SERVER, RedisServer, free_port
 
 GOOD, BAD, UNKNOWN = CacheVerdict.GOOD, CacheVerdict.BAD, CacheVerdict.UNKNOWN
@@ -61,19 +61,6 @@ def make(server: RedisServer, calls: Calls | None = None, **kwargs: object) -> R
     return RedisCache("127.0.0.1", server.port, **options)  # type: ignore[arg-type]
 
 
-@asynccontextmanager
-async def running(*caches: RedisCache) -> AsyncIterator[None]:
-    try:
-        async with trio.open_nursery() as nursery:
-            for cache in caches:
-                await nursery.start(cache.run)
-            yield
-            nursery.cancel_scope.cancel()
-    finally:
-        for cache in caches:
-            await cache.aclose()
-
-
 async def eventually(condition: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
     with trio.fail_after(timeout):
         while not await condition():
@@ -103,7 +90,7 @@ async def test_two_mx_hosts_share_passes_and_penalties(server: RedisServer) -> N
     mx1 = make(server, pass_ttl=3600.0, penalty_ttl=600.0)
     mx2 = make(server, pass_ttl=3600.0, penalty_ttl=600.0)
     direct = server.client()
-    async with running(mx1, mx2):
+    async with running_caches(mx1, mx2):
         assert await mx2.lookup("192.0.2.7") is UNKNOWN
         mx1.remember_good("192.0.2.7")
         await eventually(answers(mx2, "192.0.2.7", GOOD))
@@ -132,7 +119,7 @@ async def test_two_mx_hosts_share_passes_and_penalties(server: RedisServer) -> N
 async def test_short_ttl_expires_in_redis(server: RedisServer) -> None:
     mx1 = make(server, pass_ttl=1.0)
     mx2 = make(server)
-    async with running(mx1, mx2):
+    async with running_caches(mx1, mx2):
         mx1.remember_good("192.0.2.9")
         await eventually(answers(mx2, "192.0.2.9", GOOD))
         await eventually(answers(mx2, "192.0.2.9", UNKNOWN), timeout=3.0)
@@ -141,7 +128,7 @@ async def test_short_ttl_expires_in_redis(server: RedisServer) -> None:
 async def test_without_penalties_an_early_talker_loses_its_pass(server: RedisServer) -> None:
     mx1 = make(server)
     mx2 = make(server)
-    async with running(mx1, mx2):
+    async with running_caches(mx1, mx2):
         mx1.remember_good("192.0.2.7")
         await eventually(answers(mx2, "192.0.2.7", GOOD))
         mx2.remember_bad("192.0.2.7")
@@ -153,7 +140,7 @@ async def test_redis_killed_and_restarted(server: RedisServer) -> None:
     calls = Calls()
     mx1 = make(server, calls)
     mx2 = make(server)
-    async with running(mx1, mx2):
+    async with running_caches(mx1, mx2):
         mx1.remember_good("192.0.2.7")
         await eventually(answers(mx1, "192.0.2.7", GOOD))
         await eventually(answers(mx2, "192.0.2.7", GOOD))
@@ -192,7 +179,7 @@ async def test_a_hung_redis_never_blocks_the_loop(server: RedisServer) -> None:
             await trio.sleep(0.01)
             ticks += 1
 
-    async with running(mx1), trio.open_nursery() as nursery:
+    async with running_caches(mx1), trio.open_nursery() as nursery:
         nursery.start_soon(ticker)
         mx1.remember_good("192.0.2.7")
         await eventually(answers(mx1, "192.0.2.7", GOOD))
@@ -224,7 +211,7 @@ async def test_redis_down_at_start_then_up(tmp_path: Path) -> None:
     calls = Calls()
     cache = make(srv, calls)
     try:
-        async with running(cache):
+        async with running_caches(cache):
             await until(lambda: len(calls.errors) == 1)
             assert "unreachable" in calls.errors[0]
             verdict, took = await timed_lookup(cache, "192.0.2.7")
@@ -250,7 +237,7 @@ async def test_password_from_a_file(tmp_path: Path) -> None:
         calls = Calls()
         cache = make_cache(spec, on_error=calls.errors.append)
         assert isinstance(cache, RedisCache)
-        async with running(cache):
+        async with running_caches(cache):
             cache.remember_good("192.0.2.7")
             await cache.flush()
             assert await cache.lookup("192.0.2.7") is GOOD
@@ -260,7 +247,7 @@ async def test_password_from_a_file(tmp_path: Path) -> None:
         pw.write_text("wrong-pw\n")
         bad = make_cache(spec, on_error=calls.errors.append)
         assert isinstance(bad, RedisCache)
-        async with running(bad):
+        async with running_caches(bad):
             await until(lambda: len(calls.errors) == 1)
             assert await bad.lookup("192.0.2.7") is UNKNOWN
         assert "wrong-pw" not in calls.errors[0]

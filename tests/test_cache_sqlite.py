@@ -6,8 +6,7 @@ import sqlite3
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,21 +15,9 @@ import trio
 from repeld.cache import CacheError, CacheVerdict
 from repeld.cache_sqlite import SqliteCache
 
+from .harness import running_caches
+
 GOOD, BAD, UNKNOWN = CacheVerdict.GOOD, CacheVerdict.BAD, CacheVerdict.UNKNOWN
-
-
-@asynccontextmanager
-async def running(*caches: SqliteCache) -> AsyncIterator[None]:
-    """The caches' background tasks for the block; each closed after it."""
-    try:
-        async with trio.open_nursery() as nursery:
-            for cache in caches:
-                await nursery.start(cache.run)
-            yield
-            nursery.cancel_scope.cancel()
-    finally:
-        for cache in caches:
-            await cache.aclose()
 
 
 def rows(path: Path) -> dict[str, tuple[int, float]]:
@@ -56,7 +43,7 @@ def db(tmp_path: Path) -> Path:
 async def test_a_pass_is_written_in_a_batch_and_seen_by_another_instance(db: Path) -> None:
     a = SqliteCache(str(db), pass_ttl=3600.0, flush_interval=0.05)
     b = SqliteCache(str(db), flush_interval=0.05)
-    async with running(a, b):
+    async with running_caches(a, b):
         before = time.time()
         a.remember_good("192.0.2.7")
         assert await a.lookup("192.0.2.7") is GOOD  # queued verdicts answer at once
@@ -75,7 +62,7 @@ async def test_a_pass_is_written_in_a_batch_and_seen_by_another_instance(db: Pat
 
 async def test_a_full_batch_is_written_before_the_interval(db: Path) -> None:
     cache = SqliteCache(str(db), flush_interval=60.0, batch_size=10)
-    async with running(cache):
+    async with running_caches(cache):
         for i in range(10):
             cache.remember_good(f"192.0.2.{i}")
         await wait_for(lambda: len(rows(db)) == 10, timeout=2.0)
@@ -83,13 +70,13 @@ async def test_a_full_batch_is_written_before_the_interval(db: Path) -> None:
 
 async def test_entries_survive_a_restart(db: Path) -> None:
     first = SqliteCache(str(db), flush_interval=60.0, penalty_ttl=600.0)
-    async with running(first):
+    async with running_caches(first):
         first.remember_good("192.0.2.7")
         first.remember_bad("2001:db8:1:2::/64")
     # Only aclose wrote them (the interval is a minute): nothing queued is lost.
     assert set(rows(db)) == {"192.0.2.7", "2001:db8:1:2::/64"}
     second = SqliteCache(str(db))
-    async with running(second):
+    async with running_caches(second):
         assert await second.lookup("192.0.2.7") is GOOD
         assert await second.lookup("2001:db8:1:2::/64") is BAD
 
@@ -97,7 +84,7 @@ async def test_entries_survive_a_restart(db: Path) -> None:
 async def test_last_verdict_wins_and_no_penalty_means_forget(db: Path) -> None:
     with_penalty = SqliteCache(str(db), penalty_ttl=600.0, flush_interval=60.0)
     reader = SqliteCache(str(db))
-    async with running(with_penalty, reader):
+    async with running_caches(with_penalty, reader):
         with_penalty.remember_bad("k")
         await with_penalty.flush()
         assert await reader.lookup("k") is BAD
@@ -105,7 +92,7 @@ async def test_last_verdict_wins_and_no_penalty_means_forget(db: Path) -> None:
         await with_penalty.flush()
         assert await reader.lookup("k") is GOOD
     without = SqliteCache(str(db), flush_interval=60.0)
-    async with running(without):
+    async with running_caches(without):
         without.remember_bad("k")  # an early talker is never left marked good
         assert await without.lookup("k") is UNKNOWN
         await without.flush()
@@ -115,7 +102,7 @@ async def test_last_verdict_wins_and_no_penalty_means_forget(db: Path) -> None:
 async def test_expiry_on_the_injected_wall_clock_and_sweep(db: Path) -> None:
     now = [1_000_000.0]
     cache = SqliteCache(str(db), pass_ttl=10.0, flush_interval=60.0, wallclock=lambda: now[0])
-    async with running(cache):
+    async with running_caches(cache):
         cache.remember_good("a")
         await cache.flush()
         now[0] += 9.9
@@ -129,7 +116,7 @@ async def test_expiry_on_the_injected_wall_clock_and_sweep(db: Path) -> None:
 
 
 async def test_run_sweeps_rows_whose_time_has_passed(db: Path) -> None:
-    async with running(SqliteCache(str(db))):  # creates the schema
+    async with running_caches(SqliteCache(str(db))):  # creates the schema
         pass
     past = time.time() - 1.0
     with sqlite3.connect(db) as conn:
@@ -140,7 +127,7 @@ async def test_run_sweeps_rows_whose_time_has_passed(db: Path) -> None:
         )
     conn.close()
     cache = SqliteCache(str(db), sweep_interval=0.05, sweep_chunk=10)
-    async with running(cache):
+    async with running_caches(cache):
         assert await cache.lookup("old3") is UNKNOWN
         await wait_for(lambda: set(rows(db)) == {"fresh", "odd"})
         assert cache.statistics()["swept"] == 25
@@ -169,7 +156,7 @@ async def test_two_processes_share_the_file(db: Path) -> None:
         sys.exit(trio.run(main, sys.argv[1]))
         """
     )
-    async with running(parent):
+    async with running_caches(parent):
         parent.remember_good("198.51.100.1")
         await parent.flush()
         with trio.fail_after(30):
@@ -201,7 +188,7 @@ async def test_lookups_never_block_the_loop_while_another_writer_holds_the_lock(
             await trio.sleep(0.01)
             ticks += 1
 
-    async with running(cache), trio.open_nursery() as nursery:
+    async with running_caches(cache), trio.open_nursery() as nursery:
         nursery.start_soon(ticker)
         cache.remember_good("stored")
         await cache.flush()
@@ -255,7 +242,7 @@ async def test_an_unusable_path_fails_at_start(tmp_path: Path) -> None:
 
 async def test_after_close_lookups_miss_and_writes_are_dropped(db: Path) -> None:
     cache = SqliteCache(str(db))
-    async with running(cache):
+    async with running_caches(cache):
         pass
     assert await cache.lookup("k") is UNKNOWN
     cache.remember_good("k")

@@ -46,13 +46,6 @@ EXIT_FAILURE = 1
 _GC_GEN0 = 50_000
 
 
-def _handler_fields(settings: Settings) -> dict[str, str]:
-    """The start event's `backend` field, or `exec` for an --exec program."""
-    if settings.exec is not None:
-        return {"exec": " ".join(settings.exec)}
-    return {"backend": str(settings.backend)}
-
-
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -131,7 +124,7 @@ async def serve_forever(
                 where = ", ".join(str(lst.spec) for lst in server.listeners)
                 log.emit(
                     events.lifecycle(
-                        "start", version=__version__, listen=bound, **_handler_fields(settings)
+                        "start", version=__version__, listen=bound, **settings.handler_fields()
                     )
                 )
                 if settings.foreground:

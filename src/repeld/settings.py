@@ -604,6 +604,12 @@ class Settings:
             return "exec " + shlex.join(self.exec)
         return f"backend {self.backend}"
 
+    def handler_fields(self) -> dict[str, str]:
+        """The start event's `backend` field, or `exec` for an --exec program."""
+        if self.exec is not None:
+            return {"exec": " ".join(self.exec)}
+        return {"backend": str(self.backend)}
+
     def cache_spec(self) -> CacheSpec:
         """The pass cache in force: --no-cache, else --cache, else the platform default."""
         from .cache import CacheSpec, parse_cache_url

@@ -117,12 +117,6 @@ def announce_ready() -> bool:
     return _tell_parent({"ready": 1})
 
 
-def _handler_fields(settings: Settings) -> dict[str, str]:
-    if settings.exec is not None:
-        return {"exec": " ".join(settings.exec)}
-    return {"backend": str(settings.backend)}
-
-
 def _fd_name(spec: Listen) -> str:
     return "listen-nodelay" if spec.nodelay else "listen"
 
@@ -336,7 +330,7 @@ async def supervise(
                         "start",
                         version=__version__,
                         listen=bound,
-                        **_handler_fields(settings),
+                        **settings.handler_fields(),
                         workers=settings.workers,
                     )
                 )
