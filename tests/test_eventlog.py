@@ -6,6 +6,7 @@ dropped (and counted) events, never a stalled accept loop.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import socket
@@ -340,3 +341,37 @@ async def test_tcp_receiver_restart_keeps_framing(autojump_clock: trio.testing.M
         stats = log.statistics()
         assert emitted - 1 <= stats["written"] + stats["dropped"] + stats["queued"] <= emitted
         nursery.cancel_scope.cancel()
+
+
+async def test_foreground_lines_and_syslog_stay_in_order_across_batches() -> None:
+    # -f: the writer task writes both the stderr line and the datagram of every
+    # event, many events per wake-up, and neither stream reorders or loses one.
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    port = receiver.getsockname()[1]
+    stderr = io.StringIO()
+    log = EventLog(SyslogTarget("udp", host="127.0.0.1", port=port), stderr=stderr,
+                   hostname="testhost")  # fmt: skip
+    total = 1000  # several of the writer's batches
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(log.run)
+            for i in range(total):
+                log.emit(passed(i))
+                if i % 300 == 299:
+                    await trio.sleep(0.01)
+            with trio.fail_after(10):
+                while log.statistics()["queued"]:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        got = [parse(d) for d in drain_now(receiver)]
+    finally:
+        receiver.close()
+    assert log.written == total and log.dropped == 0
+    assert [int(g.fields["client_port"]) for g in got] == list(range(total))
+    lines = stderr.getvalue().splitlines()
+    assert len(lines) == total
+    ports = [re.search(r"\[127\.0\.0\.1\]:(\d+)", line) for line in lines]
+    assert [int(m[1]) if m else -1 for m in ports] == list(range(total))
+    assert all(" pass: " in line for line in lines)

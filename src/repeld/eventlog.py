@@ -31,6 +31,8 @@ __all__ = ["EventLog"]
 
 #: Events waiting for the writer; past this they are dropped (and counted).
 QUEUE_SIZE = 16384
+#: Most events the writer writes in one go before it lets other tasks run.
+_WRITE_BATCH = 256
 #: The longest the writer waits for the target to accept one message.
 SEND_WAIT = 1.0
 #: After a failure, the writer tries to reach the target again this much later.
@@ -62,6 +64,8 @@ class EventLog:
         self._wakeup = trio.Event()
         self._hostname = hostname if hostname is not None else socket.gethostname()
         self._sock: socket.socket | None = None
+        #: A framed message (or its unsent rest) that must go out before the queue.
+        self._waiting: bytes | None = None
         self._retry_at = 0.0
         self._complained = False
         self._complained_at = -COMPLAIN_INTERVAL
@@ -79,6 +83,9 @@ class EventLog:
         if target != getattr(self, "target", None):
             self._close()  # the next message connects to the new target
             self._retry_at = 0.0
+            if self._waiting is not None:
+                self._waiting = None  # framed for the old target: it goes nowhere now
+                self.dropped += 1
         self.target = target
         self.report_attacks = report_attacks
         self.stderr = stderr
@@ -126,7 +133,7 @@ class EventLog:
         if event.name == "early-talker" and not self.report_attacks:
             return
         stamp = time.time()
-        if self._datagram and self._sock is not None and not self._queue:
+        if self._datagram and self._sock is not None and not self._queue and self._waiting is None:
             # The common case writes at once: one non-blocking datagram, no
             # task switch. Only a full socket buffer or an error queues it.
             try:
@@ -136,7 +143,7 @@ class EventLog:
             else:
                 self.written += 1
                 return
-        if len(self._queue) >= self._queue_size:
+        if len(self._queue) + (self._waiting is not None) >= self._queue_size:
             self.dropped += 1
             return
         self._queue.append((event, stamp))
@@ -144,40 +151,81 @@ class EventLog:
 
     def statistics(self) -> dict[str, int]:
         """Queue depth and what has been written or dropped so far."""
-        return {"queued": len(self._queue), "written": self.written, "dropped": self.dropped}
+        queued = len(self._queue) + (self._waiting is not None)
+        return {"queued": queued, "written": self.written, "dropped": self.dropped}
 
     async def run(self) -> None:
         """The writer task: drain the queue for as long as repeld runs."""
         try:
             while True:
-                if not self._queue:
+                if not self._queue and self._waiting is None:
                     self._wakeup = trio.Event()
                     await self._wakeup.wait()
-                while self._queue:
-                    event, stamp = self._queue[0]
-                    if self.stderr is not None:
-                        self._write_stderr(event, stamp)
-                    if self.target is not None:
-                        # One message is written whole or not at all (a cut TCP
-                        # frame would garble the stream); _send is time-bounded.
-                        with trio.CancelScope(shield=True):
-                            await self._send(self._format(event, self._header, stamp))
-                    self._queue.popleft()
+                if self._waiting is not None:
+                    # One message is written whole or not at all (a cut TCP frame
+                    # would garble the stream); _send is time-bounded.
+                    with trio.CancelScope(shield=True):
+                        await self._send(self._waiting)
+                    self._waiting = None
                     # The shield hides a cancel: notice it between messages, or a
                     # stuck receiver would hold up shutdown for the whole backlog.
                     await trio.lowlevel.checkpoint_if_cancelled()
+                self._write_batch(_WRITE_BATCH)
+                if self._queue and self._waiting is None:
+                    await trio.lowlevel.checkpoint()  # a long backlog yields now and then
         finally:
             await self.flush_nowait()
+
+    def _write_batch(self, limit: int) -> None:
+        """Write up to `limit` queued events without waiting.
+
+        Every event's line goes to stderr (one write for the batch); its syslog
+        message is sent at once if the socket takes it. The first message that
+        must wait (no socket yet, a full buffer, part of a TCP frame left) is kept
+        in `_waiting` for the time-bounded path, and the batch stops there.
+        """
+        queue = self._queue
+        lines: list[str] = []
+        target = self.target
+        try:
+            while queue and limit > 0:
+                limit -= 1
+                event, stamp = queue.popleft()
+                if self.stderr is not None:
+                    lines.append(format_stderr(event, stamp))
+                if target is None:
+                    continue
+                message = self._format(event, self._header, stamp)
+                if self._octet_counting:
+                    message = b"%d %s" % (len(message), message)
+                sock = self._sock
+                if sock is None:
+                    self._waiting = message  # connecting may wait
+                    return
+                try:
+                    sent = sock.send(message)
+                except BlockingIOError:
+                    self._waiting = message
+                    return
+                except OSError as exc:
+                    self._failed(exc)
+                    continue
+                if sent < len(message):
+                    self._waiting = message[sent:]  # the rest of this frame first
+                    return
+                self._delivered()
+        finally:
+            if lines:
+                self._write_stderr(lines)
 
     async def flush_nowait(self) -> None:
         """Write what is still queued without waiting (at shutdown)."""
         with trio.CancelScope(shield=True), trio.move_on_after(SEND_WAIT):
-            while self._queue:
-                event, stamp = self._queue.popleft()
-                if self.stderr is not None:
-                    self._write_stderr(event, stamp)
-                if self.target is not None:
-                    await self._send(self._format(event, self._header, stamp))
+            while self._queue or self._waiting is not None:
+                if self._waiting is not None:
+                    await self._send(self._waiting)
+                    self._waiting = None
+                self._write_batch(len(self._queue))
         self._close()
 
     async def connect_now(self) -> None:
@@ -185,10 +233,10 @@ class EventLog:
         if self.target is not None and self._sock is None:
             await self._connect()
 
-    def _write_stderr(self, event: Event, stamp: float) -> None:
+    def _write_stderr(self, lines: list[str]) -> None:
         assert self.stderr is not None
         try:
-            self.stderr.write(format_stderr(event, stamp) + "\n")
+            self.stderr.write("\n".join(lines) + "\n")
             self.stderr.flush()
         except (OSError, ValueError):
             pass
@@ -239,12 +287,11 @@ class EventLog:
         return sock
 
     async def _send(self, message: bytes) -> None:
+        """Send one message (already framed), waiting at most SEND_WAIT for the target."""
         sock = self._sock or await self._connect()
         if sock is None:
             self.dropped += 1
             return
-        if self._octet_counting:
-            message = b"%d %s" % (len(message), message)
         try:
             with trio.move_on_after(SEND_WAIT) as scope:
                 await send_all(sock, message)
@@ -256,12 +303,19 @@ class EventLog:
                     self._close()
                 return
         except OSError as exc:
-            self.dropped += 1
-            self._close()
-            if exc.errno not in (errno.ECONNREFUSED, errno.ENOBUFS):
-                self._retry_at = trio.current_time() + RETRY_AFTER
-            self._complain("send failed", exc)
+            self._failed(exc)
             return
+        self._delivered()
+
+    def _failed(self, exc: OSError) -> None:
+        """A send failed: drop the message, reconnect for the next one."""
+        self.dropped += 1
+        self._close()
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOBUFS):
+            self._retry_at = trio.current_time() + RETRY_AFTER
+        self._complain("send failed", exc)
+
+    def _delivered(self) -> None:
         self.written += 1
         if self._complained:
             self._complained = False
