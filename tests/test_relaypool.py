@@ -486,3 +486,254 @@ async def test_a_stopped_pool_ends_its_sessions_with_an_error(
     with pytest.raises(RelayPoolClosed):
         await p.relay(pair.client, pair.backend, LONG)
     pair.close()
+
+
+# -- connect_and_relay: the pool connects to the MTA itself -----------------------------
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (connects to it are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def unanswering() -> Iterator[tuple[str, int]]:
+    """A loopback address whose connects are never answered: a listener with a
+    full accept queue, so the kernel drops every further SYN."""
+    with socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(0)
+        fillers: list[socket.socket] = []
+        try:
+            for _ in range(4):  # the queue takes backlog + 1
+                f = socket.socket()
+                f.setblocking(False)
+                f.connect_ex(lst.getsockname())
+                fillers.append(f)
+            yield lst.getsockname()
+        finally:
+            for f in fillers:
+                f.close()
+
+
+class Ended:
+    """A `done` callback that records what it was told, and when."""
+
+    def __init__(self) -> None:
+        self.results: list[RelayResult] = []
+        self.at: list[float] = []
+        self.event = trio.Event()
+
+    def __call__(self, result: RelayResult) -> None:
+        self.results.append(result)
+        self.at.append(trio.current_time())
+        self.event.set()
+
+    async def wait(self) -> RelayResult:
+        await self.event.wait()
+        assert len(self.results) == 1
+        return self.results[0]
+
+
+def v4(addr: tuple[str, int]) -> tuple[int, tuple[object, ...]]:
+    return (socket.AF_INET, addr)
+
+
+async def mta_listener() -> trio.socket.SocketType:
+    mta = trio.socket.socket()
+    await mta.bind(("127.0.0.1", 0))
+    mta.listen(64)
+    return mta
+
+
+async def test_connects_writes_the_header_first_and_relays(
+    autojump_clock: trio.testing.MockClock, pool: RelayPool, listener: socket.socket
+) -> None:
+    client_peer, client = _tcp(listener)
+    peer = trio.socket.from_stdlib_socket(client_peer)
+    ended = Ended()
+    with await mta_listener() as mta:
+        # The client talks first (a trusted client that pipelines): its bytes
+        # must still come after the header.
+        await peer.send(b"EHLO x\r\n")
+        pool.connect_and_relay(
+            client,
+            [v4(mta.getsockname())],
+            header=b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n",
+            connect_timeout=5.0,
+            idle_timeout=LONG,
+            done=ended,
+        )
+        assert len(pool) == 1
+        backend_peer, _ = await mta.accept()
+        with backend_peer, peer:
+            want = b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nEHLO x\r\n"
+            assert await recv_exactly(backend_peer, len(want)) == want
+            await backend_peer.send(b"250 ok\r\n")
+            assert await recv_exactly(peer, 8) == b"250 ok\r\n"
+            backend_peer.shutdown(socket.SHUT_WR)
+            assert await peer.recv(10) == b""
+            peer.shutdown(socket.SHUT_WR)
+            assert await backend_peer.recv(10) == b""
+            result = await ended.wait()
+    assert result.end == "closed"
+    assert result.connect_error is None and result.error is None
+    assert result.connected_at == 0.0  # connected at once, on loopback
+    assert result.from_client == 8 and result.to_client == 8
+    assert client.fileno() != -1  # the client socket is the caller's to close
+    client.close()
+    assert_nothing_registered(pool)
+
+
+async def test_a_header_larger_than_the_socket_buffer_still_comes_first(
+    autojump_clock: trio.testing.MockClock, pool: RelayPool, listener: socket.socket
+) -> None:
+    # The header goes out in parts; the client is not read until it is all out.
+    client_peer, client = _tcp(listener)
+    peer = trio.socket.from_stdlib_socket(client_peer)
+    header = os.urandom(4 * CHUNK) + b"\r\n"
+    ended = Ended()
+    with await mta_listener() as mta:
+        await peer.send(b"DATA\r\n")
+        pool.connect_and_relay(
+            client, [v4(mta.getsockname())], header=header,
+            connect_timeout=5.0, idle_timeout=LONG, done=ended,
+        )  # fmt: skip
+        backend_peer, _ = await mta.accept()
+        with backend_peer, peer:
+            await trio.sleep(1)  # the pool fills the buffers and waits
+            assert await recv_exactly(backend_peer, len(header) + 6) == header + b"DATA\r\n"
+            abort(peer)
+            result = await ended.wait()
+    assert result.end == "client-reset"
+    client.close()
+    assert_nothing_registered(pool)
+
+
+async def test_a_refused_address_is_skipped_for_the_next(
+    autojump_clock: trio.testing.MockClock, pool: RelayPool, listener: socket.socket
+) -> None:
+    client_peer, client = _tcp(listener)
+    ended = Ended()
+    with await mta_listener() as mta:
+        pool.connect_and_relay(
+            client, [v4(("127.0.0.1", closed_port())), v4(mta.getsockname())],
+            connect_timeout=5.0, idle_timeout=LONG, done=ended,
+        )  # fmt: skip
+        backend_peer, _ = await mta.accept()
+        peer = trio.socket.from_stdlib_socket(client_peer)
+        with backend_peer, peer:
+            await backend_peer.send(b"220 mx\r\n")
+            assert await recv_exactly(peer, 8) == b"220 mx\r\n"
+            peer.shutdown(socket.SHUT_WR)
+            assert await backend_peer.recv(10) == b""
+            backend_peer.shutdown(socket.SHUT_WR)
+            assert await peer.recv(10) == b""
+            result = await ended.wait()
+    assert result.connect_error is None
+    assert result.end == "closed"
+    assert result.to_client == 8
+    client.close()
+    assert_nothing_registered(pool)
+
+
+async def test_no_address_answers_tells_why_once(
+    autojump_clock: trio.testing.MockClock, pool: RelayPool, listener: socket.socket
+) -> None:
+    client_peer, client = _tcp(listener)
+    ended = Ended()
+    pool.connect_and_relay(
+        client, [v4(("127.0.0.1", closed_port())), v4(("127.0.0.1", closed_port()))],
+        connect_timeout=5.0, idle_timeout=LONG, done=ended,
+    )  # fmt: skip
+    result = await ended.wait()
+    assert "refused" in (result.connect_error or "").lower()
+    assert result.connected_at is None and result.from_client == 0
+    await trio.sleep(1)
+    assert len(ended.results) == 1
+    client.close()
+    client_peer.close()
+    assert_nothing_registered(pool)
+
+
+async def test_each_address_gets_the_connect_timeout(
+    autojump_clock: trio.testing.MockClock, pool: RelayPool, listener: socket.socket
+) -> None:
+    client_peer, client = _tcp(listener)
+    ended = Ended()
+    with unanswering() as silent:
+        pool.connect_and_relay(
+            client, [v4(silent), v4(silent)],
+            connect_timeout=7.0, idle_timeout=LONG, done=ended,
+        )  # fmt: skip
+        result = await ended.wait()
+    assert ended.at == [pytest.approx(14.0, abs=0.01)]
+    assert result.connect_error == "no answer within 7s"
+    client.close()
+    client_peer.close()
+    assert_nothing_registered(pool)
+
+
+async def test_a_stopped_pool_ends_connecting_and_relaying_sessions_as_shutdown(
+    autojump_clock: trio.testing.MockClock, listener: socket.socket
+) -> None:
+    p = RelayPool()
+    relaying, connecting = Ended(), Ended()
+    pairs = [_tcp(listener) for _ in range(2)]
+    with await mta_listener() as mta, unanswering() as silent:
+        async with trio.open_nursery() as runner:
+            runner.start_soon(p.run)
+            await trio.sleep(0)
+            p.connect_and_relay(
+                pairs[0][1], [v4(mta.getsockname())],
+                connect_timeout=5.0, idle_timeout=LONG, done=relaying,
+            )  # fmt: skip
+            p.connect_and_relay(
+                pairs[1][1], [v4(silent)],
+                connect_timeout=60.0, idle_timeout=LONG, done=connecting,
+            )  # fmt: skip
+            backend_peer, _ = await mta.accept()
+            await trio.sleep(1)
+            assert len(p) == 2
+            runner.cancel_scope.cancel()
+        backend_peer.close()
+    assert relaying.results[0].end == "shutdown"
+    assert relaying.results[0].connected_at is not None
+    assert connecting.results[0].end == "shutdown"
+    assert connecting.results[0].connected_at is None
+    assert len(p) == 0
+    with pytest.raises(RelayPoolClosed):
+        p.connect_and_relay(
+            pairs[0][1], [v4(("127.0.0.1", closed_port()))],
+            connect_timeout=5.0, idle_timeout=LONG, done=relaying,
+        )  # fmt: skip
+    for a, b in pairs:
+        a.close()
+        b.close()
+
+
+async def test_a_failing_done_callback_does_not_stop_the_pool(
+    autojump_clock: trio.testing.MockClock,
+    pool: RelayPool,
+    listener: socket.socket,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    client_peer, client = _tcp(listener)
+
+    def broken(_: RelayResult) -> None:
+        raise RuntimeError("a bug in the caller")
+
+    pool.connect_and_relay(
+        client, [v4(("127.0.0.1", closed_port()))],
+        connect_timeout=5.0, idle_timeout=LONG, done=broken,
+    )  # fmt: skip
+    await trio.sleep(1)  # refused (a non-blocking connect reports it later)
+    assert "a bug in the caller" in capfd.readouterr().err
+    client.close()
+    client_peer.close()
+    # the pool still relays
+    again = make_pair(listener)
+    assert (await smtp_session(pool, again)).end == "closed"
+    again.close()

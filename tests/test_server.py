@@ -227,6 +227,33 @@ async def test_dead_backend_gets_421(autojump_clock: trio.testing.MockClock) -> 
         assert float(ev.fields["elapsed"]) == pytest.approx(DELAY, abs=0.05)
 
 
+async def test_a_backend_that_never_answers_gets_421_after_the_connect_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A listener whose accept queue is full drops every further SYN: the
+    # connect is never answered, and --connect-timeout ends the wait.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(0)
+        fillers = [socket.socket() for _ in range(4)]
+        for f in fillers:
+            f.setblocking(False)
+            f.connect_ex(silent.getsockname())
+        try:
+            port = silent.getsockname()[1]
+            async with running(delay=DELAY, backend_port=port, connect_timeout=9.0) as h:
+                client = await connect(h.address())
+                data, how = await read_until_closed(client)
+                assert data == b"421 4.3.2 Service temporarily unavailable, try again later\r\n"
+                (ev,) = await h.receiver.wait_for("backend-error")
+                assert ev.fields["error"] == "no answer within 9s"
+                assert float(ev.fields["elapsed"]) == pytest.approx(DELAY + 9.0, abs=0.05)
+                assert h.server.relays == 0
+        finally:
+            for f in fillers:
+                f.close()
+
+
 async def test_half_close_is_propagated(autojump_clock: trio.testing.MockClock) -> None:
     async with running(delay=DELAY) as h:
         client = await connect(h.address())

@@ -265,16 +265,34 @@ def test_builder_loads_by_path_without_importing_repeld() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def assert_tuned_for_relay(sock: socket.socket) -> None:
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 6
+    if tcptune.platform_has_user_timeout():
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 120_000
+
+
 def test_a_relayed_client_socket_gets_keepalive_and_a_user_timeout() -> None:
-    """What handoff applies to every relayed client, read back from a real socket."""
+    """What handoff applies to a relayed client itself, read back from a real socket."""
     with socket.create_server(("127.0.0.1", 0)) as server:
         client = socket.create_connection(server.getsockname())
         conn, _ = server.accept()
         with client, conn:
-            handoff._reap_dead_peers(conn)
-            assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
-            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
-            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 6
-            if tcptune.platform_has_user_timeout():
-                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 120_000
+            assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+            handoff._tune_for_relay(conn)
+            assert_tuned_for_relay(conn)
+
+
+@pytest.mark.skipif(not handoff.LISTENER_TUNING_INHERITED, reason="per-client tuning here")
+def test_a_tuned_listener_hands_out_tuned_sockets() -> None:
+    """On Linux the listener is tuned once and every accepted socket inherits it all."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        assert handoff.tune_listener(server)
+        for _ in range(3):
+            client = socket.create_connection(server.getsockname())
+            conn, _ = server.accept()
+            with client, conn:
+                assert_tuned_for_relay(conn)

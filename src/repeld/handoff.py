@@ -1,12 +1,17 @@
 """The pass path: connect to the MTA, announce the client, relay until done.
 
-If the MTA cannot be reached the client is told `421 4.3.2` and a real MTA on
-the other end retries later, so no mail is lost.
+`handoff` tunes the client's socket, builds the PROXY header and gives the
+client to the relay pool, which connects, writes the header and relays with no
+task of the client's own; when the session ends, the pool calls back here for
+the `relay-end` event. If the MTA cannot be reached the client is told
+`421 4.3.2` and a real MTA on the other end retries later, so no mail is lost.
 """
 
 from __future__ import annotations
 
 import socket
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -14,8 +19,8 @@ import trio
 from . import events, proxyproto, tcptune
 from .eventlog import EventLog
 from .events import ConnInfo
-from .relay import RelayResult, connect, send_all
-from .relaypool import RelayPool
+from .relay import RelayResult
+from .relaypool import RelayPool, RelayPoolClosed
 from .settings import Settings
 
 __all__ = [
@@ -25,6 +30,7 @@ __all__ = [
     "reply_and_close",
     "resolve_backend",
     "resolve_optional_backend",
+    "tune_listener",
 ]
 
 BACKEND_UNAVAILABLE = b"421 4.3.2 Service temporarily unavailable, try again later\r\n"
@@ -67,16 +73,6 @@ def reply_and_close(sock: socket.socket, line: bytes) -> None:
     sock.close()
 
 
-async def _open_backend(target: BackendTarget, timeout: float) -> socket.socket:
-    last: Exception = OSError("no address for the backend")
-    for family, addr in target.addresses:
-        try:
-            return await connect(addr, family, timeout)
-        except (OSError, TimeoutError) as exc:
-            last = exc
-    raise last
-
-
 #: A relayed client silent this long is probed; after KEEPALIVE_COUNT unanswered
 #: probes KEEPALIVE_INTERVAL apart, or data unacknowledged for USER_TIMEOUT_MS,
 #: the kernel drops it, well before --relay-timeout would.
@@ -86,22 +82,37 @@ KEEPALIVE_COUNT = 6
 USER_TIMEOUT_MS = 120_000
 
 
-def _reap_dead_peers(sock: socket.socket) -> None:
-    """Let the kernel notice a relayed client that vanished without closing."""
+#: Accepted sockets take these options from their listener, so one setsockopt
+#: per listener stands for five per client. Checked on Linux only (where the
+#: tests read them back); elsewhere each relayed client is tuned itself.
+LISTENER_TUNING_INHERITED = sys.platform.startswith("linux")
+
+
+def _tune_for_relay(sock: socket.socket) -> None:
+    """No Nagle delay for replies, and let the kernel notice a vanished peer."""
+    # forward each reply at once: no Nagle delay behind a delayed ACK
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    tcptune.set_keepalive(sock.fileno(), KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+    tcptune.set_user_timeout(sock.fileno(), USER_TIMEOUT_MS)
+
+
+def tune_listener(sock: socket.socket) -> bool:
+    """Tune a listener so the sockets it accepts need no tuning of their own.
+
+    True if every client accepted from it is tuned as `handoff` needs; False
+    (the platform does not pass the options on, or one was refused) means
+    `handoff` must tune each client itself.
+    """
+    if not LISTENER_TUNING_INHERITED:
+        return False
     try:
-        tcptune.set_keepalive(sock.fileno(), KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
-        tcptune.set_user_timeout(sock.fileno(), USER_TIMEOUT_MS)
+        _tune_for_relay(sock)
     except OSError:
-        pass  # the client may have gone already; the relay will see it
+        return False
+    return True
 
 
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
-
-
-async def handoff(
+def handoff(
     sock: socket.socket,
     conn: ConnInfo,
     accepted_at: float,
@@ -111,40 +122,28 @@ async def handoff(
     relay_timeout: float,
     log: EventLog,
     pool: RelayPool,
+    ended: Callable[[], None],
+    tuned: bool = False,
 ) -> None:
-    """Hand one passed client to the MTA and relay (in `pool`) until the session ends."""
-    try:
+    """Hand one passed client to the MTA through `pool`; returns at once.
+
+    When the session is over its event is written, `sock` is closed and
+    `ended()` is called, once, whatever happened. `tuned`: `sock` came from a
+    listener that `tune_listener` tuned.
+    """
+
+    def done(result: RelayResult) -> None:
         try:
-            backend = await _open_backend(target, connect_timeout)
-        except (OSError, TimeoutError) as exc:
-            reply_and_close(sock, BACKEND_UNAVAILABLE)
-            elapsed = trio.current_time() - accepted_at
-            log.emit(events.backend_error(conn, elapsed, target.name, _reason(exc)))
-            return
-        started = trio.current_time()
-        result = RelayResult()
-        try:  # forward each reply at once: no Nagle delay behind a delayed ACK
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        _reap_dead_peers(sock)
-        try:
-            header = proxyproto.header(
-                proxy_protocol, conn.client, conn.client_port, conn.server, conn.server_port
-            )
-            try:
-                if header:
-                    await send_all(backend, header)
-            except OSError:
-                result.end = "backend-reset"
-            else:
-                await pool.relay(sock, backend, relay_timeout, result)
-        except* trio.Cancelled:
-            result.end = "shutdown"  # cut at the end of the shutdown grace period
-            raise
-        finally:
-            backend.close()
             now = trio.current_time()
+            if result.connect_error is not None:
+                reply_and_close(sock, BACKEND_UNAVAILABLE)
+                log.emit(
+                    events.backend_error(conn, now - accepted_at, target.name, result.connect_error)
+                )
+                return
+            if result.connected_at is None:  # stopped while connecting: come back later
+                reply_and_close(sock, BACKEND_UNAVAILABLE)
+            started = now if result.connected_at is None else result.connected_at
             log.emit(
                 events.relay_end(
                     conn,
@@ -155,7 +154,30 @@ async def handoff(
                     result.end,
                 )
             )
-    except Exception as exc:  # never let one session take the server down
+            if result.error is not None:
+                log.emit(events.internal_error(conn, now - accepted_at, repr(result.error)))
+        finally:
+            sock.close()
+            ended()
+
+    try:
+        if not tuned:
+            try:
+                _tune_for_relay(sock)
+            except OSError:
+                pass  # the client may have gone already; the relay will see it
+        header = proxyproto.header(
+            proxy_protocol, conn.client, conn.client_port, conn.server, conn.server_port
+        )
+        pool.connect_and_relay(
+            sock,
+            target.addresses,
+            header=header,
+            connect_timeout=connect_timeout,
+            idle_timeout=relay_timeout,
+            done=done,
+        )
+    except (RelayPoolClosed, ValueError, OSError) as exc:  # never take the server down
+        reply_and_close(sock, BACKEND_UNAVAILABLE)
         log.emit(events.internal_error(conn, trio.current_time() - accepted_at, repr(exc)))
-    finally:
-        sock.close()
+        ended()

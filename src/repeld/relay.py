@@ -25,7 +25,13 @@ class RelayResult:
 
     from_client: int = 0
     to_client: int = 0
-    end: str = "closed"  # closed | timeout | client-reset | backend-reset
+    end: str = "closed"  # closed | timeout | client-reset | backend-reset | shutdown
+    #: When the backend connection was made (trio time); None if it never was.
+    connected_at: float | None = None
+    #: Why no backend address answered (then nothing was relayed).
+    connect_error: str | None = None
+    #: A bug that ended this session (it is reported, the others go on).
+    error: BaseException | None = None
 
 
 async def send_all(sock: socket.socket, data: bytes | memoryview) -> None:

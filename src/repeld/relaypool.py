@@ -1,36 +1,54 @@
-"""The relay pool: one task pumps the bytes of every relayed session.
+"""The relay pool: one task connects to the MTA and pumps the bytes of every
+relayed session.
 
 A task, a nursery and a cancel scope per session, and a trio readiness wait
 per chunk (about 11 us each, some 26 per SMTP session), made relaying cost 2.5
 times HAProxy's CPU per message. The pool does what the holding pen does for
 held connections: it keeps its own epoll (Linux) or kqueue (BSD) set of every
-relayed socket, trio wakes it when that set is readable or when the earliest
-idle deadline is due, and it then moves the bytes of every ready socket in one
-batch with plain non-blocking `recv_into`/`send`. A chunk is sent straight
-after it is read; only when the destination's buffer is full is the rest kept
-(at most one chunk, CHUNK bytes, per direction) and the source no longer read
-until it has gone out.
+relayed socket, trio wakes it when that set is ready or when the earliest
+deadline is due, and it then serves every ready socket in one batch with plain
+non-blocking calls. A chunk is sent straight after it is read; only when the
+destination's buffer is full is the rest kept (at most one chunk, CHUNK bytes,
+per direction) and the source no longer read until it has gone out.
 
-The session's own task only waits to be told the session is over.
-`RelayPool.relay` fills a `RelayResult` and ends a session as closed, timeout,
-client-reset or backend-reset, with half-close propagated with
-shutdown(SHUT_WR), and the caller closes the sockets. Cancelling the waiting
-task takes its session out of the pool at once.
+A passed client costs no task of its own. `RelayPool.connect_and_relay` starts
+a non-blocking connect to the MTA (each address in turn, each within the
+connect timeout), writes the PROXY header, relays, and calls the caller's
+`done(result)` once: with `result.connect_error` set if no address answered,
+else when the session ended as closed, timeout, client-reset, backend-reset or
+shutdown (the pool stopped). Half-close is propagated with shutdown(SHUT_WR).
+The pool closes the backend sockets it opened; the client socket stays the
+caller's. `RelayPool.relay` is the same for a task that has both sockets
+already and waits for the end; cancelling it takes the session out at once.
 """
 
 from __future__ import annotations
 
+import errno
 import heapq
 import itertools
 import math
+import os
 import socket
+import sys
+import traceback
+from collections.abc import Callable, Sequence
 
 import trio
 
 from .poller import IN, OUT, READ_READY, WRITE_READY, Poller
 from .relay import CHUNK, RelayResult
 
-__all__ = ["RelayPool", "RelayPoolClosed"]
+__all__ = ["Address", "Done", "RelayPool", "RelayPoolClosed"]
+
+#: One way to reach the MTA: (address family, socket address).
+Address = tuple[int, tuple[object, ...]]
+#: Told how a session ended, once; it owns the client socket from then on.
+Done = Callable[[RelayResult], None]
+
+#: A socket created non-blocking in one call where the platform can (Linux, FreeBSD).
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+_IN_PROGRESS = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN, errno.EINTR)
 
 #: Most ready sockets handled per wake-up.
 _BATCH = 512
@@ -67,30 +85,56 @@ class _Side:
 
 
 class _Session:
-    __slots__ = ("backend", "client", "deadline", "error", "idle_timeout", "open", "result", "task")
+    """One relayed client, from the first connect attempt to `done`.
+
+    `backend` is None until a connect attempt has a socket; `connecting` while
+    that attempt has not been answered; `addresses` are those not tried yet.
+    """
+
+    __slots__ = (
+        "addresses",
+        "backend",
+        "client",
+        "connect_timeout",
+        "connecting",
+        "deadline",
+        "done",
+        "error",
+        "header",
+        "idle_timeout",
+        "in_heap",
+        "open",
+        "owns_backend",
+        "result",
+    )
 
     def __init__(
-        self,
-        client: socket.socket,
-        backend: socket.socket,
-        idle_timeout: float,
-        result: RelayResult,
-        deadline: float,
+        self, client: socket.socket, idle_timeout: float, result: RelayResult, done: Done | None
     ) -> None:
         self.result = result
         self.idle_timeout = idle_timeout
-        self.deadline = deadline  # pushed on with every byte; the heap catches up lazily
+        self.deadline = math.inf  # pushed on with every byte; the heap catches up lazily
         self.open = True
+        self.in_heap = False  # its deadline is live in the pool's heap
         self.error: BaseException | None = None
-        self.task: trio.lowlevel.Task | None = None
+        self.done = done
         self.client = _Side(self, client, "client", True)
-        self.backend = _Side(self, backend, "backend", False)
-        self.client.peer = self.backend
-        self.backend.peer = self.client
+        self.backend: _Side | None = None
+        self.owns_backend = False
+        self.connecting = False
+        self.addresses: list[Address] = []
+        self.connect_timeout = 0.0
+        self.header = b""
+
+    def attach(self, backend: socket.socket) -> _Side:
+        side = self.backend = _Side(self, backend, "backend", False)
+        side.peer = self.client
+        self.client.peer = side
+        return side
 
 
 class RelayPool:
-    """Relays many sessions from one task: start `run()`, then call `relay()` per session."""
+    """Relays many sessions from one task: start `run()`, then hand it sessions."""
 
     def __init__(self) -> None:
         self._poller = Poller()
@@ -106,14 +150,49 @@ class RelayPool:
         self._view = memoryview(self._buf)
 
     def __len__(self) -> int:
-        """Sessions being relayed now."""
+        """Sessions connecting or being relayed now."""
         return self._sessions
 
     def registered(self) -> dict[int, int]:
         """The fds in the poller now and their interest (epoll bits); for tests."""
         return {fd: side.mask for fd, side in self._sides.items() if side.mask}
 
-    # -- the session's side -------------------------------------------------------
+    # -- the caller's side ------------------------------------------------------------
+
+    def connect_and_relay(
+        self,
+        client: socket.socket,
+        addresses: Sequence[Address],
+        *,
+        header: bytes = b"",
+        connect_timeout: float,
+        idle_timeout: float,
+        done: Done,
+    ) -> None:
+        """Connect `client` to the first of `addresses` that answers and relay.
+
+        Each address gets `connect_timeout` seconds. `header` (the PROXY header)
+        goes to the MTA before any byte of the client's. `done(result)` is called
+        once, from the pool's task, when the session is over (`result.end`) or no
+        address answered (`result.connect_error`); the caller closes `client`
+        then. Raises RelayPoolClosed if the pool has stopped.
+        """
+        if self._closed:
+            raise RelayPoolClosed("the relay pool is closed")
+        if client.fileno() in self._sides:
+            raise ValueError("socket already relayed")
+        if client.gettimeout() != 0.0:
+            client.setblocking(False)
+        session = _Session(client, idle_timeout, RelayResult(), done)
+        session.addresses = list(addresses)
+        session.connect_timeout = connect_timeout
+        session.header = header
+        session.owns_backend = True
+        self._sessions += 1
+        self._sides[session.client.fd] = session.client  # not polled until connected
+        self._try_connect(session, trio.current_time(), OSError("no address for the backend"))
+        if session.open:
+            self._arm(session)
 
     async def relay(
         self,
@@ -132,18 +211,24 @@ class RelayPool:
             result = RelayResult()
         if self._closed:
             raise RelayPoolClosed("the relay pool is closed")
+        if client.fileno() in self._sides or backend.fileno() in self._sides:
+            raise ValueError("socket already relayed")
+        if client.fileno() == backend.fileno():
+            raise ValueError("socket already relayed")
         for sock in (client, backend):
             if sock.gettimeout() != 0.0:
                 sock.setblocking(False)
-        session = _Session(
-            client, backend, idle_timeout, result, trio.current_time() + idle_timeout
-        )
-        self._add(session)
-        session.task = trio.lowlevel.current_task()
+        task = trio.lowlevel.current_task()
+        session = _Session(client, idle_timeout, result, lambda _: trio.lowlevel.reschedule(task))
+        session.attach(backend)
+        self._sessions += 1
+        self._sides[session.client.fd] = session.client
+        self._connected(session, trio.current_time())
+        self._arm(session)
 
         def abort(_: object) -> trio.lowlevel.Abort:
             # Cancelled: the session leaves the pool now, so no fd stays registered.
-            session.task = None
+            session.done = None
             if session.open:
                 self._finish(session)
             return trio.lowlevel.Abort.SUCCEEDED
@@ -153,29 +238,106 @@ class RelayPool:
             raise session.error
         return result
 
-    def _add(self, session: _Session) -> None:
-        client, backend = session.client, session.backend
-        if client.fd in self._sides or backend.fd in self._sides or client.fd == backend.fd:
-            raise ValueError("socket already relayed")
-        self._poller.update(client.fd, 0, IN)
-        try:
-            self._poller.update(backend.fd, 0, IN)
-        except BaseException:
-            self._poller.update(client.fd, IN, 0)
-            raise
-        client.mask = backend.mask = IN
-        self._sides[client.fd] = client
-        self._sides[backend.fd] = backend
-        self._sessions += 1
+    def _arm(self, session: _Session) -> None:
+        """Put a new session's deadline in the heap (and wake the pool earlier if due)."""
         heapq.heappush(self._heap, (session.deadline, next(self._seq), session))
+        session.in_heap = True
         wake = self._wake
         if wake is not None and session.deadline < wake.deadline:
             wake.deadline = session.deadline
 
+    # -- connecting ---------------------------------------------------------------------
+
+    def _try_connect(self, session: _Session, now: float, last: OSError) -> None:
+        """Start a connect to the next address; end the session if none is left."""
+        while session.addresses:
+            family, addr = session.addresses.pop(0)
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
+            except OSError as exc:
+                last = exc
+                continue
+            try:
+                if not _NONBLOCK:
+                    sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                err = sock.connect_ex(addr)
+            except OSError as exc:
+                sock.close()
+                last = exc
+                continue
+            if err and err not in _IN_PROGRESS:
+                sock.close()
+                last = OSError(err, os.strerror(err))
+                continue
+            side = session.attach(sock)
+            self._sides[side.fd] = side
+            session.connecting = True
+            session.deadline = now + session.connect_timeout
+            self._set_mask(side)  # OUT: writable once the MTA answers
+            return
+        session.result.connect_error = _reason(last)
+        self._finish(session)
+
+    def _connect_answered(self, session: _Session, now: float) -> None:
+        """The connect attempt was answered: relay, or try the next address."""
+        side = session.backend
+        assert side is not None
+        err = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._drop_backend(session)
+            self._try_connect(session, now, OSError(err, os.strerror(err)))
+            return
+        self._connected(session, now)
+
+    def _connect_timed_out(self, session: _Session, now: float) -> None:
+        self._drop_backend(session)
+        timeout = session.connect_timeout
+        self._try_connect(session, now, OSError(errno.ETIMEDOUT, f"no answer within {timeout:g}s"))
+
+    def _drop_backend(self, session: _Session) -> None:
+        """Give up one connect attempt: its socket out of the poller, closed."""
+        side = session.backend
+        assert side is not None
+        if side.mask:
+            self._poller.update(side.fd, side.mask, 0)
+            side.mask = 0
+        del self._sides[side.fd]
+        side.sock.close()
+        session.backend = None
+        session.client.peer = session.client
+        session.connecting = False
+
+    def _connected(self, session: _Session, now: float) -> None:
+        """Both sockets are there: write the header, then relay both ways."""
+        backend = session.backend
+        assert backend is not None
+        session.connecting = False
+        session.result.connected_at = now
+        session.deadline = now + session.idle_timeout
+        if session.header:
+            header, session.header = session.header, b""
+            try:
+                sent = backend.sock.send(header)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._reset(session, backend.name)
+                return
+            if sent < len(header):
+                backend.pending = memoryview(header)[sent:]
+        self._sides[backend.fd] = backend
+        self._set_mask(session.client)
+        self._set_mask(backend)
+
     # -- the pool's side ------------------------------------------------------------
 
     async def run(self) -> None:
-        """Relay every session until cancelled; then the pool is closed."""
+        """Relay every session until cancelled; then the pool is closed.
+
+        Sessions still open then end as `shutdown` (`relay` raises
+        RelayPoolClosed in its caller).
+        """
         if self._closed:
             raise RelayPoolClosed("the relay pool is closed")
         poller = self._poller
@@ -193,24 +355,34 @@ class RelayPool:
                     side = sides.get(ready_fd)
                     if side is None:
                         continue  # its session ended earlier in this batch
+                    session = side.session
                     try:
+                        if session.connecting:
+                            if side is session.backend:
+                                self._connect_answered(session, now)
+                            continue
                         if events & WRITE_READY and side.pending is not None:
                             self._flush(side, now)
                         if (
                             events & READ_READY
-                            and side.session.open
+                            and session.open
                             and not side.eof
                             and side.peer.pending is None
                         ):
                             self._pump(side, now)
                     except Exception as exc:  # one broken session never stops the others
-                        self._fail(side.session, exc)
+                        self._fail(session, exc)
         finally:
             self._wake = None
             self._closed = True
+            stopped = RelayPoolClosed("the relay pool stopped")
             for side in list(sides.values()):
-                if side.session.open:
-                    self._fail(side.session, RelayPoolClosed("the relay pool stopped"))
+                session = side.session
+                if session.open:
+                    session.result.end = "shutdown"
+                    if session.done is not None and not session.owns_backend:
+                        session.error = stopped  # relay() raises it in its caller
+                    self._finish(session)
             poller.close()
 
     def _expire(self, now: float) -> float:
@@ -227,8 +399,14 @@ class RelayPool:
                 heapq.heapreplace(heap, (session.deadline, next(self._seq), session))
             else:
                 heapq.heappop(heap)
-                session.result.end = "timeout"
-                self._finish(session, in_heap=False)
+                session.in_heap = False
+                if session.connecting:
+                    self._connect_timed_out(session, now)
+                    if session.open:  # the next address is being tried
+                        self._arm(session)
+                else:
+                    session.result.end = "timeout"
+                    self._finish(session)
         return math.inf
 
     def _pump(self, src: _Side, now: float) -> None:
@@ -311,13 +489,17 @@ class RelayPool:
             self._finish(dst.session)
 
     def _set_mask(self, side: _Side) -> None:
-        if not side.session.open:
+        session = side.session
+        if not session.open:
             return
-        mask = 0
-        if not side.eof and side.peer.pending is None:
-            mask = IN
-        if side.pending is not None:
-            mask |= OUT
+        if session.connecting:
+            mask = OUT  # the backend's connect: writable once answered
+        else:
+            mask = 0
+            if not side.eof and side.peer.pending is None:
+                mask = IN
+            if side.pending is not None:
+                mask |= OUT
         if mask != side.mask:
             self._poller.update(side.fd, side.mask, mask)
             side.mask = mask
@@ -330,13 +512,16 @@ class RelayPool:
     def _fail(self, session: _Session, exc: BaseException) -> None:
         if session.open:
             session.error = exc
+            session.result.error = exc
             self._finish(session)
 
-    def _finish(self, session: _Session, *, in_heap: bool = True) -> None:
-        """Take `session` out of the pool (fds out of the poller) and wake its task."""
+    def _finish(self, session: _Session) -> None:
+        """Take `session` out of the pool (fds out of the poller) and tell its caller."""
         session.open = False
         self._sessions -= 1
         for side in (session.client, session.backend):
+            if side is None:
+                continue
             if side.mask:
                 try:
                     self._poller.update(side.fd, side.mask, 0)
@@ -346,7 +531,10 @@ class RelayPool:
             if self._sides.get(side.fd) is side:
                 del self._sides[side.fd]
             side.pending = None
-        if in_heap:
+        if session.owns_backend and session.backend is not None:
+            session.backend.sock.close()
+        if session.in_heap:
+            session.in_heap = False
             self._stale += 1
             if self._stale > 64 and self._stale > 2 * self._sessions:
                 # Finished sessions linger in the heap until their deadline; drop them
@@ -354,7 +542,13 @@ class RelayPool:
                 self._heap = [e for e in self._heap if e[2].open]
                 heapq.heapify(self._heap)
                 self._stale = 0
-        task = session.task
-        if task is not None:
-            session.task = None
-            trio.lowlevel.reschedule(task)
+        done, session.done = session.done, None
+        if done is not None:
+            try:
+                done(session.result)
+            except Exception:  # the caller's bug must not stop every other session
+                traceback.print_exc(file=sys.stderr)
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__

@@ -27,6 +27,7 @@ from .handoff import (
     reply_and_close,
     resolve_backend,
     resolve_optional_backend,
+    tune_listener,
 )
 from .listeners import backlog_for, open_listeners
 from .pen import Held, HoldingPen
@@ -89,6 +90,8 @@ class Server:
         self.log = log
         self.pen = HoldingPen(self._on_verdict)
         self.listeners: list[_Listener] = []
+        #: Every listener hands out sockets already tuned for relaying.
+        self._listeners_tune = True
         self.relays = 0
         self._handlers: trio.Nursery | None = None
         #: Every relayed session's bytes, moved by one task (in the relays nursery).
@@ -119,6 +122,8 @@ class Server:
     ) -> None:
         host, port = sock.getsockname()[:2]
         wildcard = host in ("0.0.0.0", "::")
+        # One listener that passes no tuning on means every client is tuned itself.
+        self._listeners_tune = tune_listener(sock) and self._listeners_tune
         self.listeners.append(_Listener(sock, spec, None if wildcard else (host, port), backend))
 
     # -- accepting ---------------------------------------------------------------
@@ -296,35 +301,37 @@ class Server:
         backend: BackendTarget | None = None,
     ) -> None:
         self.log.emit(events.passed(conn, verdict, _rtt_ms(sock)))
-        assert self._handlers is not None
-        self._handlers.start_soon(self._handoff, sock, conn, accepted_at, backend or self.backend)
-
-    async def _handoff(
-        self,
-        sock: socket.socket,
-        conn: ConnInfo,
-        accepted_at: float,
-        backend: BackendTarget | None,
-    ) -> None:
+        target = backend or self.backend
         s = self.settings
         self.relays += 1
+        if target is None:
+            assert s.exec is not None  # settings guarantee one or the other
+            assert self._handlers is not None
+            self._handlers.start_soon(self._exec, sock, conn, accepted_at, s.exec)
+            return
+        assert self.relay_pool is not None  # started with the relays nursery
+        handoff(
+            sock,
+            conn,
+            accepted_at,
+            target,
+            s.proxy_protocol,
+            s.connect_timeout,
+            s.relay_timeout,
+            self.log,
+            self.relay_pool,
+            self._relay_ended,
+            self._listeners_tune,
+        )
+
+    def _relay_ended(self) -> None:
+        self.relays -= 1
+
+    async def _exec(
+        self, sock: socket.socket, conn: ConnInfo, accepted_at: float, program: tuple[str, ...]
+    ) -> None:
         try:
-            if backend is None:
-                assert s.exec is not None  # settings guarantee one or the other
-                await handoff_exec(sock, conn, accepted_at, s.exec, self.log)
-                return
-            assert self.relay_pool is not None  # started with the relays nursery
-            await handoff(
-                sock,
-                conn,
-                accepted_at,
-                backend,
-                s.proxy_protocol,
-                s.connect_timeout,
-                s.relay_timeout,
-                self.log,
-                self.relay_pool,
-            )
+            await handoff_exec(sock, conn, accepted_at, program, self.log)
         finally:
             self.relays -= 1
 
