@@ -133,6 +133,18 @@ int repeld_tcp_info(int fd, struct repeld_tcp_info *out)
 #endif
 }
 
+/* Only the smoothed round-trip time, in microseconds, or -1 with errno set:
+ * the one tcp_info field every pass and early-talker event carries, read
+ * without building the whole snapshot. */
+long long repeld_tcp_rtt_us(int fd)
+{
+    struct repeld_tcp_info info;
+
+    if (repeld_tcp_info(fd, &info) == -1)
+        return -1;
+    return info.rtt_us;
+}
+
 /* Name a tcpi_state from this platform, so callers need not know its numbering. */
 const char *repeld_tcp_state_name(int state)
 {

@@ -24,5 +24,6 @@ struct repeld_tcp_info {
 
 int repeld_set_user_timeout(int fd, int ms);
 int repeld_tcp_info(int fd, struct repeld_tcp_info *out);
+long long repeld_tcp_rtt_us(int fd);
 const char *repeld_tcp_state_name(int state);
 long long repeld_sysctl_uint(const char *name);

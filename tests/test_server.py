@@ -245,6 +245,7 @@ async def test_a_backend_that_never_answers_gets_421_after_the_connect_timeout(
                 client = await connect(h.address())
                 data, how = await read_until_closed(client)
                 assert data == b"421 4.3.2 Service temporarily unavailable, try again later\r\n"
+                assert how == "eof"
                 (ev,) = await h.receiver.wait_for("backend-error")
                 assert ev.fields["error"] == "no answer within 9s"
                 assert float(ev.fields["elapsed"]) == pytest.approx(DELAY + 9.0, abs=0.05)

@@ -179,6 +179,14 @@ def test_tcp_info_is_frozen(pair: Pair) -> None:
         info.state = 0  # type: ignore[misc]
 
 
+def test_rtt_us_is_tcp_infos_rtt(pair: Pair) -> None:
+    client, server = pair
+    client.sendall(b"EHLO x\r\n")
+    assert recv_exactly(server, 8) == b"EHLO x\r\n"
+    # an idle connection: the kernel's estimate does not move between the calls
+    assert tcptune.rtt_us(server.fileno()) == tcptune.tcp_info(server.fileno()).rtt_us > 0
+
+
 def test_tcp_info_on_a_file_is_enotsock(tmp_path: Path) -> None:
     with open(tmp_path / "not-a-socket", "wb") as f, pytest.raises(OSError) as excinfo:
         tcptune.tcp_info(f.fileno())
@@ -199,6 +207,7 @@ FD_CALLS: dict[str, Callable[[int], object]] = {
     "set_user_timeout": _user_timeout,
     "set_abortive_close": tcptune.set_abortive_close,
     "tcp_info": tcptune.tcp_info,
+    "rtt_us": tcptune.rtt_us,
 }
 
 

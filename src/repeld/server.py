@@ -67,7 +67,7 @@ class _Listener:
 def _rtt_ms(sock: socket.socket) -> float:
     """The kernel's smoothed round-trip time to the client, for the event (0 if unknown)."""
     try:
-        return tcptune.tcp_info(sock.fileno()).rtt_us / 1000.0
+        return tcptune.rtt_us(sock.fileno()) / 1000.0
     except OSError:
         return 0.0
 
