@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 
@@ -117,6 +118,23 @@ def test_rfc5424_timestamp_is_utc_with_microseconds() -> None:
     line = format_rfc5424(passed(), HEADER, NOW_DAY5)
     assert b" 2023-11-05T00:00:00.500000Z " in line
     assert b" 2023-11-14T22:13:20.000000Z " in format_rfc5424(passed(), HEADER, 1700000000.0)
+
+
+def test_timestamps_are_right_whatever_order_they_come_in(utc: None) -> None:
+    # The formatted second is reused while events come within it; never across
+    # seconds, in either direction, and never across a change of time zone.
+    for now in (NOW, NOW + 0.5, NOW + 1.25, NOW, NOW_DAY5, NOW + 86400.75, NOW):
+        whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+        micros = round((now % 1) * 1_000_000)
+        assert f" {whole}.{micros:06d}Z ".encode() in format_rfc5424(passed(), HEADER, now)
+        local = time.strftime("%H:%M:%S", time.localtime(now))
+        assert format_stderr(passed(), now).startswith(f"{local}.{micros // 1000:03d} pass: ")
+    assert format_stderr(passed(), NOW).startswith("22:13:20.250 ")
+    # the same second in another zone is another clock reading (the utc
+    # fixture puts TZ back after the test)
+    os.environ["TZ"] = "IST-5:30"  # POSIX rule: no tzdata needed
+    time.tzset()
+    assert format_stderr(passed(), NOW).startswith("03:43:20.250 ")
 
 
 def test_rfc5424_param_values_escape_quote_backslash_and_bracket() -> None:

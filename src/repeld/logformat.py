@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from .events import Event
+from .events import Event, FieldValue
 
 __all__ = [
     "FACILITIES",
@@ -78,15 +79,48 @@ def _sd_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
 
 
+def _sd_value(value: FieldValue) -> str:
+    # Numbers need no escaping; most strings (addresses, names) need none either.
+    text = str(value)
+    if isinstance(value, str) and ("\\" in text or '"' in text or "]" in text):
+        return _sd_escape(text)
+    return text
+
+
+class _SecondCache:
+    """The formatted whole second of the last timestamp: events come many a second.
+
+    Keyed by the time zone too (tzset() changes local time), for local clocks.
+    """
+
+    __slots__ = ("_render", "key", "text")
+
+    def __init__(self, render: Callable[[int], str]) -> None:
+        self._render = render
+        self.key: tuple[int, str] = (-1, "")
+        self.text = ""
+
+    def __call__(self, second: int, zone: str = "") -> str:
+        key = (second, zone)
+        if key != self.key:
+            self.text = self._render(second)
+            self.key = key
+        return self.text
+
+
+_utc_second = _SecondCache(lambda s: time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s)))
+_local_second = _SecondCache(lambda s: time.strftime("%H:%M:%S", time.localtime(s)))
+
+
 def _rfc5424_time(now: float) -> str:
-    tm = time.gmtime(now)
-    micros = int((now - int(now)) * 1_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", tm) + f".{micros:06d}Z"
+    second = int(now)
+    micros = int((now - second) * 1_000_000)
+    return f"{_utc_second(second)}.{micros:06d}Z"
 
 
 def format_rfc5424(event: Event, header: Header, now: float) -> bytes:
     """`<PRI>1 TIME HOST APP PROCID MSGID [SD-ID k="v" ...] summary` as bytes."""
-    params = " ".join(f'{k}="{_sd_escape(str(v))}"' for k, v in event.fields)
+    params = " ".join([f'{k}="{_sd_value(v)}"' for k, v in event.fields])
     line = (
         f"{_pri(header, event)}1 {_rfc5424_time(now)} {header.hostname or '-'}"
         f" {header.app_name} {header.procid} {event.name} [{header.sd_id} {params}]"
@@ -117,5 +151,5 @@ def format_json(event: Event, header: Header, now: float) -> bytes:
 
 def format_stderr(event: Event, now: float) -> str:
     """The readable line `-f` prints for each event."""
-    stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
-    return f"{stamp} {event.name}: {event.summary}"
+    clock = _local_second(int(now), time.tzname[0])
+    return f"{clock}.{int(now * 1000) % 1000:03d} {event.name}: {event.summary}"
