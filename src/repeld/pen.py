@@ -29,7 +29,7 @@ import trio
 
 from .core import PEEK_LIMIT, Hold, Verdict, Wait
 from .events import ConnInfo
-from .poller import IN, Poller
+from .poller import IN, Poller, watch
 
 if TYPE_CHECKING:
     from .handoff import BackendTarget
@@ -161,21 +161,17 @@ class HoldingPen:
         return next_deadline
 
     async def run(self) -> None:
-        """Watch the pen until cancelled; then close every connection still held."""
-        try:
-            while True:
-                next_deadline = self._expire(trio.current_time())
-                with trio.CancelScope(deadline=next_deadline) as wake:
-                    self._wake = wake
-                    await trio.lowlevel.wait_readable(self._poller.fileno())
-                self._wake = None
-                now = trio.current_time()
-                for fd, _ in self._poller.ready(_BATCH):
-                    held = self._held.get(fd)
-                    if held is not None:
-                        self._peek(held, now, due=False)
-        finally:
-            self._wake = None
+        """Watch the pen until cancelled (then `close()` it)."""
+        await watch(self._poller, self._expire, self._serve, self._set_wake)
+
+    def _set_wake(self, scope: trio.CancelScope | None) -> None:
+        self._wake = scope
+
+    def _serve(self, now: float) -> None:
+        for fd, _ in self._poller.ready(_BATCH):
+            held = self._held.get(fd)
+            if held is not None:
+                self._peek(held, now, due=False)
 
     def evict_all(self) -> list[Held]:
         """Stop watching every held connection and give them to the caller (shutdown)."""

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import select
 import sys
+from collections.abc import Callable
 
-__all__ = ["IN", "OUT", "READ_READY", "WRITE_READY", "Poller"]
+import trio
+
+__all__ = ["IN", "OUT", "READ_READY", "WRITE_READY", "Poller", "watch"]
 
 #: Interest bits (the same values on both platforms): epoll's EPOLLIN / EPOLLOUT.
 IN = 1
@@ -90,3 +93,32 @@ else:  # FreeBSD and the other BSDs
 
         def close(self) -> None:
             self._kqueue.close()
+
+
+async def watch(
+    poller: Poller,
+    expire: Callable[[float], float],
+    serve: Callable[[float], None],
+    wake_scope: Callable[[trio.CancelScope | None], None],
+) -> None:
+    """Run a pen or pool until cancelled: `serve(now)` whenever `poller` has
+    ready fds, `expire(now)` (which returns the next deadline) before each wait.
+
+    The wait's deadline is a cancel scope that lives as long as no deadline
+    fires, so a wake-up costs no new scope; `wake_scope(scope)` hands it to the
+    owner, which may move its deadline earlier (a new, earlier deadline), and
+    `wake_scope(None)` says the loop is over.
+    """
+    fd = poller.fileno()
+    try:
+        while True:
+            with trio.CancelScope() as wake:  # left when a deadline is due
+                wake_scope(wake)
+                while True:
+                    deadline = expire(trio.current_time())
+                    if deadline != wake.deadline:
+                        wake.deadline = deadline
+                    await trio.lowlevel.wait_readable(fd)
+                    serve(trio.current_time())
+    finally:
+        wake_scope(None)

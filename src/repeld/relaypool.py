@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from .poller import IN, OUT, READ_READY, WRITE_READY, Poller
+from .poller import IN, OUT, READ_READY, WRITE_READY, Poller, watch
 from .relay import CHUNK, RelayResult
 
 __all__ = ["Address", "Done", "RelayPool", "RelayPoolClosed"]
@@ -340,50 +340,47 @@ class RelayPool:
         """
         if self._closed:
             raise RelayPoolClosed("the relay pool is closed")
-        poller = self._poller
-        fd = poller.fileno()
-        sides = self._sides
         try:
-            while True:
-                next_deadline = self._expire(trio.current_time())
-                with trio.CancelScope(deadline=next_deadline) as wake:
-                    self._wake = wake
-                    await trio.lowlevel.wait_readable(fd)
-                self._wake = None
-                now = trio.current_time()
-                for ready_fd, events in poller.ready(_BATCH):
-                    side = sides.get(ready_fd)
-                    if side is None:
-                        continue  # its session ended earlier in this batch
-                    session = side.session
-                    try:
-                        if session.connecting:
-                            if side is session.backend:
-                                self._connect_answered(session, now)
-                            continue
-                        if events & WRITE_READY and side.pending is not None:
-                            self._flush(side, now)
-                        if (
-                            events & READ_READY
-                            and session.open
-                            and not side.eof
-                            and side.peer.pending is None
-                        ):
-                            self._pump(side, now)
-                    except Exception as exc:  # one broken session never stops the others
-                        self._fail(session, exc)
+            await watch(self._poller, self._expire, self._serve, self._set_wake)
         finally:
-            self._wake = None
             self._closed = True
             stopped = RelayPoolClosed("the relay pool stopped")
-            for side in list(sides.values()):
+            for side in list(self._sides.values()):
                 session = side.session
                 if session.open:
                     session.result.end = "shutdown"
                     if session.done is not None and not session.owns_backend:
                         session.error = stopped  # relay() raises it in its caller
                     self._finish(session)
-            poller.close()
+            self._poller.close()
+
+    def _set_wake(self, scope: trio.CancelScope | None) -> None:
+        self._wake = scope
+
+    def _serve(self, now: float) -> None:
+        """Connect, flush and pump every ready socket."""
+        sides = self._sides
+        for ready_fd, events in self._poller.ready(_BATCH):
+            side = sides.get(ready_fd)
+            if side is None:
+                continue  # its session ended earlier in this batch
+            session = side.session
+            try:
+                if session.connecting:
+                    if side is session.backend:
+                        self._connect_answered(session, now)
+                    continue
+                if events & WRITE_READY and side.pending is not None:
+                    self._flush(side, now)
+                if (
+                    events & READ_READY
+                    and session.open
+                    and not side.eof
+                    and side.peer.pending is None
+                ):
+                    self._pump(side, now)
+            except Exception as exc:  # one broken session never stops the others
+                self._fail(session, exc)
 
     def _expire(self, now: float) -> float:
         """End every session idle for its timeout; the next deadline to wake at."""
