@@ -167,11 +167,13 @@ class HoldingPen:
     def _set_wake(self, scope: trio.CancelScope | None) -> None:
         self._wake = scope
 
-    def _serve(self, now: float) -> None:
-        for fd, _ in self._poller.ready(_BATCH):
+    def _serve(self, now: float) -> int:
+        ready = self._poller.ready(_BATCH)
+        for fd, _ in ready:
             held = self._held.get(fd)
             if held is not None:
                 self._peek(held, now, due=False)
+        return len(ready)
 
     def evict_all(self) -> list[Held]:
         """Stop watching every held connection and give them to the caller (shutdown)."""

@@ -98,8 +98,9 @@ else:  # FreeBSD and the other BSDs
 async def watch(
     poller: Poller,
     expire: Callable[[float], float],
-    serve: Callable[[float], None],
+    serve: Callable[[float], int],
     wake_scope: Callable[[trio.CancelScope | None], None],
+    again: int = 0,
 ) -> None:
     """Run a pen or pool until cancelled: `serve(now)` whenever `poller` has
     ready fds, `expire(now)` (which returns the next deadline) before each wait.
@@ -108,6 +109,12 @@ async def watch(
     fires, so a wake-up costs no new scope; `wake_scope(scope)` hands it to the
     owner, which may move its deadline earlier (a new, earlier deadline), and
     `wake_scope(None)` says the loop is over.
+
+    `serve` returns how many fds it found ready. With `again` > 0 a busy set
+    is served up to that many more times straight away while it keeps finding
+    some: under load the peers answer while a batch is being served, and
+    asking the set once more costs one system call, where going back to trio
+    for it costs a trip through its scheduler.
     """
     fd = poller.fileno()
     try:
@@ -119,6 +126,9 @@ async def watch(
                     if deadline != wake.deadline:
                         wake.deadline = deadline
                     await trio.lowlevel.wait_readable(fd)
-                    serve(trio.current_time())
+                    if serve(trio.current_time()):
+                        for _ in range(again):
+                            if not serve(trio.current_time()):
+                                break
     finally:
         wake_scope(None)

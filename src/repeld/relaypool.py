@@ -52,6 +52,8 @@ _IN_PROGRESS = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN, errno.EINTR)
 
 #: Most ready sockets handled per wake-up.
 _BATCH = 512
+#: Most extra batches served in one wake-up while sockets keep becoming ready.
+_AGAIN = 4
 #: Most full chunks read from one socket per wake-up before the next socket's turn.
 _FAIRNESS = 16
 
@@ -341,7 +343,7 @@ class RelayPool:
         if self._closed:
             raise RelayPoolClosed("the relay pool is closed")
         try:
-            await watch(self._poller, self._expire, self._serve, self._set_wake)
+            await watch(self._poller, self._expire, self._serve, self._set_wake, _AGAIN)
         finally:
             self._closed = True
             stopped = RelayPoolClosed("the relay pool stopped")
@@ -357,10 +359,11 @@ class RelayPool:
     def _set_wake(self, scope: trio.CancelScope | None) -> None:
         self._wake = scope
 
-    def _serve(self, now: float) -> None:
-        """Connect, flush and pump every ready socket."""
+    def _serve(self, now: float) -> int:
+        """Connect, flush and pump every ready socket; how many there were."""
         sides = self._sides
-        for ready_fd, events in self._poller.ready(_BATCH):
+        ready = self._poller.ready(_BATCH)
+        for ready_fd, events in ready:
             side = sides.get(ready_fd)
             if side is None:
                 continue  # its session ended earlier in this batch
@@ -381,6 +384,7 @@ class RelayPool:
                     self._pump(side, now)
             except Exception as exc:  # one broken session never stops the others
                 self._fail(session, exc)
+        return len(ready)
 
     def _expire(self, now: float) -> float:
         """End every session idle for its timeout; the next deadline to wake at."""
