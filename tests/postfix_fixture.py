@@ -120,7 +120,9 @@ class PostfixInstance:
 
 
 def _main_cf(base: Path, host: str, maillog: Path, mynetworks: str) -> str:
-    name = base.name.replace("_", "-").lower()
+    # A host name label may not end with "-" (Postfix refuses to start, and says
+    # so only to syslog): mkdtemp's random suffix can end with "_".
+    name = re.sub(r"[^a-z0-9]+", "-", base.name.lower()).strip("-")
     return f"""\
 # private test instance written by tests/postfix_fixture.py
 compatibility_level = 3.6
@@ -231,9 +233,10 @@ def postfix_instance(
                 return False
 
         if proc.returncode != 0 or not wait_for(started, START_TIMEOUT, 0.1):
+            log = maillog.read_text(errors="replace")[-3000:] if maillog.exists() else ""
             raise RuntimeError(
                 f"postfix -c {base / 'etc'} start failed (rc={proc.returncode}):\n"
-                f"{proc.stdout}\n{proc.stderr}"
+                f"{proc.stdout}\n{proc.stderr}\nmaillog:\n{log}"
             )
         master_pid = int(pidfile.read_text().strip())
         instance = PostfixInstance(base, host, port, maillog, master_pid)

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from .postfix_fixture import POSTFIX, is_listening, postfix_instance
+from .postfix_fixture import POSTFIX, _main_cf, is_listening, postfix_instance
 from .procs import Daemon as Repeld
 from .procs import SyslogUDP, free_port, wait_for
 
@@ -643,3 +643,14 @@ def test_second_sigterm_cuts_relays_at_once(syslog: SyslogUDP) -> None:
             assert backend.handler.deliveries == []
         finally:
             relayed.close()
+
+
+@pytest.mark.parametrize("suffix", ["abc_", "_abc", "a__b", "x_Y_9"])
+def test_the_private_postfix_gets_a_valid_host_name_for_any_directory(suffix: str) -> None:
+    # mkdtemp's random suffix once ended in "_", which made the host name end in
+    # "-": Postfix then refused to start, saying so only to a syslog it had not.
+
+    text = _main_cf(Path(f"/tmp/repeld-postfix-{suffix}"), "127.0.0.1", Path("/x"), "127.0.0.0/8")
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("myhostname = ")]
+    host = line.split(" = ", 1)[1]
+    assert all(re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", label) for label in host.split("."))
