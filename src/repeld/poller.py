@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import trio
 
-__all__ = ["IN", "OUT", "READ_READY", "WRITE_READY", "Poller", "watch"]
+__all__ = ["ERROR_READY", "IN", "OUT", "READ_READY", "WRITE_READY", "Poller", "watch"]
 
 #: Interest bits (the same values on both platforms): epoll's EPOLLIN / EPOLLOUT.
 IN = 1
@@ -27,6 +27,9 @@ if sys.platform == "linux":
     # recv or send that is due shows what happened (error or end of file).
     READ_READY = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
     WRITE_READY = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+    #: Set in what ready() reports when the socket has an error pending (a
+    #: refused connect, a reset); 0 where the poller cannot tell.
+    ERROR_READY = select.EPOLLERR | select.EPOLLHUP
 
     class Poller:
         """A level-triggered readiness set that trio waits on as one fd (epoll).
@@ -62,6 +65,7 @@ if sys.platform == "linux":
 else:  # FreeBSD and the other BSDs
     READ_READY = IN
     WRITE_READY = OUT
+    ERROR_READY = 0
 
     class Poller:
         """A readiness set that trio waits on as one fd (kqueue, one filter per direction)."""

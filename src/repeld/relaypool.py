@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from .poller import IN, OUT, READ_READY, WRITE_READY, Poller, watch
+from .poller import ERROR_READY, IN, OUT, READ_READY, WRITE_READY, Poller, watch
 from .relay import CHUNK, RelayResult
 
 __all__ = ["Address", "Done", "RelayPool", "RelayPoolClosed"]
@@ -281,11 +281,13 @@ class RelayPool:
         session.result.connect_error = _reason(last)
         self._finish(session)
 
-    def _connect_answered(self, session: _Session, now: float) -> None:
+    def _connect_answered(self, session: _Session, now: float, events: int) -> None:
         """The connect attempt was answered: relay, or try the next address."""
         side = session.backend
         assert side is not None
-        err = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        err = 0
+        if events & ERROR_READY or not ERROR_READY:  # else plainly writable: connected
+            err = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self._drop_backend(session)
             self._try_connect(session, now, OSError(err, os.strerror(err)))
@@ -371,7 +373,7 @@ class RelayPool:
             try:
                 if session.connecting:
                     if side is session.backend:
-                        self._connect_answered(session, now)
+                        self._connect_answered(session, now, events)
                     continue
                 if events & WRITE_READY and side.pending is not None:
                     self._flush(side, now)
@@ -520,20 +522,22 @@ class RelayPool:
         """Take `session` out of the pool (fds out of the poller) and tell its caller."""
         session.open = False
         self._sessions -= 1
+        owned = session.backend if session.owns_backend else None
         for side in (session.client, session.backend):
             if side is None:
                 continue
             if side.mask:
-                try:
-                    self._poller.update(side.fd, side.mask, 0)
-                except (OSError, ValueError):
-                    pass  # the poller is closed already
+                if side is not owned:  # closing the owned socket below takes it out
+                    try:
+                        self._poller.update(side.fd, side.mask, 0)
+                    except (OSError, ValueError):
+                        pass  # the poller is closed already
                 side.mask = 0
             if self._sides.get(side.fd) is side:
                 del self._sides[side.fd]
             side.pending = None
-        if session.owns_backend and session.backend is not None:
-            session.backend.sock.close()
+        if owned is not None:
+            owned.sock.close()
         if session.in_heap:
             session.in_heap = False
             self._stale += 1

