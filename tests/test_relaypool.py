@@ -541,6 +541,23 @@ def v4(addr: tuple[str, int]) -> tuple[int, tuple[object, ...]]:
     return (socket.AF_INET, addr)
 
 
+def start(
+    p: RelayPool,
+    client: socket.socket,
+    addresses: list[tuple[int, tuple[object, ...]]],
+    *,
+    header: bytes = b"",
+    connect_timeout: float = 5.0,
+) -> Ended:
+    """connect_and_relay with a recording `done` (and no idle timeout to reach)."""
+    ended = Ended()
+    p.connect_and_relay(
+        client, addresses, header=header, connect_timeout=connect_timeout,
+        idle_timeout=LONG, done=ended,
+    )  # fmt: skip
+    return ended
+
+
 async def mta_listener() -> trio.socket.SocketType:
     mta = trio.socket.socket()
     await mta.bind(("127.0.0.1", 0))
@@ -553,18 +570,12 @@ async def test_connects_writes_the_header_first_and_relays(
 ) -> None:
     client_peer, client = _tcp(listener)
     peer = trio.socket.from_stdlib_socket(client_peer)
-    ended = Ended()
     with await mta_listener() as mta:
         # The client talks first (a trusted client that pipelines): its bytes
         # must still come after the header.
         await peer.send(b"EHLO x\r\n")
-        pool.connect_and_relay(
-            client,
-            [v4(mta.getsockname())],
-            header=b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n",
-            connect_timeout=5.0,
-            idle_timeout=LONG,
-            done=ended,
+        ended = start(
+            pool, client, [v4(mta.getsockname())], header=b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n"
         )
         assert len(pool) == 1
         backend_peer, _ = await mta.accept()
@@ -594,13 +605,9 @@ async def test_a_header_larger_than_the_socket_buffer_still_comes_first(
     client_peer, client = _tcp(listener)
     peer = trio.socket.from_stdlib_socket(client_peer)
     header = os.urandom(4 * CHUNK) + b"\r\n"
-    ended = Ended()
     with await mta_listener() as mta:
         await peer.send(b"DATA\r\n")
-        pool.connect_and_relay(
-            client, [v4(mta.getsockname())], header=header,
-            connect_timeout=5.0, idle_timeout=LONG, done=ended,
-        )  # fmt: skip
+        ended = start(pool, client, [v4(mta.getsockname())], header=header)
         backend_peer, _ = await mta.accept()
         with backend_peer, peer:
             await trio.sleep(1)  # the pool fills the buffers and waits
@@ -616,12 +623,8 @@ async def test_a_refused_address_is_skipped_for_the_next(
     autojump_clock: trio.testing.MockClock, pool: RelayPool, listener: socket.socket
 ) -> None:
     client_peer, client = _tcp(listener)
-    ended = Ended()
     with await mta_listener() as mta:
-        pool.connect_and_relay(
-            client, [v4(("127.0.0.1", closed_port())), v4(mta.getsockname())],
-            connect_timeout=5.0, idle_timeout=LONG, done=ended,
-        )  # fmt: skip
+        ended = start(pool, client, [v4(("127.0.0.1", closed_port())), v4(mta.getsockname())])
         backend_peer, _ = await mta.accept()
         peer = trio.socket.from_stdlib_socket(client_peer)
         with backend_peer, peer:
@@ -643,11 +646,9 @@ async def test_no_address_answers_tells_why_once(
     autojump_clock: trio.testing.MockClock, pool: RelayPool, listener: socket.socket
 ) -> None:
     client_peer, client = _tcp(listener)
-    ended = Ended()
-    pool.connect_and_relay(
-        client, [v4(("127.0.0.1", closed_port())), v4(("127.0.0.1", closed_port()))],
-        connect_timeout=5.0, idle_timeout=LONG, done=ended,
-    )  # fmt: skip
+    ended = start(
+        pool, client, [v4(("127.0.0.1", closed_port())), v4(("127.0.0.1", closed_port()))]
+    )
     result = await ended.wait()
     assert "refused" in (result.connect_error or "").lower()
     assert result.connected_at is None and result.from_client == 0
@@ -662,12 +663,8 @@ async def test_each_address_gets_the_connect_timeout(
     autojump_clock: trio.testing.MockClock, pool: RelayPool, listener: socket.socket
 ) -> None:
     client_peer, client = _tcp(listener)
-    ended = Ended()
     with unanswering() as silent:
-        pool.connect_and_relay(
-            client, [v4(silent), v4(silent)],
-            connect_timeout=7.0, idle_timeout=LONG, done=ended,
-        )  # fmt: skip
+        ended = start(pool, client, [v4(silent), v4(silent)], connect_timeout=7.0)
         result = await ended.wait()
     assert ended.at == [pytest.approx(14.0, abs=0.01)]
     assert result.connect_error == "no answer within 7s"
@@ -680,20 +677,13 @@ async def test_a_stopped_pool_ends_connecting_and_relaying_sessions_as_shutdown(
     autojump_clock: trio.testing.MockClock, listener: socket.socket
 ) -> None:
     p = RelayPool()
-    relaying, connecting = Ended(), Ended()
     pairs = [_tcp(listener) for _ in range(2)]
     with await mta_listener() as mta, unanswering() as silent:
         async with trio.open_nursery() as runner:
             runner.start_soon(p.run)
             await trio.sleep(0)
-            p.connect_and_relay(
-                pairs[0][1], [v4(mta.getsockname())],
-                connect_timeout=5.0, idle_timeout=LONG, done=relaying,
-            )  # fmt: skip
-            p.connect_and_relay(
-                pairs[1][1], [v4(silent)],
-                connect_timeout=60.0, idle_timeout=LONG, done=connecting,
-            )  # fmt: skip
+            relaying = start(p, pairs[0][1], [v4(mta.getsockname())])
+            connecting = start(p, pairs[1][1], [v4(silent)], connect_timeout=60.0)
             backend_peer, _ = await mta.accept()
             await trio.sleep(1)
             assert len(p) == 2
@@ -705,10 +695,7 @@ async def test_a_stopped_pool_ends_connecting_and_relaying_sessions_as_shutdown(
     assert connecting.results[0].connected_at is None
     assert len(p) == 0
     with pytest.raises(RelayPoolClosed):
-        p.connect_and_relay(
-            pairs[0][1], [v4(("127.0.0.1", closed_port()))],
-            connect_timeout=5.0, idle_timeout=LONG, done=relaying,
-        )  # fmt: skip
+        start(p, pairs[0][1], [v4(("127.0.0.1", closed_port()))])
     for a, b in pairs:
         a.close()
         b.close()
