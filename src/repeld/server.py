@@ -92,9 +92,11 @@ class Server:
         self.listeners: list[_Listener] = []
         #: Every listener hands out sockets already tuned for relaying.
         self._listeners_tune = True
+        #: Clients handed on and not done yet (relayed by the pool, or --exec).
         self.relays = 0
+        #: The relays nursery: the relay pool's task, and a task per --exec client.
         self._handlers: trio.Nursery | None = None
-        #: Every relayed session's bytes, moved by one task (in the relays nursery).
+        #: Every relayed session, from the backend connect to its end, in one task.
         self.relay_pool: RelayPool | None = None
         self._front: trio.CancelScope | None = None
         self._grace = settings.shutdown_grace
