@@ -473,6 +473,7 @@ _RESTART_ONLY = (
     "chroot",
     "pidfile",
     "workers",
+    "cpu_affinity",
     "cache",
     "no_cache",
     "cache_ttl",
