@@ -184,22 +184,6 @@ def test_unknown_flag(config: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert "--frobnicate" in one_line(err)
 
 
-def test_cpu_affinity_is_refused_where_there_is_none(
-    config: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    argv = [*base(config), "--workers", "2", "--cpu-affinity", "--check-config"]
-    if hasattr(os, "sched_setaffinity"):
-        status, out, err = run_main(argv, capsys)
-        assert status == 0
-        assert "cpu-affinity = true" in out
-        monkeypatch.delattr(os, "sched_setaffinity")  # as on FreeBSD
-    status, out, err = run_main(argv, capsys)
-    assert status == 2
-    assert out == ""
-    line = one_line(err)
-    assert "--cpu-affinity" in line and "Linux only" in line
-
-
 def test_missing_backend(config: str, capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = run_main([*base(config, backend=False), "--check-config"], capsys)
     assert status == 2

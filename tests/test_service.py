@@ -21,8 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from repeld import workers
-
 from .procs import (
     Daemon,
     LineBackend,
@@ -500,61 +498,3 @@ def test_socket_activation_serves_systemd_s_listener(
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "Address already in use" not in err
-
-
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
-def test_cpu_affinity_pins_each_worker_to_a_cpu_of_its_own_and_a_replacement_too(
-    syslog: SyslogUDP, backend: LineBackend
-) -> None:
-    allowed = sorted(os.sched_getaffinity(0))
-    port = free_port()
-    with daemon(
-        "-l", f"127.0.0.1:{port}", "-b", backend.address, "-t", "127.0.0.0/8",
-        "--workers", "3", "--cpu-affinity", "--syslog", syslog.target, *AS_ROOT,
-    ) as d:  # fmt: skip
-        starts = syslog.wait_for("worker-start", 3)
-        pids = [int(e.fields["pid"]) for e in starts]
-        syslog.wait_for("start", 4)  # every worker is up (and has pinned itself)
-        pinned = sorted(next(iter(os.sched_getaffinity(pid))) for pid in pids)
-        assert all(len(os.sched_getaffinity(pid)) == 1 for pid in pids)
-        # worker i on the i-th allowed CPU, in turn: 3 workers on 2 CPUs share one
-        assert pinned == sorted(workers.cpu_for(i, allowed) for i in range(3))
-        # the parent itself stays where it was
-        assert sorted(os.sched_getaffinity(d.proc.pid)) == allowed
-        victim = pids[0]
-        slot = os.sched_getaffinity(victim)
-        os.kill(victim, signal.SIGKILL)
-        replacement = int(syslog.wait_for("worker-start", 4)[3].fields["pid"])
-        syslog.wait_for("start", 5)
-        assert os.sched_getaffinity(replacement) == slot  # it takes the dead one's CPU
-        c = connect(port)
-        assert read_line(c) == b"220 backend.test ESMTP\r\n"
-        c.close()
-    assert "Traceback" not in d.stderr_text()
-
-
-def test_cpu_for_takes_the_allowed_cpus_in_turn() -> None:
-    assert [workers.cpu_for(i, [3, 1, 7]) for i in range(5)] == [1, 3, 7, 1, 3]
-
-
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
-@pytest.mark.parametrize("cpu", ["first", "missing"])
-def test_a_worker_pins_itself_or_says_why_not(cpu: str) -> None:
-    # In a child process: pinning the test process itself would outlive the test.
-    allowed = sorted(os.sched_getaffinity(0))
-    wanted = allowed[0] if cpu == "first" else 4095
-    probe = (
-        "import os; from repeld import workers\n"
-        "got = workers.pin_to_cpu()\n"
-        "print(got, sorted(os.sched_getaffinity(0)), workers.CPU_ENV in os.environ)\n"
-    )
-    env = {**os.environ, "REPELD_WORKER_CPU": str(wanted)}
-    result = subprocess.run(
-        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
-    )
-    if cpu == "first":
-        assert result.stdout.split(maxsplit=1) == [str(wanted), f"[{wanted}] False\n"]
-        assert result.stderr == ""
-    else:
-        assert result.stdout == f"None {allowed} False\n"  # runs on, unpinned
-        assert f"cannot be pinned to CPU {wanted}" in result.stderr

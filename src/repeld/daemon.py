@@ -208,7 +208,6 @@ def start(
     pid: PidFile | None = None
     try:
         if os.environ.get(workers.WORKER_ENV) is not None:
-            workers.pin_to_cpu()
             inherited = workers.inherited_sockets()
             # The parent decided what to listen on; the sockets say it exactly.
             configured_specs = {(spec.host, spec.port): spec for spec in settings.listen}

@@ -473,7 +473,6 @@ _RESTART_ONLY = (
     "chroot",
     "pidfile",
     "workers",
-    "cpu_affinity",
     "cache",
     "no_cache",
     "cache_ttl",

@@ -537,14 +537,6 @@ OPTIONS: tuple[Option, ...] = (
         metavar="N|auto",
     ),
     Option(
-        "cpu-affinity",
-        None,
-        None,
-        False,
-        "pin each worker to a CPU of its own, in turn over the CPUs repeld may run on "
-        "(Linux; nothing to pin with one process; default: off, the kernel places them)",
-    ),
-    Option(
         "shutdown-grace",
         None,
         _seconds("shutdown-grace", 0.0, 3600.0, zero=True),
@@ -650,7 +642,6 @@ class Settings:
     cache_v6_prefix: int = 64
     penalty_ttl: float = 0.0
     workers: int = 1
-    cpu_affinity: bool = False
     shutdown_grace: float = 30.0
     user: str | None = None
     group: str | None = None
@@ -674,8 +665,6 @@ def build_settings(values: Mapping[str, Any]) -> Settings:
         raise SettingError("backend", None, "required: the MTA to hand patient clients to")
     if backend is not None and values.get("exec") is not None:
         raise SettingError("exec", " ".join(values["exec"]), "give --exec or --backend, not both")
-    if values.get("cpu-affinity") and not hasattr(os, "sched_setaffinity"):
-        raise SettingError("cpu-affinity", True, "not supported on this platform (Linux only)")
     kwargs: dict[str, Any] = {}
     for opt in OPTIONS:
         if opt.name in values and values[opt.name] is not None:

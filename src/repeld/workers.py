@@ -47,9 +47,7 @@ __all__ = [
     "WORKER_ENV",
     "Supervisor",
     "announce_ready",
-    "cpu_for",
     "inherited_sockets",
-    "pin_to_cpu",
     "send_statistics",
     "supervise",
     "watch_parent",
@@ -59,7 +57,6 @@ WORKER_ENV = "REPELD_WORKER"
 FDS_ENV = "REPELD_WORKER_FDS"
 STATS_ENV = "REPELD_STATS_FD"
 LIFELINE_ENV = "REPELD_LIFELINE_FD"
-CPU_ENV = "REPELD_WORKER_CPU"
 #: A worker that dies is replaced after this long, doubling while it keeps dying.
 RESTART_DELAY = 1.0
 RESTART_DELAY_MAX = 30.0
@@ -80,31 +77,6 @@ def inherited_sockets(env: dict[str, str] | None = None) -> list[tuple[socket.so
         os.set_inheritable(sock.fileno(), False)
         result.append((sock, name))
     return result
-
-
-def cpu_for(index: int, allowed: Sequence[int]) -> int:
-    """The CPU worker `index` is pinned to with --cpu-affinity: the allowed CPUs in turn."""
-    return sorted(allowed)[index % len(allowed)]
-
-
-def pin_to_cpu(env: dict[str, str] | None = None) -> int | None:
-    """In a worker: run on the CPU the parent chose (--cpu-affinity); which, or None.
-
-    A CPU that cannot be taken (gone offline, outside a new cpuset) is reported
-    on stderr and the worker runs unpinned: a mail host keeps serving.
-    """
-    environ = os.environ if env is None else env
-    text = environ.pop(CPU_ENV, "")
-    if not text:
-        return None
-    cpu = int(text)
-    try:
-        os.sched_setaffinity(0, {cpu})
-    except (OSError, AttributeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        print(f"repeld: worker cannot be pinned to CPU {cpu}: {reason}", file=sys.stderr)
-        return None
-    return cpu
 
 
 def _tell_parent(message: dict[str, int]) -> bool:
@@ -171,8 +143,6 @@ class Supervisor:
         self.ready: set[int] = set()
         self._lifelines: dict[int, int] = {}
         self._stats_arrived = trio.Event()
-        #: The CPUs the workers are pinned to in turn (--cpu-affinity), as started.
-        self._cpus: list[int] = sorted(os.sched_getaffinity(0)) if settings.cpu_affinity else []
 
     def _sockets_for(self, index: int) -> list[tuple[socket.socket, Listen]]:
         return self.sockets[index % len(self.sockets)]
@@ -189,8 +159,6 @@ class Supervisor:
         env[FDS_ENV] = ",".join(f"{s.fileno()}:{_fd_name(spec)}" for s, spec in socks)
         env[STATS_ENV] = str(write_fd)
         env[LIFELINE_ENV] = str(life_read)
-        if self.settings.cpu_affinity:
-            env[CPU_ENV] = str(cpu_for(index, self._cpus))
         env.pop("NOTIFY_SOCKET", None)  # only the parent speaks to systemd
         try:
             proc = await trio.lowlevel.open_process(
