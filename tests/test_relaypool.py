@@ -21,6 +21,7 @@ import pytest
 import trio
 import trio.testing
 
+from repeld.poller import IN
 from repeld.relay import CHUNK, RelayResult
 from repeld.relaypool import RelayPool, RelayPoolClosed
 
@@ -594,6 +595,27 @@ async def test_connects_writes_the_header_first_and_relays(
     assert result.connected_at == 0.0  # connected at once, on loopback
     assert result.from_client == 8 and result.to_client == 8
     assert client.fileno() != -1  # the client socket is the caller's to close
+    client.close()
+    assert_nothing_registered(pool)
+
+
+async def test_a_connect_that_completes_at_once_is_relayed_at_once(
+    autojump_clock: trio.testing.MockClock, pool: RelayPool, listener: socket.socket
+) -> None:
+    # On loopback the handshake is over when connect() returns: both sockets are
+    # read at once, with no wait for the backend to become writable.
+    client_peer, client = _tcp(listener)
+    with await mta_listener() as mta:
+        ended = start(pool, client, [v4(mta.getsockname())], header=b"PROXY x\r\n")
+        registered = pool.registered()
+        assert sorted(registered.values()) == [IN, IN]
+        assert client.fileno() in registered
+        backend_peer, _ = await mta.accept()
+        with backend_peer:
+            assert await recv_exactly(backend_peer, 9) == b"PROXY x\r\n"  # sent already
+            client_peer.close()
+        result = await ended.wait()
+    assert result.connected_at == 0.0
     client.close()
     assert_nothing_registered(pool)
 

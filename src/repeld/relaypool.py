@@ -274,6 +274,11 @@ class RelayPool:
                 continue
             side = session.attach(sock)
             self._sides[side.fd] = side
+            if _established(sock):
+                # On loopback the handshake is over before connect() returns: no
+                # need to wait for the socket to become writable.
+                self._connected(session, now)
+                return
             session.connecting = True
             session.deadline = now + session.connect_timeout
             self._set_mask(side)  # OUT: writable once the MTA answers
@@ -553,6 +558,15 @@ class RelayPool:
                 done(session.result)
             except Exception:  # the caller's bug must not stop every other session
                 traceback.print_exc(file=sys.stderr)
+
+
+def _established(sock: socket.socket) -> bool:
+    """Whether a connect in progress has already completed (it has a peer)."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False  # ENOTCONN: still in progress, or refused (SO_ERROR tells later)
+    return True
 
 
 def _reason(exc: OSError) -> str:
