@@ -375,3 +375,26 @@ async def test_foreground_lines_and_syslog_stay_in_order_across_batches() -> Non
     ports = [re.search(r"\[127\.0\.0\.1\]:(\d+)", line) for line in lines]
     assert [int(m[1]) if m else -1 for m in ports] == list(range(total))
     assert all(" pass: " in line for line in lines)
+
+
+async def test_datagrams_go_out_in_a_batch_when_the_writer_runs(tmp_path: Path) -> None:
+    # emit() only queues; the writer sends what gathered, in order, in one go.
+    receiver = unix_receiver(tmp_path / "log.sock")
+    log = EventLog(SyslogTarget("unix", path=str(tmp_path / "log.sock")), hostname="testhost")
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(log.run)
+            await log.connect_now()
+            await trio.sleep(0.01)  # the writer is idle, waiting for events
+            for i in range(5):
+                log.emit(passed(i))
+            assert drain_now(receiver) == []  # nothing sent from emit() itself
+            assert log.statistics()["queued"] == 5
+            with trio.fail_after(5):
+                while log.written < 5:
+                    await trio.sleep(0.001)
+            got = [parse(d) for d in drain_now(receiver)]
+            assert [int(g.fields["client_port"]) for g in got] == list(range(5))
+            nursery.cancel_scope.cancel()
+    finally:
+        receiver.close()
