@@ -101,7 +101,6 @@ class _Session:
         "connecting",
         "deadline",
         "done",
-        "error",
         "header",
         "idle_timeout",
         "in_heap",
@@ -118,7 +117,6 @@ class _Session:
         self.deadline = math.inf  # pushed on with every byte; the heap catches up lazily
         self.open = True
         self.in_heap = False  # its deadline is live in the pool's heap
-        self.error: BaseException | None = None
         self.done = done
         self.client = _Side(self, client, "client", True)
         self.backend: _Side | None = None
@@ -213,18 +211,18 @@ class RelayPool:
             result = RelayResult()
         if self._closed:
             raise RelayPoolClosed("the relay pool is closed")
-        if client.fileno() in self._sides or backend.fileno() in self._sides:
-            raise ValueError("socket already relayed")
-        if client.fileno() == backend.fileno():
+        fds = (client.fileno(), backend.fileno())
+        if fds[0] == fds[1] or fds[0] in self._sides or fds[1] in self._sides:
             raise ValueError("socket already relayed")
         for sock in (client, backend):
             if sock.gettimeout() != 0.0:
                 sock.setblocking(False)
         task = trio.lowlevel.current_task()
         session = _Session(client, idle_timeout, result, lambda _: trio.lowlevel.reschedule(task))
-        session.attach(backend)
+        side = session.attach(backend)
         self._sessions += 1
         self._sides[session.client.fd] = session.client
+        self._sides[side.fd] = side
         self._connected(session, trio.current_time())
         self._arm(session)
 
@@ -236,8 +234,10 @@ class RelayPool:
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
-        if session.error is not None:
-            raise session.error
+        if result.error is not None:
+            raise result.error
+        if result.end == "shutdown":
+            raise RelayPoolClosed("the relay pool stopped")
         return result
 
     def _arm(self, session: _Session) -> None:
@@ -335,7 +335,6 @@ class RelayPool:
                 return
             if sent < len(header):
                 backend.pending = memoryview(header)[sent:]
-        self._sides[backend.fd] = backend
         self._set_mask(session.client)
         self._set_mask(backend)
 
@@ -353,13 +352,10 @@ class RelayPool:
             await watch(self._poller, self._expire, self._serve, self._set_wake, _AGAIN)
         finally:
             self._closed = True
-            stopped = RelayPoolClosed("the relay pool stopped")
             for side in list(self._sides.values()):
                 session = side.session
                 if session.open:
-                    session.result.end = "shutdown"
-                    if session.done is not None and not session.owns_backend:
-                        session.error = stopped  # relay() raises it in its caller
+                    session.result.end = "shutdown"  # relay() raises RelayPoolClosed
                     self._finish(session)
             self._poller.close()
 
@@ -519,7 +515,6 @@ class RelayPool:
 
     def _fail(self, session: _Session, exc: BaseException) -> None:
         if session.open:
-            session.error = exc
             session.result.error = exc
             self._finish(session)
 
