@@ -42,7 +42,8 @@ from typing import Any
 
 import trio
 
-from repeld import cli, daemon
+from repeld import cli
+from repeld.service import daemon
 
 _gc_events: list[dict[str, float]] = []
 _gc_start = 0.0
@@ -81,7 +82,7 @@ async def _lag_monitor() -> None:
 def _deep_held() -> dict[str, Any]:
     """sys.getsizeof of one held connection's objects (the pen's Held and what it owns)."""
     for obj in gc.get_objects():
-        if type(obj).__name__ == "Held" and type(obj).__module__ == "repeld.pen":
+        if type(obj).__name__ == "Held" and type(obj).__module__ == "repeld.shell.pen":
             parts: dict[str, int] = {"Held": sys.getsizeof(obj)}
             for slot in type(obj).__slots__:
                 val = getattr(obj, slot, None)

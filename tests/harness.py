@@ -14,11 +14,11 @@ from typing import Any
 
 import trio
 
-from repeld.cache import PassCache
-from repeld.eventlog import EventLog
-from repeld.proxyproto import V2_SIGNATURE
-from repeld.server import Server, run_server
-from repeld.settings import Backend, Listen, Settings, SyslogTarget
+from repeld.cache.base import PassCache
+from repeld.config.settings import Backend, Listen, Settings, SyslogTarget
+from repeld.core.proxyproto import V2_SIGNATURE
+from repeld.shell.eventlog import EventLog
+from repeld.shell.server import Server, run_server
 
 from .syslog_receiver import Received, parse
 

@@ -1,4 +1,4 @@
-"""repeld.activation with real inherited sockets.
+"""repeld.service.activation with real inherited sockets.
 
 Three levels: the environment rules in-process (no descriptors involved), real
 listeners handed to a child at fds 3 and 4 by hand (sh redirections and
@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 
-from repeld import activation
-from repeld.activation import ActivationError, match_listeners, spec_for
-from repeld.settings import Listen, parse_listen
+from repeld.config.settings import Listen, parse_listen
+from repeld.service import activation
+from repeld.service.activation import ActivationError, match_listeners, spec_for
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 VARS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
@@ -36,8 +36,8 @@ VARS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 # by sending back its name.
 CHILD = r"""
 import fcntl, json, os, select, socket, sys
-from repeld import activation
-from repeld.settings import parse_listen
+from repeld.service import activation
+from repeld.config.settings import parse_listen
 
 VARS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 before = {k: os.environ.get(k) for k in VARS}

@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from repeld.cache import (
+from repeld.cache.base import (
     DEFAULT_V6_PREFIX,
     CacheSpec,
     CacheVerdict,
@@ -21,7 +21,7 @@ from repeld.cache import (
     parse_cache_url,
     parse_v6_prefix,
 )
-from repeld.settings import SettingError
+from repeld.config.settings import SettingError
 
 GOOD, BAD, UNKNOWN = CacheVerdict.GOOD, CacheVerdict.BAD, CacheVerdict.UNKNOWN
 

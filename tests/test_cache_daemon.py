@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from repeld.cache import parse_cache_url
+from repeld.cache.base import parse_cache_url
 
 from .harness import GREETING, connect, read_line, read_until_closed, running
 from .procs import (

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from repeld.cache import CacheVerdict, make_cache, parse_cache_url
-from repeld.cache_redis import RedisCache
+from repeld.cache.base import CacheVerdict, make_cache, parse_cache_url
+from repeld.cache.redis import RedisCache
 
 from .harness import running_caches
 from .procs import REDIS_SERVER, RedisServer, free_port

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from repeld.cache import CacheError, CacheVerdict
-from repeld.cache_sqlite import SqliteCache
+from repeld.cache.base import CacheError, CacheVerdict
+from repeld.cache.sqlite import SqliteCache
 
 from .harness import running_caches
 
@@ -140,8 +140,8 @@ async def test_two_processes_share_the_file(db: Path) -> None:
     child_script = textwrap.dedent(
         """
         import sys, trio
-        from repeld.cache import CacheVerdict
-        from repeld.cache_sqlite import SqliteCache
+        from repeld.cache.base import CacheVerdict
+        from repeld.cache.sqlite import SqliteCache
 
         async def main(path: str) -> int:
             cache = SqliteCache(path, flush_interval=60.0)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from repeld.capacity import FD_RESERVE, Limits, capacity_warnings, default_max_held
+from repeld.service.capacity import FD_RESERVE, Limits, capacity_warnings, default_max_held
 
 
 def test_default_max_held_keeps_a_reserve() -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from repeld import __version__
 from repeld.cli import main
-from repeld.settings import OPTIONS
+from repeld.config.settings import OPTIONS
 
 #: Bound for a subprocess that should exit at once (a hung one is killed).
 RUN_TIMEOUT = 60.0

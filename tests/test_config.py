@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from repeld.cli import parse_args, settings_from
-from repeld.config import ConfigError, load_settings, read_config, render_settings
-from repeld.settings import Listen
+from repeld.config.file import ConfigError, load_settings, read_config, render_settings
+from repeld.config.settings import Listen
 
 SAMPLE = Path(__file__).parent.parent / "scripts" / "repeld.toml.sample"
 

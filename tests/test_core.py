@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from repeld.core import (
+from repeld.core.hold import (
     FIRST_BYTES_LIMIT,
     PEEK_LIMIT,
     EarlyTalk,

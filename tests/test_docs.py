@@ -43,10 +43,10 @@ from pathlib import Path
 
 import pytest
 
-from repeld import events
-from repeld.core import EarlyTalk, HangUp, Pass, PassReason
-from repeld.events import ConnInfo, Event
-from repeld.settings import OPTIONS, Option, SettingError
+from repeld.config.settings import OPTIONS, Option, SettingError
+from repeld.core import events
+from repeld.core.events import ConnInfo, Event
+from repeld.core.hold import EarlyTalk, HangUp, Pass, PassReason
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src" / "repeld"
@@ -315,7 +315,7 @@ def _calls(path: Path) -> list[ast.Call]:
 @cache
 def _builders() -> frozenset[str]:
     """Functions of events.py whose first parameter is the event's name (`what`)."""
-    tree = ast.parse(_read(SRC / "events.py"))
+    tree = ast.parse(_read(SRC / "core" / "events.py"))
     return frozenset(
         node.name
         for node in ast.walk(tree)
@@ -328,10 +328,10 @@ def event_names() -> tuple[str, ...]:
     """Every event name events.py builds, and the names its callers give it."""
     names = {
         name
-        for call in _calls(SRC / "events.py")
+        for call in _calls(SRC / "core" / "events.py")
         if _callee(call) in ("Event", "_service") and (name := _first_string(call))
     }
-    for path in sorted(SRC.glob("*.py")):
+    for path in sorted(SRC.rglob("*.py")):
         names |= {
             name
             for call in _calls(path)
@@ -344,7 +344,7 @@ def event_names() -> tuple[str, ...]:
 def event_fields() -> tuple[str, ...]:
     """Every field name events.py writes, with the keywords its callers add."""
     fields: set[str] = set()
-    for node in ast.walk(ast.parse(_read(SRC / "events.py"))):
+    for node in ast.walk(ast.parse(_read(SRC / "core" / "events.py"))):
         if (
             isinstance(node, ast.Tuple)
             and len(node.elts) == 2
@@ -352,7 +352,7 @@ def event_fields() -> tuple[str, ...]:
             and isinstance(node.elts[0].value, str)
         ):
             fields.add(node.elts[0].value)
-    for path in sorted(SRC.glob("*.py")):
+    for path in sorted(SRC.rglob("*.py")):
         for call in _calls(path):
             if _callee(call) == "_service" or _callee(call) in _builders():
                 fields |= {kw.arg for kw in call.keywords if kw.arg is not None}
@@ -376,7 +376,7 @@ def _strings(node: ast.AST) -> list[str]:
 def _server_counters() -> list[str]:
     """Server.statistics()'s dict keys, with the `cache_*` keys of _cache_statistics()."""
     keys: list[str] = []
-    for ret in ast.walk(_function(SRC / "server.py", "statistics")):
+    for ret in ast.walk(_function(SRC / "shell" / "server.py", "statistics")):
         if isinstance(ret, ast.Return) and isinstance(ret.value, ast.Dict):
             keys += [
                 k.value
@@ -385,7 +385,7 @@ def _server_counters() -> list[str]:
             ]
     assert keys, "Server.statistics() returning a dict literal not found in server.py"
     # {f"cache_{k}": ... for k in ("lookups", ...)}
-    for comp in ast.walk(_function(SRC / "server.py", "_cache_statistics")):
+    for comp in ast.walk(_function(SRC / "shell" / "server.py", "_cache_statistics")):
         if isinstance(comp, ast.DictComp) and isinstance(comp.key, ast.JoinedStr):
             prefix = "".join(_strings(comp.key))
             keys += [prefix + name for name in _strings(comp.generators[0].iter)]
@@ -397,7 +397,7 @@ def _supervisor_counters() -> list[str]:
     """The keys the parent of --workers adds to the summed counters: `totals["..."] = ...`."""
     keys = [
         target.slice.value
-        for node in ast.walk(_function(SRC / "workers.py", "collect_stats"))
+        for node in ast.walk(_function(SRC / "service" / "workers.py", "collect_stats"))
         if isinstance(node, ast.Assign)
         for target in node.targets
         if isinstance(target, ast.Subscript)
@@ -485,7 +485,7 @@ def fields_by_event() -> dict[str, frozenset[str]]:
     fields: dict[str, set[str]] = {}
     for event in _sample_events():
         fields.setdefault(event.name, set()).update(key for key, _ in event.fields)
-    for path in sorted(SRC.glob("*.py")):
+    for path in sorted(SRC.rglob("*.py")):
         for call in _calls(path):
             if _callee(call) in _builders() and (name := _first_string(call)):
                 fields.setdefault(name, set()).update(
@@ -570,7 +570,7 @@ def test_pass_reason_is_described(reason: str) -> None:
 def _listener_flags() -> list[str]:
     """What parse_listen takes after ADDR:PORT, as written: `nodelay`, `backend=`."""
     flags: list[str] = []
-    for node in ast.walk(_function(SRC / "settings.py", "parse_listen")):
+    for node in ast.walk(_function(SRC / "config" / "settings.py", "parse_listen")):
         if isinstance(node, ast.Compare) and isinstance(node.left, ast.Name):
             if node.left.id == "flag":
                 flags += [s for c in node.comparators for s in _strings(c)]
@@ -607,7 +607,7 @@ def test_listener_flag_is_documented(flag: str) -> None:
 
 def _restart_only() -> list[str]:
     """The settings a SIGHUP cannot change: server._RESTART_ONLY, as flag names."""
-    for node in ast.walk(ast.parse(_read(SRC / "server.py"))):
+    for node in ast.walk(ast.parse(_read(SRC / "shell" / "server.py"))):
         if isinstance(node, ast.Assign) and any(
             isinstance(t, ast.Name) and t.id == "_RESTART_ONLY" for t in node.targets
         ):

@@ -17,12 +17,12 @@ import pytest
 import trio
 import trio.testing
 
-from repeld import events
-from repeld.core import HangUp, Pass, PassReason
-from repeld.eventlog import RETRY_AFTER, SEND_WAIT, EventLog
-from repeld.events import ConnInfo, Event
-from repeld.logformat import FACILITIES, Header, format_json, format_rfc5424
-from repeld.settings import SyslogTarget
+from repeld.config.settings import SyslogTarget
+from repeld.core import events
+from repeld.core.events import ConnInfo, Event
+from repeld.core.hold import HangUp, Pass, PassReason
+from repeld.core.logformat import FACILITIES, Header, format_json, format_rfc5424
+from repeld.shell.eventlog import RETRY_AFTER, SEND_WAIT, EventLog
 
 from .syslog_receiver import Received, parse
 
@@ -282,7 +282,7 @@ async def test_tcp_target_uses_octet_counting(
         log = EventLog(SyslogTarget("tcp", host="127.0.0.1", port=port), fmt,
                        facility="local3", hostname="testhost")  # fmt: skip
         nursery.start_soon(log.run)
-        from repeld.core import EarlyTalk
+        from repeld.core.hold import EarlyTalk
 
         hostile = b"EHLO x\r\n<13>1 - - - - - [fake] 999 ]\n\x00\xff"
         sent: list[Event] = [passed(i) for i in range(50)]

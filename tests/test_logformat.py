@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from repeld import events
-from repeld.core import Pass, PassReason
-from repeld.events import ConnInfo, Event, Severity
-from repeld.logformat import (
+from repeld.core import events
+from repeld.core.events import ConnInfo, Event, Severity
+from repeld.core.hold import Pass, PassReason
+from repeld.core.logformat import (
     FACILITIES,
     Header,
     format_json,
@@ -155,7 +155,7 @@ def test_rfc5424_param_values_escape_quote_backslash_and_bracket() -> None:
 
 
 def test_rfc5424_hostile_client_bytes_stay_inside_their_param() -> None:
-    from repeld.core import EarlyTalk
+    from repeld.core.hold import EarlyTalk
 
     hostile = b'EHLO "x"] \\ [y@1 z="\x00\x1b[31m\xff\r\n'
     event = events.early_talker(CONN, EarlyTalk(len(hostile), hostile, 0.5), "drop")

@@ -1,4 +1,4 @@
-"""repeld.pidfile with real files, real locks and real other processes."""
+"""repeld.service.pidfile with real files, real locks and real other processes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from repeld.pidfile import PidFile, PidFileError, read_pid
+from repeld.service.pidfile import PidFile, PidFileError, read_pid
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="privilege drop and chroot need root")
@@ -22,7 +22,7 @@ needs_root = pytest.mark.skipif(not ROOT, reason="privilege drop and chroot need
 # Takes the pid file, says so, and holds it until told to go (or killed).
 HOLDER = r"""
 import sys
-from repeld.pidfile import PidFile
+from repeld.service.pidfile import PidFile
 pf = PidFile(sys.argv[1])
 pf.create()
 print("held", flush=True)
@@ -171,7 +171,7 @@ def test_remove_leaves_a_successors_file_alone(tmp_path: Path) -> None:
 
 RACER = r"""
 import sys
-from repeld.pidfile import PidFile, PidFileError
+from repeld.service.pidfile import PidFile, PidFileError
 sys.stdin.readline()  # start together
 pf = PidFile(sys.argv[1])
 try:
@@ -228,8 +228,8 @@ def test_read_pid_of_missing_and_odd_files(tmp_path: Path) -> None:
 
 DROPPER = r"""
 import json, os, sys
-from repeld.pidfile import PidFile
-from repeld.privileges import drop_privileges
+from repeld.service.pidfile import PidFile
+from repeld.service.privileges import drop_privileges
 path, chroot = sys.argv[1], sys.argv[2] or None
 pf = PidFile(path)
 pf.create()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from repeld.core import PassReason
-from repeld.policy import Policy, TrustedNetworks, normalize_address
+from repeld.core.hold import PassReason
+from repeld.core.policy import Policy, TrustedNetworks, normalize_address
 
 
 @pytest.mark.parametrize(

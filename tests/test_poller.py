@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from repeld.poller import IN, Poller, watch
+from repeld.shell.poller import IN, Poller, watch
 
 
 @pytest.mark.parametrize(

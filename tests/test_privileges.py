@@ -1,4 +1,4 @@
-"""repeld.privileges: the decision table in-process, the drop itself in child processes.
+"""repeld.service.privileges: the decision table in-process, the drop itself in child processes.
 
 The drops are irreversible, so they happen in a child: as root it binds a
 privileged port, becomes nobody, and reports what the kernel says it is now
@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from repeld.privileges import (
+from repeld.service.privileges import (
     DEFAULT_USER,
     Identity,
     Plan,
@@ -156,7 +156,7 @@ def test_a_missing_chroot_is_a_one_line_error(tmp_path: Path) -> None:
 # a privileged loopback port, drop, report, then serve one connection.
 DROP_CHILD = r"""
 import json, os, random, socket, sys
-from repeld.privileges import drop_privileges
+from repeld.service.privileges import drop_privileges
 
 user, group = sys.argv[1], sys.argv[2] or None
 os.setgroups([0, 1, 2])
@@ -255,7 +255,7 @@ def test_drop_with_an_explicit_group() -> None:
 
 CHROOT_CHILD = r"""
 import json, os, sys
-from repeld.privileges import drop_privileges
+from repeld.service.privileges import drop_privileges
 
 outside_cwd = os.getcwd()
 drop_privileges("nobody", None, sys.argv[1])
@@ -295,7 +295,7 @@ def test_drop_into_a_chroot(tmp_path: Path) -> None:
 # uses is imported first.
 UNPRIVILEGED_CHILD = r"""
 import json, os, sys
-from repeld.privileges import PrivilegeError, decide, drop_privileges
+from repeld.service.privileges import PrivilegeError, decide, drop_privileges
 
 uid, gid = int(sys.argv[1]), int(sys.argv[2])
 os.setgroups([])

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from aiosmtpd.proxy_protocol import AF, PROTO, V2_CMD, get_proxy
 
-from repeld.proxyproto import V2_SIGNATURE, header, v1, v2
+from repeld.core.proxyproto import V2_SIGNATURE, header, v1, v2
 
 TRAILER = b"EHLO after.header\r\n"
 

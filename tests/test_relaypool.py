@@ -21,9 +21,9 @@ import pytest
 import trio
 import trio.testing
 
-from repeld.poller import IN
-from repeld.relay import CHUNK, RelayResult
-from repeld.relaypool import RelayPool, RelayPoolClosed
+from repeld.shell.poller import IN
+from repeld.shell.relay import CHUNK, RelayResult
+from repeld.shell.relaypool import RelayPool, RelayPoolClosed
 
 LONG = 1e6  # an idle timeout no test reaches unless it means to
 HUNG = 3600.0

@@ -1,4 +1,4 @@
-"""repeld.sdnotify against real AF_UNIX datagram receivers, path and abstract.
+"""repeld.service.sdnotify against real AF_UNIX datagram receivers, path and abstract.
 
 Where systemd's own `systemd-notify` is installed, the same notification is sent
 by both and the datagrams are compared byte for byte.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from repeld import sdnotify
+from repeld.service import sdnotify
 
 LINUX = sys.platform.startswith("linux")
 linux_only = pytest.mark.skipif(not LINUX, reason="abstract sockets and SO_PASSCRED are Linux's")

@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from repeld.settings import Backend, Listen
+from repeld.config.settings import Backend, Listen
 
 from .harness import GREETING, TrioBackend, connect, read_line, read_until_closed, running
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from repeld.activation import is_nodelay_name
-from repeld.settings import OPTION_BY_NAME, parse_listen
+from repeld.config.settings import OPTION_BY_NAME, parse_listen
+from repeld.service.activation import is_nodelay_name
 
 ROOT = Path(__file__).resolve().parent.parent
 RC_SCRIPT = ROOT / "scripts" / "rc.d" / "repeld"
@@ -620,8 +620,8 @@ try:
 except PermissionError:
     pass
 import trio
-import repeld.cli, repeld.daemon, repeld.server
-from repeld import tcptune
+import repeld.cli, repeld.service.daemon, repeld.shell.server
+from repeld.service import tcptune
 with socket.create_server(("127.0.0.1", 0)) as lst:
     c = socket.create_connection(lst.getsockname())
     s, _ = lst.accept()

@@ -1,4 +1,4 @@
-"""repeld.tcptune against real loopback TCP sockets: every value is read back from the kernel."""
+"""repeld.service.tcptune against real loopback TCP sockets: every value is read back from the kernel."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from repeld import handoff, tcptune
+from repeld.service import tcptune
+from repeld.shell import handoff
 
 LINUX = sys.platform.startswith("linux")
 FREEBSD = sys.platform.startswith("freebsd")

@@ -12,9 +12,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from . import __version__
-from .config import ConfigError, default_config_path, load_settings, render_settings
-from .settings import OPTIONS, Option, SettingError, Settings
+from repeld import __version__
+from repeld.config.file import ConfigError, default_config_path, load_settings, render_settings
+from repeld.config.settings import OPTIONS, Option, SettingError, Settings
 
 __all__ = ["EXIT_FAILURE", "EXIT_USAGE", "main", "make_parser", "parse_args"]
 
@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     flags, actions = parse_args(argv)
     if actions.get("check-kernel"):
-        from .capacity import kernel_report
+        from repeld.service.capacity import kernel_report
 
         sys.stdout.write(kernel_report(flags.get("max-held"), flags.get("backlog")))
         return 0
@@ -131,6 +131,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if actions.get("check-config"):
         sys.stdout.write(render_settings(settings))
         return 0
-    from . import daemon
+    from repeld.service import daemon
 
     return daemon.start(settings, lambda: settings_from(flags, actions), argv)

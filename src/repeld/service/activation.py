@@ -39,7 +39,7 @@ import socket
 from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 
-from .settings import Listen
+from repeld.config.settings import Listen
 
 __all__ = [
     "LISTEN_FDS_START",

@@ -49,7 +49,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from .cache import (
+from repeld.cache.base import (
     DEFAULT_PASS_TTL,
     CacheError,
     CacheStats,

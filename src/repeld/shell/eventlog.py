@@ -24,10 +24,10 @@ from typing import TextIO
 
 import trio
 
-from .events import Event
-from .logformat import FACILITIES, Header, format_json, format_rfc5424, format_stderr
-from .relay import connect, send_all
-from .settings import Settings, SyslogTarget
+from repeld.config.settings import Settings, SyslogTarget
+from repeld.core.events import Event
+from repeld.core.logformat import FACILITIES, Header, format_json, format_rfc5424, format_stderr
+from repeld.shell.relay import connect, send_all
 
 __all__ = ["EventLog"]
 

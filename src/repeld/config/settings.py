@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import netaddr
 
-from .logformat import FACILITIES, FORMATS, valid_sd_id
+from repeld.core.logformat import FACILITIES, FORMATS, valid_sd_id
 
 if TYPE_CHECKING:
-    from .cache import CacheSpec
-from .policy import TrustedNetworks
+    from repeld.cache.base import CacheSpec
+from repeld.core.policy import TrustedNetworks
 
 __all__ = [
     "OPTIONS",
@@ -273,13 +273,13 @@ def _command(text: str) -> tuple[str, ...]:
 
 
 def _cache(text: str) -> CacheSpec:
-    from .cache import parse_cache_url
+    from repeld.cache.base import parse_cache_url
 
     return parse_cache_url(text)
 
 
 def _v6_prefix(text: str) -> int:
-    from .cache import parse_v6_prefix
+    from repeld.cache.base import parse_v6_prefix
 
     return parse_v6_prefix(text)
 
@@ -612,7 +612,7 @@ class Settings:
 
     def cache_spec(self) -> CacheSpec:
         """The pass cache in force: --no-cache, else --cache, else the platform default."""
-        from .cache import CacheSpec, parse_cache_url
+        from repeld.cache.base import CacheSpec, parse_cache_url
 
         if self.no_cache:
             return CacheSpec("none")

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .events import Event, FieldValue
+from repeld.core.events import Event, FieldValue
 
 __all__ = [
     "FACILITIES",

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 import trio
 
-from . import events, proxyproto, tcptune
-from .eventlog import EventLog
-from .events import ConnInfo
-from .relay import RelayResult
-from .relaypool import RelayPool, RelayPoolClosed
-from .settings import Settings
+from repeld.config.settings import Settings
+from repeld.core import events, proxyproto
+from repeld.core.events import ConnInfo
+from repeld.service import tcptune
+from repeld.shell.eventlog import EventLog
+from repeld.shell.relay import RelayResult
+from repeld.shell.relaypool import RelayPool, RelayPoolClosed
 
 __all__ = [
     "BACKEND_UNAVAILABLE",

@@ -63,7 +63,7 @@ import trio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .cache import (
+from repeld.cache.base import (
     DEFAULT_PASS_TTL,
     CacheSpec,
     CacheStats,

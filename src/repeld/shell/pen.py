@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .core import PEEK_LIMIT, Hold, Verdict, Wait
-from .events import ConnInfo
-from .poller import IN, Poller, watch
+from repeld.core.events import ConnInfo
+from repeld.core.hold import PEEK_LIMIT, Hold, Verdict, Wait
+from repeld.shell.poller import IN, Poller, watch
 
 if TYPE_CHECKING:
-    from .handoff import BackendTarget
+    from repeld.shell.handoff import BackendTarget
 
 __all__ = ["Held", "HoldingPen"]
 

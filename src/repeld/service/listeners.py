@@ -10,9 +10,9 @@ import socket
 import sys
 from collections.abc import Iterable
 
-from . import tcptune
-from .activation import match_listeners
-from .settings import Listen, Settings
+from repeld.config.settings import Listen, Settings
+from repeld.service import tcptune
+from repeld.service.activation import match_listeners
 
 __all__ = [
     "DEFAULT_BACKLOG",

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import tcptune
+from repeld.service import tcptune
 
 __all__ = [
     "FD_RESERVE",

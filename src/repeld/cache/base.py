@@ -55,7 +55,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 import trio
 
 if TYPE_CHECKING:
-    from .settings import SettingError
+    from repeld.config.settings import SettingError
 
 __all__ = [
     "DEFAULT_PASS_TTL",
@@ -151,7 +151,7 @@ def cache_key(address: str, v6_prefix: int = DEFAULT_V6_PREFIX) -> str:
 
 def parse_v6_prefix(text: str) -> int:
     """`--cache-v6-prefix`: bits of an IPv6 address that identify a client (32-128)."""
-    from .settings import SettingError
+    from repeld.config.settings import SettingError
 
     digits = text.strip().lstrip("/")
     if not re.fullmatch(r"[0-9]+", digits):
@@ -561,7 +561,7 @@ class CacheSpec:
         """
         if self.password_file is None:
             return self.password
-        from .settings import SettingError
+        from repeld.config.settings import SettingError
 
         try:
             with open(self.password_file, encoding="utf-8") as f:
@@ -578,7 +578,7 @@ class CacheSpec:
 
 def _cache_error(text: str, reason: str) -> SettingError:
     # Imported here: settings.py is expected to import this module for its parsers.
-    from .settings import SettingError
+    from repeld.config.settings import SettingError
 
     return SettingError("cache", _redact(text), reason)
 
@@ -702,7 +702,7 @@ def make_cache(
     if spec.kind == "memory":
         return MemoryCache(pass_ttl=pass_ttl, penalty_ttl=penalty_ttl)
     if spec.kind == "sqlite":
-        from .cache_sqlite import SqliteCache
+        from repeld.cache.sqlite import SqliteCache
 
         return SqliteCache(
             spec.path,
@@ -711,7 +711,7 @@ def make_cache(
             on_error=on_error,
             on_recover=on_recover,
         )
-    from .cache_redis import RedisCache
+    from repeld.cache.redis import RedisCache
 
     return RedisCache.from_spec(
         spec,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .core import EarlyTalk, HangUp, Pass, escape_bytes
+from repeld.core.hold import EarlyTalk, HangUp, Pass, escape_bytes
 
 __all__ = [
     "ConnInfo",

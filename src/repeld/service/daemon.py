@@ -29,12 +29,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import trio
 
-from . import __version__, activation, events, privileges, sdnotify, workers
-from .eventlog import EventLog
-from .handoff import resolve_optional_backend
-from .pidfile import PidFile, PidFileError
-from .server import Server, open_server
-from .settings import SettingError, Settings, load_trusted
+from repeld import __version__
+from repeld.config.settings import SettingError, Settings, load_trusted
+from repeld.core import events
+from repeld.service import activation, privileges, sdnotify, workers
+from repeld.service.pidfile import PidFile, PidFileError
+from repeld.shell.eventlog import EventLog
+from repeld.shell.handoff import resolve_optional_backend
+from repeld.shell.server import Server, open_server
 
 __all__ = ["EXIT_FAILURE", "serve_forever", "start"]
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .settings import (
+from repeld.config.settings import (
     OPTION_BY_NAME,
     Option,
     SettingError,

@@ -15,13 +15,17 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import events, tcptune
-from .cache import CacheError, CacheVerdict, PassCache, cache_key, make_cache
-from .capacity import capacity_warnings, default_max_held, raise_nofile
-from .core import EarlyTalk, HangUp, Hold, Pass, PassReason, Penalty, Verdict
-from .eventlog import EventLog
-from .events import ConnInfo
-from .handoff import (
+from repeld.cache.base import CacheError, CacheVerdict, PassCache, cache_key, make_cache
+from repeld.config.settings import Listen, Settings, load_trusted
+from repeld.core import events
+from repeld.core.events import ConnInfo
+from repeld.core.hold import EarlyTalk, HangUp, Hold, Pass, PassReason, Penalty, Verdict
+from repeld.core.policy import Policy, Refuse, TrustedNetworks, normalize_address
+from repeld.service import tcptune
+from repeld.service.capacity import capacity_warnings, default_max_held, raise_nofile
+from repeld.service.listeners import backlog_for, open_listeners
+from repeld.shell.eventlog import EventLog
+from repeld.shell.handoff import (
     BackendTarget,
     handoff,
     reply_and_close,
@@ -29,12 +33,9 @@ from .handoff import (
     resolve_optional_backend,
     tune_listener,
 )
-from .listeners import backlog_for, open_listeners
-from .pen import Held, HoldingPen
-from .policy import Policy, Refuse, TrustedNetworks, normalize_address
-from .relaypool import RelayPool
-from .settings import Listen, Settings, load_trusted
-from .ucspi import handoff_exec
+from repeld.shell.pen import Held, HoldingPen
+from repeld.shell.relaypool import RelayPool
+from repeld.shell.ucspi import handoff_exec
 
 __all__ = ["EARLY_REJECT", "SHUTTING_DOWN", "Server", "open_server", "run_server"]
 

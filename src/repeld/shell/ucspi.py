@@ -18,10 +18,10 @@ import socket
 
 import trio
 
-from . import events
-from .eventlog import EventLog
-from .events import ConnInfo
-from .handoff import BACKEND_UNAVAILABLE, reply_and_close
+from repeld.core import events
+from repeld.core.events import ConnInfo
+from repeld.shell.eventlog import EventLog
+from repeld.shell.handoff import BACKEND_UNAVAILABLE, reply_and_close
 
 __all__ = ["TERMINATE_WAIT", "exec_environment", "handoff_exec"]
 

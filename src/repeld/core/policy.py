@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import netaddr
 
-from .core import PassReason
+from repeld.core.hold import PassReason
 
 __all__ = ["Admission", "Policy", "Refuse", "TrustedNetworks", "normalize_address"]
 

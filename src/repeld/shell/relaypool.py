@@ -36,8 +36,8 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from .poller import ERROR_READY, IN, OUT, READ_READY, WRITE_READY, Poller, watch
-from .relay import CHUNK, RelayResult
+from repeld.shell.poller import ERROR_READY, IN, OUT, READ_READY, WRITE_READY, Poller, watch
+from repeld.shell.relay import CHUNK, RelayResult
 
 __all__ = ["Address", "Done", "RelayPool", "RelayPoolClosed"]
 

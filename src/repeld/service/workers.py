@@ -36,10 +36,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import trio
 
-from . import __version__, activation, events, sdnotify
-from .eventlog import EventLog
-from .listeners import backlog_for, open_listeners, reuseport_option
-from .settings import Listen, SettingError, Settings
+from repeld import __version__
+from repeld.config.settings import Listen, SettingError, Settings
+from repeld.core import events
+from repeld.service import activation, sdnotify
+from repeld.service.listeners import backlog_for, open_listeners, reuseport_option
+from repeld.shell.eventlog import EventLog
 
 __all__ = [
     "FDS_ENV",

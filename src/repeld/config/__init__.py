@@ -1,0 +1,1 @@
+"""Settings: the option table, the parsers, the Settings object and the TOML file."""

@@ -1,0 +1,1 @@
+"""The sans-IO core: every decision, fed bytes, EOF and the time; no trio, no sockets."""

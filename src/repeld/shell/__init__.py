@@ -1,0 +1,1 @@
+"""The trio shell: accept, hold, verdicts, hand-off and events, one phase per module."""
