@@ -1,4 +1,10 @@
-"""Fixtures shared by the tests that run repeld as a real process."""
+"""Layer markers for every test, and fixtures shared by the tests that run repeld.
+
+The tests mirror the layers of the code: tests/unit (pure code, seconds),
+tests/shell (the trio shell in-process, on real loopback sockets) and
+tests/system (repeld and real peers as processes). Each test is marked with
+its folder's name, so `pytest -m unit` equals `pytest tests/unit`.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,15 @@ from collections.abc import Iterator
 import pytest
 
 from .procs import LineBackend, SyslogUDP
+
+LAYERS = ("unit", "shell", "system")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        layer = item.path.parent.name
+        if layer in LAYERS:
+            item.add_marker(getattr(pytest.mark, layer))
 
 
 @pytest.fixture

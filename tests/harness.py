@@ -15,7 +15,8 @@ from typing import Any
 import trio
 
 from repeld.cache.base import PassCache
-from repeld.config.settings import Backend, Listen, Settings, SyslogTarget
+from repeld.config.settings import Backend, Listen, Settings
+from repeld.config.values import SyslogTarget
 from repeld.core.proxyproto import V2_SIGNATURE
 from repeld.shell.eventlog import EventLog
 from repeld.shell.server import Server, run_server

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from repeld import __version__
-from repeld.config.file import ConfigError, default_config_path, load_settings, render_settings
-from repeld.config.settings import OPTIONS, Option, SettingError, Settings
+from repeld.config.errors import ConfigError, SettingError
+from repeld.config.file import default_config_path, load_settings, render_settings
+from repeld.config.settings import OPTIONS, Option, Settings
 
 __all__ = ["EXIT_FAILURE", "EXIT_USAGE", "main", "make_parser", "parse_args"]
 

@@ -7,20 +7,19 @@ penalty TTL (`--penalty-ttl`, off by default) an early talker is remembered as
 BAD and cut off at once after accept. Early talkers and hang-ups are never
 remembered as good.
 
-This module holds the parts every backend shares and that do no I/O:
+This module holds the interface and the parts every backend shares:
 
-* `cache_key` -- the key a client is remembered under: the address for IPv4
-  (IPv4-mapped IPv6 counts as IPv4), the `/v6_prefix` network for IPv6,
-  because one IPv6 host owns a whole /64 and walks through it at will;
 * `CacheVerdict` -- GOOD, BAD or UNKNOWN (not remembered, expired, or the
-  backend did not answer in time: the delay applies, which is always safe);
-* `PassCache` -- the protocol the policy step and the CLI program against;
-* `MemoryCache` -- a dict with TTLs on an injectable clock (`--cache memory`,
-  and the reference the tests drive with trio's autojump clock);
-* `parse_cache_url` / `CacheSpec` / `make_cache` -- the `--cache` value.
+  backend did not answer in time: the delay applies, which is always safe); it
+  is the core's own type (core/hold.py), as the hold decides on it;
+* `PassCache` -- the protocol the server and the CLI program against;
+* `CacheStats`, `OutageNotice`, `QueuedVerdicts`, `PendingWrites` -- counters,
+  one report per outage, and the batched writes.
 
-Backends live in cache_sqlite.py (one host, the default) and cache_redis.py
-(several MX hosts share one cache); they are imported only when chosen.
+The key a client is remembered under is `core.addresses.cache_key`; the
+`--cache` value is parsed by cache/spec.py; the backends are cache/memory.py,
+cache/sqlite.py (one host, the default) and cache/redis.py (several MX hosts),
+and cache/open.py builds the one chosen, importing only that one.
 
 Rules every backend keeps:
 
@@ -42,52 +41,29 @@ Rules every backend keeps:
 
 from __future__ import annotations
 
-import enum
-import ipaddress
-import re
-import socket
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from typing import Protocol
 
 import trio
 
-if TYPE_CHECKING:
-    from repeld.config.settings import SettingError
+from repeld.core.hold import CacheVerdict
 
 __all__ = [
     "DEFAULT_PASS_TTL",
-    "DEFAULT_V6_PREFIX",
-    "V6_PREFIX_MAX",
-    "V6_PREFIX_MIN",
     "CacheError",
-    "CacheSpec",
     "CacheStats",
     "CacheVerdict",
     "Callback",
-    "MemoryCache",
     "OutageNotice",
     "PassCache",
     "PendingWrites",
     "QueuedVerdicts",
     "Write",
-    "cache_key",
-    "default_cache_path",
-    "default_cache_url",
-    "make_cache",
-    "parse_cache_url",
-    "parse_v6_prefix",
 ]
 
 #: How long a passed client is remembered by default: one day.
 DEFAULT_PASS_TTL = 86400.0
-#: The IPv6 prefix a client is remembered by: a /64 is one host (or one LAN).
-DEFAULT_V6_PREFIX = 64
-#: A shorter prefix would let one patient client vouch for a whole provider.
-V6_PREFIX_MIN = 32
-V6_PREFIX_MAX = 128
 
 Callback = Callable[[str], None]
 
@@ -102,66 +78,6 @@ class CacheError(OSError):
     An OSError so that the daemon's start-up error path reports it as one line.
     Once running, backends never raise this: they report through `on_error`.
     """
-
-
-class CacheVerdict(enum.Enum):
-    """What the cache knows of a client; the values are what cache_sqlite stores."""
-
-    UNKNOWN = 0
-    GOOD = 1
-    BAD = 2
-
-
-# -- keys ------------------------------------------------------------------------
-
-
-def _check_prefix(v6_prefix: int) -> None:
-    if (
-        isinstance(v6_prefix, bool)
-        or not isinstance(v6_prefix, int)
-        or not V6_PREFIX_MIN <= v6_prefix <= V6_PREFIX_MAX
-    ):
-        raise ValueError(
-            f"IPv6 cache prefix must be an integer {V6_PREFIX_MIN}-{V6_PREFIX_MAX},"
-            f" got {v6_prefix!r}"
-        )
-
-
-def cache_key(address: str, v6_prefix: int = DEFAULT_V6_PREFIX) -> str:
-    """The key `address` is remembered under.
-
-    IPv4: the address (`192.0.2.7`); `::ffff:192.0.2.7` is the same client.
-    IPv6: the network of `v6_prefix` bits in CIDR form (`2001:db8:1:2::/64`), so
-    the two families can never collide. A scope id (`fe80::1%eth0`) is dropped.
-    Raises ValueError for a bad address or a prefix outside 32-128.
-    """
-    _check_prefix(v6_prefix)
-    if ":" not in address:  # the common case, checked cheaply: a plain IPv4 address
-        try:
-            return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, address))
-        except OSError:
-            raise ValueError(f"{address!r} is not an IP address") from None
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv4Address):
-        return str(ip)
-    if ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ipaddress.IPv6Network((ip, v6_prefix), strict=False))
-
-
-def parse_v6_prefix(text: str) -> int:
-    """`--cache-v6-prefix`: bits of an IPv6 address that identify a client (32-128)."""
-    from repeld.config.settings import SettingError
-
-    digits = text.strip().lstrip("/")
-    if not re.fullmatch(r"[0-9]+", digits):
-        raise SettingError("cache-v6-prefix", text, "expected a prefix length in bits")
-    value = int(digits, 10)
-    if not V6_PREFIX_MIN <= value <= V6_PREFIX_MAX:
-        raise SettingError(
-            "cache-v6-prefix", text, f"must be {V6_PREFIX_MIN}-{V6_PREFIX_MAX} (64 is one host)"
-        )
-    return value
 
 
 # -- shared machinery ------------------------------------------------------------
@@ -400,323 +316,3 @@ class PassCache(Protocol):
     def statistics(self) -> dict[str, int]:
         """Counters for the status report (see `CacheStats`)."""
         ...
-
-
-# -- in memory -------------------------------------------------------------------
-
-
-class MemoryCache:
-    """A pass cache in a dict: per process, lost at exit; `--cache memory`.
-
-    Expiries are on `clock` (default `trio.current_time`, so tests run it under
-    the autojump clock). Beyond `max_entries` the oldest written entry goes.
-    """
-
-    def __init__(
-        self,
-        *,
-        pass_ttl: float = DEFAULT_PASS_TTL,
-        penalty_ttl: float | None = None,
-        clock: Callable[[], float] = trio.current_time,
-        sweep_interval: float = 60.0,
-        max_entries: int = 1_000_000,
-    ) -> None:
-        if pass_ttl <= 0 or (penalty_ttl is not None and penalty_ttl <= 0):
-            raise ValueError("TTLs must be positive")
-        if max_entries < 1:
-            raise ValueError("max_entries must be positive")
-        self.pass_ttl = pass_ttl
-        self.penalty_ttl = penalty_ttl
-        self.sweep_interval = sweep_interval
-        self.max_entries = max_entries
-        self._clock = clock
-        self._entries: dict[str, tuple[CacheVerdict, float]] = {}
-        self._stats = CacheStats()
-        self._closed = False
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    async def lookup(self, key: str) -> CacheVerdict:
-        await trio.lowlevel.checkpoint()
-        return self._lookup_now(key, self._clock())
-
-    async def lookup_many(self, keys: Sequence[str]) -> list[CacheVerdict]:
-        await trio.lowlevel.checkpoint()
-        now = self._clock()
-        return [self._lookup_now(key, now) for key in keys]
-
-    def _lookup_now(self, key: str, now: float) -> CacheVerdict:
-        entry = self._entries.get(key)
-        if entry is None:
-            return self._stats.count(CacheVerdict.UNKNOWN)
-        verdict, expires = entry
-        if expires <= now:
-            del self._entries[key]
-            self._stats.swept += 1
-            return self._stats.count(CacheVerdict.UNKNOWN)
-        return self._stats.count(verdict)
-
-    def _put(self, key: str, verdict: CacheVerdict, ttl: float) -> None:
-        if self._closed:
-            self._stats.dropped += 1
-            return
-        self._stats.writes += 1
-        self._entries.pop(key, None)  # re-inserted last: eviction order is write order
-        while len(self._entries) >= self.max_entries:
-            del self._entries[next(iter(self._entries))]
-            self._stats.dropped += 1
-        self._entries[key] = (verdict, self._clock() + ttl)
-        self._stats.written += 1
-
-    def remember_good(self, key: str) -> None:
-        self._put(key, CacheVerdict.GOOD, self.pass_ttl)
-
-    def remember_bad(self, key: str) -> None:
-        if self.penalty_ttl is not None:
-            self._put(key, CacheVerdict.BAD, self.penalty_ttl)
-            return
-        self._stats.writes += 1
-        if self._entries.pop(key, None) is not None:
-            self._stats.written += 1
-
-    def sweep(self) -> int:
-        """Remove expired entries now; how many went."""
-        now = self._clock()
-        expired = [key for key, (_, expires) in self._entries.items() if expires <= now]
-        for key in expired:
-            del self._entries[key]
-        self._stats.swept += len(expired)
-        return len(expired)
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while True:
-            await trio.sleep(self.sweep_interval)
-            self.sweep()
-
-    async def aclose(self) -> None:
-        self._closed = True
-        self._entries.clear()
-        await trio.lowlevel.checkpoint()
-
-    def statistics(self) -> dict[str, int]:
-        stats = self._stats.as_dict()
-        stats["entries"] = len(self._entries)
-        return stats
-
-
-# -- the --cache value -----------------------------------------------------------
-
-CacheKind = Literal["none", "memory", "sqlite", "redis"]
-
-
-def default_cache_path() -> str:
-    """Where the SQLite cache lives unless told: the platform's state directory."""
-    if sys.platform.startswith("freebsd"):
-        return "/var/db/repeld/cache.sqlite"
-    return "/var/lib/repeld/cache.sqlite"
-
-
-def default_cache_url() -> str:
-    """The default `--cache`: SQLite at `default_cache_path()`."""
-    return "sqlite:" + default_cache_path()
-
-
-@dataclass(frozen=True, slots=True)
-class CacheSpec:
-    """A parsed `--cache` value. `str()` never shows a password."""
-
-    kind: CacheKind
-    path: str = ""  # sqlite
-    host: str = ""  # redis
-    port: int = 6379
-    db: int = 0
-    tls: bool = False
-    username: str | None = None
-    password: str | None = None
-    password_file: str | None = None
-
-    def __repr__(self) -> str:
-        return f"CacheSpec({self!s})"
-
-    def __str__(self) -> str:
-        if self.kind in ("none", "memory"):
-            return self.kind
-        if self.kind == "sqlite":
-            return f"sqlite:{self.path}"
-        auth = ""
-        if self.username is not None or self.password is not None:
-            user = quote(self.username or "", safe="")
-            auth = f"{user}:***@" if self.password is not None else f"{user}@"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        query = f"?password_file={self.password_file}" if self.password_file else ""
-        scheme = "rediss" if self.tls else "redis"
-        return f"{scheme}://{auth}{host}:{self.port}/{self.db}{query}"
-
-    def read_password(self) -> str | None:
-        """The Redis password: from the URL, or the first line of `password_file`.
-
-        Raises SettingError("cache", ...) if the file cannot be read or is empty.
-        """
-        if self.password_file is None:
-            return self.password
-        from repeld.config.settings import SettingError
-
-        try:
-            with open(self.password_file, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise SettingError(
-                "cache", str(self), f"cannot read password file {self.password_file}: {reason}"
-            ) from None
-        if not lines or not lines[0]:
-            raise SettingError("cache", str(self), f"password file {self.password_file} is empty")
-        return lines[0]
-
-
-def _cache_error(text: str, reason: str) -> SettingError:
-    # Imported here: settings.py is expected to import this module for its parsers.
-    from repeld.config.settings import SettingError
-
-    return SettingError("cache", _redact(text), reason)
-
-
-def _redact(text: str) -> str:
-    """`text` with the password of a URL replaced by ***, for error messages."""
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        return text
-    authority, slash, tail = rest.partition("/")
-    userinfo, at, hostport = authority.rpartition("@")
-    if not at or ":" not in userinfo:
-        return text
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{hostport}{slash}{tail}"
-
-
-def parse_cache_url(text: str) -> CacheSpec:
-    """`--cache`: where passed (and penalised) clients are remembered.
-
-    * `none` -- no cache;
-    * `memory` -- this process only, lost on restart;
-    * `sqlite` (the default path), `sqlite:/ABS/PATH` or `sqlite:///ABS/PATH` --
-      one host, survives restarts, shared by repeld processes on the host;
-    * `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB][?password_file=/ABS/PATH]`,
-      `rediss://...` for TLS -- shared by several MX hosts. Prefer
-      `password_file` (its first line is the password) over a password in the
-      URL, which `ps` shows to every local user. IPv6 hosts go in brackets.
-
-    Raises SettingError("cache", text, reason); a password never appears in it.
-    """
-    text = text.strip()
-    if text in ("none", "memory"):
-        return CacheSpec(text)  # type: ignore[arg-type]
-    if text == "sqlite":
-        return CacheSpec("sqlite", path=default_cache_path())
-    if text.startswith("sqlite:"):
-        path = text[len("sqlite:") :]
-        if path.startswith("//"):
-            path = path[2:]
-            if not path.startswith("/"):
-                raise _cache_error(text, "sqlite:// takes no host: write sqlite:/ABS/PATH")
-        if not path:
-            raise _cache_error(text, "expected sqlite:/ABS/PATH")
-        if not path.startswith("/"):
-            raise _cache_error(text, "the SQLite path must be absolute")
-        if path.endswith("/"):
-            raise _cache_error(text, "the SQLite path names a directory, not a file")
-        return CacheSpec("sqlite", path=path)
-    if text.startswith(("redis://", "rediss://")):
-        return _parse_redis(text)
-    raise _cache_error(
-        text, "expected none, memory, sqlite:/PATH, redis://HOST[:PORT][/DB] or rediss://..."
-    )
-
-
-def _parse_redis(text: str) -> CacheSpec:
-    try:
-        url = urlsplit(text)
-        port = url.port
-    except ValueError as exc:
-        raise _cache_error(text, f"not a valid URL ({exc})") from None
-    host = url.hostname or ""
-    if not host:
-        raise _cache_error(text, "the Redis host is missing")
-    if port is None:
-        port = 6379
-    if not 1 <= port <= 65535:
-        raise _cache_error(text, "port must be 1-65535")
-    if url.fragment:
-        raise _cache_error(text, "a fragment (#...) means nothing here")
-    db_text = url.path.lstrip("/")
-    if url.path.count("/") > 1:
-        raise _cache_error(text, "expected /DB, a database number")
-    try:
-        db = int(db_text, 10) if db_text else 0
-    except ValueError:
-        raise _cache_error(text, f"database {db_text!r} is not a number") from None
-    if db < 0:
-        raise _cache_error(text, "the database number must not be negative")
-    password_file: str | None = None
-    for name, value in parse_qsl(url.query, keep_blank_values=True, strict_parsing=False):
-        if name != "password_file":
-            raise _cache_error(text, f"unknown parameter {name!r} (known: password_file)")
-        if password_file is not None:
-            raise _cache_error(text, "password_file given twice")
-        if not value.startswith("/"):
-            raise _cache_error(text, "password_file must be an absolute path")
-        password_file = value
-    username = unquote(url.username) if url.username else None
-    password = unquote(url.password) if url.password else None
-    if password is not None and password_file is not None:
-        raise _cache_error(text, "give the password in the URL or in password_file, not both")
-    return CacheSpec(
-        "redis",
-        host=host,
-        port=port,
-        db=db,
-        tls=url.scheme == "rediss",
-        username=username,
-        password=password,
-        password_file=password_file,
-    )
-
-
-def make_cache(
-    spec: CacheSpec,
-    *,
-    pass_ttl: float = DEFAULT_PASS_TTL,
-    penalty_ttl: float | None = None,
-    on_error: Callback | None = None,
-    on_recover: Callback | None = None,
-) -> PassCache | None:
-    """The backend `spec` names, not yet running (None for `none`).
-
-    Reads a Redis password file (SettingError if it cannot); opens nothing else:
-    start the result with `await nursery.start(cache.run)`.
-    """
-    if spec.kind == "none":
-        return None
-    if spec.kind == "memory":
-        return MemoryCache(pass_ttl=pass_ttl, penalty_ttl=penalty_ttl)
-    if spec.kind == "sqlite":
-        from repeld.cache.sqlite import SqliteCache
-
-        return SqliteCache(
-            spec.path,
-            pass_ttl=pass_ttl,
-            penalty_ttl=penalty_ttl,
-            on_error=on_error,
-            on_recover=on_recover,
-        )
-    from repeld.cache.redis import RedisCache
-
-    return RedisCache.from_spec(
-        spec,
-        pass_ttl=pass_ttl,
-        penalty_ttl=penalty_ttl,
-        on_error=on_error,
-        on_recover=on_recover,
-    )

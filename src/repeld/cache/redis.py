@@ -65,7 +65,6 @@ from redis.retry import Retry
 
 from repeld.cache.base import (
     DEFAULT_PASS_TTL,
-    CacheSpec,
     CacheStats,
     CacheVerdict,
     Callback,
@@ -74,6 +73,8 @@ from repeld.cache.base import (
     QueuedVerdicts,
     Write,
 )
+from repeld.cache.spec import CacheSpec
+from repeld.core.addresses import host_port
 
 __all__ = ["DEFAULT_NAMESPACE", "RedisCache"]
 
@@ -127,8 +128,7 @@ class RedisCache(QueuedVerdicts):
         self.timeouts_before_down = timeouts_before_down
         self.namespace = namespace
         self.close_timeout = close_timeout
-        shown = f"[{host}]" if ":" in host else host
-        self.label = label or f"{'rediss' if tls else 'redis'}://{shown}:{port}/{db}"
+        self.label = label or f"{'rediss' if tls else 'redis'}://{host_port(host, port)}/{db}"
         self._wallclock = wallclock
         self._client = redis.Redis(
             host=host,

@@ -16,14 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from repeld.config.settings import (
-    OPTION_BY_NAME,
-    Option,
-    SettingError,
-    Settings,
-    build_settings,
-    load_trusted,
-)
+from repeld.config.errors import ConfigError, SettingError
+from repeld.config.settings import OPTION_BY_NAME, Option, Settings, build_settings, load_trusted
 
 __all__ = [
     "CLI_ONLY",
@@ -36,14 +30,6 @@ __all__ = [
 
 #: Flags that make no sense as keys in the file.
 CLI_ONLY = frozenset({"config", "check-config", "check-kernel", "version", "help"})
-
-
-class ConfigError(ValueError):
-    """One or more problems; each is a complete line for the admin."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__("\n".join(problems))
 
 
 def default_config_path() -> str:

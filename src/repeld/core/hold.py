@@ -30,6 +30,7 @@ from dataclasses import dataclass
 __all__ = [
     "FIRST_BYTES_LIMIT",
     "PEEK_LIMIT",
+    "CacheVerdict",
     "EarlyTalk",
     "HangUp",
     "Hold",
@@ -51,6 +52,14 @@ FIRST_BYTES_LIMIT = 100
 
 class LocalProtocolError(RuntimeError):
     """The shell fed a Hold after it had already decided: a bug in repeld."""
+
+
+class CacheVerdict(enum.Enum):
+    """What the pass cache knows of a client; the values are what cache/sqlite.py stores."""
+
+    UNKNOWN = 0
+    GOOD = 1
+    BAD = 2
 
 
 class PassReason(enum.StrEnum):

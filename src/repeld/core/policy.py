@@ -1,6 +1,6 @@
 """The policy step before the hold: who is passed at once, who must wait.
 
-Pure code like core.py: it is given an address and the listener's flags and
+Pure code like hold.py: it is given an address and the listener's flags and
 answers `None` (hold the client) or the `PassReason` for passing it at once.
 This is where later checks that act before the hold belong (a pass cache,
 per-client limits), so the connection shell never grows rules of its own.
@@ -10,66 +10,49 @@ from __future__ import annotations
 
 import bisect
 import enum
-import socket
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import netaddr
-
+from repeld.core.addresses import address_int
 from repeld.core.hold import PassReason
 
-__all__ = ["Admission", "Policy", "Refuse", "TrustedNetworks", "normalize_address"]
-
-
-def normalize_address(address: str) -> str:
-    """The address a rule should see: `::ffff:a.b.c.d` is `a.b.c.d`, scope ids dropped."""
-    address = address.split("%", 1)[0]
-    if address.lower().startswith("::ffff:") and "." in address:
-        return address[7:]
-    return address
-
-
-def _address_int(address: str) -> tuple[int, int] | None:
-    """(family, integer) of a textual address, the fast way; None if it is not one."""
-    try:
-        if ":" in address:
-            packed = socket.inet_pton(socket.AF_INET6, address.split("%", 1)[0])
-            if packed[:12] == _MAPPED_PREFIX:  # ::ffff:a.b.c.d is a.b.c.d
-                return 4, int.from_bytes(packed[12:], "big")
-            return 6, int.from_bytes(packed, "big")
-        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big")
-    except (OSError, ValueError):
-        return None
-
-
-_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
+__all__ = ["Admission", "Policy", "Refuse", "TrustedNetworks"]
 
 
 class TrustedNetworks:
     """A set of networks whose clients skip the delay (IPv4 and IPv6).
 
-    netaddr parses and merges the networks once; a lookup is then a bisection
-    over sorted integer ranges (an IPSet tests every supernet of the address,
-    33 or 129 hash lookups, which the accept path felt), and nothing at all
-    when there are no trusted networks.
+    The networks are parsed and merged once; a lookup is then a bisection over
+    sorted integer ranges (a set of networks would test every supernet of the
+    address, 33 or 129 hash lookups, which the accept path felt), and nothing at
+    all when there are no trusted networks.
     """
 
     __slots__ = ("_ranges", "sources")
 
     def __init__(self, networks: Iterable[str] = ()) -> None:
         self.sources: tuple[str, ...] = tuple(networks)
-        # Raises netaddr.AddrFormatError for a bad entry; settings.py reports it.
-        merged = netaddr.IPSet(self.sources)
+        # Raises ValueError for a bad entry; config/values.py checks them first.
+        by_version: dict[int, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {}
+        for text in self.sources:
+            net = ipaddress.ip_network(text.strip(), strict=False)
+            by_version.setdefault(net.version, []).append(net)
         self._ranges: dict[int, tuple[list[int], list[int]]] = {}
-        for block in merged.iter_ipranges():
-            starts, ends = self._ranges.setdefault(block.version, ([], []))
-            starts.append(int(block.first))
-            ends.append(int(block.last))
+        for version, nets in by_version.items():
+            starts, ends = self._ranges.setdefault(version, ([], []))
+            for block in ipaddress.collapse_addresses(nets):  # type: ignore[type-var]
+                first, last = int(block.network_address), int(block.broadcast_address)
+                if starts and first <= ends[-1] + 1:  # adjacent blocks make one range
+                    ends[-1] = max(ends[-1], last)
+                else:
+                    starts.append(first)
+                    ends.append(last)
 
     def __contains__(self, address: object) -> bool:
         if not self._ranges or not isinstance(address, str):
             return False
-        found = _address_int(address)
+        found = address_int(address)
         if found is None:
             return False
         ranges = self._ranges.get(found[0])

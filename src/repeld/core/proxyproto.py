@@ -7,7 +7,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-from repeld.core.policy import normalize_address
+from repeld.core.addresses import normalize_address
 
 __all__ = ["V2_SIGNATURE", "header", "v1", "v2"]
 

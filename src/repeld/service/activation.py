@@ -40,6 +40,7 @@ from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 
 from repeld.config.settings import Listen
+from repeld.core.addresses import host_port
 
 __all__ = [
     "LISTEN_FDS_START",
@@ -151,7 +152,7 @@ def _describe(sock: socket.socket, name: str) -> str:
 def _address_text(sock: socket.socket) -> str:
     """ADDR:PORT of a bound socket, IPv6 in brackets."""
     host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(host, port)
 
 
 def _check_listener(sock: socket.socket, name: str) -> tuple[str, int]:

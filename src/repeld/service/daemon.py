@@ -30,8 +30,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import trio
 
 from repeld import __version__
-from repeld.config.settings import SettingError, Settings, load_trusted
+from repeld.config.errors import SettingError
+from repeld.config.settings import Settings, load_trusted
 from repeld.core import events
+from repeld.core.addresses import host_port
 from repeld.service import activation, privileges, sdnotify, workers
 from repeld.service.pidfile import PidFile, PidFileError
 from repeld.shell.eventlog import EventLog
@@ -46,10 +48,6 @@ EXIT_FAILURE = 1
 #: default (700) runs the collector constantly for nothing (held connections
 #: make no reference cycles).
 _GC_GEN0 = 50_000
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _signals() -> list[int]:
@@ -122,7 +120,7 @@ async def serve_forever(
                 inner.start_soon(_handle_signals, signals, server, log, reload_settings, started)
                 inner.start_soon(workers.watch_parent, server.shutdown)
                 workers.announce_ready()  # to a supervising parent, if there is one
-                bound = " ".join(_hostport(h, p) for h, p in server.addresses)
+                bound = " ".join(host_port(h, p) for h, p in server.addresses)
                 where = ", ".join(str(lst.spec) for lst in server.listeners)
                 log.emit(
                     events.lifecycle(

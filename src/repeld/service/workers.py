@@ -37,8 +37,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import trio
 
 from repeld import __version__
-from repeld.config.settings import Listen, SettingError, Settings
+from repeld.config.errors import SettingError
+from repeld.config.settings import Listen, Settings
 from repeld.core import events
+from repeld.core.addresses import host_port
 from repeld.service import activation, sdnotify
 from repeld.service.listeners import backlog_for, open_listeners, reuseport_option
 from repeld.shell.eventlog import EventLog
@@ -324,8 +326,7 @@ async def supervise(
                 nursery.start_soon(_handle_signals, sup, signals, reload_settings, started)
                 where = ", ".join(str(spec) for spec in settings.listen)
                 bound = " ".join(
-                    f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
-                    for h, p, *_ in (s.getsockname() for s, _ in sockets[0])
+                    host_port(h, p) for h, p, *_ in (s.getsockname() for s, _ in sockets[0])
                 )
                 log.emit(
                     events.lifecycle(

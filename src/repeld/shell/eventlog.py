@@ -24,7 +24,8 @@ from typing import TextIO
 
 import trio
 
-from repeld.config.settings import Settings, SyslogTarget
+from repeld.config.settings import Settings
+from repeld.config.values import SyslogTarget
 from repeld.core.events import Event
 from repeld.core.logformat import FACILITIES, Header, format_json, format_rfc5424, format_stderr
 from repeld.shell.relay import connect, send_all

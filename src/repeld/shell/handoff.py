@@ -18,6 +18,7 @@ import trio
 
 from repeld.config.settings import Settings
 from repeld.core import events, proxyproto
+from repeld.core.addresses import host_port
 from repeld.core.events import ConnInfo
 from repeld.service import tcptune
 from repeld.shell.eventlog import EventLog
@@ -53,7 +54,7 @@ async def resolve_backend(host: str, port: int) -> BackendTarget:
         entry = (int(family), tuple(addr))
         if entry not in seen:
             seen.append(entry)
-    name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    name = host_port(host, port)
     return BackendTarget(name, tuple(seen))
 
 

@@ -7,23 +7,24 @@ module carries them out and writes one event per verdict.
 
 from __future__ import annotations
 
-import errno
 import socket
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import trio
 
-from repeld.cache.base import CacheError, CacheVerdict, PassCache, cache_key, make_cache
+from repeld.cache.base import CacheError, CacheVerdict, PassCache
+from repeld.cache.lookup import BatchedLookups
+from repeld.cache.open import make_cache
 from repeld.config.settings import Listen, Settings, load_trusted
 from repeld.core import events
+from repeld.core.addresses import cache_key, normalize_address
 from repeld.core.events import ConnInfo
 from repeld.core.hold import EarlyTalk, HangUp, Hold, Pass, PassReason, Penalty, Verdict
-from repeld.core.policy import Policy, Refuse, TrustedNetworks, normalize_address
-from repeld.service import tcptune
+from repeld.core.policy import Policy, Refuse, TrustedNetworks
 from repeld.service.capacity import capacity_warnings, default_max_held, raise_nofile
 from repeld.service.listeners import backlog_for, open_listeners
+from repeld.shell.accept import ACCEPT_BACKOFF, Listener, accept_loop
 from repeld.shell.eventlog import EventLog
 from repeld.shell.handoff import (
     BackendTarget,
@@ -36,41 +37,14 @@ from repeld.shell.handoff import (
 from repeld.shell.pen import Held, HoldingPen
 from repeld.shell.relaypool import RelayPool
 from repeld.shell.ucspi import handoff_exec
+from repeld.shell.verdicts import REFUSALS, SHUTTING_DOWN, abort, cut_off, rtt_ms
 
-__all__ = ["EARLY_REJECT", "SHUTTING_DOWN", "Server", "open_server", "run_server"]
+__all__ = ["Server", "open_server", "run_server"]
 
-EARLY_REJECT = b"554 5.5.1 Protocol error: you talked before my greeting\r\n"
-SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
-REFUSALS = {
-    Refuse.MAX_HELD: b"421 4.3.2 All server ports are busy\r\n",
-    Refuse.MAX_PER_CLIENT: b"421 4.7.0 Too many connections\r\n",
-}
 #: At most one overload event per limit this often; it counts the refusals between.
 OVERLOAD_EVENT_INTERVAL = 1.0
-#: Accept errors that mean "out of resources for now": pause, never spin.
-_ACCEPT_PAUSE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-ACCEPT_BACKOFF = 0.1
+#: At most one line on stderr this often about accept pausing.
 ACCEPT_COMPLAIN_INTERVAL = 10.0
-#: Accepts in a row before the accept loop lets other tasks run.
-_ACCEPT_BATCH = 64
-
-
-@dataclass(slots=True)
-class _Listener:
-    sock: socket.socket
-    spec: Listen
-    # The server address for every connection on a non-wildcard listener.
-    local: tuple[str, int] | None = field(default=None)
-    # This listener's own MTA (,backend=), else None for --backend.
-    backend: BackendTarget | None = field(default=None)
-
-
-def _rtt_ms(sock: socket.socket) -> float:
-    """The kernel's smoothed round-trip time to the client, for the event (0 if unknown)."""
-    try:
-        return tcptune.rtt_us(sock.fileno()) / 1000.0
-    except OSError:
-        return 0.0
 
 
 class Server:
@@ -90,7 +64,7 @@ class Server:
         self.backend = backend
         self.log = log
         self.pen = HoldingPen(self._on_verdict)
-        self.listeners: list[_Listener] = []
+        self.listeners: list[Listener] = []
         #: Every listener hands out sockets already tuned for relaying.
         self._listeners_tune = True
         #: Clients handed on and not done yet (relayed by the pool, or --exec).
@@ -109,8 +83,7 @@ class Server:
         self.cache: PassCache | None = None
         self._v6_prefix = settings.cache_v6_prefix
         self._penalties = settings.penalty_ttl > 0
-        self._to_look_up: list[Held] = []
-        self._lookups_due = trio.Event()
+        self._lookups: BatchedLookups[Held] | None = None
         # limit -> (time of the last overload event, refusals since then)
         self._overload: dict[Refuse, tuple[float, int]] = {}
         self._accept_complained = -ACCEPT_COMPLAIN_INTERVAL
@@ -127,47 +100,22 @@ class Server:
         wildcard = host in ("0.0.0.0", "::")
         # One listener that passes no tuning on means every client is tuned itself.
         self._listeners_tune = tune_listener(sock) and self._listeners_tune
-        self.listeners.append(_Listener(sock, spec, None if wildcard else (host, port), backend))
+        self.listeners.append(Listener(sock, spec, None if wildcard else (host, port), backend))
 
     # -- accepting ---------------------------------------------------------------
 
-    async def _accept_loop(self, listener: _Listener) -> None:
-        lsock = listener.sock
-        # socket.accept() converts the listener's family and type to enums for
-        # every client (4 us of its 9); take the fd and wrap it with them once.
-        family, kind, proto = lsock.family, lsock.type, lsock.proto
-        accept = lsock._accept  # type: ignore[attr-defined]
-        batch = 0
-        while True:
-            try:
-                fd, addr = accept()
-            except BlockingIOError:
-                batch = 0
-                await trio.lowlevel.wait_readable(lsock)
-                continue
-            except OSError as exc:
-                if exc.errno in _ACCEPT_PAUSE_ERRNOS:
-                    # Out of descriptors or memory: stop accepting for a moment
-                    # (spamd does the same) instead of spinning on the error.
-                    now = trio.current_time()
-                    if now - self._accept_complained >= ACCEPT_COMPLAIN_INTERVAL:
-                        self._accept_complained = now
-                        print(
-                            f"repeld: accept on {listener.spec}: {exc.strerror}; pausing "
-                            f"{ACCEPT_BACKOFF:g}s (held {len(self.pen)}, relays {self.relays})",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-                    await trio.sleep(ACCEPT_BACKOFF)
-                # ECONNABORTED and friends: that client is gone, take the next.
-                continue
-            self._accepted(socket.socket(family, kind, proto, fd), addr, listener)
-            batch += 1
-            if batch >= _ACCEPT_BATCH:
-                batch = 0
-                await trio.lowlevel.checkpoint()
+    def _accept_paused(self, listener: Listener, exc: OSError) -> None:
+        now = trio.current_time()
+        if now - self._accept_complained >= ACCEPT_COMPLAIN_INTERVAL:
+            self._accept_complained = now
+            print(
+                f"repeld: accept on {listener.spec}: {exc.strerror}; pausing "
+                f"{ACCEPT_BACKOFF:g}s (held {len(self.pen)}, relays {self.relays})",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    def _accepted(self, sock: socket.socket, addr: tuple[object, ...], listener: _Listener) -> None:
+    def _accepted(self, sock: socket.socket, addr: tuple[object, ...], listener: Listener) -> None:
         now = trio.current_time()
         try:
             sock.setblocking(False)
@@ -192,11 +140,13 @@ class Server:
         if admission is None:
             held = Held(sock, conn, Hold(now, self.settings.delay), listener.backend)
             pen.add(held)
-            if self.cache is not None:
+            if self._lookups is not None:
                 # The hold has begun; a known client is let out as soon as the
                 # cache answers, so a slow cache never delays anyone further.
-                self._to_look_up.append(held)
-                self._lookups_due.set()
+                try:
+                    self._lookups.ask(cache_key(client, self._v6_prefix), held)
+                except ValueError:
+                    pass
         elif isinstance(admission, Refuse):
             reply_and_close(sock, REFUSALS[admission])
             self.refused += 1
@@ -216,38 +166,11 @@ class Server:
 
     # -- verdicts ----------------------------------------------------------------
 
-    async def _look_up_held(self) -> None:
-        """One task asks the cache about every newly held client, in batches.
-
-        A batch is one trip to the backend (one thread hop for SQLite, one MGET
-        for Redis) however many clients arrived meanwhile, so a burst of
-        connections costs a handful of lookups, not one task each.
-        """
-        while True:
-            if not self._to_look_up:
-                self._lookups_due = trio.Event()
-                await self._lookups_due.wait()
-            cache = self.cache
-            batch = self._to_look_up[:_LOOKUP_BATCH]
-            del self._to_look_up[:_LOOKUP_BATCH]
-            if cache is None:
-                continue
-            waiting: list[tuple[Held, str]] = []
-            for held in batch:
-                if held.hold.done:
-                    continue
-                try:
-                    waiting.append((held, cache_key(held.conn.client, self._v6_prefix)))
-                except ValueError:
-                    continue
-            if not waiting:
-                continue
-            answers = await cache.lookup_many([key for _, key in waiting])
-            for (held, _), answer in zip(waiting, answers, strict=True):
-                if answer is CacheVerdict.GOOD:
-                    self.pen.settle(held, held.hold.remembered_good)
-                elif answer is CacheVerdict.BAD and self._penalties:
-                    self.pen.settle(held, held.hold.remembered_bad)
+    def _cache_answer(self, held: Held, answer: CacheVerdict) -> None:
+        if answer is CacheVerdict.GOOD:
+            self.pen.settle(held, held.hold.remembered_good)
+        elif answer is CacheVerdict.BAD and self._penalties:
+            self.pen.settle(held, held.hold.remembered_bad)
 
     def _learn(self, conn: ConnInfo, good: bool) -> None:
         # Only a full wait makes a client good; early talk makes it bad.
@@ -272,31 +195,16 @@ class Server:
             self._learn(held.conn, good=False)
             self._cut_off(held, verdict)
         elif isinstance(verdict, Penalty):
-            self._abort(held.sock)
+            abort(held.sock)
             self.log.emit(events.penalized(held.conn, verdict.elapsed))
         elif isinstance(verdict, HangUp):
             held.sock.close()
             self.log.emit(events.hangup(held.conn, verdict))
 
-    @staticmethod
-    def _abort(sock: socket.socket) -> None:
-        try:  # an abortive close: no TIME_WAIT left behind for a bot
-            tcptune.set_abortive_close(sock.fileno())
-        except OSError:
-            pass
-        sock.close()
-
     def _cut_off(self, held: Held, verdict: EarlyTalk) -> None:
         action = self.settings.on_early
-        rtt = _rtt_ms(held.sock)
-        if action == "reject":
-            try:  # take what the talker said so the close is a FIN, not an RST
-                held.sock.recv(verdict.nbytes)
-            except OSError:
-                pass
-            reply_and_close(held.sock, EARLY_REJECT)
-        else:
-            self._abort(held.sock)
+        rtt = rtt_ms(held.sock)
+        cut_off(held.sock, verdict, action)
         self.log.emit(events.early_talker(held.conn, verdict, action, rtt))
 
     def _pass(
@@ -307,7 +215,7 @@ class Server:
         verdict: Pass,
         backend: BackendTarget | None = None,
     ) -> None:
-        self.log.emit(events.passed(conn, verdict, _rtt_ms(sock)))
+        self.log.emit(events.passed(conn, verdict, rtt_ms(sock)))
         target = backend or self.backend
         s = self.settings
         self.relays += 1
@@ -386,7 +294,10 @@ class Server:
                 self._front = front.cancel_scope
                 front.start_soon(self.pen.run)
                 if self.cache is not None:
-                    front.start_soon(self._look_up_held)
+                    self._lookups = BatchedLookups(
+                        self.cache, self._cache_answer, lambda held: not held.hold.done
+                    )
+                    front.start_soon(self._lookups.run)
                 for listener in self.listeners:
                     self._start_listener(front, listener)
                 task_status.started(self)
@@ -401,8 +312,8 @@ class Server:
                     await trio.sleep(_DRAIN_POLL)
             relays.cancel_scope.cancel()
 
-    def _start_listener(self, nursery: trio.Nursery, listener: _Listener) -> None:
-        nursery.start_soon(self._accept_loop, listener)
+    def _start_listener(self, nursery: trio.Nursery, listener: Listener) -> None:
+        nursery.start_soon(accept_loop, listener, self._accepted, self._accept_paused)
 
     def _close_listeners(self) -> None:
         for lst in self.listeners:
@@ -481,8 +392,6 @@ _RESTART_ONLY = (
     "penalty_ttl",
 )
 _DRAIN_POLL = 0.05
-#: The most clients asked about in one trip to the cache.
-_LOOKUP_BATCH = 1024
 
 
 async def open_server(

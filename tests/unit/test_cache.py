@@ -8,20 +8,12 @@ import pytest
 import trio
 import trio.testing
 
-from repeld.cache.base import (
-    DEFAULT_V6_PREFIX,
-    CacheSpec,
-    CacheVerdict,
-    MemoryCache,
-    OutageNotice,
-    PendingWrites,
-    cache_key,
-    default_cache_path,
-    make_cache,
-    parse_cache_url,
-    parse_v6_prefix,
-)
-from repeld.config.settings import SettingError
+from repeld.cache.base import CacheVerdict, OutageNotice, PendingWrites
+from repeld.cache.memory import MemoryCache
+from repeld.cache.open import make_cache
+from repeld.cache.spec import CacheSpec, default_cache_path, parse_cache_url, parse_v6_prefix
+from repeld.config.errors import SettingError
+from repeld.core.addresses import DEFAULT_V6_PREFIX, cache_key
 
 GOOD, BAD, UNKNOWN = CacheVerdict.GOOD, CacheVerdict.BAD, CacheVerdict.UNKNOWN
 

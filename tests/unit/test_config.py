@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from repeld.cli import parse_args, settings_from
-from repeld.config.file import ConfigError, load_settings, read_config, render_settings
+from repeld.config.errors import ConfigError
+from repeld.config.file import load_settings, read_config, render_settings
 from repeld.config.settings import Listen
 
-SAMPLE = Path(__file__).parent.parent / "scripts" / "repeld.toml.sample"
+SAMPLE = Path(__file__).resolve().parents[2] / "scripts" / "repeld.toml.sample"
 
 
 def settings_for(tmp_path: Path, text: str, *argv: str):  # type: ignore[no-untyped-def]

@@ -29,9 +29,9 @@ import pytest
 from repeld.config.settings import OPTION_BY_NAME, parse_listen
 from repeld.service.activation import is_nodelay_name
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RC_SCRIPT = ROOT / "scripts" / "rc.d" / "repeld"
-STUB_DIR = Path(__file__).resolve().parent / "rcsubr_stub"
+STUB_DIR = Path(__file__).resolve().parents[1] / "rcsubr_stub"
 SERVICE = ROOT / "scripts" / "systemd" / "repeld.service"
 SOCKET = ROOT / "scripts" / "systemd" / "repeld.socket"
 DASH = shutil.which("dash")

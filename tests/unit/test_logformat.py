@@ -21,7 +21,7 @@ from repeld.core.logformat import (
     valid_sd_id,
 )
 
-from .syslog_receiver import parse
+from ..syslog_receiver import parse
 
 #: 2023-11-14T22:13:20.25Z: a quarter second is exact in binary floating point.
 NOW = 1700000000.25

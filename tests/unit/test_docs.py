@@ -43,12 +43,13 @@ from pathlib import Path
 
 import pytest
 
-from repeld.config.settings import OPTIONS, Option, SettingError
+from repeld.config.errors import SettingError
+from repeld.config.settings import OPTIONS, Option
 from repeld.core import events
 from repeld.core.events import ConnInfo, Event
 from repeld.core.hold import EarlyTalk, HangUp, Pass, PassReason
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src" / "repeld"
 MAN_DIR = ROOT / "man"
 MAN8 = MAN_DIR / "repeld.8"
@@ -570,7 +571,7 @@ def test_pass_reason_is_described(reason: str) -> None:
 def _listener_flags() -> list[str]:
     """What parse_listen takes after ADDR:PORT, as written: `nodelay`, `backend=`."""
     flags: list[str] = []
-    for node in ast.walk(_function(SRC / "config" / "settings.py", "parse_listen")):
+    for node in ast.walk(_function(SRC / "config" / "values.py", "parse_listen")):
         if isinstance(node, ast.Compare) and isinstance(node.left, ast.Name):
             if node.left.id == "flag":
                 flags += [s for c in node.comparators for s in _strings(c)]

@@ -15,7 +15,7 @@ import trio
 from repeld.cache.base import CacheError, CacheVerdict
 from repeld.cache.sqlite import SqliteCache
 
-from .harness import running_caches
+from ..harness import running_caches
 
 GOOD, BAD, UNKNOWN = CacheVerdict.GOOD, CacheVerdict.BAD, CacheVerdict.UNKNOWN
 

@@ -14,7 +14,7 @@ import trio.testing
 
 from repeld.config.settings import Backend, Listen
 
-from .harness import GREETING, TrioBackend, connect, read_line, read_until_closed, running
+from ..harness import GREETING, TrioBackend, connect, read_line, read_until_closed, running
 
 DELAY = 25.0
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from repeld.core.addresses import normalize_address
 from repeld.core.hold import PassReason
-from repeld.core.policy import Policy, TrustedNetworks, normalize_address
+from repeld.core.policy import Policy, TrustedNetworks
 
 
 @pytest.mark.parametrize(

@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from repeld.cache.base import CacheVerdict, make_cache, parse_cache_url
+from repeld.cache.base import CacheVerdict
+from repeld.cache.open import make_cache
 from repeld.cache.redis import RedisCache
+from repeld.cache.spec import parse_cache_url
 
-from .harness import running_caches
-from .procs import REDIS_SERVER, RedisServer, free_port
+from ..harness import running_caches
+from ..procs import REDIS_SERVER, RedisServer, free_port
 
 GOOD, BAD, UNKNOWN = CacheVerdict.GOOD, CacheVerdict.BAD, CacheVerdict.UNKNOWN
 

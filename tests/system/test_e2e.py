@@ -31,9 +31,9 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from .postfix_fixture import POSTFIX, _main_cf, is_listening, postfix_instance
-from .procs import Daemon as Repeld
-from .procs import SyslogUDP, free_port, wait_for
+from ..postfix_fixture import POSTFIX, _main_cf, is_listening, postfix_instance
+from ..procs import Daemon as Repeld
+from ..procs import SyslogUDP, free_port, wait_for
 
 #: Short greeting delay for sessions that must get through.
 DELAY = 0.5

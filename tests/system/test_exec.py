@@ -12,7 +12,7 @@ import pytest
 
 from repeld.cli import main
 
-from .procs import Daemon, SyslogUDP, connect, daemon, free_port, read_line
+from ..procs import Daemon, SyslogUDP, connect, daemon, free_port, read_line
 
 AS_ROOT = ["--user", "root"] if os.geteuid() == 0 else []
 

@@ -13,10 +13,10 @@ import pytest
 import trio
 import trio.testing
 
-from repeld.cache.base import parse_cache_url
+from repeld.cache.spec import parse_cache_url
 
-from .harness import GREETING, connect, read_line, read_until_closed, running
-from .procs import (
+from ..harness import GREETING, connect, read_line, read_until_closed, running
+from ..procs import (
     REDIS_SERVER,
     LineBackend,
     RedisServer,
@@ -24,8 +24,8 @@ from .procs import (
     daemon,
     free_port,
 )
-from .procs import connect as tcp_connect
-from .procs import read_line as tcp_read_line
+from ..procs import connect as tcp_connect
+from ..procs import read_line as tcp_read_line
 
 DELAY = 25.0
 MEMORY = parse_cache_url("memory")

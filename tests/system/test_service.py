@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from .procs import (
+from ..procs import (
     Daemon,
     LineBackend,
     SyslogUDP,

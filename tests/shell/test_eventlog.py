@@ -17,14 +17,14 @@ import pytest
 import trio
 import trio.testing
 
-from repeld.config.settings import SyslogTarget
+from repeld.config.values import SyslogTarget
 from repeld.core import events
 from repeld.core.events import ConnInfo, Event
 from repeld.core.hold import HangUp, Pass, PassReason
 from repeld.core.logformat import FACILITIES, Header, format_json, format_rfc5424
 from repeld.shell.eventlog import RETRY_AFTER, SEND_WAIT, EventLog
 
-from .syslog_receiver import Received, parse
+from ..syslog_receiver import Received, parse
 
 
 def passed(i: int) -> Event:

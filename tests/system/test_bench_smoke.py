@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BENCH_HOLD = ROOT / "scripts" / "bench-hold"
 BENCH_CACHE = ROOT / "scripts" / "bench-cache"
 

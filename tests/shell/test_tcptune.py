@@ -21,7 +21,7 @@ LINUX = sys.platform.startswith("linux")
 FREEBSD = sys.platform.startswith("freebsd")
 linux_only = pytest.mark.skipif(not LINUX, reason="Linux-specific behaviour")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BUILDER = ROOT / "native" / "build_tcpnative.py"
 
 Pair = tuple[socket.socket, socket.socket]

@@ -1,0 +1,321 @@
+"""The option table: every setting once, with its flag, parser, default and help.
+
+The command line (cli.py) and the configuration file (file.py) are two sources
+of raw strings fed through the same parsers; `Settings` (settings.py) takes its
+defaults from this table, so each default is written here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from repeld.config.values import (
+    Listen,
+    absolute,
+    cache_url,
+    choice,
+    command,
+    count,
+    facility,
+    network,
+    parse_backend,
+    parse_listen,
+    parse_syslog,
+    path,
+    sd_id,
+    seconds,
+    user_name,
+    v6_prefix,
+    workers,
+)
+from repeld.core.logformat import FORMATS
+
+__all__ = ["OPTIONS", "OPTION_BY_NAME", "Option", "default"]
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: its flag, how to parse it, its default and its help text."""
+
+    name: str
+    short: str | None
+    parse: Callable[[str], Any] | None  # None: a boolean switch
+    default: Any
+    help: str
+    metavar: str | None = None
+    repeat: bool = False
+    negatable: bool = False  # a --no-NAME form exists
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "listen",
+        "-l",
+        parse_listen,
+        (Listen("0.0.0.0", 25), Listen("::", 25)),
+        "listen on ADDR:PORT, IPv6 as [::1]:25; add ,nodelay for a listener that is never "
+        "held (implicit TLS, port 465) and ,backend=HOST:PORT for its own MTA; repeatable "
+        "(default: 0.0.0.0:25 and [::]:25)",
+        metavar="ADDR:PORT[,nodelay][,backend=HOST:PORT]",
+        repeat=True,
+    ),
+    Option(
+        "backend",
+        "-b",
+        parse_backend,
+        None,
+        "the MTA to hand patient clients to (required)",
+        metavar="HOST:PORT",
+    ),
+    Option(
+        "exec",
+        "-e",
+        command,
+        None,
+        "instead of a backend, run this program for each passed client with the client as "
+        "its stdin and stdout (inetd/ucspi-tcp style; TCPREMOTEIP and friends are set)",
+        metavar="'PROGRAM [ARGS]'",
+    ),
+    Option(
+        "delay",
+        "-d",
+        seconds("delay", 0.0, 3600.0),
+        25.0,
+        "seconds to withhold the greeting, fractions allowed, >0 and <=3600 (default: 25)",
+        metavar="SECONDS",
+    ),
+    Option(
+        "trusted",
+        "-t",
+        network,
+        (),
+        "a network (address or CIDR) whose clients skip the delay; repeatable",
+        metavar="NET",
+        repeat=True,
+    ),
+    Option(
+        "trusted-file",
+        "-T",
+        path,
+        (),
+        "a file of trusted networks, one per line, # comments; repeatable",
+        metavar="FILE",
+        repeat=True,
+    ),
+    Option(
+        "proxy-protocol",
+        None,
+        choice("proxy-protocol", ("none", "v1", "v2")),
+        "none",
+        "send a PROXY protocol header of this version to the backend (default: none)",
+        metavar="none|v1|v2",
+    ),
+    Option(
+        "on-early",
+        None,
+        choice("on-early", ("drop", "reject")),
+        "drop",
+        "what to do to an early talker: drop closes at once, reject sends one 554 line "
+        "first (default: drop)",
+        metavar="drop|reject",
+    ),
+    Option(
+        "report-attacks",
+        None,
+        None,
+        True,
+        "write early-talker events to the log; --no-report-attacks only counts them (default: on)",
+        negatable=True,
+    ),
+    Option(
+        "syslog",
+        None,
+        parse_syslog,
+        None,
+        "where events go: a unix datagram socket path, udp://HOST:PORT or tcp://HOST:PORT "
+        "(default: /dev/log on Linux, /var/run/log on FreeBSD)",
+        metavar="TARGET",
+    ),
+    Option(
+        "log-format",
+        None,
+        choice("log-format", FORMATS),
+        "rfc5424",
+        "rfc5424 (structured data) or json (@cee: after an RFC 3164 header) (default: rfc5424)",
+        metavar="rfc5424|json",
+    ),
+    Option(
+        "facility",
+        None,
+        facility,
+        "mail",
+        "syslog facility (default: mail)",
+        metavar="NAME",
+    ),
+    Option(
+        "sd-id",
+        None,
+        sd_id,
+        "repeld@32473",
+        "the RFC 5424 SD-ID of the structured data, NAME@PEN (default: repeld@32473)",
+        metavar="NAME@NUMBER",
+    ),
+    Option(
+        "relay-timeout",
+        None,
+        seconds("relay-timeout", 0.0, 86400.0),
+        600.0,
+        "close a relayed session idle this long in both directions (default: 600)",
+        metavar="SECONDS",
+    ),
+    Option(
+        "connect-timeout",
+        None,
+        seconds("connect-timeout", 0.0, 300.0),
+        10.0,
+        "give up connecting to the backend after this long and answer 421 (default: 10)",
+        metavar="SECONDS",
+    ),
+    Option(
+        "backlog",
+        None,
+        count("backlog", 1, 1 << 20),
+        None,
+        "listen(2) backlog; the kernel caps it (default: the kernel's cap, "
+        "net.core.somaxconn or kern.ipc.soacceptqueue)",
+        metavar="N",
+    ),
+    Option(
+        "max-held",
+        None,
+        count("max-held", 1, 10_000_000),
+        None,
+        "connections held at once; past it new clients get 421 4.3.2 All server ports are "
+        "busy (default: the open-files limit minus 512)",
+        metavar="N",
+    ),
+    Option(
+        "max-per-client",
+        None,
+        count("max-per-client", 1, 1_000_000),
+        10,
+        "connections held at once from one address; past it 421 4.7.0 Too many connections "
+        "(default: 10)",
+        metavar="N",
+    ),
+    Option(
+        "cache",
+        None,
+        cache_url,
+        None,
+        "where clients that waited once are remembered: sqlite:/PATH (one host), "
+        "redis://HOST[:PORT][/DB] or rediss://... (shared by several MX hosts), memory, or "
+        "none (default: sqlite:/var/lib/repeld/cache.sqlite on Linux, "
+        "sqlite:/var/db/repeld/cache.sqlite on FreeBSD)",
+        metavar="URL",
+    ),
+    Option(
+        "no-cache",
+        None,
+        None,
+        False,
+        "remember nobody: every untrusted client waits the full delay every time",
+    ),
+    Option(
+        "cache-ttl",
+        None,
+        seconds("cache-ttl", 0.0, 366 * 86400.0),
+        86400.0,
+        "seconds a client that waited once skips the delay (default: 86400, one day)",
+        metavar="SECONDS",
+    ),
+    Option(
+        "cache-v6-prefix",
+        None,
+        v6_prefix,
+        64,
+        "IPv6 clients are remembered by this prefix, since one host owns a /64; 32 to 128 "
+        "(default: 64)",
+        metavar="BITS",
+    ),
+    Option(
+        "penalty-ttl",
+        None,
+        seconds("penalty-ttl", 0.0, 366 * 86400.0, zero=True),
+        0.0,
+        "seconds an early talker is remembered and cut off at once on its next connections; "
+        "0 turns penalties off (default: 0)",
+        metavar="SECONDS",
+    ),
+    Option(
+        "workers",
+        "-w",
+        workers,
+        1,
+        "worker processes serving the same listeners, or auto for one per CPU; a parent "
+        "binds, supervises and restarts them (default: 1, no parent)",
+        metavar="N|auto",
+    ),
+    Option(
+        "shutdown-grace",
+        None,
+        seconds("shutdown-grace", 0.0, 3600.0, zero=True),
+        30.0,
+        "on SIGTERM, seconds relays in progress may take to finish before they are cut; "
+        "0 cuts them at once (default: 30)",
+        metavar="SECONDS",
+    ),
+    Option(
+        "user",
+        "-u",
+        user_name("user"),
+        None,
+        "after binding, drop to this user (default: repeld where it exists; running on as "
+        "root needs --user root)",
+        metavar="USER",
+    ),
+    Option(
+        "group",
+        "-g",
+        user_name("group"),
+        None,
+        "after binding, drop to this group (default: the user's primary group)",
+        metavar="GROUP",
+    ),
+    Option(
+        "chroot",
+        None,
+        absolute("chroot"),
+        None,
+        "after binding, chroot to this directory (a unix --syslog socket must be reachable "
+        "inside it)",
+        metavar="DIR",
+    ),
+    Option(
+        "pidfile",
+        "-p",
+        absolute("pidfile"),
+        None,
+        "write the process id here, locked while repeld runs (created as root before the "
+        "drop and owned by the service user; removed on exit, or emptied where the "
+        "directory does not allow it)",
+        metavar="FILE",
+    ),
+    Option(
+        "foreground",
+        "-f",
+        None,
+        False,
+        "print a readable line per event on stderr (repeld never detaches itself; "
+        "run it under daemon(8) or systemd)",
+    ),
+)
+
+OPTION_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+
+
+def default(name: str) -> Any:
+    """The default of option `name` (its long flag), as the table gives it."""
+    return OPTION_BY_NAME[name].default

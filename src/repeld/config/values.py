@@ -1,0 +1,304 @@
+"""The value types of settings and the parsers that make them from text.
+
+Every parser takes the raw string of a flag or a configuration key and returns
+the value or raises `SettingError`, which names the option and the value so
+the administrator sees one clear line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shlex
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import netaddr
+
+from repeld.cache.spec import CacheSpec, parse_cache_url, parse_v6_prefix
+from repeld.config.errors import SettingError
+from repeld.core.addresses import host_port
+from repeld.core.logformat import FACILITIES, valid_sd_id
+
+__all__ = [
+    "Backend",
+    "EarlyAction",
+    "Listen",
+    "ProxyProtocol",
+    "SyslogTarget",
+    "absolute",
+    "cache_url",
+    "choice",
+    "command",
+    "count",
+    "default_syslog",
+    "facility",
+    "network",
+    "parse_backend",
+    "parse_listen",
+    "parse_syslog",
+    "path",
+    "sd_id",
+    "seconds",
+    "user_name",
+    "v6_prefix",
+    "workers",
+]
+
+ProxyProtocol = Literal["none", "v1", "v2"]
+EarlyAction = Literal["drop", "reject"]
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """The MTA that patient clients are handed to."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return host_port(self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """One listening address; `nodelay` listeners (implicit TLS) are never held.
+
+    `backend`, when set, is the MTA for this listener's clients instead of
+    --backend (port 465's clients belong to the MTA's TLS-on-connect port).
+    """
+
+    host: str
+    port: int
+    nodelay: bool = False
+    backend: Backend | None = None
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    def __str__(self) -> str:
+        addr = host_port(self.host, self.port)
+        if self.nodelay:
+            addr += ",nodelay"
+        if self.backend is not None:
+            addr += f",backend={self.backend}"
+        return addr
+
+
+@dataclass(frozen=True, slots=True)
+class SyslogTarget:
+    """Where events go: a unix datagram socket, or syslog over UDP or TCP."""
+
+    kind: Literal["unix", "udp", "tcp"]
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return self.path
+        return f"{self.kind}://{host_port(self.host, self.port)}"
+
+
+def default_syslog() -> SyslogTarget:
+    """The platform's local syslog socket."""
+    path = "/var/run/log" if sys.platform.startswith("freebsd") else "/dev/log"
+    return SyslogTarget("unix", path=path)
+
+
+# Plain ASCII numbers only: int() and float() would also take "2_5" and other
+# scripts' digits, and a mistyped port must not quietly become another one.
+_DIGITS = re.compile(r"[0-9]+")
+_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+
+
+def _split_hostport(text: str, option: str) -> tuple[str, int]:
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise SettingError(option, text, "expected [IPV6]:PORT")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise SettingError(option, text, "expected HOST:PORT")
+        if ":" in host:
+            raise SettingError(option, text, "write an IPv6 address in brackets: [::1]:25")
+    if not _DIGITS.fullmatch(port_text):
+        raise SettingError(option, text, f"port {port_text!r} is not a number")
+    port = int(port_text, 10)
+    if not 0 <= port <= 65535:
+        raise SettingError(option, text, "port must be 0-65535")
+    return host, port
+
+
+def _ip_literal(host: str, option: str, text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        raise SettingError(option, text, f"{host!r} is not an IP address") from None
+
+
+def parse_listen(text: str) -> Listen:
+    """`ADDR:PORT[,nodelay][,backend=HOST:PORT]`, IPv6 in brackets."""
+    spec, *flags = [part.strip() for part in text.split(",")]
+    host, port = _split_hostport(spec, "listen")
+    host = _ip_literal(host, "listen", text)
+    nodelay = False
+    backend = None
+    for flag in flags:
+        if flag == "nodelay":
+            nodelay = True
+        elif flag.startswith("backend="):
+            try:
+                backend = parse_backend(flag[len("backend=") :])
+            except SettingError as exc:
+                raise SettingError("listen", text, f"backend: {exc.reason}") from None
+        else:
+            raise SettingError(
+                "listen", text, f"unknown listener flag {flag!r} (known: nodelay, backend=)"
+            )
+    return Listen(host, port, nodelay, backend)
+
+
+def parse_backend(text: str) -> Backend:
+    """`HOST:PORT` of the MTA; a name is resolved once at start (and on reload)."""
+    host, port = _split_hostport(text, "backend")
+    if port == 0:
+        raise SettingError("backend", text, "port must be 1-65535")
+    return Backend(host, port)
+
+
+def parse_syslog(text: str) -> SyslogTarget:
+    """A unix datagram socket path, `udp://HOST:PORT` or `tcp://HOST:PORT`."""
+    for kind in ("udp", "tcp"):
+        prefix = f"{kind}://"
+        if text.startswith(prefix):
+            try:
+                host, port = _split_hostport(text[len(prefix) :], "syslog")
+            except SettingError as exc:
+                raise SettingError("syslog", text, exc.reason) from None
+            if port == 0:
+                raise SettingError("syslog", text, "port must be 1-65535")
+            return SyslogTarget(kind, host=host, port=port)
+    if "://" in text:
+        raise SettingError("syslog", text, "expected a socket path, udp://HOST:PORT or tcp://...")
+    if not text.startswith("/"):
+        raise SettingError("syslog", text, "a unix socket path must be absolute")
+    return SyslogTarget("unix", path=text)
+
+
+def seconds(option: str, low: float, high: float, *, zero: bool = False) -> Callable[[str], float]:
+    """A parser for seconds in (low, high], or [low, high] when `zero` allows low itself."""
+
+    def parse(text: str) -> float:
+        if not _DECIMAL.fullmatch(text):
+            raise SettingError(option, text, "expected a number of seconds")
+        value = float(text)
+        if zero:
+            if not low <= value <= high:
+                raise SettingError(option, text, f"must be {low:g} to {high:g}")
+        elif not low < value <= high:
+            raise SettingError(option, text, f"must be more than {low:g} and at most {high:g}")
+        return value
+
+    return parse
+
+
+def count(option: str, low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not _DIGITS.fullmatch(text):
+            raise SettingError(option, text, "expected a whole number")
+        value = int(text, 10)
+        if not low <= value <= high:
+            raise SettingError(option, text, f"must be {low} to {high}")
+        return value
+
+    return parse
+
+
+def choice(option: str, choices: Sequence[str]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise SettingError(option, text, "expected one of " + ", ".join(choices))
+        return text
+
+    return parse
+
+
+def network(text: str) -> str:
+    try:
+        net = netaddr.IPNetwork(text.strip())
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        raise SettingError("trusted", text, "expected an IP address or CIDR network") from None
+    return str(net.cidr)
+
+
+def sd_id(text: str) -> str:
+    if not valid_sd_id(text):
+        raise SettingError("sd-id", text, "expected NAME@NUMBER, e.g. repeld@32473")
+    return text
+
+
+def facility(text: str) -> str:
+    if text not in FACILITIES:
+        raise SettingError("facility", text, "expected one of " + ", ".join(FACILITIES))
+    return text
+
+
+def path(text: str) -> str:
+    return text
+
+
+def command(text: str) -> tuple[str, ...]:
+    try:
+        argv = tuple(shlex.split(text))
+    except ValueError as exc:
+        raise SettingError("exec", text, str(exc)) from None
+    if not argv:
+        raise SettingError("exec", text, "expected a program to run")
+    if not argv[0].startswith("/"):
+        raise SettingError("exec", text, "give the program's absolute path")
+    return argv
+
+
+def cache_url(text: str) -> CacheSpec:
+    return parse_cache_url(text)
+
+
+def v6_prefix(text: str) -> int:
+    return parse_v6_prefix(text)
+
+
+def workers(text: str) -> int:
+    if text == "auto":
+        return min(256, max(1, os.cpu_count() or 1))
+    if not _DIGITS.fullmatch(text):
+        raise SettingError("workers", text, "expected a number of processes or auto")
+    value = int(text, 10)
+    if not 1 <= value <= 256:
+        raise SettingError("workers", text, "must be 1 to 256, or auto")
+    return value
+
+
+def user_name(option: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if not text or any(c.isspace() or c in ":/" for c in text):
+            raise SettingError(option, text, "expected a user or group name")
+        return text
+
+    return parse
+
+
+def absolute(option: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if not text.startswith("/"):
+            raise SettingError(option, text, "expected an absolute path")
+        return text
+
+    return parse

@@ -1,0 +1,120 @@
+"""Addresses as repeld's rules see them: normalised, keyed and printed one way.
+
+Pure code on strings, with no socket module: `ipaddress` parses what the fast
+paths cannot.
+
+* `normalize_address` -- `::ffff:a.b.c.d` is `a.b.c.d`, scope ids are dropped;
+* `address_int` -- (family, integer) of an address, for range checks;
+* `cache_key` -- the key a client is remembered under in the pass cache: the
+  address for IPv4, the `/v6_prefix` network for IPv6, because one IPv6 host
+  owns a whole /64 and walks through it at will;
+* `host_port` / `bracket` -- the one `[host]:port` spelling of an endpoint.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+__all__ = [
+    "DEFAULT_V6_PREFIX",
+    "V6_PREFIX_MAX",
+    "V6_PREFIX_MIN",
+    "address_int",
+    "bracket",
+    "cache_key",
+    "host_port",
+    "normalize_address",
+]
+
+#: The IPv6 prefix a client is remembered by: a /64 is one host (or one LAN).
+DEFAULT_V6_PREFIX = 64
+#: A shorter prefix would let one patient client vouch for a whole provider.
+V6_PREFIX_MIN = 32
+V6_PREFIX_MAX = 128
+
+
+def normalize_address(address: str) -> str:
+    """The address a rule should see: `::ffff:a.b.c.d` is `a.b.c.d`, scope ids dropped."""
+    address = address.split("%", 1)[0]
+    if address.lower().startswith("::ffff:") and "." in address:
+        return address[7:]
+    return address
+
+
+def bracket(host: str) -> str:
+    """`host`, with an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+def host_port(host: str, port: int) -> str:
+    """`192.0.2.7:25` or `[2001:db8::7]:25`."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _ipv4_int(address: str) -> int | None:
+    # Faster than ipaddress for the common dotted quad, and as strict:
+    # four decimal parts of 0-255, no leading zeros beyond "0".
+    parts = address.split(".")
+    if len(parts) != 4:
+        return None
+    value = 0
+    for part in parts:
+        if not part.isdigit() or not part.isascii() or (len(part) > 1 and part[0] == "0"):
+            return None
+        octet = int(part)
+        if octet > 255:
+            return None
+        value = (value << 8) | octet
+    return value
+
+
+def address_int(address: str) -> tuple[int, int] | None:
+    """(4 or 6, integer) of a textual address; None if it is not one.
+
+    `::ffff:a.b.c.d` counts as IPv4; an IPv6 scope id is ignored.
+    """
+    if ":" not in address:
+        found = _ipv4_int(address)
+        return None if found is None else (4, found)
+    try:
+        ip = ipaddress.IPv6Address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    mapped = ip.ipv4_mapped
+    if mapped is not None:
+        return 4, int(mapped)
+    return 6, int(ip)
+
+
+def check_v6_prefix(v6_prefix: int) -> None:
+    """ValueError unless `v6_prefix` is an integer from 32 to 128."""
+    if (
+        isinstance(v6_prefix, bool)
+        or not isinstance(v6_prefix, int)
+        or not V6_PREFIX_MIN <= v6_prefix <= V6_PREFIX_MAX
+    ):
+        raise ValueError(
+            f"IPv6 cache prefix must be an integer {V6_PREFIX_MIN}-{V6_PREFIX_MAX},"
+            f" got {v6_prefix!r}"
+        )
+
+
+def cache_key(address: str, v6_prefix: int = DEFAULT_V6_PREFIX) -> str:
+    """The key `address` is remembered under.
+
+    IPv4: the address (`192.0.2.7`); `::ffff:192.0.2.7` is the same client.
+    IPv6: the network of `v6_prefix` bits in CIDR form (`2001:db8:1:2::/64`), so
+    the two families can never collide. A scope id (`fe80::1%eth0`) is dropped.
+    Raises ValueError for a bad address or a prefix outside 32-128.
+    """
+    check_v6_prefix(v6_prefix)
+    if ":" not in address:  # the common case, checked cheaply: a plain IPv4 address
+        if _ipv4_int(address) is None:
+            raise ValueError(f"{address!r} is not an IP address")
+        return address
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv4Address):
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, v6_prefix), strict=False))

@@ -1,0 +1,60 @@
+"""Carrying out verdicts on the socket: the replies, the cut-off, the abortive close.
+
+The decisions are the core's (core/hold.py, core/policy.py); this module only
+does what a verdict asks of a socket, so that the replies a client can see are
+written in one place.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from repeld.core.hold import EarlyTalk
+from repeld.core.policy import Refuse
+from repeld.service import tcptune
+from repeld.shell.handoff import reply_and_close
+
+__all__ = [
+    "EARLY_REJECT",
+    "REFUSALS",
+    "SHUTTING_DOWN",
+    "abort",
+    "cut_off",
+    "rtt_ms",
+]
+
+EARLY_REJECT = b"554 5.5.1 Protocol error: you talked before my greeting\r\n"
+SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
+REFUSALS = {
+    Refuse.MAX_HELD: b"421 4.3.2 All server ports are busy\r\n",
+    Refuse.MAX_PER_CLIENT: b"421 4.7.0 Too many connections\r\n",
+}
+
+
+def rtt_ms(sock: socket.socket) -> float:
+    """The kernel's smoothed round-trip time to the client, for the event (0 if unknown)."""
+    try:
+        return tcptune.rtt_us(sock.fileno()) / 1000.0
+    except OSError:
+        return 0.0
+
+
+def abort(sock: socket.socket) -> None:
+    """Close with an RST: no TIME_WAIT left behind for a bot."""
+    try:
+        tcptune.set_abortive_close(sock.fileno())
+    except OSError:
+        pass
+    sock.close()
+
+
+def cut_off(sock: socket.socket, verdict: EarlyTalk, action: str) -> None:
+    """End an early talker's connection as `--on-early` says (drop or reject)."""
+    if action == "reject":
+        try:  # take what the talker said so the close is a FIN, not an RST
+            sock.recv(verdict.nbytes)
+        except OSError:
+            pass
+        reply_and_close(sock, EARLY_REJECT)
+    else:
+        abort(sock)
