@@ -4,7 +4,7 @@ This file is the whole of what repeld considers a violation. A `Hold` is fed
 what the shell observed on the socket -- peeked bytes, end of file, a reset,
 or silence at the deadline -- together with the time, and answers with a
 verdict. It never touches a socket, a clock or trio, so every rule here is
-tested in microseconds (tests/test_core.py) and the shell stays thin.
+tested in microseconds (tests/unit/test_core.py) and the shell stays thin.
 
 The life of a held connection is a small table:
 
