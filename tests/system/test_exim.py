@@ -21,9 +21,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from .exim_fixture import EximClient, EximServer, exim_client, exim_server, require_exim
-from .procs import Daemon as Repeld
-from .procs import SyslogUDP
+from ..exim_fixture import EximClient, EximServer, exim_client, exim_server, require_exim
+from ..procs import Daemon as Repeld
+from ..procs import SyslogUDP
 
 #: A short greeting delay: the first message waits it out.
 DELAY = 2.0
