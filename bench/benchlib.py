@@ -1,4 +1,4 @@
-"""Shared helpers for scripts/bench-hold and scripts/bench-relay (loopback only).
+"""Shared helpers for bench/bench-hold and bench/bench-relay (loopback only).
 
 What is here:
 - address and port helpers that refuse anything outside 127.0.0.0/8 and ::1;
@@ -929,7 +929,7 @@ def start_repeld(
 ) -> Server:
     """repeld on 127.0.0.1:port in front of 127.0.0.1:backend_port.
 
-    `wrapper` replaces `python -m repeld` (e.g. scripts/profile_repeld.py for
+    `wrapper` replaces `python -m repeld` (e.g. bench/profile_repeld.py for
     profiling); `pythonpath` puts another source tree first (an A/B of a patch).
     """
     argv = list(wrapper) if wrapper else [sys.executable, "-m", "repeld"]
