@@ -5,9 +5,9 @@ What is here:
 - /proc readers for a server's process tree: RSS, RssAnon, PSS, CPU
   (utime+stime), open descriptors, and the server-side sockets of a port held
   by each process (matched through /proc/net/tcp inodes, as hold_idle.py does);
-- starting and stopping the servers under test: repeld and smtp-sink as our
-  own children (stopped by their PID), and the peers through the start/stop
-  scripts of /work/shared/peers (which act only by PID too);
+- starting and stopping the servers under test, every one as our own child
+  stopped by its PID: repeld, and the peers through their recipes in
+  bench/peers/ (smtp-sink, postscreen, HAProxy), which exec the server;
 - the load: processes that open many silent connections (`bulk_worker`) and
   probes that time the greeting or the cut-off (`probe_worker`);
 - a UDP syslog sink that counts events and keeps the ones asked for, and a
@@ -36,7 +36,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -85,8 +85,8 @@ __all__ = [
     "wait_workers",
 ]
 
-#: The peers' start/stop scripts (see its README.md).
-PEERS = Path(os.environ.get("REPELD_PEERS", "/work/shared/peers"))
+#: The recipes that start the peers on loopback (bench/peers/, see bench/README.md).
+PEERS = Path(__file__).resolve().parent / "peers"
 #: Linux: let connect() choose the source port (4-tuple unique), so thousands of
 #: sockets on one source address do not exhaust bind()'s port search.
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -758,16 +758,21 @@ def sd_params(datagram: bytes) -> dict[str, str]:
 
 @dataclass
 class Server:
-    """A server under test: its process-tree root, port and how to stop it."""
+    """A server under test: our child process (the root of its tree) and its port.
+
+    Every server, repeld and the peers alike, is started as our own child in a
+    session of its own and stopped by a signal to that PID: nothing is looked
+    up or killed by name.
+    """
 
     name: str
     pid: int
     port: int
-    stop_cmd: list[str] | None = None  # a peer's stop script, else we signal `pid`
     proc: subprocess.Popen[bytes] | None = None
     log: str = ""
-    env: dict[str, str] = field(default_factory=dict)
     note: str = ""
+    #: called after the process is gone (e.g. closing a log socket of its own)
+    closers: list[Callable[[], None]] = field(default_factory=list)
 
     def pids(self) -> list[int]:
         return tree_pids(self.pid)
@@ -778,24 +783,18 @@ class Server:
         return os.path.exists(f"/proc/{self.pid}")
 
     def stop(self) -> None:
-        if self.stop_cmd is not None:
-            subprocess.run(
-                self.stop_cmd,
-                env={**os.environ, **self.env},
-                check=False,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                timeout=60,
-            )
-            return
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+            if self.proc is None or self.proc.poll() is not None:
+                return
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        finally:
+            while self.closers:
+                self.closers.pop()()
 
 
 def _spawn(
@@ -820,13 +819,9 @@ def _spawn(
 
 
 def start_smtp_sink(port: int, logdir: Path, backlog: int = 4096) -> Server:
-    """Postfix's smtp-sink on 127.0.0.1:port (with -u nobody when root)."""
-    exe = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
-    argv = [exe]
-    if os.geteuid() == 0:
-        argv += ["-u", "nobody"]
-    argv += [f"127.0.0.1:{port}", str(backlog)]
-    return _spawn("smtp-sink", argv, port, logdir)
+    """Postfix's smtp-sink on 127.0.0.1:port (bench/peers/smtp-sink.sh)."""
+    env = {"SINK_PORT": str(port), "SINK_BACKLOG": str(backlog)}
+    return _spawn("smtp-sink", [str(PEERS / "smtp-sink.sh")], port, logdir, env)
 
 
 def start_redis(port: int, logdir: Path) -> Server:
@@ -955,26 +950,13 @@ def start_repeld(
     return srv
 
 
-def _run_start_script(script: str, env: dict[str, str]) -> int:
-    res = subprocess.run(
-        [str(PEERS / script)],
-        env={**os.environ, **env},
-        check=False,
-        capture_output=True,
-        timeout=120,
-    )
-    lines = res.stdout.decode(errors="replace").strip().splitlines()
-    if res.returncode != 0 or not lines or not lines[-1].strip().isdigit():
-        raise RuntimeError(
-            f"{script} failed (rc {res.returncode}): {res.stderr.decode(errors='replace')[-2000:]}"
-        )
-    return int(lines[-1].strip())
-
-
-def start_postscreen(port: int, delay: int, held: int, name: str = "benchps") -> Server:
-    """A private postscreen via start_postscreen.sh; greet action drop (521 + close)."""
+def start_postscreen(
+    port: int, delay: int, held: int, logdir: Path, name: str = "postscreen"
+) -> Server:
+    """A private Postfix whose postscreen greets after `delay` s and drops (521 +
+    close) a client that talks first: bench/peers/postscreen.sh, master's PID."""
     env = {
-        "PS_NAME": name,
+        "PEER_DIR": str(logdir / name),
         "PS_PORT": str(port),
         "PS_GREET_WAIT": f"{delay}s",
         "PS_GREET_ACTION": "drop",
@@ -984,41 +966,40 @@ def start_postscreen(port: int, delay: int, held: int, name: str = "benchps") ->
         # drop SYNs under a fast ramp; 4096 = the kernel's somaxconn here
         "PS_PROCS": "4096",
     }
-    pid = _run_start_script("start_postscreen.sh", env)
-    return Server(
-        "postscreen",
-        pid,
-        port,
-        stop_cmd=[str(PEERS / "stop_postscreen.sh"), name],
-        env=env,
-        log=f"/tmp/peers/postfix-{name}.log",
-        note=" ".join(f"{k}={v}" for k, v in env.items()) + " start_postscreen.sh",
-    )
+    srv = _spawn(name, [str(PEERS / "postscreen.sh")], port, logdir, env)
+    srv.note = " ".join(f"{k}={v}" for k, v in env.items() if k != "PEER_DIR")
+    srv.note += " bench/peers/postscreen.sh"
+    return srv
 
 
 def start_haproxy(
-    port: int, backend_port: int, delay: float, name: str = "benchhp", trusted: str = ""
+    port: int, backend_port: int, delay: float, logdir: Path, trusted: str = ""
 ) -> Server:
-    """HAProxy (TCP mode, inspect-delay recipe) via start_haproxy.sh, PROXY off."""
+    """HAProxy in TCP mode, the inspect-delay recipe (bench/peers/haproxy.sh), no
+    PROXY header; its log lines go to a UDP socket that is never read, so HAProxy
+    pays for logging as repeld does for its events."""
+    log = UdpSink()
     env = {
-        "HP_NAME": name,
+        "PEER_DIR": str(logdir / f"haproxy-{port}"),
         "HP_PORT": str(port),
         "HP_DELAY": f"{delay:g}",
         "HP_PROXY": "none",
         "HP_BACKEND_PORT": str(backend_port),
+        "HP_LOG": f"127.0.0.1:{log.port}",
     }
     if trusted:
         env["HP_TRUSTED"] = trusted
-    pid = _run_start_script("start_haproxy.sh", env)
-    return Server(
-        "haproxy",
-        pid,
-        port,
-        stop_cmd=[str(PEERS / "stop_haproxy.sh"), name],
-        env=env,
-        log=f"/tmp/peers/haproxy-{name}.log",
-        note=" ".join(f"{k}={v}" for k, v in env.items()) + " start_haproxy.sh",
+    try:
+        srv = _spawn("haproxy", [str(PEERS / "haproxy.sh")], port, logdir, env)
+    except BaseException:
+        log.close()
+        raise
+    srv.closers.append(log.close)
+    srv.note = " ".join(
+        f"{k}={v}" for k, v in env.items() if k not in ("PEER_DIR", "HP_LOG")
     )
+    srv.note += " bench/peers/haproxy.sh"
+    return srv
 
 
 @contextlib.contextmanager
