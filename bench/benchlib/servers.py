@@ -202,3 +202,22 @@ def start_haproxy(
     srv.note = " ".join(f"{k}={v}" for k, v in env.items() if k not in ("PEER_DIR", "HP_LOG"))
     srv.note += " bench/peers/haproxy.sh"
     return srv
+
+
+#: The task-per-connection server (one trio task per client) for the A/B.
+TASKSERVER = Path(__file__).resolve().parents[1] / "taskserver.py"
+
+
+def start_taskserver(
+    port: int, backend_port: int, delay: float, logdir: Path, trusted: str = ""
+) -> Server:
+    """bench/taskserver.py on 127.0.0.1:port: a trio task per connection that
+    holds, cuts off and relays to 127.0.0.1:backend_port (the A/B of repeld's
+    pen and relay pool)."""
+    opts = ["--listen", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{backend_port}"]
+    opts += ["--delay", f"{delay:g}"]
+    if trusted:
+        opts += ["--trusted", trusted]
+    srv = spawn("trio-tasks", [sys.executable, str(TASKSERVER), *opts], port, logdir)
+    srv.note = "bench/taskserver.py " + " ".join(opts)
+    return srv
