@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -294,3 +295,21 @@ def stopping(servers: list[Server]) -> Iterator[list[Server]]:
                 srv.stop()
             except Exception as exc:  # keep stopping the others
                 print(f"bench: stopping {srv.name} (pid {srv.pid}): {exc!r}", file=sys.stderr)
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM a SystemExit, so `stopping` still stops every server."""
+
+    def on_term(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def log_directory(given: str | None, prefix: str) -> Path:
+    """`given`, or a new temporary directory: where the servers' logs and the
+    peers' configurations go.  Mode 755, because the servers run as other users."""
+    logdir = Path(given) if given else Path(tempfile.mkdtemp(prefix=prefix))
+    logdir.mkdir(parents=True, exist_ok=True)
+    os.chmod(logdir, 0o755)
+    return logdir
