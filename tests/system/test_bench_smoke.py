@@ -1,8 +1,8 @@
 """The benchmark scripts keep working: small bench-hold and bench-cache runs print
 their tables.
 
-No speed is asserted here (speed is measured by scripts/bench-hold,
-scripts/bench-relay and scripts/bench-cache, and written down in
+No speed is asserted here (speed is measured by bench/bench-hold,
+bench/bench-relay and bench/bench-cache, and written down in
 docs/PERFORMANCE.md); this only checks that the small runs finish, exit 0 and
 report every column.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCH_HOLD = ROOT / "scripts" / "bench-hold"
-BENCH_CACHE = ROOT / "scripts" / "bench-cache"
+BENCH_HOLD = ROOT / "bench" / "bench-hold"
+BENCH_CACHE = ROOT / "bench" / "bench-cache"
 
 #: A hung run is a failure, not a slow pass (the run takes about 10 s).
 TIMEOUT = 60.0

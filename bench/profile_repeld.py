@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Run repeld with instruments attached, for finding where memory and time go.
 
-    python scripts/profile_repeld.py --out DIR [--gc] [--lag] [--cprofile]
+    python bench/profile_repeld.py --out DIR [--gc] [--lag] [--cprofile]
                                      [--tracemalloc FRAMES] -- REPELD-ARGS...
 
-Used by `scripts/bench-hold --wrapper '...'` and `scripts/bench-relay --wrapper`.
+Used by `bench/bench-hold --wrapper '...'` and `bench/bench-relay --wrapper`.
 Everything is written into DIR (which must be writable by the service user,
 or pass --user root to repeld):
 

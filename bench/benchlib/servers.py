@@ -1,0 +1,223 @@
+"""Starting the servers under test on loopback: repeld, and the peers through
+their recipes in bench/peers/ (smtp-sink, postscreen, HAProxy), plus
+redis-server for bench-cache and the task-per-connection server
+(bench/taskserver.py) for the A/B of repeld's pen and relay pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from benchlib.events import UdpSink
+from benchlib.procs import Server, spawn
+
+#: The recipes that start the peers on loopback (bench/peers/, see bench/README.md).
+PEERS = Path(__file__).resolve().parents[1] / "peers"
+
+
+def start_smtp_sink(port: int, logdir: Path, backlog: int = 4096) -> Server:
+    """Postfix's smtp-sink on 127.0.0.1:port (bench/peers/smtp-sink.sh)."""
+    env = {"SINK_PORT": str(port), "SINK_BACKLOG": str(backlog)}
+    return spawn("smtp-sink", [str(PEERS / "smtp-sink.sh")], port, logdir, env)
+
+
+def start_redis(port: int, logdir: Path) -> Server:
+    """A throw-away redis-server on 127.0.0.1:port: no persistence (--save '',
+    --appendonly no), its working directory in `logdir`; stopped by its PID."""
+    exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    argv += ["--dir", str(logdir), "--daemonize", "no", "--protected-mode", "yes"]
+    return spawn("redis-server", argv, port, logdir)
+
+
+def _workers_ready(pids: Sequence[int]) -> int:
+    """How many of `pids` are repeld workers that have opened their holding pen.
+
+    A worker has two epoll sets once its server exists (trio's and the pen's);
+    before that it is still importing and would leave connections queued.
+    """
+    ready = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if b"REPELD_WORKER=" not in f.read():
+                    continue
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        epolls = 0
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[eventpoll]":
+                    epolls += 1
+        if epolls >= 2:
+            ready += 1
+    return ready
+
+
+def wait_workers(srv: Server, count: int, timeout: float = 30.0) -> bool:
+    """Wait until `count` repeld workers under `srv` are serving (then 0.3 s more)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _workers_ready(srv.pids()) >= count:
+            time.sleep(0.3)  # from the pen to the accept loop
+            return True
+        if not srv.alive():
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def repeld_workers(args: Sequence[str]) -> int:
+    """The --workers N (or -w N) among repeld arguments; 1 when absent."""
+    count = 1
+    for i, arg in enumerate(args):
+        value = None
+        if arg in ("-w", "--workers") and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--workers="):
+            value = arg.split("=", 1)[1]
+        elif arg.startswith("-w") and len(arg) > 2:
+            value = arg[2:]
+        if value is not None:
+            count = (os.cpu_count() or 1) if value == "auto" else int(value)
+    return count
+
+
+def _fresh_cache(argv: list[str], logdir: Path, port: int, pythonpath: str) -> list[str]:
+    """`--cache sqlite:` in a new file when this repeld has a pass cache.
+
+    The default cache persists across runs, and the benches reuse client
+    addresses: a fresh file keeps the default code path without yesterday's
+    passes. (Older repeld without --cache: nothing.)
+    """
+    env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None
+    try:
+        helptext = subprocess.run(
+            [*argv, "--help"], capture_output=True, timeout=30, check=False, env=env
+        ).stdout.decode(errors="replace")
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if "--cache URL" not in helptext:
+        return []
+    cachedir = logdir / f"cache-{port}"
+    cachedir.mkdir(mode=0o777, exist_ok=True)
+    os.chmod(cachedir, 0o777)  # the service user writes here
+    return ["--cache", f"sqlite:{cachedir}/cache.sqlite"]
+
+
+def start_repeld(
+    port: int,
+    backend_port: int,
+    delay: float,
+    syslog_port: int,
+    logdir: Path,
+    extra: Sequence[str] = (),
+    wrapper: Sequence[str] = (),
+    *,
+    foreground: bool = True,
+    pythonpath: str = "",
+    name: str = "repeld",
+) -> Server:
+    """repeld on 127.0.0.1:port in front of 127.0.0.1:backend_port.
+
+    `wrapper` replaces `python -m repeld` (e.g. bench/profile_repeld.py for
+    profiling); `pythonpath` puts another source tree first (an A/B of a patch).
+    """
+    argv = list(wrapper) if wrapper else [sys.executable, "-m", "repeld"]
+    opts = ["-f"] if foreground else []
+    opts += ["-l", f"127.0.0.1:{port}", "-b", f"127.0.0.1:{backend_port}", "-d", f"{delay:g}"]
+    opts += ["--syslog", f"udp://127.0.0.1:{syslog_port}"]
+    if os.geteuid() == 0 and not any(
+        x in ("-u", "--user") or x.startswith("--user=") for x in extra
+    ):
+        opts += ["--user", "nobody"]  # as in production: drop root after binding
+    if not any(x.startswith(("--cache", "--no-cache")) for x in extra):
+        opts += _fresh_cache(argv, logdir, port, pythonpath)
+    opts += list(extra)
+    env = {"PYTHONPATH": pythonpath} if pythonpath else None
+    srv = spawn(name, argv + opts, port, logdir, env)
+    srv.note = (f"PYTHONPATH={pythonpath} " if pythonpath else "") + " ".join(opts)
+    workers = repeld_workers(opts)
+    # With --workers the parent listens before its workers can accept.
+    if workers > 1 and not wait_workers(srv, workers):
+        srv.stop()
+        tail = Path(srv.log).read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{name}: {workers} workers did not come up:\n{tail}")
+    return srv
+
+
+def start_postscreen(
+    port: int, delay: int, held: int, logdir: Path, name: str = "postscreen"
+) -> Server:
+    """A private Postfix whose postscreen greets after `delay` s and drops (521 +
+    close) a client that talks first: bench/peers/postscreen.sh, master's PID."""
+    env = {
+        "PEER_DIR": str(logdir / name),
+        "PS_PORT": str(port),
+        "PS_GREET_WAIT": f"{delay}s",
+        "PS_GREET_ACTION": "drop",
+        # postscreen enters stress mode at 90 % of the pre-queue limit: keep far off
+        "PS_PRE_QUEUE": str(max(10000, 2 * held + 1000)),
+        # default_process_limit is also postscreen's listen(2) backlog: 100 would
+        # drop SYNs under a fast ramp; 4096 = the kernel's somaxconn here
+        "PS_PROCS": "4096",
+    }
+    srv = spawn(name, [str(PEERS / "postscreen.sh")], port, logdir, env)
+    srv.note = " ".join(f"{k}={v}" for k, v in env.items() if k != "PEER_DIR")
+    srv.note += " bench/peers/postscreen.sh"
+    return srv
+
+
+def start_haproxy(
+    port: int, backend_port: int, delay: float, logdir: Path, trusted: str = ""
+) -> Server:
+    """HAProxy in TCP mode, the inspect-delay recipe (bench/peers/haproxy.sh), no
+    PROXY header; its log lines go to a UDP socket that is never read, so HAProxy
+    pays for logging as repeld does for its events."""
+    log = UdpSink()
+    env = {
+        "PEER_DIR": str(logdir / f"haproxy-{port}"),
+        "HP_PORT": str(port),
+        "HP_DELAY": f"{delay:g}",
+        "HP_PROXY": "none",
+        "HP_BACKEND_PORT": str(backend_port),
+        "HP_LOG": f"127.0.0.1:{log.port}",
+    }
+    if trusted:
+        env["HP_TRUSTED"] = trusted
+    try:
+        srv = spawn("haproxy", [str(PEERS / "haproxy.sh")], port, logdir, env)
+    except BaseException:
+        log.close()
+        raise
+    srv.closers.append(log.close)
+    srv.note = " ".join(f"{k}={v}" for k, v in env.items() if k not in ("PEER_DIR", "HP_LOG"))
+    srv.note += " bench/peers/haproxy.sh"
+    return srv
+
+
+#: The task-per-connection server (one trio task per client) for the A/B.
+TASKSERVER = Path(__file__).resolve().parents[1] / "taskserver.py"
+
+
+def start_taskserver(
+    port: int, backend_port: int, delay: float, logdir: Path, trusted: str = ""
+) -> Server:
+    """bench/taskserver.py on 127.0.0.1:port: a trio task per connection that
+    holds, cuts off and relays to 127.0.0.1:backend_port (the A/B of repeld's
+    pen and relay pool)."""
+    opts = ["--listen", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{backend_port}"]
+    opts += ["--delay", f"{delay:g}"]
+    if trusted:
+        opts += ["--trusted", trusted]
+    srv = spawn("trio-tasks", [sys.executable, str(TASKSERVER), *opts], port, logdir)
+    srv.note = "bench/taskserver.py " + " ".join(opts)
+    return srv

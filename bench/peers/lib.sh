@@ -1,0 +1,42 @@
+# lib.sh - what the peer recipes share.  Sourced, never run.
+#
+# Every recipe writes a private configuration into PEER_DIR and then *execs*
+# the server in the foreground, so the PID that started the recipe is the
+# server's own: the caller stops it with SIGTERM to that PID and nothing is
+# ever looked up or killed by name.  Nothing here listens on, or talks to, an
+# address outside 127.0.0.0/8 and ::1.
+
+# die MSG... - the reason on stderr, exit 1
+die() {
+    echo "${0##*/}: $*" >&2
+    exit 1
+}
+
+# need_loopback ADDR - refuse an address outside 127.0.0.0/8 and ::1
+need_loopback() {
+    case "$1" in
+        127.*.*.* | ::1) ;;
+        *) die "$1 is not a loopback address (127.0.0.0/8 or ::1)" ;;
+    esac
+}
+
+# need_port PORT - a number between 1 and 65535
+need_port() {
+    case "$1" in
+        '' | *[!0-9]*) die "port '$1' is not a number" ;;
+    esac
+    [ "$1" -ge 1 ] && [ "$1" -le 65535 ] || die "port $1 is out of range"
+}
+
+# need_command NAME PACKAGE - NAME on PATH (or in /usr/sbin), else say what to install
+need_command() {
+    command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] ||
+        die "$1 not found: apt-get install $2"
+}
+
+# peer_dir NAME - PEER_DIR, or a fresh directory for this instance under TMPDIR
+peer_dir() {
+    local dir=${PEER_DIR:-${TMPDIR:-/tmp}/repeld-bench-$1}
+    mkdir -p "$dir"
+    printf '%s\n' "$dir"
+}
