@@ -78,6 +78,8 @@ class TrioBackend:
 
     proxy: bool = False
     port: int = 0
+    #: The reply to EHLO (e.g. one advertising PIPECONNECT); else "250 ok".
+    ehlo: bytes | None = None
     sessions: int = 0
     headers: list[ProxyInfo | None] = field(default_factory=list)
     received: list[bytes] = field(default_factory=list)
@@ -98,6 +100,9 @@ class TrioBackend:
                     if line.strip().upper() == b"QUIT":
                         await stream.send_all(b"221 2.0.0 bye\r\n")
                         return
+                    if self.ehlo is not None and line.upper().startswith(b"EHLO"):
+                        await stream.send_all(self.ehlo)
+                        continue
                     await stream.send_all(b"250 ok\r\n")
                 chunk = await stream.receive_some()
                 if not chunk:
@@ -164,12 +169,13 @@ async def running(
     backend_proxy: bool = False,
     listen: tuple[Listen, ...] = (Listen("127.0.0.1", 0),),
     backend_port: int | None = None,
+    backend_ehlo: bytes | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Harness]:
     """repeld serving `listen` in front of a TrioBackend, events to a Receiver."""
     receiver = Receiver()
     udp_port = await receiver.bind()
-    backend = TrioBackend(proxy=backend_proxy)
+    backend = TrioBackend(proxy=backend_proxy, ehlo=backend_ehlo)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(receiver.run)
         port = await nursery.start(backend.serve)

@@ -121,9 +121,6 @@ def test_a_patient_exim_reaches_exim_behind_repeld_with_proxy(
         assert client.ehlo_cache_keys() == [f"127.0.0.1:{rd.address[1]}.EHLO"]
 
 
-@pytest.mark.xfail(
-    strict=False, reason="issue 9: repeld judges pipelined bytes before the cache answers"
-)
 @pytest.mark.parametrize("on_early", ["drop", "reject"])
 def test_an_early_pipelining_exim_loses_no_message_behind_repeld(
     syslog: SyslogUDP, on_early: str
@@ -132,10 +129,10 @@ def test_an_early_pipelining_exim_loses_no_message_behind_repeld(
     an Exim: both delivered at the first attempt. The first connection waits out
     the delay; the second is early-pipelined and must be passed by the cache.
 
-    Today repeld cuts the second connection off as an early talker: with `drop`
-    the sender defers ("Remote host closed connection in response to pipelined
-    end of data"), with `reject` the 554 is taken as a permanent refusal of the
-    message and it bounces.
+    Before the hold waited for the pass cache, repeld cut the second connection
+    off as an early talker: with `drop` the sender deferred ("Remote host closed
+    connection in response to pipelined end of data"), with `reject` the 554 was
+    taken as a permanent refusal of the message and it bounced.
     """
     exim = require_exim()
     with exim_server(exim, hosts_proxy="127.0.0.1") as server, running_repeld(

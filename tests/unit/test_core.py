@@ -5,14 +5,18 @@ from __future__ import annotations
 import pytest
 
 from repeld.core.hold import (
+    CACHE_WAIT,
     FIRST_BYTES_LIMIT,
     PEEK_LIMIT,
     EarlyTalk,
     HangUp,
     Hold,
     LocalProtocolError,
+    Logged,
+    Mute,
     Pass,
     PassReason,
+    Penalty,
     Verdict,
     Wait,
     escape_bytes,
@@ -51,6 +55,14 @@ def feed(hold: Hold, what: str, data: bytes, at: float) -> Verdict:
         return hold.eof(now)
     if what == "reset":
         return hold.reset(now)
+    if what == "good":
+        return hold.remembered_good(now)
+    if what == "bad":
+        return hold.remembered_bad(now)
+    if what == "unknown":
+        return hold.unknown(now)
+    if what == "due":
+        return hold.due(now)
     return hold.silence(now)
 
 
@@ -64,6 +76,195 @@ def test_decision_table(
         verdict = feed(hold, what, data, at)
     assert verdict == expected
     assert hold.done is not isinstance(expected, Wait)
+
+
+EHLO = b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n"
+TALK = EarlyTalk(len(EHLO), EHLO, 0.25)
+W = T0 + 0.25 + CACHE_WAIT  # the cache answer counts until then
+D = T0 + 25.0
+
+# (cache answer to come, observe mode, steps) -> the verdicts, step by step
+CACHE_CASES: list[tuple[str, bool, bool, list[tuple[str, bytes, float]], list[Verdict]]] = [
+    (
+        "talker remembered as patient: passed with its bytes (PIPECONNECT)",
+        True,
+        False,
+        [("data", EHLO, 0.25), ("good", b"", 0.375)],
+        [Mute(W), Pass(PassReason.CACHE, 0.375, len(EHLO))],
+    ),
+    (
+        "talker remembered as a talker: penalty, not drop",
+        True,
+        False,
+        [("data", EHLO, 0.25), ("bad", b"", 0.375)],
+        [Mute(W), Penalty(0.375)],
+    ),
+    (
+        "talker unknown to the cache: early talk",
+        True,
+        False,
+        [("data", EHLO, 0.25), ("unknown", b"", 0.375)],
+        [Mute(W), TALK],
+    ),
+    (
+        "no answer within the bound: early talk at the bound",
+        True,
+        False,
+        [("data", EHLO, 0.25), ("due", b"", 0.25 + CACHE_WAIT)],
+        [Mute(W), TALK],
+    ),
+    (
+        "the delay ends while the cache is awaited: still muted until the bound",
+        True,
+        False,
+        [("data", EHLO, 0.25), ("due", b"", 0.5)],
+        [Mute(W), Mute(W)],
+    ),
+    (
+        "talks, then resets before the answer: the talk decides",
+        True,
+        False,
+        [("data", EHLO, 0.25), ("reset", b"", 0.375)],
+        [Mute(W), TALK],
+    ),
+    (
+        "talks, then half-closes (a pipelined QUIT): the cache still decides",
+        True,
+        False,
+        [("data", EHLO, 0.25), ("eof", b"", 0.375), ("good", b"", 0.4375)],
+        [Mute(W), Mute(W), Pass(PassReason.CACHE, 0.4375, len(EHLO))],
+    ),
+    (
+        "talks, half-closes, no answer within the bound: early talk",
+        True,
+        False,
+        [("data", EHLO, 0.25), ("eof", b"", 0.375), ("due", b"", 0.25 + CACHE_WAIT)],
+        [Mute(W), Mute(W), TALK],
+    ),
+    (
+        "silent client, cache unknown: held as usual",
+        True,
+        False,
+        [("unknown", b"", 0.0625), ("silence", b"", 25.0)],
+        [Wait(D), Pass(PassReason.DELAY, 25.0)],
+    ),
+    (
+        "silent client, then talks after an unknown answer: early talk at once",
+        True,
+        False,
+        [("unknown", b"", 0.0625), ("data", EHLO, 0.25)],
+        [Wait(D), TALK],
+    ),
+    (
+        "silent client remembered as patient: passed, nothing early",
+        True,
+        False,
+        [("good", b"", 0.0625)],
+        [Pass(PassReason.CACHE, 0.0625, 0)],
+    ),
+    (
+        "observe: a talker is logged, held the whole delay, passed with its bytes",
+        False,
+        True,
+        [("data", EHLO, 0.25), ("due", b"", 25.0)],
+        [Logged(TALK, Mute(D)), Pass(PassReason.DELAY, 25.0, len(EHLO))],
+    ),
+    (
+        "observe: a talker that half-closes is still passed with its bytes",
+        False,
+        True,
+        [("data", EHLO, 0.25), ("eof", b"", 3.0), ("due", b"", 25.0)],
+        [Logged(TALK, Mute(D)), Mute(D), Pass(PassReason.DELAY, 25.0, len(EHLO))],
+    ),
+    (
+        "observe: a talker that resets is a hang-up",
+        False,
+        True,
+        [("data", EHLO, 0.25), ("reset", b"", 3.0)],
+        [Logged(TALK, Mute(D)), HangUp(3.0, reset=True)],
+    ),
+    (
+        "observe: a remembered penalty is logged, the client held as usual",
+        True,
+        True,
+        [("bad", b"", 0.0625), ("silence", b"", 25.0)],
+        [Logged(Penalty(0.0625), Wait(D)), Pass(PassReason.DELAY, 25.0)],
+    ),
+    (
+        "observe: a remembered talker that talks again is logged and held",
+        True,
+        True,
+        [("data", EHLO, 0.25), ("bad", b"", 0.375), ("due", b"", 25.0)],
+        [Mute(W), Logged(TALK, Mute(D)), Pass(PassReason.DELAY, 25.0, len(EHLO))],
+    ),
+    (
+        "observe: a patient client's early bytes pass at once",
+        True,
+        True,
+        [("data", EHLO, 0.25), ("good", b"", 0.375)],
+        [Mute(W), Pass(PassReason.CACHE, 0.375, len(EHLO))],
+    ),
+    (
+        "observe: talk at the very end, no answer: logged and passed at once",
+        True,
+        True,
+        [("data", EHLO, 24.875), ("due", b"", 24.875 + CACHE_WAIT)],
+        [
+            Mute(T0 + 24.875 + CACHE_WAIT),
+            Logged(EarlyTalk(len(EHLO), EHLO, 24.875), Pass(PassReason.DELAY, 25.375, len(EHLO))),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "pending", "observe", "steps", "expected"),
+    CACHE_CASES,
+    ids=[c[0] for c in CACHE_CASES],
+)
+def test_cache_and_observe_table(
+    name: str,
+    pending: bool,
+    observe: bool,
+    steps: list[tuple[str, bytes, float]],
+    expected: list[Verdict],
+) -> None:
+    hold = Hold(T0, 25.0, cache_pending=pending, observe=observe)
+    got = [feed(hold, what, data, at) for what, data, at in steps]
+    assert got == expected
+    final = expected[-1]
+    if isinstance(final, Logged):
+        final = final.then
+    assert hold.done is isinstance(final, (Pass, EarlyTalk, HangUp, Penalty))
+
+
+def test_muted_hold_refuses_silence_and_data() -> None:
+    hold = Hold(T0, 25.0, cache_pending=True)
+    assert isinstance(hold.data(b"x", T0 + 1), Mute)
+    assert hold.muted and hold.awaiting_cache
+    with pytest.raises(LocalProtocolError):
+        hold.silence(T0 + 25)
+    with pytest.raises(LocalProtocolError):
+        hold.data(b"y", T0 + 1.1)
+
+
+def test_a_late_or_unannounced_cache_answer_is_a_shell_bug() -> None:
+    with pytest.raises(LocalProtocolError):
+        Hold(T0, 25.0).remembered_good(T0)
+    hold = Hold(T0, 25.0, cache_pending=True)
+    hold.unknown(T0 + 0.0625)
+    assert not hold.awaiting_cache
+    with pytest.raises(LocalProtocolError):
+        hold.remembered_bad(T0 + 0.125)
+    observing = Hold(T0, 25.0, cache_pending=True, observe=True)
+    observing.data(b"x", T0)
+    observing.due(T0 + CACHE_WAIT)  # no answer in time: logged, held on
+    assert observing.muted and not observing.awaiting_cache and not observing.done
+
+
+def test_due_needs_a_muted_hold() -> None:
+    with pytest.raises(LocalProtocolError):
+        Hold(T0, 25.0).due(T0 + 25)
 
 
 @pytest.mark.parametrize("first", ["data", "eof", "reset", "silence"])

@@ -53,7 +53,8 @@ def test_rfc5424_exact_bytes() -> None:
     assert format_rfc5424(passed(), HEADER, NOW) == (
         b"<22>1 2023-11-14T22:13:20.250000Z mx1.example.org repeld 4242 pass"
         b' [repeld@32473 event="pass" client="127.0.0.9" client_port="40000"'
-        b' server="127.0.0.1" server_port="25" elapsed="25.0" reason="delay" rtt_ms="0.0"]'
+        b' server="127.0.0.1" server_port="25" elapsed="25.0" reason="delay" rtt_ms="0.0"'
+        b' early_bytes="0"]'
         b" PASS DELAY [127.0.0.9]:40000 after 25.000"
     )
 
@@ -74,6 +75,7 @@ def test_rfc5424_is_read_back_by_an_independent_parser() -> None:
         "elapsed": "25.0",
         "reason": "delay",
         "rtt_ms": "0.0",
+        "early_bytes": "0",
     }
     assert got.msg == "PASS DELAY [127.0.0.9]:40000 after 25.000"
 
@@ -177,7 +179,7 @@ def test_json_exact_bytes(utc: None) -> None:
         b"<22>Nov 14 22:13:20 mx1.example.org repeld[4242]: @cee:"
         b'{"event":"pass","client":"127.0.0.9","client_port":40000,"server":"127.0.0.1",'
         b'"server_port":25,"elapsed":25.0,"reason":"delay","rtt_ms":0.0,'
-        b'"msg":"PASS DELAY [127.0.0.9]:40000 after 25.000"}'
+        b'"early_bytes":0,"msg":"PASS DELAY [127.0.0.9]:40000 after 25.000"}'
     )
 
 
@@ -186,7 +188,7 @@ def test_json_local_header_omits_the_hostname(utc: None) -> None:
         b"<22>Nov  5 00:00:00 repeld[4242]: @cee:"
         b'{"event":"pass","client":"127.0.0.9","client_port":40000,"server":"127.0.0.1",'
         b'"server_port":25,"elapsed":25.0,"reason":"delay","rtt_ms":0.0,'
-        b'"msg":"PASS DELAY [127.0.0.9]:40000 after 25.000"}'
+        b'"early_bytes":0,"msg":"PASS DELAY [127.0.0.9]:40000 after 25.000"}'
     )
     got = parse(format_json(passed(), LOCAL, NOW_DAY5))
     assert got.host == ""

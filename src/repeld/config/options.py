@@ -115,11 +115,12 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "on-early",
         None,
-        choice("on-early", ("drop", "reject")),
+        choice("on-early", ("drop", "reject", "log")),
         "drop",
         "what to do to an early talker: drop closes at once, reject sends one 554 line "
-        "first (default: drop)",
-        metavar="drop|reject",
+        "first, log only writes it down and holds it for the whole delay like everyone "
+        "else, then passes it (observe mode, a first step; default: drop)",
+        metavar="drop|reject|log",
     ),
     Option(
         "report-attacks",

@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 ProxyProtocol = Literal["none", "v1", "v2"]
-EarlyAction = Literal["drop", "reject"]
+EarlyAction = Literal["drop", "reject", "log"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,8 +116,9 @@ def early_talker(conn: ConnInfo, verdict: EarlyTalk, action: str, rtt_ms: float 
     )
 
 
-def penalized(conn: ConnInfo, elapsed: float) -> Event:
-    """A client the pass cache remembers as an early talker, cut off unheard."""
+def penalized(conn: ConnInfo, elapsed: float, action: str = "penalty") -> Event:
+    """A client the pass cache remembers as an early talker, cut off unheard
+    (`action` "log": observe mode, held as usual instead)."""
     elapsed = _ms(elapsed)
     return Event(
         "early-talker",
@@ -128,10 +129,10 @@ def penalized(conn: ConnInfo, elapsed: float) -> Event:
             ("elapsed", elapsed),
             ("bytes", 0),
             ("first", ""),
-            ("action", "penalty"),
+            ("action", action),
         ),
         f"PREGREET penalty after {elapsed:.3f} from {conn.peer}: remembered as an early talker"
-        " (action=penalty)",
+        f" (action={action})",
     )
 
 
@@ -168,8 +169,10 @@ def passed(conn: ConnInfo, verdict: Pass, rtt_ms: float = 0.0) -> Event:
             ("elapsed", elapsed),
             ("reason", reason),
             ("rtt_ms", _ms(rtt_ms)),
+            ("early_bytes", verdict.early_bytes),
         ),
-        f"PASS {reason.upper()} {conn.peer} after {elapsed:.3f}",
+        f"PASS {reason.upper()} {conn.peer} after {elapsed:.3f}"
+        + (f" ({verdict.early_bytes} bytes before the greeting)" if verdict.early_bytes else ""),
     )
 
 

@@ -2,20 +2,51 @@
 
 This file is the whole of what repeld considers a violation. A `Hold` is fed
 what the shell observed on the socket -- peeked bytes, end of file, a reset,
-or silence at the deadline -- together with the time, and answers with a
-verdict. It never touches a socket, a clock or trio, so every rule here is
-tested in microseconds (tests/unit/test_core.py) and the shell stays thin.
+or silence at the deadline -- the pass cache's answer, and the time, and
+answers with a verdict. It never touches a socket, a clock or trio, so every
+rule here is tested in microseconds (tests/unit/test_core.py) and the shell
+stays thin.
 
-The life of a held connection is a small table:
+Two flags are fixed at construction: `cache_pending` (the pass cache has been
+asked about this client and its answer is to come) and `observe`
+(`--on-early log`: an early talker is written down, never cut off). The life
+of a held connection is a small table (T = the talk, W = talk time +
+CACHE_WAIT, D = the end of the delay):
 
-    state     input          -> verdict                state
-    HOLDING   data (bytes)   -> EarlyTalk             DONE
-    HOLDING   eof / reset    -> HangUp                DONE
-    HOLDING   silence, early -> Wait(deadline)        HOLDING
-    HOLDING   silence, due   -> Pass("delay")         DONE
-    HOLDING   cache: good    -> Pass("cache")         DONE
-    HOLDING   cache: bad     -> Penalty               DONE
-    DONE      anything       -> LocalProtocolError (a bug in the shell)
+    state     input                  -> verdict                         state
+    HOLDING   data                   -> EarlyTalk                       DONE
+    HOLDING   data, cache pending    -> Mute(W)                         TALKED
+    HOLDING   data, observe          -> Logged(T, Mute(D))              OBSERVING
+    HOLDING   eof / reset            -> HangUp                          DONE
+    HOLDING   silence, early         -> Wait(D)                         HOLDING
+    HOLDING   silence, due           -> Pass("delay")                   DONE
+    HOLDING   cache: good            -> Pass("cache")                   DONE
+    HOLDING   cache: bad             -> Penalty                         DONE
+    HOLDING   cache: bad, observe    -> Logged(Penalty, Wait(D))        HOLDING
+    HOLDING   cache: unknown         -> Wait(D)                         HOLDING
+    TALKED    cache: good            -> Pass("cache", early_bytes)      DONE
+    TALKED    cache: bad             -> Penalty                         DONE
+                           observe   -> Logged(T, Mute(D))              OBSERVING
+    TALKED    cache: unknown, or due at W
+                                     -> EarlyTalk (T)                   DONE
+                           observe   -> Logged(T, Mute(D))              OBSERVING
+    TALKED    due before W           -> Mute(W)                         TALKED
+    TALKED    eof (half-close)       -> Mute(W)                         TALKED
+    TALKED    reset                  -> EarlyTalk (T)                   DONE
+    OBSERVING due at D               -> Pass("delay", early_bytes)      DONE
+    OBSERVING eof (half-close)       -> Mute(D)                         OBSERVING
+    OBSERVING reset                  -> HangUp                          DONE
+    DONE      anything               -> LocalProtocolError (a bug in the shell)
+
+A talker whose cache answer is still to come is not judged on its bytes: a
+client the cache remembers as patient (an Exim with PIPECONNECT sends EHLO,
+MAIL and RCPT before the banner) is passed with those bytes still unread in
+the socket. `Mute` tells the shell to stop watching the socket for bytes
+(they are there already) and to call `due()` at its deadline. The wait is
+bounded by CACHE_WAIT after the talk: no answer by then counts as unknown.
+In observe mode a talker that the cache is bad about is written down as a
+talk (observe never cuts anyone off); while a TALKED hold waits in observe
+mode, an answer of bad is the same as unknown.
 
 "silence, due" must only be reported after a last non-blocking peek at the
 deadline found nothing: bytes that arrive at the very end are still early
@@ -28,6 +59,7 @@ import enum
 from dataclasses import dataclass
 
 __all__ = [
+    "CACHE_WAIT",
     "FIRST_BYTES_LIMIT",
     "PEEK_LIMIT",
     "CacheVerdict",
@@ -35,6 +67,8 @@ __all__ = [
     "HangUp",
     "Hold",
     "LocalProtocolError",
+    "Logged",
+    "Mute",
     "Pass",
     "PassReason",
     "Penalty",
@@ -48,6 +82,11 @@ PEEK_LIMIT = 1024
 #: The escaped rendering of a talker's first bytes is cut at this many characters
 #: (postscreen's PREGREET log line does the same).
 FIRST_BYTES_LIMIT = 100
+#: The longest a talker's verdict waits for the pass cache after the talk, in
+#: seconds. A lookup gives up after 0.1 s (cache/sqlite.py, cache/redis.py) and
+#: may wait behind one batch in flight (cache/lookup.py): 0.2 s, and as much
+#: again for a busy event loop. After that the answer counts as unknown.
+CACHE_WAIT = 0.5
 
 
 class LocalProtocolError(RuntimeError):
@@ -79,11 +118,21 @@ class Wait:
 
 
 @dataclass(frozen=True, slots=True)
+class Mute:
+    """No verdict yet, and the client's bytes are in: stop watching for more,
+    and call `due()` at or after `deadline` (or `eof()`/`reset()` if it leaves)."""
+
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
 class Pass:
-    """Hand the client to the MTA."""
+    """Hand the client to the MTA (`early_bytes`: what it sent before the greeting,
+    still unread in the socket, so it reaches the MTA after the PROXY header)."""
 
     reason: PassReason
     elapsed: float
+    early_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,29 +159,98 @@ class Penalty:
     elapsed: float
 
 
-Verdict = Wait | Pass | EarlyTalk | HangUp | Penalty
+@dataclass(frozen=True, slots=True)
+class Logged:
+    """Observe mode: write `note` down (action=log), cut nobody off, carry on with `then`."""
+
+    note: EarlyTalk | Penalty
+    then: Verdict
+
+
+Verdict = Wait | Mute | Pass | EarlyTalk | HangUp | Penalty | Logged
+
+# The states of a Hold (see the table at the top).
+_HOLDING = 0
+_TALKED = 1
+_OBSERVING = 2
+_DONE = 3
 
 
 class Hold:
     """The decision for one held connection, from accept to verdict."""
 
-    __slots__ = ("accepted_at", "deadline", "done")
+    __slots__ = ("_pending", "_state", "_talk", "accepted_at", "deadline", "observe")
 
-    def __init__(self, accepted_at: float, delay: float) -> None:
+    def __init__(
+        self,
+        accepted_at: float,
+        delay: float,
+        *,
+        cache_pending: bool = False,
+        observe: bool = False,
+    ) -> None:
         if delay < 0:
             raise ValueError(f"delay must not be negative, got {delay!r}")
         self.accepted_at = accepted_at
         self.deadline = accepted_at + delay
-        self.done = False
+        self.observe = observe
+        self._pending = cache_pending
+        self._state = _HOLDING
+        self._talk: EarlyTalk | None = None
+
+    @property
+    def done(self) -> bool:
+        """A final verdict has been given."""
+        return self._state == _DONE
+
+    @property
+    def awaiting_cache(self) -> bool:
+        """The pass cache's answer is still to come and would still count."""
+        return self._pending and self._state < _OBSERVING
+
+    @property
+    def muted(self) -> bool:
+        """The client has talked; its bytes are not to be watched any more."""
+        return self._state in (_TALKED, _OBSERVING)
+
+    def _check(self) -> None:
+        if self._state == _DONE:
+            raise LocalProtocolError("this connection has already been decided")
 
     def _finish(self) -> None:
-        # Every verdict but Wait ends the hold; a second one is a shell bug.
-        if self.done:
-            raise LocalProtocolError("this connection has already been decided")
-        self.done = True
+        # Every final verdict ends the hold; a second one is a shell bug.
+        self._check()
+        self._state = _DONE
 
     def _elapsed(self, now: float) -> float:
         return max(0.0, now - self.accepted_at)
+
+    def _early_bytes(self) -> int:
+        return self._talk.nbytes if self._talk is not None else 0
+
+    def _wait_until(self) -> float:
+        # TALKED: the answer counts until CACHE_WAIT after the talk (one formula,
+        # so the deadline the shell is given is the one due() compares with).
+        assert self._talk is not None
+        return self.accepted_at + self._talk.elapsed + CACHE_WAIT
+
+    def _talk_stands(self, now: float) -> Verdict:
+        # TALKED and the cache has nothing good to say: the talk decides.
+        talk = self._talk
+        assert talk is not None
+        self._pending = False
+        if not self.observe:
+            self._state = _DONE
+            return talk
+        self._state = _OBSERVING
+        return Logged(talk, self._observed(now))
+
+    def _observed(self, now: float) -> Verdict:
+        # OBSERVING: held for the whole delay, then passed with its bytes.
+        if now < self.deadline:
+            return Mute(self.deadline)
+        self._state = _DONE
+        return Pass(PassReason.DELAY, self._elapsed(now), self._early_bytes())
 
     def data(self, peeked: bytes, now: float, total: int | None = None) -> Verdict:
         """Bytes seen before the greeting: early talk, whatever they are.
@@ -142,37 +260,98 @@ class Hold:
         """
         if not peeked:
             raise ValueError("data() needs at least one byte; use eof() for end of file")
-        self._finish()
+        self._check()
+        if self._state != _HOLDING:
+            raise LocalProtocolError("data() after the client was muted")
         nbytes = max(len(peeked), total or 0)
-        return EarlyTalk(nbytes, bytes(peeked[:PEEK_LIMIT]), self._elapsed(now))
+        talk = EarlyTalk(nbytes, bytes(peeked[:PEEK_LIMIT]), self._elapsed(now))
+        self._talk = talk
+        if self._pending:
+            self._state = _TALKED
+            return Mute(self._wait_until())
+        if self.observe:
+            self._state = _OBSERVING
+            return Logged(talk, self._observed(now))
+        self._state = _DONE
+        return talk
+
+    def _left(self, now: float, reset: bool) -> Verdict:
+        if not reset and self._state == _TALKED:
+            # Talked, then closed its side: a half-close, as an Exim that pipelined
+            # its QUIT does; it still waits for the replies, so the cache decides.
+            return Mute(self._wait_until())
+        if not reset and self._state == _OBSERVING:
+            return Mute(self.deadline)
+        if self._state == _TALKED:  # it talked, then reset: the talk decides
+            self._state = _DONE
+            assert self._talk is not None
+            return self._talk
+        self._finish()
+        return HangUp(self._elapsed(now), reset=reset)
 
     def eof(self, now: float) -> Verdict:
         """The client closed its side (FIN) before the greeting."""
-        self._finish()
-        return HangUp(self._elapsed(now), reset=False)
+        self._check()
+        return self._left(now, reset=False)
 
     def reset(self, now: float) -> Verdict:
         """The connection was reset (RST) or failed before the greeting."""
-        self._finish()
-        return HangUp(self._elapsed(now), reset=True)
+        self._check()
+        return self._left(now, reset=True)
+
+    def _answer(self) -> None:
+        self._check()
+        if not self.awaiting_cache:
+            raise LocalProtocolError("a cache answer that was not awaited")
+        self._pending = False
 
     def remembered_good(self, now: float) -> Verdict:
-        """The pass cache knows this client waited before: pass it now."""
-        self._finish()
-        return Pass(PassReason.CACHE, self._elapsed(now))
+        """The pass cache knows this client waited before: pass it now, bytes and all."""
+        self._answer()
+        self._state = _DONE
+        return Pass(PassReason.CACHE, self._elapsed(now), self._early_bytes())
 
     def remembered_bad(self, now: float) -> Verdict:
-        """The pass cache holds a penalty for this client: cut it off now."""
-        self._finish()
-        return Penalty(self._elapsed(now))
+        """The pass cache holds a penalty for this client: cut it off now.
+
+        In observe mode nobody is cut off: a silent client's penalty is written
+        down and it is held as usual; a talker's talk is written down instead.
+        """
+        self._answer()
+        if not self.observe:
+            self._state = _DONE
+            return Penalty(self._elapsed(now))
+        if self._state == _TALKED:
+            return self._talk_stands(now)
+        return Logged(Penalty(self._elapsed(now)), Wait(self.deadline))
+
+    def unknown(self, now: float) -> Verdict:
+        """The pass cache knows nothing of this client (or could not answer)."""
+        self._answer()
+        if self._state == _TALKED:
+            return self._talk_stands(now)
+        return Wait(self.deadline)
+
+    def due(self, now: float) -> Verdict:
+        """A muted hold's deadline (the one `Mute` gave) has come."""
+        self._check()
+        if self._state == _OBSERVING:
+            return self._observed(now)
+        if self._state != _TALKED:
+            raise LocalProtocolError("due() for a hold that was not muted")
+        wait_until = self._wait_until()
+        if now < wait_until:
+            return Mute(wait_until)
+        return self._talk_stands(now)
 
     def silence(self, now: float) -> Verdict:
         """Nothing to read now: wait on, or pass once the delay is over."""
-        if self.done:
-            raise LocalProtocolError("this connection has already been decided")
+        self._check()
+        if self._state != _HOLDING:
+            raise LocalProtocolError("silence() for a muted hold; use due()")
         if now < self.deadline:
             return Wait(self.deadline)
-        self.done = True
+        self._state = _DONE
         return Pass(PassReason.DELAY, self._elapsed(now))
 
 

@@ -11,12 +11,20 @@ later with the same delay are due later, so the queue is already sorted and
 costs one pointer per connection (a reload that changes the delay starts a new
 queue). What a peek or the deadline means is decided by `core.Hold`; the pen
 only observes the socket and hands the verdict to `on_verdict`.
+
+A talker whose verdict waits (for the pass cache, or to the end of the delay
+in observe mode) is muted: its bytes are in, so the level-triggered set must
+stop reporting them or the pen would spin. It is watched for leaving only
+(EPOLLRDHUP; on kqueue it leaves the set) and its deadline goes in a small
+heap, as only talkers are ever in it.
 """
 
 from __future__ import annotations
 
 import collections
 import fcntl
+import heapq
+import itertools
 import math
 import socket
 import struct
@@ -28,8 +36,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from repeld.core.events import ConnInfo
-from repeld.core.hold import PEEK_LIMIT, Hold, Verdict, Wait
-from repeld.shell.poller import IN, Poller, watch
+from repeld.core.hold import PEEK_LIMIT, Hold, Logged, Mute, Verdict, Wait
+from repeld.shell.poller import ERROR_READY, HUP, IN, Poller, watch
 
 if TYPE_CHECKING:
     from repeld.shell.handoff import BackendTarget
@@ -76,6 +84,12 @@ class HoldingPen:
         self._held: dict[int, Held] = {}
         self._queues: dict[float, collections.deque[Held]] = {}
         self._wake: trio.CancelScope | None = None
+        #: The fds of muted talkers, and their deadlines other than the delay's.
+        self._muted: set[int] = set()
+        #: Muted talkers that half-closed: out of the set, waiting for a deadline.
+        self._deaf: set[int] = set()
+        self._waits: list[tuple[float, int, Held]] = []
+        self._seq = itertools.count()
         #: How many connections each client address has in the pen now.
         self.per_client: dict[str, int] = {}
 
@@ -111,7 +125,14 @@ class HoldingPen:
         fd = held.sock.fileno()
         if self._held.get(fd) is held:
             del self._held[fd]
-            self._poller.update(fd, IN, 0)
+            if fd in self._muted:
+                self._muted.discard(fd)
+                if fd in self._deaf:
+                    self._deaf.discard(fd)
+                elif HUP:
+                    self._poller.update(fd, HUP, 0)
+            else:
+                self._poller.update(fd, IN, 0)
             client = held.conn.client
             left = self.per_client[client] - 1
             if left:
@@ -120,14 +141,41 @@ class HoldingPen:
                 del self.per_client[client]
 
     def _decide(self, held: Held, verdict: Verdict) -> None:
+        if isinstance(verdict, Logged):  # written down; the hold goes on
+            if not self._handle(held, verdict):
+                return
+            verdict = verdict.then
         if isinstance(verdict, Wait):
             return
+        if isinstance(verdict, Mute):
+            self._mute(held, verdict.deadline)
+            return
         self._release(held)
+        self._handle(held, verdict)
+
+    def _handle(self, held: Held, verdict: Verdict) -> bool:
         try:
             self._on_verdict(held, verdict)
         except Exception as exc:  # a handler never takes the pen down
             print(f"repeld: internal error after verdict {verdict}: {exc!r}", file=sys.stderr)
+            self._release(held)
             held.sock.close()
+            return False
+        return True
+
+    def _mute(self, held: Held, deadline: float) -> None:
+        # Its bytes are in: watch only for its leaving, and wake at `deadline`.
+        fd = held.sock.fileno()
+        if fd not in self._muted:
+            self._muted.add(fd)
+            self._poller.update(fd, IN, HUP)
+        if deadline != held.hold.deadline:  # the delay's own is queued already
+            heapq.heappush(self._waits, (deadline, next(self._seq), held))
+            if self._wake is not None and deadline < self._wake.deadline:
+                self._wake.deadline = deadline
+
+    def _live(self, held: Held) -> bool:
+        return not held.hold.done and self._held.get(held.sock.fileno()) is held
 
     def _peek(self, held: Held, now: float, *, due: bool) -> None:
         hold = held.hold
@@ -152,12 +200,22 @@ class HoldingPen:
         for delay, queue in list(self._queues.items()):
             while queue and queue[0].hold.deadline <= now:
                 held = queue.popleft()
-                if not held.hold.done and self._held.get(held.sock.fileno()) is held:
-                    self._peek(held, now, due=True)
+                if self._live(held):
+                    if held.hold.muted:
+                        self._decide(held, held.hold.due(now))
+                    else:
+                        self._peek(held, now, due=True)
             if queue:
                 next_deadline = min(next_deadline, queue[0].hold.deadline)
             elif len(self._queues) > 1:
                 del self._queues[delay]
+        waits = self._waits
+        while waits and waits[0][0] <= now:
+            held = heapq.heappop(waits)[2]
+            if self._live(held) and held.hold.muted:
+                self._decide(held, held.hold.due(now))
+        if waits:
+            next_deadline = min(next_deadline, waits[0][0])
         return next_deadline
 
     async def run(self) -> None:
@@ -169,9 +227,20 @@ class HoldingPen:
 
     def _serve(self, now: float) -> int:
         ready = self._poller.ready(_BATCH)
-        for fd, _ in ready:
+        for fd, ev in ready:
             held = self._held.get(fd)
-            if held is not None:
+            if held is None:
+                continue
+            if fd in self._muted:  # a muted talker only shows up when it leaves
+                hold = held.hold
+                verdict = hold.reset(now) if ev & ERROR_READY else hold.eof(now)
+                if isinstance(verdict, Mute) and fd not in self._deaf:
+                    # Half-closed after talking (an Exim that pipelined QUIT does):
+                    # it still waits for replies, so only its deadline can decide.
+                    self._deaf.add(fd)
+                    self._poller.update(fd, HUP, 0)
+                self._decide(held, verdict)
+            else:
                 self._peek(held, now, due=False)
         return len(ready)
 
@@ -181,6 +250,8 @@ class HoldingPen:
         for h in held:
             self._release(h)
         self._queues.clear()
+        self._waits.clear()
+        self._deaf.clear()
         return held
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import trio
 
-__all__ = ["ERROR_READY", "IN", "OUT", "READ_READY", "WRITE_READY", "Poller", "watch"]
+__all__ = ["ERROR_READY", "HUP", "IN", "OUT", "READ_READY", "WRITE_READY", "Poller", "watch"]
 
 #: Interest bits (the same values on both platforms): epoll's EPOLLIN / EPOLLOUT.
 IN = 1
@@ -30,11 +30,15 @@ if sys.platform == "linux":
     #: Set in what ready() reports when the socket has an error pending (a
     #: refused connect, a reset); 0 where the poller cannot tell.
     ERROR_READY = select.EPOLLERR | select.EPOLLHUP
+    #: Interest in the peer's leaving only (FIN or RST), not in bytes: for a
+    #: socket whose unread bytes are already known (the pen's muted talkers).
+    #: 0 where the poller has no such interest: the socket leaves the set.
+    HUP = select.EPOLLRDHUP
 
     class Poller:
         """A level-triggered readiness set that trio waits on as one fd (epoll).
 
-        No EPOLLRDHUP: end of file shows as readable, and a socket that is
+        No EPOLLRDHUP with IN: end of file shows as readable, and a socket that is
         interesting for nothing (mask 0) is taken out of the set, so an EPOLLHUP
         that is reported regardless of interest cannot spin the pool.
         """
@@ -66,6 +70,7 @@ else:  # FreeBSD and the other BSDs
     READ_READY = IN
     WRITE_READY = OUT
     ERROR_READY = 0
+    HUP = 0
 
     class Poller:
         """A readiness set that trio waits on as one fd (kqueue, one filter per direction)."""

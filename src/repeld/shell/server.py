@@ -20,7 +20,16 @@ from repeld.config.settings import Listen, Settings, load_trusted
 from repeld.core import events
 from repeld.core.addresses import cache_key, normalize_address
 from repeld.core.events import ConnInfo
-from repeld.core.hold import EarlyTalk, HangUp, Hold, Pass, PassReason, Penalty, Verdict
+from repeld.core.hold import (
+    EarlyTalk,
+    HangUp,
+    Hold,
+    Logged,
+    Pass,
+    PassReason,
+    Penalty,
+    Verdict,
+)
 from repeld.core.policy import Policy, Refuse, TrustedNetworks
 from repeld.service.capacity import capacity_warnings, default_max_held, raise_nofile
 from repeld.service.listeners import backlog_for, open_listeners
@@ -138,15 +147,27 @@ class Server:
             held_from_client=pen.per_client.get(client, 0),
         )
         if admission is None:
-            held = Held(sock, conn, Hold(now, self.settings.delay), listener.backend)
-            pen.add(held)
+            key = None
             if self._lookups is not None:
-                # The hold has begun; a known client is let out as soon as the
-                # cache answers, so a slow cache never delays anyone further.
                 try:
-                    self._lookups.ask(cache_key(client, self._v6_prefix), held)
+                    key = cache_key(client, self._v6_prefix)
                 except ValueError:
                     pass
+            settings = self.settings
+            hold = Hold(
+                now,
+                settings.delay,
+                cache_pending=key is not None,
+                observe=settings.on_early == "log",
+            )
+            held = Held(sock, conn, hold, listener.backend)
+            pen.add(held)
+            if key is not None:
+                # The hold has begun; a known client is let out as soon as the
+                # cache answers, so a slow cache never delays anyone further,
+                # and a talker's verdict waits for that answer (core/hold.py).
+                assert self._lookups is not None
+                self._lookups.ask(key, held)
         elif isinstance(admission, Refuse):
             reply_and_close(sock, REFUSALS[admission])
             self.refused += 1
@@ -167,10 +188,15 @@ class Server:
     # -- verdicts ----------------------------------------------------------------
 
     def _cache_answer(self, held: Held, answer: CacheVerdict) -> None:
+        hold = held.hold
+        if not hold.awaiting_cache:  # too late: the talk was judged without it
+            return
         if answer is CacheVerdict.GOOD:
-            self.pen.settle(held, held.hold.remembered_good)
+            self.pen.settle(held, hold.remembered_good)
         elif answer is CacheVerdict.BAD and self._penalties:
-            self.pen.settle(held, held.hold.remembered_bad)
+            self.pen.settle(held, hold.remembered_bad)
+        else:
+            self.pen.settle(held, hold.unknown)
 
     def _learn(self, conn: ConnInfo, good: bool) -> None:
         # Only a full wait makes a client good; early talk makes it bad.
@@ -186,9 +212,11 @@ class Server:
             self.cache.remember_bad(key)
 
     def _on_verdict(self, held: Held, verdict: Verdict) -> None:
-        if isinstance(verdict, Pass):
+        if isinstance(verdict, Logged):  # observe mode: write it down, cut nobody off
+            self._observed(held, verdict.note)
+        elif isinstance(verdict, Pass):
             backend = held.backend
-            if verdict.reason is PassReason.DELAY:
+            if verdict.reason is PassReason.DELAY and not verdict.early_bytes:
                 self._learn(held.conn, good=True)
             self._pass(held.sock, held.conn, held.hold.accepted_at, verdict, backend)
         elif isinstance(verdict, EarlyTalk):
@@ -200,6 +228,15 @@ class Server:
         elif isinstance(verdict, HangUp):
             held.sock.close()
             self.log.emit(events.hangup(held.conn, verdict))
+
+    def _observed(self, held: Held, note: EarlyTalk | Penalty) -> None:
+        # The cache learns from a logged talk what it learns from a cut-off one;
+        # a logged penalty is already remembered.
+        if isinstance(note, EarlyTalk):
+            self._learn(held.conn, good=False)
+            self.log.emit(events.early_talker(held.conn, note, "log", rtt_ms(held.sock)))
+        else:
+            self.log.emit(events.penalized(held.conn, note.elapsed, "log"))
 
     def _cut_off(self, held: Held, verdict: EarlyTalk) -> None:
         action = self.settings.on_early

@@ -49,7 +49,8 @@ def abort(sock: socket.socket) -> None:
 
 
 def cut_off(sock: socket.socket, verdict: EarlyTalk, action: str) -> None:
-    """End an early talker's connection as `--on-early` says (drop or reject)."""
+    """End an early talker's connection as `--on-early` says (drop or reject; a
+    talker that left while observed, `log`, is dropped)."""
     if action == "reject":
         try:  # take what the talker said so the close is a FIN, not an RST
             sock.recv(verdict.nbytes)
