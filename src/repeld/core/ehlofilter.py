@@ -65,10 +65,10 @@ class EhloFilter:
     def done(self) -> bool:
         return self._state == _DONE
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes | bytearray | memoryview) -> bytes:
         """The bytes to send on for `data` (maybe fewer, maybe held ones too)."""
         if self._state == _DONE:
-            return data
+            return bytes(data)
         buf = self._buf
         buf += data
         out = bytearray()
