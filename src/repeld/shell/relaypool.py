@@ -460,6 +460,7 @@ class RelayPool:
                 self._set_mask(src)
                 if src.filter is not None:  # what it held goes out before the close
                     held, src.filter = src.filter.eof(), None
+                    result.to_client += len(held)  # only the MTA's bytes are filtered
                     if held and not self._send(dst, memoryview(held)):
                         return
                 self._shut(dst)
