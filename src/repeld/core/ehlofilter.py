@@ -34,12 +34,20 @@ split into chunks.
 
 from __future__ import annotations
 
+import re
+
 __all__ = ["LIMIT", "PIPE_CONNECT_KEYWORDS", "EhloFilter"]
 
 #: Bytes of the stream looked at, at most; past them the filter gives up.
 LIMIT = 8192
 #: The capability keywords taken out, upper case.
 PIPE_CONNECT_KEYWORDS = frozenset({b"PIPECONNECT", b"X_PIPE_CONNECT"})
+
+#: The common case in one regular expression each, matched when a chunk starts
+#: a greeting or a reply: the line loop below gives the same answer, slower.
+_GREETING_RE = re.compile(rb"(?:220-[^\n]*\n)*220(?:[ \r][^\n]*)?\n")
+_REPLY_RE = re.compile(rb"(?:[0-9]{3}-[^\n]*\n)*[0-9]{3}(?:[ \r][^\n]*)?\n")
+_PIPE_RE = re.compile(rb"PIPECONNECT|X_PIPE_CONNECT", re.IGNORECASE)
 
 _GREETING = 0
 _REPLY = 1
@@ -69,6 +77,35 @@ class EhloFilter:
         """The bytes to send on for `data` (maybe fewer, maybe held ones too)."""
         if self._state == _DONE:
             return bytes(data)
+        if not self._buf and not self._held:
+            return self._fast(bytes(data))
+        return self._slow(data)
+
+    def _fast(self, data: bytes) -> bytes:
+        """A chunk that starts a line: whole greetings and replies without the
+        capability go through at once; anything else to the line loop."""
+        pos = 0
+        if self._state == _GREETING:
+            m = _GREETING_RE.match(data)
+            if m is None or self._offset + m.end() > LIMIT:
+                return self._slow(data)
+            pos = m.end()
+            self._offset += pos
+            self._state = _REPLY
+        m = _REPLY_RE.match(data, pos)
+        if (
+            m is not None
+            and self._offset + m.end() - pos <= LIMIT
+            and _PIPE_RE.search(data, pos, m.end()) is None
+        ):
+            self._state = _DONE
+            return data
+        if pos == len(data):
+            return data
+        return data[:pos] + self._slow(data[pos:])
+
+    def _slow(self, data: bytes | bytearray | memoryview) -> bytes:
+        """The line loop: any chunking, any stream."""
         buf = self._buf
         buf += data
         out = bytearray()
