@@ -66,6 +66,8 @@ async def test_pipeconnect_client_remembered_as_patient_is_passed_with_its_bytes
     async with running(
         delay=delay,
         on_early="reject",
+        # The client learned PIPECONNECT before the filter stood in its way.
+        keep_pipe_connect=True,
         cache=cache,
         backend_proxy=True,
         backend_ehlo=EHLO_REPLY,
@@ -117,6 +119,7 @@ async def test_observe_mode_passes_a_talker_after_the_delay_with_its_bytes_intac
     async with running(
         delay=delay,
         on_early="log",
+        keep_pipe_connect=True,
         cache=parse_cache_url("memory"),
         backend_proxy=True,
         backend_ehlo=EHLO_REPLY,

@@ -98,7 +98,8 @@ def test_a_patient_exim_reaches_exim_behind_repeld_with_proxy(
 ) -> None:
     """The first connection through repeld: passed after the delay and relayed to
     an Exim that reads the PROXY header (hosts_proxy), which accepts the message
-    and offers PIPECONNECT (cached by the sender under repeld's address)."""
+    and offers PIPECONNECT; repeld's EHLO filter keeps it from the sender, which
+    so caches no EHLO reply to pipeline with."""
     exim = require_exim()
     with exim_server(exim, hosts_proxy="127.0.0.1") as server, running_repeld(
         "--backend", server.address,
@@ -118,7 +119,7 @@ def test_a_patient_exim_reaches_exim_behind_repeld_with_proxy(
         # PRX= is the proxy that sent the header; the client port is the sender's own.
         assert " PRX=127.0.0.1 " in accepted and " L. " in accepted, story(client, server, rd)
         assert f"[127.0.0.1]:{passed.fields['client_port']} " in accepted
-        assert client.ehlo_cache_keys() == [f"127.0.0.1:{rd.address[1]}.EHLO"]
+        assert client.ehlo_cache_keys() == [], story(client, server, rd)
 
 
 @pytest.mark.parametrize("on_early", ["drop", "reject"])
@@ -128,6 +129,8 @@ def test_an_early_pipelining_exim_loses_no_message_behind_repeld(
     """Two messages from a sending Exim with hosts_pipe_connect through repeld to
     an Exim: both delivered at the first attempt. The first connection waits out
     the delay; the second is early-pipelined and must be passed by the cache.
+    `--keep-pipe-connect` lets the Exim learn PIPECONNECT through repeld, as one
+    that learned it before repeld stood in front of the MTA would have.
 
     Before the hold waited for the pass cache, repeld cut the second connection
     off as an early talker: with `drop` the sender deferred ("Remote host closed
@@ -141,6 +144,7 @@ def test_an_early_pipelining_exim_loses_no_message_behind_repeld(
         "--cache", "memory",
         "--proxy-protocol", "v1",
         "--on-early", on_early,
+        "--keep-pipe-connect",
         "--syslog", syslog.target,
     ) as rd, exim_client(exim, rd.address[1]) as client:  # fmt: skip
         first = client.send()
@@ -156,3 +160,30 @@ def test_an_early_pipelining_exim_loses_no_message_behind_repeld(
         syslog.drain()
         assert syslog.named("early-talker") == [], story(client, server, rd)
         assert " L* " in server.accepted()[1], story(client, server, rd)
+
+
+def test_behind_repeld_exim_never_learns_to_pipeline_early(syslog: SyslogUDP) -> None:
+    """With the default EHLO filter the sending Exim never sees PIPECONNECT: its
+    second connection waits for the banner like the first, and both are delivered
+    (the second passed at once by the cache)."""
+    exim = require_exim()
+    with exim_server(exim, hosts_proxy="127.0.0.1") as server, running_repeld(
+        "--backend", server.address,
+        "--delay", str(DELAY),
+        "--cache", "memory",
+        "--proxy-protocol", "v1",
+        "--on-early", "reject",
+        "--syslog", syslog.target,
+    ) as rd, exim_client(exim, rd.address[1]) as client:  # fmt: skip
+        first = client.send()
+        second = client.send()
+        attempts = client.deliveries(first) + client.deliveries(second)
+        assert [d.status for d in attempts] == ["delivered", "delivered"], story(client, server, rd)
+        assert [d.early_pipelining for d in attempts] == [False, False], story(client, server, rd)
+        assert len(server.wait_messages(2)) == 2
+        passes = syslog.wait_for("pass", count=2)
+        assert [p.fields["reason"] for p in passes] == ["delay", "cache"]
+        assert [p.fields["early_bytes"] for p in passes] == ["0", "0"]
+        syslog.drain()
+        assert syslog.named("early-talker") == [], story(client, server, rd)
+        assert all(" L* " not in line for line in server.accepted()), story(client, server, rd)

@@ -269,6 +269,15 @@ OPTIONS: tuple[Option, ...] = (
         metavar="SECONDS",
     ),
     Option(
+        "keep-pipe-connect",
+        None,
+        None,
+        False,
+        "pass the MTA's PIPECONNECT capability on to clients; by default it is taken out of "
+        "the first EHLO reply of every relayed session, so no client learns to talk before "
+        "the greeting (not with --exec)",
+    ),
+    Option(
         "user",
         "-u",
         user_name("user"),

@@ -90,6 +90,7 @@ class Settings:
     penalty_ttl: float = default("penalty-ttl")
     workers: int = default("workers")
     shutdown_grace: float = default("shutdown-grace")
+    keep_pipe_connect: bool = default("keep-pipe-connect")
     user: str | None = default("user")
     group: str | None = default("group")
     chroot: str | None = default("chroot")

@@ -5,6 +5,9 @@ client to the relay pool, which connects, writes the header and relays with no
 task of the client's own; when the session ends, the pool calls back here for
 the `relay-end` event. If the MTA cannot be reached the client is told
 `421 4.3.2` and a real MTA on the other end retries later, so no mail is lost.
+Unless --keep-pipe-connect, the MTA's first EHLO reply reaches the client
+without PIPECONNECT (core/ehlofilter.py), so it never pipelines before the
+greeting of a later connection and gets cut off as an early talker.
 """
 
 from __future__ import annotations
@@ -126,12 +129,14 @@ def handoff(
     pool: RelayPool,
     ended: Callable[[], None],
     tuned: bool = False,
+    strip_pipe_connect: bool = True,
 ) -> None:
     """Hand one passed client to the MTA through `pool`; returns at once.
 
     When the session is over its event is written, `sock` is closed and
     `ended()` is called, once, whatever happened. `tuned`: `sock` came from a
-    listener that `tune_listener` tuned.
+    listener that `tune_listener` tuned; `strip_pipe_connect`: take PIPECONNECT
+    out of the MTA's first EHLO reply.
     """
 
     def done(result: RelayResult) -> None:
@@ -178,6 +183,7 @@ def handoff(
             connect_timeout=connect_timeout,
             idle_timeout=relay_timeout,
             done=done,
+            strip_pipe_connect=strip_pipe_connect,
         )
     except (RelayPoolClosed, ValueError, OSError) as exc:  # never take the server down
         reply_and_close(sock, BACKEND_UNAVAILABLE)

@@ -18,7 +18,10 @@ connect timeout), writes the PROXY header, relays, and calls the caller's
 else when the session ended as closed, timeout, client-reset, backend-reset or
 shutdown (the pool stopped). Half-close is propagated with shutdown(SHUT_WR).
 The pool closes the backend sockets it opened; the client socket stays the
-caller's. `RelayPool.relay` is the same for a task that has both sockets
+caller's. With `strip_pipe_connect`, the MTA's bytes go through a
+core.ehlofilter.EhloFilter until it is done (the greeting and the first reply),
+so the client never learns PIPECONNECT; from then on that direction costs one
+attribute check per chunk. `RelayPool.relay` is the same for a task that has both sockets
 already and waits for the end; cancelling it takes the session out at once.
 """
 
@@ -36,6 +39,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
+from repeld.core.ehlofilter import EhloFilter
 from repeld.shell.poller import ERROR_READY, IN, OUT, READ_READY, WRITE_READY, Poller, watch
 from repeld.shell.relay import CHUNK, RelayResult
 
@@ -68,10 +72,23 @@ class _Side:
     `eof`: end of file was read from this socket; `pending`: bytes read from the
     other side that this socket has not taken yet; `shut`: the direction into
     this socket is over (shutdown(SHUT_WR) done); `mask`: the interest this fd
-    has in the poller now (0: not in it).
+    has in the poller now (0: not in it); `filter`: what the bytes read here go
+    through before they are sent on, until it is done (None: nothing).
     """
 
-    __slots__ = ("eof", "fd", "mask", "name", "peer", "pending", "session", "shut", "sock", "up")
+    __slots__ = (
+        "eof",
+        "fd",
+        "filter",
+        "mask",
+        "name",
+        "peer",
+        "pending",
+        "session",
+        "shut",
+        "sock",
+        "up",
+    )
 
     def __init__(self, session: _Session, sock: socket.socket, name: str, up: bool) -> None:
         self.session = session
@@ -84,6 +101,7 @@ class _Side:
         self.pending: memoryview | None = None
         self.mask = 0
         self.peer: _Side = self
+        self.filter: EhloFilter | None = None
 
 
 class _Session:
@@ -107,6 +125,7 @@ class _Session:
         "open",
         "owns_backend",
         "result",
+        "strip_pipe_connect",
     )
 
     def __init__(
@@ -125,6 +144,7 @@ class _Session:
         self.addresses: list[Address] = []
         self.connect_timeout = 0.0
         self.header = b""
+        self.strip_pipe_connect = False
 
     def attach(self, backend: socket.socket) -> _Side:
         side = self.backend = _Side(self, backend, "backend", False)
@@ -168,11 +188,13 @@ class RelayPool:
         connect_timeout: float,
         idle_timeout: float,
         done: Done,
+        strip_pipe_connect: bool = False,
     ) -> None:
         """Connect `client` to the first of `addresses` that answers and relay.
 
         Each address gets `connect_timeout` seconds. `header` (the PROXY header)
-        goes to the MTA before any byte of the client's. `done(result)` is called
+        goes to the MTA before any byte of the client's; `strip_pipe_connect`
+        filters the MTA's first EHLO reply. `done(result)` is called
         once, from the pool's task, when the session is over (`result.end`) or no
         address answered (`result.connect_error`); the caller closes `client`
         then. Raises RelayPoolClosed if the pool has stopped.
@@ -187,6 +209,7 @@ class RelayPool:
         session.addresses = list(addresses)
         session.connect_timeout = connect_timeout
         session.header = header
+        session.strip_pipe_connect = strip_pipe_connect
         session.owns_backend = True
         self._sessions += 1
         self._sides[session.client.fd] = session.client  # not polled until connected
@@ -200,6 +223,7 @@ class RelayPool:
         backend: socket.socket,
         idle_timeout: float,
         result: RelayResult | None = None,
+        strip_pipe_connect: bool = False,
     ) -> RelayResult:
         """Copy both ways until both sides are done; the caller closes the sockets.
 
@@ -219,6 +243,7 @@ class RelayPool:
                 sock.setblocking(False)
         task = trio.lowlevel.current_task()
         session = _Session(client, idle_timeout, result, lambda _: trio.lowlevel.reschedule(task))
+        session.strip_pipe_connect = strip_pipe_connect
         side = session.attach(backend)
         self._sessions += 1
         self._sides[session.client.fd] = session.client
@@ -324,6 +349,8 @@ class RelayPool:
         session.connecting = False
         session.result.connected_at = now
         session.deadline = now + session.idle_timeout
+        if session.strip_pipe_connect:
+            backend.filter = EhloFilter()
         if session.header:
             header, session.header = session.header, b""
             try:
@@ -431,7 +458,16 @@ class RelayPool:
             if not n:
                 src.eof = True
                 self._set_mask(src)
+                if src.filter is not None:  # what it held goes out before the close
+                    held, src.filter = src.filter.eof(), None
+                    result.to_client += len(held)  # only the MTA's bytes are filtered
+                    if held and not self._send(dst, memoryview(held)):
+                        return
                 self._shut(dst)
+                return
+            if src.filter is not None:
+                if self._pump_filtered(src, n, now):
+                    continue
                 return
             if src.up:
                 result.from_client += n
@@ -453,6 +489,39 @@ class RelayPool:
                 return
             if n < CHUNK:
                 return  # most likely drained; level-triggered polling says if not
+
+    def _pump_filtered(self, src: _Side, n: int, now: float) -> bool:
+        """Send on the `n` bytes just read through `src.filter`; whether to read on."""
+        filt = src.filter
+        assert filt is not None
+        data = filt.feed(self._view[:n])
+        if filt.done:
+            src.filter = None  # from now on, straight through
+        session = src.session
+        session.deadline = now + session.idle_timeout
+        if src.up:
+            session.result.from_client += len(data)
+        else:
+            session.result.to_client += len(data)
+        if data and not self._send(src.peer, memoryview(data)):
+            return False
+        return n == CHUNK
+
+    def _send(self, dst: _Side, data: memoryview) -> bool:
+        """Send `data` to `dst`, keeping what it does not take; whether all went."""
+        try:
+            sent = dst.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._reset(dst.session, dst.name)
+            return False
+        if sent < len(data):
+            dst.pending = data[sent:]
+            self._set_mask(dst.peer)
+            self._set_mask(dst)
+            return False
+        return True
 
     def _flush(self, dst: _Side, now: float) -> None:
         """Send what `dst` had not taken; when all is out, read its source again."""

@@ -274,6 +274,7 @@ class Server:
             self.relay_pool,
             self._relay_ended,
             self._listeners_tune,
+            not s.keep_pipe_connect,
         )
 
     def _relay_ended(self) -> None:

@@ -2,7 +2,8 @@
 default SQLite pass cache and --on-early reject: no false positive.
 
 Its first connection waits for the banner and learns (from a backend that
-advertises PIPECONNECT) that it may pipeline; its second sends EHLO, MAIL and
+advertises PIPECONNECT; --keep-pipe-connect lets it through, as for a client
+that learned it before repeld stood in front of the MTA) that it may pipeline; its second sends EHLO, MAIL and
 RCPT before the banner. The pass cache remembers it as patient, so both
 messages are delivered on the first attempt.
 """
@@ -94,6 +95,7 @@ def test_pipeconnect_client_delivers_twice_through_the_sqlite_cache(
             "--proxy-protocol", "v2",
             "--delay", "2",
             "--on-early", "reject",
+            "--keep-pipe-connect",
             "--cache", f"sqlite:{state / 'cache.sqlite'}",
             "--syslog", syslog.target,
             *user,
