@@ -135,7 +135,17 @@ def test_postfix_not_expecting_the_header_answers_it_as_a_command() -> None:
 def test_a_refused_ehlo_after_a_header() -> None:
     verdict, _, _ = run(BackendCheck("v1", "p"), [GREETING, b"554 5.7.1 go away\r\n", TIMEOUT])
     assert not verdict.ok
-    assert "refuses EHLO p: '554 5.7.1 go away'" in verdict.message
+    assert "refuses the PROXY v1 header or EHLO p with '554 5.7.1 go away'" in verdict.message
+    assert "expect a PROXY v1 header?" in verdict.message
+
+
+def test_postfix_not_expecting_a_v2_header_reads_its_quit() -> None:
+    # The v2 signature's "\r\n\r\n\x00\r\nQUIT\n" is two empty lines and a QUIT.
+    verdict, _, _ = run(
+        BackendCheck("v2", "p"), [GREETING + b"500 5.5.2 Error: bad syntax\r\n", b""]
+    )
+    assert not verdict.ok
+    assert "refuses the PROXY v2 header or EHLO p with '500 5.5.2" in verdict.message
 
 
 def test_a_refused_ehlo_without_a_header() -> None:

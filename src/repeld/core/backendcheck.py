@@ -271,7 +271,12 @@ class BackendCheck:
 
     def _header_refused(self) -> None:
         assert self._header_reply is not None
-        self._fail(f"refuses EHLO {self.helo_name}: {self._header_reply.text()!r}")
+        # Greeted, then a refusal and no 250: of the header or of EHLO, no telling.
+        self._fail(
+            f"greets, then refuses the {self._header_name} header or EHLO "
+            f"{self.helo_name} with {self._header_reply.text()!r}: "
+            f"{self._refuses_header_hint()}"
+        )
 
     def _on_ehlo(self, reply: Reply) -> None:
         capabilities = tuple(line.strip() for line in reply.lines[1:] if line.strip())
