@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -198,3 +199,7 @@ def test_the_daemon_warns_at_start_and_still_serves(syslog: SyslogUDP) -> None:
             client.sendall(b"EHLO client.test\r\n")
             assert read_line(client).startswith(b"421 4.3.0 ")
         assert rd.proc.poll() is None  # still serving
+        rd.signal(signal.SIGHUP)  # an applied reload checks again
+        syslog.wait_for("reload", timeout=TIMEOUT)
+        again = syslog.wait_for("backend-check", count=2, timeout=TIMEOUT)
+        assert again[1].fields["backend"] == f"127.0.0.1:{pf.port}"
