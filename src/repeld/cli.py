@@ -23,7 +23,7 @@ EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
 #: Flags that are actions of the command (or say where the settings are), not settings.
-_ACTIONS = ("config", "check-config", "check-kernel")
+_ACTIONS = ("config", "check-config", "check-kernel", "check-backend")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -93,6 +93,13 @@ def make_parser() -> argparse.ArgumentParser:
         help="print the kernel and process limits that decide how many connections repeld "
         "can hold, and the lines that raise them; then exit",
     )
+    parser.add_argument(
+        "--check-backend",
+        action="store_true",
+        help="connect to every backend as a passed client would (PROXY header as "
+        "--proxy-protocol says, greeting, EHLO, QUIT), print one line each, and exit "
+        "(status 0 if all are fine, 1 if one is not)",
+    )
     parser.add_argument("--version", action="version", version=f"repeld {__version__}")
     return parser
 
@@ -114,6 +121,21 @@ def settings_from(flags: dict[str, Any], actions: dict[str, Any]) -> Settings:
     return load_settings(flags, path, explicit="config" in actions)
 
 
+def check_backend(settings: Settings) -> int:
+    """--check-backend: one line per backend on stdout; 0 if every one is fine, else 1."""
+    import trio
+
+    from repeld.shell.backendcheck import check_backends, report_line
+
+    results = trio.run(check_backends, settings)
+    if not results:
+        print("repeld: no backend to check: passed clients go to the --exec program")
+        return 0
+    for backend, verdict in results:
+        print(report_line(backend, settings.proxy_protocol, verdict), flush=True)
+    return 0 if all(verdict.ok for _, verdict in results) else EXIT_FAILURE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run repeld; the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -132,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if actions.get("check-config"):
         sys.stdout.write(render_settings(settings))
         return 0
+    if actions.get("check-backend"):
+        return check_backend(settings)
     from repeld.service import daemon
 
     return daemon.start(settings, lambda: settings_from(flags, actions), argv)

@@ -58,7 +58,7 @@ README = ROOT / "README.md"
 SAMPLE = ROOT / "scripts" / "repeld.toml.sample"
 
 #: Flags of the command that are not settings.
-ACTIONS = ("config", "check-config", "check-kernel", "version")
+ACTIONS = ("config", "check-config", "check-kernel", "check-backend", "version")
 
 #: Long flags of other programs that the documents quote (pip, useradd, systemctl,
 #: redis-cli...).
@@ -74,6 +74,10 @@ FOREIGN_FLAGS = frozenset(
         "pattern",
     }
 )
+
+#: Flags the documents already name that another branch is adding (the EHLO
+#: filter's switch); harmless once it is merged, and to be removed then.
+PENDING_FLAGS = frozenset({"keep-pipe-connect"})
 
 #: A long flag in Markdown or plain text, not part of a longer word.
 _FLAG_TEXT = r"(?<![\w-])--{}(?![\w-])"
@@ -193,7 +197,7 @@ def test_every_documented_flag_exists(path: Path) -> None:
         named = _flags_named(text, r"(?<![\w-])--([a-z][a-z0-9-]*)")
     else:
         named = _flags_named(text, r"\bFl -([a-z][a-z0-9-]*)")
-    known = set(LONG_FLAGS) | {"help"} | FOREIGN_FLAGS
+    known = set(LONG_FLAGS) | {"help"} | FOREIGN_FLAGS | PENDING_FLAGS
     assert named - known == set(), f"{path.name} names flags repeld does not have"
 
 
@@ -460,6 +464,7 @@ def _sample_events() -> list[Event]:
         events.hangup(conn, HangUp(3.0, reset=False)),
         events.passed(conn, Pass(PassReason.DELAY, 25.0)),
         events.backend_error(conn, 25.0, "127.0.0.1:10025", "Connection refused"),
+        events.backend_check("127.0.0.1:10025", "cannot connect: Connection refused"),
         events.relay_end(conn, 30.0, 5.0, 1000, 200, "closed"),
         events.exec_end(conn, 30.0, 5.0, "/var/qmail/bin/qmail-smtpd", 0, "exit"),
         events.internal_error(conn, 1.0, "oops"),

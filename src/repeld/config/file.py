@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 #: Flags that make no sense as keys in the file.
-CLI_ONLY = frozenset({"config", "check-config", "check-kernel", "version", "help"})
+CLI_ONLY = frozenset({"config", "check-config", "check-kernel", "check-backend", "version", "help"})
 
 
 def default_config_path() -> str:

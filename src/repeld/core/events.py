@@ -19,6 +19,7 @@ __all__ = [
     "Event",
     "FieldValue",
     "Severity",
+    "backend_check",
     "backend_error",
     "cache_notice",
     "config_error",
@@ -290,6 +291,17 @@ def config_error(error: str) -> Event:
         Severity.ERR,
         f"CONFIG-ERROR reload refused, old configuration kept: {error}",
         error=error,
+    )
+
+
+def backend_check(backend: str, message: str) -> Event:
+    """The start-up or reload check found a backend that will not serve passed clients well."""
+    return _service(
+        "backend-check",
+        Severity.WARNING,
+        f"BACKEND-CHECK {backend}: {message}",
+        backend=backend,
+        message=message,
     )
 
 

@@ -36,6 +36,7 @@ from repeld.core import events
 from repeld.core.addresses import host_port
 from repeld.service import activation, privileges, sdnotify, workers
 from repeld.service.pidfile import PidFile, PidFileError
+from repeld.shell.backendcheck import warn_about_backends
 from repeld.shell.eventlog import EventLog
 from repeld.shell.handoff import resolve_optional_backend
 from repeld.shell.server import Server, open_server
@@ -66,7 +67,19 @@ def _tune_gc() -> None:
     gc.set_threshold(_GC_GEN0, gen1, gen2)
 
 
-async def _reload(server: Server, log: EventLog, reload_settings: Callable[[], Settings]) -> None:
+def _checks_backends() -> bool:
+    """Whether this process checks the backends: a lone daemon, or worker 0 of --workers."""
+    # One probe per start or reload is enough; the supervising parent does not
+    # serve, and N workers would knock N times.
+    return os.environ.get(workers.WORKER_ENV, "0") == "0"
+
+
+async def _reload(
+    server: Server,
+    log: EventLog,
+    reload_settings: Callable[[], Settings],
+    nursery: trio.Nursery,
+) -> None:
     sdnotify.reloading()
     try:
         settings = reload_settings()
@@ -76,6 +89,8 @@ async def _reload(server: Server, log: EventLog, reload_settings: Callable[[], S
         log.emit(events.config_error(str(exc).replace("\n", "; ")))
     else:
         log.emit(events.reload(server.apply(settings, trusted, backend)))
+        if _checks_backends():
+            nursery.start_soon(warn_about_backends, settings, log)  # in the background
     sdnotify.ready()
 
 
@@ -85,11 +100,12 @@ async def _handle_signals(
     log: EventLog,
     reload_settings: Callable[[], Settings],
     started: float,
+    nursery: trio.Nursery,
 ) -> None:
     stopping = False
     async for signum in signals:
         if signum == signal.SIGHUP:
-            await _reload(server, log, reload_settings)
+            await _reload(server, log, reload_settings, nursery)
         elif signum in (signal.SIGTERM, signal.SIGINT):
             sdnotify.stopping()
             # The first asks for a drain; a second cuts the relays at once.
@@ -117,7 +133,9 @@ async def serve_forever(
         async with trio.open_nursery() as outer:
             outer.start_soon(log.run)
             async with trio.open_nursery() as inner:
-                inner.start_soon(_handle_signals, signals, server, log, reload_settings, started)
+                inner.start_soon(
+                    _handle_signals, signals, server, log, reload_settings, started, inner
+                )
                 inner.start_soon(workers.watch_parent, server.shutdown)
                 workers.announce_ready()  # to a supervising parent, if there is one
                 bound = " ".join(host_port(h, p) for h, p in server.addresses)
@@ -134,6 +152,8 @@ async def serve_forever(
                         flush=True,
                     )
                 sdnotify.ready(f"listening on {bound}")
+                if _checks_backends():  # serving does not wait for it, nor stop for it
+                    inner.start_soon(warn_about_backends, settings, log)
                 await server.serve()
                 inner.cancel_scope.cancel()
             stats = server.statistics()
