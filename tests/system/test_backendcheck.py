@@ -19,7 +19,6 @@ import pytest
 import trio
 from aiosmtpd.controller import Controller
 
-from repeld.config.settings import OPTIONS
 from repeld.config.values import Backend
 from repeld.shell.backendcheck import check_backend
 
@@ -156,10 +155,6 @@ def test_pipeconnect_with_the_default_filter_passes_the_cli() -> None:
     assert "warning" not in done.stdout
 
 
-@pytest.mark.skipif(
-    "keep-pipe-connect" not in {opt.name for opt in OPTIONS},
-    reason="--keep-pipe-connect is not merged yet",
-)
 def test_pipeconnect_warning_from_the_cli_with_keep_pipe_connect() -> None:
     with pipeconnect_backend() as port:
         done = check_backend_cli("--backend", f"127.0.0.1:{port}", "--keep-pipe-connect")

@@ -113,7 +113,8 @@ def test_pipeconnect_client_delivers_twice_through_the_sqlite_cache(
         syslog.drain()
         assert syslog.named("early-talker") == []
         assert len(handler.deliveries) == 2  # both on the first attempt
-        assert handler.proxy_headers == 2
+        # the two clients, and the start-up backend check if it got there first
+        assert len(handler.proxy_sources) in (2, 3)
         assert all(d.proxy_version == 2 for d in handler.deliveries)
         assert all(d.rcpt_tos == ["b@backend.test"] for d in handler.deliveries)
     except BaseException:

@@ -75,10 +75,6 @@ FOREIGN_FLAGS = frozenset(
     }
 )
 
-#: Flags the documents already name that another branch is adding (the EHLO
-#: filter's switch); harmless once it is merged, and to be removed then.
-PENDING_FLAGS = frozenset({"keep-pipe-connect"})
-
 #: A long flag in Markdown or plain text, not part of a longer word.
 _FLAG_TEXT = r"(?<![\w-])--{}(?![\w-])"
 #: A long flag in mdoc source: `Fl -name`.
@@ -197,7 +193,7 @@ def test_every_documented_flag_exists(path: Path) -> None:
         named = _flags_named(text, r"(?<![\w-])--([a-z][a-z0-9-]*)")
     else:
         named = _flags_named(text, r"\bFl -([a-z][a-z0-9-]*)")
-    known = set(LONG_FLAGS) | {"help"} | FOREIGN_FLAGS | PENDING_FLAGS
+    known = set(LONG_FLAGS) | {"help"} | FOREIGN_FLAGS
     assert named - known == set(), f"{path.name} names flags repeld does not have"
 
 

@@ -43,9 +43,7 @@ _READ_SIZE = 4096
 
 def keep_pipe_connect(settings: Settings) -> bool:
     """Whether repeld passes PIPECONNECT on in EHLO replies (its filter is off)."""
-    # --keep-pipe-connect is being added on another branch; until it lands the
-    # filter does not exist here, and once it does, False means "filter on".
-    return bool(getattr(settings, "keep_pipe_connect", False))
+    return settings.keep_pipe_connect
 
 
 def backends_of(settings: Settings) -> list[Backend]:
