@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
+from repeld.service import tcptune
 from repeld.shell.poller import ERROR_READY, IN, OUT, READ_READY, WRITE_READY, Poller, watch
 from repeld.shell.relay import CHUNK, RelayResult
 
@@ -262,7 +263,7 @@ class RelayPool:
             try:
                 if not _NONBLOCK:
                     sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                tcptune.set_nodelay(sock.fileno())
                 err = sock.connect_ex(addr)
             except OSError as exc:
                 sock.close()
