@@ -7,6 +7,7 @@ module carries them out and writes one event per verdict.
 
 from __future__ import annotations
 
+import errno
 import socket
 import sys
 from collections.abc import Iterable
@@ -117,8 +118,7 @@ class Server:
 
     def _accepted(self, sock: socket.socket, addr: tuple[object, ...], listener: Listener) -> None:
         now = trio.current_time()
-        try:
-            sock.setblocking(False)
+        try:  # accept_loop hands out non-blocking sockets
             if listener.local is not None:
                 server, server_port = listener.local
             else:
@@ -313,7 +313,19 @@ class Server:
             relays.cancel_scope.cancel()
 
     def _start_listener(self, nursery: trio.Nursery, listener: Listener) -> None:
-        nursery.start_soon(accept_loop, listener, self._accepted, self._accept_paused)
+        nursery.start_soon(self._accept, listener)
+
+    async def _accept(self, listener: Listener) -> None:
+        try:
+            await accept_loop(listener, self._accepted, self._accept_paused)
+        except OSError as exc:
+            # A broken listener (EBADF, EINVAL...) never heals: retrying it would
+            # spin. Say so in the event log, then end the server with it, as
+            # trio's serve_listeners does.
+            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            message = f"accept on {listener.spec}: {name} {exc.strerror}; listener broken, stopping"
+            self.log.emit(events.internal_error(None, 0.0, message))
+            raise
 
     def _close_listeners(self) -> None:
         for lst in self.listeners:
