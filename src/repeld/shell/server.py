@@ -64,12 +64,14 @@ class Server:
         self.policy = Policy(trusted, self.max_held, settings.max_per_client)
         self.backend = backend
         self.log = log
-        self.pen = HoldingPen(self._on_verdict)
+        self.pen = HoldingPen(self._on_verdict, self._pen_error)
         self.listeners: list[Listener] = []
         #: Every listener hands out sockets already tuned for relaying.
         self._listeners_tune = True
         #: Clients handed on and not done yet (relayed by the pool, or --exec).
         self.relays = 0
+        #: Set when `relays` falls to 0, for whoever waits in `wait_idle`.
+        self._idle: trio.Event | None = None
         #: The relays nursery: the relay pool's task, and a task per --exec client.
         self._handlers: trio.Nursery | None = None
         #: Every relayed session, from the backend connect to its end, in one task.
@@ -201,6 +203,13 @@ class Server:
             held.sock.close()
             self.log.emit(events.hangup(held.conn, verdict))
 
+    def _pen_error(self, held: Held, message: str) -> None:
+        elapsed = trio.current_time() - held.hold.accepted_at
+        self.log.emit(events.internal_error(held.conn, elapsed, message))
+
+    def _pool_error(self, message: str) -> None:
+        self.log.emit(events.internal_error(None, 0.0, message))
+
     def _cut_off(self, held: Held, verdict: EarlyTalk) -> None:
         action = self.settings.on_early
         rtt = rtt_ms(held.sock)
@@ -241,6 +250,15 @@ class Server:
 
     def _relay_ended(self) -> None:
         self.relays -= 1
+        if not self.relays and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no client is being relayed or served by --exec (at once if none is)."""
+        while self.relays:
+            if self._idle is None or self._idle.is_set():
+                self._idle = trio.Event()
+            await self._idle.wait()
 
     async def _exec(
         self, sock: socket.socket, conn: ConnInfo, accepted_at: float, program: tuple[str, ...]
@@ -248,7 +266,7 @@ class Server:
         try:
             await handoff_exec(sock, conn, accepted_at, program, self.log)
         finally:
-            self.relays -= 1
+            self._relay_ended()
 
     # -- running -----------------------------------------------------------------
 
@@ -288,7 +306,7 @@ class Server:
         async with trio.open_nursery() as relays:
             self._handlers = relays
             # Cancelled with the relays at the end of the drain, never before them.
-            self.relay_pool = RelayPool()
+            self.relay_pool = RelayPool(self._pool_error)
             relays.start_soon(self.relay_pool.run)
             async with trio.open_nursery() as front:
                 self._front = front.cancel_scope
@@ -308,8 +326,7 @@ class Server:
                 self.shutdown_held += 1
             with trio.CancelScope(deadline=trio.current_time() + self._grace) as drain:
                 self._drain = drain
-                while self.relays:
-                    await trio.sleep(_DRAIN_POLL)
+                await self.wait_idle()
             relays.cancel_scope.cancel()
 
     def _start_listener(self, nursery: trio.Nursery, listener: Listener) -> None:
@@ -403,7 +420,6 @@ _RESTART_ONLY = (
     "cache_v6_prefix",
     "penalty_ttl",
 )
-_DRAIN_POLL = 0.05
 
 
 async def open_server(
