@@ -473,24 +473,22 @@ class RelayPool:
         """Take `session` out of the pool (fds out of the poller) and tell its caller."""
         session.open = False
         self._sessions -= 1
-        owned = session.backend  # the pool's own socket: it closes it here
         for side in (session.client, session.backend):
             if side is None:
                 continue
             if side.mask:
-                # Closing the owned socket below takes it out of the set (its only
-                # reference: see poller.py); the client lives on with its caller.
-                if side is not owned:
-                    try:
-                        self._poller.update(side.fd, side.mask, 0)
-                    except (OSError, ValueError):
-                        pass  # the poller is closed already
+                # Out of the set before any close, even of the pool's own socket:
+                # a forked child may hold a copy for a moment (poller.py's rule).
+                try:
+                    self._poller.update(side.fd, side.mask, 0)
+                except (OSError, ValueError):
+                    pass  # the poller is closed already
                 side.mask = 0
             if self._sides.get(side.fd) is side:
                 del self._sides[side.fd]
             side.pending = None
-        if owned is not None:
-            owned.sock.close()
+        if session.backend is not None:
+            session.backend.sock.close()  # the pool's own; the client is the caller's
         if session.in_heap:
             session.in_heap = False
             self._stale += 1
