@@ -1,16 +1,27 @@
 /*
- * tcpnative.c -- what Python's socket module cannot do portably, for
- * repeld._tcpnative: read struct tcp_info on Linux and FreeBSD into one
- * neutral struct, set TCP_USER_TIMEOUT where it exists, and read FreeBSD
- * sysctls.  Everything that socket.setsockopt() can do stays in Python.
+ * tcpnative.c -- repeld._tcpnative, the one home of repeld's kernel tuning:
+ *
+ *  - the tuning of a socket (TCP_NODELAY, keepalive idle/interval/count,
+ *    TCP_USER_TIMEOUT, the abortive close SO_LINGER {1, 0}), so that no option
+ *    is set one way here and another way in Python;
+ *  - the kernel's caps on queues (somaxconn / kern.ipc.soacceptqueue, the SYN
+ *    backlog / syncache), read from /proc on Linux and sysctlbyname on FreeBSD;
+ *  - struct tcp_info on Linux and FreeBSD, read into one neutral struct;
+ *  - accept4() with the peer address as text, for the accept loop: Python's
+ *    public socket.accept() builds enums and a socket object per client.
  *
  * Functions return -1 with errno set on failure, like the system calls they
- * wrap; repeld/tcptune.py turns that into OSError.  Platforms other than
- * Linux and FreeBSD still build, and fail at run time with ENOSYS.
+ * wrap; repeld/service/tcptune.py turns that into OSError.  Platforms other
+ * than Linux and FreeBSD still build, and fail at run time with ENOSYS where
+ * there is nothing portable to fall back on.
  */
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <arpa/inet.h>
 #include <stddef.h>
 #include <string.h>
 #include <sys/types.h>
@@ -39,6 +50,13 @@
 #endif
 
 #define REPELD_UNSUPPORTED (-2)
+
+struct repeld_peer {
+    char host[46];
+    int port;
+};
+
+_Static_assert(INET6_ADDRSTRLEN == 46, "struct repeld_peer.host in tcpnative.h");
 
 struct repeld_tcp_info {
     int state;
@@ -88,6 +106,70 @@ static const char *const repeld_state_names[] = {
 static const char *const repeld_state_names[] = { NULL };
 #endif
 
+/* Accept one client, non-blocking and close-on-exec in the same call, and
+ * write its address as text: the fd, or -1 with errno set (EAGAIN: none). */
+int repeld_accept(int fd, struct repeld_peer *peer)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    int client;
+
+#if defined(__linux__) || defined(__FreeBSD__)
+    client = accept4(fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (client == -1)
+        return -1;
+#else
+    client = accept(fd, (struct sockaddr *)&ss, &len);
+    if (client == -1)
+        return -1;
+    if (fcntl(client, F_SETFD, FD_CLOEXEC) == -1
+        || fcntl(client, F_SETFL, fcntl(client, F_GETFL) | O_NONBLOCK) == -1) {
+        int saved = errno;
+        close(client);
+        errno = saved;
+        return -1;
+    }
+#endif
+    peer->host[0] = '\0';
+    peer->port = 0;
+    if (ss.ss_family == AF_INET) {
+        struct sockaddr_in *sin = (struct sockaddr_in *)&ss;
+        inet_ntop(AF_INET, &sin->sin_addr, peer->host, sizeof peer->host);
+        peer->port = ntohs(sin->sin_port);
+    } else if (ss.ss_family == AF_INET6) {
+        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&ss;
+        inet_ntop(AF_INET6, &sin6->sin6_addr, peer->host, sizeof peer->host);
+        peer->port = ntohs(sin6->sin6_port);
+    }
+    return client;
+}
+
+/* Send each small write at once: no Nagle delay behind a delayed ACK. */
+int repeld_set_nodelay(int fd, int on)
+{
+    return setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+}
+
+/* Let the kernel find and drop peers that vanished: probe after `idle`
+ * seconds of silence, every `interval` seconds, give up after `count`.
+ * The timings go first, so a value the kernel refuses leaves keepalive off. */
+int repeld_set_keepalive(int fd, int idle, int interval, int count)
+{
+    int on = 1;
+
+    if (idle < 1 || interval < 1 || count < 1) {
+        errno = EINVAL;
+        return -1;
+    }
+#if defined(TCP_KEEPIDLE) && defined(TCP_KEEPINTVL) && defined(TCP_KEEPCNT)
+    if (setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle) == -1
+        || setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof interval) == -1
+        || setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof count) == -1)
+        return -1;
+#endif
+    return setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
+}
+
 /* Bound how long sent data may stay unacknowledged before the kernel gives up. */
 int repeld_set_user_timeout(int fd, int ms)
 {
@@ -98,6 +180,14 @@ int repeld_set_user_timeout(int fd, int ms)
     (void)ms;
     return REPELD_UNSUPPORTED;
 #endif
+}
+
+/* Make close() send RST, so a dropped client leaves no TIME_WAIT behind. */
+int repeld_set_abortive_close(int fd)
+{
+    struct linger lg = { .l_onoff = 1, .l_linger = 0 };
+
+    return setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
 }
 
 /* Copy the few tcp_info fields repeld logs, independent of the platform layout. */
@@ -155,8 +245,9 @@ const char *repeld_tcp_state_name(int state)
     return repeld_state_names[state];
 }
 
+#if !defined(__linux__)
 /* Read an unsigned integer sysctl by name, which only C can do on FreeBSD. */
-long long repeld_sysctl_uint(const char *name)
+static long long repeld_sysctl_uint(const char *name)
 {
 #if defined(__FreeBSD__)
     union {
@@ -179,5 +270,69 @@ long long repeld_sysctl_uint(const char *name)
     (void)name;
     errno = ENOSYS;
     return -1;
+#endif
+}
+#endif
+
+#if defined(__linux__)
+/* Read one non-negative integer from a /proc/sys file, or -1 with errno set. */
+static long long repeld_proc_uint(const char *path)
+{
+    char buf[32];
+    char *end;
+    ssize_t n;
+    long long value;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+
+    if (fd == -1)
+        return -1;
+    n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) {
+        errno = n == 0 ? EINVAL : errno;
+        return -1;
+    }
+    buf[n] = '\0';
+    errno = 0;
+    value = strtoll(buf, &end, 10);
+    if (errno != 0)
+        return -1;
+    if (end == buf || value < 0 || (*end != '\n' && *end != '\0')) {
+        errno = EINVAL;
+        return -1;
+    }
+    return value;
+}
+#endif
+
+/* The ceiling the kernel silently puts on any listen() backlog. */
+long long repeld_accept_queue_cap(void)
+{
+#if defined(__linux__)
+    return repeld_proc_uint("/proc/sys/net/core/somaxconn");
+#else
+    /* FreeBSD; elsewhere repeld_sysctl_uint fails with ENOSYS. */
+    return repeld_sysctl_uint("kern.ipc.soacceptqueue");
+#endif
+}
+
+/* How many half-open connections the kernel will queue, for the system. */
+long long repeld_syn_backlog(void)
+{
+#if defined(__linux__)
+    return repeld_proc_uint("/proc/sys/net/ipv4/tcp_max_syn_backlog");
+#else
+    /* FreeBSD keeps half-open connections in the syncache: its own limit, or
+     * (older kernels) buckets times entries per bucket. */
+    long long limit = repeld_sysctl_uint("net.inet.tcp.syncache.cachelimit");
+    long long buckets, per_bucket;
+
+    if (limit != -1)
+        return limit;
+    buckets = repeld_sysctl_uint("net.inet.tcp.syncache.hashsize");
+    per_bucket = repeld_sysctl_uint("net.inet.tcp.syncache.bucketlimit");
+    if (buckets == -1 || per_bucket == -1)
+        return -1;
+    return buckets * per_bucket;
 #endif
 }

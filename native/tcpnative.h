@@ -22,8 +22,25 @@ struct repeld_tcp_info {
     unsigned long long bytes_received;  /* Linux only; 0 on FreeBSD */
 };
 
+/* A client's address as accept4() gave it, in text (INET6_ADDRSTRLEN = 46). */
+struct repeld_peer {
+    char host[46];                      /* inet_ntop(); "" if not AF_INET/AF_INET6 */
+    int port;
+};
+
+/* Accept one client, non-blocking and close-on-exec: its fd, or -1 with errno. */
+int repeld_accept(int fd, struct repeld_peer *peer);
+
+/* The tuning of one socket; each returns 0, or -1 with errno set. */
+int repeld_set_nodelay(int fd, int on);
+int repeld_set_keepalive(int fd, int idle, int interval, int count);
 int repeld_set_user_timeout(int fd, int ms);
+int repeld_set_abortive_close(int fd);
+
+/* The kernel's caps: the value, or -1 with errno set. */
+long long repeld_accept_queue_cap(void);
+long long repeld_syn_backlog(void);
+
 int repeld_tcp_info(int fd, struct repeld_tcp_info *out);
 long long repeld_tcp_rtt_us(int fd);
 const char *repeld_tcp_state_name(int state);
-long long repeld_sysctl_uint(const char *name);

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import socket
+import sys
 
 import pytest
 import trio
@@ -73,3 +74,67 @@ async def test_the_next_deadline_wakes_the_loop_and_a_new_scope_is_made(
     assert len([s for s in scopes if s is not None]) == 3
     assert scopes[-1] is None
     poller.close()
+
+
+# -- the rule in poller.py: no registered socket duplicated; out of the set before close --
+
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="epoll's close semantics")
+
+
+def test_a_registered_socket_closed_for_good_gives_no_stale_events() -> None:
+    poller = Poller()
+    a, b = socket.socketpair()
+    with b:
+        poller.update(a.fileno(), 0, IN)
+        b.send(b"x")
+        assert poller.ready(8) == [(a.fileno(), select_in())]
+        a.close()  # the only reference: the description leaves the set with it
+        assert poller.ready(8) == []  # its unread byte is reported no more
+    poller.close()
+
+
+def test_a_reused_fd_number_gets_no_events_meant_for_its_old_socket() -> None:
+    poller = Poller()
+    a, b = socket.socketpair()
+    old_fd = a.fileno()
+    poller.update(old_fd, 0, IN)
+    poller.update(old_fd, IN, 0)  # out of the set...
+    a.close()  # ...then closed
+    b.close()  # the old peer hangs up: nothing may report it
+    c, d = socket.socketpair()
+    with c, d:
+        reused = c if c.fileno() == old_fd else d
+        assert reused.fileno() == old_fd  # the lowest free number comes back
+        other = d if reused is c else c
+        assert poller.ready(8) == []  # not registered: no events at all
+        poller.update(old_fd, 0, IN)  # now the new socket is watched on that number
+        assert poller.ready(8) == []  # and nothing of the old one's end of file
+        other.send(b"new")
+        assert poller.ready(8) == [(old_fd, select_in())]
+        assert reused.recv(10) == b"new"
+        poller.update(old_fd, IN, 0)
+    poller.close()
+
+
+@linux_only
+def test_why_the_rule_exists_a_duplicated_registered_socket_is_reported_after_close() -> None:
+    """What the rule prevents: epoll watches the open description, so a copy
+    (a dup, a forked child's fd table) keeps a closed fd number reported."""
+    poller = Poller()
+    a, b = socket.socketpair()
+    fd = a.fileno()
+    poller.update(fd, 0, IN)
+    copy = a.dup()
+    a.close()  # no EPOLL_CTL_DEL first
+    with b, copy:
+        b.send(b"x")
+        assert poller.ready(8) == [(fd, select_in())]  # stale: fd is closed
+        assert poller.ready(8) == [(fd, select_in())]  # level-triggered: again and again
+        copy.close()  # the last reference: now it is gone
+        assert poller.ready(8) == []
+    poller.close()
+
+
+def select_in() -> int:
+    """What ready() reports for a readable socket (EPOLLIN, or kqueue's IN)."""
+    return IN

@@ -14,7 +14,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -31,19 +31,25 @@ HUNG = 3600.0
 
 @dataclass
 class Pair:
-    """One relayed session's four sockets (the pool's two are plain sockets)."""
+    """One relayed session's four sockets (the pool's two are plain sockets).
+
+    The backend half exists once `relay` has handed the client to the pool: the
+    pool connects to `listener` (the test's MTA) and the test accepts that
+    connection as `backend_peer`; `backend` is the pool's own socket.
+    """
 
     client_peer: trio.socket.SocketType
     client: socket.socket
-    backend: socket.socket
-    backend_peer: trio.socket.SocketType
-    backend_peer_raw: socket.socket  # the same socket, for writes that must not wait
+    listener: socket.socket
+    backend: socket.socket = field(init=False)
+    backend_peer: trio.socket.SocketType = field(init=False)
+    backend_peer_raw: socket.socket = field(init=False)  # the same, for writes that must not wait
 
     def close(self) -> None:
+        # The pool closes the backend socket it opened.
         for s in (self.client_peer, self.backend_peer):
             s.close()
-        for p in (self.client, self.backend):
-            p.close()
+        self.client.close()
 
 
 def _tcp(
@@ -71,14 +77,52 @@ def listening() -> Iterator[socket.socket]:
 
 def make_pair(listener: socket.socket, *, client_rcvbuf: int = 0, client_sndbuf: int = 0) -> Pair:
     client_peer, client = _tcp(listener, rcvbuf=client_rcvbuf, sndbuf=client_sndbuf)
-    backend, backend_peer = _tcp(listener)
-    return Pair(
-        trio.socket.from_stdlib_socket(client_peer),
-        client,
-        backend,
-        trio.socket.from_stdlib_socket(backend_peer),
-        backend_peer,
-    )
+    return Pair(trio.socket.from_stdlib_socket(client_peer), client, listener)
+
+
+class Relayed:
+    """A session handed to the pool as the server hands it (connect_and_relay)."""
+
+    def __init__(self, result: RelayResult) -> None:
+        #: The pool's own record, filled in as bytes flow.
+        self.result = result
+        self.ended: list[RelayResult] = []
+        self._event = trio.Event()
+
+    def done(self, result: RelayResult) -> None:
+        assert result is self.result
+        self.ended.append(result)
+        self._event.set()
+
+    async def wait(self) -> RelayResult:
+        await self._event.wait()
+        assert len(self.ended) == 1
+        return self.ended[0]
+
+
+def relay(
+    p: RelayPool, pair: Pair, idle_timeout: float, *, strip_pipe_connect: bool = False
+) -> Relayed:
+    """Hand `pair.client` to the pool, which connects to the test's listener; the
+    test accepts that connection as the backend's peer. Returns at once."""
+    box: list[Relayed] = []
+    p.connect_and_relay(
+        pair.client, [(socket.AF_INET, pair.listener.getsockname())],
+        connect_timeout=5.0, idle_timeout=idle_timeout, done=lambda r: box[0].done(r),
+        strip_pipe_connect=strip_pipe_connect,
+    )  # fmt: skip
+    side = p._sides[pair.client.fileno()]
+    box.append(Relayed(side.session.result))
+    backend = side.peer
+    assert backend is not side, "the loopback connect failed at once"
+    # Blocking: the loopback handshake completes in the kernel without us.
+    peer, _ = pair.listener.accept()
+    peer.setblocking(False)
+    peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    pair.backend = backend.sock
+    pair.backend_peer_raw = peer
+    pair.backend_peer = trio.socket.from_stdlib_socket(peer)
+    return box[0]
 
 
 @pytest.fixture
@@ -96,12 +140,14 @@ async def _watchdog() -> None:
 
 @pytest.fixture
 async def pool() -> AsyncIterator[RelayPool]:
-    p = RelayPool()
+    errors: list[str] = []
+    p = RelayPool(errors.append)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(p.run)
         nursery.start_soon(_watchdog)
         yield p
         assert_nothing_registered(p)
+        assert errors == []
         nursery.cancel_scope.cancel()
 
 
@@ -152,28 +198,22 @@ async def smtp_session(
 
     `sizes` gets the pool's number of sessions once this one is under way.
     """
-    result = RelayResult()
-    async with trio.open_nursery() as nursery:
-
-        async def relaying() -> None:
-            await p.relay(pair.client, pair.backend, LONG, result)
-
-        nursery.start_soon(relaying)
-        greeting = b"220 mx" + tag + b" ESMTP\r\n"
-        await pair.backend_peer.send(greeting)
-        assert await recv_exactly(pair.client_peer, len(greeting)) == greeting
-        if sizes is not None:
-            sizes.append(len(p))
-        for line, reply in ((b"EHLO a" + tag, b"250 ok"), (b"QUIT", b"221 bye")):
-            await pair.client_peer.send(line + b"\r\n")
-            assert await recv_exactly(pair.backend_peer, len(line) + 2) == line + b"\r\n"
-            await pair.backend_peer.send(reply + b"\r\n")
-            assert await recv_exactly(pair.client_peer, len(reply) + 2) == reply + b"\r\n"
-        pair.backend_peer.shutdown(socket.SHUT_WR)
-        assert await pair.client_peer.recv(10) == b""
-        pair.client_peer.shutdown(socket.SHUT_WR)
-        assert await pair.backend_peer.recv(10) == b""
-    return result
+    session = relay(p, pair, LONG)
+    greeting = b"220 mx" + tag + b" ESMTP\r\n"
+    await pair.backend_peer.send(greeting)
+    assert await recv_exactly(pair.client_peer, len(greeting)) == greeting
+    if sizes is not None:
+        sizes.append(len(p))
+    for line, reply in ((b"EHLO a" + tag, b"250 ok"), (b"QUIT", b"221 bye")):
+        await pair.client_peer.send(line + b"\r\n")
+        assert await recv_exactly(pair.backend_peer, len(line) + 2) == line + b"\r\n"
+        await pair.backend_peer.send(reply + b"\r\n")
+        assert await recv_exactly(pair.client_peer, len(reply) + 2) == reply + b"\r\n"
+    pair.backend_peer.shutdown(socket.SHUT_WR)
+    assert await pair.client_peer.recv(10) == b""
+    pair.client_peer.shutdown(socket.SHUT_WR)
+    assert await pair.backend_peer.recv(10) == b""
+    return await session.wait()
 
 
 async def test_copies_both_ways_and_counts_bytes(
@@ -191,24 +231,19 @@ async def test_client_half_close_backend_still_answers(
     autojump_clock: trio.testing.MockClock, pool: RelayPool, listener: socket.socket
 ) -> None:
     pair = make_pair(listener)
-    results: list[RelayResult] = []
-
-    async def relaying() -> None:
-        results.append(await pool.relay(pair.client, pair.backend, LONG))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(relaying)
-        await pair.client_peer.send(b"QUIT\r\n")
-        pair.client_peer.shutdown(socket.SHUT_WR)
-        assert await recv_to_eof(pair.backend_peer) == b"QUIT\r\n"  # the half-close came through
-        await trio.sleep(5)
-        assert not results  # one direction is still open
-        await pair.backend_peer.send(b"221 bye\r\n")
-        assert await recv_exactly(pair.client_peer, 9) == b"221 bye\r\n"
-        await pair.backend_peer.send(b"and more\r\n")
-        pair.backend_peer.close()
-        assert await recv_to_eof(pair.client_peer) == b"and more\r\n"
-    (result,) = results
+    session = relay(pool, pair, LONG)
+    results = session.ended
+    await pair.client_peer.send(b"QUIT\r\n")
+    pair.client_peer.shutdown(socket.SHUT_WR)
+    assert await recv_to_eof(pair.backend_peer) == b"QUIT\r\n"  # the half-close came through
+    await trio.sleep(5)
+    assert not results  # one direction is still open
+    await pair.backend_peer.send(b"221 bye\r\n")
+    assert await recv_exactly(pair.client_peer, 9) == b"221 bye\r\n"
+    await pair.backend_peer.send(b"and more\r\n")
+    pair.backend_peer.close()
+    assert await recv_to_eof(pair.client_peer) == b"and more\r\n"
+    result = await session.wait()
     assert (result.end, result.from_client, result.to_client) == ("closed", 6, 19)
     pair.close()
 
@@ -217,17 +252,17 @@ async def test_backend_half_close_client_still_sends(
     autojump_clock: trio.testing.MockClock, pool: RelayPool, listener: socket.socket
 ) -> None:
     pair = make_pair(listener)
-    result = RelayResult()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pool.relay, pair.client, pair.backend, LONG, result)
-        await pair.backend_peer.send(b"421 going away\r\n")
-        pair.backend_peer.shutdown(socket.SHUT_WR)
-        assert await recv_to_eof(pair.client_peer) == b"421 going away\r\n"
-        await trio.sleep(3)
-        await pair.client_peer.send(b"QUIT\r\n")
-        assert await recv_exactly(pair.backend_peer, 6) == b"QUIT\r\n"
-        pair.client_peer.close()
-        assert await pair.backend_peer.recv(10) == b""
+    session = relay(pool, pair, LONG)
+    result = session.result
+    await pair.backend_peer.send(b"421 going away\r\n")
+    pair.backend_peer.shutdown(socket.SHUT_WR)
+    assert await recv_to_eof(pair.client_peer) == b"421 going away\r\n"
+    await trio.sleep(3)
+    await pair.client_peer.send(b"QUIT\r\n")
+    assert await recv_exactly(pair.backend_peer, 6) == b"QUIT\r\n"
+    pair.client_peer.close()
+    assert await pair.backend_peer.recv(10) == b""
+    await session.wait()
     assert (result.end, result.from_client, result.to_client) == ("closed", 6, 16)
     pair.close()
 
@@ -237,15 +272,15 @@ async def test_a_reset_ends_the_session_and_names_the_side(
     autojump_clock: trio.testing.MockClock, pool: RelayPool, listener: socket.socket, side: str
 ) -> None:
     pair = make_pair(listener)
-    result = RelayResult()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pool.relay, pair.client, pair.backend, LONG, result)
-        await pair.backend_peer.send(b"220 hi\r\n")
-        assert await recv_exactly(pair.client_peer, 8) == b"220 hi\r\n"
-        await pair.client_peer.send(b"EHLO x\r\n")
-        assert await recv_exactly(pair.backend_peer, 8) == b"EHLO x\r\n"
-        started = trio.current_time()
-        abort(pair.client_peer if side == "client" else pair.backend_peer)
+    session = relay(pool, pair, LONG)
+    result = session.result
+    await pair.backend_peer.send(b"220 hi\r\n")
+    assert await recv_exactly(pair.client_peer, 8) == b"220 hi\r\n"
+    await pair.client_peer.send(b"EHLO x\r\n")
+    assert await recv_exactly(pair.backend_peer, 8) == b"EHLO x\r\n"
+    started = trio.current_time()
+    abort(pair.client_peer if side == "client" else pair.backend_peer)
+    await session.wait()
     assert trio.current_time() - started < 0.01
     assert (result.end, result.from_client, result.to_client) == (f"{side}-reset", 8, 8)
     pair.close()
@@ -255,13 +290,13 @@ async def test_reset_while_the_other_direction_is_half_closed(
     autojump_clock: trio.testing.MockClock, pool: RelayPool, listener: socket.socket
 ) -> None:
     pair = make_pair(listener)
-    result = RelayResult()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pool.relay, pair.client, pair.backend, LONG, result)
-        pair.client_peer.shutdown(socket.SHUT_WR)  # the client is done sending...
-        assert await pair.backend_peer.recv(10) == b""
-        await trio.sleep(1)
-        abort(pair.backend_peer)  # ...and the backend resets
+    session = relay(pool, pair, LONG)
+    result = session.result
+    pair.client_peer.shutdown(socket.SHUT_WR)  # the client is done sending...
+    assert await pair.backend_peer.recv(10) == b""
+    await trio.sleep(1)
+    abort(pair.backend_peer)  # ...and the backend resets
+    await session.wait()
     assert result.end == "backend-reset"
     pair.close()
 
@@ -270,16 +305,16 @@ async def test_idle_timeout_comes_on_time(
     autojump_clock: trio.testing.MockClock, pool: RelayPool, listener: socket.socket
 ) -> None:
     pair = make_pair(listener)
-    result = RelayResult()
+    session = relay(pool, pair, 30.0)
+    result = session.result
     start = trio.current_time()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pool.relay, pair.client, pair.backend, 30.0, result)
-        await trio.sleep(5)
-        await pair.client_peer.send(b"NOOP\r\n")  # activity pushes the timeout on
-        assert await recv_exactly(pair.backend_peer, 6) == b"NOOP\r\n"
-        await trio.sleep(20)
-        await pair.backend_peer.send(b"250 ok\r\n")
-        assert await recv_exactly(pair.client_peer, 8) == b"250 ok\r\n"
+    await trio.sleep(5)
+    await pair.client_peer.send(b"NOOP\r\n")  # activity pushes the timeout on
+    assert await recv_exactly(pair.backend_peer, 6) == b"NOOP\r\n"
+    await trio.sleep(20)
+    await pair.backend_peer.send(b"250 ok\r\n")
+    assert await recv_exactly(pair.client_peer, 8) == b"250 ok\r\n"
+    await session.wait()
     assert result.end == "timeout"
     assert trio.current_time() - start == pytest.approx(25 + 30, abs=0.01)
     assert (result.from_client, result.to_client) == (6, 8)
@@ -292,7 +327,7 @@ async def test_idle_timeout_while_half_closed(
     pair = make_pair(listener)
     start = trio.current_time()
     pair.client_peer.shutdown(socket.SHUT_WR)
-    result = await pool.relay(pair.client, pair.backend, 7.0)
+    result = await relay(pool, pair, 7.0).wait()
     assert result.end == "timeout"
     assert trio.current_time() - start == pytest.approx(7, abs=0.01)
     pair.close()
@@ -306,7 +341,7 @@ async def test_each_session_has_its_own_timeout(
     start = trio.current_time()
 
     async def relaying(i: int, timeout: float) -> None:
-        result = await pool.relay(pairs[i].client, pairs[i].backend, timeout)
+        result = await relay(pool, pairs[i], timeout).wait()
         assert result.end == "timeout"
         ended[i] = trio.current_time() - start
 
@@ -327,45 +362,45 @@ async def test_fast_sender_slow_reader_buffers_at_most_a_chunk(
         pair.client_peer.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     )
     payload = os.urandom(8 * 1024 * 1024)
-    result = RelayResult()
+    session = relay(pool, pair, LONG)
+    result = session.result
     written = 0
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pool.relay, pair.client, pair.backend, LONG, result)
-        # The backend writes as fast as it can; the client reads nothing.
-        raw = pair.backend_peer_raw
-        stalled = 0
-        while stalled < 20 and written < len(payload):
+    # The backend writes as fast as it can; the client reads nothing.
+    raw = pair.backend_peer_raw
+    stalled = 0
+    while stalled < 20 and written < len(payload):
+        try:
+            written += raw.send(payload[written : written + CHUNK])
+            stalled = 0
+        except BlockingIOError:
+            stalled += 1
+            await trio.sleep(0.5)
+    assert written < len(payload)  # the backend was held up
+    ahead = result.to_client
+    assert ahead <= CHUNK + kernel  # read ahead of the client: one chunk at most
+    (side,) = (s for s in pool._sides.values() if s.name == "client")
+    assert side.pending is not None and len(side.pending) <= CHUNK
+    if sys.platform == "linux":
+        # Not reading the backend, waiting for the client to take more.
+        targets = epoll_targets(pool)
+        assert targets.get(pair.backend.fileno(), 0) & 1 == 0
+        assert targets[pair.client.fileno()] & 4
+    await trio.sleep(10)
+    assert result.to_client == ahead  # no reading while blocked
+    # The client reads: everything arrives, in order.
+    got = bytearray()
+    while len(got) < written:
+        got += await pair.client_peer.recv(CHUNK)
+        if len(got) >= written // 2 and written < len(payload):
+            # Meanwhile the backend finishes its write.
             try:
                 written += raw.send(payload[written : written + CHUNK])
-                stalled = 0
             except BlockingIOError:
-                stalled += 1
-                await trio.sleep(0.5)
-        assert written < len(payload)  # the backend was held up
-        ahead = result.to_client
-        assert ahead <= CHUNK + kernel  # read ahead of the client: one chunk at most
-        (side,) = (s for s in pool._sides.values() if s.name == "client")
-        assert side.pending is not None and len(side.pending) <= CHUNK
-        if sys.platform == "linux":
-            # Not reading the backend, waiting for the client to take more.
-            targets = epoll_targets(pool)
-            assert targets.get(pair.backend.fileno(), 0) & 1 == 0
-            assert targets[pair.client.fileno()] & 4
-        await trio.sleep(10)
-        assert result.to_client == ahead  # no reading while blocked
-        # The client reads: everything arrives, in order.
-        got = bytearray()
-        while len(got) < written:
-            got += await pair.client_peer.recv(CHUNK)
-            if len(got) >= written // 2 and written < len(payload):
-                # Meanwhile the backend finishes its write.
-                try:
-                    written += raw.send(payload[written : written + CHUNK])
-                except BlockingIOError:
-                    pass
-        pair.backend_peer.shutdown(socket.SHUT_WR)
-        got += await recv_to_eof(pair.client_peer)
-        pair.client_peer.shutdown(socket.SHUT_WR)
+                pass
+    pair.backend_peer.shutdown(socket.SHUT_WR)
+    got += await recv_to_eof(pair.client_peer)
+    pair.client_peer.shutdown(socket.SHUT_WR)
+    await session.wait()
     assert bytes(got) == payload[:written]
     assert (result.end, result.to_client) == ("closed", written)
     pair.close()
@@ -377,7 +412,8 @@ async def test_large_transfers_both_ways_arrive_intact(
     up = os.urandom(3 * 1024 * 1024 + 17)
     down = os.urandom(2 * 1024 * 1024 + 5)
     pair = make_pair(listener)
-    result = RelayResult()
+    session = relay(pool, pair, LONG)
+    result = session.result
     received: dict[str, bytes] = {}
 
     async def send_then_shut(sock: trio.socket.SocketType, data: bytes) -> None:
@@ -390,11 +426,11 @@ async def test_large_transfers_both_ways_arrive_intact(
         received[name] = await recv_to_eof(sock)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(pool.relay, pair.client, pair.backend, LONG, result)
         nursery.start_soon(send_then_shut, pair.client_peer, up)
         nursery.start_soon(send_then_shut, pair.backend_peer, down)
         nursery.start_soon(drain, "backend", pair.backend_peer)
         nursery.start_soon(drain, "client", pair.client_peer)
+    await session.wait()
     assert hashlib.sha256(received["backend"]).digest() == hashlib.sha256(up).digest()
     assert hashlib.sha256(received["client"]).digest() == hashlib.sha256(down).digest()
     assert (result.end, result.from_client, result.to_client) == ("closed", len(up), len(down))
@@ -426,67 +462,39 @@ async def test_two_hundred_sessions_in_one_pool(
 
 
 @pytest.mark.parametrize("blocked", [False, True], ids=["idle", "with-backlog"])
-async def test_cancelling_the_waiter_takes_the_session_out(
+async def test_a_timed_out_session_leaves_the_set_and_its_fds_are_reused(
     autojump_clock: trio.testing.MockClock,
     pool: RelayPool,
     listener: socket.socket,
     blocked: bool,
 ) -> None:
     pair = make_pair(listener, client_rcvbuf=16384, client_sndbuf=16384)
-    result = RelayResult()
-    with trio.move_on_after(10) as scope:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pool.relay, pair.client, pair.backend, LONG, result)
-            await pair.client_peer.send(b"EHLO x\r\n")
-            assert await recv_exactly(pair.backend_peer, 8) == b"EHLO x\r\n"
-            if blocked:  # leave the pool with bytes it cannot deliver
-                try:
-                    while True:
-                        pair.backend_peer_raw.send(b"x" * CHUNK)
-                except BlockingIOError:
-                    pass
-            await trio.sleep_forever()
-    assert scope.cancelled_caught
+    session = relay(pool, pair, 10.0)
+    result = session.result
+    await pair.client_peer.send(b"EHLO x\r\n")
+    assert await recv_exactly(pair.backend_peer, 8) == b"EHLO x\r\n"
+    if blocked:  # leave the pool with bytes it cannot deliver
+        try:
+            while True:
+                pair.backend_peer_raw.send(b"x" * CHUNK)
+        except BlockingIOError:
+            pass
+    assert await session.wait() is result
+    assert result.end == "timeout"
     assert trio.current_time() == pytest.approx(10, abs=0.01)
     assert result.from_client == 8
     assert_nothing_registered(pool)
     if blocked:
         assert result.to_client > 0
-    # The caller closes its sockets; the fds come back for the next sessions,
-    # which the pool relays as if nothing happened.
+    # The caller closes the client, the pool its backend socket; the fds come
+    # back for the next sessions, which the pool relays as if nothing happened.
     old = {pair.client.fileno(), pair.backend.fileno()}
     pair.close()
     pairs = [make_pair(listener) for _ in range(2)]
-    assert old & {s.fileno() for p in pairs for s in (p.client, p.backend)}
+    assert old & {p.client.fileno() for p in pairs}
     for i, again in enumerate(pairs):
         assert (await smtp_session(pool, again, b"%d" % i)).end == "closed"
         again.close()
-
-
-async def test_a_stopped_pool_ends_its_sessions_with_an_error(
-    autojump_clock: trio.testing.MockClock, listener: socket.socket
-) -> None:
-    p = RelayPool()
-    pair = make_pair(listener)
-    errors: list[BaseException] = []
-
-    async def relaying() -> None:
-        try:
-            await p.relay(pair.client, pair.backend, LONG)
-        except RelayPoolClosed as exc:
-            errors.append(exc)
-
-    async with trio.open_nursery() as nursery, trio.open_nursery() as runner:
-        runner.start_soon(p.run)
-        nursery.start_soon(relaying)
-        await trio.sleep(1)
-        assert len(p) == 1
-        runner.cancel_scope.cancel()
-    assert len(errors) == 1
-    assert len(p) == 0
-    with pytest.raises(RelayPoolClosed):
-        await p.relay(pair.client, pair.backend, LONG)
-    pair.close()
 
 
 # -- connect_and_relay: the pool connects to the MTA itself -----------------------------
@@ -698,7 +706,7 @@ async def test_each_address_gets_the_connect_timeout(
 async def test_a_stopped_pool_ends_connecting_and_relaying_sessions_as_shutdown(
     autojump_clock: trio.testing.MockClock, listener: socket.socket
 ) -> None:
-    p = RelayPool()
+    p = RelayPool(pytest.fail)
     pairs = [_tcp(listener) for _ in range(2)]
     with await mta_listener() as mta, unanswering() as silent:
         async with trio.open_nursery() as runner:
@@ -723,26 +731,31 @@ async def test_a_stopped_pool_ends_connecting_and_relaying_sessions_as_shutdown(
         b.close()
 
 
-async def test_a_failing_done_callback_does_not_stop_the_pool(
-    autojump_clock: trio.testing.MockClock,
-    pool: RelayPool,
-    listener: socket.socket,
-    capfd: pytest.CaptureFixture[str],
+async def test_a_failing_done_callback_is_reported_and_does_not_stop_the_pool(
+    autojump_clock: trio.testing.MockClock, listener: socket.socket
 ) -> None:
+    errors: list[str] = []
+    p = RelayPool(errors.append)
     client_peer, client = _tcp(listener)
 
     def broken(_: RelayResult) -> None:
         raise RuntimeError("a bug in the caller")
 
-    pool.connect_and_relay(
-        client, [v4(("127.0.0.1", closed_port()))],
-        connect_timeout=5.0, idle_timeout=LONG, done=broken,
-    )  # fmt: skip
-    await trio.sleep(1)  # refused (a non-blocking connect reports it later)
-    assert "a bug in the caller" in capfd.readouterr().err
-    client.close()
-    client_peer.close()
-    # the pool still relays
-    again = make_pair(listener)
-    assert (await smtp_session(pool, again)).end == "closed"
-    again.close()
+    async with trio.open_nursery() as runner:
+        runner.start_soon(p.run)
+        await trio.sleep(0)
+        p.connect_and_relay(
+            client, [v4(("127.0.0.1", closed_port()))],
+            connect_timeout=5.0, idle_timeout=LONG, done=broken,
+        )  # fmt: skip
+        await trio.sleep(1)  # refused (a non-blocking connect reports it later)
+        assert len(errors) == 1
+        assert "a bug in the caller" in errors[0]
+        client.close()
+        client_peer.close()
+        # the pool still relays
+        again = make_pair(listener)
+        assert (await smtp_session(p, again)).end == "closed"
+        again.close()
+        assert_nothing_registered(p)
+        runner.cancel_scope.cancel()

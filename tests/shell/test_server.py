@@ -389,3 +389,57 @@ async def test_a_reset_after_the_greeting_ends_the_relay_as_client_reset(
         assert end.fields["end"] == "client-reset"
         assert end.fields["bytes_from_client"] == "9"
         assert not h.receiver.named("error")
+
+
+async def test_the_drain_ends_as_soon_as_the_last_relay_does(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running(delay=DELAY) as h:
+        client = await connect(h.address())
+        assert await read_line(client) == GREETING
+        pool = h.server.relay_pool
+        assert pool is not None
+        h.server.shutdown(grace=1000.0)
+        await trio.sleep(5)
+        assert h.server.relays == 1 and not pool._closed  # the relay goes on in the drain
+        await client.send(b"QUIT\r\n")
+        assert await read_line(client) == b"221 2.0.0 bye\r\n"
+        assert (await read_until_closed(client))[1] == "eof"
+        client.close()
+        # No polling: the drain wakes when the relay count reaches 0, so the
+        # pool stops without the (autojump) clock moving at all.
+        now = trio.current_time()
+        for _ in range(10_000):
+            if pool._closed:
+                break
+            await trio.lowlevel.checkpoint()
+        assert pool._closed
+        assert h.server.relays == 0
+        assert trio.current_time() == now
+        (end,) = await h.receiver.wait_for("relay-end")
+        assert end.fields["end"] == "closed"
+
+
+async def test_wait_idle_returns_at_once_without_relays_and_when_the_last_one_ends(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running(delay=DELAY) as h:
+        with trio.fail_after(0):
+            await h.server.wait_idle()  # nothing relayed: no wait
+        clients = [await connect(h.address()) for _ in range(2)]
+        for c in clients:
+            assert await read_line(c) == GREETING
+        assert h.server.relays == 2
+        idle_at: list[float] = []
+
+        async def waiter() -> None:
+            await h.server.wait_idle()
+            idle_at.append(trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            for delay, c in zip((3.0, 7.0), clients, strict=True):
+                await trio.sleep(delay)
+                c.close()
+        assert h.server.relays == 0
+        assert idle_at == [pytest.approx(DELAY + 10.0, abs=0.01)]

@@ -194,6 +194,29 @@ def test_tcp_info_on_a_file_is_enotsock(tmp_path: Path) -> None:
     assert excinfo.value.errno == errno.ENOTSOCK
 
 
+def test_set_nodelay_reads_back(pair: Pair) -> None:
+    sock = pair[0]
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+    tcptune.set_nodelay(sock.fileno())
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    tcptune.set_nodelay(sock.fileno(), False)
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+
+
+#: Options whose one home is tcptune (native/tcpnative.c): set nowhere else in src/.
+TUNED_OPTIONS = ("TCP_NODELAY", "KEEP", "TCP_USER_TIMEOUT", "SO_LINGER")
+
+
+def test_tuning_options_are_set_only_through_tcptune() -> None:
+    src = Path(__file__).resolve().parents[2] / "src" / "repeld"
+    offenders = []
+    for path in src.rglob("*.py"):
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if "setsockopt" in line and any(opt in line for opt in TUNED_OPTIONS):
+                offenders.append(f"{path.relative_to(src)}:{lineno}: {line.strip()}")
+    assert offenders == []
+
+
 # --- bad file descriptors --------------------------------------------------------------
 
 
@@ -207,6 +230,8 @@ FD_CALLS: dict[str, Callable[[int], object]] = {
     "set_keepalive": lambda fd: tcptune.set_keepalive(fd, 60, 10, 5),
     "set_user_timeout": _user_timeout,
     "set_abortive_close": tcptune.set_abortive_close,
+    "set_nodelay": tcptune.set_nodelay,
+    "accept": lambda fd: tcptune.Acceptor(fd).accept(),
     "tcp_info": tcptune.tcp_info,
     "rtt_us": tcptune.rtt_us,
 }
@@ -306,3 +331,11 @@ def test_a_tuned_listener_hands_out_tuned_sockets() -> None:
             conn, _ = server.accept()
             with client, conn:
                 assert_tuned_for_relay(conn)
+        # The accept loop's own accept4 (tcptune.Acceptor) inherits the same.
+        client = socket.create_connection(server.getsockname())
+        accepted = tcptune.Acceptor(server.fileno()).accept()
+        assert accepted is not None
+        fd, (host, port) = accepted
+        with client, socket.socket(fileno=fd) as conn:
+            assert (host, port) == client.getsockname()
+            assert_tuned_for_relay(conn)

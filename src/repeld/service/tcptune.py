@@ -3,11 +3,14 @@
 Every function takes a raw file descriptor and raises ``OSError`` (with the
 errno the kernel gave) when the kernel refuses, e.g. ``EBADF`` for a closed fd.
 
-What ``socket.setsockopt`` can already do (keepalive, SO_LINGER) is done here in
-Python.  The compiled ``repeld._tcpnative`` (native/tcpnative.c) covers the rest:
-``struct tcp_info``, whose layout and state numbers differ between the platforms,
-TCP_USER_TIMEOUT, decided by the headers the module was built against, and
-FreeBSD's ``sysctlbyname``.
+This is the one home of repeld's kernel tuning, and it is all done in C, in the
+compiled ``repeld._tcpnative`` (native/tcpnative.c), so no option is ever set one
+way here and another way there: TCP_NODELAY, keepalive (idle, interval, count),
+TCP_USER_TIMEOUT (decided by the headers the module was built against), the
+abortive close (SO_LINGER 0); the kernel's caps (somaxconn or
+kern.ipc.soacceptqueue, the SYN backlog or FreeBSD's syncache); ``struct
+tcp_info``, whose layout and state numbers differ between the platforms; and
+``accept4`` for the accept loop (`Acceptor`).
 
 Platform differences:
 
@@ -26,32 +29,25 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
-import struct
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NoReturn
 
 from repeld._tcpnative import ffi, lib
 
 __all__ = [
+    "Acceptor",
     "TcpInfo",
     "accept_queue_cap",
     "platform_has_user_timeout",
     "rtt_us",
     "set_abortive_close",
     "set_keepalive",
+    "set_nodelay",
     "set_user_timeout",
     "syn_backlog",
     "tcp_info",
 ]
 
-_LINUX = sys.platform.startswith("linux")
-_PROC_SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
-_PROC_SYN_BACKLOG = Path("/proc/sys/net/ipv4/tcp_max_syn_backlog")
 _MAX_USER_TIMEOUT_MS = 2**31 - 1
 
 
@@ -73,19 +69,42 @@ def _raise_errno() -> NoReturn:
     raise OSError(err, os.strerror(err))
 
 
-@contextmanager
-def _borrowed(fd: int) -> Iterator[socket.socket]:
-    """Lend the stdlib socket API to an fd the caller owns, without closing it afterwards."""
-    if fd < 0:
-        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-    # socket(fileno=) checks the fd (EBADF, ENOTSOCK) and uses it, not a dup;
-    # detach() hands it back.  It would set O_NONBLOCK only if someone had called
-    # socket.setdefaulttimeout(), which repeld does not.
-    sock = socket.socket(fileno=fd)
-    try:
-        yield sock
-    finally:
-        sock.detach()
+class Acceptor:
+    """accept4() on one listener: each client's fd and address, or None when none waits.
+
+    The accept loop's own call, in C rather than through ``socket.accept()``:
+    the public method converts the listener's family and type to enums and
+    builds a socket object per client (about half of its cost), and Python
+    gives no public way to take just the fd. The client comes non-blocking and
+    close-on-exec from the one system call; the caller wraps the fd once.
+    """
+
+    __slots__ = ("_fd", "_peer")
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._peer = ffi.new("struct repeld_peer *")
+
+    def accept(self) -> tuple[int, tuple[str, int]] | None:
+        """The next client's fd and (host, port); None if none is waiting.
+
+        Raises OSError with the kernel's errno for anything else (EMFILE,
+        ECONNABORTED, EBADF...): the caller decides what each one means.
+        """
+        fd = lib.repeld_accept(self._fd, self._peer)
+        if fd == -1:
+            err = ffi.errno
+            if err == errno.EAGAIN or err == errno.EWOULDBLOCK:
+                return None
+            raise OSError(err, os.strerror(err))
+        peer = self._peer
+        return fd, (ffi.string(peer.host).decode("ascii"), peer.port)
+
+
+def set_nodelay(fd: int, on: bool = True) -> None:
+    """Send each reply at once: no Nagle delay behind a delayed ACK."""
+    if lib.repeld_set_nodelay(fd, int(on)) == -1:
+        _raise_errno()
 
 
 def set_keepalive(fd: int, idle: int, interval: int, count: int) -> None:
@@ -93,12 +112,9 @@ def set_keepalive(fd: int, idle: int, interval: int, count: int) -> None:
     for name, value in (("idle", idle), ("interval", interval), ("count", count)):
         if value < 1:
             raise ValueError(f"keepalive {name} must be at least 1, not {value}")
-    with _borrowed(fd) as sock:
-        # Timings first, so a value the kernel rejects leaves keepalive off.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    # Timings first (in C), so a value the kernel rejects leaves keepalive off.
+    if lib.repeld_set_keepalive(fd, idle, interval, count) == -1:
+        _raise_errno()
 
 
 def platform_has_user_timeout() -> bool:
@@ -120,8 +136,8 @@ def set_user_timeout(fd: int, ms: int) -> bool:
 
 def set_abortive_close(fd: int) -> None:
     """Make close() reset the connection, so a dropped client leaves no TIME_WAIT behind."""
-    with _borrowed(fd) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    if lib.repeld_set_abortive_close(fd) == -1:
+        _raise_errno()
 
 
 def tcp_info(fd: int) -> TcpInfo:
@@ -148,33 +164,15 @@ def rtt_us(fd: int) -> int:
     return rtt
 
 
-def _sysctl_uint(name: str) -> int:
-    """Read a FreeBSD kernel limit that is only available through sysctlbyname."""
-    value = lib.repeld_sysctl_uint(name.encode("ascii"))
+def accept_queue_cap() -> int:
+    """Report the ceiling the kernel silently puts on any listen() backlog."""
+    value = lib.repeld_accept_queue_cap()
     if value == -1:
         _raise_errno()
     return value
 
 
-def accept_queue_cap() -> int:
-    """Report the ceiling the kernel silently puts on any listen() backlog."""
-    if _LINUX:
-        return int(_PROC_SOMAXCONN.read_text(encoding="ascii"))
-    # FreeBSD; elsewhere the C side fails with ENOSYS.
-    return _sysctl_uint("kern.ipc.soacceptqueue")
-
-
 def syn_backlog() -> int | None:
     """Report how many half-open connections the kernel will queue, or None if unknown."""
-    try:
-        if _LINUX:
-            return int(_PROC_SYN_BACKLOG.read_text(encoding="ascii"))
-        # FreeBSD keeps half-open connections in the syncache, one for the system.
-        try:
-            return _sysctl_uint("net.inet.tcp.syncache.cachelimit")
-        except OSError:
-            return _sysctl_uint("net.inet.tcp.syncache.bucketlimit") * _sysctl_uint(
-                "net.inet.tcp.syncache.hashsize"
-            )
-    except (OSError, ValueError):
-        return None
+    value = lib.repeld_syn_backlog()
+    return None if value == -1 else value

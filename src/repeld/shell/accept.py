@@ -4,8 +4,15 @@ One task per listener accepts in batches and hands every client to the server's
 `accepted` callback, which asks the policy and starts the hold. An accept error
 that means "out of descriptors or memory for now" pauses the loop for a moment
 (as trio's serve_listeners and OpenBSD's spamd do), a client gone before it
-was accepted is skipped, and anything else is a broken listener: it ends the
-server loudly instead of spinning on it.
+was accepted is skipped (after a checkpoint, so the loop can always be
+cancelled), and anything else is a broken listener (EBADF, EINVAL, ENOTSOCK):
+`accept_loop` raises it, which ends the server loudly instead of spinning on it.
+
+The accept itself is `tcptune.Acceptor` (accept4 in native/tcpnative.c), not
+`socket.accept()`: the public method converts the listener's family and type to
+enums and builds a socket object per client, about half its cost; the C call
+hands back the fd, already non-blocking and close-on-exec, and the address as
+text, and the fd is wrapped once here.
 """
 
 from __future__ import annotations
@@ -19,16 +26,43 @@ from typing import TYPE_CHECKING
 import trio
 
 from repeld.config.values import Listen
+from repeld.service.tcptune import Acceptor
 
 if TYPE_CHECKING:
     from repeld.shell.handoff import BackendTarget
 
-__all__ = ["ACCEPT_BACKOFF", "Listener", "accept_loop"]
+__all__ = ["ACCEPT_BACKOFF", "RETRY_ERRNOS", "Listener", "accept_loop"]
 
 #: How long the loop pauses on EMFILE, ENFILE, ENOBUFS or ENOMEM.
 ACCEPT_BACKOFF = 0.1
 #: Accept errors that mean "out of resources for now": pause, never spin.
-_PAUSE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: Accept errors about one client that went away or was refused before we took
+#: it (accept(2) on Linux: "network errors for the new socket ... may be
+#: returned"; the list is trio's): skip it and take the next. Not every name
+#: exists on every platform.
+RETRY_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EINTR",
+        "ECONNABORTED",
+        "EPERM",  # Linux: a firewall rule refused it
+        "EPROTO",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+        "ENOSR",
+        "ESOCKTNOSUPPORT",
+        "EPROTONOSUPPORT",
+        "ETIMEDOUT",
+        "ECONNRESET",
+    )
+    if hasattr(errno, name)
+)
 #: Accepts in a row before the accept loop lets other tasks run.
 ACCEPT_BATCH = 64
 
@@ -53,28 +87,39 @@ async def accept_loop(
     accepted: Accepted,
     on_pause: Callable[[Listener, OSError], None],
 ) -> None:
-    """Accept from `listener` until cancelled; `accepted(sock, addr, listener)` for each."""
+    """Accept from `listener` until cancelled; `accepted(sock, addr, listener)` for each.
+
+    `on_pause(listener, exc)` is told of each pause on EMFILE, ENFILE, ENOBUFS
+    or ENOMEM. Any error not in RETRY_ERRNOS or those escapes: the listener is
+    broken, and the caller ends the server with it.
+    """
     lsock = listener.sock
-    # socket.accept() converts the listener's family and type to enums for
-    # every client (4 us of its 9); take the fd and wrap it with them once.
-    family, kind, proto = lsock.family, lsock.type, lsock.proto
-    accept = lsock._accept  # type: ignore[attr-defined]
+    family, kind, proto = lsock.family, lsock.type | socket.SOCK_NONBLOCK, lsock.proto
+    accept = Acceptor(lsock.fileno()).accept
     batch = 0
     while True:
         try:
-            fd, addr = accept()
-        except BlockingIOError:
-            batch = 0
-            await trio.lowlevel.wait_readable(lsock)
-            continue
+            client = accept()
         except OSError as exc:
             if exc.errno in _PAUSE_ERRNOS:
                 # Out of descriptors or memory: stop accepting for a moment
                 # (spamd does the same) instead of spinning on the error.
                 on_pause(listener, exc)
                 await trio.sleep(ACCEPT_BACKOFF)
-            # ECONNABORTED and friends: that client is gone, take the next.
+            elif exc.errno in RETRY_ERRNOS:
+                # That client is gone: take the next, with a checkpoint so
+                # that even an endless run of them can be cancelled.
+                await trio.lowlevel.checkpoint()
+            else:
+                raise
             continue
+        if client is None:
+            batch = 0
+            await trio.lowlevel.wait_readable(lsock)
+            continue
+        fd, addr = client
+        # SOCK_NONBLOCK in the type tells the socket object it is non-blocking
+        # already (accept4 made it so): no fcntl to set it again.
         accepted(socket.socket(family, kind, proto, fd), addr, listener)
         batch += 1
         if batch >= ACCEPT_BATCH:

@@ -96,7 +96,7 @@ LISTENER_TUNING_INHERITED = sys.platform.startswith("linux")
 def _tune_for_relay(sock: socket.socket) -> None:
     """No Nagle delay for replies, and let the kernel notice a vanished peer."""
     # forward each reply at once: no Nagle delay behind a delayed ACK
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    tcptune.set_nodelay(sock.fileno())
     tcptune.set_keepalive(sock.fileno(), KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
     tcptune.set_user_timeout(sock.fileno(), USER_TIMEOUT_MS)
 

@@ -10,7 +10,9 @@ Deadlines are kept in FIFO queues, one per delay value: connections accepted
 later with the same delay are due later, so the queue is already sorted and
 costs one pointer per connection (a reload that changes the delay starts a new
 queue). What a peek or the deadline means is decided by `core.Hold`; the pen
-only observes the socket and hands the verdict to `on_verdict`.
+only observes the socket and hands the verdict to `on_verdict`. A handler that
+fails is the pen's to survive: the connection is closed and `on_error(held,
+message)` reports it (the server writes an `error` event).
 
 A talker whose verdict waits (for the pass cache, or to the end of the delay
 in observe mode) is muted: its bytes are in, so the level-triggered set must
@@ -28,7 +30,6 @@ import itertools
 import math
 import socket
 import struct
-import sys
 import termios
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -78,8 +79,13 @@ def _pending(sock: socket.socket) -> int:
 class HoldingPen:
     """Holds silent connections until a verdict; `on_verdict` gets each one once."""
 
-    def __init__(self, on_verdict: Callable[[Held, Verdict], None]) -> None:
+    def __init__(
+        self,
+        on_verdict: Callable[[Held, Verdict], None],
+        on_error: Callable[[Held, str], None],
+    ) -> None:
         self._on_verdict = on_verdict
+        self._on_error = on_error
         self._poller = Poller()
         self._held: dict[int, Held] = {}
         self._queues: dict[float, collections.deque[Held]] = {}
@@ -157,9 +163,9 @@ class HoldingPen:
         try:
             self._on_verdict(held, verdict)
         except Exception as exc:  # a handler never takes the pen down
-            print(f"repeld: internal error after verdict {verdict}: {exc!r}", file=sys.stderr)
             self._release(held)
             held.sock.close()
+            self._on_error(held, f"after verdict {type(verdict).__name__}: {exc!r}")
             return False
         return True
 

@@ -5,6 +5,37 @@ task: they keep them in a private epoll (Linux) or kqueue (BSD) set, ask trio
 to wake them when that set's own fd is readable, then read the ready sockets
 in one batch. Interest is level-triggered, per socket: IN, OUT, both, or none
 (a socket interesting for nothing is taken out of the set).
+
+The rule that keeps a private epoll set safe
+---------------------------------------------
+epoll watches an open file description, not an fd number: closing an fd
+removes it from the set only when that was the last reference to the
+description (epoll(7), "Will closing a file descriptor cause it to be removed
+from all epoll interest lists?"). A registered socket that lived on elsewhere
+(a dup, a forked child) would go on being reported under its old fd number,
+level-triggered, for ever, and that number may by then belong to another
+client. So:
+
+1. No registered socket is ever duplicated or inherited on purpose. Every
+   socket repeld makes is close-on-exec (Python's sockets are non-inheritable,
+   and the accept loop's accept4 passes SOCK_CLOEXEC), and none is dup()ed.
+   The one socket handed to a child, a client passed to --exec (ucspi.py),
+   has left the pen's set before it is handed on (the pen releases a
+   connection before its verdict is carried out) and never enters the relay
+   pool's.
+2. Every fd leaves the set before it is closed: the pen's release, and both
+   sides of a relayed session, the pool's own backend socket included. Rule 1
+   alone would not make a close without EPOLL_CTL_DEL safe: trio's
+   open_process forks (vfork) from a worker thread while the trio thread goes
+   on, and until the child has exec'd it holds a copy of every fd, so a
+   registered socket closed in that window would still be reported, under a
+   number that a new socket may already have. One epoll_ctl per session is
+   the price of never having to reason about that.
+
+tests/shell/test_poller.py shows both halves on a real epoll set: a closed
+registered socket gives no stale events, a reused fd number gets none meant
+for its old socket, and a dup'ed one does (the reason for rule 1). kqueue
+removes a closed fd's filters at close(), whoever else holds the socket.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import trio
 
+from repeld.service import tcptune
+
 __all__ = ["CHUNK", "RelayResult", "connect", "send_all"]
 
 CHUNK = 65536
@@ -51,7 +53,7 @@ async def connect(addr: tuple[object, ...], family: int, timeout: float) -> sock
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tcptune.set_nodelay(sock.fileno())
         err = sock.connect_ex(addr)
         if err not in (0,):
             with trio.move_on_after(timeout) as scope:

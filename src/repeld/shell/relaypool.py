@@ -21,8 +21,9 @@ The pool closes the backend sockets it opened; the client socket stays the
 caller's. With `strip_pipe_connect`, the MTA's bytes go through a
 core.ehlofilter.EhloFilter until it is done (the greeting and the first reply),
 so the client never learns PIPECONNECT; from then on that direction costs one
-attribute check per chunk. `RelayPool.relay` is the same for a task that has both sockets
-already and waits for the end; cancelling it takes the session out at once.
+attribute check per chunk.
+A `done` that raises is reported through the pool's `on_error`
+(the server writes an `error` event) and never stops the other sessions.
 """
 
 from __future__ import annotations
@@ -33,13 +34,12 @@ import itertools
 import math
 import os
 import socket
-import sys
-import traceback
 from collections.abc import Callable, Sequence
 
 import trio
 
 from repeld.core.ehlofilter import EhloFilter
+from repeld.service import tcptune
 from repeld.shell.poller import ERROR_READY, IN, OUT, READ_READY, WRITE_READY, Poller, watch
 from repeld.shell.relay import CHUNK, RelayResult
 
@@ -123,7 +123,6 @@ class _Session:
         "idle_timeout",
         "in_heap",
         "open",
-        "owns_backend",
         "result",
         "strip_pipe_connect",
     )
@@ -139,7 +138,6 @@ class _Session:
         self.done = done
         self.client = _Side(self, client, "client", True)
         self.backend: _Side | None = None
-        self.owns_backend = False
         self.connecting = False
         self.addresses: list[Address] = []
         self.connect_timeout = 0.0
@@ -156,7 +154,8 @@ class _Session:
 class RelayPool:
     """Relays many sessions from one task: start `run()`, then hand it sessions."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_error: Callable[[str], None]) -> None:
+        self._on_error = on_error
         self._poller = Poller()
         self._sides: dict[int, _Side] = {}
         self._sessions = 0
@@ -210,60 +209,11 @@ class RelayPool:
         session.connect_timeout = connect_timeout
         session.header = header
         session.strip_pipe_connect = strip_pipe_connect
-        session.owns_backend = True
         self._sessions += 1
         self._sides[session.client.fd] = session.client  # not polled until connected
         self._try_connect(session, trio.current_time(), OSError("no address for the backend"))
         if session.open:
             self._arm(session)
-
-    async def relay(
-        self,
-        client: socket.socket,
-        backend: socket.socket,
-        idle_timeout: float,
-        result: RelayResult | None = None,
-        strip_pipe_connect: bool = False,
-    ) -> RelayResult:
-        """Copy both ways until both sides are done; the caller closes the sockets.
-
-        `result` is filled in as bytes flow, so a caller that
-        is cancelled midway still knows how much went each way. Raises
-        RelayPoolClosed if the pool stops first.
-        """
-        if result is None:
-            result = RelayResult()
-        if self._closed:
-            raise RelayPoolClosed("the relay pool is closed")
-        fds = (client.fileno(), backend.fileno())
-        if fds[0] == fds[1] or fds[0] in self._sides or fds[1] in self._sides:
-            raise ValueError("socket already relayed")
-        for sock in (client, backend):
-            if sock.gettimeout() != 0.0:
-                sock.setblocking(False)
-        task = trio.lowlevel.current_task()
-        session = _Session(client, idle_timeout, result, lambda _: trio.lowlevel.reschedule(task))
-        session.strip_pipe_connect = strip_pipe_connect
-        side = session.attach(backend)
-        self._sessions += 1
-        self._sides[session.client.fd] = session.client
-        self._sides[side.fd] = side
-        self._connected(session, trio.current_time())
-        self._arm(session)
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            # Cancelled: the session leaves the pool now, so no fd stays registered.
-            session.done = None
-            if session.open:
-                self._finish(session)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
-        if result.error is not None:
-            raise result.error
-        if result.end == "shutdown":
-            raise RelayPoolClosed("the relay pool stopped")
-        return result
 
     def _arm(self, session: _Session) -> None:
         """Put a new session's deadline in the heap (and wake the pool earlier if due)."""
@@ -287,7 +237,7 @@ class RelayPool:
             try:
                 if not _NONBLOCK:
                     sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                tcptune.set_nodelay(sock.fileno())
                 err = sock.connect_ex(addr)
             except OSError as exc:
                 sock.close()
@@ -370,8 +320,8 @@ class RelayPool:
     async def run(self) -> None:
         """Relay every session until cancelled; then the pool is closed.
 
-        Sessions still open then end as `shutdown` (`relay` raises
-        RelayPoolClosed in its caller).
+        Sessions still open then end as `shutdown`, and `connect_and_relay`
+        raises RelayPoolClosed from then on.
         """
         if self._closed:
             raise RelayPoolClosed("the relay pool is closed")
@@ -382,7 +332,7 @@ class RelayPool:
             for side in list(self._sides.values()):
                 session = side.session
                 if session.open:
-                    session.result.end = "shutdown"  # relay() raises RelayPoolClosed
+                    session.result.end = "shutdown"
                     self._finish(session)
             self._poller.close()
 
@@ -591,22 +541,22 @@ class RelayPool:
         """Take `session` out of the pool (fds out of the poller) and tell its caller."""
         session.open = False
         self._sessions -= 1
-        owned = session.backend if session.owns_backend else None
         for side in (session.client, session.backend):
             if side is None:
                 continue
             if side.mask:
-                if side is not owned:  # closing the owned socket below takes it out
-                    try:
-                        self._poller.update(side.fd, side.mask, 0)
-                    except (OSError, ValueError):
-                        pass  # the poller is closed already
+                # Out of the set before any close, even of the pool's own socket:
+                # a forked child may hold a copy for a moment (poller.py's rule).
+                try:
+                    self._poller.update(side.fd, side.mask, 0)
+                except (OSError, ValueError):
+                    pass  # the poller is closed already
                 side.mask = 0
             if self._sides.get(side.fd) is side:
                 del self._sides[side.fd]
             side.pending = None
-        if owned is not None:
-            owned.sock.close()
+        if session.backend is not None:
+            session.backend.sock.close()  # the pool's own; the client is the caller's
         if session.in_heap:
             session.in_heap = False
             self._stale += 1
@@ -620,8 +570,8 @@ class RelayPool:
         if done is not None:
             try:
                 done(session.result)
-            except Exception:  # the caller's bug must not stop every other session
-                traceback.print_exc(file=sys.stderr)
+            except Exception as exc:  # the caller's bug must not stop every other session
+                self._on_error(f"relay pool: a session's done callback failed: {exc!r}")
 
 
 def _established(sock: socket.socket) -> bool:

@@ -7,6 +7,7 @@ module carries them out and writes one event per verdict.
 
 from __future__ import annotations
 
+import errno
 import socket
 import sys
 from collections.abc import Iterable
@@ -72,12 +73,14 @@ class Server:
         self.policy = Policy(trusted, self.max_held, settings.max_per_client)
         self.backend = backend
         self.log = log
-        self.pen = HoldingPen(self._on_verdict)
+        self.pen = HoldingPen(self._on_verdict, self._pen_error)
         self.listeners: list[Listener] = []
         #: Every listener hands out sockets already tuned for relaying.
         self._listeners_tune = True
         #: Clients handed on and not done yet (relayed by the pool, or --exec).
         self.relays = 0
+        #: Set when `relays` falls to 0, for whoever waits in `wait_idle`.
+        self._idle: trio.Event | None = None
         #: The relays nursery: the relay pool's task, and a task per --exec client.
         self._handlers: trio.Nursery | None = None
         #: Every relayed session, from the backend connect to its end, in one task.
@@ -126,8 +129,7 @@ class Server:
 
     def _accepted(self, sock: socket.socket, addr: tuple[object, ...], listener: Listener) -> None:
         now = trio.current_time()
-        try:
-            sock.setblocking(False)
+        try:  # accept_loop hands out non-blocking sockets
             if listener.local is not None:
                 server, server_port = listener.local
             else:
@@ -238,6 +240,13 @@ class Server:
         else:
             self.log.emit(events.penalized(held.conn, note.elapsed, "log"))
 
+    def _pen_error(self, held: Held, message: str) -> None:
+        elapsed = trio.current_time() - held.hold.accepted_at
+        self.log.emit(events.internal_error(held.conn, elapsed, message))
+
+    def _pool_error(self, message: str) -> None:
+        self.log.emit(events.internal_error(None, 0.0, message))
+
     def _cut_off(self, held: Held, verdict: EarlyTalk) -> None:
         action = self.settings.on_early
         rtt = rtt_ms(held.sock)
@@ -279,6 +288,15 @@ class Server:
 
     def _relay_ended(self) -> None:
         self.relays -= 1
+        if not self.relays and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no client is being relayed or served by --exec (at once if none is)."""
+        while self.relays:
+            if self._idle is None or self._idle.is_set():
+                self._idle = trio.Event()
+            await self._idle.wait()
 
     async def _exec(
         self, sock: socket.socket, conn: ConnInfo, accepted_at: float, program: tuple[str, ...]
@@ -286,7 +304,7 @@ class Server:
         try:
             await handoff_exec(sock, conn, accepted_at, program, self.log)
         finally:
-            self.relays -= 1
+            self._relay_ended()
 
     # -- running -----------------------------------------------------------------
 
@@ -326,7 +344,7 @@ class Server:
         async with trio.open_nursery() as relays:
             self._handlers = relays
             # Cancelled with the relays at the end of the drain, never before them.
-            self.relay_pool = RelayPool()
+            self.relay_pool = RelayPool(self._pool_error)
             relays.start_soon(self.relay_pool.run)
             async with trio.open_nursery() as front:
                 self._front = front.cancel_scope
@@ -346,12 +364,23 @@ class Server:
                 self.shutdown_held += 1
             with trio.CancelScope(deadline=trio.current_time() + self._grace) as drain:
                 self._drain = drain
-                while self.relays:
-                    await trio.sleep(_DRAIN_POLL)
+                await self.wait_idle()
             relays.cancel_scope.cancel()
 
     def _start_listener(self, nursery: trio.Nursery, listener: Listener) -> None:
-        nursery.start_soon(accept_loop, listener, self._accepted, self._accept_paused)
+        nursery.start_soon(self._accept, listener)
+
+    async def _accept(self, listener: Listener) -> None:
+        try:
+            await accept_loop(listener, self._accepted, self._accept_paused)
+        except OSError as exc:
+            # A broken listener (EBADF, EINVAL...) never heals: retrying it would
+            # spin. Say so in the event log, then end the server with it, as
+            # trio's serve_listeners does.
+            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            message = f"accept on {listener.spec}: {name} {exc.strerror}; listener broken, stopping"
+            self.log.emit(events.internal_error(None, 0.0, message))
+            raise
 
     def _close_listeners(self) -> None:
         for lst in self.listeners:
@@ -429,7 +458,6 @@ _RESTART_ONLY = (
     "cache_v6_prefix",
     "penalty_ttl",
 )
-_DRAIN_POLL = 0.05
 
 
 async def open_server(

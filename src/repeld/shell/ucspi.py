@@ -8,6 +8,14 @@ program greets the client itself; repeld waits for it to exit.
 
 It runs as the user repeld dropped to (and inside its chroot). A program that
 cannot be started gets the client the same 421 as an unreachable MTA.
+
+The client's socket is the one socket repeld lets a child inherit. It has left
+the holding pen's epoll set before this runs (the pen releases a connection
+before its verdict is carried out) and never enters the relay pool's, so no
+private readiness set watches a description that the child shares. While the
+child is being started, it briefly holds a copy of every fd (until its exec
+closes the close-on-exec ones): the pen and the pool take each socket out of
+their sets before closing it, so that does them no harm (poller.py's rule).
 """
 
 from __future__ import annotations

@@ -1,0 +1,158 @@
+"""The accept loop's failure paths, on real listeners: a broken listener ends the
+server with an `error` event instead of spinning; the pause on EMFILE is in
+tests/system/test_capacity.py (it lowers RLIMIT_NOFILE in a child process).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Callable
+
+import pytest
+import trio
+import trio.testing
+
+from repeld.config.settings import Backend, Listen, Settings
+from repeld.config.values import SyslogTarget
+from repeld.service.tcptune import Acceptor
+from repeld.shell.accept import RETRY_ERRNOS, Listener, accept_loop
+from repeld.shell.eventlog import EventLog
+from repeld.shell.server import open_server
+
+from ..harness import Receiver
+
+
+def _flatten(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _flatten(sub)]
+    return [exc]
+
+
+def _close_fd(sock: socket.socket) -> None:
+    os.close(sock.detach())  # the socket object now has no fd (-1): EBADF
+
+
+def _stop_listening(sock: socket.socket) -> None:
+    # Linux: shutdown() takes a listener out of LISTEN and wakes its waiters
+    # (EPOLLHUP); accept() then fails with EINVAL for good.
+    sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.mark.parametrize(
+    ("break_it", "before", "errno_name"),
+    [(_close_fd, True, "EBADF"), (_stop_listening, False, "EINVAL")],
+    ids=["fd-closed", "not-listening"],
+)
+async def test_a_broken_listener_ends_the_server_with_an_error_event(
+    autojump_clock: trio.testing.MockClock,
+    break_it: Callable[[socket.socket], None],
+    before: bool,
+    errno_name: str,
+) -> None:
+    receiver = Receiver()
+    udp_port = await receiver.bind()
+    settings = Settings(
+        backend=Backend("127.0.0.1", 9),
+        listen=(Listen("127.0.0.1", 0),),
+        syslog=SyslogTarget("udp", host="127.0.0.1", port=udp_port),
+        no_cache=True,
+    )
+    log = EventLog.from_settings(settings)
+    server = await open_server(settings, log)
+    lsock = server.listeners[0].sock
+    caught: BaseException | None = None
+    async with trio.open_nursery() as outer:
+        outer.start_soon(receiver.run)
+        try:
+            with trio.fail_after(60):  # the loop checkpoints: a spin would trip this
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(log.run)
+                    if before:
+                        break_it(lsock)
+                    await nursery.start(server.serve)
+                    if not before:
+                        break_it(lsock)
+                    await trio.sleep_forever()
+        except BaseException as exc:  # the group is taken apart below
+            caught = exc
+        (error,) = await receiver.wait_for("error")
+        outer.cancel_scope.cancel()
+    assert caught is not None
+    leaves = _flatten(caught)
+    assert [type(e) for e in leaves] == [OSError]
+    assert isinstance(leaves[0], OSError)
+    assert leaves[0].errno == getattr(errno, errno_name)
+    assert errno_name in error.fields["error"]
+    assert "accept on 127.0.0.1:" in error.fields["error"]
+    assert error.severity == 3
+
+
+async def test_the_loop_skips_nothing_and_hands_out_non_blocking_close_on_exec_clients(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(128)
+    lsock.setblocking(False)
+    got: list[tuple[socket.socket, tuple[object, ...]]] = []
+    clients = [socket.create_connection(lsock.getsockname()) for _ in range(100)]
+    try:
+        async with trio.open_nursery() as nursery:
+            listener = Listener(lsock, Listen("127.0.0.1", 0))
+            nursery.start_soon(
+                accept_loop, listener, lambda s, a, _: got.append((s, a)), lambda *_: None
+            )
+            with trio.fail_after(10):
+                while len(got) < len(clients):
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert sorted(a for _, a in got) == sorted(c.getsockname() for c in clients)
+        for sock, _ in got:
+            assert sock.gettimeout() == 0.0
+            assert not sock.get_inheritable()
+            assert sock.type == socket.SOCK_STREAM and sock.family == socket.AF_INET
+            assert os.get_blocking(sock.fileno()) is False
+    finally:
+        for sock, _ in got:
+            sock.close()
+        for c in clients:
+            c.close()
+        lsock.close()
+
+
+def test_acceptor_gives_none_when_no_client_waits_and_oserror_for_a_bad_fd() -> None:
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen()
+        lsock.setblocking(False)
+        assert Acceptor(lsock.fileno()).accept() is None
+    with pytest.raises(OSError) as info:
+        Acceptor(-1).accept()
+    assert info.value.errno == errno.EBADF
+
+
+async def test_a_v6_listener_reports_the_peer_as_text() -> None:
+    try:
+        lsock = socket.socket(socket.AF_INET6)
+        lsock.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    with lsock:
+        lsock.listen()
+        with socket.create_connection(lsock.getsockname()[:2]) as c:
+            accepted = None
+            with trio.fail_after(10):
+                while accepted is None:
+                    accepted = Acceptor(lsock.fileno()).accept()
+                    await trio.sleep(0.01)
+            fd, addr = accepted
+            os.close(fd)
+            assert addr == ("::1", c.getsockname()[1])
+
+
+def test_the_retried_errors_are_about_one_client_never_the_listener() -> None:
+    for persistent in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK, errno.EFAULT):
+        assert persistent not in RETRY_ERRNOS
+    assert {errno.ECONNABORTED, errno.EINTR, errno.EPROTO} <= RETRY_ERRNOS
