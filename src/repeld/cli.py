@@ -114,6 +114,12 @@ def settings_from(flags: dict[str, Any], actions: dict[str, Any]) -> Settings:
     return load_settings(flags, path, explicit="config" in actions)
 
 
+def _one_line(exc: Exception) -> str:
+    """An unexpected error as one line: its type and the start of its message."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run repeld; the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -128,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"repeld: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # reading a configuration never ends in a traceback
+        print(f"repeld: cannot read the configuration: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     if actions.get("check-config"):
         sys.stdout.write(render_settings(settings))

@@ -345,3 +345,66 @@ def test_subprocess_version_and_help() -> None:
     proc = run_repeld("--help")
     assert proc.returncode == 0
     assert all(f"--{o.name}" in proc.stdout for o in OPTIONS)
+
+
+# -- configuration reading never crashes (issue 11) ---------------------------------------
+
+#: `trusted = [[[ ... ]]]` nested far deeper than tomllib's recursion can follow.
+DEEP = "trusted = " + "[" * 1000 + "]" * 1000 + "\n"
+
+
+def test_subprocess_deeply_nested_config_is_one_line_status_2(tmp_path: Path) -> None:
+    path = tmp_path / "repeld.toml"
+    path.write_text('backend = "127.0.0.1:25"\n' + DEEP)
+    for extra in (["--check-config"], USER_ARGS):  # both paths stop before serving
+        proc = run_repeld("-c", str(path), "--listen", "127.0.0.1:0", *extra)
+        assert proc.returncode == 2
+        line = one_line(proc.stderr)
+        assert str(path) in line and "nested too deeply" in line
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "directory"])
+def test_config_that_is_not_a_regular_file_is_refused_at_once(
+    kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if kind == "dev-zero":
+        path = "/dev/zero"
+    elif kind == "fifo":
+        path = str(tmp_path / "fifo")
+        os.mkfifo(path)  # nobody writes: opening it for reading would block forever
+    else:
+        path = str(tmp_path)
+    status, out, err = run_main(["-c", path, "--backend", "127.0.0.1:25", "--check-config"], capsys)
+    assert status == 2 and out == ""
+    line = one_line(err)
+    assert path in line and ("not a regular file" in line or "directory" in line.lower())
+
+
+def test_config_larger_than_1_mib_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "repeld.toml"
+    path.write_text('backend = "127.0.0.1:25"\n' + "#" * (1 << 20) + "\n")
+    status, _out, err = run_main(["-c", str(path), "--check-config"], capsys)
+    assert status == 2
+    line = one_line(err)
+    assert str(path) in line and "1 MiB" in line
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "big"])
+def test_trusted_file_that_is_not_a_bounded_regular_file_is_refused(
+    kind: str, config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if kind == "dev-zero":
+        path = "/dev/zero"
+    elif kind == "fifo":
+        path = str(tmp_path / "fifo")
+        os.mkfifo(path)
+    else:
+        path = str(tmp_path / "big.txt")
+        Path(path).write_text("127.0.0.1\n" * 200_000)
+    status, _out, err = run_main([*base(config), "-T", path, "--check-config"], capsys)
+    assert status == 2
+    line = one_line(err)
+    assert "--trusted-file" in line and path in line
+    assert "not a regular file" in line or "1 MiB" in line
