@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from repeld import __version__
-from repeld.config.errors import ConfigError, SettingError
+from repeld.config.errors import ConfigError, SettingError, shown
 from repeld.config.file import default_config_path, load_settings, render_settings
 from repeld.config.settings import OPTIONS, Option, Settings
 
@@ -42,7 +42,9 @@ def _wrap(opt: Option) -> Any:
         try:
             return parse(text)
         except SettingError as exc:
-            raise argparse.ArgumentTypeError(f"invalid value {exc.value!r}: {exc.reason}") from None
+            raise argparse.ArgumentTypeError(
+                f"invalid value {shown(exc.value)}: {exc.reason}"
+            ) from None
 
     convert.__name__ = opt.name
     return convert

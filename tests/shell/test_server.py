@@ -389,3 +389,28 @@ async def test_a_reset_after_the_greeting_ends_the_relay_as_client_reset(
         assert end.fields["end"] == "client-reset"
         assert end.fields["bytes_from_client"] == "9"
         assert not h.receiver.named("error")
+
+
+class _NoSuchName(trio.abc.HostnameResolver):
+    """A resolver that knows no name: an unresolvable backend without asking real DNS
+    (tests reach only loopback)."""
+
+    async def getaddrinfo(self, host, port, family=0, type=0, proto=0, flags=0):  # type: ignore[no-untyped-def]
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    async def getnameinfo(self, sockaddr, flags):  # type: ignore[no-untyped-def]
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+
+async def test_an_unresolvable_backend_is_an_error_naming_it() -> None:
+    from repeld.shell.handoff import resolve_backend
+
+    trio.socket.set_custom_hostname_resolver(_NoSuchName())
+    try:
+        with pytest.raises(OSError) as info:
+            await resolve_backend("mx.example.invalid", 25)
+    finally:
+        trio.socket.set_custom_hostname_resolver(None)
+    assert str(info.value) == (
+        "--backend mx.example.invalid:25: cannot resolve: Name or service not known"
+    )

@@ -517,6 +517,10 @@ def test_sighup_with_a_config_tomllib_cannot_parse_keeps_serving(
         _config(config, backend, port, syslog, f'trusted-file = ["{fifo}"]\n')
         d.signal(signal.SIGHUP)
         assert "not a regular file" in syslog.wait_for("config-error", 2)[1].fields["error"]
+        config.write_text(config.read_text().replace(backend.address, "a" * 64 + ".example.org:25"))
+        d.signal(signal.SIGHUP)
+        error = syslog.wait_for("config-error", 3)[2].fields["error"]
+        assert "backend: invalid value" in error and "more than 63" in error
         client = connect(port, source="127.0.0.9")  # the old config is in force
         t0 = time.monotonic()
         assert read_line(client) == b"220 backend.test ESMTP\r\n"

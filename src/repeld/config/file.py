@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from repeld.config.errors import ConfigError, SettingError
+from repeld.config.errors import ConfigError, SettingError, shown
 from repeld.config.reading import UnreadableFile, read_operator_file
 from repeld.config.settings import OPTION_BY_NAME, Option, Settings, build_settings, load_trusted
 
@@ -97,7 +97,7 @@ def read_config(path: str) -> dict[str, Any]:
         try:
             values[key] = _convert(opt, value)
         except SettingError as exc:
-            problems.append(f"{where}: {key}: invalid value {exc.value!r}: {exc.reason}")
+            problems.append(f"{where}: {key}: invalid value {shown(exc.value)}: {exc.reason}")
         except Exception as exc:  # a parser's bug must not take the daemon down
             problems.append(f"{where}: {key}: invalid value: {type(exc).__name__}: {exc}")
     if problems:

@@ -17,6 +17,7 @@ from repeld.config.errors import SettingError
 from repeld.config.options import OPTION_BY_NAME, OPTIONS, Option, default
 from repeld.config.reading import UnreadableFile, read_operator_file
 from repeld.config.values import (
+    NOT_A_NETWORK,
     Backend,
     EarlyAction,
     Listen,
@@ -146,8 +147,9 @@ def load_trusted(settings: Settings) -> TrustedNetworks:
                 continue
             try:
                 networks.append(network(text))
-            except SettingError:
+            except SettingError as exc:
+                why = "is not an address or network" if exc.reason == NOT_A_NETWORK else exc.reason
                 raise SettingError(
-                    "trusted-file", path, f"line {lineno}: {text!r} is not an address or network"
+                    "trusted-file", path, f"line {lineno}: {text!r}: {why}"
                 ) from None
     return TrustedNetworks(networks)
