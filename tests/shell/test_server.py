@@ -414,3 +414,23 @@ async def test_an_unresolvable_backend_is_an_error_naming_it() -> None:
     assert str(info.value) == (
         "--backend mx.example.invalid:25: cannot resolve: Name or service not known"
     )
+
+
+async def test_a_connection_reset_before_it_is_read_is_a_counted_hangup() -> None:
+    """A client that resets between accept() and the first call on its socket: the
+    server still owes it one verdict. The accepted socket is fed already closed, the
+    way a reset leaves it unusable (EBADF here, ENOTCONN for getsockname after RST)."""
+    async with running(delay=DELAY) as h:
+        listener = h.server.listeners[0]
+        port = h.address()[1]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.close()
+        h.server._accepted(sock, ("127.0.0.5", 40000), listener)
+        with trio.fail_after(10):
+            (event,) = await h.receiver.wait_for("hangup")
+        assert event.fields["how"] == "reset"
+        assert event.fields["client"] == "127.0.0.5"
+        assert event.fields["client_port"] == "40000"
+        assert (event.fields["server"], event.fields["server_port"]) == ("127.0.0.1", str(port))
+        assert h.server.statistics()["hangup"] == 1
+        assert len(h.server.pen) == 0
