@@ -153,7 +153,10 @@ def test_escape_bytes_keeps_everything_that_fits(data: bytes) -> None:
 
 _PORT = st.integers(min_value=0, max_value=65535)
 _V4 = st.ip_addresses(v=4).map(str)
-_V6 = st.ip_addresses(v=6).map(str)
+# v4-mapped addresses come from the kernel as `::ffff:a.b.c.d` (normalised to IPv4 by
+# the shell); ipaddress prints them in hex, a spelling accept() never gives.
+_V6 = st.ip_addresses(v=6).filter(lambda ip: ip.ipv4_mapped is None).map(str)
+_MAPPED = _V4.map(lambda a: f"::ffff:{a}")
 
 
 def _decode_v2(header: bytes) -> tuple[str, int, str, int]:
@@ -177,15 +180,14 @@ def _decode_v1(header: bytes) -> tuple[str, int, str, int]:
 
 
 def _normal(address: str) -> str:
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
+    return str(ipaddress.ip_address(address.removeprefix("::ffff:")))
 
 
 @FAST
 @given(
-    pair=st.one_of(st.tuples(_V4, _V4), st.tuples(_V6, _V6)),
+    pair=st.one_of(
+        st.tuples(_V4, _V4), st.tuples(_V6, _V6), st.tuples(_MAPPED, _V4), st.tuples(_V4, _V6)
+    ),
     sport=_PORT,
     dport=_PORT,
 )
