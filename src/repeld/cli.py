@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from repeld import __version__
-from repeld.config.errors import ConfigError, SettingError
+from repeld.config.errors import ConfigError, SettingError, shown
 from repeld.config.file import default_config_path, load_settings, render_settings
 from repeld.config.settings import OPTIONS, Option, Settings
 
@@ -42,7 +42,9 @@ def _wrap(opt: Option) -> Any:
         try:
             return parse(text)
         except SettingError as exc:
-            raise argparse.ArgumentTypeError(f"invalid value {exc.value!r}: {exc.reason}") from None
+            raise argparse.ArgumentTypeError(
+                f"invalid value {shown(exc.value)}: {exc.reason}"
+            ) from None
 
     convert.__name__ = opt.name
     return convert
@@ -136,6 +138,12 @@ def check_backend(settings: Settings) -> int:
     return 0 if all(verdict.ok for _, verdict in results) else EXIT_FAILURE
 
 
+def _one_line(exc: Exception) -> str:
+    """An unexpected error as one line: its type and the start of its message."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run repeld; the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -150,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"repeld: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # reading a configuration never ends in a traceback
+        print(f"repeld: cannot read the configuration: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     if actions.get("check-config"):
         sys.stdout.write(render_settings(settings))

@@ -248,3 +248,16 @@ async def test_after_close_lookups_miss_and_writes_are_dropped(db: Path) -> None
     cache.remember_good("k")
     assert cache.statistics()["dropped"] == 1
     assert rows(db) == {}
+
+
+async def test_a_row_another_writer_garbled_is_a_cache_error_not_a_crash(db: Path) -> None:
+    errors: list[str] = []
+    cache = SqliteCache(str(db), on_error=errors.append)
+    async with running_caches(cache):
+        with sqlite3.connect(db) as conn:  # SQLite keeps text in an INTEGER column
+            conn.execute("INSERT INTO cache VALUES ('192.0.2.9', 'garbage', 1e12)")
+        assert await cache.lookup("192.0.2.9") is UNKNOWN
+        assert await cache.lookup_many(["192.0.2.9", "192.0.2.10"]) == [UNKNOWN, UNKNOWN]
+        assert len(errors) == 1
+        assert "lookup failed" in errors[0] and "ValueError" in errors[0]
+        assert cache.statistics()["errors"] >= 1

@@ -443,3 +443,48 @@ async def test_wait_idle_returns_at_once_without_relays_and_when_the_last_one_en
                 c.close()
         assert h.server.relays == 0
         assert idle_at == [pytest.approx(DELAY + 10.0, abs=0.01)]
+
+
+class _NoSuchName(trio.abc.HostnameResolver):
+    """A resolver that knows no name: an unresolvable backend without asking real DNS
+    (tests reach only loopback)."""
+
+    async def getaddrinfo(self, host, port, family=0, type=0, proto=0, flags=0):  # type: ignore[no-untyped-def]
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    async def getnameinfo(self, sockaddr, flags):  # type: ignore[no-untyped-def]
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+
+async def test_an_unresolvable_backend_is_an_error_naming_it() -> None:
+    from repeld.shell.handoff import resolve_backend
+
+    trio.socket.set_custom_hostname_resolver(_NoSuchName())
+    try:
+        with pytest.raises(OSError) as info:
+            await resolve_backend("mx.example.invalid", 25)
+    finally:
+        trio.socket.set_custom_hostname_resolver(None)
+    assert str(info.value) == (
+        "--backend mx.example.invalid:25: cannot resolve: Name or service not known"
+    )
+
+
+async def test_a_connection_reset_before_it_is_read_is_a_counted_hangup() -> None:
+    """A client that resets between accept() and the first call on its socket: the
+    server still owes it one verdict. The accepted socket is fed with no connection
+    behind it, the way a reset leaves it (ENOTCONN on every call)."""
+    async with running(delay=DELAY) as h:
+        listener = h.server.listeners[0]
+        port = h.address()[1]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        h.server._accepted(sock, ("127.0.0.5", 40000), listener)
+        with trio.fail_after(10):
+            (event,) = await h.receiver.wait_for("hangup")
+        assert event.fields["how"] == "reset"
+        assert event.fields["client"] == "127.0.0.5"
+        assert event.fields["client_port"] == "40000"
+        assert (event.fields["server"], event.fields["server_port"]) == ("127.0.0.1", str(port))
+        assert h.server.statistics()["hangup"] == 1
+        assert len(h.server.pen) == 0

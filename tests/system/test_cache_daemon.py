@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socketserver
+import threading
 import time
 from pathlib import Path
 
@@ -214,3 +216,91 @@ def test_an_unusable_cache_path_leaves_repeld_serving(
         d.signal(signal.SIGUSR1)
         stats = syslog.wait_for("stats")[0]
         assert "cache_lookups" not in stats.fields  # running without a cache
+
+
+class GarbageRedis(socketserver.ThreadingTCPServer):
+    """A listener where Redis was that answers every command with `*garbage\\r\\n`.
+
+    redis-py's parser raises ValueError (not a RedisError) on that reply.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.settimeout(5)
+            for _ in range(100):  # bounded: a client sends a command, reads the reply
+                try:
+                    if not self.request.recv(65536):
+                        return
+                    self.request.sendall(b"*garbage\r\n")
+                except OSError:
+                    return
+
+    def __init__(self, port: int) -> None:
+        super().__init__(("127.0.0.1", port), self.Handler)
+        self.connections = 0
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self._thread.start()
+
+    def verify_request(self, request: object, client_address: object) -> bool:
+        self.connections += 1
+        return True
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+@pytest.mark.skipif(not os.access(REDIS_SERVER, os.X_OK), reason="redis-server is not installed")
+def test_a_malformed_redis_reply_leaves_repeld_serving(
+    syslog: SyslogUDP, backend: LineBackend, tmp_path: Path
+) -> None:
+    redis = RedisServer(tmp_path, free_port())
+    redis.start()
+    port = free_port()
+    url = f"redis://127.0.0.1:{redis.port}/0"
+    args = ["-b", backend.address, "-d", "1", "--cache", url, "--syslog", syslog.target]
+    garbage: GarbageRedis | None = None
+    try:
+        with daemon("-l", f"127.0.0.1:{port}", *args, *AS_ROOT) as d:
+            assert _greeted_after(port, "127.0.0.101") >= 0.9  # Redis works
+            deadline = time.monotonic() + 10
+            while not redis.client().exists("repeld:pass:127.0.0.101"):
+                assert time.monotonic() < deadline, "the pass never reached Redis"
+                time.sleep(0.05)
+            redis.kill()
+            garbage = GarbageRedis(redis.port)  # the same port, nonsense answers
+            assert _greeted_after(port, "127.0.0.102") >= 0.9  # held, then passed
+            assert garbage.connections >= 1  # the lookup did reach the listener
+            assert _greeted_after(port, "127.0.0.103") >= 0.9
+            assert d.proc.poll() is None
+            (error,) = syslog.wait_for("cache-error")
+            assert "garbage" in error.fields["error"] or "ValueError" in error.fields["error"]
+            syslog.drain(0.5)
+            assert len(syslog.named("cache-error")) == 1  # one per outage
+    finally:
+        redis.kill()
+        if garbage is not None:
+            garbage.close()
+    reasons = [e.fields["reason"] for e in syslog.wait_for("pass", 3)]
+    assert reasons == ["delay"] * 3
+
+
+def test_a_malformed_redis_reply_at_start_leaves_repeld_serving(
+    syslog: SyslogUDP, backend: LineBackend
+) -> None:
+    garbage = GarbageRedis(free_port())
+    port = free_port()
+    url = f"redis://127.0.0.1:{garbage.server_address[1]}/0"
+    args = ["-b", backend.address, "-d", "1", "--cache", url, "--syslog", syslog.target]
+    try:
+        with daemon("-l", f"127.0.0.1:{port}", *args, *AS_ROOT) as d:
+            assert _greeted_after(port, "127.0.0.104") >= 0.9
+            assert d.proc.poll() is None
+            syslog.wait_for("cache-error")
+            assert garbage.connections >= 1
+    finally:
+        garbage.close()
+    assert [e.fields["reason"] for e in syslog.wait_for("pass")] == ["delay"]

@@ -108,6 +108,14 @@ BAD_VALUES: list[Any] = [
     ("backend", "127.0.0.1:0"),
     ("backend", "127.0.0.1:smtp"),
     ("backend", "::1:25"),
+    ("backend", "a" * 64 + ".example.org:25"),  # a label of 64: UnicodeError in the resolver
+    ("backend", "mx.-example.org:25"),
+    ("backend", "mx-.example.org:25"),
+    ("backend", "mx..example.org:25"),
+    ("backend", "mx_1.example.org:25"),
+    ("backend", "mx.ex\u00e4mple.org:25"),
+    ("syslog", "udp://log_host:514"),
+    ("syslog", "tcp://" + "b" * 64 + ":514"),
     ("proxy-protocol", "v3"),
     ("proxy-protocol", "V1"),
     ("proxy-protocol", "yes"),
@@ -135,6 +143,8 @@ BAD_VALUES: list[Any] = [
     ("trusted", "300.1.1.1"),
     ("trusted", "10.0.0.0/33"),
     ("trusted", "127.1"),
+    ("trusted", "10.1.2.3/8"),  # host bits set
+    ("trusted", "2001:db8::1/32"),
     ("relay-timeout", "0"),
     ("connect-timeout", "abc"),
 ]
@@ -345,3 +355,141 @@ def test_subprocess_version_and_help() -> None:
     proc = run_repeld("--help")
     assert proc.returncode == 0
     assert all(f"--{o.name}" in proc.stdout for o in OPTIONS)
+
+
+# -- configuration reading never crashes (issue 11) ---------------------------------------
+
+#: `trusted = [[[ ... ]]]` nested far deeper than tomllib's recursion can follow.
+DEEP = "trusted = " + "[" * 1000 + "]" * 1000 + "\n"
+
+
+def test_subprocess_deeply_nested_config_is_one_line_status_2(tmp_path: Path) -> None:
+    path = tmp_path / "repeld.toml"
+    path.write_text('backend = "127.0.0.1:25"\n' + DEEP)
+    for extra in (["--check-config"], USER_ARGS):  # both paths stop before serving
+        proc = run_repeld("-c", str(path), "--listen", "127.0.0.1:0", *extra)
+        assert proc.returncode == 2
+        line = one_line(proc.stderr)
+        assert str(path) in line and "nested too deeply" in line
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "directory"])
+def test_config_that_is_not_a_regular_file_is_refused_at_once(
+    kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if kind == "dev-zero":
+        path = "/dev/zero"
+    elif kind == "fifo":
+        path = str(tmp_path / "fifo")
+        os.mkfifo(path)  # nobody writes: opening it for reading would block forever
+    else:
+        path = str(tmp_path)
+    status, out, err = run_main(["-c", path, "--backend", "127.0.0.1:25", "--check-config"], capsys)
+    assert status == 2 and out == ""
+    line = one_line(err)
+    assert path in line and ("not a regular file" in line or "directory" in line.lower())
+
+
+def test_config_larger_than_1_mib_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "repeld.toml"
+    path.write_text('backend = "127.0.0.1:25"\n' + "#" * (1 << 20) + "\n")
+    status, _out, err = run_main(["-c", str(path), "--check-config"], capsys)
+    assert status == 2
+    line = one_line(err)
+    assert str(path) in line and "1 MiB" in line
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "big"])
+def test_trusted_file_that_is_not_a_bounded_regular_file_is_refused(
+    kind: str, config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if kind == "dev-zero":
+        path = "/dev/zero"
+    elif kind == "fifo":
+        path = str(tmp_path / "fifo")
+        os.mkfifo(path)
+    else:
+        path = str(tmp_path / "big.txt")
+        Path(path).write_text("127.0.0.1\n" * 200_000)
+    status, _out, err = run_main([*base(config), "-T", path, "--check-config"], capsys)
+    assert status == 2
+    line = one_line(err)
+    assert "--trusted-file" in line and path in line
+    assert "not a regular file" in line or "1 MiB" in line
+
+
+def test_a_2_mb_backend_name_is_refused_in_one_short_line(
+    config: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = "a" * 2_000_000 + ".example.org:25"
+    status, out, err = run_main([*base(config), "--backend", name, "--check-config"], capsys)
+    assert status == 2 and out == ""
+    line = one_line(err)
+    assert "--backend" in line and "more than 253" in line
+    assert len(line) < 400  # the value is cut in the message
+
+
+@pytest.mark.parametrize(
+    ("value", "hint"),
+    [
+        ("10.1.2.3/8", "10.0.0.0/8"),
+        ("192.0.2.7/24", "192.0.2.0/24"),
+        ("2001:db8::1/32", "2001:db8::/32"),
+    ],
+)
+def test_a_network_with_host_bits_set_is_refused_with_a_hint(
+    config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str, hint: str
+) -> None:
+    status, _out, err = run_main([*base(config), "--trusted", value, "--check-config"], capsys)
+    assert status == 2
+    assert f"host bits set: did you mean {hint}?" in one_line(err)
+    path = tmp_path / "trusted.txt"
+    path.write_text(f"127.0.0.2\n{value}  # a typo\n")
+    status, _out, err = run_main([*base(config), "-T", str(path), "--check-config"], capsys)
+    assert status == 2
+    line = one_line(err)
+    assert str(path) in line and "line 2" in line and f"did you mean {hint}?" in line
+
+
+def test_host_names_and_addresses_that_stay_accepted(
+    config: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for backend in (
+        "mx.example.org:25",
+        "mx.example.org.:25",
+        "localhost:25",
+        "MX-1.Example.ORG:25",
+        ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61]) + ":25",  # 253 characters
+        "127.0.0.1:25",
+        "[2001:db8::7]:25",
+    ):
+        status, _out, err = run_main(
+            ["--config", config, "-l", "127.0.0.1:0", "-b", backend, "--check-config"], capsys
+        )
+        assert (status, err) == (0, ""), backend
+    status, _out, err = run_main(
+        [
+            *base(config),
+            "-t",
+            "10.0.0.0/8",
+            "-t",
+            "192.0.2.7",
+            "-t",
+            "2001:db8::/32",
+            "--check-config",
+        ],
+        capsys,
+    )
+    assert (status, err) == (0, "")
+
+
+def test_a_redis_host_name_is_checked_like_a_backend(
+    config: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = "redis://" + "r" * 64 + ".example.org:6379/0"
+    status, _out, err = run_main([*base(config), "--cache", url, "--check-config"], capsys)
+    assert status == 2
+    line = one_line(err)
+    assert "--cache" in line and "more than 63" in line

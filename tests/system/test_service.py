@@ -498,3 +498,33 @@ def test_socket_activation_serves_systemd_s_listener(
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "Address already in use" not in err
+
+
+def test_sighup_with_a_config_tomllib_cannot_parse_keeps_serving(
+    syslog: SyslogUDP, backend: LineBackend, tmp_path: Path
+) -> None:
+    config = tmp_path / "repeld.toml"
+    port = free_port()
+    _config(config, backend, port, syslog, 'trusted = ["127.0.0.9/32"]\n')
+    with daemon("-c", str(config), *AS_ROOT) as d:
+        # RecursionError inside tomllib: not a TOMLDecodeError
+        config.write_text(config.read_text() + "x = " + "[" * 1000 + "]" * 1000 + "\n")
+        d.signal(signal.SIGHUP)
+        (err,) = syslog.wait_for("config-error")
+        assert "nested too deeply" in err.fields["error"]
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        _config(config, backend, port, syslog, f'trusted-file = ["{fifo}"]\n')
+        d.signal(signal.SIGHUP)
+        assert "not a regular file" in syslog.wait_for("config-error", 2)[1].fields["error"]
+        config.write_text(config.read_text().replace(backend.address, "a" * 64 + ".example.org:25"))
+        d.signal(signal.SIGHUP)
+        error = syslog.wait_for("config-error", 3)[2].fields["error"]
+        assert "backend: invalid value" in error and "more than 63" in error
+        client = connect(port, source="127.0.0.9")  # the old config is in force
+        t0 = time.monotonic()
+        assert read_line(client) == b"220 backend.test ESMTP\r\n"
+        assert time.monotonic() - t0 < 1.5
+        client.close()
+        assert d.proc.poll() is None
+        assert not syslog.named("reload")

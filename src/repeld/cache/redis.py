@@ -80,8 +80,19 @@ __all__ = ["DEFAULT_NAMESPACE", "RedisCache"]
 
 DEFAULT_NAMESPACE = "repeld"
 
-#: What a failed Redis call can raise through redis-py.
-_ERRORS = (redis.RedisError, OSError)
+#: What a failed Redis call can raise through redis-py: anything, at this boundary.
+#: Not only RedisError and OSError: a malformed reply (`*garbage`) raises ValueError
+#: from its parser, and whatever a Redis-lookalike makes it raise must not reach the
+#: server (issue 11). Never BaseException: cancellation and KeyboardInterrupt pass.
+_ERRORS = (Exception,)
+
+
+def _describe(exc: Exception) -> str:
+    """An error for the cache-error event: its message, with its type if not a Redis one."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, redis.RedisError | OSError):
+        return text
+    return f"{type(exc).__name__}: {text}"
 
 
 class RedisCache(QueuedVerdicts):
@@ -226,7 +237,7 @@ class RedisCache(QueuedVerdicts):
             if scope.cancelled_caught:
                 return f"PING takes longer than {self.lookup_timeout * 1000:.0f} ms"
         except _ERRORS as exc:
-            return str(exc) or type(exc).__name__
+            return _describe(exc)
         return None
 
     # -- the PassCache API -------------------------------------------------------------
@@ -261,7 +272,7 @@ class RedisCache(QueuedVerdicts):
                     self._mget, names, limiter=self._limiter, abandon_on_cancel=True
                 )
             except _ERRORS as exc:
-                self._failed(f"lookup failed: {exc}")
+                self._failed(f"lookup failed: {_describe(exc)}")
                 return {}
         if scope.cancelled_caught:
             self._stats.timeouts += 1
@@ -295,7 +306,7 @@ class RedisCache(QueuedVerdicts):
                 )
                 written = True
             except _ERRORS as exc:
-                self._failed(f"cannot write {len(batch)} entries: {exc}")
+                self._failed(f"cannot write {len(batch)} entries: {_describe(exc)}")
             finally:
                 if written:
                     self._stats.written += len(batch)
@@ -338,9 +349,12 @@ class RedisCache(QueuedVerdicts):
             self._stats.dropped += len(self._pending)
             self._pending = PendingWrites()
             with trio.move_on_after(self.close_timeout):
-                await trio.to_thread.run_sync(
-                    self._client.close, limiter=self._limiter, abandon_on_cancel=True
-                )
+                try:
+                    await trio.to_thread.run_sync(
+                        self._client.close, limiter=self._limiter, abandon_on_cancel=True
+                    )
+                except _ERRORS:
+                    pass  # closing: nothing left to lose
 
     def statistics(self) -> dict[str, int]:
         stats = self._stats.as_dict()

@@ -13,7 +13,7 @@ from typing import Literal
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from repeld.config.errors import SettingError
-from repeld.core.addresses import V6_PREFIX_MAX, V6_PREFIX_MIN, bracket
+from repeld.core.addresses import V6_PREFIX_MAX, V6_PREFIX_MIN, bracket, host_name_problem
 
 __all__ = [
     "CacheKind",
@@ -155,6 +155,9 @@ def _parse_redis(text: str) -> CacheSpec:
     host = url.hostname or ""
     if not host:
         raise _cache_error(text, "the Redis host is missing")
+    problem = host_name_problem(host)
+    if problem is not None:
+        raise _cache_error(text, problem)
     if port is None:
         port = 6379
     if not 1 <= port <= 65535:

@@ -99,6 +99,19 @@ def _open(path: str, busy_timeout: float) -> sqlite3.Connection:
     return conn
 
 
+#: What a failed SQLite call may raise, caught at this boundary: not only sqlite3.Error
+#: but anything (a row another writer garbled makes `int()` raise ValueError), so that
+#: no cache trouble reaches the server (issue 11). Never BaseException.
+_ERRORS = (Exception,)
+
+
+def _describe(exc: Exception) -> str:
+    """An error for the cache-error event: its message, with its type if not SQLite's."""
+    if isinstance(exc, sqlite3.Error | OSError):
+        return str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}"
+
+
 #: Keys per SELECT ... IN (...): well under SQLite's 999-parameter floor.
 _SELECT_CHUNK = 500
 
@@ -220,9 +233,9 @@ class SqliteCache(QueuedVerdicts):
 
     # -- health ----------------------------------------------------------------------
 
-    def _failed(self, what: str, exc: BaseException) -> None:
+    def _failed(self, what: str, exc: Exception) -> None:
         self._stats.errors += 1
-        self._notice.failed(f"cache {self}: {what}: {exc}")
+        self._notice.failed(f"cache {self}: {what}: {_describe(exc)}")
 
     def _ok(self) -> None:
         self._notice.ok(f"cache {self}: working again")
@@ -244,7 +257,7 @@ class SqliteCache(QueuedVerdicts):
                     stored = await trio.to_thread.run_sync(
                         self._select, missing, now, limiter=self._limiter, abandon_on_cancel=True
                     )
-                except sqlite3.Error as exc:
+                except _ERRORS as exc:
                     self._failed("lookup failed", exc)
             if scope.cancelled_caught:
                 self._stats.timeouts += 1
@@ -265,7 +278,7 @@ class SqliteCache(QueuedVerdicts):
             try:
                 await trio.to_thread.run_sync(self._write, batch, limiter=self._limiter)
                 written = True
-            except sqlite3.Error as exc:
+            except _ERRORS as exc:
                 self._failed(f"cannot write {len(batch)} entries", exc)
             finally:
                 if written:
@@ -284,7 +297,7 @@ class SqliteCache(QueuedVerdicts):
                 n = await trio.to_thread.run_sync(
                     self._sweep_chunk, self._wallclock(), limiter=self._limiter
                 )
-            except sqlite3.Error as exc:
+            except _ERRORS as exc:
                 self._failed("cannot sweep expired entries", exc)
                 break
             total += n
@@ -305,8 +318,10 @@ class SqliteCache(QueuedVerdicts):
                 self._conn = await trio.to_thread.run_sync(
                     _open, self.path, self.busy_timeout, limiter=self._limiter
                 )
-            except (sqlite3.Error, OSError) as exc:
-                raise CacheError(f"cannot open the cache database {self.path}: {exc}") from None
+            except _ERRORS as exc:
+                raise CacheError(
+                    f"cannot open the cache database {self.path}: {_describe(exc)}"
+                ) from None
         task_status.started()
         next_sweep = trio.current_time()
         while True:
@@ -319,7 +334,7 @@ class SqliteCache(QueuedVerdicts):
             elif not self._notice.up:
                 try:
                     await trio.to_thread.run_sync(self._probe, limiter=self._limiter)
-                except sqlite3.Error:
+                except _ERRORS:
                     self._stats.errors += 1
                 else:
                     self._ok()
@@ -335,7 +350,10 @@ class SqliteCache(QueuedVerdicts):
             self._stats.dropped += len(self._pending)
             self._pending = PendingWrites()
             with trio.move_on_after(self.close_timeout) as scope:
-                await trio.to_thread.run_sync(self._close, limiter=self._limiter)
+                try:
+                    await trio.to_thread.run_sync(self._close, limiter=self._limiter)
+                except _ERRORS:
+                    pass  # closing: nothing left to lose
             if scope.cancelled_caught:
                 self._conn = None  # a stuck thread still holds it; it closes when freed
 

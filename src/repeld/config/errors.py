@@ -6,7 +6,16 @@ cycle.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "SettingError"]
+__all__ = ["ConfigError", "SettingError", "shown"]
+
+#: The longest value an error line repeats: a 2 MB value must not make a 2 MB line.
+SHOWN_MAX = 120
+
+
+def shown(value: object) -> str:
+    """`repr(value)` for an error line, cut to SHOWN_MAX characters with `...`."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_MAX else text[: SHOWN_MAX - 3] + "..."
 
 
 class SettingError(ValueError):
@@ -16,7 +25,7 @@ class SettingError(ValueError):
         self.option = option
         self.value = value
         self.reason = reason
-        super().__init__(f"--{option}: invalid value {value!r}: {reason}")
+        super().__init__(f"--{option}: invalid value {shown(value)}: {reason}")
 
 
 class ConfigError(ValueError):

@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from repeld.config.errors import ConfigError, SettingError
+from repeld.config.errors import ConfigError, SettingError, shown
+from repeld.config.reading import UnreadableFile, read_operator_file
 from repeld.config.settings import OPTION_BY_NAME, Option, Settings, build_settings, load_trusted
 
 __all__ = [
@@ -72,14 +73,15 @@ def read_config(path: str) -> dict[str, Any]:
     unknown keys, bad values), each with the file and line.
     """
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError([f"{path}: cannot read: {reason}"]) from None
+        text = read_operator_file(path)
+    except UnreadableFile as exc:
+        raise ConfigError([f"{path}: cannot read: {exc}"]) from None
     try:
         raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    except RecursionError:  # tomllib recurses on nested arrays and tables
+        raise ConfigError([f"{path}: not valid TOML: nested too deeply"]) from None
+    except Exception as exc:  # TOMLDecodeError, or whatever else tomllib meets
+        raise ConfigError([f"{path}: not valid TOML: {exc or type(exc).__name__}"]) from None
     values: dict[str, Any] = {}
     problems: list[str] = []
     for key, value in raw.items():
@@ -95,7 +97,9 @@ def read_config(path: str) -> dict[str, Any]:
         try:
             values[key] = _convert(opt, value)
         except SettingError as exc:
-            problems.append(f"{where}: {key}: invalid value {exc.value!r}: {exc.reason}")
+            problems.append(f"{where}: {key}: invalid value {shown(exc.value)}: {exc.reason}")
+        except Exception as exc:  # a parser's bug must not take the daemon down
+            problems.append(f"{where}: {key}: invalid value: {type(exc).__name__}: {exc}")
     if problems:
         raise ConfigError(problems)
     return values

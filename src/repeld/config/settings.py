@@ -15,7 +15,9 @@ from typing import Any
 from repeld.cache.spec import CacheSpec, parse_cache_url
 from repeld.config.errors import SettingError
 from repeld.config.options import OPTION_BY_NAME, OPTIONS, Option, default
+from repeld.config.reading import UnreadableFile, read_operator_file
 from repeld.config.values import (
+    NOT_A_NETWORK,
     Backend,
     EarlyAction,
     Listen,
@@ -137,19 +139,18 @@ def load_trusted(settings: Settings) -> TrustedNetworks:
     networks = list(settings.trusted)
     for path in settings.trusted_file:
         try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise SettingError("trusted-file", path, f"cannot read: {reason}") from None
+            lines = read_operator_file(path).splitlines()
+        except UnreadableFile as exc:
+            raise SettingError("trusted-file", path, f"cannot read: {exc}") from None
         for lineno, raw in enumerate(lines, 1):
             text = raw.split("#", 1)[0].strip()
             if not text:
                 continue
             try:
                 networks.append(network(text))
-            except SettingError:
+            except SettingError as exc:
+                why = "is not an address or network" if exc.reason == NOT_A_NETWORK else exc.reason
                 raise SettingError(
-                    "trusted-file", path, f"line {lineno}: {text!r} is not an address or network"
+                    "trusted-file", path, f"line {lineno}: {text!r}: {why}"
                 ) from None
     return TrustedNetworks(networks)

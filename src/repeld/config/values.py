@@ -21,7 +21,7 @@ import netaddr
 
 from repeld.cache.spec import CacheSpec, parse_cache_url, parse_v6_prefix
 from repeld.config.errors import SettingError
-from repeld.core.addresses import host_port
+from repeld.core.addresses import host_name_problem, host_port
 from repeld.core.logformat import FACILITIES, valid_sd_id
 
 __all__ = [
@@ -137,6 +137,13 @@ def _split_hostport(text: str, option: str) -> tuple[str, int]:
     return host, port
 
 
+def _check_host(host: str, option: str, text: str) -> None:
+    """A host name or IP address, or SettingError (before any resolver sees it)."""
+    problem = host_name_problem(host)
+    if problem is not None:
+        raise SettingError(option, text, problem)
+
+
 def _ip_literal(host: str, option: str, text: str) -> str:
     try:
         return str(ipaddress.ip_address(host))
@@ -171,6 +178,7 @@ def parse_backend(text: str) -> Backend:
     host, port = _split_hostport(text, "backend")
     if port == 0:
         raise SettingError("backend", text, "port must be 1-65535")
+    _check_host(host, "backend", text)
     return Backend(host, port)
 
 
@@ -185,6 +193,7 @@ def parse_syslog(text: str) -> SyslogTarget:
                 raise SettingError("syslog", text, exc.reason) from None
             if port == 0:
                 raise SettingError("syslog", text, "port must be 1-65535")
+            _check_host(host, "syslog", text)
             return SyslogTarget(kind, host=host, port=port)
     if "://" in text:
         raise SettingError("syslog", text, "expected a socket path, udp://HOST:PORT or tcp://...")
@@ -231,11 +240,17 @@ def choice(option: str, choices: Sequence[str]) -> Callable[[str], str]:
     return parse
 
 
+#: Why `network` refused a text that is no address or network at all.
+NOT_A_NETWORK = "expected an IP address or CIDR network"
+
+
 def network(text: str) -> str:
     try:
         net = netaddr.IPNetwork(text.strip())
     except (netaddr.AddrFormatError, ValueError, TypeError):
-        raise SettingError("trusted", text, "expected an IP address or CIDR network") from None
+        raise SettingError("trusted", text, NOT_A_NETWORK) from None
+    if net.ip != net.network:  # 10.1.2.3/8 is a typo for a host or for 10.0.0.0/8
+        raise SettingError("trusted", text, f"host bits set: did you mean {net.cidr}?")
     return str(net.cidr)
 
 

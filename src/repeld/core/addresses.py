@@ -8,12 +8,14 @@ paths cannot.
 * `cache_key` -- the key a client is remembered under in the pass cache: the
   address for IPv4, the `/v6_prefix` network for IPv6, because one IPv6 host
   owns a whole /64 and walks through it at will;
-* `host_port` / `bracket` -- the one `[host]:port` spelling of an endpoint.
+* `host_port` / `bracket` -- the one `[host]:port` spelling of an endpoint;
+* `host_name_problem` -- why an operator's host name is not one (or None).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 
 __all__ = [
     "DEFAULT_V6_PREFIX",
@@ -22,6 +24,7 @@ __all__ = [
     "address_int",
     "bracket",
     "cache_key",
+    "host_name_problem",
     "host_port",
     "normalize_address",
 ]
@@ -49,6 +52,46 @@ def bracket(host: str) -> str:
 def host_port(host: str, port: int) -> str:
     """`192.0.2.7:25` or `[2001:db8::7]:25`."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+#: A DNS label as RFC 1123 allows it in a host name: letters, digits, hyphens.
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?", re.ASCII)
+
+
+def host_name_problem(host: str) -> str | None:
+    """None if `host` is an IP address or a host name the resolver can take; else why not.
+
+    A name is at most 253 characters (a final dot aside) of labels of 1-63
+    letters, digits and hyphens, not starting or ending with a hyphen. Checked
+    before any lookup: the resolver's IDNA codec raises UnicodeError on a label
+    of 64 characters, which is not the admin's clue.
+    """
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    if not name:
+        return "the host name is empty"
+    if len(name) > 253:
+        return f"the host name is {len(name)} characters long, more than 253"
+    for label in name.split("."):
+        if not label:
+            return "the host name has an empty label"
+        if len(label) > 63:
+            return f"a label of the host name is {len(label)} characters long, more than 63"
+        if not _LABEL.fullmatch(label):
+            return (
+                f"{_shown(label)} is not a host name label (letters, digits and hyphens,"
+                " not starting or ending with a hyphen)"
+            )
+    return None
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 def _ipv4_int(address: str) -> int | None:

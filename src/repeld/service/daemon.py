@@ -30,7 +30,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import trio
 
 from repeld import __version__
-from repeld.config.errors import SettingError
 from repeld.config.settings import Settings, load_trusted
 from repeld.core import events
 from repeld.core.addresses import host_port
@@ -85,7 +84,7 @@ async def _reload(
         settings = reload_settings()
         trusted = load_trusted(settings)
         backend = await resolve_optional_backend(settings)
-    except (SettingError, ValueError, OSError) as exc:
+    except Exception as exc:  # whatever reading it raised: the old one stays
         log.emit(events.config_error(str(exc).replace("\n", "; ")))
     else:
         log.emit(events.reload(server.apply(settings, trusted, backend)))

@@ -37,7 +37,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import trio
 
 from repeld import __version__
-from repeld.config.errors import SettingError
 from repeld.config.settings import Listen, Settings
 from repeld.core import events
 from repeld.core.addresses import host_port
@@ -267,7 +266,7 @@ async def _handle_signals(
             sdnotify.reloading()
             try:
                 settings = reload_settings()
-            except (SettingError, ValueError, OSError) as exc:
+            except Exception as exc:  # whatever reading it raised: the old one stays
                 sup.log.emit(events.config_error(str(exc).replace("\n", "; ")))
             else:
                 sup.log.reconfigure(settings)

@@ -50,8 +50,15 @@ class BackendTarget:
 
 
 async def resolve_backend(host: str, port: int) -> BackendTarget:
-    """Resolve the MTA once (at start and on reload), not per connection."""
-    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    """Resolve the MTA once (at start and on reload), not per connection.
+
+    An OSError naming the backend if it cannot be resolved.
+    """
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise OSError(f"--backend {host_port(host, port)}: cannot resolve: {reason}") from None
     seen: list[tuple[int, tuple[object, ...]]] = []
     for family, _, _, _, addr in infos:
         entry = (int(family), tuple(addr))

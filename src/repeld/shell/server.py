@@ -136,8 +136,9 @@ class Server:
                 server, server_port = sock.getsockname()[:2]
                 server = normalize_address(server)
         except OSError:
-            # Reset between accept() and here: nothing to serve, nobody to greet.
-            sock.close()
+            # Reset between accept() and here: nothing to serve, nobody to greet,
+            # but still one verdict, counted like any other.
+            self._reset_at_accept(sock, addr, listener, now)
             return
         client = normalize_address(str(addr[0]))
         conn = ConnInfo(client, int(addr[1]), server, int(server_port))  # type: ignore[call-overload]
@@ -176,6 +177,33 @@ class Server:
             self._note_overload(conn, admission, now)
         else:
             self._pass(sock, conn, now, Pass(admission, 0.0), listener.backend)
+
+    def _reset_at_accept(
+        self, sock: socket.socket, addr: tuple[object, ...], listener: Listener, now: float
+    ) -> None:
+        """A `hangup` (how=reset) for a client gone before its socket could be read.
+
+        The peer comes from accept(); the server address from the listener (its
+        bound address, else its --listen spec), since the socket tells nothing.
+        """
+        sock.close()
+        if listener.local is not None:
+            server, server_port = listener.local
+        else:
+            try:
+                server, server_port = listener.sock.getsockname()[:2]
+            except OSError:
+                server, server_port = listener.spec.host, listener.spec.port
+        client_port = addr[1] if len(addr) > 1 and isinstance(addr[1], int) else 0
+        conn = ConnInfo(
+            normalize_address(str(addr[0]) if addr else ""),
+            client_port,
+            normalize_address(str(server)),
+            int(server_port),
+        )
+        verdict = Hold(now, self.settings.delay).reset(now)  # the table's own answer
+        assert isinstance(verdict, HangUp)
+        self.log.emit(events.hangup(conn, verdict))
 
     def _note_overload(self, conn: ConnInfo, limit: Refuse, now: float) -> None:
         # Under a flood one event a second stands for every refusal in it.

@@ -1,0 +1,310 @@
+"""Property-based tests (hypothesis) for everything that sees untrusted or operator input.
+
+Whatever a client sends, whatever an operator types or writes in a file, the
+pure code answers in its own terms: one verdict, a printable escape, a header
+that decodes back, a log line that parses back, a value or a SettingError, a
+configuration or a ConfigError. Never another exception.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import struct
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from repeld.config.errors import ConfigError, SettingError
+from repeld.config.file import load_settings, read_config
+from repeld.config.options import OPTIONS
+from repeld.core import events
+from repeld.core.events import ConnInfo
+from repeld.core.hold import (
+    PEEK_LIMIT,
+    EarlyTalk,
+    HangUp,
+    Hold,
+    LocalProtocolError,
+    Logged,
+    Mute,
+    Pass,
+    Penalty,
+    Wait,
+    escape_bytes,
+)
+from repeld.core.logformat import Header, format_json, format_rfc5424
+from repeld.core.proxyproto import V2_SIGNATURE, v1, v2
+
+from ..syslog_receiver import parse
+
+# No example database: nothing is written into the work tree.
+FAST = settings(
+    max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+# -- the hold table -------------------------------------------------------------------
+
+_STEP = st.one_of(
+    st.tuples(st.just("data"), st.binary(min_size=1, max_size=2 * PEEK_LIMIT)),
+    st.tuples(st.just("eof"), st.none()),
+    st.tuples(st.just("reset"), st.none()),
+    st.tuples(st.just("good"), st.none()),
+    st.tuples(st.just("bad"), st.none()),
+    st.tuples(st.just("unknown"), st.none()),
+    st.tuples(st.just("due"), st.none()),
+    st.tuples(st.just("silence"), st.none()),
+)
+
+
+def _step(hold: Hold, kind: str, payload: bytes | None, now: float) -> object:
+    if kind == "data":
+        assert payload is not None
+        return hold.data(payload, now)
+    return {
+        "eof": hold.eof,
+        "reset": hold.reset,
+        "good": hold.remembered_good,
+        "bad": hold.remembered_bad,
+        "unknown": hold.unknown,
+        "due": hold.due,
+        "silence": hold.silence,
+    }[kind](now)
+
+
+@FAST
+@given(
+    delay=st.floats(min_value=0, max_value=3600, allow_nan=False),
+    cache_pending=st.booleans(),
+    observe=st.booleans(),
+    steps=st.lists(
+        st.tuples(_STEP, st.floats(min_value=0, max_value=10_000, allow_nan=False)),
+        min_size=1,
+        max_size=20,
+    ),
+)
+def test_any_inputs_give_exactly_one_final_verdict_then_local_protocol_error(
+    delay: float,
+    cache_pending: bool,
+    observe: bool,
+    steps: list[tuple[tuple[str, bytes | None], float]],
+) -> None:
+    """Whatever the shell feeds, in any order: at most one final verdict, every
+    input after it is refused, and an input the state does not take (a cache
+    answer not awaited, silence for a muted talker) is refused without effect."""
+    hold = Hold(100.0, delay, cache_pending=cache_pending, observe=observe)
+    finals = 0
+    now = 100.0
+    for (kind, payload), advance in steps:
+        now += advance
+        if finals:
+            with pytest.raises(LocalProtocolError):
+                _step(hold, kind, payload, now)
+            continue
+        try:
+            verdict = _step(hold, kind, payload, now)
+        except LocalProtocolError:
+            assert not hold.done
+            continue
+        if isinstance(verdict, Logged):
+            assert observe
+            verdict = verdict.then
+        if isinstance(verdict, Wait | Mute):
+            assert not hold.done
+            continue
+        assert isinstance(verdict, Pass | EarlyTalk | HangUp | Penalty)
+        assert verdict.elapsed >= 0
+        if isinstance(verdict, EarlyTalk):
+            assert not observe
+            assert len(verdict.first) <= PEEK_LIMIT and verdict.nbytes >= len(verdict.first)
+        assert hold.done
+        finals += 1
+    assert finals <= 1
+
+
+# -- escape_bytes -----------------------------------------------------------------------
+
+_ESCAPE = re.compile(r"\\(x[0-9a-f]{2}|r|n|\\)|([ -~])")
+
+
+def _unescape(text: str) -> bytes:
+    out = bytearray()
+    pos = 0
+    while pos < len(text):
+        m = _ESCAPE.match(text, pos)
+        assert m is not None, f"a cut or unknown escape at {pos} in {text!r}"
+        esc, plain = m.groups()
+        if plain is not None:
+            assert plain != "\\"
+            out += plain.encode("ascii")
+        elif esc == "r":
+            out += b"\r"
+        elif esc == "n":
+            out += b"\n"
+        elif esc == "\\":
+            out += b"\\"
+        else:
+            out.append(int(esc[1:], 16))
+        pos = m.end()
+    return bytes(out)
+
+
+@FAST
+@given(data=st.binary(max_size=600), limit=st.integers(min_value=0, max_value=400))
+def test_escape_bytes_is_printable_bounded_whole_and_round_trips(data: bytes, limit: int) -> None:
+    text = escape_bytes(data, limit)
+    assert len(text) <= limit
+    assert all(" " <= c <= "~" for c in text)
+    back = _unescape(text)  # also: no escape is cut in half
+    assert data.startswith(back)
+    if len(back) < len(data):  # cut only because the next piece did not fit
+        assert len(text) + len(escape_bytes(data[len(back) : len(back) + 1], 4)) > limit
+
+
+@FAST
+@given(data=st.binary(max_size=300))
+def test_escape_bytes_keeps_everything_that_fits(data: bytes) -> None:
+    assert _unescape(escape_bytes(data, 4 * len(data))) == data
+
+
+# -- PROXY headers ------------------------------------------------------------------------
+
+_PORT = st.integers(min_value=0, max_value=65535)
+_V4 = st.ip_addresses(v=4).map(str)
+# v4-mapped addresses come from the kernel as `::ffff:a.b.c.d` (normalised to IPv4 by
+# the shell); ipaddress prints them in hex, a spelling accept() never gives.
+_V6 = (
+    st.ip_addresses(v=6)
+    .map(str)
+    .filter(
+        lambda ip: (
+            "." not in str(ipaddress.ip_address(ip))
+            and ipaddress.IPv6Address(ip).ipv4_mapped is None
+        )
+    )
+)
+_MAPPED = _V4.map(lambda a: f"::ffff:{a}")
+
+
+def _decode_v2(header: bytes) -> tuple[str, int, str, int]:
+    assert header.startswith(V2_SIGNATURE)
+    ver_cmd, fam, length = struct.unpack("!BBH", header[12:16])
+    body = header[16:]
+    assert ver_cmd == 0x21 and len(body) == length
+    size = 4 if fam == 0x11 else 16
+    assert fam in (0x11, 0x21) and length == 2 * size + 4
+    src = ipaddress.ip_address(body[:size])
+    dst = ipaddress.ip_address(body[size : 2 * size])
+    sport, dport = struct.unpack("!HH", body[2 * size :])
+    return str(src), sport, str(dst), dport
+
+
+def _decode_v1(header: bytes) -> tuple[str, int, str, int]:
+    assert header.endswith(b"\r\n") and len(header) <= 107  # the spec's bound
+    proto, src, dst, sport, dport = header[:-2].decode("ascii").split(" ")[1:]
+    assert proto in ("TCP4", "TCP6")
+    return src, int(sport), dst, int(dport)
+
+
+def _normal(address: str) -> str:
+    return str(ipaddress.ip_address(address.removeprefix("::ffff:")))
+
+
+@FAST
+@given(
+    pair=st.one_of(
+        st.tuples(_V4, _V4), st.tuples(_V6, _V6), st.tuples(_MAPPED, _V4), st.tuples(_V4, _V6)
+    ),
+    sport=_PORT,
+    dport=_PORT,
+)
+def test_proxy_headers_decode_back_to_the_addresses(
+    pair: tuple[str, str], sport: int, dport: int
+) -> None:
+    client, server = pair
+    want = (_normal(client), sport, _normal(server), dport)
+    # a v4-mapped IPv6 address is sent as IPv4; a mixed pair is UNKNOWN / LOCAL
+    mixed = (":" in want[0]) != (":" in want[2])
+    if mixed:
+        assert v1(client, sport, server, dport) == b"PROXY UNKNOWN\r\n"
+        return
+    assert _decode_v1(v1(client, sport, server, dport)) == want
+    assert _decode_v2(v2(client, sport, server, dport)) == want
+
+
+# -- log formatters -----------------------------------------------------------------------
+
+HEADER = Header(facility=2, hostname="mx1.example.org", app_name="repeld", procid=4242,
+                sd_id="repeld@32473")  # fmt: skip
+
+
+@FAST
+@given(
+    first=st.binary(min_size=1, max_size=PEEK_LIMIT),
+    client=st.one_of(_V4, _V6),
+    port=_PORT,
+    elapsed=st.floats(min_value=0, max_value=3600, allow_nan=False),
+    now=st.floats(min_value=0, max_value=4e9, allow_nan=False),
+)
+def test_every_record_parses_back_whatever_the_client_sent(
+    first: bytes, client: str, port: int, elapsed: float, now: float
+) -> None:
+    conn = ConnInfo(client, port, "192.0.2.1", 25)
+    verdict = EarlyTalk(len(first), first, elapsed)
+    event = events.early_talker(conn, verdict, "drop")
+    for line in (format_rfc5424(event, HEADER, now), format_json(event, HEADER, now)):
+        got = parse(line)
+        assert got.event == "early-talker"
+        assert got.fields["client"] == client
+        assert got.fields["first"] == escape_bytes(first)
+        assert got.fields["bytes"] == str(len(first))
+
+
+# -- option parsers -------------------------------------------------------------------------
+
+_TEXT = st.one_of(
+    st.text(max_size=80),
+    st.from_regex(r"\[?[0-9a-fA-F:.]{0,40}\]?(:[0-9]{0,6})?(,[a-z=:0-9.]{0,20})?", fullmatch=True),
+    st.from_regex(r"(udp|tcp|redis|rediss)://[^\s]{0,60}", fullmatch=True),
+    st.from_regex(r"[0-9./]{0,30}", fullmatch=True),
+)
+PARSED = [opt for opt in OPTIONS if opt.parse is not None]
+
+
+@pytest.mark.parametrize("opt", PARSED, ids=lambda opt: opt.name)
+@settings(max_examples=60, deadline=None, database=None)
+@given(text=_TEXT)
+def test_an_option_value_parses_or_raises_setting_error(opt, text: str) -> None:  # type: ignore[no-untyped-def]
+    try:
+        opt.parse(text)
+    except SettingError as exc:
+        assert exc.option and exc.reason
+        assert "\n" not in str(exc).replace("\\n", "")
+
+
+# -- the TOML loader ----------------------------------------------------------------------------
+
+_TOML_BITS = st.sampled_from(
+    [b"backend = ", b"listen = ", b"trusted = ", b"delay = ", b"[", b"]", b"{", b"}", b'"',
+     b"'", b"=", b"\n", b",", b"1", b"2.5", b"true", b"x", b"\xff", b"#", b"\\", b"[[", b"a.b"]
+)  # fmt: skip
+_TOML = st.one_of(st.binary(max_size=300), st.lists(_TOML_BITS, max_size=60).map(b"".join))
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(content=_TOML)
+def test_any_file_content_gives_settings_or_config_error(content: bytes) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "repeld.toml"
+        path.write_bytes(content)
+        try:
+            read_config(str(path))
+        except ConfigError as exc:
+            assert exc.problems and all("\n" not in p for p in exc.problems)
+        try:
+            load_settings({}, str(path), explicit=True)
+        except ConfigError as exc:
+            assert exc.problems
