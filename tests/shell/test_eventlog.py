@@ -67,8 +67,8 @@ async def test_receiver_that_never_reads_costs_drops_not_time(
     queue_size = 256
     ticks, per_tick, period = 100, 50, 0.1
     receiver = unix_receiver(tmp_path / "log.sock")
-    log = EventLog(SyslogTarget("unix", path=str(tmp_path / "log.sock")), queue_size=queue_size,
-                   hostname="testhost")  # fmt: skip
+    log = EventLog(SyslogTarget("unix", path=str(tmp_path / "log.sock")), "rfc5424",
+                   queue_size=queue_size, hostname="testhost")  # fmt: skip
     max_queued = 0
     try:
         async with trio.open_nursery() as nursery:

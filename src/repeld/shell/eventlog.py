@@ -27,7 +27,14 @@ import trio
 from repeld.config.settings import Settings
 from repeld.config.values import SyslogTarget
 from repeld.core.events import Event
-from repeld.core.logformat import FACILITIES, Header, format_json, format_rfc5424, format_stderr
+from repeld.core.logformat import (
+    FACILITIES,
+    Header,
+    format_json,
+    format_rfc5424,
+    format_stderr,
+    wire_format,
+)
 from repeld.shell.relay import connect, send_all
 
 __all__ = ["EventLog"]
@@ -50,7 +57,7 @@ class EventLog:
     def __init__(
         self,
         target: SyslogTarget | None,
-        log_format: str = "rfc5424",
+        log_format: str = "auto",
         *,
         facility: str = "mail",
         sd_id: str = "repeld@32473",
@@ -92,8 +99,9 @@ class EventLog:
         self.target = target
         self.report_attacks = report_attacks
         self.stderr = stderr
+        kind = target.kind if target is not None else "unix"
         self._format: Callable[[Event, Header, float], bytes] = (
-            format_json if log_format == "json" else format_rfc5424
+            format_json if wire_format(log_format, kind) == "json" else format_rfc5424
         )
         self._header = Header(
             facility=FACILITIES[facility],
