@@ -291,3 +291,30 @@ def test_rfc5424_on_the_stock_input_arrives_unparsed_and_is_not_banned(runs: Run
     assert "rfc5424-sd" not in unparsed.fields
     assert "event" not in unparsed.fields
     assert UNPARSED not in fail2ban_matches(runs.rsyslog.file_log)
+
+
+def test_a_restarted_rsyslogd_costs_no_event(tmp_path: Path) -> None:
+    """rsyslogd stopped and started again mid-run: every event reaches the file."""
+    rs = Rsyslogd(tmp_path)
+    backend = LineBackend()
+    rs.start()
+    try:
+        with repeld("--backend", backend.address, "--syslog", str(rs.socket)) as rd:
+            port = rd.address[1]
+            talk_early(port, "127.0.30.1", b"EHLO before\r\n")
+            assert rs.wait_lines(rs.file_log, '"client":"127.0.30.1"', 1)
+            rs.stop()
+            talk_early(port, "127.0.30.2", b"EHLO during\r\n")  # meets the closed socket
+            rs.start()
+            talk_early(port, "127.0.30.3", b"EHLO after\r\n")
+            # held, then sent once repeld tries again (every 2 s)
+            assert rs.wait_lines(rs.file_log, '"client":"127.0.30.3"', 1)
+        assert rs.wait_lines(rs.file_log, '"event":"stop"', 1)
+        text = rs.file_log.read_text()
+        for addr in ("127.0.30.1", "127.0.30.2", "127.0.30.3"):
+            assert f'"client":"{addr}"' in text
+        assert '"dropped_events":0' in text
+        assert set(fail2ban_matches(rs.file_log)) == {"127.0.30.1", "127.0.30.2", "127.0.30.3"}
+    finally:
+        rs.stop()
+        backend.close()
