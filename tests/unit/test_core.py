@@ -177,6 +177,13 @@ CACHE_CASES: list[tuple[str, bool, bool, list[tuple[str, bytes, float]], list[Ve
         [Logged(TALK, Mute(D)), Mute(D), Pass(PassReason.DELAY, 25.0, len(EHLO))],
     ),
     (
+        "observe: a talker that resets while the cache is awaited: logged, a hang-up",
+        True,
+        True,
+        [("data", EHLO, 0.25), ("reset", b"", 0.375)],
+        [Mute(W), Logged(TALK, HangUp(0.375, reset=True))],
+    ),
+    (
         "observe: a talker that resets is a hang-up",
         False,
         True,

@@ -19,6 +19,7 @@ from repeld.core.logformat import (
     format_rfc5424,
     format_stderr,
     valid_sd_id,
+    wire_format,
 )
 
 from ..syslog_receiver import parse
@@ -274,3 +275,20 @@ def test_json_with_a_non_ascii_hostname_does_not_raise(utc: None) -> None:
     assert format_rfc5424(passed(), header, NOW).startswith(b"<22>1 ")
     line = format_json(passed(), header, NOW)
     assert line.startswith(b"<22>Nov 14 22:13:20 ")
+
+
+@pytest.mark.parametrize(
+    ("log_format", "kind", "written"),
+    [
+        ("auto", "unix", "json"),
+        ("auto", "udp", "rfc5424"),
+        ("auto", "tcp", "rfc5424"),
+        ("rfc5424", "unix", "rfc5424"),
+        ("json", "udp", "json"),
+        ("json", "unix", "json"),
+    ],
+)
+def test_auto_is_json_on_a_local_socket_and_rfc5424_on_the_network(
+    log_format: str, kind: str, written: str
+) -> None:
+    assert wire_format(log_format, kind) == written

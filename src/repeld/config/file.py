@@ -19,6 +19,7 @@ from typing import Any
 from repeld.config.errors import ConfigError, SettingError, shown
 from repeld.config.reading import UnreadableFile, read_operator_file
 from repeld.config.settings import OPTION_BY_NAME, Option, Settings, build_settings, load_trusted
+from repeld.core.logformat import wire_format
 
 __all__ = [
     "CLI_ONLY",
@@ -162,6 +163,10 @@ def render_settings(settings: Settings) -> str:
             lines.append(f"{name} = {value!r}")
         else:
             lines.append(f"{name} = {_toml(str(value))}")
+        if name == "log-format" and value == "auto":
+            kind = settings.syslog.kind
+            where = "a local socket" if kind == "unix" else kind.upper()
+            lines[-1] += f"  # {wire_format(value, kind)} on {where}"
     return "\n".join(lines) + "\n"
 
 

@@ -143,9 +143,11 @@ OPTIONS: tuple[Option, ...] = (
         "log-format",
         None,
         choice("log-format", FORMATS),
-        "rfc5424",
-        "rfc5424 (structured data) or json (@cee: after an RFC 3164 header) (default: rfc5424)",
-        metavar="rfc5424|json",
+        "auto",
+        "rfc5424 (structured data), json (@cee: after an RFC 3164 header) or auto: json on "
+        "a local socket, where stock syslog daemons parse only RFC 3164 headers, rfc5424 "
+        "over UDP and TCP (default: auto)",
+        metavar="auto|rfc5424|json",
     ),
     Option(
         "facility",

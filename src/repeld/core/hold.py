@@ -33,6 +33,7 @@ CACHE_WAIT, D = the end of the delay):
     TALKED    due before W           -> Mute(W)                         TALKED
     TALKED    eof (half-close)       -> Mute(W)                         TALKED
     TALKED    reset                  -> EarlyTalk (T)                   DONE
+                           observe   -> Logged(T, HangUp)               DONE
     OBSERVING due at D               -> Pass("delay", early_bytes)      DONE
     OBSERVING eof (half-close)       -> Mute(D)                         OBSERVING
     OBSERVING reset                  -> HangUp                          DONE
@@ -285,6 +286,8 @@ class Hold:
         if self._state == _TALKED:  # it talked, then reset: the talk decides
             self._state = _DONE
             assert self._talk is not None
+            if self.observe:  # written down, and gone: a hang-up, never a cut-off
+                return Logged(self._talk, HangUp(self._elapsed(now), reset=True))
             return self._talk
         self._finish()
         return HangUp(self._elapsed(now), reset=reset)

@@ -22,6 +22,7 @@ __all__ = [
     "format_rfc5424",
     "format_stderr",
     "valid_sd_id",
+    "wire_format",
 ]
 
 #: Syslog facility codes (RFC 5424 section 6.2.1) by the names admins use.
@@ -44,7 +45,22 @@ FACILITIES: dict[str, int] = {
     **{f"local{i}": 16 + i for i in range(8)},
 }
 
-FORMATS = ("rfc5424", "json")
+#: What --log-format takes; "auto" is a choice between the other two, by target.
+FORMATS = ("auto", "rfc5424", "json")
+
+
+def wire_format(log_format: str, target_kind: str) -> str:
+    """The format written for `--log-format` to a target of `target_kind`.
+
+    "auto" is JSON on a local unix socket and RFC 5424 over UDP or TCP: the
+    local daemons' stock inputs (rsyslog's imuxsock, journald) read RFC 3164
+    headers only and mangle RFC 5424 into an unparsed message, whereas network
+    inputs parse RFC 5424 and keep its structured data.
+    """
+    if log_format != "auto":
+        return log_format
+    return "json" if target_kind == "unix" else "rfc5424"
+
 
 # SD-NAME: 1 to 32 printable US-ASCII but '=', ' ', ']' and '"' (RFC 5424 6.3.2);
 # a private SD-ID is name@<private enterprise number>.

@@ -27,7 +27,14 @@ import trio
 from repeld.config.settings import Settings
 from repeld.config.values import SyslogTarget
 from repeld.core.events import Event
-from repeld.core.logformat import FACILITIES, Header, format_json, format_rfc5424, format_stderr
+from repeld.core.logformat import (
+    FACILITIES,
+    Header,
+    format_json,
+    format_rfc5424,
+    format_stderr,
+    wire_format,
+)
 from repeld.shell.relay import connect, send_all
 
 __all__ = ["EventLog"]
@@ -40,6 +47,18 @@ _WRITE_BATCH = 256
 SEND_WAIT = 1.0
 #: After a failure, the writer tries to reach the target again this much later.
 RETRY_AFTER = 2.0
+#: Send errors that mean the target went away (a syslog daemon restarting),
+#: not that the message is wrong: the message is sent again once it is back.
+_TARGET_GONE = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.ENOENT,
+        errno.ECONNRESET,
+        errno.EPIPE,
+        errno.ENOTCONN,
+        errno.ECONNABORTED,
+    }
+)
 #: The most often a failing target is reported on stderr.
 COMPLAIN_INTERVAL = 60.0
 
@@ -50,7 +69,7 @@ class EventLog:
     def __init__(
         self,
         target: SyslogTarget | None,
-        log_format: str = "rfc5424",
+        log_format: str = "auto",
         *,
         facility: str = "mail",
         sd_id: str = "repeld@32473",
@@ -67,8 +86,16 @@ class EventLog:
         self._wakeup = trio.Event()
         self._hostname = hostname if hostname is not None else socket.gethostname()
         self._sock: socket.socket | None = None
-        #: A framed message (or its unsent rest) that must go out before the queue.
-        self._waiting: bytes | None = None
+        #: Framed messages that must go out before the queue, oldest first: they
+        #: met a full buffer or a target that went away (bounded by queue_size).
+        self._held: collections.deque[bytes] = collections.deque()
+        #: The first held message is the unsent rest of a TCP frame.
+        self._partial = False
+        #: The socket has delivered nothing yet.
+        self._fresh = True
+        #: The target went away (closed, refused, missing) and has not taken a
+        #: message since: hold everything for when it is back.
+        self._away = False
         self._retry_at = 0.0
         self._complained = False
         self._complained_at = -COMPLAIN_INTERVAL
@@ -86,14 +113,15 @@ class EventLog:
         if target != getattr(self, "target", None):
             self._close()  # the next message connects to the new target
             self._retry_at = 0.0
-            if self._waiting is not None:
-                self._waiting = None  # framed for the old target: it goes nowhere now
-                self.dropped += 1
+            self.dropped += len(self._held)  # framed for the old target: gone
+            self._held.clear()
+            self._partial = False
         self.target = target
         self.report_attacks = report_attacks
         self.stderr = stderr
+        kind = target.kind if target is not None else "unix"
         self._format: Callable[[Event, Header, float], bytes] = (
-            format_json if log_format == "json" else format_rfc5424
+            format_json if wire_format(log_format, kind) == "json" else format_rfc5424
         )
         self._header = Header(
             facility=FACILITIES[facility],
@@ -133,35 +161,37 @@ class EventLog:
         if event.name == "early-talker" and not self.report_attacks:
             return
         stamp = time.time()
-        if len(self._queue) + (self._waiting is not None) >= self._queue_size:
+        if len(self._queue) + len(self._held) >= self._queue_size:
             self.dropped += 1
             return
         self._queue.append((event, stamp))
         self._wakeup.set()
 
     def statistics(self) -> dict[str, int]:
-        """Queue depth and what has been written or dropped so far."""
-        queued = len(self._queue) + (self._waiting is not None)
+        """Queue depth (events and held messages) and what has been written or dropped."""
+        queued = len(self._queue) + len(self._held)
         return {"queued": queued, "written": self.written, "dropped": self.dropped}
 
     async def run(self) -> None:
         """The writer task: drain the queue for as long as repeld runs."""
         try:
             while True:
-                if not self._queue and self._waiting is None:
+                if not self._queue and not self._held:
                     self._wakeup = trio.Event()
                     await self._wakeup.wait()
-                if self._waiting is not None:
-                    # One message is written whole or not at all (a cut TCP frame
-                    # would garble the stream); _send is time-bounded.
-                    with trio.CancelScope(shield=True):
-                        await self._send(self._waiting)
-                    self._waiting = None
-                    # The shield hides a cancel: notice it between messages, or a
-                    # stuck receiver would hold up shutdown for the whole backlog.
-                    await trio.lowlevel.checkpoint_if_cancelled()
+                if self._held and not await self._send_held():
+                    # The target is away: keep printing (-f) and holding what
+                    # comes, and try it again at _retry_at.
+                    self._write_batch(_WRITE_BATCH)
+                    if self._queue:
+                        await trio.lowlevel.checkpoint()
+                    else:
+                        self._wakeup = trio.Event()
+                        with trio.move_on_at(self._retry_at):
+                            await self._wakeup.wait()
+                    continue
                 self._write_batch(_WRITE_BATCH)
-                if self._queue and self._waiting is None:
+                if self._queue and not self._held:
                     await trio.lowlevel.checkpoint()  # a long backlog yields now and then
         finally:
             await self.flush_nowait()
@@ -171,8 +201,10 @@ class EventLog:
 
         Every event's line goes to stderr (one write for the batch); its syslog
         message is sent at once if the socket takes it. The first message that
-        must wait (no socket yet, a full buffer, part of a TCP frame left) is kept
-        in `_waiting` for the time-bounded path, and the batch stops there.
+        must wait (no socket yet, a full buffer, part of a TCP frame left) is held
+        for the time-bounded `_send_held()`, and the batch stops there; while the
+        target is away (closed, refused, missing) every message is held, in order,
+        and the batch goes on, so that the -f lines keep coming.
         """
         queue = self._queue
         lines: list[str] = []
@@ -189,33 +221,66 @@ class EventLog:
                 if self._octet_counting:
                     message = b"%d %s" % (len(message), message)
                 sock = self._sock
-                if sock is None:
-                    self._waiting = message  # connecting may wait
+                if sock is None or self._held:
+                    self._hold(message)  # connecting may wait; order is kept
+                    if self._away:
+                        continue  # the target is away: print and hold the rest too
                     return
                 try:
                     sent = sock.send(message)
                 except BlockingIOError:
-                    self._waiting = message
+                    self._hold(message)
                     return
                 except OSError as exc:
-                    self._failed(exc)
+                    if self._failed(exc):
+                        self._hold(message)
                     continue
                 if sent < len(message):
-                    self._waiting = message[sent:]  # the rest of this frame first
+                    self._hold(message[sent:])  # the rest of this frame first
+                    self._partial = True
                     return
                 self._delivered()
         finally:
             if lines:
                 self._write_stderr(lines)
 
+    def _hold(self, message: bytes) -> None:
+        """Keep `message` for `_send_held()` (emit() bounds queue and held together)."""
+        self._held.append(message)
+
+    async def _send_held(self) -> bool:
+        """Send the held messages in order; False while the target cannot be reached.
+
+        Each is sent whole or not at all (a cut TCP frame would garble the
+        stream), waiting at most SEND_WAIT; a message that met a closed or
+        refused socket stays first in line for the next connection.
+        """
+        held = self._held
+        while held:
+            sock = self._sock or await self._connect()
+            if sock is None:
+                return False
+            with trio.CancelScope(shield=True):
+                sent = await self._send(sock, held[0])
+            if sent is None:
+                continue  # kept: reconnect (now, or at _retry_at) and send it again
+            held.popleft()
+            self._partial = False
+            # The shield hides a cancel: notice it between messages, or a
+            # stuck receiver would hold up shutdown for the whole backlog.
+            await trio.lowlevel.checkpoint_if_cancelled()
+        return True
+
     async def flush_nowait(self) -> None:
-        """Write what is still queued without waiting (at shutdown)."""
+        """Write what is still queued without waiting long (at shutdown)."""
         with trio.CancelScope(shield=True), trio.move_on_after(SEND_WAIT):
-            while self._queue or self._waiting is not None:
-                if self._waiting is not None:
-                    await self._send(self._waiting)
-                    self._waiting = None
+            while self._queue or self._held:
+                if self._held and not await self._send_held():
+                    break
                 self._write_batch(len(self._queue))
+        self._write_batch(len(self._queue))  # the -f lines, whatever syslog does
+        self.dropped += len(self._held)  # never sent: counted, as every lost event is
+        self._held.clear()
         self._close()
 
     async def connect_now(self) -> None:
@@ -270,18 +335,20 @@ class EventLog:
                     sock.setblocking(False)
                     sock.connect(addr)
         except (OSError, TimeoutError) as exc:
+            self._away = True
             self._retry_at = trio.current_time() + RETRY_AFTER
             self._complain("cannot connect", exc)
             return None
         self._sock = sock
+        self._fresh = True
         return sock
 
-    async def _send(self, message: bytes) -> None:
-        """Send one message (already framed), waiting at most SEND_WAIT for the target."""
-        sock = self._sock or await self._connect()
-        if sock is None:
-            self.dropped += 1
-            return
+    async def _send(self, sock: socket.socket, message: bytes) -> bool | None:
+        """Send one framed message, waiting at most SEND_WAIT for the target.
+
+        True: sent. False: dropped (counted). None: the target went away and
+        the message is to be sent again once it is back.
+        """
         try:
             with trio.move_on_after(SEND_WAIT) as scope:
                 await send_all(sock, message)
@@ -291,22 +358,39 @@ class EventLog:
                 self.dropped += 1
                 if self._octet_counting:
                     self._close()
-                return
+                return False
         except OSError as exc:
-            self._failed(exc)
-            return
+            if not self._failed(exc):
+                return False
+            if self._partial:
+                self.dropped += 1  # the rest of a frame means nothing on a new connection
+                return False
+            return None
         self._delivered()
+        return True
 
-    def _failed(self, exc: OSError) -> None:
-        """A send failed: drop the message, reconnect for the next one."""
-        self.dropped += 1
+    def _failed(self, exc: OSError) -> bool:
+        """A send failed: close, reconnect for the next try. Whether to send it again.
+
+        A closed or refused socket (a syslog daemon restarting) is no fault of
+        the message: it is kept. Any other error drops it (counted).
+        """
         self._close()
-        if exc.errno not in (errno.ECONNREFUSED, errno.ENOBUFS):
+        keep = exc.errno in _TARGET_GONE
+        if keep:
+            self._away = True
+        else:
+            self.dropped += 1
+        if exc.errno != errno.ENOBUFS and (self._fresh or exc.errno not in _TARGET_GONE):
+            # A socket that never delivered failed: the target is not back yet.
             self._retry_at = trio.current_time() + RETRY_AFTER
         self._complain("send failed", exc)
+        return keep
 
     def _delivered(self) -> None:
         self.written += 1
+        self._fresh = False
+        self._away = False
         if self._complained:
             self._complained = False
             if self.target is not None and self.target.kind != "udp":  # UDP cannot tell
