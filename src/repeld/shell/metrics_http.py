@@ -27,6 +27,7 @@ and HEAD is 405.
 from __future__ import annotations
 
 import errno
+import http
 import socket
 import sys
 from collections.abc import Awaitable, Callable
@@ -217,7 +218,8 @@ class MetricsEndpoint:
             (b"Connection", b"close"),
             *(extra or []),
         ]
-        out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
+        reason = http.HTTPStatus(status).phrase.encode("ascii")
+        out = conn.send(h11.Response(status_code=status, headers=headers, reason=reason)) or b""
         if conn.our_state is h11.SEND_BODY:  # not after a HEAD request
             out += conn.send(h11.Data(data=body)) or b""
         out += conn.send(h11.EndOfMessage()) or b""
