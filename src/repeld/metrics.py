@@ -46,7 +46,6 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from repeld import __version__
@@ -68,8 +67,10 @@ __all__ = [
     "render",
 ]
 
-#: The Content-Type of a scrape's answer (text format 0.0.4).
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+#: The Content-Type of a scrape's answer: text format 0.0.4, which is what
+#: generate_latest writes for names like ours (prometheus-client 0.22+ would
+#: announce 1.0.0, and older releases know no other constant).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 #: Seconds from accept to early talk or hang-up: fine below a few seconds, where
 #: the bots that never wait are, and every few seconds up to a minute, where the

@@ -183,11 +183,15 @@ class MetricsEndpoint:
             await trio.aclose_forcefully(stream)
 
     async def _exchange(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_request)
+        # h11's own bound is a backstop; ours comes first and says 431.
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_request + 8192)
         try:
-            request = await _read_request(conn, stream)
+            request = await _read_request(conn, stream, self.max_request)
+        except _TooLong:
+            await self._respond(conn, stream, 431, b"request too long\n")
+            return
         except h11.RemoteProtocolError as exc:
-            # Too long (431) or not HTTP (400): say so if h11 still lets us answer.
+            # Not HTTP (400): say so if h11 still lets us answer.
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 await self._respond(conn, stream, exc.error_status_hint, b"bad request\n")
             return
@@ -226,12 +230,23 @@ class MetricsEndpoint:
         await stream.send_all(out)
 
 
-async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:
+class _TooLong(Exception):
+    """The request line and headers went past the limit."""
+
+
+async def _read_request(
+    conn: h11.Connection, stream: trio.SocketStream, limit: int
+) -> h11.Request | None:
     """The request line and headers, or None if the client closed first."""
+    received = 0
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(4096))  # b"" at EOF
+            data = await stream.receive_some(4096)
+            received += len(data)
+            if received > limit:  # a GET has no body: all of it is request line and headers
+                raise _TooLong
+            conn.receive_data(data)  # b"" at EOF
             continue
         if isinstance(event, h11.Request):
             return event
