@@ -17,7 +17,7 @@ process and metric in a directory that every worker must still be able to
 write after dropping privileges (and inside a chroot), that must be emptied at
 start and cleaned of dead workers' files (`mark_process_dead`), and that turns
 every counter increment into a write to shared memory under a lock. The pipe
-costs one JSON line of about 3 KiB per worker and scrape (docs/ARCHITECTURE.md).
+costs one JSON line of under a few KiB per worker and scrape (docs/ARCHITECTURE.md).
 
 prometheus-client, the Prometheus project's own Python library, provides the
 metric families and `generate_latest`, on a registry of our own built per
