@@ -37,11 +37,14 @@ class BatchedLookups(Generic[T]):
         on_answer: Callable[[T, CacheVerdict], None],
         waiting: Callable[[T], bool],
         batch: int = LOOKUP_BATCH,
+        on_trip: Callable[[float, int], None] | None = None,
     ) -> None:
         self.cache = cache
         self._on_answer = on_answer
         self._waiting = waiting
         self._batch = batch
+        #: Told (seconds, clients) after each trip to the cache (--metrics).
+        self._on_trip = on_trip
         self._queue: list[tuple[str, T]] = []
         self._due = trio.Event()
 
@@ -64,6 +67,9 @@ class BatchedLookups(Generic[T]):
             asked = [(key, item) for key, item in batch if self._waiting(item)]
             if not asked:
                 continue
+            started = trio.current_time()
             answers = await self.cache.lookup_many([key for key, _ in asked])
+            if self._on_trip is not None:
+                self._on_trip(trio.current_time() - started, len(asked))
             for (_, item), answer in zip(asked, answers, strict=True):
                 self._on_answer(item, answer)

@@ -22,6 +22,7 @@ from repeld.config.values import (
     network,
     parse_backend,
     parse_listen,
+    parse_metrics,
     parse_syslog,
     path,
     sd_id,
@@ -164,6 +165,15 @@ OPTIONS: tuple[Option, ...] = (
         "repeld@32473",
         "the RFC 5424 SD-ID of the structured data, NAME@PEN (default: repeld@32473)",
         metavar="NAME@NUMBER",
+    ),
+    Option(
+        "metrics",
+        None,
+        parse_metrics,
+        None,
+        "serve Prometheus metrics at http://ADDR:PORT/metrics, an IP address, IPv6 in "
+        "brackets; with --workers the parent serves the sum of all workers (default: off)",
+        metavar="ADDR:PORT",
     ),
     Option(
         "relay-timeout",

@@ -21,6 +21,7 @@ from repeld.config.values import (
     Backend,
     EarlyAction,
     Listen,
+    MetricsAddress,
     ProxyProtocol,
     SyslogTarget,
     default_syslog,
@@ -79,6 +80,7 @@ class Settings:
     log_format: str = default("log-format")
     facility: str = default("facility")
     sd_id: str = default("sd-id")
+    metrics: MetricsAddress | None = default("metrics")
     exec: tuple[str, ...] | None = default("exec")
     relay_timeout: float = default("relay-timeout")
     connect_timeout: float = default("connect-timeout")

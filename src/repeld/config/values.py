@@ -28,6 +28,7 @@ __all__ = [
     "Backend",
     "EarlyAction",
     "Listen",
+    "MetricsAddress",
     "ProxyProtocol",
     "SyslogTarget",
     "absolute",
@@ -40,6 +41,7 @@ __all__ = [
     "network",
     "parse_backend",
     "parse_listen",
+    "parse_metrics",
     "parse_syslog",
     "path",
     "sd_id",
@@ -88,6 +90,17 @@ class Listen:
         if self.backend is not None:
             addr += f",backend={self.backend}"
         return addr
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsAddress:
+    """Where the Prometheus endpoint listens (--metrics)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return host_port(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +193,12 @@ def parse_backend(text: str) -> Backend:
         raise SettingError("backend", text, "port must be 1-65535")
     _check_host(host, "backend", text)
     return Backend(host, port)
+
+
+def parse_metrics(text: str) -> MetricsAddress:
+    """`ADDR:PORT` of the Prometheus endpoint, an IP address (IPv6 in brackets); port 0: any."""
+    host, port = _split_hostport(text.strip(), "metrics")
+    return MetricsAddress(_ip_literal(host, "metrics", text), port)
 
 
 def parse_syslog(text: str) -> SyslogTarget:

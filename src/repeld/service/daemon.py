@@ -20,6 +20,7 @@ directly, which a self-forking daemon would break.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import os
 import signal
@@ -33,11 +34,13 @@ from repeld import __version__
 from repeld.config.settings import Settings, load_trusted
 from repeld.core import events
 from repeld.core.addresses import host_port
+from repeld.metrics import render
 from repeld.service import activation, privileges, sdnotify, workers
 from repeld.service.pidfile import PidFile, PidFileError
 from repeld.shell.backendcheck import warn_about_backends
 from repeld.shell.eventlog import EventLog
 from repeld.shell.handoff import resolve_optional_backend
+from repeld.shell.metrics_http import open_endpoint
 from repeld.shell.server import Server, open_server
 
 __all__ = ["EXIT_FAILURE", "serve_forever", "start"]
@@ -110,7 +113,9 @@ async def _handle_signals(
             # The first asks for a drain; a second cuts the relays at once.
             server.shutdown(0.0 if stopping else None)
             stopping = True
-        elif not workers.send_statistics(server.statistics()):  # a worker tells its parent
+        elif not workers.send_statistics(  # a worker tells its parent
+            server.statistics(), server.metrics_snapshot() if server.metrics else None
+        ):
             log.emit(events.stats(server.statistics(), trio.current_time() - started))
 
 
@@ -119,11 +124,23 @@ async def serve_forever(
     reload_settings: Callable[[], Settings],
     prepare: Callable[[], None] | None = None,
     inherited: list[tuple[socket.socket, str]] | None = None,
+    *,
+    serve_metrics: bool = True,
 ) -> None:
-    """Run one repeld until SIGTERM: bind, drop privileges, serve, drain."""
+    """Run one repeld until SIGTERM: bind, drop privileges, serve, drain.
+
+    `serve_metrics`: serve --metrics here (False in a worker: its parent serves them).
+    """
     log = EventLog.from_settings(settings)
     with trio.open_signal_receiver(*_signals()) as signals:
         server = await open_server(settings, log, inherited or ())
+        endpoint = None
+        if serve_metrics and settings.metrics is not None:
+
+            async def scrape() -> bytes:
+                return render(server.metrics_snapshot())
+
+            endpoint = open_endpoint(settings.metrics, scrape, foreground=settings.foreground)
         await log.connect_now()  # before a chroot can hide the syslog socket
         if prepare is not None:
             prepare()  # pidfile, privilege drop: after binding
@@ -136,6 +153,8 @@ async def serve_forever(
                     _handle_signals, signals, server, log, reload_settings, started, inner
                 )
                 inner.start_soon(workers.watch_parent, server.shutdown)
+                if endpoint is not None:
+                    inner.start_soon(endpoint.run)
                 workers.announce_ready()  # to a supervising parent, if there is one
                 bound = " ".join(host_port(h, p) for h, p in server.addresses)
                 where = ", ".join(str(lst.spec) for lst in server.listeners)
@@ -241,9 +260,8 @@ def start(
                 return dataclasses.replace(configured(), listen=listen)
 
             plan = privileges.decide(settings.user)
-            trio.run(
-                serve_forever, settings, reload_settings, _prepare(settings, plan, None), inherited
-            )
+            run = functools.partial(serve_forever, serve_metrics=False)
+            trio.run(run, settings, reload_settings, _prepare(settings, plan, None), inherited)
             return 0
         plan = privileges.decide(settings.user)
         pid = PidFile(settings.pidfile) if settings.pidfile else None

@@ -15,7 +15,11 @@ Signals are fanned out: SIGHUP is checked by the parent first (a bad file is
 refused once, with one `config-error`, and never reaches the workers), SIGTERM
 and SIGINT are forwarded and the parent exits once every worker has drained,
 SIGUSR1/SIGINFO ask each worker for its counters over a pipe and the parent
-writes one `stats` event with the sums.
+writes one `stats` event with the sums. With --metrics the parent alone serves
+the endpoint: a scrape asks the workers the same way (SIGUSR1), each answers
+with its counters and its metrics snapshot on the same line, and the parent
+serves their sum (repeld/metrics.py; a worker that does not answer within
+`STATS_WAIT` is left out, and `repeld_workers_answered` says so).
 
 The environment protocol between parent and worker (internal, not an API):
 REPELD_WORKER is the worker's index, REPELD_WORKER_FDS lists `fd:name` pairs of
@@ -40,9 +44,11 @@ from repeld import __version__
 from repeld.config.settings import Listen, Settings
 from repeld.core import events
 from repeld.core.addresses import host_port
+from repeld.metrics import Snapshot, merge, render
 from repeld.service import activation, sdnotify
 from repeld.service.listeners import backlog_for, open_listeners, reuseport_option
 from repeld.shell.eventlog import EventLog
+from repeld.shell.metrics_http import open_endpoint
 
 __all__ = [
     "FDS_ENV",
@@ -82,21 +88,26 @@ def inherited_sockets(env: dict[str, str] | None = None) -> list[tuple[socket.so
     return result
 
 
-def _tell_parent(message: dict[str, int]) -> bool:
+def _tell_parent(message: dict[str, object]) -> bool:
     fd = os.environ.get(STATS_ENV)
     if not fd:
         return False
-    line = json.dumps({"pid": os.getpid(), **message}).encode() + b"\n"
+    line = memoryview(json.dumps({"pid": os.getpid(), **message}).encode() + b"\n")
     try:
-        os.write(int(fd), line)  # one small write to a pipe: atomic, never partial
+        # This worker is the pipe's only writer, so a line longer than PIPE_BUF
+        # (a metrics snapshot) cannot interleave; the parent reads it at once.
+        while line:
+            line = line[os.write(int(fd), line) :]
     except OSError:
         return False
     return True
 
 
-def send_statistics(stats: dict[str, int]) -> bool:
-    """In a worker: hand the counters to the parent; False when not a worker."""
-    return _tell_parent(stats)
+def send_statistics(stats: dict[str, int], metrics: Snapshot | None = None) -> bool:
+    """In a worker: hand the counters (and metrics) to the parent; False when not a worker."""
+    if metrics is None:
+        return _tell_parent(dict(stats))
+    return _tell_parent({**stats, "metrics": metrics})
 
 
 async def watch_parent(on_orphaned: Callable[[], None]) -> None:
@@ -142,6 +153,9 @@ class Supervisor:
         self.procs: dict[int, trio.Process] = {}
         self.restarts = 0
         self._stats: dict[int, dict[str, int]] = {}
+        self._metrics: dict[int, Snapshot] = {}
+        #: One round of questions to the workers at a time (SIGUSR1 and scrapes).
+        self._asking = trio.Lock()
         #: Workers (by pid) that have said they handle signals.
         self.ready: set[int] = set()
         self._lifelines: dict[int, int] = {}
@@ -192,6 +206,9 @@ class Supervisor:
                         if data.get("ready"):
                             self.ready.add(pid)
                             continue
+                        metrics = data.pop("metrics", None)
+                        if isinstance(metrics, dict):
+                            self._metrics[pid] = metrics
                         self._stats[pid] = {k: int(v) for k, v in data.items()}
                     except (ValueError, KeyError, TypeError):
                         continue
@@ -235,21 +252,43 @@ class Supervisor:
             except OSError:
                 pass
 
+    async def _ask_workers(self) -> tuple[dict[int, dict[str, int]], dict[int, Snapshot]]:
+        """Every ready worker's counters and metrics, by pid (at most STATS_WAIT)."""
+        async with self._asking:
+            self._stats.clear()
+            self._metrics.clear()
+            expected = {proc.pid for proc in self.procs.values()} & self.ready
+            self.signal_workers(signal.SIGUSR1)
+            with trio.move_on_after(STATS_WAIT):
+                while not expected <= set(self._stats):
+                    self._stats_arrived = trio.Event()
+                    await self._stats_arrived.wait()
+            answered = expected & set(self._stats)
+            return (
+                {pid: self._stats[pid] for pid in answered},
+                {pid: self._metrics[pid] for pid in answered if pid in self._metrics},
+            )
+
+    async def metrics_text(self) -> bytes:
+        """A scrape of the parent's endpoint: the sum of every worker's metrics."""
+        stats, snapshots = await self._ask_workers()
+        own: Snapshot = {
+            "labelled": {"events": dict(self.log.counts)},
+            "totals": {"events_dropped": self.log.dropped, "worker_restarts": self.restarts},
+            "gauges": {"workers": len(self.procs), "workers_answered": len(stats)},
+            "histograms": {},
+        }
+        return render(merge([*snapshots.values(), own]))
+
     async def collect_stats(self, started: float) -> None:
         """Ask every worker for its counters and write one summed `stats` event."""
-        self._stats.clear()
-        expected = {proc.pid for proc in self.procs.values()} & self.ready
-        self.signal_workers(signal.SIGUSR1)
-        with trio.move_on_after(STATS_WAIT):
-            while not expected <= set(self._stats):
-                self._stats_arrived = trio.Event()
-                await self._stats_arrived.wait()
+        answers, _ = await self._ask_workers()
         totals: dict[str, int] = {}
-        for stats in self._stats.values():
+        for stats in answers.values():
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0) + value
         totals["workers"] = len(self.procs)
-        totals["workers_answered"] = len(expected & set(self._stats))
+        totals["workers_answered"] = len(answers)
         totals["worker_restarts"] = self.restarts
         totals["dropped_events"] = totals.get("dropped_events", 0) + self.log.dropped
         self.log.emit(events.stats(totals, trio.current_time() - started))
@@ -314,15 +353,22 @@ async def supervise(
                 for s, _ in socks:
                     s.close()
             raise
+        sup = Supervisor(settings, argv, sockets, log)
+        endpoint = None
+        if settings.metrics is not None:
+            endpoint = open_endpoint(
+                settings.metrics, sup.metrics_text, foreground=settings.foreground
+            )
         await log.connect_now()
         if prepare is not None:
             prepare()
-        sup = Supervisor(settings, argv, sockets, log)
         started = trio.current_time()
         async with trio.open_nursery() as outer:
             outer.start_soon(log.run)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_handle_signals, sup, signals, reload_settings, started)
+                if endpoint is not None:
+                    nursery.start_soon(endpoint.run)
                 where = ", ".join(str(spec) for spec in settings.listen)
                 bound = " ".join(
                     host_port(h, p) for h, p, *_ in (s.getsockname() for s, _ in sockets[0])

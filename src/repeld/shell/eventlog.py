@@ -79,6 +79,8 @@ class EventLog:
         hostname: str | None = None,
     ) -> None:
         self.counts: collections.Counter[str] = collections.Counter()
+        #: Sees every event first, the unwritten ones too (--metrics); None: nothing to call.
+        self.observe: Callable[[Event], None] | None = None
         self.dropped = 0
         self.written = 0
         self._queue: collections.deque[tuple[Event, float]] = collections.deque()
@@ -158,6 +160,8 @@ class EventLog:
     def emit(self, event: Event) -> None:
         """Count `event` and queue it for the writer; never blocks, never raises."""
         self.counts[event.name] += 1
+        if self.observe is not None:
+            self.observe(event)
         if event.name == "early-talker" and not self.report_attacks:
             return
         stamp = time.time()

@@ -7,6 +7,7 @@ module carries them out and writes one event per verdict.
 
 from __future__ import annotations
 
+import collections
 import errno
 import socket
 import sys
@@ -32,6 +33,7 @@ from repeld.core.hold import (
     Verdict,
 )
 from repeld.core.policy import Policy, Refuse, TrustedNetworks
+from repeld.metrics import Metrics, Snapshot
 from repeld.service.capacity import capacity_warnings, default_max_held, raise_nofile
 from repeld.service.listeners import backlog_for, open_listeners
 from repeld.shell.accept import ACCEPT_BACKOFF, Listener, accept_loop
@@ -90,7 +92,13 @@ class Server:
         self._drain: trio.CancelScope | None = None
         #: Clients turned away at a limit, and held clients told to come back at shutdown.
         self.refused = 0
+        self.refusals: collections.Counter[str] = collections.Counter()
         self.shutdown_held = 0
+        #: Counted from every event with --metrics (in a worker too: its parent asks).
+        self.metrics: Metrics | None = None
+        if settings.metrics is not None:
+            self.metrics = Metrics()
+            log.observe = self.metrics.observe
         #: The pass cache (None when off); it learns from every verdict.
         self.cache: PassCache | None = None
         self._v6_prefix = settings.cache_v6_prefix
@@ -174,6 +182,7 @@ class Server:
         elif isinstance(admission, Refuse):
             reply_and_close(sock, REFUSALS[admission])
             self.refused += 1
+            self.refusals[admission] += 1
             self._note_overload(conn, admission, now)
         else:
             self._pass(sock, conn, now, Pass(admission, 0.0), listener.backend)
@@ -379,7 +388,10 @@ class Server:
                 front.start_soon(self.pen.run)
                 if self.cache is not None:
                     self._lookups = BatchedLookups(
-                        self.cache, self._cache_answer, lambda held: not held.hold.done
+                        self.cache,
+                        self._cache_answer,
+                        lambda held: not held.hold.done,
+                        on_trip=self.metrics.observe_lookup if self.metrics else None,
                     )
                     front.start_soon(self._lookups.run)
                 for listener in self.listeners:
@@ -461,6 +473,29 @@ class Server:
             **self._cache_statistics(),
         }
 
+    def metrics_snapshot(self) -> Snapshot:
+        """What --metrics shows of this process (repeld/metrics.py names each part)."""
+        assert self.metrics is not None
+        cache = self.cache.statistics() if self.cache is not None else {}
+        gauges = {"held": len(self.pen), "relays": self.relays}
+        if "entries" in cache:  # cheap to know for the memory cache only
+            gauges["cache_entries"] = cache["entries"]
+        return self.metrics.snapshot(
+            labelled={
+                "refusals": {str(k): n for k, n in self.refusals.items()},
+                "cache_lookups": {k: cache.get(k, 0) for k in ("good", "bad", "unknown")},
+                "events": dict(self.log.counts),
+            },
+            totals={
+                "backend_errors": self.log.counts["backend-error"],
+                "cache_errors": cache.get("errors", 0),
+                "cache_outages": cache.get("outages", 0),
+                "events_dropped": self.log.dropped,
+                "shutdown_held": self.shutdown_held,
+            },
+            gauges=gauges,
+        )
+
     def _cache_statistics(self) -> dict[str, int]:
         if self.cache is None:
             return {}
@@ -485,6 +520,7 @@ _RESTART_ONLY = (
     "cache_ttl",
     "cache_v6_prefix",
     "penalty_ttl",
+    "metrics",
 )
 
 

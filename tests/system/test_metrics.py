@@ -1,0 +1,265 @@
+"""--metrics on a running repeld (a real subprocess): every counter against the events.
+
+A known mix of real clients (early talkers, hang-ups by FIN and by RST, passes
+by delay and by trusted source, refusals at --max-per-client, a backend error)
+goes through repeld; the events arrive at a real UDP syslog receiver, and a
+scrape of /metrics must say the same. The endpoint's limits are tried with raw
+sockets; `promtool check metrics` (Debian's prometheus package) lints the text.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ..procs import LineBackend, SyslogUDP, connect, daemon, free_port, read_line, wait_for
+
+DELAY = 1.0
+AS_ROOT = ["--user", "root"] if os.geteuid() == 0 else []
+PROMTOOL = shutil.which("promtool")
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@pytest.fixture
+def syslog() -> Iterator[SyslogUDP]:
+    receiver = SyslogUDP()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture
+def backend() -> Iterator[LineBackend]:
+    server = LineBackend()
+    yield server
+    server.close()
+
+
+def scrape(port: int, path: str = "/metrics") -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as answer:
+        assert answer.status == 200
+        assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        body: bytes = answer.read()
+        return body
+
+
+def samples(text: bytes) -> Samples:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text.decode())
+        for s in family.samples
+    }
+
+
+def value(found: Samples, name: str, **labels: str) -> float:
+    return found.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def _args(
+    port: int, nodelay_port: int, mport: int, backend: LineBackend, syslog: SyslogUDP
+) -> list[str]:
+    dead = free_port()  # nothing listens there: the backend error
+    return [
+        "-l", f"127.0.0.1:{port}",
+        "-l", f"127.0.0.1:{nodelay_port},nodelay,backend=127.0.0.1:{dead}",
+        "-b", backend.address,
+        "-d", str(DELAY),
+        "-t", "127.0.0.2/32",
+        "--max-per-client", "1",
+        "--connect-timeout", "5",
+        "--syslog", syslog.target,
+        "--metrics", f"127.0.0.1:{mport}",
+        *AS_ROOT,
+    ]  # fmt: skip
+
+
+def _mix(port: int, nodelay_port: int) -> int:
+    """Run the known mix of clients; how many were refused at --max-per-client."""
+    for source in ("127.0.0.5", "127.0.0.6"):  # early talkers: cut off at once
+        c = connect(port, source=source)
+        c.sendall(b"EHLO bot.example\r\n")
+        try:
+            assert read_line(c) == b""
+        except ConnectionResetError:
+            pass  # dropped with unread bytes: an RST
+        c.close()
+    c = connect(port, source="127.0.0.7")  # hang-up by FIN
+    time.sleep(0.1)
+    c.close()
+    c = connect(port, source="127.0.0.8")  # hang-up by RST
+    time.sleep(0.1)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()
+    for source in ("127.0.0.4", "127.0.0.2"):  # pass by delay, pass as trusted
+        c = connect(port, source=source)
+        assert read_line(c) == b"220 backend.test ESMTP\r\n"
+        c.sendall(b"QUIT\r\n")
+        assert read_line(c) == b"221 2.0.0 bye\r\n"
+        c.close()
+    # Refusals: several at once from one address. With workers each has its own
+    # count, so only the clients know how many were told 421.
+    held = [connect(port, source="127.0.0.3") for _ in range(3)]
+    refused = 0
+    time.sleep(0.3)
+    for c in held:
+        c.settimeout(0.2)
+        try:
+            line = c.recv(100)
+        except TimeoutError:
+            continue
+        assert line.startswith(b"421 4.7.0")
+        refused += 1
+    for c in held:
+        c.close()
+    c = connect(nodelay_port, source="127.0.0.9")  # backend error: replied 421
+    assert read_line(c).startswith(b"421")
+    c.close()
+    return refused
+
+
+def _check_against_events(found: Samples, syslog: SyslogUDP, refused: int) -> None:
+    by: dict[tuple[str, str], int] = collections.Counter()
+    for event, field in (
+        ("early-talker", "action"),
+        ("hangup", "how"),
+        ("pass", "reason"),
+        ("relay-end", "end"),
+    ):
+        for m in syslog.named(event):
+            by[(event, m.fields[field])] += 1
+    assert by[("early-talker", "drop")] == 2
+    assert by[("hangup", "reset")] == 1
+    assert by[("pass", "delay")] == 1 and by[("pass", "trusted")] == 1
+    assert by[("pass", "nodelay")] == 1
+    for (event, label), n in by.items():
+        name, key = {
+            "early-talker": ("repeld_early_talkers_total", "action"),
+            "hangup": ("repeld_hangups_total", "how"),
+            "pass": ("repeld_passes_total", "reason"),
+            "relay-end": ("repeld_relay_ends_total", "end"),
+        }[event]
+        assert value(found, name, **{key: label}) == n, (event, label)
+    hangups = len(syslog.named("hangup"))
+    assert value(found, "repeld_hangup_seconds_count") == hangups
+    assert value(found, "repeld_hangup_seconds_bucket", le="60.0") == hangups
+    assert value(found, "repeld_early_talk_seconds_count") == 2
+    assert value(found, "repeld_early_talk_seconds_bucket", le="0.5") == 2
+    assert value(found, "repeld_relay_duration_seconds_count") == len(syslog.named("relay-end"))
+    assert refused >= 1
+    assert value(found, "repeld_refusals_total", limit="max-per-client") == refused
+    assert value(found, "repeld_backend_errors_total") == len(syslog.named("backend-error")) == 1
+    assert value(found, "repeld_events_total", event="pass") == 3
+    assert value(found, "repeld_held") == 0
+    assert value(found, "repeld_relays") == 0
+
+
+def _settle(syslog: SyslogUDP, refused: int) -> None:
+    syslog.wait_for("early-talker", 2)
+    syslog.wait_for("pass", 3)
+    syslog.wait_for("relay-end", 2)
+    syslog.wait_for("backend-error", 1)
+    syslog.wait_for("hangup", 2 + 3 - refused)  # the held ones of the three hung up too
+    syslog.drain(0.3)
+
+
+def _promtool(text: bytes) -> None:
+    if PROMTOOL is None:
+        pytest.skip("promtool is not installed (Debian package prometheus)")
+    out = subprocess.run(
+        [PROMTOOL, "check", "metrics"], input=text, capture_output=True, timeout=30
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout + out.stderr == b""  # no lint warnings either
+
+
+def test_every_counter_matches_the_events(syslog: SyslogUDP, backend: LineBackend) -> None:
+    port, nodelay_port, mport = free_port(), free_port(), free_port()
+    with daemon(*_args(port, nodelay_port, mport, backend, syslog)) as d:
+        assert f"repeld: metrics at http://127.0.0.1:{mport}/metrics" in d.stderr_text()
+        refused = _mix(port, nodelay_port)
+        _settle(syslog, refused)
+        text = scrape(mport)
+        _check_against_events(samples(text), syslog, refused)
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            scrape(mport, "/")
+        assert missing.value.code == 404
+        _promtool(text)
+
+
+def test_the_workers_parent_serves_the_sum(syslog: SyslogUDP, backend: LineBackend) -> None:
+    port, nodelay_port, mport = free_port(), free_port(), free_port()
+    with daemon(*_args(port, nodelay_port, mport, backend, syslog), "--workers", "2"):
+        syslog.wait_for("worker-start", 2)
+        assert wait_for(
+            lambda: value(samples(scrape(mport)), "repeld_workers_answered") == 2, 30.0, 0.2
+        )
+        refused = _mix(port, nodelay_port)
+        _settle(syslog, refused)
+        found = samples(scrape(mport))
+        _check_against_events(found, syslog, refused)
+        assert value(found, "repeld_workers") == 2
+        assert value(found, "repeld_worker_restarts_total") == 0
+        # Both workers' and the parent's own events: three starts.
+        assert value(found, "repeld_events_total", event="start") == 3
+
+
+def test_a_slow_scraper_stalls_neither_scrapes_nor_clients(
+    syslog: SyslogUDP, backend: LineBackend
+) -> None:
+    port, nodelay_port, mport = free_port(), free_port(), free_port()
+    with daemon(*_args(port, nodelay_port, mport, backend, syslog)):
+        answer: list[bytes] = []
+
+        def dribble() -> None:
+            # One byte at a time, 50 ms apart: about 2 s for the request.
+            with socket.create_connection(("127.0.0.1", mport), timeout=30) as s:
+                for byte in b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n":
+                    s.sendall(bytes([byte]))
+                    time.sleep(0.05)
+                answer.append(s.recv(100))
+
+        slow = threading.Thread(target=dribble)
+        slow.start()
+        try:
+            for _ in range(3):
+                assert b"repeld_held" in scrape(mport)
+            c = connect(port, source="127.0.0.2")  # a trusted client is greeted at once
+            assert read_line(c) == b"220 backend.test ESMTP\r\n"
+            c.close()
+            assert slow.is_alive()  # all that happened while it was still dribbling
+        finally:
+            slow.join(30)
+        assert answer and answer[0].startswith(b"HTTP/1.1 200 ")
+
+        # Too long a request: 431, and the endpoint carries on.
+        with socket.create_connection(("127.0.0.1", mport), timeout=30) as s:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 431 ")
+        # Four silent connections take every slot: a fifth is told 503 at once.
+        idle = [socket.create_connection(("127.0.0.1", mport), timeout=30) for _ in range(4)]
+        try:
+            time.sleep(0.3)
+            with socket.create_connection(("127.0.0.1", mport), timeout=30) as s:
+                assert s.recv(100).startswith(b"HTTP/1.1 503 ")
+        finally:
+            for s in idle:
+                s.close()
+        assert wait_for(lambda: _scrapes(mport), 30.0, 0.1)
+
+
+def _scrapes(port: int) -> bool:
+    try:
+        return b"repeld_held" in scrape(port)
+    except urllib.error.HTTPError:
+        return False  # 503 until the idle connections' tasks have noticed EOF

@@ -1,0 +1,162 @@
+"""repeld/metrics.py: events in, counters and histograms out, snapshots that add up,
+and text that Prometheus's own parser reads back.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from repeld import __version__
+from repeld.core import events
+from repeld.core.events import ConnInfo, Event, Severity
+from repeld.core.hold import EarlyTalk, HangUp, Pass, PassReason
+from repeld.metrics import (
+    COUNTERS,
+    GAUGES,
+    GIVE_UP_BUCKETS,
+    HISTOGRAMS,
+    TOTALS,
+    Histogram,
+    Metrics,
+    merge,
+    render,
+)
+from repeld.shell.metrics_http import route
+
+CONN = ConnInfo("192.0.2.1", 4242, "127.0.0.1", 25)
+
+
+def _samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text.decode())
+        for s in family.samples
+    }
+
+
+def _value(text: bytes, name: str, **labels: str) -> float:
+    return _samples(text)[(name, tuple(sorted(labels.items())))]
+
+
+def test_each_verdict_event_lands_in_its_counter_and_histogram() -> None:
+    m = Metrics()
+    m.observe(events.early_talker(CONN, EarlyTalk(5, b"EHLO ", 0.2), "drop"))
+    m.observe(events.early_talker(CONN, EarlyTalk(5, b"EHLO ", 4.0), "reject"))
+    m.observe(events.penalized(CONN, 0.0))
+    m.observe(events.hangup(CONN, HangUp(3.0, reset=False)))
+    m.observe(events.hangup(CONN, HangUp(61.0, reset=True)))
+    m.observe(events.passed(CONN, Pass(PassReason.DELAY, 25.0)))
+    m.observe(events.passed(CONN, Pass(PassReason.TRUSTED, 0.0)))
+    m.observe(events.relay_end(CONN, 30.0, 5.0, 100, 200, "client"))
+    m.observe(events.backend_error(CONN, 25.0, "127.0.0.1:25", "refused"))
+    text = render(m.snapshot())
+    assert _value(text, "repeld_early_talkers_total", action="drop") == 1
+    assert _value(text, "repeld_early_talkers_total", action="reject") == 1
+    assert _value(text, "repeld_early_talkers_total", action="penalty") == 1
+    assert _value(text, "repeld_hangups_total", how="close") == 1
+    assert _value(text, "repeld_hangups_total", how="reset") == 1
+    assert _value(text, "repeld_passes_total", reason="delay") == 1
+    assert _value(text, "repeld_passes_total", reason="trusted") == 1
+    assert _value(text, "repeld_passes_total", reason="cache") == 0  # seeded
+    assert _value(text, "repeld_relay_ends_total", end="client") == 1
+    # A penalty is cut off unheard: two early talks timed, not three.
+    assert _value(text, "repeld_early_talk_seconds_count") == 2
+    assert _value(text, "repeld_early_talk_seconds_bucket", le="0.5") == 1
+    assert _value(text, "repeld_early_talk_seconds_bucket", le="3.0") == 1
+    assert _value(text, "repeld_early_talk_seconds_bucket", le="5.0") == 2
+    assert _value(text, "repeld_early_talk_seconds_sum") == pytest.approx(4.2)
+    assert _value(text, "repeld_hangup_seconds_bucket", le="3.0") == 1  # le: less or equal
+    assert _value(text, "repeld_hangup_seconds_bucket", le="60.0") == 1
+    assert _value(text, "repeld_hangup_seconds_bucket", le="+Inf") == 2
+    assert _value(text, "repeld_relay_duration_seconds_sum") == 5.0
+    assert _value(text, "repeld_build_info", version=__version__) == 1
+
+
+def test_unknown_fields_and_values_are_taken_as_they_come() -> None:
+    # Issue 9's observe mode: action=log and an early_bytes field on pass.
+    m = Metrics()
+    m.observe(events.early_talker(CONN, EarlyTalk(3, b"abc", 1.0), "log"))
+    fields = (*events.passed(CONN, Pass(PassReason.CACHE, 1.0)).fields, ("early_bytes", 3))
+    m.observe(Event("pass", Severity.INFO, fields, "PASS CACHE"))
+    m.observe(Event("backend-check", Severity.WARNING, (("event", "backend-check"),), "x"))
+    text = render(m.snapshot())
+    assert _value(text, "repeld_early_talkers_total", action="log") == 1
+    assert _value(text, "repeld_passes_total", reason="cache") == 1
+
+
+def test_a_batched_lookup_is_observed_once_per_client() -> None:
+    m = Metrics()
+    m.observe_lookup(0.002, 3)
+    text = render(m.snapshot())
+    assert _value(text, "repeld_cache_lookup_seconds_count") == 3
+    assert _value(text, "repeld_cache_lookup_seconds_bucket", le="0.001") == 0
+    assert _value(text, "repeld_cache_lookup_seconds_bucket", le="0.0025") == 3
+    assert _value(text, "repeld_cache_lookup_seconds_sum") == pytest.approx(0.006)
+
+
+def test_snapshots_survive_json_and_add_up() -> None:
+    one, two = Metrics(), Metrics()
+    one.observe(events.hangup(CONN, HangUp(2.0, reset=False)))
+    two.observe(events.hangup(CONN, HangUp(2.0, reset=False)))
+    two.observe(events.hangup(CONN, HangUp(9.0, reset=True)))
+    snaps = [
+        json.loads(json.dumps(one.snapshot(gauges={"held": 2}, totals={"backend_errors": 1}))),
+        json.loads(
+            json.dumps(two.snapshot(gauges={"held": 3}, labelled={"refusals": {"max-held": 4}}))
+        ),
+    ]
+    text = render(merge(snaps))
+    assert _value(text, "repeld_hangups_total", how="close") == 2
+    assert _value(text, "repeld_hangups_total", how="reset") == 1
+    assert _value(text, "repeld_hangup_seconds_bucket", le="2.0") == 2
+    assert _value(text, "repeld_hangup_seconds_count") == 3
+    assert _value(text, "repeld_held") == 5
+    assert _value(text, "repeld_backend_errors_total") == 1
+    assert _value(text, "repeld_refusals_total", limit="max-held") == 4
+
+
+def test_a_malformed_worker_snapshot_is_skipped_not_trusted() -> None:
+    good = Metrics().snapshot(gauges={"relays": 1})
+    bad = {
+        "labelled": {"hangups": "x"},
+        "totals": {"cache_errors": "many"},
+        "histograms": {"hangup": [1]},
+    }
+    text = render(merge([good, bad, "nonsense"]))  # type: ignore[list-item]
+    assert _value(text, "repeld_relays") == 1
+    assert _value(text, "repeld_cache_errors_total") == 0
+    assert _value(text, "repeld_hangup_seconds_count") == 0
+
+
+def test_every_family_is_exposed_with_its_documented_name() -> None:
+    full = Metrics().snapshot(gauges={f.key: 0 for f in GAUGES}, totals={f.key: 0 for f in TOTALS})
+    names = {f.name for f in text_string_to_metric_families(render(full).decode())}
+    expected = {f.name for f in (*COUNTERS, *TOTALS, *GAUGES, *HISTOGRAMS)} | {"repeld_build_info"}
+    assert names == expected
+
+
+def test_histogram_bucket_bounds_are_inclusive() -> None:
+    h = Histogram(GIVE_UP_BUCKETS)
+    for value in (0.0, 0.1, 0.11, 60.0, 60.5):
+        h.observe(value)
+    assert h.counts[0] == 2 and h.counts[1] == 1
+    assert h.counts[-2] == 1 and h.counts[-1] == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "status"),
+    [
+        (b"GET", b"/metrics", 200),
+        (b"HEAD", b"/metrics", 200),
+        (b"GET", b"/metrics?name[]=x", 200),
+        (b"POST", b"/metrics", 405),
+        (b"GET", b"/", 404),
+        (b"GET", b"/metrics/", 404),
+        (b"DELETE", b"/other", 404),
+    ],
+)
+def test_route(method: bytes, target: bytes, status: int) -> None:
+    assert route(method, target) == status
