@@ -102,10 +102,8 @@ def _run(fmt: str, tmp_path: Path) -> tuple[list[Received], list[bytes], list[st
 def _traditional(raw: bytes, msg: Received) -> str:
     """The line rsyslog's RSYSLOG_TraditionalFileFormat writes for one message."""
     stamp = time.strftime("%b %e %H:%M:%S")
-    if msg.format == "json":
-        body = raw.decode().split("]: ", 1)[1]  # the @cee: part survives whole
-    else:
-        body = msg.msg  # the structured data does not
+    # The @cee: part survives whole; the RFC 5424 structured data does not.
+    body = raw.decode().split("]: ", 1)[1] if msg.format == "json" else msg.msg
     return f"{stamp} mx1 repeld[{msg.procid}]: {body}"
 
 

@@ -142,7 +142,7 @@ def _from_sd(line: str) -> tuple[int, dict[str, str]] | None:
     return None
 
 
-def _from_summary(line: str) -> dict[str, str] | None:
+def _from_summary(line: str) -> tuple[int, dict[str, str]] | None:
     match = _TAGGED.search(line) or _STDERR.match(line)
     if match is None:
         return None
@@ -155,7 +155,7 @@ def _from_summary(line: str) -> dict[str, str] | None:
                 fields["reason"] = fields["reason"].lower()
             if fields.get("bytes") == "penalty":
                 fields["bytes"] = "0"
-            return fields
+            return match.start("summary"), fields
     return None
 
 
@@ -165,18 +165,18 @@ def parse_line(line: str, year: int) -> Record | None:
     `year` dates RFC 3164 timestamps, which carry none.
     """
     line = line.rstrip("\r\n")
-    # The first of the two structured shapes wins: what a client sent is quoted after
-    # the real structure (in the summary, or escaped inside it), never before it.
+    # The shape that starts first wins: what a client sent is quoted after the real
+    # structure (in the summary, or escaped inside the structure), never before it.
     found = [
         (hit[0], shape, hit[1])
-        for shape, hit in (("json", _from_json(line)), ("rfc5424", _from_sd(line)))
+        for shape, hit in (
+            ("json", _from_json(line)),
+            ("rfc5424", _from_sd(line)),
+            ("summary", _from_summary(line)),
+        )
         if hit is not None
     ]
-    if found:
-        _pos, shape, fields = min(found, key=lambda f: f[0])
-    else:
-        summary = _from_summary(line)
-        if summary is None:
-            return None
-        shape, fields = "summary", summary
+    if not found:
+        return None
+    _pos, shape, fields = min(found, key=lambda f: f[0])
     return Record(fields["event"], fields, _line_time(line, year), shape)

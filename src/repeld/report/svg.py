@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from xml.sax.saxutils import escape
+from html import escape
 
 from repeld.report.tally import BIN, CATEGORIES, LAST_BIN, Tally
 
