@@ -197,7 +197,7 @@ def test_text_report() -> None:
     assert "  refused             3  (max-held 3)" in text
     assert "  backend-error       1" in text
     assert "  repelled            3   75.0%" in text
-    assert "   40 s at least       3" in text
+    assert "   40 s at least        3" in text
     assert "  192.0.2.0/24" in text
     assert "from 2026-11-30 00:25:05 UTC to 2026-11-30 00:25:05 UTC" in text
 

@@ -164,7 +164,10 @@ def _curve(tally: Tally, top: float, bottom: float) -> list[str]:
             'stroke-dasharray="5,4"/>'
         )
         parts.append(_text(x + 4, top + 12, f"delay in force: {delay} s", 'font-size="11"'))
-    labels = {**LABELS, "share": "share repelled by a delay of x s"}
+    labels = {
+        **LABELS,
+        "share": "share repelled by a delay of x s (at least, past the delay in force)",
+    }
     parts += _legend(
         LEFT, top - 8, ["hangup", "early-talker", "share"], {**labels, "early-talker": "early talk"}
     )

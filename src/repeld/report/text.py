@@ -63,19 +63,19 @@ def render_text(tally: Tally, top: int = 10) -> str:
     hangups = tally.curve(tally.hangup_times)
     early = tally.curve(tally.early_times + tally.would_times)
     add("Give-up curve: seconds waited before hanging up or talking")
-    add("  waited     hang-ups         early talk")
+    add(f"  {'waited':8s} {'hang-ups':>14s}  {'early talk':>14s}")
     hang_total, early_total = sum(hangups), sum(early)
     for index, (h, e) in enumerate(zip(hangups, early, strict=True)):
         add(f"  {bin_label(index):8s} {h:7d} {_pct(h, hang_total)}  {e:7d} {_pct(e, early_total)}")
     add("")
     add("Other delays on the same clients")
-    add("  delay   repelled          passed  unknown")
+    add(f"  {'delay':15s}{'repelled':>8s} {'':6s} {'passed':>8s} {'unknown':>8s}")
     for delay in CANDIDATES:
         what = tally.what_if(delay)
         more = "at least " if what.unknown else "         "
         add(
-            f"  {delay:3d} s {more}{what.repelled:7d} {_pct(what.repelled, judged)}"
-            f"  {what.passed:7d}  {what.unknown:7d}"
+            f"  {delay:3d} s {more}{what.repelled:8d} {_pct(what.repelled, judged)}"
+            f" {what.passed:8d} {what.unknown:8d}"
         )
     add("  A client that hung up or talked after e seconds is repelled by any delay above e")
     add("  and passed by any other. A passed client waited the delay in force, D, so it is")
