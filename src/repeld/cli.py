@@ -58,7 +58,9 @@ def make_parser() -> argparse.ArgumentParser:
             "Withhold the SMTP greeting, cut off clients that talk before it, and hand "
             "patient clients to the real MTA."
         ),
-        epilog="See repeld(8) and repeld.conf(5) for the events, signals and examples.",
+        epilog="`repeld report [FILE ...]` reads repeld's events back from logs and prints what "
+        "the delay does (repeld report --help). See repeld(8) and repeld.conf(5) for the "
+        "events, signals and examples.",
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument(
@@ -147,6 +149,11 @@ def _one_line(exc: Exception) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run repeld; the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        # The daemon takes no positional argument, so this word cannot be one of its flags.
+        from repeld.report.main import main as report
+
+        return report(argv[1:])
     flags, actions = parse_args(argv)
     if actions.get("check-kernel"):
         from repeld.service.capacity import kernel_report

@@ -48,6 +48,7 @@ from repeld.config.settings import OPTIONS, Option
 from repeld.core import events
 from repeld.core.events import ConnInfo, Event
 from repeld.core.hold import EarlyTalk, HangUp, Pass, PassReason
+from repeld.report.main import make_parser as make_report_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src" / "repeld"
@@ -88,6 +89,30 @@ def _long_flags() -> list[str]:
 
 
 LONG_FLAGS = _long_flags()
+
+
+def _report_flags() -> list[str]:
+    """The long flags of `repeld report`."""
+    return [
+        flag[2:]
+        for action in make_report_parser()._actions
+        for flag in action.option_strings
+        if flag.startswith("--") and flag != "--help"
+    ]
+
+
+REPORT_FLAGS = _report_flags()
+
+
+@pytest.mark.parametrize("flag", REPORT_FLAGS)
+def test_report_flag_is_documented(flag: str) -> None:
+    report = _read(MAN8).split(".Ss Report", 1)[-1].split(".Sh ", 1)[0]
+    assert re.search(rf"^\.It Fl -{re.escape(flag)}\b", report, re.M), (
+        f"repeld report --{flag} has no entry in the Report part of repeld(8)"
+    )
+    assert re.search(_FLAG_MDOC.format(re.escape(flag)), _section(_read(MAN8), "SYNOPSIS"))
+    section = _read(README).split("## Report", 1)[-1].split("\n## ", 1)[0]
+    assert f"`--{flag}" in section, f"repeld report --{flag} is not in README's Report section"
 
 
 @cache
@@ -193,7 +218,7 @@ def test_every_documented_flag_exists(path: Path) -> None:
         named = _flags_named(text, r"(?<![\w-])--([a-z][a-z0-9-]*)")
     else:
         named = _flags_named(text, r"\bFl -([a-z][a-z0-9-]*)")
-    known = set(LONG_FLAGS) | {"help"} | FOREIGN_FLAGS
+    known = set(LONG_FLAGS) | {"help"} | FOREIGN_FLAGS | set(REPORT_FLAGS)
     assert named - known == set(), f"{path.name} names flags repeld does not have"
 
 

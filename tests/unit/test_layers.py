@@ -33,7 +33,8 @@ ALLOWED: dict[str, set[str]] = {
         "service.capacity",
     },
     "service": {"core", "config", "cache", "shell", "metrics"},
-    "cli": {"core", "config", "cache", "shell", "service"},
+    "report": set(),
+    "cli": {"core", "config", "cache", "shell", "service", "report"},
     "__main__": {"cli"},
 }
 #: The service modules that only build the daemon; the rest of service/ are
@@ -151,3 +152,24 @@ def test_the_core_pulls_in_no_trio_and_no_sockets() -> None:
     )
     assert out.stdout.strip() == ""
     assert len(core) >= 7  # the package and its modules were all imported
+
+
+def test_the_report_pulls_in_no_trio_and_no_sockets() -> None:
+    # Its parsing, counting and drawing; main.py reads the files around them.
+    report = sorted(
+        m for m in MODULES if m.startswith("repeld.report") and m != "repeld.report.main"
+    )
+    code = (
+        "import importlib, sys\n"
+        f"for name in {report!r}: importlib.import_module(name)\n"
+        "print(' '.join(sorted(m for m in ('trio', 'socket', 'select', 'netaddr', 'cffi') "
+        "if m in sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", f"import sys; sys.path.insert(0, {str(SRC)!r})\n" + code],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == ""
+    assert len(report) >= 4

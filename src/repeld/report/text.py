@@ -1,0 +1,91 @@
+"""The report as plain text, from a `Tally`; no I/O."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from repeld.report.tally import BIN, CANDIDATES, LAST_BIN, Tally
+
+__all__ = ["render_text"]
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100.0 * part / whole:5.1f}%" if whole else "    -"
+
+
+def _breakdown(counts: Counter[str]) -> str:
+    return ", ".join(f"{name} {n}" for name, n in counts.most_common()) or "none"
+
+
+def _stamp(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
+
+
+def bin_label(index: int) -> str:
+    """`0-5 s`, ..., `60+ s`."""
+    start = index * BIN
+    return f"{start}+ s" if start >= LAST_BIN else f"{start}-{start + BIN} s"
+
+
+def render_text(tally: Tally, top: int = 10) -> str:
+    """Totals, the repelled share, the give-up curve, other delays, the busiest networks."""
+    out: list[str] = []
+    add = out.append
+    events = sum(tally.events.values())
+    add(
+        f"repeld report: {events} events in {tally.lines} lines"
+        f" ({tally.skipped} lines skipped: not repeld events)"
+    )
+    times = [t for t, _ in tally.timeline]
+    if times:
+        add(f"from {_stamp(min(times))} to {_stamp(max(times))}")
+    add("")
+    add("Verdicts")
+    add(f"  pass          {sum(tally.passes.values()):7d}  ({_breakdown(tally.passes)})")
+    add(f"  early-talker  {sum(tally.early.values()):7d}  ({_breakdown(tally.early)})")
+    add(f"  hangup        {sum(tally.hangups.values()):7d}  ({_breakdown(tally.hangups)})")
+    add(f"  refused       {sum(tally.refused.values()):7d}  ({_breakdown(tally.refused)})")
+    add(f"  backend-error {tally.events['backend-error']:7d}")
+    add("")
+    judged = tally.judged
+    add(f"Held the delay: {judged} connections (not trusted, nodelay, cached or penalty)")
+    add(f"  repelled      {tally.repelled:7d}  {_pct(tally.repelled, judged)}")
+    if tally.would_repel:
+        add(
+            f"  would repel   {tally.would_repel:7d}  {_pct(tally.would_repel, judged)}"
+            "  (--on-early log: talked early, not cut off)"
+        )
+    add(f"  passed        {len(tally.waits):7d}  {_pct(len(tally.waits), judged)}")
+    seen = tally.delays_seen()
+    add("  delay in force: " + (", ".join(f"{d} s" for d in seen) if seen else "unknown"))
+    add("")
+    hangups = tally.curve(tally.hangup_times)
+    early = tally.curve(tally.early_times + tally.would_times)
+    add("Give-up curve: seconds waited before hanging up or talking")
+    add(f"  {'waited':8s} {'hang-ups':>14s}  {'early talk':>14s}")
+    hang_total, early_total = sum(hangups), sum(early)
+    for index, (h, e) in enumerate(zip(hangups, early, strict=True)):
+        add(f"  {bin_label(index):8s} {h:7d} {_pct(h, hang_total)}  {e:7d} {_pct(e, early_total)}")
+    add("")
+    add("Other delays on the same clients")
+    add(f"  {'delay':15s}{'repelled':>8s} {'':6s} {'passed':>8s} {'unknown':>8s}")
+    for delay in CANDIDATES:
+        what = tally.what_if(delay)
+        more = "at least " if what.unknown else "         "
+        add(
+            f"  {delay:3d} s {more}{what.repelled:8d} {_pct(what.repelled, judged)}"
+            f" {what.passed:8d} {what.unknown:8d}"
+        )
+    add("  A client that hung up or talked after e seconds is repelled by any delay above e")
+    add("  and passed by any other. A passed client waited the delay in force, D, so it is")
+    add("  known patient up to D only: for a longer delay it is counted as unknown, and the")
+    add("  repelled figure is a lower bound.")
+    add("")
+    add(f"Busiest early-talking networks (/24, /64), top {top}")
+    busiest = tally.networks.most_common(top)
+    for network, count in busiest:
+        add(f"  {network:43s} {count:7d}")
+    if not busiest:
+        add("  none")
+    return "\n".join(out) + "\n"
