@@ -43,7 +43,7 @@ from pathlib import Path
 import pytest
 
 from .postfix_fixture import is_listening
-from .procs import free_port, wait_for
+from .procs import free_port, wait_for, wait_log_match
 
 __all__ = [
     "EXIM_USER",
@@ -193,21 +193,7 @@ class _Instance:
 
     def wait_log(self, pattern: str, timeout: float = START_TIMEOUT) -> re.Match[str]:
         """The first match of `pattern` in the mainlog, waiting up to `timeout` s."""
-        rx = re.compile(pattern, re.M)
-        found: list[re.Match[str]] = []
-
-        def check() -> bool:
-            m = rx.search(self.log_text())
-            if m:
-                found.append(m)
-            return m is not None
-
-        if not wait_for(check, timeout, 0.05):
-            raise AssertionError(
-                f"no line matching {pattern!r} in {self.mainlog} within {timeout}s:\n"
-                + self.log_text()[-4000:]
-            )
-        return found[0]
+        return wait_log_match(self.log_text, pattern, timeout, self.mainlog, 0.05)
 
 
 class EximServer(_Instance):

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .procs import free_port, wait_for
+from .procs import free_port, wait_for, wait_log_match
 
 __all__ = [
     "POSTFIX",
@@ -90,21 +90,7 @@ class PostfixInstance:
 
     def wait_log(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
         """The first match of `pattern` in the maillog, waiting up to `timeout` s."""
-        rx = re.compile(pattern, re.M)
-        found: list[re.Match[str]] = []
-
-        def check() -> bool:
-            m = rx.search(self.log_text())
-            if m:
-                found.append(m)
-            return m is not None
-
-        if not wait_for(check, timeout, 0.1):
-            raise AssertionError(
-                f"no line matching {pattern!r} in {self.maillog} within {timeout}s:\n"
-                + self.log_text()[-4000:]
-            )
-        return found[0]
+        return wait_log_match(self.log_text, pattern, timeout, self.maillog, 0.1)
 
     def stop(self) -> None:
         """SIGTERM to the master PID (what `postfix stop` does), then wait for it."""

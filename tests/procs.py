@@ -36,6 +36,27 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
         time.sleep(interval)
 
 
+def wait_log_match(
+    read: Callable[[], str], pattern: str, timeout: float, where: object, interval: float = 0.05
+) -> re.Match[str]:
+    """The first match of `pattern` in the log `read()` returns, waiting up to `timeout` s;
+    an AssertionError naming `where` and showing the log's end if none comes."""
+    rx = re.compile(pattern, re.M)
+    found: list[re.Match[str]] = []
+
+    def check() -> bool:
+        m = rx.search(read())
+        if m:
+            found.append(m)
+        return m is not None
+
+    if not wait_for(check, timeout, interval):
+        raise AssertionError(
+            f"no line matching {pattern!r} in {where} within {timeout}s:\n" + read()[-4000:]
+        )
+    return found[0]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on right now."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -19,7 +19,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -30,20 +29,6 @@ DELAY = 1.0
 AS_ROOT = ["--user", "root"] if os.geteuid() == 0 else []
 PROMTOOL = shutil.which("promtool")
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-@pytest.fixture
-def syslog() -> Iterator[SyslogUDP]:
-    receiver = SyslogUDP()
-    yield receiver
-    receiver.close()
-
-
-@pytest.fixture
-def backend() -> Iterator[LineBackend]:
-    server = LineBackend()
-    yield server
-    server.close()
 
 
 def scrape(port: int, path: str = "/metrics") -> bytes:
