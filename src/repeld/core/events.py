@@ -34,6 +34,7 @@ __all__ = [
     "relay_end",
     "reload",
     "stats",
+    "summarize",
     "worker",
 ]
 
@@ -191,6 +192,24 @@ def backend_error(conn: ConnInfo, elapsed: float, backend: str, error: str) -> E
             ("error", error),
         ),
         f"BACKEND-ERROR {backend} for {conn.peer} after {elapsed:.3f}: {error} (replied 421)",
+    )
+
+
+def summarize(last: Event, count: int) -> Event:
+    """`count` backend-errors of one backend and error as one: the last one's fields, `count`.
+
+    The event log writes it when a burst of them found its queue full, so that
+    no 421 goes unrecorded.
+    """
+    assert last.name == "backend-error"
+    backend, error = last.get("backend"), last.get("error")
+    peer = f"[{last.get('client')}]:{last.get('client_port')}"
+    return Event(
+        last.name,
+        last.severity,
+        (*last.fields, ("count", count)),
+        f"BACKEND-ERROR {backend} for {count} clients, the last {peer}"
+        f" after {last.get('elapsed'):.3f}: {error} (replied 421)",
     )
 
 

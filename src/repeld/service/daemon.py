@@ -174,6 +174,9 @@ async def serve_forever(
                     inner.start_soon(warn_about_backends, settings, log)
                 await server.serve()
                 inner.cancel_scope.cancel()
+            # Every event before stop is written or counted dropped (at most
+            # FLUSH_WAIT + SEND_WAIT), so that stop's dropped_events is exact.
+            await log.wait_flushed()
             stats = server.statistics()
             log.emit(events.lifecycle("stop", **stats))
             outer.cancel_scope.cancel()  # the writer flushes what is queued

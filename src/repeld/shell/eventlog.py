@@ -1,14 +1,28 @@
-"""The event writer: never blocks the loop, never floods it.
+"""The event writer: never blocks the loop, never floods it, never makes -f wait.
 
-`EventLog.emit()` is synchronous and cheap: it counts the event and queues it,
-or counts it as dropped when the bounded queue is full. One writer task drains
-the queue to the target (unix datagram socket, UDP, or TCP with RFC 6587 octet
-counting): whatever has gathered since it last ran, one non-blocking send per
-message in a row. Writing each datagram straight from emit() cost more: under
-relay load a batch in a row took 7-9 % less of repeld's CPU per message, and
-wakes the syslog daemon less often (docs/PERFORMANCE.md). A syslog daemon that
-stops reading makes repeld drop events, never stall: the writer waits at most
-`SEND_WAIT` seconds for one message.
+`EventLog.emit()` is synchronous and cheap: it counts the event, formats its
+syslog message and its -f line, and queues them. Two tasks write them out, each
+on its own, so that a syslog target that stops reading never holds up the -f
+lines:
+
+- the stderr writer writes every line that gathered since it last ran, in one
+  write. stderr is written blocking: a pipe nobody reads stops repeld, as it
+  would any foreground daemon (a supervisor reads it); it never waits for syslog.
+- the syslog sender sends the queued messages to the target (unix datagram
+  socket, UDP, or TCP with RFC 6587 octet counting), one non-blocking send per
+  message in a row. Writing each datagram straight from emit() cost more: under
+  relay load a batch in a row took 7-9 % less of repeld's CPU per message, and
+  wakes the syslog daemon less often (docs/PERFORMANCE.md). A syslog daemon that
+  stops reading makes repeld drop events, never stall: the sender waits at most
+  `SEND_WAIT` seconds for one message.
+
+The syslog queue is bounded in bytes (`QUEUE_BYTES`, enough for two events for
+each of 75,000 clients passing at once). An event that finds it full is dropped
+and counted, except a `backend-error`: those wait, per backend and error, to go
+out as one summary event with a `count` field when there is room again, so that
+no 421 goes unrecorded. Every event is written, waiting, or counted in
+`dropped`: `written + dropped + statistics()["queued"]` is the number of events
+syslog was given.
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ import trio
 
 from repeld.config.settings import Settings
 from repeld.config.values import SyslogTarget
+from repeld.core import events
 from repeld.core.events import Event
 from repeld.core.logformat import (
     FACILITIES,
@@ -39,13 +54,21 @@ from repeld.shell.relay import connect, send_all
 
 __all__ = ["EventLog"]
 
-#: Events waiting for the writer; past this they are dropped (and counted).
-QUEUE_SIZE = 16384
-#: Most events the writer writes in one go before it lets other tasks run.
+#: Bytes of formatted messages waiting for syslog; past this an event is dropped
+#: (and counted) or, a backend-error, summed into a summary. 64 MiB: two events
+#: of ~400 bytes for each of 75,000 clients passing at once.
+QUEUE_BYTES = 64 << 20
+#: What a queued message costs besides its bytes (the bytes object, its slot).
+MESSAGE_OVERHEAD = 64
+#: Most messages the sender sends in one go before it lets other tasks run.
 _WRITE_BATCH = 256
-#: The longest the writer waits for the target to accept one message.
+#: -f lines that emit() lets gather before it writes them itself.
+_STDERR_BATCH = 4096
+#: The longest the sender waits for the target to accept one message.
 SEND_WAIT = 1.0
-#: After a failure, the writer tries to reach the target again this much later.
+#: At shutdown, the longest `wait_flushed()` waits for the queue to empty.
+FLUSH_WAIT = 1.0
+#: After a failure, the sender tries to reach the target again this much later.
 RETRY_AFTER = 2.0
 #: Send errors that mean the target went away (a syslog daemon restarting),
 #: not that the message is wrong: the message is sent again once it is back.
@@ -75,29 +98,36 @@ class EventLog:
         sd_id: str = "repeld@32473",
         report_attacks: bool = True,
         stderr: TextIO | None = None,
-        queue_size: int = QUEUE_SIZE,
+        queue_bytes: int = QUEUE_BYTES,
         hostname: str | None = None,
     ) -> None:
         self.counts: collections.Counter[str] = collections.Counter()
         #: Sees every event first, the unwritten ones too (--metrics); None: nothing to call.
         self.observe: Callable[[Event], None] | None = None
+        #: Events syslog did not get (a summary counts for every event it stands for).
         self.dropped = 0
+        #: Events syslog got.
         self.written = 0
-        self._queue: collections.deque[tuple[Event, float]] = collections.deque()
-        self._queue_size = queue_size
+        #: Framed syslog messages, oldest first, each with how many events it
+        #: stands for; the first may be the unsent rest of a TCP frame.
+        self._queue: collections.deque[tuple[bytes, int]] = collections.deque()
+        self._queued_bytes = 0
+        self._queue_bytes = queue_bytes
+        #: Events in the message being sent now (0: none).
+        self._inflight = 0
+        #: backend-errors that found the queue full: (backend, error) -> (count, last, stamp).
+        self._coalesced: dict[tuple[str, str], tuple[int, Event, float]] = {}
         self._wakeup = trio.Event()
+        self._idle = trio.Event()
+        #: -f lines not yet written.
+        self._lines: list[str] = []
+        self._lines_ready = trio.Event()
         self._hostname = hostname if hostname is not None else socket.gethostname()
         self._sock: socket.socket | None = None
-        #: Framed messages that must go out before the queue, oldest first: they
-        #: met a full buffer or a target that went away (bounded by queue_size).
-        self._held: collections.deque[bytes] = collections.deque()
-        #: The first held message is the unsent rest of a TCP frame.
+        #: The first queued message is the unsent rest of a TCP frame.
         self._partial = False
         #: The socket has delivered nothing yet.
         self._fresh = True
-        #: The target went away (closed, refused, missing) and has not taken a
-        #: message since: hold everything for when it is back.
-        self._away = False
         self._retry_at = 0.0
         self._complained = False
         self._complained_at = -COMPLAIN_INTERVAL
@@ -115,9 +145,9 @@ class EventLog:
         if target != getattr(self, "target", None):
             self._close()  # the next message connects to the new target
             self._retry_at = 0.0
-            self.dropped += len(self._held)  # framed for the old target: gone
-            self._held.clear()
-            self._partial = False
+            self._discard()  # framed for the old target: gone (counted)
+        if stderr is None and getattr(self, "stderr", None) is not None:
+            self._write_lines()
         self.target = target
         self.report_attacks = report_attacks
         self.stderr = stderr
@@ -158,133 +188,197 @@ class EventLog:
         )
 
     def emit(self, event: Event) -> None:
-        """Count `event` and queue it for the writer; never blocks, never raises."""
+        """Count `event`, queue its -f line and its syslog message; never blocks, never raises."""
         self.counts[event.name] += 1
         if self.observe is not None:
             self.observe(event)
         if event.name == "early-talker" and not self.report_attacks:
             return
         stamp = time.time()
-        if len(self._queue) + len(self._held) >= self._queue_size:
-            self.dropped += 1
+        if self.stderr is not None:
+            self._lines.append(format_stderr(event, stamp))
+            if len(self._lines) >= _STDERR_BATCH:
+                self._write_lines()  # a burst within one turn of the loop
+            else:
+                self._lines_ready.set()
+        if self.target is None:
             return
-        self._queue.append((event, stamp))
+        if not self._enqueue(self._frame(event, stamp), 1):
+            if event.name == "backend-error":
+                key = (str(event.get("backend")), str(event.get("error")))
+                count = self._coalesced.get(key, (0, event, stamp))[0]
+                self._coalesced[key] = (count + 1, event, stamp)
+            else:
+                self.dropped += 1
+            return
         self._wakeup.set()
 
+    def _frame(self, event: Event, stamp: float) -> bytes:
+        message = self._format(event, self._header, stamp)
+        if self._octet_counting:
+            message = b"%d %s" % (len(message), message)
+        return message
+
+    def _enqueue(self, message: bytes, weight: int) -> bool:
+        """Queue `message` if it fits the byte bound."""
+        cost = len(message) + MESSAGE_OVERHEAD
+        if self._queued_bytes + cost > self._queue_bytes:
+            return False
+        self._queue.append((message, weight))
+        self._queued_bytes += cost
+        return True
+
+    def _release_coalesced(self) -> None:
+        """Queue the summaries of the backend-errors that found the queue full, as room allows."""
+        for key, (count, last, stamp) in list(self._coalesced.items()):
+            if not self._enqueue(self._frame(events.summarize(last, count), stamp), count):
+                return
+            del self._coalesced[key]
+
     def statistics(self) -> dict[str, int]:
-        """Queue depth (events and held messages) and what has been written or dropped."""
-        queued = len(self._queue) + len(self._held)
-        return {"queued": queued, "written": self.written, "dropped": self.dropped}
+        """Events waiting for syslog (and their bytes), and what has been written or dropped."""
+        queued = sum(w for _, w in self._queue) + self._inflight
+        queued += sum(count for count, _, _ in self._coalesced.values())
+        return {
+            "queued": queued,
+            "queued_bytes": self._queued_bytes,
+            "written": self.written,
+            "dropped": self.dropped,
+        }
 
     async def run(self) -> None:
-        """The writer task: drain the queue for as long as repeld runs."""
+        """The writer tasks: stderr and syslog, for as long as repeld runs."""
         try:
-            while True:
-                if not self._queue and not self._held:
-                    self._wakeup = trio.Event()
-                    await self._wakeup.wait()
-                if self._held and not await self._send_held():
-                    # The target is away: keep printing (-f) and holding what
-                    # comes, and try it again at _retry_at.
-                    self._write_batch(_WRITE_BATCH)
-                    if self._queue:
-                        await trio.lowlevel.checkpoint()
-                    else:
-                        self._wakeup = trio.Event()
-                        with trio.move_on_at(self._retry_at):
-                            await self._wakeup.wait()
-                    continue
-                self._write_batch(_WRITE_BATCH)
-                if self._queue and not self._held:
-                    await trio.lowlevel.checkpoint()  # a long backlog yields now and then
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._run_stderr)
+                await self._run_syslog()
         finally:
             await self.flush_nowait()
 
-    def _write_batch(self, limit: int) -> None:
-        """Write up to `limit` queued events without waiting.
+    async def _run_stderr(self) -> None:
+        while True:
+            if not self._lines:
+                self._lines_ready = trio.Event()
+                await self._lines_ready.wait()
+            self._write_lines()
+            await trio.lowlevel.checkpoint()
 
-        Every event's line goes to stderr (one write for the batch); its syslog
-        message is sent at once if the socket takes it. The first message that
-        must wait (no socket yet, a full buffer, part of a TCP frame left) is held
-        for the time-bounded `_send_held()`, and the batch stops there; while the
-        target is away (closed, refused, missing) every message is held, in order,
-        and the batch goes on, so that the -f lines keep coming.
+    async def _run_syslog(self) -> None:
+        while True:
+            if not self._queue and not self._coalesced:
+                self._idle.set()
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+            self._idle = trio.Event()
+            await self._send_queue()
+
+    async def _send_queue(self) -> None:
+        """Send the queued messages in order until none is left.
+
+        A batch goes out non-blocking, in a row; the first message the socket
+        does not take at once is sent whole or not at all (a cut TCP frame
+        would garble the stream), waiting at most SEND_WAIT; one that meets a
+        closed or refused socket stays first in line for the next connection,
+        tried every RETRY_AFTER seconds.
         """
         queue = self._queue
-        lines: list[str] = []
-        target = self.target
-        try:
-            while queue and limit > 0:
-                limit -= 1
-                event, stamp = queue.popleft()
-                if self.stderr is not None:
-                    lines.append(format_stderr(event, stamp))
-                if target is None:
-                    continue
-                message = self._format(event, self._header, stamp)
-                if self._octet_counting:
-                    message = b"%d %s" % (len(message), message)
-                sock = self._sock
-                if sock is None or self._held:
-                    self._hold(message)  # connecting may wait; order is kept
-                    if self._away:
-                        continue  # the target is away: print and hold the rest too
-                    return
-                try:
-                    sent = sock.send(message)
-                except BlockingIOError:
-                    self._hold(message)
-                    return
-                except OSError as exc:
-                    if self._failed(exc):
-                        self._hold(message)
-                    continue
-                if sent < len(message):
-                    self._hold(message[sent:])  # the rest of this frame first
-                    self._partial = True
-                    return
-                self._delivered()
-        finally:
-            if lines:
-                self._write_stderr(lines)
-
-    def _hold(self, message: bytes) -> None:
-        """Keep `message` for `_send_held()` (emit() bounds queue and held together)."""
-        self._held.append(message)
-
-    async def _send_held(self) -> bool:
-        """Send the held messages in order; False while the target cannot be reached.
-
-        Each is sent whole or not at all (a cut TCP frame would garble the
-        stream), waiting at most SEND_WAIT; a message that met a closed or
-        refused socket stays first in line for the next connection.
-        """
-        held = self._held
-        while held:
-            sock = self._sock or await self._connect()
+        while True:
+            self._release_coalesced()
+            if not queue:
+                return
+            sock = self._sock
             if sock is None:
-                return False
-            with trio.CancelScope(shield=True):
-                sent = await self._send(sock, held[0])
-            if sent is None:
-                continue  # kept: reconnect (now, or at _retry_at) and send it again
-            held.popleft()
-            self._partial = False
+                sock = await self._connect()
+                if sock is None:
+                    await trio.sleep_until(self._retry_at)
+                    continue
+            if self._send_nowait(sock):
+                await trio.lowlevel.checkpoint()  # a long backlog yields now and then
+                continue
+            if self._sock is None or not queue:
+                continue  # failed (reconnect), or the last one was dropped
+            message, weight = queue.popleft()  # its bytes stay counted while in flight
+            self._inflight = weight
+            try:
+                with trio.CancelScope(shield=True):
+                    sent = await self._send(sock, message, weight)
+            finally:
+                self._inflight = 0
+            if sent is None:  # kept: reconnect (now, or at _retry_at) and send it again
+                queue.appendleft((message, weight))
+            else:
+                self._queued_bytes -= len(message) + MESSAGE_OVERHEAD
+                self._partial = False
             # The shield hides a cancel: notice it between messages, or a
             # stuck receiver would hold up shutdown for the whole backlog.
             await trio.lowlevel.checkpoint_if_cancelled()
-        return True
+
+    def _send_nowait(self, sock: socket.socket) -> bool:
+        """Send up to a batch of queued messages without waiting.
+
+        True: a batch went out and more are queued. False: the queue is empty,
+        the socket did not take the first message whole, or it failed.
+        """
+        queue = self._queue
+        for _ in range(_WRITE_BATCH):
+            if not queue:
+                return False
+            if self._partial:
+                return False  # the rest of a frame: only the waiting send finishes it
+            message, weight = queue[0]
+            try:
+                sent = sock.send(message)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                if not self._failed(exc, weight):
+                    queue.popleft()
+                    self._queued_bytes -= len(message) + MESSAGE_OVERHEAD
+                return False
+            if sent < len(message):
+                queue[0] = (message[sent:], weight)  # the rest of this frame first
+                self._queued_bytes -= sent
+                self._partial = True
+                return False
+            queue.popleft()
+            self._queued_bytes -= len(message) + MESSAGE_OVERHEAD
+            self._delivered(weight)
+        return bool(queue)
+
+    async def wait_flushed(self, timeout: float = FLUSH_WAIT) -> None:
+        """Wait at most `timeout` for syslog to take what is queued, then drop the rest.
+
+        When it returns every event emitted before is written or counted in
+        `dropped` (the message being sent, if any, is waited for: at most
+        SEND_WAIT more), so that a `stop` event emitted next reports exactly.
+        """
+        if self.target is not None:
+            with trio.move_on_after(timeout):
+                while self._queue or self._coalesced or self._inflight:
+                    self._wakeup.set()
+                    await self._idle.wait()
+                    await trio.lowlevel.checkpoint()
+            self._discard()
+            with trio.move_on_after(SEND_WAIT * 2):
+                while self._inflight:
+                    await trio.sleep(0.01)
+        self._write_lines()
+
+    def _discard(self) -> None:
+        """Count everything still waiting for syslog as dropped, and forget it."""
+        self.dropped += sum(w for _, w in self._queue)
+        self.dropped += sum(count for count, _, _ in self._coalesced.values())
+        self._queued_bytes -= sum(len(m) + MESSAGE_OVERHEAD for m, _ in self._queue)
+        self._queue.clear()
+        self._coalesced.clear()
+        self._partial = False
 
     async def flush_nowait(self) -> None:
         """Write what is still queued without waiting long (at shutdown)."""
+        self._write_lines()  # the -f lines first, whatever syslog does
         with trio.CancelScope(shield=True), trio.move_on_after(SEND_WAIT):
-            while self._queue or self._held:
-                if self._held and not await self._send_held():
-                    break
-                self._write_batch(len(self._queue))
-        self._write_batch(len(self._queue))  # the -f lines, whatever syslog does
-        self.dropped += len(self._held)  # never sent: counted, as every lost event is
-        self._held.clear()
+            await self._send_queue()
+        self._discard()  # never sent: counted, as every lost event is
         self._close()
 
     async def connect_now(self) -> None:
@@ -292,8 +386,11 @@ class EventLog:
         if self.target is not None and self._sock is None:
             await self._connect()
 
-    def _write_stderr(self, lines: list[str]) -> None:
-        assert self.stderr is not None
+    def _write_lines(self) -> None:
+        lines = self._lines
+        if not lines or self.stderr is None:
+            return
+        self._lines = []
         try:
             self.stderr.write("\n".join(lines) + "\n")
             self.stderr.flush()
@@ -307,6 +404,7 @@ class EventLog:
         if not self._complained and now - self._complained_at >= COMPLAIN_INTERVAL:
             self._complained = True
             self._complained_at = now
+            self._write_lines()  # after the -f lines of the events before it
             print(f"repeld: syslog {self.target}: {what}: {exc}", file=sys.stderr, flush=True)
 
     def _close(self) -> None:
@@ -339,7 +437,6 @@ class EventLog:
                     sock.setblocking(False)
                     sock.connect(addr)
         except (OSError, TimeoutError) as exc:
-            self._away = True
             self._retry_at = trio.current_time() + RETRY_AFTER
             self._complain("cannot connect", exc)
             return None
@@ -347,7 +444,7 @@ class EventLog:
         self._fresh = True
         return sock
 
-    async def _send(self, sock: socket.socket, message: bytes) -> bool | None:
+    async def _send(self, sock: socket.socket, message: bytes, weight: int) -> bool | None:
         """Send one framed message, waiting at most SEND_WAIT for the target.
 
         True: sent. False: dropped (counted). None: the target went away and
@@ -359,21 +456,21 @@ class EventLog:
             if scope.cancelled_caught:
                 # The receiver is not reading: drop this one, keep the socket
                 # (a stream socket's framing may be broken: reconnect).
-                self.dropped += 1
+                self.dropped += weight
                 if self._octet_counting:
                     self._close()
                 return False
         except OSError as exc:
-            if not self._failed(exc):
+            if not self._failed(exc, weight):
                 return False
             if self._partial:
-                self.dropped += 1  # the rest of a frame means nothing on a new connection
+                self.dropped += weight  # the rest of a frame means nothing on a new connection
                 return False
             return None
-        self._delivered()
+        self._delivered(weight)
         return True
 
-    def _failed(self, exc: OSError) -> bool:
+    def _failed(self, exc: OSError, weight: int) -> bool:
         """A send failed: close, reconnect for the next try. Whether to send it again.
 
         A closed or refused socket (a syslog daemon restarting) is no fault of
@@ -381,20 +478,17 @@ class EventLog:
         """
         self._close()
         keep = exc.errno in _TARGET_GONE
-        if keep:
-            self._away = True
-        else:
-            self.dropped += 1
+        if not keep:
+            self.dropped += weight
         if exc.errno != errno.ENOBUFS and (self._fresh or exc.errno not in _TARGET_GONE):
             # A socket that never delivered failed: the target is not back yet.
             self._retry_at = trio.current_time() + RETRY_AFTER
         self._complain("send failed", exc)
         return keep
 
-    def _delivered(self) -> None:
-        self.written += 1
+    def _delivered(self, weight: int) -> None:
+        self.written += weight
         self._fresh = False
-        self._away = False
         if self._complained:
             self._complained = False
             if self.target is not None and self.target.kind != "udp":  # UDP cannot tell
