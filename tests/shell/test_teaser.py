@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -247,3 +248,20 @@ async def test_bot_population_with_the_teaser(autojump_clock: trio.testing.MockC
         if float(m.fields["elapsed"]) < DELAY and m.fields["first"].startswith("EHLO bot\\r\\nQUIT")
     ]
     assert len(any_line) >= PER_CLASS
+
+
+async def test_a_client_gone_before_the_teaser_is_a_reset_hangup(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running(delay=DELAY, teaser=True, teaser_text=TEXT) as h:
+        # Connected and reset before repeld accepts it (no checkpoint in between):
+        # the teaser cannot be written, and nothing is held.
+        with socket.create_connection(h.address()) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        (ev,) = await h.receiver.wait_for("hangup")
+        assert ev.fields["how"] == "reset"
+        assert float(ev.fields["elapsed"]) == 0.0
+        await trio.sleep(DELAY + 1)
+        assert len(h.server.pen) == 0
+        assert h.receiver.named("error") == []
+        assert h.receiver.named("pass") == []
