@@ -202,7 +202,8 @@ class EximServer(_Instance):
 
     `hosts_proxy` makes it read a PROXY header (v1 or v2) from those hosts, as
     behind repeld; `pipe_connect_hosts` is `pipelining_connect_advertise_hosts`
-    (default `*`, Exim's own default: it advertises PIPECONNECT).
+    (default `*`, Exim's own default: it advertises PIPECONNECT); `banner` is
+    its `smtp_banner` (a `\\n` in it makes a multi-line greeting).
     """
 
     def __init__(
@@ -212,8 +213,10 @@ class EximServer(_Instance):
         host: str = "127.0.0.1",
         hosts_proxy: str | None = None,
         pipe_connect_hosts: str = "*",
+        banner: str | None = None,
     ) -> None:
         assert host.startswith("127."), "loopback only"
+        self.banner = banner
         self.exim = exim
         self.host = host
         self.port = 0
@@ -230,6 +233,8 @@ class EximServer(_Instance):
 
     def _conf(self) -> str:
         proxy = f"hosts_proxy = {self.hosts_proxy}\n" if self.hosts_proxy else ""
+        if self.banner is not None:
+            proxy += f"smtp_banner = {self.banner}\n"
         return (
             "# receiving Exim written by tests/exim_fixture.py\n"
             + _common_conf(self.exim, self.base, "server.test")
@@ -462,10 +467,16 @@ begin retry
 
 @contextlib.contextmanager
 def exim_server(
-    exim: Path, *, hosts_proxy: str | None = None, pipe_connect_hosts: str = "*"
+    exim: Path,
+    *,
+    hosts_proxy: str | None = None,
+    pipe_connect_hosts: str = "*",
+    banner: str | None = None,
 ) -> Iterator[EximServer]:
     """A running EximServer; stopped and removed afterwards."""
-    server = EximServer(exim, hosts_proxy=hosts_proxy, pipe_connect_hosts=pipe_connect_hosts)
+    server = EximServer(
+        exim, hosts_proxy=hosts_proxy, pipe_connect_hosts=pipe_connect_hosts, banner=banner
+    )
     try:
         server.start()
         yield server

@@ -27,6 +27,7 @@ from repeld.config.values import (
     path,
     sd_id,
     seconds,
+    teaser_text,
     user_name,
     v6_prefix,
     workers,
@@ -122,6 +123,24 @@ OPTIONS: tuple[Option, ...] = (
         "first, log only writes it down and holds it for the whole delay like everyone "
         "else, then passes it (observe mode, a first step; default: drop)",
         metavar="drop|reject|log",
+    ),
+    Option(
+        "teaser",
+        None,
+        None,
+        False,
+        "at the start of the hold send the first line of a multi-line greeting, "
+        "220-TEXT, then stay silent: a client that talks on seeing any line is an early "
+        "talker, and the MTA's own greeting completes the reply (default: off)",
+    ),
+    Option(
+        "teaser-text",
+        None,
+        teaser_text,
+        None,
+        "the text of the --teaser line, printable ASCII that starts with a domain; at most "
+        "500 characters (default: the host name)",
+        metavar="TEXT",
     ),
     Option(
         "report-attacks",

@@ -74,6 +74,8 @@ class Settings:
     trusted_file: tuple[str, ...] = default("trusted-file")
     proxy_protocol: ProxyProtocol = default("proxy-protocol")
     on_early: EarlyAction = default("on-early")
+    teaser: bool = default("teaser")
+    teaser_text: str | None = default("teaser-text")
     report_attacks: bool = default("report-attacks")
     # The option's None means "the platform's socket", known only at run time.
     syslog: SyslogTarget = field(default_factory=default_syslog)

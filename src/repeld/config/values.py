@@ -46,6 +46,7 @@ __all__ = [
     "path",
     "sd_id",
     "seconds",
+    "teaser_text",
     "user_name",
     "v6_prefix",
     "workers",
@@ -276,6 +277,22 @@ def network(text: str) -> str:
 def sd_id(text: str) -> str:
     if not valid_sd_id(text):
         raise SettingError("sd-id", text, "expected NAME@NUMBER, e.g. repeld@32473")
+    return text
+
+
+#: The longest --teaser-text: the line `220-TEXT` CRLF stays within RFC 5321's
+#: 512 characters of a reply line.
+TEASER_TEXT_LIMIT = 500
+
+
+def teaser_text(text: str) -> str:
+    """The text of the teaser line: printable ASCII, a domain first (RFC 5321 section 4.2)."""
+    if not text or len(text) > TEASER_TEXT_LIMIT:
+        raise SettingError("teaser-text", text, f"expected 1 to {TEASER_TEXT_LIMIT} characters")
+    if not all(" " <= c <= "~" for c in text) or text[0] == " ":
+        raise SettingError(
+            "teaser-text", text, "expected printable ASCII, starting with the host name"
+        )
     return text
 
 

@@ -97,7 +97,8 @@ def _ms(seconds: float) -> float:
 def early_talker(conn: ConnInfo, verdict: EarlyTalk, action: str, rtt_ms: float = 0.0) -> Event:
     """A client that spoke before it was greeted (a security event).
 
-    `rtt_ms` is the kernel's smoothed round-trip time to the client (0 if unknown).
+    `rtt_ms` is the kernel's smoothed round-trip time to the client (0 if unknown);
+    `teaser` is 1 when the client had been sent the --teaser line before it talked.
     """
     first = escape_bytes(verdict.first)
     elapsed = _ms(verdict.elapsed)
@@ -112,6 +113,7 @@ def early_talker(conn: ConnInfo, verdict: EarlyTalk, action: str, rtt_ms: float 
             ("first", first),
             ("action", action),
             ("rtt_ms", _ms(rtt_ms)),
+            ("teaser", int(verdict.teased)),
         ),
         f"PREGREET {verdict.nbytes} after {elapsed:.3f} from {conn.peer}: {first}"
         f" (action={action})",

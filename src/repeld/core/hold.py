@@ -7,13 +7,16 @@ answers with a verdict. It never touches a socket, a clock or trio, so every
 rule here is tested in microseconds (tests/unit/test_core.py) and the shell
 stays thin.
 
-Two flags are fixed at construction: `cache_pending` (the pass cache has been
-asked about this client and its answer is to come) and `observe`
-(`--on-early log`: an early talker is written down, never cut off). The life
-of a held connection is a small table (T = the talk, W = talk time +
-CACHE_WAIT, D = the end of the delay):
+Three things are fixed at construction: `cache_pending` (the pass cache has
+been asked about this client and its answer is to come), `observe`
+(`--on-early log`: an early talker is written down, never cut off) and
+`teaser` (`--teaser`: the line the client hears as the hold begins, b"" for
+none). The life of a held connection is a small table (T = the talk, W = talk
+time + CACHE_WAIT, D = the end of the delay):
 
     state     input                  -> verdict                         state
+    HOLDING   teaser sent in full    -> Wait(D)                         HOLDING
+    HOLDING   teaser sent in part    -> HangUp (reset)                  DONE
     HOLDING   data                   -> EarlyTalk                       DONE
     HOLDING   data, cache pending    -> Mute(W)                         TALKED
     HOLDING   data, observe          -> Logged(T, Mute(D))              OBSERVING
@@ -49,6 +52,13 @@ In observe mode a talker that the cache is bad about is written down as a
 talk (observe never cuts anyone off); while a TALKED hold waits in observe
 mode, an answer of bad is the same as unknown.
 
+The teaser (`opening()`, `opened()`) is the first line of a multi-line
+greeting, `220-TEXT`: postscreen's pregreet test sends it too, so that a bot
+that talks on seeing any line talks early. The MTA's greeting (one line or
+several) completes the reply when the client is passed. A client whose fresh
+socket cannot take one line at once is broken, not patient: it is reset, a
+hang-up. A talker's `EarlyTalk.teased` says whether it had heard the teaser.
+
 "silence, due" must only be reported after a last non-blocking peek at the
 deadline found nothing: bytes that arrive at the very end are still early
 talk.
@@ -76,6 +86,7 @@ __all__ = [
     "Verdict",
     "Wait",
     "escape_bytes",
+    "teaser_line",
 ]
 
 #: The most a peek asks of the kernel: enough to show what a bot said.
@@ -88,6 +99,17 @@ FIRST_BYTES_LIMIT = 100
 #: may wait behind one batch in flight (cache/lookup.py): 0.2 s, and as much
 #: again for a busy event loop. After that the answer counts as unknown.
 CACHE_WAIT = 0.5
+
+
+def teaser_line(text: str) -> bytes:
+    """The teaser of `--teaser`: the first line of a multi-line 220 greeting.
+
+    RFC 5321 section 4.2: `220-` and a domain, then the MTA's own greeting
+    lines, its last `220 `, end the reply. Bytes outside printable ASCII (an
+    odd host name) become `?` so the line stays one line.
+    """
+    clean = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return b"220-" + clean.encode("ascii") + b"\r\n"
 
 
 class LocalProtocolError(RuntimeError):
@@ -143,6 +165,8 @@ class EarlyTalk:
     nbytes: int
     first: bytes
     elapsed: float
+    #: The teaser line had gone out before the talk.
+    teased: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +204,16 @@ _DONE = 3
 class Hold:
     """The decision for one held connection, from accept to verdict."""
 
-    __slots__ = ("_pending", "_state", "_talk", "accepted_at", "deadline", "observe")
+    __slots__ = (
+        "_pending",
+        "_state",
+        "_talk",
+        "_teaser",
+        "accepted_at",
+        "deadline",
+        "observe",
+        "teased",
+    )
 
     def __init__(
         self,
@@ -189,6 +222,7 @@ class Hold:
         *,
         cache_pending: bool = False,
         observe: bool = False,
+        teaser: bytes = b"",
     ) -> None:
         if delay < 0:
             raise ValueError(f"delay must not be negative, got {delay!r}")
@@ -198,6 +232,9 @@ class Hold:
         self._pending = cache_pending
         self._state = _HOLDING
         self._talk: EarlyTalk | None = None
+        self._teaser = teaser
+        #: The whole teaser line has been written to the client.
+        self.teased = False
 
     @property
     def done(self) -> bool:
@@ -253,6 +290,26 @@ class Hold:
         self._state = _DONE
         return Pass(PassReason.DELAY, self._elapsed(now), self._early_bytes())
 
+    def opening(self) -> bytes:
+        """What to write to the client as the hold begins: the teaser, or b"" for nothing."""
+        self._check()
+        return self._teaser if self._state == _HOLDING and not self.teased else b""
+
+    def opened(self, sent: int, now: float) -> Verdict:
+        """The shell wrote `sent` bytes of `opening()` without blocking.
+
+        All of it: the hold goes on. Less: a fresh socket that cannot take one
+        line belongs to a broken client, which is reset (a hang-up).
+        """
+        self._check()
+        if self._state != _HOLDING:
+            raise LocalProtocolError("opened() after the hold had moved on")
+        if sent < len(self._teaser):
+            self._state = _DONE
+            return HangUp(self._elapsed(now), reset=True)
+        self.teased = bool(self._teaser)
+        return Wait(self.deadline)
+
     def data(self, peeked: bytes, now: float, total: int | None = None) -> Verdict:
         """Bytes seen before the greeting: early talk, whatever they are.
 
@@ -265,7 +322,7 @@ class Hold:
         if self._state != _HOLDING:
             raise LocalProtocolError("data() after the client was muted")
         nbytes = max(len(peeked), total or 0)
-        talk = EarlyTalk(nbytes, bytes(peeked[:PEEK_LIMIT]), self._elapsed(now))
+        talk = EarlyTalk(nbytes, bytes(peeked[:PEEK_LIMIT]), self._elapsed(now), self.teased)
         self._talk = talk
         if self._pending:
             self._state = _TALKED

@@ -31,6 +31,8 @@ from repeld.core.hold import (
     PassReason,
     Penalty,
     Verdict,
+    Wait,
+    teaser_line,
 )
 from repeld.core.policy import Policy, Refuse, TrustedNetworks
 from repeld.metrics import Metrics, Snapshot
@@ -49,7 +51,7 @@ from repeld.shell.handoff import (
 from repeld.shell.pen import Held, HoldingPen
 from repeld.shell.relaypool import RelayPool
 from repeld.shell.ucspi import handoff_exec
-from repeld.shell.verdicts import REFUSALS, SHUTTING_DOWN, abort, cut_off, rtt_ms
+from repeld.shell.verdicts import REFUSALS, SHUTTING_DOWN, abort, cut_off, rtt_ms, send_now
 
 __all__ = ["Server", "open_server", "run_server"]
 
@@ -76,6 +78,8 @@ class Server:
         self.backend = backend
         self.log = log
         self.pen = HoldingPen(self._on_verdict, self._pen_error)
+        #: What every held client hears as its hold begins (--teaser), else b"".
+        self._teaser = _teaser(settings)
         self.listeners: list[Listener] = []
         #: Every listener hands out sockets already tuned for relaying.
         self._listeners_tune = True
@@ -170,8 +174,11 @@ class Server:
                 settings.delay,
                 cache_pending=key is not None,
                 observe=settings.on_early == "log",
+                teaser=self._teaser,
             )
             held = Held(sock, conn, hold, listener.backend)
+            if self._teaser and not self._tease(held, now):
+                return
             pen.add(held)
             if key is not None:
                 # The hold has begun; a known client is let out as soon as the
@@ -186,6 +193,22 @@ class Server:
             self._note_overload(conn, admission, now)
         else:
             self._pass(sock, conn, now, Pass(admission, 0.0), listener.backend)
+
+    def _tease(self, held: Held, now: float) -> bool:
+        """Send the teaser line before the hold begins; False if the client is gone.
+
+        Never blocking: a fresh socket takes one line at once, and one that does
+        not is the core's to judge (a hang-up), so the pen never waits on a write.
+        """
+        hold = held.hold
+        sent = send_now(held.sock, hold.opening())
+        verdict = hold.reset(now) if sent is None else hold.opened(sent, now)
+        if isinstance(verdict, Wait):
+            return True
+        assert isinstance(verdict, HangUp)
+        abort(held.sock)
+        self.log.emit(events.hangup(held.conn, verdict))
+        return False
 
     def _reset_at_accept(
         self, sock: socket.socket, addr: tuple[object, ...], listener: Listener, now: float
@@ -451,6 +474,7 @@ class Server:
         if settings.max_held != old.max_held and settings.max_held is not None:
             self.max_held = settings.max_held
         self.settings = settings
+        self._teaser = _teaser(settings)
         self.policy = Policy(trusted, self.max_held, settings.max_per_client)
         self.backend = backend
         self.log.reconfigure(settings)
@@ -504,6 +528,14 @@ class Server:
             f"cache_{k}": int(stats.get(k, 0))
             for k in ("lookups", "good", "bad", "unknown", "errors", "outages")
         }
+
+
+def _teaser(settings: Settings) -> bytes:
+    # The host name is read at start and on reload: what the MTA's banner most
+    # likely names too (postscreen's teaser is its $smtpd_banner).
+    if not settings.teaser:
+        return b""
+    return teaser_line(settings.teaser_text or socket.gethostname())
 
 
 #: Settings a running server cannot take over on SIGHUP.

@@ -21,6 +21,7 @@ __all__ = [
     "abort",
     "cut_off",
     "rtt_ms",
+    "send_now",
 ]
 
 EARLY_REJECT = b"554 5.5.1 Protocol error: you talked before my greeting\r\n"
@@ -37,6 +38,20 @@ def rtt_ms(sock: socket.socket) -> float:
         return tcptune.rtt_us(sock.fileno()) / 1000.0
     except OSError:
         return 0.0
+
+
+_SEND_FLAGS = getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 0)
+
+
+def send_now(sock: socket.socket, data: bytes) -> int | None:
+    """Write what the socket takes without blocking (the teaser): how many bytes,
+    or None if the connection has failed (reset, or gone)."""
+    try:
+        return sock.send(data, _SEND_FLAGS)
+    except BlockingIOError:
+        return 0
+    except OSError:
+        return None
 
 
 def abort(sock: socket.socket) -> None:
