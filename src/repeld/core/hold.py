@@ -7,9 +7,11 @@ answers with a verdict. It never touches a socket, a clock or trio, so every
 rule here is tested in microseconds (tests/unit/test_core.py) and the shell
 stays thin.
 
-Two flags are fixed at construction: `cache_pending` (the pass cache has been
-asked about this client and its answer is to come) and `observe`
-(`--on-early log`: an early talker is written down, never cut off). The life
+Three things are fixed at construction: `cache_pending` (the pass cache has
+been asked about this client and its answer is to come), `observe`
+(`--on-early log`: an early talker is written down, never cut off) and `dns`
+(the DNS lists' thresholds and block action, core/dnsbl.py, when lists are
+configured and asked about this client). The life
 of a held connection is a small table (T = the talk, W = talk time +
 CACHE_WAIT, D = the end of the delay):
 
@@ -23,6 +25,7 @@ CACHE_WAIT, D = the end of the delay):
     HOLDING   cache: good            -> Pass("cache")                   DONE
     HOLDING   cache: bad             -> Penalty                         DONE
     HOLDING   cache: bad, observe    -> Logged(Penalty, Wait(D))        HOLDING
+                      and dns kept   -> Logged(Penalty, as "dns: ...")
     HOLDING   cache: unknown         -> Wait(D)                         HOLDING
     TALKED    cache: good            -> Pass("cache", early_bytes)      DONE
     TALKED    cache: bad             -> Penalty                         DONE
@@ -37,7 +40,18 @@ CACHE_WAIT, D = the end of the delay):
     OBSERVING due at D               -> Pass("delay", early_bytes)      DONE
     OBSERVING eof (half-close)       -> Mute(D)                         OBSERVING
     OBSERVING reset                  -> HangUp                          DONE
+    HOLDING   dns: allow             -> Pass("dnswl")                   DONE
+    HOLDING   dns: block, drop/reject-> Blocked                         DONE
+    HOLDING   dns: block, log        -> Logged(Blocked, Wait(D))        HOLDING
+    HOLDING   dns: block, delay      -> Logged(Blocked, Wait(B))        HOLDING, D := B
+    HOLDING   dns: neither           -> Wait(D)                         HOLDING
+    HOLDING   dns: any, cache pending-> Wait(D), the answer kept        HOLDING
+    HOLDING   cache: unknown, dns kept -> as "dns: ..." above
+    TALKED    dns: any               -> Mute(W), the answer kept        TALKED
+    OBSERVING dns: any               -> Mute(D), the answer kept        OBSERVING
     DONE      anything               -> LocalProtocolError (a bug in the shell)
+
+(B = accept + --dnsbl-delay, longer than the delay.)
 
 A talker whose cache answer is still to come is not judged on its bytes: a
 client the cache remembers as patient (an Exim with PIPECONNECT sends EHLO,
@@ -49,6 +63,18 @@ In observe mode a talker that the cache is bad about is written down as a
 talk (observe never cuts anyone off); while a TALKED hold waits in observe
 mode, an answer of bad is the same as unknown.
 
+The DNS lists' answer (`listed`) comes once, when every list has answered or
+the lookups gave up; it never makes anyone wait: a hold that is decided first
+(by its delay, the cache or its talk) is simply not fed the answer. What
+repeld saw itself outranks what the lists say: while the pass cache's answer
+is still to come, the lists' answer is kept, and the cache's good or bad
+answer wins over it (a client remembered as patient passes even when a list
+blocks it; a remembered early talker is cut off even when a list allows it);
+the cache lasts --cache-ttl, the lists' word is looked up again after that.
+Once a client has talked, its talk decides as above and the lists' answer is
+only kept for the events (`dns_result`): an early talker is an early talker
+whatever the lists say.
+
 "silence, due" must only be reported after a last non-blocking peek at the
 deadline found nothing: bytes that arrive at the very end are still early
 talk.
@@ -59,10 +85,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from repeld.core.dnsbl import DnsAction, DnsPolicy, DnsScore, Judgement
+
 __all__ = [
     "CACHE_WAIT",
     "FIRST_BYTES_LIMIT",
     "PEEK_LIMIT",
+    "Blocked",
     "CacheVerdict",
     "EarlyTalk",
     "HangUp",
@@ -109,6 +138,7 @@ class PassReason(enum.StrEnum):
     TRUSTED = "trusted"
     NODELAY = "nodelay"
     CACHE = "cache"
+    DNSWL = "dnswl"
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,14 +191,28 @@ class Penalty:
 
 
 @dataclass(frozen=True, slots=True)
-class Logged:
-    """Observe mode: write `note` down (action=log), cut nobody off, carry on with `then`."""
+class Blocked:
+    """The DNS lists' score reached --dnsbl-threshold (`action`: --dnsbl-action).
 
-    note: EarlyTalk | Penalty
+    Final for drop and reject; for log and delay it comes inside `Logged`.
+    """
+
+    score: int
+    lists: tuple[str, ...]
+    elapsed: float
+    action: DnsAction
+
+
+@dataclass(frozen=True, slots=True)
+class Logged:
+    """Write `note` down (action=log; for `Blocked`, its action), cut nobody off,
+    carry on with `then`."""
+
+    note: EarlyTalk | Penalty | Blocked
     then: Verdict
 
 
-Verdict = Wait | Mute | Pass | EarlyTalk | HangUp | Penalty | Logged
+Verdict = Wait | Mute | Pass | EarlyTalk | HangUp | Penalty | Blocked | Logged
 
 # The states of a Hold (see the table at the top).
 _HOLDING = 0
@@ -180,7 +224,18 @@ _DONE = 3
 class Hold:
     """The decision for one held connection, from accept to verdict."""
 
-    __slots__ = ("_pending", "_state", "_talk", "accepted_at", "deadline", "observe")
+    __slots__ = (
+        "_dns",
+        "_dns_pending",
+        "_kept",
+        "_pending",
+        "_state",
+        "_talk",
+        "accepted_at",
+        "deadline",
+        "dns_result",
+        "observe",
+    )
 
     def __init__(
         self,
@@ -189,6 +244,7 @@ class Hold:
         *,
         cache_pending: bool = False,
         observe: bool = False,
+        dns: DnsPolicy | None = None,
     ) -> None:
         if delay < 0:
             raise ValueError(f"delay must not be negative, got {delay!r}")
@@ -198,6 +254,12 @@ class Hold:
         self._pending = cache_pending
         self._state = _HOLDING
         self._talk: EarlyTalk | None = None
+        self._dns = dns
+        self._dns_pending = dns is not None
+        #: The lists' answer once it came (for the events' score and lists).
+        self.dns_result: DnsScore | None = None
+        # The lists' answer, kept until the pass cache has answered.
+        self._kept = False
 
     @property
     def done(self) -> bool:
@@ -208,6 +270,11 @@ class Hold:
     def awaiting_cache(self) -> bool:
         """The pass cache's answer is still to come and would still count."""
         return self._pending and self._state < _OBSERVING
+
+    @property
+    def awaiting_dns(self) -> bool:
+        """The DNS lists' answer is still to come (feed it with `listed`)."""
+        return self._dns_pending and self._state != _DONE
 
     @property
     def muted(self) -> bool:
@@ -326,14 +393,59 @@ class Hold:
             return Penalty(self._elapsed(now))
         if self._state == _TALKED:
             return self._talk_stands(now)
-        return Logged(Penalty(self._elapsed(now)), Wait(self.deadline))
+        then: Verdict = Wait(self.deadline)
+        if self._kept:  # held as usual: the lists' answer applies
+            self._kept = False
+            then = self._judge(now)
+        return Logged(Penalty(self._elapsed(now)), then)
 
     def unknown(self, now: float) -> Verdict:
         """The pass cache knows nothing of this client (or could not answer)."""
         self._answer()
         if self._state == _TALKED:
             return self._talk_stands(now)
+        if self._kept:
+            self._kept = False
+            return self._judge(now)
         return Wait(self.deadline)
+
+    def listed(self, result: DnsScore, now: float) -> Verdict:
+        """The DNS lists' answer: their score and the lists that listed the client.
+
+        Lists that did not answer in time count as not listing it.
+        """
+        self._check()
+        if not self._dns_pending:
+            raise LocalProtocolError("a DNS answer that was not awaited")
+        self._dns_pending = False
+        self.dns_result = result
+        if self._state == _TALKED:
+            return Mute(self._wait_until())
+        if self._state == _OBSERVING:
+            return Mute(self.deadline)
+        if self._pending:  # the pass cache speaks first
+            self._kept = True
+            return Wait(self.deadline)
+        return self._judge(now)
+
+    def _judge(self, now: float) -> Verdict:
+        # HOLDING, the cache has nothing to say: the lists decide, or the hold goes on.
+        assert self._dns is not None and self.dns_result is not None
+        result = self.dns_result
+        judgement = self._dns.judge(result)
+        if judgement is Judgement.ALLOW:
+            self._state = _DONE
+            return Pass(PassReason.DNSWL, self._elapsed(now))
+        if judgement is Judgement.NEITHER:
+            return Wait(self.deadline)
+        action = self._dns.action
+        blocked = Blocked(result.score, result.lists, self._elapsed(now), action)
+        if action in (DnsAction.DROP, DnsAction.REJECT):
+            self._state = _DONE
+            return blocked
+        if action is DnsAction.DELAY:
+            self.deadline = max(self.deadline, self.accepted_at + self._dns.block_delay)
+        return Logged(blocked, Wait(self.deadline))
 
     def due(self, now: float) -> Verdict:
         """A muted hold's deadline (the one `Mute` gave) has come."""

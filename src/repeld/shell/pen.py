@@ -147,7 +147,7 @@ class HoldingPen:
                 del self.per_client[client]
 
     def _decide(self, held: Held, verdict: Verdict) -> None:
-        if isinstance(verdict, Logged):  # written down; the hold goes on
+        while isinstance(verdict, Logged):  # written down; the hold goes on
             if not self._handle(held, verdict):
                 return
             verdict = verdict.then

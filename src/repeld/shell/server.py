@@ -23,6 +23,7 @@ from repeld.core import events
 from repeld.core.addresses import cache_key, normalize_address
 from repeld.core.events import ConnInfo
 from repeld.core.hold import (
+    Blocked,
     EarlyTalk,
     HangUp,
     Hold,
@@ -268,9 +269,13 @@ class Server:
             held.sock.close()
             self.log.emit(events.hangup(held.conn, verdict))
 
-    def _observed(self, held: Held, note: EarlyTalk | Penalty) -> None:
+    def _observed(self, held: Held, note: EarlyTalk | Penalty | Blocked) -> None:
         # The cache learns from a logged talk what it learns from a cut-off one;
         # a logged penalty is already remembered.
+        if isinstance(note, Blocked):
+            # No hold is given a DnsPolicy until the resolver is wired in (issue 12
+            # section 2), so no hold can say this yet.
+            raise NotImplementedError("DNS list verdicts are not carried out yet")
         if isinstance(note, EarlyTalk):
             self._learn(held.conn, good=False)
             self.log.emit(events.early_talker(held.conn, note, "log", rtt_ms(held.sock)))
