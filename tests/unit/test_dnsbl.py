@@ -1,9 +1,15 @@
-"""DNS lists in the core: query names, filters, weights, scores, and the hold's verdicts."""
+"""DNS lists: query names, filters, weights, scores, the hold's verdicts, and the options."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from repeld.config.errors import SettingError
+from repeld.config.file import read_config
+from repeld.config.settings import Settings, build_settings
+from repeld.config.values import Backend, Resolver, dns_list, parse_resolver
 from repeld.core.dnsbl import (
     DnsAction,
     DnsList,
@@ -260,3 +266,143 @@ def test_observed_talker_is_not_judged_by_the_lists() -> None:
     assert verdict == Logged(EarlyTalk(8, b"EHLO x\r\n", 1.0), Mute(T0 + 25.0))
     assert h.listed(LISTED, T0 + 2.0) == Mute(T0 + 25.0)
     assert h.due(T0 + 25.0) == Pass(PassReason.DELAY, 25.0, 8)
+
+
+# -- the options: parsers, settings, the configuration file -------------------------
+
+
+def _parse_bl(text: str) -> DnsList:
+    return dns_list("dnsbl", allow=False)(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "entry"),
+    [
+        ("zen.spamhaus.org", DnsList("zen.spamhaus.org")),
+        ("Zen.Spamhaus.Org.", DnsList("zen.spamhaus.org")),
+        ("bl.example*3", DnsList("bl.example", None, 3)),
+        ("bl.example*-4", DnsList("bl.example", None, -4)),  # allowing, as in postscreen
+        ("bl.example*0", DnsList("bl.example", None, 0)),
+        (
+            "zen.spamhaus.org=127.0.0.[2..11]*3",
+            DnsList("zen.spamhaus.org", (((127, 127),), ((0, 0),), ((0, 0),), ((2, 11),)), 3),
+        ),
+        (
+            "list.dnswl.org=127.0.[0..255].[1;2;3]",
+            DnsList(
+                "list.dnswl.org",
+                (((127, 127),), ((0, 0),), ((0, 255),), ((1, 1), (2, 2), (3, 3))),
+            ),
+        ),
+        (
+            "wl.mailspike.net=127.0.0.[17;18..20]*2",
+            DnsList(
+                "wl.mailspike.net", (((127, 127),), ((0, 0),), ((0, 0),), ((17, 17), (18, 20))), 2
+            ),
+        ),
+    ],
+)
+def test_dnsbl_entry_parses(text: str, entry: DnsList) -> None:
+    assert _parse_bl(text) == entry
+    assert _parse_bl(str(entry)) == entry  # what --check-config prints reads back
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("", "empty"),
+        ("192.0.2.1", "not an address"),
+        ("-bl.example", "host name label"),
+        ("bl.example=127.0.0", "d.d.d.d"),
+        ("bl.example=127.0.0.256", "0 to 255"),
+        ("bl.example=127.0.0.[9..2]", "0 to 255"),
+        ("bl.example=127.0.0.[]", "[N;N..M]"),
+        ("bl.example=127.0.0.[1,2]", "[N;N..M]"),
+        ("bl.example=127.0.0.2-5", "d.d.d.d"),
+        ("bl.example*x", "whole number"),
+        ("bl.example*1001", "-1000 to 1000"),
+        ("a" * 60 + "." + "b" * 60 + "." + "c" * 60 + ".example", "longer than 189"),
+    ],
+)
+def test_bad_dnsbl_entry_says_why(text: str, why: str) -> None:
+    with pytest.raises(SettingError) as exc:
+        _parse_bl(text)
+    assert exc.value.option == "dnsbl"
+    assert why in exc.value.reason
+
+
+def test_dnswl_weight_is_positive_and_counts_against_the_score() -> None:
+    parse = dns_list("dnswl", allow=True)
+    assert parse("list.dnswl.org") == DnsList("list.dnswl.org", None, 1)
+    assert parse("list.dnswl.org*3") == DnsList("list.dnswl.org", None, 3)
+    with pytest.raises(SettingError, match=r"write \*3"):
+        parse("list.dnswl.org*-3")
+    with pytest.raises(SettingError, match="taken off"):
+        parse("list.dnswl.org*0")
+    s = Settings(dnsbl=(DnsList("bl.example", None, 2),), dnswl=(parse("wl.example*3"),))
+    assert s.dns_lists() == (DnsList("bl.example", None, 2), DnsList("wl.example", None, -3))
+    assert score(s.dns_lists(), {"wl.example": ["127.0.0.2"]}) == DnsScore(-3, ("wl.example",))
+
+
+@pytest.mark.parametrize(
+    ("text", "resolver"),
+    [
+        ("127.0.0.1", Resolver("127.0.0.1", 53)),
+        ("127.0.0.1:5353", Resolver("127.0.0.1", 5353)),
+        ("::1", Resolver("::1", 53)),
+        ("[::1]", Resolver("::1", 53)),
+        ("[::1]:5353", Resolver("::1", 5353)),
+    ],
+)
+def test_resolver_parses(text: str, resolver: Resolver) -> None:
+    assert parse_resolver(text) == resolver
+    assert parse_resolver(str(resolver)) == resolver
+
+
+@pytest.mark.parametrize("text", ["dns.example", "dns.example:53", "127.0.0.1:0", "127.0.0.1:x"])
+def test_bad_resolver_is_refused(text: str) -> None:
+    with pytest.raises(SettingError) as exc:
+        parse_resolver(text)
+    assert exc.value.option == "resolver"
+
+
+def test_policy_from_settings() -> None:
+    assert Settings().dns_policy() is None  # no lists: no lookups, no DNS verdicts
+    s = Settings(
+        dnsbl=(DnsList("bl.example"),),
+        dnsbl_threshold=3,
+        dnswl_threshold=-2,
+        dnsbl_action="delay",
+        dnsbl_delay=90.0,
+    )
+    assert s.dns_policy() == DnsPolicy(-2, 3, DnsAction.DELAY, 90.0)
+
+
+def test_the_file_takes_lists_and_the_lists_are_refused_until_they_are_looked_up(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "repeld.toml"
+    path.write_text(
+        'backend = "127.0.0.1:10025"\n'
+        'dnsbl = ["zen.spamhaus.org=127.0.0.[2..11]*3", "bl.example"]\n'
+        'dnswl = ["list.dnswl.org=127.0.[0..255].[1..3]*2"]\n'
+        'resolver = "127.0.0.1:5353"\n'
+    )
+    values = read_config(str(path))
+    assert values["dnsbl"] == [
+        DnsList("zen.spamhaus.org", (((127, 127),), ((0, 0),), ((0, 0),), ((2, 11),)), 3),
+        DnsList("bl.example"),
+    ]
+    assert values["resolver"] == Resolver("127.0.0.1", 5353)
+    with pytest.raises(SettingError, match="not in this build yet"):
+        build_settings(values)
+    values["dnsbl"] = values["dnswl"] = []
+    assert build_settings(values).resolver == Resolver("127.0.0.1", 5353)
+
+
+def test_dnsbl_delay_must_be_longer_than_the_delay() -> None:
+    values = {"backend": Backend("127.0.0.1", 25), "dnsbl-action": "delay", "dnsbl-delay": 20.0}
+    with pytest.raises(SettingError, match=r"longer than --delay \(25\)"):
+        build_settings(values)
+    assert build_settings({**values, "delay": 10.0}).dnsbl_delay == 20.0
+    assert build_settings({**values, "dnsbl-action": "drop"}).dnsbl_delay == 20.0
