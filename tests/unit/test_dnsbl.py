@@ -174,6 +174,7 @@ def test_blocked_client_is_held_longer() -> None:
     verdict = h.listed(LISTED, T0 + 1.0)
     assert verdict == Logged(Blocked(2, ("bl.example",), 1.0, DnsAction.DELAY), Wait(T0 + 60.0))
     assert h.silence(T0 + 25.0) == Wait(T0 + 60.0)
+    assert h.deadline == T0 + 25.0  # the pen's queue of the 25 s delay stays in order
     assert h.silence(T0 + 60.0) == Pass(PassReason.DELAY, 60.0)
 
 

@@ -43,7 +43,7 @@ CACHE_WAIT, D = the end of the delay):
     HOLDING   dns: allow             -> Pass("dnswl")                   DONE
     HOLDING   dns: block, drop/reject-> Blocked                         DONE
     HOLDING   dns: block, log        -> Logged(Blocked, Wait(D))        HOLDING
-    HOLDING   dns: block, delay      -> Logged(Blocked, Wait(B))        HOLDING, D := B
+    HOLDING   dns: block, delay      -> Logged(Blocked, Wait(B))        HOLDING, held to B
     HOLDING   dns: neither           -> Wait(D)                         HOLDING
     HOLDING   dns: any, cache pending-> Wait(D), the answer kept        HOLDING
     HOLDING   cache: unknown, dns kept -> as "dns: ..." above
@@ -51,7 +51,8 @@ CACHE_WAIT, D = the end of the delay):
     OBSERVING dns: any               -> Mute(D), the answer kept        OBSERVING
     DONE      anything               -> LocalProtocolError (a bug in the shell)
 
-(B = accept + --dnsbl-delay, longer than the delay.)
+(B = accept + --dnsbl-delay, longer than the delay. A client held to B gets
+Wait(B) for its silence at D, and "silence, due" at B; `deadline` stays D.)
 
 A talker whose cache answer is still to come is not judged on its bytes: a
 client the cache remembers as patient (an Exim with PIPECONNECT sends EHLO,
@@ -231,6 +232,7 @@ class Hold:
         "_pending",
         "_state",
         "_talk",
+        "_until",
         "accepted_at",
         "deadline",
         "dns_result",
@@ -250,6 +252,10 @@ class Hold:
             raise ValueError(f"delay must not be negative, got {delay!r}")
         self.accepted_at = accepted_at
         self.deadline = accepted_at + delay
+        # The end of the hold for a silent client: the delay's, or later for a
+        # client the lists block with action delay. `deadline` itself never moves,
+        # so the pen's deadline queues stay in order.
+        self._until = self.deadline
         self.observe = observe
         self._pending = cache_pending
         self._state = _HOLDING
@@ -393,7 +399,7 @@ class Hold:
             return Penalty(self._elapsed(now))
         if self._state == _TALKED:
             return self._talk_stands(now)
-        then: Verdict = Wait(self.deadline)
+        then: Verdict = Wait(self._until)
         if self._kept:  # held as usual: the lists' answer applies
             self._kept = False
             then = self._judge(now)
@@ -407,7 +413,7 @@ class Hold:
         if self._kept:
             self._kept = False
             return self._judge(now)
-        return Wait(self.deadline)
+        return Wait(self._until)
 
     def listed(self, result: DnsScore, now: float) -> Verdict:
         """The DNS lists' answer: their score and the lists that listed the client.
@@ -425,7 +431,7 @@ class Hold:
             return Mute(self.deadline)
         if self._pending:  # the pass cache speaks first
             self._kept = True
-            return Wait(self.deadline)
+            return Wait(self._until)
         return self._judge(now)
 
     def _judge(self, now: float) -> Verdict:
@@ -437,15 +443,15 @@ class Hold:
             self._state = _DONE
             return Pass(PassReason.DNSWL, self._elapsed(now))
         if judgement is Judgement.NEITHER:
-            return Wait(self.deadline)
+            return Wait(self._until)
         action = self._dns.action
         blocked = Blocked(result.score, result.lists, self._elapsed(now), action)
         if action in (DnsAction.DROP, DnsAction.REJECT):
             self._state = _DONE
             return blocked
         if action is DnsAction.DELAY:
-            self.deadline = max(self.deadline, self.accepted_at + self._dns.block_delay)
-        return Logged(blocked, Wait(self.deadline))
+            self._until = max(self._until, self.accepted_at + self._dns.block_delay)
+        return Logged(blocked, Wait(self._until))
 
     def due(self, now: float) -> Verdict:
         """A muted hold's deadline (the one `Mute` gave) has come."""
@@ -464,8 +470,8 @@ class Hold:
         self._check()
         if self._state != _HOLDING:
             raise LocalProtocolError("silence() for a muted hold; use due()")
-        if now < self.deadline:
-            return Wait(self.deadline)
+        if now < self._until:
+            return Wait(self._until)
         self._state = _DONE
         return Pass(PassReason.DELAY, self._elapsed(now))
 
