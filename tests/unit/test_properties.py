@@ -21,8 +21,9 @@ from hypothesis import strategies as st
 from repeld.config.errors import ConfigError, SettingError
 from repeld.config.file import load_settings, read_config
 from repeld.config.options import OPTIONS
+from repeld.config.values import dns_list
 from repeld.core import events
-from repeld.core.dnsbl import DnsAction, DnsPolicy, DnsScore
+from repeld.core.dnsbl import DnsAction, DnsList, DnsPolicy, DnsScore, ReplyFilter
 from repeld.core.events import ConnInfo
 from repeld.core.hold import (
     PEEK_LIMIT,
@@ -286,6 +287,37 @@ def test_every_record_parses_back_whatever_the_client_sent(
         assert got.fields["bytes"] == str(len(first))
 
 
+_LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
+_RANGES = st.lists(
+    st.tuples(st.integers(0, 255), st.integers(0, 255)).map(lambda r: (min(r), max(r))),
+    min_size=1,
+    max_size=4,
+).map(tuple)
+
+
+@FAST
+@given(
+    labels=st.lists(_LABEL, min_size=2, max_size=5),
+    reply_filter=st.one_of(st.none(), st.tuples(_RANGES, _RANGES, _RANGES, _RANGES)),
+    weight=st.integers(-1000, 1000),
+)
+def test_a_dns_list_entry_reads_back_what_check_config_prints(
+    labels: list[str],
+    reply_filter: ReplyFilter | None,
+    weight: int,
+) -> None:
+    """str() of any entry parses back to the same entry (--check-config's output is
+    a configuration), and the entry matches exactly the replies its filter covers."""
+    domain = ".".join(labels)
+    if domain.replace(".", "").isdigit():
+        return  # all digits: an address, refused as a domain
+    entry = DnsList(domain, reply_filter, weight)
+    assert dns_list("dnsbl", allow=False)(str(entry)) == entry
+    if reply_filter is not None:
+        low = ".".join(str(octet[0][0]) for octet in reply_filter)
+        assert entry.matches([low])
+
+
 # -- option parsers -------------------------------------------------------------------------
 
 _TEXT = st.one_of(
@@ -293,6 +325,8 @@ _TEXT = st.one_of(
     st.from_regex(r"\[?[0-9a-fA-F:.]{0,40}\]?(:[0-9]{0,6})?(,[a-z=:0-9.]{0,20})?", fullmatch=True),
     st.from_regex(r"(udp|tcp|redis|rediss)://[^\s]{0,60}", fullmatch=True),
     st.from_regex(r"[0-9./]{0,30}", fullmatch=True),
+    # DNS list entries: DOMAIN[=FILTER][*WEIGHT], near misses included.
+    st.from_regex(r"[a-z0-9.-]{0,20}(=[0-9.\[\];]{0,30})?(\*-?[0-9]{0,5})?", fullmatch=True),
 )
 PARSED = [opt for opt in OPTIONS if opt.parse is not None]
 
