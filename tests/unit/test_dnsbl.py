@@ -407,3 +407,18 @@ def test_dnsbl_delay_must_be_longer_than_the_delay() -> None:
         build_settings(values)
     assert build_settings({**values, "delay": 10.0}).dnsbl_delay == 20.0
     assert build_settings({**values, "dnsbl-action": "drop"}).dnsbl_delay == 20.0
+
+
+@pytest.mark.parametrize(
+    ("verdict", "remembered"),
+    [
+        (Pass(PassReason.DELAY, 25.0), True),
+        (Pass(PassReason.DNSWL, 0.25), True),  # like trusted, but remembered
+        (Pass(PassReason.DELAY, 25.0, early_bytes=8), False),  # observe mode's talker
+        (Pass(PassReason.CACHE, 0.25), False),  # remembered already
+        (Pass(PassReason.TRUSTED, 0.0), False),
+        (Pass(PassReason.NODELAY, 0.0), False),
+    ],
+)
+def test_which_passes_the_cache_learns(verdict: Pass, remembered: bool) -> None:
+    assert verdict.remembered is remembered

@@ -166,6 +166,13 @@ class Pass:
     elapsed: float
     early_bytes: int = 0
 
+    @property
+    def remembered(self) -> bool:
+        """The pass cache learns the client as patient: it waited the whole delay
+        in silence, or the allow lists vouched for it (so a later connection passes
+        at once even if the lists cannot answer)."""
+        return self.reason in (PassReason.DELAY, PassReason.DNSWL) and not self.early_bytes
+
 
 @dataclass(frozen=True, slots=True)
 class EarlyTalk:

@@ -29,7 +29,6 @@ from repeld.core.hold import (
     Hold,
     Logged,
     Pass,
-    PassReason,
     Penalty,
     Verdict,
 )
@@ -256,7 +255,7 @@ class Server:
             self._observed(held, verdict.note)
         elif isinstance(verdict, Pass):
             backend = held.backend
-            if verdict.reason is PassReason.DELAY and not verdict.early_bytes:
+            if verdict.remembered:
                 self._learn(held.conn, good=True)
             self._pass(held.sock, held.conn, held.hold.accepted_at, verdict, backend)
         elif isinstance(verdict, EarlyTalk):
