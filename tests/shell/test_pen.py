@@ -1,15 +1,18 @@
-"""The holding pen's failure path, on real loopback sockets: a verdict handler
-that raises is reported through `on_error` and never takes the pen down."""
+"""The holding pen on real sockets: a verdict handler that raises is reported
+through `on_error` and never takes the pen down; a client the DNS lists hold
+beyond its delay waits apart from the delay's queue."""
 
 from __future__ import annotations
 
+import functools
 import socket
 
 import trio
 import trio.testing
 
+from repeld.core.dnsbl import DnsAction, DnsPolicy, DnsScore
 from repeld.core.events import ConnInfo
-from repeld.core.hold import EarlyTalk, Hold, Verdict
+from repeld.core.hold import Blocked, EarlyTalk, Hold, Logged, Pass, PassReason, Verdict
 from repeld.shell.pen import Held, HoldingPen
 
 
@@ -56,3 +59,57 @@ async def test_a_failing_verdict_handler_is_reported_and_the_pen_goes_on(
         for a, b in pairs:
             a.close()
             b.close()
+
+
+async def test_a_client_the_lists_hold_longer_never_holds_up_the_queue(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """--dnsbl-action delay: the blocked client waits --dnsbl-delay, the client
+    queued behind it with the same delay still passes at the end of its own, and
+    a blocked client that talks during the longer hold is an early talker."""
+    decided: dict[int, list[tuple[float, Verdict]]] = {}
+
+    def on_verdict(held: Held, verdict: Verdict) -> None:
+        decided.setdefault(held.conn.client_port, []).append((trio.current_time(), verdict))
+        if not isinstance(verdict, Logged):
+            held.sock.close()
+
+    pen = HoldingPen(on_verdict, lambda held, message: None)
+    pairs = [socket.socketpair() for _ in range(3)]
+    policy = DnsPolicy(action=DnsAction.DELAY, block_delay=30.0)
+    listed = DnsScore(2, ("bl.example",))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pen.run)
+            start = trio.current_time()
+            helds = []
+            for i, (ours, _) in enumerate(pairs):
+                ours.setblocking(False)
+                conn = ConnInfo("192.0.2.1", 1000 + i, "127.0.0.1", 25)
+                held = Held(ours, conn, Hold(trio.current_time(), 10.0, dns=policy))
+                helds.append(held)
+                pen.add(held)
+                await trio.sleep(1)
+            # The lists block the first and the third; the second is not listed.
+            for held, result in zip(helds, (listed, DnsScore(), listed), strict=True):
+                assert pen.settle(held, functools.partial(held.hold.listed, result))
+            await trio.sleep(20 - (trio.current_time() - start))
+            assert [v for _, v in decided[1001]] == [Pass(PassReason.DELAY, 10.0)]
+            assert len(decided[1000]) == 1  # only the logged block so far
+            pairs[2][1].send(b"EHLO impatient\r\n")
+            await trio.sleep(20)
+            nursery.cancel_scope.cancel()
+    finally:
+        pen.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
+    blocked = [v for _, v in decided[1000]]
+    assert isinstance(blocked[0], Logged) and isinstance(blocked[0].note, Blocked)
+    assert blocked[0].note.lists == ("bl.example",)
+    assert blocked[1:] == [Pass(PassReason.DELAY, 30.0)]
+    assert decided[1000][1][0] - start == 30.0
+    assert decided[1001][0][0] - start == 11.0
+    talker = [v for _, v in decided[1002]]
+    assert isinstance(talker[-1], EarlyTalk) and talker[-1].elapsed == 18.0
+    assert len(pen) == 0

@@ -244,7 +244,9 @@ def test_default_in_the_manual_is_the_code_default(opt: Option) -> None:
     assert match is not None, f"--{opt.name}: no 'The default is ...' in man/repeld.8"
     written = match.group(1)
     if _is_number(opt.default):
-        assert float(written) == opt.default, f"--{opt.name}: man says {written}"
+        assert float(written.replace("\\-", "-")) == opt.default, (
+            f"--{opt.name}: man says {written}"
+        )
     else:
         assert written == opt.default, f"--{opt.name}: man says {written!r}"
 
@@ -297,7 +299,7 @@ def _accepts(opt: Option, text: str) -> bool:
 def test_limits_in_the_manual_are_the_parser_limits(opt: Option) -> None:
     block = _option_block(opt.name)
     open_low = re.search(r"More than (\d+) and at most (\d+)", block)
-    closed = re.search(r"\b(\d+) to (\d+)\b", block)
+    closed = re.search(r"(?:(\\?-)|\b)(\d+) to (\\?-)?(\d+)\b", block)
     assert open_low or closed, (
         f"--{opt.name}: write its limits as 'A to B' or 'More than A and at most B'"
     )
@@ -307,7 +309,9 @@ def test_limits_in_the_manual_are_the_parser_limits(opt: Option) -> None:
         assert _accepts(opt, f"{low}.5" if _accepts(opt, "0.5") else str(low + 1))
     else:
         assert closed is not None
-        low, high = int(closed.group(1)), int(closed.group(2))
+        # A negative limit is written \-N in mdoc.
+        low = int(closed.group(2)) * (-1 if closed.group(1) else 1)
+        high = int(closed.group(4)) * (-1 if closed.group(3) else 1)
         assert _accepts(opt, str(low)), f"--{opt.name} refuses {low}"
         assert not _accepts(opt, str(low - 1)), f"--{opt.name} accepts {low - 1}"
     assert _accepts(opt, str(high)), f"--{opt.name} refuses {high}"

@@ -21,10 +21,13 @@ from hypothesis import strategies as st
 from repeld.config.errors import ConfigError, SettingError
 from repeld.config.file import load_settings, read_config
 from repeld.config.options import OPTIONS
+from repeld.config.values import dns_list
 from repeld.core import events
+from repeld.core.dnsbl import DnsAction, DnsList, DnsPolicy, DnsScore, ReplyFilter
 from repeld.core.events import ConnInfo
 from repeld.core.hold import (
     PEEK_LIMIT,
+    Blocked,
     EarlyTalk,
     HangUp,
     Hold,
@@ -57,13 +60,17 @@ _STEP = st.one_of(
     st.tuples(st.just("unknown"), st.none()),
     st.tuples(st.just("due"), st.none()),
     st.tuples(st.just("silence"), st.none()),
+    st.tuples(st.just("listed"), st.integers(min_value=-3, max_value=3)),
 )
 
 
-def _step(hold: Hold, kind: str, payload: bytes | None, now: float) -> object:
+def _step(hold: Hold, kind: str, payload: bytes | int | None, now: float) -> object:
     if kind == "data":
-        assert payload is not None
+        assert isinstance(payload, bytes)
         return hold.data(payload, now)
+    if kind == "listed":
+        assert isinstance(payload, int)
+        return hold.listed(DnsScore(payload, ("bl.example",) if payload else ()), now)
     return {
         "eof": hold.eof,
         "reset": hold.reset,
@@ -80,6 +87,16 @@ def _step(hold: Hold, kind: str, payload: bytes | None, now: float) -> object:
     delay=st.floats(min_value=0, max_value=3600, allow_nan=False),
     cache_pending=st.booleans(),
     observe=st.booleans(),
+    dns=st.one_of(
+        st.none(),
+        st.builds(
+            DnsPolicy,
+            st.just(-1),
+            st.just(1),
+            st.sampled_from(DnsAction),
+            st.floats(min_value=0, max_value=7200, allow_nan=False),
+        ),
+    ),
     steps=st.lists(
         st.tuples(_STEP, st.floats(min_value=0, max_value=10_000, allow_nan=False)),
         min_size=1,
@@ -90,12 +107,13 @@ def test_any_inputs_give_exactly_one_final_verdict_then_local_protocol_error(
     delay: float,
     cache_pending: bool,
     observe: bool,
-    steps: list[tuple[tuple[str, bytes | None], float]],
+    dns: DnsPolicy | None,
+    steps: list[tuple[tuple[str, bytes | int | None], float]],
 ) -> None:
     """Whatever the shell feeds, in any order: at most one final verdict, every
     input after it is refused, and an input the state does not take (a cache
     answer not awaited, silence for a muted talker) is refused without effect."""
-    hold = Hold(100.0, delay, cache_pending=cache_pending, observe=observe)
+    hold = Hold(100.0, delay, cache_pending=cache_pending, observe=observe, dns=dns)
     finals = 0
     now = 100.0
     for (kind, payload), advance in steps:
@@ -109,13 +127,19 @@ def test_any_inputs_give_exactly_one_final_verdict_then_local_protocol_error(
         except LocalProtocolError:
             assert not hold.done
             continue
-        if isinstance(verdict, Logged):
-            assert observe
+        while isinstance(verdict, Logged):
+            if isinstance(verdict.note, Blocked):  # --dnsbl-action log or delay
+                assert verdict.note.action in (DnsAction.LOG, DnsAction.DELAY)
+            else:
+                assert observe
             verdict = verdict.then
         if isinstance(verdict, Wait | Mute):
             assert not hold.done
+            assert verdict.deadline >= hold.accepted_at
             continue
-        assert isinstance(verdict, Pass | EarlyTalk | HangUp | Penalty)
+        assert isinstance(verdict, Pass | EarlyTalk | HangUp | Penalty | Blocked)
+        if isinstance(verdict, Blocked):
+            assert dns is not None and verdict.action in (DnsAction.DROP, DnsAction.REJECT)
         assert verdict.elapsed >= 0
         if isinstance(verdict, EarlyTalk):
             assert not observe
@@ -263,6 +287,37 @@ def test_every_record_parses_back_whatever_the_client_sent(
         assert got.fields["bytes"] == str(len(first))
 
 
+_LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
+_RANGES = st.lists(
+    st.tuples(st.integers(0, 255), st.integers(0, 255)).map(lambda r: (min(r), max(r))),
+    min_size=1,
+    max_size=4,
+).map(tuple)
+
+
+@FAST
+@given(
+    labels=st.lists(_LABEL, min_size=2, max_size=5),
+    reply_filter=st.one_of(st.none(), st.tuples(_RANGES, _RANGES, _RANGES, _RANGES)),
+    weight=st.integers(-1000, 1000),
+)
+def test_a_dns_list_entry_reads_back_what_check_config_prints(
+    labels: list[str],
+    reply_filter: ReplyFilter | None,
+    weight: int,
+) -> None:
+    """str() of any entry parses back to the same entry (--check-config's output is
+    a configuration), and the entry matches exactly the replies its filter covers."""
+    domain = ".".join(labels)
+    if domain.replace(".", "").isdigit():
+        return  # all digits: an address, refused as a domain
+    entry = DnsList(domain, reply_filter, weight)
+    assert dns_list("dnsbl", allow=False)(str(entry)) == entry
+    if reply_filter is not None:
+        low = ".".join(str(octet[0][0]) for octet in reply_filter)
+        assert entry.matches([low])
+
+
 # -- option parsers -------------------------------------------------------------------------
 
 _TEXT = st.one_of(
@@ -270,6 +325,8 @@ _TEXT = st.one_of(
     st.from_regex(r"\[?[0-9a-fA-F:.]{0,40}\]?(:[0-9]{0,6})?(,[a-z=:0-9.]{0,20})?", fullmatch=True),
     st.from_regex(r"(udp|tcp|redis|rediss)://[^\s]{0,60}", fullmatch=True),
     st.from_regex(r"[0-9./]{0,30}", fullmatch=True),
+    # DNS list entries: DOMAIN[=FILTER][*WEIGHT], near misses included.
+    st.from_regex(r"[a-z0-9.-]{0,20}(=[0-9.\[\];]{0,30})?(\*-?[0-9]{0,5})?", fullmatch=True),
 )
 PARSED = [opt for opt in OPTIONS if opt.parse is not None]
 

@@ -18,11 +18,14 @@ from repeld.config.values import (
     choice,
     command,
     count,
+    dns_list,
     facility,
+    integer,
     network,
     parse_backend,
     parse_listen,
     parse_metrics,
+    parse_resolver,
     parse_syslog,
     path,
     sd_id,
@@ -280,6 +283,73 @@ OPTIONS: tuple[Option, ...] = (
         "seconds an early talker is remembered and cut off at once on its next connections; "
         "0 turns penalties off (default: 0)",
         metavar="SECONDS",
+    ),
+    Option(
+        "dnsbl",
+        None,
+        dns_list("dnsbl", allow=False),
+        (),
+        "a DNS block list looked up while the client is held, in postscreen's syntax: "
+        "a reply FILTER such as 127.0.0.[2..11] (default: any reply) and a WEIGHT added to "
+        "the client's score (default: 1); repeatable",
+        metavar="DOMAIN[=FILTER][*WEIGHT]",
+        repeat=True,
+    ),
+    Option(
+        "dnswl",
+        None,
+        dns_list("dnswl", allow=True),
+        (),
+        "a DNS allow list, as --dnsbl but its WEIGHT (default: 1) is taken off the score; "
+        "repeatable",
+        metavar="DOMAIN[=FILTER][*WEIGHT]",
+        repeat=True,
+    ),
+    Option(
+        "dnsbl-threshold",
+        None,
+        integer("dnsbl-threshold", 1, 10_000),
+        1,
+        "a client whose DNS list score is at least this is blocked with --dnsbl-action, "
+        "1 to 10000 (default: 1)",
+        metavar="SCORE",
+    ),
+    Option(
+        "dnswl-threshold",
+        None,
+        integer("dnswl-threshold", -10_000, -1),
+        -1,
+        "a client whose DNS list score is at most this is passed at once, -10000 to -1 "
+        "(default: -1)",
+        metavar="SCORE",
+    ),
+    Option(
+        "dnsbl-action",
+        None,
+        choice("dnsbl-action", ("drop", "reject", "log", "delay")),
+        "reject",
+        "what to do to a blocked client: reject sends 554 5.7.1 naming the lists and closes, "
+        "drop closes at once, log only writes it down, delay holds it for --dnsbl-delay "
+        "instead of --delay (default: reject)",
+        metavar="drop|reject|log|delay",
+    ),
+    Option(
+        "dnsbl-delay",
+        None,
+        seconds("dnsbl-delay", 0.0, 3600.0),
+        60.0,
+        "with --dnsbl-action delay, seconds a blocked client is held from accept, longer "
+        "than --delay, >0 and <=3600 (default: 60)",
+        metavar="SECONDS",
+    ),
+    Option(
+        "resolver",
+        None,
+        parse_resolver,
+        None,
+        "the DNS server the lists are asked through, an IP address, IPv6 in brackets with "
+        "a port (default: the servers of /etc/resolv.conf)",
+        metavar="ADDR[:PORT]",
     ),
     Option(
         "workers",

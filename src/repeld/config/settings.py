@@ -23,11 +23,13 @@ from repeld.config.values import (
     Listen,
     MetricsAddress,
     ProxyProtocol,
+    Resolver,
     SyslogTarget,
     default_syslog,
     network,
     parse_listen,
 )
+from repeld.core.dnsbl import DnsAction, DnsList, DnsPolicy
 from repeld.core.policy import TrustedNetworks
 
 __all__ = [
@@ -67,6 +69,22 @@ class Settings:
             return CacheSpec("none")
         return self.cache if self.cache is not None else parse_cache_url("sqlite")
 
+    def dns_lists(self) -> tuple[DnsList, ...]:
+        """The block and allow list entries as the scorer counts them (allow weights negative)."""
+        allow = tuple(DnsList(e.domain, e.filter, -e.weight) for e in self.dnswl)
+        return self.dnsbl + allow
+
+    def dns_policy(self) -> DnsPolicy | None:
+        """The thresholds and action the hold applies, or None without lists."""
+        if not (self.dnsbl or self.dnswl):
+            return None
+        return DnsPolicy(
+            self.dnswl_threshold,
+            self.dnsbl_threshold,
+            DnsAction(self.dnsbl_action),
+            self.dnsbl_delay,
+        )
+
     backend: Backend | None = default("backend")
     listen: tuple[Listen, ...] = default("listen")
     delay: float = default("delay")
@@ -94,6 +112,13 @@ class Settings:
     cache_ttl: float = default("cache-ttl")
     cache_v6_prefix: int = default("cache-v6-prefix")
     penalty_ttl: float = default("penalty-ttl")
+    dnsbl: tuple[DnsList, ...] = default("dnsbl")
+    dnswl: tuple[DnsList, ...] = default("dnswl")
+    dnsbl_threshold: int = default("dnsbl-threshold")
+    dnswl_threshold: int = default("dnswl-threshold")
+    dnsbl_action: str = default("dnsbl-action")
+    dnsbl_delay: float = default("dnsbl-delay")
+    resolver: Resolver | None = default("resolver")
     workers: int = default("workers")
     shutdown_grace: float = default("shutdown-grace")
     keep_pipe_connect: bool = default("keep-pipe-connect")
@@ -131,7 +156,23 @@ def build_settings(values: Mapping[str, Any]) -> Settings:
         if (lst.host, lst.port) in seen:
             raise SettingError("listen", str(lst), "listed twice")
         seen.add((lst.host, lst.port))
-    return Settings(**kwargs)
+    settings = Settings(**kwargs)
+    if settings.dnsbl_action == "delay" and settings.dnsbl_delay <= settings.delay:
+        raise SettingError(
+            "dnsbl-delay",
+            settings.dnsbl_delay,
+            f"must be longer than --delay ({settings.delay:g}) with --dnsbl-action delay",
+        )
+    if settings.dns_policy() is not None:
+        # The lists are parsed and scored (core/dnsbl.py) but nothing looks them up
+        # yet: refuse rather than run without them (issue 12 section 2).
+        name = "dnsbl" if settings.dnsbl else "dnswl"
+        raise SettingError(
+            name,
+            str(getattr(settings, name)[0]),
+            "DNS list lookups are not in this build yet; remove the lists",
+        )
+    return settings
 
 
 def load_trusted(settings: Settings) -> TrustedNetworks:

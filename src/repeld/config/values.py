@@ -22,6 +22,7 @@ import netaddr
 from repeld.cache.spec import CacheSpec, parse_cache_url, parse_v6_prefix
 from repeld.config.errors import SettingError
 from repeld.core.addresses import host_name_problem, host_port
+from repeld.core.dnsbl import DnsList, Octet, ReplyFilter
 from repeld.core.logformat import FACILITIES, valid_sd_id
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "Listen",
     "MetricsAddress",
     "ProxyProtocol",
+    "Resolver",
     "SyslogTarget",
     "absolute",
     "cache_url",
@@ -37,11 +39,14 @@ __all__ = [
     "command",
     "count",
     "default_syslog",
+    "dns_list",
     "facility",
+    "integer",
     "network",
     "parse_backend",
     "parse_listen",
     "parse_metrics",
+    "parse_resolver",
     "parse_syslog",
     "path",
     "sd_id",
@@ -99,6 +104,17 @@ class MetricsAddress:
 
     host: str
     port: int
+
+    def __str__(self) -> str:
+        return host_port(self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class Resolver:
+    """The DNS server the lists are asked through (--resolver)."""
+
+    host: str
+    port: int = 53
 
     def __str__(self) -> str:
         return host_port(self.host, self.port)
@@ -202,6 +218,102 @@ def parse_metrics(text: str) -> MetricsAddress:
     return MetricsAddress(_ip_literal(host, "metrics", text), port)
 
 
+def parse_resolver(text: str) -> Resolver:
+    """`ADDR[:PORT]` of a DNS server, an IP address (IPv6 in brackets with a port)."""
+    text = text.strip()
+    try:  # a bare address: 127.0.0.1, ::1
+        return Resolver(str(ipaddress.ip_address(text)))
+    except ValueError:
+        pass
+    if text.startswith("[") and text.endswith("]"):
+        return Resolver(_ip_literal(text[1:-1], "resolver", text))
+    host, port = _split_hostport(text, "resolver")
+    if port == 0:
+        raise SettingError("resolver", text, "port must be 1-65535")
+    return Resolver(_ip_literal(host, "resolver", text), port)
+
+
+#: The longest list domain: a query name is the domain after 32 nibbles of an
+#: IPv6 address (64 characters), and a name is at most 253 characters.
+DNS_LIST_DOMAIN_MAX = 253 - 64
+#: The largest weight a list entry may carry, either way.
+DNS_WEIGHT_MAX = 1000
+_OCTET = r"(?:[0-9]+|\[[^\]]*\])"
+_FILTER = re.compile(rf"({_OCTET})\.({_OCTET})\.({_OCTET})\.({_OCTET})")
+_WEIGHT = re.compile(r"-?[0-9]+")
+
+
+def _octet(text: str, option: str, entry: str) -> Octet:
+    """One octet of a reply filter: a number, or `[A;B..C;...]`."""
+    items = text[1:-1].split(";") if text.startswith("[") else [text]
+    ranges = []
+    for item in items:
+        low_text, sep, high_text = item.strip().partition("..")
+        if not sep:
+            high_text = low_text
+        if not (_DIGITS.fullmatch(low_text) and _DIGITS.fullmatch(high_text)):
+            raise SettingError(option, entry, f"{text!r}: expected N, or [N;N..M] in a filter")
+        low, high = int(low_text, 10), int(high_text, 10)
+        if high > 255 or low > high:
+            raise SettingError(option, entry, f"{text!r}: octets are 0 to 255, low..high")
+        ranges.append((low, high))
+    return tuple(ranges)
+
+
+def dns_list(option: str, *, allow: bool) -> Callable[[str], DnsList]:
+    """A parser for `DOMAIN[=FILTER][*WEIGHT]`, postscreen_dnsbl_sites' syntax.
+
+    --dnsbl (allow=False) takes a weight as written, 1 by default, negative
+    allowed as in postscreen; --dnswl (allow=True) takes a positive weight, 1 by
+    default, that is taken off the score (Settings.dns_lists negates it).
+    """
+
+    def parse(text: str) -> DnsList:
+        entry = text.strip()
+        rest, star, weight_text = entry.partition("*")
+        domain, eq, filter_text = rest.partition("=")
+        domain = domain.strip().rstrip(".").lower()
+        problem = host_name_problem(domain) if domain else "the list's domain is empty"
+        if problem is None:
+            try:
+                ipaddress.ip_address(domain)
+                problem = "expected the list's domain, not an address"
+            except ValueError:
+                pass
+        if problem is None and len(domain) > DNS_LIST_DOMAIN_MAX:
+            problem = f"the domain is longer than {DNS_LIST_DOMAIN_MAX} characters"
+        if problem is not None:
+            raise SettingError(option, text, problem)
+        reply_filter: ReplyFilter | None = None
+        if eq:
+            match = _FILTER.fullmatch(filter_text.strip())
+            if match is None:
+                raise SettingError(
+                    option, text, "a filter is d.d.d.d, each d N or [N;N..M], e.g. 127.0.0.[2..11]"
+                )
+            a, b, c, d = (_octet(g, option, text) for g in match.groups())
+            reply_filter = (a, b, c, d)
+        weight = 1
+        if star:
+            weight_text = weight_text.strip()
+            if not _WEIGHT.fullmatch(weight_text):
+                raise SettingError(option, text, f"weight {weight_text!r} is not a whole number")
+            weight = int(weight_text, 10)
+            if allow and weight <= 0:
+                raise SettingError(
+                    option,
+                    text,
+                    f"a --dnswl weight is taken off the score: write *{abs(weight) or 1}",
+                )
+            if abs(weight) > DNS_WEIGHT_MAX:
+                raise SettingError(
+                    option, text, f"weight must be -{DNS_WEIGHT_MAX} to {DNS_WEIGHT_MAX}"
+                )
+        return DnsList(domain, reply_filter, weight)
+
+    return parse
+
+
 def parse_syslog(text: str) -> SyslogTarget:
     """A unix datagram socket path, `udp://HOST:PORT` or `tcp://HOST:PORT`."""
     for kind in ("udp", "tcp"):
@@ -242,6 +354,23 @@ def seconds(option: str, low: float, high: float, *, zero: bool = False) -> Call
 def count(option: str, low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         if not _DIGITS.fullmatch(text):
+            raise SettingError(option, text, "expected a whole number")
+        value = int(text, 10)
+        if not low <= value <= high:
+            raise SettingError(option, text, f"must be {low} to {high}")
+        return value
+
+    return parse
+
+
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def integer(option: str, low: int, high: int) -> Callable[[str], int]:
+    """A parser for a whole number in [low, high], negative numbers allowed."""
+
+    def parse(text: str) -> int:
+        if not _INTEGER.fullmatch(text):
             raise SettingError(option, text, "expected a whole number")
         value = int(text, 10)
         if not low <= value <= high:

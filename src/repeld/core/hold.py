@@ -9,10 +9,12 @@ stays thin.
 
 Three things are fixed at construction: `cache_pending` (the pass cache has
 been asked about this client and its answer is to come), `observe`
-(`--on-early log`: an early talker is written down, never cut off) and
+(`--on-early log`: an early talker is written down, never cut off),
 `teaser` (`--teaser`: the line the client hears as the hold begins, b"" for
-none). The life of a held connection is a small table (T = the talk, W = talk
-time + CACHE_WAIT, D = the end of the delay):
+none) and `dns` (the DNS lists' thresholds and block action, core/dnsbl.py,
+when lists are configured and asked about this client). The life of a held
+connection is a small table (T = the talk, W = talk time + CACHE_WAIT, D = the
+end of the delay):
 
     state     input                  -> verdict                         state
     HOLDING   teaser sent in full    -> Wait(D)                         HOLDING
@@ -26,6 +28,7 @@ time + CACHE_WAIT, D = the end of the delay):
     HOLDING   cache: good            -> Pass("cache")                   DONE
     HOLDING   cache: bad             -> Penalty                         DONE
     HOLDING   cache: bad, observe    -> Logged(Penalty, Wait(D))        HOLDING
+                      and dns kept   -> Logged(Penalty, as "dns: ...")
     HOLDING   cache: unknown         -> Wait(D)                         HOLDING
     TALKED    cache: good            -> Pass("cache", early_bytes)      DONE
     TALKED    cache: bad             -> Penalty                         DONE
@@ -40,7 +43,19 @@ time + CACHE_WAIT, D = the end of the delay):
     OBSERVING due at D               -> Pass("delay", early_bytes)      DONE
     OBSERVING eof (half-close)       -> Mute(D)                         OBSERVING
     OBSERVING reset                  -> HangUp                          DONE
+    HOLDING   dns: allow             -> Pass("dnswl")                   DONE
+    HOLDING   dns: block, drop/reject-> Blocked                         DONE
+    HOLDING   dns: block, log        -> Logged(Blocked, Wait(D))        HOLDING
+    HOLDING   dns: block, delay      -> Logged(Blocked, Wait(B))        HOLDING, held to B
+    HOLDING   dns: neither           -> Wait(D)                         HOLDING
+    HOLDING   dns: any, cache pending-> Wait(D), the answer kept        HOLDING
+    HOLDING   cache: unknown, dns kept -> as "dns: ..." above
+    TALKED    dns: any               -> Mute(W), the answer kept        TALKED
+    OBSERVING dns: any               -> Mute(D), the answer kept        OBSERVING
     DONE      anything               -> LocalProtocolError (a bug in the shell)
+
+(B = accept + --dnsbl-delay, longer than the delay. A client held to B gets
+Wait(B) for its silence at D, and "silence, due" at B; `deadline` stays D.)
 
 A talker whose cache answer is still to come is not judged on its bytes: a
 client the cache remembers as patient (an Exim with PIPECONNECT sends EHLO,
@@ -59,6 +74,18 @@ several) completes the reply when the client is passed. A client whose fresh
 socket cannot take one line at once is broken, not patient: it is reset, a
 hang-up. A talker's `EarlyTalk.teased` says whether it had heard the teaser.
 
+The DNS lists' answer (`listed`) comes once, when every list has answered or
+the lookups gave up; it never makes anyone wait: a hold that is decided first
+(by its delay, the cache or its talk) is simply not fed the answer. What
+repeld saw itself outranks what the lists say: while the pass cache's answer
+is still to come, the lists' answer is kept, and the cache's good or bad
+answer wins over it (a client remembered as patient passes even when a list
+blocks it; a remembered early talker is cut off even when a list allows it);
+the cache lasts --cache-ttl, the lists' word is looked up again after that.
+Once a client has talked, its talk decides as above and the lists' answer is
+only kept for the events (`dns_result`): an early talker is an early talker
+whatever the lists say.
+
 "silence, due" must only be reported after a last non-blocking peek at the
 deadline found nothing: bytes that arrive at the very end are still early
 talk.
@@ -69,10 +96,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from repeld.core.dnsbl import DnsAction, DnsPolicy, DnsScore, Judgement
+
 __all__ = [
     "CACHE_WAIT",
     "FIRST_BYTES_LIMIT",
     "PEEK_LIMIT",
+    "Blocked",
     "CacheVerdict",
     "EarlyTalk",
     "HangUp",
@@ -131,6 +161,7 @@ class PassReason(enum.StrEnum):
     TRUSTED = "trusted"
     NODELAY = "nodelay"
     CACHE = "cache"
+    DNSWL = "dnswl"
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +187,13 @@ class Pass:
     reason: PassReason
     elapsed: float
     early_bytes: int = 0
+
+    @property
+    def remembered(self) -> bool:
+        """The pass cache learns the client as patient: it waited the whole delay
+        in silence, or the allow lists vouched for it (so a later connection passes
+        at once even if the lists cannot answer)."""
+        return self.reason in (PassReason.DELAY, PassReason.DNSWL) and not self.early_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,14 +223,28 @@ class Penalty:
 
 
 @dataclass(frozen=True, slots=True)
-class Logged:
-    """Observe mode: write `note` down (action=log), cut nobody off, carry on with `then`."""
+class Blocked:
+    """The DNS lists' score reached --dnsbl-threshold (`action`: --dnsbl-action).
 
-    note: EarlyTalk | Penalty
+    Final for drop and reject; for log and delay it comes inside `Logged`.
+    """
+
+    score: int
+    lists: tuple[str, ...]
+    elapsed: float
+    action: DnsAction
+
+
+@dataclass(frozen=True, slots=True)
+class Logged:
+    """Write `note` down (action=log; for `Blocked`, its action), cut nobody off,
+    carry on with `then`."""
+
+    note: EarlyTalk | Penalty | Blocked
     then: Verdict
 
 
-Verdict = Wait | Mute | Pass | EarlyTalk | HangUp | Penalty | Logged
+Verdict = Wait | Mute | Pass | EarlyTalk | HangUp | Penalty | Blocked | Logged
 
 # The states of a Hold (see the table at the top).
 _HOLDING = 0
@@ -205,12 +257,17 @@ class Hold:
     """The decision for one held connection, from accept to verdict."""
 
     __slots__ = (
+        "_dns",
+        "_dns_pending",
+        "_kept",
         "_pending",
         "_state",
         "_talk",
         "_teaser",
+        "_until",
         "accepted_at",
         "deadline",
+        "dns_result",
         "observe",
         "teased",
     )
@@ -223,11 +280,16 @@ class Hold:
         cache_pending: bool = False,
         observe: bool = False,
         teaser: bytes = b"",
+        dns: DnsPolicy | None = None,
     ) -> None:
         if delay < 0:
             raise ValueError(f"delay must not be negative, got {delay!r}")
         self.accepted_at = accepted_at
         self.deadline = accepted_at + delay
+        # The end of the hold for a silent client: the delay's, or later for a
+        # client the lists block with action delay. `deadline` itself never moves,
+        # so the pen's deadline queues stay in order.
+        self._until = self.deadline
         self.observe = observe
         self._pending = cache_pending
         self._state = _HOLDING
@@ -235,6 +297,12 @@ class Hold:
         self._teaser = teaser
         #: The whole teaser line has been written to the client.
         self.teased = False
+        self._dns = dns
+        self._dns_pending = dns is not None
+        #: The lists' answer once it came (for the events' score and lists).
+        self.dns_result: DnsScore | None = None
+        # The lists' answer, kept until the pass cache has answered.
+        self._kept = False
 
     @property
     def done(self) -> bool:
@@ -245,6 +313,11 @@ class Hold:
     def awaiting_cache(self) -> bool:
         """The pass cache's answer is still to come and would still count."""
         return self._pending and self._state < _OBSERVING
+
+    @property
+    def awaiting_dns(self) -> bool:
+        """The DNS lists' answer is still to come (feed it with `listed`)."""
+        return self._dns_pending and self._state != _DONE
 
     @property
     def muted(self) -> bool:
@@ -383,14 +456,59 @@ class Hold:
             return Penalty(self._elapsed(now))
         if self._state == _TALKED:
             return self._talk_stands(now)
-        return Logged(Penalty(self._elapsed(now)), Wait(self.deadline))
+        then: Verdict = Wait(self._until)
+        if self._kept:  # held as usual: the lists' answer applies
+            self._kept = False
+            then = self._judge(now)
+        return Logged(Penalty(self._elapsed(now)), then)
 
     def unknown(self, now: float) -> Verdict:
         """The pass cache knows nothing of this client (or could not answer)."""
         self._answer()
         if self._state == _TALKED:
             return self._talk_stands(now)
-        return Wait(self.deadline)
+        if self._kept:
+            self._kept = False
+            return self._judge(now)
+        return Wait(self._until)
+
+    def listed(self, result: DnsScore, now: float) -> Verdict:
+        """The DNS lists' answer: their score and the lists that listed the client.
+
+        Lists that did not answer in time count as not listing it.
+        """
+        self._check()
+        if not self._dns_pending:
+            raise LocalProtocolError("a DNS answer that was not awaited")
+        self._dns_pending = False
+        self.dns_result = result
+        if self._state == _TALKED:
+            return Mute(self._wait_until())
+        if self._state == _OBSERVING:
+            return Mute(self.deadline)
+        if self._pending:  # the pass cache speaks first
+            self._kept = True
+            return Wait(self._until)
+        return self._judge(now)
+
+    def _judge(self, now: float) -> Verdict:
+        # HOLDING, the cache has nothing to say: the lists decide, or the hold goes on.
+        assert self._dns is not None and self.dns_result is not None
+        result = self.dns_result
+        judgement = self._dns.judge(result)
+        if judgement is Judgement.ALLOW:
+            self._state = _DONE
+            return Pass(PassReason.DNSWL, self._elapsed(now))
+        if judgement is Judgement.NEITHER:
+            return Wait(self._until)
+        action = self._dns.action
+        blocked = Blocked(result.score, result.lists, self._elapsed(now), action)
+        if action in (DnsAction.DROP, DnsAction.REJECT):
+            self._state = _DONE
+            return blocked
+        if action is DnsAction.DELAY:
+            self._until = max(self._until, self.accepted_at + self._dns.block_delay)
+        return Logged(blocked, Wait(self._until))
 
     def due(self, now: float) -> Verdict:
         """A muted hold's deadline (the one `Mute` gave) has come."""
@@ -409,8 +527,8 @@ class Hold:
         self._check()
         if self._state != _HOLDING:
             raise LocalProtocolError("silence() for a muted hold; use due()")
-        if now < self.deadline:
-            return Wait(self.deadline)
+        if now < self._until:
+            return Wait(self._until)
         self._state = _DONE
         return Pass(PassReason.DELAY, self._elapsed(now))
 

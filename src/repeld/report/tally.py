@@ -28,7 +28,7 @@ CANDIDATES = (10, 15, 20, 25, 30, 40)
 #: Early-talker actions that cut the client off; `log` only watched it.
 REPELLING = frozenset({"drop", "reject"})
 #: Pass reasons for which nobody waited.
-HELD_OUT = frozenset({"trusted", "nodelay", "cache"})
+HELD_OUT = frozenset({"trusted", "nodelay", "cache", "dnswl"})
 #: The categories of the verdicts-over-time picture, in stacking order.
 CATEGORIES = ("pass", "pass-other", "early-talker", "hangup", "would-repel")
 

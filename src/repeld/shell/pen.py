@@ -14,6 +14,10 @@ only observes the socket and hands the verdict to `on_verdict`. A handler that
 fails is the pen's to survive: the connection is closed and `on_error(held,
 message)` reports it (the server writes an `error` event).
 
+A silent client the DNS lists hold beyond its delay (--dnsbl-action delay)
+leaves its delay's queue at the delay's end like everyone else and waits on
+in the heap below, so it never holds up the clients queued behind it.
+
 A talker whose verdict waits (for the pass cache, or to the end of the delay
 in observe mode) is muted: its bytes are in, so the level-triggered set must
 stop reporting them or the pen would spin. It is watched for leaving only
@@ -90,7 +94,8 @@ class HoldingPen:
         self._held: dict[int, Held] = {}
         self._queues: dict[float, collections.deque[Held]] = {}
         self._wake: trio.CancelScope | None = None
-        #: The fds of muted talkers, and their deadlines other than the delay's.
+        #: The fds of muted talkers; their deadlines other than the delay's, and
+        #: those of silent clients held beyond the delay, are in `_waits`.
         self._muted: set[int] = set()
         #: Muted talkers that half-closed: out of the set, waiting for a deadline.
         self._deaf: set[int] = set()
@@ -147,7 +152,7 @@ class HoldingPen:
                 del self.per_client[client]
 
     def _decide(self, held: Held, verdict: Verdict) -> None:
-        if isinstance(verdict, Logged):  # written down; the hold goes on
+        while isinstance(verdict, Logged):  # written down; the hold goes on
             if not self._handle(held, verdict):
                 return
             verdict = verdict.then
@@ -176,9 +181,12 @@ class HoldingPen:
             self._muted.add(fd)
             self._poller.update(fd, IN, HUP)
         if deadline != held.hold.deadline:  # the delay's own is queued already
-            heapq.heappush(self._waits, (deadline, next(self._seq), held))
-            if self._wake is not None and deadline < self._wake.deadline:
-                self._wake.deadline = deadline
+            self._wait(held, deadline)
+
+    def _wait(self, held: Held, deadline: float) -> None:
+        heapq.heappush(self._waits, (deadline, next(self._seq), held))
+        if self._wake is not None and deadline < self._wake.deadline:
+            self._wake.deadline = deadline
 
     def _live(self, held: Held) -> bool:
         return not held.hold.done and self._held.get(held.sock.fileno()) is held
@@ -189,7 +197,12 @@ class HoldingPen:
             data = held.sock.recv(PEEK_LIMIT, _PEEK_FLAGS)
         except BlockingIOError:
             if due:
-                self._decide(held, hold.silence(now))
+                verdict = hold.silence(now)
+                if isinstance(verdict, Wait) and verdict.deadline > now:
+                    # Held beyond its delay (the lists said so): wait on in the heap.
+                    self._wait(held, verdict.deadline)
+                    return
+                self._decide(held, verdict)
             return
         except OSError:
             self._decide(held, hold.reset(now))
@@ -218,8 +231,12 @@ class HoldingPen:
         waits = self._waits
         while waits and waits[0][0] <= now:
             held = heapq.heappop(waits)[2]
-            if self._live(held) and held.hold.muted:
+            if not self._live(held):
+                continue
+            if held.hold.muted:
                 self._decide(held, held.hold.due(now))
+            else:  # silent, held beyond its delay
+                self._peek(held, now, due=True)
         if waits:
             next_deadline = min(next_deadline, waits[0][0])
         return next_deadline

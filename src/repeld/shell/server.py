@@ -23,12 +23,12 @@ from repeld.core import events
 from repeld.core.addresses import cache_key, normalize_address
 from repeld.core.events import ConnInfo
 from repeld.core.hold import (
+    Blocked,
     EarlyTalk,
     HangUp,
     Hold,
     Logged,
     Pass,
-    PassReason,
     Penalty,
     Verdict,
     Wait,
@@ -278,7 +278,7 @@ class Server:
             self._observed(held, verdict.note)
         elif isinstance(verdict, Pass):
             backend = held.backend
-            if verdict.reason is PassReason.DELAY and not verdict.early_bytes:
+            if verdict.remembered:
                 self._learn(held.conn, good=True)
             self._pass(held.sock, held.conn, held.hold.accepted_at, verdict, backend)
         elif isinstance(verdict, EarlyTalk):
@@ -290,10 +290,16 @@ class Server:
         elif isinstance(verdict, HangUp):
             held.sock.close()
             self.log.emit(events.hangup(held.conn, verdict))
+        elif isinstance(verdict, Blocked):  # see _observed: no hold says this yet
+            raise NotImplementedError("DNS list verdicts are not carried out yet")
 
-    def _observed(self, held: Held, note: EarlyTalk | Penalty) -> None:
+    def _observed(self, held: Held, note: EarlyTalk | Penalty | Blocked) -> None:
         # The cache learns from a logged talk what it learns from a cut-off one;
         # a logged penalty is already remembered.
+        if isinstance(note, Blocked):
+            # No hold is given a DnsPolicy until the resolver is wired in (issue 12
+            # section 2), so no hold can say this yet.
+            raise NotImplementedError("DNS list verdicts are not carried out yet")
         if isinstance(note, EarlyTalk):
             self._learn(held.conn, good=False)
             self.log.emit(events.early_talker(held.conn, note, "log", rtt_ms(held.sock)))

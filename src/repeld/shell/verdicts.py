@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import socket
 
-from repeld.core.hold import EarlyTalk
+from repeld.core.dnsbl import DnsAction, reject_line
+from repeld.core.hold import Blocked, EarlyTalk
 from repeld.core.policy import Refuse
 from repeld.service import tcptune
 from repeld.shell.handoff import reply_and_close
@@ -19,6 +20,7 @@ __all__ = [
     "REFUSALS",
     "SHUTTING_DOWN",
     "abort",
+    "block",
     "cut_off",
     "rtt_ms",
     "send_now",
@@ -74,3 +76,14 @@ def cut_off(sock: socket.socket, verdict: EarlyTalk, action: str) -> None:
         reply_and_close(sock, EARLY_REJECT)
     else:
         abort(sock)
+
+
+def block(sock: socket.socket, client: str, verdict: Blocked) -> None:
+    """End a client the DNS lists blocked, as --dnsbl-action says: reject sends the
+    554 line naming the lists, drop resets the connection."""
+    if verdict.action is DnsAction.REJECT:
+        reply_and_close(sock, reject_line(client, verdict.lists))
+    elif verdict.action is DnsAction.DROP:
+        abort(sock)
+    else:  # log and delay hold the client on: a shell bug to get here
+        raise ValueError(f"--dnsbl-action {verdict.action} does not end a connection")

@@ -1,0 +1,177 @@
+"""DNS allow and block lists, scored the way postscreen scores them, with no I/O.
+
+A list entry is `DOMAIN[=FILTER][*WEIGHT]` (postscreen_dnsbl_sites' syntax):
+the client's address is looked up as an A record under DOMAIN (IPv4 octets
+reversed, IPv6 as 32 reversed nibbles); an answer lists the client when one
+of its addresses matches FILTER, or any address at all without a filter.
+FILTER is d.d.d.d where each d is a number or a bracketed `;`-separated set of
+numbers and `LOW..HIGH` ranges: `127.0.0.[2..11]`, `127.0.[0..255].[1;2;3]`.
+
+The score of a client is the sum of the weights of the entries that listed
+it; an entry counts once however many addresses matched. Several entries may
+name one domain with different filters (list.dnswl.org's trust levels), and
+one query per domain serves them all. A --dnsbl weight is added as written
+(1 by default; negative allows, as in postscreen); a --dnswl weight is a
+positive amount taken off (1 by default, so a --dnswl entry counts -1).
+
+`DnsPolicy.judge` turns a score into allow, block or neither; the hold
+(core/hold.py) acts on it. The shell asks the resolver (issue 12 section 2)
+and feeds the answers to `score`.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "DnsAction",
+    "DnsList",
+    "DnsPolicy",
+    "DnsScore",
+    "Judgement",
+    "Octet",
+    "ReplyFilter",
+    "domains",
+    "query_name",
+    "reject_line",
+    "score",
+]
+
+#: One octet of a filter: inclusive (low, high) ranges.
+Octet = tuple[tuple[int, int], ...]
+#: A reply filter: four octets.
+ReplyFilter = tuple[Octet, Octet, Octet, Octet]
+
+
+@dataclass(frozen=True, slots=True)
+class DnsList:
+    """One list entry: the domain, its reply filter (None: any answer) and its weight."""
+
+    domain: str
+    filter: ReplyFilter | None = None
+    weight: int = 1
+
+    def matches(self, replies: Iterable[str]) -> bool:
+        """Whether any A record of the answer lists the client under this entry."""
+        for reply in replies:
+            try:
+                octets = ipaddress.IPv4Address(reply).packed
+            except ValueError:
+                continue  # not an A record's address: never a listing
+            if self.filter is None:
+                return True
+            if all(
+                any(low <= octet <= high for low, high in ranges)
+                for octet, ranges in zip(octets, self.filter, strict=True)
+            ):
+                return True
+        return False
+
+    def __str__(self) -> str:
+        text = self.domain
+        if self.filter is not None:
+            text += "=" + ".".join(_octet_text(o) for o in self.filter)
+        return text + (f"*{self.weight}" if self.weight != 1 else "")
+
+
+def _octet_text(octet: Octet) -> str:
+    parts = [str(lo) if lo == hi else f"{lo}..{hi}" for lo, hi in octet]
+    if len(parts) == 1 and octet[0][0] == octet[0][1]:
+        return parts[0]
+    return "[" + ";".join(parts) + "]"
+
+
+def query_name(address: str, domain: str) -> str:
+    """The name to look up for `address` on the list `domain`.
+
+    IPv4: the octets reversed (192.0.2.1 -> 1.2.0.192.DOMAIN); IPv6: the 32
+    nibbles reversed, as ip6.arpa does. An IPv4-mapped IPv6 address is asked
+    as the IPv4 address it carries. ValueError for anything that is no address.
+    """
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv4Address):
+        reversed_part = ".".join(reversed(str(ip).split(".")))
+    else:
+        reversed_part = ".".join(reversed(ip.exploded.replace(":", "")))
+    return f"{reversed_part}.{domain.rstrip('.')}"
+
+
+def domains(lists: Iterable[DnsList]) -> tuple[str, ...]:
+    """The domains to query, each once, in the order they were configured."""
+    return tuple(dict.fromkeys(entry.domain for entry in lists))
+
+
+@dataclass(frozen=True, slots=True)
+class DnsScore:
+    """What the lists said of a client: the sum of weights and the domains that listed it."""
+
+    score: int = 0
+    lists: tuple[str, ...] = ()
+
+
+def score(lists: Sequence[DnsList], answers: Mapping[str, Sequence[str]]) -> DnsScore:
+    """The client's score from the answers, keyed by domain (a list that did not
+    answer, or answered NXDOMAIN, is missing or empty: not listed)."""
+    total = 0
+    listed: dict[str, None] = {}
+    for entry in lists:
+        if entry.matches(answers.get(entry.domain, ())):
+            total += entry.weight
+            listed[entry.domain] = None
+    return DnsScore(total, tuple(listed))
+
+
+class DnsAction(enum.StrEnum):
+    """What --dnsbl-action does to a blocked client."""
+
+    DROP = "drop"
+    REJECT = "reject"
+    LOG = "log"
+    DELAY = "delay"
+
+
+class Judgement(enum.Enum):
+    """A score's meaning under the thresholds."""
+
+    ALLOW = "allow"
+    BLOCK = "block"
+    NEITHER = "neither"
+
+
+@dataclass(frozen=True, slots=True)
+class DnsPolicy:
+    """The thresholds and the block action; the hold applies them to a score."""
+
+    allow_threshold: int = -1
+    block_threshold: int = 1
+    action: DnsAction = DnsAction.DROP
+    #: With action delay: a blocked client is held this long from accept.
+    block_delay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.allow_threshold >= self.block_threshold:
+            raise ValueError(
+                f"the allow threshold {self.allow_threshold} must be below the block "
+                f"threshold {self.block_threshold}"
+            )
+
+    def judge(self, result: DnsScore) -> Judgement:
+        """Allow at or below the allow threshold, block at or above the block one."""
+        if result.score <= self.allow_threshold:
+            return Judgement.ALLOW
+        if result.score >= self.block_threshold:
+            return Judgement.BLOCK
+        return Judgement.NEITHER
+
+
+def reject_line(client: str, lists: Sequence[str]) -> bytes:
+    """The one 554 line of --dnsbl-action reject, naming the lists as postscreen does."""
+    named = ", ".join(lists) if lists else "DNS lists"
+    return f"554 5.7.1 Service unavailable; client [{client}] blocked using {named}\r\n".encode(
+        "ascii", "replace"
+    )

@@ -1,0 +1,427 @@
+"""DNS lists: query names, filters, weights, scores, the hold's verdicts, and the options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from repeld.config.errors import SettingError
+from repeld.config.file import read_config
+from repeld.config.settings import Settings, build_settings
+from repeld.config.values import Backend, Resolver, dns_list, parse_resolver
+from repeld.core.dnsbl import (
+    DnsAction,
+    DnsList,
+    DnsPolicy,
+    DnsScore,
+    Judgement,
+    domains,
+    query_name,
+    reject_line,
+    score,
+)
+from repeld.core.hold import (
+    CACHE_WAIT,
+    Blocked,
+    EarlyTalk,
+    Hold,
+    LocalProtocolError,
+    Logged,
+    Mute,
+    Pass,
+    PassReason,
+    Penalty,
+    Wait,
+)
+
+T0 = 1000.0
+
+# -- query names -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "name"),
+    [
+        ("192.0.2.1", "1.2.0.192.bl.example"),
+        ("127.0.0.2", "2.0.0.127.bl.example"),
+        ("::ffff:192.0.2.1", "1.2.0.192.bl.example"),  # a mapped address is asked as IPv4
+        (
+            "2001:db8::1",
+            "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.bl.example",
+        ),
+    ],
+)
+def test_query_name(address: str, name: str) -> None:
+    assert query_name(address, "bl.example") == name
+    assert query_name(address, "bl.example.") == name
+
+
+def test_query_name_refuses_a_non_address() -> None:
+    with pytest.raises(ValueError):
+        query_name("mail.example", "bl.example")
+
+
+# -- filters, weights, scores ------------------------------------------------------
+
+ANY = DnsList("any.example")
+RANGE = DnsList("range.example", (((127, 127),), ((0, 0),), ((0, 0),), ((2, 11),)), 3)
+SET = DnsList("wl.example", (((127, 127),), ((0, 0),), ((0, 255),), ((1, 1), (3, 3))), -2)
+
+
+@pytest.mark.parametrize(
+    ("entry", "replies", "listed"),
+    [
+        (ANY, ["127.0.0.2"], True),
+        (ANY, ["10.1.2.3"], True),  # no filter: any address answers
+        (ANY, [], False),
+        (ANY, ["not an address"], False),
+        (RANGE, ["127.0.0.2"], True),
+        (RANGE, ["127.0.0.11"], True),
+        (RANGE, ["127.0.0.12"], False),
+        (RANGE, ["127.0.0.1"], False),
+        (RANGE, ["127.0.0.1", "127.0.0.4"], True),  # any one reply is enough
+        (SET, ["127.0.9.1"], True),
+        (SET, ["127.0.9.3"], True),
+        (SET, ["127.0.9.2"], False),
+        (SET, ["127.1.9.1"], False),
+    ],
+)
+def test_filter(entry: DnsList, replies: list[str], listed: bool) -> None:
+    assert entry.matches(replies) is listed
+
+
+def test_entry_text_round_trips_the_syntax() -> None:
+    assert str(ANY) == "any.example"
+    assert str(RANGE) == "range.example=127.0.0.[2..11]*3"
+    assert str(SET) == "wl.example=127.0.[0..255].[1;3]*-2"
+
+
+def test_score_sums_the_weights_of_the_entries_that_listed() -> None:
+    lists = [RANGE, ANY, SET]
+    answers = {"range.example": ["127.0.0.4", "127.0.0.5"], "any.example": ["127.0.0.2"]}
+    assert score(lists, answers) == DnsScore(4, ("range.example", "any.example"))
+    assert score(lists, {}) == DnsScore()
+    assert score(lists, {"wl.example": ["127.0.5.3"]}) == DnsScore(-2, ("wl.example",))
+
+
+def test_several_entries_on_one_domain_share_one_query() -> None:
+    low = DnsList("dnswl.example", (((127, 127),), ((0, 0),), ((0, 255),), ((1, 1),)), -1)
+    high = DnsList("dnswl.example", (((127, 127),), ((0, 0),), ((0, 255),), ((3, 3),)), -3)
+    lists = [low, high, ANY]
+    assert domains(lists) == ("dnswl.example", "any.example")
+    assert score(lists, {"dnswl.example": ["127.0.15.3"]}) == DnsScore(-3, ("dnswl.example",))
+    both = {"dnswl.example": ["127.0.15.3", "127.0.15.1"]}
+    assert score(lists, both) == DnsScore(-4, ("dnswl.example",))
+
+
+@pytest.mark.parametrize(
+    ("value", "judgement"),
+    [(-5, Judgement.ALLOW), (-1, Judgement.ALLOW), (0, Judgement.NEITHER), (1, Judgement.BLOCK)],
+)
+def test_thresholds(value: int, judgement: Judgement) -> None:
+    assert DnsPolicy().judge(DnsScore(value)) is judgement
+
+
+def test_thresholds_must_leave_room_between_them() -> None:
+    with pytest.raises(ValueError):
+        DnsPolicy(allow_threshold=2, block_threshold=2)
+
+
+def test_reject_line_names_the_client_and_the_lists() -> None:
+    line = reject_line("192.0.2.1", ("zen.spamhaus.org", "bl.example"))
+    assert line == (
+        b"554 5.7.1 Service unavailable; client [192.0.2.1] blocked using "
+        b"zen.spamhaus.org, bl.example\r\n"
+    )
+
+
+# -- the hold's verdicts ----------------------------------------------------------
+
+LISTED = DnsScore(2, ("bl.example",))
+ALLOWED = DnsScore(-1, ("wl.example",))
+NEITHER = DnsScore(0)
+
+
+def hold(
+    action: DnsAction = DnsAction.DROP, *, cache_pending: bool = False, observe: bool = False
+) -> Hold:
+    dns = DnsPolicy(action=action, block_delay=60.0)
+    return Hold(T0, 25.0, dns=dns, cache_pending=cache_pending, observe=observe)
+
+
+def test_allowed_client_passes_at_once() -> None:
+    h = hold()
+    assert h.awaiting_dns
+    assert h.listed(ALLOWED, T0 + 0.25) == Pass(PassReason.DNSWL, 0.25)
+    assert h.done and not h.awaiting_dns
+    assert h.dns_result == ALLOWED
+
+
+@pytest.mark.parametrize("action", [DnsAction.DROP, DnsAction.REJECT])
+def test_blocked_client_is_cut_off(action: DnsAction) -> None:
+    h = hold(action)
+    assert h.listed(LISTED, T0 + 1.0) == Blocked(2, ("bl.example",), 1.0, action)
+    assert h.done
+
+
+def test_blocked_client_is_logged_and_held_on() -> None:
+    h = hold(DnsAction.LOG)
+    verdict = h.listed(LISTED, T0 + 1.0)
+    assert verdict == Logged(Blocked(2, ("bl.example",), 1.0, DnsAction.LOG), Wait(T0 + 25.0))
+    assert h.silence(T0 + 25.0) == Pass(PassReason.DELAY, 25.0)
+
+
+def test_blocked_client_is_held_longer() -> None:
+    h = hold(DnsAction.DELAY)
+    verdict = h.listed(LISTED, T0 + 1.0)
+    assert verdict == Logged(Blocked(2, ("bl.example",), 1.0, DnsAction.DELAY), Wait(T0 + 60.0))
+    assert h.silence(T0 + 25.0) == Wait(T0 + 60.0)
+    assert h.deadline == T0 + 25.0  # the pen's queue of the 25 s delay stays in order
+    assert h.silence(T0 + 60.0) == Pass(PassReason.DELAY, 60.0)
+
+
+def test_blocked_client_that_talks_during_the_longer_hold_is_an_early_talker() -> None:
+    h = hold(DnsAction.DELAY)
+    h.listed(LISTED, T0 + 1.0)
+    assert h.data(b"EHLO x\r\n", T0 + 40.0) == EarlyTalk(8, b"EHLO x\r\n", 40.0)
+
+
+def test_neither_listed_nor_allowed_holds_on() -> None:
+    h = hold()
+    assert h.listed(NEITHER, T0 + 0.5) == Wait(T0 + 25.0)
+    assert h.silence(T0 + 25.0) == Pass(PassReason.DELAY, 25.0)
+
+
+def test_the_lists_never_lengthen_a_wait_they_come_after() -> None:
+    h = hold()
+    assert h.silence(T0 + 25.0) == Pass(PassReason.DELAY, 25.0)
+    assert not h.awaiting_dns  # the shell drops the late answer
+    with pytest.raises(LocalProtocolError):
+        h.listed(LISTED, T0 + 26.0)
+
+
+def test_a_second_answer_is_a_shell_bug() -> None:
+    h = hold()
+    h.listed(NEITHER, T0 + 0.5)
+    with pytest.raises(LocalProtocolError):
+        h.listed(NEITHER, T0 + 0.6)
+
+
+def test_no_lists_no_answer() -> None:
+    h = Hold(T0, 25.0)
+    assert not h.awaiting_dns
+    with pytest.raises(LocalProtocolError):
+        h.listed(NEITHER, T0)
+
+
+# The pass cache outranks the lists: their answer is kept until the cache speaks.
+
+
+def test_cache_good_beats_a_block() -> None:
+    h = hold(cache_pending=True)
+    assert h.listed(LISTED, T0 + 0.125) == Wait(T0 + 25.0)
+    assert h.remembered_good(T0 + 0.25) == Pass(PassReason.CACHE, 0.25)
+
+
+def test_cache_bad_beats_an_allow() -> None:
+    h = hold(cache_pending=True)
+    h.listed(ALLOWED, T0 + 0.125)
+    assert h.remembered_bad(T0 + 0.25) == Penalty(0.25)
+
+
+def test_cache_unknown_lets_the_kept_answer_decide() -> None:
+    h = hold(cache_pending=True)
+    h.listed(LISTED, T0 + 0.125)
+    assert h.unknown(T0 + 0.25) == Blocked(2, ("bl.example",), 0.25, DnsAction.DROP)
+    h = hold(cache_pending=True)
+    h.listed(ALLOWED, T0 + 0.125)
+    assert h.unknown(T0 + 0.25) == Pass(PassReason.DNSWL, 0.25)
+
+
+def test_cache_answer_first_then_the_lists() -> None:
+    h = hold(cache_pending=True)
+    assert h.unknown(T0 + 0.125) == Wait(T0 + 25.0)
+    assert h.listed(ALLOWED, T0 + 0.5) == Pass(PassReason.DNSWL, 0.5)
+
+
+def test_observe_mode_penalty_then_the_kept_block() -> None:
+    h = hold(DnsAction.DELAY, cache_pending=True, observe=True)
+    h.listed(LISTED, T0 + 0.125)
+    verdict = h.remembered_bad(T0 + 0.25)
+    blocked = Blocked(2, ("bl.example",), 0.25, DnsAction.DELAY)
+    assert verdict == Logged(Penalty(0.25), Logged(blocked, Wait(T0 + 60.0)))
+
+
+# Early talk is early talk whatever the lists say; their answer is kept for the events.
+
+
+def test_talker_waiting_for_the_cache_is_not_judged_by_the_lists() -> None:
+    h = hold(cache_pending=True)
+    assert h.data(b"EHLO x\r\n", T0 + 1.0) == Mute(T0 + 1.0 + CACHE_WAIT)
+    assert h.listed(ALLOWED, T0 + 1.1) == Mute(T0 + 1.0 + CACHE_WAIT)
+    assert h.unknown(T0 + 1.2) == EarlyTalk(8, b"EHLO x\r\n", 1.0)
+    assert h.dns_result == ALLOWED
+
+
+def test_observed_talker_is_not_judged_by_the_lists() -> None:
+    h = hold(observe=True)
+    verdict = h.data(b"EHLO x\r\n", T0 + 1.0)
+    assert verdict == Logged(EarlyTalk(8, b"EHLO x\r\n", 1.0), Mute(T0 + 25.0))
+    assert h.listed(LISTED, T0 + 2.0) == Mute(T0 + 25.0)
+    assert h.due(T0 + 25.0) == Pass(PassReason.DELAY, 25.0, 8)
+
+
+# -- the options: parsers, settings, the configuration file -------------------------
+
+
+def _parse_bl(text: str) -> DnsList:
+    return dns_list("dnsbl", allow=False)(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "entry"),
+    [
+        ("zen.spamhaus.org", DnsList("zen.spamhaus.org")),
+        ("Zen.Spamhaus.Org.", DnsList("zen.spamhaus.org")),
+        ("bl.example*3", DnsList("bl.example", None, 3)),
+        ("bl.example*-4", DnsList("bl.example", None, -4)),  # allowing, as in postscreen
+        ("bl.example*0", DnsList("bl.example", None, 0)),
+        (
+            "zen.spamhaus.org=127.0.0.[2..11]*3",
+            DnsList("zen.spamhaus.org", (((127, 127),), ((0, 0),), ((0, 0),), ((2, 11),)), 3),
+        ),
+        (
+            "list.dnswl.org=127.0.[0..255].[1;2;3]",
+            DnsList(
+                "list.dnswl.org",
+                (((127, 127),), ((0, 0),), ((0, 255),), ((1, 1), (2, 2), (3, 3))),
+            ),
+        ),
+        (
+            "wl.mailspike.net=127.0.0.[17;18..20]*2",
+            DnsList(
+                "wl.mailspike.net", (((127, 127),), ((0, 0),), ((0, 0),), ((17, 17), (18, 20))), 2
+            ),
+        ),
+    ],
+)
+def test_dnsbl_entry_parses(text: str, entry: DnsList) -> None:
+    assert _parse_bl(text) == entry
+    assert _parse_bl(str(entry)) == entry  # what --check-config prints reads back
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("", "empty"),
+        ("192.0.2.1", "not an address"),
+        ("-bl.example", "host name label"),
+        ("bl.example=127.0.0", "d.d.d.d"),
+        ("bl.example=127.0.0.256", "0 to 255"),
+        ("bl.example=127.0.0.[9..2]", "0 to 255"),
+        ("bl.example=127.0.0.[]", "[N;N..M]"),
+        ("bl.example=127.0.0.[1,2]", "[N;N..M]"),
+        ("bl.example=127.0.0.2-5", "d.d.d.d"),
+        ("bl.example*x", "whole number"),
+        ("bl.example*1001", "-1000 to 1000"),
+        ("a" * 60 + "." + "b" * 60 + "." + "c" * 60 + ".example", "longer than 189"),
+    ],
+)
+def test_bad_dnsbl_entry_says_why(text: str, why: str) -> None:
+    with pytest.raises(SettingError) as exc:
+        _parse_bl(text)
+    assert exc.value.option == "dnsbl"
+    assert why in exc.value.reason
+
+
+def test_dnswl_weight_is_positive_and_counts_against_the_score() -> None:
+    parse = dns_list("dnswl", allow=True)
+    assert parse("list.dnswl.org") == DnsList("list.dnswl.org", None, 1)
+    assert parse("list.dnswl.org*3") == DnsList("list.dnswl.org", None, 3)
+    with pytest.raises(SettingError, match=r"write \*3"):
+        parse("list.dnswl.org*-3")
+    with pytest.raises(SettingError, match="taken off"):
+        parse("list.dnswl.org*0")
+    s = Settings(dnsbl=(DnsList("bl.example", None, 2),), dnswl=(parse("wl.example*3"),))
+    assert s.dns_lists() == (DnsList("bl.example", None, 2), DnsList("wl.example", None, -3))
+    assert score(s.dns_lists(), {"wl.example": ["127.0.0.2"]}) == DnsScore(-3, ("wl.example",))
+
+
+@pytest.mark.parametrize(
+    ("text", "resolver"),
+    [
+        ("127.0.0.1", Resolver("127.0.0.1", 53)),
+        ("127.0.0.1:5353", Resolver("127.0.0.1", 5353)),
+        ("::1", Resolver("::1", 53)),
+        ("[::1]", Resolver("::1", 53)),
+        ("[::1]:5353", Resolver("::1", 5353)),
+    ],
+)
+def test_resolver_parses(text: str, resolver: Resolver) -> None:
+    assert parse_resolver(text) == resolver
+    assert parse_resolver(str(resolver)) == resolver
+
+
+@pytest.mark.parametrize("text", ["dns.example", "dns.example:53", "127.0.0.1:0", "127.0.0.1:x"])
+def test_bad_resolver_is_refused(text: str) -> None:
+    with pytest.raises(SettingError) as exc:
+        parse_resolver(text)
+    assert exc.value.option == "resolver"
+
+
+def test_policy_from_settings() -> None:
+    assert Settings().dns_policy() is None  # no lists: no lookups, no DNS verdicts
+    s = Settings(
+        dnsbl=(DnsList("bl.example"),),
+        dnsbl_threshold=3,
+        dnswl_threshold=-2,
+        dnsbl_action="delay",
+        dnsbl_delay=90.0,
+    )
+    assert s.dns_policy() == DnsPolicy(-2, 3, DnsAction.DELAY, 90.0)
+
+
+def test_the_file_takes_lists_and_the_lists_are_refused_until_they_are_looked_up(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "repeld.toml"
+    path.write_text(
+        'backend = "127.0.0.1:10025"\n'
+        'dnsbl = ["zen.spamhaus.org=127.0.0.[2..11]*3", "bl.example"]\n'
+        'dnswl = ["list.dnswl.org=127.0.[0..255].[1..3]*2"]\n'
+        'resolver = "127.0.0.1:5353"\n'
+    )
+    values = read_config(str(path))
+    assert values["dnsbl"] == [
+        DnsList("zen.spamhaus.org", (((127, 127),), ((0, 0),), ((0, 0),), ((2, 11),)), 3),
+        DnsList("bl.example"),
+    ]
+    assert values["resolver"] == Resolver("127.0.0.1", 5353)
+    with pytest.raises(SettingError, match="not in this build yet"):
+        build_settings(values)
+    values["dnsbl"] = values["dnswl"] = []
+    assert build_settings(values).resolver == Resolver("127.0.0.1", 5353)
+
+
+def test_dnsbl_delay_must_be_longer_than_the_delay() -> None:
+    values = {"backend": Backend("127.0.0.1", 25), "dnsbl-action": "delay", "dnsbl-delay": 20.0}
+    with pytest.raises(SettingError, match=r"longer than --delay \(25\)"):
+        build_settings(values)
+    assert build_settings({**values, "delay": 10.0}).dnsbl_delay == 20.0
+    assert build_settings({**values, "dnsbl-action": "drop"}).dnsbl_delay == 20.0
+
+
+@pytest.mark.parametrize(
+    ("verdict", "remembered"),
+    [
+        (Pass(PassReason.DELAY, 25.0), True),
+        (Pass(PassReason.DNSWL, 0.25), True),  # like trusted, but remembered
+        (Pass(PassReason.DELAY, 25.0, early_bytes=8), False),  # observe mode's talker
+        (Pass(PassReason.CACHE, 0.25), False),  # remembered already
+        (Pass(PassReason.TRUSTED, 0.0), False),
+        (Pass(PassReason.NODELAY, 0.0), False),
+    ],
+)
+def test_which_passes_the_cache_learns(verdict: Pass, remembered: bool) -> None:
+    assert verdict.remembered is remembered
