@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import sqlite3
+import subprocess
 import sys
 import textwrap
 import time
@@ -55,8 +58,10 @@ async def test_a_pass_is_written_in_a_batch_and_seen_by_another_instance(db: Pat
         assert await b.lookup("192.0.2.8") is UNKNOWN
         assert a.statistics()["written"] == 1
         assert a.statistics()["pending"] == 0
+    # A rollback journal, no WAL: no -wal, and above all no memory-mapped -shm (issue 11).
+    assert [p.name for p in cache_files(db)] == ["cache.sqlite", "cache.sqlite-journal"]
+    assert (db.parent / "cache.sqlite-journal").stat().st_size == 0
     with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
 
 
@@ -261,3 +266,102 @@ async def test_a_row_another_writer_garbled_is_a_cache_error_not_a_crash(db: Pat
         assert len(errors) == 1
         assert "lookup failed" in errors[0] and "ValueError" in errors[0]
         assert cache.statistics()["errors"] >= 1
+
+
+# -- files that change under a running cache (issue 11 item 3) ----------------------
+
+
+def chattr_works(directory: Path) -> str | None:
+    """Why `chattr +i` cannot be tested in `directory` (None: it can)."""
+    if shutil.which("chattr") is None:
+        return "chattr is not installed"
+    probe = directory / "chattr-probe"
+    probe.write_text("")
+    try:
+        done = subprocess.run(["chattr", "+i", str(probe)], capture_output=True, check=False)
+        if done.returncode != 0:
+            return f"chattr +i is not supported here: {done.stderr.decode().strip()}"
+        subprocess.run(["chattr", "-i", str(probe)], check=True)
+        return None
+    finally:
+        probe.unlink()
+
+
+def chattr(flag: str, files: list[Path]) -> None:
+    subprocess.run(["chattr", flag, *map(str, files)], check=True)
+
+
+def cache_files(db: Path) -> list[Path]:
+    """The cache file and whatever SQLite keeps next to it."""
+    return sorted(db.parent.glob(db.name + "*"))
+
+
+#: A cache in a child process, so that a signal (SIGBUS) is a failed test, not a dead
+#: pytest: it writes, makes its files immutable with chattr +i, keeps writing and looking
+#: up, makes them writable again, and prints what it saw as JSON.
+IMMUTABLE_CHILD = textwrap.dedent(
+    """
+    import json, subprocess, sys, trio
+    from pathlib import Path
+    from repeld.cache.sqlite import SqliteCache
+
+    async def main(path: str) -> None:
+        errors, recoveries = [], []
+        cache = SqliteCache(path, flush_interval=0.05, busy_timeout=0.2,
+                            on_error=errors.append, on_recover=recoveries.append)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            for i in range(300):
+                cache.remember_good(f"192.0.2.{i}")
+            await cache.flush()
+            files = sorted(str(p) for p in Path(path).parent.glob(Path(path).name + "*"))
+            subprocess.run(["chattr", "+i", *files], check=True)
+            try:
+                seen = []
+                for round in range(20):  # enough to grow any WAL index past its first page
+                    for i in range(300):
+                        cache.remember_good(f"10.{round}.{i // 256}.{i % 256}")
+                    await cache.flush()
+                    seen.append(str(await cache.lookup("192.0.2.7")))
+            finally:
+                subprocess.run(["chattr", "-i", *files], check=True)
+            with trio.fail_after(10):
+                while not recoveries:
+                    await trio.sleep(0.05)
+            await cache.flush()
+            after = str(await cache.lookup("10.19.1.0"))
+            nursery.cancel_scope.cancel()
+        await cache.aclose()
+        print(json.dumps({"errors": errors, "recoveries": recoveries, "seen": seen,
+                          "after": after, "files": files}))
+
+    trio.run(main, sys.argv[1])
+    """
+)
+
+
+def test_immutable_cache_files_are_a_cache_error_not_a_signal(db: Path) -> None:
+    reason = chattr_works(db.parent)
+    if reason is not None:
+        pytest.skip(reason)
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", IMMUTABLE_CHILD, str(db)],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        chattr("-i", cache_files(db))  # whatever happened, pytest must be able to clean up
+    assert child.returncode == 0, (
+        f"the cache process died (returncode {child.returncode}; "
+        f"{-child.returncode if child.returncode < 0 else 0} is the signal): "
+        f"{child.stderr.decode()[-2000:]}"
+    )
+    report = json.loads(child.stdout)
+    assert len(report["errors"]) == 1, report["errors"]  # one per outage
+    assert "cannot write" in report["errors"][0]
+    assert len(report["recoveries"]) == 1
+    assert set(report["seen"]) <= {"CacheVerdict.GOOD", "CacheVerdict.UNKNOWN"}
+    assert report["after"] == "CacheVerdict.GOOD"  # the kept batch was written afterwards
+    assert "10.19.1.0" in rows(db)
