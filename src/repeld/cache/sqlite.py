@@ -282,8 +282,16 @@ class SqliteCache(QueuedVerdicts):
         conn.execute("SELECT count(*) FROM (SELECT 1 FROM cache LIMIT 1)").fetchone()
 
     def _reopen(self) -> None:
-        self._close()
-        self._conn, self._file = _open(self.path, self.busy_timeout)
+        # The old connection stays until the new one works: a flush meanwhile waits
+        # for this thread instead of finding no connection and writing nothing.
+        try:
+            conn, file = _open(self.path, self.busy_timeout)
+        except BaseException:
+            self._close()  # never go on with a file that is gone or broken
+            raise
+        old, self._conn, self._file = self._conn, conn, file  # never None in between
+        if old is not None:
+            old.close()
 
     def _check(self, down: bool) -> bool:
         """Reopen a file replaced or deleted under us, or one that fails while down.
