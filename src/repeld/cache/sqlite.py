@@ -39,7 +39,12 @@ heap but locks every other process out of the file (the workers share it); the
 the safety of sharing. A rollback journal costs little here: lookups are single
 SELECTs, writes are one batch every `flush_interval`, and a reader waits for a
 COMMIT (an exclusive lock held for a few milliseconds) at most `busy_timeout`,
-while the lookup itself gives up after `lookup_timeout`. `synchronous = FULL`,
+while the lookup itself gives up after `lookup_timeout`. Measured on 2 shared
+cores with 40,000 rows (three interleaved runs each, WAL before, TRUNCATE after):
+a one-key lookup p50 70-150 us either way (the thread hop dominates); a 100-key
+batch p50 250-370 vs 250-510 us; with another process writing 256 verdicts every
+50 ms, the 100-key p99 rose from 0.4-0.9 ms to 2-4 ms (a reader waits out the
+writer's COMMIT), still far under the lookup timeout. `synchronous = FULL`,
 as a rollback journal wants it to survive a power cut. TRUNCATE rather than
 DELETE: no directory entry created and removed per batch. A file an older repeld
 left in WAL mode is converted on open (that needs every old process gone).
