@@ -249,6 +249,25 @@ async def test_an_unusable_path_fails_at_start(tmp_path: Path) -> None:
     await junk.aclose()
 
 
+async def test_a_file_an_older_repeld_left_in_wal_mode_is_converted(db: Path) -> None:
+    old = sqlite3.connect(db, isolation_level=None)  # what repeld before issue 11 made
+    old.execute("PRAGMA journal_mode = WAL")
+    old.execute("CREATE TABLE cache (key TEXT PRIMARY KEY, verdict INTEGER, expires REAL)")
+    old.execute("INSERT INTO cache VALUES ('192.0.2.1', 1, 1e12)")
+    try:  # still open in WAL mode: leaving WAL needs the file to itself
+        refused = SqliteCache(str(db), busy_timeout=0.1)
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(CacheError, match=r"cannot leave WAL mode.*older repeld"):
+                await nursery.start(refused.run)
+        await refused.aclose()
+    finally:
+        old.close()
+    cache = SqliteCache(str(db))
+    async with running_caches(cache):
+        assert await cache.lookup("192.0.2.1") is GOOD
+    assert [p.name for p in cache_files(db)] == ["cache.sqlite", "cache.sqlite-journal"]
+
+
 async def test_after_close_lookups_miss_and_writes_are_dropped(db: Path) -> None:
     cache = SqliteCache(str(db))
     async with running_caches(cache):

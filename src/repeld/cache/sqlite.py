@@ -130,12 +130,14 @@ def _open(path: str, busy_timeout: float) -> tuple[sqlite3.Connection, _Identity
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version not in (0, SCHEMA_VERSION):
             raise CacheError(f"schema version {version}, this repeld knows {SCHEMA_VERSION}")
-        mode = conn.execute(f"PRAGMA journal_mode = {JOURNAL_MODE}").fetchone()[0]
-        if str(mode).lower() != JOURNAL_MODE.lower():
+        try:
+            mode = conn.execute(f"PRAGMA journal_mode = {JOURNAL_MODE}").fetchone()[0]
+        except sqlite3.OperationalError as exc:  # leaving WAL needs the file to itself
             raise CacheError(
-                f"cannot use journal mode {JOURNAL_MODE} (it stays {mode};"
-                " an older repeld may still have the file open in WAL mode)"
-            )
+                f"cannot leave WAL mode ({exc}): stop every older repeld using the file"
+            ) from None
+        if str(mode).lower() != JOURNAL_MODE.lower():
+            raise CacheError(f"cannot use journal mode {JOURNAL_MODE} (it stays {mode})")
         conn.execute("PRAGMA synchronous = FULL")
         conn.executescript(_SCHEMA)
         identity = _identity(path)
