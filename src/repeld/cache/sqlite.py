@@ -300,23 +300,24 @@ class SqliteCache(QueuedVerdicts):
         if old is not None:
             old.close()
 
-    def _check(self, down: bool) -> bool:
+    def _check(self, down: bool) -> None:
         """Reopen a file replaced or deleted under us, or one that fails while down.
 
-        True if the database answers now. A file that still reads (immutable, read-only,
-        a full disk) keeps its connection: lookups go on and the failing writes speak
-        for themselves. Raises what the reopening raised.
+        A file that still reads (immutable, read-only, a full disk) keeps its
+        connection: lookups go on and the failing writes speak for themselves.
+        Raises what reopening (or, when down, the probe after it) raised.
         """
-        if self._conn is not None and _identity(self.path) != self._file:
-            self._reopen()  # deleted, or another file renamed over it
+        if self._conn is not None:
+            now = _identity(self.path)
+            if now is None or now != self._file:
+                self._reopen()  # deleted, or another file renamed over it
         if not down:
-            return True
+            return
         try:
             self._probe()
         except _ERRORS:  # truncated, garbled, closed: start over (the schema, too)
             self._reopen()
             self._probe()
-        return True
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
