@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
+import os
+import shutil
 import sqlite3
+import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -55,8 +61,10 @@ async def test_a_pass_is_written_in_a_batch_and_seen_by_another_instance(db: Pat
         assert await b.lookup("192.0.2.8") is UNKNOWN
         assert a.statistics()["written"] == 1
         assert a.statistics()["pending"] == 0
+    # A rollback journal, no WAL: no -wal, and above all no memory-mapped -shm (issue 11).
+    assert [p.name for p in cache_files(db)] == ["cache.sqlite", "cache.sqlite-journal"]
+    assert (db.parent / "cache.sqlite-journal").stat().st_size == 0
     with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
 
 
@@ -129,8 +137,9 @@ async def test_run_sweeps_rows_whose_time_has_passed(db: Path) -> None:
     cache = SqliteCache(str(db), sweep_interval=0.05, sweep_chunk=10)
     async with running_caches(cache):
         assert await cache.lookup("old3") is UNKNOWN
-        await wait_for(lambda: set(rows(db)) == {"fresh", "odd"})
-        assert cache.statistics()["swept"] == 25
+        # (The rows go with the last chunk's COMMIT, the count once sweep() returns.)
+        await wait_for(lambda: cache.statistics()["swept"] == 25)
+        assert set(rows(db)) == {"fresh", "odd"}
         assert await cache.lookup("fresh") is GOOD
         assert await cache.lookup("odd") is UNKNOWN  # a verdict this repeld does not know
 
@@ -240,6 +249,25 @@ async def test_an_unusable_path_fails_at_start(tmp_path: Path) -> None:
     await junk.aclose()
 
 
+async def test_a_file_an_older_repeld_left_in_wal_mode_is_converted(db: Path) -> None:
+    old = sqlite3.connect(db, isolation_level=None)  # what repeld before issue 11 made
+    old.execute("PRAGMA journal_mode = WAL")
+    old.execute("CREATE TABLE cache (key TEXT PRIMARY KEY, verdict INTEGER, expires REAL)")
+    old.execute("INSERT INTO cache VALUES ('192.0.2.1', 1, 1e12)")
+    try:  # still open in WAL mode: leaving WAL needs the file to itself
+        refused = SqliteCache(str(db), busy_timeout=0.1)
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(CacheError, match=r"cannot leave WAL mode.*older repeld"):
+                await nursery.start(refused.run)
+        await refused.aclose()
+    finally:
+        old.close()
+    cache = SqliteCache(str(db))
+    async with running_caches(cache):
+        assert await cache.lookup("192.0.2.1") is GOOD
+    assert [p.name for p in cache_files(db)] == ["cache.sqlite", "cache.sqlite-journal"]
+
+
 async def test_after_close_lookups_miss_and_writes_are_dropped(db: Path) -> None:
     cache = SqliteCache(str(db))
     async with running_caches(cache):
@@ -261,3 +289,309 @@ async def test_a_row_another_writer_garbled_is_a_cache_error_not_a_crash(db: Pat
         assert len(errors) == 1
         assert "lookup failed" in errors[0] and "ValueError" in errors[0]
         assert cache.statistics()["errors"] >= 1
+
+
+# -- files that change under a running cache (issue 11 item 3) ----------------------
+
+
+def chattr_works(directory: Path) -> str | None:
+    """Why `chattr +i` cannot be tested in `directory` (None: it can)."""
+    if shutil.which("chattr") is None:
+        return "chattr is not installed"
+    probe = directory / "chattr-probe"
+    probe.write_text("")
+    try:
+        done = subprocess.run(["chattr", "+i", str(probe)], capture_output=True, check=False)
+        if done.returncode != 0:
+            return f"chattr +i is not supported here: {done.stderr.decode().strip()}"
+        subprocess.run(["chattr", "-i", str(probe)], check=True)
+        return None
+    finally:
+        probe.unlink()
+
+
+def chattr(flag: str, files: list[Path]) -> None:
+    subprocess.run(["chattr", flag, *map(str, files)], check=True)
+
+
+def cache_files(db: Path) -> list[Path]:
+    """The cache file and whatever SQLite keeps next to it."""
+    return sorted(db.parent.glob(db.name + "*"))
+
+
+#: A cache in a child process, so that a signal (SIGBUS) is a failed test, not a dead
+#: pytest: it writes, makes its files immutable with chattr +i, keeps writing and looking
+#: up, makes them writable again, and prints what it saw as JSON.
+IMMUTABLE_CHILD = textwrap.dedent(
+    """
+    import json, subprocess, sys, trio
+    from pathlib import Path
+    from repeld.cache.sqlite import SqliteCache
+
+    async def main(path: str) -> None:
+        errors, recoveries = [], []
+        cache = SqliteCache(path, flush_interval=0.05, busy_timeout=0.2,
+                            on_error=errors.append, on_recover=recoveries.append)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            for i in range(300):
+                cache.remember_good(f"192.0.2.{i}")
+            await cache.flush()
+            files = sorted(str(p) for p in Path(path).parent.glob(Path(path).name + "*"))
+            subprocess.run(["chattr", "+i", *files], check=True)
+            try:
+                seen = []
+                for round in range(20):  # enough to grow any WAL index past its first page
+                    for i in range(300):
+                        cache.remember_good(f"10.{round}.{i // 256}.{i % 256}")
+                    await cache.flush()
+                    seen.append(str(await cache.lookup("192.0.2.7")))
+            finally:
+                subprocess.run(["chattr", "-i", *files], check=True)
+            with trio.fail_after(10):
+                while not recoveries:
+                    await trio.sleep(0.05)
+            await cache.flush()
+            after = str(await cache.lookup("10.19.1.0"))
+            nursery.cancel_scope.cancel()
+        await cache.aclose()
+        print(json.dumps({"errors": errors, "recoveries": recoveries, "seen": seen,
+                          "after": after, "files": files}))
+
+    trio.run(main, sys.argv[1])
+    """
+)
+
+
+def test_immutable_cache_files_are_a_cache_error_not_a_signal(db: Path) -> None:
+    reason = chattr_works(db.parent)
+    if reason is not None:
+        pytest.skip(reason)
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", IMMUTABLE_CHILD, str(db)],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        chattr("-i", cache_files(db))  # whatever happened, pytest must be able to clean up
+    assert child.returncode == 0, (
+        f"the cache process died (returncode {child.returncode}; "
+        f"{-child.returncode if child.returncode < 0 else 0} is the signal): "
+        f"{child.stderr.decode()[-2000:]}"
+    )
+    report = json.loads(child.stdout)
+    assert len(report["errors"]) == 1, report["errors"]  # one per outage
+    assert "cannot write" in report["errors"][0]
+    assert len(report["recoveries"]) == 1
+    assert set(report["seen"]) <= {"CacheVerdict.GOOD", "CacheVerdict.UNKNOWN"}
+    assert report["after"] == "CacheVerdict.GOOD"  # the kept batch was written afterwards
+    assert "10.19.1.0" in rows(db)
+
+
+async def test_a_file_replaced_or_deleted_while_running_is_reopened(db: Path) -> None:
+    errors: list[str] = []
+    cache = SqliteCache(str(db), flush_interval=0.05, on_error=errors.append)
+    async with running_caches(cache):
+        cache.remember_good("192.0.2.1")
+        await cache.flush()
+        other = db.parent / "other.sqlite"
+        async with running_caches(SqliteCache(str(other))):  # a cache file of its own
+            pass
+        with sqlite3.connect(other) as conn:
+            conn.execute("INSERT INTO cache VALUES ('192.0.2.2', 1, 1e12)")
+        conn.close()
+        os.replace(other, db)  # another inode at the path, as a restore from backup does
+        await wait_for(lambda: "192.0.2.2" in rows(db))
+        with trio.fail_after(5):
+            while await cache.lookup("192.0.2.2") is not GOOD:
+                await trio.sleep(0.02)
+        assert await cache.lookup("192.0.2.1") is UNKNOWN  # it was in the old file only
+        cache.remember_good("192.0.2.3")
+        await cache.flush()
+        assert set(rows(db)) == {"192.0.2.2", "192.0.2.3"}  # written to the new file
+
+        for path in cache_files(db):  # deleted: the cache starts a fresh, empty file
+            path.unlink()
+        with trio.fail_after(5):
+            while not db.exists():
+                await trio.sleep(0.02)
+        assert await cache.lookup("192.0.2.2") is UNKNOWN
+        cache.remember_good("192.0.2.4")
+        await cache.flush()
+        assert set(rows(db)) == {"192.0.2.4"}
+    assert errors == []  # reopening is not an outage
+
+
+async def test_a_truncated_file_is_one_cache_error_then_it_works_again(db: Path) -> None:
+    errors: list[str] = []
+    recoveries: list[str] = []
+    cache = SqliteCache(
+        str(db), flush_interval=0.05, on_error=errors.append, on_recover=recoveries.append
+    )
+    async with running_caches(cache):
+        cache.remember_good("192.0.2.1")
+        await cache.flush()
+        assert await cache.lookup("192.0.2.1") is GOOD
+        os.truncate(db, 0)  # the same inode, empty
+        assert await cache.lookup("192.0.2.1") is UNKNOWN
+        await wait_for(lambda: len(recoveries) == 1)  # reopened: the schema is back
+        assert len(errors) == 1 and "lookup failed" in errors[0]
+        cache.remember_good("192.0.2.5")
+        await cache.flush()
+        assert await cache.lookup("192.0.2.5") is GOOD
+        assert set(rows(db)) == {"192.0.2.5"}
+    assert len(errors) == 1
+
+
+async def test_a_file_overwritten_with_garbage_is_reported_once_until_removed(db: Path) -> None:
+    errors: list[str] = []
+    recoveries: list[str] = []
+    cache = SqliteCache(
+        str(db), flush_interval=0.05, on_error=errors.append, on_recover=recoveries.append
+    )
+    async with running_caches(cache):
+        cache.remember_good("192.0.2.1")
+        await cache.flush()
+        size = db.stat().st_size
+        with db.open("r+b") as f:  # the same inode, nonsense from the first byte
+            f.write(b"\xde\xad\xbe\xef" * (size // 4))
+        assert await cache.lookup("192.0.2.1") is UNKNOWN
+        cache.remember_good("192.0.2.6")
+        await trio.sleep(0.5)  # ten rounds of the writer, each trying to reopen it
+        assert len(errors) == 1, errors
+        assert "not a database" in errors[0]
+        assert await cache.lookup("192.0.2.6") is GOOD  # still queued, still answers
+        assert recoveries == []
+        for path in cache_files(db):  # the admin removes it: a fresh file, and the batch
+            path.unlink()
+        await wait_for(lambda: len(recoveries) == 1)
+        await wait_for(lambda: "192.0.2.6" in rows(db))
+    assert len(errors) == 1
+
+
+#: A cache in a child process running as nobody (root writes to a mode 0444 file):
+#: it writes, makes its files read-only, writes again, makes them writable again.
+READ_ONLY_CHILD = textwrap.dedent(
+    """
+    import json, os, sys, trio
+    from pathlib import Path
+    from repeld.cache.sqlite import SqliteCache
+
+    async def main(path: str) -> None:
+        errors, recoveries = [], []
+        cache = SqliteCache(path, flush_interval=0.05, on_error=errors.append,
+                            on_recover=recoveries.append)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            cache.remember_good("192.0.2.1")
+            await cache.flush()
+            files = list(Path(path).parent.glob(Path(path).name + "*"))
+            for f in files:
+                f.chmod(0o444)
+            for i in range(10):
+                cache.remember_good(f"192.0.2.{10 + i}")
+                await cache.flush()
+            seen = str(await cache.lookup("192.0.2.1"))
+            before = len(errors)
+            for f in files:
+                f.chmod(0o644)
+            with trio.fail_after(10):
+                while not recoveries:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        await cache.aclose()
+        print(json.dumps({"errors": errors, "before": before, "recoveries": recoveries,
+                          "seen": seen, "files": sorted(f.name for f in files)}))
+
+    trio.run(main, sys.argv[1])
+    """
+)
+
+
+def test_a_file_made_read_only_is_one_cache_error_and_lookups_go_on(tmp_path: Path) -> None:
+    command = [sys.executable, "-c", READ_ONLY_CHILD]
+    if os.geteuid() == 0:  # root writes to a mode 0444 file: drop what lets it
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root and setpriv is not installed")
+        command = [setpriv, "--bounding-set=-dac_override,-dac_read_search", *command]
+    db = tmp_path / "cache.sqlite"
+    try:
+        child = subprocess.run([*command, str(db)], capture_output=True, timeout=60, check=False)
+        assert child.returncode == 0, child.stderr.decode()[-2000:]
+        report = json.loads(child.stdout)
+        assert report["files"] == ["cache.sqlite", "cache.sqlite-journal"]
+        assert len(report["errors"]) == 1, report["errors"]
+        assert report["before"] == 1
+        assert "cannot write" in report["errors"][0]
+        assert report["seen"] == "CacheVerdict.GOOD"  # reading a read-only file works
+        assert len(report["recoveries"]) == 1
+        assert {f"192.0.2.{10 + i}" for i in range(10)} <= set(rows(db))
+    finally:
+        for path in cache_files(db):
+            path.chmod(0o644)
+
+
+@contextlib.contextmanager
+def small_filesystem(where: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` mounted at `where` (skips the test where mount is refused)."""
+    where.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """A file that takes every free byte of `directory`'s file system."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for _ in range(100_000):  # bounded: far more than a small tmpfs holds
+            try:
+                os.write(fd, b"\0" * 4096)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                break
+    finally:
+        os.close(fd)
+    return filler
+
+
+async def test_a_full_disk_is_one_cache_error_and_space_back_is_cache_recover(
+    tmp_path: Path,
+) -> None:
+    errors: list[str] = []
+    recoveries: list[str] = []
+    with small_filesystem(tmp_path / "small", "256k") as small:
+        db = small / "cache.sqlite"
+        cache = SqliteCache(
+            str(db), flush_interval=0.05, on_error=errors.append, on_recover=recoveries.append
+        )
+        async with running_caches(cache):
+            cache.remember_good("192.0.2.1")
+            await cache.flush()
+            filler = fill(small)
+            for i in range(2000):  # new pages: more than the file has room for
+                cache.remember_good(f"10.0.{i // 256}.{i % 256}")
+            await wait_for(lambda: len(errors) == 1)
+            assert "full" in errors[0], errors
+            assert await cache.lookup("192.0.2.1") is GOOD  # reading goes on
+            assert await cache.lookup("10.0.7.207") is GOOD  # the kept batch answers
+            await trio.sleep(0.5)
+            assert len(errors) == 1  # one per outage
+            assert recoveries == []
+            filler.unlink()  # space is back
+            await wait_for(lambda: len(recoveries) == 1)
+            assert len(rows(db)) == 2001
+            assert cache.statistics()["dropped"] == 0
+        assert len(errors) == 1
