@@ -126,6 +126,14 @@ def relay(
 
 
 @pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    """pytest-trio's autojump clock, but one that jumps only after 20 ms of real
+    idleness: these tests wait on real loopback I/O, which a loaded box may deliver
+    a few milliseconds late, and a jump at once would fire the idle timeouts first."""
+    return trio.testing.MockClock(autojump_threshold=0.02)
+
+
+@pytest.fixture
 def listener() -> Iterator[socket.socket]:
     with listening() as lst:
         yield lst

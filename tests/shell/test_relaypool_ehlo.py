@@ -22,6 +22,7 @@ from .test_relaypool import (
     Ended,
     _tcp,
     assert_nothing_registered,
+    autojump_clock,
     listener,
     make_pair,
     mta_listener,
@@ -32,7 +33,7 @@ from .test_relaypool import (
     v4,
 )
 
-__all__ = ["listener", "pool"]  # the fixtures, shared with test_relaypool
+__all__ = ["autojump_clock", "listener", "pool"]  # the fixtures, shared with test_relaypool
 
 GREETING = b"220-mx.test ESMTP Exim 4.97\r\n220 no UCE\r\n"
 EHLO_REPLY = (
