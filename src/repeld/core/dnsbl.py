@@ -15,18 +15,24 @@ one query per domain serves them all. A --dnsbl weight is added as written
 positive amount taken off (1 by default, so a --dnswl entry counts -1).
 
 `DnsPolicy.judge` turns a score into allow, block or neither; the hold
-(core/hold.py) acts on it. The shell asks the resolver (issue 12 section 2)
-and feeds the answers to `score`.
+(core/hold.py) acts on it. The shell (shell/dnslookup.py) asks the resolver
+and feeds the answers to `score`; `AnswerCache` keeps each answer for its DNS
+TTL so that a client seen again costs no query.
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "ANSWER_CACHE_SIZE",
+    "MAX_TTL",
+    "NEGATIVE_TTL",
+    "AnswerCache",
     "DnsAction",
     "DnsList",
     "DnsPolicy",
@@ -175,3 +181,54 @@ def reject_line(client: str, lists: Sequence[str]) -> bytes:
     return f"554 5.7.1 Service unavailable; client [{client}] blocked using {named}\r\n".encode(
         "ascii", "replace"
     )
+
+
+#: The most answers `AnswerCache` keeps; the oldest go first.
+ANSWER_CACHE_SIZE = 100_000
+#: How long "not listed" (NXDOMAIN, or no A record) is kept, in seconds: lists
+#: answer most clients so, and a client newly listed is seen within a minute.
+NEGATIVE_TTL = 60.0
+#: The longest an answer is kept, whatever TTL the list gave it.
+MAX_TTL = 3600.0
+
+
+class AnswerCache:
+    """The lists' answers by (domain, query name), each until its TTL runs out.
+
+    Bounded: past `size` entries the one stored first goes. A list that did not
+    answer is not stored (asked again next time). The time is given, never read.
+    """
+
+    __slots__ = ("_entries", "_size")
+
+    def __init__(self, size: int = ANSWER_CACHE_SIZE) -> None:
+        if size < 1:
+            raise ValueError(f"size must be positive, got {size!r}")
+        self._size = size
+        self._entries: OrderedDict[tuple[str, str], tuple[float, tuple[str, ...]]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, domain: str, name: str, now: float) -> tuple[str, ...] | None:
+        """The addresses answered (() for not listed), or None if unknown or expired."""
+        key = (domain, name)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires, replies = entry
+        if now >= expires:
+            del self._entries[key]
+            return None
+        return replies
+
+    def put(self, domain: str, name: str, replies: Sequence[str], ttl: float, now: float) -> None:
+        """Keep an answer for `ttl` seconds (at most MAX_TTL; 0 or less: not kept)."""
+        ttl = min(ttl, MAX_TTL)
+        if ttl <= 0:
+            return
+        key = (domain, name)
+        self._entries.pop(key, None)
+        self._entries[key] = (now + ttl, tuple(replies))
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
