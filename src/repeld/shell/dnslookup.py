@@ -30,7 +30,9 @@ from typing import Generic, TypeVar
 
 import dns.asyncbackend
 import dns.asyncresolver
-import dns.exception
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
 import dns.resolver
 import trio
 
@@ -54,13 +56,31 @@ T = TypeVar("T")
 RESULTS = ("listed", "clear", "timeout", "error", "cached")
 
 
+#: What an answer to an A query may hold: the records, a CNAME chain on the way,
+#: the SOA of a negative answer, NS and TXT in the other sections, OPT for EDNS.
+_RECORD_TYPES = (
+    dns.rdatatype.A,
+    dns.rdatatype.AAAA,
+    dns.rdatatype.CNAME,
+    dns.rdatatype.DNAME,
+    dns.rdatatype.SOA,
+    dns.rdatatype.NS,
+    dns.rdatatype.TXT,
+    dns.rdatatype.OPT,
+)
+
+
 def make_resolver(server: Resolver | None) -> dns.asyncresolver.Resolver:
     """The resolver the lists are asked through: --resolver, else /etc/resolv.conf.
 
     Called before any chroot or privilege drop: it reads /etc/resolv.conf and
-    loads dnspython's trio backend, neither of which is there afterwards.
+    loads dnspython's trio backend and the record types an answer holds, none of
+    which may be readable afterwards (dnspython imports them on first use, and
+    parses a record whose module fails to load as an opaque GenericRdata).
     """
     dns.asyncbackend.get_backend("trio")
+    for rdtype in _RECORD_TYPES:
+        dns.rdata.get_rdata_class(dns.rdataclass.IN, rdtype)  # type: ignore[no-untyped-call]
     if server is None:
         return dns.asyncresolver.Resolver()
     resolver = dns.asyncresolver.Resolver(configure=False)
@@ -195,14 +215,14 @@ class DnsLookups(Generic[T]):
                 result, ttl = "clear", NEGATIVE_TTL
             except dns.resolver.LifetimeTimeout:
                 result = "timeout"
-            except dns.exception.DNSException:
+            except Exception:  # SERVFAIL, REFUSED, a malformed answer: never fatal
                 result = "error"
             else:
                 rrset = answer.rrset
                 if rrset is None:
                     result, ttl = "clear", NEGATIVE_TTL
                 else:
-                    replies = tuple(str(r.address) for r in rrset)
+                    replies = tuple(str(getattr(r, "address", "")) for r in rrset)
                     result, ttl = ("listed" if replies else "clear"), float(rrset.ttl)
         self.counts[domain, result] += 1
         if ttl > 0:
