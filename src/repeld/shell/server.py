@@ -527,6 +527,8 @@ class Server:
             self.max_held = settings.max_held
         self.settings = settings
         self._teaser = _teaser(settings)
+        if self._dns is not None:  # the lists and the resolver need a restart
+            self._dns.timeout = settings.dns_timeout
         self.policy = Policy(trusted, self.max_held, settings.max_per_client)
         self.backend = backend
         self.log.reconfigure(settings)
