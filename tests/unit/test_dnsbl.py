@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from repeld.config.errors import SettingError
 from repeld.config.file import read_config
@@ -22,6 +25,7 @@ from repeld.core.dnsbl import (
     domains,
     query_name,
     reject_line,
+    reversed_address,
     score,
 )
 from repeld.core.hold import (
@@ -464,3 +468,23 @@ def test_the_answer_cache_is_bounded_oldest_out() -> None:
     assert cache.get("bl.test", "c", 1.0) == ()
     with pytest.raises(ValueError):
         AnswerCache(size=0)
+
+
+@given(st.ip_addresses())
+def test_the_fast_reversal_is_the_reversal(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> None:
+    if isinstance(ip, ipaddress.IPv4Address):
+        expected = ".".join(reversed(str(ip).split(".")))
+    elif ip.ipv4_mapped is not None:
+        expected = ".".join(reversed(str(ip.ipv4_mapped).split(".")))
+    else:
+        expected = ".".join(reversed(ip.exploded.replace(":", "")))
+    assert reversed_address(str(ip)) == expected
+    assert query_name(str(ip), "bl.test.") == expected + ".bl.test"
+
+
+@pytest.mark.parametrize("text", ["1.2.3.256", "1.2.3", "1.2.3.4.5", "\u00b2.2.3.4", "bl.test"])
+def test_a_non_address_has_no_reversal(text: str) -> None:
+    with pytest.raises(ValueError):
+        reversed_address(text)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ __all__ = [
     "domains",
     "query_name",
     "reject_line",
+    "reversed_address",
     "score",
 ]
 
@@ -97,14 +99,25 @@ def query_name(address: str, domain: str) -> str:
     nibbles reversed, as ip6.arpa does. An IPv4-mapped IPv6 address is asked
     as the IPv4 address it carries. ValueError for anything that is no address.
     """
+    return f"{reversed_address(address)}.{domain.rstrip('.')}"
+
+
+_OCTET_RE = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_DOTTED_QUAD = re.compile(r"\.".join([_OCTET_RE] * 4), re.ASCII)
+
+
+def reversed_address(address: str) -> str:
+    """The part of every list's query name that comes from the address (query_name
+    without the domain): computed once per client however many lists there are."""
+    canonical = _DOTTED_QUAD.fullmatch(address)  # what accept gives: the fast way
+    if canonical is not None:
+        return ".".join(reversed(canonical.groups()))
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     if isinstance(ip, ipaddress.IPv4Address):
-        reversed_part = ".".join(reversed(str(ip).split(".")))
-    else:
-        reversed_part = ".".join(reversed(ip.exploded.replace(":", "")))
-    return f"{reversed_part}.{domain.rstrip('.')}"
+        return ".".join(reversed(str(ip).split(".")))
+    return ".".join(reversed(ip.exploded.replace(":", "")))
 
 
 def domains(lists: Iterable[DnsList]) -> tuple[str, ...]:

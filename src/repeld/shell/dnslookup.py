@@ -43,7 +43,7 @@ from repeld.core.dnsbl import (
     DnsList,
     DnsScore,
     domains,
-    query_name,
+    reversed_address,
     score,
 )
 
@@ -178,12 +178,13 @@ class DnsLookups(Generic[T]):
 
     def _start(self, queries: trio.Nursery, address: str, item: T, now: float) -> None:
         try:
-            names = [(domain, query_name(address, domain)) for domain in self.domains]
+            prefix = reversed_address(address)
         except ValueError:  # no IP address (a unix socket peer): no list can say anything
             self._on_answer(item, DnsScore())
             return
-        client = _Client(item, len(names))
-        for domain, name in names:
+        client = _Client(item, len(self.domains))
+        for domain in self.domains:
+            name = f"{prefix}.{domain}"
             cached = self.cache.get(domain, name, now)
             if cached is not None:
                 self.counts[domain, "cached"] += 1

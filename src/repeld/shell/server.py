@@ -123,6 +123,8 @@ class Server:
         #: open_server before any privilege drop, and the task by serve.
         self.resolver: dns.asyncresolver.Resolver | None = None
         self._dns: DnsLookups[Held] | None = None
+        #: The lists' thresholds and action, made once per configuration.
+        self._dns_policy = settings.dns_policy()
         # limit -> (time of the last overload event, refusals since then)
         self._overload: dict[Refuse, tuple[float, int]] = {}
         self._accept_complained = -ACCEPT_COMPLAIN_INTERVAL
@@ -191,7 +193,7 @@ class Server:
                 cache_pending=key is not None,
                 observe=settings.on_early == "log",
                 teaser=self._teaser,
-                dns=settings.dns_policy() if dns is not None else None,
+                dns=self._dns_policy if dns is not None else None,
             )
             held = Held(sock, conn, hold, listener.backend)
             if self._teaser and not self._tease(held, now):
@@ -529,6 +531,7 @@ class Server:
         self._teaser = _teaser(settings)
         if self._dns is not None:  # the lists and the resolver need a restart
             self._dns.timeout = settings.dns_timeout
+        self._dns_policy = settings.dns_policy()
         self.policy = Policy(trusted, self.max_held, settings.max_per_client)
         self.backend = backend
         self.log.reconfigure(settings)
