@@ -137,6 +137,15 @@ COUNTERS = (
         "answer",
         ("good", "bad", "unknown"),
     ),
+    _Family(
+        "dns_lookups",
+        "repeld_dns_lookups",
+        "DNS list answers, one per list and client, by result (listed, clear: a query "
+        "answered; timeout, error: none; cached: no query)",
+        "result",
+        ("listed", "clear", "timeout", "error", "cached"),
+    ),
+    _Family("dns_hits", "repeld_dns_hits", "Clients a DNS list listed, by list", "list"),
     _Family("events", "repeld_events", "Events emitted, by event name", "event"),
 )
 #: Counters without labels: snapshot["totals"][key].

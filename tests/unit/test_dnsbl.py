@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from repeld.config.errors import SettingError
 from repeld.config.file import read_config
 from repeld.config.settings import Settings, build_settings
 from repeld.config.values import Backend, Resolver, dns_list, parse_resolver
 from repeld.core.dnsbl import (
+    MAX_TTL,
+    NEGATIVE_TTL,
+    AnswerCache,
     DnsAction,
     DnsList,
     DnsPolicy,
@@ -19,6 +25,7 @@ from repeld.core.dnsbl import (
     domains,
     query_name,
     reject_line,
+    reversed_address,
     score,
 )
 from repeld.core.hold import (
@@ -382,7 +389,7 @@ def test_policy_from_settings() -> None:
     assert s.dns_policy() == DnsPolicy(-2, 3, DnsAction.DELAY, 90.0)
 
 
-def test_the_file_takes_lists_and_the_lists_are_refused_until_they_are_looked_up(
+def test_the_file_takes_lists_and_a_resolver(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "repeld.toml"
@@ -398,10 +405,15 @@ def test_the_file_takes_lists_and_the_lists_are_refused_until_they_are_looked_up
         DnsList("bl.example"),
     ]
     assert values["resolver"] == Resolver("127.0.0.1", 5353)
-    with pytest.raises(SettingError, match="not in this build yet"):
-        build_settings(values)
-    values["dnsbl"] = values["dnswl"] = []
-    assert build_settings(values).resolver == Resolver("127.0.0.1", 5353)
+    settings = build_settings(values)
+    assert settings.resolver == Resolver("127.0.0.1", 5353)
+    assert settings.dns_timeout == 5.0
+    assert settings.dns_policy() is not None
+    assert [str(e) for e in settings.dns_lists()] == [
+        "zen.spamhaus.org=127.0.0.[2..11]*3",
+        "bl.example",
+        "list.dnswl.org=127.0.[0..255].[1..3]*-2",
+    ]
 
 
 def test_dnsbl_delay_must_be_longer_than_the_delay() -> None:
@@ -425,3 +437,54 @@ def test_dnsbl_delay_must_be_longer_than_the_delay() -> None:
 )
 def test_which_passes_the_cache_learns(verdict: Pass, remembered: bool) -> None:
     assert verdict.remembered is remembered
+
+
+def test_the_answer_cache_keeps_each_answer_for_its_ttl() -> None:
+    cache = AnswerCache()
+    cache.put("bl.test", "2.0.0.127.bl.test", ["127.0.0.2"], 300, now=100.0)
+    cache.put("bl.test", "3.0.0.127.bl.test", [], NEGATIVE_TTL, now=100.0)
+    assert cache.get("bl.test", "2.0.0.127.bl.test", 399.9) == ("127.0.0.2",)
+    assert cache.get("bl.test", "3.0.0.127.bl.test", 100.0 + NEGATIVE_TTL - 0.1) == ()
+    assert cache.get("wl.test", "2.0.0.127.wl.test", 100.0) is None  # per list
+    assert cache.get("bl.test", "2.0.0.127.bl.test", 400.0) is None  # expired, and gone
+    assert len(cache) == 1
+
+
+def test_the_answer_cache_caps_the_ttl_and_skips_zero() -> None:
+    cache = AnswerCache()
+    cache.put("bl.test", "a", ["127.0.0.2"], 10 * MAX_TTL, now=0.0)
+    cache.put("bl.test", "b", ["127.0.0.2"], 0, now=0.0)
+    assert cache.get("bl.test", "a", MAX_TTL - 1) == ("127.0.0.2",)
+    assert cache.get("bl.test", "a", MAX_TTL) is None
+    assert cache.get("bl.test", "b", 0.0) is None
+
+
+def test_the_answer_cache_is_bounded_oldest_out() -> None:
+    cache = AnswerCache(size=2)
+    for name in ("a", "b", "c"):
+        cache.put("bl.test", name, [], 60, now=0.0)
+    assert len(cache) == 2
+    assert cache.get("bl.test", "a", 1.0) is None
+    assert cache.get("bl.test", "c", 1.0) == ()
+    with pytest.raises(ValueError):
+        AnswerCache(size=0)
+
+
+@given(st.ip_addresses())
+def test_the_fast_reversal_is_the_reversal(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> None:
+    if isinstance(ip, ipaddress.IPv4Address):
+        expected = ".".join(reversed(str(ip).split(".")))
+    elif ip.ipv4_mapped is not None:
+        expected = ".".join(reversed(str(ip.ipv4_mapped).split(".")))
+    else:
+        expected = ".".join(reversed(ip.exploded.replace(":", "")))
+    assert reversed_address(str(ip)) == expected
+    assert query_name(str(ip), "bl.test.") == expected + ".bl.test"
+
+
+@pytest.mark.parametrize("text", ["1.2.3.256", "1.2.3", "1.2.3.4.5", "\u00b2.2.3.4", "bl.test"])
+def test_a_non_address_has_no_reversal(text: str) -> None:
+    with pytest.raises(ValueError):
+        reversed_address(text)

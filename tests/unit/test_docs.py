@@ -46,8 +46,9 @@ import pytest
 from repeld.config.errors import SettingError
 from repeld.config.settings import OPTIONS, Option
 from repeld.core import events
+from repeld.core.dnsbl import DnsAction, DnsScore
 from repeld.core.events import ConnInfo, Event
-from repeld.core.hold import EarlyTalk, HangUp, Pass, PassReason
+from repeld.core.hold import Blocked, EarlyTalk, HangUp, Pass, PassReason
 from repeld.report.main import make_parser as make_report_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -484,10 +485,13 @@ def _sample_events() -> list[Event]:
     """One of each event events.py builds, to read its severity and its own fields from."""
     conn = ConnInfo("192.0.2.7", 50123, "198.51.100.25", 25)
     return [
-        events.early_talker(conn, EarlyTalk(10, b"EHLO bot\r\n", 1.7), "drop"),
+        events.early_talker(
+            conn, EarlyTalk(10, b"EHLO bot\r\n", 1.7), "drop", dns=DnsScore(1, ("bl.test",))
+        ),
         events.penalized(conn, 0.002),
         events.hangup(conn, HangUp(3.0, reset=False)),
-        events.passed(conn, Pass(PassReason.DELAY, 25.0)),
+        events.passed(conn, Pass(PassReason.DELAY, 25.0), dns=DnsScore()),
+        events.dnsbl(conn, Blocked(3, ("bl.test",), 0.05, DnsAction.REJECT)),
         events.backend_error(conn, 25.0, "127.0.0.1:10025", "Connection refused"),
         events.backend_check("127.0.0.1:10025", "cannot connect: Connection refused"),
         events.relay_end(conn, 30.0, 5.0, 1000, 200, "closed"),

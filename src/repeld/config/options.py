@@ -352,6 +352,15 @@ OPTIONS: tuple[Option, ...] = (
         metavar="ADDR[:PORT]",
     ),
     Option(
+        "dns-timeout",
+        None,
+        seconds("dns-timeout", 0.0, 60.0),
+        5.0,
+        "seconds a DNS list is given to answer; no answer counts as not listed, and no "
+        "client waits for it beyond its delay, >0 and <=60 (default: 5)",
+        metavar="SECONDS",
+    ),
+    Option(
         "workers",
         "-w",
         workers,

@@ -119,6 +119,7 @@ class Settings:
     dnsbl_action: str = default("dnsbl-action")
     dnsbl_delay: float = default("dnsbl-delay")
     resolver: Resolver | None = default("resolver")
+    dns_timeout: float = default("dns-timeout")
     workers: int = default("workers")
     shutdown_grace: float = default("shutdown-grace")
     keep_pipe_connect: bool = default("keep-pipe-connect")
@@ -162,15 +163,6 @@ def build_settings(values: Mapping[str, Any]) -> Settings:
             "dnsbl-delay",
             settings.dnsbl_delay,
             f"must be longer than --delay ({settings.delay:g}) with --dnsbl-action delay",
-        )
-    if settings.dns_policy() is not None:
-        # The lists are parsed and scored (core/dnsbl.py) but nothing looks them up
-        # yet: refuse rather than run without them (issue 12 section 2).
-        name = "dnsbl" if settings.dnsbl else "dnswl"
-        raise SettingError(
-            name,
-            str(getattr(settings, name)[0]),
-            "DNS list lookups are not in this build yet; remove the lists",
         )
     return settings
 

@@ -15,18 +15,25 @@ one query per domain serves them all. A --dnsbl weight is added as written
 positive amount taken off (1 by default, so a --dnswl entry counts -1).
 
 `DnsPolicy.judge` turns a score into allow, block or neither; the hold
-(core/hold.py) acts on it. The shell asks the resolver (issue 12 section 2)
-and feeds the answers to `score`.
+(core/hold.py) acts on it. The shell (shell/dnslookup.py) asks the resolver
+and feeds the answers to `score`; `AnswerCache` keeps each answer for its DNS
+TTL so that a client seen again costs no query.
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
+import re
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "ANSWER_CACHE_SIZE",
+    "MAX_TTL",
+    "NEGATIVE_TTL",
+    "AnswerCache",
     "DnsAction",
     "DnsList",
     "DnsPolicy",
@@ -37,6 +44,7 @@ __all__ = [
     "domains",
     "query_name",
     "reject_line",
+    "reversed_address",
     "score",
 ]
 
@@ -91,14 +99,25 @@ def query_name(address: str, domain: str) -> str:
     nibbles reversed, as ip6.arpa does. An IPv4-mapped IPv6 address is asked
     as the IPv4 address it carries. ValueError for anything that is no address.
     """
+    return f"{reversed_address(address)}.{domain.rstrip('.')}"
+
+
+_OCTET_RE = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_DOTTED_QUAD = re.compile(r"\.".join([_OCTET_RE] * 4), re.ASCII)
+
+
+def reversed_address(address: str) -> str:
+    """The part of every list's query name that comes from the address (query_name
+    without the domain): computed once per client however many lists there are."""
+    canonical = _DOTTED_QUAD.fullmatch(address)  # what accept gives: the fast way
+    if canonical is not None:
+        return ".".join(reversed(canonical.groups()))
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     if isinstance(ip, ipaddress.IPv4Address):
-        reversed_part = ".".join(reversed(str(ip).split(".")))
-    else:
-        reversed_part = ".".join(reversed(ip.exploded.replace(":", "")))
-    return f"{reversed_part}.{domain.rstrip('.')}"
+        return ".".join(reversed(str(ip).split(".")))
+    return ".".join(reversed(ip.exploded.replace(":", "")))
 
 
 def domains(lists: Iterable[DnsList]) -> tuple[str, ...]:
@@ -175,3 +194,54 @@ def reject_line(client: str, lists: Sequence[str]) -> bytes:
     return f"554 5.7.1 Service unavailable; client [{client}] blocked using {named}\r\n".encode(
         "ascii", "replace"
     )
+
+
+#: The most answers `AnswerCache` keeps; the oldest go first.
+ANSWER_CACHE_SIZE = 100_000
+#: How long "not listed" (NXDOMAIN, or no A record) is kept, in seconds: lists
+#: answer most clients so, and a client newly listed is seen within a minute.
+NEGATIVE_TTL = 60.0
+#: The longest an answer is kept, whatever TTL the list gave it.
+MAX_TTL = 3600.0
+
+
+class AnswerCache:
+    """The lists' answers by (domain, query name), each until its TTL runs out.
+
+    Bounded: past `size` entries the one stored first goes. A list that did not
+    answer is not stored (asked again next time). The time is given, never read.
+    """
+
+    __slots__ = ("_entries", "_size")
+
+    def __init__(self, size: int = ANSWER_CACHE_SIZE) -> None:
+        if size < 1:
+            raise ValueError(f"size must be positive, got {size!r}")
+        self._size = size
+        self._entries: OrderedDict[tuple[str, str], tuple[float, tuple[str, ...]]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, domain: str, name: str, now: float) -> tuple[str, ...] | None:
+        """The addresses answered (() for not listed), or None if unknown or expired."""
+        key = (domain, name)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires, replies = entry
+        if now >= expires:
+            del self._entries[key]
+            return None
+        return replies
+
+    def put(self, domain: str, name: str, replies: Sequence[str], ttl: float, now: float) -> None:
+        """Keep an answer for `ttl` seconds (at most MAX_TTL; 0 or less: not kept)."""
+        ttl = min(ttl, MAX_TTL)
+        if ttl <= 0:
+            return
+        key = (domain, name)
+        self._entries.pop(key, None)
+        self._entries[key] = (now + ttl, tuple(replies))
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from repeld.core.hold import EarlyTalk, HangUp, Pass, escape_bytes
+from repeld.core.dnsbl import DnsScore
+from repeld.core.hold import Blocked, EarlyTalk, HangUp, Pass, escape_bytes
 
 __all__ = [
     "ConnInfo",
@@ -23,6 +24,7 @@ __all__ = [
     "backend_error",
     "cache_notice",
     "config_error",
+    "dnsbl",
     "early_talker",
     "exec_end",
     "hangup",
@@ -94,11 +96,26 @@ def _ms(seconds: float) -> float:
     return round(seconds, 3)
 
 
-def early_talker(conn: ConnInfo, verdict: EarlyTalk, action: str, rtt_ms: float = 0.0) -> Event:
+def _dns_fields(dns: DnsScore | None) -> tuple[tuple[str, FieldValue], ...]:
+    # With DNS lists configured, a verdict says what they said (score 0 and no
+    # lists when they had not answered); without lists, nothing, as before.
+    if dns is None:
+        return ()
+    return (("score", dns.score), ("lists", ",".join(dns.lists)))
+
+
+def early_talker(
+    conn: ConnInfo,
+    verdict: EarlyTalk,
+    action: str,
+    rtt_ms: float = 0.0,
+    dns: DnsScore | None = None,
+) -> Event:
     """A client that spoke before it was greeted (a security event).
 
     `rtt_ms` is the kernel's smoothed round-trip time to the client (0 if unknown);
-    `teaser` is 1 when the client had been sent the --teaser line before it talked.
+    `teaser` is 1 when the client had been sent the --teaser line before it talked;
+    `dns`, with DNS lists configured, what they said of it (`score`, `lists`).
     """
     first = escape_bytes(verdict.first)
     elapsed = _ms(verdict.elapsed)
@@ -114,13 +131,16 @@ def early_talker(conn: ConnInfo, verdict: EarlyTalk, action: str, rtt_ms: float 
             ("action", action),
             ("rtt_ms", _ms(rtt_ms)),
             ("teaser", int(verdict.teased)),
+            *_dns_fields(dns),
         ),
         f"PREGREET {verdict.nbytes} after {elapsed:.3f} from {conn.peer}: {first}"
         f" (action={action})",
     )
 
 
-def penalized(conn: ConnInfo, elapsed: float, action: str = "penalty") -> Event:
+def penalized(
+    conn: ConnInfo, elapsed: float, action: str = "penalty", dns: DnsScore | None = None
+) -> Event:
     """A client the pass cache remembers as an early talker, cut off unheard
     (`action` "log": observe mode, held as usual instead)."""
     elapsed = _ms(elapsed)
@@ -134,6 +154,7 @@ def penalized(conn: ConnInfo, elapsed: float, action: str = "penalty") -> Event:
             ("bytes", 0),
             ("first", ""),
             ("action", action),
+            *_dns_fields(dns),
         ),
         f"PREGREET penalty after {elapsed:.3f} from {conn.peer}: remembered as an early talker"
         f" (action={action})",
@@ -160,8 +181,11 @@ def hangup(conn: ConnInfo, verdict: HangUp) -> Event:
     )
 
 
-def passed(conn: ConnInfo, verdict: Pass, rtt_ms: float = 0.0) -> Event:
-    """A client handed to the MTA, and why (`rtt_ms`: round-trip time, 0 if unknown)."""
+def passed(
+    conn: ConnInfo, verdict: Pass, rtt_ms: float = 0.0, dns: DnsScore | None = None
+) -> Event:
+    """A client handed to the MTA, and why (`rtt_ms`: round-trip time, 0 if unknown;
+    `dns`: what the DNS lists said, with lists configured)."""
     elapsed = _ms(verdict.elapsed)
     reason = str(verdict.reason)
     return Event(
@@ -174,9 +198,32 @@ def passed(conn: ConnInfo, verdict: Pass, rtt_ms: float = 0.0) -> Event:
             ("reason", reason),
             ("rtt_ms", _ms(rtt_ms)),
             ("early_bytes", verdict.early_bytes),
+            *_dns_fields(dns),
         ),
         f"PASS {reason.upper()} {conn.peer} after {elapsed:.3f}"
         + (f" ({verdict.early_bytes} bytes before the greeting)" if verdict.early_bytes else ""),
+    )
+
+
+def dnsbl(conn: ConnInfo, verdict: Blocked) -> Event:
+    """A client whose DNS list score reached --dnsbl-threshold, and what was done
+    (`action`: drop and reject end it; log and delay hold it on)."""
+    elapsed = _ms(verdict.elapsed)
+    lists = ",".join(verdict.lists)
+    action = str(verdict.action)
+    return Event(
+        "dnsbl",
+        Severity.WARNING,
+        (
+            ("event", "dnsbl"),
+            *conn.fields(),
+            ("elapsed", elapsed),
+            ("score", verdict.score),
+            ("lists", lists),
+            ("action", action),
+        ),
+        f"DNSBL rank {verdict.score} for {conn.peer} after {elapsed:.3f}: "
+        f"{lists or 'no list'} (action={action})",
     )
 
 

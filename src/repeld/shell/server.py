@@ -13,6 +13,7 @@ import socket
 import sys
 from collections.abc import Iterable
 
+import dns.asyncresolver
 import trio
 
 from repeld.cache.base import CacheError, CacheVerdict, PassCache
@@ -21,6 +22,7 @@ from repeld.cache.open import make_cache
 from repeld.config.settings import Listen, Settings, load_trusted
 from repeld.core import events
 from repeld.core.addresses import cache_key, normalize_address
+from repeld.core.dnsbl import DnsScore
 from repeld.core.events import ConnInfo
 from repeld.core.hold import (
     Blocked,
@@ -39,6 +41,7 @@ from repeld.metrics import Metrics, Snapshot
 from repeld.service.capacity import capacity_warnings, default_max_held, raise_nofile
 from repeld.service.listeners import backlog_for, open_listeners
 from repeld.shell.accept import ACCEPT_BACKOFF, Listener, accept_loop
+from repeld.shell.dnslookup import RESULTS, DnsLookups, make_resolver
 from repeld.shell.eventlog import EventLog
 from repeld.shell.handoff import (
     BackendTarget,
@@ -51,7 +54,15 @@ from repeld.shell.handoff import (
 from repeld.shell.pen import Held, HoldingPen
 from repeld.shell.relaypool import RelayPool
 from repeld.shell.ucspi import handoff_exec
-from repeld.shell.verdicts import REFUSALS, SHUTTING_DOWN, abort, cut_off, rtt_ms, send_now
+from repeld.shell.verdicts import (
+    REFUSALS,
+    SHUTTING_DOWN,
+    abort,
+    block,
+    cut_off,
+    rtt_ms,
+    send_now,
+)
 
 __all__ = ["Server", "open_server", "run_server"]
 
@@ -108,6 +119,12 @@ class Server:
         self._v6_prefix = settings.cache_v6_prefix
         self._penalties = settings.penalty_ttl > 0
         self._lookups: BatchedLookups[Held] | None = None
+        #: The DNS lists' lookups (None without lists); the resolver is made by
+        #: open_server before any privilege drop, and the task by serve.
+        self.resolver: dns.asyncresolver.Resolver | None = None
+        self._dns: DnsLookups[Held] | None = None
+        #: The lists' thresholds and action, made once per configuration.
+        self._dns_policy = settings.dns_policy()
         # limit -> (time of the last overload event, refusals since then)
         self._overload: dict[Refuse, tuple[float, int]] = {}
         self._accept_complained = -ACCEPT_COMPLAIN_INTERVAL
@@ -169,12 +186,14 @@ class Server:
                 except ValueError:
                     pass
             settings = self.settings
+            dns = self._dns
             hold = Hold(
                 now,
                 settings.delay,
                 cache_pending=key is not None,
                 observe=settings.on_early == "log",
                 teaser=self._teaser,
+                dns=self._dns_policy if dns is not None else None,
             )
             held = Held(sock, conn, hold, listener.backend)
             if self._teaser and not self._tease(held, now):
@@ -186,6 +205,9 @@ class Server:
                 # and a talker's verdict waits for that answer (core/hold.py).
                 assert self._lookups is not None
                 self._lookups.ask(key, held)
+            if dns is not None:
+                # In parallel with the cache; the hold never waits for either.
+                dns.ask(client, held)
         elif isinstance(admission, Refuse):
             reply_and_close(sock, REFUSALS[admission])
             self.refused += 1
@@ -260,6 +282,17 @@ class Server:
         else:
             self.pen.settle(held, hold.unknown)
 
+    def _dns_answer(self, held: Held, result: DnsScore) -> None:
+        hold = held.hold
+        if hold.awaiting_dns:  # else decided meanwhile: the answer is not needed
+            self.pen.settle(held, lambda now: hold.listed(result, now))
+
+    def _dns_of(self, held: Held) -> DnsScore | None:
+        # The lists' word for the events: None without lists, zero if unanswered.
+        if self._dns is None:
+            return None
+        return held.hold.dns_result or DnsScore()
+
     def _learn(self, conn: ConnInfo, good: bool) -> None:
         # Only a full wait makes a client good; early talk makes it bad.
         if self.cache is None:
@@ -280,31 +313,33 @@ class Server:
             backend = held.backend
             if verdict.remembered:
                 self._learn(held.conn, good=True)
-            self._pass(held.sock, held.conn, held.hold.accepted_at, verdict, backend)
+            self._pass(
+                held.sock, held.conn, held.hold.accepted_at, verdict, backend, self._dns_of(held)
+            )
         elif isinstance(verdict, EarlyTalk):
             self._learn(held.conn, good=False)
             self._cut_off(held, verdict)
         elif isinstance(verdict, Penalty):
             abort(held.sock)
-            self.log.emit(events.penalized(held.conn, verdict.elapsed))
+            self.log.emit(events.penalized(held.conn, verdict.elapsed, dns=self._dns_of(held)))
         elif isinstance(verdict, HangUp):
             held.sock.close()
             self.log.emit(events.hangup(held.conn, verdict))
-        elif isinstance(verdict, Blocked):  # see _observed: no hold says this yet
-            raise NotImplementedError("DNS list verdicts are not carried out yet")
+        elif isinstance(verdict, Blocked):  # drop or reject: the lists ended it
+            block(held.sock, held.conn.client, verdict)
+            self.log.emit(events.dnsbl(held.conn, verdict))
 
     def _observed(self, held: Held, note: EarlyTalk | Penalty | Blocked) -> None:
         # The cache learns from a logged talk what it learns from a cut-off one;
         # a logged penalty is already remembered.
-        if isinstance(note, Blocked):
-            # No hold is given a DnsPolicy until the resolver is wired in (issue 12
-            # section 2), so no hold can say this yet.
-            raise NotImplementedError("DNS list verdicts are not carried out yet")
-        if isinstance(note, EarlyTalk):
+        if isinstance(note, Blocked):  # log or delay: written down, held on
+            self.log.emit(events.dnsbl(held.conn, note))
+        elif isinstance(note, EarlyTalk):
             self._learn(held.conn, good=False)
-            self.log.emit(events.early_talker(held.conn, note, "log", rtt_ms(held.sock)))
+            dns = self._dns_of(held)
+            self.log.emit(events.early_talker(held.conn, note, "log", rtt_ms(held.sock), dns))
         else:
-            self.log.emit(events.penalized(held.conn, note.elapsed, "log"))
+            self.log.emit(events.penalized(held.conn, note.elapsed, "log", self._dns_of(held)))
 
     def _pen_error(self, held: Held, message: str) -> None:
         elapsed = trio.current_time() - held.hold.accepted_at
@@ -317,7 +352,7 @@ class Server:
         action = self.settings.on_early
         rtt = rtt_ms(held.sock)
         cut_off(held.sock, verdict, action)
-        self.log.emit(events.early_talker(held.conn, verdict, action, rtt))
+        self.log.emit(events.early_talker(held.conn, verdict, action, rtt, self._dns_of(held)))
 
     def _pass(
         self,
@@ -326,8 +361,11 @@ class Server:
         accepted_at: float,
         verdict: Pass,
         backend: BackendTarget | None = None,
+        dns: DnsScore | None = None,
     ) -> None:
-        self.log.emit(events.passed(conn, verdict, rtt_ms(sock)))
+        if dns is None and self._dns is not None:  # trusted, nodelay: never asked
+            dns = DnsScore()
+        self.log.emit(events.passed(conn, verdict, rtt_ms(sock), dns))
         target = backend or self.backend
         s = self.settings
         self.relays += 1
@@ -423,6 +461,16 @@ class Server:
                         on_trip=self.metrics.observe_lookup if self.metrics else None,
                     )
                     front.start_soon(self._lookups.run)
+                if self.resolver is not None:
+                    s = self.settings
+                    self._dns = DnsLookups(
+                        self.resolver,
+                        s.dns_lists(),
+                        self._dns_answer,
+                        lambda held: held.hold.awaiting_dns,
+                        s.dns_timeout,
+                    )
+                    front.start_soon(self._dns.run)
                 for listener in self.listeners:
                     self._start_listener(front, listener)
                 task_status.started(self)
@@ -481,6 +529,9 @@ class Server:
             self.max_held = settings.max_held
         self.settings = settings
         self._teaser = _teaser(settings)
+        if self._dns is not None:  # the lists and the resolver need a restart
+            self._dns.timeout = settings.dns_timeout
+        self._dns_policy = settings.dns_policy()
         self.policy = Policy(trusted, self.max_held, settings.max_per_client)
         self.backend = backend
         self.log.reconfigure(settings)
@@ -501,6 +552,7 @@ class Server:
             "relay_end": counts["relay-end"],
             "dropped_events": self.log.dropped,
             **self._cache_statistics(),
+            **(self._dns.statistics() if self._dns is not None else {}),
         }
 
     def metrics_snapshot(self) -> Snapshot:
@@ -514,6 +566,9 @@ class Server:
             labelled={
                 "refusals": {str(k): n for k, n in self.refusals.items()},
                 "cache_lookups": {k: cache.get(k, 0) for k in ("good", "bad", "unknown")},
+                "dns_lookups": dict.fromkeys(RESULTS, 0)
+                | (self._dns.results() if self._dns is not None else {}),
+                "dns_hits": self._dns.hits() if self._dns is not None else {},
                 "events": dict(self.log.counts),
             },
             totals={
@@ -559,6 +614,9 @@ _RESTART_ONLY = (
     "cache_v6_prefix",
     "penalty_ttl",
     "metrics",
+    "dnsbl",
+    "dnswl",
+    "resolver",
 )
 
 
@@ -589,6 +647,8 @@ async def open_server(
         on_error=lambda message: log.emit(events.cache_notice("cache-error", message)),
         on_recover=lambda message: log.emit(events.cache_notice("cache-recover", message)),
     )
+    if settings.dns_policy() is not None:
+        server.resolver = make_resolver(settings.resolver)
     own: dict[tuple[str, int], BackendTarget] = {}
     for sock, spec in open_listeners(settings, backlog, inherited):
         target = None

@@ -1,0 +1,353 @@
+"""DNS lists against a real DNS server: NSD on loopback, serving test zones.
+
+repeld runs as a subprocess with `--resolver` pointing at a small counting UDP
+forwarder in front of NSD, so the tests can see how many queries reached the
+server, and so that one list (`silent.test`) never answers: the forwarder reads
+its queries and drops them. Clients connect from distinct 127.0.0.x sources,
+which the zones list or not:
+
+    127.0.0.2  bl.test 127.0.0.2
+    127.0.0.3  bl.test 127.0.0.3 (a filter of 127.0.0.2 does not count it)
+    127.0.0.4  wl.test 127.0.2.1
+    127.0.0.5  bl.test 127.0.0.2 and wl.test 127.0.2.1 (the weights decide)
+    127.0.0.6  nowhere (NXDOMAIN)
+    ::1        bl.test 127.0.0.2 (the 32 nibbles of ip6.arpa)
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import dns.message
+import pytest
+
+from ..procs import Daemon, LineBackend, SyslogUDP, connect, free_port, read_line, wait_for
+
+#: As root, repeld drops to nobody: the resolver is made before the drop.
+USER = ["--user", "nobody"] if os.geteuid() == 0 else []
+NSD = shutil.which("nsd") or ("/usr/sbin/nsd" if Path("/usr/sbin/nsd").exists() else None)
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.skipif(NSD is None, reason="nsd is not installed (apt-get install nsd)"),
+]
+
+ZONES = {
+    "bl.test": [
+        "2.0.0.127 IN A 127.0.0.2",
+        "3.0.0.127 IN A 127.0.0.3",
+        "5.0.0.127 IN A 127.0.0.2",
+        "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0 IN A 127.0.0.2",
+    ],
+    "wl.test": ["4.0.0.127 IN A 127.0.2.1", "5.0.0.127 IN A 127.0.2.1"],
+    "silent.test": [],
+}
+TTL = 300
+
+
+def _zone(name: str, records: list[str]) -> str:
+    return "\n".join(
+        [
+            f"$ORIGIN {name}.",
+            f"$TTL {TTL}",
+            f"@ IN SOA ns.{name}. hostmaster.{name}. 1 3600 600 86400 60",
+            f"@ IN NS ns.{name}.",
+            "ns IN A 127.0.0.1",
+            *records,
+            "",
+        ]
+    )
+
+
+class Nsd:
+    """NSD in the foreground with a private configuration, on 127.0.0.1:port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        conf = [
+            "server:",
+            f"  ip-address: 127.0.0.1@{self.port}",
+            f"  port: {self.port}",
+            '  username: ""',
+            '  chroot: ""',
+            f'  zonesdir: "{workdir}"',
+            '  database: ""',
+            f'  pidfile: "{workdir}/nsd.pid"',
+            f'  xfrdfile: "{workdir}/xfrd.state"',
+            f'  zonelistfile: "{workdir}/zone.list"',
+            f'  logfile: "{workdir}/nsd.log"',
+            "  server-count: 1",
+            "  do-ip6: no",
+            "remote-control:",
+            "  control-enable: no",
+        ]
+        for name, records in ZONES.items():
+            (workdir / f"{name}.zone").write_text(_zone(name, records))
+            conf += ["zone:", f'  name: "{name}"', f'  zonefile: "{name}.zone"']
+        (workdir / "nsd.conf").write_text("\n".join(conf) + "\n")
+        assert NSD is not None
+        self.proc = subprocess.Popen(
+            [NSD, "-d", "-c", str(workdir / "nsd.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.log = workdir / "nsd.log"
+        started = wait_for(
+            lambda: self.log.exists() and "nsd started" in self.log.read_text(), 20.0
+        )
+        assert started, self.log.read_text() if self.log.exists() else "no nsd log"
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class Forwarder:
+    """A UDP DNS forwarder that counts the queries by name, and drops those under
+    silent.test (a list that never answers)."""
+
+    def __init__(self, upstream: int) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.upstream = ("127.0.0.1", upstream)
+        self.queries: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._closed:
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            name = str(dns.message.from_wire(data).question[0].name).rstrip(".")
+            with self._lock:
+                self.queries[name] += 1
+            if name.endswith(".silent.test"):
+                continue  # read and dropped: the list never answers
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
+                up.settimeout(5.0)
+                up.sendto(data, self.upstream)
+                try:
+                    answer = up.recv(4096)
+                except TimeoutError:
+                    continue
+            self.sock.sendto(answer, peer)
+
+    def count(self, name: str) -> int:
+        with self._lock:
+            return self.queries[name]
+
+    def close(self) -> None:
+        self._closed = True
+        self._thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def resolver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Forwarder]:
+    nsd = Nsd(tmp_path_factory.mktemp("nsd"))
+    forwarder = Forwarder(nsd.port)
+    try:
+        yield forwarder
+    finally:
+        forwarder.close()
+        nsd.close()
+
+
+def _repeld(
+    resolver: Forwarder, backend: LineBackend, syslog: SyslogUDP, delay: float, *lists: str
+) -> Daemon:
+    d = Daemon(
+        [
+            "--listen", "127.0.0.1:0",
+            "--backend", backend.address,
+            "--proxy-protocol", "none",
+            *USER,
+            "--delay", str(delay),
+            "--resolver", f"127.0.0.1:{resolver.port}",
+            "--syslog", syslog.target,
+            *lists,
+        ]
+    )  # fmt: skip
+    d.wait_listening()
+    return d
+
+
+def _greeting(port: int, source: str) -> tuple[bytes, float]:
+    """The first line a client from `source` hears, and after how long."""
+    started = time.monotonic()
+    with connect(port, source) as sock:
+        try:
+            line = read_line(sock, timeout=20.0)
+        except ConnectionResetError:
+            line = b""
+    return line, time.monotonic() - started
+
+
+def _event(syslog: SyslogUDP, name: str, client: str) -> dict[str, str]:
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        for m in syslog.named(name):
+            if m.fields.get("client") == client:
+                return m.fields
+        syslog.drain(0.1)
+    raise AssertionError(f"no {name} event for {client}: {[m.fields for m in syslog.messages]}")
+
+
+def test_an_allow_listed_client_is_greeted_at_once(
+    resolver: Forwarder, backend: LineBackend, syslog: SyslogUDP
+) -> None:
+    d = _repeld(resolver, backend, syslog, 10.0, "--dnswl", "wl.test", "--dnsbl", "bl.test")
+    try:
+        line, elapsed = _greeting(d.address[1], "127.0.0.4")
+    finally:
+        d.stop()
+    assert line == b"220 backend.test ESMTP\r\n"
+    assert elapsed < 5.0  # well before the 10 s delay
+    fields = _event(syslog, "pass", "127.0.0.4")
+    assert (fields["reason"], fields["score"], fields["lists"]) == ("dnswl", "-1", "wl.test")
+
+
+@pytest.mark.parametrize("action", ["reject", "drop"])
+def test_a_block_listed_client_meets_the_action(
+    resolver: Forwarder, backend: LineBackend, syslog: SyslogUDP, action: str
+) -> None:
+    d = _repeld(resolver, backend, syslog, 10.0, "--dnsbl", "bl.test", "--dnsbl-action", action)
+    try:
+        line, elapsed = _greeting(d.address[1], "127.0.0.2")
+    finally:
+        d.stop()
+    assert elapsed < 5.0
+    if action == "reject":
+        assert line == (
+            b"554 5.7.1 Service unavailable; client [127.0.0.2] blocked using bl.test\r\n"
+        )
+    else:
+        assert line == b""  # closed (reset) without a word
+    fields = _event(syslog, "dnsbl", "127.0.0.2")
+    assert (fields["score"], fields["lists"], fields["action"]) == ("1", "bl.test", action)
+    assert not [m for m in syslog.named("pass") if m.fields.get("client") == "127.0.0.2"]
+
+
+def test_action_delay_holds_a_listed_client_for_the_dnsbl_delay(
+    resolver: Forwarder, backend: LineBackend, syslog: SyslogUDP
+) -> None:
+    d = _repeld(
+        resolver, backend, syslog, 1.0,
+        "--dnsbl", "bl.test", "--dnsbl-action", "delay", "--dnsbl-delay", "3",
+    )  # fmt: skip
+    try:
+        line, elapsed = _greeting(d.address[1], "127.0.0.2")
+    finally:
+        d.stop()
+    assert line == b"220 backend.test ESMTP\r\n"
+    assert elapsed >= 3.0
+    assert _event(syslog, "dnsbl", "127.0.0.2")["action"] == "delay"
+    assert float(_event(syslog, "pass", "127.0.0.2")["elapsed"]) >= 3.0
+
+
+def test_filters_and_weights(resolver: Forwarder, backend: LineBackend, syslog: SyslogUDP) -> None:
+    d = _repeld(
+        resolver, backend, syslog, 1.0,
+        "--dnsbl", "bl.test=127.0.0.2", "--dnswl", "wl.test*2", "--dnsbl-action", "reject",
+    )  # fmt: skip
+    try:
+        # 127.0.0.3's answer 127.0.0.3 is outside the filter: held, then passed.
+        filtered, _ = _greeting(d.address[1], "127.0.0.3")
+        # 127.0.0.5 is on both: +1 -2 = -1, allowed at once.
+        both, elapsed = _greeting(d.address[1], "127.0.0.5")
+    finally:
+        d.stop()
+    assert filtered == both == b"220 backend.test ESMTP\r\n"
+    fields = _event(syslog, "pass", "127.0.0.3")
+    assert (fields["reason"], fields["score"], fields["lists"]) == ("delay", "0", "")
+    fields = _event(syslog, "pass", "127.0.0.5")
+    assert (fields["reason"], fields["score"], fields["lists"]) == (
+        "dnswl",
+        "-1",
+        "bl.test,wl.test",
+    )
+    assert elapsed < 1.0 + 0.5
+    assert syslog.named("dnsbl") == []
+
+
+def test_a_silent_list_costs_no_wait(
+    resolver: Forwarder, backend: LineBackend, syslog: SyslogUDP
+) -> None:
+    d = _repeld(resolver, backend, syslog, 1.0, "--dnsbl", "silent.test", "--dns-timeout", "5")
+    try:
+        line, _ = _greeting(d.address[1], "127.0.0.2")
+    finally:
+        d.stop()
+    assert line == b"220 backend.test ESMTP\r\n"
+    assert resolver.count("2.0.0.127.silent.test") >= 1  # it was asked
+    fields = _event(syslog, "pass", "127.0.0.2")
+    assert (fields["reason"], fields["score"]) == ("delay", "0")
+    assert 1.0 <= float(fields["elapsed"]) < 1.3  # the delay, exactly as without lists
+
+
+def test_answers_are_cached_for_their_ttl(
+    resolver: Forwarder, backend: LineBackend, syslog: SyslogUDP
+) -> None:
+    before = {n: resolver.count(n) for n in ("3.0.0.127.bl.test", "6.0.0.127.bl.test")}
+    d = _repeld(resolver, backend, syslog, 0.5, "--dnsbl", "bl.test=127.0.0.2")
+    try:
+        for _ in range(3):
+            assert _greeting(d.address[1], "127.0.0.3")[0] == b"220 backend.test ESMTP\r\n"
+            assert _greeting(d.address[1], "127.0.0.6")[0] == b"220 backend.test ESMTP\r\n"
+    finally:
+        d.stop()
+    # One query each for three connections: an A answer (TTL 300 s), NXDOMAIN (60 s).
+    assert {n: resolver.count(n) - k for n, k in before.items()} == {
+        "3.0.0.127.bl.test": 1,
+        "6.0.0.127.bl.test": 1,
+    }
+    stop = syslog.wait_for("stop", timeout=10.0)[0].fields
+    assert (stop["dns_lookups"], stop["dns_cached"], stop["dns_timeouts"]) == ("2", "4", "0")
+
+
+def test_an_ipv6_client_is_looked_up_by_its_nibbles(
+    resolver: Forwarder, backend: LineBackend, syslog: SyslogUDP
+) -> None:
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no ::1 here")
+    d = Daemon(
+        [
+            "--listen", "[::1]:0",
+            "--backend", backend.address,
+            "--proxy-protocol", "none",
+            *USER,
+            "--delay", "10",
+            "--resolver", f"127.0.0.1:{resolver.port}",
+            "--syslog", syslog.target,
+            "--dnsbl", "bl.test", "--dnsbl-action", "reject",
+        ]
+    )  # fmt: skip
+    try:
+        d.wait_listening()
+        with connect(d.address[1], host="::1") as sock:
+            line = read_line(sock, timeout=20.0)
+    finally:
+        d.stop()
+    assert line == b"554 5.7.1 Service unavailable; client [::1] blocked using bl.test\r\n"
+    assert _event(syslog, "dnsbl", "::1")["score"] == "1"
