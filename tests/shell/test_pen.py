@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import socket
+import struct
 
 import trio
 import trio.testing
@@ -14,6 +15,8 @@ from repeld.core.dnsbl import DnsAction, DnsPolicy, DnsScore
 from repeld.core.events import ConnInfo
 from repeld.core.hold import Blocked, EarlyTalk, Hold, Logged, Pass, PassReason, Verdict
 from repeld.shell.pen import Held, HoldingPen
+
+from ..harness import GREETING, connect, read_line, running
 
 
 async def test_a_failing_verdict_handler_is_reported_and_the_pen_goes_on(
@@ -113,3 +116,80 @@ async def test_a_client_the_lists_hold_longer_never_holds_up_the_queue(
     talker = [v for _, v in decided[1002]]
     assert isinstance(talker[-1], EarlyTalk) and talker[-1].elapsed == 18.0
     assert len(pen) == 0
+
+
+async def test_hung_up_connections_do_not_stay_queued_until_their_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Issue 11 item 4: an attacker that connects and resets must not make the
+    # deadline queues grow with every connection until `--delay` has passed.
+    async with running(delay=3600.0, max_per_client=100) as h:
+        patient = [await connect(h.address()) for _ in range(10)]
+        pen = h.server.pen
+        worst = 0
+        for i in range(5000):
+            sock = await connect(h.address())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            if i % 100 == 99:
+                await h.receiver.wait_for("hangup", i + 1)
+                stats = pen.statistics()
+                worst = max(worst, stats.queued)
+                assert stats.held == len(patient)
+                assert stats.queued <= 2 * stats.held + 64, stats
+        assert len(await h.receiver.wait_for("hangup", 5000)) == 5000
+        assert worst > len(patient)  # the queues did hold the dead for a while
+        # The held ones keep their place and their deadline.
+        await trio.sleep(3600)
+        for p in patient:
+            assert await read_line(p) == GREETING
+        assert len(await h.receiver.wait_for("pass", len(patient))) == len(patient)
+        stats = pen.statistics()
+        assert (stats.held, stats.queued, stats.muted) == (0, 0, 0)
+        for p in patient:
+            p.close()
+
+
+def _tcp_pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
+    # (the accepted end, the client end) of one loopback TCP connection.
+    client = socket.create_connection(listener.getsockname())
+    ours, _ = listener.accept()
+    return ours, client
+
+
+async def test_muted_talkers_that_leave_do_not_stay_in_the_heap(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A talker muted while the pass cache is asked has a heap entry of its own;
+    # one that resets is decided at once and must not wait there for CACHE_WAIT.
+    verdicts: list[Verdict] = []
+
+    def on_verdict(held: Held, verdict: Verdict) -> None:
+        verdicts.append(verdict)
+        held.sock.close()
+
+    pen = HoldingPen(on_verdict, lambda held, message: None)
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pen.run)
+            for i in range(400):
+                ours, client = _tcp_pair(listener)
+                ours.setblocking(False)
+                conn = ConnInfo("192.0.2.1", 1000 + i, "127.0.0.1", 25)
+                pen.add(Held(ours, conn, Hold(trio.current_time(), 3600.0, cache_pending=True)))
+                client.send(b"EHLO early\r\n")
+                await trio.sleep(0.01)
+                assert pen.statistics().muted == 1
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+                await trio.sleep(0.01)
+                stats = pen.statistics()
+                assert stats.held == 0 and stats.muted == 0
+                assert stats.queued <= 64, stats
+            assert len(verdicts) == 400
+            assert all(isinstance(v, EarlyTalk) for v in verdicts)
+            nursery.cancel_scope.cancel()
+    finally:
+        pen.close()
+        listener.close()

@@ -8,6 +8,7 @@ plain non-blocking sockets, as the daemon hands them over.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import socket
@@ -767,3 +768,31 @@ async def test_a_failing_done_callback_is_reported_and_does_not_stop_the_pool(
         again.close()
         assert_nothing_registered(p)
         runner.cancel_scope.cancel()
+
+
+def _alive(kind: str) -> int:
+    # Objects of that class the collector tracks, garbage not yet collected included.
+    return sum(1 for o in gc.get_objects() if type(o).__name__ == kind)
+
+
+async def test_finished_sessions_are_freed_without_the_cycle_collector(
+    autojump_clock: trio.testing.MockClock, pool: RelayPool, listener: socket.socket
+) -> None:
+    # Issue 11 item 5: the daemon runs the young generation every 50,000
+    # allocations, so a session kept alive by its own reference cycles (session
+    # <-> sides <-> peer) stayed in memory with its sockets long after it ended.
+    gc.collect()
+    gc.disable()
+    try:
+        before = _alive("_Session"), _alive("_Side")
+        for i in range(200):
+            pair = make_pair(listener)
+            assert (await smtp_session(pool, pair, b"%d" % i)).end == "closed"
+            pair.close()
+        await trio.sleep(1)
+        sessions, sides = _alive("_Session") - before[0], _alive("_Side") - before[1]
+    finally:
+        gc.enable()
+    assert sides == 0
+    # Only the heap's stale entries keep a finished session (and nothing it held).
+    assert sessions <= 64 + 1

@@ -134,3 +134,49 @@ def test_bench_cache_small_run_prints_the_table() -> None:
     assert passed[0] == 0
     assert passed[1] > 0
     assert passed[2] > 0
+
+
+def test_soak_short_run_samples_and_gives_a_verdict() -> None:
+    # About 8 s of the mixed load; the tolerance is huge, so only a failed
+    # load (repeld dead, nothing delivered) makes the exit status non-zero.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "soak"),
+            "--duration",
+            "6",
+            "--interval",
+            "2",
+            "--delay",
+            "1",
+            "--tolerance",
+            "1e9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    header = lines[0].split()
+    assert header[:4] == ["t", "s", "RSS", "KiB"]
+    samples = [line.split() for line in lines[1:] if line.strip() and line.split()[0][0].isdigit()]
+    assert len(samples) >= 4  # t=0 and one every 2 s
+    last = dict(
+        zip(["t", "rss", "anon", "fds", "early", "hangup", "pass"], samples[-1], strict=False)
+    )
+    assert int(last["rss"]) > 0
+    assert int(last["early"]) > 0 and int(last["hangup"]) > 0 and int(last["pass"]) > 0
+    rows = {
+        c[0]: c[1]
+        for c in (
+            [x.strip() for x in line.strip("|").split("|")]
+            for line in lines
+            if line.startswith("| ")
+        )
+    }
+    assert rows["verdict"] == "plateau"
+    delivered = int(rows["delivered / failed / skipped"].split("/")[0])
+    assert delivered > 0

@@ -23,6 +23,13 @@ in observe mode) is muted: its bytes are in, so the level-triggered set must
 stop reporting them or the pen would spin. It is watched for leaving only
 (EPOLLRDHUP; on kqueue it leaves the set) and its deadline goes in a small
 heap, as only talkers are ever in it.
+
+An entry stays in its queue after its connection is decided (a hang-up, an
+early talker, a cache answer) and is skipped at its deadline; so that a client
+that connects and resets cannot make the queues grow for a whole `--delay`,
+they are compacted in place whenever the dead entries outnumber the held
+connections (and a small slack): each compaction costs what was queued, and
+at least as many releases paid for it, so it is amortised O(1) per connection.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import socket
 import struct
 import termios
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
@@ -47,10 +55,12 @@ from repeld.shell.poller import ERROR_READY, HUP, IN, Poller, watch
 if TYPE_CHECKING:
     from repeld.shell.handoff import BackendTarget
 
-__all__ = ["Held", "HoldingPen"]
+__all__ = ["Held", "HoldingPen", "PenStatistics"]
 
 _PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 _BATCH = 512
+#: Dead queue entries tolerated beyond the held count before a compaction.
+_SLACK = 64
 
 
 class Held:
@@ -80,6 +90,20 @@ def _pending(sock: socket.socket) -> int:
         return 0
 
 
+@dataclass(frozen=True, slots=True)
+class PenStatistics:
+    """What the pen holds now (trio's `statistics()` style).
+
+    `queued` counts the entries of the deadline queues and the muted talkers'
+    heap, dead ones included; it stays below 2 * `held` + a small slack.
+    """
+
+    held: int
+    muted: int
+    queued: int
+    compactions: int
+
+
 class HoldingPen:
     """Holds silent connections until a verdict; `on_verdict` gets each one once."""
 
@@ -101,11 +125,17 @@ class HoldingPen:
         self._deaf: set[int] = set()
         self._waits: list[tuple[float, int, Held]] = []
         self._seq = itertools.count()
+        #: Entries in the deadline queues and the heap, dead ones included.
+        self._queued = 0
+        self._compactions = 0
         #: How many connections each client address has in the pen now.
         self.per_client: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._held)
+
+    def statistics(self) -> PenStatistics:
+        return PenStatistics(len(self._held), len(self._muted), self._queued, self._compactions)
 
     def add(self, held: Held) -> None:
         """Start watching `held`; its deadline is `held.hold.deadline`."""
@@ -119,6 +149,7 @@ class HoldingPen:
         if queue is None:
             queue = self._queues[delay] = collections.deque()
         queue.append(held)
+        self._queued += 1
         if self._wake is not None and held.hold.deadline < self._wake.deadline:
             self._wake.deadline = held.hold.deadline
 
@@ -150,6 +181,25 @@ class HoldingPen:
                 self.per_client[client] = left
             else:
                 del self.per_client[client]
+            if self._queued > 2 * len(self._held) + _SLACK:
+                self._compact()
+
+    def _compact(self) -> None:
+        # Drop the entries of decided connections, in place: `_expire` may be
+        # walking these very queues (a release happens inside its loop), and
+        # no queue is added or removed here. Order and deadlines are kept.
+        live = self._live
+        queued = 0
+        for queue in self._queues.values():
+            kept = [held for held in queue if live(held)]
+            queue.clear()
+            queue.extend(kept)
+            queued += len(kept)
+        waits = self._waits
+        waits[:] = [entry for entry in waits if live(entry[2])]
+        heapq.heapify(waits)
+        self._queued = queued + len(waits)
+        self._compactions += 1
 
     def _decide(self, held: Held, verdict: Verdict) -> None:
         while isinstance(verdict, Logged):  # written down; the hold goes on
@@ -185,6 +235,7 @@ class HoldingPen:
 
     def _wait(self, held: Held, deadline: float) -> None:
         heapq.heappush(self._waits, (deadline, next(self._seq), held))
+        self._queued += 1
         if self._wake is not None and deadline < self._wake.deadline:
             self._wake.deadline = deadline
 
@@ -219,6 +270,7 @@ class HoldingPen:
         for delay, queue in list(self._queues.items()):
             while queue and queue[0].hold.deadline <= now:
                 held = queue.popleft()
+                self._queued -= 1
                 if self._live(held):
                     if held.hold.muted:
                         self._decide(held, held.hold.due(now))
@@ -231,6 +283,7 @@ class HoldingPen:
         waits = self._waits
         while waits and waits[0][0] <= now:
             held = heapq.heappop(waits)[2]
+            self._queued -= 1
             if not self._live(held):
                 continue
             if held.hold.muted:
@@ -275,6 +328,7 @@ class HoldingPen:
         self._queues.clear()
         self._waits.clear()
         self._deaf.clear()
+        self._queued = 0
         return held
 
     def close(self) -> None:
