@@ -351,9 +351,12 @@ def seconds(option: str, low: float, high: float, *, zero: bool = False) -> Call
     return parse
 
 
-def count(option: str, low: int, high: int) -> Callable[[str], int]:
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def _whole(option: str, low: int, high: int, form: re.Pattern[str]) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        if not _DIGITS.fullmatch(text):
+        if not form.fullmatch(text):
             raise SettingError(option, text, "expected a whole number")
         value = int(text, 10)
         if not low <= value <= high:
@@ -363,21 +366,14 @@ def count(option: str, low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-_INTEGER = re.compile(r"-?[0-9]+")
+def count(option: str, low: int, high: int) -> Callable[[str], int]:
+    """A parser for a whole number in [low, high], plain ASCII digits only."""
+    return _whole(option, low, high, _DIGITS)
 
 
 def integer(option: str, low: int, high: int) -> Callable[[str], int]:
     """A parser for a whole number in [low, high], negative numbers allowed."""
-
-    def parse(text: str) -> int:
-        if not _INTEGER.fullmatch(text):
-            raise SettingError(option, text, "expected a whole number")
-        value = int(text, 10)
-        if not low <= value <= high:
-            raise SettingError(option, text, f"must be {low} to {high}")
-        return value
-
-    return parse
+    return _whole(option, low, high, _INTEGER)
 
 
 def choice(option: str, choices: Sequence[str]) -> Callable[[str], str]:
