@@ -105,8 +105,8 @@ class Server:
         self._front: trio.CancelScope | None = None
         self._grace = settings.shutdown_grace
         self._drain: trio.CancelScope | None = None
-        #: Clients turned away at a limit, and held clients told to come back at shutdown.
-        self.refused = 0
+        #: Clients turned away at a limit, by limit (`refused` sums them), and held
+        #: clients told to come back at shutdown.
         self.refusals: collections.Counter[str] = collections.Counter()
         self.shutdown_held = 0
         #: Counted from every event with --metrics (in a worker too: its parent asks).
@@ -128,6 +128,11 @@ class Server:
         # limit -> (time of the last overload event, refusals since then)
         self._overload: dict[Refuse, tuple[float, int]] = {}
         self._accept_complained = -ACCEPT_COMPLAIN_INTERVAL
+
+    @property
+    def refused(self) -> int:
+        """Clients turned away at a limit since start, every limit together."""
+        return sum(self.refusals.values())
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -210,7 +215,6 @@ class Server:
                 dns.ask(client, held)
         elif isinstance(admission, Refuse):
             reply_and_close(sock, REFUSALS[admission])
-            self.refused += 1
             self.refusals[admission] += 1
             self._note_overload(conn, admission, now)
         else:
