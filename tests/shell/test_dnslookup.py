@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from repeld.config.values import Resolver
-from repeld.core.dnsbl import DnsList, DnsScore
+from repeld.core.dnsbl import NEGATIVE_TTL, DnsList, DnsScore, domains
 from repeld.shell.dnslookup import DnsLookups, make_resolver
 
 pytestmark = pytest.mark.shell
@@ -49,20 +49,28 @@ async def _server(
 
 
 async def _run(
-    lists: tuple[DnsList, ...], clients: list[str], timeout: float = 0.5, delay: float = 0.05
+    lists: tuple[DnsList, ...],
+    clients: list[str],
+    timeout: float = 0.5,
+    delay: float = 0.05,
+    lookups: DnsLookups[str] | None = None,
 ) -> tuple[dict[str, DnsScore], collections.Counter[str], DnsLookups[str]]:
+    """Ask about `clients` (through `lookups`' caches, if given: a new server)."""
     sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
     await sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     queries: collections.Counter[str] = collections.Counter()
     got: dict[str, DnsScore] = {}
-    lookups: DnsLookups[str] = DnsLookups(
+    fresh: DnsLookups[str] = DnsLookups(
         make_resolver(Resolver("127.0.0.1", port)),
         lists,
         lambda item, result: got.__setitem__(item, result),
         lambda item: item not in got,
         timeout,
+        lookups.cache if lookups is not None else None,
+        lookups.scores if lookups is not None else None,
     )
+    lookups = fresh
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_server, sock, queries, delay)
@@ -111,3 +119,32 @@ async def test_a_non_address_is_answered_at_once_with_nothing() -> None:
     got, queries, _ = await _run((DnsList("bl.test"),), ["not-an-address"])
     assert got == {"not-an-address#0": DnsScore()}
     assert not queries
+
+
+async def test_a_score_from_cached_answers_is_known_at_once_until_the_first_expires() -> None:
+    lists = (DnsList("bl.test"), DnsList("wl.test", weight=-1))
+    got, queries, lookups = await _run(lists, ["127.0.0.2", "127.0.0.9"])
+    now = trio.current_time()
+    # 127.0.0.2: two A answers (TTL 300); 127.0.0.9: two NXDOMAIN (NEGATIVE_TTL).
+    assert lookups.known("127.0.0.2", now) == got["127.0.0.2#0"] == DnsScore(0, domains(lists))
+    assert lookups.known("127.0.0.9", now) == DnsScore()
+    assert lookups.known("127.0.0.9", now + NEGATIVE_TTL + 1) is None
+    assert lookups.known("127.0.0.2", now + 299) is not None
+    assert lookups.known("127.0.0.2", now + 301) is None
+    assert lookups.known("127.0.0.7", now) is None  # never asked
+    assert len(queries) == 4  # `known` never queries
+    # Each of the three known clients counts as a cached answer from every list,
+    # and as a hit on each list that listed it (127.0.0.2 was, twice).
+    stats = lookups.statistics()
+    assert (stats["dns_lookups"], stats["dns_cached"], stats["dns_hits"]) == (4, 3 * 2, 3 * 2)
+    assert lookups.hits() == {"bl.test": 3, "wl.test": 3}
+
+
+async def test_a_score_with_an_unanswered_list_is_not_kept() -> None:
+    lists = (DnsList("silent.test"), DnsList("bl.test"))
+    _, _, lookups = await _run(lists, ["127.0.0.2"], timeout=0.3)
+    assert lookups.known("127.0.0.2", trio.current_time()) is None  # asked again next time
+    # ... but the list that answered is not asked again.
+    got, queries, _ = await _run(lists, ["127.0.0.2"], timeout=0.3, lookups=lookups)
+    assert got == {"127.0.0.2#0": DnsScore(1, ("bl.test",))}
+    assert set(queries) == {"2.0.0.127.silent.test."}

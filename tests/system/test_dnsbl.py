@@ -351,3 +351,78 @@ def test_an_ipv6_client_is_looked_up_by_its_nibbles(
         d.stop()
     assert line == b"554 5.7.1 Service unavailable; client [::1] blocked using bl.test\r\n"
     assert _event(syslog, "dnsbl", "::1")["score"] == "1"
+
+
+def _reply(port: int, source: str) -> tuple[list[bytes], float]:
+    """Every line a client from `source` hears up to the last line of the greeting
+    (or the end), and after how long that came."""
+    started = time.monotonic()
+    lines: list[bytes] = []
+    with connect(port, source) as sock:
+        try:
+            while not lines or lines[-1][3:4] == b"-":
+                line = read_line(sock, timeout=20.0)
+                if not line:
+                    break
+                lines.append(line)
+        except ConnectionResetError:
+            pass
+    return lines, time.monotonic() - started
+
+
+TEASER = b"220-mx.test teaser\r\n"
+GREETING = b"220 backend.test ESMTP\r\n"
+REJECTED = b"554 5.7.1 Service unavailable; client [127.0.0.2] blocked using bl.test\r\n"
+
+
+@pytest.mark.parametrize(
+    ("action", "first", "again"),
+    [
+        # The first connection hears the teaser as its hold begins, before the
+        # lists have answered; the second is judged at accept, from the cache.
+        ("reject", [TEASER, REJECTED], [REJECTED]),
+        ("drop", [TEASER], []),
+        ("log", [TEASER, GREETING], [TEASER, GREETING]),
+        ("delay", [TEASER, GREETING], [TEASER, GREETING]),
+    ],
+)
+def test_a_client_seen_again_is_judged_at_accept_from_the_cached_score(
+    resolver: Forwarder,
+    backend: LineBackend,
+    syslog: SyslogUDP,
+    action: str,
+    first: list[bytes],
+    again: list[bytes],
+) -> None:
+    names = ("2.0.0.127.bl.test", "2.0.0.127.wl.test", "4.0.0.127.bl.test", "4.0.0.127.wl.test")
+    before = {n: resolver.count(n) for n in names}
+    d = _repeld(
+        resolver, backend, syslog, 1.0,
+        "--dnsbl", "bl.test", "--dnswl", "wl.test",
+        "--dnsbl-action", action, "--dnsbl-delay", "2",
+        "--teaser", "--teaser-text", "mx.test teaser",
+    )  # fmt: skip
+    try:
+        heard = [_reply(d.address[1], "127.0.0.2") for _ in range(2)]
+        allowed = [_reply(d.address[1], "127.0.0.4") for _ in range(2)]
+    finally:
+        d.stop()
+    assert [lines for lines, _ in heard] == [first, again]
+    # 127.0.0.4 is on the allow list: greeted at once, the second time untouched
+    # by the teaser too.
+    assert [lines for lines, _ in allowed] == [[TEASER, GREETING], [GREETING]]
+    assert all(elapsed < 1.0 for _, elapsed in allowed)
+    if action == "delay":
+        assert all(elapsed >= 2.0 for _, elapsed in heard)
+    stop = syslog.wait_for("stop", timeout=10.0)[0].fields
+    blocked = [m.fields for m in syslog.named("dnsbl") if m.fields.get("client") == "127.0.0.2"]
+    assert [(f["action"], f["score"], f["lists"]) for f in blocked] == [
+        (action, "1", "bl.test")
+    ] * 2
+    passed = [m.fields for m in syslog.named("pass") if m.fields.get("client") == "127.0.0.4"]
+    assert [(f["reason"], f["score"], f["lists"]) for f in passed] == [
+        ("dnswl", "-1", "wl.test")
+    ] * 2
+    # One query per list and address; the second connections cost none.
+    assert {n: resolver.count(n) - k for n, k in before.items()} == dict.fromkeys(names, 1)
+    assert (stop["dns_lookups"], stop["dns_cached"]) == ("4", "4")

@@ -16,12 +16,14 @@ from repeld.config.values import Backend, Resolver, dns_list, parse_resolver
 from repeld.core.dnsbl import (
     MAX_TTL,
     NEGATIVE_TTL,
+    UNLISTED,
     AnswerCache,
     DnsAction,
     DnsList,
     DnsPolicy,
     DnsScore,
     Judgement,
+    ScoreCache,
     domains,
     query_name,
     reject_line,
@@ -441,33 +443,45 @@ def test_which_passes_the_cache_learns(verdict: Pass, remembered: bool) -> None:
 
 def test_the_answer_cache_keeps_each_answer_for_its_ttl() -> None:
     cache = AnswerCache()
-    cache.put("bl.test", "2.0.0.127.bl.test", ["127.0.0.2"], 300, now=100.0)
-    cache.put("bl.test", "3.0.0.127.bl.test", [], NEGATIVE_TTL, now=100.0)
-    assert cache.get("bl.test", "2.0.0.127.bl.test", 399.9) == ("127.0.0.2",)
-    assert cache.get("bl.test", "3.0.0.127.bl.test", 100.0 + NEGATIVE_TTL - 0.1) == ()
-    assert cache.get("wl.test", "2.0.0.127.wl.test", 100.0) is None  # per list
-    assert cache.get("bl.test", "2.0.0.127.bl.test", 400.0) is None  # expired, and gone
+    cache.put(("bl.test", "2.0.0.127.bl.test"), ("127.0.0.2",), 300, now=100.0)
+    cache.put(("bl.test", "3.0.0.127.bl.test"), (), NEGATIVE_TTL, now=100.0)
+    assert cache.get(("bl.test", "2.0.0.127.bl.test"), 399.9) == ("127.0.0.2",)
+    assert cache.entry(("bl.test", "2.0.0.127.bl.test"), 399.9) == (400.0, ("127.0.0.2",))
+    assert cache.get(("bl.test", "3.0.0.127.bl.test"), 100.0 + NEGATIVE_TTL - 0.1) == ()
+    assert cache.get(("wl.test", "2.0.0.127.wl.test"), 100.0) is None  # per list
+    assert cache.get(("bl.test", "2.0.0.127.bl.test"), 400.0) is None  # expired, and gone
     assert len(cache) == 1
 
 
 def test_the_answer_cache_caps_the_ttl_and_skips_zero() -> None:
     cache = AnswerCache()
-    cache.put("bl.test", "a", ["127.0.0.2"], 10 * MAX_TTL, now=0.0)
-    cache.put("bl.test", "b", ["127.0.0.2"], 0, now=0.0)
-    assert cache.get("bl.test", "a", MAX_TTL - 1) == ("127.0.0.2",)
-    assert cache.get("bl.test", "a", MAX_TTL) is None
-    assert cache.get("bl.test", "b", 0.0) is None
+    cache.put(("bl.test", "a"), ("127.0.0.2",), 10 * MAX_TTL, now=0.0)
+    cache.put(("bl.test", "b"), ("127.0.0.2",), 0, now=0.0)
+    assert cache.get(("bl.test", "a"), MAX_TTL - 1) == ("127.0.0.2",)
+    assert cache.get(("bl.test", "a"), MAX_TTL) is None
+    assert cache.get(("bl.test", "b"), 0.0) is None
 
 
 def test_the_answer_cache_is_bounded_oldest_out() -> None:
     cache = AnswerCache(size=2)
     for name in ("a", "b", "c"):
-        cache.put("bl.test", name, [], 60, now=0.0)
+        cache.put(("bl.test", name), (), 60, now=0.0)
     assert len(cache) == 2
-    assert cache.get("bl.test", "a", 1.0) is None
-    assert cache.get("bl.test", "c", 1.0) == ()
+    assert cache.get(("bl.test", "a"), 1.0) is None
+    assert cache.get(("bl.test", "c"), 1.0) == ()
     with pytest.raises(ValueError):
         AnswerCache(size=0)
+
+
+def test_the_score_cache_keeps_a_score_by_address() -> None:
+    scores = ScoreCache(size=2)
+    scores.put("192.0.2.1", DnsScore(1, ("bl.test",)), 60, now=0.0)
+    scores.put("192.0.2.2", score((DnsList("bl.test"),), {"bl.test": ()}), 60, now=0.0)
+    assert scores.get("192.0.2.1", 59.9) == DnsScore(1, ("bl.test",))
+    assert scores.get("192.0.2.2", 1.0) is UNLISTED  # one shared instance for most clients
+    scores.put("192.0.2.3", UNLISTED, 60, now=1.0)
+    assert scores.get("192.0.2.1", 2.0) is None  # the oldest went first
+    assert scores.get("192.0.2.3", 61.0) is None
 
 
 @given(st.ip_addresses())

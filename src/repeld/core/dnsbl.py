@@ -17,7 +17,8 @@ positive amount taken off (1 by default, so a --dnswl entry counts -1).
 `DnsPolicy.judge` turns a score into allow, block or neither; the hold
 (core/hold.py) acts on it. The shell (shell/dnslookup.py) asks the resolver
 and feeds the answers to `score`; `AnswerCache` keeps each answer for its DNS
-TTL so that a client seen again costs no query.
+TTL so that a client seen again costs no query, and `ScoreCache` the score it
+made, so that such a client is judged at accept with one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ import enum
 import ipaddress
 import re
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 __all__ = [
     "ANSWER_CACHE_SIZE",
     "MAX_TTL",
     "NEGATIVE_TTL",
+    "UNLISTED",
     "AnswerCache",
     "DnsAction",
     "DnsList",
@@ -41,6 +44,8 @@ __all__ = [
     "Judgement",
     "Octet",
     "ReplyFilter",
+    "ScoreCache",
+    "TtlCache",
     "domains",
     "query_name",
     "reject_line",
@@ -133,6 +138,10 @@ class DnsScore:
     lists: tuple[str, ...] = ()
 
 
+#: The score of a client no list listed (most of them): one shared instance.
+UNLISTED = DnsScore()
+
+
 def score(lists: Sequence[DnsList], answers: Mapping[str, Sequence[str]]) -> DnsScore:
     """The client's score from the answers, keyed by domain (a list that did not
     answer, or answered NXDOMAIN, is missing or empty: not listed)."""
@@ -142,6 +151,8 @@ def score(lists: Sequence[DnsList], answers: Mapping[str, Sequence[str]]) -> Dns
         if entry.matches(answers.get(entry.domain, ())):
             total += entry.weight
             listed[entry.domain] = None
+    if not listed:
+        return UNLISTED
     return DnsScore(total, tuple(listed))
 
 
@@ -196,7 +207,7 @@ def reject_line(client: str, lists: Sequence[str]) -> bytes:
     )
 
 
-#: The most answers `AnswerCache` keeps; the oldest go first.
+#: The most entries a `TtlCache` keeps (answers, or scores); the oldest go first.
 ANSWER_CACHE_SIZE = 100_000
 #: How long "not listed" (NXDOMAIN, or no A record) is kept, in seconds: lists
 #: answer most clients so, and a client newly listed is seen within a minute.
@@ -204,12 +215,17 @@ NEGATIVE_TTL = 60.0
 #: The longest an answer is kept, whatever TTL the list gave it.
 MAX_TTL = 3600.0
 
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
-class AnswerCache:
-    """The lists' answers by (domain, query name), each until its TTL runs out.
 
-    Bounded: past `size` entries the one stored first goes. A list that did not
-    answer is not stored (asked again next time). The time is given, never read.
+class TtlCache(Generic[K, V]):
+    """Values by key, each until its TTL runs out (at most MAX_TTL).
+
+    Bounded: past `size` entries the one stored first goes. The time is given,
+    never read. Two are used: the lists' answers by (domain, query name), and
+    each address's final score, so that a client seen again costs one lookup
+    whatever the number of lists (`AnswerCache`, `ScoreCache`).
     """
 
     __slots__ = ("_entries", "_size")
@@ -218,30 +234,37 @@ class AnswerCache:
         if size < 1:
             raise ValueError(f"size must be positive, got {size!r}")
         self._size = size
-        self._entries: OrderedDict[tuple[str, str], tuple[float, tuple[str, ...]]] = OrderedDict()
+        self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, domain: str, name: str, now: float) -> tuple[str, ...] | None:
-        """The addresses answered (() for not listed), or None if unknown or expired."""
-        key = (domain, name)
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        expires, replies = entry
-        if now >= expires:
+    def entry(self, key: K, now: float) -> tuple[float, V] | None:
+        """(expiry, value), or None if unknown or expired (and then forgotten)."""
+        found = self._entries.get(key)
+        if found is not None and now >= found[0]:
             del self._entries[key]
             return None
-        return replies
+        return found
 
-    def put(self, domain: str, name: str, replies: Sequence[str], ttl: float, now: float) -> None:
-        """Keep an answer for `ttl` seconds (at most MAX_TTL; 0 or less: not kept)."""
+    def get(self, key: K, now: float) -> V | None:
+        """The value, or None if unknown or expired."""
+        found = self.entry(key, now)
+        return None if found is None else found[1]
+
+    def put(self, key: K, value: V, ttl: float, now: float) -> None:
+        """Keep `value` for `ttl` seconds (at most MAX_TTL; 0 or less: not kept)."""
         ttl = min(ttl, MAX_TTL)
         if ttl <= 0:
             return
-        key = (domain, name)
         self._entries.pop(key, None)
-        self._entries[key] = (now + ttl, tuple(replies))
+        self._entries[key] = (now + ttl, value)
         while len(self._entries) > self._size:
             self._entries.popitem(last=False)
+
+
+#: Each list's answer by (domain, query name): the addresses, () for not listed.
+#: A list that did not answer is not stored (asked again next time).
+AnswerCache = TtlCache[tuple[str, str], tuple[str, ...]]
+#: Each address's score, kept while every list's answer it came from is.
+ScoreCache = TtlCache[str, DnsScore]

@@ -12,6 +12,13 @@ most, none at all on a cache hit. When every list has answered or given up
 `on_answer`, if `waiting(item)` still says it counts. The hold never waits for
 it (core/hold.py): a client whose delay ends first is passed without it.
 
+A score made only of answers still in their TTL is kept too (`ScoreCache`),
+until the first of them expires: the server asks `known(address)` at accept,
+and a client seen again is judged there and then, with one dictionary lookup
+and no trip through the queue and this task -- what most clients of a busy
+server are (the same bots, the same senders), so that the lists cost them
+next to nothing (docs/perf-log/2026-12-03-dnsbl-fast.md).
+
 A task per query rather than one socket of our own: dnspython's resolver
 brings the retries over the resolver's servers, the TCP fallback for a
 truncated answer and the reading of /etc/resolv.conf, and a trio task costs
@@ -24,6 +31,7 @@ on trio without a thread per query.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -38,10 +46,12 @@ import trio
 
 from repeld.config.values import Resolver
 from repeld.core.dnsbl import (
+    MAX_TTL,
     NEGATIVE_TTL,
     AnswerCache,
     DnsList,
     DnsScore,
+    ScoreCache,
     domains,
     reversed_address,
     score,
@@ -90,14 +100,17 @@ def make_resolver(server: Resolver | None) -> dns.asyncresolver.Resolver:
 
 
 class _Client(Generic[T]):
-    """One held client's answers so far, and how many lists are still to answer."""
+    """One held client's answers so far, how many lists are still to answer, and
+    when the first answer expires (-inf once one is no answer: never kept)."""
 
-    __slots__ = ("answers", "item", "left")
+    __slots__ = ("address", "answers", "expires", "item", "left")
 
-    def __init__(self, item: T, left: int) -> None:
+    def __init__(self, address: str, item: T, left: int) -> None:
+        self.address = address
         self.item = item
         self.left = left
         self.answers: dict[str, tuple[str, ...]] = {}
+        self.expires = math.inf
 
 
 class DnsLookups(Generic[T]):
@@ -111,6 +124,7 @@ class DnsLookups(Generic[T]):
         waiting: Callable[[T], bool],
         timeout: float,
         cache: AnswerCache | None = None,
+        scores: ScoreCache | None = None,
     ) -> None:
         self.resolver = resolver
         self.lists = lists
@@ -119,6 +133,9 @@ class DnsLookups(Generic[T]):
         self._waiting = waiting
         self.timeout = timeout
         self.cache = cache if cache is not None else AnswerCache()
+        self.scores = scores if scores is not None else ScoreCache()
+        # Clients judged by `known` (each one a cached answer from every list).
+        self._known = 0
         self._backend = dns.asyncbackend.get_backend("trio")
         self._queue: list[tuple[str, T]] = []
         self._due = trio.Event()
@@ -132,17 +149,35 @@ class DnsLookups(Generic[T]):
     def __len__(self) -> int:
         return len(self._queue)
 
+    def known(self, address: str, now: float) -> DnsScore | None:
+        """The score of `address` if every list's answer for it is still cached.
+
+        Counted as it would be through `ask` (a cached answer from each list);
+        None: `ask`.
+        """
+        result = self.scores.get(address, now)
+        if result is not None:
+            self._known += 1
+            if result.lists:
+                self.listed.update(result.lists)
+        return result
+
     def ask(self, address: str, item: T) -> None:
         """Look `address` up on every list for `item`; never blocks."""
         self._queue.append((address, item))
         self._due.set()
 
-    def statistics(self) -> dict[str, int]:
-        """Totals over the lists: queries sent, their timeouts and errors, answers
-        from the cache, and clients listed (once per list that listed them)."""
+    def _by_result(self) -> Counter[str]:
         by_result: Counter[str] = Counter()
         for (_, result), n in self.counts.items():
             by_result[result] += n
+        by_result["cached"] += self._known * len(self.domains)
+        return by_result
+
+    def statistics(self) -> dict[str, int]:
+        """Totals over the lists: queries sent, their timeouts and errors, answers
+        from the cache, and clients listed (once per list that listed them)."""
+        by_result = self._by_result()
         sent = sum(by_result[r] for r in ("listed", "clear", "timeout", "error"))
         return {
             "dns_lookups": sent,
@@ -154,10 +189,7 @@ class DnsLookups(Generic[T]):
 
     def results(self) -> dict[str, int]:
         """Answers by result, over the lists (for --metrics)."""
-        totals: Counter[str] = Counter()
-        for (_, result), n in self.counts.items():
-            totals[result] += n
-        return dict(totals)
+        return {result: n for result, n in self._by_result().items() if n}
 
     def hits(self) -> dict[str, int]:
         """Clients listed, by list domain (for --metrics)."""
@@ -182,13 +214,13 @@ class DnsLookups(Generic[T]):
         except ValueError:  # no IP address (a unix socket peer): no list can say anything
             self._on_answer(item, DnsScore())
             return
-        client = _Client(item, len(self.domains))
+        client = _Client(address, item, len(self.domains))
         for domain in self.domains:
             name = f"{prefix}.{domain}"
-            cached = self.cache.get(domain, name, now)
+            cached = self.cache.entry((domain, name), now)
             if cached is not None:
                 self.counts[domain, "cached"] += 1
-                self._answered(client, domain, cached)
+                self._answered(client, domain, cached[1], cached[0], now)
                 continue
             waiters = self._inflight.get((domain, name))
             if waiters is not None:  # asked already for another client: share it
@@ -226,16 +258,28 @@ class DnsLookups(Generic[T]):
                     replies = tuple(str(getattr(r, "address", "")) for r in rrset)
                     result, ttl = ("listed" if replies else "clear"), float(rrset.ttl)
         self.counts[domain, result] += 1
+        now = trio.current_time()
+        expires = -math.inf  # no answer: asked again next time
         if ttl > 0:
-            self.cache.put(domain, name, replies, ttl, trio.current_time())
+            self.cache.put((domain, name), replies, ttl, now)
+            expires = now + min(ttl, MAX_TTL)
         for client in self._inflight.pop((domain, name), ()):
-            self._answered(client, domain, replies)
+            self._answered(client, domain, replies, expires, now)
 
-    def _answered(self, client: _Client[T], domain: str, replies: tuple[str, ...]) -> None:
+    def _answered(
+        self,
+        client: _Client[T],
+        domain: str,
+        replies: tuple[str, ...],
+        expires: float,
+        now: float,
+    ) -> None:
         client.answers[domain] = replies
+        client.expires = min(client.expires, expires)
         client.left -= 1
         if client.left == 0:
             result = score(self.lists, client.answers)
+            self.scores.put(client.address, result, client.expires - now, now)
             self.listed.update(result.lists)
             if self._waiting(client.item):
                 self._on_answer(client.item, result)

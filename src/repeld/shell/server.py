@@ -201,6 +201,9 @@ class Server:
                 dns=self._dns_policy if dns is not None else None,
             )
             held = Held(sock, conn, hold, listener.backend)
+            known = dns.known(client, now) if dns is not None else None
+            if known is not None and not self._listed_at_accept(held, known, now):
+                return
             if self._teaser and not self._tease(held, now):
                 return
             pen.add(held)
@@ -210,7 +213,7 @@ class Server:
                 # and a talker's verdict waits for that answer (core/hold.py).
                 assert self._lookups is not None
                 self._lookups.ask(key, held)
-            if dns is not None:
+            if dns is not None and known is None:
                 # In parallel with the cache; the hold never waits for either.
                 dns.ask(client, held)
         elif isinstance(admission, Refuse):
@@ -219,6 +222,22 @@ class Server:
             self._note_overload(conn, admission, now)
         else:
             self._pass(sock, conn, now, Pass(admission, 0.0), listener.backend)
+
+    def _listed_at_accept(self, held: Held, result: DnsScore, now: float) -> bool:
+        """Feed the lists' score known at accept (every answer still cached) to
+        the hold before it begins; True if it goes on, False if that decided it.
+
+        What the pen would do with the same verdict a moment later, without the
+        trip: a client allowed or blocked is never teased nor watched.
+        """
+        verdict = held.hold.listed(result, now)
+        while isinstance(verdict, Logged):  # action log or delay: written down
+            self._on_verdict(held, verdict)
+            verdict = verdict.then
+        if isinstance(verdict, Wait):
+            return True
+        self._on_verdict(held, verdict)
+        return False
 
     def _tease(self, held: Held, now: float) -> bool:
         """Send the teaser line before the hold begins; False if the client is gone.
