@@ -17,7 +17,7 @@ import trio
 
 from repeld.config.values import Resolver
 from repeld.core.dnsbl import NEGATIVE_TTL, DnsList, DnsScore, domains
-from repeld.shell.dnslookup import DnsLookups, make_resolver
+from repeld.shell.dnslookup import MAX_QUERIES, DnsLookups, make_resolver
 
 pytestmark = pytest.mark.shell
 
@@ -95,6 +95,7 @@ async def test_every_list_is_asked_once_and_scored() -> None:
         "dns_errors": 0,
         "dns_hits": 2,
         "dns_cached": 0,
+        "dns_skipped": 0,
     }
     assert lookups.hits() == {"bl.test": 1, "wl.test": 1}
 
@@ -148,3 +149,47 @@ async def test_a_score_with_an_unanswered_list_is_not_kept() -> None:
     got, queries, _ = await _run(lists, ["127.0.0.2"], timeout=0.3, lookups=lookups)
     assert got == {"127.0.0.2#0": DnsScore(1, ("bl.test",))}
     assert set(queries) == {"2.0.0.127.silent.test."}
+
+
+async def test_a_silent_list_has_a_bounded_number_of_queries_in_flight() -> None:
+    """Each query is a socket: a list that never answers may not take one per client,
+    nor hold up the other lists' answers; a query whose clients were all decided
+    while it waited its turn is never sent."""
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await sock.bind(("127.0.0.1", 0))
+    queries: collections.Counter[str] = collections.Counter()
+    got: dict[str, DnsScore] = {}
+    decided: set[str] = set()
+    lists = (DnsList("silent.test"), DnsList("bl.test"))
+    lookups: DnsLookups[str] = DnsLookups(
+        make_resolver(Resolver("127.0.0.1", sock.getsockname()[1])),
+        lists,
+        lambda item, result: got.__setitem__(item, result),
+        lambda item: item not in decided,
+        timeout=1.0,
+    )
+    clients = [f"127.1.{n // 250}.{n % 250 + 1}" for n in range(3 * lookups.slots)]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_server, sock, queries, 0.0)
+            nursery.start_soon(lookups.run)
+            for address in clients:
+                lookups.ask(address, address)
+            await trio.sleep(0.5)  # well within the silent list's timeout
+            silent = [name for name in queries if name.endswith(".silent.test.")]
+            # ... it has only its share in flight; the other list answered everyone.
+            assert len(silent) == lookups.slots == MAX_QUERIES // len(lists)
+            assert sum(1 for name in queries if name.endswith(".bl.test.")) == len(clients)
+            assert not got  # nobody is scored before every list has answered or given up
+            # The first third are still waiting; the others are decided meanwhile
+            # (their delay ended): their turn never comes.
+            decided.update(clients[lookups.slots :])
+            while len(got) < lookups.slots:
+                await trio.sleep(0.05)
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+    sock.close()
+    assert set(got) == set(clients[: lookups.slots])
+    assert sum(1 for name in queries if name.endswith(".silent.test.")) == lookups.slots
+    stats = lookups.statistics()
+    assert (stats["dns_timeouts"], stats["dns_skipped"]) == (lookups.slots, 2 * lookups.slots)

@@ -426,3 +426,35 @@ def test_a_client_seen_again_is_judged_at_accept_from_the_cached_score(
     # One query per list and address; the second connections cost none.
     assert {n: resolver.count(n) - k for n, k in before.items()} == dict.fromkeys(names, 1)
     assert (stop["dns_lookups"], stop["dns_cached"]) == ("4", "4")
+
+
+def test_a_silent_list_never_takes_a_descriptor_per_client(
+    resolver: Forwarder, backend: LineBackend, syslog: SyslogUDP
+) -> None:
+    """A query is a socket until it is answered or times out: with a list that
+    never answers, one per held client would spend half of --max-held's
+    descriptors. The silent list has its share in flight (64 of 128 with two
+    lists), the other list answers every client meanwhile."""
+    clients = 300
+    d = _repeld(
+        resolver, backend, syslog, 20.0,
+        "--dnsbl", "silent.test", "--dnsbl", "bl.test", "--dns-timeout", "10",
+    )  # fmt: skip
+    names = [f"{n % 250 + 1}.{n // 250}.2.127" for n in range(clients)]
+    before = {n: resolver.count(f"{n}.silent.test") for n in names}
+    socks = []
+    try:
+        for n in range(clients):
+            socks.append(connect(d.address[1], f"127.2.{n // 250}.{n % 250 + 1}"))
+        asked = wait_for(lambda: all(resolver.count(f"{n}.bl.test") for n in names), 20.0)
+        assert asked, "the other list was held up by the silent one"
+        fds = len(os.listdir(f"/proc/{d.pid}/fd"))
+        silent = sum(resolver.count(f"{n}.silent.test") - k for n, k in before.items())
+    finally:
+        for sock in socks:
+            sock.close()
+        d.stop()
+    assert silent == 64
+    # The held sockets, 64 queries, and what repeld has open anyway (listener,
+    # pen, syslog, ...): far from the 600 that a socket per client would make.
+    assert clients + 64 <= fds < clients + 64 + 40

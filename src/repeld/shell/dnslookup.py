@@ -19,6 +19,15 @@ and no trip through the queue and this task -- what most clients of a busy
 server are (the same bots, the same senders), so that the lists cost them
 next to nothing (docs/perf-log/2026-12-03-dnsbl-fast.md).
 
+Each query holds a socket of its own until it is answered or gives up, and
+a list that never answers would keep one per client for --dns-timeout: a
+flood from distinct addresses would spend every descriptor the server has.
+So each list has at most `MAX_QUERIES` (divided among the lists, at least
+`MIN_QUERIES` each) queries in flight, within the descriptors kept back from
+--max-held (service/capacity.py FD_RESERVE); the rest wait their turn in order,
+and one whose clients were all decided meanwhile is never sent (`skipped`).
+A silent list so waits alone: the other lists' queries go on.
+
 A task per query rather than one socket of our own: dnspython's resolver
 brings the retries over the resolver's servers, the TCP fallback for a
 truncated answer and the reading of /etc/resolv.conf, and a trio task costs
@@ -32,7 +41,7 @@ on trio without a thread per query.
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -57,13 +66,19 @@ from repeld.core.dnsbl import (
     score,
 )
 
-__all__ = ["RESULTS", "DnsLookups", "make_resolver"]
+__all__ = ["MAX_QUERIES", "MIN_QUERIES", "RESULTS", "DnsLookups", "make_resolver"]
 
 T = TypeVar("T")
 
 #: How one list's answer for one client came: from a query (listed: an A record,
-#: clear: NXDOMAIN or none, timeout, error: SERVFAIL, refused...) or the cache.
-RESULTS = ("listed", "clear", "timeout", "error", "cached")
+#: clear: NXDOMAIN or none, timeout, error: SERVFAIL, refused...) or the cache;
+#: or none came (skipped: every client that waited was decided before the list,
+#: busy with MAX_QUERIES already, could be asked).
+RESULTS = ("listed", "clear", "timeout", "error", "cached", "skipped")
+#: Queries in flight at most, over all the lists (each one a socket).
+MAX_QUERIES = 128
+#: ... and at least this many for each list however many lists there are.
+MIN_QUERIES = 16
 
 
 #: What an answer to an A query may hold: the records, a CNAME chain on the way,
@@ -139,8 +154,14 @@ class DnsLookups(Generic[T]):
         self._backend = dns.asyncbackend.get_backend("trio")
         self._queue: list[tuple[str, T]] = []
         self._due = trio.Event()
-        # (domain, query name) -> the clients waiting for that query in flight
+        # (domain, query name) -> the clients waiting for that query, in flight
+        # or waiting its turn in `_backlog`
         self._inflight: dict[tuple[str, str], list[_Client[T]]] = {}
+        #: Queries each list may have in flight, and has.
+        self.slots = max(MIN_QUERIES, MAX_QUERIES // max(1, len(self.domains)))
+        self._running: dict[str, int] = dict.fromkeys(self.domains, 0)
+        self._backlog: dict[str, deque[str]] = {domain: deque() for domain in self.domains}
+        self._queries: trio.Nursery | None = None
         #: Answers by (domain, result) since start, result one of RESULTS.
         self.counts: Counter[tuple[str, str]] = Counter()
         #: Clients each list listed (its answer passed an entry's filter).
@@ -185,6 +206,7 @@ class DnsLookups(Generic[T]):
             "dns_errors": by_result["error"],
             "dns_hits": sum(self.listed.values()),
             "dns_cached": by_result["cached"],
+            "dns_skipped": by_result["skipped"],
         }
 
     def results(self) -> dict[str, int]:
@@ -198,6 +220,7 @@ class DnsLookups(Generic[T]):
     async def run(self) -> None:
         """Serve the queue until cancelled (the queries in flight go with it)."""
         async with trio.open_nursery() as queries:
+            self._queries = queries
             while True:
                 if not self._queue:
                     self._due = trio.Event()
@@ -227,7 +250,26 @@ class DnsLookups(Generic[T]):
                 waiters.append(client)
                 continue
             self._inflight[domain, name] = [client]
-            queries.start_soon(self._query, domain, name)
+            if self._running[domain] < self.slots:
+                self._running[domain] += 1
+                queries.start_soon(self._query, domain, name)
+            else:  # the list is busy: wait for a query of its own to end
+                self._backlog[domain].append(name)
+
+    def _next(self, domain: str) -> None:
+        # A query of `domain` has ended: send the first waiting one that still
+        # counts for a client; those that count for nobody now are never sent.
+        backlog = self._backlog[domain]
+        while backlog:
+            name = backlog.popleft()
+            waiters = self._inflight[domain, name]
+            if any(self._waiting(client.item) for client in waiters):
+                assert self._queries is not None
+                self._running[domain] += 1
+                self._queries.start_soon(self._query, domain, name)
+                return
+            del self._inflight[domain, name]
+            self.counts[domain, "skipped"] += 1
 
     async def _query(self, domain: str, name: str) -> None:
         replies: tuple[str, ...] = ()
@@ -263,8 +305,10 @@ class DnsLookups(Generic[T]):
         if ttl > 0:
             self.cache.put((domain, name), replies, ttl, now)
             expires = now + min(ttl, MAX_TTL)
+        self._running[domain] -= 1
         for client in self._inflight.pop((domain, name), ()):
             self._answered(client, domain, replies, expires, now)
+        self._next(domain)
 
     def _answered(
         self,
