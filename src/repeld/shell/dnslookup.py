@@ -52,7 +52,9 @@ __all__ = ["RESULTS", "DnsLookups", "make_resolver"]
 T = TypeVar("T")
 
 #: How one list's answer for one client came: from a query (listed: an A record,
-#: clear: NXDOMAIN or none, timeout, error: SERVFAIL, refused...) or the cache.
+#: clear: NXDOMAIN or none, timeout, error: SERVFAIL, refused...) or with no query
+#: of its own (cached: the answer cache, or a query in flight for another client
+#: from the same address), so that every client counts once per list.
 RESULTS = ("listed", "clear", "timeout", "error", "cached")
 
 
@@ -139,7 +141,8 @@ class DnsLookups(Generic[T]):
 
     def statistics(self) -> dict[str, int]:
         """Totals over the lists: queries sent, their timeouts and errors, answers
-        from the cache, and clients listed (once per list that listed them)."""
+        that needed no query (the cache, or another client's query in flight), and
+        clients listed (once per list that listed them)."""
         by_result: Counter[str] = Counter()
         for (_, result), n in self.counts.items():
             by_result[result] += n
@@ -192,6 +195,7 @@ class DnsLookups(Generic[T]):
                 continue
             waiters = self._inflight.get((domain, name))
             if waiters is not None:  # asked already for another client: share it
+                self.counts[domain, "cached"] += 1  # no query of its own, as from the cache
                 waiters.append(client)
                 continue
             self._inflight[domain, name] = [client]
