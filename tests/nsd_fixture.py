@@ -15,7 +15,7 @@ or not:
     127.0.0.6  nowhere (NXDOMAIN)
     ::1        bl.test 127.0.0.2 (the 32 nibbles of ip6.arpa)
 
-Used by tests/system/test_dnsbl.py.
+Used by tests/system/test_dnsbl.py and tests/system/test_dnsbl_metrics.py.
 """
 
 from __future__ import annotations
