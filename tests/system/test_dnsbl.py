@@ -4,172 +4,33 @@ repeld runs as a subprocess with `--resolver` pointing at a small counting UDP
 forwarder in front of NSD, so the tests can see how many queries reached the
 server, and so that one list (`silent.test`) never answers: the forwarder reads
 its queries and drops them. Clients connect from distinct 127.0.0.x sources,
-which the zones list or not:
-
-    127.0.0.2  bl.test 127.0.0.2
-    127.0.0.3  bl.test 127.0.0.3 (a filter of 127.0.0.2 does not count it)
-    127.0.0.4  wl.test 127.0.2.1
-    127.0.0.5  bl.test 127.0.0.2 and wl.test 127.0.2.1 (the weights decide)
-    127.0.0.6  nowhere (NXDOMAIN)
-    ::1        bl.test 127.0.0.2 (the 32 nibbles of ip6.arpa)
+which the zones list or not (tests/nsd_fixture.py has the table).
 """
 
 from __future__ import annotations
 
-import collections
 import os
-import shutil
 import socket
-import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
-import dns.message
 import pytest
 
-from ..procs import Daemon, LineBackend, SyslogUDP, connect, free_port, read_line, wait_for
+from ..nsd_fixture import NSD, Forwarder, dns_server
+from ..procs import Daemon, LineBackend, SyslogUDP, connect, read_line, wait_for
 
 #: As root, repeld drops to nobody: the resolver is made before the drop.
 USER = ["--user", "nobody"] if os.geteuid() == 0 else []
-NSD = shutil.which("nsd") or ("/usr/sbin/nsd" if Path("/usr/sbin/nsd").exists() else None)
 pytestmark = [
     pytest.mark.system,
     pytest.mark.skipif(NSD is None, reason="nsd is not installed (apt-get install nsd)"),
 ]
 
-ZONES = {
-    "bl.test": [
-        "2.0.0.127 IN A 127.0.0.2",
-        "3.0.0.127 IN A 127.0.0.3",
-        "5.0.0.127 IN A 127.0.0.2",
-        "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0 IN A 127.0.0.2",
-    ],
-    "wl.test": ["4.0.0.127 IN A 127.0.2.1", "5.0.0.127 IN A 127.0.2.1"],
-    "silent.test": [],
-}
-TTL = 300
-
-
-def _zone(name: str, records: list[str]) -> str:
-    return "\n".join(
-        [
-            f"$ORIGIN {name}.",
-            f"$TTL {TTL}",
-            f"@ IN SOA ns.{name}. hostmaster.{name}. 1 3600 600 86400 60",
-            f"@ IN NS ns.{name}.",
-            "ns IN A 127.0.0.1",
-            *records,
-            "",
-        ]
-    )
-
-
-class Nsd:
-    """NSD in the foreground with a private configuration, on 127.0.0.1:port."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        conf = [
-            "server:",
-            f"  ip-address: 127.0.0.1@{self.port}",
-            f"  port: {self.port}",
-            '  username: ""',
-            '  chroot: ""',
-            f'  zonesdir: "{workdir}"',
-            '  database: ""',
-            f'  pidfile: "{workdir}/nsd.pid"',
-            f'  xfrdfile: "{workdir}/xfrd.state"',
-            f'  zonelistfile: "{workdir}/zone.list"',
-            f'  logfile: "{workdir}/nsd.log"',
-            "  server-count: 1",
-            "  do-ip6: no",
-            "remote-control:",
-            "  control-enable: no",
-        ]
-        for name, records in ZONES.items():
-            (workdir / f"{name}.zone").write_text(_zone(name, records))
-            conf += ["zone:", f'  name: "{name}"', f'  zonefile: "{name}.zone"']
-        (workdir / "nsd.conf").write_text("\n".join(conf) + "\n")
-        assert NSD is not None
-        self.proc = subprocess.Popen(
-            [NSD, "-d", "-c", str(workdir / "nsd.conf")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.log = workdir / "nsd.log"
-        started = wait_for(
-            lambda: self.log.exists() and "nsd started" in self.log.read_text(), 20.0
-        )
-        assert started, self.log.read_text() if self.log.exists() else "no nsd log"
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-class Forwarder:
-    """A UDP DNS forwarder that counts the queries by name, and drops those under
-    silent.test (a list that never answers)."""
-
-    def __init__(self, upstream: int) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = int(self.sock.getsockname()[1])
-        self.upstream = ("127.0.0.1", upstream)
-        self.queries: collections.Counter[str] = collections.Counter()
-        self._lock = threading.Lock()
-        self._closed = False
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._closed:
-            try:
-                data, peer = self.sock.recvfrom(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            name = str(dns.message.from_wire(data).question[0].name).rstrip(".")
-            with self._lock:
-                self.queries[name] += 1
-            if name.endswith(".silent.test"):
-                continue  # read and dropped: the list never answers
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
-                up.settimeout(5.0)
-                up.sendto(data, self.upstream)
-                try:
-                    answer = up.recv(4096)
-                except TimeoutError:
-                    continue
-            self.sock.sendto(answer, peer)
-
-    def count(self, name: str) -> int:
-        with self._lock:
-            return self.queries[name]
-
-    def close(self) -> None:
-        self._closed = True
-        self._thread.join(5)
-        self.sock.close()
-
 
 @pytest.fixture(scope="module")
 def resolver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Forwarder]:
-    nsd = Nsd(tmp_path_factory.mktemp("nsd"))
-    forwarder = Forwarder(nsd.port)
-    try:
+    with dns_server(tmp_path_factory.mktemp("nsd")) as forwarder:
         yield forwarder
-    finally:
-        forwarder.close()
-        nsd.close()
 
 
 def _repeld(

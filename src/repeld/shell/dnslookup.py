@@ -71,9 +71,11 @@ __all__ = ["MAX_QUERIES", "MIN_QUERIES", "RESULTS", "DnsLookups", "make_resolver
 T = TypeVar("T")
 
 #: How one list's answer for one client came: from a query (listed: an A record,
-#: clear: NXDOMAIN or none, timeout, error: SERVFAIL, refused...) or the cache;
-#: or none came (skipped: every client that waited was decided before the list,
-#: busy with MAX_QUERIES already, could be asked).
+#: clear: NXDOMAIN or none, timeout, error: SERVFAIL, refused...) or with no query
+#: of its own (cached: the answer cache, or a query in flight for another client
+#: from the same address), so that every client counts once per list; or none
+#: came (skipped: every client that waited was decided before the list, busy
+#: with its share of MAX_QUERIES, could be asked).
 RESULTS = ("listed", "clear", "timeout", "error", "cached", "skipped")
 #: Queries in flight at most, over all the lists (each one a socket).
 MAX_QUERIES = 128
@@ -197,7 +199,8 @@ class DnsLookups(Generic[T]):
 
     def statistics(self) -> dict[str, int]:
         """Totals over the lists: queries sent, their timeouts and errors, answers
-        from the cache, and clients listed (once per list that listed them)."""
+        that needed no query (the cache, or another client's query in flight),
+        queries skipped, and clients listed (once per list that listed them)."""
         by_result = self._by_result()
         sent = sum(by_result[r] for r in ("listed", "clear", "timeout", "error"))
         return {
@@ -247,6 +250,7 @@ class DnsLookups(Generic[T]):
                 continue
             waiters = self._inflight.get((domain, name))
             if waiters is not None:  # asked already for another client: share it
+                self.counts[domain, "cached"] += 1  # no query of its own, as from the cache
                 waiters.append(client)
                 continue
             self._inflight[domain, name] = [client]
