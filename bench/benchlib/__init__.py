@@ -6,7 +6,7 @@
   their own, stopped by their PID, never by name) and /proc readers for what a
   process tree costs: memory, CPU, descriptors, held sockets;
 - `servers`: starting repeld and the peers (bench/peers/ recipes for smtp-sink,
-  postscreen and HAProxy; redis-server; bench/taskserver.py);
+  postscreen, HAProxy and NSD; redis-server; bench/taskserver.py);
 - `load`: the load processes that hold silent connections and the probes
   that time the greeting and the cut-off;
 - `events`: a UDP syslog sink that counts repeld's events;

@@ -1,7 +1,8 @@
 """Load generation: silent connections by the thousand, and the probes.
 
-`bulk_worker` is one load process (its own fd limit and source address) that
-opens, checks and resets silent connections on command; `probe_worker` times
+`bulk_worker` is one load process (its own fd limit, and one source address or
+a network of them, one address per connection) that opens, checks and resets
+silent connections on command; `probe_worker` times
 the greeting (timer probes) or the cut-off of a client that talks first.
 """
 
@@ -16,11 +17,12 @@ import selectors
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from benchlib.net import bind_source, raise_nofile, rst_close
+from benchlib.net import bind_source, raise_nofile, rst_close, sources
 
 #: What a cut-off probe says before the greeting.
 TALK = b"EHLO probe.test\r\n"
@@ -34,13 +36,14 @@ def _sock(obj: object) -> socket.socket:
 def open_many(
     host: str,
     port: int,
-    source: str,
+    source: Iterator[str],
     count: int,
     start_at: float,
     window: int,
     socks: list[socket.socket],
 ) -> dict[str, Any]:
-    """Open `count` silent connections, at most `window` connects in flight."""
+    """Open `count` silent connections, at most `window` connects in flight, each
+    from the next address of `source`."""
     sel = selectors.DefaultSelector()
     fails: dict[str, int] = {}
     started = done = inflight = 0
@@ -53,7 +56,7 @@ def open_many(
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.setblocking(False)
             try:
-                bind_source(s, source)
+                bind_source(s, next(source))
                 err = s.connect_ex((host, port))
             except OSError as exc:
                 err = exc.errno or -1
@@ -112,9 +115,14 @@ def check_silent(socks: list[socket.socket]) -> dict[str, int]:
 
 
 def bulk_worker(conn: Connection, host: str, port: int, source: str, window: int) -> None:
-    """One load process: opens, checks and resets its share of silent connections."""
+    """One load process: opens, checks and resets its share of silent connections.
+
+    `source` is one address for every connection, or a network (ADDR/LEN) whose
+    addresses are used in turn, one per connection, carrying on from one "open"
+    to the next (net.sources)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent cleans up
     raise_nofile()
+    addresses = sources(source)
     socks: list[socket.socket] = []
     while True:
         try:
@@ -123,7 +131,7 @@ def bulk_worker(conn: Connection, host: str, port: int, source: str, window: int
             break
         cmd = msg[0]
         if cmd == "open":
-            conn.send(open_many(host, port, source, msg[1], msg[2], window, socks))
+            conn.send(open_many(host, port, addresses, msg[1], msg[2], window, socks))
         elif cmd == "check":
             conn.send(check_silent(socks))
         elif cmd == "close":

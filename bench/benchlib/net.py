@@ -15,6 +15,7 @@ import resource
 import socket
 import sys
 import time
+from collections.abc import Iterator
 
 #: Linux: let connect() choose the source port (4-tuple unique), so thousands of
 #: sockets on one source address do not exhaust bind()'s port search.
@@ -22,11 +23,27 @@ IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
 def assert_loopback(*addresses: str) -> None:
-    """Exit 2 if any address is not loopback (127.0.0.0/8 or ::1)."""
+    """Exit 2 if any address (or network, ADDR/LEN) is not loopback (127.0.0.0/8 or ::1)."""
     for addr in addresses:
-        if not ipaddress.ip_address(addr).is_loopback:
+        net = ipaddress.ip_network(addr)
+        if not (net.network_address.is_loopback and net.broadcast_address.is_loopback):
             print(f"refusing non-loopback address {addr}", file=sys.stderr)
             sys.exit(2)
+
+
+def sources(spec: str) -> Iterator[str]:
+    """The source address of each connection: `spec` every time for an address,
+    or, for an IPv4 network (127.100.0.0/16), each of its addresses in turn,
+    leaving out those ending in .0 and .255, and from the first again at the end."""
+    if "/" not in spec:
+        while True:
+            yield spec
+    net = ipaddress.IPv4Network(spec)
+    first, size = int(net.network_address), net.num_addresses
+    while True:
+        for offset in range(size):
+            if (first + offset) & 0xFF not in (0, 255):
+                yield str(ipaddress.IPv4Address(first + offset))
 
 
 def _port_free(port: int) -> bool:

@@ -189,11 +189,12 @@ def server_held(pids: Sequence[int], port: int) -> dict[str, int]:
     return out
 
 
-def sockstat() -> dict[str, int]:
-    """System-wide TCP numbers from /proc/net/sockstat ('mem' is in pages)."""
+def sockstat(proto: str = "TCP") -> dict[str, int]:
+    """System-wide numbers of `proto` (TCP, UDP...) from /proc/net/sockstat ('mem'
+    is in pages)."""
     with contextlib.suppress(OSError), open("/proc/net/sockstat") as f:
         for line in f:
-            if line.startswith("TCP:"):
+            if line.startswith(f"{proto}:"):
                 v = line.split()[1:]
                 return {k: int(x) for k, x in zip(v[::2], v[1::2], strict=True)}
     return {}

@@ -1,5 +1,5 @@
 """Starting the servers under test on loopback: repeld, and the peers through
-their recipes in bench/peers/ (smtp-sink, postscreen, HAProxy), plus
+their recipes in bench/peers/ (smtp-sink, postscreen, HAProxy, NSD), plus
 redis-server for bench-cache and the task-per-connection server
 (bench/taskserver.py) for the A/B of repeld's pen and relay pool.
 """
@@ -13,9 +13,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import dns.exception
+import dns.message
+import dns.query
+import dns.rcode
+
 from benchlib.events import UdpSink
+from benchlib.net import assert_loopback
 from benchlib.procs import Server, spawn
 
 #: The recipes that start the peers on loopback (bench/peers/, see bench/README.md).
@@ -35,6 +42,95 @@ def start_redis(port: int, logdir: Path) -> Server:
     argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     argv += ["--dir", str(logdir), "--daemonize", "no", "--protected-mode", "yes"]
     return spawn("redis-server", argv, port, logdir)
+
+
+#: The list zones bench/peers/nsd.sh serves: a block list and an allow list.
+DNS_LISTS = ("bl.test", "wl.test")
+#: An address each list lists (the RFC 5782 test point), and what it answers.
+LISTED = {"bl.test": ("127.0.0.2", "127.0.0.2"), "wl.test": ("127.0.0.4", "127.0.2.1")}
+
+
+@dataclass
+class DnsPeer:
+    """NSD serving the list zones (bench/peers/nsd.sh) and how to read its counters."""
+
+    server: Server
+    conf: Path
+
+    def arguments(self) -> list[str]:
+        """What repeld needs to ask both lists through this server."""
+        bl, wl = DNS_LISTS
+        return ["--resolver", f"127.0.0.1:{self.server.port}", "--dnsbl", bl, "--dnswl", wl]
+
+    def counters(self) -> dict[str, int]:
+        """Queries received since start, in all and per list zone, and the answers
+        NSD truncated or dropped (`nsd-control stats_noreset`; {} if it fails)."""
+        exe = shutil.which("nsd-control") or "/usr/sbin/nsd-control"
+        try:
+            out = subprocess.run(
+                [exe, "-c", str(self.conf), "stats_noreset"],
+                capture_output=True,
+                timeout=10,
+                check=True,
+                text=True,
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            return {}
+        values: dict[str, int] = {}
+        for line in out.splitlines():
+            key, _, value = line.partition("=")
+            if value.isdigit():
+                values[key] = int(value)
+        wanted = {"queries": "num.queries", "truncated": "num.truncated", "dropped": "num.dropped"}
+        wanted |= {zone: f"{zone}.num.queries" for zone in DNS_LISTS}
+        return {name: values[key] for name, key in wanted.items() if key in values}
+
+
+def _reverse(address: str) -> str:
+    return ".".join(reversed(address.split(".")))
+
+
+def _ask(port: int, name: str) -> tuple[int, list[str]]:
+    """One A query to 127.0.0.1:port: (rcode, the addresses answered)."""
+    reply = dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=port, timeout=1.0)
+    return reply.rcode(), [str(rr) for rrset in reply.answer for rr in rrset]
+
+
+def start_nsd(port: int, logdir: Path, unlisted: Sequence[str] = (), name: str = "nsd") -> DnsPeer:
+    """NSD on 127.0.0.1:port (UDP and TCP) serving bl.test and wl.test
+    (bench/peers/nsd.sh), once it answers: each list's test point is listed,
+    and each address of `unlisted` (the bench's sources) is in neither list."""
+    assert_loopback(*unlisted)
+    peer_dir = logdir / f"{name}-{port}"
+    env = {"PEER_DIR": str(peer_dir), "NSD_PORT": str(port)}
+    srv = spawn(name, [str(PEERS / "nsd.sh")], port, logdir, env)
+    srv.note = f"NSD_PORT={port} bench/peers/nsd.sh ({', '.join(DNS_LISTS)})"
+    try:
+        # Listening is not serving: the zones may still be loading.
+        deadline = time.monotonic() + 20.0
+        while True:
+            zone = DNS_LISTS[0]
+            address, answer = LISTED[zone]
+            try:
+                if _ask(port, f"{_reverse(address)}.{zone}") == (dns.rcode.NOERROR, [answer]):
+                    break
+            except (OSError, dns.exception.DNSException):
+                pass
+            if time.monotonic() > deadline or not srv.alive():
+                raise RuntimeError(f"{name}: {zone} not served on port {port}")
+            time.sleep(0.1)
+        for zone, (address, answer) in LISTED.items():
+            got = _ask(port, f"{_reverse(address)}.{zone}")
+            if got != (dns.rcode.NOERROR, [answer]):
+                raise RuntimeError(f"{name}: {address} in {zone}: {got}, not {answer}")
+            for source in unlisted:
+                got = _ask(port, f"{_reverse(source)}.{zone}")
+                if got[0] != dns.rcode.NXDOMAIN:
+                    raise RuntimeError(f"{name}: the bench's source {source} is in {zone}: {got}")
+    except BaseException:
+        srv.stop()
+        raise
+    return DnsPeer(srv, peer_dir / "nsd.conf")
 
 
 def _workers_ready(pids: Sequence[int]) -> int:

@@ -1,5 +1,5 @@
-"""The benchmark scripts keep working: small bench-hold and bench-cache runs print
-their tables.
+"""The benchmark scripts keep working: small bench-hold (also with DNS lists, where
+nsd is installed) and bench-cache runs print their tables.
 
 No speed is asserted here (speed is measured by bench/bench-hold,
 bench/bench-relay and bench/bench-cache, and written down in
@@ -76,6 +76,49 @@ def test_bench_hold_small_run_prints_the_table() -> None:
     # every connection asked for was held by the server (plus the timer probes)
     held = int(table["held (server side)"][0].replace(",", ""))
     assert held >= 200
+
+
+NSD = shutil.which("nsd") or ("/usr/sbin/nsd" if Path("/usr/sbin/nsd").exists() else None)
+
+
+@pytest.mark.skipif(NSD is None, reason="bench-hold --dns needs nsd (apt-get install nsd)")
+def test_bench_hold_dns_run_counts_the_queries_per_list() -> None:
+    # About 10 s: repeld, then repeld+dns, each client from its own address.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH_HOLD),
+            "--n",
+            "200",
+            "--delay",
+            "2",
+            "--dns",
+            "--sources",
+            "distinct",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header, table = _table(proc.stdout)
+    assert header == ["metric", "repeld", "repeld+dns", "repeld/repeld+dns", "target", "met"]
+    for row in ROWS:
+        matches = [name for name in table if name.startswith(row)]
+        assert matches, f"no {row!r} row in:\n{proc.stdout}"
+        assert table[matches[0]][0] and table[matches[0]][1], f"empty value in {row!r}"
+    # the plain run asked no list; the one with lists asked both (a query per
+    # client and list, with distinct sources: how many is not asserted here)
+    for zone in ("bl.test", "wl.test"):
+        cells = table[f"{zone} queries per client (NSD)"]  # repeld, repeld+dns, ratio...
+        assert float(cells[0]) == 0.0
+        assert float(cells[1]) > 0.0
+    assert table["DNS queries sent per client (repeld)"][0] == "n/a"
+    assert float(table["DNS queries sent per client (repeld)"][1]) > 0.0
+    assert "repeld+dns against repeld: accept rate" in proc.stdout
 
 
 def _table(stdout: str) -> tuple[list[str], dict[str, list[str]]]:
