@@ -16,6 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from repeld.shell.dnslookup import MAX_QUERIES
+
 from ..nsd_fixture import NSD, Forwarder, dns_server
 from ..procs import Daemon, LineBackend, SyslogUDP, connect, read_line, wait_for
 
@@ -294,8 +296,8 @@ def test_a_silent_list_never_takes_a_descriptor_per_client(
 ) -> None:
     """A query is a socket until it is answered or times out: with a list that
     never answers, one per held client would spend half of --max-held's
-    descriptors. The silent list has its share in flight (64 of 128 with two
-    lists), the other list answers every client meanwhile."""
+    descriptors. The silent list has its share in flight (half of MAX_QUERIES
+    with two lists), the other list answers every client meanwhile."""
     clients = 300
     d = _repeld(
         resolver, backend, syslog, 20.0,
@@ -315,7 +317,8 @@ def test_a_silent_list_never_takes_a_descriptor_per_client(
         for sock in socks:
             sock.close()
         d.stop()
-    assert silent == 64
-    # The held sockets, 64 queries, and what repeld has open anyway (listener,
+    share = MAX_QUERIES // 2
+    assert silent == share
+    # The held sockets, its queries, and what repeld has open anyway (listener,
     # pen, syslog, ...): far from the 600 that a socket per client would make.
-    assert clients + 64 <= fds < clients + 64 + 40
+    assert clients + share <= fds < clients + share + 40

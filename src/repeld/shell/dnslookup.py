@@ -22,8 +22,8 @@ next to nothing (docs/perf-log/2026-12-03-dnsbl-fast.md).
 Each query holds a socket of its own until it is answered or gives up, and
 a list that never answers would keep one per client for --dns-timeout: a
 flood from distinct addresses would spend every descriptor the server has.
-So each list has at most `MAX_QUERIES` (divided among the lists, at least
-`MIN_QUERIES` each) queries in flight, within the descriptors kept back from
+So each list has at most its share of `MAX_QUERIES` (at least `MIN_QUERIES`)
+queries in flight, within the descriptors kept back from
 --max-held (service/capacity.py FD_RESERVE); the rest wait their turn in order,
 and one whose clients were all decided meanwhile is never sent (`skipped`).
 A silent list so waits alone: the other lists' queries go on.
@@ -77,10 +77,14 @@ T = TypeVar("T")
 #: came (skipped: every client that waited was decided before the list, busy
 #: with its share of MAX_QUERIES, could be asked).
 RESULTS = ("listed", "clear", "timeout", "error", "cached", "skipped")
-#: Queries in flight at most, over all the lists (each one a socket).
-MAX_QUERIES = 128
+#: Queries in flight at most, over all the lists (each one a socket). Also
+#: what bounds the hold's latency while answers pour in: trio runs every task
+#: that is ready before it looks at the sockets again, and each answer costs
+#: some 300 µs of dnspython, so 32 answers are a 10 ms stall at most (128 made
+#: a cut-off p99 of 157 ms under a flood of new addresses).
+MAX_QUERIES = 32
 #: ... and at least this many for each list however many lists there are.
-MIN_QUERIES = 16
+MIN_QUERIES = 4
 
 
 #: What an answer to an A query may hold: the records, a CNAME chain on the way,
