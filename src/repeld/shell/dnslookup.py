@@ -80,9 +80,11 @@ RESULTS = ("listed", "clear", "timeout", "error", "cached", "skipped")
 #: Queries in flight at most, over all the lists (each one a socket). Also
 #: what bounds the hold's latency while answers pour in: trio runs every task
 #: that is ready before it looks at the sockets again, and each answer costs
-#: some 300 µs of dnspython, so 32 answers are a 10 ms stall at most (128 made
-#: a cut-off p99 of 157 ms under a flood of new addresses).
-MAX_QUERIES = 32
+#: some 300-350 µs of dnspython, so 16 answers are a 5 ms stall at most (under
+#: a flood of new addresses the cut-off p99 was 157 ms at 128, 10-30 ms at 32,
+#: 4-7.5 ms at 16). 16 in flight still take some 500 queries a second from a
+#: resolver 30 ms away, and far more from a local cache.
+MAX_QUERIES = 16
 #: ... and at least this many for each list however many lists there are.
 MIN_QUERIES = 4
 
