@@ -25,6 +25,8 @@ ANSWERS = {
     "2.0.0.127.bl.test.": "127.0.0.2",
     "2.0.0.127.wl.test.": "127.0.2.1",
 }
+#: Zones whose negative answers carry an SOA: (its TTL, its minimum field).
+SOAS = {"long.test.": (900, 600), "short.test.": (900, 10), "nodata.test.": (120, 3600)}
 
 
 async def _server(
@@ -44,6 +46,13 @@ async def _server(
             reply.set_rcode(dns.rcode.SERVFAIL)
         else:
             reply.set_rcode(dns.rcode.NXDOMAIN)
+            zone = name.split(".", 4)[-1]  # d.c.b.a.ZONE
+            if zone in SOAS:  # a negative answer that says how long it may be kept
+                ttl, minimum = SOAS[zone]
+                if zone.startswith("nodata."):
+                    reply.set_rcode(dns.rcode.NOERROR)  # the name exists, without an A
+                soa = f"ns.{zone} hostmaster.{zone} 1 3600 600 86400 {minimum}"
+                reply.authority.append(dns.rrset.from_text(zone, ttl, "IN", "SOA", soa))
         await trio.sleep(delay)
         await sock.sendto(reply.to_wire(), peer)
 
@@ -195,3 +204,22 @@ async def test_a_silent_list_has_a_bounded_number_of_queries_in_flight() -> None
     assert sum(1 for name in queries if name.endswith(".silent.test.")) == lookups.slots
     stats = lookups.statistics()
     assert (stats["dns_timeouts"], stats["dns_skipped"]) == (lookups.slots, 2 * lookups.slots)
+
+
+@pytest.mark.parametrize(
+    ("zone", "kept"),
+    [
+        ("long.test", 600.0),  # the lesser of the SOA's TTL and minimum (RFC 2308)
+        ("short.test", NEGATIVE_TTL),  # never less than a minute, as postscreen
+        ("nodata.test", 120.0),  # no A record for an existing name: the same rule
+        ("bl.test", NEGATIVE_TTL),  # no SOA in the answer
+    ],
+)
+async def test_not_listed_is_kept_for_the_lists_negative_ttl(zone: str, kept: float) -> None:
+    _, queries, lookups = await _run((DnsList(zone),), ["127.0.0.9"])
+    now = trio.current_time()
+    name = f"9.0.0.127.{zone}"
+    entry = lookups.cache.entry((zone, name), now)
+    assert entry is not None and entry[1] == ()
+    assert kept - 5.0 < entry[0] - now <= kept  # stored a moment ago
+    assert queries == {f"{name}.": 1}

@@ -25,6 +25,7 @@ from repeld.core.dnsbl import (
     Judgement,
     ScoreCache,
     domains,
+    negative_ttl,
     query_name,
     reject_line,
     reversed_address,
@@ -502,3 +503,20 @@ def test_the_fast_reversal_is_the_reversal(
 def test_a_non_address_has_no_reversal(text: str) -> None:
     with pytest.raises(ValueError):
         reversed_address(text)
+
+
+@pytest.mark.parametrize(
+    ("soa_ttl", "minimum", "kept"),
+    [
+        (3600, 600, 600.0),
+        (300, 900, 300.0),
+        (3600, 10, NEGATIVE_TTL),
+        (0, 0, NEGATIVE_TTL),
+        (None, None, NEGATIVE_TTL),
+        (86400, 86400, 86400.0),  # TtlCache.put caps it at MAX_TTL
+    ],
+)
+def test_not_listed_is_kept_for_the_negative_ttl_of_the_soa(
+    soa_ttl: int | None, minimum: int | None, kept: float
+) -> None:
+    assert negative_ttl(soa_ttl, minimum) == kept

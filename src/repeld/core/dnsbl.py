@@ -47,6 +47,7 @@ __all__ = [
     "ScoreCache",
     "TtlCache",
     "domains",
+    "negative_ttl",
     "query_name",
     "reject_line",
     "reversed_address",
@@ -209,11 +210,24 @@ def reject_line(client: str, lists: Sequence[str]) -> bytes:
 
 #: The most entries a `TtlCache` keeps (answers, or scores); the oldest go first.
 ANSWER_CACHE_SIZE = 100_000
-#: How long "not listed" (NXDOMAIN, or no A record) is kept, in seconds: lists
-#: answer most clients so, and a client newly listed is seen within a minute.
+#: How long "not listed" (NXDOMAIN, or no A record) is kept at least, in seconds,
+#: and when the answer has no SOA to say (`negative_ttl`): lists answer most
+#: clients so, and a client newly listed is seen within a minute (postscreen's
+#: postscreen_dnsbl_min_ttl is 60 s too).
 NEGATIVE_TTL = 60.0
 #: The longest an answer is kept, whatever TTL the list gave it.
 MAX_TTL = 3600.0
+
+
+def negative_ttl(soa_ttl: int | None, soa_minimum: int | None) -> float:
+    """How long a "not listed" answer is kept: the list's negative TTL, the lesser of
+    its SOA record's TTL and the SOA's minimum field (RFC 2308, section 5), but at
+    least NEGATIVE_TTL; NEGATIVE_TTL without an SOA. (At most MAX_TTL, as every
+    answer: `TtlCache.put` caps it.)"""
+    if soa_ttl is None or soa_minimum is None:
+        return NEGATIVE_TTL
+    return max(NEGATIVE_TTL, float(min(soa_ttl, soa_minimum)))
+
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")

@@ -47,6 +47,7 @@ from typing import Generic, TypeVar
 
 import dns.asyncbackend
 import dns.asyncresolver
+import dns.message
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
@@ -56,12 +57,12 @@ import trio
 from repeld.config.values import Resolver
 from repeld.core.dnsbl import (
     MAX_TTL,
-    NEGATIVE_TTL,
     AnswerCache,
     DnsList,
     DnsScore,
     ScoreCache,
     domains,
+    negative_ttl,
     reversed_address,
     score,
 )
@@ -120,6 +121,15 @@ def make_resolver(server: Resolver | None) -> dns.asyncresolver.Resolver:
     resolver.nameservers = [server.host]
     resolver.port = server.port
     return resolver
+
+
+def _negative_ttl(response: dns.message.Message | None) -> float:
+    """How long a "not listed" answer is kept, from the SOA in its authority section."""
+    if response is not None:
+        for rrset in response.authority:
+            if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+                return negative_ttl(rrset.ttl, int(getattr(rrset[0], "minimum", 0)))
+    return negative_ttl(None, None)
 
 
 class _Client(Generic[T]):
@@ -296,8 +306,9 @@ class DnsLookups(Generic[T]):
                     search=False,
                     backend=self._backend,
                 )
-            except dns.resolver.NXDOMAIN:
-                result, ttl = "clear", NEGATIVE_TTL
+            except dns.resolver.NXDOMAIN as nx:
+                responses = nx.responses()  # type: ignore[no-untyped-call]
+                result, ttl = "clear", _negative_ttl(next(iter(responses.values()), None))
             except dns.resolver.LifetimeTimeout:
                 result = "timeout"
             except Exception:  # SERVFAIL, REFUSED, a malformed answer: never fatal
@@ -305,7 +316,7 @@ class DnsLookups(Generic[T]):
             else:
                 rrset = answer.rrset
                 if rrset is None:
-                    result, ttl = "clear", NEGATIVE_TTL
+                    result, ttl = "clear", _negative_ttl(answer.response)
                 else:
                     replies = tuple(str(getattr(r, "address", "")) for r in rrset)
                     result, ttl = ("listed" if replies else "clear"), float(rrset.ttl)
