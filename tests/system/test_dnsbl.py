@@ -10,9 +10,11 @@ which the zones list or not (tests/nsd_fixture.py has the table).
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -322,3 +324,44 @@ def test_a_silent_list_never_takes_a_descriptor_per_client(
     # The held sockets, its queries, and what repeld has open anyway (listener,
     # pen, syslog, ...): far from the 600 that a socket per client would make.
     assert clients + share <= fds < clients + share + 40
+
+
+def test_the_pass_cache_outranks_a_block_list_known_at_accept(
+    resolver: Forwarder, backend: LineBackend, syslog: SyslogUDP, tmp_path: Path
+) -> None:
+    """A client that waited once is remembered as patient; when the lists' score is
+    known as it comes back (cached), the pass cache's answer still speaks first."""
+    config = tmp_path / "repeld.toml"
+    config.write_text('dnsbl-action = "log"\n')
+    # As root it stays root: a reload rereads the file, which nobody could not read here.
+    as_root = ["--user", "root"] if os.geteuid() == 0 else []
+    d = _repeld(
+        resolver, backend, syslog, 1.0,
+        "-c", str(config), "--dnsbl", "bl.test", "--cache", "memory", *as_root,
+    )  # fmt: skip
+    try:
+        # Listed, but only written down: it waits the delay and is remembered.
+        first, waited = _greeting(d.address[1], "127.0.0.2")
+        assert (first, waited >= 1.0) == (GREETING, True)
+        config.write_text('dnsbl-action = "reject"\n')
+        d.signal(signal.SIGHUP)
+        syslog.wait_for("reload", timeout=10.0)
+        # Back again: the block list's score is known at accept, the cache says
+        # patient, and the cache wins (postscreen lets the list win; repeld(8)).
+        again, elapsed = _greeting(d.address[1], "127.0.0.2")
+        # A listed newcomer meets the new action.
+        newcomer, _ = _greeting(d.address[1], "127.0.0.3")
+    finally:
+        d.stop()
+    assert again == GREETING and elapsed < 0.9
+    syslog.wait_for("stop", timeout=10.0)  # every event is in
+    assert (
+        newcomer == b"554 5.7.1 Service unavailable; client [127.0.0.3] blocked using bl.test\r\n"
+    )
+    passes = [m.fields for m in syslog.named("pass") if m.fields.get("client") == "127.0.0.2"]
+    assert [(f["reason"], f["score"], f["lists"]) for f in passes] == [
+        ("delay", "1", "bl.test"),
+        ("cache", "1", "bl.test"),
+    ]
+    blocked = [(m.fields["client"], m.fields["action"]) for m in syslog.named("dnsbl")]
+    assert blocked == [("127.0.0.2", "log"), ("127.0.0.3", "reject")]
