@@ -8,6 +8,7 @@ every query it reads. The real trio clock: dnspython times its queries itself.
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import dns.message
 import dns.rcode
@@ -16,8 +17,11 @@ import pytest
 import trio
 
 from repeld.config.values import Resolver
-from repeld.core.dnsbl import NEGATIVE_TTL, DnsList, DnsScore, domains
+from repeld.core.dnsbl import NEGATIVE_TTL, DnsAction, DnsList, DnsScore, domains
+from repeld.core.policy import TrustedNetworks
 from repeld.shell.dnslookup import MAX_QUERIES, DnsLookups, make_resolver
+
+from ..harness import connect, read_line, running
 
 pytestmark = pytest.mark.shell
 
@@ -223,3 +227,55 @@ async def test_not_listed_is_kept_for_the_lists_negative_ttl(zone: str, kept: fl
     assert entry is not None and entry[1] == ()
     assert kept - 5.0 < entry[0] - now <= kept  # stored a moment ago
     assert queries == {f"{name}.": 1}
+
+
+async def test_a_query_waiting_for_its_turn_gives_up_after_the_timeout() -> None:
+    """Beyond its share in flight a silent list's queries wait; each gives up
+    --dns-timeout after it was queued, as a sent one would, so that the other
+    list's answers reach every client within the timeout, not one share per
+    timeout after another."""
+    lists = (DnsList("silent.test"), DnsList("bl.test"))
+    clients = [f"127.3.{n // 250}.{n % 250 + 1}" for n in range(8 * (MAX_QUERIES // 2))]
+    started = trio.current_time()
+    got, queries, lookups = await _run(lists, clients, timeout=0.5, delay=0.0)
+    took = trio.current_time() - started
+    assert set(got) == {f"{address}#{n}" for n, address in enumerate(clients)}
+    assert set(got.values()) == {DnsScore()}
+    assert took < 2.5  # eight shares one after another would take 4 s
+    silent = sum(1 for name in queries if name.endswith(".silent.test."))
+    stats = lookups.statistics()
+    assert silent == stats["dns_timeouts"] == lookups.slots  # only its share was sent
+    assert stats["dns_skipped"] == len(clients) - lookups.slots
+
+
+async def test_a_reload_that_removes_the_lists_keeps_them_until_a_restart() -> None:
+    """The lists are restart-only: a SIGHUP whose settings have none says so, and the
+    lists in force go on, with their thresholds, for the next clients (a client
+    whose score is cached included) instead of being half removed."""
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await sock.bind(("127.0.0.1", 0))
+    queries: collections.Counter[str] = collections.Counter()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_server, sock, queries, 0.0)
+        async with running(
+            delay=5.0,
+            dnsbl=(DnsList("bl.test"),),
+            dnsbl_action=DnsAction.REJECT,
+            resolver=Resolver("127.0.0.1", sock.getsockname()[1]),
+            dns_timeout=1.0,
+        ) as h:
+            with trio.fail_after(10):
+                first = await connect(h.address(), source="127.0.0.2")
+                assert (await read_line(first)).startswith(b"554 5.7.1 ")
+                first.close()
+                server = h.server
+                notes = server.apply(
+                    dataclasses.replace(server.settings, dnsbl=()), TrustedNetworks(()), None
+                )
+                assert notes == ["dnsbl changed: takes effect after a restart"]
+                again = await connect(h.address(), source="127.0.0.2")  # its score is cached
+                assert (await read_line(again)).startswith(b"554 5.7.1 ")
+                again.close()
+        nursery.cancel_scope.cancel()
+    sock.close()
+    assert queries == {"2.0.0.127.bl.test.": 1}

@@ -25,8 +25,11 @@ flood from distinct addresses would spend every descriptor the server has.
 So each list has at most its share of `MAX_QUERIES` (at least `MIN_QUERIES`)
 queries in flight, within the descriptors kept back from
 --max-held (service/capacity.py FD_RESERVE); the rest wait their turn in order,
-and one whose clients were all decided meanwhile is never sent (`skipped`).
-A silent list so waits alone: the other lists' queries go on.
+and one whose clients were all decided meanwhile, or that has waited
+--dns-timeout, is never sent (`skipped`): its clients have no answer from
+that list, as if it had been sent and not answered. A silent list so waits
+alone: the other lists' queries go on, and their clients are scored within
+--dns-timeout as before.
 
 A task per query rather than one socket of our own: dnspython's resolver
 brings the retries over the resolver's servers, the TCP fallback for a
@@ -75,8 +78,8 @@ T = TypeVar("T")
 #: clear: NXDOMAIN or none, timeout, error: SERVFAIL, refused...) or with no query
 #: of its own (cached: the answer cache, or a query in flight for another client
 #: from the same address), so that every client counts once per list; or none
-#: came (skipped: every client that waited was decided before the list, busy
-#: with its share of MAX_QUERIES, could be asked).
+#: came (skipped: the list, busy with its share of MAX_QUERIES, could not be
+#: asked before every client that waited was decided or --dns-timeout passed).
 RESULTS = ("listed", "clear", "timeout", "error", "cached", "skipped")
 #: Queries in flight at most, over all the lists (each one a socket). Also
 #: what bounds the hold's latency while answers pour in: trio runs every task
@@ -178,7 +181,8 @@ class DnsLookups(Generic[T]):
         #: Queries each list may have in flight, and has.
         self.slots = max(MIN_QUERIES, MAX_QUERIES // max(1, len(self.domains)))
         self._running: dict[str, int] = dict.fromkeys(self.domains, 0)
-        self._backlog: dict[str, deque[str]] = {domain: deque() for domain in self.domains}
+        #: Per list, the queries waiting for a slot and when each was queued.
+        self._backlog: dict[str, deque[tuple[str, float]]] = {d: deque() for d in self.domains}
         self._queries: trio.Nursery | None = None
         #: Answers by (domain, result) since start, result one of RESULTS.
         self.counts: Counter[tuple[str, str]] = Counter()
@@ -243,9 +247,12 @@ class DnsLookups(Generic[T]):
             while True:
                 if not self._queue:
                     self._due = trio.Event()
-                    await self._due.wait()
+                    # A query that waits for its turn gives up as a sent one would.
+                    with trio.move_on_at(self._first_expiry()):
+                        await self._due.wait()
                 batch, self._queue = self._queue, []
                 now = trio.current_time()
+                self._expire(now)
                 for address, item in batch:
                     if self._waiting(item):
                         self._start(queries, address, item, now)
@@ -274,22 +281,41 @@ class DnsLookups(Generic[T]):
                 self._running[domain] += 1
                 queries.start_soon(self._query, domain, name)
             else:  # the list is busy: wait for a query of its own to end
-                self._backlog[domain].append(name)
+                self._backlog[domain].append((name, now))
 
-    def _next(self, domain: str) -> None:
+    def _next(self, domain: str, now: float) -> None:
         # A query of `domain` has ended: send the first waiting one that still
         # counts for a client; those that count for nobody now are never sent.
         backlog = self._backlog[domain]
         while backlog:
-            name = backlog.popleft()
+            name, queued = backlog.popleft()
             waiters = self._inflight[domain, name]
-            if any(self._waiting(client.item) for client in waiters):
+            if now < queued + self.timeout and any(self._waiting(c.item) for c in waiters):
                 assert self._queries is not None
                 self._running[domain] += 1
                 self._queries.start_soon(self._query, domain, name)
                 return
-            del self._inflight[domain, name]
-            self.counts[domain, "skipped"] += 1
+            self._skip(domain, name, now)
+
+    def _first_expiry(self) -> float:
+        return min(
+            (backlog[0][1] + self.timeout for backlog in self._backlog.values() if backlog),
+            default=math.inf,
+        )
+
+    def _expire(self, now: float) -> None:
+        # Queries that waited --dns-timeout for their turn: no answer, as if sent
+        # and unanswered, so that a silent list never holds up the others' verdict.
+        for domain, backlog in self._backlog.items():
+            while backlog and now >= backlog[0][1] + self.timeout:
+                name, _ = backlog.popleft()
+                self._skip(domain, name, now)
+
+    def _skip(self, domain: str, name: str, now: float) -> None:
+        # A query never sent: its clients have no answer from this list.
+        self.counts[domain, "skipped"] += 1
+        for client in self._inflight.pop((domain, name), ()):
+            self._answered(client, domain, (), -math.inf, now)
 
     async def _query(self, domain: str, name: str) -> None:
         replies: tuple[str, ...] = ()
@@ -329,7 +355,7 @@ class DnsLookups(Generic[T]):
         self._running[domain] -= 1
         for client in self._inflight.pop((domain, name), ()):
             self._answered(client, domain, replies, expires, now)
-        self._next(domain)
+        self._next(domain, now)
 
     def _answered(
         self,

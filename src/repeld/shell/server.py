@@ -552,9 +552,12 @@ class Server:
             self.max_held = settings.max_held
         self.settings = settings
         self._teaser = _teaser(settings)
+        policy = settings.dns_policy()
         if self._dns is not None:  # the lists and the resolver need a restart
             self._dns.timeout = settings.dns_timeout
-        self._dns_policy = settings.dns_policy()
+            if policy is None:  # lists removed: they stay until then, with their policy
+                policy = self._dns_policy
+        self._dns_policy = policy
         self.policy = Policy(trusted, self.max_held, settings.max_per_client)
         self.backend = backend
         self.log.reconfigure(settings)
