@@ -49,6 +49,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from repeld import __version__
+from repeld.core.dnsbl import RESULTS
 from repeld.core.events import Event
 from repeld.core.hold import PassReason
 from repeld.core.policy import Refuse
@@ -141,9 +142,9 @@ COUNTERS = (
         "dns_lookups",
         "repeld_dns_lookups",
         "DNS list answers, one per list and client, by result (listed, clear: a query "
-        "answered; timeout, error: none; cached: no query)",
+        "answered; timeout, error: none; cached: no query; skipped: none, no query)",
         "result",
-        ("listed", "clear", "timeout", "error", "cached"),
+        RESULTS,
     ),
     _Family("dns_hits", "repeld_dns_hits", "Clients a DNS list listed, by list", "list"),
     _Family("events", "repeld_events", "Events emitted, by event name", "event"),

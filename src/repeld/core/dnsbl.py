@@ -35,6 +35,7 @@ __all__ = [
     "ANSWER_CACHE_SIZE",
     "MAX_TTL",
     "NEGATIVE_TTL",
+    "RESULTS",
     "UNLISTED",
     "AnswerCache",
     "DnsAction",
@@ -208,6 +209,14 @@ def reject_line(client: str, lists: Sequence[str]) -> bytes:
     )
 
 
+#: How one list's answer for one client came: from a query (listed: an A record,
+#: clear: NXDOMAIN or none, timeout, error: SERVFAIL, refused...) or with no query
+#: of its own (cached: the answer cache, or a query in flight for another client
+#: from the same address), so that every client counts once per list; or none
+#: came (skipped: the list, busy with its share of the queries in flight, could
+#: not be asked before every client that waited was decided or --dns-timeout
+#: passed). Counted by shell/dnslookup.py, shown by metrics.py.
+RESULTS = ("listed", "clear", "timeout", "error", "cached", "skipped")
 #: The most entries a `TtlCache` keeps (answers, or scores); the oldest go first.
 ANSWER_CACHE_SIZE = 100_000
 #: How long "not listed" (NXDOMAIN, or no A record) is kept at least, in seconds,

@@ -70,17 +70,10 @@ from repeld.core.dnsbl import (
     score,
 )
 
-__all__ = ["MAX_QUERIES", "MIN_QUERIES", "RESULTS", "DnsLookups", "make_resolver"]
+__all__ = ["MAX_QUERIES", "MIN_QUERIES", "DnsLookups", "make_resolver"]
 
 T = TypeVar("T")
 
-#: How one list's answer for one client came: from a query (listed: an A record,
-#: clear: NXDOMAIN or none, timeout, error: SERVFAIL, refused...) or with no query
-#: of its own (cached: the answer cache, or a query in flight for another client
-#: from the same address), so that every client counts once per list; or none
-#: came (skipped: the list, busy with its share of MAX_QUERIES, could not be
-#: asked before every client that waited was decided or --dns-timeout passed).
-RESULTS = ("listed", "clear", "timeout", "error", "cached", "skipped")
 #: Queries in flight at most, over all the lists (each one a socket). Also
 #: what bounds the hold's latency while answers pour in: trio runs every task
 #: that is ready before it looks at the sockets again, and each answer costs
@@ -184,7 +177,7 @@ class DnsLookups(Generic[T]):
         #: Per list, the queries waiting for a slot and when each was queued.
         self._backlog: dict[str, deque[tuple[str, float]]] = {d: deque() for d in self.domains}
         self._queries: trio.Nursery | None = None
-        #: Answers by (domain, result) since start, result one of RESULTS.
+        #: Answers by (domain, result) since start, result one of core.dnsbl RESULTS.
         self.counts: Counter[tuple[str, str]] = Counter()
         #: Clients each list listed (its answer passed an entry's filter).
         self.listed: Counter[str] = Counter()

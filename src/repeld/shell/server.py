@@ -41,7 +41,7 @@ from repeld.metrics import Metrics, Snapshot
 from repeld.service.capacity import capacity_warnings, default_max_held, raise_nofile
 from repeld.service.listeners import backlog_for, open_listeners
 from repeld.shell.accept import ACCEPT_BACKOFF, Listener, accept_loop
-from repeld.shell.dnslookup import RESULTS, DnsLookups, make_resolver
+from repeld.shell.dnslookup import DnsLookups, make_resolver
 from repeld.shell.eventlog import EventLog
 from repeld.shell.handoff import (
     BackendTarget,
@@ -592,8 +592,7 @@ class Server:
             labelled={
                 "refusals": {str(k): n for k, n in self.refusals.items()},
                 "cache_lookups": {k: cache.get(k, 0) for k in ("good", "bad", "unknown")},
-                "dns_lookups": dict.fromkeys(RESULTS, 0)
-                | (self._dns.results() if self._dns is not None else {}),
+                "dns_lookups": self._dns.results() if self._dns is not None else {},
                 "dns_hits": self._dns.hits() if self._dns is not None else {},
                 "events": dict(self.log.counts),
             },
