@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import math
 import re
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Mapping, Sequence
@@ -275,15 +276,20 @@ class TtlCache(Generic[K, V]):
         found = self.entry(key, now)
         return None if found is None else found[1]
 
-    def put(self, key: K, value: V, ttl: float, now: float) -> None:
-        """Keep `value` for `ttl` seconds (at most MAX_TTL; 0 or less: not kept)."""
+    def put(self, key: K, value: V, ttl: float, now: float) -> float:
+        """Keep `value` for `ttl` seconds (at most MAX_TTL; 0 or less: not kept).
+
+        Returns when it expires, -inf if it was not kept.
+        """
         ttl = min(ttl, MAX_TTL)
         if ttl <= 0:
-            return
+            return -math.inf
         self._entries.pop(key, None)
-        self._entries[key] = (now + ttl, value)
+        expires = now + ttl
+        self._entries[key] = (expires, value)
         while len(self._entries) > self._size:
             self._entries.popitem(last=False)
+        return expires
 
 
 #: Each list's answer by (domain, query name): the addresses, () for not listed.

@@ -59,7 +59,6 @@ import trio
 
 from repeld.config.values import Resolver
 from repeld.core.dnsbl import (
-    MAX_TTL,
     AnswerCache,
     DnsList,
     DnsScore,
@@ -341,10 +340,8 @@ class DnsLookups(Generic[T]):
                     result, ttl = ("listed" if replies else "clear"), float(rrset.ttl)
         self.counts[domain, result] += 1
         now = trio.current_time()
-        expires = -math.inf  # no answer: asked again next time
-        if ttl > 0:
-            self.cache.put((domain, name), replies, ttl, now)
-            expires = now + min(ttl, MAX_TTL)
+        # No answer (ttl 0) is not kept: -inf, asked again next time.
+        expires = self.cache.put((domain, name), replies, ttl, now)
         self._running[domain] -= 1
         for client in self._inflight.pop((domain, name), ()):
             self._answered(client, domain, replies, expires, now)
