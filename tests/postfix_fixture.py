@@ -82,6 +82,43 @@ class PostfixInstance:
     def config_dir(self) -> Path:
         return self.base / "etc"
 
+    @property
+    def queue_dir(self) -> Path:
+        return self.base / "spool"
+
+    @property
+    def pass_socket(self) -> Path:
+        """The `smtpd pass` service's socket: private/ is postfix's, mode 0700."""
+        return self.base / "spool" / "private" / "smtpd"
+
+    @property
+    def unix_socket(self) -> Path:
+        """An smtpd that speaks SMTP on a UNIX socket: a service that is not `pass`."""
+        return self.base / "spool" / "public" / "smtpd-unix"
+
+    def start_again(self) -> None:
+        """Start the stopped instance again (same directory, same ports)."""
+        env = {k: v for k, v in os.environ.items() if k != "MAIL_CONFIG"}
+        subprocess.run(
+            [POSTFIX, "-c", str(self.config_dir), "start"],  # type: ignore[list-item]
+            capture_output=True,
+            timeout=START_TIMEOUT,
+            env=env,
+            check=True,
+        )
+        pidfile = self.queue_dir / "pid" / "master.pid"
+
+        def started() -> bool:
+            try:
+                text = pidfile.read_text().strip()
+            except OSError:
+                return False
+            return text.isdigit() and _alive(int(text))
+
+        assert wait_for(started, START_TIMEOUT, 0.1)
+        self.master_pid = int(pidfile.read_text().strip())
+        assert wait_for(self.pass_socket.exists, START_TIMEOUT, 0.1)
+
     def log_text(self) -> str:
         try:
             return self.maillog.read_text(errors="replace")
@@ -173,14 +210,19 @@ postlog     unix-dgram n  -      n      -      1       postlogd
 
 @contextlib.contextmanager
 def postfix_instance(
-    host: str = "127.0.0.1", upstream_proxy: str = "haproxy", mynetworks: str = "127.0.0.0/8"
+    host: str = "127.0.0.1",
+    upstream_proxy: str = "haproxy",
+    mynetworks: str = "127.0.0.0/8",
+    pass_maxproc: str = "-",
 ) -> Iterator[PostfixInstance]:
     """Build, start, yield and stop a private Postfix instance.
 
     Its smtpd listens on `host:<free port>` with
     `smtpd_upstream_proxy_protocol = upstream_proxy` (the deployment recipe
     for Postfix behind repeld: `--proxy-protocol v1`); it relays (to discard)
-    for clients in `mynetworks` only.
+    for clients in `mynetworks` only. An `smtpd pass` service (at most
+    `pass_maxproc` processes) takes clients handed over as postscreen does, at
+    `pass_socket`; an `smtpd` on the UNIX socket `unix_socket` speaks SMTP there.
     """
     assert POSTFIX is not None, "postfix is not installed"
     assert host.startswith("127."), "loopback only"
@@ -199,7 +241,9 @@ def postfix_instance(
         (base / "etc" / "master.cf").write_text(
             "# service type private unpriv chroot wakeup maxproc command\n"
             f"{host}:{port} inet n - n - - smtpd{proxy_opt}"
-            " -o smtpd_upstream_proxy_timeout=30s\n" + _MASTER_TAIL
+            " -o smtpd_upstream_proxy_timeout=30s\n"
+            f"smtpd      pass  -       -      n      -      {pass_maxproc}      smtpd\n"
+            "smtpd-unix unix  n       -      n      -      -       smtpd\n" + _MASTER_TAIL
         )
         env = {k: v for k, v in os.environ.items() if k != "MAIL_CONFIG"}
         proc = subprocess.run(

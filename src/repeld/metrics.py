@@ -53,6 +53,7 @@ from repeld.core.dnsbl import RESULTS
 from repeld.core.events import Event
 from repeld.core.hold import PassReason
 from repeld.core.policy import Refuse
+from repeld.core.postfixpass import Outcome
 
 __all__ = [
     "CONTENT_TYPE",
@@ -129,6 +130,14 @@ COUNTERS = (
         "Relayed sessions over, by how they ended",
         "end",
         ("client", "backend", "timeout", "shutdown"),
+    ),
+    _Family(
+        "handoffs",
+        "repeld_handoffs",
+        "Clients handed to Postfix's smtpd through a pass:PATH backend, by result "
+        "(taken, or the cause of the 421)",
+        "result",
+        tuple(str(o) for o in Outcome),
     ),
     _Family("exec_ends", "repeld_exec_ends", "--exec programs done, by how they ended", "end"),
     _Family(

@@ -61,7 +61,8 @@ OPTIONS: tuple[Option, ...] = (
         parse_listen,
         (Listen("0.0.0.0", 25), Listen("::", 25)),
         "listen on ADDR:PORT, IPv6 as [::1]:25; add ,nodelay for a listener that is never "
-        "held (implicit TLS, port 465) and ,backend=HOST:PORT for its own MTA; repeatable "
+        "held (implicit TLS, port 465) and ,backend=HOST:PORT (or pass:PATH) for its own "
+        "MTA; repeatable "
         "(default: 0.0.0.0:25 and [::]:25)",
         metavar="ADDR:PORT[,nodelay][,backend=HOST:PORT]",
         repeat=True,
@@ -71,7 +72,8 @@ OPTIONS: tuple[Option, ...] = (
         "-b",
         parse_backend,
         None,
-        "the MTA to hand patient clients to (required)",
+        "the MTA to hand patient clients to: HOST:PORT to relay to, or pass:PATH, the socket "
+        "of a Postfix pass service that takes the client itself (required)",
         metavar="HOST:PORT",
     ),
     Option(

@@ -18,10 +18,12 @@ from repeld.config.options import OPTION_BY_NAME, OPTIONS, Option, default
 from repeld.config.reading import UnreadableFile, read_operator_file
 from repeld.config.values import (
     NOT_A_NETWORK,
+    AnyBackend,
     Backend,
     EarlyAction,
     Listen,
     MetricsAddress,
+    PassBackend,
     ProxyProtocol,
     Resolver,
     SyslogTarget,
@@ -35,9 +37,11 @@ from repeld.core.policy import TrustedNetworks
 __all__ = [
     "OPTIONS",
     "OPTION_BY_NAME",
+    "AnyBackend",
     "Backend",
     "Listen",
     "Option",
+    "PassBackend",
     "SettingError",
     "Settings",
     "SyslogTarget",
@@ -85,7 +89,7 @@ class Settings:
             self.dnsbl_delay,
         )
 
-    backend: Backend | None = default("backend")
+    backend: AnyBackend | None = default("backend")
     listen: tuple[Listen, ...] = default("listen")
     delay: float = default("delay")
     trusted: tuple[str, ...] = default("trusted")

@@ -26,10 +26,12 @@ from repeld.core.dnsbl import DnsList, Octet, ReplyFilter
 from repeld.core.logformat import FACILITIES, valid_sd_id
 
 __all__ = [
+    "AnyBackend",
     "Backend",
     "EarlyAction",
     "Listen",
     "MetricsAddress",
+    "PassBackend",
     "ProxyProtocol",
     "Resolver",
     "SyslogTarget",
@@ -58,6 +60,8 @@ __all__ = [
 ]
 
 ProxyProtocol = Literal["none", "v1", "v2"]
+#: sun_path holds 108 bytes on Linux, 104 on the BSDs, with the final NUL.
+UNIX_PATH_MAX = 103
 EarlyAction = Literal["drop", "reject", "log"]
 
 
@@ -73,6 +77,25 @@ class Backend:
 
 
 @dataclass(frozen=True, slots=True)
+class PassBackend:
+    """A Postfix `pass` service: passed clients' sockets go to smtpd (shell/passfd.py).
+
+    `path` is the service's UNIX-domain socket as seen after --chroot.
+    """
+
+    path: str
+
+    def __str__(self) -> str:
+        return f"{PASS_PREFIX}{self.path}"
+
+
+#: Where passed clients go: an MTA relayed to over TCP, or a Postfix pass service.
+AnyBackend = Backend | PassBackend
+#: How a pass service is written in --backend and ,backend=.
+PASS_PREFIX = "pass:"
+
+
+@dataclass(frozen=True, slots=True)
 class Listen:
     """One listening address; `nodelay` listeners (implicit TLS) are never held.
 
@@ -83,7 +106,7 @@ class Listen:
     host: str
     port: int
     nodelay: bool = False
-    backend: Backend | None = None
+    backend: AnyBackend | None = None
 
     @property
     def family(self) -> int:
@@ -203,8 +226,22 @@ def parse_listen(text: str) -> Listen:
     return Listen(host, port, nodelay, backend)
 
 
-def parse_backend(text: str) -> Backend:
-    """`HOST:PORT` of the MTA; a name is resolved once at start (and on reload)."""
+def parse_backend(text: str) -> AnyBackend:
+    """`HOST:PORT` of the MTA (a name is resolved once at start and on reload),
+    or `pass:PATH`, the absolute path of a Postfix pass service's socket."""
+    if text.startswith(PASS_PREFIX):
+        path = text[len(PASS_PREFIX) :]
+        if not path.startswith("/"):
+            raise SettingError(
+                "backend",
+                text,
+                "pass: needs an absolute path, e.g. pass:/var/spool/postfix/private/smtpd",
+            )
+        if "\0" in path or len(path.encode()) > UNIX_PATH_MAX:
+            raise SettingError(
+                "backend", text, f"not a socket path (at most {UNIX_PATH_MAX} bytes)"
+            )
+        return PassBackend(path)
     host, port = _split_hostport(text, "backend")
     if port == 0:
         raise SettingError("backend", text, "port must be 1-65535")

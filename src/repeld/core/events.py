@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Literal
 
 from repeld.core.dnsbl import DnsScore
 from repeld.core.hold import Blocked, EarlyTalk, HangUp, Pass, escape_bytes
@@ -19,6 +20,7 @@ __all__ = [
     "ConnInfo",
     "Event",
     "FieldValue",
+    "HandOff",
     "Severity",
     "backend_check",
     "backend_error",
@@ -181,11 +183,21 @@ def hangup(conn: ConnInfo, verdict: HangUp) -> Event:
     )
 
 
+#: How a passed client reaches the MTA, when not relayed: `pass`, its socket
+#: handed to Postfix's smtpd (a pass:PATH backend).
+HandOff = Literal["pass"]
+
+
 def passed(
-    conn: ConnInfo, verdict: Pass, rtt_ms: float = 0.0, dns: DnsScore | None = None
+    conn: ConnInfo,
+    verdict: Pass,
+    rtt_ms: float = 0.0,
+    dns: DnsScore | None = None,
+    handoff: HandOff | None = None,
 ) -> Event:
     """A client handed to the MTA, and why (`rtt_ms`: round-trip time, 0 if unknown;
-    `dns`: what the DNS lists said, with lists configured)."""
+    `dns`: what the DNS lists said, with lists configured; `handoff`: how, when
+    the client is not relayed)."""
     elapsed = _ms(verdict.elapsed)
     reason = str(verdict.reason)
     return Event(
@@ -199,6 +211,7 @@ def passed(
             ("rtt_ms", _ms(rtt_ms)),
             ("early_bytes", verdict.early_bytes),
             *_dns_fields(dns),
+            *((("handoff", handoff),) if handoff is not None else ()),
         ),
         f"PASS {reason.upper()} {conn.peer} after {elapsed:.3f}"
         + (f" ({verdict.early_bytes} bytes before the greeting)" if verdict.early_bytes else ""),

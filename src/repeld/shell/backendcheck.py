@@ -13,18 +13,21 @@ background, and never stops for what it finds.
 
 from __future__ import annotations
 
+import array
 import os
 import socket
+import stat
 import sys
 
 import trio
 
 from repeld.config.settings import Settings
-from repeld.config.values import Backend
-from repeld.core import events, proxyproto
+from repeld.config.values import AnyBackend, PassBackend
+from repeld.core import events, postfixpass, proxyproto
 from repeld.core.backendcheck import CONNECT_TIMEOUT, BackendCheck, NeedData, Send, Verdict
 from repeld.shell.eventlog import EventLog
 from repeld.shell.handoff import BackendTarget, resolve_backend
+from repeld.shell.passfd import connect_service
 
 __all__ = [
     "CHECK_LIMIT",
@@ -46,9 +49,9 @@ def keep_pipe_connect(settings: Settings) -> bool:
     return settings.keep_pipe_connect
 
 
-def backends_of(settings: Settings) -> list[Backend]:
+def backends_of(settings: Settings) -> list[AnyBackend]:
     """--backend and every listener's own backend, each once, in that order."""
-    found: list[Backend] = []
+    found: list[AnyBackend] = []
     candidates = [settings.backend, *(spec.backend for spec in settings.listen)]
     for backend in candidates:
         if backend is not None and backend not in found:
@@ -102,10 +105,93 @@ async def _dialogue(sock: trio.socket.SocketType, check: BackendCheck) -> Verdic
             check.receive_data(data)
 
 
+async def _loopback_pair() -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
+    """Both ends of a new TCP connection on 127.0.0.1: (the client's, the server's)."""
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            await client.connect(listener.getsockname())
+            server, _ = await listener.accept()
+        except BaseException:
+            client.close()
+            raise
+    return client, server
+
+
+async def _hand_over(path: str, server: trio.socket.SocketType) -> str | None:
+    """Hand `server` to the pass service at `path` as a passed client is; None if
+    smtpd took it, else what went wrong."""
+    try:
+        chan = trio.socket.from_stdlib_socket(connect_service(path))
+    except OSError as exc:
+        outcome = postfixpass.connect_outcome(exc.errno)
+        return postfixpass.describe(outcome, _why(exc))
+    with chan:
+        client_addr, client_port = server.getpeername()[:2]
+        server_addr, server_port = server.getsockname()[:2]
+        attributes = postfixpass.pass_attributes(client_addr, client_port, server_addr, server_port)
+        try:
+            fds = array.array("i", [server.fileno()])
+            await chan.sendmsg(
+                [postfixpass.FD_CARRIER], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+            )
+            await chan.send(attributes)
+            with trio.move_on_after(CONNECT_TIMEOUT):
+                data = await chan.recv(64)
+                if not data:
+                    return None
+                what = data[:40].decode("ascii", "replace").strip()
+                outcome = postfixpass.Outcome.DESCRIPTOR_REFUSED
+                return postfixpass.describe(outcome, f"the service answered {what!r}")
+        except OSError as exc:
+            return postfixpass.describe(postfixpass.send_outcome(exc.errno), _why(exc))
+        outcome = postfixpass.Outcome.TIMEOUT
+        return postfixpass.describe(outcome, f"smtpd did not take it within {CONNECT_TIMEOUT:g} s")
+
+
+async def check_pass_service(backend: PassBackend, *, keep_pipe_connect: bool = False) -> Verdict:
+    """Check a Postfix pass service as a passed client meets it; never raises OSError.
+
+    The socket must exist and be a socket; then a loopback TCP connection of
+    repeld's own is handed over as a client is, and smtpd's greeting and EHLO
+    reply are read on the other end, so Postfix logs one `connect from
+    localhost[127.0.0.1]`, as it does for the check of a TCP backend.
+    """
+    path = backend.path
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        outcome = postfixpass.connect_outcome(exc.errno)
+        hint = " (is Postfix running, with an `smtpd pass` service in master.cf?)"
+        return Verdict(False, postfixpass.describe(outcome, f"{path}: {_why(exc)}") + hint)
+    if not stat.S_ISSOCK(mode):
+        return Verdict(False, f"{path} is not a socket")
+    with trio.move_on_after(CHECK_LIMIT):
+        try:
+            client, server = await _loopback_pair()
+        except OSError as exc:
+            return Verdict(False, f"cannot open a loopback connection to hand over: {_why(exc)}")
+        with client:
+            with server:
+                problem = await _hand_over(path, server)
+            if problem is not None:
+                return Verdict(False, problem)
+            try:
+                check = BackendCheck("none", _helo_name(), keep_pipe_connect=keep_pipe_connect)
+                return await _dialogue(client, check)
+            except OSError as exc:
+                return Verdict(False, f"connection failed: {_why(exc)}")
+    return Verdict(False, f"the check took longer than {CHECK_LIMIT:g} s")
+
+
 async def check_backend(
-    backend: Backend, proxy_protocol: str, *, keep_pipe_connect: bool = False
+    backend: AnyBackend, proxy_protocol: str, *, keep_pipe_connect: bool = False
 ) -> Verdict:
     """Check one backend as a passed client would meet it; never raises OSError."""
+    if isinstance(backend, PassBackend):
+        return await check_pass_service(backend, keep_pipe_connect=keep_pipe_connect)
     with trio.move_on_after(CHECK_LIMIT):
         try:
             target = await resolve_backend(backend.host, backend.port)
@@ -131,7 +217,7 @@ async def check_backend(
     return Verdict(False, f"the check took longer than {CHECK_LIMIT:g} s")
 
 
-async def check_backends(settings: Settings) -> list[tuple[Backend, Verdict]]:
+async def check_backends(settings: Settings) -> list[tuple[AnyBackend, Verdict]]:
     """Check every backend of `settings` at once; the verdicts in backends_of's order."""
     backends = backends_of(settings)
     verdicts: list[Verdict | None] = [None] * len(backends)
@@ -148,9 +234,11 @@ async def check_backends(settings: Settings) -> list[tuple[Backend, Verdict]]:
     return [(b, v) for b, v in zip(backends, verdicts, strict=True) if v is not None]
 
 
-def report_line(backend: Backend, proxy_protocol: str, verdict: Verdict) -> str:
+def report_line(backend: AnyBackend, proxy_protocol: str, verdict: Verdict) -> str:
     """One line about one backend, for --check-backend's output."""
     how = "no PROXY header" if proxy_protocol == "none" else f"PROXY {proxy_protocol}"
+    if isinstance(backend, PassBackend):
+        how = "descriptor hand-off"
     if not verdict.ok:
         return f"{backend} ({how}): FAILED: {verdict.message}"
     caps = ", ".join(verdict.capabilities) or "none"

@@ -3,7 +3,9 @@
 `handoff` tunes the client's socket, builds the PROXY header and gives the
 client to the relay pool, which connects, writes the header and relays with no
 task of the client's own; when the session ends, the pool calls back here for
-the `relay-end` event. If the MTA cannot be reached the client is told
+the `relay-end` event. A `pass:PATH` backend (a Postfix pass service) goes to
+the pass pool instead (shell/passfd.py): smtpd takes the client's socket
+itself and repeld is out of the session. If the MTA cannot be reached the client is told
 `421 4.3.2` and a real MTA on the other end retries later, so no mail is lost.
 Unless --keep-pipe-connect, the MTA's first EHLO reply reaches the client
 without PIPECONNECT (core/ehlofilter.py), so it never pipelines before the
@@ -19,12 +21,14 @@ from dataclasses import dataclass
 
 import trio
 
-from repeld.config.settings import Settings
-from repeld.core import events, proxyproto
+from repeld.config.settings import AnyBackend, PassBackend, Settings
+from repeld.core import events, postfixpass, proxyproto
 from repeld.core.addresses import host_port
 from repeld.core.events import ConnInfo
+from repeld.core.postfixpass import Outcome
 from repeld.service import tcptune
 from repeld.shell.eventlog import EventLog
+from repeld.shell.passfd import PassPool, PassPoolClosed
 from repeld.shell.relay import RelayResult
 from repeld.shell.relaypool import RelayPool, RelayPoolClosed
 
@@ -35,6 +39,7 @@ __all__ = [
     "reply_and_close",
     "resolve_backend",
     "resolve_optional_backend",
+    "resolve_target",
     "tune_listener",
 ]
 
@@ -43,10 +48,12 @@ BACKEND_UNAVAILABLE = b"421 4.3.2 Service temporarily unavailable, try again lat
 
 @dataclass(frozen=True, slots=True)
 class BackendTarget:
-    """The MTA's resolved socket addresses, tried in order."""
+    """The MTA's resolved socket addresses, tried in order; or, with `pass_path`,
+    the socket of a Postfix pass service (and no addresses)."""
 
     name: str
     addresses: tuple[tuple[int, tuple[object, ...]], ...]  # (family, sockaddr)
+    pass_path: str | None = None
 
 
 async def resolve_backend(host: str, port: int) -> BackendTarget:
@@ -68,11 +75,18 @@ async def resolve_backend(host: str, port: int) -> BackendTarget:
     return BackendTarget(name, tuple(seen))
 
 
+async def resolve_target(backend: AnyBackend) -> BackendTarget:
+    """A --backend or ,backend= resolved; a pass service needs no resolving."""
+    if isinstance(backend, PassBackend):
+        return BackendTarget(str(backend), (), backend.path)
+    return await resolve_backend(backend.host, backend.port)
+
+
 async def resolve_optional_backend(settings: Settings) -> BackendTarget | None:
     """The --backend resolved, or None when clients go to an --exec program."""
     if settings.backend is None:
         return None
-    return await resolve_backend(settings.backend.host, settings.backend.port)
+    return await resolve_target(settings.backend)
 
 
 def reply_and_close(sock: socket.socket, line: bytes) -> None:
@@ -137,14 +151,19 @@ def handoff(
     ended: Callable[[], None],
     tuned: bool = False,
     strip_pipe_connect: bool = True,
+    passer: PassPool | None = None,
 ) -> None:
     """Hand one passed client to the MTA through `pool`; returns at once.
 
     When the session is over its event is written, `sock` is closed and
     `ended()` is called, once, whatever happened. `tuned`: `sock` came from a
     listener that `tune_listener` tuned; `strip_pipe_connect`: take PIPECONNECT
-    out of the MTA's first EHLO reply.
+    out of the MTA's first EHLO reply. A pass service (`target.pass_path`)
+    gets the client through `passer` instead, within `connect_timeout`.
     """
+    if target.pass_path is not None:
+        pass_to_smtpd(sock, conn, accepted_at, target, connect_timeout, log, passer, ended)
+        return
 
     def done(result: RelayResult) -> None:
         try:
@@ -193,6 +212,49 @@ def handoff(
             strip_pipe_connect=strip_pipe_connect,
         )
     except (RelayPoolClosed, ValueError, OSError) as exc:  # never take the server down
+        reply_and_close(sock, BACKEND_UNAVAILABLE)
+        log.emit(events.internal_error(conn, trio.current_time() - accepted_at, repr(exc)))
+        ended()
+
+
+def pass_to_smtpd(
+    sock: socket.socket,
+    conn: ConnInfo,
+    accepted_at: float,
+    target: BackendTarget,
+    timeout: float,
+    log: EventLog,
+    passer: PassPool | None,
+    ended: Callable[[], None],
+) -> None:
+    """Give `sock` to the Postfix pass service `target`; returns at once.
+
+    Once smtpd holds the client, repeld's copy is closed and nothing is
+    written (the pass event said `handoff=pass`); a failure is a 421 to the
+    client and a `backend-error` naming its cause. `ended()` is called once.
+    """
+    assert target.pass_path is not None
+
+    def done(outcome: Outcome, detail: str) -> None:
+        try:
+            if outcome is Outcome.TAKEN:
+                sock.close()
+                return
+            reply_and_close(sock, BACKEND_UNAVAILABLE)
+            error = postfixpass.describe(outcome, detail)
+            now = trio.current_time()
+            log.emit(events.backend_error(conn, now - accepted_at, target.name, error))
+        finally:
+            ended()
+
+    try:
+        if passer is None:
+            raise PassPoolClosed("no pass pool")
+        attributes = postfixpass.pass_attributes(
+            conn.client, conn.client_port, conn.server, conn.server_port
+        )
+        passer.hand_off(sock, target.pass_path, attributes, timeout, done)
+    except (PassPoolClosed, ValueError, OSError) as exc:  # never take the server down
         reply_and_close(sock, BACKEND_UNAVAILABLE)
         log.emit(events.internal_error(conn, trio.current_time() - accepted_at, repr(exc)))
         ended()

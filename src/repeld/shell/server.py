@@ -23,7 +23,7 @@ from repeld.config.settings import Listen, Settings, load_trusted
 from repeld.core import events
 from repeld.core.addresses import cache_key, normalize_address
 from repeld.core.dnsbl import DnsScore
-from repeld.core.events import ConnInfo
+from repeld.core.events import ConnInfo, HandOff  # issue 19: HandOff
 from repeld.core.hold import (
     Blocked,
     EarlyTalk,
@@ -47,10 +47,11 @@ from repeld.shell.handoff import (
     BackendTarget,
     handoff,
     reply_and_close,
-    resolve_backend,
     resolve_optional_backend,
+    resolve_target,  # issue 19: pass:PATH backends
     tune_listener,
 )
+from repeld.shell.passfd import PassPool  # issue 19
 from repeld.shell.pen import Held, HoldingPen
 from repeld.shell.relaypool import RelayPool
 from repeld.shell.ucspi import handoff_exec
@@ -102,6 +103,7 @@ class Server:
         self._handlers: trio.Nursery | None = None
         #: Every relayed session, from the backend connect to its end, in one task.
         self.relay_pool: RelayPool | None = None
+        self.pass_pool: PassPool | None = None  # issue 19: hands clients to Postfix's smtpd
         self._front: trio.CancelScope | None = None
         self._grace = settings.shutdown_grace
         self._drain: trio.CancelScope | None = None
@@ -388,8 +390,9 @@ class Server:
     ) -> None:
         if dns is None and self._dns is not None:  # trusted, nodelay: never asked
             dns = DnsScore()
-        self.log.emit(events.passed(conn, verdict, rtt_ms(sock), dns))
         target = backend or self.backend
+        how: HandOff | None = "pass" if target and target.pass_path else None  # issue 19
+        self.log.emit(events.passed(conn, verdict, rtt_ms(sock), dns, how))
         s = self.settings
         self.relays += 1
         if target is None:
@@ -411,6 +414,7 @@ class Server:
             self._relay_ended,
             self._listeners_tune,
             not s.keep_pipe_connect,
+            passer=self.pass_pool,  # issue 19
         )
 
     def _relay_ended(self) -> None:
@@ -473,6 +477,8 @@ class Server:
             # Cancelled with the relays at the end of the drain, never before them.
             self.relay_pool = RelayPool(self._pool_error)
             relays.start_soon(self.relay_pool.run)
+            self.pass_pool = PassPool(self._pool_error)  # issue 19
+            relays.start_soon(self.pass_pool.run)  # issue 19
             async with trio.open_nursery() as front:
                 self._front = front.cancel_scope
                 front.start_soon(self.pen.run)
@@ -595,6 +601,7 @@ class Server:
                 "dns_lookups": self._dns.results() if self._dns is not None else {},
                 "dns_hits": self._dns.hits() if self._dns is not None else {},
                 "events": dict(self.log.counts),
+                "handoffs": self.pass_pool.outcomes if self.pass_pool else {},  # issue 19
             },
             totals={
                 "backend_errors": self.log.counts["backend-error"],
@@ -674,13 +681,13 @@ async def open_server(
     )
     if settings.dns_policy() is not None:
         server.resolver = make_resolver(settings.resolver)
-    own: dict[tuple[str, int], BackendTarget] = {}
+    own: dict[str, BackendTarget] = {}
     for sock, spec in open_listeners(settings, backlog, inherited):
         target = None
         if spec.backend is not None:
-            key = (spec.backend.host, spec.backend.port)
+            key = str(spec.backend)  # issue 19: HOST:PORT or pass:PATH
             if key not in own:
-                own[key] = await resolve_backend(*key)
+                own[key] = await resolve_target(spec.backend)  # issue 19
             target = own[key]
         server.add_listener(sock, spec, target)
     return server

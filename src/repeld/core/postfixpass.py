@@ -1,0 +1,195 @@
+"""Handing a client to Postfix's smtpd as postscreen does: the bytes and the outcomes.
+
+A Postfix `pass` service (master.cf: `smtpd pass - - y - - smtpd`) listens on
+a UNIX-domain socket, normally /var/spool/postfix/private/smtpd. postscreen
+(src/postscreen/postscreen_send.c, `psc_send_socket`) hands it a client so:
+
+1. connect to the socket;
+2. send the client's descriptor with SCM_RIGHTS, riding on one data byte, a
+   NUL (src/util/unix_send_fd.c: a descriptor cannot travel alone);
+3. send the client's endpoints as an attribute list in Postfix's default
+   format, attr_print0 (src/util/attr_print0.c): each name and each value
+   ends in a NUL, and one more NUL ends the list. The names are
+   `client_address`, `client_port`, `server_address`, `server_port`
+   (MAIL_ATTR_ACT_* in src/global/mail_proto.h), in that order;
+4. wait for the service to close the channel: smtpd's `pass_accept_attr`
+   (src/util/pass_accept.c) closes it once it holds the descriptor and the
+   attributes, which is how the sender learns the hand-off is done.
+
+smtpd (src/smtpd/smtpd_peer.c, `smtpd_peer_from_pass_attr`) takes an address
+with a colon for IPv6, else IPv4, and both ports as decimal numbers; it needs
+all four attributes. This module builds those bytes (`pass_attributes`), reads
+them back as smtpd does (`decode_attributes`, for the tests and for the
+probe), and names every way a hand-off can end (`Outcome`), with the errno
+table that sorts a failed connect or send into them. No sockets here: the
+shell (shell/passfd.py) does the system calls.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import ipaddress
+
+__all__ = [
+    "ATTR_CLIENT_ADDR",
+    "ATTR_CLIENT_PORT",
+    "ATTR_SERVER_ADDR",
+    "ATTR_SERVER_PORT",
+    "FD_CARRIER",
+    "BadAttribute",
+    "Outcome",
+    "connect_outcome",
+    "decode_attributes",
+    "describe",
+    "encode_attributes",
+    "pass_attributes",
+    "postfix_address",
+    "send_outcome",
+]
+
+#: The data byte the descriptor rides on (unix_send_fd sends "" with length 1).
+FD_CARRIER = b"\0"
+
+ATTR_CLIENT_ADDR = "client_address"
+ATTR_CLIENT_PORT = "client_port"
+ATTR_SERVER_ADDR = "server_address"
+ATTR_SERVER_PORT = "server_port"
+
+
+class BadAttribute(ValueError):
+    """Bytes or values that are no attr_print0 list: the caller's mistake."""
+
+
+class Outcome(enum.StrEnum):
+    """How one hand-off ended: TAKEN, or the cause of its 421.
+
+    The values are the `result` label of repeld_handoffs_total and the cause
+    at the head of the backend-error event's `error` field.
+    """
+
+    TAKEN = "taken"  # smtpd closed the channel: it holds the client
+    MISSING = "missing"  # no socket at the path (Postfix not installed or not started)
+    REFUSED = "refused"  # a socket, but nobody listening (Postfix stopped)
+    PERMISSION = "permission"  # the path is not ours to reach (private/ is postfix's, 0700)
+    BUSY = "busy"  # the service's queue of connections is full
+    TIMEOUT = "timeout"  # smtpd did not take it within the bound
+    DESCRIPTOR_REFUSED = "descriptor-refused"  # the send failed, or the service answered
+    ERROR = "error"  # anything else the system said
+
+
+#: What each outcome means, for the event and --check-backend.
+_DESCRIPTION = {
+    Outcome.TAKEN: "smtpd took the client",
+    Outcome.MISSING: "socket missing",
+    Outcome.REFUSED: "connection refused",
+    Outcome.PERMISSION: "permission denied",
+    Outcome.BUSY: "service busy",
+    Outcome.TIMEOUT: "no answer",
+    Outcome.DESCRIPTOR_REFUSED: "descriptor refused",
+    Outcome.ERROR: "cannot pass",
+}
+
+#: connect(2) on the service's socket: errno -> outcome (the rest: ERROR).
+_CONNECT_ERRORS = {
+    errno.ENOENT: Outcome.MISSING,
+    errno.ENOTDIR: Outcome.MISSING,
+    errno.ECONNREFUSED: Outcome.REFUSED,
+    errno.ENOTSOCK: Outcome.REFUSED,
+    errno.EPROTOTYPE: Outcome.REFUSED,  # a datagram socket, not a pass service
+    errno.EACCES: Outcome.PERMISSION,
+    errno.EPERM: Outcome.PERMISSION,
+    errno.EAGAIN: Outcome.BUSY,  # Linux: the listen queue is full
+    errno.ETIMEDOUT: Outcome.TIMEOUT,
+}
+
+#: sendmsg(2)/send(2) of the descriptor and the attributes: errno -> outcome.
+_SEND_ERRORS = {
+    errno.EAGAIN: Outcome.BUSY,
+    errno.ETIMEDOUT: Outcome.TIMEOUT,
+}
+
+
+def connect_outcome(code: int | None) -> Outcome:
+    """The outcome of a connect to the pass service that failed with errno `code`."""
+    return _CONNECT_ERRORS.get(code or 0, Outcome.ERROR)
+
+
+def send_outcome(code: int | None) -> Outcome:
+    """The outcome of sending the descriptor or the attributes that failed with `code`.
+
+    A reset, a broken pipe or a refused descriptor (EPERM, ETOOMANYREFS) all
+    mean the service did not take it.
+    """
+    return _SEND_ERRORS.get(code or 0, Outcome.DESCRIPTOR_REFUSED)
+
+
+def describe(outcome: Outcome, detail: str = "") -> str:
+    """The backend-error `error` text: `pass: CAUSE (DETAIL)`."""
+    text = f"pass: {_DESCRIPTION[outcome]}"
+    return f"{text} ({detail})" if detail else text
+
+
+def encode_attributes(pairs: tuple[tuple[str, str], ...]) -> bytes:
+    """An attr_print0 list: `name NUL value NUL` for each pair, then one NUL.
+
+    A name must be non-empty; neither may hold a NUL (the format cannot say it).
+    """
+    out = bytearray()
+    for name, value in pairs:
+        if not name or "\0" in name or "\0" in value:
+            raise BadAttribute(f"attribute {name!r}={value!r} cannot be sent")
+        out += name.encode("ascii") + b"\0" + value.encode("ascii") + b"\0"
+    out += b"\0"
+    return bytes(out)
+
+
+def decode_attributes(data: bytes) -> tuple[dict[str, str], int]:
+    """Read one attr_print0 list as attr_scan0 does: (attributes, bytes used).
+
+    Raises BadAttribute if `data` holds no complete list.
+    """
+    attrs: dict[str, str] = {}
+    pos = 0
+    while True:
+        end = data.find(b"\0", pos)
+        if end < 0:
+            raise BadAttribute("the attribute list is not terminated")
+        if end == pos:  # the empty name: the end of the list
+            return attrs, end + 1
+        name = data[pos:end].decode("ascii", "replace")
+        vend = data.find(b"\0", end + 1)
+        if vend < 0:
+            raise BadAttribute(f"attribute {name!r} has no value")
+        attrs[name] = data[end + 1 : vend].decode("ascii", "replace")
+        pos = vend + 1
+
+
+def postfix_address(address: str) -> str:
+    """An address as smtpd wants it: IPv4 for an IPv4-mapped IPv6 address, no scope.
+
+    smtpd strips `::ffff:` from a direct client too, so a client looks the same
+    to Postfix's access maps whichever way it came in.
+    """
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        raise BadAttribute(f"not an IP address: {address!r}") from None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def pass_attributes(client: str, client_port: int, server: str, server_port: int) -> bytes:
+    """The attribute list postscreen sends after the descriptor, for these endpoints."""
+    for port in (client_port, server_port):
+        if not 0 <= port <= 65535:
+            raise BadAttribute(f"not a port: {port}")
+    return encode_attributes(
+        (
+            (ATTR_CLIENT_ADDR, postfix_address(client)),
+            (ATTR_CLIENT_PORT, str(client_port)),
+            (ATTR_SERVER_ADDR, postfix_address(server)),
+            (ATTR_SERVER_PORT, str(server_port)),
+        )
+    )

@@ -1,0 +1,222 @@
+"""The pass pool: hand passed clients' sockets to Postfix's smtpd, as postscreen does.
+
+For a `pass:PATH` backend, `PassPool.hand_off` does in one go what
+postscreen's `psc_send_socket` does (core/postfixpass.py says which bytes and
+why): a non-blocking connect to the pass service's UNIX-domain socket, the
+client's descriptor sent with SCM_RIGHTS on one NUL byte (sendmsg), then the
+client's and the server's endpoints as an attr_print0 list (send). None of
+these waits: a UNIX-domain connect either succeeds at once or fails (EAGAIN
+when the service's listen queue is full), and the few bytes fit an empty
+socket buffer. What is left is waiting for smtpd to close the channel, the
+sign that it holds the client: the channel goes into the pool's own epoll or
+kqueue set (shell/poller.py), served from one task as the relay pool serves
+its sessions, with a deadline each. A hand-off costs no task of its own.
+
+Until smtpd closes the channel repeld keeps its copy of the client's socket,
+as postscreen does, so that a hand-off that fails late (no answer within the
+bound, or a service that answers with bytes: not a pass service) can still
+tell the client `421 4.3.2`. Once smtpd has it, repeld closes its copy at
+once and holds nothing of the session: no fd, no task. Whatever repeld
+peeked (MSG_PEEK) is still unread in the socket, so smtpd reads a remembered
+client's early pipelined commands itself.
+
+`done(outcome, detail)` is called once per hand-off: from `hand_off` itself
+when the connect or the send fails, else from the pool's task. Only the
+channel is ever in the pool's set; the client's socket, which smtpd comes to
+share, never is (the poller's rule 1), and it has left the pen's set before
+its verdict is carried out.
+"""
+
+from __future__ import annotations
+
+import array
+import heapq
+import itertools
+import math
+import socket
+from collections import Counter
+from collections.abc import Callable
+
+import trio
+
+from repeld.core.postfixpass import (
+    FD_CARRIER,
+    Outcome,
+    connect_outcome,
+    send_outcome,
+)
+from repeld.shell.poller import IN, Poller, watch
+
+__all__ = ["Done", "PassPool", "PassPoolClosed", "connect_service"]
+
+#: Told how a hand-off ended, once, with a detail for the event ("" if none).
+Done = Callable[[Outcome, str], None]
+
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
+#: Most ready channels handled per wake-up.
+_BATCH = 512
+
+
+class PassPoolClosed(RuntimeError):
+    """The pool stopped (its `run` ended): no more hand-offs."""
+
+
+class _Channel:
+    """One hand-off whose channel is open: waiting for smtpd to close it."""
+
+    __slots__ = ("chan", "client", "deadline", "done", "open")
+
+    def __init__(
+        self, chan: socket.socket, client: socket.socket, deadline: float, done: Done
+    ) -> None:
+        self.chan = chan
+        self.client = client
+        self.deadline = deadline
+        self.done = done
+        self.open = True
+
+
+def connect_service(path: str) -> socket.socket:
+    """A non-blocking UNIX-domain stream socket connected to `path`; OSError if not."""
+    chan = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | _NONBLOCK)
+    if not _NONBLOCK:
+        chan.setblocking(False)
+    try:
+        chan.connect(path)
+    except BaseException:
+        chan.close()
+        raise
+    return chan
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+class PassPool:
+    """Hands clients to pass services from one task: start `run()`, then `hand_off`."""
+
+    def __init__(self, on_error: Callable[[str], None]) -> None:
+        self._on_error = on_error
+        self._poller = Poller()
+        self._channels: dict[int, _Channel] = {}
+        self._heap: list[tuple[float, int, _Channel]] = []
+        self._seq = itertools.count()
+        self._wake: trio.CancelScope | None = None
+        self._closed = False
+        #: Hand-offs by how they ended (Outcome values), for repeld_handoffs_total.
+        self.outcomes: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        """Hand-offs waiting for smtpd to close the channel now."""
+        return len(self._channels)
+
+    def hand_off(
+        self, client: socket.socket, path: str, attributes: bytes, timeout: float, done: Done
+    ) -> None:
+        """Send `client` and `attributes` to the pass service at `path`.
+
+        `done(outcome, detail)` is called once: TAKEN when smtpd closed the
+        channel (the caller then closes `client`), else the cause of the
+        failure (the caller tells the client 421). Raises PassPoolClosed if
+        the pool has stopped.
+        """
+        if self._closed:
+            raise PassPoolClosed("the pass pool is closed")
+        try:
+            chan = connect_service(path)
+        except OSError as exc:
+            self._end(done, connect_outcome(exc.errno), f"{path}: {_why(exc)}")
+            return
+        try:
+            fds = array.array("i", [client.fileno()])
+            chan.sendmsg([FD_CARRIER], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            sent = chan.send(attributes)
+        except OSError as exc:
+            chan.close()
+            self._end(done, send_outcome(exc.errno), _why(exc))
+            return
+        if sent != len(attributes):  # never on an empty buffer; if so, not a pass service
+            chan.close()
+            self._end(done, Outcome.DESCRIPTOR_REFUSED, "the attributes did not fit")
+            return
+        entry = _Channel(chan, client, trio.current_time() + timeout, done)
+        self._channels[chan.fileno()] = entry
+        self._poller.update(chan.fileno(), 0, IN)
+        heap = self._heap
+        if len(heap) > 2 * len(self._channels) + 1024:  # mostly finished: drop those
+            heap[:] = [item for item in heap if item[2].open]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (entry.deadline, next(self._seq), entry))
+        wake = self._wake
+        if wake is not None and entry.deadline < wake.deadline:
+            wake.deadline = entry.deadline
+
+    async def run(self) -> None:
+        """Wait for every channel until cancelled; then the pool is closed.
+
+        Hand-offs still waiting then end as TIMEOUT (the client is told 421:
+        smtpd has not taken it).
+        """
+        if self._closed:
+            raise PassPoolClosed("the pass pool is closed")
+        try:
+            await watch(self._poller, self._expire, self._serve, self._set_wake)
+        finally:
+            self._closed = True
+            for entry in list(self._channels.values()):
+                self._finish(entry, Outcome.TIMEOUT, "repeld is stopping")
+            self._poller.close()
+
+    def _set_wake(self, scope: trio.CancelScope | None) -> None:
+        self._wake = scope
+
+    def _expire(self, now: float) -> float:
+        heap = self._heap
+        while heap:
+            deadline, _, entry = heap[0]
+            if entry.open and deadline > now:
+                return deadline
+            heapq.heappop(heap)
+            if entry.open:
+                self._finish(entry, Outcome.TIMEOUT, "smtpd did not take the client in time")
+        return math.inf
+
+    def _serve(self, now: float) -> int:
+        ready = self._poller.ready(_BATCH)
+        for fd, _ in ready:
+            entry = self._channels.get(fd)
+            if entry is None:
+                continue
+            try:
+                data = entry.chan.recv(64)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                self._finish(entry, send_outcome(exc.errno), _why(exc))
+                continue
+            if data:  # an SMTP greeting, say: a `unix` service, not `pass`
+                what = data[:40].decode("ascii", "replace").strip()
+                self._finish(
+                    entry,
+                    Outcome.DESCRIPTOR_REFUSED,
+                    f"the service answered {what!r}: not a pass service?",
+                )
+            else:
+                self._finish(entry, Outcome.TAKEN, "")
+        return len(ready)
+
+    def _finish(self, entry: _Channel, outcome: Outcome, detail: str) -> None:
+        entry.open = False
+        fd = entry.chan.fileno()
+        del self._channels[fd]
+        self._poller.update(fd, IN, 0)
+        entry.chan.close()
+        self._end(entry.done, outcome, detail)
+
+    def _end(self, done: Done, outcome: Outcome, detail: str) -> None:
+        self.outcomes[outcome] += 1
+        try:
+            done(outcome, detail)
+        except Exception as exc:  # one hand-off's bug never stops the others
+            self._on_error(f"pass hand-off: {exc!r}")

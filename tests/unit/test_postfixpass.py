@@ -1,0 +1,156 @@
+"""core/postfixpass.py: the bytes postscreen sends smtpd with a client, and the outcomes.
+
+The expected bytes are written out by hand from Postfix's attr_print0.c
+(name NUL value NUL ..., then NUL) and mail_proto.h (the attribute names);
+tests/system/test_postfix_pass.py shows a real smtpd takes them.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from repeld.config.errors import SettingError
+from repeld.config.values import Backend, PassBackend, parse_backend, parse_listen
+from repeld.core import postfixpass
+from repeld.core.postfixpass import BadAttribute, Outcome
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "expected"),
+    [
+        (
+            ("192.0.2.1", 5678, "198.51.100.7", 25),
+            b"client_address\x00192.0.2.1\x00client_port\x005678\x00"
+            b"server_address\x00198.51.100.7\x00server_port\x0025\x00\x00",
+        ),
+        (  # IPv6 as smtpd wants it: with colons, no brackets
+            ("2001:db8::1", 1, "::1", 2525),
+            b"client_address\x002001:db8::1\x00client_port\x001\x00"
+            b"server_address\x00::1\x00server_port\x002525\x00\x00",
+        ),
+        (  # an IPv4-mapped client on a dual-stack listener is plain IPv4, as smtpd makes it
+            ("::ffff:127.0.0.5", 40000, "::ffff:127.0.0.1", 25),
+            b"client_address\x00127.0.0.5\x00client_port\x0040000\x00"
+            b"server_address\x00127.0.0.1\x00server_port\x0025\x00\x00",
+        ),
+        (  # a link-local scope means nothing to smtpd's address checks
+            ("fe80::1%eth0", 2, "fe80::2%eth0", 25),
+            b"client_address\x00fe80::1\x00client_port\x002\x00"
+            b"server_address\x00fe80::2\x00server_port\x0025\x00\x00",
+        ),
+    ],
+)
+def test_pass_attributes_are_postscreens_bytes(
+    endpoints: tuple[str, int, str, int], expected: bytes
+) -> None:
+    data = postfixpass.pass_attributes(*endpoints)
+    assert data == expected
+    attrs, used = postfixpass.decode_attributes(data + b"trailing")
+    assert used == len(data)
+    assert list(attrs) == ["client_address", "client_port", "server_address", "server_port"]
+
+
+@pytest.mark.parametrize(
+    "endpoints",
+    [
+        ("not-an-address", 1, "127.0.0.1", 25),
+        ("127.0.0.1", 70000, "127.0.0.1", 25),
+        ("127.0.0.1", 1, "127.0.0.1", -1),
+    ],
+)
+def test_bad_endpoints_are_refused_before_anything_is_sent(
+    endpoints: tuple[str, int, str, int],
+) -> None:
+    with pytest.raises(BadAttribute):
+        postfixpass.pass_attributes(*endpoints)
+
+
+@pytest.mark.parametrize(
+    ("pairs", "expected"),
+    [
+        ((), b"\x00"),
+        ((("a", ""),), b"a\x00\x00\x00"),
+        ((("name", "value"), ("n2", "v2")), b"name\x00value\x00n2\x00v2\x00\x00"),
+    ],
+)
+def test_encode_round_trips(pairs: tuple[tuple[str, str], ...], expected: bytes) -> None:
+    assert postfixpass.encode_attributes(pairs) == expected
+    assert postfixpass.decode_attributes(expected) == (dict(pairs), len(expected))
+
+
+@pytest.mark.parametrize("pairs", [(("", "v"),), (("a\0b", "v"),), (("a", "v\0"),)])
+def test_what_the_format_cannot_say_is_refused(pairs: tuple[tuple[str, str], ...]) -> None:
+    with pytest.raises(BadAttribute):
+        postfixpass.encode_attributes(pairs)
+
+
+@pytest.mark.parametrize("data", [b"", b"name", b"name\x00value", b"name\x00value\x00"])
+def test_an_unterminated_list_is_incomplete(data: bytes) -> None:
+    with pytest.raises(BadAttribute):
+        postfixpass.decode_attributes(data)
+
+
+@pytest.mark.parametrize(
+    ("code", "outcome"),
+    [
+        (errno.ENOENT, Outcome.MISSING),
+        (errno.ENOTDIR, Outcome.MISSING),
+        (errno.ECONNREFUSED, Outcome.REFUSED),
+        (errno.ENOTSOCK, Outcome.REFUSED),
+        (errno.EACCES, Outcome.PERMISSION),
+        (errno.EPERM, Outcome.PERMISSION),
+        (errno.EAGAIN, Outcome.BUSY),
+        (errno.ETIMEDOUT, Outcome.TIMEOUT),
+        (errno.EIO, Outcome.ERROR),
+        (None, Outcome.ERROR),
+    ],
+)
+def test_connect_errors_name_their_cause(code: int | None, outcome: Outcome) -> None:
+    assert postfixpass.connect_outcome(code) is outcome
+
+
+@pytest.mark.parametrize(
+    ("code", "outcome"),
+    [
+        (errno.EPIPE, Outcome.DESCRIPTOR_REFUSED),
+        (errno.ECONNRESET, Outcome.DESCRIPTOR_REFUSED),
+        (errno.ETOOMANYREFS, Outcome.DESCRIPTOR_REFUSED),
+        (errno.EAGAIN, Outcome.BUSY),
+    ],
+)
+def test_send_errors_name_their_cause(code: int, outcome: Outcome) -> None:
+    assert postfixpass.send_outcome(code) is outcome
+
+
+def test_every_outcome_is_described() -> None:
+    for outcome in Outcome:
+        assert postfixpass.describe(outcome).startswith("pass: ")
+    assert postfixpass.describe(Outcome.MISSING, "x: y") == "pass: socket missing (x: y)"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("pass:/var/spool/postfix/private/smtpd", PassBackend("/var/spool/postfix/private/smtpd")),
+        ("pass:/private/smtpd", PassBackend("/private/smtpd")),
+        ("127.0.0.1:10025", Backend("127.0.0.1", 10025)),
+    ],
+)
+def test_backend_takes_a_pass_service(text: str, expected: object) -> None:
+    backend = parse_backend(text)
+    assert backend == expected
+    assert str(backend) == text
+
+
+@pytest.mark.parametrize("text", ["pass:", "pass:private/smtpd", "pass:/" + "x" * 200])
+def test_a_pass_service_needs_an_absolute_socket_path(text: str) -> None:
+    with pytest.raises(SettingError):
+        parse_backend(text)
+
+
+def test_a_listener_can_have_its_own_pass_service() -> None:
+    spec = parse_listen("127.0.0.1:25,backend=pass:/var/spool/postfix/private/smtpd")
+    assert spec.backend == PassBackend("/var/spool/postfix/private/smtpd")
+    assert str(spec) == "127.0.0.1:25,backend=pass:/var/spool/postfix/private/smtpd"
