@@ -11,15 +11,30 @@ Timing rules as in test_e2e.py: no speed assertions, every wait bounded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ..postfix_fixture import POSTFIX, postfix_instance
-from ..procs import SyslogUDP
-from .test_e2e import DELAY, MAIL_FROM, RCPT_TO, deliver, running_repeld
+from ..procs import Daemon, SyslogUDP, wait_for
+from .test_e2e import (
+    DELAY,
+    MAIL_FROM,
+    RCPT_TO,
+    TIMEOUT,
+    deliver,
+    read_until_closed,
+    running_repeld,
+)
 
 pytestmark = [
     pytest.mark.skipif(POSTFIX is None, reason="postfix is not installed"),
@@ -86,3 +101,261 @@ def test_delivery_through_smtpd_pass_names_the_true_client(syslog: SyslogUDP) ->
         assert not re.search(r"smtpd\[\d+\]: warning:", log), log
         # The server address smtpd was told is the listener's own (Dovecot SASL needs it).
         assert MAIL_FROM in log
+
+
+@contextlib.contextmanager
+def repeld(*args: str) -> Iterator[Daemon]:
+    """repeld -f with `args` and an empty config file (no --no-cache forced); checked after."""
+    with tempfile.NamedTemporaryFile("w", prefix="repeld-pass-", suffix=".toml") as config:
+        base = ["--config", config.name, "--listen", "127.0.0.1:0", "--delay", str(DELAY)]
+        proc = Daemon([*base, *args])
+        try:
+            proc.wait_listening()
+            yield proc
+        except BaseException:
+            proc.stop()
+            raise
+        status = proc.stop()
+    assert status == 0, f"repeld exited {status}:\n" + proc.stderr_text()
+    assert "Traceback" not in proc.stderr_text(), proc.stderr_text()
+
+
+def _reply(f: Any) -> bytes:
+    """One SMTP reply, all its lines."""
+    out = b""
+    while True:
+        line = f.readline()
+        assert line, f"connection closed mid-reply after {out!r}"
+        out += bytes(line)
+        if line[3:4] != b"-":
+            return out
+
+
+def _session_open(address: tuple[str, int], source: str) -> tuple[socket.socket, Any, bytes]:
+    """A client that waited for the greeting: (socket, reader, greeting)."""
+    sock = socket.create_connection(address, timeout=TIMEOUT, source_address=(source, 0))
+    f = sock.makefile("rb")
+    return sock, f, _reply(f)
+
+
+def _refused(address: tuple[str, int], source: str) -> bytes:
+    """Wait for the greeting as a patient client would; everything up to the close."""
+    with socket.create_connection(address, timeout=TIMEOUT, source_address=(source, 0)) as sock:
+        data, _ = read_until_closed(sock)
+    return data
+
+
+def test_a_handed_off_session_holds_no_descriptor_in_repeld(syslog: SyslogUDP) -> None:
+    with postfix_instance() as pf:
+        args = (
+            "-b",
+            f"pass:{pf.pass_socket}",
+            "--syslog",
+            syslog.target,
+            *AS_POSTFIX,
+            "--no-cache",
+        )
+        with repeld(*args) as rd:
+            sock, f, greeting = _session_open(rd.address, "127.0.0.7")
+            with sock, f:
+                assert greeting.startswith(b"220 ") and b"postfix-behind-repeld" in greeting
+                port = sock.getsockname()[1]
+                pf.wait_log(rf"smtpd\[\d+\]: connect from unknown\[127\.0\.0\.7\]:{port}\b")
+                # smtpd has it: repeld holds nothing of it, however long it lasts
+                assert wait_for(lambda: not _client_fds(rd.pid, port), TIMEOUT, 0.05)
+                sock.sendall(b"EHLO client.test\r\n")
+                assert _reply(f).startswith(b"250")
+                assert not _client_fds(rd.pid, port)
+                sock.sendall(b"QUIT\r\n")
+                assert _reply(f).startswith(b"221")
+            pf.wait_log(rf"disconnect from unknown\[127\.0\.0\.7\]:{port} ehlo=1 quit=1")
+
+
+def test_an_early_talker_never_reaches_postfix(syslog: SyslogUDP) -> None:
+    with postfix_instance() as pf:
+        args = (
+            "-b",
+            f"pass:{pf.pass_socket}",
+            "--syslog",
+            syslog.target,
+            *AS_POSTFIX,
+            "--no-cache",
+        )
+        with repeld(*args, "--on-early", "reject") as rd:
+            with socket.create_connection(
+                rd.address, timeout=TIMEOUT, source_address=("127.0.0.8", 0)
+            ) as sock:
+                sock.sendall(b"EHLO spammer.test\r\n")
+                data, _ = read_until_closed(sock)
+            assert data.startswith(b"554 ") or data.startswith(b"421 ") or data == b"", data
+            syslog.wait_for("early-talker")
+            syslog.drain(0.3)
+            assert not syslog.named("pass")
+        assert "127.0.0.8" not in pf.log_text()
+
+
+def test_a_remembered_early_pipelining_client_reaches_smtpd_with_its_bytes(
+    syslog: SyslogUDP,
+) -> None:
+    pipelined = b"EHLO client.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<b@example.com>\r\n"
+    with postfix_instance(mynetworks="127.0.0.9/32") as pf:
+        args = ("-b", f"pass:{pf.pass_socket}", "--syslog", syslog.target, *AS_POSTFIX)
+        with repeld(*args, "--cache", "memory", "--on-early", "reject") as rd:
+            session = deliver(rd.address, source="127.0.0.9")  # patient: remembered
+            assert session.refused == {}
+            with socket.create_connection(
+                rd.address, timeout=TIMEOUT, source_address=("127.0.0.9", 0)
+            ) as sock:
+                f = sock.makefile("rb")
+                sock.sendall(pipelined)  # before the greeting, as it may now
+                assert _reply(f).startswith(b"220 ")
+                assert _reply(f).startswith(b"250")  # EHLO
+                assert _reply(f).startswith(b"250")  # MAIL
+                assert _reply(f).startswith(b"250")  # RCPT
+                sock.sendall(b"DATA\r\n")
+                assert _reply(f).startswith(b"354")
+                sock.sendall(b"Subject: pipelined\r\n\r\nhello\r\n.\r\n")
+                assert _reply(f).startswith(b"250")
+                sock.sendall(b"QUIT\r\n")
+                assert _reply(f).startswith(b"221")
+                f.close()
+            passes = syslog.wait_for("pass", 2)
+            assert [p.fields["reason"] for p in passes] == ["delay", "cache"]
+            assert passes[1].fields["early_bytes"] == str(len(pipelined))
+            assert all(p.fields["handoff"] == "pass" for p in passes)
+        pf.wait_log(r"discard\[\d+\]: \w+: to=<b@example\.com>, .*status=sent")
+        # smtpd read the bytes repeld had peeked, as sent (and says so, as it
+        # does for any client that pipelines before it advertises PIPELINING).
+        pf.wait_log(
+            r"improper command pipelining after EHLO from unknown\[127\.0\.0\.9\]:\d+: "
+            r"MAIL FROM:<a@sender\.test>\\r\\nRCPT TO:<b@example\.com>\\r\\n"
+        )
+
+
+def test_the_teaser_comes_before_smtpds_greeting(syslog: SyslogUDP) -> None:
+    with postfix_instance() as pf:
+        args = (
+            "-b",
+            f"pass:{pf.pass_socket}",
+            "--syslog",
+            syslog.target,
+            *AS_POSTFIX,
+            "--no-cache",
+        )
+        with repeld(*args, "--teaser") as rd:
+            sock, f, greeting = _session_open(rd.address, "127.0.0.10")
+            with sock, f:
+                first, _, rest = greeting.partition(b"\r\n")
+                assert first.startswith(b"220-"), greeting
+                assert rest.startswith(b"220 ") and b"postfix-behind-repeld" in rest, greeting
+                sock.sendall(b"QUIT\r\n")
+                assert _reply(f).startswith(b"221")
+            session = deliver(rd.address, source="127.0.0.10")  # smtplib reads one greeting
+            assert session.refused == {}
+
+
+def test_each_failure_is_a_421_and_an_event_naming_its_cause(syslog: SyslogUDP) -> None:
+    with postfix_instance(pass_maxproc="1") as pf:
+        cases = [
+            # (backend, extra arguments, the cause in the event)
+            ("pass:/nonexistent/private/smtpd", AS_POSTFIX, "socket missing"),
+            (f"pass:{pf.pass_socket}", ("--user", "nobody"), "permission denied"),
+            (f"pass:{pf.unix_socket}", AS_POSTFIX, "descriptor refused"),
+        ]
+        for backend, extra, cause in cases:
+            with repeld("-b", backend, "--syslog", syslog.target, "--no-cache", *extra) as rd:
+                data = _refused(rd.address, "127.0.0.11")
+                assert data.startswith(b"421 4.3.2 "), (backend, data)
+                (error,) = syslog.wait_for("backend-error")
+                assert error.fields["backend"] == backend
+                assert error.fields["error"].startswith(f"pass: {cause}"), error.fields
+                assert error.fields["client"] == "127.0.0.11"
+            syslog.messages.clear()
+        # No answer within the bound: the one smtpd pass process is busy with a client.
+        args = ("-b", f"pass:{pf.pass_socket}", "--syslog", syslog.target, "--no-cache")
+        with repeld(*args, *AS_POSTFIX, "--connect-timeout", "1") as rd:
+            sock, f, greeting = _session_open(rd.address, "127.0.0.12")
+            with sock, f:
+                assert greeting.startswith(b"220 ")
+                data = _refused(rd.address, "127.0.0.13")
+                assert data.startswith(b"421 4.3.2 "), data
+                (error,) = syslog.wait_for("backend-error")
+                assert error.fields["error"].startswith("pass: no answer"), error.fields
+                assert error.fields["client"] == "127.0.0.13"
+                sock.sendall(b"QUIT\r\n")
+                assert _reply(f).startswith(b"221")
+
+
+def test_a_stopped_postfix_is_a_421_and_is_used_again_once_back(syslog: SyslogUDP) -> None:
+    with postfix_instance(mynetworks="127.0.0.14/32") as pf:
+        args = (
+            "-b",
+            f"pass:{pf.pass_socket}",
+            "--syslog",
+            syslog.target,
+            *AS_POSTFIX,
+            "--no-cache",
+        )
+        with repeld(*args) as rd:
+            assert deliver(rd.address, source="127.0.0.14").refused == {}
+            pf.stop()
+            data = _refused(rd.address, "127.0.0.14")
+            assert data.startswith(b"421 4.3.2 "), data
+            (error,) = syslog.wait_for("backend-error")
+            assert error.fields["error"].startswith(
+                ("pass: connection refused", "pass: socket missing")
+            )
+            pf.start_again()
+            assert deliver(rd.address, source="127.0.0.14").refused == {}
+        assert len(re.findall(r"\]: connect from unknown\[127\.0\.0\.14\]", pf.log_text())) == 2
+
+
+def test_check_backend_hands_over_a_loopback_connection_and_reads_the_greeting() -> None:
+    with postfix_instance() as pf:
+        ok = subprocess.run(
+            [sys.executable, "-m", "repeld", "--check-backend", "-b", f"pass:{pf.pass_socket}"],
+            capture_output=True, text=True, timeout=TIMEOUT, check=False,
+        )  # fmt: skip
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert f"pass:{pf.pass_socket} (descriptor hand-off): ok: greeting '220 " in ok.stdout
+        assert "postfix-behind-repeld" in ok.stdout and "PIPELINING" in ok.stdout
+        pf.wait_log(r"disconnect from unknown\[127\.0\.0\.1\]:\d+ ehlo=1 quit=1 commands=2")
+        assert not re.search(r"smtpd\[\d+\]: warning:", pf.log_text()), pf.log_text()
+        bad = subprocess.run(
+            [sys.executable, "-m", "repeld", "--check-backend", "-b", f"pass:{pf.unix_socket}x"],
+            capture_output=True, text=True, timeout=TIMEOUT, check=False,
+        )  # fmt: skip
+        assert bad.returncode == 1
+        assert "FAILED: pass: socket missing" in bad.stdout, bad.stdout
+
+
+def test_a_missing_service_at_start_up_is_a_warning_not_a_refusal(syslog: SyslogUDP) -> None:
+    with repeld("-b", "pass:/nonexistent/smtpd", "--syslog", syslog.target, "--no-cache",
+                *AS_POSTFIX) as rd:  # fmt: skip
+        (check,) = syslog.wait_for("backend-check")
+        assert "socket missing" in check.fields["message"], check.fields
+        assert "warning: backend pass:/nonexistent/smtpd" in rd.stderr_text()
+
+
+def test_in_a_chroot_the_path_is_the_one_seen_inside(syslog: SyslogUDP) -> None:
+    # Postfix's own chrooted daemons live in the queue directory: so can repeld.
+    with postfix_instance(mynetworks="127.0.0.15/32") as pf:
+        args = ("-b", "pass:/private/smtpd", "--chroot", str(pf.queue_dir), *AS_POSTFIX)
+        with repeld(*args, "--syslog", syslog.target, "--no-cache") as rd:
+            assert deliver(rd.address, source="127.0.0.15").refused == {}
+            (passed,) = syslog.wait_for("pass")
+            assert passed.fields["handoff"] == "pass"
+        pf.wait_log(r"connect from unknown\[127\.0\.0\.15\]")
+
+
+def test_every_worker_hands_off_itself(syslog: SyslogUDP) -> None:
+    with postfix_instance(mynetworks="127.0.0.0/8") as pf:
+        args = ("-b", f"pass:{pf.pass_socket}", "--syslog", syslog.target, *AS_POSTFIX)
+        with repeld(*args, "--no-cache", "--workers", "2") as rd:
+            sources = [f"127.0.1.{i}" for i in range(1, 7)]
+            for source in sources:
+                assert deliver(rd.address, source=source).refused == {}
+            passes = syslog.wait_for("pass", len(sources))
+            assert all(p.fields["handoff"] == "pass" for p in passes)
+        for source in sources:
+            pf.wait_log(rf"connect from unknown\[{re.escape(source)}\]")
