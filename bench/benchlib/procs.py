@@ -139,6 +139,19 @@ def cpu_seconds(pids: Sequence[int]) -> CpuSample:
     return CpuSample(total, time.monotonic())
 
 
+def reaped_children_seconds(pid: int) -> float:
+    """CPU seconds of the children `pid` has waited for (cutime + cstime): the
+    share of a forking server's tree that left with its exited processes."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return 0.0
+    rest = data[data.rindex(")") + 2 :].split()
+    # fields 16-17 (1-based) = cutime cstime; rest starts at field 3
+    return (int(rest[13]) + int(rest[14])) / CLK_TCK
+
+
 def fd_count(pids: Sequence[int]) -> int:
     """Open descriptors of the given processes (a cheap count of accepted sockets)."""
     n = 0
@@ -243,6 +256,10 @@ class Server:
 
     def pids(self) -> list[int]:
         return tree_pids(self.pid)
+
+    def cpu(self) -> float:
+        """CPU seconds of the tree now (its live processes')."""
+        return cpu_seconds(self.pids()).seconds
 
     def alive(self) -> bool:
         if self.proc is not None:

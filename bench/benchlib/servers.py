@@ -23,7 +23,7 @@ import dns.rcode
 
 from benchlib.events import UdpSink
 from benchlib.net import assert_loopback
-from benchlib.procs import Server, spawn
+from benchlib.procs import Server, reaped_children_seconds, spawn, tree_pids
 
 #: The recipes that start the peers on loopback (bench/peers/, see bench/README.md).
 PEERS = Path(__file__).resolve().parents[1] / "peers"
@@ -272,8 +272,71 @@ def start_postscreen(
     return srv
 
 
+@dataclass
+class PostfixPart(Server):
+    """The processes of one Postfix program (`comm`, e.g. postscreen) in a running
+    instance: a front whose CPU is counted apart from the rest of Postfix. It is
+    stopped with the instance, never by itself."""
+
+    comm: str = ""
+
+    def pids(self) -> list[int]:
+        found = []
+        for pid in tree_pids(self.pid):
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    if f.read().strip() == self.comm:
+                        found.append(pid)
+            except OSError:
+                continue
+        return found
+
+    def stop(self) -> None:
+        pass
+
+
+@dataclass
+class PostfixInstance(Server):
+    """A Postfix master and its children, which come and go (max_use, max_idle):
+    its CPU counts the exited ones too, from master's cutime and cstime."""
+
+    def cpu(self) -> float:
+        return super().cpu() + reaped_children_seconds(self.pid)
+
+
+def start_postfix(
+    port: int, proxy_port: int, ps_port: int, logdir: Path, name: str = "postfix"
+) -> Server:
+    """A private Postfix, the final server of the Postfix set (bench/peers/postfix.sh):
+    smtpd on `port` (plain) and `proxy_port` (PROXY), postscreen on `ps_port`, and
+    the `smtpd pass` service at `<PEER_DIR>/spool/private/smtpd`; master's PID."""
+    peer_dir = logdir / name
+    peer_dir.mkdir(mode=0o755, exist_ok=True)
+    env = {
+        "PEER_DIR": str(peer_dir),
+        "PF_PORT": str(port),
+        "PF_PROXY_PORT": str(proxy_port),
+        "PF_PS_PORT": str(ps_port),
+    }
+    started = spawn(name, [str(PEERS / "postfix.sh")], port, logdir, env)
+    srv = PostfixInstance(started.name, started.pid, port, proc=started.proc, log=started.log)
+    srv.note = " ".join(f"{k}={v}" for k, v in env.items() if k != "PEER_DIR")
+    srv.note += " bench/peers/postfix.sh"
+    return srv
+
+
+def postfix_pass_socket(postfix: Server) -> str:
+    """Where the instance's `smtpd pass` service listens (for repeld -b pass:PATH)."""
+    return str(Path(postfix.log).parent / "postfix" / "spool" / "private" / "smtpd")
+
+
 def start_haproxy(
-    port: int, backend_port: int, delay: float, logdir: Path, trusted: str = ""
+    port: int,
+    backend_port: int,
+    delay: float,
+    logdir: Path,
+    trusted: str = "",
+    proxy: str = "none",
 ) -> Server:
     """HAProxy in TCP mode, the inspect-delay recipe (bench/peers/haproxy.sh), no
     PROXY header; its log lines go to a UDP socket that is never read, so HAProxy
@@ -283,7 +346,7 @@ def start_haproxy(
         "PEER_DIR": str(logdir / f"haproxy-{port}"),
         "HP_PORT": str(port),
         "HP_DELAY": f"{delay:g}",
-        "HP_PROXY": "none",
+        "HP_PROXY": proxy,
         "HP_BACKEND_PORT": str(backend_port),
         "HP_LOG": f"127.0.0.1:{log.port}",
     }

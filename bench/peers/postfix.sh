@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# postfix.sh - a private Postfix whose smtpd is the final server of the
+# bench-relay Postfix set, on loopback, mail to the discard(8) transport.  One
+# instance, one smtpd configuration, reached four ways:
+#
+#   PF_PORT        smtpd, plain SMTP             (smtp-source directly)
+#   PF_PROXY_PORT  smtpd expecting a PROXY v1/v2 header
+#                  (smtpd_upstream_proxy_protocol=haproxy: HAProxy, repeld relaying)
+#   PF_PS_PORT     postscreen(8), 127.0.0.0/8 allowlisted by
+#                  postscreen_access_list=permit_mynetworks, so each client is
+#                  handed to smtpd at once, with no greet wait
+#   $PEER_DIR/spool/private/smtpd
+#                  the `smtpd pass` service postscreen hands clients to, and
+#                  repeld's `-b pass:PATH` too
+#
+#   PF_PORT=10025 PF_PROXY_PORT=10026 PF_PS_PORT=10027 bench/peers/postfix.sh
+#
+# Environment (defaults in brackets):
+#   PEER_DIR         configuration, queue and log     [$TMPDIR/repeld-bench-postfix]
+#   PF_PORT, PF_PROXY_PORT, PF_PS_PORT   ports on 127.0.0.1   [10025, 10026, 10027]
+#   PF_PROCS         default_process_limit (smtpd processes per service, and
+#                    master's listen backlog)                            [200]
+#
+# What is off, and why: every DNS lookup (nothing leaves loopback), peer name
+# lookups, postscreen's cache, DNSBL and after-220 tests, and chroot. Processes
+# stay up for an hour idle (max_idle), so a run measures serving, not forking.
+#
+# The script execs Postfix's master(8) with -d (foreground): the PID that ran
+# it is master's; SIGTERM to it stops master and its children. Needs root.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+PF_PORT=${PF_PORT:-10025}
+PF_PROXY_PORT=${PF_PROXY_PORT:-10026}
+PF_PS_PORT=${PF_PS_PORT:-10027}
+PF_PROCS=${PF_PROCS:-200}
+
+need_port "$PF_PORT"
+need_port "$PF_PROXY_PORT"
+need_port "$PF_PS_PORT"
+need_command postconf postfix
+[ "$(id -u)" = 0 ] || die "Postfix's master needs root"
+
+dir=$(peer_dir postfix)
+conf=$dir/etc
+mkdir -p "$conf" "$dir/spool" "$dir/data"
+chown postfix:postfix "$dir/data"
+chmod 755 "$dir"
+daemons=$(postconf -d -h daemon_directory)
+
+cat >"$conf/main.cf" <<CF
+# Written by bench/peers/postfix.sh; rewritten on every start.
+compatibility_level = 3.6
+queue_directory = $dir/spool
+data_directory = $dir/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix.bench.invalid
+mydomain = bench.invalid
+myorigin = \$myhostname
+append_dot_mydomain = no
+readme_directory = no
+smtputf8_enable = no
+mydestination =
+alias_maps =
+alias_database =
+biff = no
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_peername_lookup = no
+smtp_dns_support_level = disabled
+default_process_limit = $PF_PROCS
+max_idle = 3600s
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+smtpd_relay_restrictions = permit_mynetworks, reject
+default_transport = discard:bench
+relay_transport = discard:bench
+local_transport = discard:bench
+maillog_file = $dir/maillog
+maillog_file_prefixes = $dir
+
+postscreen_access_list = permit_mynetworks
+postscreen_cache_map =
+postscreen_dnsbl_sites =
+postscreen_pipelining_enable = no
+postscreen_non_smtp_command_enable = no
+postscreen_bare_newline_enable = no
+postscreen_client_connection_count_limit = 0
+postscreen_pre_queue_limit = 10000
+CF
+
+# service   type  private unpriv chroot wakeup maxproc command
+cat >"$conf/master.cf" <<CF
+127.0.0.1:$PF_PORT        inet  n  -  n  -  -  smtpd
+127.0.0.1:$PF_PROXY_PORT  inet  n  -  n  -  -  smtpd -o smtpd_upstream_proxy_protocol=haproxy
+127.0.0.1:$PF_PS_PORT     inet  n  -  n  -  1  postscreen
+smtpd       pass  -       -      n      -      -       smtpd
+cleanup     unix  n       -      n      -      0       cleanup
+qmgr        unix  n       -      n      300    1       qmgr
+pickup      unix  n       -      n      60     1       pickup
+rewrite     unix  -       -      n      -      -       trivial-rewrite
+bounce      unix  -       -      n      -      0       bounce
+defer       unix  -       -      n      -      0       bounce
+trace       unix  -       -      n      -      0       bounce
+verify      unix  -       -      n      -      1       verify
+proxymap    unix  -       -      n      -      -       proxymap
+discard     unix  -       -      n      -      -       discard
+error       unix  -       -      n      -      -       error
+retry       unix  -       -      n      -      -       error
+anvil       unix  -       -      n      -      1       anvil
+scache      unix  -       -      n      -      1       scache
+postlog     unix-dgram n  -      n      -      1       postlogd
+CF
+
+runuser -u postfix -- test -r "$conf/main.cf" ||
+    die "the postfix user cannot read $conf: open up its parent directories (chmod 755)"
+postfix -c "$conf" set-permissions >/dev/null 2>&1 || true
+postfix -c "$conf" check
+exec "$daemons/master" -c "$conf" -d
