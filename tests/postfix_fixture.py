@@ -96,6 +96,12 @@ class PostfixInstance:
         """An smtpd that speaks SMTP on a UNIX socket: a service that is not `pass`."""
         return self.base / "spool" / "public" / "smtpd-unix"
 
+    @property
+    def public_pass_socket(self) -> Path:
+        """A pass service in public/ (mode 0710, group postdrop): for a repeld
+        running as its own user in group postdrop."""
+        return self.base / "spool" / "public" / "smtpd-public"
+
     def start_again(self) -> None:
         """Start the stopped instance again (same directory, same ports)."""
         env = {k: v for k, v in os.environ.items() if k != "MAIL_CONFIG"}
@@ -243,7 +249,8 @@ def postfix_instance(
             f"{host}:{port} inet n - n - - smtpd{proxy_opt}"
             " -o smtpd_upstream_proxy_timeout=30s\n"
             f"smtpd      pass  -       -      n      -      {pass_maxproc}      smtpd\n"
-            "smtpd-unix unix  n       -      n      -      -       smtpd\n" + _MASTER_TAIL
+            "smtpd-unix unix  n       -      n      -      -       smtpd\n"
+            "smtpd-public pass n      -      n      -      -       smtpd\n" + _MASTER_TAIL
         )
         env = {k: v for k, v in os.environ.items() if k != "MAIL_CONFIG"}
         proc = subprocess.run(

@@ -359,3 +359,15 @@ def test_every_worker_hands_off_itself(syslog: SyslogUDP) -> None:
             assert all(p.fields["handoff"] == "pass" for p in passes)
         for source in sources:
             pf.wait_log(rf"connect from unknown\[{re.escape(source)}\]")
+
+
+def test_a_public_pass_service_serves_a_repeld_in_group_postdrop(syslog: SyslogUDP) -> None:
+    # The other arrangement: repeld keeps a user of its own (here nobody) and
+    # joins group postdrop, which may enter public/ (postfix:postdrop, 0710).
+    with postfix_instance(mynetworks="127.0.0.16/32") as pf:
+        mode = pf.public_pass_socket.parent.stat().st_mode & 0o777
+        assert mode == 0o710, oct(mode)
+        args = ("-b", f"pass:{pf.public_pass_socket}", "--user", "nobody", "--group", "postdrop")
+        with repeld(*args, "--syslog", syslog.target, "--no-cache") as rd:
+            assert deliver(rd.address, source="127.0.0.16").refused == {}
+        pf.wait_log(r"\]: connect from unknown\[127\.0\.0\.16\]")
