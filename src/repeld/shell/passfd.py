@@ -3,8 +3,9 @@
 For a `pass:PATH` backend, `PassPool.hand_off` does in one go what
 postscreen's `psc_send_socket` does (core/postfixpass.py says which bytes and
 why): a non-blocking connect to the pass service's UNIX-domain socket, the
-client's descriptor sent with SCM_RIGHTS on one NUL byte (sendmsg), then the
-client's and the server's endpoints as an attr_print0 list (send). None of
+client's descriptor sent with SCM_RIGHTS on one NUL byte, then the client's
+and the server's endpoints as an attr_print0 list (one sendmsg on Linux, see
+_ONE_WRITE; a sendmsg and a send elsewhere, as postscreen does). None of
 these waits: a UNIX-domain connect either succeeds at once or fails (EAGAIN
 when the service's listen queue is full), and the few bytes fit an empty
 socket buffer. What is left is waiting for smtpd to close the channel, the
@@ -156,9 +157,14 @@ class PassPool:
             chan.close()
             self._end(done, Outcome.DESCRIPTOR_REFUSED, "the attributes did not fit")
             return
+        try:
+            self._poller.update(chan.fileno(), 0, IN)
+        except OSError as exc:  # ENOMEM, ENOSPC (max_user_watches)
+            chan.close()
+            self._end(done, Outcome.ERROR, _why(exc))
+            return
         entry = _Channel(chan, client, trio.current_time() + timeout, done)
         self._channels[chan.fileno()] = entry
-        self._poller.update(chan.fileno(), 0, IN)
         heap = self._heap
         if len(heap) > 2 * len(self._channels) + 1024:  # mostly finished: drop those
             heap[:] = [item for item in heap if item[2].open]
