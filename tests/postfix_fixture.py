@@ -148,7 +148,7 @@ class PostfixInstance:
             wait_for(lambda: not _alive(pid), 10.0, 0.1)
 
 
-def _main_cf(base: Path, host: str, maillog: Path, mynetworks: str) -> str:
+def _main_cf(base: Path, host: str, maillog: Path, mynetworks: str, protocols: str = "ipv4") -> str:
     # A host name label may not end with "-" (Postfix refuses to start, and says
     # so only to syslog): mkdtemp's random suffix can end with "_".
     name = re.sub(r"[^a-z0-9]+", "-", base.name.lower()).strip("-")
@@ -171,7 +171,7 @@ append_dot_mydomain = no
 readme_directory = no
 smtputf8_enable = no
 inet_interfaces = {host}
-inet_protocols = ipv4
+inet_protocols = {protocols}
 mynetworks = {mynetworks}
 smtp_bind_address = 127.0.0.1
 smtpd_peername_lookup = no
@@ -220,6 +220,7 @@ def postfix_instance(
     upstream_proxy: str = "haproxy",
     mynetworks: str = "127.0.0.0/8",
     pass_maxproc: str = "-",
+    protocols: str = "ipv4",
 ) -> Iterator[PostfixInstance]:
     """Build, start, yield and stop a private Postfix instance.
 
@@ -229,6 +230,8 @@ def postfix_instance(
     for clients in `mynetworks` only. An `smtpd pass` service (at most
     `pass_maxproc` processes) takes clients handed over as postscreen does, at
     `pass_socket`; an `smtpd` on the UNIX socket `unix_socket` speaks SMTP there.
+    `protocols` is inet_protocols: smtpd takes a passed IPv6 client only with
+    `all` (or `ipv6`), whatever it listens on itself.
     """
     assert POSTFIX is not None, "postfix is not installed"
     assert host.startswith("127."), "loopback only"
@@ -242,7 +245,7 @@ def postfix_instance(
             shutil.chown(base / "data", "postfix", "postfix")
         maillog = base / "maillog"
         port = free_port(host)
-        (base / "etc" / "main.cf").write_text(_main_cf(base, host, maillog, mynetworks))
+        (base / "etc" / "main.cf").write_text(_main_cf(base, host, maillog, mynetworks, protocols))
         proxy_opt = f" -o smtpd_upstream_proxy_protocol={upstream_proxy}" if upstream_proxy else ""
         (base / "etc" / "master.cf").write_text(
             "# service type private unpriv chroot wakeup maxproc command\n"

@@ -28,6 +28,7 @@ from ..postfix_fixture import POSTFIX, postfix_instance
 from ..procs import Daemon, SyslogUDP, wait_for
 from .test_e2e import (
     DELAY,
+    HAVE_IPV6,
     MAIL_FROM,
     RCPT_TO,
     TIMEOUT,
@@ -104,10 +105,10 @@ def test_delivery_through_smtpd_pass_names_the_true_client(syslog: SyslogUDP) ->
 
 
 @contextlib.contextmanager
-def repeld(*args: str) -> Iterator[Daemon]:
+def repeld(*args: str, listen: str = "127.0.0.1:0") -> Iterator[Daemon]:
     """repeld -f with `args` and an empty config file (no --no-cache forced); checked after."""
     with tempfile.NamedTemporaryFile("w", prefix="repeld-pass-", suffix=".toml") as config:
-        base = ["--config", config.name, "--listen", "127.0.0.1:0", "--delay", str(DELAY)]
+        base = ["--config", config.name, "--listen", listen, "--delay", str(DELAY)]
         proc = Daemon([*base, *args])
         try:
             proc.wait_listening()
@@ -371,3 +372,22 @@ def test_a_public_pass_service_serves_a_repeld_in_group_postdrop(syslog: SyslogU
         with repeld(*args, "--syslog", syslog.target, "--no-cache") as rd:
             assert deliver(rd.address, source="127.0.0.16").refused == {}
         pf.wait_log(r"\]: connect from unknown\[127\.0\.0\.16\]")
+
+
+@pytest.mark.skipif(not HAVE_IPV6, reason="no IPv6 loopback")
+def test_an_ipv6_client_is_named_as_smtpd_names_it() -> None:
+    receiver = SyslogUDP("::1")
+    try:
+        # inet_protocols must name IPv6, or smtpd exits at the first IPv6 client
+        # ("cannot convert client address/port to string"): the README says so.
+        with postfix_instance(mynetworks="[::1]/128", protocols="all") as pf:
+            args = ("-b", f"pass:{pf.pass_socket}", "--syslog", receiver.target, *AS_POSTFIX)
+            with repeld(*args, "--no-cache", listen="[::1]:0") as rd:
+                assert rd.address[0] == "::1"
+                session = deliver(rd.address)
+                assert session.refused == {}
+            port = session.client[1]
+            pf.wait_log(rf"\]: connect from unknown\[::1\]:{port}\b")
+            assert not re.search(r"smtpd\[\d+\]: warning:", pf.log_text()), pf.log_text()
+    finally:
+        receiver.close()
