@@ -221,6 +221,7 @@ def postfix_instance(
     mynetworks: str = "127.0.0.0/8",
     pass_maxproc: str = "-",
     protocols: str = "ipv4",
+    tls: bool = False,
 ) -> Iterator[PostfixInstance]:
     """Build, start, yield and stop a private Postfix instance.
 
@@ -231,7 +232,8 @@ def postfix_instance(
     `pass_maxproc` processes) takes clients handed over as postscreen does, at
     `pass_socket`; an `smtpd` on the UNIX socket `unix_socket` speaks SMTP there.
     `protocols` is inet_protocols: smtpd takes a passed IPv6 client only with
-    `all` (or `ipv6`), whatever it listens on itself.
+    `all` (or `ipv6`), whatever it listens on itself. With `tls`, an `smtps`
+    pass service (private/smtps) speaks TLS first, with a self-signed certificate.
     """
     assert POSTFIX is not None, "postfix is not installed"
     assert host.startswith("127."), "loopback only"
@@ -247,13 +249,27 @@ def postfix_instance(
         port = free_port(host)
         (base / "etc" / "main.cf").write_text(_main_cf(base, host, maillog, mynetworks, protocols))
         proxy_opt = f" -o smtpd_upstream_proxy_protocol={upstream_proxy}" if upstream_proxy else ""
+        smtps = ""
+        if tls:
+            key, cert = base / "etc" / "key.pem", base / "etc" / "cert.pem"
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                 "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                capture_output=True, timeout=START_TIMEOUT, check=True,
+            )  # fmt: skip
+            smtps = (
+                "smtps      pass  -       -      n      -      -       smtpd"
+                " -o smtpd_tls_wrappermode=yes -o smtpd_tls_security_level=encrypt -o smtpd_tls_loglevel=1"
+                f" -o smtpd_tls_cert_file={cert} -o smtpd_tls_key_file={key}\n"
+                "tlsmgr     unix  -       -      n      1000?  1       tlsmgr\n"
+            )
         (base / "etc" / "master.cf").write_text(
             "# service type private unpriv chroot wakeup maxproc command\n"
             f"{host}:{port} inet n - n - - smtpd{proxy_opt}"
             " -o smtpd_upstream_proxy_timeout=30s\n"
             f"smtpd      pass  -       -      n      -      {pass_maxproc}      smtpd\n"
             "smtpd-unix unix  n       -      n      -      -       smtpd\n"
-            "smtpd-public pass n      -      n      -      -       smtpd\n" + _MASTER_TAIL
+            "smtpd-public pass n      -      n      -      -       smtpd\n" + smtps + _MASTER_TAIL
         )
         env = {k: v for k, v in os.environ.items() if k != "MAIL_CONFIG"}
         proc = subprocess.run(

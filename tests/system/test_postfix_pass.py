@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -391,3 +393,33 @@ def test_an_ipv6_client_is_named_as_smtpd_names_it() -> None:
             assert not re.search(r"smtpd\[\d+\]: warning:", pf.log_text()), pf.log_text()
     finally:
         receiver.close()
+
+
+def test_an_implicit_tls_listener_hands_off_to_an_smtps_pass_service(syslog: SyslogUDP) -> None:
+    # The README's port 465: a nodelay listener whose own backend is a pass
+    # service with smtpd_tls_wrappermode; smtpd speaks TLS on the passed socket.
+    with postfix_instance(tls=True) as pf:
+        smtps = pf.queue_dir / "private" / "smtps"
+        listen = f"127.0.0.1:0,nodelay,backend=pass:{smtps}"
+        args = ("-b", f"pass:{pf.pass_socket}", "--syslog", syslog.target, *AS_POSTFIX)
+        with repeld(*args, "--no-cache", listen=listen) as rd:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            smtp = smtplib.SMTP_SSL(
+                rd.address[0],
+                rd.address[1],
+                timeout=TIMEOUT,
+                context=context,
+                source_address=("127.0.0.17", 0),
+            )
+            try:
+                code, reply = smtp.ehlo()
+                assert code == 250 and b"-behind-repeld" not in reply  # EHLO names the host
+                smtp.quit()
+            finally:
+                smtp.close()
+            (passed,) = syslog.wait_for("pass")
+            assert passed.fields["reason"] == "nodelay"
+            assert passed.fields["handoff"] == "pass"
+        pf.wait_log(r"TLS connection established from unknown\[127\.0\.0\.17\]")
