@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from ..postfix_fixture import POSTFIX, postfix_instance
-from ..procs import Daemon, SyslogUDP, wait_for
+from ..procs import Daemon, SyslogUDP, free_port, wait_for
 from .test_e2e import (
     DELAY,
     HAVE_IPV6,
@@ -38,6 +38,7 @@ from .test_e2e import (
     read_until_closed,
     running_repeld,
 )
+from .test_metrics import samples, scrape
 
 pytestmark = [
     pytest.mark.skipif(POSTFIX is None, reason="postfix is not installed"),
@@ -299,7 +300,8 @@ def test_a_stopped_postfix_is_a_421_and_is_used_again_once_back(syslog: SyslogUD
             *AS_POSTFIX,
             "--no-cache",
         )
-        with repeld(*args) as rd:
+        mport = free_port()
+        with repeld(*args, "--metrics", f"127.0.0.1:{mport}") as rd:
             assert deliver(rd.address, source="127.0.0.14").refused == {}
             pf.stop()
             data = _refused(rd.address, "127.0.0.14")
@@ -310,6 +312,16 @@ def test_a_stopped_postfix_is_a_421_and_is_used_again_once_back(syslog: SyslogUD
             )
             pf.start_again()
             assert deliver(rd.address, source="127.0.0.14").refused == {}
+            found = samples(scrape(mport))
+            handoffs = {
+                dict(labels)["result"]: n
+                for (name, labels), n in found.items()
+                if name == "repeld_handoffs_total"
+            }
+            cause = error.fields["error"].split("(")[0].strip()
+            failed = "refused" if cause == "pass: connection refused" else "missing"
+            assert handoffs["taken"] == 2 and handoffs[failed] == 1, handoffs
+            assert sum(handoffs.values()) == 3, handoffs
         assert len(re.findall(r"\]: connect from unknown\[127\.0\.0\.14\]", pf.log_text())) == 2
 
 

@@ -601,7 +601,9 @@ class Server:
                 "dns_lookups": self._dns.results() if self._dns is not None else {},
                 "dns_hits": self._dns.hits() if self._dns is not None else {},
                 "events": dict(self.log.counts),
-                "handoffs": self.pass_pool.outcomes if self.pass_pool else {},  # issue 19
+                "handoffs": self.pass_pool.outcomes
+                if self.pass_pool is not None
+                else {},  # issue 19
             },
             totals={
                 "backend_errors": self.log.counts["backend-error"],
