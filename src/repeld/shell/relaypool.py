@@ -377,7 +377,7 @@ class RelayPool:
         side <-> peer), so reference counting frees them and their sockets at once.
 
         The daemon runs the cycle collector's young generation only every 50,000
-        allocations (service/daemon.py), which took half an hour of mail at 5
+        allocations (process/daemon.py), which took half an hour of mail at 5
         sessions a second; until then every finished session stayed in memory.
         Done at the end of a wake-up, when no code of the pool holds a side.
         """

@@ -35,7 +35,8 @@ from repeld.config.settings import Settings, load_trusted
 from repeld.core import events
 from repeld.core.addresses import host_port
 from repeld.metrics import render
-from repeld.service import activation, privileges, sdnotify, workers
+from repeld.process import workers
+from repeld.service import activation, privileges, sdnotify
 from repeld.service.pidfile import PidFile, PidFileError
 from repeld.shell.backendcheck import warn_about_backends
 from repeld.shell.eventlog import EventLog
