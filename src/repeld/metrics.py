@@ -52,6 +52,7 @@ from repeld import __version__
 from repeld.core.dnsbl import RESULTS
 from repeld.core.events import Event
 from repeld.core.hold import PassReason
+from repeld.core.names import EarlyAction, EventName, ExecEnd, HangupHow, RelayEnd
 from repeld.core.policy import Refuse
 
 __all__ = [
@@ -100,14 +101,14 @@ COUNTERS = (
         "repeld_early_talkers",
         "Clients that spoke before the greeting, by what was done (penalty: cut off unheard)",
         "action",
-        ("drop", "reject", "penalty"),
+        tuple(str(a) for a in EarlyAction),
     ),
     _Family(
         "hangups",
         "repeld_hangups",
         "Clients that left before the greeting, by how (close: FIN, reset: RST)",
         "how",
-        ("close", "reset"),
+        tuple(str(h) for h in HangupHow),
     ),
     _Family(
         "passes",
@@ -128,9 +129,15 @@ COUNTERS = (
         "repeld_relay_ends",
         "Relayed sessions over, by how they ended",
         "end",
-        ("client", "backend", "timeout", "shutdown"),
+        tuple(str(e) for e in RelayEnd),
     ),
-    _Family("exec_ends", "repeld_exec_ends", "--exec programs done, by how they ended", "end"),
+    _Family(
+        "exec_ends",
+        "repeld_exec_ends",
+        "--exec programs done, by how they ended",
+        "end",
+        tuple(str(e) for e in ExecEnd),
+    ),
     _Family(
         "cache_lookups",
         "repeld_cache_lookups",
@@ -227,20 +234,20 @@ class Metrics:
     def observe(self, event: Event) -> None:
         """Count one event (EventLog's hook); fields it does not know are ignored."""
         name = event.name
-        if name == "pass":
+        if name == EventName.PASS:
             self._passes[str(event.get("reason"))] += 1
-        elif name == "early-talker":
+        elif name == EventName.EARLY_TALKER:
             action = str(event.get("action"))
             self._early[action] += 1
-            if action != "penalty":  # a penalty is cut off unheard: no talk to time
+            if action != EarlyAction.PENALTY:  # a penalty is cut off unheard: no talk to time
                 self._early_talk.observe(_number(event.get("elapsed")))
-        elif name == "hangup":
+        elif name == EventName.HANGUP:
             self._hangups[str(event.get("how"))] += 1
             self._hangup.observe(_number(event.get("elapsed")))
-        elif name == "relay-end":
+        elif name == EventName.RELAY_END:
             self._relay_ends[str(event.get("end"))] += 1
             self._relay.observe(_number(event.get("duration")))
-        elif name == "exec-end":
+        elif name == EventName.EXEC_END:
             self._exec_ends[str(event.get("end"))] += 1
 
     def observe_lookup(self, seconds: float, clients: int) -> None:

@@ -34,6 +34,7 @@ from repeld import __version__
 from repeld.config.settings import Settings, load_trusted
 from repeld.core import events
 from repeld.core.addresses import host_port
+from repeld.core.names import EventName
 from repeld.metrics import render
 from repeld.process import workers
 from repeld.service import activation, privileges, sdnotify
@@ -161,7 +162,10 @@ async def serve_forever(
                 where = ", ".join(str(lst.spec) for lst in server.listeners)
                 log.emit(
                     events.lifecycle(
-                        "start", version=__version__, listen=bound, **settings.handler_fields()
+                        EventName.START,
+                        version=__version__,
+                        listen=bound,
+                        **settings.handler_fields(),
                     )
                 )
                 if settings.foreground:
@@ -179,7 +183,7 @@ async def serve_forever(
             # FLUSH_WAIT + SEND_WAIT), so that stop's dropped_events is exact.
             await log.wait_flushed()
             stats = server.statistics()
-            log.emit(events.lifecycle("stop", **stats))
+            log.emit(events.lifecycle(EventName.STOP, **stats))
             outer.cancel_scope.cancel()  # the writer flushes what is queued
 
 

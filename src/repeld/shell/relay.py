@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import trio
 
+from repeld.core.names import RelayEnd
 from repeld.service import tcptune
 
 __all__ = ["CHUNK", "RelayResult", "connect", "send_all"]
@@ -27,7 +28,7 @@ class RelayResult:
 
     from_client: int = 0
     to_client: int = 0
-    end: str = "closed"  # closed | timeout | client-reset | backend-reset | shutdown
+    end: RelayEnd = RelayEnd.CLOSED
     #: When the backend connection was made (trio time); None if it never was.
     connected_at: float | None = None
     #: Why no backend address answered (then nothing was relayed).

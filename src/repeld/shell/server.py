@@ -36,6 +36,7 @@ from repeld.core.hold import (
     Wait,
     teaser_line,
 )
+from repeld.core.names import EventName
 from repeld.core.policy import Policy, Refuse, TrustedNetworks
 from repeld.metrics import Metrics, Snapshot
 from repeld.service.capacity import capacity_warnings, default_max_held, raise_nofile
@@ -464,7 +465,9 @@ class Server:
         except (CacheError, OSError) as exc:
             # A mail host keeps accepting mail: without its cache every client
             # simply waits, which is safe.
-            self.log.emit(events.cache_notice("cache-error", f"{exc} (cache off until restart)"))
+            self.log.emit(
+                events.cache_notice(EventName.CACHE_ERROR, f"{exc} (cache off until restart)")
+            )
             self.cache = None
 
     async def _serve(self, task_status: trio.TaskStatus[Server]) -> None:
@@ -569,13 +572,13 @@ class Server:
         return {
             "held": len(self.pen),
             "relays": self.relays,
-            "pass": counts["pass"],
-            "early_talker": counts["early-talker"],
-            "hangup": counts["hangup"],
+            "pass": counts[EventName.PASS],
+            "early_talker": counts[EventName.EARLY_TALKER],
+            "hangup": counts[EventName.HANGUP],
             "refused": self.refused,
             "shutdown_held": self.shutdown_held,
-            "backend_error": counts["backend-error"],
-            "relay_end": counts["relay-end"],
+            "backend_error": counts[EventName.BACKEND_ERROR],
+            "relay_end": counts[EventName.RELAY_END],
             "dropped_events": self.log.dropped,
             **self._cache_statistics(),
             **(self._dns.statistics() if self._dns is not None else {}),
@@ -597,7 +600,7 @@ class Server:
                 "events": dict(self.log.counts),
             },
             totals={
-                "backend_errors": self.log.counts["backend-error"],
+                "backend_errors": self.log.counts[EventName.BACKEND_ERROR],
                 "cache_errors": cache.get("errors", 0),
                 "cache_outages": cache.get("outages", 0),
                 "events_dropped": self.log.dropped,
@@ -669,8 +672,8 @@ async def open_server(
         settings.cache_spec(),
         pass_ttl=settings.cache_ttl,
         penalty_ttl=settings.penalty_ttl or None,
-        on_error=lambda message: log.emit(events.cache_notice("cache-error", message)),
-        on_recover=lambda message: log.emit(events.cache_notice("cache-recover", message)),
+        on_error=lambda message: log.emit(events.cache_notice(EventName.CACHE_ERROR, message)),
+        on_recover=lambda message: log.emit(events.cache_notice(EventName.CACHE_RECOVER, message)),
     )
     if settings.dns_policy() is not None:
         server.resolver = make_resolver(settings.resolver)
