@@ -30,7 +30,7 @@ from repeld.core import events
 from repeld.core.events import ConnInfo
 from repeld.core.names import ExecEnd
 from repeld.shell.eventlog import EventLog
-from repeld.shell.handoff import BACKEND_UNAVAILABLE, reply_and_close
+from repeld.shell.replies import BACKEND_UNAVAILABLE, reply_and_close
 
 __all__ = ["TERMINATE_WAIT", "exec_environment", "handoff_exec"]
 
