@@ -52,7 +52,7 @@ from repeld import __version__
 from repeld.core.dnsbl import RESULTS
 from repeld.core.events import Event
 from repeld.core.hold import PassReason
-from repeld.core.names import EarlyAction, EventName, ExecEnd, HangupHow, RelayEnd
+from repeld.core.names import EarlyAction, EventName, ExecEnd, HangupHow, ProxyOutcome, RelayEnd
 from repeld.core.policy import Refuse
 
 __all__ = [
@@ -155,6 +155,14 @@ COUNTERS = (
     ),
     _Family("dns_hits", "repeld_dns_hits", "Clients a DNS list listed, by list", "list"),
     _Family("events", "repeld_events", "Events emitted, by event name", "event"),
+    _Family(
+        "proxy",
+        "repeld_proxy_connections",
+        "Connections from --proxy-from balancers, by outcome (client: a header for a client; "
+        "check: a health check; timeout, error, truncated, reset: closed with proxy-error)",
+        "outcome",
+        tuple(str(o) for o in ProxyOutcome),
+    ),
 )
 #: Counters without labels: snapshot["totals"][key].
 TOTALS = (
@@ -168,6 +176,11 @@ TOTALS = (
 #: Gauges: snapshot["gauges"][key]; a gauge a snapshot lacks is not exposed.
 GAUGES = (
     _Family("held", "repeld_held", "Clients held now, waiting for their greeting"),
+    _Family(
+        "proxy_pending",
+        "repeld_proxy_pending",
+        "Connections from --proxy-from balancers whose PROXY header is still to come",
+    ),
     _Family("relays", "repeld_relays", "Passed clients being relayed (or run by --exec) now"),
     _Family("cache_entries", "repeld_cache_entries", "Entries in the memory pass cache"),
     _Family("workers", "repeld_workers", "Worker processes running"),

@@ -34,6 +34,7 @@ __all__ = [
     "overload",
     "passed",
     "penalized",
+    "proxy_error",
     "relay_end",
     "reload",
     "stats",
@@ -55,20 +56,24 @@ class Severity(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class ConnInfo:
-    """Who connected where; taken from accept() and getsockname(), never getpeername()."""
+    """Who connected where: taken from accept() and getsockname(), never getpeername(),
+    or, behind a trusted balancer, from its PROXY header (`via`: the balancer's
+    address, "" for a direct connection)."""
 
     client: str
     client_port: int
     server: str
     server_port: int
+    via: str = ""
 
     def fields(self) -> tuple[tuple[str, FieldValue], ...]:
-        return (
+        base: tuple[tuple[str, FieldValue], ...] = (
             ("client", self.client),
             ("client_port", self.client_port),
             ("server", self.server),
             ("server_port", self.server_port),
         )
+        return (*base, ("via", self.via)) if self.via else base
 
     @property
     def peer(self) -> str:
@@ -318,6 +323,24 @@ def internal_error(conn: ConnInfo | None, elapsed: float, error: str) -> Event:
     fields += (("elapsed", _ms(elapsed)), ("error", error))
     where = f" for {conn.peer}" if conn is not None else ""
     return Event(EventName.ERROR, Severity.ERR, fields, f"ERROR{where}: {error}")
+
+
+def proxy_error(balancer: ConnInfo, elapsed: float, reason: str, detail: str) -> Event:
+    """A trusted balancer's connection did not begin with a valid PROXY header in
+    time: closed, and nobody judged (`client` is the balancer; never a ban)."""
+    elapsed = _ms(elapsed)
+    return Event(
+        EventName.PROXY_ERROR,
+        Severity.WARNING,
+        (
+            ("event", EventName.PROXY_ERROR),
+            *balancer.fields(),
+            ("elapsed", elapsed),
+            ("reason", reason),
+            ("detail", detail),
+        ),
+        f"PROXY-ERROR from balancer {balancer.peer} after {elapsed:.3f}: {reason} ({detail})",
+    )
 
 
 def overload(conn: ConnInfo, limit: str, refused: int) -> Event:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["EarlyAction", "EventName", "ExecEnd", "HangupHow", "RelayEnd"]
+__all__ = ["EarlyAction", "EventName", "ExecEnd", "HangupHow", "ProxyOutcome", "RelayEnd"]
 
 
 class EventName(enum.StrEnum):
@@ -26,6 +26,7 @@ class EventName(enum.StrEnum):
     PASS = "pass"
     DNSBL = "dnsbl"
     OVERLOAD = "overload"
+    PROXY_ERROR = "proxy-error"  # a balancer's connection without a valid PROXY header
     # a connection after its verdict
     BACKEND_ERROR = "backend-error"
     RELAY_END = "relay-end"
@@ -68,6 +69,17 @@ class RelayEnd(enum.StrEnum):
     CLIENT_RESET = "client-reset"
     BACKEND_RESET = "backend-reset"
     SHUTDOWN = "shutdown"  # cut at the end of --shutdown-grace
+
+
+class ProxyOutcome(enum.StrEnum):
+    """How a trusted balancer's connection left the intake (--proxy-from)."""
+
+    CLIENT = "client"  # a PROXY header for a client: judged as the client from here on
+    CHECK = "check"  # a health check: LOCAL / UNKNOWN header, or closed before a byte
+    TIMEOUT = "timeout"  # no complete header within --proxy-timeout (proxy-error)
+    ERROR = "error"  # not a valid PROXY header (proxy-error, with the parser's reason)
+    TRUNCATED = "truncated"  # closed within the header (proxy-error)
+    RESET = "reset"  # reset while the header was read (proxy-error)
 
 
 class ExecEnd(enum.StrEnum):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import socket
+from collections.abc import Callable
 
 from repeld.cache.base import CacheVerdict
 from repeld.cache.lookup import BatchedLookups
@@ -72,6 +73,9 @@ class Admission:
         self.lookups: BatchedLookups[Held] | None = None
         #: The DNS lists' lookups (None without lists), set by the server.
         self.dns: DnsLookups[Held] | None = None
+        #: Connections held elsewhere that --max-held counts too (the intake's
+        #: header-pending ones), set by the server.
+        self.also_held: Callable[[], int] = lambda: 0
         self._penalties = settings.penalty_ttl > 0
         # limit -> (time of the last overload event, refusals since then)
         self._overload: dict[Refuse, tuple[float, int]] = {}
@@ -99,14 +103,15 @@ class Admission:
         pen = self.pen
         client = conn.client
         admission = self.policy.admit(
-            client, nodelay=nodelay, held=len(pen), held_from_client=pen.per_client.get(client, 0)
+            client,
+            nodelay=nodelay,
+            held=len(pen) + self.also_held(),
+            held_from_client=pen.per_client.get(client, 0),
         )
         if admission is None:
             self._hold(sock, conn, backend, now)
         elif isinstance(admission, Refuse):
-            reply_and_close(sock, REFUSALS[admission])
-            self.refusals[admission] += 1
-            self._note_overload(conn, admission, now)
+            self.refuse(sock, conn, admission, now)
         else:
             self.dispatch.passed(sock, conn, now, Pass(admission, 0.0), backend)
 
@@ -176,7 +181,10 @@ class Admission:
         if hold.awaiting_dns:  # else decided meanwhile: the answer is not needed
             self.pen.settle(held, lambda now: hold.listed(result, now))
 
-    def _note_overload(self, conn: ConnInfo, limit: Refuse, now: float) -> None:
+    def refuse(self, sock: socket.socket, conn: ConnInfo, limit: Refuse, now: float) -> None:
+        """Turn a client away at `limit` with its 421, counted."""
+        reply_and_close(sock, REFUSALS[limit])
+        self.refusals[limit] += 1
         # Under a flood one event a second stands for every refusal in it.
         last, count = self._overload.get(limit, (-OVERLOAD_EVENT_INTERVAL, 0))
         count += 1

@@ -126,13 +126,15 @@ def handoff(
     ended: Callable[[], None],
     tuned: bool = False,
     strip_pipe_connect: bool = True,
+    check: bool = False,
 ) -> None:
     """Hand one passed client to the MTA through `pool`; returns at once.
 
     When the session is over its event is written, `sock` is closed and
     `ended()` is called, once, whatever happened. `tuned`: `sock` came from a
     listener that `tune_listener` tuned; `strip_pipe_connect`: take PIPECONNECT
-    out of the MTA's first EHLO reply.
+    out of the MTA's first EHLO reply; `check`: a balancer's health check, announced
+    with a LOCAL header and ended without a `relay-end` (it is not a client).
     """
 
     def done(result: RelayResult) -> None:
@@ -146,6 +148,8 @@ def handoff(
                 return
             if result.connected_at is None:  # stopped while connecting: come back later
                 reply_and_close(sock, BACKEND_UNAVAILABLE)
+            if check:
+                return
             started = now if result.connected_at is None else result.connected_at
             log.emit(
                 events.relay_end(
@@ -169,9 +173,12 @@ def handoff(
                 _tune_for_relay(sock)
             except OSError:
                 pass  # the client may have gone already; the relay will see it
-        header = proxyproto.header(
-            proxy_protocol, conn.client, conn.client_port, conn.server, conn.server_port
-        )
+        if check:
+            header = proxyproto.local(proxy_protocol)
+        else:
+            header = proxyproto.header(
+                proxy_protocol, conn.client, conn.client_port, conn.server, conn.server_port
+            )
         pool.connect_and_relay(
             sock,
             target.addresses,
@@ -224,8 +231,10 @@ class HandOff:
         conn: ConnInfo,
         accepted_at: float,
         backend: BackendTarget | None = None,
+        *,
+        check: bool = False,
     ) -> None:
-        """Hand one passed client on; returns at once."""
+        """Hand one passed client on (`check`: a balancer's health check); returns at once."""
         target = backend or self.backend
         s = self.settings
         self.active += 1
@@ -248,6 +257,7 @@ class HandOff:
             self._ended,
             self.listeners_tuned,
             not s.keep_pipe_connect,
+            check,
         )
 
     def _ended(self) -> None:

@@ -30,6 +30,7 @@ from repeld.cache.lookup import BatchedLookups
 from repeld.cache.open import make_cache
 from repeld.config.settings import Listen, Settings, load_trusted
 from repeld.core import events
+from repeld.core.events import ConnInfo
 from repeld.core.names import EventName
 from repeld.core.policy import TrustedNetworks
 from repeld.metrics import Metrics, Snapshot
@@ -77,7 +78,8 @@ class Server:
         self.dispatch = Dispatch(settings, log, self.handoff)
         self.pen = HoldingPen(self.dispatch.verdict, self._pen_error)
         self.admission = Admission(settings, trusted, self.max_held, self.pen, self.dispatch, log)
-        self.intake = Intake(self.admission, log)
+        self.intake = Intake(settings, self.admission, log, self._health_check)
+        self.admission.also_held = self.intake.__len__
         self.listeners: list[Listener] = []
         self._front: trio.CancelScope | None = None
         self._grace = settings.shutdown_grace
@@ -144,6 +146,12 @@ class Server:
         elapsed = trio.current_time() - held.hold.accepted_at
         self.log.emit(events.internal_error(held.conn, elapsed, message))
 
+    def _health_check(
+        self, sock: socket.socket, balancer: ConnInfo, now: float, listener: Listener
+    ) -> None:
+        # A balancer's own connection: straight to the MTA, so it sees the MTA's 220.
+        self.handoff.client(sock, balancer, now, listener.backend, check=True)
+
     async def wait_idle(self) -> None:
         """Return once no client is being relayed or served by --exec (at once if none is)."""
         await self.handoff.wait_idle()
@@ -169,6 +177,7 @@ class Server:
                     services.cancel_scope.cancel()
         finally:
             self._close_listeners()
+            self.intake.close()
             self.pen.close()
 
     async def _start_cache(self, services: trio.Nursery) -> None:
@@ -192,6 +201,7 @@ class Server:
             async with trio.open_nursery() as front:
                 self._front = front.cancel_scope
                 front.start_soon(self.pen.run)
+                front.start_soon(self.intake.run)
                 if self.cache is not None:
                     admission.lookups = BatchedLookups(
                         self.cache,
@@ -216,6 +226,8 @@ class Server:
                 task_status.started(self)
             # Drain: no new clients, held ones told to come back, relays finish.
             self._close_listeners()
+            for sock in self.intake.evict_all():
+                reply_and_close(sock, SHUTTING_DOWN)
             for held in self.pen.evict_all():
                 reply_and_close(held.sock, SHUTTING_DOWN)
                 self.shutdown_held += 1
@@ -272,6 +284,7 @@ class Server:
             if policy is None:  # lists removed: they stay until then, with their policy
                 policy = admission.dns_policy
         admission.configure(settings, trusted, policy)
+        self.intake.configure(settings)
         self.dispatch.settings = settings
         self.handoff.settings = settings
         self.handoff.backend = backend
@@ -303,6 +316,8 @@ class Server:
         cache = self.cache.statistics() if self.cache is not None else {}
         dns = self.admission.dns
         gauges = {"held": len(self.pen), "relays": self.relays}
+        if self.settings.proxy_from or self.intake.outcomes:
+            gauges["proxy_pending"] = len(self.intake)
         if "entries" in cache:  # cheap to know for the memory cache only
             gauges["cache_entries"] = cache["entries"]
         return self.metrics.snapshot(
@@ -312,6 +327,7 @@ class Server:
                 "dns_lookups": dns.results() if dns is not None else {},
                 "dns_hits": dns.hits() if dns is not None else {},
                 "events": dict(self.log.counts),
+                "proxy": {str(k): n for k, n in self.intake.outcomes.items()},
             },
             totals={
                 "backend_errors": self.log.counts[EventName.BACKEND_ERROR],
