@@ -42,7 +42,6 @@ happens to it.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import math
 import socket
 from collections.abc import Callable
