@@ -288,3 +288,29 @@ async def test_a_reload_adds_and_removes_balancers(
         assert (await read_until_closed(plain))[1] == "reset"
         (talker,) = await h.receiver.wait_for("early-talker")
         assert talker.fields["client"] == BALANCER  # no longer a balancer: early talk
+
+
+async def test_an_ipv4_client_through_an_ipv6_balancer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from repeld.config.settings import Listen
+
+    async with running(
+        backend_proxy=True,
+        proxy_protocol="v1",
+        listen=(Listen("::1", 0),),
+        delay=DELAY,
+        proxy_from=("::1/128",),
+    ) as h:
+        sock = await connect(h.address(), source="::1")
+        await sock.send(v2("192.0.2.50", 40010, "198.51.100.25", 25))
+        assert await read_line(sock) == GREETING
+        (passed,) = await h.receiver.wait_for("pass")
+        assert (passed.fields["client"], passed.fields["via"]) == ("192.0.2.50", "::1")
+        (info,) = h.backend.headers
+        assert info is not None and (info.version, info.src, info.dst) == (
+            1,
+            "192.0.2.50",
+            "198.51.100.25",
+        )
+        sock.close()
