@@ -27,6 +27,7 @@ from repeld.core.events import ConnInfo
 from repeld.core.hold import (
     Blocked,
     EarlyTalk,
+    Enforce,
     HangUp,
     Hold,
     Logged,
@@ -42,6 +43,7 @@ from repeld.service.capacity import capacity_warnings, default_max_held, raise_n
 from repeld.service.listeners import backlog_for, open_listeners
 from repeld.shell.accept import ACCEPT_BACKOFF, Listener, accept_loop
 from repeld.shell.dnslookup import DnsLookups, make_resolver
+from repeld.shell.enforce import EnforceSessions, enforce_name
 from repeld.shell.eventlog import EventLog
 from repeld.shell.handoff import (
     BackendTarget,
@@ -91,6 +93,8 @@ class Server:
         self.pen = HoldingPen(self._on_verdict, self._pen_error)
         #: What every held client hears as its hold begins (--teaser), else b"".
         self._teaser = _teaser(settings)
+        # --on-early enforce (shell/enforce.py): the talkers' own dialogues.
+        self.enforcing = EnforceSessions(log, enforce_name(settings))
         self.listeners: list[Listener] = []
         #: Every listener hands out sockets already tuned for relaying.
         self._listeners_tune = True
@@ -197,6 +201,7 @@ class Server:
                 settings.delay,
                 cache_pending=key is not None,
                 observe=settings.on_early == "log",
+                enforce=settings.on_early == "enforce",  # --on-early enforce
                 teaser=self._teaser,
                 dns=self._dns_policy if dns is not None else None,
             )
@@ -351,6 +356,9 @@ class Server:
         elif isinstance(verdict, Blocked):  # drop or reject: the lists ended it
             block(held.sock, held.conn.client, verdict)
             self.log.emit(events.dnsbl(held.conn, verdict))
+        elif isinstance(verdict, Enforce):  # --on-early enforce: shell/enforce.py
+            self._learn(held.conn, good=False)
+            self.enforcing.start(held.sock, held.conn, verdict, self._dns_of(held))
 
     def _observed(self, held: Held, note: EarlyTalk | Penalty | Blocked) -> None:
         # The cache learns from a logged talk what it learns from a cut-off one;
@@ -476,6 +484,7 @@ class Server:
             async with trio.open_nursery() as front:
                 self._front = front.cancel_scope
                 front.start_soon(self.pen.run)
+                await front.start(self.enforcing.run)  # --on-early enforce
                 if self.cache is not None:
                     self._lookups = BatchedLookups(
                         self.cache,
@@ -552,6 +561,7 @@ class Server:
             self.max_held = settings.max_held
         self.settings = settings
         self._teaser = _teaser(settings)
+        self.enforcing.name = enforce_name(settings)  # --on-early enforce
         policy = settings.dns_policy()
         if self._dns is not None:  # the lists and the resolver need a restart
             self._dns.timeout = settings.dns_timeout
@@ -586,6 +596,7 @@ class Server:
         assert self.metrics is not None
         cache = self.cache.statistics() if self.cache is not None else {}
         gauges = {"held": len(self.pen), "relays": self.relays}
+        gauges["enforcing"] = self.enforcing.active  # --on-early enforce
         if "entries" in cache:  # cheap to know for the memory cache only
             gauges["cache_entries"] = cache["entries"]
         return self.metrics.snapshot(
