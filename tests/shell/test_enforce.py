@@ -148,3 +148,18 @@ async def test_shutdown_tells_an_enforced_talker_421(
         assert data.startswith(b"421 4.3.2 mx.enforce.test ")
         (ev,) = await h.receiver.wait_for("early-talker")
         assert ev.fields["end"] == "shutdown"
+
+
+async def test_with_the_teaser_the_greeting_completes_the_teasers_reply(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running(delay=DELAY, on_early="enforce", teaser=True, teaser_text=NAME) as h:
+        client = await connect(h.address())
+        assert await read_line(client) == b"220-mx.enforce.test\r\n"
+        await client.send(b"EHLO bot\r\n")  # talks on seeing the teaser
+        # repeld's own last line ends the multi-line 220 (RFC 5321 section 4.2)
+        assert await read_line(client) == b"220 mx.enforce.test ESMTP\r\n"
+        assert (await _read_reply(client)).startswith(b"250-mx.enforce.test\r\n")
+        client.close()
+        (ev,) = await h.receiver.wait_for("early-talker")
+        assert ev.fields["teaser"] == "1" and ev.fields["helo"] == "bot"

@@ -21,8 +21,21 @@ from repeld.core.enforce import (
     greeting_name,
 )
 from repeld.core.events import ConnInfo, Event
-from repeld.core.hold import EarlyTalk, escape_bytes
+from repeld.core.hold import (
+    EarlyTalk,
+    Enforce,
+    Hold,
+    LocalProtocolError,
+    Logged,
+    Pass,
+    PassReason,
+    Penalty,
+    escape_bytes,
+)
 from repeld.core.logformat import Header, format_json, format_rfc5424
+from repeld.metrics import Metrics, render
+
+from .test_properties import _STEP, _step
 
 NAME = b"mx.test"
 T0 = 500.0
@@ -320,3 +333,73 @@ def test_hostile_envelopes_are_escaped_as_the_first_bytes_are() -> None:
     assert payload["helo"] == helo and payload["sender"] == sender
     line = format_rfc5424(event, header, 0.0).decode()
     assert line.count("\n") == 0 and line.count("[repeld@32473 ") == 1
+
+
+# -- the hold in enforce mode (core/hold.py) ---------------------------------------
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    delay=st.floats(min_value=0, max_value=3600, allow_nan=False),
+    cache_pending=st.booleans(),
+    steps=st.lists(
+        st.tuples(_STEP, st.floats(min_value=0, max_value=100, allow_nan=False)),
+        min_size=1,
+        max_size=20,
+    ),
+)
+def test_enforce_mode_never_cuts_a_talker_before_the_end_of_its_delay(
+    delay: float,
+    cache_pending: bool,
+    steps: list[tuple[tuple[str, bytes | int | None], float]],
+) -> None:
+    """Whatever the shell feeds: no talker is cut off or passed on its talk
+    alone; it is enforced at or after the end of its delay, or written down as
+    gone when it leaves first; a silent client is judged as in drop mode."""
+    hold = Hold(100.0, delay, cache_pending=cache_pending, enforce=True)
+    talked = False
+    now = 100.0
+    for (kind, payload), advance in steps:
+        now += advance
+        try:
+            verdict = _step(hold, kind, payload, now)
+        except LocalProtocolError:
+            if hold.done:
+                break
+            continue
+        talked = talked or kind == "data"
+        assert not isinstance(verdict, EarlyTalk | Logged)  # no dns: nothing is only logged
+        if isinstance(verdict, Enforce):
+            assert talked and hold.done
+            assert verdict.talk.elapsed <= verdict.elapsed
+            if not verdict.gone:
+                assert now >= hold.deadline
+            else:
+                assert kind == "reset"
+        if isinstance(verdict, Pass) and talked:
+            assert verdict.reason is PassReason.CACHE  # remembered as patient
+        if isinstance(verdict, Penalty):
+            assert not talked
+        if hold.done:
+            break
+
+
+# -- metrics ---------------------------------------------------------------------------
+
+
+def test_metrics_count_enforce_sessions_by_end() -> None:
+    metrics = Metrics()
+    for end in (EnforceEnd.QUIT, EnforceEnd.QUIT, EnforceEnd.BUSY):
+        metrics.observe(_enforced_event(Envelope(), end))
+    metrics.observe(
+        events.early_talker(
+            ConnInfo("192.0.2.1", 1, "198.51.100.1", 25), EarlyTalk(1, b"x", 0.1), "drop"
+        )
+    )
+    snap = metrics.snapshot(gauges={"enforcing": 2})
+    assert snap["labelled"]["enforce_ends"] == {"quit": 2, "busy": 1}
+    assert snap["labelled"]["early_talkers"] == {"enforce": 3, "drop": 1}
+    text = render(snap).decode()
+    assert 'repeld_enforce_sessions_total{end="quit"} 2.0' in text
+    assert 'repeld_enforce_sessions_total{end="timeout"} 0.0' in text  # seeded
+    assert "repeld_enforcing 2.0" in text
