@@ -114,7 +114,8 @@ class EnforceSessions:
         rtt: float,
         dns: DnsScore | None,
     ) -> None:
-        engine = Enforcer(self.name, trio.current_time())
+        started = trio.current_time()
+        engine = Enforcer(self.name, started)
         tsock = trio.socket.from_stdlib_socket(sock)
         try:
             with trio.move_on_at(engine.deadline):
@@ -123,6 +124,10 @@ class EnforceSessions:
                 _last_words(sock, engine.timeout(max(trio.current_time(), engine.deadline)))
         except OSError:
             engine.reset()
+        except Exception as exc:  # a bug here never takes the server down (trio's rule)
+            engine.reset()
+            elapsed = verdict.elapsed + trio.current_time() - started  # since accept
+            self.log.emit(events.internal_error(conn, elapsed, f"enforce session: {exc!r}"))
         finally:
             if not engine.done:  # cancelled: repeld is stopping
                 _last_words(sock, engine.shutdown())
