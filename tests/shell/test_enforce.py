@@ -64,7 +64,7 @@ async def test_a_talker_is_held_greeted_refused_and_written_down(
         assert ev.fields["end"] == "quit"
         assert h.backend.sessions == 0
         assert h.receiver.named("pass") == []
-        assert h.server.enforcing.active == 0
+        assert h.server.dispatch.enforcing.active == 0
 
 
 async def test_a_silent_client_still_passes(autojump_clock: trio.testing.MockClock) -> None:
@@ -114,14 +114,14 @@ async def test_past_the_limit_talkers_are_dropped_and_counted(
 ) -> None:
     metrics = MetricsAddress("127.0.0.1", 0)
     async with running(delay=DELAY, on_early="enforce", metrics=metrics) as h:
-        h.server.enforcing.limit = 2  # MAX_SESSIONS, made small
+        h.server.dispatch.enforcing.limit = 2  # MAX_SESSIONS, made small
         clients = []
         for i in range(4):
             c = await connect(h.address(), f"127.0.4.{i + 1}")
             await c.send(b"HELO x\r\n")
             clients.append(c)
         await trio.sleep(DELAY + 1)
-        assert h.server.enforcing.active == 2
+        assert h.server.dispatch.enforcing.active == 2
         busy = await h.receiver.wait_for("early-talker", 2)
         assert {e.fields["end"] for e in busy} == {"busy"}
         for c in clients:  # with the greeting unread: a reset

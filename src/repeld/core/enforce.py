@@ -46,8 +46,9 @@ escapes them as it escapes the first bytes.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
+
+from repeld.core.names import EnforceEnd
 
 __all__ = [
     "MAX_COMMANDS",
@@ -68,29 +69,6 @@ MAX_COMMANDS = 20
 MAX_RECIPIENTS = 10
 #: Seconds from the greeting to the 421 that ends a session, whatever it is doing.
 SESSION_TIME = 30.0
-
-
-class EnforceEnd(enum.StrEnum):
-    """How an enforce session ended; stable names for the event's `end` field."""
-
-    #: The client said QUIT and was told 221.
-    QUIT = "quit"
-    #: The client closed its side.
-    CLOSE = "close"
-    #: The connection failed (an RST, or a write that could not go out).
-    RESET = "reset"
-    #: SESSION_TIME seconds after the greeting.
-    TIMEOUT = "timeout"
-    #: More than MAX_COMMANDS commands.
-    COMMANDS = "commands"
-    #: More than MAX_RECIPIENTS recipients.
-    RECIPIENTS = "recipients"
-    #: repeld was stopping (421).
-    SHUTDOWN = "shutdown"
-    #: The talker left before the end of its delay: never greeted.
-    GONE = "gone"
-    #: Too many enforce sessions at once: dropped as --on-early drop does.
-    BUSY = "busy"
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,11 +33,12 @@ import trio
 from repeld.config.settings import Settings
 from repeld.core import events
 from repeld.core.dnsbl import DnsScore
-from repeld.core.enforce import EnforceEnd, Enforcer, Envelope, greeting_name
+from repeld.core.enforce import Enforcer, Envelope, greeting_name
 from repeld.core.events import ConnInfo
 from repeld.core.hold import Enforce
+from repeld.core.names import EarlyAction, EnforceEnd
 from repeld.shell.eventlog import EventLog
-from repeld.shell.verdicts import abort, rtt_ms, send_now
+from repeld.shell.replies import abort, rtt_ms, send_now
 
 __all__ = ["MAX_SESSIONS", "EnforceSessions", "enforce_name"]
 
@@ -103,7 +104,9 @@ class EnforceSessions:
         envelope: Envelope,
         end: EnforceEnd,
     ) -> None:
-        event = events.early_talker(conn, verdict.talk, "enforce", rtt, dns, (envelope, end))
+        event = events.early_talker(
+            conn, verdict.talk, EarlyAction.ENFORCE, rtt, dns, (envelope, end)
+        )
         self.log.emit(event)
 
     async def _session(
