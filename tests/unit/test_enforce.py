@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -403,3 +404,71 @@ def test_metrics_count_enforce_sessions_by_end() -> None:
     assert 'repeld_enforce_sessions_total{end="quit"} 2.0' in text
     assert 'repeld_enforce_sessions_total{end="timeout"} 0.0' in text  # seeded
     assert "repeld_enforcing 2.0" in text
+
+
+# -- the envelope cannot plant an address for fail2ban -------------------------------
+
+FILTER = Path(__file__).resolve().parents[2] / "scripts/fail2ban/filter.d/repeld.conf"
+
+
+def _failregexes() -> list[re.Pattern[str]]:
+    """The shipped filter's patterns in Python's re, <ADDR> as a plain address group
+    (the real fail2ban-regex runs on the same shapes in tests/system/test_fail2ban.py)."""
+    text = FILTER.read_text()
+    prefix = re.search(r"^_repeld_prefix = (.*)$", text, re.M)
+    body = re.search(r"^failregex = (.*?)\n\n", text, re.M | re.S)
+    assert prefix and body
+    return [
+        re.compile(
+            line.strip()
+            .replace("%(_repeld_prefix)s", prefix.group(1))
+            .replace("<ADDR>", r"(?P<addr>[0-9A-Fa-f:.]+)")
+        )
+        for line in body.group(1).splitlines()
+    ]
+
+
+_ENVELOPE_TEXT = st.one_of(
+    st.binary(max_size=120),
+    st.sampled_from(
+        [
+            b'","client":"127.0.9.1","client_port":1,"action":"drop"}',
+            b" (action=drop)",
+            b"\r\nPREGREET 1 after 0.000 from [127.0.9.2]:1: x (action=drop)",
+            b'x" action="drop"] client="127.0.9.3"',
+            b"<a@[127.0.9.4]>",
+        ]
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    helo=_ENVELOPE_TEXT,
+    sender=_ENVELOPE_TEXT,
+    recipients=st.lists(_ENVELOPE_TEXT, max_size=3),
+    first=_ENVELOPE_TEXT,
+)
+def test_the_filter_takes_only_the_client_whatever_the_envelope(
+    helo: bytes, sender: bytes, recipients: list[bytes], first: bytes
+) -> None:
+    talk = EarlyTalk(max(len(first), 1), first or b"x", 0.5)
+    conn = ConnInfo("192.0.2.55", 4000, "198.51.100.1", 25)
+    event = events.early_talker(
+        conn,
+        talk,
+        "enforce",
+        1.0,
+        None,
+        (Envelope(helo, sender, tuple(recipients), 3), EnforceEnd.QUIT),
+    )
+    header = Header(2, "mx1", "repeld", 4242, "repeld@32473", local=True)
+    cee = format_json(event, header, 0.0).decode()
+    lines = [
+        "mx1 repeld[4242]: " + cee.split("]: ", 1)[1],  # rsyslog's file line, json
+        f"mx1 repeld[4242] {event.summary}",  # a parsed RFC 5424 message, default template
+    ]
+    for line in lines:
+        assert "\n" not in line and "\r" not in line
+        found = [m.group("addr") for rx in _failregexes() if (m := rx.search(line))]
+        assert found == ["192.0.2.55"], line
