@@ -163,3 +163,24 @@ async def test_with_the_teaser_the_greeting_completes_the_teasers_reply(
         client.close()
         (ev,) = await h.receiver.wait_for("early-talker")
         assert ev.fields["teaser"] == "1" and ev.fields["helo"] == "bot"
+
+
+async def test_a_talker_still_held_at_shutdown_is_written_down(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running(delay=DELAY, on_early="enforce") as h:
+        talker = await connect(h.address(), "127.0.3.7")
+        silent = await connect(h.address(), "127.0.3.8")
+        await talker.send(b"EHLO early\r\n")
+        await trio.sleep(3)
+        h.server.shutdown(grace=1.0)
+        for client in (talker, silent):
+            data, _ = await read_until_closed(client)
+            assert data.startswith(b"421 4.3.2 ")
+        (ev,) = await h.receiver.wait_for("early-talker")
+        assert ev.fields["client"] == "127.0.3.7"
+        assert ev.fields["action"] == "enforce" and ev.fields["end"] == "shutdown"
+        assert ev.fields["first"] == "EHLO early\\r\\n" and ev.fields["helo"] == ""
+        assert float(ev.fields["elapsed"]) == pytest.approx(0.0, abs=0.01)  # when it talked
+        await trio.sleep(1)
+        assert len(h.receiver.named("early-talker")) == 1  # the silent one is no talker

@@ -358,6 +358,12 @@ class Hold:
         return self._dns_pending and self._state != _DONE
 
     @property
+    def talk(self) -> EarlyTalk | None:
+        """What the client said early, if it talked (for the record of a talker
+        still held when repeld stops)."""
+        return self._talk
+
+    @property
     def muted(self) -> bool:
         """The client has talked; its bytes are not to be watched any more."""
         return self._state in (_TALKED, _OBSERVING)

@@ -38,6 +38,7 @@ from repeld.core.events import ConnInfo
 from repeld.core.hold import Enforce
 from repeld.core.names import EarlyAction, EnforceEnd
 from repeld.shell.eventlog import EventLog
+from repeld.shell.pen import Held
 from repeld.shell.replies import abort, rtt_ms, send_now
 
 __all__ = ["MAX_SESSIONS", "EnforceSessions", "enforce_name"]
@@ -94,6 +95,19 @@ class EnforceSessions:
         else:
             self.active += 1
             self._nursery.start_soon(self._session, sock, conn, verdict, rtt, dns)
+
+    def evicted(self, held: Held) -> None:
+        """repeld is stopping and `held` is told 421 before its delay is over: if it
+        is a talker waiting for its enforce session, write its talk down all the same
+        (`end=shutdown`, nothing said yet), as drop would have at the talk."""
+        hold = held.hold
+        talk = hold.talk
+        if not hold.enforce or talk is None or hold.done:
+            return
+        elapsed = max(0.0, trio.current_time() - hold.accepted_at)
+        verdict = Enforce(talk, elapsed)
+        dns = hold.dns_result  # (absent, not 0, if the lists had not answered yet)
+        self._written(held.conn, verdict, rtt_ms(held.sock), dns, Envelope(), EnforceEnd.SHUTDOWN)
 
     def _written(
         self,

@@ -231,6 +231,7 @@ class Server:
             for sock in self.intake.evict_all():
                 reply_and_close(sock, SHUTTING_DOWN)
             for held in self.pen.evict_all():
+                self.dispatch.enforcing.evicted(held)  # --on-early enforce
                 reply_and_close(held.sock, SHUTTING_DOWN)
                 self.shutdown_held += 1
             with trio.CancelScope(deadline=trio.current_time() + self._grace) as drain:
