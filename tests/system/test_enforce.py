@@ -25,7 +25,7 @@ import pytest
 
 from repeld.shell.enforce import MAX_SESSIONS
 
-from ..procs import SyslogUDP
+from ..procs import SyslogUDP, free_port
 from .test_e2e import (
     MESSAGE,
     SMTP_SINK,
@@ -35,6 +35,7 @@ from .test_e2e import (
     running_repeld,
     smtp_sink,
 )
+from .test_metrics import PROMTOOL, samples, scrape, value
 
 ROOT = Path(__file__).resolve().parents[2]
 DELAY = 1.0
@@ -210,3 +211,34 @@ def test_past_the_bound_on_sessions_talkers_are_dropped(syslog: SyslogUDP) -> No
         ends = sorted(e.fields["end"] for e in ended)
         assert ends == ["busy"] * extra + ["quit"] * MAX_SESSIONS
         assert [src for src, _ in backend.handler.proxy_sources if src != "127.0.0.1"] == []
+
+
+def test_metrics_count_the_sessions_by_how_they_ended(syslog: SyslogUDP) -> None:
+    mport = free_port()
+    with (
+        aiosmtpd_backend(proxy=False) as backend,
+        running_repeld(*enforcing(backend.spec, syslog, "--metrics", f"127.0.0.1:{mport}")) as rd,
+    ):
+        with socket.create_connection(rd.address, TIMEOUT, ("127.0.5.4", 0)) as bot:
+            bot.sendall(b"EHLO x\r\nQUIT\r\n")
+            assert read_until_closed(bot)[0].endswith(b"221 2.0.0 Bye\r\n")
+        with socket.create_connection(rd.address, TIMEOUT, ("127.0.5.5", 0)) as bot:
+            bot.sendall(b"EHLO y\r\n")
+            got = b""
+            while not got.endswith(b"250 ENHANCEDSTATUSCODES\r\n"):  # in its session now
+                got += bot.recv(4096)
+            found = samples(scrape(mport))
+            assert value(found, "repeld_enforcing") == 1
+        syslog.wait_for("early-talker", 2)
+        text = scrape(mport)
+        found = samples(text)
+        assert value(found, "repeld_enforce_sessions_total", end="quit") == 1
+        assert value(found, "repeld_enforce_sessions_total", end="close") == 1
+        assert value(found, "repeld_early_talkers_total", action="enforce") == 2
+        assert value(found, "repeld_enforcing") == 0
+        assert ("repeld_enforce_sessions_total", (("end", "busy"),)) in found  # seeded
+        if PROMTOOL is not None:
+            checked = subprocess.run(
+                [PROMTOOL, "check", "metrics"], input=text, capture_output=True, timeout=30
+            )
+            assert checked.returncode == 0, checked.stdout + checked.stderr
