@@ -52,7 +52,15 @@ from repeld import __version__
 from repeld.core.dnsbl import RESULTS
 from repeld.core.events import Event
 from repeld.core.hold import PassReason
-from repeld.core.names import EarlyAction, EventName, ExecEnd, HangupHow, ProxyOutcome, RelayEnd
+from repeld.core.names import (
+    EarlyAction,
+    EnforceEnd,
+    EventName,
+    ExecEnd,
+    HangupHow,
+    ProxyOutcome,
+    RelayEnd,
+)
 from repeld.core.policy import Refuse
 
 __all__ = [
@@ -139,6 +147,14 @@ COUNTERS = (
         tuple(str(e) for e in ExecEnd),
     ),
     _Family(
+        "enforce_ends",
+        "repeld_enforce_sessions",
+        "Early talkers under --on-early enforce, by how their dialogue ended (gone: left "
+        "before the greeting; busy: dropped, every session taken)",
+        "end",
+        tuple(str(e) for e in EnforceEnd),
+    ),
+    _Family(
         "cache_lookups",
         "repeld_cache_lookups",
         "Pass-cache answers, by answer",
@@ -183,6 +199,7 @@ GAUGES = (
     ),
     _Family("relays", "repeld_relays", "Passed clients being relayed (or run by --exec) now"),
     _Family("cache_entries", "repeld_cache_entries", "Entries in the memory pass cache"),
+    _Family("enforcing", "repeld_enforcing", "Enforce sessions (--on-early enforce) running now"),
     _Family("workers", "repeld_workers", "Worker processes running"),
     _Family("workers_answered", "repeld_workers_answered", "Workers whose counters are included"),
 )
@@ -239,6 +256,7 @@ class Metrics:
         self._passes = self.labelled["passes"]
         self._relay_ends = self.labelled["relay_ends"]
         self._exec_ends = self.labelled["exec_ends"]
+        self._enforce_ends = self.labelled["enforce_ends"]
         self._early_talk = self.histograms["early_talk"]
         self._hangup = self.histograms["hangup"]
         self._relay = self.histograms["relay_duration"]
@@ -254,6 +272,8 @@ class Metrics:
             self._early[action] += 1
             if action != EarlyAction.PENALTY:  # a penalty is cut off unheard: no talk to time
                 self._early_talk.observe(_number(event.get("elapsed")))
+            if action == EarlyAction.ENFORCE:
+                self._enforce_ends[str(event.get("end"))] += 1
         elif name == EventName.HANGUP:
             self._hangups[str(event.get("how"))] += 1
             self._hangup.observe(_number(event.get("elapsed")))

@@ -9,6 +9,7 @@ from repeld.core.hold import (
     Blocked,
     CacheVerdict,
     EarlyTalk,
+    Enforce,
     HangUp,
     Hold,
     Logged,
@@ -34,6 +35,8 @@ LESSONS: list[tuple[Verdict, Lesson | None]] = [
     (Pass(PassReason.CACHE, 0.1), None),
     (TALK, Lesson.BAD),
     (Logged(TALK, Mute(25.0)), Lesson.BAD),
+    (Enforce(TALK, 25.0), Lesson.BAD),  # --on-early enforce
+    (Enforce(TALK, 3.0, gone=True), Lesson.BAD),
     (Logged(Penalty(0.1), Wait(25.0)), None),
     (Logged(BLOCKED, Wait(25.0)), None),
     (Penalty(0.1), None),

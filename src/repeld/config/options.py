@@ -139,12 +139,14 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "on-early",
         None,
-        choice("on-early", ("drop", "reject", "log")),
+        choice("on-early", ("drop", "reject", "log", "enforce")),
         "drop",
         "what to do to an early talker: drop closes at once, reject sends one 554 line "
         "first, log only writes it down and holds it for the whole delay like everyone "
-        "else, then passes it (observe mode, a first step; default: drop)",
-        metavar="drop|reject|log",
+        "else, then passes it (observe mode, a first step); enforce holds it for the "
+        "whole delay, then greets it itself, refuses every recipient and writes down "
+        "its HELO, sender and recipients (default: drop)",
+        metavar="drop|reject|log|enforce",
     ),
     Option(
         "teaser",

@@ -13,8 +13,9 @@ import enum
 from dataclasses import dataclass
 
 from repeld.core.dnsbl import DnsScore
+from repeld.core.enforce import Envelope
 from repeld.core.hold import Blocked, EarlyTalk, HangUp, Pass, escape_bytes
-from repeld.core.names import EventName, ExecEnd, HangupHow, RelayEnd
+from repeld.core.names import EnforceEnd, EventName, ExecEnd, HangupHow, RelayEnd
 
 __all__ = [
     "ConnInfo",
@@ -110,21 +111,53 @@ def _dns_fields(dns: DnsScore | None) -> tuple[tuple[str, FieldValue], ...]:
     return (("score", dns.score), ("lists", ",".join(dns.lists)))
 
 
+def _recipients(recipients: tuple[bytes, ...]) -> str:
+    # Each escaped as the first bytes are, and its commas too, so that one
+    # recipient can never pass for two: "a,b" is written a\x2cb.
+    return ",".join(escape_bytes(r).replace(",", "\\x2c") for r in recipients)
+
+
+def _enforce_fields(
+    envelope: Envelope, end: EnforceEnd
+) -> tuple[tuple[tuple[str, FieldValue], ...], str]:
+    # The envelope an enforced talker gave, escaped exactly as `first` is: the
+    # fields for the event, and their text for the summary.
+    helo, sender = escape_bytes(envelope.helo), escape_bytes(envelope.sender)
+    recipients = _recipients(envelope.recipients)
+    fields: tuple[tuple[str, FieldValue], ...] = (
+        ("helo", helo),
+        ("sender", sender),
+        ("recipients", recipients),
+        ("commands", envelope.commands),
+        ("end", str(end)),
+    )
+    return fields, f" [helo={helo} sender={sender} recipients={recipients} end={end}]"
+
+
 def early_talker(
     conn: ConnInfo,
     verdict: EarlyTalk,
     action: str,
     rtt_ms: float = 0.0,
     dns: DnsScore | None = None,
+    enforced: tuple[Envelope, EnforceEnd] | None = None,
 ) -> Event:
     """A client that spoke before it was greeted (a security event).
 
     `rtt_ms` is the kernel's smoothed round-trip time to the client (0 if unknown);
     `teaser` is 1 when the client had been sent the --teaser line before it talked;
     `dns`, with DNS lists configured, what they said of it (`score`, `lists`).
+    `enforced` (action enforce: one event, at the end of its dialogue) is the
+    envelope it gave and how the dialogue ended: `helo`, `sender`, `recipients`
+    (comma-separated), `commands` and `end` come last, after `action`, and the
+    summary shows them before `(action=enforce)`, which stays last.
     """
     first = escape_bytes(verdict.first)
     elapsed = _ms(verdict.elapsed)
+    extra: tuple[tuple[str, FieldValue], ...] = ()
+    told = ""
+    if enforced is not None:
+        extra, told = _enforce_fields(*enforced)
     return Event(
         EventName.EARLY_TALKER,
         Severity.WARNING,
@@ -138,8 +171,9 @@ def early_talker(
             ("rtt_ms", _ms(rtt_ms)),
             ("teaser", int(verdict.teased)),
             *_dns_fields(dns),
+            *extra,
         ),
-        f"PREGREET {verdict.nbytes} after {elapsed:.3f} from {conn.peer}: {first}"
+        f"PREGREET {verdict.nbytes} after {elapsed:.3f} from {conn.peer}: {first}{told}"
         f" (action={action})",
     )
 

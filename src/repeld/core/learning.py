@@ -12,6 +12,7 @@ What a verdict teaches (`lesson`):
                                                      list, or bytes before the greeting:
                                                      no patience was shown)
     EarlyTalk (cut off)                      BAD
+    Enforce (--on-early enforce)             BAD    (held, then its recipients refused)
     Logged(EarlyTalk) (--on-early log)       BAD    (observe mode learns what
                                                      enforcement would have)
     Penalty, Logged(Penalty)                 none   (remembered already)
@@ -38,6 +39,7 @@ from repeld.core.hold import (
     Blocked,
     CacheVerdict,
     EarlyTalk,
+    Enforce,
     HangUp,
     Hold,
     Logged,
@@ -63,7 +65,7 @@ def lesson(verdict: Verdict) -> Lesson | None:
     match verdict:
         case Pass():
             return Lesson.GOOD if verdict.remembered else None
-        case EarlyTalk():
+        case EarlyTalk() | Enforce():
             return Lesson.BAD
         case Logged(note=note):
             return Lesson.BAD if isinstance(note, EarlyTalk) else None

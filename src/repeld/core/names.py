@@ -14,7 +14,15 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["EarlyAction", "EventName", "ExecEnd", "HangupHow", "ProxyOutcome", "RelayEnd"]
+__all__ = [
+    "EarlyAction",
+    "EnforceEnd",
+    "EventName",
+    "ExecEnd",
+    "HangupHow",
+    "ProxyOutcome",
+    "RelayEnd",
+]
 
 
 class EventName(enum.StrEnum):
@@ -52,6 +60,21 @@ class EarlyAction(enum.StrEnum):
     REJECT = "reject"  # 554, then closed (--on-early reject)
     LOG = "log"  # written down, held and passed as usual (--on-early log)
     PENALTY = "penalty"  # remembered by the pass cache: cut off unheard
+    ENFORCE = "enforce"  # held, then its recipients refused by repeld (--on-early enforce)
+
+
+class EnforceEnd(enum.StrEnum):
+    """How an enforce session ended (the `end` of `early-talker`, action enforce)."""
+
+    QUIT = "quit"  # the client said QUIT and was told 221
+    CLOSE = "close"  # the client closed its side
+    RESET = "reset"  # the connection failed (an RST, or a write that could not go out)
+    TIMEOUT = "timeout"  # SESSION_TIME seconds after the greeting (421)
+    COMMANDS = "commands"  # more than MAX_COMMANDS commands (421)
+    RECIPIENTS = "recipients"  # more than MAX_RECIPIENTS recipients (421)
+    SHUTDOWN = "shutdown"  # repeld was stopping (421)
+    GONE = "gone"  # the talker left before the end of its delay: never greeted
+    BUSY = "busy"  # every enforce session was taken: dropped as --on-early drop does
 
 
 class HangupHow(enum.StrEnum):

@@ -131,6 +131,7 @@ class Admission:
             settings.delay,
             cache_pending=key is not None,
             observe=settings.on_early == "log",
+            enforce=settings.on_early == "enforce",  # --on-early enforce
             teaser=self.teaser,
             dns=self.dns_policy if dns is not None else None,
         )

@@ -10,6 +10,9 @@ a new verdict type fails the type check until it is handled here) and
   socket), or hands a passed client on (shell/handoff.py);
 - writes the verdict's event (core/events.py builds it).
 
+`Enforce` (--on-early enforce) is handed to shell/enforce.py, which greets the
+talker, serves its dialogue and writes its event when that ends.
+
 `Logged` (observe mode, and the DNS lists' log and delay actions) is handled
 here and only here: its note is written down and nobody is cut off; the pen and
 the admission step walk on to its `then`.
@@ -29,6 +32,7 @@ from repeld.core.events import ConnInfo
 from repeld.core.hold import (
     Blocked,
     EarlyTalk,
+    Enforce,
     HangUp,
     LocalProtocolError,
     Logged,
@@ -40,6 +44,7 @@ from repeld.core.hold import (
 )
 from repeld.core.learning import Lesson, lesson
 from repeld.core.names import EarlyAction
+from repeld.shell.enforce import EnforceSessions, enforce_name
 from repeld.shell.eventlog import EventLog
 from repeld.shell.handoff import BackendTarget, HandOff
 from repeld.shell.pen import Held
@@ -59,6 +64,8 @@ class Dispatch:
         self.cache: PassCache | None = None
         #: DNS lists are configured: verdict events carry their score.
         self.dns = False
+        #: --on-early enforce: the talkers' own dialogues (its task: `enforcing.run`).
+        self.enforcing = EnforceSessions(log, enforce_name(settings))
 
     def verdict(self, held: Held, verdict: Verdict) -> None:
         """Carry out one verdict of a held client (a `Logged` one: its note only)."""
@@ -91,6 +98,8 @@ class Dispatch:
             case Blocked():  # drop or reject: the lists ended it
                 block(held.sock, held.conn.client, verdict)
                 self.log.emit(events.dnsbl(held.conn, verdict))
+            case Enforce():  # --on-early enforce: served, then written down
+                self.enforcing.start(held.sock, held.conn, verdict, self._dns_of(held))
             case Wait() | Mute():
                 raise LocalProtocolError(f"{verdict!r} is no verdict to carry out")
             case _:

@@ -40,6 +40,7 @@ from repeld.shell.accept import ACCEPT_BACKOFF, Listener, accept_loop
 from repeld.shell.admit import Admission
 from repeld.shell.dispatch import Dispatch
 from repeld.shell.dnslookup import DnsLookups, make_resolver
+from repeld.shell.enforce import enforce_name
 from repeld.shell.eventlog import EventLog
 from repeld.shell.handoff import (
     BackendTarget,
@@ -202,6 +203,7 @@ class Server:
                 self._front = front.cancel_scope
                 front.start_soon(self.pen.run)
                 front.start_soon(self.intake.run)
+                await front.start(self.dispatch.enforcing.run)  # --on-early enforce
                 if self.cache is not None:
                     admission.lookups = BatchedLookups(
                         self.cache,
@@ -229,6 +231,7 @@ class Server:
             for sock in self.intake.evict_all():
                 reply_and_close(sock, SHUTTING_DOWN)
             for held in self.pen.evict_all():
+                self.dispatch.enforcing.evicted(held)  # --on-early enforce
                 reply_and_close(held.sock, SHUTTING_DOWN)
                 self.shutdown_held += 1
             with trio.CancelScope(deadline=trio.current_time() + self._grace) as drain:
@@ -286,6 +289,7 @@ class Server:
         admission.configure(settings, trusted, policy)
         self.intake.configure(settings)
         self.dispatch.settings = settings
+        self.dispatch.enforcing.name = enforce_name(settings)  # --on-early enforce
         self.handoff.settings = settings
         self.handoff.backend = backend
         self.log.reconfigure(settings)
@@ -316,6 +320,7 @@ class Server:
         cache = self.cache.statistics() if self.cache is not None else {}
         dns = self.admission.dns
         gauges = {"held": len(self.pen), "relays": self.relays}
+        gauges["enforcing"] = self.dispatch.enforcing.active  # --on-early enforce
         if self.settings.proxy_from or self.intake.outcomes:
             gauges["proxy_pending"] = len(self.intake)
         if "entries" in cache:  # cheap to know for the memory cache only
