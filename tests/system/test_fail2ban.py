@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from repeld.core import events
+from repeld.core import events, proxyproto
 from repeld.core.enforce import EnforceEnd, Envelope
 from repeld.core.events import ConnInfo
 from repeld.core.hold import EarlyTalk
@@ -202,6 +202,27 @@ class Runs:
     json: Mix
     rfc5424: Mix
     enforced: list[str] = field(default_factory=list)
+    behind: list[str] = field(default_factory=list)
+
+
+#: A --proxy-from balancer of our own: it connects from here and writes PROXY headers.
+BALANCER = "127.0.0.50"
+
+
+def run_behind_balancer(port: int) -> list[str]:
+    """Two early talkers through the balancer (the header names them), and one
+    header-less balancer connection (a proxy-error): only the talkers may be banned."""
+    talkers = ["127.0.24.1", "127.0.24.2"]
+    for client in talkers:
+        with connect(port, BALANCER) as sock:
+            sock.sendall(proxyproto.v2(client, 4000, "127.0.0.1", 25) + b"EHLO bot\r\n")
+            with contextlib.suppress(ConnectionResetError):
+                sock.recv(4096)
+    with connect(port, BALANCER) as sock:
+        sock.sendall(b"EHLO balancer.example\r\n")
+        with contextlib.suppress(ConnectionResetError):
+            sock.recv(4096)
+    return talkers
 
 
 @contextlib.contextmanager
@@ -247,7 +268,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
         ) as rd:  # fmt: skip
             enforced = run_enforce(rd.address[1])
         assert rs.wait_lines(rs.file_log, '"event":"stop"', 2), rs.lines(rs.file_log)
-        yield Runs(rs, json_mix, rfc_mix, [*enforced, *ENFORCED_5424])
+        with repeld(
+            "--backend", backend.address,
+            "--syslog", str(rs.socket),
+            "--proxy-from", f"{BALANCER}/32",
+        ) as rd:  # fmt: skip
+            behind = run_behind_balancer(rd.address[1])
+        assert rs.wait_lines(rs.file_log, '"event":"stop"', 3), rs.lines(rs.file_log)
+        yield Runs(rs, json_mix, rfc_mix, [*enforced, *ENFORCED_5424], behind)
     finally:
         rs.stop()
         backend.close()
@@ -280,8 +308,12 @@ def test_fail2ban_matches_exactly_the_early_talkers(runs: Runs, which: str) -> N
     for addr in runs.enforced:  # action=enforce: there, with its envelope
         assert f'"client":"{addr}"' in text or f"[{addr}]:4000: " in text
     matched = fail2ban_matches(log)
-    talkers = runs.json.talkers + runs.rfc5424.talkers + runs.enforced
-    assert len(matched) == runs.json.early_events + runs.rfc5424.early_events + len(runs.enforced)
+    talkers = runs.json.talkers + runs.rfc5424.talkers + runs.enforced + runs.behind
+    early = runs.json.early_events + runs.rfc5424.early_events
+    assert len(matched) == early + len(runs.enforced) + len(runs.behind)
+    # behind a balancer: the clients its header named, never the balancer itself
+    assert '"event":"proxy-error"' in text or "PROXY-ERROR" in text
+    assert BALANCER not in matched
     assert set(matched) == set(talkers)
     assert matched.count(runs.json.talkers[0]) == 2  # the drop, then the penalty
     assert not any(addr.startswith("127.0.9.") for addr in matched)
@@ -295,6 +327,7 @@ def test_the_mail_log_has_both_formats_as_rsyslog_wrote_them(runs: Runs) -> None
         if ']: @cee:{"event":"early-talker"' in line
         and '"action":"log"' not in line
         and '"action":"enforce"' not in line
+        and '"via":' not in line  # the run behind a balancer
     ]
     # (an RFC 5424 summary shows the fifth payload's fake @cee: text as is)
     rfc_lines = [
