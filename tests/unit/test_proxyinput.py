@@ -4,15 +4,20 @@ The real examples are the exact bytes HAProxy 2.6 (`send-proxy-v2`,
 `check-send-proxy`, `proxy-v2-options crc32c,unique-id`) and nginx 1.22
 (`stream`, `proxy_protocol on`) sent to a loopback listener, as
 tests/system/test_balancers.py captures them again on every run; the AWS NLB
-one follows AWS's documented layout of its VPC endpoint TLV.
+one follows AWS's documented layout of its VPC endpoint TLV. The properties
+also read every generated header with aiosmtpd's parser, an independent
+implementation, which must find the same endpoints and the same end.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import struct
+from typing import Any
 
 import pytest
+from aiosmtpd.proxy_protocol import get_proxy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -453,3 +458,51 @@ def test_bounded(data: bytes, more: bytes) -> None:
     padded = (data + more * (MAX_HEADER // len(more) + 1))[: MAX_HEADER + 1]
     assert _same(parse(padded), parse(padded[:MAX_HEADER]))
     assert _same(parse(padded + bytes(100_000)), parse(padded[:MAX_HEADER]))
+
+
+def _aiosmtpd(data: bytes) -> tuple[Any, bytes]:
+    """aiosmtpd's reading of `data` (an independent implementation of the same
+    spec, the one a real aiosmtpd MTA runs): (ProxyData, the bytes after the header)."""
+
+    async def run() -> tuple[Any, bytes]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        proxy = await get_proxy(reader)
+        return proxy, await reader.read()
+
+    return asyncio.run(run())
+
+
+@FAST
+@given(
+    client=_ADDRESS,
+    cport=_PORT,
+    server=_ADDRESS,
+    sport=_PORT,
+    tlvs=_TLVS,
+    version=st.sampled_from([1, 2]),
+)
+def test_aiosmtpd_reads_the_same_header(
+    client: str, cport: int, server: str, sport: int, tlvs: list[tuple[int, bytes]], version: int
+) -> None:
+    """Where both accept a header, aiosmtpd finds the same client, server and end."""
+    data = (v1 if version == 1 else v2)(client, cport, server, sport)
+    if version == 2 and data[12] == 0x21:  # PROXY: add the TLVs
+        block = data[16:]
+        raw = b"".join(tlv(kind, value) for kind, value in tlvs)
+        data = build_v2(0x21, data[13], block, raw)
+    if len(data) > V2_MAX:
+        return
+    ours = parse(data + TRAILER)
+    theirs, rest = _aiosmtpd(data + TRAILER)
+    assert theirs.valid, theirs.error
+    assert rest == TRAILER and ours.length == len(data)  # type: ignore[union-attr]
+    if isinstance(ours, Local):
+        return
+    assert isinstance(ours, Proxied)
+    assert (ours.source, ours.source_port) == (_plain(str(theirs.src_addr)), theirs.src_port)
+    assert (ours.destination, ours.destination_port) == (
+        _plain(str(theirs.dst_addr)),
+        theirs.dst_port,
+    )
