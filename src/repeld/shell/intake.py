@@ -148,19 +148,23 @@ class Intake:
             # --max-held counts every connection, header-pending ones too.
             admission.refuse(sock, peer, Refuse.MAX_HELD, now)
             return
-        timeout = self.settings.proxy_timeout
-        pending = _Pending(sock, peer, listener, now, now + timeout)
-        fd = sock.fileno()
+        pending = _Pending(sock, peer, listener, now, now + self.settings.proxy_timeout)
+        # Most headers arrive with the connection's first segment: read it before
+        # anything is registered, and a complete one never costs the set or a queue.
+        self._read(pending, now)
+
+    def _register(self, pending: _Pending) -> None:
+        """Wait for the rest of `pending`'s header: into the set and a deadline queue."""
+        fd = pending.sock.fileno()
         self._pending[fd] = pending
         self._poller.update(fd, 0, IN)
+        timeout = pending.deadline - pending.since
         queue = self._queues.get(timeout)
         if queue is None:
             queue = self._queues[timeout] = collections.deque()
         queue.append(pending)
         if self._wake is not None and pending.deadline < self._wake.deadline:
             self._wake.deadline = pending.deadline
-        # Most headers arrive with the connection's first segment: read it now.
-        self._read(pending, now)
 
     # -- the holding of header-pending connections ----------------------------------
 
@@ -230,7 +234,7 @@ class Intake:
                         self._fail(pending, now, ProxyOutcome.RESET, "reset by the balancer")
                         return
                 if due or now >= pending.deadline:
-                    timeout = self.settings.proxy_timeout
+                    timeout = pending.deadline - pending.since
                     self._fail(
                         pending,
                         now,
@@ -238,6 +242,8 @@ class Intake:
                         f"no complete header within {timeout:g}s"
                         f" ({len(pending.buffer)} bytes of it)",
                     )
+                elif not self._live(pending):
+                    self._register(pending)
             case ProxyError(reason=reason, detail=detail):
                 self._fail(pending, now, ProxyOutcome.ERROR, detail, str(reason))
             case Proxied() | Local():
