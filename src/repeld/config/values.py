@@ -62,7 +62,7 @@ __all__ = [
 ProxyProtocol = Literal["none", "v1", "v2"]
 #: sun_path holds 108 bytes on Linux, 104 on the BSDs, with the final NUL.
 UNIX_PATH_MAX = 103
-EarlyAction = Literal["drop", "reject", "log"]
+EarlyAction = Literal["drop", "reject", "log", "enforce"]
 
 
 @dataclass(frozen=True, slots=True)

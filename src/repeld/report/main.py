@@ -57,7 +57,8 @@ def make_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         default=10,
-        help="how many early-talking networks to list (default: 10)",
+        help="how many early-talking networks (and enforced sender domains, HELO names) to list"
+        " (default: 10)",
     )
     return parser
 

@@ -8,6 +8,10 @@ and `penalty` early talkers never waited, so the delay decided nothing for them.
 In observe mode the early talker's connection also ends in a `pass`; that pass
 is matched to its early-talker event by client address and port and the
 connection counted once, as "would repel".
+
+An enforced early talker (`enforce`, --on-early enforce) was cut off too, after
+repeld refused its recipients; its event names the HELO and sender it gave,
+and the report counts their domains and names, for an audit of whom it cut.
 """
 
 from __future__ import annotations
@@ -18,7 +22,16 @@ from dataclasses import dataclass, field
 
 from repeld.report.parse import Record
 
-__all__ = ["BIN", "CANDIDATES", "HELD_OUT", "LAST_BIN", "Tally", "WhatIf", "network_of"]
+__all__ = [
+    "BIN",
+    "CANDIDATES",
+    "HELD_OUT",
+    "LAST_BIN",
+    "Tally",
+    "WhatIf",
+    "network_of",
+    "sender_domain",
+]
 
 #: Width of the give-up curve's bins, and where its last (open) bin starts, in seconds.
 BIN = 5
@@ -26,7 +39,7 @@ LAST_BIN = 60
 #: The delays the what-if table tries.
 CANDIDATES = (10, 15, 20, 25, 30, 40)
 #: Early-talker actions that cut the client off; `log` only watched it.
-REPELLING = frozenset({"drop", "reject"})
+REPELLING = frozenset({"drop", "reject", "enforce"})
 #: Pass reasons for which nobody waited.
 HELD_OUT = frozenset({"trusted", "nodelay", "cache", "dnswl"})
 #: The categories of the verdicts-over-time picture, in stacking order.
@@ -41,6 +54,16 @@ def network_of(address: str) -> str:
         return address
     bits = 24 if ip.version == 4 else 64
     return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))
+
+
+def sender_domain(sender: str) -> str:
+    """The domain of a MAIL path as the event writes it: `<a@B.example>` is
+    `b.example`, the null sender `<>` stays `<>`, none is ""."""
+    path = sender.strip()
+    if path == "<>":
+        return path
+    address = path.removeprefix("<").removesuffix(">")
+    return address.rpartition("@")[2].lower()
 
 
 def bin_of(elapsed: float) -> int:
@@ -79,6 +102,9 @@ class Tally:
     #: Seconds waited by clients passed for `delay`: patient at least that long.
     waits: list[float] = field(default_factory=list)
     networks: Counter[str] = field(default_factory=Counter)
+    #: Enforced talkers (--on-early enforce): their sender domains and HELO names.
+    sender_domains: Counter[str] = field(default_factory=Counter)
+    helo_names: Counter[str] = field(default_factory=Counter)
     #: (time, category) of every verdict that carries a time.
     timeline: list[tuple[float, str]] = field(default_factory=list)
     _observed: set[tuple[str, str]] = field(default_factory=set)
@@ -110,7 +136,18 @@ class Tally:
             return "would-repel"
         if action in REPELLING and elapsed is not None:
             self.early_times.append(elapsed)
+        if action == "enforce":
+            self._envelope(record)
         return "early-talker"
+
+    def _envelope(self, record: Record) -> None:
+        # What an enforced talker said of itself; nothing said, nothing counted.
+        helo = record.fields.get("helo", "")
+        if helo:
+            self.helo_names[helo.lower()] += 1
+        domain = sender_domain(record.fields.get("sender", ""))
+        if domain:
+            self.sender_domains[domain] += 1
 
     def _hangup(self, record: Record) -> str:
         self.hangups[record.fields.get("how", "unknown")] += 1

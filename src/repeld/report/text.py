@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from repeld.report.tally import BIN, CANDIDATES, LAST_BIN, Tally
 
@@ -88,4 +89,21 @@ def render_text(tally: Tally, top: int = 10) -> str:
         add(f"  {network:43s} {count:7d}")
     if not busiest:
         add("  none")
+    if tally.early["enforce"]:
+        _envelopes(tally, top, add)
     return "\n".join(out) + "\n"
+
+
+def _envelopes(tally: Tally, top: int, add: Callable[[str], None]) -> None:
+    # --on-early enforce: whom the cut clients wrote as, and what they called themselves.
+    add("")
+    add(f"Cut clients' envelopes (--on-early enforce: {tally.early['enforce']} talkers), top {top}")
+    for title, counts in (
+        ("sender domains", tally.sender_domains),
+        ("HELO names", tally.helo_names),
+    ):
+        add(f"  {title}")
+        for name, count in counts.most_common(top):
+            add(f"    {name:41s} {count:7d}")
+        if not counts:
+            add("    none given")
