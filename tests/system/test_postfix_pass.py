@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from ..haproxy_fixture import HAPROXY, Haproxy
 from ..postfix_fixture import POSTFIX, postfix_instance
 from ..procs import Daemon, SyslogUDP, free_port, wait_for
 from .test_e2e import (
@@ -435,3 +436,27 @@ def test_an_implicit_tls_listener_hands_off_to_an_smtps_pass_service(syslog: Sys
             assert passed.fields["reason"] == "nodelay"
             assert passed.fields["handoff"] == "pass"
         pf.wait_log(r"TLS connection established from unknown\[127\.0\.0\.17\]")
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed")
+def test_behind_haproxy_smtpd_is_told_the_client_the_header_named(
+    syslog: SyslogUDP, tmp_path: Path
+) -> None:
+    # HAProxy -> repeld (--proxy-from: the header read and gone) -> smtpd takes
+    # the socket with the header's client as client_address.
+    balancer = "127.0.0.50"
+    with postfix_instance(mynetworks="127.0.1.0/24") as pf:
+        args = ("-b", f"pass:{pf.pass_socket}", "--proxy-from", f"{balancer}/32", *AS_POSTFIX)
+        with (
+            repeld(*args, "--syslog", syslog.target, "--no-cache") as rd,
+            Haproxy(tmp_path, rd.address, source=balancer, inter="1s") as front,
+        ):
+            front.wait_status("UP", TIMEOUT)
+            session = deliver((front.host, front.port), source="127.0.1.6")
+            assert session.refused == {}
+            port = session.client[1]
+            pf.wait_log(rf"\]: connect from unknown\[127\.0\.1\.6\]:{port}\b")
+            passes = [m for m in syslog.wait_for("pass") if m.fields["client"] == "127.0.1.6"]
+            assert passes and passes[0].fields["handoff"] == "pass"
+        # HAProxy's health checks reached smtpd too, as themselves
+        assert not re.search(r"smtpd\[\d+\]: warning:", pf.log_text()), pf.log_text()
