@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import smtplib
 import socket
 import ssl
@@ -112,6 +113,7 @@ def test_delivery_through_smtpd_pass_names_the_true_client(syslog: SyslogUDP) ->
 def repeld(*args: str, listen: str = "127.0.0.1:0") -> Iterator[Daemon]:
     """repeld -f with `args` and an empty config file (no --no-cache forced); checked after."""
     with tempfile.NamedTemporaryFile("w", prefix="repeld-pass-", suffix=".toml") as config:
+        os.chmod(config.name, 0o644)  # read again on SIGHUP, by the user repeld became
         base = ["--config", config.name, "--listen", listen, "--delay", str(DELAY)]
         proc = Daemon([*base, *args])
         try:
@@ -275,6 +277,11 @@ def test_each_failure_is_a_421_and_an_event_naming_its_cause(syslog: SyslogUDP) 
                 assert error.fields["backend"] == backend
                 assert error.fields["error"].startswith(f"pass: {cause}"), error.fields
                 assert error.fields["client"] == "127.0.0.11"
+                # the start-up check, made as the user repeld runs as, says the same
+                (check,) = syslog.wait_for("backend-check")
+                assert f"pass: {cause}" in check.fields["message"], check.fields
+                if cause == "permission denied":
+                    assert "--user postfix" in check.fields["message"], check.fields
             syslog.messages.clear()
         # No answer within the bound: the one smtpd pass process is busy with a client.
         args = ("-b", f"pass:{pf.pass_socket}", "--syslog", syslog.target, "--no-cache")
@@ -350,7 +357,10 @@ def test_a_missing_service_at_start_up_is_a_warning_not_a_refusal(syslog: Syslog
                 *AS_POSTFIX) as rd:  # fmt: skip
         (check,) = syslog.wait_for("backend-check")
         assert "socket missing" in check.fields["message"], check.fields
-        assert "warning: backend pass:/nonexistent/smtpd" in rd.stderr_text()
+        rd.wait_line(r"warning: backend pass:/nonexistent/smtpd: pass: socket missing")
+        rd.signal(signal.SIGHUP)  # the reload checks again, and still serves
+        syslog.wait_for("reload")
+        assert len(syslog.wait_for("backend-check", 2)) == 2
 
 
 def test_in_a_chroot_the_path_is_the_one_seen_inside(syslog: SyslogUDP) -> None:

@@ -105,6 +105,10 @@ async def _dialogue(sock: trio.socket.SocketType, check: BackendCheck) -> Verdic
             check.receive_data(data)
 
 
+_MISSING_HINT = " (is Postfix running, with an `smtpd pass` service in master.cf?)"
+_PERMISSION_HINT = ": private/ is the postfix user's: run repeld as postfix (--user postfix)"
+
+
 async def _loopback_pair() -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
     """Both ends of a new TCP connection on 127.0.0.1: (the client's, the server's)."""
     with trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
@@ -127,7 +131,10 @@ async def _hand_over(path: str, server: trio.socket.SocketType) -> str | None:
         chan = trio.socket.from_stdlib_socket(connect_service(path))
     except OSError as exc:
         outcome = postfixpass.connect_outcome(exc.errno)
-        return postfixpass.describe(outcome, _why(exc))
+        problem = postfixpass.describe(outcome, _why(exc))
+        if outcome is postfixpass.Outcome.PERMISSION:
+            problem += _PERMISSION_HINT
+        return problem
     with chan:
         client_addr, client_port = server.getpeername()[:2]
         server_addr, server_port = server.getsockname()[:2]
@@ -164,8 +171,10 @@ async def check_pass_service(backend: PassBackend, *, keep_pipe_connect: bool = 
         mode = os.stat(path).st_mode
     except OSError as exc:
         outcome = postfixpass.connect_outcome(exc.errno)
-        hint = " (is Postfix running, with an `smtpd pass` service in master.cf?)"
-        return Verdict(False, postfixpass.describe(outcome, f"{path}: {_why(exc)}") + hint)
+        problem = postfixpass.describe(outcome, f"{path}: {_why(exc)}")
+        if outcome is postfixpass.Outcome.PERMISSION:
+            return Verdict(False, problem + _PERMISSION_HINT)
+        return Verdict(False, problem + _MISSING_HINT)
     if not stat.S_ISSOCK(mode):
         return Verdict(False, f"{path} is not a socket")
     with trio.move_on_after(CHECK_LIMIT):
