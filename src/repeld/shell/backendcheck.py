@@ -184,9 +184,9 @@ async def check_pass_service(backend: PassBackend, *, keep_pipe_connect: bool = 
             return Verdict(False, f"cannot open a loopback connection to hand over: {_why(exc)}")
         with client:
             with server:
-                problem = await _hand_over(path, server)
-            if problem is not None:
-                return Verdict(False, problem)
+                refused = await _hand_over(path, server)
+            if refused is not None:
+                return Verdict(False, refused)
             try:
                 check = BackendCheck("none", _helo_name(), keep_pipe_connect=keep_pipe_connect)
                 return await _dialogue(client, check)
