@@ -34,10 +34,11 @@ from repeld import __version__
 from repeld.config.settings import Settings, load_trusted
 from repeld.core import events
 from repeld.core.addresses import host_port
-from repeld.metrics import render
+from repeld.metrics import merge, render
 from repeld.service import activation, privileges, sdnotify, workers
 from repeld.service.pidfile import PidFile, PidFileError
 from repeld.shell.backendcheck import warn_about_backends
+from repeld.shell.backendwatch import BackendWatch
 from repeld.shell.eventlog import EventLog
 from repeld.shell.handoff import resolve_optional_backend
 from repeld.shell.metrics_http import open_endpoint
@@ -81,6 +82,7 @@ async def _reload(
     log: EventLog,
     reload_settings: Callable[[], Settings],
     nursery: trio.Nursery,
+    watch: BackendWatch | None = None,
 ) -> None:
     sdnotify.reloading()
     try:
@@ -91,6 +93,8 @@ async def _reload(
         log.emit(events.config_error(str(exc).replace("\n", "; ")))
     else:
         log.emit(events.reload(server.apply(settings, trusted, backend)))
+        if watch is not None:  # the periodic backend check (shell/backendwatch.py)
+            watch.reconfigure(settings)
         if _checks_backends():
             nursery.start_soon(warn_about_backends, settings, log)  # in the background
     sdnotify.ready()
@@ -103,11 +107,12 @@ async def _handle_signals(
     reload_settings: Callable[[], Settings],
     started: float,
     nursery: trio.Nursery,
+    watch: BackendWatch | None = None,
 ) -> None:
     stopping = False
     async for signum in signals:
         if signum == signal.SIGHUP:
-            await _reload(server, log, reload_settings, nursery)
+            await _reload(server, log, reload_settings, nursery, watch)
         elif signum in (signal.SIGTERM, signal.SIGINT):
             sdnotify.stopping()
             # The first asks for a drain; a second cuts the relays at once.
@@ -134,11 +139,13 @@ async def serve_forever(
     log = EventLog.from_settings(settings)
     with trio.open_signal_receiver(*_signals()) as signals:
         server = await open_server(settings, log, inherited or ())
+        # The periodic backend check: here, or in the --workers parent (shell/backendwatch.py).
+        watch = BackendWatch(settings, log) if serve_metrics else None
         endpoint = None
         if serve_metrics and settings.metrics is not None:
 
             async def scrape() -> bytes:
-                return render(server.metrics_snapshot())
+                return render(merge([server.metrics_snapshot(), watch.snapshot() if watch else {}]))
 
             endpoint = open_endpoint(settings.metrics, scrape, foreground=settings.foreground)
         await log.connect_now()  # before a chroot can hide the syslog socket
@@ -150,8 +157,10 @@ async def serve_forever(
             outer.start_soon(log.run)
             async with trio.open_nursery() as inner:
                 inner.start_soon(
-                    _handle_signals, signals, server, log, reload_settings, started, inner
+                    _handle_signals, signals, server, log, reload_settings, started, inner, watch
                 )
+                if watch is not None:
+                    inner.start_soon(watch.run)
                 inner.start_soon(workers.watch_parent, server.shutdown)
                 if endpoint is not None:
                     inner.start_soon(endpoint.run)

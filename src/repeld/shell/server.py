@@ -585,7 +585,7 @@ class Server:
         """What --metrics shows of this process (repeld/metrics.py names each part)."""
         assert self.metrics is not None
         cache = self.cache.statistics() if self.cache is not None else {}
-        gauges = {"held": len(self.pen), "relays": self.relays}
+        gauges = {"held": len(self.pen), "relays": self.relays, "max_held": self.max_held}
         if "entries" in cache:  # cheap to know for the memory cache only
             gauges["cache_entries"] = cache["entries"]
         return self.metrics.snapshot(
