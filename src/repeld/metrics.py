@@ -473,7 +473,7 @@ def families(snap: Snapshot) -> Iterator[Metric]:
             yield GaugeMetricFamily(family.name, family.help, value=gauges[family.key])
     labelled_gauges = snap.get("labelled_gauges", {})
     for family in LABELLED_GAUGES:
-        if family.key in labelled_gauges:
+        if labelled_gauges.get(family.key):  # absent, or no backend to check (--exec)
             gauge = GaugeMetricFamily(family.name, family.help, labels=[family.label])
             for value, n in sorted(labelled_gauges[family.key].items()):
                 gauge.add_metric([value], n)
