@@ -37,7 +37,6 @@ from repeld.core.addresses import host_port
 from repeld.metrics import merge, render
 from repeld.service import activation, privileges, sdnotify, workers
 from repeld.service.pidfile import PidFile, PidFileError
-from repeld.shell.backendcheck import warn_about_backends
 from repeld.shell.backendwatch import BackendWatch
 from repeld.shell.eventlog import EventLog
 from repeld.shell.handoff import resolve_optional_backend
@@ -70,13 +69,6 @@ def _tune_gc() -> None:
     gc.set_threshold(_GC_GEN0, gen1, gen2)
 
 
-def _checks_backends() -> bool:
-    """Whether this process checks the backends: a lone daemon, or worker 0 of --workers."""
-    # One probe per start or reload is enough; the supervising parent does not
-    # serve, and N workers would knock N times.
-    return os.environ.get(workers.WORKER_ENV, "0") == "0"
-
-
 async def _reload(
     server: Server,
     log: EventLog,
@@ -93,10 +85,8 @@ async def _reload(
         log.emit(events.config_error(str(exc).replace("\n", "; ")))
     else:
         log.emit(events.reload(server.apply(settings, trusted, backend)))
-        if watch is not None:  # the periodic backend check (shell/backendwatch.py)
+        if watch is not None:  # the backend check, in the background (shell/backendwatch.py)
             watch.reconfigure(settings)
-        if _checks_backends():
-            nursery.start_soon(warn_about_backends, settings, log)  # in the background
     sdnotify.ready()
 
 
@@ -139,7 +129,7 @@ async def serve_forever(
     log = EventLog.from_settings(settings)
     with trio.open_signal_receiver(*_signals()) as signals:
         server = await open_server(settings, log, inherited or ())
-        # The periodic backend check: here, or in the --workers parent (shell/backendwatch.py).
+        # The backend check (start, reload, periodic): here, or in the --workers parent.
         watch = BackendWatch(settings, log) if serve_metrics else None
         endpoint = None
         if serve_metrics and settings.metrics is not None:
@@ -179,8 +169,6 @@ async def serve_forever(
                         flush=True,
                     )
                 sdnotify.ready(f"listening on {bound}")
-                if _checks_backends():  # serving does not wait for it, nor stop for it
-                    inner.start_soon(warn_about_backends, settings, log)
                 await server.serve()
                 inner.cancel_scope.cancel()
             # Every event before stop is written or counted dropped (at most

@@ -1,17 +1,17 @@
-"""The periodic backend check: `repeld_backend_up`, and an event when a backend fails.
+"""The backend check at start-up, after each reload, and every --backend-check-interval.
 
-The start-up and reload checks (shell/backendcheck.py) say once whether the
-MTA is ready; between reloads nothing said whether it still was. This task
-runs the same check (greeting, EHLO, QUIT, with the PROXY header repeld would
-send) every --backend-check-interval seconds and keeps one figure per
-backend, 1 if it passed and 0 if not, for the metric. A backend that passed
-and then fails is reported with a `backend-check` event, once per failure and
-not at every check; the first check after start or reload stays quiet, since
-the start-up or reload check has just reported it. 0 turns the task off.
+The check itself is shell/backendcheck.py (greeting, EHLO, QUIT, with the
+PROXY header repeld would send). This task runs it once repeld listens and
+after each applied SIGHUP, and reports every problem it finds (a
+`backend-check` event and a stderr line each); then again every
+--backend-check-interval seconds, keeping one figure per backend, 1 if it
+passed and 0 if not, for the `repeld_backend_up` metric. A periodic check
+reports a backend only when it fails after having passed, once per failure
+and not at every check. With an interval of 0 only the start-up and reload
+checks run, and there is no metric.
 
 One process checks: the lone daemon, or the --workers parent (N workers would
-knock N times). A SIGHUP reload hands the new settings over with
-`reconfigure`, which also checks again at once.
+knock N times). Serving never waits for a check, nor stops for what it finds.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ import trio
 from repeld.config.settings import Settings
 from repeld.core import events
 from repeld.metrics import Snapshot
-from repeld.shell.backendcheck import check_backends
+from repeld.shell.backendcheck import check_backends, warn
 from repeld.shell.eventlog import EventLog
 
 __all__ = ["BackendWatch"]
 
 
 class BackendWatch:
-    """Checks the backends every interval; `snapshot()` is its part of a scrape."""
+    """Checks the backends at start, on reload and every interval; `snapshot()` for scrapes."""
 
     def __init__(self, settings: Settings, log: EventLog) -> None:
         self.settings = settings
@@ -38,17 +38,17 @@ class BackendWatch:
         #: str(backend) -> 1 (up) or 0 (down), as of the last check.
         self.up: dict[str, int] = {}
         self.checks = 0
-        self._quiet = True  # the next check reports nothing: start-up's or reload's did
+        self._full_report = True  # the next check reports every problem: start-up or reload
         self._changed = trio.Event()
 
     def reconfigure(self, settings: Settings) -> None:
-        """New settings (SIGHUP): check again now, quietly."""
+        """New settings (SIGHUP): check again now, and report every problem found."""
         self.settings = settings
-        self._quiet = True
+        self._full_report = True
         self._changed.set()
 
     def snapshot(self) -> Snapshot:
-        """The `repeld_backend_up` gauges (none while the check is off)."""
+        """The `repeld_backend_up` gauges (none while the periodic check is off)."""
         if self.settings.backend_check_interval <= 0:
             return {}
         return {"labelled_gauges": {"backend_up": dict(self.up)}}
@@ -56,15 +56,16 @@ class BackendWatch:
     async def run(self) -> None:
         """Check, wait an interval (or a reload), check again; until cancelled."""
         while True:
-            interval = self.settings.backend_check_interval
-            if interval > 0:
+            if self._full_report or self.settings.backend_check_interval > 0:
                 await self.check_once()
+            interval = self.settings.backend_check_interval
             with trio.move_on_after(interval if interval > 0 else math.inf):
                 await self._changed.wait()
             self._changed = trio.Event()
 
     async def check_once(self) -> None:
-        settings = self.settings
+        settings, full = self.settings, self._full_report
+        self._full_report = False
         try:
             results = await check_backends(settings)
         except Exception as exc:  # a check must never take the server down
@@ -76,8 +77,7 @@ class BackendWatch:
         for backend, verdict in results:
             name = str(backend)
             up[name] = 1 if verdict.ok else 0
-            if not verdict.ok and self.up.get(name) == 1 and not self._quiet:
-                self.log.emit(events.backend_check(name, verdict.message))
+            if full or (not verdict.ok and self.up.get(name) == 1):
+                warn(self.log, backend, verdict)
         self.up = up
-        self._quiet = False
         self.checks += 1
