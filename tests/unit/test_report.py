@@ -132,9 +132,8 @@ def test_observe_mode_counts_the_connection_once_as_would_repel() -> None:
         events.passed(_conn(port=2), Pass(PassReason.DELAY, 25.0)),
         events.hangup(_conn(port=3), HangUp(7.0, reset=False)),
     )
-    assert (tally.repelled, tally.would_repel, len(tally.waits), tally.judged) == (1, 1, 1, 3)
+    assert (tally.repelled, tally.would_repel, tally.waited, tally.judged) == (1, 1, 1, 3)
     assert tally.folded == 1 and tally.passes == {"delay": 2}
-    assert tally.what_if(10) == tally.what_if(10.0)
     assert (tally.what_if(5).repelled, tally.what_if(10).repelled) == (1, 2)
 
 
@@ -170,7 +169,7 @@ def test_what_if_another_delay(delay: int, repelled: int, passed: int, unknown: 
     )
     what = tally.what_if(delay)
     assert (what.repelled, what.passed, what.unknown) == (repelled, passed, unknown)
-    assert tally.curve(tally.hangup_times)[:3] == [1, 0, 1]
+    assert tally.curve("hangup")[:3] == [1, 0, 1]
     assert tally.delays_seen() == [20]
 
 
@@ -186,7 +185,7 @@ def test_refusals_and_networks() -> None:
         events.early_talker(_conn("2001:db8:1:2::9"), EarlyTalk(1, b"x", 0.1), "reject"),
     )
     assert tally.refused == {"max-held": 5, "max-per-client": 1}
-    assert tally.networks.most_common() == [("192.0.2.0/24", 3), ("2001:db8:1:2::/64", 1)]
+    assert tally.networks.most_common(5) == [("192.0.2.0/24", 3), ("2001:db8:1:2::/64", 1)]
     assert network_of("not an address") == "not an address"
 
 
