@@ -29,6 +29,8 @@ from repeld.report.svg import LABELS, WIDTH, legend_rows, render_svg
 from repeld.report.tally import CATEGORIES, Tally, TopCounter, network_of
 from repeld.report.text import render_text
 
+from ..hostile import first_bytes
+
 YEAR = 2026
 NOW = 1_795_998_305.25  # 2026-11-30T00:25:05.25Z
 HEADER = Header(FACILITIES["mail"], "mx1.example.org", "repeld", 4242, "mx@99999")
@@ -427,7 +429,7 @@ ACTIONS = st.sampled_from(["drop", "reject", "log"])
 
 
 @settings(max_examples=300, deadline=None)
-@given(sent=st.binary(max_size=300), action=ACTIONS, port=st.integers(1, 65535))
+@given(sent=first_bytes, action=ACTIONS, port=st.integers(1, 65535))
 def test_no_client_bytes_change_the_event_or_the_address(
     sent: bytes, action: str, port: int
 ) -> None:
