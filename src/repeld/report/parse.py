@@ -93,10 +93,11 @@ _STDERR = re.compile(r"\d\d:\d\d:\d\d\.\d{3} (?P<name>[a-z][a-z0-9-]{0,31}): ")
 # -- RFC 5424 structured data ------------------------------------------------------------
 
 _SD_NAME = r'[^ =\]"]{1,32}'
-_SD_OPEN = re.compile(rf"\[({_SD_NAME})")
 #: PARAM-VALUE: anything but `"`, `\` and `]`, or a backslash pair; possessive, so
 #: that a value full of backslashes costs no backtracking state.
-_SD_PARAM = re.compile(rf' ({_SD_NAME})="([^"\\\]]*+(?:\\.[^"\\\]]*+)*+)"', re.DOTALL)
+_SD_VALUE = r'"([^"\\\]]*+(?:\\.[^"\\\]]*+)*+)"'
+_SD_ELEMENT = re.compile(rf"\[({_SD_NAME})((?: {_SD_NAME}={_SD_VALUE})*+)\]", re.DOTALL)
+_SD_PARAM = re.compile(rf" ({_SD_NAME})={_SD_VALUE}", re.DOTALL)
 _PRIVATE = re.compile(r"[^@]+@\d+(?:\.\d+)*")
 
 # -- @cee: JSON: one flat object, checked by a pattern before json.loads -----------------
@@ -218,23 +219,16 @@ def _from_sd(line: str, pos: int) -> tuple[dict[str, str] | None, int]:
     if line.startswith("-", pos):
         return None, pos + 2 if line.startswith(" ", pos + 1) else -1
     found: dict[str, str] | None = None
-    while True:
-        opened = _SD_OPEN.match(line, pos)
-        if opened is None:
-            return found, -1  # not structured data: no message either
-        sd_id = opened.group(1)
-        pos = opened.end()
-        params: dict[str, str] = {}
-        while (param := _SD_PARAM.match(line, pos)) is not None:
-            params.setdefault(param.group(1), param.group(2))
-            pos = param.end()
-        if not line.startswith("]", pos):
-            return found, -1
-        pos += 1
-        if found is None and _PRIVATE.fullmatch(sd_id) and params.get("event"):
-            found = {k: _sd_unescape(v) for k, v in params.items()}
+    while (element := _SD_ELEMENT.match(line, pos)) is not None:
+        pos = element.end()
+        if found is None and _PRIVATE.fullmatch(element.group(1)):
+            params = dict(reversed(_SD_PARAM.findall(element.group(2))))  # the first wins
+            if params.get("event"):
+                found = {k: _sd_unescape(v) for k, v in params.items()}
         if not line.startswith("[", pos):
             break
+    else:
+        return found, -1  # not structured data: no message either
     if pos == len(line):
         return found, -1
     return found, pos + 1 if line.startswith(" ", pos) else -1
@@ -249,7 +243,16 @@ def _from_json(text: str) -> dict[str, str] | None:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("event"), str) or not obj["event"]:
         return None
-    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in obj.items()}
+    return {str(k): _json_text(v) for k, v in obj.items()}
+
+
+def _json_text(value: object) -> str:
+    # A flat object's values: strings, numbers, true, false and null, as JSON spells them.
+    if isinstance(value, str):
+        return value
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return str(value)
 
 
 def _from_summary(summary: str, name: str | None) -> dict[str, str] | None:
