@@ -476,3 +476,13 @@ def test_any_line_is_read_or_skipped_never_raises(line: str) -> None:
     assert tally.lines == 1
     render_text(tally)
     render_svg(tally)
+
+
+def test_help_names_the_manual_section_that_exists() -> None:
+    epilog = make_parser().epilog or ""
+    assert "See the Report subsection of DESCRIPTION in repeld(8)." in epilog
+    assert f"longer than {MAX_LINE} bytes" in epilog
+    man = (Path(__file__).resolve().parents[2] / "man" / "repeld.8").read_text()
+    description = man.split("\n.Sh DESCRIPTION\n", 1)[1].split("\n.Sh ", 1)[0]
+    assert "\n.Ss Report\n" in description
+    assert f"Lines longer than {MAX_LINE} bytes are skipped" in man
