@@ -46,9 +46,10 @@ LABELS = {
 
 
 def _nice_step(top: float, ticks: int = 5) -> float:
+    # Counts: no step below one connection.
     raw = max(top, 1.0) / ticks
     power = 10.0 ** math.floor(math.log10(raw))
-    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    return max(1.0, next(m * power for m in (1, 2, 5, 10) if m * power >= raw))
 
 
 def _text(x: float, y: float, body: str, extra: str = "") -> str:

@@ -54,7 +54,6 @@ def render_text(tally: Tally, top: int = 10) -> str:
     add(f"  refused       {sum(tally.refused.values()):7d}  ({_breakdown(tally.refused)})")
     add(f"  backend-error {tally.backend_errors:7d}")
     add("")
-    add("")
     add("Not verdicts on a client")
     add(
         f"  proxy-error   {sum(tally.proxy_errors.values()):7d}  ({_breakdown(tally.proxy_errors)})"
@@ -64,7 +63,10 @@ def render_text(tally: Tally, top: int = 10) -> str:
     add(f"  other events  {sum(others.values()):7d}  ({_breakdown(others)})")
     add("")
     judged = tally.judged
-    add(f"Held the delay: {judged} connections (not trusted, nodelay, cached or penalty)")
+    add(
+        f"Held the delay: {judged} connections"
+        " (not trusted, nodelay, dnswl, cached, penalty or cut off by a DNS list)"
+    )
     add(f"  repelled      {tally.repelled:7d}  {_pct(tally.repelled, judged)}")
     if tally.would_repel:
         add(
