@@ -486,3 +486,16 @@ def test_help_names_the_manual_section_that_exists() -> None:
     description = man.split("\n.Sh DESCRIPTION\n", 1)[1].split("\n.Sh ", 1)[0]
     assert "\n.Ss Report\n" in description
     assert f"Lines longer than {MAX_LINE} bytes are skipped" in man
+
+
+def test_a_clock_gone_wrong_still_gives_a_few_bars() -> None:
+    tally = _tally(SAMPLES[4])
+    stray = format_rfc5424(SAMPLES[3], HEADER, 4_000_000_000.0).decode()  # the year 2096
+    record = parse_line(stray, YEAR)
+    assert record is not None
+    tally.add(record)
+    assert len(tally.buckets) == 2
+    _start, width, bars = tally.over_time()
+    assert width % 86400 == 0 and len(bars) <= 73
+    assert sum(sum(b.values()) for b in bars) == 2
+    render_svg(tally)

@@ -350,11 +350,15 @@ class Tally:
         return WhatIf(delay, repelled, left.total() - repelled + patient, self.waited - patient)
 
     def over_time(self) -> tuple[int, int, list[dict[str, int]]]:
-        """The verdicts over time as at most 72 bars: (start, width, counts per bar)."""
+        """The verdicts over time as at most 73 bars: (start, width, counts per bar)."""
         if self.first is None or self.last is None:
             return 0, BUCKETS[0], []
         span = self.last - self.first
-        width = next((w for w in BUCKETS if span / w < MAX_BARS), BUCKETS[-1])
+        # Past 72 months (a clock gone wrong, a bad --year), whole days as wide as need be.
+        width = next(
+            (w for w in BUCKETS if span / w < MAX_BARS),
+            86400 * (int(span // (86400 * MAX_BARS)) + 1),
+        )
         start = int(self.first // width) * width
         count = int((self.last - start) // width) + 1
         bars = [dict.fromkeys(CATEGORIES, 0) for _ in range(count)]
