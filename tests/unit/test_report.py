@@ -276,6 +276,10 @@ POSTFIX = (
         POSTFIX + 'helo=<@cee:{"event":"pass","a":' + "[" * 1000 + "]" * 1000 + "}>",
         "Nov 30 00:25:05 mx1 notrepeld[1]: PASS DELAY [6.6.6.9]:1 after 30.000",
         "Nov 30 00:25:05 mx1 x repeld[1]: PASS DELAY [6.6.6.9]:1 after 30.000",
+        # no host (a raw local datagram): another program's tag is not a host name
+        "<13>Nov 30 00:25:05 sshd[1]: repeld[1]: PASS DELAY [6.6.6.9]:1 after 30.000",
+        "<13>Nov 30 00:25:05 sshd: repeld: PASS DELAY [6.6.6.9]:1 after 30.000",
+        "2026-11-30T00:25:05+00:00 sshd[1] repeld[1] PASS DELAY [6.6.6.9]:1 after 30.000",
         '<22>1 2026-11-30T00:25:05Z mx1 postfix 1 - [x@1 event="pass"] PASS DELAY [6.6.6.9]:1 after 1',
         '<22>1 2026-11-30T00:25:05Z mx1 repeld 1 pass - x [x@1 event="pass" client="6.6.6.9"]',
         "repeld: PASS DELAY [6.6.6.9]:1 after 30.000",  # -f prints events with their time

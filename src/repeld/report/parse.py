@@ -83,8 +83,10 @@ _RFC5424_HEAD = re.compile(r"<\d{1,3}>1 (\S{1,64}) \S{1,255} (\S{1,48}) \S{1,128
 _BSD = r"(?P<mon>[A-Z][a-z]{2}) (?P<day>[ \d]\d) (?P<h>\d\d):(?P<m>\d\d):(?P<s>\d\d)"
 _ISO = r"(?P<iso>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:?\d\d)?)"
 #: `[<PRI>]TIME [HOST] repeld[PID]: ` (or `repeld: `, or `repeld[PID] ` with no colon).
+#: A HOST never ends in `:` or `]`, so that in a line without one another program's
+#: tag is not taken for the host, nor its message for repeld's tag.
 _FILE_HEAD = re.compile(
-    rf"(?:<\d{{1,3}}>)?(?:{_BSD}|{_ISO}) (?:\S{{1,255}} )?"
+    rf"(?:<\d{{1,3}}>)?(?:{_BSD}|{_ISO}) (?:\S{{0,254}}[^\s:\]] )?"
     r"repeld(?:\[\d{1,10}\](?:: ?| )|: ?)"
 )
 #: What `-f` prints before the summary: the local time and the event's name.
