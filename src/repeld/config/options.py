@@ -110,6 +110,25 @@ OPTIONS: tuple[Option, ...] = (
         repeat=True,
     ),
     Option(
+        "proxy-from",
+        None,
+        network,
+        (),
+        "a balancer's network (address or CIDR) whose connections must begin with a PROXY "
+        "v1 or v2 header, whose client is then the client; repeatable",
+        metavar="NET",
+        repeat=True,
+    ),
+    Option(
+        "proxy-timeout",
+        None,
+        seconds("proxy-timeout", 0.0, 300.0),
+        5.0,
+        "close a balancer's connection whose PROXY header is not complete after this long "
+        "(default: 5)",
+        metavar="SECONDS",
+    ),
+    Option(
         "proxy-protocol",
         None,
         choice("proxy-protocol", ("none", "v1", "v2")),

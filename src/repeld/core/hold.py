@@ -7,7 +7,7 @@ answers with a verdict. It never touches a socket, a clock or trio, so every
 rule here is tested in microseconds (tests/unit/test_core.py) and the shell
 stays thin.
 
-Three things are fixed at construction: `cache_pending` (the pass cache has
+Four things are fixed at construction: `cache_pending` (the pass cache has
 been asked about this client and its answer is to come), `observe`
 (`--on-early log`: an early talker is written down, never cut off),
 `teaser` (`--teaser`: the line the client hears as the hold begins, b"" for
