@@ -23,6 +23,7 @@ from repeld.core.hold import (
     escape_bytes,
 )
 from repeld.core.logformat import FACILITIES, Header, format_json, format_rfc5424, format_stderr
+from repeld.core.names import EventName, RelayEnd
 from repeld.report.main import main, make_parser, read_lines, tally_lines
 from repeld.report.parse import MAX_LINE, parse_line
 from repeld.report.svg import LABELS, WIDTH, legend_rows, render_svg
@@ -335,20 +336,8 @@ def test_report_main_skips_what_it_cannot_read(
 
 
 def _proxy_error(reason: str) -> Event:
-    # The event the PROXY-protocol intake writes; built by hand until core has it.
-    return Event(
-        "proxy-error",
-        events.Severity.WARNING,
-        (
-            ("event", "proxy-error"),
-            ("client", "127.0.0.5"),
-            ("client_port", 41000),
-            ("server", "127.0.0.1"),
-            ("server_port", 25),
-            ("reason", reason),
-        ),
-        f"PROXY-ERROR from [127.0.0.5]:41000: {reason}",
-    )
+    balancer = ConnInfo("127.0.0.5", 41000, "127.0.0.1", 25, via="127.0.0.5")
+    return events.proxy_error(balancer, 5.0, reason, "no complete header")
 
 
 def test_dnsbl_proxy_error_and_unknown_events_are_counted() -> None:
@@ -358,8 +347,8 @@ def test_dnsbl_proxy_error_and_unknown_events_are_counted() -> None:
         events.dnsbl(conn, Blocked(3, (), 0.2, DnsAction.LOG)),
         _proxy_error("bad-signature"),
         _proxy_error("timeout"),
-        events.lifecycle("start", version="1"),
-        events.relay_end(conn, 25.0, 3.0, 10, 20, "client-closed"),
+        events.lifecycle(EventName.START, version="1"),
+        events.relay_end(conn, 25.0, 3.0, 10, 20, RelayEnd.CLOSED),
     )
     assert tally.dnsbl == {"drop": 1, "log": 1}
     assert tally.proxy_errors == {"bad-signature": 1, "timeout": 1}
@@ -376,13 +365,19 @@ def test_dnsbl_proxy_error_and_unknown_events_are_counted() -> None:
 
 
 @pytest.mark.parametrize(
-    "event", [SAMPLES[0], events.dnsbl(_conn(), Blocked(7, ("z.example",), 0.1, DnsAction.REJECT))]
+    ("event", "key"),
+    [
+        (events.dnsbl(_conn(), Blocked(7, ("z.example",), 0.1, DnsAction.REJECT)), "action"),
+        (_proxy_error("timeout"), "reason"),
+    ],
+    ids=["dnsbl", "proxy-error"],
 )
-def test_dnsbl_in_every_shape(event: Event) -> None:
+def test_dnsbl_and_proxy_error_in_every_shape(event: Event, key: str) -> None:
     for shape, line in _event_lines(event).items():
         record = parse_line(line, YEAR)
         assert record is not None and record.event == event.name, shape
-        assert record.fields["action"] == event.get("action"), shape
+        assert record.fields[key] == event.get(key), shape
+        assert record.fields["client"] == event.get("client"), shape
 
 
 def test_every_legend_fits_inside_the_picture() -> None:
@@ -503,3 +498,19 @@ def test_a_clock_gone_wrong_still_gives_a_few_bars() -> None:
     assert width % 86400 == 0 and len(bars) <= 73
     assert sum(sum(b.values()) for b in bars) == 2
     render_svg(tally)
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        events.lifecycle(EventName.START, version="1"),
+        events.worker(EventName.WORKER_START, 1, 4243),
+        events.worker(EventName.WORKER_EXIT, 1, 4243, -9),
+        events.relay_end(_conn(), 25.0, 3.0, 10, 20, RelayEnd.CLOSED),
+    ],
+    ids=lambda e: e.name,
+)
+def test_events_not_broken_down_keep_their_name_in_every_shape(event: Event) -> None:
+    for shape, line in _event_lines(event).items():
+        record = parse_line(line, YEAR)
+        assert record is not None and record.event == event.name, (shape, line)

@@ -19,7 +19,7 @@ The MSG of a repeld line, from its first character, is `@cee:` and one flat
 JSON object with an `event` member (`--log-format json`), or a `-f` line (as
 journald keeps repeld's standard error), or the human summary alone
 (`PREGREET ...`, `PASS ...`, `HANGUP ...`, `DNSBL ...`, `BACKEND-ERROR ...`,
-`OVERLOAD ...`; any other upper-case word names an event the report does not
+`OVERLOAD ...`, `PROXY-ERROR ...`; any other upper-case word names an event the report does not
 break down). Every pattern is anchored where repeld writes it, so the client's
 bytes, which come after the address and before the last `(action=...)`, are
 never where a pattern looks for a name, an address or an action.
@@ -169,6 +169,16 @@ _SUMMARIES: dict[str, tuple[str, tuple[re.Pattern[str], ...]]] = {
             ),
         ),
     ),
+    "PROXY-ERROR": (
+        "proxy-error",
+        (
+            re.compile(
+                rf"PROXY-ERROR from balancer {_PEER} after (?P<elapsed>{_NUM}): "
+                r"(?P<reason>[a-z0-9-]{1,32}) \((?P<detail>.*)\)",
+                re.DOTALL,
+            ),
+        ),
+    ),
     "OVERLOAD": (
         "overload",
         (
@@ -179,8 +189,6 @@ _SUMMARIES: dict[str, tuple[str, tuple[re.Pattern[str], ...]]] = {
         ),
     ),
 }
-#: Summary keywords whose event name is not the keyword in lower case.
-_OTHER_NAMES = {"WORKER": "worker"}
 _KEYWORD = re.compile(r"[A-Z][A-Z0-9-]{0,31}(?=[ :]|$)")
 _BROKEN_DOWN = frozenset(event for event, _ in _SUMMARIES.values())
 
@@ -257,6 +265,14 @@ def _json_text(value: object) -> str:
     return str(value)
 
 
+def _other_name(word: str, summary: str) -> str:
+    # The name of an event the report does not break down is its keyword in lower
+    # case, but for WORKER, which says "started" or "exited".
+    if word == "WORKER":
+        return "worker-exit" if " exited with " in summary else "worker-start"
+    return word.lower()
+
+
 def _from_summary(summary: str, name: str | None) -> dict[str, str] | None:
     keyword = _KEYWORD.match(summary)
     if keyword is None:
@@ -266,7 +282,7 @@ def _from_summary(summary: str, name: str | None) -> dict[str, str] | None:
     if known is None:
         if name in _BROKEN_DOWN:
             return None
-        return {"event": name or _OTHER_NAMES.get(word, word.lower())}
+        return {"event": name or _other_name(word, summary)}
     event, patterns = known
     if name is not None and name != event:
         return None
