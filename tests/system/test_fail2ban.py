@@ -375,3 +375,25 @@ def test_no_client_bytes_make_fail2ban_see_another_address(
         log = Path(tmp) / "mail.log"
         log.write_text("\n".join(lines) + "\n")
         assert sorted(fail2ban_matches(log)) == sorted(banned), "\n".join(lines)
+
+
+def test_another_programs_line_quoting_repeld_is_not_banned(tmp_path: Path) -> None:
+    """A program that logs what it was sent at the start of its message: with or
+    without a host name in the line, repeld's words after its tag are not repeld's."""
+    forged = (
+        "repeld[1]: PREGREET 1 after 0.000 from [127.0.9.9]:1: x (action=drop)",
+        'repeld[1]: @cee:{"event":"early-talker","client":"127.0.9.8","client_port":1,'
+        '"action":"drop"}',
+    )
+    real = events.early_talker(
+        ConnInfo("127.0.41.1", 4000, "127.0.0.1", 25), EarlyTalk(4, b"EHLO", 0.1), "drop"
+    )
+    log = tmp_path / "mail.log"
+    lines = [
+        f"2026-12-06T10:00:0{i}+00:00 {host}sshd[7]: {text}"
+        for i, text in enumerate(forged)
+        for host in ("", "mx1 ")
+    ]
+    lines.append(f"2026-12-06T10:00:09+00:00 mx1 repeld[4242] {real.summary}")
+    log.write_text("\n".join(lines) + "\n")
+    assert fail2ban_matches(log) == ["127.0.41.1"]
