@@ -267,3 +267,27 @@ def test_report_reads_what_a_real_rsyslogd_wrote_from_udp(fmt: str, tmp_path: Pa
         _check(tally, sent)
         assert tally.skipped == sum("probe" in line for line in lines)  # only the probes
         assert tally.first is not None  # the files' timestamps are read
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> None:
+    """`repeld report ... | head`: the report meets a pipe nobody reads any more."""
+    log = tmp_path / "mail.log"
+    with log.open("w") as out:
+        for i in range(6000):  # early talkers from 6000 networks: some 300 KB of report
+            client = f"10.{i // 256}.{i % 256}.1"
+            out.write(
+                f"Dec  6 10:00:00 mx1 repeld[1]: PREGREET 4 after 0.100 from [{client}]:1:"
+                " EHLO (action=drop)\n"
+            )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    reader, writer = os.pipe()
+    os.close(reader)  # as `| head -0` would, before a byte is written
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "repeld", "report", "--top", "6000", str(log)],
+            stdout=writer, stderr=subprocess.PIPE, env=env, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(writer)
+    assert done.returncode == 1
+    assert done.stderr == b""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import os
 import sys
 import time
 import zlib
@@ -117,7 +118,12 @@ def main(argv: Sequence[str]) -> int:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             print(f"repeld report: {name}: {why}", file=sys.stderr)
             return 1
-    sys.stdout.write(render_text(tally, top=args.top))
+    try:
+        sys.stdout.write(render_text(tally, top=args.top))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `repeld report ... | head`: the reader has had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 1
     if args.svg:
         try:
             with open(args.svg, "w", encoding="utf-8") as out:
