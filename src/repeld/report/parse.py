@@ -19,8 +19,8 @@ The MSG of a repeld line, from its first character, is `@cee:` and one flat
 JSON object with an `event` member (`--log-format json`), or a `-f` line (as
 journald keeps repeld's standard error), or the human summary alone
 (`PREGREET ...`, `PASS ...`, `HANGUP ...`, `DNSBL ...`, `BACKEND-ERROR ...`,
-`OVERLOAD ...`, `PROXY-ERROR ...`; any other upper-case word names an event the report does not
-break down). Every pattern is anchored where repeld writes it, so the client's
+`OVERLOAD ...`, `PROXY-ERROR ...`; any other upper-case word names an event
+the report does not break down). Every pattern is anchored where repeld writes it, so the client's
 bytes, which come after the address and before the last `(action=...)`, are
 never where a pattern looks for a name, an address or an action.
 
