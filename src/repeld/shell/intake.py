@@ -66,6 +66,8 @@ __all__ = ["Intake"]
 
 _PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 _BATCH = 512
+#: Distinct balancer and destination addresses whose strings are shared.
+_SHARED_STRINGS = 1024
 
 
 class _Pending:
@@ -104,6 +106,7 @@ class Intake:
         # One FIFO of deadlines per --proxy-timeout value (a reload starts another).
         self._queues: dict[float, collections.deque[_Pending]] = {}
         self._wake: trio.CancelScope | None = None
+        self._strings: dict[str, str] = {}
         #: How header-pending connections ended, by outcome.
         self.outcomes: collections.Counter[ProxyOutcome] = collections.Counter()
         self.configure(settings)
@@ -269,14 +272,25 @@ class Intake:
             self._check(sock, peer, now, listener)
             return
         self.outcomes[ProxyOutcome.CLIENT] += 1
+        # One string each for the few balancers and the few addresses they listen
+        # on, shared by every held client, as a direct client shares its listener's.
         conn = ConnInfo(
             header.source,
             header.source_port,
-            header.destination,
+            self._shared(header.destination),
             header.destination_port,
-            via=peer.client,
+            via=self._shared(peer.client),
         )
         self.admission.client(sock, conn, listener.backend, listener.spec.nodelay, now)
+
+    def _shared(self, text: str) -> str:
+        # A bounded table: a balancer has a few addresses, not thousands.
+        found = self._strings.get(text)
+        if found is None:
+            if len(self._strings) >= _SHARED_STRINGS:
+                self._strings.clear()
+            found = self._strings[text] = text
+        return found
 
     def _fail(
         self,
