@@ -115,6 +115,9 @@ class Intake:
         """Take (new) --proxy-from and --proxy-timeout for the next connections."""
         self.settings = settings
         self.balancers = TrustedNetworks(settings.proxy_from)
+        #: Peer address -> in --proxy-from: a balancer is a handful of addresses
+        #: that connect again and again, so its answer is looked up once.
+        self._peers: dict[str, bool] = {}
 
     def __len__(self) -> int:
         """Balancers' connections whose header is still to come."""
@@ -138,10 +141,18 @@ class Intake:
             return
         peer = normalize_address(str(addr[0]))
         conn = ConnInfo(peer, int(addr[1]), server, int(server_port))  # type: ignore[call-overload]
-        if self.balancers and peer in self.balancers:
+        if self.balancers and self._is_balancer(peer):
             self._await_header(sock, conn, listener, now)
             return
         self.admission.client(sock, conn, listener.backend, listener.spec.nodelay, now)
+
+    def _is_balancer(self, peer: str) -> bool:
+        known = self._peers.get(peer)
+        if known is None:
+            if len(self._peers) >= _SHARED_STRINGS:
+                self._peers.clear()
+            known = self._peers[peer] = peer in self.balancers
+        return known
 
     def _await_header(
         self, sock: socket.socket, peer: ConnInfo, listener: Listener, now: float
