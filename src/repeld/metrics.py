@@ -54,6 +54,15 @@ from repeld import __version__
 from repeld.core.dnsbl import RESULTS
 from repeld.core.events import Event
 from repeld.core.hold import PassReason
+from repeld.core.names import (
+    EarlyAction,
+    EnforceEnd,
+    EventName,
+    ExecEnd,
+    HangupHow,
+    ProxyOutcome,
+    RelayEnd,
+)
 from repeld.core.policy import Refuse
 
 __all__ = [
@@ -107,14 +116,14 @@ COUNTERS = (
         "repeld_early_talkers",
         "Clients that spoke before the greeting, by what was done (penalty: cut off unheard)",
         "action",
-        ("drop", "reject", "penalty"),
+        tuple(str(a) for a in EarlyAction),
     ),
     _Family(
         "hangups",
         "repeld_hangups",
         "Clients that left before the greeting, by how (close: FIN, reset: RST)",
         "how",
-        ("close", "reset"),
+        tuple(str(h) for h in HangupHow),
     ),
     _Family(
         "passes",
@@ -135,9 +144,23 @@ COUNTERS = (
         "repeld_relay_ends",
         "Relayed sessions over, by how they ended",
         "end",
-        ("client", "backend", "timeout", "shutdown"),
+        tuple(str(e) for e in RelayEnd),
     ),
-    _Family("exec_ends", "repeld_exec_ends", "--exec programs done, by how they ended", "end"),
+    _Family(
+        "exec_ends",
+        "repeld_exec_ends",
+        "--exec programs done, by how they ended",
+        "end",
+        tuple(str(e) for e in ExecEnd),
+    ),
+    _Family(
+        "enforce_ends",
+        "repeld_enforce_sessions",
+        "Early talkers under --on-early enforce, by how their dialogue ended (gone: left "
+        "before the greeting; busy: dropped, every session taken)",
+        "end",
+        tuple(str(e) for e in EnforceEnd),
+    ),
     _Family(
         "cache_lookups",
         "repeld_cache_lookups",
@@ -155,6 +178,14 @@ COUNTERS = (
     ),
     _Family("dns_hits", "repeld_dns_hits", "Clients a DNS list listed, by list", "list"),
     _Family("events", "repeld_events", "Events emitted, by event name", "event"),
+    _Family(
+        "proxy",
+        "repeld_proxy_connections",
+        "Connections from --proxy-from balancers, by outcome (client: a header for a client; "
+        "check: a health check; timeout, error, truncated, reset: closed with proxy-error)",
+        "outcome",
+        tuple(str(o) for o in ProxyOutcome),
+    ),
 )
 #: Counters without labels: snapshot["totals"][key].
 TOTALS = (
@@ -168,8 +199,14 @@ TOTALS = (
 #: Gauges: snapshot["gauges"][key]; a gauge a snapshot lacks is not exposed.
 GAUGES = (
     _Family("held", "repeld_held", "Clients held now, waiting for their greeting"),
+    _Family(
+        "proxy_pending",
+        "repeld_proxy_pending",
+        "Connections from --proxy-from balancers whose PROXY header is still to come",
+    ),
     _Family("relays", "repeld_relays", "Passed clients being relayed (or run by --exec) now"),
     _Family("cache_entries", "repeld_cache_entries", "Entries in the memory pass cache"),
+    _Family("enforcing", "repeld_enforcing", "Enforce sessions (--on-early enforce) running now"),
     _Family("workers", "repeld_workers", "Worker processes running"),
     _Family(
         "workers_answered",
@@ -284,6 +321,7 @@ class Metrics:
         self._passes = self.labelled["passes"]
         self._relay_ends = self.labelled["relay_ends"]
         self._exec_ends = self.labelled["exec_ends"]
+        self._enforce_ends = self.labelled["enforce_ends"]
         self._early_talk = self.histograms["early_talk"]
         self._hangup = self.histograms["hangup"]
         self._relay = self.histograms["relay_duration"]
@@ -292,20 +330,22 @@ class Metrics:
     def observe(self, event: Event) -> None:
         """Count one event (EventLog's hook); fields it does not know are ignored."""
         name = event.name
-        if name == "pass":
+        if name == EventName.PASS:
             self._passes[str(event.get("reason"))] += 1
-        elif name == "early-talker":
+        elif name == EventName.EARLY_TALKER:
             action = str(event.get("action"))
             self._early[action] += 1
-            if action != "penalty":  # a penalty is cut off unheard: no talk to time
+            if action != EarlyAction.PENALTY:  # a penalty is cut off unheard: no talk to time
                 self._early_talk.observe(_number(event.get("elapsed")))
-        elif name == "hangup":
+            if action == EarlyAction.ENFORCE:
+                self._enforce_ends[str(event.get("end"))] += 1
+        elif name == EventName.HANGUP:
             self._hangups[str(event.get("how"))] += 1
             self._hangup.observe(_number(event.get("elapsed")))
-        elif name == "relay-end":
+        elif name == EventName.RELAY_END:
             self._relay_ends[str(event.get("end"))] += 1
             self._relay.observe(_number(event.get("duration")))
-        elif name == "exec-end":
+        elif name == EventName.EXEC_END:
             self._exec_ends[str(event.get("end"))] += 1
 
     def observe_lookup(self, seconds: float, clients: int) -> None:

@@ -14,6 +14,7 @@ from repeld import __version__
 from repeld.core import events
 from repeld.core.events import ConnInfo, Event, Severity
 from repeld.core.hold import EarlyTalk, HangUp, Pass, PassReason
+from repeld.core.names import RelayEnd
 from repeld.metrics import (
     COUNTERS,
     GAUGES,
@@ -54,7 +55,7 @@ def test_each_verdict_event_lands_in_its_counter_and_histogram() -> None:
     m.observe(events.hangup(CONN, HangUp(61.0, reset=True)))
     m.observe(events.passed(CONN, Pass(PassReason.DELAY, 25.0)))
     m.observe(events.passed(CONN, Pass(PassReason.TRUSTED, 0.0)))
-    m.observe(events.relay_end(CONN, 30.0, 5.0, 100, 200, "client"))
+    m.observe(events.relay_end(CONN, 30.0, 5.0, 100, 200, RelayEnd.CLIENT_RESET))
     m.observe(events.backend_error(CONN, 25.0, "127.0.0.1:25", "refused"))
     text = render(m.snapshot())
     assert _value(text, "repeld_early_talkers_total", action="drop") == 1
@@ -65,7 +66,10 @@ def test_each_verdict_event_lands_in_its_counter_and_histogram() -> None:
     assert _value(text, "repeld_passes_total", reason="delay") == 1
     assert _value(text, "repeld_passes_total", reason="trusted") == 1
     assert _value(text, "repeld_passes_total", reason="cache") == 0  # seeded
-    assert _value(text, "repeld_relay_ends_total", end="client") == 1
+    assert _value(text, "repeld_relay_ends_total", end="client-reset") == 1
+    # every way a relay ends is seeded, and only those: the code and the seeds share RelayEnd
+    assert _value(text, "repeld_relay_ends_total", end="backend-reset") == 0
+    assert b'end="client"' not in text
     # A penalty is cut off unheard: two early talks timed, not three.
     assert _value(text, "repeld_early_talk_seconds_count") == 2
     assert _value(text, "repeld_early_talk_seconds_bucket", le="0.5") == 1

@@ -90,6 +90,8 @@ class Settings:
     delay: float = default("delay")
     trusted: tuple[str, ...] = default("trusted")
     trusted_file: tuple[str, ...] = default("trusted-file")
+    proxy_from: tuple[str, ...] = default("proxy-from")
+    proxy_timeout: float = default("proxy-timeout")
     proxy_protocol: ProxyProtocol = default("proxy-protocol")
     on_early: EarlyAction = default("on-early")
     teaser: bool = default("teaser")

@@ -46,6 +46,7 @@ from repeld import __version__
 from repeld.config.settings import Listen, Settings
 from repeld.core import events
 from repeld.core.addresses import host_port
+from repeld.core.names import EventName
 from repeld.metrics import ProcessStats, Snapshot, WorkerTally, render
 from repeld.service import activation, sdnotify
 from repeld.service.listeners import backlog_for, open_listeners, reuseport_option
@@ -232,7 +233,7 @@ class Supervisor:
             proc, read_fd = await self._spawn(index)
             self.procs[index] = proc
             started = trio.current_time()
-            self.log.emit(events.worker("worker-start", index, proc.pid))
+            self.log.emit(events.worker(EventName.WORKER_START, index, proc.pid))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_stats, read_fd)
                 status = await proc.wait()
@@ -246,7 +247,7 @@ class Supervisor:
             if self.stopping:
                 return
             self.restarts += 1
-            self.log.emit(events.worker("worker-exit", index, proc.pid, status))
+            self.log.emit(events.worker(EventName.WORKER_EXIT, index, proc.pid, status))
             if trio.current_time() - started >= STABLE_AFTER:
                 delay = RESTART_DELAY
             await trio.sleep(delay)
@@ -398,7 +399,7 @@ async def supervise(
                 )
                 log.emit(
                     events.lifecycle(
-                        "start",
+                        EventName.START,
                         version=__version__,
                         listen=bound,
                         **settings.handler_fields(),
@@ -417,7 +418,9 @@ async def supervise(
                         workers.start_soon(sup.keep_worker, index)
                     sdnotify.ready(f"{settings.workers} workers")
                 nursery.cancel_scope.cancel()
-            log.emit(events.lifecycle("stop", workers=settings.workers, restarts=sup.restarts))
+            log.emit(
+                events.lifecycle(EventName.STOP, workers=settings.workers, restarts=sup.restarts)
+            )
             outer.cancel_scope.cancel()
         for socks in sockets:
             for s, _ in socks:

@@ -34,8 +34,10 @@ from repeld import __version__
 from repeld.config.settings import Settings, load_trusted
 from repeld.core import events
 from repeld.core.addresses import host_port
+from repeld.core.names import EventName
 from repeld.metrics import merge, render
-from repeld.service import activation, privileges, sdnotify, workers
+from repeld.process import workers
+from repeld.service import activation, privileges, sdnotify
 from repeld.service.pidfile import PidFile, PidFileError
 from repeld.shell.backendwatch import BackendWatch
 from repeld.shell.eventlog import EventLog
@@ -159,7 +161,10 @@ async def serve_forever(
                 where = ", ".join(str(lst.spec) for lst in server.listeners)
                 log.emit(
                     events.lifecycle(
-                        "start", version=__version__, listen=bound, **settings.handler_fields()
+                        EventName.START,
+                        version=__version__,
+                        listen=bound,
+                        **settings.handler_fields(),
                     )
                 )
                 if settings.foreground:
@@ -175,7 +180,7 @@ async def serve_forever(
             # FLUSH_WAIT + SEND_WAIT), so that stop's dropped_events is exact.
             await log.wait_flushed()
             stats = server.statistics()
-            log.emit(events.lifecycle("stop", **stats))
+            log.emit(events.lifecycle(EventName.STOP, **stats))
             outer.cancel_scope.cancel()  # the writer flushes what is queued
 
 
