@@ -75,7 +75,6 @@ async def _reload(
     server: Server,
     log: EventLog,
     reload_settings: Callable[[], Settings],
-    nursery: trio.Nursery,
     watch: BackendWatch | None = None,
 ) -> None:
     sdnotify.reloading()
@@ -98,13 +97,12 @@ async def _handle_signals(
     log: EventLog,
     reload_settings: Callable[[], Settings],
     started: float,
-    nursery: trio.Nursery,
     watch: BackendWatch | None = None,
 ) -> None:
     stopping = False
     async for signum in signals:
         if signum == signal.SIGHUP:
-            await _reload(server, log, reload_settings, nursery, watch)
+            await _reload(server, log, reload_settings, watch)
         elif signum in (signal.SIGTERM, signal.SIGINT):
             sdnotify.stopping()
             # The first asks for a drain; a second cuts the relays at once.
@@ -149,7 +147,7 @@ async def serve_forever(
             outer.start_soon(log.run)
             async with trio.open_nursery() as inner:
                 inner.start_soon(
-                    _handle_signals, signals, server, log, reload_settings, started, inner, watch
+                    _handle_signals, signals, server, log, reload_settings, started, watch
                 )
                 if watch is not None:
                     inner.start_soon(watch.run)
