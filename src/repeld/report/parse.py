@@ -44,6 +44,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
+from repeld.core.names import EventName
+
 __all__ = ["MAX_LINE", "Record", "parse_line"]
 
 #: Lines longer than this (in characters, the line end excluded) are skipped unread.
@@ -117,7 +119,7 @@ _NUM = r"[0-9]{1,12}(?:\.[0-9]{1,9})?"
 _SUMMARIES: dict[str, tuple[str, tuple[re.Pattern[str], ...]]] = {
     # keyword: (event name, the shapes repeld writes it in)
     "PREGREET": (
-        "early-talker",
+        EventName.EARLY_TALKER,
         (
             # The client's bytes sit between the address and the last "(action=...)".
             re.compile(
@@ -128,7 +130,7 @@ _SUMMARIES: dict[str, tuple[str, tuple[re.Pattern[str], ...]]] = {
         ),
     ),
     "HANGUP": (
-        "hangup",
+        EventName.HANGUP,
         (
             re.compile(
                 rf"HANGUP after (?P<elapsed>{_NUM}) from {_PEER} \((?P<how>[a-z-]{{1,16}})\)"
@@ -137,7 +139,7 @@ _SUMMARIES: dict[str, tuple[str, tuple[re.Pattern[str], ...]]] = {
         ),
     ),
     "PASS": (
-        "pass",
+        EventName.PASS,
         (
             re.compile(
                 rf"PASS (?P<reason>[A-Z][A-Z-]{{0,15}}) {_PEER} after (?P<elapsed>{_NUM})"
@@ -146,7 +148,7 @@ _SUMMARIES: dict[str, tuple[str, tuple[re.Pattern[str], ...]]] = {
         ),
     ),
     "DNSBL": (
-        "dnsbl",
+        EventName.DNSBL,
         (
             re.compile(
                 rf"DNSBL rank (?P<score>-?\d{{1,12}}) for {_PEER} after (?P<elapsed>{_NUM}): "
@@ -155,7 +157,7 @@ _SUMMARIES: dict[str, tuple[str, tuple[re.Pattern[str], ...]]] = {
         ),
     ),
     "BACKEND-ERROR": (
-        "backend-error",
+        EventName.BACKEND_ERROR,
         (
             re.compile(
                 rf"BACKEND-ERROR (?P<backend>\S{{1,300}}) for {_PEER} after (?P<elapsed>{_NUM}): "
@@ -170,7 +172,7 @@ _SUMMARIES: dict[str, tuple[str, tuple[re.Pattern[str], ...]]] = {
         ),
     ),
     "PROXY-ERROR": (
-        "proxy-error",
+        EventName.PROXY_ERROR,
         (
             re.compile(
                 rf"PROXY-ERROR from balancer {_PEER} after (?P<elapsed>{_NUM}): "
@@ -180,7 +182,7 @@ _SUMMARIES: dict[str, tuple[str, tuple[re.Pattern[str], ...]]] = {
         ),
     ),
     "OVERLOAD": (
-        "overload",
+        EventName.OVERLOAD,
         (
             re.compile(
                 r"OVERLOAD (?P<limit>[a-z-]{1,32}): refused (?P<refused>\d{1,12}) connection\(s\),"
@@ -291,7 +293,7 @@ def _from_summary(summary: str, name: str | None) -> dict[str, str] | None:
         if found is not None:
             fields = {k: v for k, v in found.groupdict().items() if v is not None}
             fields["event"] = event
-            if event == "pass":
+            if event == EventName.PASS:
                 fields["reason"] = fields["reason"].lower()
             if fields.get("bytes") == "penalty":
                 fields["bytes"] = "0"

@@ -32,8 +32,10 @@ import heapq
 import ipaddress
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from repeld.core.names import EarlyAction, EventName, PassReason
 from repeld.report.parse import Record
 
 __all__ = [
@@ -58,9 +60,9 @@ LAST_BIN = 60
 CANDIDATES = (10, 15, 20, 25, 30, 40)
 #: Early-talker and dnsbl actions that cut the client off; `log` only watched it
 #: (`enforce` answered the talker's dialogue, then cut it off).
-REPELLING = frozenset({"drop", "reject", "enforce"})
+REPELLING = frozenset({EarlyAction.DROP, EarlyAction.REJECT, EarlyAction.ENFORCE})
 #: Pass reasons for which nobody waited.
-HELD_OUT = frozenset({"trusted", "nodelay", "cache", "dnswl"})
+HELD_OUT = frozenset({PassReason.TRUSTED, PassReason.NODELAY, PassReason.CACHE, PassReason.DNSWL})
 #: The categories of the verdicts-over-time picture, in stacking order.
 CATEGORIES = (
     "pass",
@@ -402,12 +404,12 @@ def _conn(record: Record) -> tuple[str, str]:
     return record.fields.get("client", ""), record.fields.get("client_port", "")
 
 
-_HANDLERS = {
-    "early-talker": Tally._early,
-    "hangup": Tally._hangup,
-    "pass": Tally._pass,
-    "dnsbl": Tally._dnsbl,
-    "backend-error": Tally._backend_error,
-    "overload": Tally._overload,
-    "proxy-error": Tally._proxy_error,
+_HANDLERS: dict[str, Callable[[Tally, Record], str]] = {
+    EventName.EARLY_TALKER: Tally._early,
+    EventName.HANGUP: Tally._hangup,
+    EventName.PASS: Tally._pass,
+    EventName.DNSBL: Tally._dnsbl,
+    EventName.BACKEND_ERROR: Tally._backend_error,
+    EventName.OVERLOAD: Tally._overload,
+    EventName.PROXY_ERROR: Tally._proxy_error,
 }
