@@ -1,6 +1,6 @@
 """The benchmark scripts keep working: small bench-hold (also with DNS lists, where
-nsd is installed, and behind HAProxy, where it is) and bench-cache runs print
-their tables.
+nsd is installed, and behind HAProxy, where it is), bench-cache and bench-report runs
+print their tables.
 
 No speed is asserted here (speed is measured by bench/bench-hold,
 bench/bench-relay and bench/bench-cache, and written down in
@@ -290,3 +290,18 @@ def test_soak_short_run_samples_and_gives_a_verdict() -> None:
     assert rows["verdict"] == "plateau"
     delivered = int(rows["delivered / failed / skipped"].split("/")[0])
     assert delivered > 0
+
+
+def test_bench_report_small_run_prints_the_table() -> None:
+    # A second or two: 3,000 lines, one round; every Postfix line (one in six) skipped.
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench-report"), "--lines", "3000", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "target       wall s    CPU s    lines/s  peak RSS MiB" in proc.stdout
+    assert "repeld report: 2500 events in 3000 lines (500 lines skipped" in proc.stdout

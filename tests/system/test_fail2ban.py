@@ -24,19 +24,24 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from repeld.core import events, proxyproto
 from repeld.core.enforce import EnforceEnd, Envelope
 from repeld.core.events import ConnInfo
-from repeld.core.hold import EarlyTalk
+from repeld.core.hold import EarlyTalk, HangUp
 from repeld.core.logformat import Header, format_json, format_rfc5424
 
 from .. import rsyslog_fixture
+from ..hostile import first_bytes
 from ..procs import Daemon, LineBackend, connect, read_line
 from ..rsyslog_fixture import Rsyslogd
 
@@ -431,3 +436,77 @@ def test_a_restarted_rsyslogd_costs_no_event(tmp_path: Path) -> None:
     finally:
         rs.stop()
         backend.close()
+
+
+def _as_rsyslog_writes(event: events.Event, fmt: str, when: float, traditional: bool) -> str:
+    """One event as rsyslog writes it to a file, from repeld's exact bytes: the JSON
+    message whole after `repeld[PID]: `, the RFC 5424 one as its summary after
+    `repeld[PID] ` (the structured data dropped, no colon)."""
+    header = Header(2, "mx1.test", "repeld", 4242, "repeld@32473")
+    if traditional:
+        stamp = time.strftime("%b %e %H:%M:%S", time.localtime(when))
+    else:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(when))
+    if fmt == "json":
+        body = format_json(event, header, when).decode().split("]: ", 1)[1]
+        return f"{stamp} mx1 repeld[4242]: {body}"
+    return f"{stamp} mx1 repeld[4242] {event.summary}"
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    talkers=st.lists(
+        st.tuples(first_bytes, st.sampled_from(["drop", "reject", "log"])),
+        min_size=1,
+        max_size=24,
+    ),
+    traditional=st.booleans(),
+)
+def test_no_client_bytes_make_fail2ban_see_another_address(
+    talkers: list[tuple[bytes, str]], traditional: bool
+) -> None:
+    """Early talkers from 127.0.40.x sending hostile bytes, in both formats and either
+    file template: fail2ban-regex bans exactly the ones cut off, each once, and no
+    address of those the bytes name."""
+    lines, banned = [], []
+    when = time.time() - 60
+    for i, (sent, action) in enumerate(talkers):
+        client = f"127.0.40.{i + 1}"
+        conn = ConnInfo(client, 40000 + i, "127.0.0.1", 25)
+        event = events.early_talker(conn, EarlyTalk(len(sent), sent, 0.25), action)
+        for fmt in ("json", "rfc5424"):
+            lines.append(_as_rsyslog_writes(event, fmt, when + i, traditional))
+            if action != "log":
+                banned.append(client)
+        hangup = events.hangup(conn, HangUp(0.5, reset=False))  # never banned
+        lines.append(_as_rsyslog_writes(hangup, "rfc5424", when + i, traditional))
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "mail.log"
+        log.write_text("\n".join(lines) + "\n")
+        assert sorted(fail2ban_matches(log)) == sorted(banned), "\n".join(lines)
+
+
+def test_another_programs_line_quoting_repeld_is_not_banned(tmp_path: Path) -> None:
+    """A program that logs what it was sent at the start of its message: with or
+    without a host name in the line, repeld's words after its tag are not repeld's."""
+    forged = (
+        "repeld[1]: PREGREET 1 after 0.000 from [127.0.9.9]:1: x (action=drop)",
+        'repeld[1]: @cee:{"event":"early-talker","client":"127.0.9.8","client_port":1,'
+        '"action":"drop"}',
+    )
+    real = events.early_talker(
+        ConnInfo("127.0.41.1", 4000, "127.0.0.1", 25), EarlyTalk(4, b"EHLO", 0.1), "drop"
+    )
+    log = tmp_path / "mail.log"
+    lines = [
+        f"2026-12-06T10:00:0{i}+00:00 {host}sshd[7]: {text}"
+        for i, text in enumerate(forged)
+        for host in ("", "mx1 ")
+    ]
+    lines.append(f"2026-12-06T10:00:09+00:00 mx1 repeld[4242] {real.summary}")
+    log.write_text("\n".join(lines) + "\n")
+    assert fail2ban_matches(log) == ["127.0.41.1"]

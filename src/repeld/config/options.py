@@ -221,6 +221,16 @@ OPTIONS: tuple[Option, ...] = (
         metavar="ADDR:PORT",
     ),
     Option(
+        "backend-check-interval",
+        None,
+        seconds("backend-check-interval", 0.0, 86400.0, zero=True),
+        60.0,
+        "check every backend this often as a passed client would (greeting, EHLO, QUIT), "
+        "for the repeld_backend_up metric and a backend-check event when one fails; "
+        "0 turns it off (default: 60)",
+        metavar="SECONDS",
+    ),
+    Option(
         "relay-timeout",
         None,
         seconds("relay-timeout", 0.0, 86400.0),

@@ -107,6 +107,7 @@ class Settings:
     facility: str = default("facility")
     sd_id: str = default("sd-id")
     metrics: MetricsAddress | None = default("metrics")
+    backend_check_interval: float = default("backend-check-interval")
     exec: tuple[str, ...] | None = default("exec")
     relay_timeout: float = default("relay-timeout")
     connect_timeout: float = default("connect-timeout")

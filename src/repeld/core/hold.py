@@ -115,6 +115,7 @@ import enum
 from dataclasses import dataclass
 
 from repeld.core.dnsbl import DnsAction, DnsPolicy, DnsScore, Judgement
+from repeld.core.names import PassReason
 
 __all__ = [
     "CACHE_WAIT",
@@ -171,16 +172,6 @@ class CacheVerdict(enum.Enum):
     UNKNOWN = 0
     GOOD = 1
     BAD = 2
-
-
-class PassReason(enum.StrEnum):
-    """Why a connection was handed to the MTA; stable names for the event log."""
-
-    DELAY = "delay"
-    TRUSTED = "trusted"
-    NODELAY = "nodelay"
-    CACHE = "cache"
-    DNSWL = "dnswl"
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,12 +2,12 @@
 the fields that the metrics, the report and fail2ban read back.
 
 events.py builds events with these, metrics.py counts by them (its label seeds are
-these members, so a seed can never name a value the code does not emit), and the
-shell passes them instead of bare strings. They are `StrEnum`s, so an event's field
-holds the plain string a SIEM has always seen: the vocabulary is a contract (add to
-it, never rename). The verdict types themselves are in core/hold.py, the reasons for a
-pass (`PassReason`) there too, the refusals (`Refuse`) in core/policy.py and the DNS
-lists' actions (`DnsAction`) in core/dnsbl.py.
+these members, so a seed can never name a value the code does not emit), the report
+reads events back by them, and the shell passes them instead of bare strings. They
+are `StrEnum`s, so an event's field holds the plain string a SIEM has always seen:
+the vocabulary is a contract (add to it, never rename). The verdict types themselves
+are in core/hold.py, the reasons for a pass (`PassReason`) here, the refusals
+(`Refuse`) in core/policy.py and the DNS lists' actions (`DnsAction`) in core/dnsbl.py.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ __all__ = [
     "EventName",
     "ExecEnd",
     "HangupHow",
+    "PassReason",
     "ProxyOutcome",
     "RelayEnd",
 ]
@@ -75,6 +76,16 @@ class EnforceEnd(enum.StrEnum):
     SHUTDOWN = "shutdown"  # repeld was stopping (421)
     GONE = "gone"  # the talker left before the end of its delay: never greeted
     BUSY = "busy"  # every enforce session was taken: dropped as --on-early drop does
+
+
+class PassReason(enum.StrEnum):
+    """Why a connection was handed to the MTA (the `reason` of `pass`)."""
+
+    DELAY = "delay"
+    TRUSTED = "trusted"
+    NODELAY = "nodelay"
+    CACHE = "cache"
+    DNSWL = "dnswl"
 
 
 class HangupHow(enum.StrEnum):

@@ -92,6 +92,10 @@ MAX_HEADER = max(V1_MAX, V2_MAX)
 
 _V1_PREFIX = b"PROXY "
 _V2_FIXED = 16
+#: The fixed part of a v2 PROXY header for TCP over IPv4 with no TLV, and its length.
+_V2_TCP4_PLAIN = V2_SIGNATURE + b"\x21\x11\x00\x0c"
+_V2_TCP4_PLAIN_LENGTH = _V2_FIXED + 12
+_TCP4_BODY = struct.Struct("!8BHH")
 
 
 class ProxyReason(enum.StrEnum):
@@ -179,6 +183,19 @@ Result = NeedMore | Proxied | Local | ProxyError
 
 def parse(data: bytes) -> Result:
     """Read the PROXY header at the start of `data` (the bytes peeked so far)."""
+    if data[:_V2_FIXED] == _V2_TCP4_PLAIN and len(data) >= _V2_TCP4_PLAIN_LENGTH:
+        # What HAProxy and AWS NLB send for nearly every client: v2, PROXY, TCP
+        # over IPv4, no TLV. The general path below says the same, 3 times slower.
+        a, b, c, d, e, f, g, h, sport, dport = _TCP4_BODY.unpack_from(data, _V2_FIXED)
+        return Proxied(
+            2,
+            _V2_TCP4_PLAIN_LENGTH,
+            ProxyFamily.TCP4,
+            f"{a}.{b}.{c}.{d}",
+            sport,
+            f"{e}.{f}.{g}.{h}",
+            dport,
+        )
     if not data:
         return NeedMore(1)
     if data[0] == _V1_PREFIX[0]:

@@ -66,6 +66,8 @@ __all__ = ["Intake"]
 
 _PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 _BATCH = 512
+#: Distinct balancer and destination addresses whose strings are shared.
+_SHARED_STRINGS = 1024
 
 
 class _Pending:
@@ -104,6 +106,7 @@ class Intake:
         # One FIFO of deadlines per --proxy-timeout value (a reload starts another).
         self._queues: dict[float, collections.deque[_Pending]] = {}
         self._wake: trio.CancelScope | None = None
+        self._strings: dict[str, str] = {}
         #: How header-pending connections ended, by outcome.
         self.outcomes: collections.Counter[ProxyOutcome] = collections.Counter()
         self.configure(settings)
@@ -112,6 +115,9 @@ class Intake:
         """Take (new) --proxy-from and --proxy-timeout for the next connections."""
         self.settings = settings
         self.balancers = TrustedNetworks(settings.proxy_from)
+        #: Peer address -> in --proxy-from: a balancer is a handful of addresses
+        #: that connect again and again, so its answer is looked up once.
+        self._peers: dict[str, bool] = {}
 
     def __len__(self) -> int:
         """Balancers' connections whose header is still to come."""
@@ -135,10 +141,18 @@ class Intake:
             return
         peer = normalize_address(str(addr[0]))
         conn = ConnInfo(peer, int(addr[1]), server, int(server_port))  # type: ignore[call-overload]
-        if self.balancers and peer in self.balancers:
+        if self.balancers and self._is_balancer(peer):
             self._await_header(sock, conn, listener, now)
             return
         self.admission.client(sock, conn, listener.backend, listener.spec.nodelay, now)
+
+    def _is_balancer(self, peer: str) -> bool:
+        known = self._peers.get(peer)
+        if known is None:
+            if len(self._peers) >= _SHARED_STRINGS:
+                self._peers.clear()
+            known = self._peers[peer] = peer in self.balancers
+        return known
 
     def _await_header(
         self, sock: socket.socket, peer: ConnInfo, listener: Listener, now: float
@@ -269,14 +283,25 @@ class Intake:
             self._check(sock, peer, now, listener)
             return
         self.outcomes[ProxyOutcome.CLIENT] += 1
+        # One string each for the few balancers and the few addresses they listen
+        # on, shared by every held client, as a direct client shares its listener's.
         conn = ConnInfo(
             header.source,
             header.source_port,
-            header.destination,
+            self._shared(header.destination),
             header.destination_port,
-            via=peer.client,
+            via=self._shared(peer.client),
         )
         self.admission.client(sock, conn, listener.backend, listener.spec.nodelay, now)
+
+    def _shared(self, text: str) -> str:
+        # A bounded table: a balancer has a few addresses, not thousands.
+        found = self._strings.get(text)
+        if found is None:
+            if len(self._strings) >= _SHARED_STRINGS:
+                self._strings.clear()
+            found = self._strings[text] = text
+        return found
 
     def _fail(
         self,

@@ -319,7 +319,7 @@ class Server:
         assert self.metrics is not None
         cache = self.cache.statistics() if self.cache is not None else {}
         dns = self.admission.dns
-        gauges = {"held": len(self.pen), "relays": self.relays}
+        gauges = {"held": len(self.pen), "relays": self.relays, "max_held": self.max_held}
         gauges["enforcing"] = self.dispatch.enforcing.active  # --on-early enforce
         if self.settings.proxy_from or self.intake.outcomes:
             gauges["proxy_pending"] = len(self.intake)
