@@ -59,12 +59,12 @@ from repeld.core.names import (
     EnforceEnd,
     EventName,
     ExecEnd,
+    HandOffResult,
     HangupHow,
     ProxyOutcome,
     RelayEnd,
 )
 from repeld.core.policy import Refuse
-from repeld.core.postfixpass import Outcome
 
 __all__ = [
     "CONTENT_TYPE",
@@ -168,7 +168,7 @@ COUNTERS = (
         "Clients handed to Postfix's smtpd through a pass:PATH backend, by result "
         "(taken, or the cause of the 421)",
         "result",
-        tuple(str(o) for o in Outcome),
+        tuple(str(o) for o in HandOffResult),
     ),
     _Family(
         "cache_lookups",

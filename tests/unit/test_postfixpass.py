@@ -14,7 +14,8 @@ import pytest
 from repeld.config.errors import SettingError
 from repeld.config.values import Backend, PassBackend, parse_backend, parse_listen
 from repeld.core import postfixpass
-from repeld.core.postfixpass import BadAttribute, Outcome
+from repeld.core.names import HandOffResult
+from repeld.core.postfixpass import BadAttribute
 
 
 @pytest.mark.parametrize(
@@ -95,39 +96,39 @@ def test_an_unterminated_list_is_incomplete(data: bytes) -> None:
 @pytest.mark.parametrize(
     ("code", "outcome"),
     [
-        (errno.ENOENT, Outcome.MISSING),
-        (errno.ENOTDIR, Outcome.MISSING),
-        (errno.ECONNREFUSED, Outcome.REFUSED),
-        (errno.ENOTSOCK, Outcome.REFUSED),
-        (errno.EACCES, Outcome.PERMISSION),
-        (errno.EPERM, Outcome.PERMISSION),
-        (errno.EAGAIN, Outcome.BUSY),
-        (errno.ETIMEDOUT, Outcome.TIMEOUT),
-        (errno.EIO, Outcome.ERROR),
-        (None, Outcome.ERROR),
+        (errno.ENOENT, HandOffResult.MISSING),
+        (errno.ENOTDIR, HandOffResult.MISSING),
+        (errno.ECONNREFUSED, HandOffResult.REFUSED),
+        (errno.ENOTSOCK, HandOffResult.REFUSED),
+        (errno.EACCES, HandOffResult.PERMISSION),
+        (errno.EPERM, HandOffResult.PERMISSION),
+        (errno.EAGAIN, HandOffResult.BUSY),
+        (errno.ETIMEDOUT, HandOffResult.TIMEOUT),
+        (errno.EIO, HandOffResult.ERROR),
+        (None, HandOffResult.ERROR),
     ],
 )
-def test_connect_errors_name_their_cause(code: int | None, outcome: Outcome) -> None:
+def test_connect_errors_name_their_cause(code: int | None, outcome: HandOffResult) -> None:
     assert postfixpass.connect_outcome(code) is outcome
 
 
 @pytest.mark.parametrize(
     ("code", "outcome"),
     [
-        (errno.EPIPE, Outcome.DESCRIPTOR_REFUSED),
-        (errno.ECONNRESET, Outcome.DESCRIPTOR_REFUSED),
-        (errno.ETOOMANYREFS, Outcome.DESCRIPTOR_REFUSED),
-        (errno.EAGAIN, Outcome.BUSY),
+        (errno.EPIPE, HandOffResult.DESCRIPTOR_REFUSED),
+        (errno.ECONNRESET, HandOffResult.DESCRIPTOR_REFUSED),
+        (errno.ETOOMANYREFS, HandOffResult.DESCRIPTOR_REFUSED),
+        (errno.EAGAIN, HandOffResult.BUSY),
     ],
 )
-def test_send_errors_name_their_cause(code: int, outcome: Outcome) -> None:
+def test_send_errors_name_their_cause(code: int, outcome: HandOffResult) -> None:
     assert postfixpass.send_outcome(code) is outcome
 
 
 def test_every_outcome_is_described() -> None:
-    for outcome in Outcome:
+    for outcome in HandOffResult:
         assert postfixpass.describe(outcome).startswith("pass: ")
-    assert postfixpass.describe(Outcome.MISSING, "x: y") == "pass: socket missing (x: y)"
+    assert postfixpass.describe(HandOffResult.MISSING, "x: y") == "pass: socket missing (x: y)"
 
 
 @pytest.mark.parametrize(

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Literal
 
 from repeld.core.dnsbl import DnsScore
 from repeld.core.enforce import Envelope
 from repeld.core.hold import Blocked, EarlyTalk, HangUp, Pass, escape_bytes
-from repeld.core.names import EnforceEnd, EventName, ExecEnd, HangupHow, RelayEnd
+from repeld.core.names import EnforceEnd, EventName, ExecEnd, HandOffHow, HangupHow, RelayEnd
 
 __all__ = [
     "ConnInfo",
     "Event",
     "FieldValue",
-    "HandOffKind",
     "Severity",
     "backend_check",
     "backend_error",
@@ -223,17 +221,12 @@ def hangup(conn: ConnInfo, verdict: HangUp) -> Event:
     )
 
 
-#: How a passed client reaches the MTA, when not relayed: `pass`, its socket
-#: handed to Postfix's smtpd (a pass:PATH backend).
-HandOffKind = Literal["pass"]
-
-
 def passed(
     conn: ConnInfo,
     verdict: Pass,
     rtt_ms: float = 0.0,
     dns: DnsScore | None = None,
-    handoff: HandOffKind | None = None,
+    handoff: HandOffHow | None = None,
 ) -> Event:
     """A client handed to the MTA, and why (`rtt_ms`: round-trip time, 0 if unknown;
     `dns`: what the DNS lists said, with lists configured; `handoff`: how, when

@@ -19,6 +19,8 @@ __all__ = [
     "EnforceEnd",
     "EventName",
     "ExecEnd",
+    "HandOffHow",
+    "HandOffResult",
     "HangupHow",
     "PassReason",
     "ProxyOutcome",
@@ -121,3 +123,25 @@ class ExecEnd(enum.StrEnum):
 
     EXIT = "exit"
     SHUTDOWN = "shutdown"
+
+
+class HandOffHow(enum.StrEnum):
+    """How a passed client was handed on when it is not relayed (the `handoff` of
+    `pass`; absent for a relayed client)."""
+
+    PASS = "pass"  # its socket given to Postfix's smtpd (-b pass:PATH, core/postfixpass.py)
+
+
+class HandOffResult(enum.StrEnum):
+    """How a hand-off to a Postfix pass service ended: TAKEN, or the cause of its
+    421 (the `result` of repeld_handoffs_total; the cause heads backend-error's
+    `error`, in the words of core/postfixpass.describe)."""
+
+    TAKEN = "taken"  # smtpd closed the channel: it holds the client
+    MISSING = "missing"  # no socket at the path (Postfix not installed or not started)
+    REFUSED = "refused"  # a socket, but nobody listening (Postfix stopped)
+    PERMISSION = "permission"  # the path is not ours to reach (private/ is postfix's, 0700)
+    BUSY = "busy"  # the service's queue of connections is full
+    TIMEOUT = "timeout"  # smtpd did not take it within the bound
+    DESCRIPTOR_REFUSED = "descriptor-refused"  # the send failed, or the service answered
+    ERROR = "error"  # anything else the system said

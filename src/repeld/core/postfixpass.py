@@ -19,18 +19,19 @@ a UNIX-domain socket, normally /var/spool/postfix/private/smtpd. postscreen
 smtpd (src/smtpd/smtpd_peer.c, `smtpd_peer_from_pass_attr`) takes an address
 with a colon for IPv6, else IPv4, and both ports as decimal numbers; it needs
 all four attributes. This module builds those bytes (`pass_attributes`), reads
-them back as smtpd does (`decode_attributes`, for the tests and for the
-probe), and names every way a hand-off can end (`Outcome`), with the errno
+them back as smtpd does (`decode_attributes`, for the tests), and describes
+every way a hand-off can end (core/names.py's `HandOffResult`), with the errno
 table that sorts a failed connect or send into them. No sockets here: the
 shell (shell/passfd.py) does the system calls.
 """
 
 from __future__ import annotations
 
-import enum
 import errno
 import ipaddress
 import re
+
+from repeld.core.names import HandOffResult
 
 __all__ = [
     "ATTR_CLIENT_ADDR",
@@ -39,7 +40,6 @@ __all__ = [
     "ATTR_SERVER_PORT",
     "FD_CARRIER",
     "BadAttribute",
-    "Outcome",
     "connect_outcome",
     "decode_attributes",
     "describe",
@@ -62,70 +62,53 @@ class BadAttribute(ValueError):
     """Bytes or values that are no attr_print0 list: the caller's mistake."""
 
 
-class Outcome(enum.StrEnum):
-    """How one hand-off ended: TAKEN, or the cause of its 421.
-
-    The values are the `result` label of repeld_handoffs_total and the cause
-    at the head of the backend-error event's `error` field.
-    """
-
-    TAKEN = "taken"  # smtpd closed the channel: it holds the client
-    MISSING = "missing"  # no socket at the path (Postfix not installed or not started)
-    REFUSED = "refused"  # a socket, but nobody listening (Postfix stopped)
-    PERMISSION = "permission"  # the path is not ours to reach (private/ is postfix's, 0700)
-    BUSY = "busy"  # the service's queue of connections is full
-    TIMEOUT = "timeout"  # smtpd did not take it within the bound
-    DESCRIPTOR_REFUSED = "descriptor-refused"  # the send failed, or the service answered
-    ERROR = "error"  # anything else the system said
-
-
 #: What each outcome means, for the event and --check-backend.
 _DESCRIPTION = {
-    Outcome.TAKEN: "smtpd took the client",
-    Outcome.MISSING: "socket missing",
-    Outcome.REFUSED: "connection refused",
-    Outcome.PERMISSION: "permission denied",
-    Outcome.BUSY: "service busy",
-    Outcome.TIMEOUT: "no answer",
-    Outcome.DESCRIPTOR_REFUSED: "descriptor refused",
-    Outcome.ERROR: "cannot pass",
+    HandOffResult.TAKEN: "smtpd took the client",
+    HandOffResult.MISSING: "socket missing",
+    HandOffResult.REFUSED: "connection refused",
+    HandOffResult.PERMISSION: "permission denied",
+    HandOffResult.BUSY: "service busy",
+    HandOffResult.TIMEOUT: "no answer",
+    HandOffResult.DESCRIPTOR_REFUSED: "descriptor refused",
+    HandOffResult.ERROR: "cannot pass",
 }
 
 #: connect(2) on the service's socket: errno -> outcome (the rest: ERROR).
 _CONNECT_ERRORS = {
-    errno.ENOENT: Outcome.MISSING,
-    errno.ENOTDIR: Outcome.MISSING,
-    errno.ECONNREFUSED: Outcome.REFUSED,
-    errno.ENOTSOCK: Outcome.REFUSED,
-    errno.EPROTOTYPE: Outcome.REFUSED,  # a datagram socket, not a pass service
-    errno.EACCES: Outcome.PERMISSION,
-    errno.EPERM: Outcome.PERMISSION,
-    errno.EAGAIN: Outcome.BUSY,  # Linux: the listen queue is full
-    errno.ETIMEDOUT: Outcome.TIMEOUT,
+    errno.ENOENT: HandOffResult.MISSING,
+    errno.ENOTDIR: HandOffResult.MISSING,
+    errno.ECONNREFUSED: HandOffResult.REFUSED,
+    errno.ENOTSOCK: HandOffResult.REFUSED,
+    errno.EPROTOTYPE: HandOffResult.REFUSED,  # a datagram socket, not a pass service
+    errno.EACCES: HandOffResult.PERMISSION,
+    errno.EPERM: HandOffResult.PERMISSION,
+    errno.EAGAIN: HandOffResult.BUSY,  # Linux: the listen queue is full
+    errno.ETIMEDOUT: HandOffResult.TIMEOUT,
 }
 
 #: sendmsg(2)/send(2) of the descriptor and the attributes: errno -> outcome.
 _SEND_ERRORS = {
-    errno.EAGAIN: Outcome.BUSY,
-    errno.ETIMEDOUT: Outcome.TIMEOUT,
+    errno.EAGAIN: HandOffResult.BUSY,
+    errno.ETIMEDOUT: HandOffResult.TIMEOUT,
 }
 
 
-def connect_outcome(code: int | None) -> Outcome:
+def connect_outcome(code: int | None) -> HandOffResult:
     """The outcome of a connect to the pass service that failed with errno `code`."""
-    return _CONNECT_ERRORS.get(code or 0, Outcome.ERROR)
+    return _CONNECT_ERRORS.get(code or 0, HandOffResult.ERROR)
 
 
-def send_outcome(code: int | None) -> Outcome:
+def send_outcome(code: int | None) -> HandOffResult:
     """The outcome of sending the descriptor or the attributes that failed with `code`.
 
     A reset, a broken pipe or a refused descriptor (EPERM, ETOOMANYREFS) all
     mean the service did not take it.
     """
-    return _SEND_ERRORS.get(code or 0, Outcome.DESCRIPTOR_REFUSED)
+    return _SEND_ERRORS.get(code or 0, HandOffResult.DESCRIPTOR_REFUSED)
 
 
-def describe(outcome: Outcome, detail: str = "") -> str:
+def describe(outcome: HandOffResult, detail: str = "") -> str:
     """The backend-error `error` text: `pass: CAUSE (DETAIL)`."""
     text = f"pass: {_DESCRIPTION[outcome]}"
     return f"{text} ({detail})" if detail else text

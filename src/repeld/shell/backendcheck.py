@@ -26,6 +26,7 @@ from repeld.config.settings import Settings
 from repeld.config.values import AnyBackend, PassBackend
 from repeld.core import events, postfixpass, proxyproto
 from repeld.core.backendcheck import CONNECT_TIMEOUT, BackendCheck, NeedData, Send, Verdict
+from repeld.core.names import HandOffResult
 from repeld.shell.eventlog import EventLog
 from repeld.shell.handoff import BackendTarget, resolve_backend
 from repeld.shell.passfd import connect_service
@@ -134,7 +135,7 @@ async def _hand_over(path: str, server: trio.socket.SocketType) -> str | None:
     except OSError as exc:
         outcome = postfixpass.connect_outcome(exc.errno)
         problem = postfixpass.describe(outcome, _why(exc))
-        if outcome is postfixpass.Outcome.PERMISSION:
+        if outcome is HandOffResult.PERMISSION:
             problem += _PERMISSION_HINT
         return problem
     with chan:
@@ -152,11 +153,11 @@ async def _hand_over(path: str, server: trio.socket.SocketType) -> str | None:
                 if not data:
                     return None
                 what = data[:40].decode("ascii", "replace").strip()
-                outcome = postfixpass.Outcome.DESCRIPTOR_REFUSED
+                outcome = HandOffResult.DESCRIPTOR_REFUSED
                 return postfixpass.describe(outcome, f"the service answered {what!r}")
         except OSError as exc:
             return postfixpass.describe(postfixpass.send_outcome(exc.errno), _why(exc))
-        outcome = postfixpass.Outcome.TIMEOUT
+        outcome = HandOffResult.TIMEOUT
         return postfixpass.describe(outcome, f"smtpd did not take it within {CONNECT_TIMEOUT:g} s")
 
 
@@ -174,7 +175,7 @@ async def check_pass_service(backend: PassBackend, *, keep_pipe_connect: bool = 
     except OSError as exc:
         outcome = postfixpass.connect_outcome(exc.errno)
         problem = postfixpass.describe(outcome, f"{path}: {_why(exc)}")
-        if outcome is postfixpass.Outcome.PERMISSION:
+        if outcome is HandOffResult.PERMISSION:
             return Verdict(False, problem + _PERMISSION_HINT)
         return Verdict(False, problem + _MISSING_HINT)
     if not stat.S_ISSOCK(mode):

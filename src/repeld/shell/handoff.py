@@ -24,8 +24,8 @@ import trio
 from repeld.config.settings import AnyBackend, PassBackend, Settings
 from repeld.core import events, postfixpass, proxyproto
 from repeld.core.addresses import host_port
-from repeld.core.events import ConnInfo, HandOffKind
-from repeld.core.postfixpass import Outcome
+from repeld.core.events import ConnInfo
+from repeld.core.names import HandOffHow, HandOffResult
 from repeld.service import tcptune
 from repeld.shell.eventlog import EventLog
 from repeld.shell.passfd import PassPool, PassPoolClosed
@@ -227,9 +227,9 @@ def pass_to_smtpd(
     """
     assert target.pass_path is not None
 
-    def done(outcome: Outcome, detail: str) -> None:
+    def done(outcome: HandOffResult, detail: str) -> None:
         try:
-            if outcome is Outcome.TAKEN:
+            if outcome is HandOffResult.TAKEN:
                 sock.close()
                 return
             reply_and_close(sock, BACKEND_UNAVAILABLE)
@@ -288,11 +288,11 @@ class HandOff:
         self.passer = PassPool(self._pool_error)
         nursery.start_soon(self.passer.run)
 
-    def kind(self, backend: BackendTarget | None = None) -> HandOffKind | None:
+    def kind(self, backend: BackendTarget | None = None) -> HandOffHow | None:
         """How a client for `backend` (or --backend) is handed on, for the pass
         event: `pass` for a Postfix pass service, None when relayed or run."""
         target = backend or self.backend
-        return "pass" if target is not None and target.pass_path is not None else None
+        return HandOffHow.PASS if target is not None and target.pass_path is not None else None
 
     def pass_outcomes(self) -> dict[str, int]:
         """Hand-offs to pass services by how they ended (repeld_handoffs_total)."""

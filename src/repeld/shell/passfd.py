@@ -40,18 +40,14 @@ from collections.abc import Callable
 
 import trio
 
-from repeld.core.postfixpass import (
-    FD_CARRIER,
-    Outcome,
-    connect_outcome,
-    send_outcome,
-)
+from repeld.core.names import HandOffResult
+from repeld.core.postfixpass import FD_CARRIER, connect_outcome, send_outcome
 from repeld.shell.poller import IN, Poller, watch
 
 __all__ = ["Done", "PassPool", "PassPoolClosed", "connect_service"]
 
 #: Told how a hand-off ended, once, with a detail for the event ("" if none).
-Done = Callable[[Outcome, str], None]
+Done = Callable[[HandOffResult, str], None]
 
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
 #: Most ready channels handled per wake-up.
@@ -105,7 +101,7 @@ class PassPool:
         self._seq = itertools.count()
         self._wake: trio.CancelScope | None = None
         self._closed = False
-        #: Hand-offs by how they ended (Outcome values), for repeld_handoffs_total.
+        #: Hand-offs by how they ended (HandOffResult values), for repeld_handoffs_total.
         self.outcomes: Counter[str] = Counter()
 
     def __len__(self) -> int:
@@ -147,13 +143,13 @@ class PassPool:
             return
         if sent != len(attributes):  # never on an empty buffer; if so, not a pass service
             chan.close()
-            self._end(done, Outcome.DESCRIPTOR_REFUSED, "the attributes did not fit")
+            self._end(done, HandOffResult.DESCRIPTOR_REFUSED, "the attributes did not fit")
             return
         try:
             self._poller.update(chan.fileno(), 0, IN)
         except OSError as exc:  # ENOMEM, ENOSPC (max_user_watches)
             chan.close()
-            self._end(done, Outcome.ERROR, _why(exc))
+            self._end(done, HandOffResult.ERROR, _why(exc))
             return
         entry = _Channel(chan, client, trio.current_time() + timeout, done)
         self._channels[chan.fileno()] = entry
@@ -179,7 +175,7 @@ class PassPool:
         finally:
             self._closed = True
             for entry in list(self._channels.values()):
-                self._finish(entry, Outcome.TIMEOUT, "repeld is stopping")
+                self._finish(entry, HandOffResult.TIMEOUT, "repeld is stopping")
             self._poller.close()
 
     def _set_wake(self, scope: trio.CancelScope | None) -> None:
@@ -193,7 +189,7 @@ class PassPool:
                 return deadline
             heapq.heappop(heap)
             if entry.open:
-                self._finish(entry, Outcome.TIMEOUT, "smtpd did not take the client in time")
+                self._finish(entry, HandOffResult.TIMEOUT, "smtpd did not take the client in time")
         return math.inf
 
     def _serve(self, now: float) -> int:
@@ -213,14 +209,14 @@ class PassPool:
                 what = data[:40].decode("ascii", "replace").strip()
                 self._finish(
                     entry,
-                    Outcome.DESCRIPTOR_REFUSED,
+                    HandOffResult.DESCRIPTOR_REFUSED,
                     f"the service answered {what!r}: not a pass service?",
                 )
             else:
-                self._finish(entry, Outcome.TAKEN, "")
+                self._finish(entry, HandOffResult.TAKEN, "")
         return len(ready)
 
-    def _finish(self, entry: _Channel, outcome: Outcome, detail: str) -> None:
+    def _finish(self, entry: _Channel, outcome: HandOffResult, detail: str) -> None:
         entry.open = False
         fd = entry.chan.fileno()
         del self._channels[fd]
@@ -228,7 +224,7 @@ class PassPool:
         entry.chan.close()
         self._end(entry.done, outcome, detail)
 
-    def _end(self, done: Done, outcome: Outcome, detail: str) -> None:
+    def _end(self, done: Done, outcome: HandOffResult, detail: str) -> None:
         self.outcomes[outcome] += 1
         try:
             done(outcome, detail)
