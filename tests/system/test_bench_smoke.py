@@ -1,6 +1,6 @@
 """The benchmark scripts keep working: small bench-hold (also with DNS lists, where
-nsd is installed, and behind HAProxy, where it is), bench-cache and bench-report runs
-print their tables.
+nsd is installed, and behind HAProxy, where it is), bench-cache, bench-report and
+bench-relay --postfix runs print their tables.
 
 No speed is asserted here (speed is measured by bench/bench-hold,
 bench/bench-relay and bench/bench-cache, and written down in
@@ -10,6 +10,7 @@ report every column.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -305,3 +306,28 @@ def test_bench_report_small_run_prints_the_table() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "target       wall s    CPU s    lines/s  peak RSS MiB" in proc.stdout
     assert "repeld report: 2500 events in 3000 lines (500 lines skipped" in proc.stdout
+
+
+BENCH_RELAY = ROOT / "bench" / "bench-relay"
+
+
+@pytest.mark.skipif(
+    shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists(),
+    reason="the Postfix set measures HAProxy beside repeld",
+)
+def test_bench_relay_postfix_set_prints_every_front() -> None:
+    # One small round: a real smtpd reached directly, through HAProxy, repeld
+    # relaying, repeld pass: and postscreen (bench/peers/postfix.sh; needs root).
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("Postfix's master needs root")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH_RELAY), "--postfix", "--rounds", "1", "--messages", "100",
+         "--no-foreground"],
+        capture_output=True, text=True, timeout=4 * TIMEOUT, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("| metric"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    for front in ("direct", "repeld", "repeld-pass", "haproxy", "postscreen"):
+        assert front in columns, columns
+    assert "target: repeld-pass/haproxy" in proc.stdout
