@@ -361,4 +361,3 @@ def test_a_block_list_outranks_a_remembered_pass(
     assert [(f["reason"], f["score"], f["lists"]) for f in passes] == [("delay", "1", "bl.test")]
     blocked = [(m.fields["client"], m.fields["action"]) for m in syslog.named("dnsbl")]
     assert blocked == [("127.0.0.2", "log"), ("127.0.0.2", "reject"), ("127.0.0.3", "reject")]
-
