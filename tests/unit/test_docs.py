@@ -498,6 +498,7 @@ def _sample_events() -> list[Event]:
         events.exec_end(conn, 30.0, 5.0, "/var/qmail/bin/qmail-smtpd", 0, "exit"),
         events.internal_error(conn, 1.0, "oops"),
         events.overload(conn, "max-held", 3),
+        events.dns_list_alarm("bl.test", 0.95, 200),
         events.lifecycle("start"),
         events.lifecycle("stop"),
         events.reload([]),

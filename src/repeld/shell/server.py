@@ -22,7 +22,7 @@ from repeld.cache.open import make_cache
 from repeld.config.settings import Listen, Settings, load_trusted
 from repeld.core import events
 from repeld.core.addresses import cache_key, normalize_address
-from repeld.core.dnsbl import DnsScore
+from repeld.core.dnsbl import WATCH_WINDOW, DnsScore
 from repeld.core.events import ConnInfo
 from repeld.core.hold import (
     Blocked,
@@ -314,7 +314,7 @@ class Server:
         # The lists' word for the events: None without lists, zero if unanswered.
         if self._dns is None:
             return None
-        return held.hold.dns_result or DnsScore()
+        return held.hold.dns_result or DnsScore(missing=self._dns.domains)  # issue 21: unanswered
 
     def _learn(self, conn: ConnInfo, good: bool) -> None:
         # Only a full wait makes a client good; early talk makes it bad.
@@ -492,6 +492,10 @@ class Server:
                         self._dns_answer,
                         lambda held: held.hold.awaiting_dns,
                         s.dns_timeout,
+                        # issue 21: a list that lists nearly everyone is an event
+                        on_alarm=lambda domain, share: self.log.emit(
+                            events.dns_list_alarm(domain, share, WATCH_WINDOW)
+                        ),
                     )
                     front.start_soon(self._dns.run)
                 for listener in self.listeners:
