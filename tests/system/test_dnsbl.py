@@ -165,7 +165,12 @@ def test_a_silent_list_costs_no_wait(
     assert line == b"220 backend.test ESMTP\r\n"
     assert resolver.count("2.0.0.127.silent.test") >= 1  # it was asked
     fields = _event(syslog, "pass", "127.0.0.2")
-    assert (fields["reason"], fields["score"]) == ("delay", "0")
+    # Not "not listed": no answer, and the event says so.
+    assert (fields["reason"], fields["score"], fields["unanswered"]) == (
+        "delay",
+        "0",
+        "silent.test",
+    )
     assert 1.0 <= float(fields["elapsed"]) < 1.3  # the delay, exactly as without lists
 
 

@@ -291,6 +291,12 @@ def test_a_remembered_talker_loses_its_pardon_when_the_lists_block() -> None:
     h.data(b"EHLO x\r\n", T0 + 1.0)
     h.remembered_good(T0 + 1.1)
     assert h.due(T0 + 25.0) == Pass(PassReason.CACHE, 25.0, 8)  # the lists never spoke
+    # Remembered, waiting for the lists, then it talks (PIPECONNECT): not cut off.
+    h = hold(cache_pending=True)
+    assert h.remembered_good(T0 + 0.5) == Wait(T0 + 25.0)
+    assert h.data(b"EHLO x\r\n", T0 + 1.0) == Mute(T0 + 25.0)
+    assert h.eof(T0 + 1.5) == Mute(T0 + 25.0)  # a pipelined QUIT: still waits
+    assert h.listed(NEITHER, T0 + 2.0) == Pass(PassReason.CACHE, 2.0, 8)
     h = hold(cache_pending=True)
     h.data(b"EHLO x\r\n", T0 + 1.0)
     h.listed(NEITHER, T0 + 1.0625)

@@ -63,6 +63,7 @@ end of the delay):
     TALKED    dns: any               -> Mute(W), the answer kept        TALKED
     TALKED    cache: good, dns block -> the talk stands, as "cache: unknown"
     TALKED    cache: good, dns not settled -> Mute(D)                   TALKED (good)
+    HOLDING (good) data              -> Mute(D)                         TALKED (good)
     TALKED (good) dns settled, or due at D: block -> the talk stands
                                      else -> Pass("cache", early_bytes) DONE
     OBSERVING dns: any               -> Mute(D), the answer kept        OBSERVING
@@ -432,9 +433,9 @@ class Hold:
         nbytes = max(len(peeked), total or 0)
         talk = EarlyTalk(nbytes, bytes(peeked[:PEEK_LIMIT]), self._elapsed(now), self.teased)
         self._talk = talk
-        if self._pending:
+        if self._pending or self._good:  # the cache's answer, or the lists', decides
             self._state = _TALKED
-            return Mute(self._wait_until())
+            return self._holding_on()
         if self.observe:
             self._state = _OBSERVING
             return Logged(talk, self._observed(now))
@@ -445,7 +446,7 @@ class Hold:
         if not reset and self._state == _TALKED:
             # Talked, then closed its side: a half-close, as an Exim that pipelined
             # its QUIT does; it still waits for the replies, so the cache decides.
-            return Mute(self._wait_until())
+            return self._holding_on()
         if not reset and self._state == _OBSERVING:
             return Mute(self.deadline)
         if self._state == _TALKED:  # it talked, then reset: the talk decides

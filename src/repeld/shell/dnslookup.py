@@ -88,6 +88,7 @@ __all__ = [
     "READ_BATCH",
     "ROTATE_AFTER",
     "SOCKETS",
+    "TICK",
     "DnsLookups",
     "make_resolver",
 ]
@@ -109,6 +110,9 @@ MAX_BACKLOG = 8192
 READ_BATCH = 32
 #: The receive buffer asked for each socket, in bytes.
 RECEIVE_BUFFER = 1 << 20
+#: Retries and timeouts are looked at on this grid, in seconds (one wake-up of the
+#: task for all those due within it).
+TICK = 0.05
 #: How many times a query is sent at most (the first time included).
 TRIES = 2
 
@@ -329,15 +333,17 @@ class DnsLookups(Generic[T]):
             self._sockets = []
 
     def _next_timer(self) -> float:
+        # The first retry or timeout due, rounded up to the next TICK: under a flood
+        # the task wakes some 20 times a second for them, not once per query.
         first = self._timers[0][0] if self._timers else math.inf
         for backlog in self._backlog.values():
             if backlog:
                 first = min(first, backlog[0].queued + self.timeout)
-        return first
+        return math.ceil(first / TICK) * TICK if first < math.inf else first
 
     def _timer(self, when: float, q: _Query[T], kind: int) -> None:
         heapq.heappush(self._timers, (when, next(self._order), q, kind))
-        if when < self._wake_at:  # sooner than the task planned to look: wake it
+        if when + TICK < self._wake_at:  # well before the task planned to look: wake it
             self._wake_at = when
             self._due.set()
 
@@ -516,7 +522,8 @@ class DnsLookups(Generic[T]):
             alarm = self.watch.seen(q.domain, self._lists(q.domain, replies))
             if alarm is not None and self._on_alarm is not None:
                 self._on_alarm(q.domain, alarm)
-        for client in q.waiters:
+        waiters, q.waiters, q.ids = q.waiters, [], []  # its timers may outlive it
+        for client in waiters:
             self._answered(client, q.domain, replies, expires, now)
         if q.slot:
             q.slot = False
@@ -542,7 +549,8 @@ class DnsLookups(Generic[T]):
         self.counts[q.domain, "skipped"] += 1
         q.done = True
         self._inflight.pop((q.domain, q.name), None)
-        for client in q.waiters:
+        waiters, q.waiters = q.waiters, []
+        for client in waiters:
             self._answered(client, q.domain, None, -math.inf, now)
 
     def _answered(
