@@ -21,6 +21,7 @@ import trio
 from repeld.config.values import Resolver
 from repeld.core.dnsbl import NEGATIVE_TTL, DnsAction, DnsList, DnsScore, domains
 from repeld.core.policy import TrustedNetworks
+from repeld.shell import dnslookup
 from repeld.shell.dnslookup import SOCKETS, DnsLookups, make_resolver
 
 from ..harness import connect, read_line, running
@@ -485,3 +486,40 @@ async def test_a_reload_that_removes_the_lists_keeps_them_until_a_restart() -> N
         nursery.cancel_scope.cancel()
     sock.close()
     assert queries == {"2.0.0.127.bl.test.": 1}
+
+
+async def test_sockets_are_replaced_on_new_source_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After ROTATE_AFTER queries a socket takes no more; it is closed once its last
+    query is over, and a new one, on a port of the kernel's choosing, takes its turn."""
+    monkeypatch.setattr(dnslookup, "ROTATE_AFTER", 10)
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await sock.bind(("127.0.0.1", 0))
+    ports: collections.Counter[int] = collections.Counter()
+
+    async def answer() -> None:
+        while True:
+            data, peer = await sock.recvfrom(4096)
+            ports[peer[1]] += 1
+            reply = dns.message.make_response(dns.message.from_wire(data))
+            reply.set_rcode(dns.rcode.NXDOMAIN)
+            await sock.sendto(reply.to_wire(), peer)
+
+    got: dict[str, DnsScore] = {}
+    lookups = _lookups(sock.getsockname()[1], (DnsList("bl.test"),), got, 2.0)
+    clients = [f"127.6.0.{n}" for n in range(1, 201)]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer)
+            nursery.start_soon(lookups.run)
+            for address in clients:
+                lookups.ask(address, address)
+                await trio.sleep(0.001)
+            while len(got) < len(clients):
+                await trio.sleep(0.01)
+            open_now = len(lookups._sockets)
+            nursery.cancel_scope.cancel()
+    sock.close()
+    assert set(got.values()) == {DnsScore()}
+    assert len(ports) >= len(clients) // 10  # a new port every ten queries
+    assert max(ports.values()) <= 10
+    assert open_now <= SOCKETS  # the retired ones were closed

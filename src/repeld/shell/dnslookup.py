@@ -164,13 +164,25 @@ class _Socket:
 class _Query(Generic[T]):
     """One question to one list, the clients waiting for it, where it was asked."""
 
-    __slots__ = ("asked", "domain", "done", "ids", "name", "queued", "slot", "tries", "waiters")
+    __slots__ = (
+        "asked",
+        "domain",
+        "done",
+        "ids",
+        "name",
+        "queued",
+        "sent_at",
+        "slot",
+        "tries",
+        "waiters",
+    )
 
     def __init__(self, domain: str, name: str, asked: bytes, now: float) -> None:
         self.domain = domain
         self.name = name
         self.asked = asked
         self.queued = now
+        self.sent_at = now
         self.waiters: list[_Client[T]] = []
         #: (socket, id, server) of each time it was sent
         self.ids: list[tuple[_Socket, int, tuple[str, int]]] = []
@@ -354,8 +366,11 @@ class DnsLookups(Generic[T]):
             _, _, q, kind = heapq.heappop(timers)
             if q.done:
                 continue
-            if kind == _RETRY and q.tries < TRIES and self._counts(q):
-                self._send(q, now)
+            if kind == _RETRY:
+                if q.tries < TRIES and self._counts(q):
+                    self._send(q, now)
+                else:  # nobody waits for it now: no more tries, but its time stands
+                    self._timer(q.sent_at + self.timeout, q, _EXPIRE)
             elif kind == _EXPIRE:
                 self._finish(q, None, now, "timeout")
         for backlog in self._backlog.values():
@@ -450,15 +465,20 @@ class DnsLookups(Generic[T]):
             if q.tries == 0:
                 kind = "timeout" if exc.errno in (errno.EAGAIN, errno.ENOBUFS) else "error"
                 self._finish(q, None, now, kind)
+            else:  # the first try may still be answered
+                self._timer(q.sent_at + self.timeout, q, _EXPIRE)
             return
         s.pending[qid] = q
         s.sent += 1
         q.ids.append((s, qid, server))
         if q.tries == 0:
-            self._timer(now + self.timeout, q, _EXPIRE)
+            q.sent_at = now
         q.tries += 1
+        # One timer at a time: a finished query stays in the heap until it is due.
         if q.tries < TRIES:
-            self._timer(now + self.timeout / TRIES * q.tries, q, _RETRY)
+            self._timer(q.sent_at + self.timeout / TRIES * q.tries, q, _RETRY)
+        else:
+            self._timer(q.sent_at + self.timeout, q, _EXPIRE)
 
     async def _receive(self, s: _Socket) -> None:
         # Read the socket's answers until it is closed; yield every READ_BATCH.
