@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from repeld.config.values import Resolver
-from repeld.core.dnsbl import NEGATIVE_TTL, DnsAction, DnsList, DnsScore, domains
+from repeld.core.dnsbl import NEGATIVE_TTL, WATCH_WINDOW, DnsAction, DnsList, DnsScore, domains
 from repeld.core.policy import TrustedNetworks
 from repeld.shell import dnslookup
 from repeld.shell.dnslookup import SOCKETS, DnsLookups, make_resolver
@@ -523,3 +523,38 @@ async def test_sockets_are_replaced_on_new_source_ports(monkeypatch: pytest.Monk
     assert len(ports) >= len(clients) // 10  # a new port every ten queries
     assert max(ports.values()) <= 10
     assert open_now <= SOCKETS  # the retired ones were closed
+
+
+async def test_a_list_that_lists_everyone_raises_the_alarm_once() -> None:
+    """A list whose domain answers every name (dead, hijacked, or refusing us with
+    a listing) is noticed after WATCH_WINDOW answers, and said once."""
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await sock.bind(("127.0.0.1", 0))
+
+    async def list_everyone() -> None:
+        while True:
+            data, peer = await sock.recvfrom(4096)
+            query = dns.message.from_wire(data)
+            reply = dns.message.make_response(query)
+            name = query.question[0].name
+            reply.answer.append(dns.rrset.from_text(name, 300, "IN", "A", "127.0.0.2"))
+            await sock.sendto(reply.to_wire(), peer)
+
+    alarms: list[tuple[str, float]] = []
+    got: dict[str, DnsScore] = {}
+    lookups = _lookups(sock.getsockname()[1], (DnsList("all.test"),), got, 2.0)
+    lookups._on_alarm = lambda domain, share: alarms.append((domain, share))
+    clients = [f"127.7.{n // 250}.{n % 250 + 1}" for n in range(WATCH_WINDOW + 50)]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(list_everyone)
+            nursery.start_soon(lookups.run)
+            for address in clients:  # a flow, not a burst the test server could drop
+                lookups.ask(address, address)
+                await trio.sleep(0.001)
+            while len(got) < len(clients):
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    sock.close()
+    assert alarms == [("all.test", 1.0)]
+    assert lookups.hits() == {"all.test": len(clients)}
