@@ -558,3 +558,31 @@ async def test_a_list_that_lists_everyone_raises_the_alarm_once() -> None:
     sock.close()
     assert alarms == [("all.test", 1.0)]
     assert lookups.hits() == {"all.test": len(clients)}
+
+
+async def test_a_resolver_on_ipv6_is_asked_over_ipv6() -> None:
+    sock = trio.socket.socket(trio.socket.AF_INET6, trio.socket.SOCK_DGRAM)
+    try:
+        await sock.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    queries: collections.Counter[str] = collections.Counter()
+    got: dict[str, DnsScore] = {}
+    lookups: DnsLookups[str] = DnsLookups(
+        make_resolver(Resolver("::1", sock.getsockname()[1])),
+        (DnsList("bl.test"),),
+        got.__setitem__,
+        lambda item: item not in got,
+        2.0,
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_server, sock, queries, 0.0)
+            nursery.start_soon(lookups.run)
+            lookups.ask("127.0.0.2", "a")
+            while "a" not in got:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    sock.close()
+    assert got == {"a": DnsScore(1, ("bl.test",))}
+    assert queries == {"2.0.0.127.bl.test.": 1}
