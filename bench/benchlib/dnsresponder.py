@@ -13,6 +13,10 @@ query came (an asyncio timer: the answers are never serialised behind one
 another). TCP is only listened on (so that the bench sees a listener) and
 every connection closed: repeld never asks a list over TCP.
 
+`--huge N` answers every query of bl.test with N A records instead (a
+hijacked or expired list domain: 2,000 records make a 32 KB datagram), to see
+what a hostile answer costs the server that asks.
+
 SIGUSR1 writes the counters (queries in all and per zone, as the bench reads
 NSD's) to `--counters` as JSON. Queries are read by hand: the header, the
 question; anything else is dropped, never answered.
@@ -54,7 +58,7 @@ def _soa(zone: str) -> bytes:
 SOAS = {zone: _soa(zone) for zone in ZONES}
 
 
-def answer(data: bytes, counts: Counter[str]) -> bytes | None:
+def answer(data: bytes, counts: Counter[str], huge: int = 0) -> bytes | None:
     """The answer to the query `data`, or None for anything that is not one."""
     if len(data) < 17:
         return None
@@ -77,6 +81,13 @@ def answer(data: bytes, counts: Counter[str]) -> bytes | None:
     counts["queries"] += 1
     counts[zone] += 1
     question = data[12:end]
+    if huge and zone == "bl.test":
+        records = b"".join(
+            b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, TTL, 4) + bytes((127, 0, i >> 8, i & 255))
+            for i in range(huge)
+        )
+        header = struct.pack("!HHHHHH", qid, 0x8180 | (flags & 0x0100), 1, huge, 0, 0)
+        return header + question + records
     listed = LISTED.get(name)
     if listed is not None:
         record = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, TTL, 4) + socket.inet_aton(listed)
@@ -90,8 +101,9 @@ def answer(data: bytes, counts: Counter[str]) -> bytes | None:
 
 
 class Responder(asyncio.DatagramProtocol):
-    def __init__(self, latency: float) -> None:
+    def __init__(self, latency: float, huge: int = 0) -> None:
         self.latency = latency
+        self.huge = huge
         self.counts: Counter[str] = Counter()
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -100,7 +112,7 @@ class Responder(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
-            reply = answer(data, self.counts)
+            reply = answer(data, self.counts, self.huge)
         except (IndexError, struct.error):
             reply = None
         if reply is None or self.transport is None:
@@ -109,12 +121,13 @@ class Responder(asyncio.DatagramProtocol):
         loop.call_later(self.latency, self.transport.sendto, reply, addr)
 
 
-async def serve(host: str, port: int, latency: float, counters: str) -> None:
+async def serve(host: str, port: int, latency: float, counters: str, huge: int = 0) -> None:
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     sock.bind((host, port))
-    _, responder = await loop.create_datagram_endpoint(lambda: Responder(latency), sock=sock)
+    _, responder = await loop.create_datagram_endpoint(lambda: Responder(latency, huge), sock=sock)
 
     def dump() -> None:
         tmp = f"{counters}.tmp"
@@ -140,8 +153,9 @@ def main() -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--latency", type=float, default=0.05, help="seconds before each answer")
     ap.add_argument("--counters", required=True, help="where SIGUSR1 writes the counters")
+    ap.add_argument("--huge", type=int, default=0, help="answer bl.test with this many A records")
     a = ap.parse_args()
-    asyncio.run(serve(a.host, a.port, a.latency, a.counters))
+    asyncio.run(serve(a.host, a.port, a.latency, a.counters, a.huge))
 
 
 if __name__ == "__main__":
