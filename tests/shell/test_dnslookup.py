@@ -586,3 +586,31 @@ async def test_a_resolver_on_ipv6_is_asked_over_ipv6() -> None:
     sock.close()
     assert got == {"a": DnsScore(1, ("bl.test",))}
     assert queries == {"2.0.0.127.bl.test.": 1}
+
+
+async def test_the_timers_of_answered_queries_do_not_pile_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Answered at once, a flood of queries leaves its timers behind until they are
+    due; the heap is rebuilt without them once they outnumber the live ones."""
+    monkeypatch.setattr(dnslookup, "COMPACT_AFTER", 50)
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await sock.bind(("127.0.0.1", 0))
+    queries: collections.Counter[str] = collections.Counter()
+    got: dict[str, DnsScore] = {}
+    lookups = _lookups(sock.getsockname()[1], (DnsList("bl.test"),), got, 30.0)
+    clients = [f"127.8.{n // 250}.{n % 250 + 1}" for n in range(400)]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_server, sock, queries, 0.0)
+            nursery.start_soon(lookups.run)
+            for address in clients:
+                lookups.ask(address, address)
+                await trio.sleep(0.0005)
+            while len(got) < len(clients):
+                await trio.sleep(0.01)
+            left = len(lookups._timers)
+            nursery.cancel_scope.cancel()
+    sock.close()
+    assert len(queries) == len(clients)
+    assert left <= 2 * 50 + 2  # not one per query answered (all due in 15 s)

@@ -83,6 +83,7 @@ from repeld.core.dnsbl import (
 from repeld.core.dnswire import MAX_SIZE, Reply, query, question, read
 
 __all__ = [
+    "COMPACT_AFTER",
     "MAX_BACKLOG",
     "MAX_QUERIES",
     "MIN_QUERIES",
@@ -115,6 +116,8 @@ RECEIVE_BUFFER = 1 << 20
 #: Retries and timeouts are looked at on this grid, in seconds (one wake-up of the
 #: task for all those due within it).
 TICK = 0.05
+#: Dead timers tolerated in the heap before it may be rebuilt without them.
+COMPACT_AFTER = 1024
 #: How many times a query is sent at most (the first time included).
 TRIES = 2
 
@@ -260,6 +263,8 @@ class DnsLookups(Generic[T]):
         # (when, order, query, kind): retries and timeouts, soonest first
         self._timers: list[tuple[float, int, _Query[T], int]] = []
         self._order = itertools.count()
+        # Timers of queries already over, still in the heap (see `_over`).
+        self._dead = 0
         self._sockets: list[_Socket] = []
         self._turn = 0
         self._nursery: trio.Nursery | None = None
@@ -356,6 +361,18 @@ class DnsLookups(Generic[T]):
                 s.sock.close()
             self._sockets = []
 
+    def _over(self, q: _Query[T]) -> None:
+        # A query is over; its timer stays in the heap until due, unless the dead
+        # ones come to outnumber the live: then the heap is rebuilt without them,
+        # so that its size follows the queries in flight, not the rate times the
+        # timeout (a flood of new addresses answered at once).
+        q.done = True
+        self._dead += 1
+        if self._dead > COMPACT_AFTER and 2 * self._dead > len(self._timers):
+            self._timers = [t for t in self._timers if not t[2].done]
+            heapq.heapify(self._timers)
+            self._dead = 0
+
     def _next_timer(self) -> float:
         # The first retry or timeout due, rounded up to the next TICK: under a flood
         # the task wakes some 20 times a second for them, not once per query.
@@ -377,6 +394,7 @@ class DnsLookups(Generic[T]):
         while timers and timers[0][0] <= now:
             _, _, q, kind = heapq.heappop(timers)
             if q.done:
+                self._dead = max(0, self._dead - 1)
                 continue
             if kind == _RETRY:
                 if q.tries < TRIES and self._counts(q):
@@ -534,7 +552,7 @@ class DnsLookups(Generic[T]):
 
     def _finish(self, q: _Query[T], reply: Reply | None, now: float, result: str) -> None:
         # The query is over: answered (reply), or not (None: timeout or error).
-        q.done = True
+        self._over(q)
         for s, qid in q.ids:
             s.pending.pop(qid, None)
             self._close_if_idle(s)
@@ -574,7 +592,7 @@ class DnsLookups(Generic[T]):
     def _skip(self, q: _Query[T], now: float) -> None:
         # A query never sent: its clients have no answer from this list.
         self.counts[q.domain, "skipped"] += 1
-        q.done = True
+        self._over(q)
         self._inflight.pop((q.domain, q.name), None)
         waiters, q.waiters = q.waiters, []
         for client in waiters:
