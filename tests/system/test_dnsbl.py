@@ -174,6 +174,53 @@ def test_a_silent_list_costs_no_wait(
     assert 1.0 <= float(fields["elapsed"]) < 1.3  # the delay, exactly as without lists
 
 
+def test_a_silent_list_does_not_cancel_the_others(
+    resolver: Forwarder, backend: LineBackend, syslog: SyslogUDP
+) -> None:
+    """Issue 21: with -d 2 and a list that never answers, a client listed on the
+    other list was passed after 2 s; one allowed waited for the silent list.
+    Now each is judged as soon as the answers settle it, and a client the lists
+    cannot settle is judged at the end of its delay by the answers received."""
+    d = _repeld(
+        resolver, backend, syslog, 2.0,
+        "--dnsbl", "bl.test=127.0.0.2", "--dnsbl", "silent.test", "--dnswl", "wl.test*5",
+        "--dnsbl-action", "reject", "--dns-timeout", "5",
+    )  # fmt: skip
+    try:
+        blocked, blocked_after = _greeting(d.address[1], "127.0.0.2")  # listed: 1 + (0..1)
+        allowed, allowed_after = _greeting(d.address[1], "127.0.0.4")  # allowed: -5 + (0..2)
+    finally:
+        d.stop()
+    assert blocked == b"554 5.7.1 Service unavailable; client [127.0.0.2] blocked using bl.test\r\n"
+    assert allowed == b"220 backend.test ESMTP\r\n"
+    assert blocked_after < 1.5 and allowed_after < 1.5  # neither waited for silent.test
+    fields = _event(syslog, "dnsbl", "127.0.0.2")
+    assert (fields["score"], fields["lists"]) == ("1", "bl.test")
+    fields = _event(syslog, "pass", "127.0.0.4")
+    assert (fields["reason"], fields["score"]) == ("dnswl", "-5")
+    assert "silent.test" in fields["unanswered"]
+
+
+def test_at_the_end_of_the_delay_the_answers_received_decide(
+    resolver: Forwarder, backend: LineBackend, syslog: SyslogUDP
+) -> None:
+    """A silent allow list could still undo the block-list's listing, so the
+    outcome is not settled; at the end of the delay the answers received decide
+    (postscreen at the end of its greet wait): blocked, the silent list named."""
+    d = _repeld(
+        resolver, backend, syslog, 1.0,
+        "--dnsbl", "bl.test", "--dnswl", "silent.test", "--dnsbl-action", "reject",
+        "--dns-timeout", "5",
+    )  # fmt: skip
+    try:
+        line, elapsed = _greeting(d.address[1], "127.0.0.2")
+    finally:
+        d.stop()
+    assert line == b"554 5.7.1 Service unavailable; client [127.0.0.2] blocked using bl.test\r\n"
+    assert 1.0 <= elapsed < 2.0  # the delay, not --dns-timeout
+    assert _event(syslog, "dnsbl", "127.0.0.2")["lists"] == "bl.test"
+
+
 def test_answers_are_cached_for_their_ttl(
     resolver: Forwarder, backend: LineBackend, syslog: SyslogUDP
 ) -> None:
