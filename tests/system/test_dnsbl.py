@@ -221,6 +221,23 @@ def test_at_the_end_of_the_delay_the_answers_received_decide(
     assert _event(syslog, "dnsbl", "127.0.0.2")["lists"] == "bl.test"
 
 
+def test_a_client_the_allow_list_passed_is_not_remembered_as_patient(
+    resolver: Forwarder, backend: LineBackend, syslog: SyslogUDP
+) -> None:
+    """Passed at once by an allow list, a client has shown no patience: the pass
+    cache does not learn it, so it comes back as a newcomer the lists allow again."""
+    d = _repeld(resolver, backend, syslog, 10.0, "--dnswl", "wl.test", "--cache", "memory")
+    try:
+        for _ in range(2):
+            line, elapsed = _greeting(d.address[1], "127.0.0.4")
+            assert (line, elapsed < 5.0) == (GREETING, True)
+    finally:
+        d.stop()
+    syslog.wait_for("stop", timeout=10.0)
+    passes = [m.fields["reason"] for m in syslog.named("pass") if m.fields["client"] == "127.0.0.4"]
+    assert passes == ["dnswl", "dnswl"]  # never "cache"
+
+
 def test_answers_are_cached_for_their_ttl(
     resolver: Forwarder, backend: LineBackend, syslog: SyslogUDP
 ) -> None:
