@@ -614,3 +614,42 @@ async def test_the_timers_of_answered_queries_do_not_pile_up(
     sock.close()
     assert len(queries) == len(clients)
     assert left <= 2 * 50 + 2  # not one per query answered (all due in 15 s)
+
+
+async def test_a_client_decided_by_a_cached_answer_costs_no_other_query() -> None:
+    """A bot listed on the first list, its answer cached, is blocked by it at
+    once: the other lists are not asked about it."""
+    lists = (DnsList("bl.test"), DnsList("nowhere.test"))
+    _, _, lookups = await _run(lists[:1], ["127.0.0.2"])  # bl.test: cached, listed
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await sock.bind(("127.0.0.1", 0))
+    decided: set[str] = set()
+    got: dict[str, DnsScore] = {}
+
+    def on_answer(item: str, result: DnsScore) -> None:
+        got[item] = result
+        if result.score >= 1:  # what the hold does with a block: decided
+            decided.add(item)
+
+    again: DnsLookups[str] = DnsLookups(
+        make_resolver(Resolver("127.0.0.1", sock.getsockname()[1])),
+        lists,
+        on_answer,
+        lambda item: item not in decided,
+        2.0,
+        lookups.cache,
+    )
+    more: collections.Counter[str] = collections.Counter()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_server, sock, more, 0.0)
+            nursery.start_soon(again.run)
+            again.ask("127.0.0.2", "bot")
+            while "bot" not in got:
+                await trio.sleep(0.01)
+            await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+    sock.close()
+    assert got["bot"] == DnsScore(1, ("bl.test",), ("nowhere.test",), (0, 1))
+    assert not more  # nowhere.test was never asked
+    assert again.statistics()["dns_incomplete"] == 1

@@ -423,6 +423,9 @@ class DnsLookups(Generic[T]):
             if cached is not None:
                 self.counts[domain, "cached"] += 1
                 self._answered(client, domain, cached[1], cached[0], now)
+                if client.left and not self._waiting(item):  # decided by it (a block):
+                    self.incomplete += 1  # the other lists need not be asked
+                    return
                 continue
             shared = self._inflight.get((domain, name))
             if shared is not None:  # asked already for another client: share it
