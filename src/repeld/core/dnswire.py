@@ -32,9 +32,12 @@ from repeld.core.dnsbl import negative_ttl
 
 __all__ = [
     "EDNS_PAYLOAD",
+    "END",
     "MAX_RECORDS",
     "MAX_SIZE",
     "Reply",
+    "checked",
+    "labels",
     "query",
     "question",
     "read",
@@ -77,11 +80,12 @@ class Reply:
     error: str | None = None
 
 
-def question(name: str) -> bytes:
-    """The question section asking the A records of `name` (class IN).
+def labels(name: str) -> bytes:
+    """`name`'s labels in wire form, without the root's: a part of a question
+    (`question(prefix + "." + domain)` is `labels(prefix) + labels(domain) + END`).
 
-    ValueError for a name DNS cannot carry (an empty or too long label, a name
-    longer than 255 bytes, anything not ASCII).
+    ValueError for a name DNS cannot carry (an empty or too long label,
+    anything not ASCII).
     """
     wire = bytearray()
     for label in name.rstrip(".").split("."):
@@ -90,10 +94,26 @@ def question(name: str) -> bytes:
             raise ValueError(f"bad label {label!r} in {name!r}")
         wire.append(len(raw))
         wire += raw
-    wire.append(0)
-    if len(wire) > 255:
-        raise ValueError(f"name too long: {name!r}")
-    return bytes(wire) + struct.pack("!HH", _A, _IN)
+    return bytes(wire)
+
+
+#: What ends a question after its labels: the root, type A, class IN.
+END = b"\x00" + struct.pack("!HH", _A, _IN)
+
+
+def question(name: str) -> bytes:
+    """The question section asking the A records of `name` (class IN).
+
+    ValueError for a name DNS cannot carry (see `labels`; or longer than 255 bytes).
+    """
+    return checked(labels(name) + END)
+
+
+def checked(asked: bytes) -> bytes:
+    """`asked` (labels + END), or ValueError if its name is longer than 255 bytes."""
+    if len(asked) - 4 > 255:
+        raise ValueError("name too long")
+    return asked
 
 
 def query(qid: int, asked: bytes) -> bytes:
@@ -157,14 +177,13 @@ def _answers(
 def _negative(data: bytes, offset: int, count: int) -> float:
     # How long "not listed" is kept: from the SOA of the authority section (RFC 2308).
     for _ in range(count):
-        _, offset = _name(data, offset)
+        offset = _skip(data, offset)
         rtype, rclass, rttl, length = _RR.unpack_from(data, offset)
         offset += _RR.size
         if offset + length > len(data):
             raise _Malformed("record data past the end")
         if rtype == _SOA and rclass == _IN:
-            _, at = _name(data, offset)  # the primary server
-            _, at = _name(data, at)  # the mailbox
+            at = _skip(data, _skip(data, offset))  # the primary server, the mailbox
             if at + 20 > offset + length:
                 raise _Malformed("short SOA")
             minimum = struct.unpack_from("!I", data, at + 16)[0]
@@ -199,3 +218,21 @@ def _name(data: bytes, offset: int) -> tuple[bytes, int]:
         if len(name) > 255:
             raise _Malformed("a name longer than 255 bytes")
         offset += 1 + size
+
+
+def _skip(data: bytes, offset: int) -> int:
+    # The offset after the name at `offset`, read no further than needed: its
+    # labels up to the root or to a pointer (which ends a name in place).
+    while True:
+        size = data[offset]
+        if size == 0:
+            return offset + 1
+        if size & 0xC0 == 0xC0:
+            if offset + 1 >= len(data):
+                raise _Malformed("a pointer cut short")
+            return offset + 2
+        if size & 0xC0:
+            raise _Malformed("an unknown label type")
+        offset += 1 + size
+        if offset > len(data):
+            raise _Malformed("a label past the end")

@@ -80,7 +80,7 @@ from repeld.core.dnsbl import (
     reversed_address,
     score,
 )
-from repeld.core.dnswire import MAX_SIZE, Reply, query, question, read
+from repeld.core.dnswire import END, MAX_SIZE, Reply, checked, labels, query, read
 
 __all__ = [
     "COMPACT_AFTER",
@@ -241,6 +241,8 @@ class DnsLookups(Generic[T]):
         self.lists = lists
         self.domains = domains(lists)
         self._entries = {d: tuple(e for e in lists if e.domain == d) for d in self.domains}
+        # Each list's part of its questions: its domain's labels and what ends one.
+        self._tails = {d: labels(d) + END for d in self.domains}
         self._on_answer = on_answer
         self._waiting = waiting
         self._on_alarm = on_alarm
@@ -417,6 +419,7 @@ class DnsLookups(Generic[T]):
             self._on_answer(item, DnsScore())
             return
         client: _Client[T] = _Client(address, item, len(self.domains))
+        head = b""  # the address's labels, once for every list
         for domain in self.domains:
             name = f"{prefix}.{domain}"
             cached = self.cache.entry((domain, name), now)
@@ -433,7 +436,8 @@ class DnsLookups(Generic[T]):
                 shared.waiters.append(client)
                 continue
             try:
-                asked = question(name)
+                head = head or labels(prefix)
+                asked = checked(head + self._tails[domain])
             except ValueError:  # a name DNS cannot carry: the list cannot answer
                 self.counts[domain, "error"] += 1
                 self._answered(client, domain, None, -math.inf, now)
