@@ -25,12 +25,12 @@ end of the delay):
     HOLDING   eof / reset            -> HangUp                          DONE
     HOLDING   silence, early         -> Wait(D)                         HOLDING
     HOLDING   silence, due           -> Pass("delay")                   DONE
-    HOLDING   cache: good            -> Pass("cache")                   DONE
+    HOLDING   cache: good, no lists  -> Pass("cache")                   DONE
     HOLDING   cache: bad             -> Penalty                         DONE
     HOLDING   cache: bad, observe    -> Logged(Penalty, Wait(D))        HOLDING
                       and dns kept   -> Logged(Penalty, as "dns: ...")
     HOLDING   cache: unknown         -> Wait(D)                         HOLDING
-    TALKED    cache: good            -> Pass("cache", early_bytes)      DONE
+    TALKED    cache: good, no lists  -> Pass("cache", early_bytes)      DONE
     TALKED    cache: bad             -> Penalty                         DONE
                            observe   -> Logged(T, Mute(D))              OBSERVING
     TALKED    cache: unknown, or due at W
