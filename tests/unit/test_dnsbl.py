@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from repeld.config.errors import SettingError
@@ -707,3 +707,75 @@ def test_the_watch_raises_the_alarm_once_when_a_list_lists_nearly_everyone() -> 
         assert watch.seen("bl.example", False) is None
     alarms = [watch.seen("bl.example", True) for _ in range(WATCH_WINDOW)]
     assert [a for a in alarms if a is not None] == [WATCH_ALARM]
+
+
+# -- any sequence the shell may feed: never a crash, always a verdict ---------------
+
+_RESULTS = st.builds(
+    DnsScore,
+    st.integers(-6, 6),
+    st.sampled_from([(), ("bl.example",)]),
+    st.sampled_from([(), ("bl2.example",)]),
+    st.sampled_from([(0, 0), (0, 1), (-5, 0), (-5, 2)]),
+)
+_STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(["data", "eof", "reset", "silence", "due", "good", "bad", "unknown"])
+        | st.just("listed"),
+        st.floats(0.0, 3.0),
+        _RESULTS,
+    ),
+    max_size=12,
+)
+
+
+def _final(verdict: object) -> bool:
+    while isinstance(verdict, Logged):
+        verdict = verdict.then
+    return not isinstance(verdict, (Wait, Mute))
+
+
+@settings(max_examples=400)
+@given(
+    _STEPS,
+    st.sampled_from(list(DnsAction)),
+    st.booleans(),
+    st.booleans(),
+)
+def test_any_sequence_of_what_the_shell_may_feed_gives_verdicts(
+    steps: list[tuple[str, float, DnsScore]], action: DnsAction, pending: bool, observe: bool
+) -> None:
+    """The shell feeds a hold only what its state awaits (as shell/pen.py and
+    server.py do); whatever the order and the lists' answers, the hold answers
+    with a verdict, never an exception, and is done exactly when one is final."""
+    h = Hold(T0, 10.0, dns=DnsPolicy(action=action, block_delay=20.0), cache_pending=pending,
+             observe=observe)  # fmt: skip
+    now = T0
+    for name, dt, result in steps:
+        if h.done:
+            break
+        now += dt
+        if name in ("good", "bad", "unknown"):
+            if not h.awaiting_cache:
+                continue
+            call = {"good": h.remembered_good, "bad": h.remembered_bad, "unknown": h.unknown}
+            verdict = call[name](now)
+        elif name == "listed":
+            if not h.awaiting_dns:
+                continue
+            verdict = h.listed(result, now)
+        elif name == "data":
+            if h.muted:
+                continue
+            verdict = h.data(b"EHLO x\r\n", now)
+        elif name == "silence":
+            if h.muted:
+                continue
+            verdict = h.silence(now)
+        elif name == "due":
+            if not h.muted:
+                continue
+            verdict = h.due(now)
+        else:
+            verdict = h.eof(now) if name == "eof" else h.reset(now)
+        assert _final(verdict) is h.done, (name, verdict)
