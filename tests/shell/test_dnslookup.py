@@ -134,6 +134,7 @@ async def test_every_list_is_asked_once_and_scored() -> None:
         "dns_cached": 0,
         "dns_skipped": 0,
         "dns_late": 0,
+        "dns_stray": 0,
         "dns_complete": 2,
         "dns_incomplete": 0,
     }

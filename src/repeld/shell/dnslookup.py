@@ -279,7 +279,8 @@ class DnsLookups(Generic[T]):
         #: included), and clients decided before that.
         self.complete = 0
         self.incomplete = 0
-        #: Datagrams dropped: from elsewhere, late, with an unknown id or question.
+        #: Datagrams dropped: late, with an unknown id, another question, or not
+        #: an answer (from elsewhere, the kernel drops them: the sockets are connected).
         self.stray = 0
 
     def __len__(self) -> int:
@@ -315,8 +316,9 @@ class DnsLookups(Generic[T]):
         """Totals over the lists: queries sent, their timeouts and errors, answers
         that needed no query (the cache, or another client's query in flight),
         queries skipped, answers that came after their clients were decided,
-        clients listed (once per list that listed them), clients given every
-        list's answer while they waited, and clients decided before that."""
+        datagrams that answered no query of ours (stray), clients listed (once
+        per list that listed them), clients given every list's answer while they
+        waited, and clients decided before that."""
         by_result = self._by_result()
         sent = sum(by_result[r] for r in ("listed", "clear", "timeout", "error", "late"))
         return {
@@ -327,6 +329,7 @@ class DnsLookups(Generic[T]):
             "dns_cached": by_result["cached"],
             "dns_skipped": by_result["skipped"],
             "dns_late": by_result["late"],
+            "dns_stray": self.stray,
             "dns_complete": self.complete,
             "dns_incomplete": self.incomplete,
         }
