@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from repeld.core.dnsbl import NEGATIVE_TTL
+from repeld.core.dnsbl import NEGATIVE_TTL, negative_ttl
 from repeld.core.dnswire import EDNS_PAYLOAD, MAX_RECORDS, MAX_SIZE, Reply, query, question, read
 
 NAME = "2.0.0.127.bl.test"
@@ -171,3 +171,21 @@ def test_the_addresses_are_those_dnspython_reads(octets: list[tuple[int, int]], 
     assert got is not None
     assert sorted(got.addresses) == sorted(r.address for r in oracle.answer)
     assert got.ttl == float(oracle.answer.ttl)
+
+
+@given(
+    st.sampled_from([dns.rcode.NXDOMAIN, dns.rcode.NOERROR]),
+    st.integers(0, 2**31 - 1),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from(["bl.test.", "test.", "a.b.c.bl.test."]),
+)
+def test_the_negative_ttl_is_what_dnspython_reads(
+    rcode: dns.rcode.Rcode, ttl: int, minimum: int, zone: str
+) -> None:
+    reply = _response()
+    reply.set_rcode(rcode)
+    soa = f"ns.{zone} hostmaster.{zone} 1 3600 600 86400 {minimum}"
+    reply.authority.append(dns.rrset.from_text(zone, ttl, "IN", "SOA", soa))
+    wire = reply.to_wire()
+    (rrset,) = dns.message.from_wire(wire).authority
+    assert read(wire, ASKED) == Reply((), negative_ttl(rrset.ttl, rrset[0].minimum))
