@@ -43,7 +43,7 @@ from typing import Any
 import trio
 
 from repeld import cli
-from repeld.service import daemon
+from repeld.process import daemon
 
 _gc_events: list[dict[str, float]] = []
 _gc_start = 0.0

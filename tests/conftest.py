@@ -8,13 +8,23 @@ its folder's name, so `pytest -m unit` equals `pytest tests/unit`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from .procs import LineBackend, SyslogUDP
 
 LAYERS = ("unit", "shell", "system")
+
+# Every `python -m repeld` a test starts runs the tree under test, as pytest's
+# pythonpath = ["src"] does in-process, not whatever repeld is installed (another
+# checkout's editable install, or none).
+_SRC = str(Path(__file__).resolve().parents[1] / "src")
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_SRC, *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != _SRC)]
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

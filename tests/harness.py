@@ -37,7 +37,7 @@ class ProxyInfo:
 
 async def _read_proxy(stream: trio.SocketStream, buf: bytearray) -> ProxyInfo | None:
     # Reads a PROXY v1 or v2 header off the front of the stream.
-    while len(buf) < 16:
+    while len(buf) < 16 and b"\r\n" not in buf:  # "PROXY UNKNOWN\r\n" is 15 bytes
         chunk = await stream.receive_some()
         if not chunk:
             return None
@@ -49,6 +49,8 @@ async def _read_proxy(stream: trio.SocketStream, buf: bytearray) -> ProxyInfo | 
         fam = buf[13]
         body = bytes(buf[16 : 16 + length])
         del buf[: 16 + length]
+        if fam == 0x00:  # LOCAL: a connection that carries no client
+            return ProxyInfo(2, "LOCAL", 0, "", 0)
         if fam == 0x11:
             src, dst = (
                 socket.inet_ntop(socket.AF_INET, body[:4]),
@@ -67,6 +69,8 @@ async def _read_proxy(stream: trio.SocketStream, buf: bytearray) -> ProxyInfo | 
             buf += await stream.receive_some()
         line, _, rest = bytes(buf).partition(b"\r\n")
         buf[:] = rest
+        if line == b"PROXY UNKNOWN":
+            return ProxyInfo(1, "UNKNOWN", 0, "", 0)
         _, _, src, dst, sp, dp = line.decode().split(" ")
         return ProxyInfo(1, src, int(sp), dst, int(dp))
     return None

@@ -105,7 +105,7 @@ class PostfixInstance:
             wait_for(lambda: not _alive(pid), 10.0, 0.1)
 
 
-def _main_cf(base: Path, host: str, maillog: Path, mynetworks: str) -> str:
+def _main_cf(base: Path, host: str, maillog: Path, mynetworks: str, protocols: str = "ipv4") -> str:
     # A host name label may not end with "-" (Postfix refuses to start, and says
     # so only to syslog): mkdtemp's random suffix can end with "_".
     name = re.sub(r"[^a-z0-9]+", "-", base.name.lower()).strip("-")
@@ -128,7 +128,7 @@ append_dot_mydomain = no
 readme_directory = no
 smtputf8_enable = no
 inet_interfaces = {host}
-inet_protocols = ipv4
+inet_protocols = {protocols}
 mynetworks = {mynetworks}
 smtp_bind_address = 127.0.0.1
 smtpd_peername_lookup = no
@@ -173,7 +173,10 @@ postlog     unix-dgram n  -      n      -      1       postlogd
 
 @contextlib.contextmanager
 def postfix_instance(
-    host: str = "127.0.0.1", upstream_proxy: str = "haproxy", mynetworks: str = "127.0.0.0/8"
+    host: str = "127.0.0.1",
+    upstream_proxy: str = "haproxy",
+    mynetworks: str = "127.0.0.0/8",
+    protocols: str = "ipv4",
 ) -> Iterator[PostfixInstance]:
     """Build, start, yield and stop a private Postfix instance.
 
@@ -194,7 +197,7 @@ def postfix_instance(
             shutil.chown(base / "data", "postfix", "postfix")
         maillog = base / "maillog"
         port = free_port(host)
-        (base / "etc" / "main.cf").write_text(_main_cf(base, host, maillog, mynetworks))
+        (base / "etc" / "main.cf").write_text(_main_cf(base, host, maillog, mynetworks, protocols))
         proxy_opt = f" -o smtpd_upstream_proxy_protocol={upstream_proxy}" if upstream_proxy else ""
         (base / "etc" / "master.cf").write_text(
             "# service type private unpriv chroot wakeup maxproc command\n"

@@ -8,6 +8,9 @@ socket paths instead of /dev/log:
 * `log5424`: the same with `UseSpecialParser="off"`, the setting repeld(8)
   documents for RFC 5424 on a local socket.
 
+With `udp_port`, also an imudp input on 127.0.0.1:`udp_port`, as a central log
+host receives `--syslog udp://...` (rsyslog's RFC 5424 parser first).
+
 Every message goes through `mmjsonparse` (`@cee:`) and `mmpstrucdata` (RFC 5424
 structured data) and is written three times: `file.log` in RSYSLOG_FileFormat
 (Debian 12's default, RFC 3339 timestamps), `trad.log` in
@@ -38,7 +41,7 @@ module(load="mmjsonparse")
 module(load="mmpstrucdata")
 input(type="imuxsock" Socket="{dir}/log" ruleset="repeld")
 input(type="imuxsock" Socket="{dir}/log5424" UseSpecialParser="off" ruleset="repeld")
-template(name="fields" type="list") {{
+{udp}template(name="fields" type="list") {{
   property(name="programname") constant(value="|")
   property(name="msgid") constant(value="|")
   property(name="$!") constant(value="\\n")
@@ -69,10 +72,16 @@ class Parsed:
 class Rsyslogd:
     """One private rsyslogd in `workdir`; restartable on the same sockets and files."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, udp_port: int | None = None) -> None:
         self.dir = workdir
         self.conf = workdir / "rsyslog.conf"
-        self.conf.write_text(_CONF.format(dir=workdir))
+        udp = (
+            'module(load="imudp")\n'
+            f'input(type="imudp" address="127.0.0.1" port="{udp_port}" ruleset="repeld")\n'
+            if udp_port is not None
+            else ""
+        )
+        self.conf.write_text(_CONF.format(dir=workdir, udp=udp))
         self.pidfile = workdir / "rsyslogd.pid"
         self.socket = workdir / "log"
         self.socket5424 = workdir / "log5424"

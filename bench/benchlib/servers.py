@@ -1,5 +1,6 @@
 """Starting the servers under test on loopback: repeld, and the peers through
-their recipes in bench/peers/ (smtp-sink, postscreen, HAProxy, NSD), plus
+their recipes in bench/peers/ (smtp-sink, postscreen, HAProxy as a greeting
+delay or as the balancer in front of repeld, NSD), plus
 redis-server for bench-cache and the task-per-connection server
 (bench/taskserver.py) for the A/B of repeld's pen and relay pool.
 """
@@ -339,6 +340,44 @@ def start_haproxy(
         env["HP_TRUSTED"] = trusted
     try:
         srv = spawn("haproxy", [str(PEERS / "haproxy.sh")], port, logdir, env)
+    except BaseException:
+        log.close()
+        raise
+    srv.closers.append(log.close)
+    srv.note = " ".join(f"{k}={v}" for k, v in env.items() if k not in ("PEER_DIR", "HP_LOG"))
+    srv.note += " bench/peers/haproxy.sh"
+    return srv
+
+
+def start_balancer(
+    port: int,
+    backend_port: int,
+    delay: float,
+    logdir: Path,
+    proxy: str = "v2",
+    maxconn: int = 9000,
+    name: str = "balancer",
+) -> Server:
+    """HAProxy as the balancer in front of an MX (bench/peers/haproxy.sh with
+    HP_MODE=relay): every connection relayed at once to 127.0.0.1:backend_port
+    with a PROXY header (`proxy`: v2, v1 or none) and, with a header, the SMTP
+    health checks MX fleets run (HP_CHECK=yes: a v2 LOCAL header and HELO each
+    second). A relayed connection costs HAProxy two descriptors: `maxconn` must
+    stay under half the fd limit. Its log lines go to a UDP socket never read."""
+    log = UdpSink()
+    env = {
+        "PEER_DIR": str(logdir / f"{name}-{port}"),
+        "HP_MODE": "relay",
+        "HP_PORT": str(port),
+        "HP_DELAY": f"{delay:g}",
+        "HP_PROXY": proxy,
+        "HP_CHECK": "no" if proxy == "none" else "yes",
+        "HP_BACKEND_PORT": str(backend_port),
+        "HP_MAXCONN": str(maxconn),
+        "HP_LOG": f"127.0.0.1:{log.port}",
+    }
+    try:
+        srv = spawn(name, [str(PEERS / "haproxy.sh")], port, logdir, env)
     except BaseException:
         log.close()
         raise

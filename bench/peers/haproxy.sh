@@ -11,11 +11,22 @@
 #
 #   HP_PORT=10030 HP_BACKEND_PORT=2525 HP_DELAY=25 bench/peers/haproxy.sh
 #
+# With HP_MODE=relay it is instead the balancer in front of an MX (issue 17):
+# no delay of its own, every connection relayed at once with a PROXY header
+# (HP_PROXY=v2), and with HP_CHECK=yes the health checks MX fleets run,
+# `option smtpchk` + `check check-send-proxy inter 1s` (a v2 LOCAL header, then
+# HELO; the server is UP on a 2xx greeting):
+#
+#   HP_MODE=relay HP_PROXY=v2 HP_CHECK=yes HP_PORT=10031 HP_BACKEND_PORT=10025 \
+#       bench/peers/haproxy.sh
+#
 # Environment (defaults in brackets):
 #   PEER_DIR         where haproxy.cfg is written    [$TMPDIR/repeld-bench-haproxy]
 #   HP_ADDR          listen address, loopback only                      [127.0.0.1]
 #   HP_PORT          listen port                                        [10030]
-#   HP_DELAY         inspect delay in seconds, decimals allowed         [25]
+#   HP_MODE          greet (the inspect-delay recipe) or relay          [greet]
+#   HP_DELAY         inspect delay in seconds, decimals allowed (greet;
+#                    in relay mode it only sets the timeouts)            [25]
 #   HP_BACKEND_ADDR  the MTA, loopback only                             [127.0.0.1]
 #   HP_BACKEND_PORT  the MTA's port                                     [2525]
 #   HP_TRUSTED       CIDRs relayed at once, comma or space separated    [none]
@@ -25,11 +36,13 @@
 #                    "none".  The benchmarks give it one that nobody reads,
 #                    so HAProxy pays for its log lines as repeld does    [none]
 #   HP_THREADS       nbthread                                           [1]
+#   HP_CHECK         yes: health checks of the MTA (relay mode)         [no]
 #   HP_MAXCONN       global and frontend maxconn                        [30000]
 #
 # "no strict-limits": maxconn 30000 asks for more descriptors than a 20000 fd
 # limit allows, which HAProxy 2.6 would otherwise refuse; a held connection
-# uses one descriptor (no backend connection yet).  The empty "resolvers
+# uses one descriptor (no backend connection yet), a relayed one two (give
+# relay mode HP_MAXCONN at most half the fd limit).  The empty "resolvers
 # default" section keeps HAProxy from opening a socket to the (non-loopback)
 # nameserver of /etc/resolv.conf at start-up.
 #
@@ -40,6 +53,7 @@ set -euo pipefail
 
 HP_ADDR=${HP_ADDR:-127.0.0.1}
 HP_PORT=${HP_PORT:-10030}
+HP_MODE=${HP_MODE:-greet}
 HP_DELAY=${HP_DELAY:-25}
 HP_BACKEND_ADDR=${HP_BACKEND_ADDR:-127.0.0.1}
 HP_BACKEND_PORT=${HP_BACKEND_PORT:-2525}
@@ -48,6 +62,7 @@ HP_PROXY=${HP_PROXY:-none}
 HP_LOG=${HP_LOG:-none}
 HP_THREADS=${HP_THREADS:-1}
 HP_MAXCONN=${HP_MAXCONN:-30000}
+HP_CHECK=${HP_CHECK:-no}
 
 need_loopback "$HP_ADDR"
 need_loopback "$HP_BACKEND_ADDR"
@@ -63,6 +78,22 @@ case "$HP_PROXY" in
     v1) send_proxy=send-proxy ;;
     v2) send_proxy=send-proxy-v2 ;;
     *) die "HP_PROXY: none, v1 or v2" ;;
+esac
+case "$HP_MODE" in
+    greet | relay) ;;
+    *) die "HP_MODE: greet or relay" ;;
+esac
+check_option="# no health checks (HP_CHECK=no)"
+check=
+case "$HP_CHECK" in
+    no) ;;
+    yes)
+        [ "$HP_MODE" = relay ] || die "HP_CHECK=yes: relay mode only"
+        check_option="option smtpchk"
+        check=" check inter 1s"
+        [ -n "$send_proxy" ] && check+=" check-send-proxy"
+        ;;
+    *) die "HP_CHECK: yes or no" ;;
 esac
 log_line="# no log (HP_LOG=none)"
 if [ "$HP_LOG" != none ]; then
@@ -103,19 +134,22 @@ defaults
 frontend greet
     bind $(bracket "$HP_ADDR" "$HP_PORT")
     maxconn $HP_MAXCONN
-    tcp-request inspect-delay ${delay_ms}ms
 CF
-    if [ -n "$trusted" ]; then
-        echo "    acl trusted src $trusted"
-        echo "    tcp-request content accept if trusted"
+    if [ "$HP_MODE" = greet ]; then
+        echo "    tcp-request inspect-delay ${delay_ms}ms"
+        if [ -n "$trusted" ]; then
+            echo "    acl trusted src $trusted"
+            echo "    tcp-request content accept if trusted"
+        fi
+        echo "    tcp-request content reject if { req_len gt 0 }"
+        echo "    tcp-request content accept if WAIT_END"
     fi
     cat <<CF
-    tcp-request content reject if { req_len gt 0 }
-    tcp-request content accept if WAIT_END
     default_backend mta
 
 backend mta
-    server mta $(bracket "$HP_BACKEND_ADDR" "$HP_BACKEND_PORT") $send_proxy
+    $check_option
+    server mta $(bracket "$HP_BACKEND_ADDR" "$HP_BACKEND_PORT") $send_proxy$check
 
 resolvers default
 CF

@@ -174,6 +174,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if actions.get("check-backend"):
         return check_backend(settings)
-    from repeld.service import daemon
+    from repeld.process import daemon
 
     return daemon.start(settings, lambda: settings_from(flags, actions), argv)

@@ -33,6 +33,7 @@ layer in docs/ARCHITECTURE.md); the endpoint is shell/metrics_http.py.
 from __future__ import annotations
 
 import bisect
+import resource
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -46,12 +47,22 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from repeld import __version__
 from repeld.core.dnsbl import RESULTS
 from repeld.core.events import Event
 from repeld.core.hold import PassReason
+from repeld.core.names import (
+    EarlyAction,
+    EnforceEnd,
+    EventName,
+    ExecEnd,
+    HangupHow,
+    ProxyOutcome,
+    RelayEnd,
+)
 from repeld.core.policy import Refuse
 
 __all__ = [
@@ -59,10 +70,15 @@ __all__ = [
     "COUNTERS",
     "GAUGES",
     "HISTOGRAMS",
+    "LABELLED_GAUGES",
+    "PROCESS",
     "TOTALS",
     "Histogram",
     "Metrics",
+    "ProcessStats",
     "Snapshot",
+    "WorkerTally",
+    "counters_only",
     "empty_snapshot",
     "merge",
     "render",
@@ -100,14 +116,14 @@ COUNTERS = (
         "repeld_early_talkers",
         "Clients that spoke before the greeting, by what was done (penalty: cut off unheard)",
         "action",
-        ("drop", "reject", "penalty"),
+        tuple(str(a) for a in EarlyAction),
     ),
     _Family(
         "hangups",
         "repeld_hangups",
         "Clients that left before the greeting, by how (close: FIN, reset: RST)",
         "how",
-        ("close", "reset"),
+        tuple(str(h) for h in HangupHow),
     ),
     _Family(
         "passes",
@@ -128,9 +144,23 @@ COUNTERS = (
         "repeld_relay_ends",
         "Relayed sessions over, by how they ended",
         "end",
-        ("client", "backend", "timeout", "shutdown"),
+        tuple(str(e) for e in RelayEnd),
     ),
-    _Family("exec_ends", "repeld_exec_ends", "--exec programs done, by how they ended", "end"),
+    _Family(
+        "exec_ends",
+        "repeld_exec_ends",
+        "--exec programs done, by how they ended",
+        "end",
+        tuple(str(e) for e in ExecEnd),
+    ),
+    _Family(
+        "enforce_ends",
+        "repeld_enforce_sessions",
+        "Early talkers under --on-early enforce, by how their dialogue ended (gone: left "
+        "before the greeting; busy: dropped, every session taken)",
+        "end",
+        tuple(str(e) for e in EnforceEnd),
+    ),
     _Family(
         "cache_lookups",
         "repeld_cache_lookups",
@@ -154,6 +184,14 @@ COUNTERS = (
         "list",
     ),
     _Family("events", "repeld_events", "Events emitted, by event name", "event"),
+    _Family(
+        "proxy",
+        "repeld_proxy_connections",
+        "Connections from --proxy-from balancers, by outcome (client: a header for a client; "
+        "check: a health check; timeout, error, truncated, reset: closed with proxy-error)",
+        "outcome",
+        tuple(str(o) for o in ProxyOutcome),
+    ),
 )
 #: Counters without labels: snapshot["totals"][key].
 TOTALS = (
@@ -167,10 +205,45 @@ TOTALS = (
 #: Gauges: snapshot["gauges"][key]; a gauge a snapshot lacks is not exposed.
 GAUGES = (
     _Family("held", "repeld_held", "Clients held now, waiting for their greeting"),
+    _Family(
+        "proxy_pending",
+        "repeld_proxy_pending",
+        "Connections from --proxy-from balancers whose PROXY header is still to come",
+    ),
     _Family("relays", "repeld_relays", "Passed clients being relayed (or run by --exec) now"),
     _Family("cache_entries", "repeld_cache_entries", "Entries in the memory pass cache"),
+    _Family("enforcing", "repeld_enforcing", "Enforce sessions (--on-early enforce) running now"),
     _Family("workers", "repeld_workers", "Worker processes running"),
-    _Family("workers_answered", "repeld_workers_answered", "Workers whose counters are included"),
+    _Family(
+        "workers_answered",
+        "repeld_workers_answered",
+        "Workers that answered this scrape in time (the others: their last values)",
+    ),
+    _Family("max_held", "repeld_max_held", "The --max-held limit (the sum over workers)"),
+)
+#: Gauges with one label: snapshot["labelled_gauges"][key][value] = n; absent, not exposed.
+LABELLED_GAUGES = (
+    _Family(
+        "backend_up",
+        "repeld_backend_up",
+        "1 if the backend passed its last periodic check (--backend-check-interval), else 0",
+        "backend",
+    ),
+)
+#: The standard process metrics, as prometheus-client's ProcessCollector names them:
+#: snapshot["process"][key]. (key, kind, how --workers combines them, help)
+PROCESS = (
+    ("cpu_seconds_total", "counter", "sum", "Total user and system CPU time spent in seconds."),
+    ("resident_memory_bytes", "gauge", "sum", "Resident memory size in bytes."),
+    ("virtual_memory_bytes", "gauge", "sum", "Virtual memory size in bytes."),
+    (
+        "start_time_seconds",
+        "gauge",
+        "min",
+        "Start time of the process since unix epoch in seconds.",
+    ),
+    ("open_fds", "gauge", "fullest", "Number of open file descriptors."),
+    ("max_fds", "gauge", "fullest", "Maximum number of open file descriptors."),
 )
 #: Histograms: snapshot["histograms"][key] = [count per bucket ..., count above, sum].
 HISTOGRAMS = (
@@ -191,7 +264,8 @@ BUCKETS: dict[str, tuple[float, ...]] = {
 }
 
 #: {"labelled": {key: {value: n}}, "totals": {key: n}, "gauges": {key: n},
-#:  "histograms": {key: [n, ..., sum]}}: what a scrape shows, and a worker sends.
+#:  "histograms": {key: [n, ..., sum]}, "labelled_gauges": {key: {value: n}},
+#:  "process": {key: n}}: what a scrape shows, and a worker sends.
 Snapshot = dict[str, dict[str, Any]]
 
 
@@ -214,10 +288,38 @@ class Histogram:
         return [*self.counts, self.sum]
 
 
+class ProcessStats:
+    """This process's CPU, memory and descriptors, read from /proc by prometheus-client.
+
+    The collector is made at start-up, before a chroot can hide /proc; where
+    /proc cannot be read (FreeBSD, a chroot without it) the CPU time comes from
+    getrusage(2) and the descriptor limit from getrlimit(2), and the rest is
+    left out rather than guessed.
+    """
+
+    def __init__(self) -> None:
+        self._collector = ProcessCollector(registry=None)
+
+    def snapshot(self) -> dict[str, float]:
+        found: dict[str, float] = {}
+        for family in self._collector.collect():
+            for sample in family.samples:
+                found[sample.name.removeprefix("process_")] = sample.value
+        if "cpu_seconds_total" not in found:
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            found["cpu_seconds_total"] = usage.ru_utime + usage.ru_stime
+        if "max_fds" not in found:
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            if soft != resource.RLIM_INFINITY:
+                found["max_fds"] = float(soft)
+        return found
+
+
 class Metrics:
     """What one process counts from its events; `snapshot()` adds the server's counters."""
 
     def __init__(self) -> None:
+        self.process = ProcessStats()
         self.labelled: dict[str, Counter[str]] = {f.key: Counter() for f in COUNTERS}
         self.histograms = {f.key: Histogram(BUCKETS[f.key]) for f in HISTOGRAMS}
         self._early = self.labelled["early_talkers"]
@@ -225,6 +327,7 @@ class Metrics:
         self._passes = self.labelled["passes"]
         self._relay_ends = self.labelled["relay_ends"]
         self._exec_ends = self.labelled["exec_ends"]
+        self._enforce_ends = self.labelled["enforce_ends"]
         self._early_talk = self.histograms["early_talk"]
         self._hangup = self.histograms["hangup"]
         self._relay = self.histograms["relay_duration"]
@@ -233,20 +336,22 @@ class Metrics:
     def observe(self, event: Event) -> None:
         """Count one event (EventLog's hook); fields it does not know are ignored."""
         name = event.name
-        if name == "pass":
+        if name == EventName.PASS:
             self._passes[str(event.get("reason"))] += 1
-        elif name == "early-talker":
+        elif name == EventName.EARLY_TALKER:
             action = str(event.get("action"))
             self._early[action] += 1
-            if action != "penalty":  # a penalty is cut off unheard: no talk to time
+            if action != EarlyAction.PENALTY:  # a penalty is cut off unheard: no talk to time
                 self._early_talk.observe(_number(event.get("elapsed")))
-        elif name == "hangup":
+            if action == EarlyAction.ENFORCE:
+                self._enforce_ends[str(event.get("end"))] += 1
+        elif name == EventName.HANGUP:
             self._hangups[str(event.get("how"))] += 1
             self._hangup.observe(_number(event.get("elapsed")))
-        elif name == "relay-end":
+        elif name == EventName.RELAY_END:
             self._relay_ends[str(event.get("end"))] += 1
             self._relay.observe(_number(event.get("duration")))
-        elif name == "exec-end":
+        elif name == EventName.EXEC_END:
             self._exec_ends[str(event.get("end"))] += 1
 
     def observe_lookup(self, seconds: float, clients: int) -> None:
@@ -269,6 +374,7 @@ class Metrics:
             "totals": dict(totals),
             "gauges": dict(gauges),
             "histograms": {key: h.as_list() for key, h in self.histograms.items()},
+            "process": self.process.snapshot(),
         }
 
 
@@ -277,7 +383,14 @@ def _number(value: object) -> float:
 
 
 def empty_snapshot() -> Snapshot:
-    return {"labelled": {}, "totals": {}, "gauges": {}, "histograms": {}}
+    return {
+        "labelled": {},
+        "totals": {},
+        "gauges": {},
+        "histograms": {},
+        "labelled_gauges": {},
+        "process": {},
+    }
 
 
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
@@ -288,12 +401,13 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     """
     total = empty_snapshot()
     for snap in snapshots:
-        for key, values in _section(snap, "labelled").items():
-            if isinstance(values, dict):
-                into = total["labelled"].setdefault(key, {})
-                for value, n in values.items():
-                    if isinstance(n, int | float):
-                        into[value] = into.get(value, 0) + n
+        for section in ("labelled", "labelled_gauges"):
+            for key, values in _section(snap, section).items():
+                if isinstance(values, dict):
+                    into = total[section].setdefault(key, {})
+                    for value, n in values.items():
+                        if isinstance(n, int | float):
+                            into[value] = into.get(value, 0) + n
         for section in ("totals", "gauges"):
             for key, n in _section(snap, section).items():
                 if isinstance(n, int | float):
@@ -306,7 +420,70 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
             for i, n in enumerate(counts):
                 if isinstance(n, int | float):
                     into[i] += n
+        _merge_process(total["process"], _section(snap, "process"))
     return total
+
+
+def _merge_process(into: dict[str, Any], process: dict[str, Any]) -> None:
+    """Add one process's figures: sums, the earliest start, the fullest descriptor table.
+
+    Descriptors are not summed: the limit is per process, so the pair shown is
+    the one of the process nearest its own limit, and open/max stays a share
+    an alert can compare with the same threshold, workers or not.
+    """
+    numbers = {k: float(v) for k, v in process.items() if isinstance(v, int | float)}
+    for key, _, how, _ in PROCESS:
+        if key not in numbers or how == "fullest":
+            continue
+        if how == "sum":
+            into[key] = into.get(key, 0.0) + numbers[key]
+        elif key not in into or numbers[key] < into[key]:  # "min"
+            into[key] = numbers[key]
+    if numbers.get("max_fds", 0) > 0 and "open_fds" in numbers:
+        share = numbers["open_fds"] / numbers["max_fds"]
+        if into.get("max_fds", 0) <= 0 or share > into.get("open_fds", 0.0) / into["max_fds"]:
+            into["open_fds"], into["max_fds"] = numbers["open_fds"], numbers["max_fds"]
+    elif "max_fds" in numbers and "max_fds" not in into:
+        into["max_fds"] = numbers["max_fds"]
+
+
+def counters_only(snap: Snapshot) -> Snapshot:
+    """What of a snapshot only ever grows: what a dead worker leaves to the sum."""
+    kept = empty_snapshot()
+    for section in ("labelled", "totals", "histograms"):
+        kept[section] = dict(_section(snap, section))
+    cpu = _section(snap, "process").get("cpu_seconds_total")
+    if isinstance(cpu, int | float):
+        kept["process"]["cpu_seconds_total"] = cpu
+    return kept
+
+
+class WorkerTally:
+    """The --workers parent's sum, which never goes backwards.
+
+    Each worker's latest snapshot is kept until a newer one comes, so a worker
+    that is late for a scrape is counted with the values it last sent; when a
+    worker dies, its counters (not its gauges) are folded into `retired` and
+    its successor's count from zero on top of them. Prometheus reads a counter
+    that drops as a reset, which a dead worker is not: the parent serves on.
+    """
+
+    def __init__(self) -> None:
+        self.latest: dict[int, Snapshot] = {}
+        self.retired: Snapshot = empty_snapshot()
+
+    def update(self, pid: int, snap: Snapshot) -> None:
+        self.latest[pid] = snap
+
+    def retire(self, pid: int) -> None:
+        """Worker `pid` is gone: keep what it counted, forget what it held."""
+        snap = self.latest.pop(pid, None)
+        if snap is not None:
+            self.retired = merge([self.retired, counters_only(snap)])
+
+    def total(self, own: Snapshot) -> Snapshot:
+        """The sum to serve: every worker that ever ran, and the parent's own `own`."""
+        return merge([self.retired, *self.latest.values(), own])
 
 
 def _section(snap: object, name: str) -> dict[str, Any]:
@@ -340,6 +517,18 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     for family in GAUGES:
         if family.key in gauges:
             yield GaugeMetricFamily(family.name, family.help, value=gauges[family.key])
+    labelled_gauges = snap.get("labelled_gauges", {})
+    for family in LABELLED_GAUGES:
+        if labelled_gauges.get(family.key):  # absent, or no backend to check (--exec)
+            gauge = GaugeMetricFamily(family.name, family.help, labels=[family.label])
+            for value, n in sorted(labelled_gauges[family.key].items()):
+                gauge.add_metric([value], n)
+            yield gauge
+    process = snap.get("process", {})
+    for key, kind, _, text in PROCESS:
+        if key in process:
+            make = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield make(f"process_{key.removesuffix('_total')}", text, value=process[key])
     histograms = snap.get("histograms", {})
     for family in HISTOGRAMS:
         bounds = BUCKETS[family.key]

@@ -10,7 +10,7 @@ import pytest
 
 from repeld.core.dnsbl import DnsAction
 from repeld.core.hold import Blocked
-from repeld.shell.verdicts import block
+from repeld.shell.replies import block
 
 
 @pytest.fixture

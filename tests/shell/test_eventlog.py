@@ -22,6 +22,7 @@ from repeld.core import events
 from repeld.core.events import ConnInfo, Event
 from repeld.core.hold import HangUp, Pass, PassReason
 from repeld.core.logformat import FACILITIES, Header, format_json, format_rfc5424
+from repeld.core.names import EventName
 from repeld.shell.eventlog import RETRY_AFTER, SEND_WAIT, EventLog
 
 from ..syslog_receiver import Received, parse
@@ -496,7 +497,7 @@ async def test_the_last_line_reaches_stderr_when_the_writer_is_cancelled(
             for i in range(100):
                 log.emit(passed(i))
             await trio.sleep(0.01)
-            log.emit(events.lifecycle("stop", dropped_events=log.dropped))
+            log.emit(events.lifecycle(EventName.STOP, dropped_events=log.dropped))
             nursery.cancel_scope.cancel()
     finally:
         receiver.close()

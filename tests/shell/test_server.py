@@ -479,7 +479,7 @@ async def test_a_connection_reset_before_it_is_read_is_a_counted_hangup() -> Non
         port = h.address()[1]
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
-        h.server._accepted(sock, ("127.0.0.5", 40000), listener)
+        h.server.intake.accepted(sock, ("127.0.0.5", 40000), listener)
         with trio.fail_after(10):
             (event,) = await h.receiver.wait_for("hangup")
         assert event.fields["how"] == "reset"

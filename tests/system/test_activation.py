@@ -417,6 +417,8 @@ def test_under_systemd_socket_activate() -> None:
             "-l",
             f"127.0.0.1:{p2}",
             "--fdname=smtp:smtps-nodelay",
+            # it hands the child a bare environment: the tree under test (conftest.py)
+            f"--setenv=PYTHONPATH={os.environ.get('PYTHONPATH', '')}",
             sys.executable,
             "-c",
             CHILD,

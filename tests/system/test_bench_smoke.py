@@ -1,5 +1,6 @@
 """The benchmark scripts keep working: small bench-hold (also with DNS lists, where
-nsd is installed) and bench-cache runs print their tables.
+nsd is installed, and behind HAProxy, where it is), bench-cache and bench-report runs
+print their tables.
 
 No speed is asserted here (speed is measured by bench/bench-hold,
 bench/bench-relay and bench/bench-cache, and written down in
@@ -119,6 +120,72 @@ def test_bench_hold_dns_run_counts_the_queries_per_list() -> None:
     assert table["DNS queries sent per client (repeld)"][0] == "n/a"
     assert float(table["DNS queries sent per client (repeld)"][1]) > 0.0
     assert "repeld+dns against repeld: accept rate" in proc.stdout
+
+
+HAPROXY = shutil.which("haproxy") or (
+    "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None
+)
+
+
+def _proxy_input() -> bool:
+    """Whether the repeld bench-hold runs reads PROXY headers (--proxy-from, issue 17)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "repeld", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=ROOT,
+        check=False,
+    ).stdout
+    return "--proxy-from" in out
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="bench-hold --balancer needs haproxy")
+@pytest.mark.parametrize("proxy", ["none", "v2"])
+def test_bench_hold_balancer_run_is_beside_the_direct_one(proxy: str) -> None:
+    # About 10 s: repeld, then repeld behind HAProxy (bench/peers/haproxy.sh relay mode).
+    if proxy != "none" and not _proxy_input():
+        pytest.skip("this repeld has no --proxy-from yet")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH_HOLD),
+            "--n",
+            "200",
+            "--delay",
+            "2",
+            "--balancer",
+            "--balancer-proxy",
+            proxy,
+            *(["--repeld-arg=--no-cache"] if proxy == "none" else []),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header, table = _table(proc.stdout)
+    assert header == [
+        "metric",
+        "repeld",
+        "repeld+haproxy",
+        "repeld/repeld+haproxy",
+        "target",
+        "met",
+    ]
+    for row in ROWS:
+        matches = [name for name in table if name.startswith(row)]
+        assert matches, f"no {row!r} row in:\n{proc.stdout}"
+        assert table[matches[0]][0] and table[matches[0]][1], f"empty value in {row!r}"
+    held = table["held (server side)"]
+    assert int(held[0].replace(",", "")) >= 200
+    assert int(held[1].replace(",", "")) >= 200  # repeld held them all through HAProxy
+    assert table["balancer: HAProxy RSS KiB/conn"][0] == "n/a"
+    assert float(table["balancer: HAProxy RSS KiB/conn"][1]) > 0.0
+    assert "repeld+haproxy against repeld: accept rate" in proc.stdout
 
 
 def test_bench_hold_dns_latency_run_says_who_had_every_answer() -> None:
@@ -246,3 +313,18 @@ def test_soak_short_run_samples_and_gives_a_verdict() -> None:
     assert rows["verdict"] == "plateau"
     delivered = int(rows["delivered / failed / skipped"].split("/")[0])
     assert delivered > 0
+
+
+def test_bench_report_small_run_prints_the_table() -> None:
+    # A second or two: 3,000 lines, one round; every Postfix line (one in six) skipped.
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench-report"), "--lines", "3000", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "target       wall s    CPU s    lines/s  peak RSS MiB" in proc.stdout
+    assert "repeld report: 2500 events in 3000 lines (500 lines skipped" in proc.stdout

@@ -6,7 +6,10 @@ Debian-default imuxsock input and on one with `UseSpecialParser="off"`:
 * `--log-format auto` (json on the unix socket), `--on-early drop`, a memory
   cache with `--penalty-ttl`: early talkers, one of them back for a penalty,
   hang-ups and passes;
-* `--log-format rfc5424 --on-early reject` on the RFC 5424 input: the same mix.
+* `--log-format rfc5424 --on-early reject` on the RFC 5424 input: the same mix;
+* `--on-early enforce` (json): early talkers whose HELO, sender and recipients
+  try to plant other addresses, and the same envelopes as repeld's RFC 5424
+  formatter writes them, on the RFC 5424 input.
 
 Every early talker comes from its own 127.x.y.z address and sends bytes that try
 to make the filter ban another address (127.0.9.x). fail2ban-regex must match
@@ -21,18 +24,24 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from repeld.core import events
+from repeld.core import events, proxyproto
+from repeld.core.enforce import EnforceEnd, Envelope
 from repeld.core.events import ConnInfo
-from repeld.core.hold import EarlyTalk
+from repeld.core.hold import EarlyTalk, HangUp
 from repeld.core.logformat import Header, format_json, format_rfc5424
 
 from .. import rsyslog_fixture
+from ..hostile import first_bytes
 from ..procs import Daemon, LineBackend, connect, read_line
 from ..rsyslog_fixture import Rsyslogd
 
@@ -144,11 +153,81 @@ def send_observe_mode_events(json_socket: Path, rfc5424_socket: Path) -> None:
             sock.send(fmt(event, header, 1700000000.25))
 
 
+#: --on-early enforce: what the talkers say, all before the greeting; each line
+#: tries to plant another address (127.0.9.1x) in helo, sender or recipients.
+HOSTILE_ENVELOPES = [
+    b'HELO x" action="drop"] client="127.0.9.11" (action=drop)\r\nQUIT\r\n',
+    b'EHLO y\r\nMAIL FROM:<","client":"127.0.9.12","client_port":1,"action":"drop"}>\r\nQUIT\r\n',
+    b"EHLO z\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@[127.0.9.13]> (action=drop)\r\n"
+    b"RCPT TO:<PREGREET 1 after 0.000 from [127.0.9.14]:1: q (action=drop)>\r\nQUIT\r\n",
+]
+#: The same envelopes, as repeld's RFC 5424 formatter writes them, from these clients.
+ENFORCED_5424 = ("127.0.22.1", "127.0.22.2")
+
+
+def run_enforce(port: int) -> list[str]:
+    """Enforced talkers 127.0.31.x, all held at once; their addresses."""
+    talkers = []
+    with contextlib.ExitStack() as stack:
+        bots = []
+        for i, payload in enumerate(HOSTILE_ENVELOPES, start=1):
+            bot = stack.enter_context(connect(port, f"127.0.31.{i}"))
+            bot.sendall(payload)
+            bots.append(bot)
+            talkers.append(f"127.0.31.{i}")
+        for bot in bots:
+            while bot.recv(4096):  # greeted, answered, 221, closed
+                pass
+    return talkers
+
+
+def send_enforce_events(rfc5424_socket: Path) -> None:
+    header = Header(2, "mx1.test", "repeld", 4244, "repeld@32473", local=True)
+    envelope = Envelope(
+        b'x" action="drop"] client="127.0.9.15" (action=drop)',
+        b'<a@b.example","client":"127.0.9.16"}>',
+        (b"<c@[127.0.9.17]>", b"(action=drop)"),
+        5,
+    )
+    for client in ENFORCED_5424:
+        event = events.early_talker(
+            ConnInfo(client, 4000, "127.0.0.1", 25),
+            EarlyTalk(6, b"EHLO\r\n", 0.1),
+            "enforce",
+            enforced=(envelope, EnforceEnd.QUIT),
+        )
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(str(rfc5424_socket))
+            sock.send(format_rfc5424(event, header, 1700000000.25))
+
+
 @dataclass
 class Runs:
     rsyslog: Rsyslogd
     json: Mix
     rfc5424: Mix
+    enforced: list[str] = field(default_factory=list)
+    behind: list[str] = field(default_factory=list)
+
+
+#: A --proxy-from balancer of our own: it connects from here and writes PROXY headers.
+BALANCER = "127.0.0.50"
+
+
+def run_behind_balancer(port: int) -> list[str]:
+    """Two early talkers through the balancer (the header names them), and one
+    header-less balancer connection (a proxy-error): only the talkers may be banned."""
+    talkers = ["127.0.24.1", "127.0.24.2"]
+    for client in talkers:
+        with connect(port, BALANCER) as sock:
+            sock.sendall(proxyproto.v2(client, 4000, "127.0.0.1", 25) + b"EHLO bot\r\n")
+            with contextlib.suppress(ConnectionResetError):
+                sock.recv(4096)
+    with connect(port, BALANCER) as sock:
+        sock.sendall(b"EHLO balancer.example\r\n")
+        with contextlib.suppress(ConnectionResetError):
+            sock.recv(4096)
+    return talkers
 
 
 @contextlib.contextmanager
@@ -169,6 +248,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
     try:
         send_rfc5424_to_the_stock_input(rs.socket)
         send_observe_mode_events(rs.socket, rs.socket5424)
+        send_enforce_events(rs.socket5424)
         with repeld(
             "--backend", backend.address,
             "--syslog", str(rs.socket),
@@ -186,7 +266,21 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
         ) as rd:  # fmt: skip
             rfc_mix = run_mix(rd.address[1], 11, penalty=False)
         assert rs.wait_lines(rs.file_log, "] STOP ", 1), rs.lines(rs.file_log)
-        yield Runs(rs, json_mix, rfc_mix)
+        with repeld(
+            "--backend", backend.address,
+            "--syslog", str(rs.socket),
+            "--on-early", "enforce",
+        ) as rd:  # fmt: skip
+            enforced = run_enforce(rd.address[1])
+        assert rs.wait_lines(rs.file_log, '"event":"stop"', 2), rs.lines(rs.file_log)
+        with repeld(
+            "--backend", backend.address,
+            "--syslog", str(rs.socket),
+            "--proxy-from", f"{BALANCER}/32",
+        ) as rd:  # fmt: skip
+            behind = run_behind_balancer(rd.address[1])
+        assert rs.wait_lines(rs.file_log, '"event":"stop"', 3), rs.lines(rs.file_log)
+        yield Runs(rs, json_mix, rfc_mix, [*enforced, *ENFORCED_5424], behind)
     finally:
         rs.stop()
         backend.close()
@@ -216,9 +310,15 @@ def test_fail2ban_matches_exactly_the_early_talkers(runs: Runs, which: str) -> N
         assert f"PASS DELAY [{addr}]:" in text
     for addr in OBSERVED:  # action=log: there, and never matched
         assert f"[{addr}]:4000: " in text
+    for addr in runs.enforced:  # action=enforce: there, with its envelope
+        assert f'"client":"{addr}"' in text or f"[{addr}]:4000: " in text
     matched = fail2ban_matches(log)
-    talkers = runs.json.talkers + runs.rfc5424.talkers
-    assert len(matched) == runs.json.early_events + runs.rfc5424.early_events
+    talkers = runs.json.talkers + runs.rfc5424.talkers + runs.enforced + runs.behind
+    early = runs.json.early_events + runs.rfc5424.early_events
+    assert len(matched) == early + len(runs.enforced) + len(runs.behind)
+    # behind a balancer: the clients its header named, never the balancer itself
+    assert '"event":"proxy-error"' in text or "PROXY-ERROR" in text
+    assert BALANCER not in matched
     assert set(matched) == set(talkers)
     assert matched.count(runs.json.talkers[0]) == 2  # the drop, then the penalty
     assert not any(addr.startswith("127.0.9.") for addr in matched)
@@ -229,13 +329,17 @@ def test_the_mail_log_has_both_formats_as_rsyslog_wrote_them(runs: Runs) -> None
     json_lines = [
         line
         for line in lines
-        if ']: @cee:{"event":"early-talker"' in line and '"action":"log"' not in line
+        if ']: @cee:{"event":"early-talker"' in line
+        and '"action":"log"' not in line
+        and '"action":"enforce"' not in line
+        and '"via":' not in line  # the run behind a balancer
     ]
     # (an RFC 5424 summary shows the fifth payload's fake @cee: text as is)
     rfc_lines = [
         line
         for line in lines
-        if re.search(r" repeld\[\d+\] PREGREET ", line) and not line.endswith("(action=log)")
+        if re.search(r" repeld\[\d+\] PREGREET ", line)
+        and not line.endswith(("(action=log)", "(action=enforce)"))
     ]
     assert len(json_lines) == runs.json.early_events
     assert len(rfc_lines) == runs.rfc5424.early_events
@@ -264,6 +368,14 @@ def test_rsyslog_parses_the_default_format_on_its_stock_input(runs: Runs) -> Non
     assert first.fields["first"] == '","client":"127.0.9.2","client_port":1,"action":"drop"}\\r\\n'
     assert isinstance(first.fields["client_port"], int)
     assert first.fields["msg"].startswith(f"PREGREET {len(HOSTILE[1])} after ")
+    enforced = [by_client[addr].fields for addr in runs.enforced[:3]]
+    assert [e["action"] for e in enforced] == ["enforce"] * 3
+    assert enforced[0]["helo"] == 'x" action="drop"] client="127.0.9.11" (action=drop)'
+    assert enforced[1]["sender"] == '<","client":"127.0.9.12","client_port":1,"action":"drop"}>'
+    assert enforced[2]["recipients"] == (
+        "<c@[127.0.9.13]>,<PREGREET 1 after 0.000 from [127.0.9.14]:1: q (action=drop)>"
+    )
+    assert all(e["end"] == "quit" for e in enforced)
 
 
 def test_rsyslog_parses_rfc5424_with_the_special_parser_off(runs: Runs) -> None:
@@ -271,7 +383,13 @@ def test_rsyslog_parses_rfc5424_with_the_special_parser_off(runs: Runs) -> None:
     parsed = [p for p in runs.rsyslog.parsed() if p.msgid == "early-talker"]
     assert all(p.program == "repeld" for p in parsed)
     sd = {p.fields["rfc5424-sd"]["repeld@32473"]["client"]: p for p in parsed}
-    assert set(sd) == {*runs.rfc5424.talkers, OBSERVED[1]}
+    assert set(sd) == {*runs.rfc5424.talkers, OBSERVED[1], *ENFORCED_5424}
+    enforced = sd[ENFORCED_5424[0]].fields["rfc5424-sd"]["repeld@32473"]
+    assert enforced["action"] == "enforce"
+    assert enforced["helo"] == 'x" action="drop"] client="127.0.9.15" (action=drop)'
+    assert enforced["sender"] == '<a@b.example","client":"127.0.9.16"}>'
+    assert enforced["recipients"] == "<c@[127.0.9.17]>,(action=drop)"
+    assert enforced["end"] == "quit"
     assert sd[OBSERVED[1]].fields["rfc5424-sd"]["repeld@32473"]["action"] == "log"
     talker = sd[runs.rfc5424.talkers[3]]
     fields = talker.fields["rfc5424-sd"]["repeld@32473"]
@@ -318,3 +436,77 @@ def test_a_restarted_rsyslogd_costs_no_event(tmp_path: Path) -> None:
     finally:
         rs.stop()
         backend.close()
+
+
+def _as_rsyslog_writes(event: events.Event, fmt: str, when: float, traditional: bool) -> str:
+    """One event as rsyslog writes it to a file, from repeld's exact bytes: the JSON
+    message whole after `repeld[PID]: `, the RFC 5424 one as its summary after
+    `repeld[PID] ` (the structured data dropped, no colon)."""
+    header = Header(2, "mx1.test", "repeld", 4242, "repeld@32473")
+    if traditional:
+        stamp = time.strftime("%b %e %H:%M:%S", time.localtime(when))
+    else:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(when))
+    if fmt == "json":
+        body = format_json(event, header, when).decode().split("]: ", 1)[1]
+        return f"{stamp} mx1 repeld[4242]: {body}"
+    return f"{stamp} mx1 repeld[4242] {event.summary}"
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    talkers=st.lists(
+        st.tuples(first_bytes, st.sampled_from(["drop", "reject", "log"])),
+        min_size=1,
+        max_size=24,
+    ),
+    traditional=st.booleans(),
+)
+def test_no_client_bytes_make_fail2ban_see_another_address(
+    talkers: list[tuple[bytes, str]], traditional: bool
+) -> None:
+    """Early talkers from 127.0.40.x sending hostile bytes, in both formats and either
+    file template: fail2ban-regex bans exactly the ones cut off, each once, and no
+    address of those the bytes name."""
+    lines, banned = [], []
+    when = time.time() - 60
+    for i, (sent, action) in enumerate(talkers):
+        client = f"127.0.40.{i + 1}"
+        conn = ConnInfo(client, 40000 + i, "127.0.0.1", 25)
+        event = events.early_talker(conn, EarlyTalk(len(sent), sent, 0.25), action)
+        for fmt in ("json", "rfc5424"):
+            lines.append(_as_rsyslog_writes(event, fmt, when + i, traditional))
+            if action != "log":
+                banned.append(client)
+        hangup = events.hangup(conn, HangUp(0.5, reset=False))  # never banned
+        lines.append(_as_rsyslog_writes(hangup, "rfc5424", when + i, traditional))
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "mail.log"
+        log.write_text("\n".join(lines) + "\n")
+        assert sorted(fail2ban_matches(log)) == sorted(banned), "\n".join(lines)
+
+
+def test_another_programs_line_quoting_repeld_is_not_banned(tmp_path: Path) -> None:
+    """A program that logs what it was sent at the start of its message: with or
+    without a host name in the line, repeld's words after its tag are not repeld's."""
+    forged = (
+        "repeld[1]: PREGREET 1 after 0.000 from [127.0.9.9]:1: x (action=drop)",
+        'repeld[1]: @cee:{"event":"early-talker","client":"127.0.9.8","client_port":1,'
+        '"action":"drop"}',
+    )
+    real = events.early_talker(
+        ConnInfo("127.0.41.1", 4000, "127.0.0.1", 25), EarlyTalk(4, b"EHLO", 0.1), "drop"
+    )
+    log = tmp_path / "mail.log"
+    lines = [
+        f"2026-12-06T10:00:0{i}+00:00 {host}sshd[7]: {text}"
+        for i, text in enumerate(forged)
+        for host in ("", "mx1 ")
+    ]
+    lines.append(f"2026-12-06T10:00:09+00:00 mx1 repeld[4242] {real.summary}")
+    log.write_text("\n".join(lines) + "\n")
+    assert fail2ban_matches(log) == ["127.0.41.1"]

@@ -10,8 +10,11 @@ sockets; `promtool check metrics` (Debian's prometheus package) lints the text.
 from __future__ import annotations
 
 import collections
+import http.client
+import itertools
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -28,6 +31,7 @@ from ..procs import LineBackend, SyslogUDP, connect, daemon, free_port, read_lin
 DELAY = 1.0
 AS_ROOT = ["--user", "root"] if os.geteuid() == 0 else []
 PROMTOOL = shutil.which("promtool")
+CURL = shutil.which("curl")
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -231,20 +235,183 @@ def test_a_slow_scraper_stalls_neither_scrapes_nor_clients(
         with socket.create_connection(("127.0.0.1", mport), timeout=30) as s:
             s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n")
             assert s.recv(100).startswith(b"HTTP/1.1 431 ")
-        # Four silent connections take every slot: a fifth is told 503 at once.
-        idle = [socket.create_connection(("127.0.0.1", mport), timeout=30) for _ in range(4)]
+        # More silent connections than slots: a scraper is served all the same (the
+        # oldest silent one makes room), and the silent ones are closed.
+        idle = [
+            socket.create_connection(
+                ("127.0.0.1", mport), timeout=30, source_address=(f"127.0.2.{i}", 0)
+            )
+            for i in range(1, 11)
+        ]
         try:
             time.sleep(0.3)
-            with socket.create_connection(("127.0.0.1", mport), timeout=30) as s:
-                assert s.recv(100).startswith(b"HTTP/1.1 503 ")
+            assert b"repeld_held" in scrape(mport)
+            assert idle[0].recv(100) == b""
         finally:
             for s in idle:
                 s.close()
-        assert wait_for(lambda: _scrapes(mport), 30.0, 0.1)
 
 
-def _scrapes(port: int) -> bool:
-    try:
-        return b"repeld_held" in scrape(port)
-    except urllib.error.HTTPError:
-        return False  # 503 until the idle connections' tasks have noticed EOF
+def _early_talkers(port: int, n: int, subnet: int) -> None:
+    """`n` early talkers from distinct addresses 127.`subnet`.x.y, each cut off."""
+    for i in range(n):
+        c = connect(port, source=f"127.{subnet}.{i // 250}.{i % 250 + 1}")
+        c.sendall(b"EHLO bot.example\r\n")
+        try:
+            read_line(c)
+        except ConnectionResetError:
+            pass
+        c.close()
+
+
+def _counters(found: Samples) -> Samples:
+    return {k: v for k, v in found.items() if k[0].endswith(("_total", "_count", "_bucket"))}
+
+
+def _never_lower(before: Samples, after: Samples) -> None:
+    lower = {k: (v, after.get(k)) for k, v in _counters(before).items() if after.get(k, 0) < v}
+    assert not lower, lower
+
+
+def test_workers_counters_never_go_backwards(syslog: SyslogUDP, backend: LineBackend) -> None:
+    # A worker killed by SIGKILL, then one stopped by SIGSTOP: every scrape serves
+    # at least what the one before served, and a stopped worker does not stall it.
+    port, nodelay_port, mport = free_port(), free_port(), free_port()
+    with daemon(*_args(port, nodelay_port, mport, backend, syslog), "--workers", "2"):
+        started = syslog.wait_for("worker-start", 2)
+        assert wait_for(
+            lambda: value(samples(scrape(mport)), "repeld_workers_answered") == 2, 30.0, 0.2
+        )
+        _early_talkers(port, 40, 20)
+        syslog.wait_for("early-talker", 40)
+        first = samples(scrape(mport))
+        assert value(first, "repeld_early_talkers_total", action="drop") == 40
+        victim = int(started[0].fields["pid"])
+        os.kill(victim, signal.SIGKILL)
+        syslog.wait_for("worker-exit", 1)
+        after_kill = samples(scrape(mport))
+        _never_lower(first, after_kill)
+        assert value(after_kill, "repeld_early_talkers_total", action="drop") == 40
+        syslog.wait_for("worker-start", 3)
+        assert wait_for(
+            lambda: value(samples(scrape(mport)), "repeld_workers_answered") == 2, 30.0, 0.2
+        )
+        _early_talkers(port, 10, 21)
+        syslog.wait_for("early-talker", 50)
+        grown = samples(scrape(mport))
+        _never_lower(after_kill, grown)
+        assert value(grown, "repeld_early_talkers_total", action="drop") == 50
+        assert value(grown, "repeld_worker_restarts_total") == 1
+
+        stalled = int(syslog.named("worker-start")[-1].fields["pid"])
+        os.kill(stalled, signal.SIGSTOP)
+        try:
+            late = [samples(scrape(mport)) for _ in range(3)]
+            for before, after in itertools.pairwise([grown, *late]):
+                _never_lower(before, after)
+            assert value(late[-1], "repeld_workers_answered") == 1
+            assert value(late[-1], "repeld_early_talkers_total", action="drop") == 50
+        finally:
+            os.kill(stalled, signal.SIGCONT)
+        assert wait_for(
+            lambda: value(samples(scrape(mport)), "repeld_workers_answered") == 2, 30.0, 0.2
+        )
+        _never_lower(late[-1], samples(scrape(mport)))
+
+
+def test_head_and_absolute_form_from_curl(syslog: SyslogUDP, backend: LineBackend) -> None:
+    if CURL is None:
+        pytest.skip("curl is not installed")
+    port, nodelay_port, mport = free_port(), free_port(), free_port()
+    with daemon(*_args(port, nodelay_port, mport, backend, syslog)):
+        url = f"http://127.0.0.1:{mport}/metrics"
+        head = subprocess.run(
+            [CURL, "-sS", "-I", "--max-time", "10", url], capture_output=True, timeout=30
+        )
+        assert head.returncode == 0, head.stderr
+        assert head.stdout.startswith(b"HTTP/1.1 200 ")
+        assert b"\r\nContent-Length: " in head.stdout
+        # curl through a "proxy" sends the absolute form: GET http://mx.example/metrics
+        proxied = subprocess.run(
+            [CURL, "-sS", "--max-time", "10", "-x", f"127.0.0.1:{mport}",
+             "http://mx.example/metrics"],
+            capture_output=True, timeout=30,
+        )  # fmt: skip
+        assert proxied.returncode == 0, proxied.stderr
+        assert b"repeld_held " in proxied.stdout
+        conn = http.client.HTTPConnection("127.0.0.1", mport, timeout=10)
+        conn.request("HEAD", "/metrics")
+        answer = conn.getresponse()
+        assert answer.status == 200 and answer.read() == b""
+        conn.close()
+
+
+def test_dribbling_clients_do_not_deny_scrapes(syslog: SyslogUDP, backend: LineBackend) -> None:
+    # Twelve clients (more than the endpoint's slots) send their headers a byte
+    # every 0.3 s and reconnect whenever they are cut off; scrapes go on being
+    # served all the while.
+    port, nodelay_port, mport = free_port(), free_port(), free_port()
+    with daemon(*_args(port, nodelay_port, mport, backend, syslog)):
+        stop = threading.Event()
+        cut = collections.Counter[int]()
+
+        def dribbler(i: int) -> None:
+            request = b"GET /metrics HTTP/1.1\r\nHost: x\r\nUser-Agent: slow\r\n\r\n"
+            while not stop.is_set():
+                try:
+                    with socket.create_connection(
+                        ("127.0.0.1", mport), timeout=5, source_address=(f"127.0.3.{i}", 0)
+                    ) as s:
+                        for byte in request:
+                            if stop.is_set():
+                                return
+                            s.sendall(bytes([byte]))
+                            time.sleep(0.3)
+                except OSError:
+                    cut[i] += 1
+
+        threads = [threading.Thread(target=dribbler, args=(i,)) for i in range(1, 13)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(1.0)
+            for _ in range(10):
+                assert b"repeld_held" in scrape(mport)
+                time.sleep(0.2)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert sum(cut.values()) > 0  # the dribblers were cut off, and came back
+
+
+def test_backend_up_follows_the_periodic_check(syslog: SyslogUDP, backend: LineBackend) -> None:
+    port, nodelay_port, mport = free_port(), free_port(), free_port()
+    args = _args(port, nodelay_port, mport, backend, syslog)
+    with daemon(*args, "--backend-check-interval", "0.5"):
+
+        def up(name: str) -> float | None:
+            found = samples(scrape(mport))
+            return found.get(("repeld_backend_up", (("backend", name),)))
+
+        assert wait_for(lambda: up(backend.address) == 1, 30.0, 0.1)
+        dead = next(a.split("backend=")[1] for a in args if "backend=" in a)
+        assert up(dead) == 0  # the nodelay listener's backend, where nothing listens
+        found = samples(scrape(mport))
+        assert value(found, "repeld_max_held") > 0
+        assert 0 < value(found, "process_open_fds") < value(found, "process_max_fds")
+        assert value(found, "process_resident_memory_bytes") > 0
+        backend.close()  # the MTA goes away: the gauge and one event say so
+        assert wait_for(lambda: up(backend.address) == 0, 30.0, 0.1)
+
+        def reported() -> bool:
+            syslog.drain(0.1)
+            return any(
+                m.fields["backend"] == backend.address for m in syslog.named("backend-check")
+            )
+
+        assert wait_for(reported, 30.0, 0.0)
+        time.sleep(1.5)  # three more failed checks: still one event for it
+        syslog.drain(0.2)
+        gone = [m for m in syslog.named("backend-check") if m.fields["backend"] == backend.address]
+        assert len(gone) == 1

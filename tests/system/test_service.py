@@ -464,6 +464,8 @@ def test_socket_activation_serves_systemd_s_listener(
         "-l",
         f"127.0.0.1:{port}",
         "--fdname=smtp",
+        # it hands the child a bare environment: the tree under test (conftest.py)
+        f"--setenv=PYTHONPATH={os.environ.get('PYTHONPATH', '')}",
         sys.executable,
         "-m",
         "repeld",

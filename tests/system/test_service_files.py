@@ -620,7 +620,7 @@ try:
 except PermissionError:
     pass
 import trio
-import repeld.cli, repeld.service.daemon, repeld.shell.server
+import repeld.cli, repeld.process.daemon, repeld.shell.server
 from repeld.service import tcptune
 with socket.create_server(("127.0.0.1", 0)) as lst:
     c = socket.create_connection(lst.getsockname())

@@ -9,6 +9,7 @@ from repeld.core.hold import (
     FIRST_BYTES_LIMIT,
     PEEK_LIMIT,
     EarlyTalk,
+    Enforce,
     HangUp,
     Hold,
     LocalProtocolError,
@@ -243,6 +244,94 @@ def test_cache_and_observe_table(
     if isinstance(final, Logged):
         final = final.then
     assert hold.done is isinstance(final, (Pass, EarlyTalk, HangUp, Penalty))
+
+
+# --on-early enforce: (cache answer to come, steps) -> the verdicts, step by step
+ENFORCE_CASES: list[tuple[str, bool, list[tuple[str, bytes, float]], list[Verdict]]] = [
+    (
+        "a talker is held the whole delay, then enforced",
+        False,
+        [("data", EHLO, 0.25), ("due", b"", 25.0)],
+        [Mute(D), Enforce(TALK, 25.0)],
+    ),
+    (
+        "a talker that half-closes is still enforced at the end",
+        False,
+        [("data", EHLO, 0.25), ("eof", b"", 3.0), ("due", b"", 25.0)],
+        [Mute(D), Mute(D), Enforce(TALK, 25.0)],
+    ),
+    (
+        "a talker that resets: gone, written down, never greeted",
+        False,
+        [("data", EHLO, 0.25), ("reset", b"", 3.0)],
+        [Mute(D), Enforce(TALK, 3.0, gone=True)],
+    ),
+    (
+        "cache unknown: held to the end, then enforced",
+        True,
+        [("data", EHLO, 0.25), ("unknown", b"", 0.375), ("due", b"", 25.0)],
+        [Mute(W), Mute(D), Enforce(TALK, 25.0)],
+    ),
+    (
+        "a remembered talker that talks again is audited, not cut unheard",
+        True,
+        [("data", EHLO, 0.25), ("bad", b"", 0.375), ("due", b"", 25.0)],
+        [Mute(W), Mute(D), Enforce(TALK, 25.0)],
+    ),
+    (
+        "no cache answer within the bound: held to the end",
+        True,
+        [("data", EHLO, 0.25), ("due", b"", 0.25 + CACHE_WAIT), ("due", b"", 25.0)],
+        [Mute(W), Mute(D), Enforce(TALK, 25.0)],
+    ),
+    (
+        "talks, then resets before the cache answer: gone",
+        True,
+        [("data", EHLO, 0.25), ("reset", b"", 0.375)],
+        [Mute(W), Enforce(TALK, 0.375, gone=True)],
+    ),
+    (
+        "a patient client's early bytes pass at once",
+        True,
+        [("data", EHLO, 0.25), ("good", b"", 0.375)],
+        [Mute(W), Pass(PassReason.CACHE, 0.375, len(EHLO))],
+    ),
+    (
+        "talk at the very end, no answer: enforced at once",
+        True,
+        [("data", EHLO, 24.875), ("due", b"", 24.875 + CACHE_WAIT)],
+        [Mute(T0 + 24.875 + CACHE_WAIT), Enforce(EarlyTalk(len(EHLO), EHLO, 24.875), 25.375)],
+    ),
+    (
+        "a silent client remembered as a talker: cut off unheard, as with drop",
+        True,
+        [("bad", b"", 0.0625)],
+        [Penalty(0.0625)],
+    ),
+    (
+        "a silent client is passed as usual",
+        False,
+        [("silence", b"", 25.0)],
+        [Pass(PassReason.DELAY, 25.0)],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "pending", "steps", "expected"), ENFORCE_CASES, ids=[c[0] for c in ENFORCE_CASES]
+)
+def test_enforce_table(
+    name: str, pending: bool, steps: list[tuple[str, bytes, float]], expected: list[Verdict]
+) -> None:
+    hold = Hold(T0, 25.0, cache_pending=pending, enforce=True)
+    got = [feed(hold, what, data, at) for what, data, at in steps]
+    assert got == expected
+    assert hold.done is not isinstance(expected[-1], (Wait, Mute))
+
+
+def test_observe_and_enforce_are_not_both_at_once() -> None:
+    with pytest.raises(ValueError, match="enforce"):
+        Hold(T0, 25.0, observe=True, enforce=True)
 
 
 def test_muted_hold_refuses_silence_and_data() -> None:

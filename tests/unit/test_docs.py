@@ -49,6 +49,7 @@ from repeld.core import events
 from repeld.core.dnsbl import DnsAction, DnsScore
 from repeld.core.events import ConnInfo, Event
 from repeld.core.hold import Blocked, EarlyTalk, HangUp, Pass, PassReason
+from repeld.core.names import EventName, ExecEnd, RelayEnd
 from repeld.report.main import make_parser as make_report_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -331,10 +332,18 @@ def _callee(call: ast.Call) -> str | None:
 
 
 def _first_string(call: ast.Call) -> str | None:
-    if call.args and isinstance(call.args[0], ast.Constant):
-        value = call.args[0].value
-        if isinstance(value, str):
-            return value
+    """The event name a call passes first: a string, or a member of core/names.py's EventName."""
+    if not call.args:
+        return None
+    first = call.args[0]
+    if isinstance(first, ast.Constant) and isinstance(first.value, str):
+        return first.value
+    if (
+        isinstance(first, ast.Attribute)
+        and isinstance(first.value, ast.Name)
+        and first.value.id == "EventName"
+    ):
+        return str(EventName[first.attr])
     return None
 
 
@@ -428,7 +437,7 @@ def _supervisor_counters() -> list[str]:
     """The keys the parent of --workers adds to the summed counters: `totals["..."] = ...`."""
     keys = [
         target.slice.value
-        for node in ast.walk(_function(SRC / "service" / "workers.py", "collect_stats"))
+        for node in ast.walk(_function(SRC / "process" / "workers.py", "collect_stats"))
         if isinstance(node, ast.Assign)
         for target in node.targets
         if isinstance(target, ast.Subscript)
@@ -443,6 +452,11 @@ def _supervisor_counters() -> list[str]:
 def _statistics_keys() -> tuple[str, ...]:
     """The counters of the stats event (and, but for the parent's, of the stop event)."""
     return tuple(dict.fromkeys(_server_counters() + _supervisor_counters()))
+
+
+def test_every_event_name_is_built() -> None:
+    # core/names.py's EventName is the vocabulary; events.py builds each of its members.
+    assert set(event_names()) == {str(name) for name in EventName}
 
 
 def test_the_event_extraction_finds_the_vocabulary() -> None:
@@ -494,20 +508,26 @@ def _sample_events() -> list[Event]:
         events.dnsbl(conn, Blocked(3, ("bl.test",), 0.05, DnsAction.REJECT)),
         events.backend_error(conn, 25.0, "127.0.0.1:10025", "Connection refused"),
         events.backend_check("127.0.0.1:10025", "cannot connect: Connection refused"),
-        events.relay_end(conn, 30.0, 5.0, 1000, 200, "closed"),
-        events.exec_end(conn, 30.0, 5.0, "/var/qmail/bin/qmail-smtpd", 0, "exit"),
+        events.relay_end(conn, 30.0, 5.0, 1000, 200, RelayEnd.CLOSED),
+        events.exec_end(conn, 30.0, 5.0, "/var/qmail/bin/qmail-smtpd", 0, ExecEnd.EXIT),
         events.internal_error(conn, 1.0, "oops"),
         events.overload(conn, "max-held", 3),
         events.dns_list_alarm("bl.test", 0.95, 200),
-        events.lifecycle("start"),
-        events.lifecycle("stop"),
+        events.proxy_error(
+            ConnInfo("192.0.2.1", 40000, "198.51.100.25", 25, via="192.0.2.1"),
+            5.0,
+            "timeout",
+            "no complete header within 5s (0 bytes of it)",
+        ),
+        events.lifecycle(EventName.START),
+        events.lifecycle(EventName.STOP),
         events.reload([]),
         events.config_error("bad"),
         events.stats({}, 60.0),
-        events.cache_notice("cache-error", "down"),
-        events.cache_notice("cache-recover", "up"),
-        events.worker("worker-start", 0, 4242),
-        events.worker("worker-exit", 0, 4242, -9),
+        events.cache_notice(EventName.CACHE_ERROR, "down"),
+        events.cache_notice(EventName.CACHE_RECOVER, "up"),
+        events.worker(EventName.WORKER_START, 0, 4242),
+        events.worker(EventName.WORKER_EXIT, 0, 4242, -9),
     ]
 
 

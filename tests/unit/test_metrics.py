@@ -4,6 +4,7 @@ and text that Prometheus's own parser reads back.
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -13,14 +14,18 @@ from repeld import __version__
 from repeld.core import events
 from repeld.core.events import ConnInfo, Event, Severity
 from repeld.core.hold import EarlyTalk, HangUp, Pass, PassReason
+from repeld.core.names import RelayEnd
 from repeld.metrics import (
     COUNTERS,
     GAUGES,
     GIVE_UP_BUCKETS,
     HISTOGRAMS,
+    LABELLED_GAUGES,
+    PROCESS,
     TOTALS,
     Histogram,
     Metrics,
+    WorkerTally,
     merge,
     render,
 )
@@ -50,7 +55,7 @@ def test_each_verdict_event_lands_in_its_counter_and_histogram() -> None:
     m.observe(events.hangup(CONN, HangUp(61.0, reset=True)))
     m.observe(events.passed(CONN, Pass(PassReason.DELAY, 25.0)))
     m.observe(events.passed(CONN, Pass(PassReason.TRUSTED, 0.0)))
-    m.observe(events.relay_end(CONN, 30.0, 5.0, 100, 200, "client"))
+    m.observe(events.relay_end(CONN, 30.0, 5.0, 100, 200, RelayEnd.CLIENT_RESET))
     m.observe(events.backend_error(CONN, 25.0, "127.0.0.1:25", "refused"))
     text = render(m.snapshot())
     assert _value(text, "repeld_early_talkers_total", action="drop") == 1
@@ -61,7 +66,10 @@ def test_each_verdict_event_lands_in_its_counter_and_histogram() -> None:
     assert _value(text, "repeld_passes_total", reason="delay") == 1
     assert _value(text, "repeld_passes_total", reason="trusted") == 1
     assert _value(text, "repeld_passes_total", reason="cache") == 0  # seeded
-    assert _value(text, "repeld_relay_ends_total", end="client") == 1
+    assert _value(text, "repeld_relay_ends_total", end="client-reset") == 1
+    # every way a relay ends is seeded, and only those: the code and the seeds share RelayEnd
+    assert _value(text, "repeld_relay_ends_total", end="backend-reset") == 0
+    assert b'end="client"' not in text
     # A penalty is cut off unheard: two early talks timed, not three.
     assert _value(text, "repeld_early_talk_seconds_count") == 2
     assert _value(text, "repeld_early_talk_seconds_bucket", le="0.5") == 1
@@ -133,9 +141,64 @@ def test_a_malformed_worker_snapshot_is_skipped_not_trusted() -> None:
 
 def test_every_family_is_exposed_with_its_documented_name() -> None:
     full = Metrics().snapshot(gauges={f.key: 0 for f in GAUGES}, totals={f.key: 0 for f in TOTALS})
+    full["labelled_gauges"] = {f.key: {"x": 1} for f in LABELLED_GAUGES}
     names = {f.name for f in text_string_to_metric_families(render(full).decode())}
-    expected = {f.name for f in (*COUNTERS, *TOTALS, *GAUGES, *HISTOGRAMS)} | {"repeld_build_info"}
+    families = (*COUNTERS, *TOTALS, *GAUGES, *HISTOGRAMS, *LABELLED_GAUGES)
+    expected = {f.name for f in families} | {"repeld_build_info"}
+    # The process figures of Linux's /proc (getrusage and getrlimit elsewhere).
+    expected |= {f"process_{key.removesuffix('_total')}" for key, *_ in PROCESS}
     assert names == expected
+
+
+def _counts(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {k: v for k, v in _samples(text).items() if k[0].endswith(("_total", "_count"))}
+
+
+def test_the_workers_sum_never_goes_backwards() -> None:
+    # Two workers count early talkers; one dies (its successor starts from zero),
+    # the other is late for a scrape (its last snapshot stands in): no count drops.
+    tally, own = WorkerTally(), Metrics().snapshot()
+    a, b, a2 = Metrics(), Metrics(), Metrics()
+    served: list[bytes] = []
+
+    def scrape() -> None:
+        served.append(render(tally.total(own)))
+
+    for _ in range(5):
+        a.observe(events.early_talker(CONN, EarlyTalk(5, b"EHLO ", 0.2), "drop"))
+        b.observe(events.early_talker(CONN, EarlyTalk(5, b"EHLO ", 0.2), "drop"))
+    tally.update(1, a.snapshot(gauges={"held": 7}))
+    tally.update(2, b.snapshot(gauges={"held": 2}))
+    scrape()
+    tally.retire(1)  # worker 1 killed
+    scrape()
+    assert _value(served[-1], "repeld_held") == 2  # a dead worker holds nobody
+    a2.observe(events.early_talker(CONN, EarlyTalk(5, b"EHLO ", 0.2), "drop"))
+    tally.update(3, json.loads(json.dumps(a2.snapshot())))  # its successor
+    scrape()  # worker 2 is late: its last snapshot counts
+    assert _value(served[-1], "repeld_early_talkers_total", action="drop") == 11
+    assert _value(served[-1], "repeld_early_talk_seconds_count") == 11
+    for before, after in itertools.pairwise(served):
+        old, new = _counts(before), _counts(after)
+        assert all(new.get(k, 0) >= v for k, v in old.items())
+
+
+def test_process_figures_add_up_and_descriptors_are_the_fullest_process() -> None:
+    one = {"process": {"cpu_seconds_total": 1.5, "resident_memory_bytes": 100.0}}
+    one["process"] |= {"start_time_seconds": 50.0, "open_fds": 10, "max_fds": 1000}
+    two = {"process": {"cpu_seconds_total": 2.0, "resident_memory_bytes": 50.0}}
+    two["process"] |= {"start_time_seconds": 40.0, "open_fds": 90, "max_fds": 100}
+    text = render(merge([one, two]))
+    assert _value(text, "process_cpu_seconds_total") == 3.5
+    assert _value(text, "process_resident_memory_bytes") == 150.0
+    assert _value(text, "process_start_time_seconds") == 40.0
+    assert _value(text, "process_open_fds") == 90 and _value(text, "process_max_fds") == 100
+    tally = WorkerTally()
+    tally.update(7, two)
+    tally.retire(7)  # a dead worker's CPU time stays counted; its memory does not
+    text = render(tally.total(one))
+    assert _value(text, "process_cpu_seconds_total") == 3.5
+    assert _value(text, "process_resident_memory_bytes") == 100.0
 
 
 def test_histogram_bucket_bounds_are_inclusive() -> None:
@@ -156,6 +219,12 @@ def test_histogram_bucket_bounds_are_inclusive() -> None:
         (b"GET", b"/", 404),
         (b"GET", b"/metrics/", 404),
         (b"DELETE", b"/other", 404),
+        (b"GET", b"http://127.0.0.1:9100/metrics", 200),
+        (b"HEAD", b"HTTP://repeld.example/metrics?x=1", 200),
+        (b"GET", b"https://repeld.example/metrics", 200),
+        (b"GET", b"http://repeld.example", 404),
+        (b"GET", b"http://repeld.example/other", 404),
+        (b"GET", b"http://x/metrics/../metrics", 404),
     ],
 )
 def test_route(method: bytes, target: bytes, status: int) -> None:

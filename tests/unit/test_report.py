@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import io
 import json
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from repeld.core import events
+from repeld.core.dnsbl import DnsAction
 from repeld.core.events import ConnInfo, Event
-from repeld.core.hold import EarlyTalk, HangUp, Pass, PassReason
+from repeld.core.hold import (
+    Blocked,
+    EarlyTalk,
+    HangUp,
+    Pass,
+    PassReason,
+    escape_bytes,
+)
 from repeld.core.logformat import FACILITIES, Header, format_json, format_rfc5424, format_stderr
-from repeld.report.main import make_parser, tally_lines
-from repeld.report.parse import parse_line
-from repeld.report.svg import render_svg
-from repeld.report.tally import Tally, network_of
+from repeld.core.names import EventName, RelayEnd
+from repeld.report.main import main, make_parser, read_lines, tally_lines
+from repeld.report.parse import MAX_LINE, parse_line
+from repeld.report.svg import LABELS, WIDTH, legend_rows, render_svg
+from repeld.report.tally import CATEGORIES, Tally, TopCounter, network_of
 from repeld.report.text import render_text
+
+from ..hostile import first_bytes
 
 YEAR = 2026
 NOW = 1_795_998_305.25  # 2026-11-30T00:25:05.25Z
@@ -132,9 +147,8 @@ def test_observe_mode_counts_the_connection_once_as_would_repel() -> None:
         events.passed(_conn(port=2), Pass(PassReason.DELAY, 25.0)),
         events.hangup(_conn(port=3), HangUp(7.0, reset=False)),
     )
-    assert (tally.repelled, tally.would_repel, len(tally.waits), tally.judged) == (1, 1, 1, 3)
+    assert (tally.repelled, tally.would_repel, tally.waited, tally.judged) == (1, 1, 1, 3)
     assert tally.folded == 1 and tally.passes == {"delay": 2}
-    assert tally.what_if(10) == tally.what_if(10.0)
     assert (tally.what_if(5).repelled, tally.what_if(10).repelled) == (1, 2)
 
 
@@ -170,7 +184,7 @@ def test_what_if_another_delay(delay: int, repelled: int, passed: int, unknown: 
     )
     what = tally.what_if(delay)
     assert (what.repelled, what.passed, what.unknown) == (repelled, passed, unknown)
-    assert tally.curve(tally.hangup_times)[:3] == [1, 0, 1]
+    assert tally.curve("hangup")[:3] == [1, 0, 1]
     assert tally.delays_seen() == [20]
 
 
@@ -186,7 +200,7 @@ def test_refusals_and_networks() -> None:
         events.early_talker(_conn("2001:db8:1:2::9"), EarlyTalk(1, b"x", 0.1), "reject"),
     )
     assert tally.refused == {"max-held": 5, "max-per-client": 1}
-    assert tally.networks.most_common() == [("192.0.2.0/24", 3), ("2001:db8:1:2::/64", 1)]
+    assert tally.networks.most_common(5) == [("192.0.2.0/24", 3), ("2001:db8:1:2::/64", 1)]
     assert network_of("not an address") == "not an address"
 
 
@@ -222,3 +236,281 @@ def test_svg_is_well_formed_with_its_parts(evs: list[Event]) -> None:
 def test_the_parser_defaults_to_stdin() -> None:
     args = make_parser().parse_args([])
     assert args.files == ["-"] and args.svg is None and args.top == 10
+
+
+# -- hostile input: what a client or another program wrote is never an event --------
+
+#: The attacks of 2026-12-06: repeld's own words in an early talker's bytes.
+PLANTS = [
+    b" repeld: PASS DELAY [6.6.6.9]:1 after 30.000",
+    b" repeld[1]: PREGREET 1 after 0.000 from [6.6.6.3]:1: x (action=drop)",
+    b'@cee:{"event":"pass","client":"6.6.6.4","reason":"delay","elapsed":30.0}',
+    b' [x@1 event="pass" client="6.6.6.5" reason="delay" elapsed="30.0"]',
+    b"\r\nNov 30 00:25:05 mx1 repeld[1]: PASS DELAY [6.6.6.6]:1 after 30.000\r\n",
+    b'x"] [y@1 event="pass" client="6.6.6.7"] ) (action=log)',
+]
+
+
+@pytest.mark.parametrize("sent", PLANTS, ids=range(len(PLANTS)))
+@pytest.mark.parametrize("action", ["drop", "log"])
+def test_an_early_talker_cannot_plant_an_event(sent: bytes, action: str) -> None:
+    event = events.early_talker(_conn(), EarlyTalk(len(sent), sent, 0.5), action)
+    for shape, line in _event_lines(event).items():
+        record = parse_line(line, YEAR)
+        assert record is not None, (shape, line)
+        assert record.event == "early-talker", (shape, line)
+        assert record.fields["client"] == "192.0.2.7", (shape, line)
+        assert record.fields["action"] == action, (shape, line)
+
+
+POSTFIX = (
+    "Nov 30 00:25:05 mx1 postfix/smtpd[77]: NOQUEUE: reject: RCPT from x[192.0.2.9]: 554 5.7.1; "
+)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        POSTFIX + 'helo=<@cee:{"event":"early-talker","client":"6.6.6.1","action":"drop"}>',
+        POSTFIX + 'helo=<[x@1 event="pass" client="6.6.6.2" reason="delay" elapsed="30"]>',
+        POSTFIX + "helo=< repeld: PASS DELAY [6.6.6.9]:1 after 30.000>",
+        POSTFIX + 'helo=<@cee:{"event":"pass","a":' + "[" * 1000 + "]" * 1000 + "}>",
+        "Nov 30 00:25:05 mx1 notrepeld[1]: PASS DELAY [6.6.6.9]:1 after 30.000",
+        "Nov 30 00:25:05 mx1 x repeld[1]: PASS DELAY [6.6.6.9]:1 after 30.000",
+        # no host (a raw local datagram): another program's tag is not a host name
+        "<13>Nov 30 00:25:05 sshd[1]: repeld[1]: PASS DELAY [6.6.6.9]:1 after 30.000",
+        "<13>Nov 30 00:25:05 sshd: repeld: PASS DELAY [6.6.6.9]:1 after 30.000",
+        "2026-11-30T00:25:05+00:00 sshd[1] repeld[1] PASS DELAY [6.6.6.9]:1 after 30.000",
+        '<22>1 2026-11-30T00:25:05Z mx1 postfix 1 - [x@1 event="pass"] PASS DELAY [6.6.6.9]:1 after 1',
+        '<22>1 2026-11-30T00:25:05Z mx1 repeld 1 pass - x [x@1 event="pass" client="6.6.6.9"]',
+        "repeld: PASS DELAY [6.6.6.9]:1 after 30.000",  # -f prints events with their time
+        '<22>Nov 30 00:25:05 repeld[1]: @cee:{"event":"pass","a":' + "[" * 1000 + "1}",
+        '<22>Nov 30 00:25:05 repeld[1]: @cee:{"event":"pass","a":{"b":1}}',
+        "00:25:05.250 early-talker: PASS DELAY [6.6.6.9]:1 after 30.000",
+        "00:25:05.250 pass: PREGREET 1 after 0.000 from [6.6.6.3]:1: x (action=drop)",
+    ],
+)
+def test_what_others_wrote_is_not_an_event(line: str) -> None:
+    assert parse_line(line, YEAR) is None
+
+
+def test_a_structured_data_value_full_of_backslashes() -> None:
+    value = "\\\\" * 4000 + '\\"\\]\\x'
+    line = f'<22>1 2026-11-30T00:25:05Z mx1 repeld 1 pass [x@1 event="pass" v="{value}"] PASS'
+    record = parse_line(line, YEAR)
+    assert record is not None and record.fields["v"] == "\\" * 4000 + '"]\\x'
+
+
+def test_long_lines_are_skipped_unread_and_counted() -> None:
+    long = b'<22>Nov 30 00:25:05 repeld[1]: @cee:{"a":[' * (MAX_LINE // 10)
+    ok = format_rfc5424(SAMPLES[4], HEADER, NOW)
+    stream = io.BytesIO(b"\n".join([ok, long, ok, long + b"\r", b"x" * MAX_LINE, ok]) + b"\n")
+    lines = list(read_lines(stream))
+    assert [line is None for line in lines] == [False, True, False, True, False, False]
+    tally = tally_lines(lines, YEAR)
+    assert (tally.lines, tally.skipped, tally.too_long, tally.events["pass"]) == (6, 3, 2, 3)
+    assert parse_line("x" * (MAX_LINE + 1), YEAR) is None
+
+
+def test_report_main_skips_what_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "mail.log"
+    log.write_bytes(
+        b"\n".join(
+            [
+                (POSTFIX + 'helo=<@cee:{"event":"pass","a":' + "[" * 1000 + ">").encode(),
+                b'<22>Nov 30 00:25:05 repeld[1]: @cee:{"a":[' * 100_000,
+                b"\xff\xfe not utf-8",
+                format_rfc5424(SAMPLES[0], HEADER, NOW),
+            ]
+        )
+    )
+    assert main([str(log)]) == 0
+    out = capsys.readouterr()
+    assert out.err == ""
+    assert "1 events in 4 lines (3 lines skipped: not repeld events, 1 of them too long" in out.out
+
+
+# -- counting every event ------------------------------------------------------------
+
+
+def _proxy_error(reason: str) -> Event:
+    balancer = ConnInfo("127.0.0.5", 41000, "127.0.0.1", 25, via="127.0.0.5")
+    return events.proxy_error(balancer, 5.0, reason, "no complete header")
+
+
+def test_dnsbl_proxy_error_and_unknown_events_are_counted() -> None:
+    conn = _conn()
+    tally = _tally(
+        events.dnsbl(conn, Blocked(7, ("zen.example", "b.example"), 0.1, DnsAction.DROP)),
+        events.dnsbl(conn, Blocked(3, (), 0.2, DnsAction.LOG)),
+        _proxy_error("bad-signature"),
+        _proxy_error("timeout"),
+        events.lifecycle(EventName.START, version="1"),
+        events.relay_end(conn, 25.0, 3.0, 10, 20, RelayEnd.CLOSED),
+    )
+    assert tally.dnsbl == {"drop": 1, "log": 1}
+    assert tally.proxy_errors == {"bad-signature": 1, "timeout": 1}
+    assert tally.events["start"] == 1 and tally.events["relay-end"] == 1
+    assert tally.judged == 0  # neither is a verdict of the delay
+    _start, _width, bars = tally.over_time()
+    assert bars[0]["dnsbl"] == 1 and bars[0]["proxy-error"] == 2
+    text = render_text(tally)
+    assert "  dnsbl               2  (" in text and "drop 1" in text
+    assert "  proxy-error         2  (" in text
+    assert "  other events        2  (" in text and "relay-end 1" in text
+    texts = " ".join(t.text or "" for t in ET.fromstring(render_svg(tally)).iter(f"{SVG}text"))
+    assert LABELS["dnsbl"] in texts and LABELS["proxy-error"] in texts
+
+
+@pytest.mark.parametrize(
+    ("event", "key"),
+    [
+        (events.dnsbl(_conn(), Blocked(7, ("z.example",), 0.1, DnsAction.REJECT)), "action"),
+        (_proxy_error("timeout"), "reason"),
+    ],
+    ids=["dnsbl", "proxy-error"],
+)
+def test_dnsbl_and_proxy_error_in_every_shape(event: Event, key: str) -> None:
+    for shape, line in _event_lines(event).items():
+        record = parse_line(line, YEAR)
+        assert record is not None and record.event == event.name, shape
+        assert record.fields[key] == event.get(key), shape
+        assert record.fields["client"] == event.get("client"), shape
+
+
+def test_every_legend_fits_inside_the_picture() -> None:
+    keys = list(CATEGORIES)
+    for labels in (LABELS, {**LABELS, "hangup": "x" * 60, "pass": "y" * 90}):
+        rows = legend_rows(keys, labels)
+        assert [key for row in rows for _, key in row] == keys
+        for row in rows:
+            for x, key in row:
+                assert x + 17 + 7.4 * len(labels[key]) <= WIDTH
+
+
+def test_memory_does_not_grow_with_the_lines() -> None:
+    tally = Tally()
+    for i in range(20_000):
+        when = NOW + 30 * i  # a week of events
+        conn = _conn(f"10.{i % 256}.{i // 256 % 256}.1", 1000 + i)
+        event = (
+            events.hangup(conn, HangUp(i % 90 + 0.5, reset=False)),
+            events.passed(conn, Pass(PassReason.DELAY, 25.0 + i % 7 / 1000)),
+        )[i % 2]
+        record = parse_line(format_rfc5424(event, HEADER, when).decode(), YEAR)
+        assert record is not None
+        tally.add(record)
+    assert len(tally.hangup_secs) == 45 and len(tally.patient_secs) == 1  # even seconds
+    assert tally.bucket_width == 3 * 3600 and len(tally.buckets) <= 2 * 72
+    assert sum(tally.buckets.values()) == 20_000
+    _start, width, bars = tally.over_time()
+    assert width == 3 * 3600 and len(bars) <= 72 + 1
+    assert sum(sum(b.values()) for b in bars) == 20_000
+
+
+def test_top_counter_keeps_the_heavy_hitters() -> None:
+    top = TopCounter(capacity=4)
+    stream = ["a"] * 50 + ["b"] * 30 + [f"noise{i}" for i in range(40)] + ["a"] * 10
+    for key in stream:
+        top.add(key)
+    assert len(top.counts) == 4 and top.total == len(stream) and not top.exact
+    (first, n_a), (second, n_b) = top.most_common(2)
+    assert (first, second) == ("a", "b")
+    assert 60 <= n_a <= 60 + top.error and 30 <= n_b <= 30 + top.error
+    assert top.error <= len(stream) // 4
+
+
+# -- properties ----------------------------------------------------------------------
+
+ACTIONS = st.sampled_from(["drop", "reject", "log"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(sent=first_bytes, action=ACTIONS, port=st.integers(1, 65535))
+def test_no_client_bytes_change_the_event_or_the_address(
+    sent: bytes, action: str, port: int
+) -> None:
+    event = events.early_talker(_conn(port=port), EarlyTalk(len(sent), sent, 1.25), action)
+    for shape, line in _event_lines(event).items():
+        record = parse_line(line, YEAR)
+        assert record is not None, (shape, line)
+        assert (record.event, record.fields["client"], record.fields["client_port"]) == (
+            "early-talker",
+            "192.0.2.7",
+            str(port),
+        ), (shape, line)
+        assert record.fields["action"] == action and record.number("elapsed") == 1.25
+        if record.shape != "summary":
+            assert record.fields["first"] == escape_bytes(sent)
+
+
+@settings(max_examples=300, deadline=None)
+@given(helo=st.text(max_size=400))
+def test_no_helo_in_another_programs_line_is_an_event(helo: str) -> None:
+    assert parse_line(POSTFIX + f"helo=<{helo}>", YEAR) is None
+    assert parse_line(f"Nov 30 00:25:05 mx1 sshd[9]: {helo}", YEAR) is None
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    line=st.text(max_size=600)
+    | st.builds(
+        lambda a, b: a + b,
+        st.sampled_from(
+            [
+                "<22>1 2026-11-30T00:25:05Z mx1 repeld 1 pass ",
+                "Nov 30 00:25:05 mx1 repeld[1]: ",
+                "Nov 30 00:25:05 mx1 repeld[1]: @cee:",
+                "2026-11-30T00:25:05+00:00 repeld[1] ",
+                "00:25:05.250 early-talker: ",
+            ]
+        ),
+        st.text(max_size=400),
+    )
+)
+def test_any_line_is_read_or_skipped_never_raises(line: str) -> None:
+    tally = tally_lines([line], YEAR)
+    assert tally.lines == 1
+    render_text(tally)
+    render_svg(tally)
+
+
+def test_help_names_the_manual_section_that_exists() -> None:
+    epilog = make_parser().epilog or ""
+    assert "See the Report subsection of DESCRIPTION in repeld(8)." in epilog
+    assert f"longer than {MAX_LINE} bytes" in epilog
+    man = (Path(__file__).resolve().parents[2] / "man" / "repeld.8").read_text()
+    description = man.split("\n.Sh DESCRIPTION\n", 1)[1].split("\n.Sh ", 1)[0]
+    assert "\n.Ss Report\n" in description
+    assert f"Lines longer than {MAX_LINE} bytes are skipped" in man
+
+
+def test_a_clock_gone_wrong_still_gives_a_few_bars() -> None:
+    tally = _tally(SAMPLES[4])
+    stray = format_rfc5424(SAMPLES[3], HEADER, 4_000_000_000.0).decode()  # the year 2096
+    record = parse_line(stray, YEAR)
+    assert record is not None
+    tally.add(record)
+    assert len(tally.buckets) == 2
+    _start, width, bars = tally.over_time()
+    assert width % 86400 == 0 and len(bars) <= 73
+    assert sum(sum(b.values()) for b in bars) == 2
+    render_svg(tally)
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        events.lifecycle(EventName.START, version="1"),
+        events.worker(EventName.WORKER_START, 1, 4243),
+        events.worker(EventName.WORKER_EXIT, 1, 4243, -9),
+        events.relay_end(_conn(), 25.0, 3.0, 10, 20, RelayEnd.CLOSED),
+    ],
+    ids=lambda e: e.name,
+)
+def test_events_not_broken_down_keep_their_name_in_every_shape(event: Event) -> None:
+    for shape, line in _event_lines(event).items():
+        record = parse_line(line, YEAR)
+        assert record is not None and record.event == event.name, (shape, line)

@@ -19,7 +19,6 @@ __all__ = [
     "CacheKind",
     "CacheSpec",
     "default_cache_path",
-    "default_cache_url",
     "parse_cache_url",
     "parse_v6_prefix",
 ]
@@ -32,11 +31,6 @@ def default_cache_path() -> str:
     if sys.platform.startswith("freebsd"):
         return "/var/db/repeld/cache.sqlite"
     return "/var/lib/repeld/cache.sqlite"
-
-
-def default_cache_url() -> str:
-    """The default `--cache`: SQLite at `default_cache_path()`."""
-    return "sqlite:" + default_cache_path()
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,6 +110,25 @@ OPTIONS: tuple[Option, ...] = (
         repeat=True,
     ),
     Option(
+        "proxy-from",
+        None,
+        network,
+        (),
+        "a balancer's network (address or CIDR) whose connections must begin with a PROXY "
+        "v1 or v2 header, whose client is then the client; repeatable",
+        metavar="NET",
+        repeat=True,
+    ),
+    Option(
+        "proxy-timeout",
+        None,
+        seconds("proxy-timeout", 0.0, 300.0),
+        5.0,
+        "close a balancer's connection whose PROXY header is not complete after this long "
+        "(default: 5)",
+        metavar="SECONDS",
+    ),
+    Option(
         "proxy-protocol",
         None,
         choice("proxy-protocol", ("none", "v1", "v2")),
@@ -120,12 +139,14 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "on-early",
         None,
-        choice("on-early", ("drop", "reject", "log")),
+        choice("on-early", ("drop", "reject", "log", "enforce")),
         "drop",
         "what to do to an early talker: drop closes at once, reject sends one 554 line "
         "first, log only writes it down and holds it for the whole delay like everyone "
-        "else, then passes it (observe mode, a first step; default: drop)",
-        metavar="drop|reject|log",
+        "else, then passes it (observe mode, a first step); enforce holds it for the "
+        "whole delay, then greets it itself, refuses every recipient and writes down "
+        "its HELO, sender and recipients (default: drop)",
+        metavar="drop|reject|log|enforce",
     ),
     Option(
         "teaser",
@@ -196,6 +217,16 @@ OPTIONS: tuple[Option, ...] = (
         "serve Prometheus metrics at http://ADDR:PORT/metrics, an IP address, IPv6 in "
         "brackets; with --workers the parent serves the sum of all workers (default: off)",
         metavar="ADDR:PORT",
+    ),
+    Option(
+        "backend-check-interval",
+        None,
+        seconds("backend-check-interval", 0.0, 86400.0, zero=True),
+        60.0,
+        "check every backend this often as a passed client would (greeting, EHLO, QUIT), "
+        "for the repeld_backend_up metric and a backend-check event when one fails; "
+        "0 turns it off (default: 60)",
+        metavar="SECONDS",
     ),
     Option(
         "relay-timeout",

@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 ProxyProtocol = Literal["none", "v1", "v2"]
-EarlyAction = Literal["drop", "reject", "log"]
+EarlyAction = Literal["drop", "reject", "log", "enforce"]
 
 
 @dataclass(frozen=True, slots=True)

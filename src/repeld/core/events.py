@@ -13,7 +13,9 @@ import enum
 from dataclasses import dataclass
 
 from repeld.core.dnsbl import DnsScore
+from repeld.core.enforce import Envelope
 from repeld.core.hold import Blocked, EarlyTalk, HangUp, Pass, escape_bytes
+from repeld.core.names import EnforceEnd, EventName, ExecEnd, HangupHow, RelayEnd
 
 __all__ = [
     "ConnInfo",
@@ -34,6 +36,7 @@ __all__ = [
     "overload",
     "passed",
     "penalized",
+    "proxy_error",
     "relay_end",
     "reload",
     "stats",
@@ -55,20 +58,24 @@ class Severity(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class ConnInfo:
-    """Who connected where; taken from accept() and getsockname(), never getpeername()."""
+    """Who connected where: taken from accept() and getsockname(), never getpeername(),
+    or, behind a trusted balancer, from its PROXY header (`via`: the balancer's
+    address, "" for a direct connection)."""
 
     client: str
     client_port: int
     server: str
     server_port: int
+    via: str = ""
 
     def fields(self) -> tuple[tuple[str, FieldValue], ...]:
-        return (
+        base: tuple[tuple[str, FieldValue], ...] = (
             ("client", self.client),
             ("client_port", self.client_port),
             ("server", self.server),
             ("server_port", self.server_port),
         )
+        return (*base, ("via", self.via)) if self.via else base
 
     @property
     def peer(self) -> str:
@@ -110,26 +117,58 @@ def _dns_fields(dns: DnsScore | None) -> tuple[tuple[str, FieldValue], ...]:
     )
 
 
+def _recipients(recipients: tuple[bytes, ...]) -> str:
+    # Each escaped as the first bytes are, and its commas too, so that one
+    # recipient can never pass for two: "a,b" is written a\x2cb.
+    return ",".join(escape_bytes(r).replace(",", "\\x2c") for r in recipients)
+
+
+def _enforce_fields(
+    envelope: Envelope, end: EnforceEnd
+) -> tuple[tuple[tuple[str, FieldValue], ...], str]:
+    # The envelope an enforced talker gave, escaped exactly as `first` is: the
+    # fields for the event, and their text for the summary.
+    helo, sender = escape_bytes(envelope.helo), escape_bytes(envelope.sender)
+    recipients = _recipients(envelope.recipients)
+    fields: tuple[tuple[str, FieldValue], ...] = (
+        ("helo", helo),
+        ("sender", sender),
+        ("recipients", recipients),
+        ("commands", envelope.commands),
+        ("end", str(end)),
+    )
+    return fields, f" [helo={helo} sender={sender} recipients={recipients} end={end}]"
+
+
 def early_talker(
     conn: ConnInfo,
     verdict: EarlyTalk,
     action: str,
     rtt_ms: float = 0.0,
     dns: DnsScore | None = None,
+    enforced: tuple[Envelope, EnforceEnd] | None = None,
 ) -> Event:
     """A client that spoke before it was greeted (a security event).
 
     `rtt_ms` is the kernel's smoothed round-trip time to the client (0 if unknown);
     `teaser` is 1 when the client had been sent the --teaser line before it talked;
     `dns`, with DNS lists configured, what they said of it (`score`, `lists`).
+    `enforced` (action enforce: one event, at the end of its dialogue) is the
+    envelope it gave and how the dialogue ended: `helo`, `sender`, `recipients`
+    (comma-separated), `commands` and `end` come last, after `action`, and the
+    summary shows them before `(action=enforce)`, which stays last.
     """
     first = escape_bytes(verdict.first)
     elapsed = _ms(verdict.elapsed)
+    extra: tuple[tuple[str, FieldValue], ...] = ()
+    told = ""
+    if enforced is not None:
+        extra, told = _enforce_fields(*enforced)
     return Event(
-        "early-talker",
+        EventName.EARLY_TALKER,
         Severity.WARNING,
         (
-            ("event", "early-talker"),
+            ("event", EventName.EARLY_TALKER),
             *conn.fields(),
             ("elapsed", elapsed),
             ("bytes", verdict.nbytes),
@@ -138,8 +177,9 @@ def early_talker(
             ("rtt_ms", _ms(rtt_ms)),
             ("teaser", int(verdict.teased)),
             *_dns_fields(dns),
+            *extra,
         ),
-        f"PREGREET {verdict.nbytes} after {elapsed:.3f} from {conn.peer}: {first}"
+        f"PREGREET {verdict.nbytes} after {elapsed:.3f} from {conn.peer}: {first}{told}"
         f" (action={action})",
     )
 
@@ -151,10 +191,10 @@ def penalized(
     (`action` "log": observe mode, held as usual instead)."""
     elapsed = _ms(elapsed)
     return Event(
-        "early-talker",
+        EventName.EARLY_TALKER,
         Severity.WARNING,
         (
-            ("event", "early-talker"),
+            ("event", EventName.EARLY_TALKER),
             *conn.fields(),
             ("elapsed", elapsed),
             ("bytes", 0),
@@ -167,9 +207,9 @@ def penalized(
     )
 
 
-def cache_notice(what: str, message: str) -> Event:
+def cache_notice(what: EventName, message: str) -> Event:
     """The pass cache became unusable ("cache-error", once per outage) or usable again."""
-    if what == "cache-error":
+    if what == EventName.CACHE_ERROR:
         summary = f"CACHE-ERROR {message}; meanwhile every client waits the full delay"
         return _service(what, Severity.WARNING, summary, error=message)
     return _service(what, Severity.NOTICE, f"CACHE-RECOVER {message}", message=message)
@@ -178,11 +218,11 @@ def cache_notice(what: str, message: str) -> Event:
 def hangup(conn: ConnInfo, verdict: HangUp) -> Event:
     """A client that left before it was greeted."""
     elapsed = _ms(verdict.elapsed)
-    how = "reset" if verdict.reset else "close"
+    how = HangupHow.RESET if verdict.reset else HangupHow.CLOSE
     return Event(
-        "hangup",
+        EventName.HANGUP,
         Severity.INFO,
-        (("event", "hangup"), *conn.fields(), ("elapsed", elapsed), ("how", how)),
+        (("event", EventName.HANGUP), *conn.fields(), ("elapsed", elapsed), ("how", how)),
         f"HANGUP after {elapsed:.3f} from {conn.peer} ({how}) before the greeting",
     )
 
@@ -195,10 +235,10 @@ def passed(
     elapsed = _ms(verdict.elapsed)
     reason = str(verdict.reason)
     return Event(
-        "pass",
+        EventName.PASS,
         Severity.INFO,
         (
-            ("event", "pass"),
+            ("event", EventName.PASS),
             *conn.fields(),
             ("elapsed", elapsed),
             ("reason", reason),
@@ -218,10 +258,10 @@ def dnsbl(conn: ConnInfo, verdict: Blocked) -> Event:
     lists = ",".join(verdict.lists)
     action = str(verdict.action)
     return Event(
-        "dnsbl",
+        EventName.DNSBL,
         Severity.WARNING,
         (
-            ("event", "dnsbl"),
+            ("event", EventName.DNSBL),
             *conn.fields(),
             ("elapsed", elapsed),
             ("score", verdict.score),
@@ -239,7 +279,7 @@ def dns_list_alarm(domain: str, share: float, window: int) -> Event:
     a list refusing us with a listing answer, a hijacked domain."""
     percent = round(100 * share, 1)
     return _service(
-        "dns-list-alarm",
+        EventName.DNS_LIST_ALARM,
         Severity.WARNING,
         f"DNS list {domain} listed {percent:g}% of the last {window} clients asked: "
         "dead, hijacked or refusing this resolver?",
@@ -253,10 +293,10 @@ def backend_error(conn: ConnInfo, elapsed: float, backend: str, error: str) -> E
     """The MTA could not be reached for a passed client (it was told 421)."""
     elapsed = _ms(elapsed)
     return Event(
-        "backend-error",
+        EventName.BACKEND_ERROR,
         Severity.INFO,
         (
-            ("event", "backend-error"),
+            ("event", EventName.BACKEND_ERROR),
             *conn.fields(),
             ("elapsed", elapsed),
             ("backend", backend),
@@ -272,7 +312,7 @@ def summarize(last: Event, count: int) -> Event:
     The event log writes it when a burst of them found its queue full, so that
     no 421 goes unrecorded.
     """
-    assert last.name == "backend-error"
+    assert last.name == EventName.BACKEND_ERROR
     backend, error = last.get("backend"), last.get("error")
     peer = f"[{last.get('client')}]:{last.get('client_port')}"
     return Event(
@@ -285,16 +325,16 @@ def summarize(last: Event, count: int) -> Event:
 
 
 def relay_end(
-    conn: ConnInfo, elapsed: float, duration: float, from_client: int, to_client: int, end: str
+    conn: ConnInfo, elapsed: float, duration: float, from_client: int, to_client: int, end: RelayEnd
 ) -> Event:
     """A relayed session is over: how much went each way, how long, how it ended."""
     elapsed = _ms(elapsed)
     duration = _ms(duration)
     return Event(
-        "relay-end",
+        EventName.RELAY_END,
         Severity.INFO,
         (
-            ("event", "relay-end"),
+            ("event", EventName.RELAY_END),
             *conn.fields(),
             ("elapsed", elapsed),
             ("duration", duration),
@@ -308,17 +348,17 @@ def relay_end(
 
 
 def exec_end(
-    conn: ConnInfo, elapsed: float, duration: float, program: str, status: int, end: str
+    conn: ConnInfo, elapsed: float, duration: float, program: str, status: int, end: ExecEnd
 ) -> Event:
     """A client handed to an --exec program is done: how the program exited."""
     elapsed = _ms(elapsed)
     duration = _ms(duration)
     how = f"signal {-status}" if status < 0 else f"status {status}"
     return Event(
-        "exec-end",
+        EventName.EXEC_END,
         Severity.INFO,
         (
-            ("event", "exec-end"),
+            ("event", EventName.EXEC_END),
             *conn.fields(),
             ("elapsed", elapsed),
             ("duration", duration),
@@ -333,21 +373,39 @@ def exec_end(
 
 def internal_error(conn: ConnInfo | None, elapsed: float, error: str) -> Event:
     """Something in repeld failed for one connection; the server itself carries on."""
-    fields: tuple[tuple[str, FieldValue], ...] = (("event", "error"),)
+    fields: tuple[tuple[str, FieldValue], ...] = (("event", EventName.ERROR),)
     if conn is not None:
         fields += conn.fields()
     fields += (("elapsed", _ms(elapsed)), ("error", error))
     where = f" for {conn.peer}" if conn is not None else ""
-    return Event("error", Severity.ERR, fields, f"ERROR{where}: {error}")
+    return Event(EventName.ERROR, Severity.ERR, fields, f"ERROR{where}: {error}")
+
+
+def proxy_error(balancer: ConnInfo, elapsed: float, reason: str, detail: str) -> Event:
+    """A trusted balancer's connection did not begin with a valid PROXY header in
+    time: closed, and nobody judged (`client` is the balancer; never a ban)."""
+    elapsed = _ms(elapsed)
+    return Event(
+        EventName.PROXY_ERROR,
+        Severity.WARNING,
+        (
+            ("event", EventName.PROXY_ERROR),
+            *balancer.fields(),
+            ("elapsed", elapsed),
+            ("reason", reason),
+            ("detail", detail),
+        ),
+        f"PROXY-ERROR from balancer {balancer.peer} after {elapsed:.3f}: {reason} ({detail})",
+    )
 
 
 def overload(conn: ConnInfo, limit: str, refused: int) -> Event:
     """Clients turned away at a limit; one event stands for `refused` of them."""
     return Event(
-        "overload",
+        EventName.OVERLOAD,
         Severity.WARNING,
         (
-            ("event", "overload"),
+            ("event", EventName.OVERLOAD),
             *conn.fields(),
             ("elapsed", 0.0),
             ("limit", limit),
@@ -357,12 +415,12 @@ def overload(conn: ConnInfo, limit: str, refused: int) -> Event:
     )
 
 
-def _service(name: str, severity: Severity, summary: str, **fields: FieldValue) -> Event:
+def _service(name: EventName, severity: Severity, summary: str, **fields: FieldValue) -> Event:
     # Events about the daemon itself carry no connection fields.
     return Event(name, severity, (("event", name), *fields.items()), summary)
 
 
-def lifecycle(what: str, **fields: FieldValue) -> Event:
+def lifecycle(what: EventName, **fields: FieldValue) -> Event:
     """The daemon started or is stopping (`what` is "start" or "stop")."""
     detail = " ".join(f"{k}={v}" for k, v in fields.items())
     return _service(what, Severity.NOTICE, f"{what.upper()} {detail}".rstrip(), **fields)
@@ -371,13 +429,13 @@ def lifecycle(what: str, **fields: FieldValue) -> Event:
 def reload(notes: list[str]) -> Event:
     """SIGHUP: a new configuration is in force for the next connections."""
     summary = "RELOAD new configuration in force" + ("; " + "; ".join(notes) if notes else "")
-    return _service("reload", Severity.NOTICE, summary, restart_needed="; ".join(notes))
+    return _service(EventName.RELOAD, Severity.NOTICE, summary, restart_needed="; ".join(notes))
 
 
 def config_error(error: str) -> Event:
     """SIGHUP with a bad configuration: refused, the old one stays in force."""
     return _service(
-        "config-error",
+        EventName.CONFIG_ERROR,
         Severity.ERR,
         f"CONFIG-ERROR reload refused, old configuration kept: {error}",
         error=error,
@@ -387,7 +445,7 @@ def config_error(error: str) -> Event:
 def backend_check(backend: str, message: str) -> Event:
     """The start-up or reload check found a backend that will not serve passed clients well."""
     return _service(
-        "backend-check",
+        EventName.BACKEND_CHECK,
         Severity.WARNING,
         f"BACKEND-CHECK {backend}: {message}",
         backend=backend,
@@ -399,7 +457,7 @@ def stats(counters: dict[str, int], uptime: float) -> Event:
     """SIGUSR1/SIGINFO: connections by verdict since start, and what is in flight."""
     detail = " ".join(f"{k}={v}" for k, v in counters.items())
     return _service(
-        "stats",
+        EventName.STATS,
         Severity.INFO,
         f"STATS uptime={uptime:.0f}s {detail}",
         uptime=_ms(uptime),
@@ -407,7 +465,7 @@ def stats(counters: dict[str, int], uptime: float) -> Event:
     )
 
 
-def worker(what: str, index: int, pid: int, status: int | None = None) -> Event:
+def worker(what: EventName, index: int, pid: int, status: int | None = None) -> Event:
     """A worker process started ("worker-start") or died and will be replaced ("worker-exit")."""
     if status is None:
         return _service(

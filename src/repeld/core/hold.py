@@ -7,9 +7,11 @@ answers with a verdict. It never touches a socket, a clock or trio, so every
 rule here is tested in microseconds (tests/unit/test_core.py) and the shell
 stays thin.
 
-Three things are fixed at construction: `cache_pending` (the pass cache has
+Five things are fixed at construction: `cache_pending` (the pass cache has
 been asked about this client and its answer is to come), `observe`
 (`--on-early log`: an early talker is written down, never cut off),
+`enforce` (`--on-early enforce`: an early talker is held to the end of the
+delay, then repeld's own dialogue, core/enforce.py, refuses its recipients),
 `teaser` (`--teaser`: the line the client hears as the hold begins, b"" for
 none) and `dns` (the DNS lists' thresholds and block action, core/dnsbl.py,
 when lists are configured and asked about this client). The life of a held
@@ -67,10 +69,26 @@ end of the delay):
     TALKED (good) dns settled, or due at D: block -> the talk stands
                                      else -> Pass("cache", early_bytes) DONE
     OBSERVING dns: any               -> Mute(D), the answer kept        OBSERVING
+    -- enforce (--on-early enforce; OBSERVING is shared, its end differs) --
+    HOLDING   data, enforce          -> Mute(D)                         OBSERVING
+    TALKED    cache: bad or unknown, or due at W, enforce
+                                     -> Mute(D) (Enforce(T) if past D)  OBSERVING
+    TALKED    reset, enforce         -> Enforce(T, gone)                DONE
+    OBSERVING due at D, enforce      -> Enforce(T)                      DONE
+    OBSERVING reset, enforce         -> Enforce(T, gone)                DONE
+    HOLDING   cache: bad, enforce    -> Penalty (as drop)               DONE
     DONE      anything               -> LocalProtocolError (a bug in the shell)
 
 (B = accept + --dnsbl-delay, longer than the delay. A client held to B gets
 Wait(B) for its silence at D, and "silence, due" at B; `deadline` stays D.)
+
+In enforce mode the talk is written down once, at the end (`Enforce`): the
+shell greets the talker then and serves its dialogue (shell/enforce.py), and
+the early-talker event carries the envelope it gave. A talker that leaves
+before its greeting gets `Enforce(gone=True)`: no dialogue, the same event.
+While a TALKED hold waits in enforce mode an answer of bad is the same as
+unknown (the talk is audited, not cut unheard); a silent client the cache
+remembers as an early talker is cut off unheard (`Penalty`) as with drop.
 
 A talker whose cache answer is still to come is not judged on its bytes: a
 client the cache remembers as patient (an Exim with PIPECONNECT sends EHLO,
@@ -125,6 +143,7 @@ import enum
 from dataclasses import dataclass
 
 from repeld.core.dnsbl import DnsAction, DnsPolicy, DnsScore, Judgement
+from repeld.core.names import PassReason
 
 __all__ = [
     "CACHE_WAIT",
@@ -133,6 +152,7 @@ __all__ = [
     "Blocked",
     "CacheVerdict",
     "EarlyTalk",
+    "Enforce",
     "HangUp",
     "Hold",
     "LocalProtocolError",
@@ -182,16 +202,6 @@ class CacheVerdict(enum.Enum):
     BAD = 2
 
 
-class PassReason(enum.StrEnum):
-    """Why a connection was handed to the MTA; stable names for the event log."""
-
-    DELAY = "delay"
-    TRUSTED = "trusted"
-    NODELAY = "nodelay"
-    CACHE = "cache"
-    DNSWL = "dnswl"
-
-
 @dataclass(frozen=True, slots=True)
 class Wait:
     """No verdict yet: report silence again at or after `deadline`."""
@@ -237,6 +247,20 @@ class EarlyTalk:
 
 
 @dataclass(frozen=True, slots=True)
+class Enforce:
+    """`--on-early enforce`: the talker was held to the end of the delay; greet it
+    and answer its dialogue, refusing every recipient (core/enforce.py).
+
+    `gone`: it left before that (an RST), so there is no one to greet; its talk
+    is still written down.
+    """
+
+    talk: EarlyTalk
+    elapsed: float
+    gone: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class HangUp:
     """The client left before it was greeted (`reset` for an RST, else a FIN)."""
 
@@ -273,7 +297,7 @@ class Logged:
     then: Verdict
 
 
-Verdict = Wait | Mute | Pass | EarlyTalk | HangUp | Penalty | Blocked | Logged
+Verdict = Wait | Mute | Pass | EarlyTalk | Enforce | HangUp | Penalty | Blocked | Logged
 
 # The states of a Hold (see the table at the top).
 _HOLDING = 0
@@ -299,6 +323,7 @@ class Hold:
         "accepted_at",
         "deadline",
         "dns_result",
+        "enforce",
         "observe",
         "teased",
     )
@@ -312,9 +337,12 @@ class Hold:
         observe: bool = False,
         teaser: bytes = b"",
         dns: DnsPolicy | None = None,
+        enforce: bool = False,
     ) -> None:
         if delay < 0:
             raise ValueError(f"delay must not be negative, got {delay!r}")
+        if observe and enforce:
+            raise ValueError("observe and enforce are two --on-early actions, not one")
         self.accepted_at = accepted_at
         self.deadline = accepted_at + delay
         # The end of the hold for a silent client: the delay's, or later for a
@@ -322,6 +350,7 @@ class Hold:
         # so the pen's deadline queues stay in order.
         self._until = self.deadline
         self.observe = observe
+        self.enforce = enforce
         self._pending = cache_pending
         self._state = _HOLDING
         self._talk: EarlyTalk | None = None
@@ -356,6 +385,12 @@ class Hold:
         return self._dns_more and self._state != _DONE
 
     @property
+    def talk(self) -> EarlyTalk | None:
+        """What the client said early, if it talked (for the record of a talker
+        still held when repeld stops)."""
+        return self._talk
+
+    @property
     def muted(self) -> bool:
         """The client has talked; its bytes are not to be watched any more."""
         return self._state in (_TALKED, _OBSERVING)
@@ -386,6 +421,9 @@ class Hold:
         talk = self._talk
         assert talk is not None
         self._pending = False
+        if self.enforce:
+            self._state = _OBSERVING
+            return self._observed(now)
         if not self.observe:
             self._state = _DONE
             return talk
@@ -393,10 +431,14 @@ class Hold:
         return Logged(talk, self._observed(now))
 
     def _observed(self, now: float) -> Verdict:
-        # OBSERVING: held for the whole delay, then passed with its bytes.
+        # OBSERVING: held for the whole delay, then passed with its bytes
+        # (enforce: then served by repeld's own dialogue).
         if now < self.deadline:
             return Mute(self.deadline)
         self._state = _DONE
+        if self.enforce:
+            assert self._talk is not None
+            return Enforce(self._talk, self._elapsed(now))
         return Pass(PassReason.DELAY, self._elapsed(now), self._early_bytes())
 
     def opening(self) -> bytes:
@@ -439,6 +481,9 @@ class Hold:
         if self.observe:
             self._state = _OBSERVING
             return Logged(talk, self._observed(now))
+        if self.enforce:
+            self._state = _OBSERVING
+            return self._observed(now)
         self._state = _DONE
         return talk
 
@@ -449,6 +494,10 @@ class Hold:
             return self._holding_on()
         if not reset and self._state == _OBSERVING:
             return Mute(self.deadline)
+        if self.enforce and self._state in (_TALKED, _OBSERVING):
+            self._state = _DONE  # it talked, then reset: nobody to greet
+            assert self._talk is not None
+            return Enforce(self._talk, self._elapsed(now), gone=True)
         if self._state == _TALKED:  # it talked, then reset: the talk decides
             self._state = _DONE
             assert self._talk is not None
@@ -497,6 +546,8 @@ class Hold:
         down and it is held as usual; a talker's talk is written down instead.
         """
         self._answer()
+        if self.enforce and self._state == _TALKED:  # the talk is audited, not cut unheard
+            return self._talk_stands(now)
         if not self.observe:
             self._state = _DONE
             return Penalty(self._elapsed(now))

@@ -1,9 +1,12 @@
 """The policy step before the hold: who is passed at once, who must wait.
 
-Pure code like hold.py: it is given an address and the listener's flags and
-answers `None` (hold the client) or the `PassReason` for passing it at once.
-This is where later checks that act before the hold belong (a pass cache,
-per-client limits), so the connection shell never grows rules of its own.
+Pure code like hold.py: it is given an address, the listener's flags and how
+many clients are held, and answers `None` (hold the client), the `PassReason`
+for passing it at once (trusted network, nodelay listener), or the `Refuse`
+limit that turns it away (--max-held, --max-per-client). Checks that need an
+answer from elsewhere are not made here: the pass cache and the DNS lists are
+asked once the hold has begun, and their answers are fed to the `Hold`
+(core/hold.py, core/learning.py), so the shell never grows rules of its own.
 """
 
 from __future__ import annotations

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
-from typing import IO, NoReturn
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from typing import IO, BinaryIO, NoReturn, cast
 
-from repeld.report.parse import parse_line
+from repeld.report.parse import MAX_LINE, parse_line
 from repeld.report.svg import render_svg
 from repeld.report.tally import Tally
 from repeld.report.text import render_text
@@ -33,7 +35,10 @@ def make_parser() -> argparse.ArgumentParser:
             "daemon wrote them, or -f lines) and print the verdicts, the repelled share, the "
             "give-up curve, what other delays would do and the busiest early-talking networks."
         ),
-        epilog="Lines that are not repeld events are skipped and counted. See repeld(8) REPORT.",
+        epilog=(
+            f"Lines that are not repeld events, or longer than {MAX_LINE} bytes, are skipped and"
+            " counted. See the Report subsection of DESCRIPTION in repeld(8)."
+        ),
     )
     parser.add_argument(
         "files",
@@ -57,29 +62,45 @@ def make_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         default=10,
-        help="how many early-talking networks to list (default: 10)",
+        help="how many early-talking networks (and enforced sender domains, HELO names) to list"
+        " (default: 10)",
     )
     return parser
 
 
-def tally_lines(lines: Iterable[str], year: int, tally: Tally | None = None) -> Tally:
-    """Every line read into a Tally."""
+def read_lines(stream: IO[bytes], limit: int = MAX_LINE) -> Iterator[str | None]:
+    """Each line of `stream` as text, or None for a line longer than `limit` bytes.
+
+    No more than `limit` + 1 bytes of a line are ever held: the rest of a long
+    line is read and thrown away in pieces of that size.
+    """
+    while line := stream.readline(limit + 1):
+        if len(line) <= limit or line.endswith(b"\n"):
+            yield line.decode("utf-8", "replace")
+            continue
+        while not line.endswith(b"\n") and (line := stream.readline(limit + 1)):
+            pass
+        yield None
+
+
+def tally_lines(lines: Iterable[str | None], year: int, tally: Tally | None = None) -> Tally:
+    """Every line read into a Tally (None: a line too long to read)."""
     tally = Tally() if tally is None else tally
     for line in lines:
-        record = parse_line(line, year)
+        record = None if line is None else parse_line(line, year)
         if record is None:
-            tally.skip()
+            tally.skip(too_long=line is None)
         else:
             tally.add(record)
     return tally
 
 
-def _open(name: str) -> IO[str]:
+def _open(name: str) -> BinaryIO:
     if name == "-":
-        return sys.stdin
+        return sys.stdin.buffer
     if name.endswith(".gz"):
-        return gzip.open(name, "rt", encoding="utf-8", errors="replace")
-    return open(name, encoding="utf-8", errors="replace")
+        return cast(BinaryIO, gzip.open(name, "rb"))
+    return open(name, "rb")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -90,14 +111,20 @@ def main(argv: Sequence[str]) -> int:
         try:
             stream = _open(name)
             try:
-                tally_lines(stream, args.year, tally)
+                tally_lines(read_lines(stream), args.year, tally)
             finally:
-                if stream is not sys.stdin:
+                if stream is not sys.stdin.buffer:
                     stream.close()
-        except OSError as exc:
-            print(f"repeld report: {name}: {exc.strerror or exc}", file=sys.stderr)
+        except (OSError, EOFError, zlib.error) as exc:  # a truncated or corrupt .gz too
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            print(f"repeld report: {name}: {why}", file=sys.stderr)
             return 1
-    sys.stdout.write(render_text(tally, top=args.top))
+    try:
+        sys.stdout.write(render_text(tally, top=args.top))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `repeld report ... | head`: the reader has had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 1
     if args.svg:
         try:
             with open(args.svg, "w", encoding="utf-8") as out:

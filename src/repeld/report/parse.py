@@ -1,33 +1,55 @@
 """One log line in, one repeld event (or None) out; no I/O.
 
-Three shapes of event are recognised, wherever they sit in the line, so that the
-same code reads what repeld sent on the wire and what a syslog daemon wrote to a
-file around it:
+An event is read only where repeld put it, never from text that came from a
+client (the escaped first bytes, quoted inside repeld's own event) or from
+another program (a Postfix reject line quoting a HELO). The line's head decides:
 
-* RFC 5424 structured data: `[NAME@NUMBER event="..." ...]` (any private SD-ID);
-* `@cee:` and a JSON object with an `event` member (`--log-format json`);
-* the human summary alone (`PREGREET ...`, `HANGUP ...`, `PASS ...`,
-  `BACKEND-ERROR ...`, `OVERLOAD ...`), as rsyslog's traditional file formats
-  keep it when they drop the structured data, and as `-f` prints it on stderr.
-  A summary counts only after a `repeld:` or `repeld[PID]:` tag or in the `-f`
-  shape `HH:MM:SS.mmm name: ...`, so that postscreen's look-alike PREGREET lines
-  are not taken for repeld's.
+* an RFC 5424 message (`<PRI>1 TIME HOST repeld PROCID MSGID SD MSG`, as sent
+  on the wire or as rsyslog's RSYSLOG_SyslogProtocol23Format writes it) whose
+  APP-NAME is `repeld`: the event is the first private SD-ELEMENT
+  (`[NAME@NUMBER event="..." ...]`, any SD-ID, for --sd-id) in the SD position,
+  or else the MSG read as below;
+* a syslog file line (`[<PRI>]TIME [HOST] TAG MSG`, TIME in RFC 3164 or RFC 3339)
+  whose TAG is repeld's: `repeld:`, `repeld[PID]:`, or `repeld[PID]` with no
+  colon, as rsyslog's traditional and default file templates write a message
+  that arrived as RFC 5424 (its structured data dropped);
+* a `-f` line on the standard error: `HH:MM:SS.mmm NAME: SUMMARY`.
 
-The time of an event is the RFC 5424 header's, or else the first timestamp at
-the start of the line (RFC 3164 `Mmm dd hh:mm:ss`, in local time of the given
-year, or RFC 3339 as rsyslog's `RSYSLOG_FileFormat` writes it); `-f` lines alone
-carry no date, so their events have no time.
+The MSG of a repeld line, from its first character, is `@cee:` and one flat
+JSON object with an `event` member (`--log-format json`), or a `-f` line (as
+journald keeps repeld's standard error), or the human summary alone
+(`PREGREET ...`, `PASS ...`, `HANGUP ...`, `DNSBL ...`, `BACKEND-ERROR ...`,
+`OVERLOAD ...`, `PROXY-ERROR ...`; any other upper-case word names an event
+the report does not break down). Every pattern is anchored where repeld writes it, so the client's
+bytes, which come after the address and before the last `(action=...)`, are
+never where a pattern looks for a name, an address or an action.
+
+The work per line is linear in its length and bounded: lines longer than
+`MAX_LINE` characters are not read (repeld's own lines are far shorter: the
+first bytes are cut at 100 characters); no pattern backtracks more than once
+over the line, and JSON is decoded only once a pattern has shown it to be one
+flat object, so no nesting reaches the decoder.
+
+The time of an event is the RFC 5424 header's, or the line's RFC 3164
+timestamp (`Mmm dd hh:mm:ss`, in local time of the given year) or RFC 3339
+one (rsyslog's RSYSLOG_FileFormat); `-f` lines alone carry no date.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
 
-__all__ = ["Record", "parse_line"]
+from repeld.core.names import EventName
+
+__all__ = ["MAX_LINE", "Record", "parse_line"]
+
+#: Lines longer than this (in characters, the line end excluded) are skipped unread.
+MAX_LINE = 16384
 
 _MONTHS = {
     m: i
@@ -47,116 +69,250 @@ class Record:
     shape: str  # "rfc5424", "json" or "summary"
 
     def number(self, key: str) -> float | None:
-        """A numeric field, or None if it is missing or not a number."""
+        """A finite numeric field, or None if it is missing or not a number."""
         try:
-            return float(self.fields[key])
+            value = float(self.fields[key])
         except (KeyError, ValueError):
             return None
+        return value if math.isfinite(value) else None
 
 
-_SD = re.compile(
-    r'\[(?P<sdid>[^\s\]="@]{1,32}@[0-9]+(?:\.[0-9]+)*)'
-    r'(?P<params>(?: [^=\s\]"]+="(?:[^"\\\]]|\\.)*")+)\]'
+# -- the line's head: who wrote it, and when -------------------------------------------
+
+_APP = "repeld"
+#: `<PRI>1 TIME HOST APP PROCID MSGID `, then the structured data.
+_RFC5424_HEAD = re.compile(r"<\d{1,3}>1 (\S{1,64}) \S{1,255} (\S{1,48}) \S{1,128} \S{1,32} ")
+_BSD = r"(?P<mon>[A-Z][a-z]{2}) (?P<day>[ \d]\d) (?P<h>\d\d):(?P<m>\d\d):(?P<s>\d\d)"
+_ISO = r"(?P<iso>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:?\d\d)?)"
+#: `[<PRI>]TIME [HOST] repeld[PID]: ` (or `repeld: `, or `repeld[PID] ` with no colon).
+#: A HOST never ends in `:` or `]`, so that in a line without one another program's
+#: tag is not taken for the host, nor its message for repeld's tag.
+_FILE_HEAD = re.compile(
+    rf"(?:<\d{{1,3}}>)?(?:{_BSD}|{_ISO}) (?:\S{{0,254}}[^\s:\]] )?"
+    r"repeld(?:\[\d{1,10}\](?:: ?| )|: ?)"
 )
-_PARAM = re.compile(r' ([^=\s\]"]+)="((?:[^"\\\]]|\\.)*)"')
-_UNESCAPE = re.compile(r"\\(.)")
-_CEE = re.compile(r"@cee: ?(?=\{)")
+#: What `-f` prints before the summary: the local time and the event's name.
+_STDERR = re.compile(r"\d\d:\d\d:\d\d\.\d{3} (?P<name>[a-z][a-z0-9-]{0,31}): ")
 
-_RFC5424_TIME = re.compile(r"^<\d{1,3}>1 (\S+) ")
-_ISO_TIME = re.compile(
-    r"^(?:<\d{1,3}>)?(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d)?)\s"
-)
-_BSD_TIME = re.compile(r"^(?:<\d{1,3}>)?([A-Z][a-z]{2}) ([ \d]\d) (\d\d):(\d\d):(\d\d)\s")
+# -- RFC 5424 structured data ------------------------------------------------------------
 
-#: Where a bare summary may start: after repeld's syslog tag, or in `-f`'s shape.
-_TAGGED = re.compile(
-    r"(?:^|\s)repeld(?:\[\d+\])?: (?:\d\d:\d\d:\d\d\.\d{3} [a-z][a-z-]*: )?(?P<summary>.*)$"
-)
-_STDERR = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} [a-z][a-z-]*: (?P<summary>.*)$")
+_SD_NAME = r'[^ =\]"]{1,32}'
+#: PARAM-VALUE: anything but `"`, `\` and `]`, or a backslash pair; possessive, so
+#: that a value full of backslashes costs no backtracking state.
+_SD_VALUE = r'"([^"\\\]]*+(?:\\.[^"\\\]]*+)*+)"'
+_SD_ELEMENT = re.compile(rf"\[({_SD_NAME})((?: {_SD_NAME}={_SD_VALUE})*+)\]", re.DOTALL)
+_SD_PARAM = re.compile(rf" ({_SD_NAME})={_SD_VALUE}", re.DOTALL)
+_PRIVATE = re.compile(r"[^@]+@\d+(?:\.\d+)*")
 
-_PEER = r"\[(?P<client>[^\]]+)\]:(?P<client_port>\d+)"
-_NUM = r"[0-9]+(?:\.[0-9]+)?"
-_SUMMARIES: tuple[tuple[str, re.Pattern[str]], ...] = (
-    (
-        "early-talker",
-        re.compile(
-            rf"^PREGREET (?P<bytes>\d+|penalty) after (?P<elapsed>{_NUM}) from {_PEER}: .*"
-            r"\(action=(?P<action>[a-z-]+)\)$"
+# -- @cee: JSON: one flat object, checked by a pattern before json.loads -----------------
+
+_J_STR = r'"[^"\\\x00-\x1f]*+(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})[^"\\\x00-\x1f]*+)*+"'
+_J_NUM = r"-?(?:0|[1-9]\d{0,29})(?:\.\d{1,30})?(?:[eE][+-]?\d{1,3})?"
+_J_PAIR = rf"[ \t]*+{_J_STR}[ \t]*+:[ \t]*+(?>{_J_STR}|{_J_NUM}|true|false|null)[ \t]*+"
+_FLAT_OBJECT = re.compile(rf"\{{(?:{_J_PAIR}(?:,{_J_PAIR})*+)?\}}[ \t]*+")
+_CEE = "@cee:"
+
+# -- the human summaries -----------------------------------------------------------------
+
+_PEER = r"\[(?P<client>[^\]\[ ]{1,64})\]:(?P<client_port>\d{1,5})"
+_NUM = r"[0-9]{1,12}(?:\.[0-9]{1,9})?"
+_SUMMARIES: dict[str, tuple[str, tuple[re.Pattern[str], ...]]] = {
+    # keyword: (event name, the shapes repeld writes it in)
+    "PREGREET": (
+        EventName.EARLY_TALKER,
+        (
+            # The client's bytes sit between the address and the last "(action=...)".
+            re.compile(
+                rf"PREGREET (?P<bytes>\d{{1,12}}|penalty) after (?P<elapsed>{_NUM}) from {_PEER}: "
+                r".*\(action=(?P<action>[a-z-]{1,16})\)",
+                re.DOTALL,
+            ),
         ),
     ),
-    (
-        "hangup",
-        re.compile(rf"^HANGUP after (?P<elapsed>{_NUM}) from {_PEER} \((?P<how>[a-z-]+)\)"),
-    ),
-    ("pass", re.compile(rf"^PASS (?P<reason>[A-Z][A-Z-]*) {_PEER} after (?P<elapsed>{_NUM})")),
-    (
-        "backend-error",
-        re.compile(
-            rf"^BACKEND-ERROR (?P<backend>\S+) for {_PEER} after (?P<elapsed>{_NUM}): "
-            r"(?P<error>.*) \(replied 421\)$"
+    "HANGUP": (
+        EventName.HANGUP,
+        (
+            re.compile(
+                rf"HANGUP after (?P<elapsed>{_NUM}) from {_PEER} \((?P<how>[a-z-]{{1,16}})\)"
+                r" before the greeting"
+            ),
         ),
     ),
-    ("overload", re.compile(r"^OVERLOAD (?P<limit>[a-z-]+): refused (?P<refused>\d+) ")),
-)
+    "PASS": (
+        EventName.PASS,
+        (
+            re.compile(
+                rf"PASS (?P<reason>[A-Z][A-Z-]{{0,15}}) {_PEER} after (?P<elapsed>{_NUM})"
+                r"(?: \((?P<early_bytes>\d{1,12}) bytes before the greeting\))?"
+            ),
+        ),
+    ),
+    "DNSBL": (
+        EventName.DNSBL,
+        (
+            re.compile(
+                rf"DNSBL rank (?P<score>-?\d{{1,12}}) for {_PEER} after (?P<elapsed>{_NUM}): "
+                r"(?P<lists>[^ ]{1,4096}|no list) \(action=(?P<action>[a-z-]{1,16})\)"
+            ),
+        ),
+    ),
+    "BACKEND-ERROR": (
+        EventName.BACKEND_ERROR,
+        (
+            re.compile(
+                rf"BACKEND-ERROR (?P<backend>\S{{1,300}}) for {_PEER} after (?P<elapsed>{_NUM}): "
+                r"(?P<error>.*) \(replied 421\)",
+                re.DOTALL,
+            ),
+            re.compile(
+                r"BACKEND-ERROR (?P<backend>\S{1,300}) for (?P<count>\d{1,12}) clients, the last "
+                rf"{_PEER} after (?P<elapsed>{_NUM}): (?P<error>.*) \(replied 421\)",
+                re.DOTALL,
+            ),
+        ),
+    ),
+    "PROXY-ERROR": (
+        EventName.PROXY_ERROR,
+        (
+            re.compile(
+                rf"PROXY-ERROR from balancer {_PEER} after (?P<elapsed>{_NUM}): "
+                r"(?P<reason>[a-z0-9-]{1,32}) \((?P<detail>.*)\)",
+                re.DOTALL,
+            ),
+        ),
+    ),
+    "OVERLOAD": (
+        EventName.OVERLOAD,
+        (
+            re.compile(
+                r"OVERLOAD (?P<limit>[a-z-]{1,32}): refused (?P<refused>\d{1,12}) connection\(s\),"
+                rf" last from {_PEER} \(replied 421\)"
+            ),
+        ),
+    ),
+}
+_KEYWORD = re.compile(r"[A-Z][A-Z0-9-]{0,31}(?=[ :]|$)")
+_BROKEN_DOWN = frozenset(event for event, _ in _SUMMARIES.values())
 
 
-def _unescape(value: str) -> str:
-    return _UNESCAPE.sub(r"\1", value)
-
-
-def _line_time(line: str, year: int) -> float | None:
-    if match := _RFC5424_TIME.match(line) or _ISO_TIME.match(line):
-        try:
-            return datetime.fromisoformat(match.group(1)).timestamp()
-        except ValueError:
-            return None
-    if match := _BSD_TIME.match(line):
-        month = _MONTHS.get(match.group(1))
-        if month is None:
-            return None
-        day, hour, minute, second = (int(g) for g in match.group(2, 3, 4, 5))
-        try:
-            return time.mktime((year, month, day, hour, minute, second, 0, 0, -1))
-        except (OverflowError, ValueError):
-            return None
-    return None
-
-
-def _from_json(line: str) -> tuple[int, dict[str, str]] | None:
-    for match in _CEE.finditer(line):
-        try:
-            obj, _end = json.JSONDecoder().raw_decode(line, match.end())
-        except ValueError:
-            continue
-        if isinstance(obj, dict) and isinstance(obj.get("event"), str):
-            fields = {str(k): str(v) for k, v in obj.items() if not isinstance(v, dict | list)}
-            return match.start(), fields
-    return None
-
-
-def _from_sd(line: str) -> tuple[int, dict[str, str]] | None:
-    for match in _SD.finditer(line):
-        fields = {k: _unescape(v) for k, v in _PARAM.findall(match.group("params"))}
-        if fields.get("event"):
-            return match.start(), fields
-    return None
-
-
-def _from_summary(line: str) -> tuple[int, dict[str, str]] | None:
-    match = _TAGGED.search(line) or _STDERR.match(line)
-    if match is None:
+def _bsd_time(match: re.Match[str], year: int) -> float | None:
+    month = _MONTHS.get(match["mon"])
+    if month is None:
         return None
-    summary = match.group("summary")
-    for name, pattern in _SUMMARIES:
-        found = pattern.match(summary)
-        if found:
-            fields = {"event": name, **found.groupdict()}
-            if name == "pass":
+    day, hour, minute, second = (int(match[g]) for g in ("day", "h", "m", "s"))
+    try:
+        return time.mktime((year, month, day, hour, minute, second, 0, 0, -1))
+    except (OverflowError, ValueError):
+        return None
+
+
+def _iso_time(text: str) -> float | None:
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except (ValueError, OverflowError):
+        return None
+
+
+def _sd_unescape(value: str) -> str:
+    # RFC 5424 escapes only \\, \" and \]; a backslash before anything else is itself.
+    # str.split takes the pairs from the left, as the escaping wrote them: linear,
+    # with no object per escape.
+    if "\\" not in value:
+        return value
+    return "\\".join(part.replace('\\"', '"').replace("\\]", "]") for part in value.split("\\\\"))
+
+
+def _from_sd(line: str, pos: int) -> tuple[dict[str, str] | None, int]:
+    """The event of the structured data at `pos`, and where the MSG starts (-1: no MSG).
+
+    Only SD-ELEMENTs one after the other from `pos` are read; the first private
+    one with an `event` parameter is the event.
+    """
+    if line.startswith("-", pos):
+        return None, pos + 2 if line.startswith(" ", pos + 1) else -1
+    found: dict[str, str] | None = None
+    while (element := _SD_ELEMENT.match(line, pos)) is not None:
+        pos = element.end()
+        if found is None and _PRIVATE.fullmatch(element.group(1)):
+            params = dict(reversed(_SD_PARAM.findall(element.group(2))))  # the first wins
+            if params.get("event"):
+                found = {k: _sd_unescape(v) for k, v in params.items()}
+        if not line.startswith("[", pos):
+            break
+    else:
+        return found, -1  # not structured data: no message either
+    if pos == len(line):
+        return found, -1
+    return found, pos + 1 if line.startswith(" ", pos) else -1
+
+
+def _from_json(text: str) -> dict[str, str] | None:
+    if _FLAT_OBJECT.fullmatch(text) is None:
+        return None
+    try:
+        obj = json.loads(text)
+    except ValueError:  # e.g. a lone surrogate escape, or a number past the digit limit
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("event"), str) or not obj["event"]:
+        return None
+    return {str(k): _json_text(v) for k, v in obj.items()}
+
+
+def _json_text(value: object) -> str:
+    # A flat object's values: strings, numbers, true, false and null, as JSON spells them.
+    if isinstance(value, str):
+        return value
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return str(value)
+
+
+def _other_name(word: str, summary: str) -> str:
+    # The name of an event the report does not break down is its keyword in lower
+    # case, but for WORKER, which says "started" or "exited".
+    if word == "WORKER":
+        return "worker-exit" if " exited with " in summary else "worker-start"
+    return word.lower()
+
+
+def _from_summary(summary: str, name: str | None) -> dict[str, str] | None:
+    keyword = _KEYWORD.match(summary)
+    if keyword is None:
+        return None
+    word = keyword.group()
+    known = _SUMMARIES.get(word)
+    if known is None:
+        if name in _BROKEN_DOWN:
+            return None
+        return {"event": name or _other_name(word, summary)}
+    event, patterns = known
+    if name is not None and name != event:
+        return None
+    for pattern in patterns:
+        found = pattern.fullmatch(summary)
+        if found is not None:
+            fields = {k: v for k, v in found.groupdict().items() if v is not None}
+            fields["event"] = event
+            if event == EventName.PASS:
                 fields["reason"] = fields["reason"].lower()
             if fields.get("bytes") == "penalty":
                 fields["bytes"] = "0"
-            return match.start("summary"), fields
+            return fields
     return None
+
+
+def _from_message(msg: str) -> tuple[str, dict[str, str]] | None:
+    """The event in the MSG of a repeld line, read from its first character."""
+    if msg.startswith(_CEE):
+        body = msg[len(_CEE) :]
+        fields = _from_json(body[1:] if body.startswith(" ") else body)
+        return None if fields is None else ("json", fields)
+    name = None
+    if (stderr := _STDERR.match(msg)) is not None:
+        name = stderr["name"]
+        msg = msg[stderr.end() :]
+    fields = _from_summary(msg, name)
+    return None if fields is None else ("summary", fields)
 
 
 def parse_line(line: str, year: int) -> Record | None:
@@ -165,18 +321,25 @@ def parse_line(line: str, year: int) -> Record | None:
     `year` dates RFC 3164 timestamps, which carry none.
     """
     line = line.rstrip("\r\n")
-    # The shape that starts first wins: what a client sent is quoted after the real
-    # structure (in the summary, or escaped inside the structure), never before it.
-    found = [
-        (hit[0], shape, hit[1])
-        for shape, hit in (
-            ("json", _from_json(line)),
-            ("rfc5424", _from_sd(line)),
-            ("summary", _from_summary(line)),
-        )
-        if hit is not None
-    ]
-    if not found:
+    if len(line) > MAX_LINE:
         return None
-    _pos, shape, fields = min(found, key=lambda f: f[0])
-    return Record(fields["event"], fields, _line_time(line, year), shape)
+    if (head := _RFC5424_HEAD.match(line)) is not None:
+        if head.group(2) != _APP:
+            return None
+        when = None if head.group(1) == "-" else _iso_time(head.group(1))
+        fields, msg_at = _from_sd(line, head.end())
+        if fields is not None:
+            return Record(fields["event"], fields, when, "rfc5424")
+        found = None if msg_at < 0 else _from_message(line[msg_at:])
+    elif (head := _FILE_HEAD.match(line)) is not None:
+        when = _iso_time(head["iso"]) if head["iso"] else _bsd_time(head, year)
+        found = _from_message(line[head.end() :])
+    elif _STDERR.match(line) is not None:
+        when = None
+        found = _from_message(line)
+    else:
+        return None
+    if found is None:
+        return None
+    shape, fields = found
+    return Record(fields["event"], fields, when, shape)

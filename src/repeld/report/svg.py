@@ -12,11 +12,16 @@ from html import escape
 
 from repeld.report.tally import BIN, CATEGORIES, LAST_BIN, Tally
 
-__all__ = ["COLOURS", "render_svg"]
+__all__ = ["COLOURS", "LABELS", "legend_rows", "render_svg"]
 
 WIDTH = 900
-HEIGHT = 800
+HEIGHT = 840
 LEFT, RIGHT = 70, 830
+#: A generous width of one character of the 12-pixel legend text (DejaVu Sans, the
+#: widest of the fonts named, averages about 7 pixels), so that no legend outgrows
+#: the picture: an entry that would pass the right edge starts a new row.
+_CHAR = 7.4
+_ROW = 18
 FONT = 'font-family="DejaVu Sans, Helvetica, Arial, sans-serif"'
 
 COLOURS = {
@@ -25,23 +30,26 @@ COLOURS = {
     "early-talker": "#e53935",
     "hangup": "#fb8c00",
     "would-repel": "#f48fb1",
+    "dnsbl": "#6a1b9a",
+    "proxy-error": "#424242",
     "share": "#1e3a8a",
 }
 LABELS = {
     "pass": "passed after the delay",
-    "pass-other": "passed at once (trusted, nodelay, cache)",
+    "pass-other": "passed at once (trusted, nodelay, cache, dnswl)",
     "early-talker": "early talker cut off",
     "hangup": "hung up",
     "would-repel": "early talker, only logged",
+    "dnsbl": "cut off by a DNS list",
+    "proxy-error": "PROXY header error (balancer)",
 }
-#: Bucket widths for the verdicts over time, in seconds; the first giving at most 72 bars.
-_BUCKETS = (60, 300, 900, 3600, 3 * 3600, 6 * 3600, 86400, 7 * 86400, 30 * 86400)
 
 
 def _nice_step(top: float, ticks: int = 5) -> float:
+    # Counts: no step below one connection.
     raw = max(top, 1.0) / ticks
     power = 10.0 ** math.floor(math.log10(raw))
-    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    return max(1.0, next(m * power for m in (1, 2, 5, 10) if m * power >= raw))
 
 
 def _text(x: float, y: float, body: str, extra: str = "") -> str:
@@ -77,20 +85,35 @@ def _axes(top: float, bottom: float, ymax: float, step: float, label: str) -> li
     return parts
 
 
-def _legend(x: float, y: float, keys: list[str], labels: dict[str, str]) -> list[str]:
-    parts = []
+def legend_rows(keys: list[str], labels: dict[str, str]) -> list[list[tuple[float, str]]]:
+    """The legend's entries as rows of (x, key), each row within LEFT..WIDTH - 10."""
+    rows: list[list[tuple[float, str]]] = [[]]
+    x: float = LEFT
     for key in keys:
-        parts.append(
-            f'<rect x="{x:.1f}" y="{y - 9:.1f}" width="12" height="12" fill="{COLOURS[key]}"/>'
-        )
-        parts.append(_text(x + 17, y + 1, labels[key], 'font-size="12"'))
-        x += 24 + 7 * len(labels[key])
+        width = 17 + _CHAR * len(labels[key])
+        if rows[-1] and x + width > WIDTH - 10:
+            rows.append([])
+            x = LEFT
+        rows[-1].append((x, key))
+        x += width + 16
+    return rows
+
+
+def _legend(y: float, keys: list[str], labels: dict[str, str]) -> list[str]:
+    parts = []
+    for row in legend_rows(keys, labels):
+        for x, key in row:
+            parts.append(
+                f'<rect x="{x:.1f}" y="{y - 9:.1f}" width="12" height="12" fill="{COLOURS[key]}"/>'
+            )
+            parts.append(_text(x + 17, y + 1, labels[key], 'font-size="12"'))
+        y += _ROW
     return parts
 
 
 def _curve(tally: Tally, top: float, bottom: float) -> list[str]:
-    hangups = tally.curve(tally.hangup_times)
-    early = tally.curve(tally.early_times + tally.would_times)
+    hangups = tally.curve("hangup")
+    early = tally.curve("early", "would")
     bins = len(hangups)
     ymax_raw = max([*hangups, *early, 1])
     step = _nice_step(ymax_raw)
@@ -169,24 +192,18 @@ def _curve(tally: Tally, top: float, bottom: float) -> list[str]:
         "share": "share repelled by a delay of x s (at least, past the delay in force)",
     }
     parts += _legend(
-        LEFT, top - 8, ["hangup", "early-talker", "share"], {**labels, "early-talker": "early talk"}
+        bottom + 58, ["hangup", "early-talker", "share"], {**labels, "early-talker": "early talk"}
     )
     return parts
 
 
 def _over_time(tally: Tally, top: float, bottom: float) -> list[str]:
     parts = [_text(LEFT, top - 28, "Verdicts over time (UTC)", 'font-size="15" font-weight="bold"')]
-    if not tally.timeline:
+    start, width, buckets = tally.over_time()
+    if not buckets:
         parts.append(_text(LEFT, (top + bottom) / 2, "no timestamped events", 'font-size="13"'))
         return parts
-    first = min(t for t, _ in tally.timeline)
-    last = max(t for t, _ in tally.timeline)
-    width = next((w for w in _BUCKETS if (last - first) / w < 72), _BUCKETS[-1])
-    start = math.floor(first / width) * width
-    count = int((last - start) // width) + 1
-    buckets = [dict.fromkeys(CATEGORIES, 0) for _ in range(count)]
-    for when, category in tally.timeline:
-        buckets[int((when - start) // width)][category] += 1
+    count = len(buckets)
     ymax_raw = max(sum(b.values()) for b in buckets)
     step = _nice_step(ymax_raw)
     ymax = step * math.ceil(ymax_raw / step)
@@ -210,7 +227,7 @@ def _over_time(tally: Tally, top: float, bottom: float) -> list[str]:
                         f"{stamp}: {LABELS[category]} {n}",
                     )
                 )
-    fmt = "%H:%M" if last - first < 86400 else "%m-%d %H:%M"
+    fmt = "%H:%M" if count * width <= 86400 else "%m-%d %H:%M"
     every = max(1, math.ceil(count / 8))
     for i in range(0, count, every):
         label = time.strftime(fmt, time.gmtime(start + i * width))
@@ -218,7 +235,7 @@ def _over_time(tally: Tally, top: float, bottom: float) -> list[str]:
             _text(LEFT + i * slot, bottom + 16, label, 'font-size="11" text-anchor="middle"')
         )
     present = [c for c in CATEGORIES if any(b[c] for b in buckets)]
-    parts += _legend(LEFT, bottom + 40, present, LABELS)
+    parts += _legend(bottom + 40, present, LABELS)
     return parts
 
 

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from repeld.report.tally import BIN, CANDIDATES, LAST_BIN, Tally
 
 __all__ = ["render_text"]
+
+#: The events the report breaks down above; the rest are counted by name.
+_BROKEN_DOWN = frozenset(
+    {"pass", "early-talker", "hangup", "dnsbl", "overload", "backend-error", "proxy-error"}
+)
 
 
 def _pct(part: int, whole: int) -> str:
@@ -33,35 +39,47 @@ def render_text(tally: Tally, top: int = 10) -> str:
     out: list[str] = []
     add = out.append
     events = sum(tally.events.values())
+    too_long = f", {tally.too_long} of them too long to read" if tally.too_long else ""
     add(
         f"repeld report: {events} events in {tally.lines} lines"
-        f" ({tally.skipped} lines skipped: not repeld events)"
+        f" ({tally.skipped} lines skipped: not repeld events{too_long})"
     )
-    times = [t for t, _ in tally.timeline]
-    if times:
-        add(f"from {_stamp(min(times))} to {_stamp(max(times))}")
+    if tally.first is not None and tally.last is not None:
+        add(f"from {_stamp(tally.first)} to {_stamp(tally.last)}")
     add("")
     add("Verdicts")
     add(f"  pass          {sum(tally.passes.values()):7d}  ({_breakdown(tally.passes)})")
     add(f"  early-talker  {sum(tally.early.values()):7d}  ({_breakdown(tally.early)})")
     add(f"  hangup        {sum(tally.hangups.values()):7d}  ({_breakdown(tally.hangups)})")
+    add(f"  dnsbl         {sum(tally.dnsbl.values()):7d}  ({_breakdown(tally.dnsbl)})")
     add(f"  refused       {sum(tally.refused.values()):7d}  ({_breakdown(tally.refused)})")
-    add(f"  backend-error {tally.events['backend-error']:7d}")
+    add(f"  backend-error {tally.backend_errors:7d}")
+    add("")
+    add("Not verdicts on a client")
+    add(
+        f"  proxy-error   {sum(tally.proxy_errors.values()):7d}  ({_breakdown(tally.proxy_errors)})"
+        "  PROXY headers the load balancer got wrong"
+    )
+    others = Counter({k: n for k, n in tally.events.items() if k not in _BROKEN_DOWN})
+    add(f"  other events  {sum(others.values()):7d}  ({_breakdown(others)})")
     add("")
     judged = tally.judged
-    add(f"Held the delay: {judged} connections (not trusted, nodelay, cached or penalty)")
+    add(
+        f"Held the delay: {judged} connections"
+        " (not trusted, nodelay, dnswl, cached, penalty or cut off by a DNS list)"
+    )
     add(f"  repelled      {tally.repelled:7d}  {_pct(tally.repelled, judged)}")
     if tally.would_repel:
         add(
             f"  would repel   {tally.would_repel:7d}  {_pct(tally.would_repel, judged)}"
             "  (--on-early log: talked early, not cut off)"
         )
-    add(f"  passed        {len(tally.waits):7d}  {_pct(len(tally.waits), judged)}")
+    add(f"  passed        {tally.waited:7d}  {_pct(tally.waited, judged)}")
     seen = tally.delays_seen()
     add("  delay in force: " + (", ".join(f"{d} s" for d in seen) if seen else "unknown"))
     add("")
-    hangups = tally.curve(tally.hangup_times)
-    early = tally.curve(tally.early_times + tally.would_times)
+    hangups = tally.curve("hangup")
+    early = tally.curve("early", "would")
     add("Give-up curve: seconds waited before hanging up or talking")
     add(f"  {'waited':8s} {'hang-ups':>14s}  {'early talk':>14s}")
     hang_total, early_total = sum(hangups), sum(early)
@@ -83,9 +101,31 @@ def render_text(tally: Tally, top: int = 10) -> str:
     add("  repelled figure is a lower bound.")
     add("")
     add(f"Busiest early-talking networks (/24, /64), top {top}")
+    if not tally.networks.exact:
+        add(
+            f"  (approximate: more than {tally.networks.capacity} networks; each count may be"
+            f" over by up to {tally.networks.error})"
+        )
     busiest = tally.networks.most_common(top)
     for network, count in busiest:
         add(f"  {network:43s} {count:7d}")
     if not busiest:
         add("  none")
+    if tally.early["enforce"]:
+        _envelopes(tally, top, add)
     return "\n".join(out) + "\n"
+
+
+def _envelopes(tally: Tally, top: int, add: Callable[[str], None]) -> None:
+    # --on-early enforce: whom the cut clients wrote as, and what they called themselves.
+    add("")
+    add(f"Cut clients' envelopes (--on-early enforce: {tally.early['enforce']} talkers), top {top}")
+    for title, counts in (
+        ("sender domains", tally.sender_domains),
+        ("HELO names", tally.helo_names),
+    ):
+        add(f"  {title}")
+        for name, count in counts.most_common(top):
+            add(f"    {name:41s} {count:7d}")
+        if not counts:
+            add("    none given")

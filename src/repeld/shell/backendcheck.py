@@ -6,9 +6,10 @@ does, sent the PROXY header that --proxy-protocol asks for (with the probe's
 own socket addresses), then greeted, EHLO'd and QUIT. Each phase has its
 bound (core/backendcheck.py), and the whole check of one backend CHECK_LIMIT.
 
-`repeld --check-backend` prints `report_line()` for each; the daemon runs
-`warn_about_backends()` once after start-up and after each reload, in the
-background, and never stops for what it finds.
+`repeld --check-backend` prints `report_line()` for each; the daemon checks
+once after start-up and after each reload, in the background, and reports
+each problem with `warn()` (shell/backendwatch.py, which also checks every
+--backend-check-interval), and never stops for what it finds.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "check_backends",
     "keep_pipe_connect",
     "report_line",
+    "warn",
     "warn_about_backends",
 ]
 
@@ -171,7 +173,12 @@ async def warn_about_backends(settings: Settings, log: EventLog) -> None:
         log.emit(events.internal_error(None, 0.0, f"backend check: {exc!r}"))
         return
     for backend, verdict in results:
-        problems = [verdict.message] if not verdict.ok else list(verdict.warnings)
-        for problem in problems:
-            log.emit(events.backend_check(str(backend), problem))
-            print(f"repeld: warning: backend {backend}: {problem}", file=sys.stderr, flush=True)
+        warn(log, backend, verdict)
+
+
+def warn(log: EventLog, backend: Backend, verdict: Verdict) -> None:
+    """A `backend-check` event and a stderr line for each problem of one verdict."""
+    problems = [verdict.message] if not verdict.ok else list(verdict.warnings)
+    for problem in problems:
+        log.emit(events.backend_check(str(backend), problem))
+        print(f"repeld: warning: backend {backend}: {problem}", file=sys.stderr, flush=True)

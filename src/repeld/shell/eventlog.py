@@ -50,6 +50,7 @@ from repeld.core.logformat import (
     format_stderr,
     wire_format,
 )
+from repeld.core.names import EventName
 from repeld.shell.relay import connect, send_all
 
 __all__ = ["EventLog"]
@@ -192,7 +193,7 @@ class EventLog:
         self.counts[event.name] += 1
         if self.observe is not None:
             self.observe(event)
-        if event.name == "early-talker" and not self.report_attacks:
+        if event.name == EventName.EARLY_TALKER and not self.report_attacks:
             return
         stamp = time.time()
         if self.stderr is not None:
@@ -204,7 +205,7 @@ class EventLog:
         if self.target is None:
             return
         if not self._enqueue(self._frame(event, stamp), 1):
-            if event.name == "backend-error":
+            if event.name == EventName.BACKEND_ERROR:
                 key = (str(event.get("backend")), str(event.get("error")))
                 count = self._coalesced.get(key, (0, event, stamp))[0]
                 self._coalesced[key] = (count + 1, event, stamp)

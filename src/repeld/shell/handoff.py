@@ -27,18 +27,17 @@ from repeld.service import tcptune
 from repeld.shell.eventlog import EventLog
 from repeld.shell.relay import RelayResult
 from repeld.shell.relaypool import RelayPool, RelayPoolClosed
+from repeld.shell.replies import BACKEND_UNAVAILABLE, reply_and_close
+from repeld.shell.ucspi import handoff_exec
 
 __all__ = [
-    "BACKEND_UNAVAILABLE",
     "BackendTarget",
+    "HandOff",
     "handoff",
-    "reply_and_close",
     "resolve_backend",
     "resolve_optional_backend",
     "tune_listener",
 ]
-
-BACKEND_UNAVAILABLE = b"421 4.3.2 Service temporarily unavailable, try again later\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,16 +72,6 @@ async def resolve_optional_backend(settings: Settings) -> BackendTarget | None:
     if settings.backend is None:
         return None
     return await resolve_backend(settings.backend.host, settings.backend.port)
-
-
-def reply_and_close(sock: socket.socket, line: bytes) -> None:
-    """Best-effort one-line reply on a non-blocking socket, then close it."""
-    try:
-        sock.send(line, getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 0))
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
-    sock.close()
 
 
 #: A relayed client silent this long is probed; after KEEPALIVE_COUNT unanswered
@@ -137,13 +126,15 @@ def handoff(
     ended: Callable[[], None],
     tuned: bool = False,
     strip_pipe_connect: bool = True,
+    check: bool = False,
 ) -> None:
     """Hand one passed client to the MTA through `pool`; returns at once.
 
     When the session is over its event is written, `sock` is closed and
     `ended()` is called, once, whatever happened. `tuned`: `sock` came from a
     listener that `tune_listener` tuned; `strip_pipe_connect`: take PIPECONNECT
-    out of the MTA's first EHLO reply.
+    out of the MTA's first EHLO reply; `check`: a balancer's health check, announced
+    with a LOCAL header and ended without a `relay-end` (it is not a client).
     """
 
     def done(result: RelayResult) -> None:
@@ -157,6 +148,8 @@ def handoff(
                 return
             if result.connected_at is None:  # stopped while connecting: come back later
                 reply_and_close(sock, BACKEND_UNAVAILABLE)
+            if check:
+                return
             started = now if result.connected_at is None else result.connected_at
             log.emit(
                 events.relay_end(
@@ -180,9 +173,12 @@ def handoff(
                 _tune_for_relay(sock)
             except OSError:
                 pass  # the client may have gone already; the relay will see it
-        header = proxyproto.header(
-            proxy_protocol, conn.client, conn.client_port, conn.server, conn.server_port
-        )
+        if check:
+            header = proxyproto.local(proxy_protocol)
+        else:
+            header = proxyproto.header(
+                proxy_protocol, conn.client, conn.client_port, conn.server, conn.server_port
+            )
         pool.connect_and_relay(
             sock,
             target.addresses,
@@ -196,3 +192,93 @@ def handoff(
         reply_and_close(sock, BACKEND_UNAVAILABLE)
         log.emit(events.internal_error(conn, trio.current_time() - accepted_at, repr(exc)))
         ended()
+
+
+class HandOff:
+    """The hand-off phase: every passed client goes to its MTA through the relay
+    pool, or to the --exec program, and is counted until its session is over.
+
+    `start` runs the relay pool in the relays nursery, which outlives the front
+    (accept loops, pen) during a drain; `wait_idle` returns once every session
+    handed on is done.
+    """
+
+    def __init__(self, settings: Settings, log: EventLog) -> None:
+        self.settings = settings
+        self.log = log
+        #: The MTA of clients whose listener names none (None with --exec).
+        self.backend: BackendTarget | None = None
+        #: Every listener hands out sockets already tuned for relaying.
+        self.listeners_tuned = True
+        #: Clients handed on and not done yet (relayed by the pool, or --exec).
+        self.active = 0
+        #: Set when `active` falls to 0, for whoever waits in `wait_idle`.
+        self._idle: trio.Event | None = None
+        #: The relays nursery: the pool's task, and a task per --exec client.
+        self._nursery: trio.Nursery | None = None
+        #: Every relayed session, from the backend connect to its end, in one task.
+        self.pool: RelayPool | None = None
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Run the relay pool in `nursery` (cancelled with it, at the end of the drain)."""
+        self._nursery = nursery
+        self.pool = RelayPool(self._pool_error)
+        nursery.start_soon(self.pool.run)
+
+    def client(
+        self,
+        sock: socket.socket,
+        conn: ConnInfo,
+        accepted_at: float,
+        backend: BackendTarget | None = None,
+        *,
+        check: bool = False,
+    ) -> None:
+        """Hand one passed client on (`check`: a balancer's health check); returns at once."""
+        target = backend or self.backend
+        s = self.settings
+        self.active += 1
+        if target is None:
+            assert s.exec is not None  # settings guarantee one or the other
+            assert self._nursery is not None
+            self._nursery.start_soon(self._exec, sock, conn, accepted_at, s.exec)
+            return
+        assert self.pool is not None  # started with the relays nursery
+        handoff(
+            sock,
+            conn,
+            accepted_at,
+            target,
+            s.proxy_protocol,
+            s.connect_timeout,
+            s.relay_timeout,
+            self.log,
+            self.pool,
+            self._ended,
+            self.listeners_tuned,
+            not s.keep_pipe_connect,
+            check,
+        )
+
+    def _ended(self) -> None:
+        self.active -= 1
+        if not self.active and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no client is being relayed or served by --exec (at once if none is)."""
+        while self.active:
+            if self._idle is None or self._idle.is_set():
+                self._idle = trio.Event()
+            await self._idle.wait()
+
+    async def _exec(
+        self, sock: socket.socket, conn: ConnInfo, accepted_at: float, program: tuple[str, ...]
+    ) -> None:
+        try:
+            await handoff_exec(sock, conn, accepted_at, program, self.log)
+        finally:
+            self._ended()
+
+    def _pool_error(self, message: str) -> None:
+        self.log.emit(events.internal_error(None, 0.0, message))

@@ -1,9 +1,11 @@
-"""What the pass path needs on plain sockets: connect with a deadline, write it all,
-and the record of a relayed session.
+"""Plain-socket helpers: connect with a deadline, write it all, and the record of a
+relayed session.
 
-The bytes of relayed sessions are moved by relaypool.RelayPool; the sockets
-are plain non-blocking stdlib sockets throughout, waited on with trio's
-readiness primitives, so no stream objects or per-connection buffers exist.
+`connect` and `send_all` serve the event log's TCP syslog target (eventlog.py);
+`RelayResult` is what the relay pool (relaypool.py, which moves the bytes of
+every relayed session itself) reports when a session ends. The sockets are plain
+non-blocking stdlib sockets, waited on with trio's readiness primitives, so no
+stream objects or per-connection buffers exist.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 import trio
 
+from repeld.core.names import RelayEnd
 from repeld.service import tcptune
 
 __all__ = ["CHUNK", "RelayResult", "connect", "send_all"]
@@ -27,7 +30,7 @@ class RelayResult:
 
     from_client: int = 0
     to_client: int = 0
-    end: str = "closed"  # closed | timeout | client-reset | backend-reset | shutdown
+    end: RelayEnd = RelayEnd.CLOSED
     #: When the backend connection was made (trio time); None if it never was.
     connected_at: float | None = None
     #: Why no backend address answered (then nothing was relayed).

@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 import trio
 
 from repeld.core.ehlofilter import EhloFilter
+from repeld.core.names import RelayEnd
 from repeld.service import tcptune
 from repeld.shell.poller import ERROR_READY, IN, OUT, READ_READY, WRITE_READY, Poller, watch
 from repeld.shell.relay import CHUNK, RelayResult
@@ -336,7 +337,7 @@ class RelayPool:
             for side in list(self._sides.values()):
                 session = side.session
                 if session.open:
-                    session.result.end = "shutdown"
+                    session.result.end = RelayEnd.SHUTDOWN
                     self._finish(session)
             self._unlink()
             self._poller.close()
@@ -377,7 +378,7 @@ class RelayPool:
         side <-> peer), so reference counting frees them and their sockets at once.
 
         The daemon runs the cycle collector's young generation only every 50,000
-        allocations (service/daemon.py), which took half an hour of mail at 5
+        allocations (process/daemon.py), which took half an hour of mail at 5
         sessions a second; until then every finished session stayed in memory.
         Done at the end of a wake-up, when no code of the pool holds a side.
         """
@@ -414,7 +415,7 @@ class RelayPool:
                     if session.open:  # the next address is being tried
                         self._arm(session)
                 else:
-                    session.result.end = "timeout"
+                    session.result.end = RelayEnd.TIMEOUT
                     self._finish(session)
         return math.inf
 
@@ -557,7 +558,9 @@ class RelayPool:
 
     def _reset(self, session: _Session, name: str) -> None:
         if session.open:
-            session.result.end = f"{name}-reset"
+            session.result.end = (
+                RelayEnd.CLIENT_RESET if name == "client" else RelayEnd.BACKEND_RESET
+            )
             self._finish(session)
 
     def _fail(self, session: _Session, exc: BaseException) -> None:

@@ -28,8 +28,9 @@ import trio
 
 from repeld.core import events
 from repeld.core.events import ConnInfo
+from repeld.core.names import ExecEnd
 from repeld.shell.eventlog import EventLog
-from repeld.shell.handoff import BACKEND_UNAVAILABLE, reply_and_close
+from repeld.shell.replies import BACKEND_UNAVAILABLE, reply_and_close
 
 __all__ = ["TERMINATE_WAIT", "exec_environment", "handoff_exec"]
 
@@ -86,11 +87,11 @@ async def handoff_exec(
             return
         sock.close()  # the program has its own copies
         started = trio.current_time()
-        end = "exit"
+        end = ExecEnd.EXIT
         try:
             status = await proc.wait()
         except BaseException:
-            end = "shutdown"
+            end = ExecEnd.SHUTDOWN
             with trio.CancelScope(shield=True):
                 # The whole session: a shell's children hold the socket too.
                 _signal_group(proc.pid, signal.SIGTERM)

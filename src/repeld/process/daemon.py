@@ -34,10 +34,12 @@ from repeld import __version__
 from repeld.config.settings import Settings, load_trusted
 from repeld.core import events
 from repeld.core.addresses import host_port
-from repeld.metrics import render
-from repeld.service import activation, privileges, sdnotify, workers
+from repeld.core.names import EventName
+from repeld.metrics import merge, render
+from repeld.process import workers
+from repeld.service import activation, privileges, sdnotify
 from repeld.service.pidfile import PidFile, PidFileError
-from repeld.shell.backendcheck import warn_about_backends
+from repeld.shell.backendwatch import BackendWatch
 from repeld.shell.eventlog import EventLog
 from repeld.shell.handoff import resolve_optional_backend
 from repeld.shell.metrics_http import open_endpoint
@@ -69,18 +71,11 @@ def _tune_gc() -> None:
     gc.set_threshold(_GC_GEN0, gen1, gen2)
 
 
-def _checks_backends() -> bool:
-    """Whether this process checks the backends: a lone daemon, or worker 0 of --workers."""
-    # One probe per start or reload is enough; the supervising parent does not
-    # serve, and N workers would knock N times.
-    return os.environ.get(workers.WORKER_ENV, "0") == "0"
-
-
 async def _reload(
     server: Server,
     log: EventLog,
     reload_settings: Callable[[], Settings],
-    nursery: trio.Nursery,
+    watch: BackendWatch | None = None,
 ) -> None:
     sdnotify.reloading()
     try:
@@ -91,8 +86,8 @@ async def _reload(
         log.emit(events.config_error(str(exc).replace("\n", "; ")))
     else:
         log.emit(events.reload(server.apply(settings, trusted, backend)))
-        if _checks_backends():
-            nursery.start_soon(warn_about_backends, settings, log)  # in the background
+        if watch is not None:  # the backend check, in the background (shell/backendwatch.py)
+            watch.reconfigure(settings)
     sdnotify.ready()
 
 
@@ -102,12 +97,12 @@ async def _handle_signals(
     log: EventLog,
     reload_settings: Callable[[], Settings],
     started: float,
-    nursery: trio.Nursery,
+    watch: BackendWatch | None = None,
 ) -> None:
     stopping = False
     async for signum in signals:
         if signum == signal.SIGHUP:
-            await _reload(server, log, reload_settings, nursery)
+            await _reload(server, log, reload_settings, watch)
         elif signum in (signal.SIGTERM, signal.SIGINT):
             sdnotify.stopping()
             # The first asks for a drain; a second cuts the relays at once.
@@ -134,11 +129,13 @@ async def serve_forever(
     log = EventLog.from_settings(settings)
     with trio.open_signal_receiver(*_signals()) as signals:
         server = await open_server(settings, log, inherited or ())
+        # The backend check (start, reload, periodic): here, or in the --workers parent.
+        watch = BackendWatch(settings, log) if serve_metrics else None
         endpoint = None
         if serve_metrics and settings.metrics is not None:
 
             async def scrape() -> bytes:
-                return render(server.metrics_snapshot())
+                return render(merge([server.metrics_snapshot(), watch.snapshot() if watch else {}]))
 
             endpoint = open_endpoint(settings.metrics, scrape, foreground=settings.foreground)
         await log.connect_now()  # before a chroot can hide the syslog socket
@@ -150,8 +147,10 @@ async def serve_forever(
             outer.start_soon(log.run)
             async with trio.open_nursery() as inner:
                 inner.start_soon(
-                    _handle_signals, signals, server, log, reload_settings, started, inner
+                    _handle_signals, signals, server, log, reload_settings, started, watch
                 )
+                if watch is not None:
+                    inner.start_soon(watch.run)
                 inner.start_soon(workers.watch_parent, server.shutdown)
                 if endpoint is not None:
                     inner.start_soon(endpoint.run)
@@ -160,7 +159,10 @@ async def serve_forever(
                 where = ", ".join(str(lst.spec) for lst in server.listeners)
                 log.emit(
                     events.lifecycle(
-                        "start", version=__version__, listen=bound, **settings.handler_fields()
+                        EventName.START,
+                        version=__version__,
+                        listen=bound,
+                        **settings.handler_fields(),
                     )
                 )
                 if settings.foreground:
@@ -170,15 +172,13 @@ async def serve_forever(
                         flush=True,
                     )
                 sdnotify.ready(f"listening on {bound}")
-                if _checks_backends():  # serving does not wait for it, nor stop for it
-                    inner.start_soon(warn_about_backends, settings, log)
                 await server.serve()
                 inner.cancel_scope.cancel()
             # Every event before stop is written or counted dropped (at most
             # FLUSH_WAIT + SEND_WAIT), so that stop's dropped_events is exact.
             await log.wait_flushed()
             stats = server.statistics()
-            log.emit(events.lifecycle("stop", **stats))
+            log.emit(events.lifecycle(EventName.STOP, **stats))
             outer.cancel_scope.cancel()  # the writer flushes what is queued
 
 

@@ -18,8 +18,10 @@ SIGUSR1/SIGINFO ask each worker for its counters over a pipe and the parent
 writes one `stats` event with the sums. With --metrics the parent alone serves
 the endpoint: a scrape asks the workers the same way (SIGUSR1), each answers
 with its counters and its metrics snapshot on the same line, and the parent
-serves their sum (repeld/metrics.py; a worker that does not answer within
-`STATS_WAIT` is left out, and `repeld_workers_answered` says so).
+serves their sum (repeld/metrics.py's WorkerTally: a worker that does not
+answer within `STATS_WAIT` counts with its last snapshot and is not waited for
+again until it answers; a dead worker's counters stay in the sum, so no
+counter goes backwards; `repeld_workers_answered` says who answered).
 
 The environment protocol between parent and worker (internal, not an API):
 REPELD_WORKER is the worker's index, REPELD_WORKER_FDS lists `fd:name` pairs of
@@ -44,9 +46,11 @@ from repeld import __version__
 from repeld.config.settings import Listen, Settings
 from repeld.core import events
 from repeld.core.addresses import host_port
-from repeld.metrics import Snapshot, merge, render
+from repeld.core.names import EventName
+from repeld.metrics import ProcessStats, Snapshot, WorkerTally, render
 from repeld.service import activation, sdnotify
 from repeld.service.listeners import backlog_for, open_listeners, reuseport_option
+from repeld.shell.backendwatch import BackendWatch
 from repeld.shell.eventlog import EventLog
 from repeld.shell.metrics_http import open_endpoint
 
@@ -153,7 +157,13 @@ class Supervisor:
         self.procs: dict[int, trio.Process] = {}
         self.restarts = 0
         self._stats: dict[int, dict[str, int]] = {}
-        self._metrics: dict[int, Snapshot] = {}
+        #: Every worker's latest metrics, and the dead ones' counters (metrics.py).
+        self.tally = WorkerTally()
+        self.process = ProcessStats()
+        #: Workers that answered this round; workers not waited for until they answer.
+        self._fresh: set[int] = set()
+        self._late: set[int] = set()
+        self.extra_metrics: Callable[[], Snapshot] | None = None  # the backend watch's
         #: One round of questions to the workers at a time (SIGUSR1 and scrapes).
         self._asking = trio.Lock()
         #: Workers (by pid) that have said they handle signals.
@@ -208,10 +218,12 @@ class Supervisor:
                             continue
                         metrics = data.pop("metrics", None)
                         if isinstance(metrics, dict):
-                            self._metrics[pid] = metrics
+                            self.tally.update(pid, metrics)
                         self._stats[pid] = {k: int(v) for k, v in data.items()}
                     except (ValueError, KeyError, TypeError):
                         continue
+                    self._fresh.add(pid)
+                    self._late.discard(pid)
                     self._stats_arrived.set()
 
     async def keep_worker(self, index: int) -> None:
@@ -221,7 +233,7 @@ class Supervisor:
             proc, read_fd = await self._spawn(index)
             self.procs[index] = proc
             started = trio.current_time()
-            self.log.emit(events.worker("worker-start", index, proc.pid))
+            self.log.emit(events.worker(EventName.WORKER_START, index, proc.pid))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_stats, read_fd)
                 status = await proc.wait()
@@ -229,10 +241,13 @@ class Supervisor:
             del self.procs[index]
             os.close(self._lifelines.pop(index))
             self.ready.discard(proc.pid)
+            self.tally.retire(proc.pid)  # its counters stay in the sum
+            self._stats.pop(proc.pid, None)
+            self._late.discard(proc.pid)
             if self.stopping:
                 return
             self.restarts += 1
-            self.log.emit(events.worker("worker-exit", index, proc.pid, status))
+            self.log.emit(events.worker(EventName.WORKER_EXIT, index, proc.pid, status))
             if trio.current_time() - started >= STABLE_AFTER:
                 delay = RESTART_DELAY
             await trio.sleep(delay)
@@ -252,37 +267,41 @@ class Supervisor:
             except OSError:
                 pass
 
-    async def _ask_workers(self) -> tuple[dict[int, dict[str, int]], dict[int, Snapshot]]:
-        """Every ready worker's counters and metrics, by pid (at most STATS_WAIT)."""
+    async def _ask_workers(self) -> dict[int, dict[str, int]]:
+        """The counters of every ready worker that answered, by pid.
+
+        Waits at most STATS_WAIT, and not at all for a worker that missed the
+        last round (stopped, or stuck) until it answers again: a scrape is
+        answered from what the parent has, in bounded time.
+        """
         async with self._asking:
-            self._stats.clear()
-            self._metrics.clear()
-            expected = {proc.pid for proc in self.procs.values()} & self.ready
+            self._fresh.clear()
+            live = {proc.pid for proc in self.procs.values()} & self.ready
+            expected = live - self._late
             self.signal_workers(signal.SIGUSR1)
             with trio.move_on_after(STATS_WAIT):
-                while not expected <= set(self._stats):
+                while not expected <= self._fresh:
                     self._stats_arrived = trio.Event()
                     await self._stats_arrived.wait()
-            answered = expected & set(self._stats)
-            return (
-                {pid: self._stats[pid] for pid in answered},
-                {pid: self._metrics[pid] for pid in answered if pid in self._metrics},
-            )
+            self._late |= expected - self._fresh
+            return {pid: self._stats[pid] for pid in live & self._fresh}
 
     async def metrics_text(self) -> bytes:
         """A scrape of the parent's endpoint: the sum of every worker's metrics."""
-        stats, snapshots = await self._ask_workers()
+        stats = await self._ask_workers()
         own: Snapshot = {
             "labelled": {"events": dict(self.log.counts)},
             "totals": {"events_dropped": self.log.dropped, "worker_restarts": self.restarts},
             "gauges": {"workers": len(self.procs), "workers_answered": len(stats)},
             "histograms": {},
+            "process": self.process.snapshot(),
+            **(self.extra_metrics() if self.extra_metrics is not None else {}),
         }
-        return render(merge([*snapshots.values(), own]))
+        return render(self.tally.total(own))
 
     async def collect_stats(self, started: float) -> None:
         """Ask every worker for its counters and write one summed `stats` event."""
-        answers, _ = await self._ask_workers()
+        answers = await self._ask_workers()
         totals: dict[str, int] = {}
         for stats in answers.values():
             for key, value in stats.items():
@@ -299,6 +318,7 @@ async def _handle_signals(
     signals: AsyncIterator[int],
     reload_settings: Callable[[], Settings],
     started: float,
+    watch: BackendWatch,
 ) -> None:
     async for signum in signals:
         if signum == signal.SIGHUP:
@@ -309,6 +329,7 @@ async def _handle_signals(
                 sup.log.emit(events.config_error(str(exc).replace("\n", "; ")))
             else:
                 sup.log.reconfigure(settings)
+                watch.reconfigure(settings)  # the periodic backend check
                 sup.signal_workers(signal.SIGHUP)
             sdnotify.ready()
         elif signum in (signal.SIGTERM, signal.SIGINT):
@@ -354,6 +375,8 @@ async def supervise(
                     s.close()
             raise
         sup = Supervisor(settings, argv, sockets, log)
+        watch = BackendWatch(settings, log)  # the periodic backend check, and its gauges
+        sup.extra_metrics = watch.snapshot
         endpoint = None
         if settings.metrics is not None:
             endpoint = open_endpoint(
@@ -366,7 +389,8 @@ async def supervise(
         async with trio.open_nursery() as outer:
             outer.start_soon(log.run)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_handle_signals, sup, signals, reload_settings, started)
+                nursery.start_soon(_handle_signals, sup, signals, reload_settings, started, watch)
+                nursery.start_soon(watch.run)
                 if endpoint is not None:
                     nursery.start_soon(endpoint.run)
                 where = ", ".join(str(spec) for spec in settings.listen)
@@ -375,7 +399,7 @@ async def supervise(
                 )
                 log.emit(
                     events.lifecycle(
-                        "start",
+                        EventName.START,
                         version=__version__,
                         listen=bound,
                         **settings.handler_fields(),
@@ -394,7 +418,9 @@ async def supervise(
                         workers.start_soon(sup.keep_worker, index)
                     sdnotify.ready(f"{settings.workers} workers")
                 nursery.cancel_scope.cancel()
-            log.emit(events.lifecycle("stop", workers=settings.workers, restarts=sup.restarts))
+            log.emit(
+                events.lifecycle(EventName.STOP, workers=settings.workers, restarts=sup.restarts)
+            )
             outer.cancel_scope.cancel()
         for socks in sockets:
             for s, _ in socks:

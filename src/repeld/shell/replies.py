@@ -1,8 +1,10 @@
-"""Carrying out verdicts on the socket: the replies, the cut-off, the abortive close.
+"""Every reply a client can see from repeld, and the ways its socket is ended.
 
-The decisions are the core's (core/hold.py, core/policy.py); this module only
-does what a verdict asks of a socket, so that the replies a client can see are
-written in one place.
+The decisions are the core's (core/hold.py, core/policy.py, core/dnsbl.py);
+shell/dispatch.py chooses which of these a verdict calls for, and this module
+only does it to the socket: the SMTP lines repeld itself writes (the refusals at
+a limit, the 554 to an early talker, the 421 at shutdown or when the MTA cannot
+be reached), the teaser's non-blocking write, the abortive close.
 """
 
 from __future__ import annotations
@@ -13,25 +15,39 @@ from repeld.core.dnsbl import DnsAction, reject_line
 from repeld.core.hold import Blocked, EarlyTalk
 from repeld.core.policy import Refuse
 from repeld.service import tcptune
-from repeld.shell.handoff import reply_and_close
 
 __all__ = [
+    "BACKEND_UNAVAILABLE",
     "EARLY_REJECT",
     "REFUSALS",
     "SHUTTING_DOWN",
     "abort",
     "block",
     "cut_off",
+    "reply_and_close",
     "rtt_ms",
     "send_now",
 ]
 
 EARLY_REJECT = b"554 5.5.1 Protocol error: you talked before my greeting\r\n"
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
+BACKEND_UNAVAILABLE = b"421 4.3.2 Service temporarily unavailable, try again later\r\n"
+_SEND_FLAGS = getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 0)
+
 REFUSALS = {
     Refuse.MAX_HELD: b"421 4.3.2 All server ports are busy\r\n",
     Refuse.MAX_PER_CLIENT: b"421 4.7.0 Too many connections\r\n",
 }
+
+
+def reply_and_close(sock: socket.socket, line: bytes) -> None:
+    """Best-effort one-line reply on a non-blocking socket, then close it."""
+    try:
+        sock.send(line, _SEND_FLAGS)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    sock.close()
 
 
 def rtt_ms(sock: socket.socket) -> float:
@@ -40,9 +56,6 @@ def rtt_ms(sock: socket.socket) -> float:
         return tcptune.rtt_us(sock.fileno()) / 1000.0
     except OSError:
         return 0.0
-
-
-_SEND_FLAGS = getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 0)
 
 
 def send_now(sock: socket.socket, data: bytes) -> int | None:
