@@ -88,8 +88,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--check-config",
         action="store_true",
-        help="check the configuration file and flags, print the effective settings, and exit "
-        "(status 0, or 2 with one line per problem)",
+        help="check the configuration file and flags, and what start-up would refuse here "
+        "(user, group, chroot and pid file directories), print the effective settings, and "
+        "exit (status 0, or 2 with one line per problem)",
     )
     parser.add_argument(
         "--check-kernel",
@@ -170,6 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"repeld: cannot read the configuration: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     if actions.get("check-config"):
+        from repeld.service.preflight import problems
+
+        refused = problems(settings)  # what start-up would refuse on this machine
+        for problem in refused:
+            print(f"repeld: {problem}", file=sys.stderr)
+        if refused:
+            return EXIT_USAGE
         sys.stdout.write(render_settings(settings))
         return 0
     if actions.get("check-backend"):

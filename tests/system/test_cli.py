@@ -36,7 +36,8 @@ def config(tmp_path: Path) -> str:
 
 
 def base(config: str, *, backend: bool = True) -> list[str]:
-    args = ["--config", config, "--listen", "127.0.0.1:0"]
+    # --check-config asks what start-up would: as root, a user to drop to must exist.
+    args = ["--config", config, "--listen", "127.0.0.1:0", *USER_ARGS[1:]]
     if backend:
         args += ["--backend", "127.0.0.1:25"]
     return args
@@ -466,7 +467,7 @@ def test_host_names_and_addresses_that_stay_accepted(
         "[2001:db8::7]:25",
     ):
         status, _out, err = run_main(
-            ["--config", config, "-l", "127.0.0.1:0", "-b", backend, "--check-config"], capsys
+            [*base(config, backend=False), "-b", backend, "--check-config"], capsys
         )
         assert (status, err) == (0, ""), backend
     status, _out, err = run_main(
@@ -493,3 +494,68 @@ def test_a_redis_host_name_is_checked_like_a_backend(
     assert status == 2
     line = one_line(err)
     assert "--cache" in line and "more than 63" in line
+
+
+# -- --check-config asks what start-up would refuse on this machine -------------------
+
+
+def test_check_config_refuses_what_start_up_would(
+    config: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    absent = tmp_path / "absent"
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    status, out, err = run_main(
+        [
+            *base(config),
+            "--chroot",
+            str(absent),
+            "--pidfile",
+            f"{a_file}/repeld.pid",
+            "--check-config",
+        ],
+        capsys,
+    )
+    assert (status, out) == (2, "")
+    assert err.splitlines() == [
+        f"repeld: --chroot: no such directory {str(absent)!r}",
+        f"repeld: --pidfile: not a directory {str(a_file)!r}",
+    ]
+
+
+def test_check_config_names_a_missing_user_or_group(
+    config: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if os.geteuid() == 0:  # root: start-up would drop to that user
+        status, _, err = run_main(
+            [*base(config), "--user", "repeld-no-such", "--check-config"], capsys
+        )
+        assert status == 2
+        assert one_line(err) == "repeld: --user: no such user 'repeld-no-such'"
+        argv = [*base(config), "--user", "nobody", "--group", "repeld-no-such", "--check-config"]
+    else:  # not root: staying as ourselves, the group must still exist
+        argv = [*base(config), "--group", "repeld-no-such", "--check-config"]
+    status, _, err = run_main(argv, capsys)
+    assert status == 2
+    assert one_line(err) == "repeld: --group: no such group 'repeld-no-such'"
+
+
+def test_check_config_refuses_a_user_switch_without_root(
+    config: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root may switch to any user")
+    status, _, err = run_main([*base(config), "--user", "root", "--check-config"], capsys)
+    assert status == 2
+    assert one_line(err).startswith("repeld: --user: cannot become 'root' (uid 0) without root")
+
+
+def test_check_config_accepts_an_existing_chroot_and_pidfile_directory(
+    config: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    argv = [*base(config), "--pidfile", str(tmp_path / "repeld.pid")]
+    if os.geteuid() == 0:  # chroot(2) needs root; without it --chroot is refused
+        argv += ["--chroot", str(tmp_path)]
+    status, out, err = run_main([*argv, "--check-config"], capsys)
+    assert (status, err) == (0, "")
+    assert f'pidfile = "{tmp_path / "repeld.pid"}"' in out

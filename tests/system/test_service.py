@@ -12,6 +12,7 @@ import pwd
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -347,6 +348,97 @@ def test_sd_notify_ready_reloading_stopping(backend: LineBackend, tmp_path: Path
         assert d.wait() == 0
     finally:
         d.stop()
+        notify.close()
+
+
+def _from_main(notify: socket.socket, main_pid: int) -> str:
+    """The next notification sent by `main_pid`: what systemd's NotifyAccess=main hears."""
+    while True:  # workers inherit $NOTIFY_SOCKET; systemd drops what they send
+        data, ancdata, _, _ = notify.recvmsg(4096, socket.CMSG_SPACE(12))
+        ((_, _, cred),) = ancdata
+        if struct.unpack("3i", cred[:12])[0] == main_pid:
+            return data.decode()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_refused_reload_reaches_stderr_and_systemd(
+    syslog: SyslogUDP, backend: LineBackend, tmp_path: Path, workers: int
+) -> None:
+    # As systemd runs it: no -f, so stderr (the journal) gets only what is meant for it.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    path = str(tmp_path / "notify")
+    notify.bind(path)
+    notify.settimeout(30)
+    config = tmp_path / "repeld.toml"
+    config.write_text(f'backend = "{backend.address}"\ndelay = 20\n')
+    argv = [sys.executable, "-m", "repeld", "-c", str(config), "--no-cache", *AS_ROOT]
+    argv += ["-l", f"127.0.0.1:{free_port()}", "--syslog", syslog.target]
+    argv += ["--workers", str(workers)]
+    serving = "listening on 127.0.0.1:" if workers == 1 else f"{workers} workers"
+    proc = subprocess.Popen(
+        argv,
+        env={**os.environ, "NOTIFY_SOCKET": path},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert _from_main(notify, proc.pid).startswith(f"READY=1\nSTATUS={serving}")
+        # Every worker serving (its `start` follows its readiness): the parent sends READY=1
+        # before they are, and a signal it gets before then does not reach them all.
+        syslog.wait_for("start", 1 if workers == 1 else 1 + workers)
+        config.write_text(f'backend = "{backend.address}"\ndelay = 0\n')
+        proc.send_signal(signal.SIGHUP)
+        assert _from_main(notify, proc.pid).startswith("RELOADING=1\n")
+        refused = _from_main(notify, proc.pid)
+        assert refused.startswith("READY=1\nSTATUS=reload refused, old configuration kept: ")
+        assert ":2: delay: invalid value '0'" in refused
+        config.write_text(f'backend = "{backend.address}"\ndelay = 10\n')
+        proc.send_signal(signal.SIGHUP)
+        assert _from_main(notify, proc.pid).startswith("RELOADING=1\n")
+        reloaded = _from_main(notify, proc.pid)
+        assert reloaded.startswith(f"READY=1\nSTATUS={serving}")
+        assert reloaded.endswith("; configuration reloaded")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        notify.close()
+    assert proc.returncode == 0, err
+    lines = [line for line in err.splitlines() if "reload refused" in line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("repeld: reload refused, old configuration kept: ")
+    assert ":2: delay: invalid value '0'" in lines[0]
+
+
+def test_workers_stop_on_a_sigterm_that_comes_before_they_are_up(tmp_path: Path) -> None:
+    # systemctl start then stop at once: the parent has said READY=1 and its workers are
+    # still being spawned. Each must still get the SIGTERM, and the parent exit.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = str(tmp_path / "notify")
+    notify.bind(path)
+    notify.settimeout(30)
+    argv = [sys.executable, "-m", "repeld", "-b", "127.0.0.1:9", "--no-cache", *AS_ROOT]
+    argv += ["-l", f"127.0.0.1:{free_port()}", "--syslog", "udp://127.0.0.1:9", "-w", "2"]
+    proc = subprocess.Popen(
+        argv,
+        env={**os.environ, "NOTIFY_SOCKET": path},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert notify.recv(4096).startswith(b"READY=1")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         notify.close()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -243,6 +244,8 @@ def test_start_builds_the_daemon_command_line(rc: RcEnv) -> None:
         "--check-config",
         "-c",
         str(rc.config),
+        "--user",
+        "repeld",
         "--delay",
         "10",
         "-l",
@@ -358,6 +361,8 @@ def test_checkconfig_runs_repeld_check_config(rc: RcEnv) -> None:
         "--check-config",
         "-c",
         str(rc.config),
+        "--user",
+        "repeld",
         "--delay",
         "5",
     ]
@@ -471,11 +476,58 @@ def _seconds(text: str) -> float:
 def test_service_is_a_notify_service_with_reload() -> None:
     unit = _unit(SERVICE)
     assert _one(unit, "Service", "Type") == "notify"
-    assert _one(unit, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
+    check, signal_ = _values(unit, "Service", "ExecReload")  # in this order: check first
+    assert signal_ == "/bin/kill -HUP $MAINPID"
+    assert "/usr/local/bin/repeld --check-config -c /etc/repeld/repeld.toml" in check
     assert _one(unit, "Service", "KillSignal") == "SIGTERM"
     exec_start = _one(unit, "Service", "ExecStart").split()
     assert exec_start[:3] == ["/usr/local/bin/repeld", "-c", "/etc/repeld/repeld.toml"]
     assert _one(unit, "Install", "WantedBy") == "multi-user.target"
+
+
+def _reload_check(config: Path, opts: str) -> subprocess.CompletedProcess[str]:
+    """The unit's first ExecReload= as systemd runs it, with this tree's repeld and `config`."""
+    unit = _unit(SERVICE)
+    exec_start = _one(unit, "Service", "ExecStart")
+    command = _values(unit, "Service", "ExecReload")[0]
+    # The check is given the flags the daemon was started with.
+    assert exec_start.split()[1:] == [
+        "-c",
+        "/etc/repeld/repeld.toml",
+        "--user",
+        "repeld",
+        "$REPELD_OPTS",
+    ]
+    assert command.startswith("/bin/sh -c '") and command.endswith("'")
+    script = command[len("/bin/sh -c '") : -1].replace("$$", "$")  # systemd's unescaping
+    script = script.replace("/usr/local/bin/repeld", f"{sys.executable} -m repeld")
+    script = script.replace("/etc/repeld/repeld.toml", str(config))
+    env = {**os.environ, "REPELD_OPTS": opts, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run(
+        ["/bin/sh", "-c", script], capture_output=True, text=True, timeout=60, env=env
+    )
+
+
+def test_reload_checks_the_configuration_before_the_signal(tmp_path: Path) -> None:
+    config = tmp_path / "repeld.toml"
+    config.write_text('backend = "127.0.0.1:10025"\ndelay = 0\n')
+    # The user it runs as (REPELD_OPTS comes last, so its --user wins over the unit's).
+    me = ["--user", pwd.getpwuid(os.geteuid()).pw_name, "--no-cache"]
+    refused = _reload_check(config, " ".join(me))
+    assert refused.returncode == 2, "a non-zero ExecReload= fails `systemctl reload`"
+    assert refused.stderr == (
+        f"repeld: {config}:2: delay: invalid value '0': must be more than 0 and at most 3600\n"
+    ), "the reason, in the journal"
+    config.write_text('backend = "127.0.0.1:10025"\ndelay = 10\n')
+    accepted = _reload_check(config, " ".join(me))
+    assert (accepted.returncode, accepted.stdout, accepted.stderr) == (0, "", "")
+    # What start-up would refuse, too: here the unit's own user, if this machine has none.
+    try:
+        pwd.getpwnam("repeld")
+    except KeyError:
+        missing = _reload_check(config, "--no-cache")
+        assert missing.returncode == 2
+        assert "--user: " in missing.stderr and "'repeld'" in missing.stderr
 
 
 def test_stop_timeout_outlasts_the_shutdown_grace() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import re
 import subprocess
 import sys
@@ -109,8 +111,11 @@ def test_trusted_file_problems(tmp_path: Path) -> None:
 
 
 def test_check_config_prints_settings_that_read_back_the_same(tmp_path: Path) -> None:
+    # --user: whoever runs the test, as the sample's "repeld" may not exist here.
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    argv = ["--check-config", "-c", str(SAMPLE), "-d", "12.5", "--user", me]
     out = subprocess.run(
-        [sys.executable, "-m", "repeld", "--check-config", "-c", str(SAMPLE), "-d", "12.5"],
+        [sys.executable, "-m", "repeld", *argv],
         capture_output=True,
         text=True,
         timeout=60,
@@ -120,7 +125,7 @@ def test_check_config_prints_settings_that_read_back_the_same(tmp_path: Path) ->
     again = tmp_path / "effective.toml"
     again.write_text(out)
     assert load_settings({}, str(again), explicit=True) == load_settings(
-        {"delay": 12.5}, str(SAMPLE), explicit=True
+        {"delay": 12.5, "user": me}, str(SAMPLE), explicit=True
     )
 
 

@@ -3,7 +3,7 @@
 An `Event` is a name (the RFC 5424 MSGID), a severity, ordered fields and a
 one-line human summary in the spirit of postscreen's log lines. The writers in
 logformat.py only serialise what this module built; nothing else invents field
-names. The vocabulary (README "Events", repeld(8) EVENTS) is a contract:
+names. The vocabulary (repeld(8) EVENTS) is a contract:
 add to it, never rename.
 """
 

@@ -83,12 +83,17 @@ async def _reload(
         trusted = load_trusted(settings)
         backend = await resolve_optional_backend(settings)
     except Exception as exc:  # whatever reading it raised: the old one stays
-        log.emit(events.config_error(str(exc).replace("\n", "; ")))
-    else:
-        log.emit(events.reload(server.apply(settings, trusted, backend)))
-        if watch is not None:  # the backend check, in the background (shell/backendwatch.py)
-            watch.reconfigure(settings)
-    sdnotify.ready()
+        reason = str(exc).replace("\n", "; ")
+        log.emit(events.config_error(reason))
+        if log.stderr is None:  # to the journal too (with -f the event line is there)
+            print(f"repeld: {sdnotify.REFUSED}: {reason}", file=sys.stderr, flush=True)
+        sdnotify.reload_refused(reason)
+        return
+    log.emit(events.reload(server.apply(settings, trusted, backend)))
+    if watch is not None:  # the backend check, in the background (shell/backendwatch.py)
+        watch.reconfigure(settings)
+    bound = " ".join(host_port(h, p) for h, p in server.addresses)
+    sdnotify.ready(f"listening on {bound}; configuration reloaded")
 
 
 async def _handle_signals(

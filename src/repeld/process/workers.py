@@ -229,9 +229,11 @@ class Supervisor:
     async def keep_worker(self, index: int) -> None:
         """Run worker `index`; replace it whenever it dies, until shutdown."""
         delay = RESTART_DELAY
-        while True:
+        while not self.stopping:
             proc, read_fd = await self._spawn(index)
             self.procs[index] = proc
+            if self.stopping:  # SIGTERM came while it was spawned: signal_workers missed it
+                proc.send_signal(signal.SIGTERM)
             started = trio.current_time()
             self.log.emit(events.worker(EventName.WORKER_START, index, proc.pid))
             async with trio.open_nursery() as nursery:
@@ -326,12 +328,16 @@ async def _handle_signals(
             try:
                 settings = reload_settings()
             except Exception as exc:  # whatever reading it raised: the old one stays
-                sup.log.emit(events.config_error(str(exc).replace("\n", "; ")))
+                reason = str(exc).replace("\n", "; ")
+                sup.log.emit(events.config_error(reason))
+                if sup.log.stderr is None:  # to the journal too, as daemon._reload does
+                    print(f"repeld: {sdnotify.REFUSED}: {reason}", file=sys.stderr, flush=True)
+                sdnotify.reload_refused(reason)
             else:
                 sup.log.reconfigure(settings)
                 watch.reconfigure(settings)  # the periodic backend check
                 sup.signal_workers(signal.SIGHUP)
-            sdnotify.ready()
+                sdnotify.ready(f"{settings.workers} workers; configuration reloaded")
         elif signum in (signal.SIGTERM, signal.SIGINT):
             sdnotify.stopping()
             sup.stopping = True

@@ -12,7 +12,8 @@ the service manager, and a daemon must not die because it could not give it.
 For ``Type=notify`` and ``Type=notify-reload`` services the sequence is::
 
     ready()                      # listeners bound, privileges dropped
-    reloading(); ...; ready()    # on SIGHUP: READY=1 again ends the reload
+    reloading(); ...; ready()    # on SIGHUP: READY=1 again ends the reload, with a
+                                 # STATUS= that says so, or reload_refused(reason)
     stopping()                   # on SIGTERM, before the shutdown grace
 """
 
@@ -23,7 +24,7 @@ import socket
 import time
 from collections.abc import Mapping
 
-__all__ = ["notify", "ready", "reloading", "status", "stopping"]
+__all__ = ["REFUSED", "notify", "ready", "reload_refused", "reloading", "status", "stopping"]
 
 #: Upper bound on a blocking send: the manager's queue is never full in
 #: practice, but a trio daemon must not hang on it if it is.
@@ -76,6 +77,16 @@ def reloading(*, env: Mapping[str, str] | None = None) -> bool:
     # to match the message to the reload it asked for; older ones ignore it.
     usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     return notify(f"RELOADING=1\nMONOTONIC_USEC={usec}", env=env)
+
+
+#: The status line after a refused reload, before the reason (`systemctl status` shows it
+#: until the next reload that succeeds replaces it).
+REFUSED = "reload refused, old configuration kept"
+
+
+def reload_refused(reason: str, *, env: Mapping[str, str] | None = None) -> bool:
+    """End a refused reload: READY=1 (the old configuration serves on), the reason as STATUS=."""
+    return ready(f"{REFUSED}: {reason}", env=env)
 
 
 def stopping(*, env: Mapping[str, str] | None = None) -> bool:
