@@ -111,12 +111,23 @@ class Nsd:
             self.proc.wait(10)
 
 
+def _big_receive_buffer(sock: socket.socket) -> None:
+    # repeld sends hundreds of queries at once and this forwarder serves them one
+    # by one: room for them all, past net.core.rmem_max when root may.
+    size = 8 << 20
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
 class Forwarder:
     """A UDP DNS forwarder that counts the queries by name, and drops those under
     silent.test (a list that never answers)."""
 
     def __init__(self, upstream: int) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        _big_receive_buffer(self.sock)
         self.sock.bind(("127.0.0.1", 0))
         self.port = int(self.sock.getsockname()[1])
         self.upstream = ("127.0.0.1", upstream)

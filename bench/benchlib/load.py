@@ -41,9 +41,11 @@ def open_many(
     start_at: float,
     window: int,
     socks: list[socket.socket],
+    rate: float = 0.0,
 ) -> dict[str, Any]:
     """Open `count` silent connections, at most `window` connects in flight, each
-    from the next address of `source`."""
+    from the next address of `source`; with `rate`, at most that many a second
+    (connect i not before start + i/rate), else as fast as they go."""
     sel = selectors.DefaultSelector()
     fails: dict[str, int] = {}
     started = done = inflight = 0
@@ -52,7 +54,8 @@ def open_many(
     t_first = time.monotonic()
     give_up = t_first + 120.0
     while done + sum(fails.values()) < count and time.monotonic() < give_up:
-        while started < count and inflight < window:
+        due = t_first + started / rate if rate > 0 else 0.0
+        while started < count and inflight < window and time.monotonic() >= due:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.setblocking(False)
             try:
@@ -71,7 +74,9 @@ def open_many(
                 name = errno.errorcode.get(err, str(err))
                 fails[name] = fails.get(name, 0) + 1
                 s.close()
-        for key, _ in sel.select(1.0):
+            due = t_first + started / rate if rate > 0 else 0.0
+        wait = 1.0 if started >= count or rate <= 0 else max(0.0, min(1.0, due - time.monotonic()))
+        for key, _ in sel.select(wait):
             s = _sock(key.fileobj)
             sel.unregister(s)
             inflight -= 1
@@ -114,7 +119,9 @@ def check_silent(socks: list[socket.socket]) -> dict[str, int]:
     return out
 
 
-def bulk_worker(conn: Connection, host: str, port: int, source: str, window: int) -> None:
+def bulk_worker(
+    conn: Connection, host: str, port: int, source: str, window: int, rate: float = 0.0
+) -> None:
     """One load process: opens, checks and resets its share of silent connections.
 
     `source` is one address for every connection, or a network (ADDR/LEN) whose
@@ -131,7 +138,8 @@ def bulk_worker(conn: Connection, host: str, port: int, source: str, window: int
             break
         cmd = msg[0]
         if cmd == "open":
-            conn.send(open_many(host, port, addresses, msg[1], msg[2], window, socks))
+            paced = rate if len(msg) < 4 or msg[3] else 0.0  # ("open", n, at, paced)
+            conn.send(open_many(host, port, addresses, msg[1], msg[2], window, socks, paced))
         elif cmd == "check":
             conn.send(check_silent(socks))
         elif cmd == "close":

@@ -8,8 +8,10 @@ redis-server for bench-cache and the task-per-connection server
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -132,6 +134,52 @@ def start_nsd(port: int, logdir: Path, unlisted: Sequence[str] = (), name: str =
         srv.stop()
         raise
     return DnsPeer(srv, peer_dir / "nsd.conf")
+
+
+@dataclass
+class DelayedDnsPeer(DnsPeer):
+    """The bench's own list server (benchlib/dnsresponder.py): the zones of NSD's
+    recipe, each answer `latency` seconds after its query, as a caching resolver
+    answers a new address; `conf` is where it writes its counters."""
+
+    latency: float = 0.0
+
+    def counters(self) -> dict[str, int]:
+        """Queries received since start, in all and per list zone ({} if it fails)."""
+        before = self.conf.stat().st_mtime_ns if self.conf.exists() else 0
+        try:
+            os.kill(self.server.pid, signal.SIGUSR1)
+        except OSError:
+            return {}
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            if self.conf.exists() and self.conf.stat().st_mtime_ns != before:
+                try:
+                    got = json.loads(self.conf.read_text())
+                except ValueError:  # replaced atomically; never half written
+                    return {}
+                return {k: int(v) for k, v in got.items()}
+            time.sleep(0.02)
+        return {}
+
+
+def start_dnsresponder(port: int, logdir: Path, latency: float) -> DelayedDnsPeer:
+    """benchlib/dnsresponder.py on 127.0.0.1:port, answering after `latency` s,
+    once it answers (each list's test point listed, as NSD's zones)."""
+    counters = logdir / f"dnsresponder-{port}.json"
+    script = Path(__file__).resolve().parent / "dnsresponder.py"
+    argv = [sys.executable, str(script), "--port", str(port), "--latency", str(latency)]
+    srv = spawn("dnsresponder", [*argv, "--counters", str(counters)], port, logdir)
+    srv.note = f"{' '.join(argv[1:])} ({', '.join(DNS_LISTS)}, answers after {latency:g} s)"
+    try:
+        for zone, (address, answer) in LISTED.items():
+            got = _ask(port, f"{_reverse(address)}.{zone}")
+            if got != (dns.rcode.NOERROR, [answer]):
+                raise RuntimeError(f"dnsresponder: {address} in {zone}: {got}, not {answer}")
+    except BaseException:
+        srv.stop()
+        raise
+    return DelayedDnsPeer(srv, counters, latency)
 
 
 def _workers_ready(pids: Sequence[int]) -> int:

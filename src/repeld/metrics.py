@@ -181,11 +181,17 @@ COUNTERS = (
         "dns_lookups",
         "repeld_dns_lookups",
         "DNS list answers, one per list and client, by result (listed, clear: a query "
-        "answered; timeout, error: none; cached: no query; skipped: none, no query)",
+        "answered; timeout, error: none; cached: no query; skipped: none, no query; "
+        "late: answered after its clients were decided)",
         "result",
         RESULTS,
     ),
-    _Family("dns_hits", "repeld_dns_hits", "Clients a DNS list listed, by list", "list"),
+    _Family(
+        "dns_hits",
+        "repeld_dns_hits",
+        "Clients a DNS list listed, by list (answers given to clients still held)",
+        "list",
+    ),
     _Family("events", "repeld_events", "Events emitted, by event name", "event"),
     _Family(
         "proxy",

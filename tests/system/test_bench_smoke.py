@@ -189,6 +189,29 @@ def test_bench_hold_balancer_run_is_beside_the_direct_one(proxy: str) -> None:
     assert "repeld+haproxy against repeld: accept rate" in proc.stdout
 
 
+def test_bench_hold_dns_latency_run_says_who_had_every_answer() -> None:
+    # About 15 s: the bench's own list server answering after 20 ms, a paced load.
+    proc = subprocess.run(
+        [
+            sys.executable, str(BENCH_HOLD), "--n", "200", "--delay", "3",
+            "--dns-only", "--dns-latency", "0.02", "--sources", "distinct",
+            "--rate", "400", "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=ROOT,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header, table = _table(proc.stdout)
+    assert header == ["metric", "repeld+dns", "target", "met"]
+    share = table["% clients with every list's answer while held"][0]
+    assert 0.0 < float(share) <= 100.0
+    assert float(table["bl.test queries per client (NSD)"][0]) > 0.0  # the responder's count
+    assert "dns-latency=0.02s" in proc.stdout and "rate=400/s" in proc.stdout
+
+
 def _table(stdout: str) -> tuple[list[str], dict[str, list[str]]]:
     lines = stdout.splitlines()
     header = next(line for line in lines if line.startswith("| metric"))

@@ -24,6 +24,8 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from repeld.shell.dnslookup import TRIES
+
 from ..nsd_fixture import NSD, Forwarder, dns_server
 from ..procs import LineBackend, SyslogUDP, connect, daemon, free_port, read_line, wait_for
 from ..syslog_receiver import Received
@@ -192,15 +194,20 @@ def test_the_dns_counters_match_the_forwarder_and_the_events(
     assert lookups == {"listed": 2, "clear": 4, "timeout": 4, "error": 0, "cached": 5}
     assert sum(lookups.values()) == 5 * len(LISTS)  # one answer per list and client
     # What the forwarder saw: the queries repeld counted, one per list and address,
-    # and silent.test's once more for CLEAR.
+    # and silent.test's once more for CLEAR; sent TRIES times (again at half
+    # --dns-timeout) while its client waits for it: not BL's, blocked at once (bl.test
+    # listed it, the silent list's weight cannot undo that); WL's does, as silent.test
+    # could still take it from allowed to neither.
     asked = resolver.counts() - before
+    silent = {"4.0.0.127": TRIES, "2.0.0.127": 1, "6.0.0.127": 2 * TRIES}
     assert asked == {
-        f"{rev}.{domain}": (2 if rev == "6.0.0.127" and domain == "silent.test" else 1)
+        f"{rev}.{domain}": (silent[rev] if domain == "silent.test" else 1)
         for rev in ("4.0.0.127", "2.0.0.127", "6.0.0.127")
         for domain in LISTS
     }
-    assert sum(asked.values()) == sum(lookups[r] for r in ("listed", "clear", "timeout", "error"))
-    assert lookups["timeout"] == sum(n for name, n in asked.items() if "silent" in name)
+    sent = sum(lookups[r] for r in ("listed", "clear", "timeout", "error"))
+    assert sum(asked.values()) == sent + 3 * (TRIES - 1)
+    assert lookups["timeout"] == sum(1 for name in asked if "silent" in name) + 1
     # What the events said.
     assert hits == _hits_from_events(syslog) == {"wl.test": 1, "bl.test": 1}
     reasons = sorted(
@@ -266,24 +273,29 @@ def test_workers_apply_the_lists_and_the_parent_sums_their_dns_counters(
     # Queries that reached the server: each worker has its own answer cache, so an
     # answering list is asked once for an address by each worker that met it, and
     # never more than once per client; silent.test, never cached, at most once per
-    # client too (clients of one worker at once share its query in flight).
+    # client too (clients of one worker at once share its query in flight),
     asked = resolver.counts() - before
     rev = {WL: "4.0.0.127", BL: "2.0.0.127", CLEAR: "6.0.0.127"}
     for client, n in sources.items():
         for domain in ("wl.test", "bl.test"):
             assert asked[f"{rev[client]}.{domain}"] == len(served[client]), (client, domain)
-        assert len(served[client]) <= asked[f"{rev[client]}.silent.test"] <= n, client
+        # (each query sent TRIES times at most: again at half --dns-timeout)
+        silent = asked[f"{rev[client]}.silent.test"]
+        assert len(served[client]) <= silent <= TRIES * n, client
     # and nothing else was asked
     assert sum(asked.values()) == sum(asked[f"{r}.{d}"] for r in rev.values() for d in LISTS)
     # The parent's sum of both workers' counters: what was asked, and one answer
     # per list and client.
     lookups, hits = _dns(found)
+    # (silent.test's queries: each counted once, as a timeout, sent once or twice)
+    silent = sum(asked[f"{r}.silent.test"] for r in rev.values())
+    assert lookups["timeout"] <= silent <= TRIES * lookups["timeout"]
     assert lookups == {
         "listed": len(served[WL]) + len(served[BL]),
         "clear": len(served[WL]) + len(served[BL]) + 2 * len(served[CLEAR]),
-        "timeout": sum(asked[f"{r}.silent.test"] for r in rev.values()),
+        "timeout": lookups["timeout"],
         "error": 0,
-        "cached": total - sum(asked.values()),
+        "cached": total - sum(asked.values()) + silent - lookups["timeout"],
     }
     assert sum(lookups.values()) == total
     assert hits == _hits_from_events(syslog) == {"wl.test": 5, "bl.test": 5}

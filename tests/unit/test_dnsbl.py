@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from repeld.config.errors import SettingError
@@ -17,16 +17,20 @@ from repeld.core.dnsbl import (
     MAX_TTL,
     NEGATIVE_TTL,
     UNLISTED,
+    WATCH_ALARM,
+    WATCH_WINDOW,
     AnswerCache,
     DnsAction,
     DnsList,
     DnsPolicy,
     DnsScore,
     Judgement,
+    ListWatch,
     ScoreCache,
     domains,
     negative_ttl,
     query_name,
+    reach,
     reject_line,
     reversed_address,
     score,
@@ -83,7 +87,11 @@ SET = DnsList("wl.example", (((127, 127),), ((0, 0),), ((0, 255),), ((1, 1), (3,
     ("entry", "replies", "listed"),
     [
         (ANY, ["127.0.0.2"], True),
-        (ANY, ["10.1.2.3"], True),  # no filter: any address answers
+        (ANY, ["127.0.0.1"], True),  # no filter: any address in 127.0.0.0/8
+        (ANY, ["10.1.2.3"], False),  # ... not a parked domain's wildcard
+        (ANY, ["127.0.0.255"], False),  # dnswl.org: "you are blocked"
+        (ANY, ["127.255.255.254"], False),  # Spamhaus: "public resolver"
+        (ANY, ["127.255.255.255", "127.0.0.4"], True),
         (ANY, [], False),
         (ANY, ["not an address"], False),
         (RANGE, ["127.0.0.2"], True),
@@ -225,13 +233,74 @@ def test_no_lists_no_answer() -> None:
         h.listed(NEITHER, T0)
 
 
-# The pass cache outranks the lists: their answer is kept until the cache speaks.
+# The pass cache and the lists: their answer is kept until the cache speaks; a
+# remembered pass skips the delay, not the lists.
 
 
-def test_cache_good_beats_a_block() -> None:
+def test_a_block_outranks_a_remembered_pass() -> None:
     h = hold(cache_pending=True)
     assert h.listed(LISTED, T0 + 0.125) == Wait(T0 + 25.0)
-    assert h.remembered_good(T0 + 0.25) == Pass(PassReason.CACHE, 0.25)
+    assert h.remembered_good(T0 + 0.25) == Blocked(2, ("bl.example",), 0.25, DnsAction.DROP)
+
+
+def test_a_remembered_client_the_lists_clear_passes_at_once() -> None:
+    for result in (NEITHER, ALLOWED):
+        h = hold(cache_pending=True)
+        h.listed(result, T0 + 0.125)
+        assert h.remembered_good(T0 + 0.25) == Pass(PassReason.CACHE, 0.25)
+
+
+def test_a_remembered_client_waits_for_the_lists_then_passes() -> None:
+    h = hold(cache_pending=True)
+    assert h.remembered_good(T0 + 0.125) == Wait(T0 + 25.0)
+    assert h.awaiting_dns and not h.done
+    assert h.listed(NEITHER, T0 + 0.25) == Pass(PassReason.CACHE, 0.25)
+
+
+def test_a_remembered_client_waits_for_the_lists_then_is_blocked() -> None:
+    h = hold(DnsAction.LOG, cache_pending=True)
+    assert h.remembered_good(T0 + 0.125) == Wait(T0 + 25.0)
+    blocked = Blocked(2, ("bl.example",), 0.25, DnsAction.LOG)
+    assert h.listed(LISTED, T0 + 0.25) == Logged(blocked, Pass(PassReason.CACHE, 0.25))
+    assert h.done
+
+
+def test_a_remembered_client_blocked_with_action_delay_is_held_to_it() -> None:
+    h = hold(DnsAction.DELAY, cache_pending=True)
+    h.remembered_good(T0 + 0.125)
+    blocked = Blocked(2, ("bl.example",), 0.25, DnsAction.DELAY)
+    assert h.listed(LISTED, T0 + 0.25) == Logged(blocked, Wait(T0 + 60.0))
+    assert h.silence(T0 + 60.0) == Pass(PassReason.DELAY, 60.0)
+
+
+def test_a_remembered_client_whose_lists_stay_silent_waits_its_delay_at_most() -> None:
+    h = hold(cache_pending=True)
+    h.remembered_good(T0 + 0.125)
+    partial = DnsScore(1, ("bl.example",), ("wl.example",), (-5, 0))
+    assert h.listed(partial, T0 + 0.5) == Wait(T0 + 25.0)
+    blocked = Blocked(1, ("bl.example",), 25.0, DnsAction.DROP)
+    assert h.silence(T0 + 25.0) == blocked  # ... judged by the answers it has
+
+
+def test_a_remembered_talker_loses_its_pardon_when_the_lists_block() -> None:
+    h = hold(cache_pending=True)
+    assert h.data(b"EHLO x\r\n", T0 + 1.0) == Mute(T0 + 1.0 + CACHE_WAIT)
+    assert h.remembered_good(T0 + 1.1) == Mute(T0 + 25.0)  # waits for the lists
+    assert h.listed(LISTED, T0 + 1.2) == EarlyTalk(8, b"EHLO x\r\n", 1.0)
+    h = hold(cache_pending=True)
+    h.data(b"EHLO x\r\n", T0 + 1.0)
+    h.remembered_good(T0 + 1.1)
+    assert h.due(T0 + 25.0) == Pass(PassReason.CACHE, 25.0, 8)  # the lists never spoke
+    # Remembered, waiting for the lists, then it talks (PIPECONNECT): not cut off.
+    h = hold(cache_pending=True)
+    assert h.remembered_good(T0 + 0.5) == Wait(T0 + 25.0)
+    assert h.data(b"EHLO x\r\n", T0 + 1.0) == Mute(T0 + 25.0)
+    assert h.eof(T0 + 1.5) == Mute(T0 + 25.0)  # a pipelined QUIT: still waits
+    assert h.listed(NEITHER, T0 + 2.0) == Pass(PassReason.CACHE, 2.0, 8)
+    h = hold(cache_pending=True)
+    h.data(b"EHLO x\r\n", T0 + 1.0)
+    h.listed(NEITHER, T0 + 1.0625)
+    assert h.remembered_good(T0 + 1.125) == Pass(PassReason.CACHE, 1.125, 8)
 
 
 def test_cache_bad_beats_an_allow() -> None:
@@ -431,7 +500,7 @@ def test_dnsbl_delay_must_be_longer_than_the_delay() -> None:
     ("verdict", "remembered"),
     [
         (Pass(PassReason.DELAY, 25.0), True),
-        (Pass(PassReason.DNSWL, 0.25), True),  # like trusted, but remembered
+        (Pass(PassReason.DNSWL, 0.25), False),  # passed at once: showed no patience
         (Pass(PassReason.DELAY, 25.0, early_bytes=8), False),  # observe mode's talker
         (Pass(PassReason.CACHE, 0.25), False),  # remembered already
         (Pass(PassReason.TRUSTED, 0.0), False),
@@ -520,3 +589,193 @@ def test_not_listed_is_kept_for_the_negative_ttl_of_the_soa(
     soa_ttl: int | None, minimum: int | None, kept: float
 ) -> None:
     assert negative_ttl(soa_ttl, minimum) == kept
+
+
+# -- partial answers: deciding as soon as the answers settle the outcome ----------
+
+BL2 = (DnsList("bl.example"), DnsList("bl2.example"), DnsList("wl.example", None, -5))
+
+
+@pytest.mark.parametrize(
+    ("answers", "pending", "settled"),
+    [
+        # listed with weight 1 while only a +1 list is pending: blocked now
+        ({"bl.example": ["127.0.0.2"]}, ["bl2.example"], Judgement.BLOCK),
+        # allowed with -5 while only a +1 list is pending: allowed now
+        ({"wl.example": ["127.0.0.2"]}, ["bl2.example"], Judgement.ALLOW),
+        # allowed with -5, two +1 lists pending: -3 at most, still allowed
+        ({"wl.example": ["127.0.0.2"]}, ["bl.example", "bl2.example"], Judgement.ALLOW),
+        # listed with 1 while the -5 list is pending: it could still allow
+        ({"bl.example": ["127.0.0.2"]}, ["wl.example"], None),
+        # nothing yet, every list pending
+        ({}, ["bl.example", "bl2.example", "wl.example"], None),
+        # clear on both block lists, the allow list pending: allow or neither
+        ({"bl.example": [], "bl2.example": []}, ["wl.example"], None),
+        # clear on the allow list and one block list, the other pending
+        ({"bl.example": [], "wl.example": []}, ["bl2.example"], None),
+        # every list answered: the plain judgement
+        ({"bl.example": [], "bl2.example": [], "wl.example": []}, [], Judgement.NEITHER),
+    ],
+)
+def test_settled(answers: dict[str, list[str]], pending: list[str], settled: Judgement) -> None:
+    result = score(BL2, answers, pending, pending)
+    assert DnsPolicy().settled(result) is settled
+
+
+def test_a_wide_margin_settles_neither() -> None:
+    policy = DnsPolicy(allow_threshold=-10, block_threshold=10)
+    result = score(BL2, {"wl.example": []}, ["bl.example"], ["bl.example"])
+    assert result.reach == (0, 1)
+    assert policy.settled(result) is Judgement.NEITHER
+
+
+def test_reach_sums_the_weights_of_the_pending_entries_by_sign() -> None:
+    lists = (DnsList("wl.example", None, -3), DnsList("wl.example", None, 2), *BL2)
+    assert reach(lists, ["wl.example"]) == (-8, 2)
+    assert reach(lists, []) == (0, 0)
+
+
+def test_a_listing_while_another_list_is_pending_blocks_at_once() -> None:
+    h = hold()
+    partial = score(BL2[:2], {"bl.example": ["127.0.0.2"]}, ["bl2.example"], ["bl2.example"])
+    assert h.listed(partial, T0 + 0.0625) == Blocked(1, ("bl.example",), 0.0625, DnsAction.DROP)
+    assert h.dns_result is not None and h.dns_result.missing == ("bl2.example",)
+
+
+def test_an_unsettled_answer_holds_on_and_the_next_one_decides() -> None:
+    h = hold()
+    partial = score(BL2, {"bl.example": ["127.0.0.2"]}, ["wl.example"], ["wl.example"])
+    assert h.listed(partial, T0 + 0.0625) == Wait(T0 + 25.0)
+    assert h.awaiting_dns
+    final = score(BL2, {"bl.example": ["127.0.0.2"], "wl.example": []})
+    assert h.listed(final, T0 + 0.125) == Blocked(1, ("bl.example",), 0.125, DnsAction.DROP)
+
+
+@pytest.mark.parametrize(
+    ("action", "verdict"),
+    [
+        (DnsAction.DROP, Blocked(1, ("bl.example",), 25.0, DnsAction.DROP)),
+        (
+            DnsAction.LOG,
+            Logged(Blocked(1, ("bl.example",), 25.0, DnsAction.LOG), Pass(PassReason.DELAY, 25.0)),
+        ),
+        (
+            DnsAction.DELAY,
+            Logged(Blocked(1, ("bl.example",), 25.0, DnsAction.DELAY), Wait(T0 + 60.0)),
+        ),
+    ],
+)
+def test_at_the_end_of_the_delay_the_answers_received_decide(
+    action: DnsAction, verdict: object
+) -> None:
+    h = hold(action)
+    partial = score(BL2, {"bl.example": ["127.0.0.2"]}, ["wl.example"], ["wl.example"])
+    h.listed(partial, T0 + 0.0625)
+    assert h.silence(T0 + 25.0) == verdict
+    assert not h.awaiting_dns or not h.done
+
+
+def test_a_silent_list_is_no_listing_at_the_end_of_the_delay() -> None:
+    h = hold()
+    partial = score(BL2, {"bl.example": [], "bl2.example": []}, ["wl.example"], ["wl.example"])
+    assert h.listed(partial, T0 + 0.0625) == Wait(T0 + 25.0)
+    assert h.silence(T0 + 25.0) == Pass(PassReason.DELAY, 25.0)
+
+
+def test_answers_after_the_outcome_settled_are_kept_for_the_events() -> None:
+    h = hold()
+    partial = score(BL2, {"bl.example": [], "wl.example": []}, ["bl2.example"], ["bl2.example"])
+    assert h.listed(partial, T0 + 0.0625) == Wait(T0 + 25.0)  # neither, whatever bl2 says
+    final = score(BL2, {"bl.example": [], "wl.example": [], "bl2.example": []})
+    assert h.awaiting_dns
+    assert h.listed(final, T0 + 0.125) == Wait(T0 + 25.0)
+    assert h.dns_result == final and not h.awaiting_dns
+
+
+# -- a list that lists everyone -----------------------------------------------------
+
+
+def test_the_watch_raises_the_alarm_once_when_a_list_lists_nearly_everyone() -> None:
+    watch = ListWatch()
+    alarms = [watch.seen("bl.example", i % 2 == 0) for i in range(WATCH_WINDOW)]
+    assert alarms == [None] * WATCH_WINDOW  # half listed: a busy list, no alarm
+    alarms = [watch.seen("bl.example", True) for _ in range(WATCH_WINDOW)]
+    raised = [a for a in alarms if a is not None]
+    assert raised == [WATCH_ALARM]  # once, as the share reaches the mark
+    assert watch.seen("wl.example", True) is None  # each list on its own
+    for _ in range(WATCH_WINDOW):  # back to normal: the alarm is armed again
+        assert watch.seen("bl.example", False) is None
+    alarms = [watch.seen("bl.example", True) for _ in range(WATCH_WINDOW)]
+    assert [a for a in alarms if a is not None] == [WATCH_ALARM]
+
+
+# -- any sequence the shell may feed: never a crash, always a verdict ---------------
+
+_RESULTS = st.builds(
+    DnsScore,
+    st.integers(-6, 6),
+    st.sampled_from([(), ("bl.example",)]),
+    st.sampled_from([(), ("bl2.example",)]),
+    st.sampled_from([(0, 0), (0, 1), (-5, 0), (-5, 2)]),
+)
+_STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(["data", "eof", "reset", "silence", "due", "good", "bad", "unknown"])
+        | st.just("listed"),
+        st.floats(0.0, 3.0),
+        _RESULTS,
+    ),
+    max_size=12,
+)
+
+
+def _final(verdict: object) -> bool:
+    while isinstance(verdict, Logged):
+        verdict = verdict.then
+    return not isinstance(verdict, (Wait, Mute))
+
+
+@settings(max_examples=400)
+@given(
+    _STEPS,
+    st.sampled_from(list(DnsAction)),
+    st.booleans(),
+    st.booleans(),
+)
+def test_any_sequence_of_what_the_shell_may_feed_gives_verdicts(
+    steps: list[tuple[str, float, DnsScore]], action: DnsAction, pending: bool, observe: bool
+) -> None:
+    """The shell feeds a hold only what its state awaits (as shell/pen.py and
+    server.py do); whatever the order and the lists' answers, the hold answers
+    with a verdict, never an exception, and is done exactly when one is final."""
+    h = Hold(T0, 10.0, dns=DnsPolicy(action=action, block_delay=20.0), cache_pending=pending,
+             observe=observe)  # fmt: skip
+    now = T0
+    for name, dt, result in steps:
+        if h.done:
+            break
+        now += dt
+        if name in ("good", "bad", "unknown"):
+            if not h.awaiting_cache:
+                continue
+            call = {"good": h.remembered_good, "bad": h.remembered_bad, "unknown": h.unknown}
+            verdict = call[name](now)
+        elif name == "listed":
+            if not h.awaiting_dns:
+                continue
+            verdict = h.listed(result, now)
+        elif name == "data":
+            if h.muted:
+                continue
+            verdict = h.data(b"EHLO x\r\n", now)
+        elif name == "silence":
+            if h.muted:
+                continue
+            verdict = h.silence(now)
+        elif name == "due":
+            if not h.muted:
+                continue
+            verdict = h.due(now)
+        else:
+            verdict = h.eof(now) if name == "eof" else h.reset(now)
+        assert _final(verdict) is h.done, (name, verdict)

@@ -581,6 +581,7 @@ def _sample_events() -> list[Event]:
         events.exec_end(conn, 30.0, 5.0, "/var/qmail/bin/qmail-smtpd", 0, ExecEnd.EXIT),
         events.internal_error(conn, 1.0, "oops"),
         events.overload(conn, "max-held", 3),
+        events.dns_list_alarm("bl.test", 0.95, 200),
         events.proxy_error(
             ConnInfo("192.0.2.1", 40000, "198.51.100.25", 25, via="192.0.2.1"),
             5.0,

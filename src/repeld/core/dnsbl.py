@@ -3,20 +3,29 @@
 A list entry is `DOMAIN[=FILTER][*WEIGHT]` (postscreen_dnsbl_sites' syntax):
 the client's address is looked up as an A record under DOMAIN (IPv4 octets
 reversed, IPv6 as 32 reversed nibbles); an answer lists the client when one
-of its addresses matches FILTER, or any address at all without a filter.
+of its addresses matches FILTER. Without a filter, any address in 127.0.0.0/8
+(RFC 5782 section 2.3) lists it, except those the lists answer with to say that
+they refuse the asker, not that they list the client (`ERROR_REPLIES`:
+dnswl.org's 127.0.0.255, Spamhaus's 127.255.255.0/24): taken as a listing, they
+would block or allow every client at once.
 FILTER is d.d.d.d where each d is a number or a bracketed `;`-separated set of
 numbers and `LOW..HIGH` ranges: `127.0.0.[2..11]`, `127.0.[0..255].[1;2;3]`.
 
 The score of a client is the sum of the weights of the entries that listed
-it; an entry counts once however many addresses matched. Several entries may
+it (lists that have not answered yet, or never will, count as not listing
+it); an entry counts once however many addresses matched. Several entries may
 name one domain with different filters (list.dnswl.org's trust levels), and
 one query per domain serves them all. A --dnsbl weight is added as written
 (1 by default; negative allows, as in postscreen); a --dnswl weight is a
 positive amount taken off (1 by default, so a --dnswl entry counts -1).
 
 `DnsPolicy.judge` turns a score into allow, block or neither; the hold
-(core/hold.py) acts on it. The shell (shell/dnslookup.py) asks the resolver
-and feeds the answers to `score`; `AnswerCache` keeps each answer for its DNS
+(core/hold.py) acts on it. `DnsPolicy.settled` says whether the answers
+received so far decide the outcome already: when the weights of the lists
+still to answer (`DnsScore.reach`) can no longer move the score across a
+threshold, the verdict need not wait for them. `ListWatch` notices a list
+that suddenly lists nearly everyone. The shell (shell/dnslookup.py) asks the
+lists and feeds the answers to `score`; `AnswerCache` keeps each answer for its DNS
 TTL so that a client seen again costs no query, and `ScoreCache` the score it
 made, so that such a client is judged at accept with one dictionary lookup.
 """
@@ -27,23 +36,28 @@ import enum
 import ipaddress
 import math
 import re
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 __all__ = [
     "ANSWER_CACHE_SIZE",
+    "ERROR_REPLIES",
     "MAX_TTL",
     "NEGATIVE_TTL",
     "RESULTS",
     "UNLISTED",
+    "WATCH_ALARM",
+    "WATCH_REARM",
+    "WATCH_WINDOW",
     "AnswerCache",
     "DnsAction",
     "DnsList",
     "DnsPolicy",
     "DnsScore",
     "Judgement",
+    "ListWatch",
     "Octet",
     "ReplyFilter",
     "ScoreCache",
@@ -51,6 +65,7 @@ __all__ = [
     "domains",
     "negative_ttl",
     "query_name",
+    "reach",
     "reject_line",
     "reversed_address",
     "score",
@@ -78,7 +93,9 @@ class DnsList:
             except ValueError:
                 continue  # not an A record's address: never a listing
             if self.filter is None:
-                return True
+                if octets[0] == 127 and not _refusal(octets):
+                    return True
+                continue
             if all(
                 any(low <= octet <= high for low, high in ranges)
                 for octet, ranges in zip(octets, self.filter, strict=True)
@@ -91,6 +108,18 @@ class DnsList:
         if self.filter is not None:
             text += "=" + ".".join(_octet_text(o) for o in self.filter)
         return text + (f"*{self.weight}" if self.weight != 1 else "")
+
+
+#: Answers that say the list refuses the asker, never that it lists the client:
+#: dnswl.org's 127.0.0.255 ("blocked": too many queries, or through a public
+#: resolver), Spamhaus's 127.255.255.252 (typing error), .254 (public resolver)
+#: and .255 (too many queries). An entry without a filter ignores them; one with
+#: a filter takes what its filter says.
+ERROR_REPLIES = ("127.0.0.255", "127.255.255.0/24")
+
+
+def _refusal(octets: bytes) -> bool:
+    return octets == b"\x7f\x00\x00\xff" or octets[:3] == b"\x7f\xff\xff"
 
 
 def _octet_text(octet: Octet) -> str:
@@ -135,28 +164,56 @@ def domains(lists: Iterable[DnsList]) -> tuple[str, ...]:
 
 @dataclass(frozen=True, slots=True)
 class DnsScore:
-    """What the lists said of a client: the sum of weights and the domains that listed it."""
+    """What the lists said of a client: the sum of weights and the domains that
+    listed it; `missing`, the domains that have not answered (yet, or in time);
+    `reach`, the least and the most their weights could still add to the score
+    ((0, 0) once no answer is to come: the score is final)."""
 
     score: int = 0
     lists: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    reach: tuple[int, int] = (0, 0)
 
 
 #: The score of a client no list listed (most of them): one shared instance.
 UNLISTED = DnsScore()
 
 
-def score(lists: Sequence[DnsList], answers: Mapping[str, Sequence[str]]) -> DnsScore:
+def score(
+    lists: Sequence[DnsList],
+    answers: Mapping[str, Sequence[str]],
+    missing: Sequence[str] = (),
+    pending: Sequence[str] = (),
+) -> DnsScore:
     """The client's score from the answers, keyed by domain (a list that did not
-    answer, or answered NXDOMAIN, is missing or empty: not listed)."""
+    answer, or answered NXDOMAIN, is missing or empty: not listed).
+
+    `missing`: the domains with no answer (named in the events); `pending`,
+    those of them whose answer may still come (their weights make the reach).
+    """
     total = 0
     listed: dict[str, None] = {}
     for entry in lists:
         if entry.matches(answers.get(entry.domain, ())):
             total += entry.weight
             listed[entry.domain] = None
-    if not listed:
+    if not listed and not missing:
         return UNLISTED
-    return DnsScore(total, tuple(listed))
+    return DnsScore(total, tuple(listed), tuple(missing), reach(lists, pending))
+
+
+def reach(lists: Iterable[DnsList], pending: Iterable[str]) -> tuple[int, int]:
+    """The least and the most the entries of the `pending` domains could add to a
+    score: every negative weight, every positive one (each entry counts once)."""
+    waiting = set(pending)
+    low = high = 0
+    for entry in lists:
+        if entry.domain in waiting:
+            if entry.weight < 0:
+                low += entry.weight
+            else:
+                high += entry.weight
+    return low, high
 
 
 class DnsAction(enum.StrEnum):
@@ -194,12 +251,28 @@ class DnsPolicy:
             )
 
     def judge(self, result: DnsScore) -> Judgement:
-        """Allow at or below the allow threshold, block at or above the block one."""
-        if result.score <= self.allow_threshold:
+        """Allow at or below the allow threshold, block at or above the block one
+        (lists that have not answered count as not listing)."""
+        return self._judge(result.score)
+
+    def _judge(self, value: int) -> Judgement:
+        if value <= self.allow_threshold:
             return Judgement.ALLOW
-        if result.score >= self.block_threshold:
+        if value >= self.block_threshold:
             return Judgement.BLOCK
         return Judgement.NEITHER
+
+    def settled(self, result: DnsScore) -> Judgement | None:
+        """The judgement the answers still to come can no longer change, or None.
+
+        Thresholds cut the line of scores in three: if the least and the most the
+        score can still become are judged alike, every score between them is too.
+        """
+        low, high = result.reach
+        judgement = self._judge(result.score + low)
+        if low == high == 0 or self._judge(result.score + high) is judgement:
+            return judgement
+        return None
 
 
 def reject_line(client: str, lists: Sequence[str]) -> bytes:
@@ -216,8 +289,12 @@ def reject_line(client: str, lists: Sequence[str]) -> bytes:
 #: from the same address), so that every client counts once per list; or none
 #: came (skipped: the list, busy with its share of the queries in flight, could
 #: not be asked before every client that waited was decided or --dns-timeout
-#: passed). Counted by shell/dnslookup.py, shown by metrics.py.
-RESULTS = ("listed", "clear", "timeout", "error", "cached", "skipped")
+#: passed); timeout and error also take a truncated (TC) or oversized answer,
+#: which a list is never asked again over TCP for. Counted by shell/dnslookup.py,
+#: shown by metrics.py.
+#: late: a query whose answer came after every client that waited for it had
+#: been decided (kept in the cache, but no client's verdict had it).
+RESULTS = ("listed", "clear", "timeout", "error", "cached", "skipped", "late")
 #: The most entries a `TtlCache` keeps (answers, or scores); the oldest go first.
 ANSWER_CACHE_SIZE = 100_000
 #: How long "not listed" (NXDOMAIN, or no A record) is kept at least, in seconds,
@@ -297,3 +374,47 @@ class TtlCache(Generic[K, V]):
 AnswerCache = TtlCache[tuple[str, str], tuple[str, ...]]
 #: Each address's score, kept while every list's answer it came from is.
 ScoreCache = TtlCache[str, DnsScore]
+
+
+#: `ListWatch`: the answers it looks at (per list, the latest), the share of them
+#: listing that raises the alarm, and the share under which it is raised again.
+WATCH_WINDOW = 200
+WATCH_ALARM = 0.9
+WATCH_REARM = 0.5
+
+
+class ListWatch:
+    """Notices a list that suddenly lists nearly every client: a dead list whose
+    domain answers everything, a list that blocks the asker with a listing
+    answer, a hijacked domain. Fed each answer to a query of its own (not the
+    cached ones: one client seen often would weigh too much); `seen` returns the
+    share listed when the alarm goes off, once, until the share has fallen under
+    WATCH_REARM again. No clock: the window counts answers, not seconds.
+    """
+
+    __slots__ = ("_alarmed", "_listed", "_window")
+
+    def __init__(self) -> None:
+        self._window: dict[str, deque[bool]] = {}
+        self._listed: dict[str, int] = {}
+        self._alarmed: set[str] = set()
+
+    def seen(self, domain: str, listed: bool) -> float | None:
+        """One answer of `domain`; the share listed if the alarm goes off now."""
+        window = self._window.setdefault(domain, deque())
+        count = self._listed.get(domain, 0) + listed
+        window.append(listed)
+        if len(window) > WATCH_WINDOW:
+            count -= window.popleft()
+        self._listed[domain] = count
+        if len(window) < WATCH_WINDOW:
+            return None
+        share = count / WATCH_WINDOW
+        if domain in self._alarmed:
+            if share < WATCH_REARM:
+                self._alarmed.discard(domain)
+            return None
+        if share >= WATCH_ALARM:
+            self._alarmed.add(domain)
+            return share
+        return None

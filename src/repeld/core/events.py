@@ -26,6 +26,7 @@ __all__ = [
     "backend_error",
     "cache_notice",
     "config_error",
+    "dns_list_alarm",
     "dnsbl",
     "early_talker",
     "exec_end",
@@ -105,10 +106,15 @@ def _ms(seconds: float) -> float:
 
 def _dns_fields(dns: DnsScore | None) -> tuple[tuple[str, FieldValue], ...]:
     # With DNS lists configured, a verdict says what they said (score 0 and no
-    # lists when they had not answered); without lists, nothing, as before.
+    # lists when they had not answered) and which had not answered (`unanswered`:
+    # no answer in time is not "not listed"); without lists, nothing, as before.
     if dns is None:
         return ()
-    return (("score", dns.score), ("lists", ",".join(dns.lists)))
+    return (
+        ("score", dns.score),
+        ("lists", ",".join(dns.lists)),
+        ("unanswered", ",".join(dns.missing)),
+    )
 
 
 def _recipients(recipients: tuple[bytes, ...]) -> str:
@@ -270,6 +276,22 @@ def dnsbl(conn: ConnInfo, verdict: Blocked) -> Event:
         ),
         f"DNSBL rank {verdict.score} for {conn.peer} after {elapsed:.3f}: "
         f"{lists or 'no list'} (action={action})",
+    )
+
+
+def dns_list_alarm(domain: str, share: float, window: int) -> Event:
+    """A DNS list listed nearly every client of late (`share` of the last `window`
+    answers to queries of its own): a dead list whose domain answers everything,
+    a list refusing us with a listing answer, a hijacked domain."""
+    percent = round(100 * share, 1)
+    return _service(
+        EventName.DNS_LIST_ALARM,
+        Severity.WARNING,
+        f"DNS list {domain} listed {percent:g}% of the last {window} clients asked: "
+        "dead, hijacked or refusing this resolver?",
+        list=domain,
+        share=percent,
+        window=window,
     )
 
 

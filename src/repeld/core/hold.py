@@ -27,12 +27,12 @@ end of the delay):
     HOLDING   eof / reset            -> HangUp                          DONE
     HOLDING   silence, early         -> Wait(D)                         HOLDING
     HOLDING   silence, due           -> Pass("delay")                   DONE
-    HOLDING   cache: good            -> Pass("cache")                   DONE
+    HOLDING   cache: good, no lists  -> Pass("cache")                   DONE
     HOLDING   cache: bad             -> Penalty                         DONE
     HOLDING   cache: bad, observe    -> Logged(Penalty, Wait(D))        HOLDING
                       and dns kept   -> Logged(Penalty, as "dns: ...")
     HOLDING   cache: unknown         -> Wait(D)                         HOLDING
-    TALKED    cache: good            -> Pass("cache", early_bytes)      DONE
+    TALKED    cache: good, no lists  -> Pass("cache", early_bytes)      DONE
     TALKED    cache: bad             -> Penalty                         DONE
                            observe   -> Logged(T, Mute(D))              OBSERVING
     TALKED    cache: unknown, or due at W
@@ -50,9 +50,24 @@ end of the delay):
     HOLDING   dns: block, log        -> Logged(Blocked, Wait(D))        HOLDING
     HOLDING   dns: block, delay      -> Logged(Blocked, Wait(B))        HOLDING, held to B
     HOLDING   dns: neither           -> Wait(D)                         HOLDING
+    HOLDING   dns: not settled       -> Wait(D), the answers kept       HOLDING
     HOLDING   dns: any, cache pending-> Wait(D), the answer kept        HOLDING
     HOLDING   cache: unknown, dns kept -> as "dns: ..." above
+    HOLDING   cache: good, dns kept or settled:
+                           block     -> as "dns: block" (log: then Pass("cache"))
+                           else      -> Pass("cache")                   DONE
+    HOLDING   cache: good, dns not settled
+                                     -> Wait(D), waiting for the lists  HOLDING (good)
+    HOLDING   silence, due, dns not settled: judged by the answers received
+                           block     -> as "dns: block" (log: then Pass("delay"))
+                           else      -> Pass("delay")                   DONE
+    HOLDING (good) dns settled       -> as "cache: good, dns settled"
     TALKED    dns: any               -> Mute(W), the answer kept        TALKED
+    TALKED    cache: good, dns block -> the talk stands, as "cache: unknown"
+    TALKED    cache: good, dns not settled -> Mute(D)                   TALKED (good)
+    HOLDING (good) data              -> Mute(D)                         TALKED (good)
+    TALKED (good) dns settled, or due at D: block -> the talk stands
+                                     else -> Pass("cache", early_bytes) DONE
     OBSERVING dns: any               -> Mute(D), the answer kept        OBSERVING
     -- enforce (--on-early enforce; OBSERVING is shared, its end differs) --
     HOLDING   data, enforce          -> Mute(D)                         OBSERVING
@@ -92,17 +107,30 @@ several) completes the reply when the client is passed. A client whose fresh
 socket cannot take one line at once is broken, not patient: it is reset, a
 hang-up. A talker's `EarlyTalk.teased` says whether it had heard the teaser.
 
-The DNS lists' answer (`listed`) comes once, when every list has answered or
-the lookups gave up; it never makes anyone wait: a hold that is decided first
-(by its delay, the cache or its talk) is simply not fed the answer. What
-repeld saw itself outranks what the lists say: while the pass cache's answer
-is still to come, the lists' answer is kept, and the cache's good or bad
-answer wins over it (a client remembered as patient passes even when a list
-blocks it; a remembered early talker is cut off even when a list allows it);
-the cache lasts --cache-ttl, the lists' word is looked up again after that.
-Once a client has talked, its talk decides as above and the lists' answer is
-only kept for the events (`dns_result`): an early talker is an early talker
-whatever the lists say.
+The DNS lists' answers (`listed`) come as the lists answer, each time with
+the score so far and what the lists still to answer could add to it
+(`DnsScore.reach`); the hold acts as soon as they settle the outcome
+(`DnsPolicy.settled`): a client listed with weight 1 while only a list of
+weight 1 is still to answer is blocked now, one allowed with -5 while only
+that list is pending is allowed now. A silent list so never holds up the
+others' verdict. The lists never make a new client wait longer than its
+delay: at its end, it is judged by the answers received, the lists that have
+not answered counting as not listing (postscreen at the end of its greet
+wait); a hold decided first by its talk is not fed the answers.
+
+What repeld saw itself and the lists are weighed so that neither launders
+the other. A remembered early talker is cut off even when a list allows it
+(the cache's bad answer, asked in parallel, is waited for while the lists'
+answer is kept). A client remembered as patient skips the delay, not the
+lists: it is blocked if they block it; while they have not settled, it waits
+for them (until the end of its delay at most; the lookups give up after
+--dns-timeout), then passes. Only a client that waited the whole delay in
+silence is remembered as patient (`Pass.remembered`): the allow lists, a
+trusted network or a nodelay listener pass a client at once and have tested
+nothing. Once a client has talked, its talk decides as above and the lists'
+answer is only kept for the events (`dns_result`): an early talker is an
+early talker whatever the lists say, and a remembered client that talked
+loses the cache's pardon if the lists block it.
 
 "silence, due" must only be reported after a last non-blocking peek at the
 deadline found nothing: bytes that arrive at the very end are still early
@@ -201,9 +229,10 @@ class Pass:
     @property
     def remembered(self) -> bool:
         """The pass cache learns the client as patient: it waited the whole delay
-        in silence, or the allow lists vouched for it (so a later connection passes
-        at once even if the lists cannot answer)."""
-        return self.reason in (PassReason.DELAY, PassReason.DNSWL) and not self.early_bytes
+        in silence. Nothing else shows patience: a client passed at once (allow
+        lists, a trusted network, a nodelay listener) was never tested, and one
+        passed by the cache was remembered already."""
+        return self.reason is PassReason.DELAY and not self.early_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,9 +311,11 @@ class Hold:
 
     __slots__ = (
         "_dns",
-        "_dns_pending",
+        "_dns_more",
+        "_good",
         "_kept",
         "_pending",
+        "_settled",
         "_state",
         "_talk",
         "_teaser",
@@ -327,11 +358,16 @@ class Hold:
         #: The whole teaser line has been written to the client.
         self.teased = False
         self._dns = dns
-        self._dns_pending = dns is not None
-        #: The lists' answer once it came (for the events' score and lists).
+        # More answers from the lists are to come.
+        self._dns_more = dns is not None
+        #: The lists' answers so far (for the events' score, lists and unanswered).
         self.dns_result: DnsScore | None = None
-        # The lists' answer, kept until the pass cache has answered.
+        # What the lists' answers settled, once they did.
+        self._settled: Judgement | None = None
+        # The settled answer, kept until the pass cache has answered.
         self._kept = False
+        # The pass cache said good and the lists have not settled yet.
+        self._good = False
 
     @property
     def done(self) -> bool:
@@ -345,8 +381,8 @@ class Hold:
 
     @property
     def awaiting_dns(self) -> bool:
-        """The DNS lists' answer is still to come (feed it with `listed`)."""
-        return self._dns_pending and self._state != _DONE
+        """More of the DNS lists' answers are to come (feed them with `listed`)."""
+        return self._dns_more and self._state != _DONE
 
     @property
     def talk(self) -> EarlyTalk | None:
@@ -439,9 +475,9 @@ class Hold:
         nbytes = max(len(peeked), total or 0)
         talk = EarlyTalk(nbytes, bytes(peeked[:PEEK_LIMIT]), self._elapsed(now), self.teased)
         self._talk = talk
-        if self._pending:
+        if self._pending or self._good:  # the cache's answer, or the lists', decides
             self._state = _TALKED
-            return Mute(self._wait_until())
+            return self._holding_on()
         if self.observe:
             self._state = _OBSERVING
             return Logged(talk, self._observed(now))
@@ -455,7 +491,7 @@ class Hold:
         if not reset and self._state == _TALKED:
             # Talked, then closed its side: a half-close, as an Exim that pipelined
             # its QUIT does; it still waits for the replies, so the cache decides.
-            return Mute(self._wait_until())
+            return self._holding_on()
         if not reset and self._state == _OBSERVING:
             return Mute(self.deadline)
         if self.enforce and self._state in (_TALKED, _OBSERVING):
@@ -488,10 +524,20 @@ class Hold:
         self._pending = False
 
     def remembered_good(self, now: float) -> Verdict:
-        """The pass cache knows this client waited before: pass it now, bytes and all."""
+        """The pass cache knows this client waited before: pass it now, bytes and
+        all, unless the lists block it; while they have not settled, it waits for
+        them, until the end of its delay at most."""
         self._answer()
-        self._state = _DONE
-        return Pass(PassReason.CACHE, self._elapsed(now), self._early_bytes())
+        if self._dns is None:
+            self._state = _DONE
+            return Pass(PassReason.CACHE, self._elapsed(now), self._early_bytes())
+        if self._settled is not None:
+            self._kept = False
+            return self._after_good(self._settled, now)
+        self._good = True
+        if now >= self.deadline:
+            return self._after_good(self._dns.judge(self.dns_result or DnsScore()), now)
+        return self._holding_on()
 
     def remembered_bad(self, now: float) -> Verdict:
         """The pass cache holds a penalty for this client: cut it off now.
@@ -510,7 +556,8 @@ class Hold:
         then: Verdict = Wait(self._until)
         if self._kept:  # held as usual: the lists' answer applies
             self._kept = False
-            then = self._judge(now)
+            assert self._settled is not None
+            then = self._judge(self._settled, now)
         return Logged(Penalty(self._elapsed(now)), then)
 
     def unknown(self, now: float) -> Verdict:
@@ -520,38 +567,64 @@ class Hold:
             return self._talk_stands(now)
         if self._kept:
             self._kept = False
-            return self._judge(now)
+            assert self._settled is not None
+            return self._judge(self._settled, now)
         return Wait(self._until)
 
     def listed(self, result: DnsScore, now: float) -> Verdict:
-        """The DNS lists' answer: their score and the lists that listed the client.
+        """The DNS lists' answers so far: their score, the lists that listed the
+        client, those still to answer and what their weights could still add.
 
-        Lists that did not answer in time count as not listing it.
+        Fed again as answers come, as long as `awaiting_dns`; acted on once the
+        answers received settle the outcome (`DnsPolicy.settled`). Lists that
+        will not answer (gave up) count as not listing.
         """
         self._check()
-        if not self._dns_pending:
+        if not self.awaiting_dns:
             raise LocalProtocolError("a DNS answer that was not awaited")
-        self._dns_pending = False
+        assert self._dns is not None
         self.dns_result = result
-        if self._state == _TALKED:
-            return Mute(self._wait_until())
+        self._dns_more = result.reach != (0, 0)
+        if self._settled is not None:  # decided already; kept for the events
+            return self._holding_on()
+        judgement = self._dns.settled(result)
+        if judgement is None:  # the lists still to answer could change it
+            if self._good and self._state == _TALKED and now >= self.deadline:
+                return self._after_good(self._dns.judge(result), now)
+            return self._holding_on()
+        self._settled = judgement
         if self._state == _OBSERVING:
             return Mute(self.deadline)
+        if self._good:  # the cache said good, waiting for the lists
+            return self._after_good(judgement, now)
+        if self._state == _TALKED:
+            return Mute(self._wait_until())
         if self._pending:  # the pass cache speaks first
             self._kept = True
             return Wait(self._until)
-        return self._judge(now)
+        return self._judge(judgement, now)
 
-    def _judge(self, now: float) -> Verdict:
+    def _holding_on(self) -> Verdict:
+        # No verdict yet: what the shell waits for next, in the current state.
+        if self._state == _HOLDING:
+            return Wait(self._until)
+        if self._state == _OBSERVING:
+            return Mute(self.deadline)
+        return Mute(self.deadline if self._good else self._wait_until())
+
+    def _judge(self, judgement: Judgement, now: float) -> Verdict:
         # HOLDING, the cache has nothing to say: the lists decide, or the hold goes on.
-        assert self._dns is not None and self.dns_result is not None
-        result = self.dns_result
-        judgement = self._dns.judge(result)
         if judgement is Judgement.ALLOW:
             self._state = _DONE
             return Pass(PassReason.DNSWL, self._elapsed(now))
         if judgement is Judgement.NEITHER:
             return Wait(self._until)
+        return self._block(now)
+
+    def _block(self, now: float) -> Verdict:
+        # HOLDING, the lists block: --dnsbl-action says what follows.
+        assert self._dns is not None and self.dns_result is not None
+        result = self.dns_result
         action = self._dns.action
         blocked = Blocked(result.score, result.lists, self._elapsed(now), action)
         if action in (DnsAction.DROP, DnsAction.REJECT):
@@ -559,7 +632,30 @@ class Hold:
             return blocked
         if action is DnsAction.DELAY:
             self._until = max(self._until, self.accepted_at + self._dns.block_delay)
+        if now >= self._until:  # judged at the end of the wait: written down, passed
+            self._state = _DONE
+            return Logged(blocked, Pass(PassReason.DELAY, self._elapsed(now)))
         return Logged(blocked, Wait(self._until))
+
+    def _after_good(self, judgement: Judgement, now: float) -> Verdict:
+        # The cache remembers the client as patient and the lists have spoken (or
+        # the wait for them is over): the cache skips the delay, not the lists.
+        self._good = False
+        if self._state == _TALKED:
+            if judgement is Judgement.BLOCK:  # no pass to forgive the talk with
+                return self._talk_stands(now)
+            self._state = _DONE
+            return Pass(PassReason.CACHE, self._elapsed(now), self._early_bytes())
+        if judgement is not Judgement.BLOCK:
+            self._state = _DONE
+            return Pass(PassReason.CACHE, self._elapsed(now))
+        assert self._dns is not None
+        if self._dns.action is DnsAction.LOG:
+            verdict = self._block(now)
+            assert isinstance(verdict, Logged)
+            self._state = _DONE
+            return Logged(verdict.note, Pass(PassReason.CACHE, self._elapsed(now)))
+        return self._block(now)
 
     def due(self, now: float) -> Verdict:
         """A muted hold's deadline (the one `Mute` gave) has come."""
@@ -568,6 +664,11 @@ class Hold:
             return self._observed(now)
         if self._state != _TALKED:
             raise LocalProtocolError("due() for a hold that was not muted")
+        if self._good:  # the cache said good; the lists had until the delay's end
+            if now < self.deadline:
+                return Mute(self.deadline)
+            assert self._dns is not None
+            return self._after_good(self._dns.judge(self.dns_result or DnsScore()), now)
         wait_until = self._wait_until()
         if now < wait_until:
             return Mute(wait_until)
@@ -580,6 +681,15 @@ class Hold:
             raise LocalProtocolError("silence() for a muted hold; use due()")
         if now < self._until:
             return Wait(self._until)
+        if self._settled is None and self.dns_result is not None:
+            # The delay is over and the lists have not settled: judged by the
+            # answers received, the others counting as not listing (postscreen at
+            # the end of its greet wait).
+            assert self._dns is not None
+            self._settled = self._dns.judge(self.dns_result)
+            self._good = False
+            if self._settled is Judgement.BLOCK:
+                return self._block(now)
         self._state = _DONE
         return Pass(PassReason.DELAY, self._elapsed(now))
 

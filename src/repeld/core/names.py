@@ -54,6 +54,7 @@ class EventName(enum.StrEnum):
     STATS = "stats"
     WORKER_START = "worker-start"
     WORKER_EXIT = "worker-exit"
+    DNS_LIST_ALARM = "dns-list-alarm"  # a DNS list lists nearly every client (issue 21)
 
 
 class EarlyAction(enum.StrEnum):

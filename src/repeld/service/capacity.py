@@ -26,7 +26,7 @@ __all__ = [
 
 #: Descriptors kept back from --max-held for relays' backend sockets, the
 #: listeners, the event log, the pen itself and the DNS lists' queries in
-#: flight (a few dozen: shell/dnslookup.py MAX_QUERIES).
+#: flight (a few sockets for them all: shell/dnslookup.py SOCKETS).
 FD_RESERVE = 512
 #: Below this a derived --max-held is not worth running with.
 _MIN_HELD = 64

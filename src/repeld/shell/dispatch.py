@@ -64,6 +64,8 @@ class Dispatch:
         self.cache: PassCache | None = None
         #: DNS lists are configured: verdict events carry their score.
         self.dns = False
+        #: The lists' domains, named as unanswered for a client none answered (issue 21)
+        self.dns_domains: tuple[str, ...] = ()
         #: --on-early enforce: the talkers' own dialogues (its task: `enforcing.run`).
         self.enforcing = EnforceSessions(log, enforce_name(settings))
 
@@ -165,4 +167,4 @@ class Dispatch:
         # The lists' word for the events: None without lists, zero if unanswered.
         if not self.dns:
             return None
-        return held.hold.dns_result or DnsScore()
+        return held.hold.dns_result or DnsScore(missing=self.dns_domains)  # issue 21

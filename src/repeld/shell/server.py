@@ -30,6 +30,7 @@ from repeld.cache.lookup import BatchedLookups
 from repeld.cache.open import make_cache
 from repeld.config.settings import Listen, Settings, load_trusted
 from repeld.core import events
+from repeld.core.dnsbl import WATCH_WINDOW
 from repeld.core.events import ConnInfo
 from repeld.core.names import EventName
 from repeld.core.policy import TrustedNetworks
@@ -220,8 +221,13 @@ class Server:
                         admission.dns_answered,
                         lambda held: held.hold.awaiting_dns,
                         s.dns_timeout,
+                        # issue 21: a list that lists nearly everyone is an event
+                        on_alarm=lambda domain, share: self.log.emit(
+                            events.dns_list_alarm(domain, share, WATCH_WINDOW)
+                        ),
                     )
                     self.dispatch.dns = True
+                    self.dispatch.dns_domains = admission.dns.domains  # issue 21
                     front.start_soon(admission.dns.run)
                 for listener in self.listeners:
                     front.start_soon(self._accept, listener)
