@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 
 import dns.message
 import dns.rcode
@@ -654,3 +655,41 @@ async def test_a_client_decided_by_a_cached_answer_costs_no_other_query() -> Non
     assert got["bot"] == DnsScore(1, ("bl.test",), ("nowhere.test",), (0, 1))
     assert not more  # nowhere.test was never asked
     assert again.statistics()["dns_incomplete"] == 1
+
+
+async def test_a_backlog_whose_sends_all_fail_ends_in_a_loop_not_a_recursion(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A flood fills the backlog behind one slow query; then every send fails at
+    # once (no descriptor when a socket is replaced, a firewall's EPERM, no route).
+    # Each failure frees the slot for the next query: 1,500 of them must end one
+    # after the other, without a RecursionError taking the server down.
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await sock.bind(("127.0.0.1", 0))  # a resolver that never answers
+    got: dict[str, DnsScore] = {}
+    lookups = _lookups(sock.getsockname()[1], (DnsList("silent.test"),), got, 1.0)
+    lookups.slots = 1
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lookups.run)
+            await trio.sleep(0.05)
+            lookups.ask("10.9.9.9", "first")
+            await trio.sleep(0.2)
+            for i in range(1500):
+                lookups.ask(f"10.0.{i // 250}.{i % 250 + 1}", f"c{i}")
+            await trio.sleep(0.05)
+            assert len(lookups._backlog["silent.test"]) == 1500
+
+            def no_descriptor(self: DnsLookups[str], server: object) -> object:
+                raise OSError(errno.EMFILE, "Too many open files")
+
+            monkeypatch.setattr(DnsLookups, "_socket", no_descriptor)
+            while "first" not in got or got["first"].reach != (0, 0):
+                await trio.sleep(0.05)
+            await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+    sock.close()
+    assert lookups._backlog["silent.test"] == collections.deque()
+    assert lookups._running["silent.test"] == 0
+    results = lookups.results()
+    assert results.get("error", 0) + results.get("skipped", 0) + results.get("timeout", 0) >= 1500

@@ -262,6 +262,8 @@ class DnsLookups(Generic[T]):
         self._running: dict[str, int] = dict.fromkeys(self.domains, 0)
         #: Per list, the queries waiting for a slot, oldest first.
         self._backlog: dict[str, deque[_Query[T]]] = {d: deque() for d in self.domains}
+        #: While `_next` runs: the lists whose slot a failed send freed meanwhile.
+        self._freed: list[str] | None = None
         # (when, order, query, kind): retries and timeouts, soonest first
         self._timers: list[tuple[float, int, _Query[T], int]] = []
         self._order = itertools.count()
@@ -591,13 +593,25 @@ class DnsLookups(Generic[T]):
     def _next(self, domain: str, now: float) -> None:
         # A query of `domain` has ended: send the newest waiting one that still
         # counts for a client; those that count for nobody now are never sent.
-        backlog = self._backlog[domain]
-        while backlog:
-            q = backlog.pop()
-            if now < q.queued + self.timeout and self._counts(q):
-                self._launch(q, now)
-                return
-            self._skip(q, now)
+        # A send that fails at once ends its query at once, which frees the slot
+        # again: that is taken up by this loop, never by a nested call, so that a
+        # backlog of thousands failing one after the other (no descriptor, no
+        # route) costs a loop, not a recursion as deep as the backlog.
+        if self._freed is not None:  # inside the loop below: it goes on
+            self._freed.append(domain)
+            return
+        self._freed = [domain]
+        try:
+            while self._freed:
+                backlog = self._backlog[self._freed.pop()]
+                while backlog:
+                    q = backlog.pop()
+                    if now < q.queued + self.timeout and self._counts(q):
+                        self._launch(q, now)
+                        break
+                    self._skip(q, now)
+        finally:
+            self._freed = None
 
     def _skip(self, q: _Query[T], now: float) -> None:
         # A query never sent: its clients have no answer from this list.
