@@ -314,3 +314,20 @@ async def test_an_ipv4_client_through_an_ipv6_balancer(
             "198.51.100.25",
         )
         sock.close()
+
+
+async def test_a_balancer_connection_reset_at_accept_is_no_hangup(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    import socket
+
+    async with running(**FROM_BALANCER) as h:
+        listener = h.server.listeners[0]
+        listener.local = None  # as on a wildcard listener: the socket is asked
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.close()  # gone before its first call, as a reset leaves it: getsockname fails
+        h.server.intake.accepted(sock, (BALANCER, 40000), listener)
+        await trio.sleep(0.5)
+        assert h.receiver.named("hangup") == []
+        assert h.receiver.named("proxy-error") == []
+        assert h.server.intake.outcomes[ProxyOutcome.RESET] == 1

@@ -488,3 +488,29 @@ async def test_a_connection_reset_before_it_is_read_is_a_counted_hangup() -> Non
         assert (event.fields["server"], event.fields["server_port"]) == ("127.0.0.1", str(port))
         assert h.server.statistics()["hangup"] == 1
         assert len(h.server.pen) == 0
+
+
+async def test_a_talker_held_before_a_reload_to_log_is_written_as_what_it_got(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The hold keeps the mode it began in: cut off under drop, it is written as a
+    # drop even though --on-early is log by the time it talks.
+    import dataclasses
+
+    from repeld.core.policy import TrustedNetworks
+
+    async with running(delay=DELAY, on_early="drop") as h:
+        client = await connect(h.address())
+        await trio.sleep(1.0)
+        server = h.server
+        server.apply(
+            dataclasses.replace(server.settings, on_early="log"),
+            TrustedNetworks(()),
+            server.backend,
+        )
+        await client.send(b"EHLO early\r\n")
+        _, how = await read_until_closed(client)
+        assert how == "reset"
+        (talker,) = await h.receiver.wait_for("early-talker")
+        assert talker.fields["action"] == "drop"
+        client.close()

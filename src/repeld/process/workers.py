@@ -286,7 +286,9 @@ class Supervisor:
                     self._stats_arrived = trio.Event()
                     await self._stats_arrived.wait()
             self._late |= expected - self._fresh
-            return {pid: self._stats[pid] for pid in live & self._fresh}
+            # A worker that answered, then exited before the round ended, has left
+            # _stats meanwhile (keep_worker): its last values are the tally's.
+            return {pid: self._stats[pid] for pid in live & self._fresh if pid in self._stats}
 
     async def metrics_text(self) -> bytes:
         """A scrape of the parent's endpoint: the sum of every worker's metrics."""

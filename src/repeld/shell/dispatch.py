@@ -52,6 +52,9 @@ from repeld.shell.replies import abort, block, cut_off, rtt_ms
 
 __all__ = ["Dispatch"]
 
+#: The --on-early actions whose holds end an early talker in EarlyTalk.
+_CUTS = frozenset({EarlyAction.DROP, EarlyAction.REJECT})
+
 
 class Dispatch:
     """Carries out verdicts; `verdict` is the pen's callback."""
@@ -87,6 +90,11 @@ class Dispatch:
                 )
             case EarlyTalk():
                 action = EarlyAction(self.settings.on_early)
+                if action not in _CUTS:
+                    # Held under drop or reject, then a reload to log or enforce: the
+                    # hold decided by the mode it began in (log and enforce holds
+                    # never end in EarlyTalk), so it is cut off, and written so.
+                    action = EarlyAction.DROP
                 rtt = rtt_ms(held.sock)
                 cut_off(held.sock, verdict, action)
                 dns = self._dns_of(held)

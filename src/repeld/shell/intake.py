@@ -136,7 +136,12 @@ class Intake:
                 server = normalize_address(server)
         except OSError:
             # Reset between accept() and here: nothing to serve, nobody to greet,
-            # but still one verdict, counted like any other.
+            # but still one verdict, counted like any other; a balancer's is no
+            # client's, and only counted.
+            if self.balancers and self._is_balancer(normalize_address(str(addr[0]))):
+                sock.close()
+                self.outcomes[ProxyOutcome.RESET] += 1
+                return
             self._reset_at_accept(sock, addr, listener, now)
             return
         peer = normalize_address(str(addr[0]))

@@ -49,6 +49,7 @@ import trio
 from repeld.config.values import MetricsAddress
 from repeld.core.addresses import host_port
 from repeld.metrics import CONTENT_TYPE
+from repeld.shell.accept import RETRY_ERRNOS
 
 __all__ = [
     "MAX_REQUEST",
@@ -189,6 +190,9 @@ class MetricsEndpoint:
                     except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                         continue
                     except OSError as exc:
+                        if exc.errno in RETRY_ERRNOS:  # that client is gone: the next
+                            await trio.lowlevel.checkpoint()
+                            continue
                         if exc.errno not in _CAPACITY:
                             raise
                         await trio.sleep(_PAUSE)
