@@ -135,3 +135,39 @@ def test_exec_settings_errors(
     assert status == 2
     assert len(err.splitlines()) == 1
     assert message in err
+
+
+def test_a_balancer_check_reaches_the_program_and_writes_no_event(syslog: SyslogUDP) -> None:
+    # --proxy-from with --exec: a v2 LOCAL health check is served by the program at
+    # once (the balancer sees its 220), and is no client: no exec-end, no pass.
+    from repeld.core.proxyproto import local, v2
+
+    port = free_port()
+    program = shlex.join(["/bin/sh", "-c", SMTP_SH])
+    with daemon(
+        "-l", f"127.0.0.1:{port}",
+        "--exec", program,
+        "-d", "0.5",
+        "--proxy-from", "127.0.0.60/32",
+        "--syslog", syslog.target,
+        *AS_ROOT,
+    ):  # fmt: skip
+        check = connect(port, source="127.0.0.60")
+        check.sendall(local("v2"))
+        assert read_line(check).startswith(b"220 sh ready ")
+        check.sendall(b"QUIT\r\n")
+        assert read_line(check) == b"221 bye\r\n"
+        check.close()
+        client = connect(port, source="127.0.0.60")
+        client.sendall(v2("192.0.2.61", 4061, "127.0.0.1", port))
+        assert (
+            read_line(client)
+            == f"220 sh ready 192.0.2.61:4061 to 127.0.0.1:{port} TCP\r\n".encode()
+        )
+        client.sendall(b"QUIT\r\n")
+        assert read_line(client) == b"221 bye\r\n"
+        client.close()
+        (end,) = syslog.wait_for("exec-end")
+        assert end.fields["client"] == "192.0.2.61"
+        syslog.drain(0.3)
+        assert len(syslog.named("exec-end")) == 1 and len(syslog.named("pass")) == 1

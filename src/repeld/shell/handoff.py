@@ -314,7 +314,7 @@ class HandOff:
         if target is None:
             assert s.exec is not None  # settings guarantee one or the other
             assert self._nursery is not None
-            self._nursery.start_soon(self._exec, sock, conn, accepted_at, s.exec)
+            self._nursery.start_soon(self._exec, sock, conn, accepted_at, s.exec, check)
             return
         if target.pass_path is not None:
             # A Postfix pass service: smtpd takes the socket (a balancer's health
@@ -360,10 +360,15 @@ class HandOff:
             await self._idle.wait()
 
     async def _exec(
-        self, sock: socket.socket, conn: ConnInfo, accepted_at: float, program: tuple[str, ...]
+        self,
+        sock: socket.socket,
+        conn: ConnInfo,
+        accepted_at: float,
+        program: tuple[str, ...],
+        check: bool = False,
     ) -> None:
         try:
-            await handoff_exec(sock, conn, accepted_at, program, self.log)
+            await handoff_exec(sock, conn, accepted_at, program, self.log, check)
         finally:
             self._ended()
 

@@ -64,8 +64,10 @@ async def handoff_exec(
     accepted_at: float,
     argv: tuple[str, ...],
     log: EventLog,
+    check: bool = False,
 ) -> None:
-    """Run `argv` with the client as stdin/stdout until it exits."""
+    """Run `argv` with the client as stdin/stdout until it exits (`check`: a
+    balancer's health check, which is no client: no `exec-end` for it)."""
     program = argv[0]
     try:
         # O_NONBLOCK belongs to the open file, which the program shares: most
@@ -103,7 +105,9 @@ async def handoff_exec(
             raise
         finally:
             now = trio.current_time()
-            log.emit(events.exec_end(conn, now - accepted_at, now - started, program, status, end))
+            if not check:
+                elapsed, duration = now - accepted_at, now - started
+                log.emit(events.exec_end(conn, elapsed, duration, program, status, end))
     except Exception as exc:  # never let one session take the server down
         log.emit(events.internal_error(conn, trio.current_time() - accepted_at, repr(exc)))
     finally:
