@@ -40,3 +40,39 @@ peer_dir() {
     mkdir -p "$dir"
     printf '%s\n' "$dir"
 }
+
+# postfix_services - the master.cf lines of a private Postfix instance after its
+# listeners: the smtpd pass service, the queue's daemons and the discard transport
+postfix_services() {
+    cat <<'CF'
+smtpd       pass  -       -      n      -      -       smtpd
+cleanup     unix  n       -      n      -      0       cleanup
+qmgr        unix  n       -      n      300    1       qmgr
+pickup      unix  n       -      n      60     1       pickup
+rewrite     unix  -       -      n      -      -       trivial-rewrite
+bounce      unix  -       -      n      -      0       bounce
+defer       unix  -       -      n      -      0       bounce
+trace       unix  -       -      n      -      0       bounce
+verify      unix  -       -      n      -      1       verify
+proxymap    unix  -       -      n      -      -       proxymap
+discard     unix  -       -      n      -      -       discard
+error       unix  -       -      n      -      -       error
+retry       unix  -       -      n      -      -       error
+anvil       unix  -       -      n      -      1       anvil
+scache      unix  -       -      n      -      1       scache
+postlog     unix-dgram n  -      n      -      1       postlogd
+CF
+}
+
+# run_postfix_master CONF DAEMON_DIR - check the instance in CONF, then exec its master
+run_postfix_master() {
+    # master's children run as postfix and must reach the queue: a parent
+    # directory of mode 0700 (mktemp -d) stops them, and master then exits in
+    # silence (it says why only to syslog).
+    runuser -u postfix -- test -r "$1/main.cf" ||
+        die "the postfix user cannot read $1: open up its parent directories (chmod 755)"
+    # Creates the queue's directories with their owners, then checks the instance.
+    postfix -c "$1" set-permissions >/dev/null 2>&1 || true
+    postfix -c "$1" check
+    exec "$2/master" -c "$1" -d
+}

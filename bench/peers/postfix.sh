@@ -96,26 +96,7 @@ cat >"$conf/master.cf" <<CF
 127.0.0.1:$PF_PORT        inet  n  -  n  -  -  smtpd
 127.0.0.1:$PF_PROXY_PORT  inet  n  -  n  -  -  smtpd -o smtpd_upstream_proxy_protocol=haproxy
 127.0.0.1:$PF_PS_PORT     inet  n  -  n  -  1  postscreen
-smtpd       pass  -       -      n      -      -       smtpd
-cleanup     unix  n       -      n      -      0       cleanup
-qmgr        unix  n       -      n      300    1       qmgr
-pickup      unix  n       -      n      60     1       pickup
-rewrite     unix  -       -      n      -      -       trivial-rewrite
-bounce      unix  -       -      n      -      0       bounce
-defer       unix  -       -      n      -      0       bounce
-trace       unix  -       -      n      -      0       bounce
-verify      unix  -       -      n      -      1       verify
-proxymap    unix  -       -      n      -      -       proxymap
-discard     unix  -       -      n      -      -       discard
-error       unix  -       -      n      -      -       error
-retry       unix  -       -      n      -      -       error
-anvil       unix  -       -      n      -      1       anvil
-scache      unix  -       -      n      -      1       scache
-postlog     unix-dgram n  -      n      -      1       postlogd
 CF
+postfix_services >>"$conf/master.cf"
 
-runuser -u postfix -- test -r "$conf/main.cf" ||
-    die "the postfix user cannot read $conf: open up its parent directories (chmod 755)"
-postfix -c "$conf" set-permissions >/dev/null 2>&1 || true
-postfix -c "$conf" check
-exec "$daemons/master" -c "$conf" -d
+run_postfix_master "$conf" "$daemons"

@@ -103,31 +103,7 @@ CF
 # service   type  private unpriv chroot wakeup maxproc command
 cat >"$conf/master.cf" <<CF
 $PS_PORT    inet  n       -      n      -      1       postscreen
-smtpd       pass  -       -      n      -      -       smtpd
-cleanup     unix  n       -      n      -      0       cleanup
-qmgr        unix  n       -      n      300    1       qmgr
-pickup      unix  n       -      n      60     1       pickup
-rewrite     unix  -       -      n      -      -       trivial-rewrite
-bounce      unix  -       -      n      -      0       bounce
-defer       unix  -       -      n      -      0       bounce
-trace       unix  -       -      n      -      0       bounce
-verify      unix  -       -      n      -      1       verify
-proxymap    unix  -       -      n      -      -       proxymap
-discard     unix  -       -      n      -      -       discard
-error       unix  -       -      n      -      -       error
-retry       unix  -       -      n      -      -       error
-anvil       unix  -       -      n      -      1       anvil
-scache      unix  -       -      n      -      1       scache
-postlog     unix-dgram n  -      n      -      1       postlogd
 CF
+postfix_services >>"$conf/master.cf"
 
-# master's children run as postfix and must reach the queue: a parent
-# directory of mode 0700 (mktemp -d) stops them, and master then exits in
-# silence (it says why only to syslog).
-runuser -u postfix -- test -r "$conf/main.cf" ||
-    die "the postfix user cannot read $conf: open up its parent directories (chmod 755)"
-
-# Creates the queue's directories with their owners, then checks the instance.
-postfix -c "$conf" set-permissions >/dev/null 2>&1 || true
-postfix -c "$conf" check
-exec "$daemons/master" -c "$conf" -d
+run_postfix_master "$conf" "$daemons"
