@@ -42,6 +42,8 @@ happens to it.
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
 import math
 import socket
 from collections.abc import Callable
@@ -103,8 +105,11 @@ class Intake:
         self._check = check
         self._poller = Poller()
         self._pending: dict[int, _Pending] = {}
-        # One FIFO of deadlines per --proxy-timeout value (a reload starts another).
-        self._queues: dict[float, collections.deque[_Pending]] = {}
+        # The deadlines of incomplete headers, soonest first. Few sockets ever wait
+        # (a header usually comes with the first segment), so a heap serves: no
+        # FIFO per --proxy-timeout value as the pen keeps for every held client.
+        self._deadlines: list[tuple[float, int, _Pending]] = []
+        self._seq = itertools.count()
         self._wake: trio.CancelScope | None = None
         self._strings: dict[str, str] = {}
         #: How header-pending connections ended, by outcome.
@@ -177,11 +182,7 @@ class Intake:
         fd = pending.sock.fileno()
         self._pending[fd] = pending
         self._poller.update(fd, 0, IN)
-        timeout = pending.deadline - pending.since
-        queue = self._queues.get(timeout)
-        if queue is None:
-            queue = self._queues[timeout] = collections.deque()
-        queue.append(pending)
+        heapq.heappush(self._deadlines, (pending.deadline, next(self._seq), pending))
         if self._wake is not None and pending.deadline < self._wake.deadline:
             self._wake.deadline = pending.deadline
 
@@ -203,17 +204,12 @@ class Intake:
         return len(ready)
 
     def _expire(self, now: float) -> float:
-        next_deadline = math.inf
-        for timeout, queue in list(self._queues.items()):
-            while queue and queue[0].deadline <= now:
-                pending = queue.popleft()
-                if self._live(pending):
-                    self._read(pending, now, due=True)
-            if queue:
-                next_deadline = min(next_deadline, queue[0].deadline)
-            elif len(self._queues) > 1:
-                del self._queues[timeout]
-        return next_deadline
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            pending = heapq.heappop(deadlines)[2]
+            if self._live(pending):
+                self._read(pending, now, due=True)
+        return deadlines[0][0] if deadlines else math.inf
 
     def _live(self, pending: _Pending) -> bool:
         return self._pending.get(pending.sock.fileno()) is pending
@@ -223,8 +219,8 @@ class Intake:
         if self._pending.get(fd) is pending:
             del self._pending[fd]
             self._poller.update(fd, IN, 0)
-        # Its deadline entry is skipped when due (FIFO queues stay short-lived:
-        # every entry leaves within --proxy-timeout).
+        # Its deadline entry is skipped when due: every entry leaves the heap
+        # within --proxy-timeout.
 
     def _read(self, pending: _Pending, now: float, *, due: bool = False) -> None:
         sock = pending.sock
@@ -333,7 +329,7 @@ class Intake:
         socks = [pending.sock for pending in self._pending.values()]
         for pending in list(self._pending.values()):
             self._release(pending)
-        self._queues.clear()
+        self._deadlines.clear()
         return socks
 
     def close(self) -> None:
