@@ -76,3 +76,27 @@ run_postfix_master() {
     postfix -c "$1" check
     exec "$2/master" -c "$1" -d
 }
+
+# postfix_main_cf DIR NAME RECIPE - the main.cf lines every private Postfix instance
+# shares: its queue and data under DIR, myhostname NAME.bench.invalid, no local
+# delivery; the recipe appends its listeners and limits
+postfix_main_cf() {
+    cat <<CF
+# Written by bench/peers/$3; rewritten on every start.
+compatibility_level = 3.6
+queue_directory = $1/spool
+data_directory = $1/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = $2.bench.invalid
+mydomain = bench.invalid
+myorigin = \$myhostname
+append_dot_mydomain = no
+readme_directory = no
+smtputf8_enable = no
+mydestination =
+alias_maps =
+alias_database =
+biff = no
+CF
+}

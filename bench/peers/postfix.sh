@@ -48,23 +48,8 @@ chown postfix:postfix "$dir/data"
 chmod 755 "$dir"
 daemons=$(postconf -d -h daemon_directory)
 
-cat >"$conf/main.cf" <<CF
-# Written by bench/peers/postfix.sh; rewritten on every start.
-compatibility_level = 3.6
-queue_directory = $dir/spool
-data_directory = $dir/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = postfix.bench.invalid
-mydomain = bench.invalid
-myorigin = \$myhostname
-append_dot_mydomain = no
-readme_directory = no
-smtputf8_enable = no
-mydestination =
-alias_maps =
-alias_database =
-biff = no
+postfix_main_cf "$dir" postfix postfix.sh >"$conf/main.cf"
+cat >>"$conf/main.cf" <<CF
 inet_interfaces = 127.0.0.1
 inet_protocols = ipv4
 mynetworks = 127.0.0.0/8

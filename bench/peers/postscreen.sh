@@ -55,23 +55,8 @@ chmod 755 "$dir"
 daemons=$(postconf -d -h daemon_directory)
 case "$PS_ADDR" in *:*) proto=ipv6 ;; *) proto=ipv4 ;; esac
 
-cat >"$conf/main.cf" <<CF
-# Written by bench/peers/postscreen.sh; rewritten on every start.
-compatibility_level = 3.6
-queue_directory = $dir/spool
-data_directory = $dir/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = postscreen.bench.invalid
-mydomain = bench.invalid
-myorigin = \$myhostname
-append_dot_mydomain = no
-readme_directory = no
-smtputf8_enable = no
-mydestination =
-alias_maps =
-alias_database =
-biff = no
+postfix_main_cf "$dir" postscreen postscreen.sh >"$conf/main.cf"
+cat >>"$conf/main.cf" <<CF
 inet_interfaces = $PS_ADDR
 inet_protocols = $proto
 mynetworks = 127.0.0.0/8 [::1]/128
