@@ -222,6 +222,7 @@ def postfix_instance(
     pass_maxproc: str = "-",
     protocols: str = "ipv4",
     tls: bool = False,
+    process_limit: int | None = None,
 ) -> Iterator[PostfixInstance]:
     """Build, start, yield and stop a private Postfix instance.
 
@@ -234,6 +235,10 @@ def postfix_instance(
     `protocols` is inet_protocols: smtpd takes a passed IPv6 client only with
     `all` (or `ipv6`), whatever it listens on itself. With `tls`, an `smtps`
     pass service (private/smtps) speaks TLS first, with a self-signed certificate.
+    `process_limit` is default_process_limit: master listens on a pass
+    service's socket with a backlog of the larger of it and the service's
+    maxproc (master_listen.c), so with `pass_maxproc="1"` and `process_limit=1`
+    the queue of private/smtpd is full at two waiting connections.
     """
     assert POSTFIX is not None, "postfix is not installed"
     assert host.startswith("127."), "loopback only"
@@ -247,7 +252,10 @@ def postfix_instance(
             shutil.chown(base / "data", "postfix", "postfix")
         maillog = base / "maillog"
         port = free_port(host)
-        (base / "etc" / "main.cf").write_text(_main_cf(base, host, maillog, mynetworks, protocols))
+        main_cf = _main_cf(base, host, maillog, mynetworks, protocols)
+        if process_limit is not None:
+            main_cf += f"default_process_limit = {process_limit}\n"
+        (base / "etc" / "main.cf").write_text(main_cf)
         proxy_opt = f" -o smtpd_upstream_proxy_protocol={upstream_proxy}" if upstream_proxy else ""
         smtps = ""
         if tls:
