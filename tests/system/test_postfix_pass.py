@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import smtplib
 import socket
@@ -28,7 +29,7 @@ from typing import Any
 import pytest
 
 from ..haproxy_fixture import HAPROXY, Haproxy
-from ..postfix_fixture import POSTFIX, postfix_instance
+from ..postfix_fixture import POSTFIX, PostfixInstance, postfix_instance
 from ..procs import Daemon, SyslogUDP, free_port, wait_for
 from .test_e2e import (
     DELAY,
@@ -296,6 +297,94 @@ def test_each_failure_is_a_421_and_an_event_naming_its_cause(syslog: SyslogUDP) 
                 assert error.fields["client"] == "127.0.0.13"
                 sock.sendall(b"QUIT\r\n")
                 assert _reply(f).startswith(b"221")
+
+
+def _pass_queue(pf: PostfixInstance) -> tuple[int, int]:
+    """(connections waiting, backlog) of master's listener for private/smtpd, as ss(8) says.
+
+    master binds a relative path (it works in the queue directory), so other
+    instances' listeners have the same name: this one is told by its inode,
+    among the master's own descriptors.
+    """
+    inodes = set()
+    for fd in Path(f"/proc/{pf.master_pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    out = subprocess.run(
+        ["ss", "-xlnH"], capture_output=True, text=True, timeout=TIMEOUT, check=True
+    ).stdout
+    for line in out.splitlines():
+        cols = line.split()  # u_str LISTEN Recv-Q Send-Q PATH INODE * 0
+        if len(cols) >= 6 and cols[4] == "private/smtpd" and cols[5] in inodes:
+            return int(cols[2]), int(cols[3])
+    raise AssertionError(f"no listener private/smtpd of master {pf.master_pid}:\n{out}")
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="ss (iproute2) is not installed")
+def test_a_full_listen_queue_is_service_busy(syslog: SyslogUDP) -> None:
+    # master listens on a pass service with a backlog of the larger of its
+    # maxproc and default_process_limit (master_listen.c): 1 here. Linux queues
+    # backlog + 1 connections on a UNIX stream listener nobody accepts from;
+    # past that a non-blocking connect, as repeld's, fails with EAGAIN.
+    with postfix_instance(pass_maxproc="1", process_limit=1) as pf:
+        args = ("-b", f"pass:{pf.pass_socket}", "--syslog", syslog.target, "--no-cache")
+        mport = free_port()
+        # A hand-off waiting in the queue is kept this long: past the test's end.
+        timeout = ("--connect-timeout", str(4 * TIMEOUT))
+        with repeld(*args, *AS_POSTFIX, *timeout, "--metrics", f"127.0.0.1:{mport}") as rd:
+            # The one smtpd pass process is busy with this client.
+            sock, f, greeting = _session_open(rd.address, "127.0.3.1")
+            waiting: list[tuple[socket.socket, Any]] = []
+            try:
+                assert greeting.startswith(b"220 ") and b"postfix-behind-repeld" in greeting
+                assert wait_for(lambda: _pass_queue(pf)[0] == 0, TIMEOUT)
+                backlog = _pass_queue(pf)[1]
+                assert backlog == 1, backlog
+                for n in range(1, backlog + 2):  # each waits in the queue, unanswered
+                    client = socket.create_connection(
+                        rd.address, timeout=TIMEOUT, source_address=(f"127.0.3.{1 + n}", 0)
+                    )
+                    waiting.append((client, client.makefile("rb")))
+                    assert wait_for(lambda: _pass_queue(pf)[0] == len(waiting), TIMEOUT)
+                # The queue is full: the next hand-off fails at once.
+                data = _refused(rd.address, "127.0.3.100")
+                assert data.startswith(b"421 4.3.2 "), data
+                (error,) = syslog.wait_for("backend-error")
+                assert error.fields["error"].startswith("pass: service busy"), error.fields
+                assert error.fields["client"] == "127.0.3.100"
+                # Once the process is free, smtpd takes the waiting clients in turn.
+                sock.sendall(b"QUIT\r\n")
+                assert _reply(f).startswith(b"221")
+                for client, reader in waiting:
+                    greeting = _reply(reader)
+                    assert greeting.startswith(b"220 ") and b"postfix-behind-repeld" in greeting
+                    client.sendall(b"QUIT\r\n")
+                    assert _reply(reader).startswith(b"221")
+            finally:
+                for client, reader in waiting:
+                    reader.close()
+                    client.close()
+                f.close()
+                sock.close()
+
+            def handoffs() -> dict[str, float]:
+                return {
+                    dict(labels)["result"]: n
+                    for (name, labels), n in samples(scrape(mport)).items()
+                    if name == "repeld_handoffs_total" and n
+                }
+
+            # smtpd closes the channel before it greets: repeld may count it just after
+            expected = {"taken": 1 + len(waiting), "busy": 1}
+            assert wait_for(lambda: handoffs() == expected, TIMEOUT), handoffs()
+            syslog.drain(0.3)
+            assert len(syslog.named("backend-error")) == 1
+        log = pf.log_text()
+        for n in range(1, len(waiting) + 2):
+            assert f"connect from unknown[127.0.3.{n}]" in log, log
+        assert "127.0.3.100" not in log, log
 
 
 def test_a_stopped_postfix_is_a_421_and_is_used_again_once_back(syslog: SyslogUDP) -> None:
