@@ -8,20 +8,32 @@ client's and the server's endpoints as an attr_print0 list (send). None of
 these waits: a UNIX-domain connect either succeeds at once or fails (EAGAIN
 when the service's listen queue is full), and the few bytes fit an empty
 socket buffer. What is left is waiting for smtpd to close the channel, the
-sign that it holds the client: the channel goes into the pool's own epoll or
-kqueue set (shell/poller.py), served from one task as the relay pool serves
-its sessions, with a deadline each. A hand-off costs no task of its own.
+sign that it holds the client, and that wait costs no wake-up of its own:
+
+- smtpd takes a descriptor within a fraction of a millisecond, so by the time
+  of the next hand-off the previous channels are closed: `hand_off` first
+  reads the oldest waiting channels (one non-blocking `recv` each, end of file
+  and done) and stops at the first still open;
+- whatever is still waiting after `SWEEP_INTERVAL` (no next hand-off came, or
+  smtpd is slow) is read once more by the pool's task, and a channel open even
+  then goes into the pool's own epoll or kqueue set (shell/poller.py), served
+  from that one task as the relay pool serves its sessions, with a deadline
+  each. A hand-off costs no task of its own, and in the common case neither
+  a registration in a set nor a wake-up of repeld: per client, one wake-up
+  fewer than waiting on the set for every channel (docs/PERFORMANCE.md).
 
 Until smtpd closes the channel repeld keeps its copy of the client's socket,
 as postscreen does, so that a hand-off that fails late (no answer within the
 bound, or a service that answers with bytes: not a pass service) can still
-tell the client `421 4.3.2`. Once smtpd has it, repeld closes its copy at
-once and holds nothing of the session: no fd, no task. Whatever repeld
+tell the client `421 4.3.2`. Once it sees smtpd has it (at the next
+hand-off, or within `SWEEP_INTERVAL`), repeld closes its copy and holds
+nothing of the session: no fd, no task. Whatever repeld
 peeked (MSG_PEEK) is still unread in the socket, so smtpd reads a remembered
 client's early pipelined commands itself.
 
 `done(outcome, detail)` is called once per hand-off: from `hand_off` itself
-when the connect or the send fails, else from the pool's task. Only the
+when the connect or the send fails, else from a later `hand_off` or the
+pool's task. Only the
 channel is ever in the pool's set; the client's socket, which smtpd comes to
 share, never is (the poller's rule 1), and it has left the pen's set before
 its verdict is carried out.
@@ -31,6 +43,7 @@ from __future__ import annotations
 
 import _socket
 import array
+import collections
 import heapq
 import itertools
 import math
@@ -52,6 +65,11 @@ Done = Callable[[HandOffResult, str], None]
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
 #: Most ready channels handled per wake-up.
 _BATCH = 512
+#: How long a channel may wait, unread, for the next hand-off to find it
+#: closed; then the pool's task reads it, and puts it in its set if still open.
+SWEEP_INTERVAL = 0.02
+#: Most waiting channels a hand-off reads before its own is sent on.
+_COLLECT = 8
 
 
 class PassPoolClosed(RuntimeError):
@@ -61,16 +79,24 @@ class PassPoolClosed(RuntimeError):
 class _Channel:
     """One hand-off whose channel is open: waiting for smtpd to close it."""
 
-    __slots__ = ("chan", "client", "deadline", "done", "open")
+    __slots__ = ("chan", "client", "deadline", "done", "open", "registered", "sent_at")
 
     def __init__(
-        self, chan: _socket.socket, client: socket.socket, deadline: float, done: Done
+        self,
+        chan: _socket.socket,
+        client: socket.socket,
+        sent_at: float,
+        deadline: float,
+        done: Done,
     ) -> None:
         self.chan = chan
         self.client = client
+        self.sent_at = sent_at
         self.deadline = deadline
         self.done = done
         self.open = True
+        #: In the pool's set (after a sweep found it still open).
+        self.registered = False
 
 
 def connect_service(path: str) -> socket.socket:
@@ -96,6 +122,9 @@ class PassPool:
     def __init__(self, on_error: Callable[[str], None]) -> None:
         self._on_error = on_error
         self._poller = Poller()
+        #: Channels sent and not read yet, oldest first.
+        self._fresh: collections.deque[_Channel] = collections.deque()
+        #: Channels in the pool's set, by fd.
         self._channels: dict[int, _Channel] = {}
         self._heap: list[tuple[float, int, _Channel]] = []
         self._seq = itertools.count()
@@ -105,8 +134,8 @@ class PassPool:
         self.outcomes: Counter[str] = Counter()
 
     def __len__(self) -> int:
-        """Hand-offs waiting for smtpd to close the channel now."""
-        return len(self._channels)
+        """Hand-offs waiting for smtpd to close the channel now (or for repeld to see it)."""
+        return len(self._fresh) + len(self._channels)
 
     def hand_off(
         self, client: socket.socket, path: str, attributes: bytes, timeout: float, done: Done
@@ -145,27 +174,37 @@ class PassPool:
             chan.close()
             self._end(done, HandOffResult.DESCRIPTOR_REFUSED, "the attributes did not fit")
             return
-        try:
-            self._poller.update(chan.fileno(), 0, IN)
-        except OSError as exc:  # ENOMEM, ENOSPC (max_user_watches)
-            chan.close()
-            self._end(done, HandOffResult.ERROR, _why(exc))
-            return
-        entry = _Channel(chan, client, trio.current_time() + timeout, done)
-        self._channels[chan.fileno()] = entry
-        heap = self._heap
-        if len(heap) > 2 * len(self._channels) + 1024:  # mostly finished: drop those
-            heap[:] = [item for item in heap if item[2].open]
-            heapq.heapify(heap)
-        heapq.heappush(heap, (entry.deadline, next(self._seq), entry))
+        fresh = self._fresh
+        if fresh:
+            self._collect(fresh)
+        now = trio.current_time()
+        fresh.append(_Channel(chan, client, now, now + timeout, done))
         wake = self._wake
-        if wake is not None and entry.deadline < wake.deadline:
-            wake.deadline = entry.deadline
+        if wake is not None and wake.deadline > now + SWEEP_INTERVAL:
+            wake.deadline = now + SWEEP_INTERVAL
+
+    def _collect(self, fresh: collections.deque[_Channel]) -> None:
+        """Settle the oldest waiting channels smtpd has closed, up to the first still open."""
+        for _ in range(_COLLECT):
+            if not fresh:
+                return
+            entry = fresh[0]
+            try:
+                data = entry.chan.recv(64)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                fresh.popleft()
+                self._finish(entry, send_outcome(exc.errno), _why(exc))
+                continue
+            fresh.popleft()
+            self._settle(entry, data)
 
     async def run(self) -> None:
         """Wait for every channel until cancelled; then the pool is closed.
 
-        Hand-offs still waiting then end as TIMEOUT (the client is told 421:
+        Hand-offs still waiting then are read once more: a channel smtpd has
+        closed is TAKEN, any other ends as TIMEOUT (the client is told 421:
         smtpd has not taken it).
         """
         if self._closed:
@@ -174,23 +213,73 @@ class PassPool:
             await watch(self._poller, self._expire, self._serve, self._set_wake)
         finally:
             self._closed = True
-            for entry in list(self._channels.values()):
-                self._finish(entry, HandOffResult.TIMEOUT, "repeld is stopping")
+            waiting = [*self._fresh, *self._channels.values()]
+            self._fresh.clear()
+            for entry in waiting:
+                self._last_look(entry)
             self._poller.close()
+
+    def _last_look(self, entry: _Channel) -> None:
+        try:
+            data = entry.chan.recv(64)
+        except BlockingIOError:
+            self._finish(entry, HandOffResult.TIMEOUT, "repeld is stopping")
+        except OSError as exc:
+            self._finish(entry, send_outcome(exc.errno), _why(exc))
+        else:
+            self._settle(entry, data)
 
     def _set_wake(self, scope: trio.CancelScope | None) -> None:
         self._wake = scope
 
     def _expire(self, now: float) -> float:
+        fresh = self._fresh
+        if fresh and fresh[0].sent_at + SWEEP_INTERVAL <= now:
+            self._sweep(fresh, now)
         heap = self._heap
         while heap:
             deadline, _, entry = heap[0]
             if entry.open and deadline > now:
-                return deadline
+                break
             heapq.heappop(heap)
             if entry.open:
                 self._finish(entry, HandOffResult.TIMEOUT, "smtpd did not take the client in time")
-        return math.inf
+        first = heap[0][0] if heap else math.inf
+        if fresh:
+            return min(first, fresh[0].sent_at + SWEEP_INTERVAL)
+        return first
+
+    def _sweep(self, fresh: collections.deque[_Channel], now: float) -> None:
+        """Read every unread channel once: settle the closed, put the open in the set."""
+        while fresh:
+            entry = fresh.popleft()
+            try:
+                data = entry.chan.recv(64)
+            except BlockingIOError:
+                self._register(entry, now)
+                continue
+            except OSError as exc:
+                self._finish(entry, send_outcome(exc.errno), _why(exc))
+                continue
+            self._settle(entry, data)
+
+    def _register(self, entry: _Channel, now: float) -> None:
+        if entry.deadline <= now:
+            self._finish(entry, HandOffResult.TIMEOUT, "smtpd did not take the client in time")
+            return
+        fd = entry.chan.fileno()
+        try:
+            self._poller.update(fd, 0, IN)
+        except OSError as exc:  # ENOMEM, ENOSPC (max_user_watches)
+            self._finish(entry, HandOffResult.ERROR, _why(exc))
+            return
+        entry.registered = True
+        self._channels[fd] = entry
+        heap = self._heap
+        if len(heap) > 2 * len(self._channels) + 1024:  # mostly finished: drop those
+            heap[:] = [item for item in heap if item[2].open]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (entry.deadline, next(self._seq), entry))
 
     def _serve(self, now: float) -> int:
         ready = self._poller.ready(_BATCH)
@@ -205,22 +294,27 @@ class PassPool:
             except OSError as exc:
                 self._finish(entry, send_outcome(exc.errno), _why(exc))
                 continue
-            if data:  # an SMTP greeting, say: a `unix` service, not `pass`
-                what = data[:40].decode("ascii", "replace").strip()
-                self._finish(
-                    entry,
-                    HandOffResult.DESCRIPTOR_REFUSED,
-                    f"the service answered {what!r}: not a pass service?",
-                )
-            else:
-                self._finish(entry, HandOffResult.TAKEN, "")
+            self._settle(entry, data)
         return len(ready)
+
+    def _settle(self, entry: _Channel, data: bytes) -> None:
+        """The channel's answer: end of file (smtpd has the client), or bytes."""
+        if data:  # an SMTP greeting, say: a `unix` service, not `pass`
+            what = data[:40].decode("ascii", "replace").strip()
+            self._finish(
+                entry,
+                HandOffResult.DESCRIPTOR_REFUSED,
+                f"the service answered {what!r}: not a pass service?",
+            )
+        else:
+            self._finish(entry, HandOffResult.TAKEN, "")
 
     def _finish(self, entry: _Channel, outcome: HandOffResult, detail: str) -> None:
         entry.open = False
-        fd = entry.chan.fileno()
-        del self._channels[fd]
-        self._poller.update(fd, IN, 0)
+        if entry.registered:
+            fd = entry.chan.fileno()
+            del self._channels[fd]
+            self._poller.update(fd, IN, 0)
         entry.chan.close()
         self._end(entry.done, outcome, detail)
 

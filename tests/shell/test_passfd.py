@@ -1,0 +1,211 @@
+"""The pass pool (shell/passfd.py) against a real UNIX-domain listener standing in for
+smtpd's `pass` service: it accepts the channel, takes the descriptor and the attribute
+list with recvmsg as smtpd's pass_accept_attr does, and closes the channel (or not).
+
+What is checked is when each hand-off is settled and how: by the next hand-off when
+smtpd was quick, by the pool's own set when it was slow, at the deadline when it never
+came, and at stop by one last look. tests/system/test_postfix_pass.py has the real
+Postfix; the real clock here, with short bounds, and no speed asserted.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+
+import trio
+
+from repeld.core.names import HandOffResult
+from repeld.core.postfixpass import pass_attributes
+from repeld.shell.passfd import SWEEP_INTERVAL, Done, PassPool
+
+ATTRIBUTES = pass_attributes("127.0.0.9", 40009, "127.0.0.1", 25)
+#: Long enough never to end a hand-off these tests expect smtpd to take.
+LONG = 30.0
+
+
+class Smtpd:
+    """A listening UNIX socket that takes descriptors when told to."""
+
+    def __init__(self, path: str) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(64)
+        self.path = path
+
+    def take(self, answer: bytes = b"") -> tuple[socket.socket, bytes]:
+        """Accept one channel, receive the client and the list, then answer or close."""
+        chan, _ = self.listener.accept()
+        with chan:
+            fds = array.array("i")
+            _, ancillary, _, _ = chan.recvmsg(1, socket.CMSG_SPACE(fds.itemsize))
+            ((_, _, data),) = ancillary
+            fds.frombytes(data[: fds.itemsize])
+            attributes = chan.recv(4096)
+            if answer:
+                chan.sendall(answer)
+        return socket.socket(fileno=fds[0]), attributes
+
+    def accept_only(self) -> socket.socket:
+        """Accept a channel and leave it open: smtpd that never gets to it."""
+        chan, _ = self.listener.accept()
+        return chan
+
+
+@contextlib.contextmanager
+def _smtpd() -> Iterator[Smtpd]:
+    with tempfile.TemporaryDirectory() as tmp:
+        smtpd = Smtpd(os.path.join(tmp, "smtpd"))
+        with smtpd.listener:
+            yield smtpd
+
+
+def _client_pair() -> tuple[socket.socket, socket.socket]:
+    """(repeld's accepted socket, the remote client), on loopback TCP."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        remote = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+    accepted.setblocking(False)
+    return accepted, remote
+
+
+class Outcomes:
+    def __init__(self) -> None:
+        self.seen: dict[int, tuple[HandOffResult, str]] = {}
+
+    def done_for(self, key: int, sock: socket.socket) -> Done:
+        def done(outcome: HandOffResult, detail: str) -> None:
+            assert key not in self.seen, "done twice"
+            self.seen[key] = (outcome, detail)
+            sock.close()
+
+        return done
+
+    async def wait_for(self, key: int) -> tuple[HandOffResult, str]:
+        with trio.fail_after(10):
+            while key not in self.seen:
+                await trio.sleep(0.005)
+        return self.seen[key]
+
+
+@contextlib.asynccontextmanager
+async def _pool() -> AsyncIterator[PassPool]:
+    errors: list[str] = []
+    pool = PassPool(errors.append)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pool.run)
+        await trio.sleep(0)
+        yield pool
+        nursery.cancel_scope.cancel()
+    assert errors == []
+
+
+async def test_a_quick_smtpd_is_seen_at_the_next_hand_off_and_has_the_client() -> None:
+    outcomes = Outcomes()
+    with _smtpd() as smtpd:
+        async with _pool() as pool:
+            first, first_remote = _client_pair()
+            pool.hand_off(first, smtpd.path, ATTRIBUTES, LONG, outcomes.done_for(1, first))
+            taken, attributes = smtpd.take()
+            assert attributes == ATTRIBUTES
+            # smtpd holds the client itself: what it writes, the remote client reads
+            taken.sendall(b"220 smtpd\r\n")
+            assert first_remote.recv(64) == b"220 smtpd\r\n"
+            assert 1 not in outcomes.seen  # nothing read the channel yet
+            second, second_remote = _client_pair()
+            pool.hand_off(second, smtpd.path, ATTRIBUTES, LONG, outcomes.done_for(2, second))
+            # the second hand-off itself read the first channel's end of file
+            assert outcomes.seen[1] == (HandOffResult.TAKEN, "")
+            assert len(pool) == 1
+            taken2, _ = smtpd.take()
+            assert await outcomes.wait_for(2) == (HandOffResult.TAKEN, "")
+            assert len(pool) == 0
+            for s in (taken, taken2, first_remote, second_remote):
+                s.close()
+        assert pool.outcomes[HandOffResult.TAKEN] == 2
+
+
+async def test_with_no_next_hand_off_the_pool_settles_a_taken_client_by_itself() -> None:
+    outcomes = Outcomes()
+    with _smtpd() as smtpd:
+        async with _pool() as pool:
+            client, remote = _client_pair()
+            pool.hand_off(client, smtpd.path, ATTRIBUTES, LONG, outcomes.done_for(1, client))
+            taken, _ = smtpd.take()
+            assert await outcomes.wait_for(1) == (HandOffResult.TAKEN, "")
+            assert client.fileno() == -1  # repeld's copy is closed; smtpd's lives on
+            taken.sendall(b"220 still here\r\n")
+            assert remote.recv(64) == b"220 still here\r\n"
+            taken.close()
+            remote.close()
+
+
+async def test_a_slow_smtpd_is_waited_for_in_the_set_and_still_takes_the_client() -> None:
+    outcomes = Outcomes()
+    with _smtpd() as smtpd:
+        async with _pool() as pool:
+            client, remote = _client_pair()
+            pool.hand_off(client, smtpd.path, ATTRIBUTES, LONG, outcomes.done_for(1, client))
+            # past the sweep, the channel still open: it waits in the pool's set
+            await trio.sleep(SWEEP_INTERVAL * 5)
+            assert 1 not in outcomes.seen and len(pool) == 1
+            taken, _ = smtpd.take()
+            assert await outcomes.wait_for(1) == (HandOffResult.TAKEN, "")
+            taken.close()
+            remote.close()
+
+
+async def test_a_service_that_answers_with_bytes_is_no_pass_service() -> None:
+    outcomes = Outcomes()
+    with _smtpd() as smtpd:
+        async with _pool() as pool:
+            for key in (1, 2):  # seen by the next hand-off, then by the pool's sweep
+                client, remote = _client_pair()
+                pool.hand_off(client, smtpd.path, ATTRIBUTES, LONG, outcomes.done_for(key, client))
+                taken, _ = smtpd.take(answer=b"220 a unix service\r\n")
+                taken.close()
+                remote.close()
+            for key in (1, 2):
+                outcome, detail = await outcomes.wait_for(key)
+                assert outcome is HandOffResult.DESCRIPTOR_REFUSED
+                assert "220 a unix service" in detail
+
+
+async def test_no_answer_within_the_bound_is_a_timeout() -> None:
+    outcomes = Outcomes()
+    with _smtpd() as smtpd:
+        async with _pool() as pool:
+            client, remote = _client_pair()
+            pool.hand_off(client, smtpd.path, ATTRIBUTES, 0.3, outcomes.done_for(1, client))
+            chan = smtpd.accept_only()  # accepted, never read
+            outcome, detail = await outcomes.wait_for(1)
+            assert outcome is HandOffResult.TIMEOUT
+            assert "in time" in detail
+            chan.close()
+            remote.close()
+
+
+async def test_at_stop_a_taken_client_is_taken_and_only_the_others_time_out() -> None:
+    outcomes = Outcomes()
+    with _smtpd() as smtpd:
+        async with _pool() as pool:
+            taken_client, taken_remote = _client_pair()
+            waiting_client, waiting_remote = _client_pair()
+            pool.hand_off(
+                taken_client, smtpd.path, ATTRIBUTES, LONG, outcomes.done_for(1, taken_client)
+            )
+            pool.hand_off(
+                waiting_client, smtpd.path, ATTRIBUTES, LONG, outcomes.done_for(2, waiting_client)
+            )
+            taken, _ = smtpd.take()  # the first, after the second hand-off looked
+            chan = smtpd.accept_only()
+            assert outcomes.seen == {}
+        # the pool stopped before its sweep: its last look settles both
+        assert outcomes.seen[1] == (HandOffResult.TAKEN, "")
+        assert outcomes.seen[2] == (HandOffResult.TIMEOUT, "repeld is stopping")
+        for s in (taken, chan, taken_remote, waiting_remote):
+            s.close()
