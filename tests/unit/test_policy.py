@@ -6,7 +6,7 @@ import pytest
 
 from repeld.core.addresses import normalize_address
 from repeld.core.hold import PassReason
-from repeld.core.policy import Policy, TrustedNetworks
+from repeld.core.policy import ANSWERS_KEPT, Policy, TrustedNetworks
 
 
 @pytest.mark.parametrize(
@@ -81,3 +81,13 @@ def test_range_edges_and_overlapping_networks() -> None:
     assert all(a in trusted for a in inside)
     assert not any(a in trusted for a in outside)
     assert "10.0.0.1" not in TrustedNetworks([])
+
+
+def test_answers_are_kept_for_a_bounded_number_of_addresses() -> None:
+    nets = TrustedNetworks(["10.0.0.0/16"])
+    for round_ in range(2):  # the second round asks again, mostly from what is kept
+        for i in range(3 * ANSWERS_KEPT):
+            address = f"10.{i & 1}.{i >> 8 & 255}.{i & 255}"  # 10.0/16 for even i only
+            assert (address in nets) is (i % 2 == 0), (round_, address)
+            assert len(nets._answers) <= ANSWERS_KEPT
+    assert "10.0.0.1" in nets and "10.1.0.1" not in nets and "::ffff:10.0.0.1" in nets

@@ -136,7 +136,13 @@ def _rfc5424_time(now: float) -> str:
 
 def format_rfc5424(event: Event, header: Header, now: float) -> bytes:
     """`<PRI>1 TIME HOST APP PROCID MSGID [SD-ID k="v" ...] summary` as bytes."""
-    params = " ".join([f'{k}="{_sd_value(v)}"' for k, v in event.fields])
+    fields = event.fields
+    params = " ".join([f'{k}="{v}"' for k, v in fields])
+    # Field names are fixed words: a value that needs escaping shows as one of
+    # these characters, or as a quote beyond each field's own two. One scan of
+    # the whole, where escaping each value cost a call per field.
+    if "\\" in params or "]" in params or params.count('"') != 2 * len(fields):
+        params = " ".join([f'{k}="{_sd_value(v)}"' for k, v in fields])
     line = (
         f"{_pri(header, event)}1 {_rfc5424_time(now)} {header.hostname or '-'}"
         f" {header.app_name} {header.procid} {event.name} [{header.sd_id} {params}]"

@@ -23,6 +23,10 @@ from repeld.core.hold import PassReason
 __all__ = ["Admission", "Policy", "Refuse", "TrustedNetworks"]
 
 
+#: Addresses whose trusted-or-not answer is kept (then all are forgotten at once).
+ANSWERS_KEPT = 4096
+
+
 class TrustedNetworks:
     """A set of networks whose clients skip the delay (IPv4 and IPv6).
 
@@ -32,7 +36,7 @@ class TrustedNetworks:
     all when there are no trusted networks.
     """
 
-    __slots__ = ("_ranges", "sources")
+    __slots__ = ("_answers", "_ranges", "sources")
 
     def __init__(self, networks: Iterable[str] = ()) -> None:
         self.sources: tuple[str, ...] = tuple(networks)
@@ -42,6 +46,9 @@ class TrustedNetworks:
             net = ipaddress.ip_network(text.strip(), strict=False)
             by_version.setdefault(net.version, []).append(net)
         self._ranges: dict[int, tuple[list[int], list[int]]] = {}
+        #: The answer for each address asked lately: an MX host's trusted peers
+        #: (a relay, a balancer's health checks, the monitoring) ask again and again.
+        self._answers: dict[str, bool] = {}
         for version, nets in by_version.items():
             starts, ends = self._ranges.setdefault(version, ([], []))
             for block in ipaddress.collapse_addresses(nets):  # type: ignore[type-var]
@@ -55,6 +62,15 @@ class TrustedNetworks:
     def __contains__(self, address: object) -> bool:
         if not self._ranges or not isinstance(address, str):
             return False
+        answer = self._answers.get(address)
+        if answer is None:
+            answers = self._answers
+            if len(answers) >= ANSWERS_KEPT:
+                answers.clear()
+            answer = answers[address] = self._lookup(address)
+        return answer
+
+    def _lookup(self, address: str) -> bool:
         found = address_int(address)
         if found is None:
             return False
