@@ -81,8 +81,9 @@ __all__ = ["DEFAULT_NAMESPACE", "RedisCache"]
 DEFAULT_NAMESPACE = "repeld"
 
 #: What a failed Redis call can raise through redis-py: anything, at this boundary.
-#: Not only RedisError and OSError: a malformed reply (`*garbage`) raises ValueError
-#: from its parser, and whatever a Redis-lookalike makes it raise must not reach the
+#: Not only RedisError and OSError: what a malformed reply (`*garbage`) raises
+#: depends on redis-py's version (ValueError from its parser in some, InvalidResponse
+#: in 8.x), and whatever a Redis-lookalike makes it raise must not reach the
 #: server (issue 11). Never BaseException: cancellation and KeyboardInterrupt pass.
 _ERRORS = (Exception,)
 
