@@ -17,7 +17,7 @@ import trio.testing
 from repeld.config.settings import Backend, Listen, Settings
 from repeld.config.values import SyslogTarget
 from repeld.service.tcptune import Acceptor
-from repeld.shell.accept import RETRY_ERRNOS, Listener, accept_loop
+from repeld.shell.accept import GATHER, RETRY_ERRNOS, Listener, accept_loop
 from repeld.shell.eventlog import EventLog
 from repeld.shell.server import open_server
 
@@ -116,6 +116,62 @@ async def test_the_loop_skips_nothing_and_hands_out_non_blocking_close_on_exec_c
             assert os.get_blocking(sock.fileno()) is False
     finally:
         for sock, _ in got:
+            sock.close()
+        for c in clients:
+            c.close()
+        lsock.close()
+
+
+async def test_one_client_at_a_time_is_taken_at_once_and_a_burst_is_gathered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(128)
+    lsock.setblocking(False)
+    taken: list[tuple[float, socket.socket]] = []
+    clients: list[socket.socket] = []
+
+    def accepted(sock: socket.socket, _addr: tuple[object, ...], _listener: Listener) -> None:
+        taken.append((trio.current_time(), sock))
+
+    async def taken_count(count: int) -> None:
+        with trio.fail_after(10):
+            while len(taken) < count:
+                await trio.sleep(0.0001)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                accept_loop, Listener(lsock, Listen("127.0.0.1", 0)), accepted, lambda *_: None
+            )
+            await trio.sleep(1)
+            # A quiet listener: each client, alone in the queue, is taken when it comes.
+            for i in range(3):
+                start = trio.current_time()
+                clients.append(socket.create_connection(lsock.getsockname()))
+                await taken_count(i + 1)
+                assert taken[-1][0] - start < GATHER / 10
+                await trio.sleep(1)
+            # A burst: two or more waiting, so the loop then sleeps GATHER before
+            # it takes the next ones, which have gathered meanwhile (all of them).
+            clients += [socket.create_connection(lsock.getsockname()) for _ in range(2)]
+            await taken_count(5)
+            burst = taken[4][0]  # the loop began its sleep then
+            clients += [socket.create_connection(lsock.getsockname()) for _ in range(20)]
+            await taken_count(25)
+            late = [t for t, _ in taken[5:]]
+            assert min(late) >= burst + GATHER * 0.99
+            assert max(late) - min(late) < GATHER  # gathered: taken in one go
+            # Quiet again: past one gathered wake-up that found nobody, at once.
+            await trio.sleep(1)
+            start = trio.current_time()
+            clients.append(socket.create_connection(lsock.getsockname()))
+            await taken_count(26)
+            assert taken[-1][0] - start < GATHER / 10
+            nursery.cancel_scope.cancel()
+    finally:
+        for _, sock in taken:
             sock.close()
         for c in clients:
             c.close()

@@ -13,6 +13,18 @@ The accept itself is `tcptune.Acceptor` (accept4 in native/tcpnative.c), not
 enums and builds a socket object per client, about half its cost; the C call
 hands back the fd, already non-blocking and close-on-exec, and the address as
 text, and the fd is wrapped once here.
+
+Under load the loop gathers: once a wake-up has found two clients or more
+waiting, the loop sleeps `GATHER` before it accepts again, instead of waiting
+for the next connection, and goes on so while each wake-up finds two or more.
+Each sleep and wake-up of the process costs more CPU than a client's whole
+accept (on the 2-CPU VM of docs/PERFORMANCE.md, over half of what a client
+passed at once cost was waking up for it), and at a thousand clients a second
+one wake-up then serves about five. A client waits at most `GATHER` longer to
+be taken, nothing beside a greeting delay of seconds (its hold counts from
+then); a quiet listener, whose wake-ups find one client each, takes each at
+once as before, and a gathered wake-up that finds one or none goes back to
+waiting for the next.
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ from repeld.service.tcptune import Acceptor
 if TYPE_CHECKING:
     from repeld.shell.handoff import BackendTarget
 
-__all__ = ["ACCEPT_BACKOFF", "RETRY_ERRNOS", "Listener", "accept_loop"]
+__all__ = ["ACCEPT_BACKOFF", "GATHER", "RETRY_ERRNOS", "Listener", "accept_loop"]
 
 #: How long the loop pauses on EMFILE, ENFILE, ENOBUFS or ENOMEM.
 ACCEPT_BACKOFF = 0.1
@@ -65,6 +77,9 @@ RETRY_ERRNOS = frozenset(
 )
 #: Accepts in a row before the accept loop lets other tasks run.
 ACCEPT_BATCH = 64
+#: Under load, how long the accept loop lets new connections gather before it
+#: takes them (seconds): one wake-up for many clients (the module docstring).
+GATHER = 0.005
 
 
 @dataclass(slots=True)
@@ -96,7 +111,7 @@ async def accept_loop(
     lsock = listener.sock
     family, kind, proto = lsock.family, lsock.type | socket.SOCK_NONBLOCK, lsock.proto
     accept = Acceptor(lsock.fileno()).accept
-    batch = 0
+    batch = 0  # clients this wake-up has taken
     while True:
         try:
             client = accept()
@@ -114,7 +129,11 @@ async def accept_loop(
                 raise
             continue
         if client is None:
+            gather = batch >= 2
             batch = 0
+            if gather:  # busy: let the next clients gather, then take them all
+                await trio.sleep(GATHER)
+                continue
             await trio.lowlevel.wait_readable(lsock)
             continue
         fd, addr = client
@@ -122,6 +141,5 @@ async def accept_loop(
         # already (accept4 made it so): no fcntl to set it again.
         accepted(socket.socket(family, kind, proto, fd), addr, listener)
         batch += 1
-        if batch >= ACCEPT_BATCH:
-            batch = 0
+        if batch % ACCEPT_BATCH == 0:
             await trio.lowlevel.checkpoint()
