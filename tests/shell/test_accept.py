@@ -17,7 +17,14 @@ import trio.testing
 from repeld.config.settings import Backend, Listen, Settings
 from repeld.config.values import SyslogTarget
 from repeld.service.tcptune import Acceptor
-from repeld.shell.accept import GATHER, RETRY_ERRNOS, Listener, accept_loop
+from repeld.shell.accept import (
+    ACCEPT_BATCH,
+    FLOOD_PAUSE,
+    GATHER,
+    RETRY_ERRNOS,
+    Listener,
+    accept_loop,
+)
 from repeld.shell.eventlog import EventLog
 from repeld.shell.server import open_server
 
@@ -169,6 +176,21 @@ async def test_one_client_at_a_time_is_taken_at_once_and_a_burst_is_gathered(
             clients.append(socket.create_connection(lsock.getsockname()))
             await taken_count(26)
             assert taken[-1][0] - start < GATHER / 10
+            # A flood (a wake-up's worth of ACCEPT_BATCH or more) turns gathering
+            # off for FLOOD_PAUSE: a burst right after it is taken at once.
+            await trio.sleep(1)
+            clients += [
+                socket.create_connection(lsock.getsockname()) for _ in range(ACCEPT_BATCH + 6)
+            ]
+            await taken_count(26 + ACCEPT_BATCH + 6)
+            # two at once, which would start a gathering, then three more
+            clients += [socket.create_connection(lsock.getsockname()) for _ in range(2)]
+            await taken_count(26 + ACCEPT_BATCH + 8)
+            start = trio.current_time()
+            clients += [socket.create_connection(lsock.getsockname()) for _ in range(3)]
+            await taken_count(26 + ACCEPT_BATCH + 11)
+            assert all(t - start < GATHER / 10 for t, _ in taken[-3:])
+            assert start < taken[26][0] + FLOOD_PAUSE
             nursery.cancel_scope.cancel()
     finally:
         for _, sock in taken:

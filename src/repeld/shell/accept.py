@@ -15,21 +15,25 @@ hands back the fd, already non-blocking and close-on-exec, and the address as
 text, and the fd is wrapped once here.
 
 Under load the loop gathers: once a wake-up has found two clients or more
-waiting, the loop sleeps `GATHER` before it accepts again, instead of waiting
-for the next connection, and goes on so while each wake-up finds two or more.
-Each sleep and wake-up of the process costs more CPU than a client's whole
-accept (on the 2-CPU VM of docs/PERFORMANCE.md, over half of what a client
-passed at once cost was waking up for it), and at a thousand clients a second
-one wake-up then serves about five. A client waits at most `GATHER` longer to
-be taken, nothing beside a greeting delay of seconds (its hold counts from
-then); a quiet listener, whose wake-ups find one client each, takes each at
-once as before, and a gathered wake-up that finds one or none goes back to
-waiting for the next.
+waiting, the loop sleeps `GATHER` (10 ms) before it accepts again, instead of
+waiting for the next connection, and goes on so for as long as each of those
+sleeps ends with a client or more to take. Each sleep and wake-up of the
+process costs more CPU than a client's whole accept (on the 2-CPU VM of
+docs/PERFORMANCE.md, over half of what a client passed at once cost was waking
+up for it), and at a thousand clients a second one wake-up then serves about
+ten. A client waits at most `GATHER` longer to be taken, nothing beside a
+greeting delay of seconds (its hold counts from then); a quiet listener, whose
+wake-ups find one client each, takes each at once as before, and a gathered
+wake-up that finds nobody goes back to waiting for the next. A flood (a
+wake-up that takes `ACCEPT_BATCH` clients or more) turns gathering off for
+`FLOOD_PAUSE`: such a listener has many clients at every wake-up anyway, and a
+sleep would let a small accept queue (--backlog) overflow.
 """
 
 from __future__ import annotations
 
 import errno
+import math
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,7 +47,15 @@ from repeld.service.tcptune import Acceptor
 if TYPE_CHECKING:
     from repeld.shell.handoff import BackendTarget
 
-__all__ = ["ACCEPT_BACKOFF", "GATHER", "RETRY_ERRNOS", "Listener", "accept_loop"]
+__all__ = [
+    "ACCEPT_BACKOFF",
+    "ACCEPT_BATCH",
+    "FLOOD_PAUSE",
+    "GATHER",
+    "RETRY_ERRNOS",
+    "Listener",
+    "accept_loop",
+]
 
 #: How long the loop pauses on EMFILE, ENFILE, ENOBUFS or ENOMEM.
 ACCEPT_BACKOFF = 0.1
@@ -79,7 +91,10 @@ RETRY_ERRNOS = frozenset(
 ACCEPT_BATCH = 64
 #: Under load, how long the accept loop lets new connections gather before it
 #: takes them (seconds): one wake-up for many clients (the module docstring).
-GATHER = 0.005
+GATHER = 0.010
+#: After a wake-up that took ACCEPT_BATCH clients or more, no gathering for this
+#: long: under a flood every wake-up finds many anyway.
+FLOOD_PAUSE = 1.0
 
 
 @dataclass(slots=True)
@@ -112,6 +127,8 @@ async def accept_loop(
     family, kind, proto = lsock.family, lsock.type | socket.SOCK_NONBLOCK, lsock.proto
     accept = Acceptor(lsock.fileno()).accept
     batch = 0  # clients this wake-up has taken
+    gathering = False
+    flood_until = -math.inf  # no gathering before then: a flood was seen
     while True:
         try:
             client = accept()
@@ -129,11 +146,18 @@ async def accept_loop(
                 raise
             continue
         if client is None:
-            gather = batch >= 2
+            # Busy (two or more at once, or any at all since a gathered wake-up):
+            # let the next clients gather, then take them all in one go; not in
+            # a flood, which wakes the loop for many at a time anyway and could
+            # fill a small accept queue while it sleeps.
+            gathering = batch >= 2 or (gathering and batch > 0)
+            if batch >= ACCEPT_BATCH:
+                flood_until = trio.current_time() + FLOOD_PAUSE
             batch = 0
-            if gather:  # busy: let the next clients gather, then take them all
+            if gathering and trio.current_time() >= flood_until:
                 await trio.sleep(GATHER)
                 continue
+            gathering = False
             await trio.lowlevel.wait_readable(lsock)
             continue
         fd, addr = client
