@@ -15,19 +15,21 @@ hands back the fd, already non-blocking and close-on-exec, and the address as
 text, and the fd is wrapped once here.
 
 Under load the loop gathers: once a wake-up has found two clients or more
-waiting, the loop sleeps `GATHER` (10 ms) before it accepts again, instead of
-waiting for the next connection, and goes on so for as long as each of those
-sleeps ends with a client or more to take. Each sleep and wake-up of the
-process costs more CPU than a client's whole accept (on the 2-CPU VM of
+waiting, the loop sleeps a while before it accepts again, instead of waiting
+for the next connection, and goes on so for as long as each of those sleeps
+ends with a client or more to take. Each sleep and wake-up of the process
+costs more CPU than a client's whole accept (on the 2-CPU VM of
 docs/PERFORMANCE.md, over half of what a client passed at once cost was waking
-up for it), and at a thousand clients a second one wake-up then serves about
-ten. A client waits at most `GATHER` longer to be taken, nothing beside a
-greeting delay of seconds (its hold counts from then); a quiet listener, whose
-wake-ups find one client each, takes each at once as before, and a gathered
-wake-up that finds nobody goes back to waiting for the next. A flood (a
-wake-up that takes `ACCEPT_BATCH` clients or more) turns gathering off for
-`FLOOD_PAUSE`: such a listener has many clients at every wake-up anyway, and a
-sleep would let a small accept queue (--backlog) overflow.
+up for it). Each sleep is sized from what the one before brought, aiming at
+`GATHER_CLIENTS` clients a wake-up, between `GATHER_MIN` and `GATHER` (20 ms):
+about 15 ms at a thousand clients a second, the longest at half that (each of
+two workers). A client waits at most `GATHER` longer to be taken, nothing
+beside a greeting delay of seconds (its hold counts from then); a quiet
+listener, whose wake-ups find one client each, takes each at once as before,
+and a gathered wake-up that finds nobody goes back to waiting for the next. A
+flood (a wake-up that takes `ACCEPT_BATCH` clients or more) turns gathering
+off for `FLOOD_PAUSE`: such a listener has many clients at every wake-up
+anyway, and a sleep would let a small accept queue (--backlog) overflow.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ __all__ = [
     "ACCEPT_BATCH",
     "FLOOD_PAUSE",
     "GATHER",
+    "GATHER_CLIENTS",
+    "GATHER_MIN",
     "RETRY_ERRNOS",
     "Listener",
     "accept_loop",
@@ -89,9 +93,13 @@ RETRY_ERRNOS = frozenset(
 )
 #: Accepts in a row before the accept loop lets other tasks run.
 ACCEPT_BATCH = 64
-#: Under load, how long the accept loop lets new connections gather before it
-#: takes them (seconds): one wake-up for many clients (the module docstring).
-GATHER = 0.010
+#: Under load, the longest the accept loop lets new connections gather before
+#: it takes them (seconds): one wake-up for many clients (the module docstring).
+GATHER = 0.020
+#: The shortest gathering sleep, and how many clients a sleep aims to gather:
+#: each window is sized from the clients the one before brought.
+GATHER_MIN = 0.002
+GATHER_CLIENTS = 16
 #: After a wake-up that took ACCEPT_BATCH clients or more, no gathering for this
 #: long: under a flood every wake-up finds many anyway.
 FLOOD_PAUSE = 1.0
@@ -128,6 +136,7 @@ async def accept_loop(
     accept = Acceptor(lsock.fileno()).accept
     batch = 0  # clients this wake-up has taken
     gathering = False
+    window = GATHER / 2  # how long the next gathering sleep lasts
     flood_until = -math.inf  # no gathering before then: a flood was seen
     while True:
         try:
@@ -150,12 +159,14 @@ async def accept_loop(
             # let the next clients gather, then take them all in one go; not in
             # a flood, which wakes the loop for many at a time anyway and could
             # fill a small accept queue while it sleeps.
+            if gathering and batch:  # aim the next window at GATHER_CLIENTS clients
+                window = min(GATHER, max(GATHER_MIN, window * GATHER_CLIENTS / batch))
             gathering = batch >= 2 or (gathering and batch > 0)
             if batch >= ACCEPT_BATCH:
                 flood_until = trio.current_time() + FLOOD_PAUSE
             batch = 0
             if gathering and trio.current_time() >= flood_until:
-                await trio.sleep(GATHER)
+                await trio.sleep(window)
                 continue
             gathering = False
             await trio.lowlevel.wait_readable(lsock)
