@@ -201,6 +201,40 @@ async def test_one_client_at_a_time_is_taken_at_once_and_a_burst_is_gathered(
         lsock.close()
 
 
+async def test_while_sessions_are_relayed_the_loop_never_gathers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(128)
+    lsock.setblocking(False)
+    taken: list[tuple[float, socket.socket]] = []
+    clients: list[socket.socket] = []
+
+    def accepted(sock: socket.socket, _addr: tuple[object, ...], _listener: Listener) -> None:
+        taken.append((trio.current_time(), sock))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            listener = Listener(lsock, Listen("127.0.0.1", 0))
+            nursery.start_soon(accept_loop, listener, accepted, lambda *_: None, lambda: 3)
+            await trio.sleep(1)
+            for count in (2, 5):  # two at once, then more: each taken when it comes
+                start = trio.current_time()
+                clients += [socket.create_connection(lsock.getsockname()) for _ in range(count)]
+                with trio.fail_after(10):
+                    while len(taken) < len(clients):
+                        await trio.sleep(0.0001)
+                assert all(t - start < GATHER_MIN / 2 for t, _ in taken[-count:])
+            nursery.cancel_scope.cancel()
+    finally:
+        for _, sock in taken:
+            sock.close()
+        for c in clients:
+            c.close()
+        lsock.close()
+
+
 def test_acceptor_gives_none_when_no_client_waits_and_oserror_for_a_bad_fd() -> None:
     with socket.socket() as lsock:
         lsock.bind(("127.0.0.1", 0))

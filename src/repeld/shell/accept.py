@@ -17,19 +17,27 @@ text, and the fd is wrapped once here.
 Under load the loop gathers: once a wake-up has found two clients or more
 waiting, the loop sleeps a while before it accepts again, instead of waiting
 for the next connection, and goes on so for as long as each of those sleeps
-ends with a client or more to take. Each sleep and wake-up of the process
-costs more CPU than a client's whole accept (on the 2-CPU VM of
-docs/PERFORMANCE.md, over half of what a client passed at once cost was waking
-up for it). Each sleep is sized from what the one before brought, aiming at
-`GATHER_CLIENTS` clients a wake-up, between `GATHER_MIN` and `GATHER` (20 ms):
-about 15 ms at a thousand clients a second, the longest at half that (each of
-two workers). A client waits at most `GATHER` longer to be taken, nothing
-beside a greeting delay of seconds (its hold counts from then); a quiet
-listener, whose wake-ups find one client each, takes each at once as before,
-and a gathered wake-up that finds nobody goes back to waiting for the next. A
-flood (a wake-up that takes `ACCEPT_BATCH` clients or more) turns gathering
-off for `FLOOD_PAUSE`: such a listener has many clients at every wake-up
-anyway, and a sleep would let a small accept queue (--backlog) overflow.
+ends with a client or more to take. Each sleep and wake-up of the process costs
+more CPU than a client's whole accept (on the 2-CPU VM of docs/PERFORMANCE.md,
+over half of what a client passed at once cost was waking up for it). Each
+sleep is sized from what the one before brought, aiming at `GATHER_CLIENTS`
+clients a wake-up, between `GATHER_MIN` and `GATHER` (10 ms): the longest up to
+1,600 clients a second, shorter above. A client waits at most `GATHER` longer
+to be taken, nothing beside a greeting delay of seconds (its hold counts from
+then); a quiet listener, whose wake-ups find one client each, takes each at
+once as before, and a gathered wake-up that finds nobody goes back to waiting
+for the next. A flood (a wake-up that takes `ACCEPT_BATCH` clients or more)
+turns gathering off for `FLOOD_PAUSE`: such a listener has many clients at
+every wake-up anyway, and a sleep would let a small accept queue (--backlog)
+overflow.
+
+Nor does it gather while repeld relays sessions (`relaying()`): their bytes
+wake the process anyway, so gathering would save nothing and only make each
+new client wait, which a client that sends a message per short connection
+through a relayed `--trusted` path feels in full (bench-relay: a fifth fewer
+messages a second with 2 ms windows). Gathering is for a process whose
+clients are held, handed to smtpd (`pass:`) or to --exec, where the accept is
+all the work there is.
 """
 
 from __future__ import annotations
@@ -95,7 +103,7 @@ RETRY_ERRNOS = frozenset(
 ACCEPT_BATCH = 64
 #: Under load, the longest the accept loop lets new connections gather before
 #: it takes them (seconds): one wake-up for many clients (the module docstring).
-GATHER = 0.020
+GATHER = 0.010
 #: The shortest gathering sleep, and how many clients a sleep aims to gather:
 #: each window is sized from the clients the one before brought.
 GATHER_MIN = 0.002
@@ -124,12 +132,14 @@ async def accept_loop(
     listener: Listener,
     accepted: Accepted,
     on_pause: Callable[[Listener, OSError], None],
+    relaying: Callable[[], int] = lambda: 0,
 ) -> None:
     """Accept from `listener` until cancelled; `accepted(sock, addr, listener)` for each.
 
     `on_pause(listener, exc)` is told of each pause on EMFILE, ENFILE, ENOBUFS
     or ENOMEM. Any error not in RETRY_ERRNOS or those escapes: the listener is
-    broken, and the caller ends the server with it.
+    broken, and the caller ends the server with it. `relaying()`: how many
+    sessions repeld relays now; while there are any, the loop never gathers.
     """
     lsock = listener.sock
     family, kind, proto = lsock.family, lsock.type | socket.SOCK_NONBLOCK, lsock.proto
@@ -165,7 +175,7 @@ async def accept_loop(
             if batch >= ACCEPT_BATCH:
                 flood_until = trio.current_time() + FLOOD_PAUSE
             batch = 0
-            if gathering and trio.current_time() >= flood_until:
+            if gathering and not relaying() and trio.current_time() >= flood_until:
                 await trio.sleep(window)
                 continue
             gathering = False

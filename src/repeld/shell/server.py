@@ -133,6 +133,11 @@ class Server:
         self.handoff.listeners_tuned = tune_listener(sock) and self.handoff.listeners_tuned
         self.listeners.append(Listener(sock, spec, None if wildcard else (host, port), backend))
 
+    def _relaying(self) -> int:
+        """Sessions the relay pool relays now (the accept loops never gather then)."""
+        pool = self.handoff.pool
+        return len(pool) if pool is not None else 0
+
     def _accept_paused(self, listener: Listener, exc: OSError) -> None:
         now = trio.current_time()
         if now - self._accept_complained >= ACCEPT_COMPLAIN_INTERVAL:
@@ -247,7 +252,7 @@ class Server:
 
     async def _accept(self, listener: Listener) -> None:
         try:
-            await accept_loop(listener, self.intake.accepted, self._accept_paused)
+            await accept_loop(listener, self.intake.accepted, self._accept_paused, self._relaying)
         except OSError as exc:
             # A broken listener (EBADF, EINVAL...) never heals: retrying it would
             # spin. Say so in the event log, then end the server with it, as
