@@ -247,13 +247,24 @@ def test_a_dual_stack_wildcard_cannot_share_its_port_with_ipv4() -> None:
             v4.listen()
         with pytest.raises(ActivationError, match="set BindIPv6Only=ipv6-only"):
             match_listeners([(dual, "smtp")], specs)
-    with _v6_wildcard_listener(v6only=True) as v6:
-        port = v6.getsockname()[1]
-        specs = [Listen("0.0.0.0", port), Listen("::", port)]
-        matched = match_listeners([(v6, "smtp")], specs)
-        assert matched.unbound == [specs[0]]
-        with socket.socket() as v4:  # and the IPv4 half is free for repeld to bind
-            v4.bind(("0.0.0.0", port))
+    # An IPv6-only port is picked among the ports free for IPv6: another program's
+    # IPv4 socket may hold the same number (an outgoing connection's, say), so the
+    # test takes the first of a few whose IPv4 half nobody else holds.
+    for _ in range(20):
+        with _v6_wildcard_listener(v6only=True) as v6:
+            port = v6.getsockname()[1]
+            specs = [Listen("0.0.0.0", port), Listen("::", port)]
+            matched = match_listeners([(v6, "smtp")], specs)
+            assert matched.unbound == [specs[0]]
+            with socket.socket() as v4:  # and the IPv4 half is free for repeld to bind
+                try:
+                    v4.bind(("0.0.0.0", port))
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE:
+                        raise
+                    continue  # held by another program's IPv4 socket: another port
+            return
+    pytest.fail("no IPv6-only port with a free IPv4 half in 20 tries")
 
 
 # --- real descriptors at fd 3 and 4, handed over by hand ----------------------------------
