@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 
 import trio
+import trio.testing
 
 from repeld.core.names import HandOffResult
 from repeld.core.postfixpass import pass_attributes
@@ -209,3 +210,29 @@ async def test_at_stop_a_taken_client_is_taken_and_only_the_others_time_out() ->
         assert outcomes.seen[2] == (HandOffResult.TIMEOUT, "repeld is stopping")
         for s in (taken, chan, taken_remote, waiting_remote):
             s.close()
+
+
+async def test_a_bound_shorter_than_the_sweep_is_kept(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    ended: list[tuple[HandOffResult, float]] = []
+    with _smtpd() as smtpd:
+        async with _pool() as pool:
+            client, remote = _client_pair()
+            start = trio.current_time()
+            bound = SWEEP_INTERVAL / 4
+
+            def done(outcome: HandOffResult, _detail: str) -> None:
+                ended.append((outcome, trio.current_time()))
+                client.close()
+
+            pool.hand_off(client, smtpd.path, ATTRIBUTES, bound, done)
+            chan = smtpd.accept_only()  # accepted, never read
+            with trio.fail_after(10):
+                while not ended:
+                    await trio.sleep(bound / 10)
+            ((outcome, when),) = ended
+            assert outcome is HandOffResult.TIMEOUT
+            assert when - start < SWEEP_INTERVAL / 2  # at its bound, not at the sweep
+            chan.close()
+            remote.close()

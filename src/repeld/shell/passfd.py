@@ -79,7 +79,7 @@ class PassPoolClosed(RuntimeError):
 class _Channel:
     """One hand-off whose channel is open: waiting for smtpd to close it."""
 
-    __slots__ = ("chan", "client", "deadline", "done", "open", "registered", "sent_at")
+    __slots__ = ("chan", "client", "deadline", "done", "due", "open", "registered")
 
     def __init__(
         self,
@@ -91,8 +91,10 @@ class _Channel:
     ) -> None:
         self.chan = chan
         self.client = client
-        self.sent_at = sent_at
         self.deadline = deadline
+        #: When the pool's task reads it if no hand-off has: the sweep, or the
+        #: deadline if that comes first (a --connect-timeout under SWEEP_INTERVAL).
+        self.due = min(sent_at + SWEEP_INTERVAL, deadline)
         self.done = done
         self.open = True
         #: In the pool's set (after a sweep found it still open).
@@ -178,10 +180,11 @@ class PassPool:
         if fresh:
             self._collect(fresh)
         now = trio.current_time()
-        fresh.append(_Channel(chan, client, now, now + timeout, done))
+        entry = _Channel(chan, client, now, now + timeout, done)
+        fresh.append(entry)
         wake = self._wake
-        if wake is not None and wake.deadline > now + SWEEP_INTERVAL:
-            wake.deadline = now + SWEEP_INTERVAL
+        if wake is not None and wake.deadline > entry.due:
+            wake.deadline = entry.due
 
     def _collect(self, fresh: collections.deque[_Channel]) -> None:
         """Settle the oldest waiting channels smtpd has closed, up to the first still open."""
@@ -234,7 +237,9 @@ class PassPool:
 
     def _expire(self, now: float) -> float:
         fresh = self._fresh
-        if fresh and fresh[0].sent_at + SWEEP_INTERVAL <= now:
+        # The oldest is due first (one --connect-timeout for all; after a reload
+        # that shortens it, a newer one waits for the oldest's sweep: 20 ms at most).
+        if fresh and fresh[0].due <= now:
             self._sweep(fresh, now)
         heap = self._heap
         while heap:
@@ -246,7 +251,7 @@ class PassPool:
                 self._finish(entry, HandOffResult.TIMEOUT, "smtpd did not take the client in time")
         first = heap[0][0] if heap else math.inf
         if fresh:
-            return min(first, fresh[0].sent_at + SWEEP_INTERVAL)
+            return min(first, fresh[0].due)
         return first
 
     def _sweep(self, fresh: collections.deque[_Channel], now: float) -> None:
