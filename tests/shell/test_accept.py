@@ -22,6 +22,7 @@ from repeld.shell.accept import (
     FLOOD_PAUSE,
     GATHER,
     GATHER_MIN,
+    GATHER_MIN_BACKLOG,
     RETRY_ERRNOS,
     Listener,
     accept_loop,
@@ -201,7 +202,7 @@ async def test_one_client_at_a_time_is_taken_at_once_and_a_burst_is_gathered(
         lsock.close()
 
 
-async def test_while_sessions_are_relayed_the_loop_never_gathers(
+async def test_while_sessions_are_relayed_or_on_a_short_queue_the_loop_never_gathers(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     lsock = socket.socket()
@@ -218,15 +219,30 @@ async def test_while_sessions_are_relayed_the_loop_never_gathers(
         async with trio.open_nursery() as nursery:
             listener = Listener(lsock, Listen("127.0.0.1", 0))
             nursery.start_soon(accept_loop, listener, accepted, lambda *_: None, lambda: 3)
+            # and a listener with a short accept queue, relaying nothing
+            short = socket.socket()
+            short.bind(("127.0.0.1", 0))
+            short.listen(GATHER_MIN_BACKLOG - 1)
+            short.setblocking(False)
+            nursery.start_soon(
+                accept_loop,
+                Listener(short, Listen("127.0.0.1", 0)),
+                accepted,
+                lambda *_: None,
+                lambda: 0,
+                GATHER_MIN_BACKLOG - 1,
+            )
             await trio.sleep(1)
-            for count in (2, 5):  # two at once, then more: each taken when it comes
+            for count in (2, 5, 2, 5):  # two at once, then more: each taken when it comes
+                target = lsock if len(clients) < 7 else short
                 start = trio.current_time()
-                clients += [socket.create_connection(lsock.getsockname()) for _ in range(count)]
+                clients += [socket.create_connection(target.getsockname()) for _ in range(count)]
                 with trio.fail_after(10):
                     while len(taken) < len(clients):
                         await trio.sleep(0.0001)
                 assert all(t - start < GATHER_MIN / 2 for t, _ in taken[-count:])
             nursery.cancel_scope.cancel()
+            short.close()
     finally:
         for _, sock in taken:
             sock.close()

@@ -29,7 +29,8 @@ once as before, and a gathered wake-up that finds nobody goes back to waiting
 for the next. A flood (a wake-up that takes `ACCEPT_BATCH` clients or more)
 turns gathering off for `FLOOD_PAUSE`: such a listener has many clients at
 every wake-up anyway, and a sleep would let a small accept queue (--backlog)
-overflow.
+overflow; a listener whose queue is shorter than `GATHER_MIN_BACKLOG` never
+gathers at all.
 
 Nor does it gather while repeld relays sessions (`relaying()`): their bytes
 wake the process anyway, so gathering would save nothing and only make each
@@ -64,6 +65,7 @@ __all__ = [
     "GATHER",
     "GATHER_CLIENTS",
     "GATHER_MIN",
+    "GATHER_MIN_BACKLOG",
     "RETRY_ERRNOS",
     "Listener",
     "accept_loop",
@@ -108,6 +110,9 @@ GATHER = 0.010
 #: each window is sized from the clients the one before brought.
 GATHER_MIN = 0.002
 GATHER_CLIENTS = 16
+#: No gathering on a listener whose accept queue is shorter (--backlog): a few
+#: clients more than a window's worth would overflow it while the loop sleeps.
+GATHER_MIN_BACKLOG = 128
 #: After a wake-up that took ACCEPT_BATCH clients or more, no gathering for this
 #: long: under a flood every wake-up finds many anyway.
 FLOOD_PAUSE = 1.0
@@ -133,6 +138,7 @@ async def accept_loop(
     accepted: Accepted,
     on_pause: Callable[[Listener, OSError], None],
     relaying: Callable[[], int] = lambda: 0,
+    backlog: int = GATHER_MIN_BACKLOG,
 ) -> None:
     """Accept from `listener` until cancelled; `accepted(sock, addr, listener)` for each.
 
@@ -140,12 +146,14 @@ async def accept_loop(
     or ENOMEM. Any error not in RETRY_ERRNOS or those escapes: the listener is
     broken, and the caller ends the server with it. `relaying()`: how many
     sessions repeld relays now; while there are any, the loop never gathers.
+    `backlog`: the listener's accept queue; under GATHER_MIN_BACKLOG, never.
     """
     lsock = listener.sock
     family, kind, proto = lsock.family, lsock.type | socket.SOCK_NONBLOCK, lsock.proto
     accept = Acceptor(lsock.fileno()).accept
     batch = 0  # clients this wake-up has taken
     gathering = False
+    may_gather = backlog >= GATHER_MIN_BACKLOG
     window = GATHER / 2  # how long the next gathering sleep lasts
     flood_until = -math.inf  # no gathering before then: a flood was seen
     while True:
@@ -171,7 +179,7 @@ async def accept_loop(
             # fill a small accept queue while it sleeps.
             if gathering and batch:  # aim the next window at GATHER_CLIENTS clients
                 window = min(GATHER, max(GATHER_MIN, window * GATHER_CLIENTS / batch))
-            gathering = batch >= 2 or (gathering and batch > 0)
+            gathering = may_gather and (batch >= 2 or (gathering and batch > 0))
             if batch >= ACCEPT_BATCH:
                 flood_until = trio.current_time() + FLOOD_PAUSE
             batch = 0

@@ -77,6 +77,10 @@ class Server:
         self.log = log
         self.handoff = HandOff(settings, log)
         self.handoff.backend = backend
+        # The accept queue each listener asked for, as the kernel caps it (the
+        # accept loops never gather on a short one).
+        backlog, cap = backlog_for(settings)
+        self._backlog = min(backlog, cap) if cap else backlog
         self.dispatch = Dispatch(settings, log, self.handoff)
         self.pen = HoldingPen(self.dispatch.verdict, self._pen_error)
         self.admission = Admission(settings, trusted, self.max_held, self.pen, self.dispatch, log)
@@ -252,7 +256,13 @@ class Server:
 
     async def _accept(self, listener: Listener) -> None:
         try:
-            await accept_loop(listener, self.intake.accepted, self._accept_paused, self._relaying)
+            await accept_loop(
+                listener,
+                self.intake.accepted,
+                self._accept_paused,
+                self._relaying,
+                self._backlog,
+            )
         except OSError as exc:
             # A broken listener (EBADF, EINVAL...) never heals: retrying it would
             # spin. Say so in the event log, then end the server with it, as
