@@ -5,10 +5,11 @@ tests/system/test_capacity.py (it lowers RLIMIT_NOFILE in a child process).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import trio
@@ -131,124 +132,113 @@ async def test_the_loop_skips_nothing_and_hands_out_non_blocking_close_on_exec_c
         lsock.close()
 
 
+class _Arrivals:
+    """Listeners of real loopback sockets, their clients, and when each was taken."""
+
+    def __init__(self) -> None:
+        self.taken: list[tuple[float, socket.socket]] = []
+        self.clients: list[socket.socket] = []
+        self.listeners: list[socket.socket] = []
+
+    def listener(self, backlog: int = 128) -> socket.socket:
+        lsock = socket.socket()
+        self.listeners.append(lsock)
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(backlog)
+        lsock.setblocking(False)
+        return lsock
+
+    def accepted(self, sock: socket.socket, _addr: tuple[object, ...], _lst: Listener) -> None:
+        self.taken.append((trio.current_time(), sock))
+
+    async def connect(self, lsock: socket.socket, count: int) -> float:
+        """`count` clients at once; when they connected, once all are taken."""
+        start = trio.current_time()
+        self.clients += [socket.create_connection(lsock.getsockname()) for _ in range(count)]
+        with trio.fail_after(10):
+            while len(self.taken) < len(self.clients):
+                await trio.sleep(0.0001)
+        return start
+
+    def close(self) -> None:
+        for sock in [s for _, s in self.taken] + self.clients + self.listeners:
+            sock.close()
+
+
+@contextlib.contextmanager
+def _arrivals() -> Iterator[_Arrivals]:
+    arrivals = _Arrivals()
+    try:
+        yield arrivals
+    finally:
+        arrivals.close()
+
+
 async def test_one_client_at_a_time_is_taken_at_once_and_a_burst_is_gathered(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    lsock = socket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(128)
-    lsock.setblocking(False)
-    taken: list[tuple[float, socket.socket]] = []
-    clients: list[socket.socket] = []
-
-    def accepted(sock: socket.socket, _addr: tuple[object, ...], _listener: Listener) -> None:
-        taken.append((trio.current_time(), sock))
-
-    async def taken_count(count: int) -> None:
-        with trio.fail_after(10):
-            while len(taken) < count:
-                await trio.sleep(0.0001)
-
-    try:
+    with _arrivals() as a:
+        lsock = a.listener()
+        taken = a.taken
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                accept_loop, Listener(lsock, Listen("127.0.0.1", 0)), accepted, lambda *_: None
-            )
+            listener = Listener(lsock, Listen("127.0.0.1", 0))
+            nursery.start_soon(accept_loop, listener, a.accepted, lambda *_: None)
             await trio.sleep(1)
             # A quiet listener: each client, alone in the queue, is taken when it comes.
-            for i in range(3):
-                start = trio.current_time()
-                clients.append(socket.create_connection(lsock.getsockname()))
-                await taken_count(i + 1)
+            for _ in range(3):
+                start = await a.connect(lsock, 1)
                 assert taken[-1][0] - start < GATHER / 10
                 await trio.sleep(1)
             # A burst: two or more waiting, so the loop then sleeps (GATHER_MIN to
             # GATHER) before it takes the next ones, gathered meanwhile (all of them).
-            clients += [socket.create_connection(lsock.getsockname()) for _ in range(2)]
-            await taken_count(5)
+            await a.connect(lsock, 2)
             burst = taken[4][0]  # the loop began its sleep then
-            clients += [socket.create_connection(lsock.getsockname()) for _ in range(20)]
-            await taken_count(25)
+            await a.connect(lsock, 20)
             late = [t for t, _ in taken[5:]]
             assert burst + GATHER_MIN * 0.99 <= min(late) <= burst + GATHER * 1.01
             assert max(late) - min(late) < GATHER_MIN  # gathered: taken in one go
             # Quiet again: past one gathered wake-up that found nobody, at once.
             await trio.sleep(1)
-            start = trio.current_time()
-            clients.append(socket.create_connection(lsock.getsockname()))
-            await taken_count(26)
+            start = await a.connect(lsock, 1)
             assert taken[-1][0] - start < GATHER / 10
             # A flood (a wake-up's worth of ACCEPT_BATCH or more) turns gathering
-            # off for FLOOD_PAUSE: a burst right after it is taken at once.
+            # off for FLOOD_PAUSE: two at once, then three more, each taken at once.
             await trio.sleep(1)
-            clients += [
-                socket.create_connection(lsock.getsockname()) for _ in range(ACCEPT_BATCH + 6)
-            ]
-            await taken_count(26 + ACCEPT_BATCH + 6)
-            # two at once, which would start a gathering, then three more
-            clients += [socket.create_connection(lsock.getsockname()) for _ in range(2)]
-            await taken_count(26 + ACCEPT_BATCH + 8)
-            start = trio.current_time()
-            clients += [socket.create_connection(lsock.getsockname()) for _ in range(3)]
-            await taken_count(26 + ACCEPT_BATCH + 11)
+            await a.connect(lsock, ACCEPT_BATCH + 6)
+            await a.connect(lsock, 2)
+            start = await a.connect(lsock, 3)
             assert all(t - start < GATHER / 10 for t, _ in taken[-3:])
             assert start < taken[26][0] + FLOOD_PAUSE
             nursery.cancel_scope.cancel()
-    finally:
-        for _, sock in taken:
-            sock.close()
-        for c in clients:
-            c.close()
-        lsock.close()
 
 
 async def test_while_sessions_are_relayed_or_on_a_short_queue_the_loop_never_gathers(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    lsock = socket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(128)
-    lsock.setblocking(False)
-    taken: list[tuple[float, socket.socket]] = []
-    clients: list[socket.socket] = []
-
-    def accepted(sock: socket.socket, _addr: tuple[object, ...], _listener: Listener) -> None:
-        taken.append((trio.current_time(), sock))
-
-    try:
+    with _arrivals() as a:
+        relayed, short = a.listener(), a.listener(GATHER_MIN_BACKLOG - 1)
         async with trio.open_nursery() as nursery:
-            listener = Listener(lsock, Listen("127.0.0.1", 0))
-            nursery.start_soon(accept_loop, listener, accepted, lambda *_: None, lambda: 3)
-            # and a listener with a short accept queue, relaying nothing
-            short = socket.socket()
-            short.bind(("127.0.0.1", 0))
-            short.listen(GATHER_MIN_BACKLOG - 1)
-            short.setblocking(False)
+            nursery.start_soon(
+                accept_loop,
+                Listener(relayed, Listen("127.0.0.1", 0)),
+                a.accepted,
+                lambda *_: None,
+                lambda: 3,  # sessions being relayed
+            )
             nursery.start_soon(
                 accept_loop,
                 Listener(short, Listen("127.0.0.1", 0)),
-                accepted,
+                a.accepted,
                 lambda *_: None,
                 lambda: 0,
                 GATHER_MIN_BACKLOG - 1,
             )
             await trio.sleep(1)
-            for count in (2, 5, 2, 5):  # two at once, then more: each taken when it comes
-                target = lsock if len(clients) < 7 else short
-                start = trio.current_time()
-                clients += [socket.create_connection(target.getsockname()) for _ in range(count)]
-                with trio.fail_after(10):
-                    while len(taken) < len(clients):
-                        await trio.sleep(0.0001)
-                assert all(t - start < GATHER_MIN / 2 for t, _ in taken[-count:])
+            for lsock in (relayed, short):
+                for count in (2, 5):  # two at once, then more: each taken when it comes
+                    start = await a.connect(lsock, count)
+                    assert all(t - start < GATHER_MIN / 2 for t, _ in a.taken[-count:])
             nursery.cancel_scope.cancel()
-            short.close()
-    finally:
-        for _, sock in taken:
-            sock.close()
-        for c in clients:
-            c.close()
-        lsock.close()
 
 
 def test_acceptor_gives_none_when_no_client_waits_and_oserror_for_a_bad_fd() -> None:
