@@ -78,6 +78,14 @@ class Outcomes:
     def __init__(self) -> None:
         self.seen: dict[int, tuple[HandOffResult, str]] = {}
 
+    def send(
+        self, pool: PassPool, smtpd: Smtpd, key: int, timeout: float = LONG
+    ) -> tuple[socket.socket, socket.socket]:
+        """Hand a new client to `smtpd` as `key`: (repeld's socket, the remote client)."""
+        client, remote = _client_pair()
+        pool.hand_off(client, smtpd.path, ATTRIBUTES, timeout, self.done_for(key, client))
+        return client, remote
+
     def done_for(self, key: int, sock: socket.socket) -> Done:
         def done(outcome: HandOffResult, detail: str) -> None:
             assert key not in self.seen, "done twice"
@@ -109,16 +117,14 @@ async def test_a_quick_smtpd_is_seen_at_the_next_hand_off_and_has_the_client() -
     outcomes = Outcomes()
     with _smtpd() as smtpd:
         async with _pool() as pool:
-            first, first_remote = _client_pair()
-            pool.hand_off(first, smtpd.path, ATTRIBUTES, LONG, outcomes.done_for(1, first))
+            _, first_remote = outcomes.send(pool, smtpd, 1)
             taken, attributes = smtpd.take()
             assert attributes == ATTRIBUTES
             # smtpd holds the client itself: what it writes, the remote client reads
             taken.sendall(b"220 smtpd\r\n")
             assert first_remote.recv(64) == b"220 smtpd\r\n"
             assert 1 not in outcomes.seen  # nothing read the channel yet
-            second, second_remote = _client_pair()
-            pool.hand_off(second, smtpd.path, ATTRIBUTES, LONG, outcomes.done_for(2, second))
+            _, second_remote = outcomes.send(pool, smtpd, 2)
             # the second hand-off itself read the first channel's end of file
             assert outcomes.seen[1] == (HandOffResult.TAKEN, "")
             assert len(pool) == 1
@@ -134,8 +140,7 @@ async def test_with_no_next_hand_off_the_pool_settles_a_taken_client_by_itself()
     outcomes = Outcomes()
     with _smtpd() as smtpd:
         async with _pool() as pool:
-            client, remote = _client_pair()
-            pool.hand_off(client, smtpd.path, ATTRIBUTES, LONG, outcomes.done_for(1, client))
+            client, remote = outcomes.send(pool, smtpd, 1)
             taken, _ = smtpd.take()
             assert await outcomes.wait_for(1) == (HandOffResult.TAKEN, "")
             assert client.fileno() == -1  # repeld's copy is closed; smtpd's lives on
@@ -149,8 +154,7 @@ async def test_a_slow_smtpd_is_waited_for_in_the_set_and_still_takes_the_client(
     outcomes = Outcomes()
     with _smtpd() as smtpd:
         async with _pool() as pool:
-            client, remote = _client_pair()
-            pool.hand_off(client, smtpd.path, ATTRIBUTES, LONG, outcomes.done_for(1, client))
+            _, remote = outcomes.send(pool, smtpd, 1)
             # past the sweep, the channel still open: it waits in the pool's set
             await trio.sleep(SWEEP_INTERVAL * 5)
             assert 1 not in outcomes.seen and len(pool) == 1
@@ -165,8 +169,7 @@ async def test_a_service_that_answers_with_bytes_is_no_pass_service() -> None:
     with _smtpd() as smtpd:
         async with _pool() as pool:
             for key in (1, 2):  # seen by the next hand-off, then by the pool's sweep
-                client, remote = _client_pair()
-                pool.hand_off(client, smtpd.path, ATTRIBUTES, LONG, outcomes.done_for(key, client))
+                _, remote = outcomes.send(pool, smtpd, key)
                 taken, _ = smtpd.take(answer=b"220 a unix service\r\n")
                 taken.close()
                 remote.close()
@@ -180,8 +183,7 @@ async def test_no_answer_within_the_bound_is_a_timeout() -> None:
     outcomes = Outcomes()
     with _smtpd() as smtpd:
         async with _pool() as pool:
-            client, remote = _client_pair()
-            pool.hand_off(client, smtpd.path, ATTRIBUTES, 0.3, outcomes.done_for(1, client))
+            _, remote = outcomes.send(pool, smtpd, 1, 0.3)
             chan = smtpd.accept_only()  # accepted, never read
             outcome, detail = await outcomes.wait_for(1)
             assert outcome is HandOffResult.TIMEOUT
@@ -194,14 +196,8 @@ async def test_at_stop_a_taken_client_is_taken_and_only_the_others_time_out() ->
     outcomes = Outcomes()
     with _smtpd() as smtpd:
         async with _pool() as pool:
-            taken_client, taken_remote = _client_pair()
-            waiting_client, waiting_remote = _client_pair()
-            pool.hand_off(
-                taken_client, smtpd.path, ATTRIBUTES, LONG, outcomes.done_for(1, taken_client)
-            )
-            pool.hand_off(
-                waiting_client, smtpd.path, ATTRIBUTES, LONG, outcomes.done_for(2, waiting_client)
-            )
+            _, taken_remote = outcomes.send(pool, smtpd, 1)
+            _, waiting_remote = outcomes.send(pool, smtpd, 2)
             taken, _ = smtpd.take()  # the first, after the second hand-off looked
             chan = smtpd.accept_only()
             assert outcomes.seen == {}
