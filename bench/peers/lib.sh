@@ -78,8 +78,9 @@ run_postfix_master() {
 }
 
 # postfix_main_cf DIR NAME RECIPE - the main.cf lines every private Postfix instance
-# shares: its queue and data under DIR, myhostname NAME.bench.invalid, no local
-# delivery; the recipe appends its listeners and limits
+# shares: its queue, data and maillog under DIR, myhostname NAME.bench.invalid, no DNS
+# and no local delivery (mail relayed from mynetworks only, to the discard transport);
+# the recipe appends its listeners, mynetworks and limits
 postfix_main_cf() {
     cat <<CF
 # Written by bench/peers/$3; rewritten on every start.
@@ -98,5 +99,16 @@ mydestination =
 alias_maps =
 alias_database =
 biff = no
+smtpd_peername_lookup = no
+smtp_dns_support_level = disabled
+smtpd_client_connection_count_limit = 0
+smtpd_relay_restrictions = permit_mynetworks, reject
+default_transport = discard:bench
+relay_transport = discard:bench
+local_transport = discard:bench
+# postlogd writes only below maillog_file_prefixes (/var by default), and a
+# start that fails says why only to syslog, which a container may not have.
+maillog_file = $1/maillog
+maillog_file_prefixes = $1
 CF
 }

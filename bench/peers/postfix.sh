@@ -53,18 +53,9 @@ cat >>"$conf/main.cf" <<CF
 inet_interfaces = 127.0.0.1
 inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
-smtpd_peername_lookup = no
-smtp_dns_support_level = disabled
 default_process_limit = $PF_PROCS
 max_idle = 3600s
-smtpd_client_connection_count_limit = 0
 smtpd_client_connection_rate_limit = 0
-smtpd_relay_restrictions = permit_mynetworks, reject
-default_transport = discard:bench
-relay_transport = discard:bench
-local_transport = discard:bench
-maillog_file = $dir/maillog
-maillog_file_prefixes = $dir
 
 postscreen_access_list = permit_mynetworks
 postscreen_cache_map =

@@ -60,18 +60,7 @@ cat >>"$conf/main.cf" <<CF
 inet_interfaces = $PS_ADDR
 inet_protocols = $proto
 mynetworks = 127.0.0.0/8 [::1]/128
-smtpd_peername_lookup = no
-smtp_dns_support_level = disabled
 default_process_limit = $PS_PROCS
-smtpd_client_connection_count_limit = 0
-smtpd_relay_restrictions = permit_mynetworks, reject
-default_transport = discard:bench
-relay_transport = discard:bench
-local_transport = discard:bench
-# postlogd writes only below maillog_file_prefixes (/var by default), and a
-# start that fails says why only to syslog, which a container may not have.
-maillog_file = $dir/maillog
-maillog_file_prefixes = $dir
 
 postscreen_access_list =
 postscreen_cache_map =
