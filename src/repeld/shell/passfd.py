@@ -191,17 +191,10 @@ class PassPool:
         for _ in range(_COLLECT):
             if not fresh:
                 return
-            entry = fresh[0]
-            try:
-                data = entry.chan.recv(64)
-            except BlockingIOError:
+            entry = fresh.popleft()
+            if not self._look(entry):
+                fresh.appendleft(entry)  # still open: so, most likely, are the newer ones
                 return
-            except OSError as exc:
-                fresh.popleft()
-                self._finish(entry, send_outcome(exc.errno), _why(exc))
-                continue
-            fresh.popleft()
-            self._settle(entry, data)
 
     async def run(self) -> None:
         """Wait for every channel until cancelled; then the pool is closed.
@@ -223,14 +216,8 @@ class PassPool:
             self._poller.close()
 
     def _last_look(self, entry: _Channel) -> None:
-        try:
-            data = entry.chan.recv(64)
-        except BlockingIOError:
+        if not self._look(entry):
             self._finish(entry, HandOffResult.TIMEOUT, "repeld is stopping")
-        except OSError as exc:
-            self._finish(entry, send_outcome(exc.errno), _why(exc))
-        else:
-            self._settle(entry, data)
 
     def _set_wake(self, scope: trio.CancelScope | None) -> None:
         self._wake = scope
@@ -258,15 +245,8 @@ class PassPool:
         """Read every unread channel once: settle the closed, put the open in the set."""
         while fresh:
             entry = fresh.popleft()
-            try:
-                data = entry.chan.recv(64)
-            except BlockingIOError:
+            if not self._look(entry):
                 self._register(entry, now)
-                continue
-            except OSError as exc:
-                self._finish(entry, send_outcome(exc.errno), _why(exc))
-                continue
-            self._settle(entry, data)
 
     def _register(self, entry: _Channel, now: float) -> None:
         if entry.deadline <= now:
@@ -290,20 +270,21 @@ class PassPool:
         ready = self._poller.ready(_BATCH)
         for fd, _ in ready:
             entry = self._channels.get(fd)
-            if entry is None:
-                continue
-            try:
-                data = entry.chan.recv(64)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                self._finish(entry, send_outcome(exc.errno), _why(exc))
-                continue
-            self._settle(entry, data)
+            if entry is not None:
+                self._look(entry)
         return len(ready)
 
-    def _settle(self, entry: _Channel, data: bytes) -> None:
-        """The channel's answer: end of file (smtpd has the client), or bytes."""
+    def _look(self, entry: _Channel) -> bool:
+        """Read the channel once and settle the hand-off by what it says: end of
+        file (smtpd has the client), bytes (not a pass service) or an error.
+        False if it is still open: smtpd has not answered yet."""
+        try:
+            data = entry.chan.recv(64)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            self._finish(entry, send_outcome(exc.errno), _why(exc))
+            return True
         if data:  # an SMTP greeting, say: a `unix` service, not `pass`
             what = data[:40].decode("ascii", "replace").strip()
             self._finish(
@@ -313,6 +294,7 @@ class PassPool:
             )
         else:
             self._finish(entry, HandOffResult.TAKEN, "")
+        return True
 
     def _finish(self, entry: _Channel, outcome: HandOffResult, detail: str) -> None:
         entry.open = False
