@@ -36,7 +36,7 @@ from repeld.core.names import EventName
 from repeld.core.policy import TrustedNetworks
 from repeld.metrics import Metrics, Snapshot
 from repeld.service.capacity import capacity_warnings, default_max_held, raise_nofile
-from repeld.service.listeners import backlog_for, open_listeners
+from repeld.service.listeners import DEFAULT_BACKLOG, backlog_for, open_listeners
 from repeld.shell.accept import ACCEPT_BACKOFF, Listener, accept_loop
 from repeld.shell.admit import Admission
 from repeld.shell.dispatch import Dispatch
@@ -71,16 +71,16 @@ class Server:
         backend: BackendTarget | None,
         log: EventLog,
         max_held: int | None = None,
+        accept_queue: int = DEFAULT_BACKLOG,
     ) -> None:
         self.settings = settings
         self.max_held = max_held if max_held is not None else (settings.max_held or 1 << 30)
         self.log = log
         self.handoff = HandOff(settings, log)
         self.handoff.backend = backend
-        # The accept queue each listener asked for, as the kernel caps it (the
-        # accept loops never gather on a short one).
-        backlog, cap = backlog_for(settings)
-        self._backlog = min(backlog, cap) if cap else backlog
+        #: Each listener's accept queue, as the kernel caps it (the accept loops
+        #: never gather on a short one).
+        self.accept_queue = accept_queue
         self.dispatch = Dispatch(settings, log, self.handoff)
         self.pen = HoldingPen(self.dispatch.verdict, self._pen_error)
         self.admission = Admission(settings, trusted, self.max_held, self.pen, self.dispatch, log)
@@ -261,7 +261,7 @@ class Server:
                 self.intake.accepted,
                 self._accept_paused,
                 self._relaying,
-                self._backlog,
+                self.accept_queue,
             )
         except OSError as exc:
             # A broken listener (EBADF, EINVAL...) never heals: retrying it would
@@ -415,7 +415,7 @@ async def open_server(
     backlog, accept_cap = backlog_for(settings)
     for warning in capacity_warnings(max_held, limits, backlog, accept_cap):
         print(f"repeld: warning: {warning}", file=sys.stderr, flush=True)
-    server = Server(settings, trusted, backend, log, max_held)
+    server = Server(settings, trusted, backend, log, max_held, min(backlog, accept_cap or backlog))
     # Built here, before any privilege drop or chroot, so its modules are loaded.
     server.cache = make_cache(
         settings.cache_spec(),
