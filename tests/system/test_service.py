@@ -320,12 +320,19 @@ def test_two_workers_share_the_load_and_a_dead_one_is_replaced(
     assert "Traceback" not in d.stderr_text()
 
 
-def test_sd_notify_ready_reloading_stopping(backend: LineBackend, tmp_path: Path) -> None:
+def _notify_socket(tmp_path: Path, passcred: bool = False) -> tuple[socket.socket, dict[str, str]]:
+    """systemd's notification socket, played by the test: (the socket, repeld's environment)."""
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if passcred:  # each message then says which process sent it
+        notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     path = str(tmp_path / "notify")
     notify.bind(path)
     notify.settimeout(30)
-    env = {**os.environ, "NOTIFY_SOCKET": path}
+    return notify, {**os.environ, "NOTIFY_SOCKET": path}
+
+
+def test_sd_notify_ready_reloading_stopping(backend: LineBackend, tmp_path: Path) -> None:
+    notify, env = _notify_socket(tmp_path)
     d = Daemon(
         [
             "-l",
@@ -365,11 +372,7 @@ def test_a_refused_reload_reaches_stderr_and_systemd(
     syslog: SyslogUDP, backend: LineBackend, tmp_path: Path, workers: int
 ) -> None:
     # As systemd runs it: no -f, so stderr (the journal) gets only what is meant for it.
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-    path = str(tmp_path / "notify")
-    notify.bind(path)
-    notify.settimeout(30)
+    notify, env = _notify_socket(tmp_path, passcred=True)
     config = tmp_path / "repeld.toml"
     config.write_text(f'backend = "{backend.address}"\ndelay = 20\n')
     argv = [sys.executable, "-m", "repeld", "-c", str(config), "--no-cache", *AS_ROOT]
@@ -378,7 +381,7 @@ def test_a_refused_reload_reaches_stderr_and_systemd(
     serving = "listening on 127.0.0.1:" if workers == 1 else f"{workers} workers"
     proc = subprocess.Popen(
         argv,
-        env={**os.environ, "NOTIFY_SOCKET": path},
+        env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -418,15 +421,12 @@ def test_a_refused_reload_reaches_stderr_and_systemd(
 def test_workers_stop_on_a_sigterm_that_comes_before_they_are_up(tmp_path: Path) -> None:
     # systemctl start then stop at once: the parent has said READY=1 and its workers are
     # still being spawned. Each must still get the SIGTERM, and the parent exit.
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    path = str(tmp_path / "notify")
-    notify.bind(path)
-    notify.settimeout(30)
+    notify, env = _notify_socket(tmp_path)
     argv = [sys.executable, "-m", "repeld", "-b", "127.0.0.1:9", "--no-cache", *AS_ROOT]
     argv += ["-l", f"127.0.0.1:{free_port()}", "--syslog", "udp://127.0.0.1:9", "-w", "2"]
     proc = subprocess.Popen(
         argv,
-        env={**os.environ, "NOTIFY_SOCKET": path},
+        env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
