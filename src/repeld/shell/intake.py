@@ -119,10 +119,9 @@ class Intake:
     def configure(self, settings: Settings) -> None:
         """Take (new) --proxy-from and --proxy-timeout for the next connections."""
         self.settings = settings
+        #: --proxy-from; a balancer is a handful of addresses that connect again
+        #: and again, and TrustedNetworks keeps each address's answer.
         self.balancers = TrustedNetworks(settings.proxy_from)
-        #: Peer address -> in --proxy-from: a balancer is a handful of addresses
-        #: that connect again and again, so its answer is looked up once.
-        self._peers: dict[str, bool] = {}
 
     def __len__(self) -> int:
         """Balancers' connections whose header is still to come."""
@@ -143,7 +142,7 @@ class Intake:
             # Reset between accept() and here: nothing to serve, nobody to greet,
             # but still one verdict, counted like any other; a balancer's is no
             # client's, and only counted.
-            if self.balancers and self._is_balancer(normalize_address(str(addr[0]))):
+            if normalize_address(str(addr[0])) in self.balancers:
                 sock.close()
                 self.outcomes[ProxyOutcome.RESET] += 1
                 return
@@ -151,18 +150,10 @@ class Intake:
             return
         peer = normalize_address(str(addr[0]))
         conn = ConnInfo(peer, int(addr[1]), server, int(server_port))  # type: ignore[call-overload]
-        if self.balancers and self._is_balancer(peer):
+        if peer in self.balancers:
             self._await_header(sock, conn, listener, now)
             return
         self.admission.client(sock, conn, listener.backend, listener.spec.nodelay, now)
-
-    def _is_balancer(self, peer: str) -> bool:
-        known = self._peers.get(peer)
-        if known is None:
-            if len(self._peers) >= _SHARED_STRINGS:
-                self._peers.clear()
-            known = self._peers[peer] = peer in self.balancers
-        return known
 
     def _await_header(
         self, sock: socket.socket, peer: ConnInfo, listener: Listener, now: float
