@@ -24,9 +24,11 @@ from repeld.shell.accept import (
     GATHER,
     GATHER_MIN,
     GATHER_MIN_BACKLOG,
+    GATHER_WORKERS,
     RETRY_ERRNOS,
     Listener,
     accept_loop,
+    longest_window,
 )
 from repeld.shell.eventlog import EventLog
 from repeld.shell.server import open_server
@@ -238,6 +240,50 @@ async def test_while_sessions_are_relayed_or_on_a_short_queue_the_loop_never_gat
                 for count in (2, 5):  # two at once, then more: each taken when it comes
                     start = await a.connect(lsock, count)
                     assert all(t - start < GATHER_MIN / 2 for t, _ in a.taken[-count:])
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_worker_of_several_lets_clients_gather_longer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Each of N workers sees about an N-th of the clients: N times the window, capped.
+    assert longest_window(1) == GATHER
+    assert longest_window(2) == GATHER_WORKERS == 2 * GATHER
+    assert longest_window(16) == GATHER_WORKERS
+    with _arrivals() as a:
+        lsock = a.listener()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                accept_loop,
+                Listener(lsock, Listen("127.0.0.1", 0)),
+                a.accepted,
+                lambda *_: None,
+                lambda: 0,
+                GATHER_MIN_BACKLOG,
+                longest_window(2),
+            )
+            await trio.sleep(1)
+            await a.connect(lsock, 2)  # two at once: gathering begins
+            await a.connect(lsock, 1)  # one a window: the next window grows to the cap
+            start = await a.connect(lsock, 1)
+            waited = a.taken[-1][0] - start
+            assert GATHER * 1.5 < waited <= GATHER_WORKERS * 1.01
+            # One process's windows never pass GATHER, whatever each brings.
+            await trio.sleep(1)
+            nursery.start_soon(
+                accept_loop,
+                Listener(one := a.listener(), Listen("127.0.0.1", 0)),
+                a.accepted,
+                lambda *_: None,
+                lambda: 0,
+                GATHER_MIN_BACKLOG,
+                longest_window(1),
+            )
+            await trio.sleep(1)
+            await a.connect(one, 2)
+            await a.connect(one, 1)
+            start = await a.connect(one, 1)
+            assert GATHER / 2 < a.taken[-1][0] - start <= GATHER * 1.01
             nursery.cancel_scope.cancel()
 
 

@@ -15,22 +15,26 @@ hands back the fd, already non-blocking and close-on-exec, and the address as
 text, and the fd is wrapped once here.
 
 Under load the loop gathers: once a wake-up has found two clients or more
-waiting, the loop sleeps a while before it accepts again, instead of waiting
-for the next connection, and goes on so for as long as each of those sleeps
-ends with a client or more to take. Each sleep and wake-up of the process costs
-more CPU than a client's whole accept (on the 2-CPU VM of docs/PERFORMANCE.md,
-over half of what a client passed at once cost was waking up for it). Each
-sleep is sized from what the one before brought, aiming at `GATHER_CLIENTS`
-clients a wake-up, between `GATHER_MIN` and `GATHER` (10 ms): the longest up to
-1,600 clients a second, shorter above. A client waits at most `GATHER` longer
-to be taken, nothing beside a greeting delay of seconds (its hold counts from
-then); a quiet listener, whose wake-ups find one client each, takes each at
-once as before, and a gathered wake-up that finds nobody goes back to waiting
-for the next. A flood (a wake-up that takes `ACCEPT_BATCH` clients or more)
-turns gathering off for `FLOOD_PAUSE`: such a listener has many clients at
-every wake-up anyway, and a sleep would let a small accept queue (--backlog)
-overflow; a listener whose queue is shorter than `GATHER_MIN_BACKLOG` never
-gathers at all.
+waiting, the loop sleeps a while before it accepts again, instead of waiting for
+the next connection, and goes on so for as long as each of those sleeps ends
+with a client or more to take. Each sleep and wake-up of the process costs more
+CPU than a client's whole accept (on the 2-CPU VM of docs/PERFORMANCE.md, over
+half of what a client passed at once cost was waking up for it). Each sleep is
+sized from what the one before brought, aiming at `GATHER_CLIENTS` clients a
+wake-up, between `GATHER_MIN` and `GATHER` (10 ms): the longest up to 1,600
+clients a second, shorter above. With --workers N each worker sees about a N-th
+of the clients, so its longest window is N times `GATHER`, at most
+`GATHER_WORKERS` (20 ms): two workers then wake up about as often as one process
+would for the same clients (two workers at 10 ms took 116 µs of CPU per
+handed-off message, at 20 ms 96, one process 78: docs/PERFORMANCE.md). A client
+waits at most that much longer to be taken, nothing beside a greeting delay of
+seconds (its hold counts from then); a quiet listener, whose wake-ups find one
+client each, takes each at once as before, and a gathered wake-up that finds
+nobody goes back to waiting for the next. A flood (a wake-up that takes
+`ACCEPT_BATCH` clients or more) turns gathering off for `FLOOD_PAUSE`: such a
+listener has many clients at every wake-up anyway, and a sleep would let a small
+accept queue (--backlog) overflow; a listener whose queue is shorter than
+`GATHER_MIN_BACKLOG` never gathers at all.
 
 Nor does it gather while repeld relays sessions (`relaying()`): their bytes
 wake the process anyway, so gathering would save nothing and only make each
@@ -66,9 +70,11 @@ __all__ = [
     "GATHER_CLIENTS",
     "GATHER_MIN",
     "GATHER_MIN_BACKLOG",
+    "GATHER_WORKERS",
     "RETRY_ERRNOS",
     "Listener",
     "accept_loop",
+    "longest_window",
 ]
 
 #: How long the loop pauses on EMFILE, ENFILE, ENOBUFS or ENOMEM.
@@ -106,6 +112,8 @@ ACCEPT_BATCH = 64
 #: Under load, the longest the accept loop lets new connections gather before
 #: it takes them (seconds): one wake-up for many clients (the module docstring).
 GATHER = 0.010
+#: With --workers, the longest a worker's window may grow to (`longest_window`).
+GATHER_WORKERS = 0.020
 #: The shortest gathering sleep, and how many clients a sleep aims to gather:
 #: each window is sized from the clients the one before brought.
 GATHER_MIN = 0.002
@@ -116,6 +124,11 @@ GATHER_MIN_BACKLOG = 128
 #: After a wake-up that took ACCEPT_BATCH clients or more, no gathering for this
 #: long: under a flood every wake-up finds many anyway.
 FLOOD_PAUSE = 1.0
+
+
+def longest_window(workers: int) -> float:
+    """The longest gathering sleep of one of `workers` processes sharing the clients."""
+    return min(GATHER * max(1, workers), max(GATHER, GATHER_WORKERS))
 
 
 @dataclass(slots=True)
@@ -139,6 +152,7 @@ async def accept_loop(
     on_pause: Callable[[Listener, OSError], None],
     relaying: Callable[[], int] = lambda: 0,
     backlog: int = GATHER_MIN_BACKLOG,
+    longest: float = GATHER,
 ) -> None:
     """Accept from `listener` until cancelled; `accepted(sock, addr, listener)` for each.
 
@@ -147,6 +161,7 @@ async def accept_loop(
     broken, and the caller ends the server with it. `relaying()`: how many
     sessions repeld relays now; while there are any, the loop never gathers.
     `backlog`: the listener's accept queue; under GATHER_MIN_BACKLOG, never.
+    `longest`: the longest gathering sleep (`longest_window(workers)`).
     """
     lsock = listener.sock
     family, kind, proto = lsock.family, lsock.type | socket.SOCK_NONBLOCK, lsock.proto
@@ -154,7 +169,7 @@ async def accept_loop(
     batch = 0  # clients this wake-up has taken
     gathering = False
     may_gather = backlog >= GATHER_MIN_BACKLOG
-    window = GATHER / 2  # how long the next gathering sleep lasts
+    window = longest / 2  # how long the next gathering sleep lasts
     flood_until = -math.inf  # no gathering before then: a flood was seen
     while True:
         try:
@@ -178,7 +193,7 @@ async def accept_loop(
             # a flood, which wakes the loop for many at a time anyway and could
             # fill a small accept queue while it sleeps.
             if gathering and batch:  # aim the next window at GATHER_CLIENTS clients
-                window = min(GATHER, max(GATHER_MIN, window * GATHER_CLIENTS / batch))
+                window = min(longest, max(GATHER_MIN, window * GATHER_CLIENTS / batch))
             gathering = may_gather and (batch >= 2 or (gathering and batch > 0))
             if batch >= ACCEPT_BATCH:
                 flood_until = trio.current_time() + FLOOD_PAUSE
