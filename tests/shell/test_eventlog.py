@@ -253,6 +253,40 @@ async def test_a_restarting_syslog_daemon_costs_no_event(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_udp_port_nobody_listens_on_is_tried_again_later_not_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """UDP cannot tell a datagram was lost until the next send meets the ICMP
+    port unreachable it caused: that refusal waits RETRY_AFTER, as a missing
+    unix socket does, instead of a reconnect for every other event, and the
+    events wait for the daemon (none is lost once it listens)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    log = EventLog(SyslogTarget("udp", host="127.0.0.1", port=port), hostname="testhost")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(log.run)
+        for i in range(50):
+            log.emit(passed(i))
+            await trio.sleep(0.01)
+        # One datagram went out into nothing; the next met its refusal and waits.
+        assert log.written == 1
+        assert log.dropped == 0
+        assert log.statistics()["queued"] == 49
+        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        receiver.bind(("127.0.0.1", port))
+        try:
+            rsock = trio.socket.from_stdlib_socket(receiver)
+            with trio.fail_after(RETRY_AFTER * 3):
+                got = [parse(await rsock.recv(65536)) for _ in range(49)]
+            assert [int(g.fields["client_port"]) for g in got] == list(range(1, 50))
+            assert log.written == 50
+            assert log.dropped == 0
+        finally:
+            receiver.close()
+        nursery.cancel_scope.cancel()
+
+
 # -- TCP with RFC 6587 octet counting --------------------------------------------------
 
 
