@@ -139,6 +139,27 @@ def cpu_seconds(pids: Sequence[int]) -> CpuSample:
     return CpuSample(total, time.monotonic())
 
 
+def voluntary_switches(pids: Sequence[int]) -> int:
+    """Voluntary context switches of every thread of the given processes so far:
+    how often they slept (and so were woken up), from /proc/PID/task/TID/status."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    for line in f:
+                        if line.startswith("voluntary_ctxt_switches:"):
+                            total += int(line.split()[1])
+                            break
+            except (OSError, ValueError, IndexError):
+                continue
+    return total
+
+
 def reaped_children_seconds(pid: int) -> float:
     """CPU seconds of the children `pid` has waited for (cutime + cstime): the
     share of a forking server's tree that left with its exited processes."""

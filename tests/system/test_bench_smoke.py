@@ -354,3 +354,7 @@ def test_bench_relay_postfix_set_prints_every_front() -> None:
     for front in ("direct", "repeld", "repeld-pass", "haproxy", "postscreen"):
         assert front in columns, columns
     assert "target: repeld-pass/haproxy" in proc.stdout
+    assert "proxy wake-ups per message" in proc.stdout
+    # The goal measured on the peer that does the same job in C.
+    assert "postscreen/haproxy" in columns, columns
+    assert "peer: postscreen/haproxy" in proc.stdout
