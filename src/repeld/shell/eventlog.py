@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import math
 import os
 import socket
 import sys
@@ -71,6 +72,8 @@ SEND_WAIT = 1.0
 FLUSH_WAIT = 1.0
 #: After a failure, the sender tries to reach the target again this much later.
 RETRY_AFTER = 2.0
+#: Two refusals of a UDP target this close together: nothing listens (`_refused_again`).
+UDP_REFUSALS_WINDOW = 2 * RETRY_AFTER
 #: Send errors that mean the target went away (a syslog daemon restarting),
 #: not that the message is wrong: the message is sent again once it is back.
 _TARGET_GONE = frozenset(
@@ -130,6 +133,8 @@ class EventLog:
         #: The socket has delivered nothing yet.
         self._fresh = True
         self._retry_at = 0.0
+        #: When a UDP target last refused a datagram (-inf: never).
+        self._udp_refused_at = -math.inf
         self._complained = False
         self._complained_at = -COMPLAIN_INTERVAL
         self._configure(target, log_format, facility, sd_id, report_attacks, stderr)
@@ -481,16 +486,33 @@ class EventLog:
         keep = exc.errno in _TARGET_GONE
         if not keep:
             self.dropped += weight
-        # A UDP send always "delivers": its refusal is an earlier datagram's
-        # ICMP port unreachable, so a fresh socket proves nothing, and trying
-        # again at once cost a reconnect every other event while nothing
-        # listened (60 % more CPU per handed-off client).
-        unheard = self._fresh or (self.target is not None and self.target.kind == "udp")
-        if exc.errno != errno.ENOBUFS and (unheard or exc.errno not in _TARGET_GONE):
-            # A socket that never delivered failed: the target is not back yet.
+        refused_again = self._refused_again(exc)
+        if exc.errno != errno.ENOBUFS and (
+            self._fresh or exc.errno not in _TARGET_GONE or refused_again
+        ):
+            # A socket that never delivered failed, or a UDP target refused twice:
+            # the target is not back yet.
             self._retry_at = trio.current_time() + RETRY_AFTER
         self._complain("send failed", exc)
         return keep
+
+    def _refused_again(self, exc: OSError) -> bool:
+        """A UDP target refused a datagram, and another within UDP_REFUSALS_WINDOW.
+
+        A UDP send always "delivers"; a refusal is the ICMP port unreachable of an
+        earlier datagram, which the socket keeps until the next send, however late.
+        A lone refusal may be that stale one (the daemon was restarted since), so
+        the writer reconnects at once; a second one soon after says nothing
+        listens, and it waits RETRY_AFTER. Reconnecting at every refusal cost a
+        reconnect every other event while nothing listened (41 % more CPU per
+        handed-off client, docs/PERFORMANCE.md).
+        """
+        if self.target is None or self.target.kind != "udp" or exc.errno != errno.ECONNREFUSED:
+            return False
+        now = trio.current_time()
+        again = now - self._udp_refused_at < UDP_REFUSALS_WINDOW
+        self._udp_refused_at = now
+        return again
 
     def _delivered(self, weight: int) -> None:
         self.written += weight
