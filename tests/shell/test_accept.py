@@ -287,6 +287,37 @@ async def test_a_worker_of_several_lets_clients_gather_longer(
             nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_the_server_gives_each_worker_its_longest_window(
+    autojump_clock: trio.testing.MockClock, workers: int
+) -> None:
+    # The server's own accept loops, with --workers as a worker process reads it.
+    receiver = Receiver()
+    settings = Settings(
+        backend=Backend("127.0.0.1", 9),
+        listen=(Listen("127.0.0.1", 0),),
+        syslog=SyslogTarget("udp", host="127.0.0.1", port=await receiver.bind()),
+        no_cache=True,
+        workers=workers,
+    )
+    server = await open_server(settings, EventLog.from_settings(settings))
+    with _arrivals() as a:
+        server.intake.accepted = a.accepted  # type: ignore[method-assign,assignment]  # when taken
+        lsock = server.listeners[0].sock
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            await trio.sleep(1)
+            await a.connect(lsock, 2)
+            await a.connect(lsock, 1)
+            start = await a.connect(lsock, 1)
+            waited = a.taken[-1][0] - start
+            if workers == 1:
+                assert GATHER / 2 < waited <= GATHER * 1.01
+            else:
+                assert GATHER * 1.25 < waited <= GATHER_WORKERS * 1.01
+            nursery.cancel_scope.cancel()
+
+
 def test_acceptor_gives_none_when_no_client_waits_and_oserror_for_a_bad_fd() -> None:
     with socket.socket() as lsock:
         lsock.bind(("127.0.0.1", 0))
