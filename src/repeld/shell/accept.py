@@ -22,21 +22,20 @@ CPU than a client's whole accept (on the 2-CPU VM of docs/PERFORMANCE.md, over
 half of what a client passed at once cost was waking up for it). Each sleep is
 sized from what the one before brought, aiming at `GATHER_CLIENTS` clients a
 wake-up, between `GATHER_MIN` and `GATHER` (10 ms): the longest up to 1,600
-clients a second, shorter above. With --workers N each worker sees about an N-th
-of the clients, so its longest window is N times `GATHER`, at most
-`GATHER_WORKERS` (15 ms): each of two workers then gathers three quarters as
-many clients a wake-up as one process does (an A/B of two workers in front of
-Postfix: 126-133 µs of CPU per handed-off message at 10 ms, 105-108 at 15 ms at
-the same messages per second; 20 ms took 101-106 but 10 % fewer messages a
-second: docs/PERFORMANCE.md). A client waits at most that much longer to be
-taken, nothing beside a greeting delay of seconds (its hold counts from then); a
-quiet listener, whose wake-ups find one client each, takes each at once as
-before, and a gathered wake-up that finds nobody goes back to waiting for the
-next. A flood (a wake-up that takes `ACCEPT_BATCH` clients or more) turns
-gathering off for `FLOOD_PAUSE`: such a listener has many clients at every
-wake-up anyway, and a sleep would let a small accept queue (--backlog) overflow;
-a listener whose queue is shorter than `GATHER_MIN_BACKLOG` never gathers at
-all.
+clients a second, shorter above. A worker of --workers 2 or more sees only its
+share of the clients, so its longest window is `GATHER_WORKERS` (15 ms): each of
+two workers then gathers three quarters as many clients a wake-up as one process
+does (an A/B of two workers in front of Postfix: 126-133 µs of CPU per
+handed-off message at 10 ms, 105-108 at 15 ms at the same messages per second;
+20 ms took 101-106 but 10 % fewer messages a second: docs/PERFORMANCE.md). A
+client waits at most that much longer to be taken, nothing beside a greeting
+delay of seconds (its hold counts from then); a quiet listener, whose wake-ups
+find one client each, takes each at once as before, and a gathered wake-up that
+finds nobody goes back to waiting for the next. A flood (a wake-up that takes
+`ACCEPT_BATCH` clients or more) turns gathering off for `FLOOD_PAUSE`: such a
+listener has many clients at every wake-up anyway, and a sleep would let a small
+accept queue (--backlog) overflow; a listener whose queue is shorter than
+`GATHER_MIN_BACKLOG` never gathers at all.
 
 Nor does it gather while repeld relays sessions (`relaying()`): their bytes
 wake the process anyway, so gathering would save nothing and only make each
@@ -130,7 +129,7 @@ FLOOD_PAUSE = 1.0
 
 def longest_window(workers: int) -> float:
     """The longest gathering sleep of one of `workers` processes sharing the clients."""
-    return min(GATHER * max(1, workers), max(GATHER, GATHER_WORKERS))
+    return GATHER_WORKERS if workers > 1 else GATHER
 
 
 @dataclass(slots=True)
