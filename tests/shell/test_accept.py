@@ -162,6 +162,14 @@ class _Arrivals:
                 await trio.sleep(0.0001)
         return start
 
+    async def trickle(self, lsock: socket.socket) -> float:
+        """Two at once (gathering begins), then one a window (so each window grows
+        to its cap): how long the last one waited to be taken."""
+        await self.connect(lsock, 2)
+        await self.connect(lsock, 1)
+        start = await self.connect(lsock, 1)
+        return self.taken[-1][0] - start
+
     def close(self) -> None:
         for sock in [s for _, s in self.taken] + self.clients + self.listeners:
             sock.close()
@@ -243,8 +251,17 @@ async def test_while_sessions_are_relayed_or_on_a_short_queue_the_loop_never_gat
             nursery.cancel_scope.cancel()
 
 
+def _assert_longest_window(workers: int, waited: float) -> None:
+    # One process's windows never pass GATHER, whatever each brings; a worker's may.
+    if workers == 1:
+        assert GATHER / 2 < waited <= GATHER * 1.01
+    else:
+        assert GATHER * 1.25 < waited <= GATHER_WORKERS * 1.01
+
+
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_a_worker_of_several_lets_clients_gather_longer(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, workers: int
 ) -> None:
     # A worker of two or more sees only its share of the clients: a longer window.
     assert longest_window(1) == GATHER
@@ -260,30 +277,10 @@ async def test_a_worker_of_several_lets_clients_gather_longer(
                 lambda *_: None,
                 lambda: 0,
                 GATHER_MIN_BACKLOG,
-                longest_window(2),
+                longest_window(workers),
             )
             await trio.sleep(1)
-            await a.connect(lsock, 2)  # two at once: gathering begins
-            await a.connect(lsock, 1)  # one a window: the next window grows to the cap
-            start = await a.connect(lsock, 1)
-            waited = a.taken[-1][0] - start
-            assert GATHER * 1.25 < waited <= GATHER_WORKERS * 1.01
-            # One process's windows never pass GATHER, whatever each brings.
-            await trio.sleep(1)
-            nursery.start_soon(
-                accept_loop,
-                Listener(one := a.listener(), Listen("127.0.0.1", 0)),
-                a.accepted,
-                lambda *_: None,
-                lambda: 0,
-                GATHER_MIN_BACKLOG,
-                longest_window(1),
-            )
-            await trio.sleep(1)
-            await a.connect(one, 2)
-            await a.connect(one, 1)
-            start = await a.connect(one, 1)
-            assert GATHER / 2 < a.taken[-1][0] - start <= GATHER * 1.01
+            _assert_longest_window(workers, await a.trickle(lsock))
             nursery.cancel_scope.cancel()
 
 
@@ -307,14 +304,7 @@ async def test_the_server_gives_each_worker_its_longest_window(
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
             await trio.sleep(1)
-            await a.connect(lsock, 2)
-            await a.connect(lsock, 1)
-            start = await a.connect(lsock, 1)
-            waited = a.taken[-1][0] - start
-            if workers == 1:
-                assert GATHER / 2 < waited <= GATHER * 1.01
-            else:
-                assert GATHER * 1.25 < waited <= GATHER_WORKERS * 1.01
+            _assert_longest_window(workers, await a.trickle(lsock))
             nursery.cancel_scope.cancel()
 
 
