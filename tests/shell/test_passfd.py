@@ -232,3 +232,46 @@ async def test_a_bound_shorter_than_the_sweep_is_kept(
             assert when - start < SWEEP_INTERVAL / 2  # at its bound, not at the sweep
             chan.close()
             remote.close()
+
+
+class _Steps(trio.abc.Instrument):
+    """Counts the steps of the tasks whose name ends in `name`: each one a time
+    the task was woken (trio's public instrument API)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.count = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith(self.name):
+            self.count += 1
+
+
+async def test_steady_hand_offs_never_wake_the_pool(mock_clock: trio.testing.MockClock) -> None:
+    # A hand-off every half sweep, smtpd taking each at once: each settles the one
+    # before, so the sweep it was due for would find nothing, and the pool's task
+    # is never woken for it (each such wake-up of the process costs CPU).
+    outcomes = Outcomes()
+    steps = _Steps("PassPool.run")
+    count = 20
+    with _smtpd() as smtpd:
+        async with _pool() as pool:
+            await trio.testing.wait_all_tasks_blocked()  # the pool's task is waiting
+            trio.lowlevel.add_instrument(steps)
+            try:
+                for key in range(count):
+                    _, remote = outcomes.send(pool, smtpd, key)
+                    taken, _ = smtpd.take()
+                    taken.close()
+                    remote.close()
+                    mock_clock.jump(SWEEP_INTERVAL / 2)
+                    await trio.testing.wait_all_tasks_blocked()
+            finally:
+                trio.lowlevel.remove_instrument(steps)
+            assert steps.count == 0
+            assert sorted(outcomes.seen) == list(range(count - 1))  # each by the next one
+            # the last one, with no hand-off after it, by the pool's sweep
+            mock_clock.jump(SWEEP_INTERVAL)
+            await trio.testing.wait_all_tasks_blocked()
+            assert outcomes.seen[count - 1] == (HandOffResult.TAKEN, "")
+            assert len(pool) == 0
