@@ -258,6 +258,27 @@ def _fresh_cache(argv: list[str], logdir: Path, port: int, pythonpath: str) -> l
     return ["--cache", f"sqlite:{cachedir}/cache.sqlite"]
 
 
+#: What systemd does for repeld.socket (ListenStream=, Backlog=4096, and with
+#: "reuseport" ReusePort=yes): bind and listen, put the socket at fd 3 with
+#: LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID set, and exec the command.
+#: `python -c ACTIVATOR PORT shared|reuseport COMMAND...`
+ACTIVATOR = r"""
+import os, socket, sys
+port, how, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+sock = socket.socket()
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if how == "reuseport":
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+sock.bind(("127.0.0.1", port))
+sock.listen(4096)
+if sock.fileno() != 3:
+    os.dup2(sock.fileno(), 3)
+os.set_inheritable(3, True)
+os.environ.update(LISTEN_FDS="1", LISTEN_FDNAMES="smtp", LISTEN_PID=str(os.getpid()))
+os.execv(argv[0], argv)
+"""
+
+
 def start_repeld(
     port: int,
     backend_port: int,
@@ -270,11 +291,14 @@ def start_repeld(
     foreground: bool = True,
     pythonpath: str = "",
     name: str = "repeld",
+    activation: str = "",
 ) -> Server:
     """repeld on 127.0.0.1:port in front of 127.0.0.1:backend_port.
 
     `wrapper` replaces `python -m repeld` (e.g. bench/profile_repeld.py for
     profiling); `pythonpath` puts another source tree first (an A/B of a patch).
+    `activation` "shared" or "reuseport": the listener is handed over as
+    repeld.socket hands it (`ACTIVATOR`), without or with ReusePort=yes.
     """
     argv = list(wrapper) if wrapper else [sys.executable, "-m", "repeld"]
     opts = ["-f"] if foreground else []
@@ -288,8 +312,14 @@ def start_repeld(
         opts += _fresh_cache(argv, logdir, port, pythonpath)
     opts += list(extra)
     env = {"PYTHONPATH": pythonpath} if pythonpath else None
+    if activation:
+        if activation not in ("shared", "reuseport"):
+            raise ValueError(f"activation: shared or reuseport, not {activation!r}")
+        argv = [sys.executable, "-c", ACTIVATOR, str(port), activation, *argv]
     srv = spawn(name, argv + opts, port, logdir, env)
     srv.note = (f"PYTHONPATH={pythonpath} " if pythonpath else "") + " ".join(opts)
+    if activation:
+        srv.note += f" (listener handed over as by repeld.socket, {activation})"
     workers = repeld_workers(opts)
     # With --workers the parent listens before its workers can accept.
     if workers > 1 and not wait_workers(srv, workers):
