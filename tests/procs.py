@@ -118,20 +118,47 @@ class SyslogUDP:
         self.sock.close()
 
 
+#: Puts the inherited fds (given as numbers >= 10) at 3, 4, ..., sets LISTEN_PID to
+#: its own pid and execs the command: what a service manager does, and exec keeps
+#: the pid. (dash cannot redirect fds above 9, so this is not a shell one-liner.)
+SYSTEMD_LAUNCHER = r"""
+import os, sys
+count = int(sys.argv[1])
+high = [int(a) for a in sys.argv[2 : 2 + count]]
+for i, fd in enumerate(high):
+    os.dup2(fd, 3 + i)
+    os.close(fd)
+os.environ["LISTEN_PID"] = str(os.getpid())
+argv = sys.argv[2 + count :]
+os.execv(argv[0], argv)
+"""
+
+
+def launched_by_systemd(fds: Sequence[int], argv: Sequence[str]) -> list[str]:
+    """`argv` run as systemd runs a socket-activated service: `fds` (numbered 10
+    or more, inheritable) at 3.. and LISTEN_PID its pid; LISTEN_FDS and
+    LISTEN_FDNAMES are the caller's, in the environment."""
+    return [sys.executable, "-c", SYSTEMD_LAUNCHER, str(len(fds)), *map(str, fds), *argv]
+
+
 class Daemon:
     """`python -m repeld -f ARGS` with its stderr collected line by line."""
 
-    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: Sequence[str], env: dict[str, str] | None = None, inherit: Sequence[int] = ()
+    ) -> None:
         # No test writes to the system's pass cache: off unless a test names one.
         cache = [] if any(a.startswith("--cache") for a in args) else ["--no-cache"]
         self.argv = [sys.executable, "-m", "repeld", "-f", *cache, *args]
+        # `inherit`: listening sockets' fds handed over as systemd does.
         self.proc = subprocess.Popen(
-            self.argv,
+            launched_by_systemd(inherit, self.argv) if inherit else self.argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
             env=env,
+            pass_fds=tuple(inherit),
         )
         self.lines: list[str] = []
         self.address: tuple[str, int] = ("", 0)
@@ -209,9 +236,11 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def daemon(*args: str, env: dict[str, str] | None = None) -> Iterator[Daemon]:
+def daemon(
+    *args: str, env: dict[str, str] | None = None, inherit: Sequence[int] = ()
+) -> Iterator[Daemon]:
     """A running repeld (listening); always stopped afterwards."""
-    d = Daemon(args, env)
+    d = Daemon(args, env, inherit)
     try:
         d.wait_listening()
         yield d

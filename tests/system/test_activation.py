@@ -28,6 +28,8 @@ from repeld.config.settings import Listen, parse_listen
 from repeld.service import activation
 from repeld.service.activation import ActivationError, match_listeners, spec_for
 
+from ..procs import launched_by_systemd
+
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 VARS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
@@ -277,26 +279,9 @@ def _high_fd(sock: socket.socket) -> int:
     return fd
 
 
-# Puts the inherited fds (given as numbers >= 10) at 3, 4, ..., sets LISTEN_PID to
-# its own pid and execs the command: what a service manager does, and exec keeps
-# the pid. (dash cannot redirect fds above 9, so this is not a shell one-liner.)
-LAUNCHER = r"""
-import os, sys
-count = int(sys.argv[1])
-high = [int(a) for a in sys.argv[2 : 2 + count]]
-for i, fd in enumerate(high):
-    os.dup2(fd, 3 + i)
-    os.close(fd)
-os.environ["LISTEN_PID"] = str(os.getpid())
-argv = sys.argv[2 + count :]
-os.execv(argv[0], argv)
-"""
-
-
 def _launch(fds: list[int], env: dict[str, str], args: list[str]) -> subprocess.Popen[str]:
     """Run CHILD with `fds` at 3.. under the launcher; `fds` are closed here afterwards."""
-    argv = [sys.executable, "-c", LAUNCHER, str(len(fds)), *map(str, fds)]
-    argv += [sys.executable, "-c", CHILD, *args]
+    argv = launched_by_systemd(fds, [sys.executable, "-c", CHILD, *args])
     child = subprocess.Popen(argv, env=env, pass_fds=fds, stdout=subprocess.PIPE, text=True)
     for fd in fds:
         os.close(fd)

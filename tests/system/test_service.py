@@ -7,6 +7,7 @@ CI runs as root, which the privilege tests need (they skip otherwise).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pwd
 import shutil
@@ -592,6 +593,106 @@ def test_socket_activation_serves_systemd_s_listener(
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "Address already in use" not in err
+
+
+def _listeners_on(port: int) -> int:
+    """How many TCP sockets listen on 127.0.0.1:`port` (/proc/net/tcp, no connecting)."""
+    local = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        next(f)
+        return sum(1 for line in f if line.split()[1:4:2] == [local, "0A"])
+
+
+def _systemd_socket(port: int, *, reuseport: bool) -> socket.socket:
+    """A listener as a socket unit binds it (ReusePort=yes: `reuseport`)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuseport:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(128)
+    return sock
+
+
+@contextlib.contextmanager
+def _activated_workers(
+    syslog: SyslogUDP, backend: LineBackend, listener: socket.socket
+) -> Iterator[Daemon]:
+    """repeld --workers 2 given `listener` as systemd gives it (we keep our copy, as
+    systemd does); every 127/8 client trusted, so each is passed at once."""
+    port = listener.getsockname()[1]
+    fd = fcntl.fcntl(listener.fileno(), fcntl.F_DUPFD, 10)
+    os.set_inheritable(fd, True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    env |= {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "smtp"}
+    args = ("-l", f"127.0.0.1:{port}", "-b", backend.address, "-t", "127.0.0.0/8", "-w", "2")
+    try:
+        d = Daemon([*args, "--syslog", syslog.target, *AS_ROOT], env, inherit=[fd])
+    finally:
+        os.close(fd)  # the launcher has it now
+    try:
+        d.wait_listening()
+        yield d
+    finally:
+        d.stop()
+
+
+def _served_by(syslog: SyslogUDP, port: int, clients: int) -> set[str]:
+    """Connect `clients` times from distinct addresses: the pids whose pass events say so."""
+    for i in range(clients):
+        client = connect(port, source=f"127.0.1.{i + 1}")
+        assert read_line(client) == b"220 backend.test ESMTP\r\n"
+        client.close()
+    return {event.procid for event in syslog.wait_for("pass", clients)[:clients]}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd is Linux's")
+def test_systemd_socket_with_reuseport_gets_a_socket_per_worker(
+    syslog: SyslogUDP, backend: LineBackend
+) -> None:
+    # ReusePort=yes in the socket unit: the parent binds a second socket beside it,
+    # so the kernel spreads the clients and wakes one worker for each.
+    port = free_port()
+    with _systemd_socket(port, reuseport=True) as listener:
+        with _activated_workers(syslog, backend, listener) as d:
+            assert _listeners_on(port) == 2
+            # 40 clients all on one of two sockets: 1 chance in 2**39
+            assert len(_served_by(syslog, port, 40)) == 2
+            assert "share" not in d.stderr_text()
+        # systemd's socket outlives repeld; the worker's own went with it
+        assert _listeners_on(port) == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd is Linux's")
+def test_systemd_socket_without_reuseport_is_shared_by_the_workers(
+    syslog: SyslogUDP, backend: LineBackend
+) -> None:
+    port = free_port()
+    listener = _systemd_socket(port, reuseport=False)
+    with listener, _activated_workers(syslog, backend, listener) as d:
+        assert _listeners_on(port) == 1
+        assert len(_served_by(syslog, port, 10)) >= 1
+        assert "warning" not in d.stderr_text()
+
+
+@needs_root
+def test_a_reuseport_socket_of_another_user_is_shared_with_a_warning(
+    syslog: SyslogUDP, backend: LineBackend
+) -> None:
+    # Linux lets only the user who bound a port join it with SO_REUSEPORT: a
+    # socket unit's sockets are root's, so a copy bound by anyone else fails.
+    port = free_port()
+    nobody = pwd.getpwnam("nobody")
+    os.seteuid(nobody.pw_uid)  # the socket's owner is who made it
+    try:
+        listener = _systemd_socket(port, reuseport=True)
+    finally:
+        os.seteuid(0)
+    with listener, _activated_workers(syslog, backend, listener) as d:
+        assert _listeners_on(port) == 1
+        assert len(_served_by(syslog, port, 10)) >= 1
+        d.wait_line(r"^repeld: warning: no socket per worker beside systemd's \(cannot listen on ")
+        assert "the workers share them" in d.stderr_text()
 
 
 def test_sighup_with_a_config_tomllib_cannot_parse_keeps_serving(

@@ -8,8 +8,11 @@ privileges on its own (`python -m repeld` with the same
 arguments) that inherit the listening sockets. On Linux and FreeBSD each worker
 gets its own socket per listener bound with SO_REUSEPORT (SO_REUSEPORT_LB on
 FreeBSD), so the kernel spreads new connections over the workers; elsewhere
-they share one socket. Spawning (fork+exec) rather than forking keeps trio's
-state out of the children and lets a crashed worker be replaced at any time.
+they share one socket, as they share systemd's unless its unit set
+ReusePort=yes (then each worker but the first gets a socket of its own beside
+systemd's): on a shared socket each connection wakes every waiting worker.
+Spawning (fork+exec) rather than forking keeps trio's state out of the
+children and lets a crashed worker be replaced at any time.
 
 Signals are fanned out: SIGHUP is checked by the parent first (a bad file is
 refused once, with one `config-error`, and never reaches the workers), SIGTERM
@@ -77,6 +80,14 @@ RESTART_DELAY_MAX = 30.0
 STABLE_AFTER = 10.0
 #: How long the parent waits for every worker's counters.
 STATS_WAIT = 1.0
+
+
+def _reuses_port(sock: socket.socket, option: int) -> bool:
+    """Whether `sock` was bound with `option` (SO_REUSEPORT): others may join its port."""
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, option) != 0
+    except OSError:
+        return False
 
 
 def inherited_sockets(env: dict[str, str] | None = None) -> list[tuple[socket.socket, str]]:
@@ -362,8 +373,12 @@ async def supervise(
     with trio.open_signal_receiver(*sigs) as signals:
         backlog, _ = backlog_for(settings)
         inherited = activation.listen_fds() if "LISTEN_FDS" in os.environ else []
-        # systemd's sockets cannot be copied with SO_REUSEPORT: workers share them.
-        balanced = reuseport_option() is not None and not inherited
+        # A socket per worker spreads the connections and wakes one worker for
+        # each; a shared one wakes them all. systemd's sockets take copies only
+        # if the unit set ReusePort=yes (and the copies are bound by the user
+        # that bound them): else the workers share them.
+        option = reuseport_option()
+        balanced = option is not None and all(_reuses_port(s, option) for s, _ in inherited)
         copies = settings.workers if balanced else 1
         sockets: list[list[tuple[socket.socket, Listen]]] = []
         try:
@@ -375,8 +390,21 @@ async def supervise(
                     dataclasses.replace(spec, port=s.getsockname()[1]) for s, spec in sockets[0]
                 ),
             )
-            for _ in range(copies - 1):
-                sockets.append(open_listeners(same, backlog, reuseport=True))
+            try:
+                for _ in range(copies - 1):
+                    sockets.append(open_listeners(same, backlog, reuseport=True))
+            except OSError as exc:
+                if not inherited:
+                    raise
+                for socks in sockets[1:]:
+                    for s, _ in socks:
+                        s.close()
+                del sockets[1:]
+                print(
+                    f"repeld: warning: no socket per worker beside systemd's ({exc.strerror}):"
+                    " the workers share them",
+                    file=sys.stderr,
+                )
         except BaseException:
             for socks in sockets:
                 for s, _ in socks:
