@@ -234,6 +234,37 @@ async def test_a_bound_shorter_than_the_sweep_is_kept(
             remote.close()
 
 
+async def test_a_bound_shortened_by_a_reload_is_kept_behind_a_longer_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # After a reload that shortens --connect-timeout the newest hand-off is due
+    # before the ones waiting ahead of it: it still ends at its own bound.
+    ended: dict[int, tuple[HandOffResult, float]] = {}
+    with _smtpd() as smtpd:
+        async with _pool() as pool:
+            start = trio.current_time()
+            bound = SWEEP_INTERVAL / 4
+            remotes, chans = [], []
+            for key, timeout in ((1, LONG), (2, bound)):
+                client, remote = _client_pair()
+
+                def done(outcome: HandOffResult, _detail: str, key: int = key) -> None:
+                    ended[key] = (outcome, trio.current_time())
+
+                pool.hand_off(client, smtpd.path, ATTRIBUTES, timeout, done)
+                chans.append(smtpd.accept_only())  # accepted, never read
+                remotes.append((client, remote))
+            with trio.fail_after(10):
+                while 2 not in ended:
+                    await trio.sleep(bound / 10)
+            outcome, when = ended[2]
+            assert outcome is HandOffResult.TIMEOUT
+            assert when - start < SWEEP_INTERVAL / 2  # at its bound, not at the first's sweep
+            assert 1 not in ended  # the first still waits for smtpd
+            for sock in (*chans, *(s for pair in remotes for s in pair)):
+                sock.close()
+
+
 class _Steps(trio.abc.Instrument):
     """Counts the steps of the tasks whose name ends in `name`: each one a time
     the task was woken (trio's public instrument API)."""

@@ -109,6 +109,16 @@ class _Channel:
         self.registered = False
 
 
+def _first_due(fresh: collections.deque[_Channel]) -> float:
+    """When the first of the unread channels is due (`fresh` is not empty).
+
+    The oldest, with one --connect-timeout for all; after a reload that shortens
+    it the newest may be due first, and one between them waits for either's
+    sweep (SWEEP_INTERVAL at most)."""
+    oldest, newest = fresh[0].due, fresh[-1].due
+    return newest if newest < oldest else oldest
+
+
 def connect_service(path: str) -> socket.socket:
     """A non-blocking UNIX-domain stream socket connected to `path`; OSError if not."""
     chan = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | _NONBLOCK)
@@ -203,10 +213,7 @@ class PassPool:
         of the process, one per SWEEP_INTERVAL (and per worker), which cost
         about a tenth of a handed-off client's CPU (docs/PERFORMANCE.md).
         """
-        due = fresh[0].due
-        newest = fresh[-1].due
-        if newest < due:  # a --connect-timeout shortened by a reload
-            due = newest
+        due = _first_due(fresh)
         heap = self._heap
         if heap and heap[0][0] < due:  # a channel in the set is due first
             due = heap[0][0]
@@ -252,9 +259,7 @@ class PassPool:
 
     def _expire(self, now: float) -> float:
         fresh = self._fresh
-        # The oldest is due first (one --connect-timeout for all; after a reload
-        # that shortens it, a newer one waits for the oldest's sweep: 20 ms at most).
-        if fresh and fresh[0].due <= now:
+        if fresh and _first_due(fresh) <= now:
             self._sweep(fresh, now)
         heap = self._heap
         while heap:
@@ -266,7 +271,7 @@ class PassPool:
                 self._finish(entry, HandOffResult.TIMEOUT, "smtpd did not take the client in time")
         first = heap[0][0] if heap else math.inf
         if fresh:
-            return min(first, fresh[0].due)
+            return min(first, _first_due(fresh))
         return first
 
     def _sweep(self, fresh: collections.deque[_Channel], now: float) -> None:

@@ -147,8 +147,9 @@ async def watch(
 
     The wait's deadline is a cancel scope that lives as long as no deadline
     fires, so a wake-up costs no new scope; `wake_scope(scope)` hands it to the
-    owner, which may move its deadline earlier (a new, earlier deadline), and
-    `wake_scope(None)` says the loop is over.
+    owner, which may move its deadline earlier (a new, earlier deadline) or
+    later (what it was set for is settled, as far as `expire` would say now),
+    and `wake_scope(None)` says the loop is over.
 
     `serve` returns how many fds it found ready. With `again` > 0 a busy set
     is served up to that many more times straight away while it keeps finding
