@@ -275,7 +275,7 @@ if sock.fileno() != 3:
     os.dup2(sock.fileno(), 3)
 os.set_inheritable(3, True)
 os.environ.update(LISTEN_FDS="1", LISTEN_FDNAMES="smtp", LISTEN_PID=str(os.getpid()))
-os.execv(argv[0], argv)
+os.execvp(argv[0], argv)
 """
 
 

@@ -676,6 +676,7 @@ def test_systemd_socket_without_reuseport_is_shared_by_the_workers(
 
 
 @needs_root
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd is Linux's")
 def test_a_reuseport_socket_of_another_user_is_shared_with_a_warning(
     syslog: SyslogUDP, backend: LineBackend
 ) -> None:
@@ -683,7 +684,9 @@ def test_a_reuseport_socket_of_another_user_is_shared_with_a_warning(
     # socket unit's sockets are root's, so a copy bound by anyone else fails.
     port = free_port()
     nobody = pwd.getpwnam("nobody")
-    os.seteuid(nobody.pw_uid)  # the socket's owner is who made it
+    # The socket's owner is who made it. (seteuid changes every thread of this
+    # process for a moment; a child could not run this Python as nobody.)
+    os.seteuid(nobody.pw_uid)
     try:
         listener = _systemd_socket(port, reuseport=True)
     finally:
