@@ -153,6 +153,25 @@ class _Arrivals:
     def accepted(self, sock: socket.socket, _addr: tuple[object, ...], _lst: Listener) -> None:
         self.taken.append((trio.current_time(), sock))
 
+    def serve(
+        self,
+        nursery: trio.Nursery,
+        lsock: socket.socket,
+        relaying: int = 0,
+        backlog: int = GATHER_MIN_BACKLOG,
+        longest: float = GATHER,
+    ) -> None:
+        """Start an accept loop on `lsock` that records each client in `taken`."""
+        nursery.start_soon(
+            accept_loop,
+            Listener(lsock, Listen("127.0.0.1", 0)),
+            self.accepted,
+            lambda *_: None,
+            lambda: relaying,
+            backlog,
+            longest,
+        )
+
     async def connect(self, lsock: socket.socket, count: int) -> float:
         """`count` clients at once; when they connected, once all are taken."""
         start = trio.current_time()
@@ -191,8 +210,7 @@ async def test_one_client_at_a_time_is_taken_at_once_and_a_burst_is_gathered(
         lsock = a.listener()
         taken = a.taken
         async with trio.open_nursery() as nursery:
-            listener = Listener(lsock, Listen("127.0.0.1", 0))
-            nursery.start_soon(accept_loop, listener, a.accepted, lambda *_: None)
+            a.serve(nursery, lsock)
             await trio.sleep(1)
             # A quiet listener: each client, alone in the queue, is taken when it comes.
             for _ in range(3):
@@ -228,21 +246,8 @@ async def test_while_sessions_are_relayed_or_on_a_short_queue_the_loop_never_gat
     with _arrivals() as a:
         relayed, short = a.listener(), a.listener(GATHER_MIN_BACKLOG - 1)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                accept_loop,
-                Listener(relayed, Listen("127.0.0.1", 0)),
-                a.accepted,
-                lambda *_: None,
-                lambda: 3,  # sessions being relayed
-            )
-            nursery.start_soon(
-                accept_loop,
-                Listener(short, Listen("127.0.0.1", 0)),
-                a.accepted,
-                lambda *_: None,
-                lambda: 0,
-                GATHER_MIN_BACKLOG - 1,
-            )
+            a.serve(nursery, relayed, relaying=3)  # sessions being relayed
+            a.serve(nursery, short, backlog=GATHER_MIN_BACKLOG - 1)
             await trio.sleep(1)
             for lsock in (relayed, short):
                 for count in (2, 5):  # two at once, then more: each taken when it comes
@@ -270,15 +275,7 @@ async def test_a_worker_of_several_lets_clients_gather_longer(
     with _arrivals() as a:
         lsock = a.listener()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                accept_loop,
-                Listener(lsock, Listen("127.0.0.1", 0)),
-                a.accepted,
-                lambda *_: None,
-                lambda: 0,
-                GATHER_MIN_BACKLOG,
-                longest_window(workers),
-            )
+            a.serve(nursery, lsock, longest=longest_window(workers))
             await trio.sleep(1)
             _assert_longest_window(workers, await a.trickle(lsock))
             nursery.cancel_scope.cancel()

@@ -239,29 +239,23 @@ async def test_a_bound_shortened_by_a_reload_is_kept_behind_a_longer_one(
 ) -> None:
     # After a reload that shortens --connect-timeout the newest hand-off is due
     # before the ones waiting ahead of it: it still ends at its own bound.
-    ended: dict[int, tuple[HandOffResult, float]] = {}
+    outcomes = Outcomes()
     with _smtpd() as smtpd:
         async with _pool() as pool:
             start = trio.current_time()
             bound = SWEEP_INTERVAL / 4
-            remotes, chans = [], []
+            opened = []
             for key, timeout in ((1, LONG), (2, bound)):
-                client, remote = _client_pair()
-
-                def done(outcome: HandOffResult, _detail: str, key: int = key) -> None:
-                    ended[key] = (outcome, trio.current_time())
-
-                pool.hand_off(client, smtpd.path, ATTRIBUTES, timeout, done)
-                chans.append(smtpd.accept_only())  # accepted, never read
-                remotes.append((client, remote))
+                _, remote = outcomes.send(pool, smtpd, key, timeout)
+                opened += [remote, smtpd.accept_only()]  # accepted, never read
             with trio.fail_after(10):
-                while 2 not in ended:
+                while 2 not in outcomes.seen:
                     await trio.sleep(bound / 10)
-            outcome, when = ended[2]
-            assert outcome is HandOffResult.TIMEOUT
-            assert when - start < SWEEP_INTERVAL / 2  # at its bound, not at the first's sweep
-            assert 1 not in ended  # the first still waits for smtpd
-            for sock in (*chans, *(s for pair in remotes for s in pair)):
+            assert outcomes.seen[2][0] is HandOffResult.TIMEOUT
+            # at its bound, not at the first's sweep
+            assert trio.current_time() - start < SWEEP_INTERVAL / 2
+            assert 1 not in outcomes.seen  # the first still waits for smtpd
+            for sock in opened:
                 sock.close()
 
 
