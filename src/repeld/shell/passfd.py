@@ -259,8 +259,10 @@ class PassPool:
 
     def _expire(self, now: float) -> float:
         fresh = self._fresh
-        if fresh and _first_due(fresh) <= now:
-            self._sweep(fresh, now)
+        due = _first_due(fresh) if fresh else math.inf
+        if due <= now:
+            self._sweep(fresh, now)  # reads them all: none is left unread
+            due = math.inf
         heap = self._heap
         while heap:
             deadline, _, entry = heap[0]
@@ -270,9 +272,7 @@ class PassPool:
             if entry.open:
                 self._finish(entry, HandOffResult.TIMEOUT, "smtpd did not take the client in time")
         first = heap[0][0] if heap else math.inf
-        if fresh:
-            return min(first, _first_due(fresh))
-        return first
+        return min(first, due)
 
     def _sweep(self, fresh: collections.deque[_Channel], now: float) -> None:
         """Read every unread channel once: settle the closed, put the open in the set."""
