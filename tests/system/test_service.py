@@ -595,21 +595,26 @@ def test_socket_activation_serves_systemd_s_listener(
     assert "Traceback" not in err and "Address already in use" not in err
 
 
-def _listeners_on(port: int) -> int:
-    """How many TCP sockets listen on 127.0.0.1:`port` (/proc/net/tcp, no connecting)."""
-    local = f"0100007F:{port:04X}"
-    with open("/proc/net/tcp") as f:
+def _listeners_on(port: int, *, any_v6: bool = False) -> int:
+    """How many TCP sockets listen on 127.0.0.1:`port`, or on [::]:`port` with
+    `any_v6` (/proc/net/tcp or tcp6, no connecting)."""
+    table, address = ("tcp6", "0" * 32) if any_v6 else ("tcp", "0100007F")
+    local = f"{address}:{port:04X}"
+    with open(f"/proc/net/{table}") as f:
         next(f)
         return sum(1 for line in f if line.split()[1:4:2] == [local, "0A"])
 
 
-def _systemd_socket(port: int, *, reuseport: bool) -> socket.socket:
-    """A listener as a socket unit binds it (ReusePort=yes: `reuseport`)."""
-    sock = socket.socket()
+def _systemd_socket(port: int, *, reuseport: bool, dual_stack: bool = False) -> socket.socket:
+    """A listener as a socket unit binds it (ReusePort=yes: `reuseport`; `dual_stack`:
+    [::] taking IPv4 clients too, as `ListenStream=25` binds it by default)."""
+    sock = socket.socket(socket.AF_INET6 if dual_stack else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuseport:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(("127.0.0.1", port))
+    if dual_stack:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::" if dual_stack else "127.0.0.1", port))
     sock.listen(128)
     return sock
 
@@ -620,12 +625,14 @@ def _activated_workers(
 ) -> Iterator[Daemon]:
     """repeld --workers 2 given `listener` as systemd gives it (we keep our copy, as
     systemd does); every 127/8 client trusted, so each is passed at once."""
-    port = listener.getsockname()[1]
+    host, port = listener.getsockname()[:2]
     fd = fcntl.fcntl(listener.fileno(), fcntl.F_DUPFD, 10)
     os.set_inheritable(fd, True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
     env |= {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "smtp"}
-    args = ("-l", f"127.0.0.1:{port}", "-b", backend.address, "-t", "127.0.0.0/8", "-w", "2")
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    trusted = ("-t", "127.0.0.0/8", "-t", "::1/128")
+    args = ("-l", where, "-b", backend.address, *trusted, "-w", "2")
     try:
         d = Daemon([*args, "--syslog", syslog.target, *AS_ROOT], env, inherit=[fd])
     finally:
@@ -637,13 +644,17 @@ def _activated_workers(
         d.stop()
 
 
-def _served_by(syslog: SyslogUDP, port: int, clients: int) -> set[str]:
-    """Connect `clients` times from distinct addresses: the pids whose pass events say so."""
+def _served_by(
+    syslog: SyslogUDP, port: int, clients: int, *, ipv6: bool = False, seen: int = 0
+) -> set[str]:
+    """Connect `clients` times, from distinct 127/8 addresses or from ::1 (`ipv6`): the
+    pids whose pass events say so (`seen`: pass events already in `syslog`)."""
     for i in range(clients):
-        client = connect(port, source=f"127.0.1.{i + 1}")
+        source = None if ipv6 else f"127.0.1.{i + 1}"
+        client = connect(port, source=source, host="::1" if ipv6 else "127.0.0.1")
         assert read_line(client) == b"220 backend.test ESMTP\r\n"
         client.close()
-    return {event.procid for event in syslog.wait_for("pass", clients)[:clients]}
+    return {event.procid for event in syslog.wait_for("pass", seen + clients)[seen:]}
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd is Linux's")
@@ -661,6 +672,24 @@ def test_systemd_socket_with_reuseport_gets_a_socket_per_worker(
             assert "share" not in d.stderr_text()
         # systemd's socket outlives repeld; the worker's own went with it
         assert _listeners_on(port) == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd is Linux's")
+def test_a_dual_stack_systemd_socket_gets_dual_stack_copies(
+    syslog: SyslogUDP, backend: LineBackend
+) -> None:
+    # `ListenStream=25` binds [::] taking IPv4 too. A v6-only copy beside it binds,
+    # but the kernel gives it no client at all: one worker would serve every one.
+    # Port 0: a port free on every address, v4 and v6, as [::] needs it.
+    with _systemd_socket(0, reuseport=True, dual_stack=True) as listener:
+        port = listener.getsockname()[1]
+        with _activated_workers(syslog, backend, listener) as d:
+            assert _listeners_on(port, any_v6=True) == 2
+            # IPv4 clients through [::]: 40 all on one of two sockets, 1 chance in 2**39
+            assert len(_served_by(syslog, port, 40)) == 2
+            assert len(_served_by(syslog, port, 40, ipv6=True, seen=40)) == 2  # and IPv6
+            assert "share" not in d.stderr_text()
+        assert _listeners_on(port, any_v6=True) == 1
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="systemd is Linux's")

@@ -52,7 +52,7 @@ from repeld.core.addresses import host_port
 from repeld.core.names import EventName
 from repeld.metrics import ProcessStats, Snapshot, WorkerTally, render
 from repeld.service import activation, sdnotify
-from repeld.service.listeners import backlog_for, open_listeners, reuseport_option
+from repeld.service.listeners import backlog_for, is_dual_stack, open_listeners, reuseport_option
 from repeld.shell.backendwatch import BackendWatch
 from repeld.shell.eventlog import EventLog
 from repeld.shell.metrics_http import open_endpoint
@@ -390,9 +390,13 @@ async def supervise(
                     dataclasses.replace(spec, port=s.getsockname()[1]) for s, spec in sockets[0]
                 ),
             )
+            # A copy of a dual-stack socket must be dual-stack too: a v6-only one
+            # joins its port and is given no client at all.
+            pairs = zip(sockets[0], same.listen, strict=True)
+            dual = [spec for (s, _), spec in pairs if is_dual_stack(s)]
             try:
                 for _ in range(copies - 1):
-                    sockets.append(open_listeners(same, backlog, reuseport=True))
+                    sockets.append(open_listeners(same, backlog, reuseport=True, dual_stack=dual))
             except OSError as exc:
                 if not inherited:
                     raise

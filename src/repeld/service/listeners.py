@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 import sys
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from repeld.config.settings import Listen, Settings
 from repeld.service import tcptune
@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_BACKLOG",
     "backlog_for",
     "bind_listener",
+    "is_dual_stack",
     "open_listeners",
     "reuseport_option",
 ]
@@ -48,10 +49,29 @@ def backlog_for(settings: Settings) -> tuple[int, int | None]:
     return settings.backlog or cap or DEFAULT_BACKLOG, cap
 
 
+def is_dual_stack(sock: socket.socket) -> bool:
+    """Whether `sock` is an IPv6 socket that takes IPv4 clients too (IPV6_V6ONLY off)."""
+    if sock.family != socket.AF_INET6:
+        return False
+    try:
+        return sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+    except OSError:
+        return False
+
+
 def bind_listener(
-    spec: Listen, backlog: int = DEFAULT_BACKLOG, *, reuseport: bool = False
+    spec: Listen,
+    backlog: int = DEFAULT_BACKLOG,
+    *,
+    reuseport: bool = False,
+    dual_stack: bool = False,
 ) -> socket.socket:
-    """A bound, listening, non-blocking socket for `spec` (IPv6 sockets are v6-only)."""
+    """A bound, listening, non-blocking socket for `spec`.
+
+    IPv6 sockets are v6-only, except a copy of a dual-stack socket that systemd
+    passed (`dual_stack`): a v6-only socket joins a dual-stack one's port but
+    is given none of its clients, v4 or v6.
+    """
     sock = socket.socket(spec.family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -59,7 +79,7 @@ def bind_listener(
         if option is not None:
             sock.setsockopt(socket.SOL_SOCKET, option, 1)
         if spec.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
         sock.bind((spec.host, spec.port))
         sock.listen(backlog)
         sock.setblocking(False)
@@ -78,11 +98,13 @@ def open_listeners(
     inherited: Iterable[tuple[socket.socket, str]] = (),
     *,
     reuseport: bool = False,
+    dual_stack: Collection[Listen] = (),
 ) -> list[tuple[socket.socket, Listen]]:
     """A socket for every --listen spec: an inherited one where it matches, else bound.
 
     Inherited sockets that no spec asks for are closed with a warning: the
-    configuration is the one description of what repeld serves.
+    configuration is the one description of what repeld serves. The specs in
+    `dual_stack` are bound dual-stack (copies of systemd's dual-stack sockets).
     """
     matched = match_listeners(inherited, settings.listen)
     socks = list(matched.listeners)
@@ -96,7 +118,8 @@ def open_listeners(
         sock.close()
     try:
         for spec in matched.unbound:
-            socks.append((bind_listener(spec, backlog, reuseport=reuseport), spec))
+            dual = spec in dual_stack
+            socks.append((bind_listener(spec, backlog, reuseport=reuseport, dual_stack=dual), spec))
     except BaseException:
         for sock, _ in socks:
             sock.close()
