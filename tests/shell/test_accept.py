@@ -17,6 +17,7 @@ import trio.testing
 
 from repeld.config.settings import Backend, Listen, Settings
 from repeld.config.values import SyslogTarget
+from repeld.core.gathering import PROBE_FIRST, PROBE_SPAN
 from repeld.service.tcptune import Acceptor
 from repeld.shell.accept import (
     ACCEPT_BATCH,
@@ -238,6 +239,39 @@ async def test_one_client_at_a_time_is_taken_at_once_and_a_burst_is_gathered(
             assert all(t - start < GATHER / 10 for t, _ in taken[-3:])
             assert start < taken[26][0] + FLOOD_PAUSE
             nursery.cancel_scope.cancel()
+
+
+async def test_clients_that_wait_for_the_windows_are_soon_taken_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Two connections at a time, each opened when the one before is taken, as a
+    # relay flushing its queue opens them: two a window, however long the window.
+    # The loop gathers at first, then its probe finds them waiting (core/gathering.py).
+    with _arrivals() as a:
+        lsock = a.listener()
+        connected: list[float] = []
+        async with trio.open_nursery() as nursery:
+            a.serve(nursery, lsock)
+            await trio.sleep(1)
+            start = trio.current_time()
+            done = 0
+            while trio.current_time() < start + 1.2:
+                for i in range(done, len(a.taken)):  # done with: few fds open at once
+                    a.taken[i][1].close()
+                    a.clients[i].close()
+                done = len(a.taken)
+                while len(a.clients) - len(a.taken) < 2:
+                    connected.append(trio.current_time())
+                    a.clients.append(socket.create_connection(lsock.getsockname()))
+                await trio.sleep(0.0015)  # a session's turn-around
+            nursery.cancel_scope.cancel()
+        waits = [
+            (at - start, taken - at) for at, (taken, _) in zip(connected, a.taken, strict=False)
+        ]
+        early = [w for at, w in waits if at < PROBE_FIRST]
+        late = [w for at, w in waits if at > PROBE_FIRST + 2 * PROBE_SPAN]
+        assert max(early) > GATHER / 2  # gathered at first
+        assert late and max(late) < GATHER_MIN / 2  # then each taken at once
 
 
 async def test_while_sessions_are_relayed_or_on_a_short_queue_the_loop_never_gathers(

@@ -1,0 +1,165 @@
+"""When the accept loop lets new connections gather, and when it takes each at once.
+
+Pure: fed how many clients a wake-up of the accept loop took and the time, it
+answers how long to sleep before the next accept (a gathering window) or None
+(wait for the next connection). shell/accept.py does the accepting and the
+sleeping; the reasons for gathering are in its docstring: on the 2-CPU VM of
+docs/PERFORMANCE.md each wake-up of the process cost more than a client's
+whole accept, and one wake-up for many clients roughly halved the CPU of a
+client handed to smtpd.
+
+The rules, in order:
+
+- a listener with a short accept queue (`may_gather` False), a process that
+  relays sessions (their bytes wake it anyway), or a flood (a wake-up that took
+  `FLOOD` clients or more; for `FLOOD_PAUSE`) never gathers;
+- a wake-up that took two clients or more starts gathering, and gathering goes
+  on for as long as each window brings a client or more; each window is sized
+  from what the one before brought, aiming at `CLIENTS` clients, between
+  `SHORTEST` and `longest`;
+- **clients that wait for repeld** (the probe). A gathering window costs each
+  client up to its length. Independent clients (MTAs of the world) do not
+  come any slower for it, but a client that opens its next connection only
+  when the last is done (a relay flushing its queue over a few connections,
+  smtp-source) does: two such connections at a time were served at 183
+  messages a second with gathering against 673 without, and at more CPU per
+  message, not less (docs/PERFORMANCE.md). After `PROBE_FIRST` of gathering
+  without a break the loop takes each client at once for `PROBE_SPAN`; if
+  clients came `LEAN_RATIO` times faster then, they were waiting for the
+  windows, and the loop does not gather for `LEAN_PAUSE`. Otherwise it
+  gathers on, and probes again later and later (`PROBE_LONGEST`): under a
+  steady load a probe costs a few % of one window's savings, then nearly none.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = [
+    "CLIENTS",
+    "FLOOD_PAUSE",
+    "LEAN_PAUSE",
+    "LEAN_RATIO",
+    "PROBE_FIRST",
+    "PROBE_LONGEST",
+    "PROBE_SPAN",
+    "SHORTEST",
+    "Gathering",
+]
+
+#: The shortest window, and how many clients a window aims to gather.
+SHORTEST = 0.002
+CLIENTS = 16
+#: After a wake-up that took `flood` clients or more, no gathering for this long:
+#: under a flood every wake-up finds many anyway.
+FLOOD_PAUSE = 1.0
+#: Gathering this long without a break is followed by a probe of `PROBE_SPAN`:
+#: soon after gathering begins, then four times later after each probe that
+#: found nothing, up to `PROBE_LONGEST`. A break longer than `PROBE_FIRST`
+#: (the load went away) starts over.
+PROBE_FIRST = 0.5
+PROBE_LONGEST = 16.0
+PROBE_SPAN = 0.05
+#: Clients this much faster during the probe than while gathering: they waited
+#: for the windows. Fewer than `PROBE_MIN` clients in the probe prove nothing.
+LEAN_RATIO = 1.5
+PROBE_MIN = 8
+#: How long the loop then takes each client at once before it gathers again.
+LEAN_PAUSE = 10.0
+
+
+class Gathering:
+    """The gathering decisions of one accept loop: `after_wakeup` after each wake-up."""
+
+    __slots__ = (
+        "_ended",
+        "_flood",
+        "_flood_until",
+        "_gathered",
+        "_lean_until",
+        "_longest",
+        "_may_gather",
+        "_probe",
+        "_probe_after",
+        "_since",
+        "gathering",
+        "window",
+    )
+
+    def __init__(self, longest: float, may_gather: bool, flood: int) -> None:
+        self._longest = longest
+        self._may_gather = may_gather
+        self._flood = flood
+        #: The next window's length.
+        self.window = longest / 2
+        #: The last answer was a window.
+        self.gathering = False
+        self._flood_until = -math.inf
+        self._lean_until = -math.inf
+        #: Since when the loop has gathered without a break, and the clients since.
+        self._since: float | None = None
+        self._gathered = 0
+        #: While probing: (when it began, until when, clients so far, rate gathering).
+        self._probe: tuple[float, float, int, float] | None = None
+        #: How long this stretch of gathering lasts before its probe.
+        self._probe_after = PROBE_FIRST
+        #: When the last stretch of gathering ended.
+        self._ended = -math.inf
+
+    def after_wakeup(self, batch: int, now: float, relaying: bool) -> float | None:
+        """The wake-up took `batch` clients and found no more waiting: how long to
+        sleep before accepting again, or None to wait for the next connection."""
+        if self._probe is not None:
+            return self._probing(batch, now)
+        if self.gathering and batch:  # aim the next window at CLIENTS clients
+            self.window = min(self._longest, max(SHORTEST, self.window * CLIENTS / batch))
+        busy = batch >= 2 or (self.gathering and batch > 0)
+        if batch >= self._flood:
+            self._flood_until = now + FLOOD_PAUSE
+        if (
+            not self._may_gather
+            or not busy
+            or relaying
+            or now < self._flood_until
+            or now < self._lean_until
+        ):
+            if self.gathering:
+                self._ended = now
+            self.gathering = False
+            self._since = None
+            return None
+        if self._since is None:
+            if now - self._ended > PROBE_FIRST:  # the load went away: probe soon
+                self._probe_after = PROBE_FIRST
+            self._since, self._gathered = now, 0
+        else:
+            self._gathered += batch
+        if now - self._since >= self._probe_after:
+            rate = self._gathered / (now - self._since)
+            self._probe = (now, now + PROBE_SPAN, 0, rate)
+            self.gathering = False
+            self._since = None
+            self._ended = now
+            return None
+        self.gathering = True
+        return self.window
+
+    def _probing(self, batch: int, now: float) -> float | None:
+        assert self._probe is not None
+        began, until, clients, rate = self._probe
+        clients += batch
+        if now < until:
+            self._probe = (began, until, clients, rate)
+            return None
+        self._probe = None
+        if now - until > PROBE_FIRST:  # the load went away during it: it proves nothing
+            self._ended = until
+            self._probe_after = PROBE_FIRST
+            return None
+        self._ended = now  # the probe is part of the stretch, not a break
+        if clients >= PROBE_MIN and clients / (now - began) > LEAN_RATIO * rate:
+            self._lean_until = now + LEAN_PAUSE
+            self._probe_after = PROBE_FIRST
+        else:
+            self._probe_after = min(PROBE_LONGEST, 4 * self._probe_after)
+        return None

@@ -1,0 +1,165 @@
+"""The accept loop's gathering decisions (core/gathering.py), fed batches and times, no I/O."""
+
+from __future__ import annotations
+
+import pytest
+
+from repeld.core.gathering import (
+    CLIENTS,
+    FLOOD_PAUSE,
+    LEAN_PAUSE,
+    PROBE_FIRST,
+    PROBE_LONGEST,
+    PROBE_MIN,
+    PROBE_SPAN,
+    SHORTEST,
+    Gathering,
+)
+
+LONGEST = 0.010
+FLOOD = 64
+T0 = 1000.0
+
+
+def gathering(may_gather: bool = True) -> Gathering:
+    return Gathering(LONGEST, may_gather, FLOOD)
+
+
+# (clients each wake-up took, relaying) in turn, one wake-up a millisecond apart
+# -> the answers: the window slept next, or None (wait for the next client).
+CASES: list[tuple[str, list[tuple[int, bool]], list[float | None]]] = [
+    ("one at a time: each at once", [(1, False)] * 3, [None, None, None]),
+    ("two at once: half the longest window", [(2, False)], [LONGEST / 2]),
+    (
+        "a window that brings one: the next is as long as it may be",
+        [(2, False), (1, False), (1, False)],
+        [LONGEST / 2, LONGEST, LONGEST],
+    ),
+    (
+        "a window that brings many: the next is shorter, never under SHORTEST",
+        [(2, False), (CLIENTS * 2, False), (CLIENTS * 3, False)],
+        [LONGEST / 2, LONGEST / 4, SHORTEST],
+    ),
+    (
+        "a window that brings nobody: back to waiting, and one at a time after it",
+        [(2, False), (0, False), (1, False)],
+        [LONGEST / 2, None, None],
+    ),
+    ("while sessions are relayed: never", [(2, True), (5, True)], [None, None]),
+    ("a flood: at once", [(FLOOD, False), (2, False), (3, False)], [None, None, None]),
+]
+
+
+@pytest.mark.parametrize(("steps", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_each_wake_up_answers_as_the_table_says(
+    steps: list[tuple[int, bool]], expected: list[float | None]
+) -> None:
+    g = gathering()
+    answers = [
+        g.after_wakeup(batch, T0 + i / 1000, relaying) for i, (batch, relaying) in enumerate(steps)
+    ]
+    assert answers == pytest.approx(expected)
+
+
+def test_a_short_accept_queue_never_gathers() -> None:
+    g = gathering(may_gather=False)
+    assert [g.after_wakeup(n, T0 + n, False) for n in (2, 10, 40)] == [None, None, None]
+
+
+def test_after_a_flood_gathering_waits_for_flood_pause() -> None:
+    g = gathering()
+    assert g.after_wakeup(FLOOD, T0, False) is None
+    assert g.after_wakeup(2, T0 + FLOOD_PAUSE * 0.99, False) is None
+    assert g.after_wakeup(2, T0 + FLOOD_PAUSE, False) == LONGEST / 2
+
+
+def _gather(
+    g: Gathering, now: float, per_window: int, span: float
+) -> tuple[float, list[float | None]]:
+    """Wake-ups `per_window` clients each, every window, for `span` seconds: (time, answers)."""
+    answers: list[float | None] = []
+    end = now + span
+    while now < end:
+        answer = g.after_wakeup(per_window, now, False)
+        answers.append(answer)
+        if answer is None:
+            return now, answers
+        now += answer
+    return now, answers
+
+
+def _probe(g: Gathering, now: float, every: float) -> tuple[float, list[float | None]]:
+    """One client each `every` seconds until the probe is over: (time, answers)."""
+    answers: list[float | None] = []
+    end = now + PROBE_SPAN
+    while now <= end:
+        now += every
+        answers.append(g.after_wakeup(1, now, False))
+    return now, answers
+
+
+def test_clients_that_wait_for_the_windows_stop_the_gathering_for_lean_pause() -> None:
+    # Two connections that each come back when the last is done (a relay flushing
+    # its queue): two a window, however long the window; at once, far more a second.
+    g = gathering()
+    now, answers = _gather(g, T0, 2, PROBE_FIRST * 2)
+    assert answers[-1] is None  # the probe begins after PROBE_FIRST of gathering
+    assert PROBE_FIRST <= now - T0 < PROBE_FIRST + 2 * LONGEST
+    assert all(a == LONGEST for a in answers[1:-1])  # 200 a second, gathered
+    now, answers = _probe(g, now, 0.0015)  # taken at once: 667 a second
+    assert answers == [None] * len(answers)
+    # found waiting: no gathering, however busy, for LEAN_PAUSE
+    assert g.after_wakeup(2, now + 0.001, False) is None
+    assert g.after_wakeup(5, now + LEAN_PAUSE * 0.99, False) is None
+    assert g.after_wakeup(2, now + LEAN_PAUSE + 0.001, False) is not None
+
+
+def test_clients_that_come_as_fast_either_way_are_gathered_on_and_probed_less_often() -> None:
+    # Independent clients, 1,000 a second: ten a window, one a millisecond at once.
+    g = gathering()
+    now = T0
+    starts = []
+    for _ in range(4):
+        start = now
+        now, answers = _gather(g, now, 10, PROBE_LONGEST * 2)
+        starts.append(now - start)
+        assert answers[-1] is None  # a probe
+        now, answers = _probe(g, now, 0.001)
+        assert g.after_wakeup(2, now + 0.0005, False) is not None  # gathering again
+        now += 0.0005 + LONGEST / 2
+    # PROBE_FIRST, then four times longer after each that found nothing, up to PROBE_LONGEST
+    expected = [PROBE_FIRST, 4 * PROBE_FIRST, 16 * PROBE_FIRST, PROBE_LONGEST]
+    assert starts == pytest.approx(expected, abs=2 * LONGEST)
+
+
+def test_a_probe_with_too_few_clients_proves_nothing() -> None:
+    g = gathering()
+    now, _ = _gather(g, T0, 2, PROBE_FIRST * 2)
+    # PROBE_MIN - 1 clients, all at once at the start: a far higher rate, but too few
+    assert g.after_wakeup(PROBE_MIN - 1, now + 0.001, False) is None
+    assert g.after_wakeup(0, now + PROBE_SPAN + 0.001, False) is None  # the probe ends
+    assert g.after_wakeup(2, now + PROBE_SPAN + 0.002, False) is not None
+
+
+def test_a_break_longer_than_probe_first_starts_the_probes_over() -> None:
+    g = gathering()
+    now, _ = _gather(g, T0, 10, PROBE_LONGEST)
+    now, _ = _probe(g, now, 0.001)  # found nothing: next probe after 4 * PROBE_FIRST
+    now += PROBE_FIRST * 2  # the load went away
+    start = now
+    now, answers = _gather(g, now, 10, PROBE_LONGEST)
+    assert answers[-1] is None
+    assert now - start == pytest.approx(PROBE_FIRST, abs=2 * LONGEST)
+
+
+def test_a_probe_that_the_load_left_proves_nothing() -> None:
+    # The last clients of a run came just before the probe; the next, much later.
+    g = gathering()
+    now, _ = _gather(g, T0, 2, PROBE_FIRST * 2)
+    later = now + 20.0
+    assert g.after_wakeup(PROBE_MIN * 2, later, False) is None  # ends the probe: no lean
+    assert g.after_wakeup(2, later + 0.001, False) == LONGEST  # gathering again
+    start = later + 0.001
+    now, answers = _gather(g, start, 2, PROBE_LONGEST)
+    assert answers[-1] is None
+    assert now - start == pytest.approx(PROBE_FIRST, abs=2 * LONGEST)  # probed soon
