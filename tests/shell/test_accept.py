@@ -17,7 +17,7 @@ import trio.testing
 
 from repeld.config.settings import Backend, Listen, Settings
 from repeld.config.values import SyslogTarget
-from repeld.core.gathering import PROBE_FIRST, PROBE_SPAN
+from repeld.core.gathering import PROBE_FIRST, PROBE_SPAN_LONGEST
 from repeld.service.tcptune import Acceptor
 from repeld.shell.accept import (
     ACCEPT_BATCH,
@@ -269,7 +269,7 @@ async def test_clients_that_wait_for_the_windows_are_soon_taken_at_once(
             (at - start, taken - at) for at, (taken, _) in zip(connected, a.taken, strict=False)
         ]
         early = [w for at, w in waits if at < PROBE_FIRST]
-        late = [w for at, w in waits if at > PROBE_FIRST + 2 * PROBE_SPAN]
+        late = [w for at, w in waits if at > PROBE_FIRST + 2 * PROBE_SPAN_LONGEST]
         assert max(early) > GATHER / 2  # gathered at first
         assert late and max(late) < GATHER_MIN / 2  # then each taken at once
 

@@ -12,6 +12,7 @@ from repeld.core.gathering import (
     PROBE_LONGEST,
     PROBE_MIN,
     PROBE_SPAN,
+    PROBE_SPAN_LONGEST,
     SHORTEST,
     Gathering,
 )
@@ -89,9 +90,9 @@ def _gather(
 
 
 def _probe(g: Gathering, now: float, every: float) -> tuple[float, list[float | None]]:
-    """One client each `every` seconds until the probe is over: (time, answers)."""
+    """One client each `every` seconds until any probe is over: (time, answers)."""
     answers: list[float | None] = []
-    end = now + PROBE_SPAN
+    end = now + PROBE_SPAN_LONGEST
     while now <= end:
         now += every
         answers.append(g.after_wakeup(1, now, False))
@@ -108,9 +109,10 @@ def test_clients_that_wait_for_the_windows_stop_the_gathering_for_lean_pause() -
     assert all(a == LONGEST for a in answers[1:-1])  # 200 a second, gathered
     now, answers = _probe(g, now, 0.0015)  # taken at once: 667 a second
     assert answers == [None] * len(answers)
-    # found waiting: no gathering, however busy, for LEAN_PAUSE
+    # found waiting (at the probe's end, within the last PROBE_SPAN_LONGEST): no
+    # gathering, however busy, for LEAN_PAUSE
     assert g.after_wakeup(2, now + 0.001, False) is None
-    assert g.after_wakeup(5, now + LEAN_PAUSE * 0.99, False) is None
+    assert g.after_wakeup(5, now + LEAN_PAUSE - PROBE_SPAN_LONGEST, False) is None
     assert g.after_wakeup(2, now + LEAN_PAUSE + 0.001, False) is not None
 
 
@@ -137,8 +139,8 @@ def test_a_probe_with_too_few_clients_proves_nothing() -> None:
     now, _ = _gather(g, T0, 2, PROBE_FIRST * 2)
     # PROBE_MIN - 1 clients, all at once at the start: a far higher rate, but too few
     assert g.after_wakeup(PROBE_MIN - 1, now + 0.001, False) is None
-    assert g.after_wakeup(0, now + PROBE_SPAN + 0.001, False) is None  # the probe ends
-    assert g.after_wakeup(2, now + PROBE_SPAN + 0.002, False) is not None
+    assert g.after_wakeup(0, now + PROBE_SPAN_LONGEST + 0.001, False) is None  # it ends
+    assert g.after_wakeup(2, now + PROBE_SPAN_LONGEST + 0.002, False) is not None
 
 
 def test_a_break_longer_than_probe_first_starts_the_probes_over() -> None:
@@ -163,3 +165,20 @@ def test_a_probe_that_the_load_left_proves_nothing() -> None:
     now, answers = _gather(g, start, 2, PROBE_LONGEST)
     assert answers[-1] is None
     assert now - start == pytest.approx(PROBE_FIRST, abs=2 * LONGEST)  # probed soon
+
+
+@pytest.mark.parametrize(
+    ("per_window", "span"),
+    [(10, PROBE_SPAN), (2, 30 / 200), (1, PROBE_SPAN_LONGEST)],
+    ids=["1,000 a second: the shortest", "200 a second: 30 clients' worth", "100: the longest"],
+)
+def test_a_probe_lasts_for_about_thirty_clients(per_window: int, span: float) -> None:
+    g = gathering()
+    assert g.after_wakeup(2, T0, False) == LONGEST / 2  # gathering begins
+    now, answers = _gather(g, T0 + LONGEST / 2, per_window, PROBE_LONGEST)
+    assert answers[-1] is None  # the probe begins
+    # Two at a time during it (too few to prove anything): the probe's answer is None
+    # until its end; the first busy wake-up after that gathers again.
+    assert g.after_wakeup(2, now + span * 0.9, False) is None  # still probing
+    assert g.after_wakeup(2, now + span * 1.1, False) is None  # past its end: its last
+    assert g.after_wakeup(2, now + span * 1.1 + 0.001, False) is not None

@@ -24,11 +24,16 @@ The rules, in order:
   smtp-source) does: two such connections at a time were served at 183
   messages a second with gathering against 673 without, and at more CPU per
   message, not less (docs/PERFORMANCE.md). After `PROBE_FIRST` of gathering
-  without a break the loop takes each client at once for `PROBE_SPAN`; if
+  without a break the loop takes each client at once for a while (50 to
+  250 ms, long enough for some 30 clients); if
   clients came `LEAN_RATIO` times faster then, they were waiting for the
   windows, and the loop does not gather for `LEAN_PAUSE`. Otherwise it
   gathers on, and probes again later and later (`PROBE_LONGEST`): under a
-  steady load a probe costs a few % of one window's savings, then nearly none.
+  steady load the probes soon cost next to nothing. With --workers each
+  worker probes on its own, and sees less: the other workers' windows still
+  slow the clients it probes. Five connections through two workers went from
+  415 messages a second to 852, but two only from 210 to 219-300, where one
+  process went from 188 to 669-690.
 """
 
 from __future__ import annotations
@@ -40,9 +45,11 @@ __all__ = [
     "FLOOD_PAUSE",
     "LEAN_PAUSE",
     "LEAN_RATIO",
+    "PROBE_CLIENTS",
     "PROBE_FIRST",
     "PROBE_LONGEST",
     "PROBE_SPAN",
+    "PROBE_SPAN_LONGEST",
     "SHORTEST",
     "Gathering",
 ]
@@ -53,13 +60,18 @@ CLIENTS = 16
 #: After a wake-up that took `flood` clients or more, no gathering for this long:
 #: under a flood every wake-up finds many anyway.
 FLOOD_PAUSE = 1.0
-#: Gathering this long without a break is followed by a probe of `PROBE_SPAN`:
+#: Gathering this long without a break is followed by a probe:
 #: soon after gathering begins, then four times later after each probe that
 #: found nothing, up to `PROBE_LONGEST`. A break longer than `PROBE_FIRST`
 #: (the load went away) starts over.
 PROBE_FIRST = 0.5
 PROBE_LONGEST = 16.0
+#: A probe lasts long enough for about `PROBE_CLIENTS` clients at the rate seen
+#: while gathering, between `PROBE_SPAN` and `PROBE_SPAN_LONGEST`: fewer would be
+#: noise (a worker of two, on a quiet host, sees few in 50 ms).
 PROBE_SPAN = 0.05
+PROBE_SPAN_LONGEST = 0.25
+PROBE_CLIENTS = 30
 #: Clients this much faster during the probe than while gathering: they waited
 #: for the windows. Fewer than `PROBE_MIN` clients in the probe prove nothing.
 LEAN_RATIO = 1.5
@@ -75,13 +87,13 @@ class Gathering:
         "_ended",
         "_flood",
         "_flood_until",
-        "_gathered",
         "_lean_until",
         "_longest",
         "_may_gather",
         "_probe",
         "_probe_after",
         "_since",
+        "_taken",
         "gathering",
         "window",
     )
@@ -98,7 +110,7 @@ class Gathering:
         self._lean_until = -math.inf
         #: Since when the loop has gathered without a break, and the clients since.
         self._since: float | None = None
-        self._gathered = 0
+        self._taken = 0
         #: While probing: (when it began, until when, clients so far, rate gathering).
         self._probe: tuple[float, float, int, float] | None = None
         #: How long this stretch of gathering lasts before its probe.
@@ -131,12 +143,14 @@ class Gathering:
         if self._since is None:
             if now - self._ended > PROBE_FIRST:  # the load went away: probe soon
                 self._probe_after = PROBE_FIRST
-            self._since, self._gathered = now, 0
+            self._since, self._taken = now, 0
         else:
-            self._gathered += batch
+            self._taken += batch
         if now - self._since >= self._probe_after:
-            rate = self._gathered / (now - self._since)
-            self._probe = (now, now + PROBE_SPAN, 0, rate)
+            rate = self._taken / (now - self._since)
+            span = PROBE_CLIENTS / rate if rate > 0 else PROBE_SPAN_LONGEST
+            span = min(PROBE_SPAN_LONGEST, max(PROBE_SPAN, span))
+            self._probe = (now, now + span, 0, rate)
             self.gathering = False
             self._since = None
             self._ended = now
