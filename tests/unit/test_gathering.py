@@ -117,16 +117,16 @@ def test_clients_that_wait_for_the_windows_stop_the_gathering_for_lean_pause() -
 
 
 def test_clients_that_come_as_fast_either_way_are_gathered_on_and_probed_less_often() -> None:
-    # Independent clients, 1,000 a second: ten a window, one a millisecond at once.
+    # Independent clients, 500 a second: five a window, one each 2 ms at once.
     g = gathering()
     now = T0
     starts = []
     for _ in range(4):
         start = now
-        now, answers = _gather(g, now, 10, PROBE_LONGEST * 2)
+        now, answers = _gather(g, now, 5, PROBE_LONGEST * 2)
         starts.append(now - start)
         assert answers[-1] is None  # a probe
-        now, answers = _probe(g, now, 0.001)
+        now, answers = _probe(g, now, 0.002)
         assert g.after_wakeup(2, now + 0.0005, False) is not None  # gathering again
         now += 0.0005 + LONGEST / 2
     # PROBE_FIRST, then four times longer after each that found nothing, up to PROBE_LONGEST
@@ -145,11 +145,11 @@ def test_a_probe_with_too_few_clients_proves_nothing() -> None:
 
 def test_a_break_longer_than_probe_first_starts_the_probes_over() -> None:
     g = gathering()
-    now, _ = _gather(g, T0, 10, PROBE_LONGEST)
-    now, _ = _probe(g, now, 0.001)  # found nothing: next probe after 4 * PROBE_FIRST
+    now, _ = _gather(g, T0, 5, PROBE_LONGEST)
+    now, _ = _probe(g, now, 0.002)  # found nothing: next probe after 4 * PROBE_FIRST
     now += PROBE_FIRST * 2  # the load went away
     start = now
-    now, answers = _gather(g, now, 10, PROBE_LONGEST)
+    now, answers = _gather(g, now, 5, PROBE_LONGEST)
     assert answers[-1] is None
     assert now - start == pytest.approx(PROBE_FIRST, abs=2 * LONGEST)
 
@@ -169,8 +169,8 @@ def test_a_probe_that_the_load_left_proves_nothing() -> None:
 
 @pytest.mark.parametrize(
     ("per_window", "span"),
-    [(10, PROBE_SPAN), (2, 30 / 200), (1, PROBE_SPAN_LONGEST)],
-    ids=["1,000 a second: the shortest", "200 a second: 30 clients' worth", "100: the longest"],
+    [(7, PROBE_SPAN), (2, 30 / 200), (1, PROBE_SPAN_LONGEST)],
+    ids=["700 a second: the shortest", "200 a second: 30 clients' worth", "100: the longest"],
 )
 def test_a_probe_lasts_for_about_thirty_clients(per_window: int, span: float) -> None:
     g = gathering()
@@ -182,3 +182,13 @@ def test_a_probe_lasts_for_about_thirty_clients(per_window: int, span: float) ->
     assert g.after_wakeup(2, now + span * 0.9, False) is None  # still probing
     assert g.after_wakeup(2, now + span * 1.1, False) is None  # past its end: its last
     assert g.after_wakeup(2, now + span * 1.1 + 0.001, False) is not None
+
+
+def test_windows_half_full_or_more_are_never_probed() -> None:
+    # 1,000 a second and more: the windows shrink to gather CLIENTS each; clients
+    # waiting for them would have made no such load, and gathering pays most here.
+    g = gathering()
+    assert g.after_wakeup(2, T0, False) == LONGEST / 2
+    now, answers = _gather(g, T0 + LONGEST / 2, CLIENTS // 2, PROBE_LONGEST * 3)
+    assert None not in answers
+    assert now - T0 >= PROBE_LONGEST * 3

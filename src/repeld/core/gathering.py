@@ -24,7 +24,9 @@ The rules, in order:
   smtp-source) does: two such connections at a time were served at 183
   messages a second with gathering against 673 without, and at more CPU per
   message, not less (docs/PERFORMANCE.md). After `PROBE_FIRST` of gathering
-  without a break the loop takes each client at once for a while (50 to
+  without a break, if its windows were less than half full (`CLIENTS` / 2:
+  a load that waiting clients can make, and at which gathering saves less),
+  the loop takes each client at once for a while (50 to
   250 ms, long enough for some 30 clients); if
   clients came `LEAN_RATIO` times faster then, they were waiting for the
   windows, and the loop does not gather for `LEAN_PAUSE`. Otherwise it
@@ -94,6 +96,7 @@ class Gathering:
         "_probe_after",
         "_since",
         "_taken",
+        "_windows",
         "gathering",
         "window",
     )
@@ -108,9 +111,11 @@ class Gathering:
         self.gathering = False
         self._flood_until = -math.inf
         self._lean_until = -math.inf
-        #: Since when the loop has gathered without a break, and the clients since.
+        #: Since when the loop has gathered without a break, and the clients and
+        #: windows since.
         self._since: float | None = None
         self._taken = 0
+        self._windows = 0
         #: While probing: (when it began, until when, clients so far, rate gathering).
         self._probe: tuple[float, float, int, float] | None = None
         #: How long this stretch of gathering lasts before its probe.
@@ -143,10 +148,19 @@ class Gathering:
         if self._since is None:
             if now - self._ended > PROBE_FIRST:  # the load went away: probe soon
                 self._probe_after = PROBE_FIRST
-            self._since, self._taken = now, 0
+            self._since, self._taken, self._windows = now, 0, 0
         else:
             self._taken += batch
+            self._windows += 1
         if now - self._since >= self._probe_after:
+            if self._taken >= self._windows * CLIENTS / 2:
+                # Windows half full or more: a load at which gathering pays most,
+                # and which clients waiting for the windows would not make. No
+                # probe; the next stretch is looked at later.
+                self._since = None
+                self._probe_after = min(PROBE_LONGEST, 4 * self._probe_after)
+                self.gathering = True
+                return self.window
             rate = self._taken / (now - self._since)
             span = PROBE_CLIENTS / rate if rate > 0 else PROBE_SPAN_LONGEST
             span = min(PROBE_SPAN_LONGEST, max(PROBE_SPAN, span))
