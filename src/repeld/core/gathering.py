@@ -50,6 +50,7 @@ __all__ = [
     "PROBE_CLIENTS",
     "PROBE_FIRST",
     "PROBE_LONGEST",
+    "PROBE_MIN",
     "PROBE_SPAN",
     "PROBE_SPAN_LONGEST",
     "SHORTEST",

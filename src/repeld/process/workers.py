@@ -52,7 +52,13 @@ from repeld.core.addresses import host_port
 from repeld.core.names import EventName
 from repeld.metrics import ProcessStats, Snapshot, WorkerTally, render
 from repeld.service import activation, sdnotify
-from repeld.service.listeners import backlog_for, is_dual_stack, open_listeners, reuseport_option
+from repeld.service.listeners import (
+    backlog_for,
+    is_dual_stack,
+    open_listeners,
+    reuseport_option,
+    reuses_port,
+)
 from repeld.shell.backendwatch import BackendWatch
 from repeld.shell.eventlog import EventLog
 from repeld.shell.metrics_http import open_endpoint
@@ -80,14 +86,6 @@ RESTART_DELAY_MAX = 30.0
 STABLE_AFTER = 10.0
 #: How long the parent waits for every worker's counters.
 STATS_WAIT = 1.0
-
-
-def _reuses_port(sock: socket.socket, option: int) -> bool:
-    """Whether `sock` was bound with `option` (SO_REUSEPORT): others may join its port."""
-    try:
-        return sock.getsockopt(socket.SOL_SOCKET, option) != 0
-    except OSError:
-        return False
 
 
 def inherited_sockets(env: dict[str, str] | None = None) -> list[tuple[socket.socket, str]]:
@@ -377,8 +375,7 @@ async def supervise(
         # each; a shared one wakes them all. systemd's sockets take copies only
         # if the unit set ReusePort=yes (and the copies are bound by the user
         # that bound them): else the workers share them.
-        option = reuseport_option()
-        balanced = option is not None and all(_reuses_port(s, option) for s, _ in inherited)
+        balanced = reuseport_option() is not None and all(reuses_port(s) for s, _ in inherited)
         copies = settings.workers if balanced else 1
         sockets: list[list[tuple[socket.socket, Listen]]] = []
         try:

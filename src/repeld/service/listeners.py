@@ -21,6 +21,7 @@ __all__ = [
     "is_dual_stack",
     "open_listeners",
     "reuseport_option",
+    "reuses_port",
 ]
 
 #: The backlog when the kernel's cap cannot be read.
@@ -47,6 +48,17 @@ def backlog_for(settings: Settings) -> tuple[int, int | None]:
     except OSError:
         cap = None
     return settings.backlog or cap or DEFAULT_BACKLOG, cap
+
+
+def reuses_port(sock: socket.socket) -> bool:
+    """Whether `sock` has `reuseport_option()` set: sockets of its user may join its port."""
+    option = reuseport_option()
+    if option is None:
+        return False
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, option) != 0
+    except OSError:
+        return False
 
 
 def is_dual_stack(sock: socket.socket) -> bool:
