@@ -11,7 +11,10 @@ messages are delivered on the first attempt.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +47,18 @@ def reply(f: Any) -> bytes:
             return out
 
 
-def session(address: tuple[str, int], *, pipeconnect: bool) -> bytes:
-    """One message; with `pipeconnect`, EHLO/MAIL/RCPT go before the banner. The EHLO reply."""
+def session(
+    address: tuple[str, int], *, pipeconnect: bool, sent: Callable[[], None] = lambda: None
+) -> bytes:
+    """One message; with `pipeconnect`, EHLO/MAIL/RCPT go before the banner. The EHLO reply.
+
+    `sent()` is called once the pipelined commands are written.
+    """
     with socket.create_connection(address, timeout=TIMEOUT) as sock:
         f = sock.makefile("rb")
         if pipeconnect:
             sock.sendall(PIPELINED)
+        sent()
         assert reply(f).startswith(b"220 ")
         if not pipeconnect:
             sock.sendall(b"EHLO client.test\r\n")
@@ -70,6 +79,15 @@ def session(address: tuple[str, int], *, pipeconnect: bool) -> bytes:
         f.close()
         read_until_closed(sock)
     return ehlo
+
+
+def stopped(pid: int) -> None:
+    """Return once `pid` is stopped (its state in /proc is T), at most TIMEOUT."""
+    deadline = time.monotonic() + TIMEOUT
+    stat = Path(f"/proc/{pid}/stat")
+    while stat.read_text().rpartition(")")[2].split()[0] != "T":
+        assert time.monotonic() < deadline, f"process {pid} did not stop"
+        time.sleep(0.001)
 
 
 def test_pipeconnect_client_delivers_twice_through_the_sqlite_cache(
@@ -105,7 +123,17 @@ def test_pipeconnect_client_delivers_twice_through_the_sqlite_cache(
         repeld.wait_listening()
         ehlo = session(repeld.address, pipeconnect=False)
         assert b"PIPECONNECT" in ehlo
-        session(repeld.address, pipeconnect=True)
+        # The commands are in the socket before repeld can accept it, as they
+        # are for a client across a network: stopped, repeld cannot take it
+        # (the kernel completes the handshake and queues the bytes) and the
+        # pass cache cannot answer before the pen has seen them. Unstopped,
+        # the answer could come first, and the pass say early_bytes=0.
+        repeld.signal(signal.SIGSTOP)
+        stopped(repeld.pid)
+        try:
+            session(repeld.address, pipeconnect=True, sent=lambda: repeld.signal(signal.SIGCONT))
+        finally:
+            repeld.signal(signal.SIGCONT)
         passes = syslog.wait_for("pass", 2)
         assert [p.fields["reason"] for p in passes] == ["delay", "cache"]
         assert passes[0].fields["early_bytes"] == "0"
