@@ -7,6 +7,7 @@ import pytest
 from repeld.core.gathering import (
     CLIENTS,
     FLOOD_PAUSE,
+    LEAN_LONGEST,
     LEAN_PAUSE,
     PROBE_FIRST,
     PROBE_LONGEST,
@@ -116,22 +117,104 @@ def test_clients_that_wait_for_the_windows_stop_the_gathering_for_lean_pause() -
     assert g.after_wakeup(2, now + LEAN_PAUSE + 0.001, False) is not None
 
 
+def on_tick(now: float, period: float) -> bool:
+    """`now` is a wake-up within a window or two after a multiple of `period`."""
+    return now % period < 2 * LONGEST
+
+
+def _lean_found(g: Gathering, now: float) -> tuple[float, float]:
+    """Two waiting connections gathered until the probe, then taken at once:
+    (the time after the probe, how long from then until gathering again). The
+    probe itself ended up to PROBE_SPAN_LONGEST before that time."""
+    now, answers = _gather(g, now, 2, PROBE_LONGEST)
+    assert answers[-1] is None  # the probe
+    now, _ = _probe(g, now, 0.0015)
+    end = now
+    while g.after_wakeup(2, now, False) is None:  # one each 1.5 ms: never quiet
+        now += 0.0015
+    return end, now - end
+
+
+def test_each_probe_that_finds_them_waiting_again_leans_twice_as_long() -> None:
+    g = gathering()
+    now = T0
+    leans = []
+    for _ in range(4):
+        end, lean = _lean_found(g, now)
+        leans.append(lean)
+        now = end + lean
+    assert leans == pytest.approx(
+        [LEAN_PAUSE, 2 * LEAN_PAUSE, LEAN_LONGEST, LEAN_LONGEST], abs=PROBE_SPAN_LONGEST
+    )
+    # a probe that finds them no faster: the next lean is LEAN_PAUSE again
+    now, _ = _gather(g, now, 5, PROBE_LONGEST)
+    now, _ = _probe(g, now, 0.002)
+    _, lean = _lean_found(g, now + 0.001)
+    assert lean == pytest.approx(LEAN_PAUSE, abs=PROBE_SPAN_LONGEST)
+
+
+def test_after_a_quiet_time_a_lean_is_lean_pause_again() -> None:
+    g = gathering()
+    end, lean = _lean_found(g, T0)
+    now = end + lean + 2 * PROBE_FIRST  # nobody came for a while
+    _, lean = _lean_found(g, now)
+    assert lean == pytest.approx(LEAN_PAUSE, abs=PROBE_SPAN_LONGEST)
+
+
 def test_clients_that_come_as_fast_either_way_are_gathered_on_and_probed_less_often() -> None:
     # Independent clients, 500 a second: five a window, one each 2 ms at once.
     g = gathering()
-    now = T0
-    starts = []
-    for _ in range(4):
-        start = now
-        now, answers = _gather(g, now, 5, PROBE_LONGEST * 2)
-        starts.append(now - start)
+    now = T0 + 0.3  # between two ticks
+    begins = []
+    for _ in range(5):
+        now, answers = _gather(g, now, 5, PROBE_LONGEST * 3)
         assert answers[-1] is None  # a probe
+        begins.append(now)
         now, answers = _probe(g, now, 0.002)
         assert g.after_wakeup(2, now + 0.0005, False) is not None  # gathering again
         now += 0.0005 + LONGEST / 2
-    # PROBE_FIRST, then four times longer after each that found nothing, up to PROBE_LONGEST
-    expected = [PROBE_FIRST, 4 * PROBE_FIRST, 16 * PROBE_FIRST, PROBE_LONGEST]
-    assert starts == pytest.approx(expected, abs=2 * LONGEST)
+    # The first after PROBE_FIRST of gathering, on the next tick of PROBE_FIRST; then
+    # on ticks four times further apart after each that found nothing, up to PROBE_LONGEST.
+    periods = [PROBE_FIRST, 4 * PROBE_FIRST, 16 * PROBE_FIRST, PROBE_LONGEST, PROBE_LONGEST]
+    assert begins[0] - (T0 + 0.3) == pytest.approx(2 * PROBE_FIRST - 0.3, abs=2 * LONGEST)
+    assert [on_tick(b, p) for b, p in zip(begins, periods, strict=True)] == [True] * 5
+    # From T0 = 1000: 1001 (PROBE_FIRST after 1000.3), then the next tick of each
+    # period at least PROBE_FIRST after the probe before: 1002, 1008, 1024, 1040.
+    assert begins == pytest.approx([T0 + 1, T0 + 2, T0 + 8, T0 + 24, T0 + 40], abs=2 * LONGEST)
+
+
+def test_workers_probe_together_whenever_their_stretches_began() -> None:
+    # Two workers share the same waiting clients; their stretches of gathering
+    # began 0.2 s apart. Each probe begins on the same tick of the host's clock.
+    first, second = gathering(), gathering()
+    a, answers_a = _gather(first, T0 + 0.1, 2, PROBE_LONGEST)
+    b, answers_b = _gather(second, T0 + 0.3, 2, PROBE_LONGEST)
+    assert answers_a[-1] is None and answers_b[-1] is None
+    assert abs(a - b) < 2 * LONGEST and on_tick(a, PROBE_FIRST)
+
+
+def test_a_worker_that_probes_less_often_still_probes_with_the_others() -> None:
+    # One worker's probes have found nothing three times (every 8 s now), the
+    # other's once (every 2 s): on the first's tick the second probes too.
+    slow, quick = gathering(), gathering()
+    now = T0
+    for _ in range(3):
+        now, _ = _gather(slow, now, 5, PROBE_LONGEST * 2)
+        now, _ = _probe(slow, now, 0.002)
+    start = now + 0.001
+    quick_now, _ = _gather(quick, T0, 5, PROBE_LONGEST * 2)
+    _probe(quick, quick_now, 0.002)  # its first, found nothing: every 2 s
+    slow_at, _ = _gather(slow, start, 5, PROBE_LONGEST * 2)
+    assert on_tick(slow_at, 16 * PROBE_FIRST)
+    # the quick worker, gathering meanwhile, probes on ticks of 2 s, then of 8 (its
+    # probes find nothing either): the slow worker's tick is one of them
+    quick_begins = []
+    t = start
+    while t < slow_at + PROBE_SPAN_LONGEST:
+        t, _ = _gather(quick, t, 5, PROBE_LONGEST * 2)
+        quick_begins.append(t)
+        t, _ = _probe(quick, t, 0.002)
+    assert any(abs(q - slow_at) < 2 * LONGEST for q in quick_begins)
 
 
 def test_a_probe_with_too_few_clients_proves_nothing() -> None:
@@ -151,7 +234,9 @@ def test_a_break_longer_than_probe_first_starts_the_probes_over() -> None:
     start = now
     now, answers = _gather(g, now, 5, PROBE_LONGEST)
     assert answers[-1] is None
-    assert now - start == pytest.approx(PROBE_FIRST, abs=2 * LONGEST)
+    # probed soon: on the first tick of PROBE_FIRST after PROBE_FIRST of gathering
+    assert PROBE_FIRST <= now - start < 2 * PROBE_FIRST + 2 * LONGEST
+    assert on_tick(now, PROBE_FIRST)
 
 
 def test_a_probe_that_the_load_left_proves_nothing() -> None:
@@ -164,7 +249,8 @@ def test_a_probe_that_the_load_left_proves_nothing() -> None:
     start = later + 0.001
     now, answers = _gather(g, start, 2, PROBE_LONGEST)
     assert answers[-1] is None
-    assert now - start == pytest.approx(PROBE_FIRST, abs=2 * LONGEST)  # probed soon
+    assert PROBE_FIRST <= now - start < 2 * PROBE_FIRST + 2 * LONGEST  # probed soon
+    assert on_tick(now, PROBE_FIRST)
 
 
 @pytest.mark.parametrize(

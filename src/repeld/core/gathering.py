@@ -29,13 +29,21 @@ The rules, in order:
   the loop takes each client at once for a while (50 to
   250 ms, long enough for some 30 clients); if
   clients came `LEAN_RATIO` times faster then, they were waiting for the
-  windows, and the loop does not gather for `LEAN_PAUSE`. Otherwise it
+  windows, and the loop does not gather for `LEAN_PAUSE` (twice as long after
+  each probe that finds them again, up to `LEAN_LONGEST`). Otherwise it
   gathers on, and probes again later and later (`PROBE_LONGEST`): under a
-  steady load the probes soon cost next to nothing. With --workers each
-  worker probes on its own, and sees less: the other workers' windows still
-  slow the clients it probes. Five connections through two workers went from
-  415 messages a second to 852, but two only from 210 to 219-300, where one
-  process went from 188 to 669-690.
+  steady load the probes soon cost next to nothing;
+- **probes keep time with the other workers'**. With --workers each worker
+  decides on its own, and a worker probing alone sees little: the other
+  workers' windows still slow the clients it takes at once (two connections
+  through two workers: 210 messages a second before the probe, 219-300 with
+  probes begun whenever each worker's stretch was due). So a probe begins only
+  on a tick of a clock every process on the host reads alike (the monotonic
+  clock; the shell passes it as `now`): a multiple of the probe's period, half
+  a second at first, then 2, 8 and 16 s. Workers under the same load probe
+  together, and the periods nest (each is a multiple of the one before), so a
+  worker that probes less often still finds the others probing with it. In
+  one process this only moves a probe to the next tick.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ import math
 __all__ = [
     "CLIENTS",
     "FLOOD_PAUSE",
+    "LEAN_LONGEST",
     "LEAN_PAUSE",
     "LEAN_RATIO",
     "PROBE_CLIENTS",
@@ -55,6 +64,7 @@ __all__ = [
     "PROBE_SPAN_LONGEST",
     "SHORTEST",
     "Gathering",
+    "tick",
 ]
 
 #: The shortest window, and how many clients a window aims to gather.
@@ -63,10 +73,10 @@ CLIENTS = 16
 #: After a wake-up that took `flood` clients or more, no gathering for this long:
 #: under a flood every wake-up finds many anyway.
 FLOOD_PAUSE = 1.0
-#: Gathering this long without a break is followed by a probe:
-#: soon after gathering begins, then four times later after each probe that
-#: found nothing, up to `PROBE_LONGEST`. A break longer than `PROBE_FIRST`
-#: (the load went away) starts over.
+#: A probe follows at least `PROBE_FIRST` of gathering without a break, on the
+#: next tick of its period: `PROBE_FIRST` at first, then four times longer after
+#: each probe that found nothing, up to `PROBE_LONGEST` (each a multiple of the
+#: one before). A break longer than `PROBE_FIRST` (the load went away) starts over.
 PROBE_FIRST = 0.5
 PROBE_LONGEST = 16.0
 #: A probe lasts long enough for about `PROBE_CLIENTS` clients at the rate seen
@@ -81,15 +91,25 @@ LEAN_RATIO = 1.5
 PROBE_MIN = 8
 #: How long the loop then takes each client at once before it gathers again.
 LEAN_PAUSE = 10.0
+#: Each probe that finds them waiting again doubles it, up to this: every
+#: return to gathering costs them its windows until the probe.
+LEAN_LONGEST = 40.0
+
+
+def tick(after: float, period: float) -> float:
+    """The first multiple of `period` at or after `after`."""
+    return math.ceil(after / period) * period
 
 
 class Gathering:
     """The gathering decisions of one accept loop: `after_wakeup` after each wake-up."""
 
     __slots__ = (
-        "_ended",
         "_flood",
         "_flood_until",
+        "_gathered",
+        "_last",
+        "_lean",
         "_lean_until",
         "_longest",
         "_may_gather",
@@ -97,6 +117,7 @@ class Gathering:
         "_probe_after",
         "_since",
         "_taken",
+        "_tick",
         "_windows",
         "gathering",
         "window",
@@ -112,83 +133,91 @@ class Gathering:
         self.gathering = False
         self._flood_until = -math.inf
         self._lean_until = -math.inf
-        #: Since when the loop has gathered without a break, and the clients and
-        #: windows since.
+        #: How long the next lean lasts.
+        self._lean = LEAN_PAUSE
+        #: Since when the loop has been busy (from a wake-up that began gathering,
+        #: through the breaks between its stretches, until its probe or a quiet
+        #: `PROBE_FIRST`); the clients since, and the windows and what they took.
         self._since: float | None = None
         self._taken = 0
         self._windows = 0
-        #: While probing: (when it began, until when, clients so far, rate gathering).
+        self._gathered = 0
+        #: While probing: (when it began, until when, clients so far, rate before).
         self._probe: tuple[float, float, int, float] | None = None
-        #: How long this stretch of gathering lasts before its probe.
+        #: The probes' period, and when this busy time's probe is due.
         self._probe_after = PROBE_FIRST
-        #: When the last stretch of gathering ended.
-        self._ended = -math.inf
+        self._tick = math.inf
+        #: The last wake-up that took a client.
+        self._last = -math.inf
 
     def after_wakeup(self, batch: int, now: float, relaying: bool) -> float | None:
         """The wake-up took `batch` clients and found no more waiting: how long to
         sleep before accepting again, or None to wait for the next connection."""
         if self._probe is not None:
             return self._probing(batch, now)
+        if now - self._last > PROBE_FIRST:  # the load went away: start over
+            self._since = None
+            self._probe_after = PROBE_FIRST
+            self._lean = LEAN_PAUSE
+        if batch:
+            self._last = now
         if self.gathering and batch:  # aim the next window at CLIENTS clients
             self.window = min(self._longest, max(SHORTEST, self.window * CLIENTS / batch))
         busy = batch >= 2 or (self.gathering and batch > 0)
         if batch >= self._flood:
             self._flood_until = now + FLOOD_PAUSE
-        if (
-            not self._may_gather
-            or not busy
-            or relaying
-            or now < self._flood_until
-            or now < self._lean_until
-        ):
-            if self.gathering:
-                self._ended = now
+        if not self._may_gather or relaying or now < self._flood_until or now < self._lean_until:
             self.gathering = False
             self._since = None
             return None
         if self._since is None:
-            if now - self._ended > PROBE_FIRST:  # the load went away: probe soon
-                self._probe_after = PROBE_FIRST
-            self._since, self._taken, self._windows = now, 0, 0
+            if not busy:
+                self.gathering = False
+                return None
+            self._since, self._taken, self._windows, self._gathered = now, 0, 0, 0
+            self._tick = tick(now + PROBE_FIRST, self._probe_after)
         else:
             self._taken += batch
-            self._windows += 1
-        if now - self._since >= self._probe_after:
-            if self._taken >= self._windows * CLIENTS / 2:
-                # Windows half full or more: a load at which gathering pays most,
-                # and which clients waiting for the windows would not make. No
-                # probe; the next stretch is looked at later.
-                self._since = None
-                self._probe_after = min(PROBE_LONGEST, 4 * self._probe_after)
-                self.gathering = True
-                return self.window
-            rate = self._taken / (now - self._since)
-            span = PROBE_CLIENTS / rate if rate > 0 else PROBE_SPAN_LONGEST
-            span = min(PROBE_SPAN_LONGEST, max(PROBE_SPAN, span))
-            self._probe = (now, now + span, 0, rate)
-            self.gathering = False
-            self._since = None
-            self._ended = now
-            return None
-        self.gathering = True
-        return self.window
+            if self.gathering:
+                self._windows += 1
+                self._gathered += batch
+        self.gathering = busy
+        if now < self._tick:
+            return self.window if busy else None
+        since, self._since = self._since, None
+        if self._gathered >= self._windows * CLIENTS / 2:
+            # Windows half full or more (or none): a load at which gathering pays
+            # most, and which clients waiting for the windows would not make. No
+            # probe; the next busy time is looked at later.
+            self._probe_after = min(PROBE_LONGEST, 4 * self._probe_after)
+            return self.window if busy else None
+        rate = self._taken / (now - since)
+        span = PROBE_CLIENTS / rate if rate > 0 else PROBE_SPAN_LONGEST
+        span = min(PROBE_SPAN_LONGEST, max(PROBE_SPAN, span))
+        self._probe = (now, now + span, 0, rate)
+        self.gathering = False
+        return None
 
     def _probing(self, batch: int, now: float) -> float | None:
         assert self._probe is not None
         began, until, clients, rate = self._probe
         clients += batch
+        late = now - until
+        if batch:
+            self._last = now
         if now < until:
             self._probe = (began, until, clients, rate)
             return None
         self._probe = None
-        if now - until > PROBE_FIRST:  # the load went away during it: it proves nothing
-            self._ended = until
+        if late > PROBE_FIRST:  # the load went away during it: it proves nothing
             self._probe_after = PROBE_FIRST
+            self._lean = LEAN_PAUSE
             return None
-        self._ended = now  # the probe is part of the stretch, not a break
         if clients >= PROBE_MIN and clients / (now - began) > LEAN_RATIO * rate:
-            self._lean_until = now + LEAN_PAUSE
+            self._lean_until = now + self._lean
+            self._lean = min(LEAN_LONGEST, 2 * self._lean)
             self._probe_after = PROBE_FIRST
         else:
+            self._lean = LEAN_PAUSE
             self._probe_after = min(PROBE_LONGEST, 4 * self._probe_after)
         return None

@@ -43,8 +43,9 @@ over a few connections) feel as fewer messages a second: two such connections
 got 183 a second through `pass:` with gathering, 673 without. So the loop
 probes: after half a second of gathering at windows less than half full, it
 takes each client at once for 50 to 250 ms, and if they came 1.5 times as
-fast then, it does not gather for 10 s (core/gathering.py, which makes every
-one of these decisions; this module only accepts and sleeps).
+fast then, it does not gather for 10 s. Probes begin on ticks of the host's
+monotonic clock, so that workers probe together (core/gathering.py, which makes
+every one of these decisions; this module only accepts and sleeps).
 
 Nor does it gather while repeld relays sessions (`relaying()`): their bytes
 wake the process anyway, so gathering would save nothing and only make each
@@ -59,6 +60,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -177,6 +179,11 @@ async def accept_loop(
     accept = Acceptor(lsock.fileno()).accept
     batch = 0  # clients this wake-up has taken
     gather = gathering.Gathering(longest, backlog >= GATHER_MIN_BACKLOG, ACCEPT_BATCH)
+    # The gathering's time is the host's monotonic clock, which every worker
+    # reads alike, so that their probes begin on the same ticks (trio's clock
+    # has an offset of its own in each process, and a test's clock is virtual:
+    # only the difference is taken once).
+    host_clock = time.monotonic() - trio.current_time()
     while True:
         try:
             client = accept()
@@ -196,7 +203,7 @@ async def accept_loop(
         if client is None:
             # Busy: let the next clients gather, then take them all in one go
             # (core/gathering.py says when, and when not).
-            window = gather.after_wakeup(batch, trio.current_time(), relaying() > 0)
+            window = gather.after_wakeup(batch, trio.current_time() + host_clock, relaying() > 0)
             batch = 0
             if window is not None:
                 await trio.sleep(window)
