@@ -7,7 +7,6 @@ import pytest
 from repeld.core.gathering import (
     CLIENTS,
     FLOOD_PAUSE,
-    LEAN_LONGEST,
     LEAN_PAUSE,
     PROBE_FIRST,
     PROBE_LONGEST,
@@ -120,45 +119,6 @@ def test_clients_that_wait_for_the_windows_stop_the_gathering_for_lean_pause() -
 def on_tick(now: float, period: float) -> bool:
     """`now` is a wake-up within a window or two after a multiple of `period`."""
     return now % period < 2 * LONGEST
-
-
-def _lean_found(g: Gathering, now: float) -> tuple[float, float]:
-    """Two waiting connections gathered until the probe, then taken at once:
-    (the time after the probe, how long from then until gathering again). The
-    probe itself ended up to PROBE_SPAN_LONGEST before that time."""
-    now, answers = _gather(g, now, 2, PROBE_LONGEST)
-    assert answers[-1] is None  # the probe
-    now, _ = _probe(g, now, 0.0015)
-    end = now
-    while g.after_wakeup(2, now, False) is None:  # one each 1.5 ms: never quiet
-        now += 0.0015
-    return end, now - end
-
-
-def test_each_probe_that_finds_them_waiting_again_leans_twice_as_long() -> None:
-    g = gathering()
-    now = T0
-    leans = []
-    for _ in range(4):
-        end, lean = _lean_found(g, now)
-        leans.append(lean)
-        now = end + lean
-    assert leans == pytest.approx(
-        [LEAN_PAUSE, 2 * LEAN_PAUSE, LEAN_LONGEST, LEAN_LONGEST], abs=PROBE_SPAN_LONGEST
-    )
-    # a probe that finds them no faster: the next lean is LEAN_PAUSE again
-    now, _ = _gather(g, now, 5, PROBE_LONGEST)
-    now, _ = _probe(g, now, 0.002)
-    _, lean = _lean_found(g, now + 0.001)
-    assert lean == pytest.approx(LEAN_PAUSE, abs=PROBE_SPAN_LONGEST)
-
-
-def test_after_a_quiet_time_a_lean_is_lean_pause_again() -> None:
-    g = gathering()
-    end, lean = _lean_found(g, T0)
-    now = end + lean + 2 * PROBE_FIRST  # nobody came for a while
-    _, lean = _lean_found(g, now)
-    assert lean == pytest.approx(LEAN_PAUSE, abs=PROBE_SPAN_LONGEST)
 
 
 def test_clients_that_come_as_fast_either_way_are_gathered_on_and_probed_less_often() -> None:

@@ -29,8 +29,7 @@ The rules, in order:
   the loop takes each client at once for a while (50 to
   250 ms, long enough for some 30 clients); if
   clients came `LEAN_RATIO` times faster then, they were waiting for the
-  windows, and the loop does not gather for `LEAN_PAUSE` (twice as long after
-  each probe that finds them again, up to `LEAN_LONGEST`). Otherwise it
+  windows, and the loop does not gather for `LEAN_PAUSE`. Otherwise it
   gathers on, and probes again later and later (`PROBE_LONGEST`): under a
   steady load the probes soon cost next to nothing;
 - **probes keep time with the other workers'**. With --workers each worker
@@ -53,7 +52,6 @@ import math
 __all__ = [
     "CLIENTS",
     "FLOOD_PAUSE",
-    "LEAN_LONGEST",
     "LEAN_PAUSE",
     "LEAN_RATIO",
     "PROBE_CLIENTS",
@@ -91,9 +89,6 @@ LEAN_RATIO = 1.5
 PROBE_MIN = 8
 #: How long the loop then takes each client at once before it gathers again.
 LEAN_PAUSE = 10.0
-#: Each probe that finds them waiting again doubles it, up to this: every
-#: return to gathering costs them its windows until the probe.
-LEAN_LONGEST = 40.0
 
 
 def tick(after: float, period: float) -> float:
@@ -109,7 +104,6 @@ class Gathering:
         "_flood_until",
         "_gathered",
         "_last",
-        "_lean",
         "_lean_until",
         "_longest",
         "_may_gather",
@@ -133,8 +127,6 @@ class Gathering:
         self.gathering = False
         self._flood_until = -math.inf
         self._lean_until = -math.inf
-        #: How long the next lean lasts.
-        self._lean = LEAN_PAUSE
         #: Since when the loop has been busy (from a wake-up that began gathering,
         #: through the breaks between its stretches, until its probe or a quiet
         #: `PROBE_FIRST`); the clients since, and the windows and what they took.
@@ -155,10 +147,9 @@ class Gathering:
         sleep before accepting again, or None to wait for the next connection."""
         if self._probe is not None:
             return self._probing(batch, now)
-        if now - self._last > PROBE_FIRST:  # the load went away: start over
+        if now - self._last > PROBE_FIRST:  # the load went away: probe soon
             self._since = None
             self._probe_after = PROBE_FIRST
-            self._lean = LEAN_PAUSE
         if batch:
             self._last = now
         if self.gathering and batch:  # aim the next window at CLIENTS clients
@@ -211,13 +202,10 @@ class Gathering:
         self._probe = None
         if late > PROBE_FIRST:  # the load went away during it: it proves nothing
             self._probe_after = PROBE_FIRST
-            self._lean = LEAN_PAUSE
             return None
         if clients >= PROBE_MIN and clients / (now - began) > LEAN_RATIO * rate:
-            self._lean_until = now + self._lean
-            self._lean = min(LEAN_LONGEST, 2 * self._lean)
+            self._lean_until = now + LEAN_PAUSE
             self._probe_after = PROBE_FIRST
         else:
-            self._lean = LEAN_PAUSE
             self._probe_after = min(PROBE_LONGEST, 4 * self._probe_after)
         return None
