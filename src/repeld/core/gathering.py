@@ -23,20 +23,24 @@ The rules, in order:
   when the last is done (a relay flushing its queue over a few connections,
   smtp-source) does: two such connections at a time were served at 183
   messages a second with gathering against 673 without, and at more CPU per
-  message, not less (docs/PERFORMANCE.md). After `PROBE_FIRST` of gathering
-  without a break, if its windows were less than half full (`CLIENTS` / 2:
-  a load that waiting clients can make, and at which gathering saves less),
-  the loop takes each client at once for a while (50 to
-  250 ms, long enough for some 30 clients); if
-  clients came `LEAN_RATIO` times faster then, they were waiting for the
-  windows, and the loop does not gather for `LEAN_PAUSE`. Otherwise it
+  message, not less (docs/PERFORMANCE.md). A busy time begins with a wake-up
+  that starts gathering and goes on through the breaks between stretches of
+  gathering, until nobody comes for `PROBE_FIRST`. After `PROBE_FIRST` of it,
+  if its windows were less than half full (`CLIENTS` / 2: a load that waiting
+  clients can make, and at which gathering saves less), the loop takes each
+  client at once for a while (50 to 250 ms, long enough for some 30 clients);
+  if clients came `LEAN_RATIO` times faster then than in the busy time, they
+  were waiting for the windows, and the loop does not gather for
+  `LEAN_PAUSE`. Otherwise it
   gathers on, and probes again later and later (`PROBE_LONGEST`): under a
   steady load the probes soon cost next to nothing;
 - **probes keep time with the other workers'**. With --workers each worker
   decides on its own, and a worker probing alone sees little: the other
   workers' windows still slow the clients it takes at once (two connections
   through two workers: 210 messages a second before the probe, 219-300 with
-  probes begun whenever each worker's stretch was due). So a probe begins only
+  probes begun whenever each worker's stretch was due; two workers break each
+  other's stretches every few windows, which is why a busy time spans the
+  breaks). So a probe begins only
   on a tick of a clock every process on the host reads alike (the monotonic
   clock; the shell passes it as `now`): a multiple of the probe's period, half
   a second at first, then 2, 8 and 16 s. Workers under the same load probe

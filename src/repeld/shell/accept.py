@@ -41,7 +41,8 @@ A window costs each client up to its length, which clients that each open
 their next connection only when the last is done (a relay flushing its queue
 over a few connections) feel as fewer messages a second: two such connections
 got 183 a second through `pass:` with gathering, 673 without. So the loop
-probes: after half a second of gathering at windows less than half full, it
+probes: after half a second of being busy (gathering, and the breaks between)
+at windows less than half full, it
 takes each client at once for 50 to 250 ms, and if they came 1.5 times as
 fast then, it does not gather for 10 s. Probes begin on ticks of the host's
 monotonic clock, so that workers probe together (core/gathering.py, which makes
