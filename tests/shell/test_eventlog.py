@@ -6,6 +6,7 @@ dropped (and counted) events, never a stalled accept loop.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import re
@@ -17,13 +18,14 @@ import pytest
 import trio
 import trio.testing
 
+from repeld.config.settings import Backend, Settings
 from repeld.config.values import SyslogTarget
 from repeld.core import events
 from repeld.core.events import ConnInfo, Event
 from repeld.core.hold import HangUp, Pass, PassReason
 from repeld.core.logformat import FACILITIES, Header, format_json, format_rfc5424
 from repeld.core.names import EventName
-from repeld.shell.eventlog import RETRY_AFTER, SEND_WAIT, EventLog
+from repeld.shell.eventlog import _FRAME_BATCH, RETRY_AFTER, SEND_WAIT, EventLog
 
 from ..syslog_receiver import Received, parse
 
@@ -516,6 +518,73 @@ async def test_datagrams_go_out_in_a_batch_when_the_writer_runs(tmp_path: Path) 
             nursery.cancel_scope.cancel()
     finally:
         receiver.close()
+
+
+async def test_events_emitted_before_a_reload_go_out_as_they_were_emitted(
+    tmp_path: Path,
+) -> None:
+    # The writer formats what emit() queued; a reload between the two (--log-format
+    # json, --facility local3) must not reformat the events emitted before it.
+    path = str(tmp_path / "log.sock")
+    receiver = unix_receiver(tmp_path / "log.sock")
+    before = Settings(
+        backend=Backend("127.0.0.1", 9),
+        syslog=SyslogTarget("unix", path=path),
+        log_format="rfc5424",
+    )
+    after = dataclasses.replace(before, log_format="json", facility="local3")
+    log = EventLog.from_settings(before)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(log.run)
+            await log.connect_now()
+            await trio.sleep(0.01)  # the writer is idle, waiting for events
+            for i in range(3):
+                log.emit(passed(i))
+            log.reconfigure(after)  # in the same turn: nothing written yet
+            for i in range(3, 5):
+                log.emit(passed(i))
+            assert drain_now(receiver) == []
+            with trio.fail_after(5):
+                while log.written < 5:
+                    await trio.sleep(0.001)
+            got = [parse(d) for d in drain_now(receiver)]
+            nursery.cancel_scope.cancel()
+    finally:
+        receiver.close()
+    assert [int(g.fields["client_port"]) for g in got] == list(range(5))
+    assert [g.format for g in got] == ["rfc5424"] * 3 + ["json"] * 2
+    assert [g.facility for g in got] == [FACILITIES["mail"]] * 3 + [FACILITIES["local3"]] * 2
+    assert log.dropped == 0
+
+
+async def test_a_burst_longer_than_a_frame_batch_is_written_whole_and_in_order() -> None:
+    # More events in one turn of the loop than emit() lets wait unformatted: it
+    # formats them itself, the writer the rest; every one counted as queued at once.
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    port = receiver.getsockname()[1]
+    log = EventLog(SyslogTarget("udp", host="127.0.0.1", port=port), hostname="testhost")
+    total = 3 * _FRAME_BATCH + 7
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(log.run)
+            await log.connect_now()
+            await trio.sleep(0.01)
+            for i in range(total):
+                log.emit(passed(i))
+            assert drain_now(receiver) == []  # nothing sent from emit() itself
+            assert log.statistics()["queued"] == total
+            with trio.fail_after(10):
+                while log.written < total:
+                    await trio.sleep(0.001)
+            got = [parse(d) for d in drain_now(receiver)]
+            nursery.cancel_scope.cancel()
+    finally:
+        receiver.close()
+    assert [int(g.fields["client_port"]) for g in got] == list(range(total))
+    assert log.dropped == 0
 
 
 # -- -f never waits for syslog; nothing is lost unaccounted -----------------------------

@@ -1,9 +1,8 @@
 """The event writer: never blocks the loop, never floods it, never makes -f wait.
 
 `EventLog.emit()` is synchronous and cheap: it counts the event, formats its
-syslog message and its -f line, and queues them. Two tasks write them out, each
-on its own, so that a syslog target that stops reading never holds up the -f
-lines:
+-f line, and queues both. Two tasks write them out, each on its own, so that a
+syslog target that stops reading never holds up the -f lines:
 
 - the stderr writer writes every line that gathered since it last ran, in one
   write. stderr is written blocking: a pipe nobody reads stops repeld, as it
@@ -14,7 +13,11 @@ lines:
   relay load a batch in a row took 7-9 % less of repeld's CPU per message, and
   wakes the syslog daemon less often (docs/PERFORMANCE.md). A syslog daemon that
   stops reading makes repeld drop events, never stall: the sender waits at most
-  `SEND_WAIT` seconds for one message.
+  `SEND_WAIT` seconds for one message. The sender also formats the syslog
+  messages, all that gathered in a row, up to `_FRAME_BATCH` events after
+  which emit() formats them itself: formatted in emit(), in the middle of each
+  client's path, a handed-off client cost 2 to 8 µs more of its 76 to 104
+  (docs/perf-log/2026-12-06-workers-probe-together.md).
 
 The syslog queue is bounded in bytes (`QUEUE_BYTES`, enough for two events for
 each of 75,000 clients passing at once). An event that finds it full is dropped
@@ -66,6 +69,8 @@ MESSAGE_OVERHEAD = 64
 _WRITE_BATCH = 256
 #: -f lines that emit() lets gather before it writes them itself.
 _STDERR_BATCH = 4096
+#: Events that emit() lets gather before it formats their syslog messages itself.
+_FRAME_BATCH = 256
 #: The longest the sender waits for the target to accept one message.
 SEND_WAIT = 1.0
 #: At shutdown, the longest `wait_flushed()` waits for the queue to empty.
@@ -125,6 +130,8 @@ class EventLog:
         self._idle = trio.Event()
         #: -f lines not yet written.
         self._lines: list[str] = []
+        #: Events for syslog not yet formatted (at most _FRAME_BATCH), with their time.
+        self._unframed: list[tuple[Event, float]] = []
         self._lines_ready = trio.Event()
         self._hostname = hostname if hostname is not None else socket.gethostname()
         self._sock: socket.socket | None = None
@@ -148,6 +155,8 @@ class EventLog:
         report_attacks: bool,
         stderr: TextIO | None,
     ) -> None:
+        if self._unframed:  # emitted under the old settings: formatted by them
+            self._frame_unframed()
         if target != getattr(self, "target", None):
             self._close()  # the next message connects to the new target
             self._retry_at = 0.0
@@ -209,15 +218,23 @@ class EventLog:
                 self._lines_ready.set()
         if self.target is None:
             return
-        if not self._enqueue(self._frame(event, stamp), 1):
-            if event.name == EventName.BACKEND_ERROR:
-                key = (str(event.get("backend")), str(event.get("error")))
-                count = self._coalesced.get(key, (0, event, stamp))[0]
-                self._coalesced[key] = (count + 1, event, stamp)
-            else:
-                self.dropped += 1
-            return
+        unframed = self._unframed
+        unframed.append((event, stamp))
+        if len(unframed) >= _FRAME_BATCH:
+            self._frame_unframed()
         self._wakeup.set()
+
+    def _frame_unframed(self) -> None:
+        """Format the events emit() queued and queue their messages, as room allows."""
+        unframed, self._unframed = self._unframed, []
+        for event, stamp in unframed:
+            if not self._enqueue(self._frame(event, stamp), 1):
+                if event.name == EventName.BACKEND_ERROR:
+                    key = (str(event.get("backend")), str(event.get("error")))
+                    count = self._coalesced.get(key, (0, event, stamp))[0]
+                    self._coalesced[key] = (count + 1, event, stamp)
+                else:
+                    self.dropped += 1
 
     def _frame(self, event: Event, stamp: float) -> bytes:
         message = self._format(event, self._header, stamp)
@@ -243,6 +260,7 @@ class EventLog:
 
     def statistics(self) -> dict[str, int]:
         """Events waiting for syslog (and their bytes), and what has been written or dropped."""
+        self._frame_unframed()
         queued = sum(w for _, w in self._queue) + self._inflight
         queued += sum(count for count, _, _ in self._coalesced.values())
         return {
@@ -271,7 +289,7 @@ class EventLog:
 
     async def _run_syslog(self) -> None:
         while True:
-            if not self._queue and not self._coalesced:
+            if not self._queue and not self._coalesced and not self._unframed:
                 self._idle.set()
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()
@@ -289,6 +307,7 @@ class EventLog:
         """
         queue = self._queue
         while True:
+            self._frame_unframed()
             self._release_coalesced()
             if not queue:
                 return
@@ -360,7 +379,7 @@ class EventLog:
         """
         if self.target is not None:
             with trio.move_on_after(timeout):
-                while self._queue or self._coalesced or self._inflight:
+                while self._queue or self._coalesced or self._inflight or self._unframed:
                     self._wakeup.set()
                     await self._idle.wait()
                     await trio.lowlevel.checkpoint()
@@ -372,6 +391,8 @@ class EventLog:
 
     def _discard(self) -> None:
         """Count everything still waiting for syslog as dropped, and forget it."""
+        self.dropped += len(self._unframed)
+        self._unframed.clear()
         self.dropped += sum(w for _, w in self._queue)
         self.dropped += sum(count for count, _, _ in self._coalesced.values())
         self._queued_bytes -= sum(len(m) + MESSAGE_OVERHEAD for m, _ in self._queue)
