@@ -724,7 +724,7 @@ def test_a_reuseport_socket_of_another_user_is_shared_with_a_warning(
         assert _listeners_on(port) == 1
         assert len(_served_by(syslog, port, 10)) >= 1
         d.wait_line(r"^repeld: warning: no socket per worker beside systemd's \(cannot listen on ")
-        assert "the workers share them" in d.stderr_text()
+        assert "the workers share every listening socket" in d.stderr_text()
 
 
 def test_sighup_with_a_config_tomllib_cannot_parse_keeps_serving(

@@ -403,7 +403,7 @@ async def supervise(
                 del sockets[1:]
                 print(
                     f"repeld: warning: no socket per worker beside systemd's ({exc.strerror}):"
-                    " the workers share them",
+                    " the workers share every listening socket",
                     file=sys.stderr,
                 )
         except BaseException:
