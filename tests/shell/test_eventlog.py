@@ -587,6 +587,25 @@ async def test_a_burst_longer_than_a_frame_batch_is_written_whole_and_in_order()
     assert log.dropped == 0
 
 
+async def test_an_event_past_the_bound_is_counted_dropped_as_soon_as_emitted(
+    tmp_path: Path,
+) -> None:
+    # The writer formats the events, but stats and metrics read `dropped` at any
+    # time: an event the byte bound turns away counts at once, not when the
+    # writer next runs.
+    receiver = unix_receiver(tmp_path / "log.sock")
+    log = EventLog(SyslogTarget("unix", path=str(tmp_path / "log.sock")), "rfc5424",
+                   hostname="testhost", queue_bytes=4 * 1024)  # fmt: skip
+    try:
+        for i in range(100):  # no writer running: nothing is sent
+            log.emit(passed(i))
+        dropped = log.dropped
+        assert 0 < dropped < 100
+        assert dropped + log.statistics()["queued"] == 100
+    finally:
+        receiver.close()
+
+
 # -- -f never waits for syslog; nothing is lost unaccounted -----------------------------
 
 

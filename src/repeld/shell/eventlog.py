@@ -113,8 +113,7 @@ class EventLog:
         self.counts: collections.Counter[str] = collections.Counter()
         #: Sees every event first, the unwritten ones too (--metrics); None: nothing to call.
         self.observe: Callable[[Event], None] | None = None
-        #: Events syslog did not get (a summary counts for every event it stands for).
-        self.dropped = 0
+        self._dropped = 0
         #: Events syslog got.
         self.written = 0
         #: Framed syslog messages, oldest first, each with how many events it
@@ -202,6 +201,17 @@ class EventLog:
             stderr=sys.stderr if settings.foreground else None,
         )
 
+    @property
+    def dropped(self) -> int:
+        """Events syslog did not get (a summary counts for every event it stands for).
+
+        Formats the events that wait first, so that an event dropped for the
+        byte bound is counted as soon as it is emitted, as stats and metrics
+        read it.
+        """
+        self._frame_unframed()
+        return self._dropped
+
     def emit(self, event: Event) -> None:
         """Count `event`, queue its -f line and its syslog message; never blocks, never raises."""
         self.counts[event.name] += 1
@@ -234,7 +244,7 @@ class EventLog:
                     count = self._coalesced.get(key, (0, event, stamp))[0]
                     self._coalesced[key] = (count + 1, event, stamp)
                 else:
-                    self.dropped += 1
+                    self._dropped += 1
 
     def _frame(self, event: Event, stamp: float) -> bytes:
         message = self._format(event, self._header, stamp)
@@ -267,7 +277,7 @@ class EventLog:
             "queued": queued,
             "queued_bytes": self._queued_bytes,
             "written": self.written,
-            "dropped": self.dropped,
+            "dropped": self._dropped,
         }
 
     async def run(self) -> None:
@@ -391,10 +401,10 @@ class EventLog:
 
     def _discard(self) -> None:
         """Count everything still waiting for syslog as dropped, and forget it."""
-        self.dropped += len(self._unframed)
+        self._dropped += len(self._unframed)
         self._unframed.clear()
-        self.dropped += sum(w for _, w in self._queue)
-        self.dropped += sum(count for count, _, _ in self._coalesced.values())
+        self._dropped += sum(w for _, w in self._queue)
+        self._dropped += sum(count for count, _, _ in self._coalesced.values())
         self._queued_bytes -= sum(len(m) + MESSAGE_OVERHEAD for m, _ in self._queue)
         self._queue.clear()
         self._coalesced.clear()
@@ -483,7 +493,7 @@ class EventLog:
             if scope.cancelled_caught:
                 # The receiver is not reading: drop this one, keep the socket
                 # (a stream socket's framing may be broken: reconnect).
-                self.dropped += weight
+                self._dropped += weight
                 if self._octet_counting:
                     self._close()
                 return False
@@ -491,7 +501,7 @@ class EventLog:
             if not self._failed(exc, weight):
                 return False
             if self._partial:
-                self.dropped += weight  # the rest of a frame means nothing on a new connection
+                self._dropped += weight  # the rest of a frame means nothing on a new connection
                 return False
             return None
         self._delivered(weight)
@@ -506,7 +516,7 @@ class EventLog:
         self._close()
         keep = exc.errno in _TARGET_GONE
         if not keep:
-            self.dropped += weight
+            self._dropped += weight
         refused_again = self._refused_again(exc)
         if exc.errno != errno.ENOBUFS and (
             self._fresh or exc.errno not in _TARGET_GONE or refused_again
