@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from repeld.core.gathering import (
@@ -15,6 +17,7 @@ from repeld.core.gathering import (
     PROBE_SPAN_LONGEST,
     SHORTEST,
     Gathering,
+    tick,
 )
 
 LONGEST = 0.010
@@ -153,6 +156,27 @@ def test_workers_probe_together_whenever_their_stretches_began() -> None:
     assert abs(a - b) < 2 * LONGEST and on_tick(a, PROBE_FIRST)
 
 
+def _probe_end(g: Gathering, now: float) -> float:
+    """When the probe `g` is in ends, to the millisecond (tried on copies)."""
+    while True:
+        now += 0.001
+        trial = copy.deepcopy(g)
+        trial.after_wakeup(0, now, False)  # nobody: the probe's end, if it is due
+        if trial.after_wakeup(2, now + 0.0001, False) is not None:  # gathering again
+            return now
+        g.after_wakeup(0, now, False)
+
+
+def test_workers_whose_rates_differ_end_their_probe_together() -> None:
+    # 200 and 300 a second: both end PROBE_SPAN_LONGEST after their tick, or the
+    # first to end would gather again while the other still measures.
+    first, second = gathering(), gathering()
+    a, _ = _gather(first, T0 + 0.1, 2, PROBE_LONGEST)
+    b, _ = _gather(second, T0 + 0.1, 3, PROBE_LONGEST)
+    assert abs(a - b) < 2 * LONGEST
+    assert _probe_end(first, a) == pytest.approx(_probe_end(second, b), abs=0.0015)
+
+
 def test_a_worker_that_probes_less_often_still_probes_with_the_others() -> None:
     # One worker's probes have found nothing three times (every 8 s now), the
     # other's once (every 2 s): on the first's tick the second probes too.
@@ -213,21 +237,34 @@ def test_a_probe_that_the_load_left_proves_nothing() -> None:
     assert on_tick(now, PROBE_FIRST)
 
 
-@pytest.mark.parametrize(
-    ("per_window", "span"),
-    [(7, PROBE_SPAN), (2, 30 / 200), (1, PROBE_SPAN_LONGEST)],
-    ids=["700 a second: the shortest", "200 a second: 30 clients' worth", "100: the longest"],
-)
-def test_a_probe_lasts_for_about_thirty_clients(per_window: int, span: float) -> None:
+@pytest.mark.parametrize("per_window", [7, 2, 1], ids=["700 a second", "200", "100"])
+def test_a_probe_ends_a_quarter_second_after_its_tick(per_window: int) -> None:
     g = gathering()
     assert g.after_wakeup(2, T0, False) == LONGEST / 2  # gathering begins
     now, answers = _gather(g, T0 + LONGEST / 2, per_window, PROBE_LONGEST)
     assert answers[-1] is None  # the probe begins
+    assert on_tick(now, PROBE_FIRST)
     # Two at a time during it (too few to prove anything): the probe's answer is None
     # until its end; the first busy wake-up after that gathers again.
-    assert g.after_wakeup(2, now + span * 0.9, False) is None  # still probing
-    assert g.after_wakeup(2, now + span * 1.1, False) is None  # past its end: its last
-    assert g.after_wakeup(2, now + span * 1.1 + 0.001, False) is not None
+    end = tick(now - 2 * LONGEST, PROBE_FIRST) + PROBE_SPAN_LONGEST
+    assert g.after_wakeup(2, end - 0.001, False) is None  # still probing
+    assert g.after_wakeup(2, end + 0.001, False) is None  # past its end: its last
+    assert g.after_wakeup(2, end + 0.002, False) is not None
+
+
+def test_a_wake_up_late_for_its_tick_probes_for_probe_span() -> None:
+    # A busy time whose wake-ups stopped (breaks) until well after the tick:
+    # the probe it begins then lasts PROBE_SPAN, not until long past.
+    g = gathering()
+    assert g.after_wakeup(2, T0 + 0.1, False) == LONGEST / 2
+    assert g.after_wakeup(0, T0 + 0.1 + LONGEST / 2, False) is None  # a break
+    late = T0 + 1.0 + PROBE_SPAN_LONGEST + 0.1  # the tick was T0 + 1
+    for t in (T0 + 0.5, T0 + 0.9):  # clients, one at a time, in the break
+        assert g.after_wakeup(1, t, False) is None
+    assert g.after_wakeup(1, late, False) is None  # the probe begins
+    assert g.after_wakeup(2, late + PROBE_SPAN - 0.001, False) is None  # still probing
+    assert g.after_wakeup(2, late + PROBE_SPAN + 0.001, False) is None  # its end
+    assert g.after_wakeup(2, late + PROBE_SPAN + 0.002, False) is not None
 
 
 def test_windows_half_full_or_more_are_never_probed() -> None:

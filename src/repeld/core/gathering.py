@@ -25,15 +25,17 @@ The rules, in order:
   messages a second with gathering against 673 without, and at more CPU per
   message, not less (docs/PERFORMANCE.md). A busy time begins with a wake-up
   that starts gathering and goes on through the breaks between stretches of
-  gathering, until nobody comes for `PROBE_FIRST`. After `PROBE_FIRST` of it,
-  if its windows were less than half full (`CLIENTS` / 2: a load that waiting
+  gathering; it ends at its probe, when nobody comes for `PROBE_FIRST`, or
+  when gathering may not go on (a flood, relaying, a lean). On the first tick
+  of the probes' period at least `PROBE_FIRST` into it (so 0.5 to 1 s), if its
+  windows were less than half full (`CLIENTS` / 2: a load that waiting
   clients can make, and at which gathering saves less), the loop takes each
-  client at once for a while (50 to 250 ms, long enough for some 30 clients);
+  client at once until `PROBE_SPAN_LONGEST` after the tick;
   if clients came `LEAN_RATIO` times faster then than in the busy time, they
   were waiting for the windows, and the loop does not gather for
-  `LEAN_PAUSE`. Otherwise it
-  gathers on, and probes again later and later (`PROBE_LONGEST`): under a
-  steady load the probes soon cost next to nothing;
+  `LEAN_PAUSE`. Otherwise it gathers on, and probes again later and later
+  (on ticks of 2, 8, then 16 s: `PROBE_LONGEST`): under a steady load the
+  probes soon cost next to nothing;
 - **probes keep time with the other workers'**. With --workers each worker
   decides on its own, and a worker probing alone sees little: the other
   workers' windows still slow the clients it takes at once (two connections
@@ -58,7 +60,6 @@ __all__ = [
     "FLOOD_PAUSE",
     "LEAN_PAUSE",
     "LEAN_RATIO",
-    "PROBE_CLIENTS",
     "PROBE_FIRST",
     "PROBE_LONGEST",
     "PROBE_MIN",
@@ -75,18 +76,21 @@ CLIENTS = 16
 #: After a wake-up that took `flood` clients or more, no gathering for this long:
 #: under a flood every wake-up finds many anyway.
 FLOOD_PAUSE = 1.0
-#: A probe follows at least `PROBE_FIRST` of gathering without a break, on the
-#: next tick of its period: `PROBE_FIRST` at first, then four times longer after
-#: each probe that found nothing, up to `PROBE_LONGEST` (each a multiple of the
-#: one before). A break longer than `PROBE_FIRST` (the load went away) starts over.
+#: A probe follows at least `PROBE_FIRST` of a busy time (gathering, and the
+#: breaks between its stretches), on the next tick of its period: `PROBE_FIRST`
+#: at first, then four times longer after each probe that found nothing, up to
+#: `PROBE_LONGEST` (each a multiple of the one before). Nobody for `PROBE_FIRST`
+#: (the load went away) starts over.
 PROBE_FIRST = 0.5
 PROBE_LONGEST = 16.0
-#: A probe lasts long enough for about `PROBE_CLIENTS` clients at the rate seen
-#: while gathering, between `PROBE_SPAN` and `PROBE_SPAN_LONGEST`: fewer would be
-#: noise (a worker of two, on a quiet host, sees few in 50 ms).
+#: A probe ends `PROBE_SPAN_LONGEST` after its tick, so that the workers that
+#: began it together end it together (a worker that ended first would gather
+#: again while the others still measure); a quarter of a second is 25 to 50
+#: clients at the 100 to 200 a second that two waiting connections came at
+#: while gathered, per worker of two. At least `PROBE_SPAN` after a wake-up
+#: that came late for its tick.
 PROBE_SPAN = 0.05
 PROBE_SPAN_LONGEST = 0.25
-PROBE_CLIENTS = 30
 #: Clients this much faster during the probe than while gathering: they waited
 #: for the windows. Fewer than `PROBE_MIN` clients in the probe prove nothing.
 LEAN_RATIO = 1.5
@@ -132,8 +136,9 @@ class Gathering:
         self._flood_until = -math.inf
         self._lean_until = -math.inf
         #: Since when the loop has been busy (from a wake-up that began gathering,
-        #: through the breaks between its stretches, until its probe or a quiet
-        #: `PROBE_FIRST`); the clients since, and the windows and what they took.
+        #: through the breaks between its stretches, until its probe, a quiet
+        #: `PROBE_FIRST`, or a time it may not gather); the clients since, and
+        #: the windows and what they took.
         self._since: float | None = None
         self._taken = 0
         self._windows = 0
@@ -181,15 +186,14 @@ class Gathering:
             return self.window if busy else None
         since, self._since = self._since, None
         if self._gathered >= self._windows * CLIENTS / 2:
-            # Windows half full or more (or none): a load at which gathering pays
+            # Windows half full or more: a load at which gathering pays
             # most, and which clients waiting for the windows would not make. No
             # probe; the next busy time is looked at later.
             self._probe_after = min(PROBE_LONGEST, 4 * self._probe_after)
             return self.window if busy else None
         rate = self._taken / (now - since)
-        span = PROBE_CLIENTS / rate if rate > 0 else PROBE_SPAN_LONGEST
-        span = min(PROBE_SPAN_LONGEST, max(PROBE_SPAN, span))
-        self._probe = (now, now + span, 0, rate)
+        until = max(self._tick + PROBE_SPAN_LONGEST, now + PROBE_SPAN)
+        self._probe = (now, until, 0, rate)
         self.gathering = False
         return None
 

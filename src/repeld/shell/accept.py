@@ -41,12 +41,12 @@ A window costs each client up to its length, which clients that each open
 their next connection only when the last is done (a relay flushing its queue
 over a few connections) feel as fewer messages a second: two such connections
 got 183 a second through `pass:` with gathering, 673 without. So the loop
-probes: after half a second of being busy (gathering, and the breaks between)
-at windows less than half full, it
-takes each client at once for 50 to 250 ms, and if they came 1.5 times as
-fast then, it does not gather for 10 s. Probes begin on ticks of the host's
-monotonic clock, so that workers probe together (core/gathering.py, which makes
-every one of these decisions; this module only accepts and sleeps).
+probes: after half a second to a second of being busy (gathering, and the
+breaks between) at windows less than half full, it takes each client at once
+for a quarter of a second, and if they came 1.5 times as fast then, it does not
+gather for 10 s. Probes begin and end on ticks of the host's monotonic clock,
+so that workers probe together (core/gathering.py, which makes every one of
+these decisions; this module only accepts and sleeps).
 
 Nor does it gather while repeld relays sessions (`relaying()`): their bytes
 wake the process anyway, so gathering would save nothing and only make each
