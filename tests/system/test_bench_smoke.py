@@ -358,3 +358,60 @@ def test_bench_relay_postfix_set_prints_every_front() -> None:
     # The goal measured on the peer that does the same job in C.
     assert "postscreen/haproxy" in columns, columns
     assert "peer: postscreen/haproxy" in proc.stdout
+
+
+PACED_SOURCE = ROOT / "bench" / "paced-source"
+
+
+def test_paced_source_delivers_every_message_at_its_size() -> None:
+    # bench-relay --rate's client against a real SMTP server (aiosmtpd): each
+    # message over a connection of its own, all accepted, each about -l bytes.
+    from aiosmtpd.controller import Controller
+
+    from ..procs import free_port
+    from .test_e2e import RecordingHandler
+
+    handler = RecordingHandler()
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port(), ready_timeout=TIMEOUT)
+    controller.start()
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(PACED_SOURCE), "--rate", "200", "-m", "40", "-l", "2048",
+             f"127.0.0.1:{controller.port}"],
+            capture_output=True, text=True, timeout=TIMEOUT, check=False,
+        )  # fmt: skip
+    finally:
+        controller.stop()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("paced-source: 40 sent, 0 failed"), proc.stdout
+    assert len(handler.deliveries) == 40
+    assert len({d.peer for d in handler.deliveries}) == 40  # a connection each
+    assert all(1900 <= len(d.content) <= 2048 for d in handler.deliveries)
+    assert all(d.rcpt_tos == ["b@y.test"] for d in handler.deliveries)
+
+
+def test_paced_source_refuses_a_target_off_loopback() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(PACED_SOURCE), "--rate", "10", "-m", "1", "192.0.2.1:25"],
+        capture_output=True, text=True, timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "192.0.2.1: not a loopback address" in proc.stderr
+
+
+def test_bench_relay_postfix_set_with_clients_at_a_rate() -> None:
+    # --rate: the small load from paced-source (an open loop) through every front.
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("Postfix's master needs root")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH_RELAY), "--postfix", "--rounds", "1", "--messages", "60",
+         "--rate", "150", "--no-foreground"],
+        capture_output=True, text=True, timeout=4 * TIMEOUT, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bench-relay: paced-source --rate 150 -m 60 -l 2048" in proc.stdout
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("| metric"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    for front in ("direct", "repeld", "repeld-pass", "haproxy", "postscreen"):
+        assert front in columns, columns
+    assert "proxy CPU us per message" in proc.stdout
