@@ -201,14 +201,13 @@ class Gathering:
         assert self._probe is not None
         began, until, clients, rate = self._probe
         clients += batch
-        late = now - until
         if batch:
             self._last = now
         if now < until:
             self._probe = (began, until, clients, rate)
             return None
         self._probe = None
-        if late > PROBE_FIRST:  # the load went away during it: it proves nothing
+        if now - until > PROBE_FIRST:  # the load went away during it: it proves nothing
             self._probe_after = PROBE_FIRST
             return None
         if clients >= PROBE_MIN and clients / (now - began) > LEAN_RATIO * rate:
