@@ -36,6 +36,11 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
         time.sleep(interval)
 
 
+def proc_state(pid: int) -> str:
+    """`pid`'s state letter in /proc (R, S, T, Z...); Linux only."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
 def wait_log_match(
     read: Callable[[], str], pattern: str, timeout: float, where: object, interval: float = 0.05
 ) -> re.Match[str]:

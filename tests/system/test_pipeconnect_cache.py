@@ -13,14 +13,13 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
 
-from ..procs import Daemon, SyslogUDP, free_port
+from ..procs import Daemon, SyslogUDP, free_port, proc_state, wait_for
 from .test_e2e import TIMEOUT, RecordingHandler, read_until_closed
 
 PIPELINED = b"EHLO client.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<b@backend.test>\r\n"
@@ -81,15 +80,6 @@ def session(
     return ehlo
 
 
-def stopped(pid: int) -> None:
-    """Return once `pid` is stopped (its state in /proc is T), at most TIMEOUT."""
-    deadline = time.monotonic() + TIMEOUT
-    stat = Path(f"/proc/{pid}/stat")
-    while stat.read_text().rpartition(")")[2].split()[0] != "T":
-        assert time.monotonic() < deadline, f"process {pid} did not stop"
-        time.sleep(0.001)
-
-
 def test_pipeconnect_client_delivers_twice_through_the_sqlite_cache(
     tmp_path: Path, syslog: SyslogUDP
 ) -> None:
@@ -129,7 +119,7 @@ def test_pipeconnect_client_delivers_twice_through_the_sqlite_cache(
         # pass cache cannot answer before the pen has seen them. Unstopped,
         # the answer could come first, and the pass say early_bytes=0.
         repeld.signal(signal.SIGSTOP)
-        stopped(repeld.pid)
+        assert wait_for(lambda: proc_state(repeld.pid) == "T", TIMEOUT, 0.001), "not stopped"
         try:
             session(repeld.address, pipeconnect=True, sent=lambda: repeld.signal(signal.SIGCONT))
         finally:

@@ -30,6 +30,7 @@ from ..procs import (
     connect,
     daemon,
     free_port,
+    proc_state,
     read_line,
 )
 
@@ -494,8 +495,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+    return not (Path(f"/proc/{pid}/stat").exists() and proc_state(pid) == "Z")
 
 
 @needs_root
