@@ -45,6 +45,21 @@ def _untimed(message: bytes) -> bytes:
     return re.sub(rb"^(<\d+>)(1 \S+|[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d)", rb"\1TIME", message)
 
 
+def roomy_udp_receiver() -> tuple[socket.socket, int]:
+    """A loopback UDP receiver that a burst fits in (4 MiB of buffer), and its port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    return sock, sock.getsockname()[1]
+
+
+async def written(log: EventLog, count: int, timeout: float) -> None:
+    """Wait until `log` has written `count` events, at most `timeout` seconds."""
+    with trio.fail_after(timeout):
+        while log.written < count:
+            await trio.sleep(0.001)
+
+
 def unix_receiver(path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
@@ -117,9 +132,8 @@ async def test_receiver_that_never_reads_costs_drops_not_time(
             assert log.counts["hangup"] == 1
             assert all(m.host == "testhost" and m.sd_id == "repeld@32473" for m in later)
             assert later[-1].fields["client"] == "127.0.0.9"
-            with trio.fail_after(60):
-                while log.written < len(early) + len(later):  # the counter may lag behind
-                    await trio.sleep(0.01)
+            # the counter may lag behind
+            await written(log, len(early) + len(later), 60)
             assert log.written == len(early) + len(later)  # every written message arrived
             nursery.cancel_scope.cancel()
     finally:
@@ -210,9 +224,8 @@ async def test_missing_unix_socket_holds_events_until_it_appears(
                 got = [parse(await rsock.recv(65536)) for _ in range(11)]
             assert [int(g.fields["client_port"]) for g in got[:10]] == list(range(10))
             assert got[10].event == "hangup"
-            with trio.fail_after(60):
-                while log.written < 11:  # the receiver may be ahead of the counter
-                    await trio.sleep(0.01)
+            # the receiver may be ahead of the counter
+            await written(log, 11, 60)
             assert log.dropped == 0
         finally:
             receiver.close()
@@ -246,9 +259,7 @@ async def test_a_restarting_syslog_daemon_costs_no_event(
             with trio.fail_after(60):
                 got = [parse(await rsock.recv(65536)) for _ in range(3)]
             assert [g.fields["client_port"] for g in got] == ["1", "2", "3"]
-            with trio.fail_after(60):
-                while log.written < 4:
-                    await trio.sleep(0.01)
+            await written(log, 4, 60)
             assert log.dropped == 0
         finally:
             receiver.close()
@@ -417,9 +428,8 @@ async def test_tcp_target_uses_octet_counting(
             log.emit(event)
         frames = await receiver.wait_frames(len(sent))
         assert len(frames) == len(sent)
-        with trio.fail_after(60):
-            while log.written < len(sent):  # the receiver may be ahead of the counter
-                await trio.sleep(0.01)
+        # the receiver may be ahead of the counter
+        await written(log, len(sent), 60)
         assert receiver.connections == 1
         got = [parse(f) for f in frames]
         assert [g.event for g in got] == [e.name for e in sent]
@@ -466,10 +476,7 @@ async def test_tcp_receiver_restart_keeps_framing(autojump_clock: trio.testing.M
 async def test_foreground_lines_and_syslog_stay_in_order_across_batches() -> None:
     # -f: the writer task writes both the stderr line and the datagram of every
     # event, many events per wake-up, and neither stream reorders or loses one.
-    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    receiver.bind(("127.0.0.1", 0))
-    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    port = receiver.getsockname()[1]
+    receiver, port = roomy_udp_receiver()
     stderr = io.StringIO()
     log = EventLog(SyslogTarget("udp", host="127.0.0.1", port=port), stderr=stderr,
                    hostname="testhost")  # fmt: skip
@@ -510,9 +517,7 @@ async def test_datagrams_go_out_in_a_batch_when_the_writer_runs(tmp_path: Path) 
                 log.emit(passed(i))
             assert drain_now(receiver) == []  # nothing sent from emit() itself
             assert log.statistics()["queued"] == 5
-            with trio.fail_after(5):
-                while log.written < 5:
-                    await trio.sleep(0.001)
+            await written(log, 5, 5)
             got = [parse(d) for d in drain_now(receiver)]
             assert [int(g.fields["client_port"]) for g in got] == list(range(5))
             nursery.cancel_scope.cancel()
@@ -545,9 +550,7 @@ async def test_events_emitted_before_a_reload_go_out_as_they_were_emitted(
             for i in range(3, 5):
                 log.emit(passed(i))
             assert drain_now(receiver) == []
-            with trio.fail_after(5):
-                while log.written < 5:
-                    await trio.sleep(0.001)
+            await written(log, 5, 5)
             got = [parse(d) for d in drain_now(receiver)]
             nursery.cancel_scope.cancel()
     finally:
@@ -561,10 +564,7 @@ async def test_events_emitted_before_a_reload_go_out_as_they_were_emitted(
 async def test_a_burst_longer_than_a_frame_batch_is_written_whole_and_in_order() -> None:
     # More events in one turn of the loop than emit() lets wait unformatted: it
     # formats them itself, the writer the rest; every one counted as queued at once.
-    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    receiver.bind(("127.0.0.1", 0))
-    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    port = receiver.getsockname()[1]
+    receiver, port = roomy_udp_receiver()
     log = EventLog(SyslogTarget("udp", host="127.0.0.1", port=port), hostname="testhost")
     total = 3 * _FRAME_BATCH + 7
     try:
@@ -576,9 +576,7 @@ async def test_a_burst_longer_than_a_frame_batch_is_written_whole_and_in_order()
                 log.emit(passed(i))
             assert drain_now(receiver) == []  # nothing sent from emit() itself
             assert log.statistics()["queued"] == total
-            with trio.fail_after(10):
-                while log.written < total:
-                    await trio.sleep(0.001)
+            await written(log, total, 10)
             got = [parse(d) for d in drain_now(receiver)]
             nursery.cancel_scope.cancel()
     finally:
@@ -680,10 +678,7 @@ async def test_a_burst_of_backend_errors_past_the_bound_goes_out_as_a_summary() 
     # 3,000 clients told 421 at once, and some passes, meet a queue with room
     # for about 50 messages: the backend-errors that do not fit go out as one
     # summary with `count`; the passes that do not fit are dropped and counted.
-    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    receiver.bind(("127.0.0.1", 0))
-    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    port = receiver.getsockname()[1]
+    receiver, port = roomy_udp_receiver()
     stderr = io.StringIO()
     log = EventLog(SyslogTarget("udp", host="127.0.0.1", port=port), "json", stderr=stderr,
                    queue_bytes=50 * 600, hostname="testhost")  # fmt: skip
