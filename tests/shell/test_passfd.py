@@ -22,7 +22,7 @@ import trio.testing
 
 from repeld.core.names import HandOffResult
 from repeld.core.postfixpass import pass_attributes
-from repeld.shell.passfd import SWEEP_INTERVAL, Done, PassPool
+from repeld.shell.passfd import COLLECT_AGE, SWEEP_INTERVAL, Done, PassPool
 
 ATTRIBUTES = pass_attributes("127.0.0.9", 40009, "127.0.0.1", 25)
 #: Long enough never to end a hand-off these tests expect smtpd to take.
@@ -124,6 +124,7 @@ async def test_a_quick_smtpd_is_seen_at_the_next_hand_off_and_has_the_client() -
             taken.sendall(b"220 smtpd\r\n")
             assert first_remote.recv(64) == b"220 smtpd\r\n"
             assert 1 not in outcomes.seen  # nothing read the channel yet
+            await trio.sleep(COLLECT_AGE)  # handed on in an earlier wake-up
             _, second_remote = outcomes.send(pool, smtpd, 2)
             # the second hand-off itself read the first channel's end of file
             assert outcomes.seen[1] == (HandOffResult.TAKEN, "")
@@ -134,6 +135,31 @@ async def test_a_quick_smtpd_is_seen_at_the_next_hand_off_and_has_the_client() -
             for s in (taken, taken2, first_remote, second_remote):
                 s.close()
         assert pool.outcomes[HandOffResult.TAKEN] == 2
+
+
+async def test_a_hand_off_leaves_a_channel_handed_on_just_before(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    # Clients taken in one wake-up are handed on within microseconds: smtpd has
+    # seldom closed the last one's channel yet, and reading it would find it
+    # open (a system call and an exception). A channel younger than COLLECT_AGE
+    # waits for a later hand-off, which reads every older one in order.
+    outcomes = Outcomes()
+    with _smtpd() as smtpd:
+        async with _pool() as pool:
+            remotes = [outcomes.send(pool, smtpd, 1)[1]]
+            taken = [smtpd.take()[0]]  # smtpd took it at once
+            mock_clock.jump(COLLECT_AGE / 2)
+            remotes.append(outcomes.send(pool, smtpd, 2)[1])
+            assert outcomes.seen == {} and len(pool) == 2  # the first was left unread
+            taken.append(smtpd.take()[0])
+            mock_clock.jump(COLLECT_AGE)
+            remotes.append(outcomes.send(pool, smtpd, 3)[1])
+            assert outcomes.seen == {1: (HandOffResult.TAKEN, ""), 2: (HandOffResult.TAKEN, "")}
+            assert len(pool) == 1
+            taken.append(smtpd.take()[0])
+            for s in taken + remotes:
+                s.close()
 
 
 async def test_with_no_next_hand_off_the_pool_settles_a_taken_client_by_itself() -> None:

@@ -78,6 +78,12 @@ _BATCH = 512
 #: how long repeld keeps its copy of a client smtpd has taken, and when a
 #: late failure is seen: the deadline (--connect-timeout) is each channel's own.
 SWEEP_INTERVAL = 0.25
+#: A hand-off reads no channel younger than this (seconds): smtpd has seldom
+#: taken one handed on in the same wake-up of repeld (a batch of gathered
+#: clients is handed on within it), and each read that finds it open costs a
+#: system call and an exception for nothing. The next wake-up's hand-offs, or
+#: the sweep, read it instead.
+COLLECT_AGE = 0.001
 #: Most waiting channels a hand-off reads before its own is sent on.
 _COLLECT = 8
 #: A hand-off moves the pool's wake-up later once it is this much too early
@@ -92,7 +98,7 @@ class PassPoolClosed(RuntimeError):
 class _Channel:
     """One hand-off whose channel is open: waiting for smtpd to close it."""
 
-    __slots__ = ("chan", "client", "deadline", "done", "due", "open", "registered")
+    __slots__ = ("chan", "client", "deadline", "done", "due", "open", "registered", "sent")
 
     def __init__(
         self,
@@ -104,6 +110,7 @@ class _Channel:
     ) -> None:
         self.chan = chan
         self.client = client
+        self.sent = sent_at
         self.deadline = deadline
         #: When the pool's task reads it if no hand-off has: the sweep, or the
         #: deadline if that comes first (a --connect-timeout under SWEEP_INTERVAL).
@@ -200,9 +207,9 @@ class PassPool:
             self._end(done, HandOffResult.DESCRIPTOR_REFUSED, "the attributes did not fit")
             return
         fresh = self._fresh
-        if fresh:
-            self._collect(fresh)
         now = trio.current_time()
+        if fresh and now - fresh[0].sent >= COLLECT_AGE:
+            self._collect(fresh, now - COLLECT_AGE)
         entry = _Channel(chan, client, now, now + timeout, done)
         fresh.append(entry)
         wake = self._wake
@@ -226,10 +233,11 @@ class PassPool:
         if due < deadline or due - deadline > _REARM_SLACK:
             wake.deadline = due
 
-    def _collect(self, fresh: collections.deque[_Channel]) -> None:
-        """Settle the oldest waiting channels smtpd has closed, up to the first still open."""
+    def _collect(self, fresh: collections.deque[_Channel], sent_by: float) -> None:
+        """Settle the oldest waiting channels smtpd has closed, up to the first still
+        open or sent after `sent_by`."""
         for _ in range(_COLLECT):
-            if not fresh:
+            if not fresh or fresh[0].sent > sent_by:
                 return
             entry = fresh.popleft()
             if not self._look(entry):
