@@ -23,12 +23,14 @@ from repeld.shell.accept import (
     ACCEPT_BATCH,
     FLOOD_PAUSE,
     GATHER,
+    GATHER_CLIENTS,
     GATHER_MIN,
     GATHER_MIN_BACKLOG,
     GATHER_WORKERS,
     RETRY_ERRNOS,
     Listener,
     accept_loop,
+    half_full,
     longest_window,
 )
 from repeld.shell.eventlog import EventLog
@@ -313,6 +315,16 @@ async def test_a_worker_of_several_lets_clients_gather_longer(
             await trio.sleep(1)
             _assert_longest_window(workers, await a.trickle(lsock))
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 16])
+def test_a_worker_is_half_full_under_the_load_that_fills_one_process_half(workers: int) -> None:
+    # Busy times at or above this are not probed (core/gathering.py): the mark is
+    # one host-wide rate, whatever the workers, and each worker sees its share.
+    rate = half_full(workers) * workers / longest_window(workers)
+    assert rate == pytest.approx(GATHER_CLIENTS / 2 / GATHER)  # 800 clients a second
+    assert half_full(1) == GATHER_CLIENTS / 2
+    assert half_full(2) == pytest.approx(6)
 
 
 @pytest.mark.parametrize("workers", [1, 2])

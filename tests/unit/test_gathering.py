@@ -275,3 +275,15 @@ def test_windows_half_full_or_more_are_never_probed() -> None:
     now, answers = _gather(g, T0 + LONGEST / 2, CLIENTS // 2, PROBE_LONGEST * 3)
     assert None not in answers
     assert now - T0 >= PROBE_LONGEST * 3
+
+
+@pytest.mark.parametrize(("half_full", "probed"), [(CLIENTS / 2, True), (CLIENTS / 2 - 2, False)])
+def test_a_worker_told_a_lower_half_full_leaves_its_fuller_windows_unprobed(
+    half_full: float, probed: bool
+) -> None:
+    # Windows of CLIENTS / 2 - 1: under one process's mark, at or over that of a
+    # worker of two (shell/accept.py's half_full: the same host-wide load).
+    g = Gathering(LONGEST, True, FLOOD, half_full)
+    assert g.after_wakeup(2, T0, False) == LONGEST / 2
+    _, answers = _gather(g, T0 + LONGEST / 2, CLIENTS // 2 - 1, PROBE_LONGEST * 3)
+    assert (None in answers) is probed

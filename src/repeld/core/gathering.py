@@ -28,8 +28,10 @@ The rules, in order:
   gathering; it ends at its probe, when nobody comes for `PROBE_FIRST`, or
   when gathering may not go on (a flood, relaying, a lean). On the first tick
   of the probes' period at least `PROBE_FIRST` into it (so 0.5 to 1 s), if its
-  windows were less than half full (`CLIENTS` / 2: a load that waiting
-  clients can make, and at which gathering saves less), the loop takes each
+  windows were less than half full (`half_full`, `CLIENTS` / 2 in one process:
+  a load that waiting clients can make, and at which gathering saves less; a
+  worker of --workers is told what that load of the whole host brings its own
+  windows), the loop takes each
   client at once until `PROBE_SPAN_LONGEST` after the tick;
   if clients came `LEAN_RATIO` times faster then than in the busy time, they
   were waiting for the windows, and the loop does not gather for
@@ -111,6 +113,7 @@ class Gathering:
         "_flood",
         "_flood_until",
         "_gathered",
+        "_half_full",
         "_last",
         "_lean_until",
         "_longest",
@@ -125,10 +128,14 @@ class Gathering:
         "window",
     )
 
-    def __init__(self, longest: float, may_gather: bool, flood: int) -> None:
+    def __init__(
+        self, longest: float, may_gather: bool, flood: int, half_full: float = CLIENTS / 2
+    ) -> None:
         self._longest = longest
         self._may_gather = may_gather
         self._flood = flood
+        #: Clients a window takes on average at which a busy time is not probed.
+        self._half_full = half_full
         #: The next window's length.
         self.window = longest / 2
         #: The last answer was a window.
@@ -185,7 +192,7 @@ class Gathering:
         if now < self._tick:
             return self.window if busy else None
         since, self._since = self._since, None
-        if self._gathered >= self._windows * CLIENTS / 2:
+        if self._gathered >= self._windows * self._half_full:
             # Windows half full or more: a load at which gathering pays
             # most, and which clients waiting for the windows would not make. No
             # probe; the next busy time is looked at later.

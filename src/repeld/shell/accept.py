@@ -87,6 +87,7 @@ __all__ = [
     "RETRY_ERRNOS",
     "Listener",
     "accept_loop",
+    "half_full",
     "longest_window",
 ]
 
@@ -143,6 +144,21 @@ def longest_window(workers: int) -> float:
     return GATHER_WORKERS if workers > 1 else GATHER
 
 
+def half_full(workers: int) -> float:
+    """Clients a window of one of `workers` processes takes, on average, under the
+    host-wide load at which one process's windows are half full (`GATHER_CLIENTS` / 2
+    in `GATHER`: 800 clients a second): at or above it, its busy times are not
+    probed (core/gathering.py).
+
+    Each worker sees its share of the clients in windows of its own length, so
+    two workers at 15 ms are half full at 6 clients a window. Held to one
+    process's 8, two workers under 800 to 1,070 clients a second probed where
+    one process does not: at the start of every busy time and again 2 s in, a
+    quarter of a second of taking each client at once.
+    """
+    return GATHER_CLIENTS / 2 * longest_window(workers) / (GATHER * workers)
+
+
 @dataclass(slots=True)
 class Listener:
     """One listening socket and what its clients share."""
@@ -165,6 +181,7 @@ async def accept_loop(
     relaying: Callable[[], int] = lambda: 0,
     backlog: int = GATHER_MIN_BACKLOG,
     longest: float = GATHER,
+    full: float = GATHER_CLIENTS / 2,
 ) -> None:
     """Accept from `listener` until cancelled; `accepted(sock, addr, listener)` for each.
 
@@ -173,13 +190,15 @@ async def accept_loop(
     broken, and the caller ends the server with it. `relaying()`: how many
     sessions repeld relays now; while there are any, the loop never gathers.
     `backlog`: the listener's accept queue; under GATHER_MIN_BACKLOG, never.
-    `longest`: the longest gathering sleep (`longest_window(workers)`).
+    `longest`: the longest gathering sleep (`longest_window(workers)`); `full`:
+    the clients a window takes on average at which busy times are not probed
+    (`half_full(workers)`).
     """
     lsock = listener.sock
     family, kind, proto = lsock.family, lsock.type | socket.SOCK_NONBLOCK, lsock.proto
     accept = Acceptor(lsock.fileno()).accept
     batch = 0  # clients this wake-up has taken
-    gather = gathering.Gathering(longest, backlog >= GATHER_MIN_BACKLOG, ACCEPT_BATCH)
+    gather = gathering.Gathering(longest, backlog >= GATHER_MIN_BACKLOG, ACCEPT_BATCH, full)
     # The gathering's time is the host's monotonic clock, which every worker
     # reads alike, so that their probes begin on the same ticks (trio's clock
     # has an offset of its own in each process, and a test's clock is virtual:

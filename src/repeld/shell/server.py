@@ -37,7 +37,13 @@ from repeld.core.policy import TrustedNetworks
 from repeld.metrics import Metrics, Snapshot
 from repeld.service.capacity import capacity_warnings, default_max_held, raise_nofile
 from repeld.service.listeners import DEFAULT_BACKLOG, backlog_for, open_listeners
-from repeld.shell.accept import ACCEPT_BACKOFF, Listener, accept_loop, longest_window
+from repeld.shell.accept import (
+    ACCEPT_BACKOFF,
+    Listener,
+    accept_loop,
+    half_full,
+    longest_window,
+)
 from repeld.shell.admit import Admission
 from repeld.shell.dispatch import Dispatch
 from repeld.shell.dnslookup import DnsLookups, make_resolver
@@ -263,6 +269,7 @@ class Server:
                 self._relaying,
                 self.accept_queue,
                 longest_window(self.settings.workers),
+                half_full(self.settings.workers),
             )
         except OSError as exc:
             # A broken listener (EBADF, EINVAL...) never heals: retrying it would
