@@ -8,7 +8,10 @@
  *    backlog / syncache), read from /proc on Linux and sysctlbyname on FreeBSD;
  *  - struct tcp_info on Linux and FreeBSD, read into one neutral struct;
  *  - accept4() with the peer address as text, for the accept loop: Python's
- *    public socket.accept() builds enums and a socket object per client.
+ *    public socket.accept() builds enums and a socket object per client;
+ *  - a one-shot timerfd for the accept loop's gathering windows: waiting for
+ *    its descriptor costs trio a fraction of what a timed sleep does (a sleep
+ *    ends by cancelling a scope, which raises and catches an exception).
  *
  * Functions return -1 with errno set on failure, like the system calls they
  * wrap; repeld/service/tcptune.py turns that into OSError.  Platforms other
@@ -27,6 +30,22 @@
 #include <sys/types.h>
 #include <sys/socket.h>
 #include <netinet/in.h>
+
+#include <time.h>
+
+#if defined(__linux__)
+#include <sys/timerfd.h>
+#define REPELD_HAVE_TIMERFD 1
+#elif defined(__FreeBSD__)
+#include <sys/param.h>
+#if __FreeBSD_version >= 1400000
+#include <sys/timerfd.h>
+#define REPELD_HAVE_TIMERFD 1
+#endif
+#endif
+#ifndef REPELD_HAVE_TIMERFD
+#define REPELD_HAVE_TIMERFD 0
+#endif
 
 #if defined(__linux__)
 /*
@@ -142,6 +161,41 @@ int repeld_accept(int fd, struct repeld_peer *peer)
         peer->port = ntohs(sin6->sin6_port);
     }
     return client;
+}
+
+/* A timer on the monotonic clock whose descriptor turns readable when it
+ * expires: non-blocking and close-on-exec.  The fd, or -1 with errno set
+ * (ENOSYS where the platform has no timerfd: Linux and FreeBSD 14 do). */
+int repeld_timer_open(void)
+{
+#if REPELD_HAVE_TIMERFD
+    return timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+#else
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+/* Expire once, `ns` nanoseconds from now (at least 1: 0 would disarm it).
+ * Arming again also clears an expiry not read yet, so that the descriptor is
+ * readable only once this one comes.  0, or -1 with errno set. */
+int repeld_timer_arm(int fd, long long ns)
+{
+#if REPELD_HAVE_TIMERFD
+    struct itimerspec when;
+
+    if (ns < 1)
+        ns = 1;
+    memset(&when, 0, sizeof when);
+    when.it_value.tv_sec = (time_t)(ns / 1000000000LL);
+    when.it_value.tv_nsec = (long)(ns % 1000000000LL);
+    return timerfd_settime(fd, 0, &when, NULL);
+#else
+    (void)fd;
+    (void)ns;
+    errno = ENOSYS;
+    return -1;
+#endif
 }
 
 /* Send each small write at once: no Nagle delay behind a delayed ACK. */

@@ -31,6 +31,12 @@ struct repeld_peer {
 /* Accept one client, non-blocking and close-on-exec: its fd, or -1 with errno. */
 int repeld_accept(int fd, struct repeld_peer *peer);
 
+/* A one-shot timer on the monotonic clock (timerfd): its fd, or -1 with
+ * errno set (ENOSYS: none on this platform); arming it takes nanoseconds
+ * from now and returns 0, or -1 with errno set. */
+int repeld_timer_open(void);
+int repeld_timer_arm(int fd, long long ns);
+
 /* The tuning of one socket; each returns 0, or -1 with errno set. */
 int repeld_set_nodelay(int fd, int on);
 int repeld_set_keepalive(int fd, int idle, int interval, int count);

@@ -206,6 +206,26 @@ def _arrivals() -> Iterator[_Arrivals]:
         arrivals.close()
 
 
+async def test_under_the_real_clock_the_windows_wait_on_the_kernel_timer() -> None:
+    # trio's own clock: the loop waits for a timerfd (service/tcptune.py's
+    # WakeTimer), which a virtual clock could not drive. A burst is still
+    # gathered, and the next clients are taken once the window is over, never
+    # before (only that bound is asserted: the real clock runs late, not early).
+    with _arrivals() as a:
+        lsock = a.listener()
+        taken = a.taken
+        async with trio.open_nursery() as nursery:
+            a.serve(nursery, lsock)
+            await a.connect(lsock, 2)
+            burst = taken[1][0]  # the loop began its window then
+            await a.connect(lsock, 10)
+            assert min(t for t, _ in taken[2:]) >= burst + GATHER_MIN * 0.99
+            for _ in range(3):  # window after window, each on the timer
+                await a.connect(lsock, 3)
+            assert len(taken) == 21
+            nursery.cancel_scope.cancel()
+
+
 async def test_one_client_at_a_time_is_taken_at_once_and_a_burst_is_gathered(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import ast
 import dataclasses
 import errno
+import fcntl
+import os
+import select
 import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -234,6 +238,7 @@ FD_CALLS: dict[str, Callable[[int], object]] = {
     "accept": lambda fd: tcptune.Acceptor(fd).accept(),
     "tcp_info": tcptune.tcp_info,
     "rtt_us": tcptune.rtt_us,
+    "WakeTimer.arm": lambda fd: tcptune.WakeTimer(fd).arm(0.01),
 }
 
 
@@ -245,6 +250,40 @@ def test_bad_fd_raises_ebadf(call: Callable[[int], object], bad_fd: str) -> None
         call(fd)
     assert excinfo.value.errno == errno.EBADF
     assert excinfo.value.strerror  # built from os.strerror, not left empty
+
+
+# --- the accept loop's timer -------------------------------------------------------------
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
+@pytest.mark.skipif(not (LINUX or FREEBSD), reason="timerfd: Linux, FreeBSD 14")
+def test_wake_timer_turns_readable_once_armed_and_expired() -> None:
+    timer = tcptune.WakeTimer.open()
+    assert timer is not None
+    try:
+        assert not _readable(timer.fd, 0.05)  # never armed: never readable
+        start = time.monotonic()
+        timer.arm(0.02)
+        assert not _readable(timer.fd, 0)
+        assert _readable(timer.fd, 5)
+        assert time.monotonic() - start >= 0.019
+        # Armed again, the expiry not read is forgotten: readable only at the next.
+        timer.arm(0.05)
+        assert not _readable(timer.fd, 0)
+        assert _readable(timer.fd, 5)
+        # No time at all still expires (0 would disarm a timerfd for good).
+        timer.arm(0.0)
+        assert _readable(timer.fd, 5)
+        flags = fcntl.fcntl(timer.fd, fcntl.F_GETFD)
+        assert flags & fcntl.FD_CLOEXEC
+        assert os.get_blocking(timer.fd) is False
+    finally:
+        timer.close()
 
 
 # --- kernel limits ---------------------------------------------------------------------

@@ -67,10 +67,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import trio
+import trio.testing
 
 from repeld.config.values import Listen
 from repeld.core import gathering
-from repeld.service.tcptune import Acceptor
+from repeld.service.tcptune import Acceptor, WakeTimer
 
 if TYPE_CHECKING:
     from repeld.shell.handoff import BackendTarget
@@ -194,16 +195,41 @@ async def accept_loop(
     the clients a window takes on average at which busy times are not probed
     (`half_full(workers)`).
     """
-    lsock = listener.sock
-    family, kind, proto = lsock.family, lsock.type | socket.SOCK_NONBLOCK, lsock.proto
-    accept = Acceptor(lsock.fileno()).accept
-    batch = 0  # clients this wake-up has taken
     gather = gathering.Gathering(longest, backlog >= GATHER_MIN_BACKLOG, ACCEPT_BATCH, full)
     # The gathering's time is the host's monotonic clock, which every worker
     # reads alike, so that their probes begin on the same ticks (trio's clock
     # has an offset of its own in each process, and a test's clock is virtual:
     # only the difference is taken once).
     host_clock = time.monotonic() - trio.current_time()
+    timer = _window_timer()
+    try:
+        await _accept(listener, accepted, on_pause, relaying, gather, host_clock, timer)
+    finally:
+        if timer is not None:
+            timer.close()
+
+
+def _window_timer() -> WakeTimer | None:
+    """The kernel's timer for the windows, or None to sleep in trio: where there
+    is no timerfd, and under a test's virtual clock, which cannot drive one."""
+    if isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock):
+        return None
+    return WakeTimer.open()
+
+
+async def _accept(
+    listener: Listener,
+    accepted: Accepted,
+    on_pause: Callable[[Listener, OSError], None],
+    relaying: Callable[[], int],
+    gather: gathering.Gathering,
+    host_clock: float,
+    timer: WakeTimer | None,
+) -> None:
+    lsock = listener.sock
+    family, kind, proto = lsock.family, lsock.type | socket.SOCK_NONBLOCK, lsock.proto
+    accept = Acceptor(lsock.fileno()).accept
+    batch = 0  # clients this wake-up has taken
     while True:
         try:
             client = accept()
@@ -225,10 +251,15 @@ async def accept_loop(
             # (core/gathering.py says when, and when not).
             window = gather.after_wakeup(batch, trio.current_time() + host_clock, relaying() > 0)
             batch = 0
-            if window is not None:
-                await trio.sleep(window)
-            else:
+            if window is None:
                 await trio.lowlevel.wait_readable(lsock)
+            elif timer is not None:
+                # A wait for the timer's fd ends without the exception that
+                # ends a trio sleep (service/tcptune.py's WakeTimer).
+                timer.arm(window)
+                await trio.lowlevel.wait_readable(timer.fd)
+            else:
+                await trio.sleep(window)
             continue
         fd, addr = client
         # SOCK_NONBLOCK in the type tells the socket object it is non-blocking
