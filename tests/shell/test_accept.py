@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -204,6 +205,65 @@ def _arrivals() -> Iterator[_Arrivals]:
         yield arrivals
     finally:
         arrivals.close()
+
+
+class _Batches:
+    """A Batching that records when the loop's batches begin and end."""
+
+    def __init__(self) -> None:
+        self.deferring = False
+        self.ends = 0
+
+    def defer(self) -> None:
+        self.deferring = True
+
+    def write_deferred(self) -> None:
+        self.deferring = False
+        self.ends += 1
+
+
+async def test_each_wake_up_is_one_batch_for_the_event_writer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Every client is accepted inside a batch (its events wait), and every wait
+    # of the loop comes after the batch's end (they went out): shell/eventlog.py.
+    batches = _Batches()
+    inside: list[bool] = []
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(GATHER_MIN_BACKLOG)
+    lsock.setblocking(False)
+
+    def accepted(sock: socket.socket, _addr: tuple[object, ...], _lst: Listener) -> None:
+        inside.append(batches.deferring)
+        sock.close()
+
+    clients: list[socket.socket] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(
+                    accept_loop,
+                    Listener(lsock, Listen("127.0.0.1", 0)),
+                    accepted,
+                    lambda *_: None,
+                    batching=batches,
+                )
+            )
+            for count in (1, 2, 5, ACCEPT_BATCH + 3, 1):
+                await trio.sleep(1)
+                clients += [socket.create_connection(lsock.getsockname()) for _ in range(count)]
+                with trio.fail_after(10):
+                    while len(inside) < len(clients):
+                        await trio.sleep(0.001)
+                assert not batches.deferring  # the loop waits again: its batch went out
+            nursery.cancel_scope.cancel()
+    finally:
+        for c in clients:
+            c.close()
+        lsock.close()
+    assert inside == [True] * len(clients)
+    assert batches.ends >= 6 and not batches.deferring
 
 
 async def test_under_the_real_clock_the_windows_wait_on_the_kernel_timer() -> None:

@@ -525,6 +525,82 @@ async def test_datagrams_go_out_in_a_batch_when_the_writer_runs(tmp_path: Path) 
         receiver.close()
 
 
+class _WriterSteps(trio.abc.Instrument):
+    """How often the log's writer task ran."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("EventLog.run"):
+            self.count += 1
+
+
+async def test_a_deferred_batch_goes_out_from_write_deferred_and_the_writer_sleeps_on() -> None:
+    # The accept loop's batch (shell/accept.py): between defer() and
+    # write_deferred() emit() wakes nobody, and write_deferred() sends what came,
+    # in order, there and then: the writer task never runs for it.
+    receiver, port = roomy_udp_receiver()
+    log = EventLog(SyslogTarget("udp", host="127.0.0.1", port=port), hostname="testhost")
+    steps = _WriterSteps()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(log.run)
+            await log.connect_now()
+            await trio.testing.wait_all_tasks_blocked()  # the writer waits for events
+            trio.lowlevel.add_instrument(steps)
+            try:
+                for batch in range(3):
+                    log.defer()
+                    for i in range(batch * 4, batch * 4 + 4):
+                        log.emit(passed(i))
+                    assert drain_now(receiver) == []
+                    log.write_deferred()
+                    got = [parse(d) for d in drain_now(receiver)]
+                    assert [int(g.fields["client_port"]) for g in got] == list(
+                        range(batch * 4, batch * 4 + 4)
+                    )
+                    await trio.testing.wait_all_tasks_blocked()
+                # Outside a batch, emit() wakes the writer as before.
+                log.emit(passed(12))
+                await written(log, 13, 5)
+            finally:
+                trio.lowlevel.remove_instrument(steps)
+            assert drain_now(receiver) != []
+            nursery.cancel_scope.cancel()
+    finally:
+        receiver.close()
+    assert steps.count == 1  # for the last one only
+    assert log.written == 13 and log.dropped == 0
+
+
+async def test_a_deferred_batch_the_socket_cannot_take_yet_is_the_writers(
+    tmp_path: Path,
+) -> None:
+    # No connection yet (the unix socket appears later): write_deferred() sends
+    # nothing and leaves the batch to the writer task, which connects and sends
+    # it once it can, in order, losing nothing.
+    path = tmp_path / "log.sock"
+    log = EventLog(SyslogTarget("unix", path=str(path)), hostname="testhost")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(log.run)
+        await trio.testing.wait_all_tasks_blocked()
+        log.defer()
+        for i in range(3):
+            log.emit(passed(i))
+        log.write_deferred()
+        assert log.written == 0 and log.statistics()["queued"] == 3
+        receiver = unix_receiver(path)
+        try:
+            await written(log, 3, RETRY_AFTER * 3)
+            got = [parse(d) for d in drain_now(receiver)]
+        finally:
+            receiver.close()
+        nursery.cancel_scope.cancel()
+    assert [int(g.fields["client_port"]) for g in got] == [0, 1, 2]
+    assert log.dropped == 0
+
+
 async def test_events_emitted_before_a_reload_go_out_as_they_were_emitted(
     tmp_path: Path,
 ) -> None:

@@ -62,9 +62,9 @@ from __future__ import annotations
 import errno
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 import trio.testing
@@ -86,6 +86,7 @@ __all__ = [
     "GATHER_MIN_BACKLOG",
     "GATHER_WORKERS",
     "RETRY_ERRNOS",
+    "Batching",
     "Listener",
     "accept_loop",
     "half_full",
@@ -175,6 +176,25 @@ class Listener:
 Accepted = Callable[[socket.socket, tuple[object, ...], Listener], None]
 
 
+class Batching(Protocol):
+    """Told where each wake-up's batch of clients begins and ends (EventLog)."""
+
+    def defer(self) -> None: ...
+
+    def write_deferred(self) -> None: ...
+
+
+class _NoBatching:
+    def defer(self) -> None:
+        pass
+
+    def write_deferred(self) -> None:
+        pass
+
+
+_NO_BATCHING = _NoBatching()
+
+
 async def accept_loop(
     listener: Listener,
     accepted: Accepted,
@@ -183,6 +203,7 @@ async def accept_loop(
     backlog: int = GATHER_MIN_BACKLOG,
     longest: float = GATHER,
     full: float = GATHER_CLIENTS / 2,
+    batching: Batching | None = None,
 ) -> None:
     """Accept from `listener` until cancelled; `accepted(sock, addr, listener)` for each.
 
@@ -193,8 +214,12 @@ async def accept_loop(
     `backlog`: the listener's accept queue; under GATHER_MIN_BACKLOG, never.
     `longest`: the longest gathering sleep (`longest_window(workers)`); `full`:
     the clients a window takes on average at which busy times are not probed
-    (`half_full(workers)`).
+    (`half_full(workers)`). `batching` (the EventLog) is told when each
+    wake-up's batch of clients begins (`defer`) and ends (`write_deferred`,
+    before every wait).
     """
+    if batching is None:
+        batching = _NO_BATCHING
     gather = gathering.Gathering(longest, backlog >= GATHER_MIN_BACKLOG, ACCEPT_BATCH, full)
     # The gathering's time is the host's monotonic clock, which every worker
     # reads alike, so that their probes begin on the same ticks (trio's clock
@@ -203,7 +228,7 @@ async def accept_loop(
     host_clock = time.monotonic() - trio.current_time()
     timer = _window_timer()
     try:
-        await _accept(listener, accepted, on_pause, relaying, gather, host_clock, timer)
+        await _accept(listener, accepted, on_pause, relaying, gather, host_clock, timer, batching)
     finally:
         if timer is not None:
             timer.close()
@@ -225,46 +250,60 @@ async def _accept(
     gather: gathering.Gathering,
     host_clock: float,
     timer: WakeTimer | None,
+    batching: Batching,
 ) -> None:
     lsock = listener.sock
     family, kind, proto = lsock.family, lsock.type | socket.SOCK_NONBLOCK, lsock.proto
     accept = Acceptor(lsock.fileno()).accept
     batch = 0  # clients this wake-up has taken
-    while True:
-        try:
-            client = accept()
-        except OSError as exc:
-            if exc.errno in _PAUSE_ERRNOS:
-                # Out of descriptors or memory: stop accepting for a moment
-                # (spamd does the same) instead of spinning on the error.
-                on_pause(listener, exc)
-                await trio.sleep(ACCEPT_BACKOFF)
-            elif exc.errno in RETRY_ERRNOS:
-                # That client is gone: take the next, with a checkpoint so
-                # that even an endless run of them can be cancelled.
-                await trio.lowlevel.checkpoint()
+    pause: Awaitable[None]
+    batching.defer()
+    try:
+        while True:
+            try:
+                client = accept()
+            except OSError as exc:
+                if exc.errno in _PAUSE_ERRNOS:
+                    # Out of descriptors or memory: stop accepting for a moment
+                    # (spamd does the same) instead of spinning on the error.
+                    on_pause(listener, exc)
+                    pause = trio.sleep(ACCEPT_BACKOFF)
+                elif exc.errno in RETRY_ERRNOS:
+                    # That client is gone: take the next, with a checkpoint so
+                    # that even an endless run of them can be cancelled.
+                    pause = trio.lowlevel.checkpoint()
+                else:
+                    raise
             else:
-                raise
-            continue
-        if client is None:
-            # Busy: let the next clients gather, then take them all in one go
-            # (core/gathering.py says when, and when not).
-            window = gather.after_wakeup(batch, trio.current_time() + host_clock, relaying() > 0)
-            batch = 0
-            if window is None:
-                await trio.lowlevel.wait_readable(lsock)
-            elif timer is not None:
-                # A wait for the timer's fd ends without the exception that
-                # ends a trio sleep (service/tcptune.py's WakeTimer).
-                timer.arm(window)
-                await trio.lowlevel.wait_readable(timer.fd)
-            else:
-                await trio.sleep(window)
-            continue
-        fd, addr = client
-        # SOCK_NONBLOCK in the type tells the socket object it is non-blocking
-        # already (accept4 made it so): no fcntl to set it again.
-        accepted(socket.socket(family, kind, proto, fd), addr, listener)
-        batch += 1
-        if batch % ACCEPT_BATCH == 0:
-            await trio.lowlevel.checkpoint()
+                if client is not None:
+                    fd, addr = client
+                    # SOCK_NONBLOCK in the type tells the socket object it is
+                    # non-blocking already (accept4 made it so): no fcntl.
+                    accepted(socket.socket(family, kind, proto, fd), addr, listener)
+                    batch += 1
+                    if batch % ACCEPT_BATCH:
+                        continue
+                    pause = trio.lowlevel.checkpoint()
+                else:
+                    # Busy: let the next clients gather, then take them all in
+                    # one go (core/gathering.py says when, and when not).
+                    now = trio.current_time() + host_clock
+                    window = gather.after_wakeup(batch, now, relaying() > 0)
+                    batch = 0
+                    if window is None:
+                        pause = trio.lowlevel.wait_readable(lsock)
+                    elif timer is not None:
+                        # A wait for the timer's fd ends without the exception
+                        # that ends a trio sleep (service/tcptune.py's WakeTimer).
+                        timer.arm(window)
+                        pause = trio.lowlevel.wait_readable(timer.fd)
+                    else:
+                        pause = trio.sleep(window)
+            # Every wait of the loop: the events of this wake-up's clients go
+            # out now (shell/eventlog.py), not in a turn of trio's loop of
+            # their own.
+            batching.write_deferred()
+            await pause
+            batching.defer()
+    finally:
+        batching.write_deferred()

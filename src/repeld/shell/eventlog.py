@@ -18,6 +18,14 @@ syslog target that stops reading never holds up the -f lines:
   which emit() formats them itself: formatted in emit(), in the middle of each
   client's path, a handed-off client cost 2 to 8 µs more of its 76 to 104
   (docs/perf-log/2026-12-06-workers-probe-together.md).
+- the accept loop writes its own batch (`defer`, `write_deferred`): from its
+  wake-up to its next wait, the events its clients bring wait, and before it
+  waits it sends them, non-blocking, itself. Woken by emit(), the sender would
+  run in a turn of trio's loop of its own, after the accept loop's: one more
+  poll of the kernel and one more task switch per wake-up, 3 to 5 µs of a
+  handed-off client's CPU (docs/perf-log/2026-12-07-timer-and-batch.md).
+  Whatever the socket does not take at once (no connection yet, a full
+  buffer, a frame cut short) is the sender's, as any other event.
 
 The syslog queue is bounded in bytes (`QUEUE_BYTES`, enough for two events for
 each of 75,000 clients passing at once). An event that finds it full is dropped
@@ -127,6 +135,10 @@ class EventLog:
         self._coalesced: dict[tuple[str, str], tuple[int, Event, float]] = {}
         self._wakeup = trio.Event()
         self._idle = trio.Event()
+        #: Between `defer` and `write_deferred`: emit() leaves the sender asleep.
+        self._deferring = False
+        #: Events came while deferring: `write_deferred` has something to do.
+        self._deferred = False
         #: -f lines not yet written.
         self._lines: list[str] = []
         #: Events for syslog not yet formatted (at most _FRAME_BATCH), with their time.
@@ -232,7 +244,34 @@ class EventLog:
         unframed.append((event, stamp))
         if len(unframed) >= _FRAME_BATCH:
             self._frame_unframed()
-        self._wakeup.set()
+        if self._deferring:
+            self._deferred = True
+        else:
+            self._wakeup.set()
+
+    def defer(self) -> None:
+        """From now until `write_deferred`, emit() leaves the syslog sender asleep.
+
+        For a task that emits a batch of events and calls `write_deferred`
+        before it next waits (the accept loop): no other task runs meanwhile.
+        """
+        self._deferring = True
+
+    def write_deferred(self) -> None:
+        """Send what came since `defer`, without waiting; the sender gets the rest."""
+        self._deferring = False
+        if not self._deferred:
+            return
+        self._deferred = False
+        sock = self._sock
+        if sock is not None and not self._partial and not self._inflight:
+            # Nothing of the sender's is half-sent: send from the head of the
+            # queue, in order, what the socket takes at once.
+            self._frame_unframed()
+            self._release_coalesced()
+            self._send_nowait(sock)
+        if self._queue or self._unframed or self._coalesced:
+            self._wakeup.set()
 
     def _frame_unframed(self) -> None:
         """Format the events emit() queued and queue their messages, as room allows."""

@@ -270,6 +270,7 @@ class Server:
                 self.accept_queue,
                 longest_window(self.settings.workers),
                 half_full(self.settings.workers),
+                self.log,
             )
         except OSError as exc:
             # A broken listener (EBADF, EINVAL...) never heals: retrying it would
