@@ -24,7 +24,7 @@ from repeld.core import events
 from repeld.core.events import ConnInfo, Event
 from repeld.core.hold import HangUp, Pass, PassReason
 from repeld.core.logformat import FACILITIES, Header, format_json, format_rfc5424
-from repeld.core.names import EventName
+from repeld.core.names import EventName, HandOffHow
 from repeld.shell.eventlog import _FRAME_BATCH, RETRY_AFTER, SEND_WAIT, EventLog
 
 from ..syslog_receiver import Received, parse
@@ -599,6 +599,76 @@ async def test_a_deferred_batch_the_socket_cannot_take_yet_is_the_writers(
         nursery.cancel_scope.cancel()
     assert [int(g.fields["client_port"]) for g in got] == [0, 1, 2]
     assert log.dropped == 0
+
+
+def _pass_args(i: int) -> tuple[ConnInfo, Pass, float, None, HandOffHow]:
+    return (
+        ConnInfo("127.0.0.1", i, "127.0.0.1", 25),
+        Pass(PassReason.TRUSTED, 0.0),
+        0.25,
+        None,
+        HandOffHow.PASS,
+    )
+
+
+async def test_an_event_built_later_is_counted_at_once_and_written_as_if_emitted() -> None:
+    # emit_built() (the pass event of every client): counted now, built with
+    # the rest of the batch when formatted, and its message byte for byte what
+    # emit() of the built event writes; --metrics sees it once it is built,
+    # and settle() builds every one that waits.
+    receiver, port = roomy_udp_receiver()
+    log = EventLog(SyslogTarget("udp", host="127.0.0.1", port=port), hostname="testhost")
+    seen: list[Event] = []
+    log.observe = seen.append
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(log.run)
+            await log.connect_now()
+            await trio.testing.wait_all_tasks_blocked()
+            log.defer()
+            log.emit(events.passed(*_pass_args(1)))
+            log.emit_built(EventName.PASS, events.passed, *_pass_args(2))
+            log.emit_built(EventName.PASS, events.passed, *_pass_args(3))
+            assert log.counts[EventName.PASS] == 3
+            assert [int(str(e.get("client_port"))) for e in seen] == [1]  # not built yet
+            log.settle()
+            assert [int(str(e.get("client_port"))) for e in seen] == [1, 2, 3]
+            log.write_deferred()
+            got = drain_now(receiver)
+            nursery.cancel_scope.cancel()
+    finally:
+        receiver.close()
+    assert len(got) == 3
+    # Emitted built or built later, the same message (but for the client's port).
+    as_emitted = _untimed(got[0]).replace(b'client_port="1"', b'client_port="2"')
+    assert _untimed(got[1]) == as_emitted.replace(b"]:1 ", b"]:2 ")
+    assert [p.event for p in map(parse, got)] == ["pass"] * 3
+    assert log.written == 3 and log.dropped == 0
+
+
+async def test_events_built_later_and_never_written_are_still_seen_and_counted(
+    tmp_path: Path,
+) -> None:
+    # No syslog daemon, and the wait for one ends: every event still waiting is
+    # counted dropped, and --metrics has seen each, built or not.
+    log = EventLog(SyslogTarget("unix", path=str(tmp_path / "absent")), hostname="testhost")
+    seen: list[Event] = []
+    log.observe = seen.append
+    for i in range(3):
+        log.emit_built(EventName.PASS, events.passed, *_pass_args(i))
+    await log.wait_flushed(0.05)
+    assert [int(str(e.get("client_port"))) for e in seen] == [0, 1, 2]
+    assert log.dropped == 3 and log.written == 0
+
+
+def test_an_event_for_the_foreground_is_built_at_once() -> None:
+    # -f: its line is written in order with every other event's, so it is built now.
+    stderr = io.StringIO()
+    log = EventLog(None, stderr=stderr)
+    log.emit_built(EventName.PASS, events.passed, *_pass_args(7))
+    log.emit(marker())
+    assert log._lines[0].endswith("pass: PASS TRUSTED [127.0.0.1]:7 after 0.000")
+    assert "hangup:" in log._lines[1]
 
 
 async def test_events_emitted_before_a_reload_go_out_as_they_were_emitted(

@@ -43,7 +43,7 @@ from repeld.core.hold import (
     Wait,
 )
 from repeld.core.learning import Lesson, lesson
-from repeld.core.names import EarlyAction
+from repeld.core.names import EarlyAction, EventName
 from repeld.shell.enforce import EnforceSessions, enforce_name
 from repeld.shell.eventlog import EventLog
 from repeld.shell.handoff import BackendTarget, HandOff
@@ -139,7 +139,8 @@ class Dispatch:
         if dns is None and self.dns:  # trusted, nodelay: never asked
             dns = DnsScore()
         how = self.handoff.kind(backend)  # issue 19: handoff=pass
-        self.log.emit(events.passed(conn, verdict, rtt_ms(sock), dns, how))
+        # Built with the rest of the batch's events (shell/eventlog.py).
+        self.log.emit_built(EventName.PASS, events.passed, conn, verdict, rtt_ms(sock), dns, how)
         self.handoff.client(sock, conn, accepted_at, backend)
 
     def _logged(self, held: Held, note: EarlyTalk | Penalty | Blocked) -> None:

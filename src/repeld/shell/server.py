@@ -347,6 +347,7 @@ class Server:
     def metrics_snapshot(self) -> Snapshot:
         """What --metrics shows of this process (repeld/metrics.py names each part)."""
         assert self.metrics is not None
+        self.log.settle()  # the events built lazily (EventLog.emit_built) counted too
         cache = self.cache.statistics() if self.cache is not None else {}
         dns = self.admission.dns
         gauges = {"held": len(self.pen), "relays": self.relays, "max_held": self.max_held}
