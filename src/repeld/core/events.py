@@ -63,8 +63,8 @@ class ConnInfo(NamedTuple):
 
     A named tuple, as `Event` is, not a frozen dataclass: every client builds one
     and every event one, and a frozen dataclass sets each field through
-    object.__setattr__ (0.65 µs a build against 0.25 in a loop; 2 to 3 µs of a
-    handed-off client's CPU in place, docs/perf-log/2026-12-07-timer-and-batch.md).
+    object.__setattr__ (0.65 µs a build against 0.25 in a loop; 3 µs of a client
+    handed off by a worker of two, docs/perf-log/2026-12-07-timer-and-batch.md).
     Immutable and hashable all the same.
     """
 
