@@ -48,6 +48,18 @@ gather for 10 s. Probes begin and end on ticks of the host's monotonic clock,
 so that workers probe together (core/gathering.py, which makes every one of
 these decisions; this module only accepts and sleeps).
 
+A window is a wait for a timerfd (`WakeTimer`, from the native module), not a
+trio sleep: a trio sleep ends by cancelling its scope, which raises an
+exception into the task and catches it, some 140 Python calls per wake-up;
+the timer's readability wakes the task like any socket's (8-9 µs less per
+handed-off client, docs/perf-log/2026-12-07-timer-and-batch.md). Under a
+test's virtual clock, and where there is no timerfd, the loop sleeps in trio.
+
+Each wake-up is one batch for the event log (`Batching`: the EventLog): the
+loop calls `defer()` when it wakes and `write_deferred()` before each wait, so
+that the events of the clients it took go out from here, in a row, instead of
+waking the log's writer task for a turn of trio's loop of its own.
+
 Nor does it gather while repeld relays sessions (`relaying()`): their bytes
 wake the process anyway, so gathering would save nothing and only make each
 new client wait, which a client that sends a message per short connection
