@@ -10,6 +10,7 @@ import errno
 import functools
 import os
 import socket
+import sys
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -28,6 +29,7 @@ from repeld.shell.accept import (
     GATHER_MIN,
     GATHER_MIN_BACKLOG,
     GATHER_WORKERS,
+    HALF_FULL_LEAST,
     RETRY_ERRNOS,
     Listener,
     accept_loop,
@@ -266,16 +268,30 @@ async def test_each_wake_up_is_one_batch_for_the_event_writer(
     assert batches.ends >= 6 and not batches.deferring
 
 
+def _timerfds() -> int:
+    """This process's timerfds, as the kernel lists its descriptors."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[timerfd]"
+    return count
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
 async def test_under_the_real_clock_the_windows_wait_on_the_kernel_timer() -> None:
     # trio's own clock: the loop waits for a timerfd (service/tcptune.py's
-    # WakeTimer), which a virtual clock could not drive. A burst is still
-    # gathered, and the next clients are taken once the window is over, never
-    # before (only that bound is asserted: the real clock runs late, not early).
+    # WakeTimer), which a virtual clock could not drive: one is open while the
+    # loop runs, and closed when it ends. A burst is still gathered, and the
+    # next clients are taken once the window is over, never before (only that
+    # bound is asserted: the real clock runs late, not early).
+    before = _timerfds()
     with _arrivals() as a:
         lsock = a.listener()
         taken = a.taken
         async with trio.open_nursery() as nursery:
             a.serve(nursery, lsock)
+            await trio.testing.wait_all_tasks_blocked()
+            assert _timerfds() == before + 1
             await a.connect(lsock, 2)
             burst = taken[1][0]  # the loop began its window then
             await a.connect(lsock, 10)
@@ -284,6 +300,7 @@ async def test_under_the_real_clock_the_windows_wait_on_the_kernel_timer() -> No
                 await a.connect(lsock, 3)
             assert len(taken) == 21
             nursery.cancel_scope.cancel()
+    assert _timerfds() == before
 
 
 async def test_one_client_at_a_time_is_taken_at_once_and_a_burst_is_gathered(
@@ -397,14 +414,21 @@ async def test_a_worker_of_several_lets_clients_gather_longer(
             nursery.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize("workers", [1, 2, 3, 16])
+@pytest.mark.parametrize("workers", [1, 2, 3, 5])
 def test_a_worker_is_half_full_under_the_load_that_fills_one_process_half(workers: int) -> None:
     # Busy times at or above this are not probed (core/gathering.py): the mark is
-    # one host-wide rate, whatever the workers, and each worker sees its share.
+    # one host-wide rate, and each worker sees its share.
     rate = half_full(workers) * workers / longest_window(workers)
     assert rate == pytest.approx(GATHER_CLIENTS / 2 / GATHER)  # 800 clients a second
-    assert half_full(1) == GATHER_CLIENTS / 2
+    assert half_full(1) == GATHER_CLIENTS / 2 == 8
     assert half_full(2) == pytest.approx(6)
+
+
+@pytest.mark.parametrize("workers", [6, 8, 16, 64])
+def test_many_workers_keep_a_half_full_mark_a_probe_can_fall_under(workers: int) -> None:
+    # A window of a stretch of gathering takes one client or more: a mark of one
+    # or less would never let a busy time be probed (16 workers: 0.75).
+    assert half_full(workers) == HALF_FULL_LEAST > 1
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -74,7 +74,7 @@ from __future__ import annotations
 import errno
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -97,6 +97,7 @@ __all__ = [
     "GATHER_MIN",
     "GATHER_MIN_BACKLOG",
     "GATHER_WORKERS",
+    "HALF_FULL_LEAST",
     "RETRY_ERRNOS",
     "Batching",
     "Listener",
@@ -151,6 +152,8 @@ GATHER_CLIENTS = gathering.CLIENTS
 #: clients more than a window's worth would overflow it while the loop sleeps.
 GATHER_MIN_BACKLOG = 128
 FLOOD_PAUSE = gathering.FLOOD_PAUSE
+#: The lowest half-full mark of a worker (`half_full`).
+HALF_FULL_LEAST = 2.0
 
 
 def longest_window(workers: int) -> float:
@@ -168,9 +171,12 @@ def half_full(workers: int) -> float:
     two workers at 15 ms are half full at 6 clients a window. Held to one
     process's 8, two workers under 800 to 1,070 clients a second probed where
     one process does not: at the start of every busy time and again 2 s in, a
-    quarter of a second of taking each client at once.
+    quarter of a second of taking each client at once. Never under
+    `HALF_FULL_LEAST` (from six workers on): gathering goes on only while each
+    window brings someone, so its windows take one client or more whatever
+    the load, and a lower mark would never let a busy time be probed.
     """
-    return GATHER_CLIENTS / 2 * longest_window(workers) / (GATHER * workers)
+    return max(HALF_FULL_LEAST, GATHER_CLIENTS / 2 * longest_window(workers) / (GATHER * workers))
 
 
 @dataclass(slots=True)
@@ -248,10 +254,15 @@ async def accept_loop(
 
 def _window_timer() -> WakeTimer | None:
     """The kernel's timer for the windows, or None to sleep in trio: where there
-    is no timerfd, and under a test's virtual clock, which cannot drive one."""
+    is no timerfd, under a test's virtual clock, which cannot drive one, and if
+    the kernel refuses one (out of descriptors, a seccomp filter): the timer
+    saves CPU, and is never a reason to stop accepting."""
     if isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock):
         return None
-    return WakeTimer.open()
+    try:
+        return WakeTimer.open()
+    except OSError:
+        return None
 
 
 async def _accept(
@@ -268,7 +279,7 @@ async def _accept(
     family, kind, proto = lsock.family, lsock.type | socket.SOCK_NONBLOCK, lsock.proto
     accept = Acceptor(lsock.fileno()).accept
     batch = 0  # clients this wake-up has taken
-    pause: Awaitable[None]
+    pause: Coroutine[object, object, None]
     batching.defer()
     try:
         while True:
@@ -307,14 +318,23 @@ async def _accept(
                     elif timer is not None:
                         # A wait for the timer's fd ends without the exception
                         # that ends a trio sleep (service/tcptune.py's WakeTimer).
-                        timer.arm(window)
-                        pause = trio.lowlevel.wait_readable(timer.fd)
+                        try:
+                            timer.arm(window)
+                        except OSError:  # never: it was made for this; if so, trio's
+                            timer = None
+                            pause = trio.sleep(window)
+                        else:
+                            pause = trio.lowlevel.wait_readable(timer.fd)
                     else:
                         pause = trio.sleep(window)
             # Every wait of the loop: the events of this wake-up's clients go
             # out now (shell/eventlog.py), not in a turn of trio's loop of
             # their own.
-            batching.write_deferred()
+            try:
+                batching.write_deferred()
+            except BaseException:
+                pause.close()  # never awaited
+                raise
             await pause
             batching.defer()
     finally:
