@@ -1,8 +1,10 @@
 """Prometheus metrics: what they are, how events feed them, how they are written.
 
 The daemon's events already say everything a metric needs, so the one hook is
-`EventLog.emit`: with --metrics on, `Metrics.observe(event)` sees every event
-(early talkers too under --no-report-attacks) and costs a field look-up, a
+the EventLog's observer: with --metrics on, `Metrics.observe(event)` sees every
+event (early talkers too under --no-report-attacks), in `emit()`, or when an
+`emit_built()` one is built (the server's snapshot builds every one that waits
+first), and costs a field look-up, a
 counter increment and, for four kinds of event, a bisect into a histogram.
 With --metrics off nothing is hooked and nothing is counted here. Counters the
 server keeps anyway (held, relays, refusals, the cache's answers, dropped

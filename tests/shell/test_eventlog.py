@@ -661,6 +661,31 @@ async def test_events_built_later_and_never_written_are_still_seen_and_counted(
     assert log.dropped == 3 and log.written == 0
 
 
+def test_an_event_that_cannot_be_built_is_counted_dropped_and_holds_up_no_other(
+    tmp_path: Path,
+) -> None:
+    # A bug in a builder (here: one that raises, and one that builds another
+    # event than it was named for) surfaces where the events are built; each
+    # such event is counted dropped, and the events queued after it wait on.
+    log = EventLog(SyslogTarget("unix", path=str(tmp_path / "absent")), hostname="testhost")
+
+    def broken(i: int) -> Event:
+        raise ValueError(f"no event {i}")
+
+    log.emit_built(EventName.PASS, events.passed, *_pass_args(0))
+    log.emit_built(EventName.PASS, broken, 1)
+    log.emit_built(EventName.HANGUP, events.passed, *_pass_args(2))
+    log.emit_built(EventName.PASS, events.passed, *_pass_args(3))
+    with pytest.raises(ValueError, match="no event 1"):
+        log.settle()
+    with pytest.raises(AssertionError, match=r"emit_built\(hangup\) built a pass event"):
+        log.settle()
+    log.settle()
+    stats = log.statistics()
+    assert stats["queued"] == 2 and stats["dropped"] == 2  # 0 and 3 wait; 1 and 2 lost
+    assert log.counts[EventName.PASS] == 3 and log.counts[EventName.HANGUP] == 1
+
+
 def test_an_event_for_the_foreground_is_built_at_once() -> None:
     # -f: its line is written in order with every other event's, so it is built now.
     stderr = io.StringIO()

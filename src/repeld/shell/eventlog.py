@@ -1,8 +1,10 @@
 """The event writer: never blocks the loop, never floods it, never makes -f wait.
 
 `EventLog.emit()` is synchronous and cheap: it counts the event, formats its
--f line, and queues both. Two tasks write them out, each on its own, so that a
-syslog target that stops reading never holds up the -f lines:
+-f line, and queues both (`emit_built()` queues the makings of an event, built
+when the messages are formatted). Two tasks write them out, each on its own,
+so that a syslog target that stops reading never holds up the -f lines, and
+the accept loop sends its own batches:
 
 - the stderr writer writes every line that gathered since it last ran, in one
   write. stderr is written blocking: a pipe nobody reads stops repeld, as it
@@ -81,8 +83,8 @@ _STDERR_BATCH = 4096
 #: Events that emit() lets gather before it formats their syslog messages itself.
 _FRAME_BATCH = 256
 _P = ParamSpec("_P")
-#: An emit_built() event not built yet: the builder and its arguments.
-_Unbuilt = tuple[Callable[..., Event], tuple[object, ...]]
+#: An emit_built() event not built yet: the builder, its arguments, the event's name.
+_Unbuilt = tuple[Callable[..., Event], tuple[object, ...], str]
 #: The longest the sender waits for the target to accept one message.
 SEND_WAIT = 1.0
 #: At shutdown, the longest `wait_flushed()` waits for the queue to empty.
@@ -276,9 +278,9 @@ class EventLog:
         self.counts[name] += 1
         unframed = self._unframed
         if kwargs:
-            unframed.append(((functools.partial(build, **kwargs), args), time.time()))
+            unframed.append(((functools.partial(build, **kwargs), args, name), time.time()))
         else:
-            unframed.append(((build, args), time.time()))
+            unframed.append(((build, args, name), time.time()))
         if len(unframed) >= _FRAME_BATCH:
             self._frame_unframed()
         if self._deferring:
@@ -317,9 +319,17 @@ class EventLog:
     def _frame_unframed(self) -> None:
         """Format the events emit() queued and queue their messages, as room allows."""
         unframed, self._unframed = self._unframed, []
-        for entry, stamp in unframed:
-            event = self._built(entry)
-            if not self._enqueue(self._frame(event, stamp), 1):
+        for i, (entry, stamp) in enumerate(unframed):
+            try:
+                event = self._built(entry)
+                message = self._frame(event, stamp)
+            except BaseException:
+                # A bug in building or formatting this one: it is lost, and
+                # counted so; the events after it wait on.
+                self._dropped += 1
+                self._unframed[:0] = unframed[i + 1 :]
+                raise
+            if not self._enqueue(message, 1):
                 if event.name == EventName.BACKEND_ERROR:
                     key = (str(event.get("backend")), str(event.get("error")))
                     count = self._coalesced.get(key, (0, event, stamp))[0]
@@ -331,8 +341,9 @@ class EventLog:
         """The event itself; one emit_built() waited to build is built and observed now."""
         if isinstance(entry, Event):
             return entry
-        build, args = entry
+        build, args, name = entry
         event = build(*args)
+        assert event.name == name, f"emit_built({name}) built a {event.name} event"
         if self.observe is not None:
             self.observe(event)
         return event
