@@ -33,12 +33,13 @@
 
 #include <time.h>
 
+/* timerfd: Linux, and FreeBSD from 14.0 (whose early 14-CURRENT snapshots
+ * lacked it: the header itself is asked for, not the version). */
 #if defined(__linux__)
 #include <sys/timerfd.h>
 #define REPELD_HAVE_TIMERFD 1
-#elif defined(__FreeBSD__)
-#include <sys/param.h>
-#if __FreeBSD_version >= 1400000
+#elif defined(__has_include)
+#if __has_include(<sys/timerfd.h>)
 #include <sys/timerfd.h>
 #define REPELD_HAVE_TIMERFD 1
 #endif
