@@ -153,7 +153,7 @@ async def test_a_hand_off_leaves_a_channel_handed_on_just_before(
             remotes.append(outcomes.send(pool, smtpd, 2)[1])
             assert outcomes.seen == {} and len(pool) == 2  # the first was left unread
             taken.append(smtpd.take()[0])
-            mock_clock.jump(COLLECT_AGE)
+            mock_clock.jump(COLLECT_AGE * 1.5)  # both older than COLLECT_AGE now
             remotes.append(outcomes.send(pool, smtpd, 3)[1])
             assert outcomes.seen == {1: (HandOffResult.TAKEN, ""), 2: (HandOffResult.TAKEN, "")}
             assert len(pool) == 1
