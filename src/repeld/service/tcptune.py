@@ -108,8 +108,9 @@ class WakeTimer:
     The accept loop's gathering windows wait for it (trio's wait_readable)
     instead of sleeping in trio: a trio sleep ends by cancelling its scope,
     which raises, delivers and catches an exception, and each window is a
-    wake-up of the process (docs/PERFORMANCE.md: 46-56 µs of CPU a wake-up
-    against 58-87 for trio.sleep, in a loop of 0.5 ms waits). `open()` is None
+    wake-up of the process (46-52 µs of CPU a wake-up against 58-65 for
+    trio.sleep, in a loop of 0.5 ms waits; docs/perf-log/2026-12-07-timer-and-batch.md).
+    `open()` is None
     where the platform has no timerfd (before FreeBSD 14): the loop sleeps in
     trio there.
     """
