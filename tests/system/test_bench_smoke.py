@@ -360,6 +360,37 @@ def test_bench_relay_postfix_set_prints_every_front() -> None:
     assert "peer: postscreen/haproxy" in proc.stdout
 
 
+AB_PASS = ROOT / "bench" / "ab-pass"
+
+
+def test_ab_pass_pairs_each_tree_with_the_first() -> None:
+    # Two trees (this one in one process and with two workers) in front of a
+    # real smtpd, one small round: every front measured, the second paired.
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("Postfix's master needs root")
+    src = str(ROOT / "src")
+    proc = subprocess.run(
+        [sys.executable, str(AB_PASS), "--tree", f"one={src}", "--tree", f"two={src}:2",
+         "--rounds", "1", "--messages", "100", "--sessions", "5"],
+        capture_output=True, text=True, timeout=4 * TIMEOUT, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert [line.split()[2] for line in lines if line.startswith("round 1 ")] == ["one", "two"]
+    paired = [line for line in lines if line.startswith("median two ")]
+    assert len(paired) == 1 and "paired against one:" in paired[0], proc.stdout
+    assert "(lower in " in paired[0] and " of 1 rounds)" in paired[0]
+
+
+def test_ab_pass_refuses_a_tree_without_repeld(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(AB_PASS), "--tree", f"a={tmp_path}", "--tree", f"b={tmp_path}"],
+        capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "no repeld package in" in proc.stderr
+
+
 PACED_SOURCE = ROOT / "bench" / "paced-source"
 
 
