@@ -245,16 +245,8 @@ class EventLog:
                 self._write_lines()  # a burst within one turn of the loop
             else:
                 self._lines_ready.set()
-        if self.target is None:
-            return
-        unframed = self._unframed
-        unframed.append((event, stamp))
-        if len(unframed) >= _FRAME_BATCH:
-            self._frame_unframed()
-        if self._deferring:
-            self._deferred = True
-        else:
-            self._wakeup.set()
+        if self.target is not None:
+            self._queue_unframed(event, stamp)
 
     def emit_built(
         self, name: EventName, build: Callable[_P, Event], *args: _P.args, **kwargs: _P.kwargs
@@ -276,11 +268,15 @@ class EventLog:
             self.emit(build(*args, **kwargs))
             return
         self.counts[name] += 1
-        unframed = self._unframed
         if kwargs:
-            unframed.append(((functools.partial(build, **kwargs), args, name), time.time()))
-        else:
-            unframed.append(((build, args, name), time.time()))
+            build = functools.partial(build, **kwargs)
+        self._queue_unframed((build, args, name), time.time())
+
+    def _queue_unframed(self, entry: Event | _Unbuilt, stamp: float) -> None:
+        """Queue an event (or its makings) for formatting; wake the sender, unless
+        a batch defers it (`defer`)."""
+        unframed = self._unframed
+        unframed.append((entry, stamp))
         if len(unframed) >= _FRAME_BATCH:
             self._frame_unframed()
         if self._deferring:
