@@ -391,6 +391,41 @@ def test_ab_pass_refuses_a_tree_without_repeld(tmp_path: Path) -> None:
     assert "no repeld package in" in proc.stderr
 
 
+HANDOFF_COST = ROOT / "bench" / "handoff-cost"
+
+
+@pytest.mark.parametrize("way", [[], ["--one-write"]])
+def test_handoff_cost_counts_every_hand_off(way: list[str]) -> None:
+    # The pass hand-off's system calls alone, against a child standing in for
+    # smtpd that checks each hand-off brought one descriptor and the whole list.
+    proc = subprocess.run(
+        [sys.executable, str(HANDOFF_COST), "--n", "250", *way],
+        capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    how = "one sendmsg" if way else "sendmsg + send"
+    assert proc.stdout.startswith(f"handoff-cost: 250 hand-offs ({how}): "), proc.stdout
+    assert proc.stdout.rstrip().endswith(" us of CPU each")
+
+
+def test_handoff_cost_fails_on_a_hand_off_the_receiver_did_not_get_whole(
+    tmp_path: Path,
+) -> None:
+    # A copy whose receiver wants one byte more than is sent: every hand-off
+    # is then short, and the bench says so instead of printing a figure.
+    copy = tmp_path / "handoff-cost"
+    text = HANDOFF_COST.read_text()
+    assert "listed != ATTRS:" in text
+    copy.write_text(text.replace("listed != ATTRS:", 'listed != ATTRS + b"x":'))
+    proc = subprocess.run(
+        [sys.executable, str(copy), "--n", "50"],
+        capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "without its descriptor or list" in proc.stderr
+    assert "us of CPU each" not in proc.stdout
+
+
 PACED_SOURCE = ROOT / "bench" / "paced-source"
 
 
