@@ -8,6 +8,7 @@ lets the configuration file sit underneath the flags.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -132,7 +133,8 @@ def check_backend(settings: Settings) -> int:
 
     from repeld.shell.backendcheck import check_backends, report_line
 
-    results = trio.run(check_backends, settings)
+    # As the daemon will see a pass service: inside --chroot, as --user.
+    results = trio.run(functools.partial(check_backends, settings, from_outside=True))
     if not results:
         print("repeld: no backend to check: passed clients go to the --exec program")
         return 0

@@ -445,6 +445,62 @@ def test_in_a_chroot_the_path_is_the_one_seen_inside(syslog: SyslogUDP) -> None:
         pf.wait_log(r"connect from unknown\[127\.0\.0\.15\]")
 
 
+def test_check_backend_looks_inside_the_chroot_as_the_user_the_daemon_becomes() -> None:
+    # Run as root, outside the chroot: the check must see what the daemon will
+    # see after --chroot and --user, not the host's root as root.
+    with postfix_instance() as pf:
+        base = [sys.executable, "-m", "repeld", "--check-backend", "-b", "pass:/private/smtpd",
+                "--chroot", str(pf.queue_dir)]  # fmt: skip
+        ok = subprocess.run(
+            [*base, *AS_POSTFIX], capture_output=True, text=True, timeout=TIMEOUT, check=False
+        )
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert "pass:/private/smtpd (descriptor hand-off): ok: greeting '220 " in ok.stdout
+        denied = subprocess.run(
+            [*base, "--user", "nobody"], capture_output=True, text=True, timeout=TIMEOUT,
+            check=False,
+        )  # fmt: skip
+        assert denied.returncode == 1, denied.stdout + denied.stderr
+        assert f"FAILED: pass: permission denied ({pf.queue_dir}/private: user nobody" in (
+            denied.stdout
+        )
+        assert "may not search)" in denied.stdout and "--user postfix" in denied.stdout
+
+
+def _backend_up(metrics_port: int, name: str) -> float | None:
+    return samples(scrape(metrics_port)).get(("repeld_backend_up", (("backend", name),)))
+
+
+def test_the_workers_parent_checks_the_service_as_the_workers_see_it(syslog: SyslogUDP) -> None:
+    # The parent stays root outside the chroot; the workers chroot and drop.
+    with postfix_instance(mynetworks="127.0.0.18/32") as pf:
+        mport = free_port()
+        args = ("-b", "pass:/private/smtpd", "--chroot", str(pf.queue_dir), *AS_POSTFIX,
+                "--workers", "2", "--metrics", f"127.0.0.1:{mport}",
+                "--backend-check-interval", "0.5")  # fmt: skip
+        with repeld(*args, "--syslog", syslog.target, "--no-cache") as rd:
+            assert wait_for(lambda: _backend_up(mport, "pass:/private/smtpd") == 1, TIMEOUT)
+            assert deliver(rd.address, source="127.0.0.18").refused == {}
+            syslog.wait_for("pass")
+            syslog.drain(1.0)  # two more periodic checks
+            assert syslog.named("backend-check") == []
+        pf.wait_log(r"connect from unknown\[127\.0\.0\.18\]")
+
+
+def test_the_workers_parent_sees_a_service_the_workers_may_not_use(syslog: SyslogUDP) -> None:
+    # As root the parent could use private/ itself; the workers, as nobody, cannot.
+    with postfix_instance() as pf:
+        mport = free_port()
+        backend = f"pass:{pf.pass_socket}"
+        args = ("-b", backend, "--user", "nobody", "--workers", "2", "--metrics",
+                f"127.0.0.1:{mport}", "--backend-check-interval", "0.5")  # fmt: skip
+        with repeld(*args, "--syslog", syslog.target, "--no-cache"):
+            (check,) = syslog.wait_for("backend-check")
+            assert check.fields["message"].startswith("pass: permission denied ("), check.fields
+            assert f"{pf.pass_socket.parent}: user nobody" in check.fields["message"]
+            assert wait_for(lambda: _backend_up(mport, backend) == 0, TIMEOUT)
+
+
 def test_every_worker_hands_off_itself(syslog: SyslogUDP) -> None:
     with postfix_instance(mynetworks="127.0.0.0/8") as pf:
         args = _to_smtpd(pf, syslog.target)

@@ -155,3 +155,58 @@ def test_a_listener_can_have_its_own_pass_service() -> None:
     spec = parse_listen("127.0.0.1:25,backend=pass:/var/spool/postfix/private/smtpd")
     assert spec.backend == PassBackend("/var/spool/postfix/private/smtpd")
     assert str(spec) == "127.0.0.1:25,backend=pass:/var/spool/postfix/private/smtpd"
+
+
+@pytest.mark.parametrize(
+    ("root", "path", "expected"),
+    [
+        ("/", "/var/spool/postfix/private/smtpd",
+         ["/", "/var", "/var/spool", "/var/spool/postfix", "/var/spool/postfix/private",
+          "/var/spool/postfix/private/smtpd"]),
+        # inside a chroot only the chroot's own directories count
+        ("/var/spool/postfix", "/private/smtpd",
+         ["/var/spool/postfix", "/var/spool/postfix/private", "/var/spool/postfix/private/smtpd"]),
+        ("/srv/pf/", "//private//smtpd", ["/srv/pf/", "/srv/pf/private", "/srv/pf/private/smtpd"]),
+    ],
+)  # fmt: skip
+def test_path_steps_are_each_directory_from_the_root_down_then_the_socket(
+    root: str, path: str, expected: list[str]
+) -> None:
+    assert postfixpass.path_steps(root, path) == expected
+
+
+POSTFIX_UID, POSTFIX_GID, POSTDROP_GID, NOBODY_UID, NOGROUP_GID = 101, 102, 103, 65534, 65534
+#: Debian's queue directory: private/ is postfix's alone, public/ postdrop's to enter.
+_QUEUE = [("/", 0o755, 0, 0), ("/var", 0o755, 0, 0), ("/var/spool", 0o755, 0, 0),
+          ("/var/spool/postfix", 0o755, 0, 0)]  # fmt: skip
+PRIVATE = [*_QUEUE, ("/var/spool/postfix/private", 0o700, POSTFIX_UID, 0),
+           ("/var/spool/postfix/private/smtpd", 0o666, POSTFIX_UID, 0)]  # fmt: skip
+PUBLIC = [*_QUEUE, ("/var/spool/postfix/public", 0o710, POSTFIX_UID, POSTDROP_GID),
+          ("/var/spool/postfix/public/smtpd", 0o666, POSTFIX_UID, 0)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("steps", "uid", "gid", "expected"),
+    [
+        (PRIVATE, POSTFIX_UID, POSTFIX_GID, None),
+        (PRIVATE, NOBODY_UID, NOGROUP_GID, ("/var/spool/postfix/private", "search")),
+        (PRIVATE, 0, 0, None),  # root passes everywhere
+        (PUBLIC, NOBODY_UID, POSTDROP_GID, None),  # --group postdrop
+        (PUBLIC, NOBODY_UID, NOGROUP_GID, ("/var/spool/postfix/public", "search")),
+        # a socket that only its owner may write to
+        ([*PRIVATE[:-1], ("/var/spool/postfix/private/smtpd", 0o600, 0, 0)], POSTFIX_UID,
+         POSTFIX_GID, ("/var/spool/postfix/private/smtpd", "write")),
+        # the owner's bits decide for the owner, even where the group's would allow
+        ([("/", 0o755, 0, 0), ("/d", 0o070, POSTFIX_UID, POSTFIX_GID), ("/d/s", 0o666, 0, 0)],
+         POSTFIX_UID, POSTFIX_GID, ("/d", "search")),
+        # read without search is no way through
+        ([("/", 0o755, 0, 0), ("/d", 0o744, 0, 0), ("/d/s", 0o666, 0, 0)], NOBODY_UID,
+         NOGROUP_GID, ("/d", "search")),
+    ],
+    ids=["postfix-private", "nobody-private", "root", "postdrop-public", "nogroup-public",
+         "socket-owner-only", "owner-bits-decide", "read-is-not-search"],
+)  # fmt: skip
+def test_denied_step_names_the_first_step_the_identity_may_not_pass(
+    steps: list[tuple[str, int, int, int]], uid: int, gid: int, expected: tuple[str, str] | None
+) -> None:
+    assert postfixpass.denied_step(steps, uid, gid) == expected

@@ -42,9 +42,11 @@ __all__ = [
     "BadAttribute",
     "connect_outcome",
     "decode_attributes",
+    "denied_step",
     "describe",
     "encode_attributes",
     "pass_attributes",
+    "path_steps",
     "postfix_address",
     "send_outcome",
 ]
@@ -193,3 +195,48 @@ _PASS_LIST = (
     f"{ATTR_CLIENT_ADDR}\0%s\0{ATTR_CLIENT_PORT}\0%d\0"
     f"{ATTR_SERVER_ADDR}\0%s\0{ATTR_SERVER_PORT}\0%d\0\0"
 ).encode("ascii")
+
+
+def path_steps(root: str, path: str) -> list[str]:
+    """The paths a process resolving `path` (absolute) inside `root` passes through,
+    as seen from outside it: `root` itself, each directory below, then `path`.
+
+    `root` is "/" without a chroot; with one, the directories above it do not
+    matter to a process inside.
+    """
+    steps = [root]
+    here = root.rstrip("/")
+    for part in [p for p in path.split("/") if p]:
+        here = f"{here}/{part}"
+        steps.append(here)
+    return steps
+
+
+def denied_step(
+    steps: list[tuple[str, int, int, int]], uid: int, gid: int
+) -> tuple[str, str] | None:
+    """The first of `steps` that a process of `uid` and `gid` alone may not pass, with
+    the permission it lacks ("search" or "write"), or None if it may connect.
+
+    `steps` are (path, mode, owner, group) for each directory from the root down,
+    then the socket (`path_steps`, stat(2)): connect(2) needs search on every
+    directory and write on the socket. The classic rule: the owner's bits if it
+    owns the step, else the group's if its group does, else the others'; uid 0
+    passes everywhere. A dropped repeld has no supplementary group
+    (service/privileges.py); access control lists and mandatory access control
+    are not seen here.
+    """
+    if uid == 0:
+        return None
+    last = len(steps) - 1
+    for i, (path, mode, owner, group) in enumerate(steps):
+        if owner == uid:
+            bits = mode >> 6
+        elif group == gid:
+            bits = mode >> 3
+        else:
+            bits = mode
+        need, name = (0o2, "write") if i == last else (0o1, "search")
+        if not bits & need:
+            return path, name
+    return None

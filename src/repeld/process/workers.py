@@ -412,7 +412,8 @@ async def supervise(
                     s.close()
             raise
         sup = Supervisor(settings, argv, sockets, log)
-        watch = BackendWatch(settings, log)  # the periodic backend check, and its gauges
+        # The periodic backend check and its gauges, from outside the workers' chroot.
+        watch = BackendWatch(settings, log, from_outside=True)
         sup.extra_metrics = watch.snapshot
         endpoint = None
         if settings.metrics is not None:

@@ -10,6 +10,15 @@ bound (core/backendcheck.py), and the whole check of one backend CHECK_LIMIT.
 once after start-up and after each reload, in the background, and reports
 each problem with `warn()` (shell/backendwatch.py, which also checks every
 --backend-check-interval), and never stops for what it finds.
+
+A pass service is checked as the processes that hand clients to it will meet
+it. The lone daemon checks after its chroot and its drop to --user, so it
+sees what it will use. `repeld --check-backend` and the --workers parent,
+which stays root and outside the chroot, check from outside (`Outside`): the
+path inside --chroot, and whether --user and --group may search every
+directory to the socket and write to it (core/postfixpass.py's
+`denied_step`). Otherwise a chrooted service would show as missing and a
+service the workers may not use as fine.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import os
 import socket
 import stat
 import sys
+from dataclasses import dataclass
 
 import trio
 
@@ -27,16 +37,19 @@ from repeld.config.values import AnyBackend, PassBackend
 from repeld.core import events, postfixpass, proxyproto
 from repeld.core.backendcheck import CONNECT_TIMEOUT, BackendCheck, NeedData, Send, Verdict
 from repeld.core.names import HandOffResult
+from repeld.service import privileges
 from repeld.shell.eventlog import EventLog
 from repeld.shell.handoff import BackendTarget, resolve_backend
 from repeld.shell.passfd import connect_service
 
 __all__ = [
     "CHECK_LIMIT",
+    "Outside",
     "backends_of",
     "check_backend",
     "check_backends",
     "keep_pipe_connect",
+    "outside",
     "report_line",
     "warn",
     "warn_about_backends",
@@ -45,6 +58,32 @@ __all__ = [
 #: No backend's check takes longer than this, whatever it does.
 CHECK_LIMIT = 10.0
 _READ_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Outside:
+    """How the processes that hand clients off see a pass service, for a checker
+    that is not one of them: their --chroot, and whom they run as (None: as the
+    checker does)."""
+
+    root: str | None
+    ident: privileges.Identity | None
+
+
+def outside(settings: Settings) -> Outside:
+    """The view of `settings`' daemon (or workers) from this process, which has
+    neither chrooted nor dropped: the identity only where this process is root and
+    the daemon would drop (privileges.decide); a user that cannot be used makes the
+    daemon refuse to start, and the check then looks as this process can."""
+    ident = None
+    if os.geteuid() == 0:
+        try:
+            plan = privileges.decide(settings.user)
+            if plan.action == "drop" and plan.user is not None:
+                ident = privileges.resolve(plan.user, settings.group)
+        except privileges.PrivilegeError:
+            ident = None
+    return Outside(settings.chroot, ident)
 
 
 def keep_pipe_connect(settings: Settings) -> bool:
@@ -161,15 +200,37 @@ async def _hand_over(path: str, server: trio.socket.SocketType) -> str | None:
         return postfixpass.describe(outcome, f"smtpd did not take it within {CONNECT_TIMEOUT:g} s")
 
 
-async def check_pass_service(backend: PassBackend, *, keep_pipe_connect: bool = False) -> Verdict:
+def _denied(root: str, path: str, ident: privileges.Identity) -> str | None:
+    """What keeps `ident` from connecting to `path` inside `root`, or None."""
+    steps = []
+    for step in postfixpass.path_steps(root, path):
+        try:
+            st = os.stat(step)
+        except OSError:
+            return None  # the stat of the socket itself says what is wrong
+        steps.append((step, st.st_mode, st.st_uid, st.st_gid))
+    denied = postfixpass.denied_step(steps, ident.uid, ident.gid)
+    if denied is None:
+        return None
+    where, lacks = denied
+    detail = f"{where}: user {ident.user}, group {ident.group} may not {lacks}"
+    return postfixpass.describe(HandOffResult.PERMISSION, detail)
+
+
+async def check_pass_service(
+    backend: PassBackend, *, keep_pipe_connect: bool = False, view: Outside | None = None
+) -> Verdict:
     """Check a Postfix pass service as a passed client meets it; never raises OSError.
 
     The socket must exist and be a socket; then a loopback TCP connection of
     repeld's own is handed over as a client is, and smtpd's greeting and EHLO
     reply are read on the other end, so Postfix logs one `connect from
-    localhost[127.0.0.1]`, as it does for the check of a TCP backend.
+    localhost[127.0.0.1]`, as it does for the check of a TCP backend. `view`:
+    checked from outside the daemon's chroot and identity (`Outside`).
     """
     path = backend.path
+    if view is not None and view.root is not None:
+        path = os.path.join(view.root, path.lstrip("/"))
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
@@ -180,6 +241,10 @@ async def check_pass_service(backend: PassBackend, *, keep_pipe_connect: bool = 
         return Verdict(False, problem + _MISSING_HINT)
     if not stat.S_ISSOCK(mode):
         return Verdict(False, f"{path} is not a socket")
+    if view is not None and view.ident is not None:
+        denied = _denied(view.root or "/", backend.path, view.ident)
+        if denied is not None:
+            return Verdict(False, denied + _PERMISSION_HINT)
     with trio.move_on_after(CHECK_LIMIT):
         try:
             client, server = await _loopback_pair()
@@ -199,11 +264,17 @@ async def check_pass_service(backend: PassBackend, *, keep_pipe_connect: bool = 
 
 
 async def check_backend(
-    backend: AnyBackend, proxy_protocol: str, *, keep_pipe_connect: bool = False
+    backend: AnyBackend,
+    proxy_protocol: str,
+    *,
+    keep_pipe_connect: bool = False,
+    view: Outside | None = None,
 ) -> Verdict:
-    """Check one backend as a passed client would meet it; never raises OSError."""
+    """Check one backend as a passed client would meet it; never raises OSError.
+
+    `view`: a pass service is checked from outside the daemon (`Outside`)."""
     if isinstance(backend, PassBackend):
-        return await check_pass_service(backend, keep_pipe_connect=keep_pipe_connect)
+        return await check_pass_service(backend, keep_pipe_connect=keep_pipe_connect, view=view)
     with trio.move_on_after(CHECK_LIMIT):
         try:
             target = await resolve_backend(backend.host, backend.port)
@@ -229,15 +300,23 @@ async def check_backend(
     return Verdict(False, f"the check took longer than {CHECK_LIMIT:g} s")
 
 
-async def check_backends(settings: Settings) -> list[tuple[AnyBackend, Verdict]]:
-    """Check every backend of `settings` at once; the verdicts in backends_of's order."""
+async def check_backends(
+    settings: Settings, *, from_outside: bool = False
+) -> list[tuple[AnyBackend, Verdict]]:
+    """Check every backend of `settings` at once; the verdicts in backends_of's order.
+
+    `from_outside`: this process is not the one that hands clients off, and has
+    not chrooted nor dropped as it does (`repeld --check-backend`, the --workers
+    parent): pass services are checked as `outside(settings)` sees them.
+    """
     backends = backends_of(settings)
     verdicts: list[Verdict | None] = [None] * len(backends)
     keep = keep_pipe_connect(settings)
+    view = outside(settings) if from_outside else None
 
     async def one(i: int) -> None:
         verdicts[i] = await check_backend(
-            backends[i], settings.proxy_protocol, keep_pipe_connect=keep
+            backends[i], settings.proxy_protocol, keep_pipe_connect=keep, view=view
         )
 
     async with trio.open_nursery() as nursery:

@@ -10,8 +10,10 @@ reports a backend only when it fails after having passed, once per failure
 and not at every check. With an interval of 0 only the start-up and reload
 checks run, and there is no metric.
 
-One process checks: the lone daemon, or the --workers parent (N workers would
-knock N times). Serving never waits for a check, nor stops for what it finds.
+One process checks: the lone daemon, after its chroot and its drop to --user,
+or the --workers parent (N workers would knock N times), which stays root
+outside the chroot and so checks a pass service as the workers will see it
+(`from_outside`). Serving never waits for a check, nor stops for what it finds.
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ __all__ = ["BackendWatch"]
 class BackendWatch:
     """Checks the backends at start, on reload and every interval; `snapshot()` for scrapes."""
 
-    def __init__(self, settings: Settings, log: EventLog) -> None:
+    def __init__(self, settings: Settings, log: EventLog, *, from_outside: bool = False) -> None:
         self.settings = settings
         self.log = log
+        #: The --workers parent: it checks pass services from outside the workers'
+        #: chroot and identity (shell/backendcheck.py's `Outside`).
+        self.from_outside = from_outside
         #: str(backend) -> 1 (up) or 0 (down), as of the last check.
         self.up: dict[str, int] = {}
         self.checks = 0
@@ -67,7 +72,7 @@ class BackendWatch:
         settings, full = self.settings, self._full_report
         self._full_report = False
         try:
-            results = await check_backends(settings)
+            results = await check_backends(settings, from_outside=self.from_outside)
         except Exception as exc:  # a check must never take the server down
             self.log.emit(events.internal_error(None, 0.0, f"backend check: {exc!r}"))
             return
