@@ -162,6 +162,8 @@ class EventLog:
         self._udp_refused_at = -math.inf
         self._complained = False
         self._complained_at = -COMPLAIN_INTERVAL
+        #: When an event last could not be built or formatted (`_lost`), host clock.
+        self._lost_at = -math.inf
         self._configure(target, log_format, facility, sd_id, report_attacks, stderr)
 
     def _configure(
@@ -315,16 +317,17 @@ class EventLog:
     def _frame_unframed(self) -> None:
         """Format the events emit() queued and queue their messages, as room allows."""
         unframed, self._unframed = self._unframed, []
-        for i, (entry, stamp) in enumerate(unframed):
+        for entry, stamp in unframed:
             try:
                 event = self._built(entry)
                 message = self._frame(event, stamp)
-            except BaseException:
-                # A bug in building or formatting this one: it is lost, and
-                # counted so; the events after it wait on.
-                self._dropped += 1
-                self._unframed[:0] = unframed[i + 1 :]
-                raise
+            except Exception as exc:
+                # A bug in building or formatting this one: it is lost, counted
+                # so and said on stderr, and the events after it go on. Never
+                # raised: this runs in whoever emits or writes next (the accept
+                # loop, a client's path), which must not stop for it.
+                self._lost(entry, exc)
+                continue
             if not self._enqueue(message, 1):
                 if event.name == EventName.BACKEND_ERROR:
                     key = (str(event.get("backend")), str(event.get("error")))
@@ -332,6 +335,16 @@ class EventLog:
                     self._coalesced[key] = (count + 1, event, stamp)
                 else:
                     self._dropped += 1
+
+    def _lost(self, entry: Event | _Unbuilt, exc: Exception) -> None:
+        """An event that could not be built or formatted: dropped, and one stderr
+        line about it a COMPLAIN_INTERVAL at most (the same bug repeats)."""
+        self._dropped += 1
+        now = time.monotonic()
+        if now - self._lost_at >= COMPLAIN_INTERVAL:
+            self._lost_at = now
+            name = entry.name if isinstance(entry, Event) else entry[2]
+            _say(f"repeld: internal error: a {name} event was not written: {exc!r}")
 
     def _built(self, entry: Event | _Unbuilt) -> Event:
         """The event itself; one emit_built() waited to build is built and observed now."""
@@ -543,7 +556,7 @@ class EventLog:
             self._complained = True
             self._complained_at = now
             self._write_lines()  # after the -f lines of the events before it
-            print(f"repeld: syslog {self.target}: {what}: {exc}", file=sys.stderr, flush=True)
+            _say(f"repeld: syslog {self.target}: {what}: {exc}")
 
     def _close(self) -> None:
         if self._sock is not None:
@@ -652,4 +665,13 @@ class EventLog:
         if self._complained:
             self._complained = False
             if self.target is not None and self.target.kind != "udp":  # UDP cannot tell
-                print(f"repeld: syslog {self.target}: writing again", file=sys.stderr, flush=True)
+                _say(f"repeld: syslog {self.target}: writing again")
+
+
+def _say(line: str) -> None:
+    """One line on stderr; a closed or broken stderr (a supervisor gone) is no reason
+    for the caller, which may be the accept loop, to stop."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
