@@ -13,6 +13,7 @@ from __future__ import annotations
 import array
 import contextlib
 import os
+import resource
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -203,6 +204,35 @@ async def test_a_service_that_answers_with_bytes_is_no_pass_service() -> None:
                 outcome, detail = await outcomes.wait_for(key)
                 assert outcome is HandOffResult.DESCRIPTOR_REFUSED
                 assert "220 a unix service" in detail
+
+
+async def test_out_of_descriptors_for_the_channel_is_a_failed_hand_off() -> None:
+    # The accept took the last descriptor the process may have: the channel's
+    # socket cannot be made. That hand-off fails like any other (the caller
+    # tells the client 421 and writes a backend-error), and is counted.
+    outcomes = Outcomes()
+    with _smtpd() as smtpd:
+        async with _pool() as pool:
+            client, remote = _client_pair()
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (client.fileno() + 8, hard))
+            filler: list[int] = []
+            try:
+                with contextlib.suppress(OSError):  # take every descriptor left
+                    while True:
+                        filler.append(os.open(os.devnull, os.O_RDONLY))
+                pool.hand_off(client, smtpd.path, ATTRIBUTES, LONG, outcomes.done_for(1, client))
+            finally:
+                for fd in filler:
+                    os.close(fd)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            outcome, detail = outcomes.seen[1]
+            assert outcome is HandOffResult.ERROR
+            assert detail.startswith("no socket for the channel: ") and "Too many open files" in (
+                detail
+            )
+            assert pool.outcomes[HandOffResult.ERROR] == 1 and len(pool) == 0
+            remote.close()
 
 
 async def test_no_answer_within_the_bound_is_a_timeout() -> None:

@@ -183,7 +183,11 @@ class PassPool:
             raise PassPoolClosed("the pass pool is closed")
         # The C-level socket type: the channel needs none of socket.socket's
         # Python layer, and this runs once per hand-off.
-        chan = _socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | _NONBLOCK)
+        try:
+            chan = _socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | _NONBLOCK)
+        except OSError as exc:  # out of descriptors: a failed hand-off like any other
+            self._end(done, HandOffResult.ERROR, f"no socket for the channel: {_why(exc)}")
+            return
         if not _NONBLOCK:
             chan.setblocking(False)
         try:
