@@ -296,6 +296,14 @@ def test_wake_timer_turns_readable_once_armed_and_expired() -> None:
         assert os.get_blocking(timer.fd) is False
     finally:
         timer.close()
+    # Closed twice, the second close touches nothing: not a file that took its number.
+    other = os.open(os.devnull, os.O_RDONLY)
+    try:
+        timer.close()
+        assert timer.fd == -1
+        os.fstat(other)
+    finally:
+        os.close(other)
 
 
 # --- kernel limits ---------------------------------------------------------------------

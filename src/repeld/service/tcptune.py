@@ -136,7 +136,10 @@ class WakeTimer:
             _raise_errno()
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Close the timer; again, nothing (its number may be another file's by then)."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
 
 def set_nodelay(fd: int, on: bool = True) -> None:
