@@ -64,7 +64,7 @@ OPTIONS: tuple[Option, ...] = (
         "held (implicit TLS, port 465) and ,backend=HOST:PORT (or pass:PATH) for its own "
         "MTA; repeatable "
         "(default: 0.0.0.0:25 and [::]:25)",
-        metavar="ADDR:PORT[,nodelay][,backend=HOST:PORT]",
+        metavar="ADDR:PORT[,nodelay][,backend=HOST:PORT|pass:PATH]",
         repeat=True,
     ),
     Option(
@@ -74,7 +74,7 @@ OPTIONS: tuple[Option, ...] = (
         None,
         "the MTA to hand patient clients to: HOST:PORT to relay to, or pass:PATH, the socket "
         "of a Postfix pass service that takes the client itself (required)",
-        metavar="HOST:PORT",
+        metavar="HOST:PORT|pass:PATH",
     ),
     Option(
         "exec",
@@ -243,7 +243,8 @@ OPTIONS: tuple[Option, ...] = (
         None,
         seconds("connect-timeout", 0.0, 300.0),
         10.0,
-        "give up connecting to the backend after this long and answer 421 (default: 10)",
+        "give up connecting to the backend, or waiting for a pass: service to take the "
+        "client, after this long and answer 421 (default: 10)",
         metavar="SECONDS",
     ),
     Option(
