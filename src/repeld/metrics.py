@@ -221,7 +221,11 @@ GAUGES = (
         "repeld_proxy_pending",
         "Connections from --proxy-from balancers whose PROXY header is still to come",
     ),
-    _Family("relays", "repeld_relays", "Passed clients being relayed (or run by --exec) now"),
+    _Family(
+        "relays",
+        "repeld_relays",
+        "Passed clients being relayed, run by --exec, or handed to smtpd and not yet taken, now",
+    ),
     _Family("cache_entries", "repeld_cache_entries", "Entries in the memory pass cache"),
     _Family("enforcing", "repeld_enforcing", "Enforce sessions (--on-early enforce) running now"),
     _Family("workers", "repeld_workers", "Worker processes running"),

@@ -47,13 +47,14 @@ from pathlib import Path
 
 import pytest
 
+from repeld import metrics
 from repeld.config.errors import SettingError
 from repeld.config.settings import OPTIONS, Option
-from repeld.core import events
+from repeld.core import events, postfixpass
 from repeld.core.dnsbl import DnsAction, DnsScore
 from repeld.core.events import ConnInfo, Event
 from repeld.core.hold import Blocked, EarlyTalk, HangUp, Pass, PassReason
-from repeld.core.names import EventName, ExecEnd, RelayEnd
+from repeld.core.names import EventName, ExecEnd, HandOffResult, RelayEnd
 from repeld.report.main import make_parser as make_report_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -685,6 +686,55 @@ def test_pass_reason_is_described(reason: str) -> None:
     assert re.search(rf"\b{reason}\b", _readme_event_rows()["pass"][2]), (
         f"reason {reason!r} is not in the README row of pass"
     )
+
+
+# -- metrics and hand-off causes ------------------------------------------------
+
+
+@cache
+def _metric_entries() -> dict[str, str]:
+    """repeld(8) METRICS entries by metric name (an entry may name several)."""
+    entries: dict[str, str] = {}
+    for chunk in re.split(r"\n(?=\.It Li )", _section(_read(MAN8), "METRICS")):
+        if chunk.startswith(".It Li "):
+            head = chunk.split("\n", 1)[0]
+            for name in re.findall(r"\bLi (repeld_\w+)", head):
+                entries[name] = chunk
+    return entries
+
+
+def _exposed() -> list[tuple[str, str, tuple[str, ...]]]:
+    """(name as exposed, label, label values shown from the start) of every repeld family."""
+    return [
+        *((f"{f.name}_total", f.label, f.seed) for f in (*metrics.COUNTERS, *metrics.TOTALS)),
+        *((f.name, f.label, f.seed) for f in (*metrics.GAUGES, *metrics.LABELLED_GAUGES)),
+        *((f.name, f.label, f.seed) for f in metrics.HISTOGRAMS),
+    ]
+
+
+@pytest.mark.parametrize(("name", "label", "values"), _exposed(), ids=[e[0] for e in _exposed()])
+def test_metric_is_described_with_its_label_values(
+    name: str, label: str, values: tuple[str, ...]
+) -> None:
+    entry = _metric_entries().get(name)
+    assert entry is not None, f"{name} has no entry in repeld(8) METRICS"
+    if label:
+        assert re.search(rf"Brq Li {label}\b", entry), f"{name}: label {label} not in its entry"
+    # an entry may say "by the end of their exec-end event": the values are there
+    where = entry + "".join(
+        _event_entries().get(e, "") for e in re.findall(r"Cm ([\w-]+)\nevent", entry)
+    )
+    missing = [v for v in values if not re.search(rf"(?<![\w-]){re.escape(v)}(?![\w-])", where)]
+    assert not missing, f"{name}: values {missing} not in its entry of repeld(8) METRICS"
+
+
+@pytest.mark.parametrize("outcome", [o for o in HandOffResult if o is not HandOffResult.TAKEN])
+def test_hand_off_cause_is_in_the_manual(outcome: HandOffResult) -> None:
+    # the backend-error text an admin matches: "pass: CAUSE (DETAIL)"
+    cause = postfixpass.describe(outcome).removeprefix("pass: ")
+    postfix = _section(_read(MAN8), "DESCRIPTION")
+    assert f".Dq {cause}" in postfix, f"cause {cause!r} is not in repeld(8) In front of Postfix"
+    assert cause in " ".join(_read(README).split()), f"cause {cause!r} is not in the README"
 
 
 # -- listeners and reloads -----------------------------------------------------
