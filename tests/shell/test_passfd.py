@@ -23,7 +23,7 @@ import trio.testing
 
 from repeld.core.names import HandOffResult
 from repeld.core.postfixpass import pass_attributes
-from repeld.shell.passfd import COLLECT_AGE, SWEEP_INTERVAL, Done, PassPool
+from repeld.shell.passfd import COLLECT_AGE, STOP_WAIT, SWEEP_INTERVAL, Done, PassPool
 
 ATTRIBUTES = pass_attributes("127.0.0.9", 40009, "127.0.0.1", 25)
 #: Long enough never to end a hand-off these tests expect smtpd to take.
@@ -261,6 +261,30 @@ async def test_at_stop_a_taken_client_is_taken_and_only_the_others_time_out() ->
         assert outcomes.seen[1] == (HandOffResult.TAKEN, "")
         assert outcomes.seen[2] == (HandOffResult.TIMEOUT, "repeld is stopping")
         for s in (taken, chan, taken_remote, waiting_remote):
+            s.close()
+
+
+async def test_at_stop_smtpd_still_has_a_moment_to_take_the_last_clients() -> None:
+    # A hard stop (no grace left) just after a hand-off: the descriptor is queued
+    # at smtpd already. A client smtpd takes within STOP_WAIT is TAKEN, never
+    # told 421 first.
+    outcomes = Outcomes()
+    with _smtpd() as smtpd:
+        async with trio.open_nursery() as outer:
+            taken: list[socket.socket] = []
+
+            async def smtpd_a_little_late() -> None:
+                await trio.sleep(STOP_WAIT / 5)
+                taken.append(smtpd.take()[0])
+
+            async with _pool() as pool:
+                _, remote = outcomes.send(pool, smtpd, 1)
+                outer.start_soon(smtpd_a_little_late)
+            # the pool's run ended here: cancelled, it waited for the channel
+        assert outcomes.seen[1] == (HandOffResult.TAKEN, "")
+        taken[0].sendall(b"220 smtpd\r\n")
+        assert remote.recv(64) == b"220 smtpd\r\n"  # no 421 before it
+        for s in (*taken, remote):
             s.close()
 
 

@@ -86,6 +86,10 @@ SWEEP_INTERVAL = 0.25
 COLLECT_AGE = 0.001
 #: Most waiting channels a hand-off reads before its own is sent on.
 _COLLECT = 8
+#: When the pool is stopped (no grace left, or none given), how long it still
+#: gives smtpd to close the channels sent last: their descriptors are queued at
+#: smtpd already, and a client smtpd takes must not have been told 421 first.
+STOP_WAIT = 0.05
 #: A hand-off moves the pool's wake-up later once it is this much too early
 #: (`_rearm`): about once per batch of hand-offs, not once per hand-off.
 _REARM_SLACK = SWEEP_INTERVAL / 4
@@ -251,9 +255,9 @@ class PassPool:
     async def run(self) -> None:
         """Wait for every channel until cancelled; then the pool is closed.
 
-        Hand-offs still waiting then are read once more: a channel smtpd has
-        closed is TAKEN, any other ends as TIMEOUT (the client is told 421:
-        smtpd has not taken it).
+        Hand-offs still waiting then get STOP_WAIT more (shielded) for smtpd
+        to close their channels: a channel it has closed is TAKEN, any other
+        ends as TIMEOUT (the client is told 421: smtpd has not taken it).
         """
         if self._closed:
             raise PassPoolClosed("the pass pool is closed")
@@ -263,6 +267,11 @@ class PassPool:
             self._closed = True
             waiting = [*self._fresh, *self._channels.values()]
             self._fresh.clear()
+            with trio.CancelScope(shield=True), trio.move_on_after(STOP_WAIT):
+                while waiting:
+                    waiting = [entry for entry in waiting if not self._look(entry)]
+                    if waiting:
+                        await trio.sleep(STOP_WAIT / 10)
             for entry in waiting:
                 self._last_look(entry)
             self._poller.close()
