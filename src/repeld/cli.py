@@ -131,10 +131,11 @@ def check_backend(settings: Settings) -> int:
     """--check-backend: one line per backend on stdout; 0 if every one is fine, else 1."""
     import trio
 
+    from repeld.process.workers import outside_view
     from repeld.shell.backendcheck import check_backends, report_line
 
     # As the daemon will see a pass service: inside --chroot, as --user.
-    results = trio.run(functools.partial(check_backends, settings, from_outside=True))
+    results = trio.run(functools.partial(check_backends, settings, view=outside_view(settings)))
     if not results:
         print("repeld: no backend to check: passed clients go to the --exec program")
         return 0

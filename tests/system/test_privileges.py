@@ -29,6 +29,7 @@ from repeld.service.privileges import (
     decide,
     default_user,
     drop_privileges,
+    dropped_identity,
     plan_drop,
     resolve,
 )
@@ -104,6 +105,16 @@ def test_decide_as_root_uses_the_real_databases() -> None:
     if not _exists(DEFAULT_USER):
         with pytest.raises(PrivilegeError, match="create user repeld or pass --user root"):
             decide(None)
+
+
+@needs_root
+def test_dropped_identity_is_whom_a_daemon_started_here_becomes() -> None:
+    # What repeld --check-backend and the --workers parent check a pass service as.
+    assert dropped_identity("nobody") == resolve("nobody")
+    assert dropped_identity("nobody", "mail") == resolve("nobody", "mail")
+    assert dropped_identity("root") is None  # stays root: checks as this process
+    assert dropped_identity(NO_SUCH) is None  # refused at start-up, with its own error
+    assert dropped_identity("nobody", NO_SUCH) is None
 
 
 # --- resolving names ----------------------------------------------------------------------

@@ -51,7 +51,7 @@ from repeld.core import events
 from repeld.core.addresses import host_port
 from repeld.core.names import EventName
 from repeld.metrics import ProcessStats, Snapshot, WorkerTally, render
-from repeld.service import activation, sdnotify
+from repeld.service import activation, privileges, sdnotify
 from repeld.service.listeners import (
     backlog_for,
     is_dual_stack,
@@ -59,6 +59,7 @@ from repeld.service.listeners import (
     reuseport_option,
     reuses_port,
 )
+from repeld.shell.backendcheck import Outside
 from repeld.shell.backendwatch import BackendWatch
 from repeld.shell.eventlog import EventLog
 from repeld.shell.metrics_http import open_endpoint
@@ -70,6 +71,7 @@ __all__ = [
     "Supervisor",
     "announce_ready",
     "inherited_sockets",
+    "outside_view",
     "send_statistics",
     "supervise",
     "watch_parent",
@@ -121,6 +123,13 @@ def send_statistics(stats: dict[str, int], metrics: Snapshot | None = None) -> b
     if metrics is None:
         return _tell_parent(dict(stats))
     return _tell_parent({**stats, "metrics": metrics})
+
+
+def outside_view(settings: Settings) -> Outside:
+    """How the workers (or a lone daemon) of `settings` will see a pass service, for
+    this process, which has not chrooted nor dropped: inside --chroot, as the user
+    and group they drop to (`repeld --check-backend` and this parent's checks)."""
+    return Outside(settings.chroot, privileges.dropped_identity(settings.user, settings.group))
 
 
 async def watch_parent(on_orphaned: Callable[[], None]) -> None:
@@ -413,7 +422,7 @@ async def supervise(
             raise
         sup = Supervisor(settings, argv, sockets, log)
         # The periodic backend check and its gauges, from outside the workers' chroot.
-        watch = BackendWatch(settings, log, from_outside=True)
+        watch = BackendWatch(settings, log, view=outside_view)
         sup.extra_metrics = watch.snapshot
         endpoint = None
         if settings.metrics is not None:

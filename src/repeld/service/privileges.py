@@ -50,6 +50,7 @@ __all__ = [
     "decide",
     "default_user",
     "drop_privileges",
+    "dropped_identity",
     "plan_drop",
     "resolve",
 ]
@@ -155,6 +156,19 @@ def resolve(user: str, group: str | None = None) -> Identity:
     if gid == 0:
         raise PrivilegeError(f"--group: {group_name!r} is gid 0; choose an unprivileged group")
     return Identity(pw.pw_name, pw.pw_uid, group_name, gid)
+
+
+def dropped_identity(user: str | None, group: str | None = None) -> Identity | None:
+    """Whom a daemon this process starts with --user `user` and --group `group` runs as
+    after its drop, or None: it stays as this process is (`decide`), or it would
+    refuse to start, which it says itself."""
+    try:
+        plan = decide(user)
+        if plan.action == "drop" and plan.user is not None:
+            return resolve(plan.user, group)
+    except PrivilegeError:
+        pass
+    return None
 
 
 def _set_ids(ident: Identity) -> None:

@@ -29,6 +29,7 @@ import socket
 import stat
 import sys
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -37,7 +38,6 @@ from repeld.config.values import AnyBackend, PassBackend
 from repeld.core import events, postfixpass, proxyproto
 from repeld.core.backendcheck import CONNECT_TIMEOUT, BackendCheck, NeedData, Send, Verdict
 from repeld.core.names import HandOffResult
-from repeld.service import privileges
 from repeld.shell.eventlog import EventLog
 from repeld.shell.handoff import BackendTarget, resolve_backend
 from repeld.shell.passfd import connect_service
@@ -45,11 +45,11 @@ from repeld.shell.passfd import connect_service
 __all__ = [
     "CHECK_LIMIT",
     "Outside",
+    "Who",
     "backends_of",
     "check_backend",
     "check_backends",
     "keep_pipe_connect",
-    "outside",
     "report_line",
     "warn",
     "warn_about_backends",
@@ -60,30 +60,31 @@ CHECK_LIMIT = 10.0
 _READ_SIZE = 4096
 
 
+class Who(Protocol):
+    """Whom the processes that hand clients off run as (service/privileges.py's
+    Identity; the shell takes it from its caller)."""
+
+    @property
+    def user(self) -> str: ...
+
+    @property
+    def uid(self) -> int: ...
+
+    @property
+    def group(self) -> str: ...
+
+    @property
+    def gid(self) -> int: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Outside:
     """How the processes that hand clients off see a pass service, for a checker
     that is not one of them: their --chroot, and whom they run as (None: as the
-    checker does)."""
+    checker does). process/workers.py's `outside_view` makes it."""
 
     root: str | None
-    ident: privileges.Identity | None
-
-
-def outside(settings: Settings) -> Outside:
-    """The view of `settings`' daemon (or workers) from this process, which has
-    neither chrooted nor dropped: the identity only where this process is root and
-    the daemon would drop (privileges.decide); a user that cannot be used makes the
-    daemon refuse to start, and the check then looks as this process can."""
-    ident = None
-    if os.geteuid() == 0:
-        try:
-            plan = privileges.decide(settings.user)
-            if plan.action == "drop" and plan.user is not None:
-                ident = privileges.resolve(plan.user, settings.group)
-        except privileges.PrivilegeError:
-            ident = None
-    return Outside(settings.chroot, ident)
+    who: Who | None
 
 
 def keep_pipe_connect(settings: Settings) -> bool:
@@ -200,7 +201,7 @@ async def _hand_over(path: str, server: trio.socket.SocketType) -> str | None:
         return postfixpass.describe(outcome, f"smtpd did not take it within {CONNECT_TIMEOUT:g} s")
 
 
-def _denied(root: str, path: str, ident: privileges.Identity) -> str | None:
+def _denied(root: str, path: str, ident: Who) -> str | None:
     """What keeps `ident` from connecting to `path` inside `root`, or None."""
     steps = []
     for step in postfixpass.path_steps(root, path):
@@ -241,8 +242,8 @@ async def check_pass_service(
         return Verdict(False, problem + _MISSING_HINT)
     if not stat.S_ISSOCK(mode):
         return Verdict(False, f"{path} is not a socket")
-    if view is not None and view.ident is not None:
-        denied = _denied(view.root or "/", backend.path, view.ident)
+    if view is not None and view.who is not None:
+        denied = _denied(view.root or "/", backend.path, view.who)
         if denied is not None:
             return Verdict(False, denied + _PERMISSION_HINT)
     with trio.move_on_after(CHECK_LIMIT):
@@ -301,18 +302,17 @@ async def check_backend(
 
 
 async def check_backends(
-    settings: Settings, *, from_outside: bool = False
+    settings: Settings, *, view: Outside | None = None
 ) -> list[tuple[AnyBackend, Verdict]]:
     """Check every backend of `settings` at once; the verdicts in backends_of's order.
 
-    `from_outside`: this process is not the one that hands clients off, and has
-    not chrooted nor dropped as it does (`repeld --check-backend`, the --workers
-    parent): pass services are checked as `outside(settings)` sees them.
+    `view`: this process is not the one that hands clients off, and has not
+    chrooted nor dropped as it does (`repeld --check-backend`, the --workers
+    parent): pass services are checked as that process will see them.
     """
     backends = backends_of(settings)
     verdicts: list[Verdict | None] = [None] * len(backends)
     keep = keep_pipe_connect(settings)
-    view = outside(settings) if from_outside else None
 
     async def one(i: int) -> None:
         verdicts[i] = await check_backend(

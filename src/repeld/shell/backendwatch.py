@@ -13,19 +13,20 @@ checks run, and there is no metric.
 One process checks: the lone daemon, after its chroot and its drop to --user,
 or the --workers parent (N workers would knock N times), which stays root
 outside the chroot and so checks a pass service as the workers will see it
-(`from_outside`). Serving never waits for a check, nor stops for what it finds.
+(`view`). Serving never waits for a check, nor stops for what it finds.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import trio
 
 from repeld.config.settings import Settings
 from repeld.core import events
 from repeld.metrics import Snapshot
-from repeld.shell.backendcheck import check_backends, warn
+from repeld.shell.backendcheck import Outside, check_backends, warn
 from repeld.shell.eventlog import EventLog
 
 __all__ = ["BackendWatch"]
@@ -34,12 +35,18 @@ __all__ = ["BackendWatch"]
 class BackendWatch:
     """Checks the backends at start, on reload and every interval; `snapshot()` for scrapes."""
 
-    def __init__(self, settings: Settings, log: EventLog, *, from_outside: bool = False) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        log: EventLog,
+        *,
+        view: Callable[[Settings], Outside] | None = None,
+    ) -> None:
         self.settings = settings
         self.log = log
-        #: The --workers parent: it checks pass services from outside the workers'
-        #: chroot and identity (shell/backendcheck.py's `Outside`).
-        self.from_outside = from_outside
+        #: The --workers parent's: how the workers see a pass service from outside
+        #: their chroot and identity, for the settings of each check.
+        self.view = view
         #: str(backend) -> 1 (up) or 0 (down), as of the last check.
         self.up: dict[str, int] = {}
         self.checks = 0
@@ -72,7 +79,8 @@ class BackendWatch:
         settings, full = self.settings, self._full_report
         self._full_report = False
         try:
-            results = await check_backends(settings, from_outside=self.from_outside)
+            view = self.view(settings) if self.view is not None else None
+            results = await check_backends(settings, view=view)
         except Exception as exc:  # a check must never take the server down
             self.log.emit(events.internal_error(None, 0.0, f"backend check: {exc!r}"))
             return
