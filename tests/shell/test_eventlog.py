@@ -692,6 +692,46 @@ def test_an_event_that_cannot_be_built_is_counted_dropped_and_holds_up_no_other(
     assert log.statistics()["dropped"] == 3 and capsys.readouterr().err == ""
 
 
+def test_no_path_raises_a_builder_or_observer_bug_into_the_emitter(tmp_path: Path) -> None:
+    # Under -f the event is built at once; under --metrics the observer sees it:
+    # a bug in either costs that event (or its metrics), never the caller.
+    def broken() -> Event:
+        raise ValueError("no event")
+
+    printed = EventLog(None, stderr=io.StringIO())
+    printed.emit_built(EventName.PASS, broken)
+    assert printed.counts[EventName.PASS] == 1 and printed.statistics()["dropped"] == 1
+
+    def observer(event: Event) -> None:
+        raise RuntimeError("metrics bug")
+
+    observed = EventLog(SyslogTarget("unix", path=str(tmp_path / "absent")), hostname="testhost")
+    observed.observe = observer
+    observed.emit(marker())  # seen at once: the event still goes out
+    observed.emit_built(EventName.PASS, events.passed, *_pass_args(1))  # seen when built
+    observed.settle()
+    assert observed.statistics()["queued"] == 2 and observed.statistics()["dropped"] == 0
+    # a builder that fails while the log discards what waits (no syslog at shutdown)
+    observed.emit_built(EventName.PASS, broken)
+    observed._discard()
+    assert observed.statistics()["dropped"] == 3  # the two queued and the broken one
+
+
+def test_an_interrupt_while_building_leaves_the_rest_queued(tmp_path: Path) -> None:
+    # Not a bug but ^C or the like: it goes through, and the events after wait on.
+    log = EventLog(SyslogTarget("unix", path=str(tmp_path / "absent")), hostname="testhost")
+
+    def interrupted() -> Event:
+        raise KeyboardInterrupt
+
+    log.emit_built(EventName.PASS, interrupted)
+    log.emit_built(EventName.PASS, events.passed, *_pass_args(2))
+    with pytest.raises(KeyboardInterrupt):
+        log.settle()
+    log.settle()
+    assert log.statistics()["queued"] == 1 and log.statistics()["dropped"] == 1
+
+
 async def test_a_broken_stderr_stops_no_caller(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

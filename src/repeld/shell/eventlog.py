@@ -237,12 +237,17 @@ class EventLog:
         """Count `event`, queue its -f line and its syslog message; never blocks, never raises."""
         self.counts[event.name] += 1
         if self.observe is not None:
-            self.observe(event)
+            self._observe(event)
         if event.name == EventName.EARLY_TALKER and not self.report_attacks:
             return
         stamp = time.time()
         if self.stderr is not None:
-            self._lines.append(format_stderr(event, stamp))
+            try:
+                line = format_stderr(event, stamp)
+            except Exception as exc:  # a bug: never raised into the emitter
+                self._lost(event, exc, 0, "was not printed")
+            else:
+                self._lines.append(line)
             if len(self._lines) >= _STDERR_BATCH:
                 self._write_lines()  # a burst within one turn of the loop
             else:
@@ -267,7 +272,13 @@ class EventLog:
             or self.target is None
             or (name == EventName.EARLY_TALKER and not self.report_attacks)
         ):
-            self.emit(build(*args, **kwargs))
+            try:
+                event = build(*args, **kwargs)
+            except Exception as exc:  # as in _frame_unframed: never raised from here
+                self.counts[name] += 1
+                self._lost((build, args, name), exc)
+                return
+            self.emit(event)
             return
         self.counts[name] += 1
         if kwargs:
@@ -317,7 +328,7 @@ class EventLog:
     def _frame_unframed(self) -> None:
         """Format the events emit() queued and queue their messages, as room allows."""
         unframed, self._unframed = self._unframed, []
-        for entry, stamp in unframed:
+        for i, (entry, stamp) in enumerate(unframed):
             try:
                 event = self._built(entry)
                 message = self._frame(event, stamp)
@@ -328,6 +339,10 @@ class EventLog:
                 # loop, a client's path), which must not stop for it.
                 self._lost(entry, exc)
                 continue
+            except BaseException:  # KeyboardInterrupt and the like: the rest wait on
+                self._dropped += 1
+                self._unframed[:0] = unframed[i + 1 :]
+                raise
             if not self._enqueue(message, 1):
                 if event.name == EventName.BACKEND_ERROR:
                     key = (str(event.get("backend")), str(event.get("error")))
@@ -336,15 +351,24 @@ class EventLog:
                 else:
                     self._dropped += 1
 
-    def _lost(self, entry: Event | _Unbuilt, exc: Exception) -> None:
-        """An event that could not be built or formatted: dropped, and one stderr
-        line about it a COMPLAIN_INTERVAL at most (the same bug repeats)."""
-        self._dropped += 1
+    def _lost(
+        self,
+        entry: Event | _Unbuilt,
+        exc: Exception,
+        weight: int = 1,
+        what: str = "was not written",
+    ) -> None:
+        """An event that could not be built or formatted (or shown to --metrics or
+        printed: `what`): `weight` more dropped, and one stderr line about it a
+        COMPLAIN_INTERVAL at most (the same bug repeats), after the -f lines of the
+        events before it."""
+        self._dropped += weight
         now = time.monotonic()
         if now - self._lost_at >= COMPLAIN_INTERVAL:
             self._lost_at = now
             name = entry.name if isinstance(entry, Event) else entry[2]
-            _say(f"repeld: internal error: a {name} event was not written: {exc!r}")
+            self._write_lines()
+            _say(f"repeld: internal error: a {name} event {what}: {exc!r}")
 
     def _built(self, entry: Event | _Unbuilt) -> Event:
         """The event itself; one emit_built() waited to build is built and observed now."""
@@ -354,8 +378,16 @@ class EventLog:
         event = build(*args)
         assert event.name == name, f"emit_built({name}) built a {event.name} event"
         if self.observe is not None:
-            self.observe(event)
+            self._observe(event)
         return event
+
+    def _observe(self, event: Event) -> None:
+        """Show `event` to --metrics; an observer's bug costs the metrics that event only."""
+        assert self.observe is not None
+        try:
+            self.observe(event)
+        except Exception as exc:
+            self._lost(event, exc, 0, "was not seen by --metrics")
 
     def _frame(self, event: Event, stamp: float) -> bytes:
         message = self._format(event, self._header, stamp)
@@ -375,7 +407,13 @@ class EventLog:
     def _release_coalesced(self) -> None:
         """Queue the summaries of the backend-errors that found the queue full, as room allows."""
         for key, (count, last, stamp) in list(self._coalesced.items()):
-            if not self._enqueue(self._frame(events.summarize(last, count), stamp), count):
+            try:
+                message = self._frame(events.summarize(last, count), stamp)
+            except Exception as exc:  # as in _frame_unframed: never raised from here
+                del self._coalesced[key]
+                self._lost(last, exc, count)
+                continue
+            if not self._enqueue(message, count):
                 return
             del self._coalesced[key]
 
@@ -514,7 +552,10 @@ class EventLog:
         """Count everything still waiting for syslog as dropped, and forget it."""
         if self.observe is not None:  # --metrics still sees every event
             for entry, _ in self._unframed:
-                self._built(entry)
+                try:
+                    self._built(entry)
+                except Exception as exc:  # counted dropped below all the same
+                    self._lost(entry, exc, 0)
         self._dropped += len(self._unframed)
         self._unframed.clear()
         self._dropped += sum(w for _, w in self._queue)
