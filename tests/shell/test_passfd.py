@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import os
 import resource
 import socket
@@ -189,6 +190,36 @@ async def test_a_slow_smtpd_is_waited_for_in_the_set_and_still_takes_the_client(
             assert await outcomes.wait_for(1) == (HandOffResult.TAKEN, "")
             taken.close()
             remote.close()
+
+
+async def test_a_poller_that_fails_still_settles_the_channel() -> None:
+    # The kernel refuses to unwatch a channel (a fault injected into the poller's
+    # update, as EBADF would come): the channel is closed, its hand-off settled
+    # and counted all the same, and the error reported, never raised.
+    outcomes = Outcomes()
+    errors: list[str] = []
+    with _smtpd() as smtpd:
+        pool = PassPool(errors.append)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.run)
+            await trio.sleep(0)
+            _, remote = outcomes.send(pool, smtpd, 1)
+            await trio.sleep(SWEEP_INTERVAL * 2)  # unread at the sweep: in the set
+            assert len(pool) == 1
+
+            def refuse(fd: int, old: int, new: int) -> None:
+                raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+            pool._poller.update = refuse  # type: ignore[method-assign]
+            taken, _ = smtpd.take()
+            assert await outcomes.wait_for(1) == (HandOffResult.TAKEN, "")
+            assert len(pool) == 0 and pool.outcomes[HandOffResult.TAKEN] == 1
+            nursery.cancel_scope.cancel()
+        assert errors == [
+            f"pass pool: cannot unwatch a channel: {OSError(errno.EBADF, os.strerror(errno.EBADF))!r}"
+        ]
+        for sock in (taken, remote):
+            sock.close()
 
 
 async def test_a_service_that_answers_with_bytes_is_no_pass_service() -> None:

@@ -360,7 +360,10 @@ class PassPool:
         if entry.registered:
             fd = entry.chan.fileno()
             del self._channels[fd]
-            self._poller.update(fd, IN, 0)
+            try:
+                self._poller.update(fd, IN, 0)
+            except OSError as exc:  # a broken poller: the channel is closed all the same
+                self._on_error(f"pass pool: cannot unwatch a channel: {exc!r}")
         entry.chan.close()
         self._end(entry.done, outcome, detail)
 
