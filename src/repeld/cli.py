@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -131,17 +132,40 @@ def check_backend(settings: Settings) -> int:
     """--check-backend: one line per backend on stdout; 0 if every one is fine, else 1."""
     import trio
 
+    from repeld.config.values import PassBackend
     from repeld.process.workers import outside_view
-    from repeld.shell.backendcheck import check_backends, report_line
+    from repeld.shell.backendcheck import backends_of, check_backends, report_line
 
     # As the daemon will see a pass service: inside --chroot, as --user.
-    results = trio.run(functools.partial(check_backends, settings, view=outside_view(settings)))
+    view = outside_view(settings)
+    results = trio.run(functools.partial(check_backends, settings, view=view))
     if not results:
         print("repeld: no backend to check: passed clients go to the --exec program")
         return 0
     for backend, verdict in results:
         print(report_line(backend, settings.proxy_protocol, verdict), flush=True)
+    if view.who is None and any(isinstance(b, PassBackend) for b in backends_of(settings)):
+        other = _someone_else(settings.user)
+        if other:
+            print(
+                f"repeld: note: pass: services were checked as uid {os.geteuid()}, not as "
+                f"--user {other}: only root can check them as repeld will run",
+                file=sys.stderr,
+            )
     return 0 if all(verdict.ok for _, verdict in results) else EXIT_FAILURE
+
+
+def _someone_else(user: str | None) -> str:
+    """`user` if it names another user than this process runs as, else ""."""
+    if user is None or user == "root":
+        return ""
+    import pwd
+
+    try:
+        uid = pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return ""  # no such user: the daemon says so at start-up
+    return user if uid != os.geteuid() else ""
 
 
 def _one_line(exc: Exception) -> str:

@@ -8,6 +8,7 @@ run `python -m repeld` for real, always on 127.0.0.1 and under a timeout.
 from __future__ import annotations
 
 import os
+import pwd
 import socket
 import subprocess
 import sys
@@ -559,3 +560,36 @@ def test_check_config_accepts_an_existing_chroot_and_pidfile_directory(
     status, out, err = run_main([*argv, "--check-config"], capsys)
     assert (status, err) == (0, "")
     assert f'pidfile = "{tmp_path / "repeld.pid"}"' in out
+
+
+#: A child that drops to nobody (everything it needs imported first: the Python
+#: installation may be root's alone) and runs repeld --check-backend.
+_CHECK_AS_NOBODY = """
+import os, sys
+import pwd, trio
+import repeld.cli, repeld.config.values, repeld.process.workers, repeld.shell.backendcheck
+nobody = pwd.getpwnam("nobody")
+os.setgroups([])
+os.setresgid(nobody.pw_gid, nobody.pw_gid, nobody.pw_gid)
+os.setresuid(nobody.pw_uid, nobody.pw_uid, nobody.pw_uid)
+sys.exit(repeld.cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
+def test_check_backend_not_as_root_says_it_did_not_check_as_the_user() -> None:
+    # Only root can look at a pass: service as --user will; anyone else checks as
+    # itself, and the check says so instead of passing for the daemon's view.
+    args = ["--check-backend", "-b", "pass:/nonexistent/smtpd", "--user", "postfix",
+            "--no-cache"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHECK_AS_NOBODY, *args], cwd="/", capture_output=True,
+        text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAILED: pass: socket missing" in proc.stdout
+    uid = pwd.getpwnam("nobody").pw_uid
+    assert (
+        f"repeld: note: pass: services were checked as uid {uid}, not as --user postfix: "
+        "only root can check them as repeld will run"
+    ) in proc.stderr

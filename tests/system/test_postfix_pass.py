@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import re
 import shutil
 import signal
 import smtplib
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -467,6 +469,30 @@ def test_check_backend_looks_inside_the_chroot_as_the_user_the_daemon_becomes() 
         assert "may not search)" in denied.stdout and "--user postfix" in denied.stdout
 
 
+def _posix_acl(entries: list[tuple[int, int, int]]) -> bytes:
+    """A system.posix_acl_access value: version 2, then (tag, permissions, id) each."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def test_an_acl_is_not_judged_by_the_file_modes() -> None:
+    # private/ stays 0700 by its modes, but an ACL lets nobody search it: the
+    # modes cannot tell, so the check leaves it to the hand-off's own connect.
+    with postfix_instance() as pf:
+        private = pf.queue_dir / "private"
+        undefined, nobody = 0xFFFFFFFF, pwd.getpwnam("nobody").pw_uid
+        acl = _posix_acl([(0x01, 7, undefined), (0x02, 1, nobody), (0x04, 0, undefined),
+                          (0x10, 1, undefined), (0x20, 0, undefined)])  # fmt: skip
+        try:
+            os.setxattr(private, "system.posix_acl_access", acl)
+        except OSError as exc:
+            pytest.skip(f"no POSIX ACLs here: {exc.strerror}")
+        args = [sys.executable, "-m", "repeld", "--check-backend", "-b", "pass:/private/smtpd",
+                "--chroot", str(pf.queue_dir), "--user", "nobody"]  # fmt: skip
+        ok = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert "(descriptor hand-off): ok: greeting '220 " in ok.stdout
+
+
 def _backend_up(metrics_port: int, name: str) -> float | None:
     return samples(scrape(metrics_port)).get(("repeld_backend_up", (("backend", name),)))
 
@@ -485,6 +511,26 @@ def test_the_workers_parent_checks_the_service_as_the_workers_see_it(syslog: Sys
             syslog.drain(1.0)  # two more periodic checks
             assert syslog.named("backend-check") == []
         pf.wait_log(r"connect from unknown\[127\.0\.0\.18\]")
+
+
+def test_the_workers_parents_view_is_the_one_they_started_with(syslog: SyslogUDP) -> None:
+    # chroot and user take a restart: after a reload that changes them, the
+    # running workers still use the old ones, and so does the parent's check.
+    with postfix_instance() as pf:
+        mport = free_port()
+        toml = _toml(syslog, "pass:/private/smtpd", f'chroot = "{pf.queue_dir}"', "workers = 2",
+                     f'metrics = "127.0.0.1:{mport}"', "backend-check-interval = 0.3")  # fmt: skip
+        with running_repeld(*AS_POSTFIX, config_text=toml) as rd:
+            assert wait_for(lambda: _backend_up(mport, "pass:/private/smtpd") == 1, TIMEOUT)
+            config = Path(rd.argv[rd.argv.index("--config") + 1])
+            elsewhere = tempfile.mkdtemp(prefix="repeld-chroot-")  # no private/smtpd in it
+            config.write_text(toml.replace(str(pf.queue_dir), elsewhere))
+            config.chmod(0o644)  # read again by the workers, as postfix
+            rd.signal(signal.SIGHUP)  # the parent checks again at once, then every 0.3 s
+            syslog.drain(1.5)  # (the workers, chrooted, cannot read the file again)
+            assert _backend_up(mport, "pass:/private/smtpd") == 1
+            assert syslog.named("backend-check") == []
+            os.rmdir(elsewhere)
 
 
 def test_the_workers_parent_sees_a_service_the_workers_may_not_use(syslog: SyslogUDP) -> None:

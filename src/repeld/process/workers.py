@@ -422,7 +422,7 @@ async def supervise(
             raise
         sup = Supervisor(settings, argv, sockets, log)
         # The periodic backend check and its gauges, from outside the workers' chroot.
-        watch = BackendWatch(settings, log, view=outside_view)
+        watch = BackendWatch(settings, log, view=outside_view(settings))
         sup.extra_metrics = watch.snapshot
         endpoint = None
         if settings.metrics is not None:

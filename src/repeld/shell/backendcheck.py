@@ -17,7 +17,8 @@ sees what it will use. `repeld --check-backend` and the --workers parent,
 which stays root and outside the chroot, check from outside (`Outside`): the
 path inside --chroot, and whether --user and --group may search every
 directory to the socket and write to it (core/postfixpass.py's
-`denied_step`). Otherwise a chrooted service would show as missing and a
+`denied_step`; where a step has an ACL the modes do not tell, and only the
+connect decides). Otherwise a chrooted service would show as missing and a
 service the workers may not use as fine.
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import array
 import os
+import posixpath
 import socket
 import stat
 import sys
@@ -201,6 +203,18 @@ async def _hand_over(path: str, server: trio.socket.SocketType) -> str | None:
         return postfixpass.describe(outcome, f"smtpd did not take it within {CONNECT_TIMEOUT:g} s")
 
 
+def _has_acl(path: str) -> bool:
+    """Whether `path` has a POSIX access ACL (Linux), which the file modes do not show."""
+    getxattr = getattr(os, "getxattr", None)
+    if getxattr is None:  # FreeBSD: no ACLs read; the modes decide
+        return False
+    try:
+        getxattr(path, "system.posix_acl_access")
+    except OSError:  # ENODATA: none; ENOTSUP: a file system without them
+        return False
+    return True
+
+
 def _denied(root: str, path: str, ident: Who) -> str | None:
     """What keeps `ident` from connecting to `path` inside `root`, or None."""
     steps = []
@@ -209,6 +223,8 @@ def _denied(root: str, path: str, ident: Who) -> str | None:
             st = os.stat(step)
         except OSError:
             return None  # the stat of the socket itself says what is wrong
+        if _has_acl(step):
+            return None  # the modes do not tell: the hand-off's own connect will
         steps.append((step, st.st_mode, st.st_uid, st.st_gid))
     denied = postfixpass.denied_step(steps, ident.uid, ident.gid)
     if denied is None:
@@ -231,7 +247,8 @@ async def check_pass_service(
     """
     path = backend.path
     if view is not None and view.root is not None:
-        path = os.path.join(view.root, path.lstrip("/"))
+        # Inside the chroot "/.." is "/": never a way out of it from here either.
+        path = os.path.join(view.root, posixpath.normpath(path).lstrip("/"))
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
@@ -243,7 +260,7 @@ async def check_pass_service(
     if not stat.S_ISSOCK(mode):
         return Verdict(False, f"{path} is not a socket")
     if view is not None and view.who is not None:
-        denied = _denied(view.root or "/", backend.path, view.who)
+        denied = _denied(view.root or "/", posixpath.normpath(backend.path), view.who)
         if denied is not None:
             return Verdict(False, denied + _PERMISSION_HINT)
     with trio.move_on_after(CHECK_LIMIT):

@@ -19,7 +19,6 @@ outside the chroot and so checks a pass service as the workers will see it
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import trio
 
@@ -40,12 +39,13 @@ class BackendWatch:
         settings: Settings,
         log: EventLog,
         *,
-        view: Callable[[Settings], Outside] | None = None,
+        view: Outside | None = None,
     ) -> None:
         self.settings = settings
         self.log = log
         #: The --workers parent's: how the workers see a pass service from outside
-        #: their chroot and identity, for the settings of each check.
+        #: their chroot and identity. Fixed at start, as the workers' are: --user,
+        #: --group and --chroot take a restart.
         self.view = view
         #: str(backend) -> 1 (up) or 0 (down), as of the last check.
         self.up: dict[str, int] = {}
@@ -79,8 +79,7 @@ class BackendWatch:
         settings, full = self.settings, self._full_report
         self._full_report = False
         try:
-            view = self.view(settings) if self.view is not None else None
-            results = await check_backends(settings, view=view)
+            results = await check_backends(settings, view=self.view)
         except Exception as exc:  # a check must never take the server down
             self.log.emit(events.internal_error(None, 0.0, f"backend check: {exc!r}"))
             return
