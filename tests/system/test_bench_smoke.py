@@ -408,17 +408,19 @@ def test_handoff_cost_counts_every_hand_off(way: list[str]) -> None:
     assert proc.stdout.rstrip().endswith(" us of CPU each")
 
 
+@pytest.mark.parametrize("n", ["1", "50"], ids=["the last hand-off", "the first of many"])
 def test_handoff_cost_fails_on_a_hand_off_the_receiver_did_not_get_whole(
-    tmp_path: Path,
+    tmp_path: Path, n: str
 ) -> None:
     # A copy whose receiver wants one byte more than is sent: every hand-off
-    # is then short, and the bench says so instead of printing a figure.
+    # is then short, and the bench says so instead of printing a figure, even
+    # when the short one is the last.
     copy = tmp_path / "handoff-cost"
     text = HANDOFF_COST.read_text()
     assert "listed != ATTRS:" in text
     copy.write_text(text.replace("listed != ATTRS:", 'listed != ATTRS + b"x":'))
     proc = subprocess.run(
-        [sys.executable, str(copy), "--n", "50"],
+        [sys.executable, str(copy), "--n", n],
         capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, check=False,
     )  # fmt: skip
     assert proc.returncode == 1
