@@ -469,6 +469,26 @@ def test_check_backend_looks_inside_the_chroot_as_the_user_the_daemon_becomes() 
         assert "may not search)" in denied.stdout and "--user postfix" in denied.stdout
 
 
+def test_check_backend_tells_a_public_service_is_entered_by_group_postdrop() -> None:
+    with postfix_instance() as pf:
+        args = [sys.executable, "-m", "repeld", "--check-backend", "-b",
+                f"pass:{pf.public_pass_socket}"]  # fmt: skip
+        denied = subprocess.run(
+            [*args, "--user", "nobody"], capture_output=True, text=True, timeout=TIMEOUT,
+            check=False,
+        )  # fmt: skip
+        assert denied.returncode == 1, denied.stdout + denied.stderr
+        assert f"({pf.public_pass_socket.parent}: user nobody" in denied.stdout
+        assert denied.stdout.rstrip().endswith(
+            ": public/ is for group postdrop to enter: --group postdrop"
+        )
+        ok = subprocess.run(
+            [*args, "--user", "nobody", "--group", "postdrop"], capture_output=True, text=True,
+            timeout=TIMEOUT, check=False,
+        )  # fmt: skip
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
 def _posix_acl(entries: list[tuple[int, int, int]]) -> bytes:
     """A system.posix_acl_access value: version 2, then (tag, permissions, id) each."""
     return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)

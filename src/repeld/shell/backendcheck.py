@@ -152,6 +152,12 @@ async def _dialogue(sock: trio.socket.SocketType, check: BackendCheck) -> Verdic
 
 _MISSING_HINT = " (is Postfix running, with an `smtpd pass` service in master.cf?)"
 _PERMISSION_HINT = ": private/ is the postfix user's: run repeld as postfix (--user postfix)"
+_PUBLIC_HINT = ": public/ is for group postdrop to enter: --group postdrop"
+
+
+def _permission_hint(path: str) -> str:
+    """What to do about a denied pass service: Postfix's public/ is entered by group."""
+    return _PUBLIC_HINT if "public" in path.split("/")[:-1] else _PERMISSION_HINT
 
 
 async def _loopback_pair() -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
@@ -178,7 +184,7 @@ async def _hand_over(path: str, server: trio.socket.SocketType) -> str | None:
         outcome = postfixpass.connect_outcome(exc.errno)
         problem = postfixpass.describe(outcome, _why(exc))
         if outcome is HandOffResult.PERMISSION:
-            problem += _PERMISSION_HINT
+            problem += _permission_hint(path)
         return problem
     with chan:
         client_addr, client_port = server.getpeername()[:2]
@@ -255,14 +261,14 @@ async def check_pass_service(
         outcome = postfixpass.connect_outcome(exc.errno)
         problem = postfixpass.describe(outcome, f"{path}: {_why(exc)}")
         if outcome is HandOffResult.PERMISSION:
-            return Verdict(False, problem + _PERMISSION_HINT)
+            return Verdict(False, problem + _permission_hint(path))
         return Verdict(False, problem + _MISSING_HINT)
     if not stat.S_ISSOCK(mode):
         return Verdict(False, f"{path} is not a socket")
     if view is not None and view.who is not None:
         denied = _denied(view.root or "/", posixpath.normpath(backend.path), view.who)
         if denied is not None:
-            return Verdict(False, denied + _PERMISSION_HINT)
+            return Verdict(False, denied + _permission_hint(path))
     with trio.move_on_after(CHECK_LIMIT):
         try:
             client, server = await _loopback_pair()
