@@ -732,7 +732,9 @@ def test_metric_is_described_with_its_label_values(
 def test_hand_off_cause_is_in_the_manual(outcome: HandOffResult) -> None:
     # the backend-error text an admin matches: "pass: CAUSE (DETAIL)"
     cause = postfixpass.describe(outcome).removeprefix("pass: ")
-    postfix = _section(_read(MAN8), "DESCRIPTION")
+    description = _section(_read(MAN8), "DESCRIPTION")
+    postfix = description.split(".Ss In front of Postfix\n", 1)[-1].split("\n.Ss ", 1)[0]
+    assert postfix != description, "repeld(8) DESCRIPTION has no In front of Postfix"
     assert f".Dq {cause}" in postfix, f"cause {cause!r} is not in repeld(8) In front of Postfix"
     assert cause in " ".join(_read(README).split()), f"cause {cause!r} is not in the README"
 
