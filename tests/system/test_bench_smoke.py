@@ -371,15 +371,21 @@ def test_ab_pass_pairs_each_tree_with_the_first() -> None:
     src = str(ROOT / "src")
     proc = subprocess.run(
         [sys.executable, str(AB_PASS), "--tree", f"one={src}", "--tree", f"two={src}:2",
-         "--rounds", "1", "--messages", "100", "--sessions", "5"],
+         "--rounds", "1", "--messages", "100", "--sessions", "5", "--postscreen"],
         capture_output=True, text=True, timeout=4 * TIMEOUT, cwd=ROOT, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert [line.split()[2] for line in lines if line.startswith("round 1 ")] == ["one", "two"]
+    fronts = [line.split()[2] for line in lines if line.startswith("round 1 ")]
+    assert fronts == ["one", "two", "postscreen"]
     paired = [line for line in lines if line.startswith("median two ")]
     assert len(paired) == 1 and "paired against one:" in paired[0], proc.stdout
     assert "(lower in " in paired[0] and " of 1 rounds)" in paired[0]
+    # postscreen in the same rounds: each tree's CPU as a share of its, measured
+    shares = [line for line in lines if line.startswith("share ")]
+    assert [line.split()[1] for line in shares] == ["one", "two"], proc.stdout
+    assert all("of postscreen's CPU per message, round by round: " in s for s in shares)
+    assert all(float(s.rsplit(": ", 1)[1].split()[0]) > 0 for s in shares)
 
 
 def test_ab_pass_refuses_a_tree_without_repeld(tmp_path: Path) -> None:
@@ -389,6 +395,13 @@ def test_ab_pass_refuses_a_tree_without_repeld(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "no repeld package in" in proc.stderr
+    src = str(ROOT / "src")
+    peer = subprocess.run(
+        [sys.executable, str(AB_PASS), "--tree", f"haproxy={src}", "--tree", f"b={src}"],
+        capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert peer.returncode == 2
+    assert "haproxy names a peer front" in peer.stderr
 
 
 HANDOFF_COST = ROOT / "bench" / "handoff-cost"
