@@ -159,13 +159,10 @@ def _someone_else(user: str | None) -> str:
     """`user` if it names another user than this process runs as, else ""."""
     if user is None or user == "root":
         return ""
-    import pwd
+    from repeld.service.privileges import uid_of
 
-    try:
-        uid = pwd.getpwnam(user).pw_uid
-    except KeyError:
-        return ""  # no such user: the daemon says so at start-up
-    return user if uid != os.geteuid() else ""
+    uid = uid_of(user)  # None: no such user, which the daemon says at start-up
+    return user if uid is not None and uid != os.geteuid() else ""
 
 
 def _one_line(exc: Exception) -> str:

@@ -53,6 +53,7 @@ __all__ = [
     "dropped_identity",
     "plan_drop",
     "resolve",
+    "uid_of",
 ]
 
 DEFAULT_USER = "repeld"
@@ -114,7 +115,7 @@ def plan_drop(
     return Plan("stay")
 
 
-def _uid_of(user: str) -> int | None:
+def uid_of(user: str) -> int | None:
     """The uid of a user name, or None."""
     try:
         return pwd.getpwnam(user).pw_uid
@@ -128,7 +129,7 @@ def decide(user: str | None) -> Plan:
         os.geteuid(),
         user,
         default=default_user(),
-        user_uid=None if user is None else _uid_of(user),
+        user_uid=None if user is None else uid_of(user),
     )
 
 

@@ -252,9 +252,10 @@ async def check_pass_service(
     checked from outside the daemon's chroot and identity (`Outside`).
     """
     path = backend.path
+    # Inside the chroot "/.." is "/": never a way out of it from here either.
+    inside = posixpath.normpath(path)
     if view is not None and view.root is not None:
-        # Inside the chroot "/.." is "/": never a way out of it from here either.
-        path = os.path.join(view.root, posixpath.normpath(path).lstrip("/"))
+        path = os.path.join(view.root, inside.lstrip("/"))
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
@@ -266,7 +267,7 @@ async def check_pass_service(
     if not stat.S_ISSOCK(mode):
         return Verdict(False, f"{path} is not a socket")
     if view is not None and view.who is not None:
-        denied = _denied(view.root or "/", posixpath.normpath(backend.path), view.who)
+        denied = _denied(view.root or "/", inside, view.who)
         if denied is not None:
             return Verdict(False, denied + _permission_hint(path))
     with trio.move_on_after(CHECK_LIMIT):
