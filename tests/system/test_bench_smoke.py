@@ -388,18 +388,21 @@ def test_ab_pass_pairs_each_tree_with_the_first() -> None:
     assert all(float(s.rsplit(": ", 1)[1].split()[0]) > 0 for s in shares)
 
 
-def test_ab_pass_refuses_a_tree_without_repeld(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(AB_PASS), "--tree", f"a={tmp_path}", "--tree", f"b={tmp_path}"],
+def _ab_pass_refusal(*trees: str) -> subprocess.CompletedProcess[str]:
+    """bench/ab-pass with these --tree arguments, which it should refuse."""
+    args = [arg for tree in trees for arg in ("--tree", tree)]
+    return subprocess.run(
+        [sys.executable, str(AB_PASS), *args],
         capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, check=False,
     )  # fmt: skip
+
+
+def test_ab_pass_refuses_a_tree_without_repeld(tmp_path: Path) -> None:
+    proc = _ab_pass_refusal(f"a={tmp_path}", f"b={tmp_path}")
     assert proc.returncode == 2
     assert "no repeld package in" in proc.stderr
     src = str(ROOT / "src")
-    peer = subprocess.run(
-        [sys.executable, str(AB_PASS), "--tree", f"haproxy={src}", "--tree", f"b={src}"],
-        capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, check=False,
-    )  # fmt: skip
+    peer = _ab_pass_refusal(f"haproxy={src}", f"b={src}")
     assert peer.returncode == 2
     assert "haproxy names a peer front" in peer.stderr
 
