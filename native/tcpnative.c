@@ -133,6 +133,9 @@ int repeld_accept(int fd, struct repeld_peer *peer)
     struct sockaddr_storage ss;
     socklen_t len = sizeof ss;
     int client;
+#if !defined(__linux__) && !defined(__FreeBSD__)
+    int flags;
+#endif
 
 #if defined(__linux__) || defined(__FreeBSD__)
     client = accept4(fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -142,8 +145,9 @@ int repeld_accept(int fd, struct repeld_peer *peer)
     client = accept(fd, (struct sockaddr *)&ss, &len);
     if (client == -1)
         return -1;
-    if (fcntl(client, F_SETFD, FD_CLOEXEC) == -1
-        || fcntl(client, F_SETFL, fcntl(client, F_GETFL) | O_NONBLOCK) == -1) {
+    flags = fcntl(client, F_GETFL);
+    if (flags == -1 || fcntl(client, F_SETFD, FD_CLOEXEC) == -1
+        || fcntl(client, F_SETFL, flags | O_NONBLOCK) == -1) {
         int saved = errno;
         close(client);
         errno = saved;
