@@ -10,6 +10,7 @@ report every column.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -363,15 +364,17 @@ def test_bench_relay_postfix_set_prints_every_front() -> None:
 AB_PASS = ROOT / "bench" / "ab-pass"
 
 
-def test_ab_pass_pairs_each_tree_with_the_first() -> None:
+def test_ab_pass_pairs_each_tree_with_the_first(tmp_path: Path) -> None:
     # Two trees (this one in one process and with two workers) in front of a
     # real smtpd, one small round: every front measured, the second paired.
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         pytest.skip("Postfix's master needs root")
     src = str(ROOT / "src")
+    figures = tmp_path / "ab.json"
     proc = subprocess.run(
         [sys.executable, str(AB_PASS), "--tree", f"one={src}", "--tree", f"two={src}:2",
-         "--rounds", "1", "--messages", "100", "--sessions", "5", "--postscreen"],
+         "--rounds", "1", "--messages", "100", "--sessions", "5", "--postscreen",
+         "--json", str(figures)],
         capture_output=True, text=True, timeout=4 * TIMEOUT, cwd=ROOT, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -386,6 +389,15 @@ def test_ab_pass_pairs_each_tree_with_the_first() -> None:
     assert [line.split()[1] for line in shares] == ["one", "two"], proc.stdout
     assert all("of postscreen's CPU per message, round by round: " in s for s in shares)
     assert all(float(s.rsplit(": ", 1)[1].split()[0]) > 0 for s in shares)
+    # --json: the same figures, every round's too
+    data = json.loads(figures.read_text())
+    assert list(data["rounds"]) == ["one", "two", "postscreen"]
+    assert all(len(rounds) == 1 and rounds[0]["cpu_us"] > 0 for rounds in data["rounds"].values())
+    assert data["paired"]["two"]["rounds"] == 1 and "one" not in data["paired"]
+    median_two = float(paired[0].split()[2])
+    assert round(data["medians"]["two"]["cpu_us"], 1) == median_two
+    assert set(data["shares"]["postscreen"]) == {"one", "two"}
+    assert all(s["median"] > 0 for s in data["shares"]["postscreen"].values())
 
 
 def _ab_pass_refusal(*trees: str) -> subprocess.CompletedProcess[str]:
