@@ -64,6 +64,11 @@ def test_limits_protect_the_pen(held: int, from_client: int, expected: str | Non
     assert policy.admit("192.0.2.1", nodelay=True, held=held, held_from_client=from_client) == (
         PassReason.NODELAY
     )
+    # admit's two questions asked apart, as the shell asks them: the same answers
+    assert policy.at_once("192.0.2.1", False) is None
+    assert policy.limit(held, from_client) == expected
+    assert policy.at_once("127.0.0.2", False) is PassReason.TRUSTED
+    assert policy.at_once("192.0.2.1", True) is PassReason.NODELAY
 
 
 def test_range_edges_and_overlapping_networks() -> None:

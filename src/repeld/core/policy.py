@@ -113,10 +113,21 @@ class Policy:
         of them come from `client`. Clients that are never held do not count
         against the limits, which only protect the pen.
         """
+        return self.at_once(client, nodelay) or self.limit(held, held_from_client)
+
+    def at_once(self, client: str, nodelay: bool) -> PassReason | None:
+        """Why `client` passes at once (`admit`'s first question), or None.
+
+        Asked alone first by the shell, so that a client passed at once costs
+        no count of the held ones: the limits only protect the pen."""
         if client in self.trusted:
             return PassReason.TRUSTED
         if nodelay:
             return PassReason.NODELAY
+        return None
+
+    def limit(self, held: int, held_from_client: int) -> Refuse | None:
+        """The limit a client to be held is refused at (`admit`'s second question), or None."""
         if held >= self.max_held:
             return Refuse.MAX_HELD
         if held_from_client >= self.max_per_client:

@@ -100,20 +100,18 @@ class Admission:
         now: float,
     ) -> None:
         """Decide what happens to one client now: refused, passed, or held."""
-        pen = self.pen
+        policy = self.policy
         client = conn.client
-        admission = self.policy.admit(
-            client,
-            nodelay=nodelay,
-            held=len(pen) + self.also_held(),
-            held_from_client=pen.per_client.get(client, 0),
-        )
-        if admission is None:
+        reason = policy.at_once(client, nodelay)
+        if reason is not None:  # counts nothing: the limits protect the pen only
+            self.dispatch.passed(sock, conn, now, Pass(reason, 0.0), backend)
+            return
+        pen = self.pen
+        refused = policy.limit(len(pen) + self.also_held(), pen.per_client.get(client, 0))
+        if refused is None:
             self._hold(sock, conn, backend, now)
-        elif isinstance(admission, Refuse):
-            self.refuse(sock, conn, admission, now)
         else:
-            self.dispatch.passed(sock, conn, now, Pass(admission, 0.0), backend)
+            self.refuse(sock, conn, refused, now)
 
     def _hold(
         self, sock: socket.socket, conn: ConnInfo, backend: BackendTarget | None, now: float
