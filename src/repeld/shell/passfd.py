@@ -166,6 +166,9 @@ class PassPool:
         self._seq = itertools.count()
         self._wake: trio.CancelScope | None = None
         self._closed = False
+        #: trio.current_time, or once `run` has begun the run's clock itself:
+        #: one call per hand-off where trio.current_time makes three.
+        self._now: Callable[[], float] = trio.current_time
         #: Hand-offs by how they ended (HandOffResult values), for repeld_handoffs_total.
         self.outcomes: Counter[str] = Counter()
 
@@ -215,7 +218,7 @@ class PassPool:
             self._end(done, HandOffResult.DESCRIPTOR_REFUSED, "the attributes did not fit")
             return
         fresh = self._fresh
-        now = trio.current_time()
+        now = self._now()
         if fresh and now - fresh[0].sent >= COLLECT_AGE:
             self._collect(fresh, now - COLLECT_AGE)
         entry = _Channel(chan, client, now, now + timeout, done)
@@ -261,6 +264,7 @@ class PassPool:
         """
         if self._closed:
             raise PassPoolClosed("the pass pool is closed")
+        self._now = trio.lowlevel.current_clock().current_time
         try:
             await watch(self._poller, self._expire, self._serve, self._set_wake)
         finally:
