@@ -59,6 +59,7 @@ def test_pass_attributes_are_postscreens_bytes(
         ("not-an-address", 1, "127.0.0.1", 25),
         ("127.0.0.1", 70000, "127.0.0.1", 25),
         ("127.0.0.1", 1, "127.0.0.1", -1),
+        ("127.0.0.1", 1, "not-a-server", 25),
     ],
 )
 def test_bad_endpoints_are_refused_before_anything_is_sent(
@@ -66,6 +67,21 @@ def test_bad_endpoints_are_refused_before_anything_is_sent(
 ) -> None:
     with pytest.raises(BadAttribute):
         postfixpass.pass_attributes(*endpoints)
+
+
+def test_server_addresses_are_written_once_each_in_a_bounded_table() -> None:
+    # The server's half is kept by address; a balancer with many destinations
+    # never grows the table past its bound, and every list stays right.
+    servers = [f"10.{i // 256}.{i % 256}.1" for i in range(3 * postfixpass._SERVERS_KEPT)]
+    for server in [*servers, *servers[:10]]:
+        data = postfixpass.pass_attributes("::ffff:192.0.2.9", 1, f"::ffff:{server}", 25)
+        attrs, _ = postfixpass.decode_attributes(data)
+        assert attrs["server_address"] == server and attrs["client_address"] == "192.0.2.9"
+        assert len(postfixpass._SERVERS) <= postfixpass._SERVERS_KEPT
+    # a refused server is never kept
+    with pytest.raises(BadAttribute):
+        postfixpass.pass_attributes("127.0.0.1", 1, "::ffff:not-an-address", 25)
+    assert "::ffff:not-an-address" not in postfixpass._SERVERS
 
 
 @pytest.mark.parametrize(
