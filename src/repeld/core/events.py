@@ -243,7 +243,9 @@ def passed(
     """A client handed to the MTA, and why (`rtt_ms`: round-trip time, 0 if unknown;
     `dns`: what the DNS lists said, with lists configured; `handoff`: how, when
     the client is not relayed)."""
-    elapsed = _ms(verdict.elapsed)
+    # round(x, 3) is _ms() written out: every handed-off client's event is built
+    # here, and a call costs about half a µs in place.
+    elapsed = round(verdict.elapsed, 3)
     reason = str(verdict.reason)
     return Event(
         EventName.PASS,
@@ -253,7 +255,7 @@ def passed(
             *conn.fields(),
             ("elapsed", elapsed),
             ("reason", reason),
-            ("rtt_ms", _ms(rtt_ms)),
+            ("rtt_ms", round(rtt_ms, 3)),
             ("early_bytes", verdict.early_bytes),
             *_dns_fields(dns),
             *((("handoff", handoff),) if handoff is not None else ()),

@@ -328,10 +328,24 @@ class EventLog:
     def _frame_unframed(self) -> None:
         """Format the events emit() queued and queue their messages, as room allows."""
         unframed, self._unframed = self._unframed, []
+        # What _built and _frame do, written out for the commonest case (every
+        # handed-off client's event comes here): a call costs about half a µs
+        # in place (docs/perf-log/2026-12-07-day.md).
+        fmt, header, octets = self._format, self._header, self._octet_counting
+        observe = self.observe
         for i, (entry, stamp) in enumerate(unframed):
             try:
-                event = self._built(entry)
-                message = self._frame(event, stamp)
+                if isinstance(entry, Event):
+                    event = entry
+                else:
+                    build, args, name = entry
+                    event = build(*args)
+                    assert event.name == name, f"emit_built({name}) built a {event.name} event"
+                    if observe is not None:
+                        self._observe(event)
+                message = fmt(event, header, stamp)
+                if octets:
+                    message = b"%d %s" % (len(message), message)
             except Exception as exc:
                 # A bug in building or formatting this one: it is lost, counted
                 # so and said on stderr, and the events after it go on. Never
