@@ -257,7 +257,7 @@ def passed(
             ("reason", reason),
             ("rtt_ms", round(rtt_ms, 3)),
             ("early_bytes", verdict.early_bytes),
-            *_dns_fields(dns),
+            *(_dns_fields(dns) if dns is not None else ()),
             *((("handoff", handoff),) if handoff is not None else ()),
         ),
         f"PASS {reason.upper()} {conn.peer} after {elapsed:.3f}"
