@@ -374,29 +374,30 @@ def test_ab_pass_pairs_each_tree_with_the_first(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(AB_PASS), "--tree", f"one={src}", "--tree", f"two={src}:2",
          "--rounds", "1", "--messages", "100", "--sessions", "5", "--postscreen",
-         "--json", str(figures)],
+         "--floor", "--json", str(figures)],
         capture_output=True, text=True, timeout=4 * TIMEOUT, cwd=ROOT, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     fronts = [line.split()[2] for line in lines if line.startswith("round 1 ")]
-    assert fronts == ["one", "two", "postscreen"]
+    assert fronts == ["one", "two", "floor", "postscreen"]
     paired = [line for line in lines if line.startswith("median two ")]
     assert len(paired) == 1 and "paired against one:" in paired[0], proc.stdout
     assert "(lower in " in paired[0] and " of 1 rounds)" in paired[0]
     # postscreen in the same rounds: each tree's CPU as a share of its, measured
     shares = [line for line in lines if line.startswith("share ")]
-    assert [line.split()[1] for line in shares] == ["one", "two"], proc.stdout
-    assert all("of postscreen's CPU per message, round by round: " in s for s in shares)
+    assert [line.split()[1] for line in shares] == ["one", "two", "one", "two"], proc.stdout
+    assert all("of floor's CPU per message, round by round: " in s for s in shares[:2])
+    assert all("of postscreen's CPU per message, round by round: " in s for s in shares[2:])
     assert all(float(s.rsplit(": ", 1)[1].split()[0]) > 0 for s in shares)
     # --json: the same figures, every round's too
     data = json.loads(figures.read_text())
-    assert list(data["rounds"]) == ["one", "two", "postscreen"]
+    assert list(data["rounds"]) == ["one", "two", "floor", "postscreen"]
     assert all(len(rounds) == 1 and rounds[0]["cpu_us"] > 0 for rounds in data["rounds"].values())
     assert data["paired"]["two"]["rounds"] == 1 and "one" not in data["paired"]
     median_two = float(paired[0].split()[2])
     assert round(data["medians"]["two"]["cpu_us"], 1) == median_two
-    assert set(data["shares"]["postscreen"]) == {"one", "two"}
+    assert set(data["shares"]["postscreen"]) == set(data["shares"]["floor"]) == {"one", "two"}
     assert all(s["median"] > 0 for s in data["shares"]["postscreen"].values())
 
 
