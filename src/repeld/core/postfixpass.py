@@ -181,6 +181,7 @@ def pass_attributes(client: str, client_port: int, server: str, server_port: int
     for port in (client_port, server_port):
         if not 0 <= port <= 65535:
             raise BadAttribute(f"not a port: {port}")
+    written_client = postfix_address(client).encode("ascii")  # a bad client is named first
     # The server is one of the few addresses repeld listens on (or a balancer's
     # destinations): written once each, not once per hand-off.
     written = _SERVERS.get(server)
@@ -190,7 +191,7 @@ def pass_attributes(client: str, client_port: int, server: str, server_port: int
         written = _SERVERS[server] = postfix_address(server).encode("ascii")
     # encode_attributes' list, written out: this runs once per hand-off, and
     # the values can hold no NUL (an address and two numbers).
-    return _PASS_LIST % (postfix_address(client).encode("ascii"), client_port, written, server_port)
+    return _PASS_LIST % (written_client, client_port, written, server_port)
 
 
 #: Server addresses as smtpd wants them, by address (`pass_attributes`); a

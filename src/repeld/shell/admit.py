@@ -43,7 +43,7 @@ __all__ = ["OVERLOAD_EVENT_INTERVAL", "Admission", "teaser_for"]
 OVERLOAD_EVENT_INTERVAL = 1.0
 #: The verdict of a client passed at once, by reason: the same every time, and
 #: immutable, so made once (a frozen dataclass's __init__ costs about a µs).
-_AT_ONCE = {reason: Pass(reason, 0.0) for reason in (PassReason.TRUSTED, PassReason.NODELAY)}
+_AT_ONCE = {reason: Pass(reason, 0.0) for reason in PassReason}
 
 
 def teaser_for(settings: Settings) -> bytes:
