@@ -418,6 +418,9 @@ def test_ab_pass_refuses_a_tree_without_repeld(tmp_path: Path) -> None:
     peer = _ab_pass_refusal(f"haproxy={src}", f"b={src}")
     assert peer.returncode == 2
     assert "haproxy names a peer front" in peer.stderr
+    twice = _ab_pass_refusal(f"a={src}", f"a={src}:2")
+    assert twice.returncode == 2
+    assert "each --tree needs a name of its own" in twice.stderr
 
 
 HANDOFF_COST = ROOT / "bench" / "handoff-cost"
