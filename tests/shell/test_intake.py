@@ -5,6 +5,7 @@ PROXY headers byte for byte as HAProxy and nginx do (tests/system has the real o
 
 from __future__ import annotations
 
+import socket
 import struct
 from typing import Any
 
@@ -14,6 +15,7 @@ import trio.testing
 
 from repeld.core.names import ProxyOutcome
 from repeld.core.proxyproto import V2_SIGNATURE, v1, v2
+from repeld.service.tcptune import Acceptor
 
 from ..harness import GREETING, connect, read_line, read_until_closed, running
 
@@ -331,3 +333,35 @@ async def test_a_balancer_connection_reset_at_accept_is_no_hangup(
         assert h.receiver.named("hangup") == []
         assert h.receiver.named("proxy-error") == []
         assert h.server.intake.outcomes[ProxyOutcome.RESET] == 1
+
+
+async def test_an_ipv4_mapped_peer_is_its_ipv4_address_and_a_plain_one_as_it_came() -> None:
+    # A dual-stack listener (systemd's, with BindIPv6Only=both) hands out IPv4
+    # clients as ::ffff:a.b.c.d: the rules, the events and the MTA see a.b.c.d.
+    # A plain IPv4 peer is taken as the kernel wrote it, without a lookup.
+    async with running(trusted=("127.0.0.0/8",)) as h:
+        listener = h.server.listeners[0]
+        dual = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        dual.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        dual.bind(("::", 0))
+        dual.listen(8)
+        with dual:
+            client = await connect(("127.0.0.1", dual.getsockname()[1]), source="127.0.0.9")
+            taken = Acceptor(dual.fileno()).accept()
+            for _ in range(100):
+                if taken is not None:
+                    break
+                await trio.sleep(0.01)
+                taken = Acceptor(dual.fileno()).accept()
+            assert taken is not None
+            fd, addr = taken
+            assert addr[0] == "::ffff:127.0.0.9"
+            h.server.intake.accepted(socket.socket(fileno=fd), addr, listener)
+            (passed,) = await h.receiver.wait_for("pass")
+            assert passed.fields["client"] == "127.0.0.9"
+            assert passed.fields["reason"] == "trusted"
+            client.close()
+        plain = await connect(h.address(), source="127.0.0.10")
+        (_, again) = await h.receiver.wait_for("pass", count=2)
+        assert again.fields["client"] == "127.0.0.10"
+        plain.close()

@@ -154,7 +154,9 @@ class Intake:
                 return
             self._reset_at_accept(sock, addr, listener, now)
             return
-        peer = normalize_address(str(addr[0]))
+        peer = str(addr[0])
+        if ":" in peer:  # IPv6 (or IPv4-mapped) only: an IPv4 address is already as rules see it
+            peer = normalize_address(peer)
         conn = ConnInfo(peer, int(addr[1]), server, int(server_port))  # type: ignore[call-overload]
         if self._balancing and peer in self.balancers:
             self._await_header(sock, conn, listener, now)
