@@ -401,6 +401,30 @@ def test_ab_pass_pairs_each_tree_with_the_first(tmp_path: Path) -> None:
     assert all(s["median"] > 0 for s in data["shares"]["postscreen"].values())
 
 
+def test_ab_pass_floor_as_two_processes_hands_every_client_on() -> None:
+    # Two copies of the floor on one port (SO_REUSEPORT, as --workers 2): every
+    # message reaches smtpd (smtp-source fails otherwise), and CPU is counted.
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("Postfix's master needs root")
+    src = str(ROOT / "src")
+    proc = subprocess.run(
+        [sys.executable, str(AB_PASS), "--tree", f"one={src}", "--floor",
+         "--floor-processes", "2", "--rounds", "1", "--messages", "200", "--sessions", "8"],
+        capture_output=True, text=True, timeout=4 * TIMEOUT, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rounds = [line.split() for line in proc.stdout.splitlines() if line.startswith("round 1 ")]
+    assert [r[2] for r in rounds] == ["one", "floor"]
+    assert all(float(r[3]) > 0 for r in rounds), proc.stdout
+    share = [line for line in proc.stdout.splitlines() if line.startswith("share one ")]
+    assert len(share) == 1 and "of floor's CPU per message" in share[0], proc.stdout
+    refused = subprocess.run(
+        [sys.executable, str(AB_PASS), "--tree", f"one={src}", "--floor", "--floor-processes", "0"],
+        capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "must be positive" in refused.stderr
+
+
 def _ab_pass_refusal(*trees: str) -> subprocess.CompletedProcess[str]:
     """bench/ab-pass with these --tree arguments, which it should refuse."""
     args = [arg for tree in trees for arg in ("--tree", tree)]
