@@ -184,12 +184,22 @@ def test_tcp_info_is_frozen(pair: Pair) -> None:
         info.state = 0  # type: ignore[misc]
 
 
-def test_rtt_us_is_tcp_infos_rtt(pair: Pair) -> None:
+def test_rtt_ms_is_tcp_infos_rtt_in_ms(pair: Pair) -> None:
     client, server = pair
     client.sendall(b"EHLO x\r\n")
     assert recv_exactly(server, 8) == b"EHLO x\r\n"
     # an idle connection: the kernel's estimate does not move between the calls
-    assert tcptune.rtt_us(server.fileno()) == tcptune.tcp_info(server.fileno()).rtt_us > 0
+    rtt_us = tcptune.tcp_info(server.fileno()).rtt_us
+    assert rtt_us > 0
+    assert tcptune.rtt_ms(server.fileno()) == rtt_us / 1000.0
+
+
+def test_rtt_ms_is_zero_where_the_kernel_cannot_tell(tmp_path: Path) -> None:
+    # The events' field: unknown is 0, never an exception on a client's path.
+    with open(tmp_path / "not-a-socket", "wb") as f:
+        assert tcptune.rtt_ms(f.fileno()) == 0.0
+    assert tcptune.rtt_ms(closed_fd()) == 0.0
+    assert tcptune.rtt_ms(-1) == 0.0
 
 
 def test_tcp_info_on_a_file_is_enotsock(tmp_path: Path) -> None:
@@ -237,7 +247,6 @@ FD_CALLS: dict[str, Callable[[int], object]] = {
     "set_nodelay": tcptune.set_nodelay,
     "accept": lambda fd: tcptune.Acceptor(fd).accept(),
     "tcp_info": tcptune.tcp_info,
-    "rtt_us": tcptune.rtt_us,
     "WakeTimer.arm": lambda fd: tcptune.WakeTimer(fd).arm(0.01),
 }
 

@@ -40,7 +40,7 @@ __all__ = [
     "WakeTimer",
     "accept_queue_cap",
     "platform_has_user_timeout",
-    "rtt_us",
+    "rtt_ms",
     "set_abortive_close",
     "set_keepalive",
     "set_nodelay",
@@ -197,12 +197,12 @@ def tcp_info(fd: int) -> TcpInfo:
     )
 
 
-def rtt_us(fd: int) -> int:
-    """The smoothed round-trip time alone (what tcp_info(fd).rtt_us says), more cheaply."""
+def rtt_ms(fd: int) -> float:
+    """The smoothed round-trip time (what tcp_info(fd).rtt_us says) in milliseconds,
+    more cheaply, and 0.0 if the kernel cannot tell (a reset socket, a bad fd):
+    the events' `rtt_ms`, read once on every handed-off client's path."""
     rtt = lib.repeld_tcp_rtt_us(fd)
-    if rtt == -1:
-        _raise_errno()
-    return rtt
+    return 0.0 if rtt == -1 else rtt / 1000.0
 
 
 def accept_queue_cap() -> int:

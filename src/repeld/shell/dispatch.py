@@ -44,6 +44,7 @@ from repeld.core.hold import (
 )
 from repeld.core.learning import Lesson, lesson
 from repeld.core.names import EarlyAction, EventName
+from repeld.service import tcptune
 from repeld.shell.enforce import EnforceSessions, enforce_name
 from repeld.shell.eventlog import EventLog
 from repeld.shell.handoff import BackendTarget, HandOff
@@ -140,7 +141,8 @@ class Dispatch:
             dns = DnsScore()
         how = self.handoff.kind(backend)  # issue 19: handoff=pass
         # Built with the rest of the batch's events (shell/eventlog.py).
-        self.log.emit_built(EventName.PASS, events.passed, conn, verdict, rtt_ms(sock), dns, how)
+        rtt = tcptune.rtt_ms(sock.fileno())
+        self.log.emit_built(EventName.PASS, events.passed, conn, verdict, rtt, dns, how)
         self.handoff.client(sock, conn, accepted_at, backend)
 
     def _logged(self, held: Held, note: EarlyTalk | Penalty | Blocked) -> None:

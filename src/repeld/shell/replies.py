@@ -52,10 +52,7 @@ def reply_and_close(sock: socket.socket, line: bytes) -> None:
 
 def rtt_ms(sock: socket.socket) -> float:
     """The kernel's smoothed round-trip time to the client, for the event (0 if unknown)."""
-    try:
-        return tcptune.rtt_us(sock.fileno()) / 1000.0
-    except OSError:
-        return 0.0
+    return tcptune.rtt_ms(sock.fileno())
 
 
 def send_now(sock: socket.socket, data: bytes) -> int | None:
