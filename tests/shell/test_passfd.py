@@ -411,3 +411,41 @@ async def test_steady_hand_offs_never_wake_the_pool(mock_clock: trio.testing.Moc
             await trio.testing.wait_all_tasks_blocked()
             assert outcomes.seen[count - 1] == (HandOffResult.TAKEN, "")
             assert len(pool) == 0
+
+
+async def test_a_batch_of_hand_offs_moves_the_pools_wake_up_once_at_its_end(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    # The accept loop's batch (defer ... write_deferred): hand-offs leave the
+    # pool's wake-up alone, and the batch's end sets it for all of them at once.
+    outcomes = Outcomes()
+    steps = _Steps("PassPool.run")
+    with _smtpd() as smtpd:
+        async with _pool() as pool:
+            await trio.testing.wait_all_tasks_blocked()
+            pool.defer()
+            remotes = [outcomes.send(pool, smtpd, key)[1] for key in range(3)]
+            for _ in remotes:
+                taken, _ = smtpd.take()
+                taken.close()
+            trio.lowlevel.add_instrument(steps)
+            try:
+                mock_clock.jump(2 * SWEEP_INTERVAL)  # no wake-up was set: none comes
+                await trio.testing.wait_all_tasks_blocked()
+                assert steps.count == 0 and outcomes.seen == {} and len(pool) == 3
+                pool.write_deferred()  # the batch is over: due long ago, so at once
+                await trio.testing.wait_all_tasks_blocked()
+            finally:
+                trio.lowlevel.remove_instrument(steps)
+            assert steps.count == 1  # one wake-up settled the whole batch
+            assert outcomes.seen == {key: (HandOffResult.TAKEN, "") for key in range(3)}
+            assert len(pool) == 0
+            # outside a batch a hand-off sets the wake-up itself, as before
+            _, remote = outcomes.send(pool, smtpd, 3)
+            taken, _ = smtpd.take()
+            taken.close()
+            mock_clock.jump(SWEEP_INTERVAL)
+            await trio.testing.wait_all_tasks_blocked()
+            assert outcomes.seen[3] == (HandOffResult.TAKEN, "")
+            for sock in [*remotes, remote]:
+                sock.close()

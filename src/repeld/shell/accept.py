@@ -55,10 +55,11 @@ the timer's readability wakes the task like any socket's (8-9 µs less per
 handed-off client, docs/perf-log/2026-12-07-timer-and-batch.md). Under a
 test's virtual clock, and where there is no timerfd, the loop sleeps in trio.
 
-Each wake-up is one batch for the event log (`Batching`: the EventLog): the
-loop calls `defer()` when it wakes and `write_deferred()` before each wait, so
-that the events of the clients it took go out from here, in a row, instead of
-waking the log's writer task for a turn of trio's loop of its own.
+Each wake-up is one batch for the event log and the pass pool (`Batching`):
+the loop calls `defer()` when it wakes and `write_deferred()` before each
+wait, so that the events of the clients it took go out from here, in a row,
+instead of waking the log's writer task for a turn of trio's loop of its own,
+and the pass pool moves its wake-up once for all the batch's hand-offs.
 
 Nor does it gather while repeld relays sessions (`relaying()`): their bytes
 wake the process anyway, so gathering would save nothing and only make each

@@ -39,6 +39,7 @@ from repeld.service.capacity import capacity_warnings, default_max_held, raise_n
 from repeld.service.listeners import DEFAULT_BACKLOG, backlog_for, open_listeners
 from repeld.shell.accept import (
     ACCEPT_BACKOFF,
+    Batching,
     Listener,
     accept_loop,
     half_full,
@@ -65,6 +66,23 @@ __all__ = ["Server", "open_server", "run_server"]
 
 #: At most one line on stderr this often about accept pausing.
 ACCEPT_COMPLAIN_INTERVAL = 10.0
+
+
+class _Batches:
+    """The accept loop's batch hooks for every part that gathers a wake-up's work."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, *parts: Batching) -> None:
+        self.parts = parts
+
+    def defer(self) -> None:
+        for part in self.parts:
+            part.defer()
+
+    def write_deferred(self) -> None:
+        for part in self.parts:
+            part.write_deferred()
 
 
 class Server:
@@ -261,6 +279,10 @@ class Server:
             relays.cancel_scope.cancel()
 
     async def _accept(self, listener: Listener) -> None:
+        # A wake-up's clients are one batch for the event log (their events go
+        # out together) and for the pass pool (its wake-up moved once).
+        passer = self.handoff.passer
+        batching: Batching = self.log if passer is None else _Batches(self.log, passer)
         try:
             await accept_loop(
                 listener,
@@ -270,7 +292,7 @@ class Server:
                 self.accept_queue,
                 longest_window(self.settings.workers),
                 half_full(self.settings.workers),
-                self.log,
+                batching,
             )
         except OSError as exc:
             # A broken listener (EBADF, EINVAL...) never heals: retrying it would
