@@ -231,7 +231,13 @@ def test_a_remembered_early_pipelining_client_reaches_smtpd_with_its_bytes(
                 f.close()
             passes = syslog.wait_for("pass", 2)
             assert [p.fields["reason"] for p in passes] == ["delay", "cache"]
-            assert passes[1].fields["early_bytes"] == str(len(pipelined))
+            # The pen's peek and the cache's answer race (trio runs the two tasks
+            # in either order): seen first, the bytes are counted; answered first,
+            # the client passes before they are peeked, and the event says 0. Either
+            # way they are still in the socket, and smtpd reads them (below). CI
+            # failed on the exact count about one run in twenty, before and after
+            # 2026-12-07's changes alike.
+            assert passes[1].fields["early_bytes"] in ("0", str(len(pipelined)))
             assert all(p.fields["handoff"] == "pass" for p in passes)
         pf.wait_log(r"discard\[\d+\]: \w+: to=<b@example\.com>, .*status=sent")
         # smtpd read the bytes repeld had peeked, as sent (and says so, as it
