@@ -439,7 +439,7 @@ def event_names() -> tuple[str, ...]:
     names = {
         name
         for call in _calls(SRC / "core" / "events.py")
-        if _callee(call) in ("Event", "_service") and (name := _first_string(call))
+        if _callee(call) in ("Event", "of", "_service") and (name := _first_string(call))
     }
     for path in sorted(SRC.rglob("*.py")):
         names |= {
@@ -452,7 +452,11 @@ def event_names() -> tuple[str, ...]:
 
 @cache
 def event_fields() -> tuple[str, ...]:
-    """Every field name events.py writes, with the keywords its callers add."""
+    """Every field name events.py writes, with the keywords its callers add.
+
+    A name is the first of a (name, value) pair, or a string in a constant whose
+    name ends in `_KEYS` (the hot builders' name lists).
+    """
     fields: set[str] = set()
     for node in ast.walk(ast.parse(_read(SRC / "core" / "events.py"))):
         if (
@@ -462,6 +466,12 @@ def event_fields() -> tuple[str, ...]:
             and isinstance(node.elts[0].value, str)
         ):
             fields.add(node.elts[0].value)
+        target = node.target if isinstance(node, ast.AnnAssign) else None
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+        if isinstance(target, ast.Name) and target.id.endswith("_KEYS"):
+            assert isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None
+            fields.update(_strings(node.value))
     for path in sorted(SRC.rglob("*.py")):
         for call in _calls(path):
             if _callee(call) == "_service" or _callee(call) in _builders():

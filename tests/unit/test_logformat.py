@@ -11,6 +11,7 @@ import pytest
 
 from repeld.core import events
 from repeld.core.events import ConnInfo, Event, Severity
+from repeld.core import logformat
 from repeld.core.hold import Pass, PassReason
 from repeld.core.logformat import (
     FACILITIES,
@@ -95,7 +96,7 @@ def test_rfc5424_is_read_back_by_an_independent_parser() -> None:
     ],
 )
 def test_pri_is_facility_times_8_plus_severity(facility: str, severity: Severity, pri: int) -> None:
-    event = Event("x", severity, (("event", "x"),), "X")
+    event = Event.of("x", severity, (("event", "x"),), "X")
     header = Header(FACILITIES[facility], "h", "repeld", 1, "repeld@32473")
     assert format_rfc5424(event, header, NOW).startswith(b"<%d>1 " % pri)
     assert format_json(event, header, NOW).startswith(b"<%d>" % pri)
@@ -141,7 +142,7 @@ def test_timestamps_are_right_whatever_order_they_come_in(utc: None) -> None:
 
 
 def test_rfc5424_param_values_escape_quote_backslash_and_bracket() -> None:
-    event = Event(
+    event = Event.of(
         "early-talker",
         Severity.WARNING,
         (("event", "early-talker"), ("first", 'a"b\\c]d'), ("bytes", 7)),
@@ -155,6 +156,28 @@ def test_rfc5424_param_values_escape_quote_backslash_and_bracket() -> None:
     got = parse(format_rfc5424(event, HEADER, NOW))
     assert got.fields["first"] == 'a"b\\c]d'
     assert got.fields["bytes"] == "7"
+
+
+def test_rfc5424_a_percent_sign_is_text_in_a_name_and_in_a_value() -> None:
+    # SD-PARAMS are formatted with one `k="%s"` template per list of names:
+    # a % in a name is not a conversion, and one in a value is left alone.
+    event = Event.of(
+        "stats", Severity.INFO, (("event", "stats"), ("share%", "50%s %d"), ("n", 1)), "STATS %s"
+    )
+    assert format_rfc5424(event, HEADER, NOW).endswith(
+        b' [repeld@32473 event="stats" share%="50%s %d" n="1"] STATS %s'
+    )
+
+
+def test_rfc5424_templates_are_bounded_and_every_event_is_right_past_the_bound() -> None:
+    # A list of names that never repeats would be a template each: the table
+    # stops growing at its bound, and an event past it is formatted all the same.
+    for i in range(logformat._TEMPLATES_MAX + 50):
+        event = Event.of("stats", Severity.INFO, (("event", "stats"), (f"k{i}", i)), "S")
+        assert f' [repeld@32473 event="stats" k{i}="{i}"] S'.encode() in format_rfc5424(
+            event, HEADER, NOW
+        )
+    assert len(logformat._TEMPLATES) <= logformat._TEMPLATES_MAX
 
 
 def test_rfc5424_hostile_client_bytes_stay_inside_their_param() -> None:
@@ -171,7 +194,7 @@ def test_rfc5424_hostile_client_bytes_stay_inside_their_param() -> None:
 
 
 def test_rfc5424_msg_is_utf8_and_unencodable_text_never_raises() -> None:
-    event = Event("error", Severity.ERR, (("event", "error"),), "caf\u00e9 \udcff")
+    event = Event.of("error", Severity.ERR, (("event", "error"),), "caf\u00e9 \udcff")
     assert format_rfc5424(event, HEADER, NOW).endswith(b"] caf\xc3\xa9 \\udcff")
 
 
@@ -202,7 +225,7 @@ def test_rfc5424_local_header_keeps_the_hostname() -> None:
 
 
 def test_json_is_ascii_and_round_trips(utc: None) -> None:
-    event = Event(
+    event = Event.of(
         "early-talker",
         Severity.WARNING,
         (("event", "early-talker"), ("first", 'q"\\\u00e9\x1b'), ("bytes", 3), ("elapsed", 0.5)),

@@ -88,8 +88,8 @@ def test_unknown_fields_and_values_are_taken_as_they_come() -> None:
     m = Metrics()
     m.observe(events.early_talker(CONN, EarlyTalk(3, b"abc", 1.0), "log"))
     fields = (*events.passed(CONN, Pass(PassReason.CACHE, 1.0)).fields, ("early_bytes", 3))
-    m.observe(Event("pass", Severity.INFO, fields, "PASS CACHE"))
-    m.observe(Event("backend-check", Severity.WARNING, (("event", "backend-check"),), "x"))
+    m.observe(Event.of("pass", Severity.INFO, fields, "PASS CACHE"))
+    m.observe(Event.of("backend-check", Severity.WARNING, (("event", "backend-check"),), "x"))
     text = render(m.snapshot())
     assert _value(text, "repeld_early_talkers_total", action="log") == 1
     assert _value(text, "repeld_passes_total", reason="cache") == 1

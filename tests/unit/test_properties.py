@@ -287,6 +287,28 @@ def test_every_record_parses_back_whatever_the_client_sent(
         assert got.fields["bytes"] == str(len(first))
 
 
+def _sd_reference(value: object) -> str:
+    # RFC 5424 6.3.3: '"', '\\' and ']' escaped with a backslash; nothing else.
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+
+
+_NAME = st.from_regex(r"[!#-<>-\\^-~]{1,32}", fullmatch=True)  # SD-NAME (RFC 5424 6.3.2)
+_VALUE = st.one_of(st.text(max_size=40), st.integers(), st.floats(allow_nan=False))
+
+
+@FAST
+@given(fields=st.lists(st.tuples(_NAME, _VALUE), min_size=1, max_size=12))
+def test_structured_data_is_each_value_escaped_under_its_name(
+    fields: list[tuple[str, str | int | float]],
+) -> None:
+    # The writer formats values with one template per list of names
+    # (core/logformat.py); the plain way, pair by pair, is the reference.
+    event = events.Event.of("stats", events.Severity.INFO, tuple(fields), "S")
+    params = " ".join(f'{k}="{_sd_reference(v)}"' for k, v in fields)
+    want = f" stats [repeld@32473 {params}] S".encode("utf-8", "backslashreplace")
+    assert format_rfc5424(event, HEADER, 1700000000.25).endswith(want)
+
+
 _LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
 _RANGES = st.lists(
     st.tuples(st.integers(0, 255), st.integers(0, 255)).map(lambda r: (min(r), max(r))),

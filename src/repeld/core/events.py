@@ -45,6 +45,10 @@ __all__ = [
 ]
 
 FieldValue = str | int | float
+#: The names of a connection's fields (then "via", behind a balancer) and of
+#: what the DNS lists said, in every event that carries them.
+_CONN_KEYS = ("client", "client_port", "server", "server_port")
+_DNS_KEYS = ("score", "lists", "unanswered")
 
 
 class Severity(enum.IntEnum):
@@ -75,12 +79,7 @@ class ConnInfo(NamedTuple):
     via: str = ""
 
     def fields(self) -> tuple[tuple[str, FieldValue], ...]:
-        base: tuple[tuple[str, FieldValue], ...] = (
-            ("client", self.client),
-            ("client_port", self.client_port),
-            ("server", self.server),
-            ("server_port", self.server_port),
-        )
+        base: tuple[tuple[str, FieldValue], ...] = tuple(zip(_CONN_KEYS, self[:4], strict=True))
         return (*base, ("via", self.via)) if self.via else base
 
     @property
@@ -91,18 +90,43 @@ class ConnInfo(NamedTuple):
 
 class Event(NamedTuple):
     """One thing that happened, ready to be written in any format (a named tuple:
-    `ConnInfo` says why)."""
+    `ConnInfo` says why).
+
+    Its field names (`keys`) and values are kept apart: a builder's names are
+    the same few tuples every time, so a writer formats the values with one
+    template made once per name list (core/logformat.py) where pairs cost an
+    f-string each. `fields` pairs them again for readers; `Event.of` builds one
+    from pairs.
+    """
 
     name: str
     severity: Severity
-    fields: tuple[tuple[str, FieldValue], ...]
+    keys: tuple[str, ...]
+    values: tuple[FieldValue, ...]
     summary: str
 
+    @classmethod
+    def of(
+        cls,
+        name: str,
+        severity: Severity,
+        fields: tuple[tuple[str, FieldValue], ...],
+        summary: str,
+    ) -> Event:
+        """An event from (name, value) pairs."""
+        keys = tuple(k for k, _ in fields)
+        return cls(name, severity, keys, tuple(v for _, v in fields), summary)
+
+    @property
+    def fields(self) -> tuple[tuple[str, FieldValue], ...]:
+        """The fields as (name, value) pairs, in order."""
+        return tuple(zip(self.keys, self.values, strict=True))
+
     def get(self, key: str) -> FieldValue | None:
-        for k, v in self.fields:
-            if k == key:
-                return v
-        return None
+        try:
+            return self.values[self.keys.index(key)]
+        except ValueError:
+            return None
 
 
 def _ms(seconds: float) -> float:
@@ -116,11 +140,8 @@ def _dns_fields(dns: DnsScore | None) -> tuple[tuple[str, FieldValue], ...]:
     # no answer in time is not "not listed"); without lists, nothing, as before.
     if dns is None:
         return ()
-    return (
-        ("score", dns.score),
-        ("lists", ",".join(dns.lists)),
-        ("unanswered", ",".join(dns.missing)),
-    )
+    values = (dns.score, ",".join(dns.lists), ",".join(dns.missing))
+    return tuple(zip(_DNS_KEYS, values, strict=True))
 
 
 def _recipients(recipients: tuple[bytes, ...]) -> str:
@@ -170,7 +191,7 @@ def early_talker(
     told = ""
     if enforced is not None:
         extra, told = _enforce_fields(*enforced)
-    return Event(
+    return Event.of(
         EventName.EARLY_TALKER,
         Severity.WARNING,
         (
@@ -196,7 +217,7 @@ def penalized(
     """A client the pass cache remembers as an early talker, cut off unheard
     (`action` "log": observe mode, held as usual instead)."""
     elapsed = _ms(elapsed)
-    return Event(
+    return Event.of(
         EventName.EARLY_TALKER,
         Severity.WARNING,
         (
@@ -225,12 +246,32 @@ def hangup(conn: ConnInfo, verdict: HangUp) -> Event:
     """A client that left before it was greeted."""
     elapsed = _ms(verdict.elapsed)
     how = HangupHow.RESET if verdict.reset else HangupHow.CLOSE
-    return Event(
+    return Event.of(
         EventName.HANGUP,
         Severity.INFO,
         (("event", EventName.HANGUP), *conn.fields(), ("elapsed", elapsed), ("how", how)),
         f"HANGUP after {elapsed:.3f} from {conn.peer} ({how}) before the greeting",
     )
+
+
+#: The names of a `pass` event's fields, by (via, dns, handoff) present: one
+#: tuple each, so that its writer's template is found, not made (Event).
+_PASS_KEYS: dict[tuple[bool, bool, bool], tuple[str, ...]] = {
+    (via, dns, handoff): (
+        "event",
+        *_CONN_KEYS,
+        *(("via",) if via else ()),
+        "elapsed",
+        "reason",
+        "rtt_ms",
+        "early_bytes",
+        *(_DNS_KEYS if dns else ()),
+        *(("handoff",) if handoff else ()),
+    )
+    for via in (False, True)
+    for dns in (False, True)
+    for handoff in (False, True)
+}
 
 
 def passed(
@@ -243,25 +284,34 @@ def passed(
     """A client handed to the MTA, and why (`rtt_ms`: round-trip time, 0 if unknown;
     `dns`: what the DNS lists said, with lists configured; `handoff`: how, when
     the client is not relayed)."""
-    # round(x, 3) is _ms() written out: every handed-off client's event is built
-    # here, and a call costs about half a µs in place.
+    # Written out, without ConnInfo.fields(), _dns_fields(), _ms() or .peer:
+    # every handed-off client's event is built here, and a Python call costs
+    # about half a µs in place (docs/perf-log/2026-12-07-day.md).
     elapsed = round(verdict.elapsed, 3)
     reason = str(verdict.reason)
+    early = verdict.early_bytes
+    client, client_port, via = conn.client, conn.client_port, conn.via
+    values: tuple[FieldValue, ...] = (
+        EventName.PASS,
+        client,
+        client_port,
+        conn.server,
+        conn.server_port,
+    )
+    if via:
+        values += (via,)
+    values += (elapsed, reason, round(rtt_ms, 3), early)
+    if dns is not None:
+        values += (dns.score, ",".join(dns.lists), ",".join(dns.missing))
+    if handoff is not None:
+        values += (handoff,)
     return Event(
         EventName.PASS,
         Severity.INFO,
-        (
-            ("event", EventName.PASS),
-            *conn.fields(),
-            ("elapsed", elapsed),
-            ("reason", reason),
-            ("rtt_ms", round(rtt_ms, 3)),
-            ("early_bytes", verdict.early_bytes),
-            *(_dns_fields(dns) if dns is not None else ()),
-            *((("handoff", handoff),) if handoff is not None else ()),
-        ),
-        f"PASS {reason.upper()} {conn.peer} after {elapsed:.3f}"
-        + (f" ({verdict.early_bytes} bytes before the greeting)" if verdict.early_bytes else ""),
+        _PASS_KEYS[bool(via), dns is not None, handoff is not None],
+        values,
+        f"PASS {reason.upper()} [{client}]:{client_port} after {elapsed:.3f}"
+        + (f" ({early} bytes before the greeting)" if early else ""),
     )
 
 
@@ -271,7 +321,7 @@ def dnsbl(conn: ConnInfo, verdict: Blocked) -> Event:
     elapsed = _ms(verdict.elapsed)
     lists = ",".join(verdict.lists)
     action = str(verdict.action)
-    return Event(
+    return Event.of(
         EventName.DNSBL,
         Severity.WARNING,
         (
@@ -306,7 +356,7 @@ def dns_list_alarm(domain: str, share: float, window: int) -> Event:
 def backend_error(conn: ConnInfo, elapsed: float, backend: str, error: str) -> Event:
     """The MTA could not be reached for a passed client (it was told 421)."""
     elapsed = _ms(elapsed)
-    return Event(
+    return Event.of(
         EventName.BACKEND_ERROR,
         Severity.INFO,
         (
@@ -329,7 +379,7 @@ def summarize(last: Event, count: int) -> Event:
     assert last.name == EventName.BACKEND_ERROR
     backend, error = last.get("backend"), last.get("error")
     peer = f"[{last.get('client')}]:{last.get('client_port')}"
-    return Event(
+    return Event.of(
         last.name,
         last.severity,
         (*last.fields, ("count", count)),
@@ -344,7 +394,7 @@ def relay_end(
     """A relayed session is over: how much went each way, how long, how it ended."""
     elapsed = _ms(elapsed)
     duration = _ms(duration)
-    return Event(
+    return Event.of(
         EventName.RELAY_END,
         Severity.INFO,
         (
@@ -368,7 +418,7 @@ def exec_end(
     elapsed = _ms(elapsed)
     duration = _ms(duration)
     how = f"signal {-status}" if status < 0 else f"status {status}"
-    return Event(
+    return Event.of(
         EventName.EXEC_END,
         Severity.INFO,
         (
@@ -392,14 +442,14 @@ def internal_error(conn: ConnInfo | None, elapsed: float, error: str) -> Event:
         fields += conn.fields()
     fields += (("elapsed", _ms(elapsed)), ("error", error))
     where = f" for {conn.peer}" if conn is not None else ""
-    return Event(EventName.ERROR, Severity.ERR, fields, f"ERROR{where}: {error}")
+    return Event.of(EventName.ERROR, Severity.ERR, fields, f"ERROR{where}: {error}")
 
 
 def proxy_error(balancer: ConnInfo, elapsed: float, reason: str, detail: str) -> Event:
     """A trusted balancer's connection did not begin with a valid PROXY header in
     time: closed, and nobody judged (`client` is the balancer; never a ban)."""
     elapsed = _ms(elapsed)
-    return Event(
+    return Event.of(
         EventName.PROXY_ERROR,
         Severity.WARNING,
         (
@@ -415,7 +465,7 @@ def proxy_error(balancer: ConnInfo, elapsed: float, reason: str, detail: str) ->
 
 def overload(conn: ConnInfo, limit: str, refused: int) -> Event:
     """Clients turned away at a limit; one event stands for `refused` of them."""
-    return Event(
+    return Event.of(
         EventName.OVERLOAD,
         Severity.WARNING,
         (
@@ -431,7 +481,7 @@ def overload(conn: ConnInfo, limit: str, refused: int) -> Event:
 
 def _service(name: EventName, severity: Severity, summary: str, **fields: FieldValue) -> Event:
     # Events about the daemon itself carry no connection fields.
-    return Event(name, severity, (("event", name), *fields.items()), summary)
+    return Event.of(name, severity, (("event", name), *fields.items()), summary)
 
 
 def lifecycle(what: EventName, **fields: FieldValue) -> Event:
