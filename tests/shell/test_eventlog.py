@@ -602,6 +602,107 @@ async def test_a_deferred_batch_the_socket_cannot_take_yet_is_the_writers(
     assert log.dropped == 0
 
 
+async def test_a_deferred_batch_a_full_receiver_stops_waits_whole_and_in_order(
+    tmp_path: Path,
+) -> None:
+    # write_deferred() sends each datagram as it formats it. A receiver that
+    # is not reading (its queue holds 10 datagrams: net.unix.max_dgram_qlen)
+    # stops the batch at the first it refuses: that one and all after it wait
+    # for the writer, in order, and reach syslog once it reads again.
+    path = tmp_path / "log.sock"
+    receiver = unix_receiver(path)
+    log = EventLog(SyslogTarget("unix", path=str(path)), hostname="testhost")
+    total = 60
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(log.run)
+            await log.connect_now()
+            await trio.testing.wait_all_tasks_blocked()
+            log.defer()
+            for i in range(total):
+                log.emit(passed(i))
+            log.write_deferred()
+            taken = log.written
+            assert 0 < taken < total
+            assert log.statistics()["queued"] == total - taken
+            got: list[bytes] = []
+            with trio.fail_after(10):
+                while log.written < total:
+                    got += drain_now(receiver)
+                    await trio.sleep(0.001)
+            got += drain_now(receiver)
+            nursery.cancel_scope.cancel()
+    finally:
+        receiver.close()
+    assert [int(parse(d).fields["client_port"]) for d in got] == list(range(total))
+    assert log.dropped == 0
+
+
+async def test_a_deferred_batch_that_meets_a_refusal_keeps_the_refused_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The syslog daemon was down when the last datagram went out: the next
+    # send in a batch meets its refusal. That datagram is no fault of its own:
+    # it and the rest wait, in order, and go out on a new socket at once.
+    with _reserved_udp_port() as reserved:
+        port = int(reserved.getsockname()[1])
+        log = EventLog(SyslogTarget("udp", host="127.0.0.1", port=port), hostname="testhost")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(log.run)
+            with _udp_receiver(port) as receiver:
+                await log.connect_now()
+                await trio.testing.wait_all_tasks_blocked()
+                log.defer()
+                log.emit(passed(0))
+                log.write_deferred()
+                assert parse(receiver.recv(65536)).fields["client_port"] == "0"
+            log.defer()
+            log.emit(passed(1))  # into nothing: refused (ICMP port unreachable)
+            log.write_deferred()
+            await trio.sleep(0.05)
+            with _udp_receiver(port) as receiver:
+                log.defer()
+                for i in (2, 3, 4):
+                    log.emit(passed(i))  # 2 meets the refusal of 1
+                log.write_deferred()
+                assert log.written == 2 and log.statistics()["queued"] == 3
+                rsock = trio.socket.from_stdlib_socket(receiver)
+                with trio.fail_after(RETRY_AFTER / 4):  # no waiting for a retry
+                    got = [parse(await rsock.recv(65536)) for _ in range(3)]
+            assert [g.fields["client_port"] for g in got] == ["2", "3", "4"]
+            assert log.written == 5 and log.dropped == 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_deferred_batch_drops_only_the_datagram_too_big_to_send(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A send error that is the message's own (EMSGSIZE: past UDP's 64 KiB)
+    # drops that one, counted, and the rest of the batch waits for the writer,
+    # which sends it, in order, on a new socket after RETRY_AFTER.
+    receiver, port = roomy_udp_receiver()
+    log = EventLog(SyslogTarget("udp", host="127.0.0.1", port=port), hostname="testhost")
+    huge = events.internal_error(None, 0.0, "x" * 70_000)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(log.run)
+            await log.connect_now()
+            await trio.testing.wait_all_tasks_blocked()
+            log.defer()
+            log.emit(passed(0))
+            log.emit(huge)
+            log.emit(passed(2))
+            log.write_deferred()
+            assert (log.written, log.dropped, log.statistics()["queued"]) == (1, 1, 1)
+            await written(log, 2, RETRY_AFTER * 3)
+            got = [parse(d) for d in drain_now(receiver)]
+            nursery.cancel_scope.cancel()
+    finally:
+        receiver.close()
+    assert [g.fields["client_port"] for g in got] == ["0", "2"]
+    assert log.dropped == 1
+
+
 def _pass_args(i: int) -> tuple[ConnInfo, Pass, float, None, HandOffHow]:
     return (
         ConnInfo("127.0.0.1", i, "127.0.0.1", 25),
