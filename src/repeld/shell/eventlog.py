@@ -48,7 +48,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import ParamSpec, TextIO
 
 import trio
@@ -283,16 +283,7 @@ class EventLog:
         self.counts[name] += 1
         if kwargs:
             build = functools.partial(build, **kwargs)
-        # _queue_unframed written out: every handed-off client's event comes
-        # this way, and a call costs about half a µs in place.
-        unframed = self._unframed
-        unframed.append(((build, args, name), time.time()))
-        if len(unframed) >= _FRAME_BATCH:
-            self._frame_unframed()
-        if self._deferring:
-            self._deferred = True
-        else:
-            self._wakeup.set()
+        self._queue_unframed((build, args, name), time.time())
 
     def _queue_unframed(self, entry: Event | _Unbuilt, stamp: float) -> None:
         """Queue an event (or its makings) for formatting; wake the sender, unless
@@ -328,60 +319,15 @@ class EventLog:
         if sock is not None and not self._partial and not self._inflight:
             # Nothing of the sender's is half-sent: send from the head of the
             # queue, in order, what the socket takes at once.
-            if self._queue or self._coalesced or self._octet_counting:
-                self._frame_unframed()
-                self._release_coalesced()
-                self._send_nowait(sock)
-            else:
-                self._send_unframed(sock)
+            self._frame_unframed()
+            self._release_coalesced()
+            self._send_nowait(sock)
         if self._queue or self._unframed or self._coalesced:
             self._wakeup.set()
-
-    def _send_unframed(self, sock: socket.socket) -> None:
-        """Format the waiting events and send each datagram as it is made, in order;
-        queue the rest from the first the socket does not take.
-
-        For a datagram target with nothing queued before them (`write_deferred`),
-        the commonest case: a datagram goes whole or not at all, and the queue's
-        bookkeeping, 1 to 3 µs an event, is spared (docs/perf-log/2026-12-07-late.md).
-        A failed send is judged as `_send_nowait` judges it.
-        """
-        unframed, self._unframed = self._unframed, []
-        sent = 0
-        sending = True
-        for event, message, stamp in self._formatted(unframed):
-            if sending:
-                try:
-                    sock.send(message)
-                except BlockingIOError:
-                    sending = False
-                except OSError as exc:
-                    sending = False
-                    if sent:
-                        self._delivered(sent)  # before _failed, which asks if any was
-                        sent = 0
-                    if not self._failed(exc, 1):
-                        continue  # dropped, and counted so
-                else:
-                    sent += 1
-                    continue
-            if not self._enqueue(message, 1):
-                self._overflowed(event, stamp)
-        if sent:
-            self._delivered(sent)
 
     def _frame_unframed(self) -> None:
         """Format the events emit() queued and queue their messages, as room allows."""
         unframed, self._unframed = self._unframed, []
-        for event, message, stamp in self._formatted(unframed):
-            if not self._enqueue(message, 1):
-                self._overflowed(event, stamp)
-
-    def _formatted(
-        self, unframed: list[tuple[Event | _Unbuilt, float]]
-    ) -> Iterator[tuple[Event, bytes, float]]:
-        """Each of `unframed` built (and shown to --metrics) and formatted, in order,
-        with its time; one that fails is lost, counted so and said on stderr."""
         # What _built and _frame do, written out for the commonest case (every
         # handed-off client's event comes here): a call costs about half a µs
         # in place (docs/perf-log/2026-12-07-day.md).
@@ -411,17 +357,13 @@ class EventLog:
                 self._dropped += 1
                 self._unframed[:0] = unframed[i + 1 :]
                 raise
-            yield event, message, stamp
-
-    def _overflowed(self, event: Event, stamp: float) -> None:
-        """`event` found the queue full: dropped and counted, or, a backend-error,
-        summed into its summary (`_release_coalesced`)."""
-        if event.name == EventName.BACKEND_ERROR:
-            key = (str(event.get("backend")), str(event.get("error")))
-            count = self._coalesced.get(key, (0, event, stamp))[0]
-            self._coalesced[key] = (count + 1, event, stamp)
-        else:
-            self._dropped += 1
+            if not self._enqueue(message, 1):
+                if event.name == EventName.BACKEND_ERROR:
+                    key = (str(event.get("backend")), str(event.get("error")))
+                    count = self._coalesced.get(key, (0, event, stamp))[0]
+                    self._coalesced[key] = (count + 1, event, stamp)
+                else:
+                    self._dropped += 1
 
     def _lost(
         self,
