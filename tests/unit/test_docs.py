@@ -466,12 +466,15 @@ def event_fields() -> tuple[str, ...]:
             and isinstance(node.elts[0].value, str)
         ):
             fields.add(node.elts[0].value)
-        target = node.target if isinstance(node, ast.AnnAssign) else None
-        if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target = node.targets[0]
-        if isinstance(target, ast.Name) and target.id.endswith("_KEYS"):
-            assert isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None
-            fields.update(_strings(node.value))
+        if isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets: list[ast.expr] = [node.target]
+            value = node.value
+        elif isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        else:
+            continue
+        if any(isinstance(t, ast.Name) and t.id.endswith("_KEYS") for t in targets):
+            fields.update(_strings(value))
     for path in sorted(SRC.rglob("*.py")):
         for call in _calls(path):
             if _callee(call) == "_service" or _callee(call) in _builders():

@@ -9,9 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from repeld.core import events
+from repeld.core import events, logformat
 from repeld.core.events import ConnInfo, Event, Severity
-from repeld.core import logformat
 from repeld.core.hold import Pass, PassReason
 from repeld.core.logformat import (
     FACILITIES,
