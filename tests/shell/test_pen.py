@@ -8,12 +8,22 @@ import functools
 import socket
 import struct
 
+import pytest
 import trio
 import trio.testing
 
 from repeld.core.dnsbl import DnsAction, DnsPolicy, DnsScore
 from repeld.core.events import ConnInfo
-from repeld.core.hold import Blocked, EarlyTalk, Hold, Logged, Pass, PassReason, Verdict
+from repeld.core.hold import (
+    Blocked,
+    EarlyTalk,
+    HangUp,
+    Hold,
+    Logged,
+    Pass,
+    PassReason,
+    Verdict,
+)
 from repeld.shell.pen import Held, HoldingPen
 
 from ..harness import GREETING, connect, read_line, running
@@ -196,3 +206,57 @@ async def test_muted_talkers_that_leave_do_not_stay_in_the_heap(
     finally:
         pen.close()
         listener.close()
+
+
+PIPELINED = b"EHLO x\r\nMAIL FROM:<a@sender.test>\r\n"
+
+
+@pytest.mark.parametrize(("look", "counted"), [(True, len(PIPELINED)), (False, 0)])
+async def test_a_good_word_counts_the_bytes_the_pen_has_not_served_yet(
+    look: bool, counted: int
+) -> None:
+    # The cache's answer and the pen's readiness are two tasks, run in either
+    # order. Here the pen's task never runs: the answer comes first. With
+    # `look` the pen peeks before it, so the pass counts what the client had
+    # sent (a remembered PIPECONNECT client); without, the pass says 0.
+    verdicts: list[Verdict] = []
+    pen = HoldingPen(lambda held, verdict: verdicts.append(verdict), lambda *_: None)
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        conn = ConnInfo("192.0.2.1", 1000, "127.0.0.1", 25)
+        hold = Hold(trio.current_time(), 25.0, cache_pending=True)
+        held = Held(ours, conn, hold)
+        pen.add(held)
+        theirs.send(PIPELINED)
+        assert pen.settle(held, hold.remembered_good, look=look)
+        (verdict,) = verdicts
+        assert isinstance(verdict, Pass) and verdict.reason is PassReason.CACHE
+        assert verdict.early_bytes == counted
+        assert len(pen) == 0
+        assert ours.recv(100, socket.MSG_PEEK) == PIPELINED  # peeked, never read
+    finally:
+        pen.close()
+        ours.close()
+        theirs.close()
+
+
+async def test_a_client_that_left_before_the_good_word_is_a_hang_up() -> None:
+    # Looked at first, a client that closed its side (no bytes) has left: a
+    # hang-up, as the pen would have found it, and the answer is not fed.
+    verdicts: list[Verdict] = []
+    pen = HoldingPen(lambda held, verdict: verdicts.append(verdict), lambda *_: None)
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        hold = Hold(trio.current_time(), 25.0, cache_pending=True)
+        held = Held(ours, ConnInfo("192.0.2.1", 1000, "127.0.0.1", 25), hold)
+        pen.add(held)
+        theirs.shutdown(socket.SHUT_WR)
+        assert not pen.settle(held, hold.remembered_good, look=True)
+        assert len(verdicts) == 1 and isinstance(verdicts[0], HangUp)
+        assert hold.done and len(pen) == 0
+    finally:
+        pen.close()
+        ours.close()
+        theirs.close()

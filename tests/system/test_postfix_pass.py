@@ -231,12 +231,12 @@ def test_a_remembered_early_pipelining_client_reaches_smtpd_with_its_bytes(
                 f.close()
             passes = syslog.wait_for("pass", 2)
             assert [p.fields["reason"] for p in passes] == ["delay", "cache"]
-            # The pen's peek and the cache's answer race (trio runs the two tasks
-            # in either order): seen first, the bytes are counted; answered first,
-            # the client passes before they are peeked, and the event says 0. Either
-            # way they are still in the socket, and smtpd reads them (below). CI
-            # failed on the exact count about one run in twenty, before and after
-            # 2026-12-07's changes alike.
+            # The pen peeks before it feeds the cache's good word (core/learning.py's
+            # look_first), so bytes in the socket by then are counted; 0 only if
+            # this client's bytes came after the answer, after it was passed.
+            # Either way they reach smtpd (below). Before the peek, the pen's
+            # readiness and the answer raced, and CI saw 0 about one run in twenty
+            # (tests/shell/test_pen.py has the race, decided both ways).
             assert passes[1].fields["early_bytes"] in ("0", str(len(pipelined)))
             assert all(p.fields["handoff"] == "pass" for p in passes)
         pf.wait_log(r"discard\[\d+\]: \w+: to=<b@example\.com>, .*status=sent")

@@ -27,7 +27,7 @@ from repeld.core.addresses import cache_key
 from repeld.core.dnsbl import DnsPolicy, DnsScore
 from repeld.core.events import ConnInfo
 from repeld.core.hold import HangUp, Hold, Pass, Wait, teaser_line
-from repeld.core.learning import cache_answer
+from repeld.core.learning import cache_answer, look_first
 from repeld.core.names import PassReason
 from repeld.core.policy import Policy, Refuse, TrustedNetworks
 from repeld.shell.dispatch import Dispatch
@@ -176,7 +176,8 @@ class Admission:
         """The pass cache's answer about a held client (BatchedLookups' callback)."""
         hold = held.hold
         if hold.awaiting_cache:  # else too late: the talk was judged without it
-            self.pen.settle(held, cache_answer(hold, answer, self._penalties))
+            decide = cache_answer(hold, answer, self._penalties)
+            self.pen.settle(held, decide, look=look_first(answer))
 
     def dns_answered(self, held: Held, result: DnsScore) -> None:
         """The DNS lists' answer about a held client (DnsLookups' callback)."""

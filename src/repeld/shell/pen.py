@@ -10,7 +10,10 @@ Deadlines are kept in FIFO queues, one per delay value: connections accepted
 later with the same delay are due later, so the queue is already sorted and
 costs one pointer per connection (a reload that changes the delay starts a new
 queue). What a peek or the deadline means is decided by `core.Hold`; the pen
-only observes the socket and hands the verdict to `on_verdict`. A handler that
+only observes the socket and hands the verdict to `on_verdict`. An answer from
+outside that passes a client at once (the cache's good word) is fed after one
+more peek (`settle(look=True)`): the core hears what the socket holds first, as
+if the pen had served its readiness before the answer's task ran. A handler that
 fails is the pen's to survive: the connection is closed and `on_error(held,
 message)` reports it (the server writes an `error` event).
 
@@ -153,14 +156,22 @@ class HoldingPen:
         if self._wake is not None and held.hold.deadline < self._wake.deadline:
             self._wake.deadline = held.hold.deadline
 
-    def settle(self, held: Held, decide: Callable[[float], Verdict]) -> bool:
+    def settle(self, held: Held, decide: Callable[[float], Verdict], *, look: bool = False) -> bool:
         """Decide a still-held connection from outside the pen (a cache answer).
 
         `decide(now)` is called only if `held` is still waiting; True if it was.
+        `look`: peek first, as if the pen had served the socket's readiness
+        before the answer (core/learning.py's `look_first` says when); a client
+        that left meanwhile is decided by that, and `decide` is not called.
         """
         if held.hold.done or self._held.get(held.sock.fileno()) is not held:
             return False
-        self._decide(held, decide(trio.current_time()))
+        now = trio.current_time()
+        if look and not held.hold.muted:
+            self._peek(held, now, due=False)
+            if not self._live(held):
+                return False
+        self._decide(held, decide(now))
         return True
 
     def _release(self, held: Held) -> None:
