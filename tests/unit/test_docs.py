@@ -439,7 +439,7 @@ def event_names() -> tuple[str, ...]:
     names = {
         name
         for call in _calls(SRC / "core" / "events.py")
-        if _callee(call) in ("Event", "of", "_service") and (name := _first_string(call))
+        if _callee(call) in ("Event", "of", "_service", "_about") and (name := _first_string(call))
     }
     for path in sorted(SRC.rglob("*.py")):
         names |= {

@@ -185,7 +185,7 @@ def _rfc3164_time(now: float) -> str:
 def format_json(event: Event, header: Header, now: float) -> bytes:
     """An RFC 3164 header, then `@cee:` and one JSON object with the event's fields."""
     host = "" if header.local else f"{header.hostname} "
-    payload: dict[str, FieldValue] = dict(zip(event.keys, event.values, strict=True))
+    payload: dict[str, FieldValue] = dict(zip(event.keys, event.values, strict=False))
     payload["msg"] = event.summary
     body = json.dumps(payload, separators=(",", ":"), ensure_ascii=True)
     line = (
