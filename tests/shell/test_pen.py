@@ -241,6 +241,36 @@ async def test_a_good_word_counts_the_bytes_the_pen_has_not_served_yet(
         theirs.close()
 
 
+@pytest.mark.parametrize(("look", "verdict_type"), [(True, EarlyTalk), (False, Pass)])
+async def test_an_allow_that_comes_after_the_talk_does_not_pass_the_talker(
+    look: bool, verdict_type: type
+) -> None:
+    # The lists' answer and the pen's readiness race as the cache's do: the
+    # client talked, then an allow list's answer came first to its task. With
+    # the look (what admission asks for: `look_before_lists`), the talk stands;
+    # without, the allow passed an early talker.
+    verdicts: list[Verdict] = []
+    pen = HoldingPen(lambda held, verdict: verdicts.append(verdict), lambda *_: None)
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        hold = Hold(trio.current_time(), 25.0, dns=DnsPolicy())
+        held = Held(ours, ConnInfo("192.0.2.1", 1000, "127.0.0.1", 25), hold)
+        pen.add(held)
+        theirs.send(b"EHLO bot\r\n")
+        allowed = DnsScore(-1, ("wl.example",))
+        assert hold.look_before_lists(allowed)
+        decided_by_answer = pen.settle(held, lambda now: hold.listed(allowed, now), look=look)
+        assert decided_by_answer is not look  # looked at, the talk decided first
+        (verdict,) = verdicts
+        assert type(verdict) is verdict_type
+        assert len(pen) == 0
+    finally:
+        pen.close()
+        ours.close()
+        theirs.close()
+
+
 async def test_a_client_that_left_before_the_good_word_is_a_hang_up() -> None:
     # Looked at first, a client that closed its side (no bytes) has left: a
     # hang-up, as the pen would have found it, and the answer is not fed.

@@ -231,8 +231,8 @@ def test_a_remembered_early_pipelining_client_reaches_smtpd_with_its_bytes(
                 f.close()
             passes = syslog.wait_for("pass", 2)
             assert [p.fields["reason"] for p in passes] == ["delay", "cache"]
-            # The pen peeks before it feeds the cache's good word (core/learning.py's
-            # look_first), so bytes in the socket by then are counted; 0 only if
+            # The pen peeks before it feeds the cache's good word (core/hold.py's
+            # look_before_cache), so bytes in the socket by then are counted; 0 only if
             # this client's bytes came after the answer, after it was passed.
             # Either way they reach smtpd (below). Before the peek, the pen's
             # readiness and the answer raced, and CI saw 0 about one run in twenty

@@ -20,7 +20,7 @@ from repeld.core.hold import (
     Verdict,
     Wait,
 )
-from repeld.core.learning import Lesson, cache_answer, lesson, look_first
+from repeld.core.learning import Lesson, cache_answer, lesson
 
 pytestmark = pytest.mark.unit
 
@@ -78,13 +78,3 @@ def test_cache_answer(answer: CacheVerdict, penalties: bool, method: str) -> Non
     verdict = fed(1.0)
     expected = {"remembered_good": Pass, "remembered_bad": Penalty, "unknown": Wait}[method]
     assert isinstance(verdict, expected)
-
-
-@pytest.mark.parametrize(
-    ("answer", "look"),
-    [(CacheVerdict.GOOD, True), (CacheVerdict.BAD, False), (CacheVerdict.UNKNOWN, False)],
-)
-def test_only_a_good_word_is_looked_before(answer: CacheVerdict, look: bool) -> None:
-    # The one answer that passes a held client at once, bytes and all: what it
-    # sent before must be heard first, or the pass event counts 0 of it.
-    assert look_first(answer) is look

@@ -82,15 +82,3 @@ def cache_answer(hold: Hold, answer: CacheVerdict, penalties: bool) -> Callable[
     if answer is CacheVerdict.BAD and penalties:
         return hold.remembered_bad
     return hold.unknown
-
-
-def look_first(answer: CacheVerdict) -> bool:
-    """Whether the shell peeks at a held client before it feeds the cache's `answer`.
-
-    A good word passes the client at once, bytes and all, and the pass event
-    counts them (`early_bytes`); bytes already in its socket that the pen has
-    not served yet (its readiness and the answer come to two tasks, run in
-    either order) must be heard first, or the count says 0. The other answers
-    leave the client held, where the pen hears them anyway.
-    """
-    return answer is CacheVerdict.GOOD

@@ -27,7 +27,7 @@ from repeld.core.addresses import cache_key
 from repeld.core.dnsbl import DnsPolicy, DnsScore
 from repeld.core.events import ConnInfo
 from repeld.core.hold import HangUp, Hold, Pass, Wait, teaser_line
-from repeld.core.learning import cache_answer, look_first
+from repeld.core.learning import cache_answer
 from repeld.core.names import PassReason
 from repeld.core.policy import Policy, Refuse, TrustedNetworks
 from repeld.shell.dispatch import Dispatch
@@ -177,13 +177,14 @@ class Admission:
         hold = held.hold
         if hold.awaiting_cache:  # else too late: the talk was judged without it
             decide = cache_answer(hold, answer, self._penalties)
-            self.pen.settle(held, decide, look=look_first(answer))
+            self.pen.settle(held, decide, look=hold.look_before_cache(answer))
 
     def dns_answered(self, held: Held, result: DnsScore) -> None:
         """The DNS lists' answer about a held client (DnsLookups' callback)."""
         hold = held.hold
         if hold.awaiting_dns:  # else decided meanwhile: the answer is not needed
-            self.pen.settle(held, lambda now: hold.listed(result, now))
+            look = hold.look_before_lists(result)
+            self.pen.settle(held, lambda now: hold.listed(result, now), look=look)
 
     def refuse(self, sock: socket.socket, conn: ConnInfo, limit: Refuse, now: float) -> None:
         """Turn a client away at `limit` with its 421, counted."""
