@@ -385,6 +385,41 @@ def test_cache_unknown_lets_the_kept_answer_decide() -> None:
     assert h.unknown(T0 + 0.25) == Pass(PassReason.DNSWL, 0.25)
 
 
+@pytest.mark.parametrize(
+    ("action", "verdict"),
+    [
+        (DnsAction.DROP, Blocked(2, ("bl.example",), 25.0, DnsAction.DROP)),
+        (DnsAction.REJECT, Blocked(2, ("bl.example",), 25.0, DnsAction.REJECT)),
+        (
+            DnsAction.LOG,
+            Logged(Blocked(2, ("bl.example",), 25.0, DnsAction.LOG), Pass(PassReason.DELAY, 25.0)),
+        ),
+        (
+            DnsAction.DELAY,
+            Logged(Blocked(2, ("bl.example",), 25.0, DnsAction.DELAY), Wait(T0 + 60.0)),
+        ),
+    ],
+)
+def test_a_kept_block_applies_when_the_cache_never_answers(
+    action: DnsAction, verdict: Blocked | Logged
+) -> None:
+    # The lists settled while the cache's answer was awaited (kept), and a slow
+    # cache had not answered by the end of the delay: the block applies, as
+    # "unknown" would have applied it. It used to pass the client unjudged.
+    h = hold(action, cache_pending=True)
+    assert h.listed(LISTED, T0 + 0.125) == Wait(T0 + 25.0)
+    assert h.silence(T0 + 25.0) == verdict
+    if action is DnsAction.DELAY:
+        assert h.silence(T0 + 60.0) == Pass(PassReason.DELAY, 60.0)
+
+
+def test_a_kept_allow_or_neither_passes_at_the_end_of_the_delay() -> None:
+    for kept in (ALLOWED, NEITHER):
+        h = hold(cache_pending=True)
+        h.listed(kept, T0 + 0.125)
+        assert h.silence(T0 + 25.0) == Pass(PassReason.DELAY, 25.0)
+
+
 def test_cache_answer_first_then_the_lists() -> None:
     h = hold(cache_pending=True)
     assert h.unknown(T0 + 0.125) == Wait(T0 + 25.0)

@@ -61,6 +61,7 @@ end of the delay):
     HOLDING   silence, due, dns not settled: judged by the answers received
                            block     -> as "dns: block" (log: then Pass("delay"))
                            else      -> Pass("delay")                   DONE
+    HOLDING   silence, due, dns kept (the cache has not answered): as above
     HOLDING (good) dns settled       -> as "cache: good, dns settled"
     TALKED    dns: any               -> Mute(W), the answer kept        TALKED
     TALKED    cache: good, dns block -> the talk stands, as "cache: unknown"
@@ -716,6 +717,14 @@ class Hold:
             assert self._dns is not None
             self._settled = self._dns.judge(self.dns_result)
             self._good = False
+            if self._settled is Judgement.BLOCK:
+                return self._block(now)
+        elif self._kept:
+            # The lists settled while the cache's answer was awaited, and it has
+            # not come by the end of the delay (a slow cache): their judgement
+            # applies now, as the answer "unknown" would have applied it. Passed
+            # unjudged, a listed client got through whenever the cache was slow.
+            self._kept = False
             if self._settled is Judgement.BLOCK:
                 return self._block(now)
         self._state = _DONE
