@@ -172,43 +172,39 @@ def hold(
 
 # -- when the shell peeks before an answer (core/hold.py: a last peek) -----------------
 
-#: Allowed now: no list is to answer. May still be allowed: a list of weight -1 is.
+#: May still be allowed (a list of weight -1 is to answer) or not: settles nothing yet.
 MAY_ALLOW = DnsScore(0, (), ("wl.example",), (-1, 0))
 
 
 @pytest.mark.parametrize(
     ("case", "make", "result", "look"),
     [
-        ("an allow, the cache answered", lambda: hold(), ALLOWED, True),
-        ("an allow still reachable", lambda: hold(), MAY_ALLOW, True),
-        ("no allow reachable (a block list alone)", lambda: hold(), LISTED, False),
-        ("nothing listed, nothing to come", lambda: hold(), NEITHER, False),
-        (
-            "an allow, the cache still to answer: kept",
-            lambda: hold(cache_pending=True),
-            ALLOWED,
-            False,
-        ),
+        ("an allow, the cache answered: passed now", lambda: hold(), ALLOWED, True),
+        ("a block, the cache answered: cut off now", lambda: hold(), LISTED, True),
+        ("not settled yet: held on", lambda: hold(), MAY_ALLOW, False),
+        ("settled to neither: held on", lambda: hold(), NEITHER, False),
+        ("the cache still to answer: kept", lambda: hold(cache_pending=True), ALLOWED, False),
         ("without lists", lambda: Hold(T0, 25.0), ALLOWED, False),
     ],
 )
-def test_a_peek_comes_before_a_lists_answer_that_may_pass_the_client(
+def test_a_peek_comes_before_a_lists_answer_that_ends_the_hold(
     case: str, make: Callable[[], Hold], result: DnsScore, look: bool
 ) -> None:
     assert make().look_before_lists(result) is look, case
 
 
-def test_a_client_the_cache_called_good_is_looked_at_before_each_answer() -> None:
+def test_a_client_the_cache_called_good_is_looked_at_before_the_settling_answer() -> None:
     h = hold(cache_pending=True)
     assert h.remembered_good(T0 + 0.125) == Wait(T0 + 25.0)  # waits for the lists
-    assert h.look_before_lists(LISTED)  # settling, they pass it unless they block
+    assert h.look_before_lists(NEITHER)  # settling, they pass it
+    assert not h.look_before_lists(MAY_ALLOW)  # settling nothing
     h.data(b"EHLO x\r\n", T0 + 0.25)  # talked: muted, no longer looked at
     assert not h.look_before_lists(NEITHER)
 
 
 def test_a_settled_or_decided_hold_is_not_looked_at() -> None:
     h = hold(cache_pending=True)
-    h.listed(NEITHER, T0 + 0.125)  # settled: the cache decides now
+    h.listed(NEITHER, T0 + 0.125)  # settled and kept: the cache decides now
     assert not h.look_before_lists(ALLOWED)
     h = hold()
     h.listed(ALLOWED, T0 + 0.125)
@@ -219,14 +215,14 @@ def test_a_settled_or_decided_hold_is_not_looked_at() -> None:
     ("kept", "answer", "look"),
     [
         (None, CacheVerdict.GOOD, True),  # passes at once, bytes and all
+        (None, CacheVerdict.BAD, True),  # cut off unheard (a penalty)
         (None, CacheVerdict.UNKNOWN, False),  # held on: the pen hears it anyway
-        (None, CacheVerdict.BAD, False),
         (ALLOWED, CacheVerdict.UNKNOWN, True),  # the kept allow passes it now
-        (ALLOWED, CacheVerdict.BAD, True),  # (a penalty; observe mode: passed)
-        (LISTED, CacheVerdict.UNKNOWN, False),  # blocked: nothing to pass
+        (LISTED, CacheVerdict.UNKNOWN, True),  # the kept block cuts it off now
+        (NEITHER, CacheVerdict.UNKNOWN, False),  # held on
     ],
 )
-def test_a_peek_comes_before_a_cache_answer_that_may_pass_the_client(
+def test_a_peek_comes_before_a_cache_answer_that_ends_the_hold(
     kept: DnsScore | None, answer: CacheVerdict, look: bool
 ) -> None:
     h = hold(cache_pending=True)

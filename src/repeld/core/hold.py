@@ -135,12 +135,15 @@ loses the cache's pardon if the lists block it.
 
 "silence, due" must only be reported after a last non-blocking peek at the
 deadline found nothing: bytes that arrive at the very end are still early
-talk. Likewise an answer from outside that may pass a watched client at once
-(the cache's good word; the lists' allow, or their settling for a client the
-cache called good) is fed only after a last peek, which the shell makes when
-`look_before_cache(answer)` or `look_before_lists(result)` says so: the peek
-and the answer come to two tasks, run in either order, and bytes the client
-sent before the answer are talk before it, whichever the shell hears first.
+talk. Likewise an answer from outside that may end a watched client's hold
+(the cache's good or bad word, or its "unknown" with the lists' judgement
+kept; the lists' settling, once the cache has answered, but to "neither") is
+fed only after a last peek, which the shell makes when `look_before_cache` or
+`look_before_lists` says so: the peek and the answer come to two tasks, run
+in either order, and bytes the client sent before the answer are talk before
+it, whichever the shell hears first. One case is left to the order of the
+two: an answer that comes in the very turn of the loop in which the delay
+ends, with the lists' action log (or delay, past its end), is fed unlooked.
 """
 
 from __future__ import annotations
@@ -531,26 +534,31 @@ class Hold:
 
     def look_before_cache(self, answer: CacheVerdict) -> bool:
         """Whether the shell peeks before it feeds the cache's `answer`: the
-        answer may pass the watched client at once (a good word; any word when
-        the lists' allow waits for the cache), bytes and all, and the bytes sent
-        before it must be heard first (the docstring's end). False for the
-        others: they leave the client held, where the pen hears it anyway."""
+        answer may end the watched client's hold (a good word passes it, a bad
+        one cuts it off, "unknown" lets a kept judgement of the lists decide),
+        and bytes the client sent before it must be heard first (the module's
+        last paragraph). "Unknown" with nothing kept leaves the client held,
+        where the pen hears it anyway: no peek for most clients."""
         if self._state != _HOLDING or not self.awaiting_cache:
             return False
-        return answer is CacheVerdict.GOOD or (self._kept and self._settled is Judgement.ALLOW)
+        if answer is CacheVerdict.UNKNOWN:
+            return self._kept and self._settled is not Judgement.NEITHER
+        return True
 
     def look_before_lists(self, result: DnsScore) -> bool:
         """Whether the shell peeks before it feeds the lists' `result` (as
-        `look_before_cache`): the client is watched and the answer may pass it
-        at once, as a client the cache called good, or as one the lists may
-        still allow (its score, with what the lists to come could take off, at
-        or below the allow threshold) whose cache has answered. Without allow
-        lists the second never holds, and the lists' answers cost no peek."""
+        `look_before_cache`): it settles them, and the settled judgement acts
+        now (the cache has answered) on a client that is watched; it allows or
+        blocks it, or passes a client the cache called good. Answers that
+        settle nothing, or only to be kept for the cache, cost no peek."""
         if self._state != _HOLDING or self._dns is None or self._settled is not None:
             return False
-        if self._good:
-            return True
-        return not self._pending and result.score + result.reach[0] <= self._dns.allow_threshold
+        if self._pending:
+            return False
+        judgement = self._dns.settled(result)
+        if judgement is None:
+            return False
+        return self._good or judgement is not Judgement.NEITHER
 
     def remembered_good(self, now: float) -> Verdict:
         """The pass cache knows this client waited before: pass it now, bytes and

@@ -11,12 +11,12 @@ later with the same delay are due later, so the queue is already sorted and
 costs one pointer per connection (a reload that changes the delay starts a new
 queue). What a peek or the deadline means is decided by `core.Hold`; the pen
 only observes the socket and hands the verdict to `on_verdict`. An answer from
-outside that may pass a client at once (the cache's good word, the lists'
-allow) is fed after one more peek (`settle(look=True)`): the core hears what the
+outside that may end a client's hold (the cache's, the lists'; the hold says
+which) is fed after one more peek (`settle(look=True)`): the core hears what the
 socket holds first, as if the pen had served its readiness before the answer's
-task ran. A handler that
-fails is the pen's to survive: the connection is closed and `on_error(held,
-message)` reports it (the server writes an `error` event).
+task ran. A handler that fails is the pen's to survive: the connection is
+closed and `on_error(held, message)` reports it (the server writes an `error`
+event).
 
 A silent client the DNS lists hold beyond its delay (--dnsbl-action delay)
 leaves its delay's queue at the delay's end like everyone else and waits on
@@ -158,13 +158,13 @@ class HoldingPen:
             self._wake.deadline = held.hold.deadline
 
     def settle(self, held: Held, decide: Callable[[float], Verdict], *, look: bool = False) -> bool:
-        """Decide a still-held connection from outside the pen (a cache answer).
+        """Decide a still-held connection from outside the pen (a cache or DNS answer).
 
-        `decide(now)` is called only if `held` is still waiting; True if it was.
-        `look`: peek first, as if the pen had served the socket's readiness
-        before the answer (the hold's `look_before_cache` and `look_before_lists`
-        say when); a client decided by what the peek found (it left, or its talk
-        stands) is not fed the answer.
+        `decide(now)` is called only if `held` is still waiting; True if it was
+        called. `look`: peek first, as if the pen had served the socket's
+        readiness before the answer (the hold's `look_before_cache` and
+        `look_before_lists` say when); a client decided by what the peek found
+        (it left, or its talk stands) is not fed the answer: False.
         """
         if held.hold.done or self._held.get(held.sock.fileno()) is not held:
             return False
