@@ -47,7 +47,7 @@ __all__ = [
 FieldValue = str | int | float
 #: The names of a connection's fields (then "via", behind a balancer; the
 #: pairs of `ConnInfo.fields`) and of what the DNS lists said, for the builders
-#: that keep them apart from their values (`passed`).
+#: that keep names apart from values (`_about`, `passed`).
 _CONN_KEYS = ("client", "client_port", "server", "server_port")
 _DNS_KEYS = ("score", "lists", "unanswered")
 #: The first names of an event about a connection (`_about`).
@@ -171,7 +171,8 @@ def _about(
 def _dns_values(dns: DnsScore) -> tuple[FieldValue, ...]:
     # With DNS lists configured, a verdict says what they said (score 0 and no
     # lists when they had not answered) and which had not answered (`unanswered`:
-    # no answer in time is not "not listed"); without lists, nothing, as before.
+    # no answer in time is not "not listed"): the values of _DNS_KEYS, which the
+    # builders add only with lists configured.
     return (dns.score, ",".join(dns.lists), ",".join(dns.missing))
 
 
