@@ -229,7 +229,7 @@ async def test_a_good_word_counts_the_bytes_the_pen_has_not_served_yet(
         held = Held(ours, conn, hold)
         pen.add(held)
         theirs.send(PIPELINED)
-        assert pen.settle(held, hold.remembered_good, look=look)
+        assert pen.settle(held, hold.remembered_good, (lambda now: look))
         (verdict,) = verdicts
         assert isinstance(verdict, Pass) and verdict.reason is PassReason.CACHE
         assert verdict.early_bytes == counted
@@ -259,8 +259,10 @@ async def test_an_allow_that_comes_after_the_talk_does_not_pass_the_talker(
         pen.add(held)
         theirs.send(b"EHLO bot\r\n")
         allowed = DnsScore(-1, ("wl.example",))
-        assert hold.look_before_lists(allowed)
-        decided_by_answer = pen.settle(held, lambda now: hold.listed(allowed, now), look=look)
+        assert hold.look_before_lists(allowed, trio.current_time())
+        decided_by_answer = pen.settle(
+            held, lambda now: hold.listed(allowed, now), (lambda now: look)
+        )
         assert decided_by_answer is not look  # looked at, the talk decided first
         (verdict,) = verdicts
         assert type(verdict) is verdict_type
@@ -283,7 +285,7 @@ async def test_a_client_that_left_before_the_good_word_is_a_hang_up() -> None:
         held = Held(ours, ConnInfo("192.0.2.1", 1000, "127.0.0.1", 25), hold)
         pen.add(held)
         theirs.shutdown(socket.SHUT_WR)
-        assert not pen.settle(held, hold.remembered_good, look=True)
+        assert not pen.settle(held, hold.remembered_good, lambda now: True)
         assert len(verdicts) == 1 and isinstance(verdicts[0], HangUp)
         assert hold.done and len(pen) == 0
     finally:

@@ -190,25 +190,25 @@ MAY_ALLOW = DnsScore(0, (), ("wl.example",), (-1, 0))
 def test_a_peek_comes_before_a_lists_answer_that_ends_the_hold(
     case: str, make: Callable[[], Hold], result: DnsScore, look: bool
 ) -> None:
-    assert make().look_before_lists(result) is look, case
+    assert make().look_before_lists(result, T0 + 1.0) is look, case
 
 
 def test_a_client_the_cache_called_good_is_looked_at_before_the_settling_answer() -> None:
     h = hold(cache_pending=True)
     assert h.remembered_good(T0 + 0.125) == Wait(T0 + 25.0)  # waits for the lists
-    assert h.look_before_lists(NEITHER)  # settling, they pass it
-    assert not h.look_before_lists(MAY_ALLOW)  # settling nothing
+    assert h.look_before_lists(NEITHER, T0 + 1.0)  # settling, they pass it
+    assert not h.look_before_lists(MAY_ALLOW, T0 + 1.0)  # settling nothing
     h.data(b"EHLO x\r\n", T0 + 0.25)  # talked: muted, no longer looked at
-    assert not h.look_before_lists(NEITHER)
+    assert not h.look_before_lists(NEITHER, T0 + 1.0)
 
 
 def test_a_settled_or_decided_hold_is_not_looked_at() -> None:
     h = hold(cache_pending=True)
     h.listed(NEITHER, T0 + 0.125)  # settled and kept: the cache decides now
-    assert not h.look_before_lists(ALLOWED)
+    assert not h.look_before_lists(ALLOWED, T0 + 1.0)
     h = hold()
     h.listed(ALLOWED, T0 + 0.125)
-    assert h.done and not h.look_before_cache(CacheVerdict.GOOD)
+    assert h.done and not h.look_before_cache(CacheVerdict.GOOD, T0 + 1.0)
 
 
 @pytest.mark.parametrize(
@@ -228,7 +228,21 @@ def test_a_peek_comes_before_a_cache_answer_that_ends_the_hold(
     h = hold(cache_pending=True)
     if kept is not None:
         h.listed(kept, T0 + 0.125)
-    assert h.look_before_cache(answer) is look
+    assert h.look_before_cache(answer, T0 + 1.0) is look
+    # At the end of the hold any answer may end it: looked before, whatever it is.
+    assert h.look_before_cache(answer, T0 + 25.0)
+
+
+@pytest.mark.parametrize("action", list(DnsAction))
+def test_at_the_end_of_the_hold_every_answer_is_looked_before(action: DnsAction) -> None:
+    # The pen's own deadline may not have been served yet in that turn of its
+    # loop: an answer then (log: Logged(Blocked, Pass)) must not pass a talker.
+    h = hold(action)
+    assert not h.look_before_lists(NEITHER, T0 + 24.9)
+    assert h.look_before_lists(NEITHER, T0 + 25.0)
+    h.listed(LISTED, T0 + 0.125)  # delay: held to B; log: written down, held on
+    if not h.done:
+        assert h.look_before_lists(NEITHER, T0 + 60.0)
 
 
 def test_allowed_client_passes_at_once() -> None:

@@ -141,9 +141,9 @@ kept; the lists' settling, once the cache has answered, but to "neither") is
 fed only after a last peek, which the shell makes when `look_before_cache` or
 `look_before_lists` says so: the peek and the answer come to two tasks, run
 in either order, and bytes the client sent before the answer are talk before
-it, whichever the shell hears first. One case is left to the order of the
-two: an answer that comes in the very turn of the loop in which the delay
-ends, with the lists' action log (or delay, past its end), is fed unlooked.
+it, whichever the shell hears first. At the end of the hold (the delay's, or
+the lists' longer one) any answer is looked before: the shell's own deadline
+may not have been served yet in that turn of its loop.
 """
 
 from __future__ import annotations
@@ -532,28 +532,32 @@ class Hold:
             raise LocalProtocolError("a cache answer that was not awaited")
         self._pending = False
 
-    def look_before_cache(self, answer: CacheVerdict) -> bool:
-        """Whether the shell peeks before it feeds the cache's `answer`: the
-        answer may end the watched client's hold (a good word passes it, a bad
-        one cuts it off, "unknown" lets a kept judgement of the lists decide),
-        and bytes the client sent before it must be heard first (the module's
-        last paragraph). "Unknown" with nothing kept leaves the client held,
-        where the pen hears it anyway: no peek for most clients."""
+    def look_before_cache(self, answer: CacheVerdict, now: float) -> bool:
+        """Whether the shell peeks before it feeds the cache's `answer` at `now`:
+        the answer may end the watched client's hold (a good word passes it, a
+        bad one cuts it off, "unknown" lets a kept judgement of the lists decide,
+        and at the end of the hold any answer may), and bytes the client sent
+        before it must be heard first (the module's last paragraph). "Unknown"
+        with nothing kept, before the end, leaves the client held, where the pen
+        hears it anyway: no peek for most clients."""
         if self._state != _HOLDING or not self.awaiting_cache:
             return False
-        if answer is CacheVerdict.UNKNOWN:
+        if answer is CacheVerdict.UNKNOWN and now < self._until:
             return self._kept and self._settled is not Judgement.NEITHER
         return True
 
-    def look_before_lists(self, result: DnsScore) -> bool:
-        """Whether the shell peeks before it feeds the lists' `result` (as
-        `look_before_cache`): it settles them, and the settled judgement acts
-        now (the cache has answered) on a client that is watched; it allows or
-        blocks it, or passes a client the cache called good. Answers that
-        settle nothing, or only to be kept for the cache, cost no peek."""
-        if self._state != _HOLDING or self._dns is None or self._settled is not None:
+    def look_before_lists(self, result: DnsScore, now: float) -> bool:
+        """Whether the shell peeks before it feeds the lists' `result` at `now`
+        (as `look_before_cache`): it settles them, and the settled judgement
+        acts now (the cache has answered) on a client that is watched; it
+        allows or blocks it, or passes a client the cache called good; or the
+        hold is at its end, where any answer may end it. Answers that settle
+        nothing, or only to be kept for the cache, cost no peek."""
+        if self._state != _HOLDING or self._dns is None:
             return False
-        if self._pending:
+        if now >= self._until:
+            return True
+        if self._settled is not None or self._pending:
             return False
         judgement = self._dns.settled(result)
         if judgement is None:

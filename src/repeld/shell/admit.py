@@ -177,14 +177,17 @@ class Admission:
         hold = held.hold
         if hold.awaiting_cache:  # else too late: the talk was judged without it
             decide = cache_answer(hold, answer, self._penalties)
-            self.pen.settle(held, decide, look=hold.look_before_cache(answer))
+            self.pen.settle(held, decide, lambda now: hold.look_before_cache(answer, now))
 
     def dns_answered(self, held: Held, result: DnsScore) -> None:
         """The DNS lists' answer about a held client (DnsLookups' callback)."""
         hold = held.hold
         if hold.awaiting_dns:  # else decided meanwhile: the answer is not needed
-            look = hold.look_before_lists(result)
-            self.pen.settle(held, lambda now: hold.listed(result, now), look=look)
+            self.pen.settle(
+                held,
+                lambda now: hold.listed(result, now),
+                lambda now: hold.look_before_lists(result, now),
+            )
 
     def refuse(self, sock: socket.socket, conn: ConnInfo, limit: Refuse, now: float) -> None:
         """Turn a client away at `limit` with its 421, counted."""

@@ -12,7 +12,7 @@ costs one pointer per connection (a reload that changes the delay starts a new
 queue). What a peek or the deadline means is decided by `core.Hold`; the pen
 only observes the socket and hands the verdict to `on_verdict`. An answer from
 outside that may end a client's hold (the cache's, the lists'; the hold says
-which) is fed after one more peek (`settle(look=True)`): the core hears what the
+which) is fed after one more peek (`settle(..., look)`): the core hears what the
 socket holds first, as if the pen had served its readiness before the answer's
 task ran. A handler that fails is the pen's to survive: the connection is
 closed and `on_error(held, message)` reports it (the server writes an `error`
@@ -157,19 +157,24 @@ class HoldingPen:
         if self._wake is not None and held.hold.deadline < self._wake.deadline:
             self._wake.deadline = held.hold.deadline
 
-    def settle(self, held: Held, decide: Callable[[float], Verdict], *, look: bool = False) -> bool:
+    def settle(
+        self,
+        held: Held,
+        decide: Callable[[float], Verdict],
+        look: Callable[[float], bool] | None = None,
+    ) -> bool:
         """Decide a still-held connection from outside the pen (a cache or DNS answer).
 
         `decide(now)` is called only if `held` is still waiting; True if it was
-        called. `look`: peek first, as if the pen had served the socket's
-        readiness before the answer (the hold's `look_before_cache` and
-        `look_before_lists` say when); a client decided by what the peek found
+        called. If `look(now)` says so (the hold's `look_before_cache` and
+        `look_before_lists`), peek first, as if the pen had served the socket's
+        readiness before the answer; a client decided by what the peek found
         (it left, or its talk stands) is not fed the answer: False.
         """
         if held.hold.done or self._held.get(held.sock.fileno()) is not held:
             return False
         now = trio.current_time()
-        if look and not held.hold.muted:
+        if look is not None and not held.hold.muted and look(now):
             self._peek(held, now, due=False)
             if not self._live(held):
                 return False
