@@ -45,14 +45,12 @@ __all__ = [
 ]
 
 FieldValue = str | int | float
-#: The names of a connection's fields (then "via", behind a balancer; the
-#: pairs of `ConnInfo.fields`) and of what the DNS lists said, for the builders
-#: that keep names apart from values (`_about`, `passed`).
-_CONN_KEYS = ("client", "client_port", "server", "server_port")
+#: The first names of every event about a connection (`_about`, `passed`): the
+#: event's own, then the connection's, and "via" behind a balancer.
+_CONN_KEYS = ("event", "client", "client_port", "server", "server_port")
+_CONN_VIA_KEYS = (*_CONN_KEYS, "via")
+#: What the DNS lists said, in a verdict's event with lists configured.
 _DNS_KEYS = ("score", "lists", "unanswered")
-#: The first names of an event about a connection (`_about`).
-_CONN_HEAD = ("event", *_CONN_KEYS)
-_CONN_VIA_HEAD = (*_CONN_HEAD, "via")
 
 
 class Severity(enum.IntEnum):
@@ -81,15 +79,6 @@ class ConnInfo(NamedTuple):
     server: str
     server_port: int
     via: str = ""
-
-    def fields(self) -> tuple[tuple[str, FieldValue], ...]:
-        base: tuple[tuple[str, FieldValue], ...] = (
-            ("client", self.client),
-            ("client_port", self.client_port),
-            ("server", self.server),
-            ("server_port", self.server_port),
-        )
-        return (*base, ("via", self.via)) if self.via else base
 
     @property
     def peer(self) -> str:
@@ -164,8 +153,8 @@ def _about(
     """
     assert len(keys) == len(values), f"{name}: {len(keys)} names, {len(values)} values"
     if conn.via:
-        return Event(name, severity, (*_CONN_VIA_HEAD, *keys), (name, *conn, *values), summary)
-    return Event(name, severity, (*_CONN_HEAD, *keys), (name, *conn[:4], *values), summary)
+        return Event(name, severity, (*_CONN_VIA_KEYS, *keys), (name, *conn, *values), summary)
+    return Event(name, severity, (*_CONN_KEYS, *keys), (name, *conn[:4], *values), summary)
 
 
 def _dns_values(dns: DnsScore) -> tuple[FieldValue, ...]:
@@ -300,9 +289,7 @@ def hangup(conn: ConnInfo, verdict: HangUp) -> Event:
 #: tuple each, so that its writer's template is found, not made (Event).
 _PASS_KEYS: dict[tuple[bool, bool, bool], tuple[str, ...]] = {
     (via, dns, handoff): (
-        "event",
-        *_CONN_KEYS,
-        *(("via",) if via else ()),
+        *(_CONN_VIA_KEYS if via else _CONN_KEYS),
         "elapsed",
         "reason",
         "rtt_ms",
@@ -326,25 +313,17 @@ def passed(
     """A client handed to the MTA, and why (`rtt_ms`: round-trip time, 0 if unknown;
     `dns`: what the DNS lists said, with lists configured; `handoff`: how, when
     the client is not relayed)."""
-    # Written out, without ConnInfo.fields(), _dns_fields(), _ms() or .peer:
-    # every handed-off client's event is built here, and a Python call costs
-    # about half a µs in place (docs/perf-log/2026-12-07-day.md).
+    # _about() written out, with its names from a table, and without _ms() or
+    # .peer: every handed-off client's event is built here, and a Python call
+    # costs about half a µs in place (docs/perf-log/2026-12-07-day.md).
     elapsed = round(verdict.elapsed, 3)
     reason = str(verdict.reason)
     early = verdict.early_bytes
-    client, client_port, via = conn.client, conn.client_port, conn.via
-    values: tuple[FieldValue, ...] = (
-        EventName.PASS,
-        client,
-        client_port,
-        conn.server,
-        conn.server_port,
-    )
-    if via:
-        values += (via,)
+    via = conn.via
+    values: tuple[FieldValue, ...] = (EventName.PASS, *conn) if via else (EventName.PASS, *conn[:4])
     values += (elapsed, reason, round(rtt_ms, 3), early)
     if dns is not None:
-        values += (dns.score, ",".join(dns.lists), ",".join(dns.missing))
+        values += _dns_values(dns)
     if handoff is not None:
         values += (handoff,)
     return Event(
@@ -352,7 +331,7 @@ def passed(
         Severity.INFO,
         _PASS_KEYS[bool(via), dns is not None, handoff is not None],
         values,
-        f"PASS {reason.upper()} [{client}]:{client_port} after {elapsed:.3f}"
+        f"PASS {reason.upper()} [{conn.client}]:{conn.client_port} after {elapsed:.3f}"
         + (f" ({early} bytes before the greeting)" if early else ""),
     )
 
@@ -468,14 +447,20 @@ def exec_end(
     )
 
 
+_ERROR_KEYS = ("elapsed", "error")
+
+
 def internal_error(conn: ConnInfo | None, elapsed: float, error: str) -> Event:
     """Something in repeld failed for one connection; the server itself carries on."""
-    fields: tuple[tuple[str, FieldValue], ...] = (("event", EventName.ERROR),)
-    if conn is not None:
-        fields += conn.fields()
-    fields += (("elapsed", _ms(elapsed)), ("error", error))
-    where = f" for {conn.peer}" if conn is not None else ""
-    return Event.of(EventName.ERROR, Severity.ERR, fields, f"ERROR{where}: {error}")
+    values = (_ms(elapsed), error)
+    if conn is None:
+        keys = ("event", *_ERROR_KEYS)
+        return Event(
+            EventName.ERROR, Severity.ERR, keys, (EventName.ERROR, *values), f"ERROR: {error}"
+        )
+    return _about(
+        EventName.ERROR, Severity.ERR, conn, _ERROR_KEYS, values, f"ERROR for {conn.peer}: {error}"
+    )
 
 
 _PROXY_ERROR_KEYS = ("elapsed", "reason", "detail")
