@@ -6,6 +6,7 @@ dropped (and counted) events, never a stalled accept loop.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -13,6 +14,7 @@ import re
 import socket
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,25 @@ def unix_receiver(path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
     return sock
+
+
+@contextlib.asynccontextmanager
+async def idle_writer(log: EventLog) -> AsyncIterator[None]:
+    """`log`'s writer task running, connected and waiting for events, for the block."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(log.run)
+        await log.connect_now()
+        await trio.testing.wait_all_tasks_blocked()
+        yield
+        nursery.cancel_scope.cancel()
+
+
+def emit_batch(log: EventLog, *batch: Event) -> None:
+    """Emit `batch` as the accept loop's wake-up does: between defer and write_deferred."""
+    log.defer()
+    for event in batch:
+        log.emit(event)
+    log.write_deferred()
 
 
 def drain_now(sock: socket.socket) -> list[bytes]:
@@ -605,7 +626,7 @@ async def test_a_deferred_batch_the_socket_cannot_take_yet_is_the_writers(
 async def test_a_deferred_batch_a_full_receiver_stops_waits_whole_and_in_order(
     tmp_path: Path,
 ) -> None:
-    # write_deferred() sends each datagram as it formats it. A receiver that
+    # write_deferred() sends what the socket takes at once. A receiver that
     # is not reading (its queue holds 10 datagrams: net.unix.max_dgram_qlen)
     # stops the batch at the first it refuses: that one and all after it wait
     # for the writer, in order, and reach syslog once it reads again.
@@ -614,14 +635,8 @@ async def test_a_deferred_batch_a_full_receiver_stops_waits_whole_and_in_order(
     log = EventLog(SyslogTarget("unix", path=str(path)), hostname="testhost")
     total = 60
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(log.run)
-            await log.connect_now()
-            await trio.testing.wait_all_tasks_blocked()
-            log.defer()
-            for i in range(total):
-                log.emit(passed(i))
-            log.write_deferred()
+        async with idle_writer(log):
+            emit_batch(log, *(passed(i) for i in range(total)))
             taken = log.written
             assert 0 < taken < total
             assert log.statistics()["queued"] == total - taken
@@ -631,7 +646,6 @@ async def test_a_deferred_batch_a_full_receiver_stops_waits_whole_and_in_order(
                     got += drain_now(receiver)
                     await trio.sleep(0.001)
             got += drain_now(receiver)
-            nursery.cancel_scope.cancel()
     finally:
         receiver.close()
     assert [int(parse(d).fields["client_port"]) for d in got] == list(range(total))
@@ -652,19 +666,12 @@ async def test_a_deferred_batch_that_meets_a_refusal_keeps_the_refused_one(
             with _udp_receiver(port) as receiver:
                 await log.connect_now()
                 await trio.testing.wait_all_tasks_blocked()
-                log.defer()
-                log.emit(passed(0))
-                log.write_deferred()
+                emit_batch(log, passed(0))
                 assert parse(receiver.recv(65536)).fields["client_port"] == "0"
-            log.defer()
-            log.emit(passed(1))  # into nothing: refused (ICMP port unreachable)
-            log.write_deferred()
+            emit_batch(log, passed(1))  # into nothing: refused (ICMP port unreachable)
             await trio.sleep(0.05)
             with _udp_receiver(port) as receiver:
-                log.defer()
-                for i in (2, 3, 4):
-                    log.emit(passed(i))  # 2 meets the refusal of 1
-                log.write_deferred()
+                emit_batch(log, passed(2), passed(3), passed(4))  # 2 meets 1's refusal
                 assert log.written == 2 and log.statistics()["queued"] == 3
                 rsock = trio.socket.from_stdlib_socket(receiver)
                 with trio.fail_after(RETRY_AFTER / 4):  # no waiting for a retry
@@ -684,19 +691,11 @@ async def test_a_deferred_batch_drops_only_the_datagram_too_big_to_send(
     log = EventLog(SyslogTarget("udp", host="127.0.0.1", port=port), hostname="testhost")
     huge = events.internal_error(None, 0.0, "x" * 70_000)
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(log.run)
-            await log.connect_now()
-            await trio.testing.wait_all_tasks_blocked()
-            log.defer()
-            log.emit(passed(0))
-            log.emit(huge)
-            log.emit(passed(2))
-            log.write_deferred()
+        async with idle_writer(log):
+            emit_batch(log, passed(0), huge, passed(2))
             assert (log.written, log.dropped, log.statistics()["queued"]) == (1, 1, 1)
             await written(log, 2, RETRY_AFTER * 3)
             got = [parse(d) for d in drain_now(receiver)]
-            nursery.cancel_scope.cancel()
     finally:
         receiver.close()
     assert [g.fields["client_port"] for g in got] == ["0", "2"]
@@ -723,10 +722,7 @@ async def test_an_event_built_later_is_counted_at_once_and_written_as_if_emitted
     seen: list[Event] = []
     log.observe = seen.append
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(log.run)
-            await log.connect_now()
-            await trio.testing.wait_all_tasks_blocked()
+        async with idle_writer(log):
             log.defer()
             log.emit(events.passed(*_pass_args(1)))
             log.emit_built(EventName.PASS, events.passed, *_pass_args(2))
@@ -737,7 +733,6 @@ async def test_an_event_built_later_is_counted_at_once_and_written_as_if_emitted
             assert [int(str(e.get("client_port"))) for e in seen] == [1, 2, 3]
             log.write_deferred()
             got = drain_now(receiver)
-            nursery.cancel_scope.cancel()
     finally:
         receiver.close()
     assert len(got) == 3

@@ -4,9 +4,11 @@ beyond its delay waits apart from the delay's queue."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import socket
 import struct
+from collections.abc import Iterator
 
 import pytest
 import trio
@@ -211,6 +213,25 @@ async def test_muted_talkers_that_leave_do_not_stay_in_the_heap(
 PIPELINED = b"EHLO x\r\nMAIL FROM:<a@sender.test>\r\n"
 
 
+@contextlib.contextmanager
+def one_held(hold: Hold) -> Iterator[tuple[HoldingPen, list[Verdict], Held, socket.socket]]:
+    """A pen holding one client on a real socket pair, whose task never runs: an
+    answer fed through `settle` comes first. The pen, its verdicts, the held
+    client and the client's own end."""
+    verdicts: list[Verdict] = []
+    pen = HoldingPen(lambda held, verdict: verdicts.append(verdict), lambda *_: None)
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        held = Held(ours, ConnInfo("192.0.2.1", 1000, "127.0.0.1", 25), hold)
+        pen.add(held)
+        yield pen, verdicts, held, theirs
+    finally:
+        pen.close()
+        ours.close()
+        theirs.close()
+
+
 @pytest.mark.parametrize(("look", "counted"), [(True, len(PIPELINED)), (False, 0)])
 async def test_a_good_word_counts_the_bytes_the_pen_has_not_served_yet(
     look: bool, counted: int
@@ -219,26 +240,15 @@ async def test_a_good_word_counts_the_bytes_the_pen_has_not_served_yet(
     # order. Here the pen's task never runs: the answer comes first. With
     # `look` the pen peeks before it, so the pass counts what the client had
     # sent (a remembered PIPECONNECT client); without, the pass says 0.
-    verdicts: list[Verdict] = []
-    pen = HoldingPen(lambda held, verdict: verdicts.append(verdict), lambda *_: None)
-    ours, theirs = socket.socketpair()
-    try:
-        ours.setblocking(False)
-        conn = ConnInfo("192.0.2.1", 1000, "127.0.0.1", 25)
-        hold = Hold(trio.current_time(), 25.0, cache_pending=True)
-        held = Held(ours, conn, hold)
-        pen.add(held)
+    hold = Hold(trio.current_time(), 25.0, cache_pending=True)
+    with one_held(hold) as (pen, verdicts, held, theirs):
         theirs.send(PIPELINED)
         assert pen.settle(held, hold.remembered_good, (lambda now: look))
         (verdict,) = verdicts
         assert isinstance(verdict, Pass) and verdict.reason is PassReason.CACHE
         assert verdict.early_bytes == counted
         assert len(pen) == 0
-        assert ours.recv(100, socket.MSG_PEEK) == PIPELINED  # peeked, never read
-    finally:
-        pen.close()
-        ours.close()
-        theirs.close()
+        assert held.sock.recv(100, socket.MSG_PEEK) == PIPELINED  # peeked, never read
 
 
 @pytest.mark.parametrize(("look", "verdict_type"), [(True, EarlyTalk), (False, Pass)])
@@ -249,14 +259,8 @@ async def test_an_allow_that_comes_after_the_talk_does_not_pass_the_talker(
     # client talked, then an allow list's answer came first to its task. With
     # the look (what admission asks for: `look_before_lists`), the talk stands;
     # without, the allow passed an early talker.
-    verdicts: list[Verdict] = []
-    pen = HoldingPen(lambda held, verdict: verdicts.append(verdict), lambda *_: None)
-    ours, theirs = socket.socketpair()
-    try:
-        ours.setblocking(False)
-        hold = Hold(trio.current_time(), 25.0, dns=DnsPolicy())
-        held = Held(ours, ConnInfo("192.0.2.1", 1000, "127.0.0.1", 25), hold)
-        pen.add(held)
+    hold = Hold(trio.current_time(), 25.0, dns=DnsPolicy())
+    with one_held(hold) as (pen, verdicts, held, theirs):
         theirs.send(b"EHLO bot\r\n")
         allowed = DnsScore(-1, ("wl.example",))
         assert hold.look_before_lists(allowed, trio.current_time())
@@ -267,28 +271,14 @@ async def test_an_allow_that_comes_after_the_talk_does_not_pass_the_talker(
         (verdict,) = verdicts
         assert type(verdict) is verdict_type
         assert len(pen) == 0
-    finally:
-        pen.close()
-        ours.close()
-        theirs.close()
 
 
 async def test_a_client_that_left_before_the_good_word_is_a_hang_up() -> None:
     # Looked at first, a client that closed its side (no bytes) has left: a
     # hang-up, as the pen would have found it, and the answer is not fed.
-    verdicts: list[Verdict] = []
-    pen = HoldingPen(lambda held, verdict: verdicts.append(verdict), lambda *_: None)
-    ours, theirs = socket.socketpair()
-    try:
-        ours.setblocking(False)
-        hold = Hold(trio.current_time(), 25.0, cache_pending=True)
-        held = Held(ours, ConnInfo("192.0.2.1", 1000, "127.0.0.1", 25), hold)
-        pen.add(held)
+    hold = Hold(trio.current_time(), 25.0, cache_pending=True)
+    with one_held(hold) as (pen, verdicts, held, theirs):
         theirs.shutdown(socket.SHUT_WR)
         assert not pen.settle(held, hold.remembered_good, lambda now: True)
         assert len(verdicts) == 1 and isinstance(verdicts[0], HangUp)
         assert hold.done and len(pen) == 0
-    finally:
-        pen.close()
-        ours.close()
-        theirs.close()
