@@ -119,6 +119,55 @@ def test_clients_that_wait_for_the_windows_stop_the_gathering_for_lean_pause() -
     assert g.after_wakeup(2, now + LEAN_PAUSE + 0.001, False) is not None
 
 
+@pytest.mark.parametrize("first", ["a break", "a slow start"])
+def test_a_probe_compares_with_the_stretch_just_before_it(first: str) -> None:
+    # Clients that come 500 a second either way (five a 10 ms window, one each
+    # 2 ms at once), after a break of 0.3 s in the busy time or a start at 100
+    # a second (one a window). Over the whole busy time they came at 190-260 a
+    # second, and a probe compared with that found them "twice as fast" at once
+    # and stopped gathering for LEAN_PAUSE; in the stretch before the tick they
+    # came as fast as in the probe.
+    g = gathering()
+    if first == "a break":
+        now, answers = _gather(g, T0, 5, 0.1)
+        assert g.after_wakeup(0, now, False) is None  # nobody: back to waiting
+        now += 0.3
+    else:
+        window = g.after_wakeup(2, T0, False)  # two at once begin the gathering
+        assert window is not None
+        now, answers = _gather(g, T0 + window, 1, 0.3)
+        assert None not in answers  # one a window: gathering goes on
+    now, answers = _gather(g, now, 5, PROBE_FIRST * 2)
+    assert answers[-1] is None  # the probe begins, on its tick
+    assert now == pytest.approx(T0 + PROBE_FIRST, abs=LONGEST)
+    now, answers = _probe(g, now, 0.002)
+    assert answers == [None] * len(answers)
+    assert g.after_wakeup(2, now + 0.0005, False) is not None  # gathering on
+
+
+@pytest.mark.parametrize(("before", "probed_lean"), [(PROBE_MIN - 1, False), (PROBE_MIN, True)])
+def test_a_stretch_before_the_tick_with_too_few_clients_proves_nothing(
+    before: int, probed_lean: bool
+) -> None:
+    # Waiting clients (two a window, as above), then a break that ends just
+    # before the tick: two that begin gathering again, then only `before` clients
+    # in the stretch before it.
+    # The probe's clients come far faster than those, but fewer than PROBE_MIN
+    # there prove nothing: no lean, gathering goes on after the probe.
+    g = gathering()
+    now, _ = _gather(g, T0, 2, 0.2)
+    assert g.after_wakeup(0, now, False) is None  # nobody: the break
+    start = T0 + PROBE_FIRST - PROBE_SPAN_LONGEST + 0.02
+    assert g.after_wakeup(2, start, False) is not None  # gathering again
+    per = PROBE_SPAN_LONGEST / 2 / before
+    for i in range(before):  # one by one, a window each
+        assert g.after_wakeup(1, start + (i + 1) * per, False) is not None
+    assert g.after_wakeup(0, T0 + PROBE_FIRST, False) is None  # on the tick: the probe
+    now, _ = _probe(g, T0 + PROBE_FIRST, 0.0015)
+    lean = g.after_wakeup(2, now + 0.001, False) is None
+    assert lean is probed_lean
+
+
 def on_tick(now: float, period: float) -> bool:
     """`now` is a wake-up within a window or two after a multiple of `period`."""
     return now % period < 2 * LONGEST

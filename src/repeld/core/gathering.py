@@ -33,9 +33,17 @@ The rules, in order:
   worker of --workers is told what that load of the whole host brings its own
   windows), the loop takes each
   client at once until `PROBE_SPAN_LONGEST` after the tick;
-  if clients came `LEAN_RATIO` times faster then than in the busy time, they
-  were waiting for the windows, and the loop does not gather for
-  `LEAN_PAUSE`. Otherwise it gathers on, and probes again later and later
+  if clients came `LEAN_RATIO` times faster then than in the last
+  `PROBE_SPAN_LONGEST` before the tick, they were waiting for the windows, and
+  the loop does not gather for `LEAN_PAUSE`. The rate it compares with is that
+  of the stretch just before, as long as the probe (with `PROBE_MIN` clients
+  in each, or the probe proves nothing): a busy time may begin with a load
+  still coming up, or span a break of up to `PROBE_FIRST` between two bursts,
+  and its rate as a whole made clients that came as fast either way look 1.5
+  to 2.2 times faster in the probe (docs/perf-log/2026-12-07-afternoon.md:
+  each such probe cost ten seconds of taking clients at once, about twice the
+  CPU per handed-off client, for no more messages a second). Otherwise it
+  gathers on, and probes again later and later
   (on ticks of 2, 8, then 16 s: `PROBE_LONGEST`): under a steady load the
   probes soon cost next to nothing;
 - **probes keep time with the other workers'**. With --workers each worker
@@ -94,7 +102,8 @@ PROBE_LONGEST = 16.0
 PROBE_SPAN = 0.05
 PROBE_SPAN_LONGEST = 0.25
 #: Clients this much faster during the probe than while gathering: they waited
-#: for the windows. Fewer than `PROBE_MIN` clients in the probe prove nothing.
+#: for the windows. Fewer than `PROBE_MIN` clients in the probe, or in the
+#: stretch of the same length before it, prove nothing.
 LEAN_RATIO = 1.5
 PROBE_MIN = 8
 #: How long the loop then takes each client at once before it gathers again.
@@ -117,6 +126,7 @@ class Gathering:
         "_last",
         "_lean_until",
         "_longest",
+        "_mark",
         "_may_gather",
         "_probe",
         "_probe_after",
@@ -150,6 +160,10 @@ class Gathering:
         self._taken = 0
         self._windows = 0
         self._gathered = 0
+        #: The first wake-up of the busy time at or after `PROBE_SPAN_LONGEST`
+        #: before its tick, and `_taken` then: where the rate that a probe is
+        #: compared with is taken from (None before it).
+        self._mark: tuple[float, int] | None = None
         #: While probing: (when it began, until when, clients so far, rate before).
         self._probe: tuple[float, float, int, float] | None = None
         #: The probes' period, and when this busy time's probe is due.
@@ -183,22 +197,30 @@ class Gathering:
                 return None
             self._since, self._taken, self._windows, self._gathered = now, 0, 0, 0
             self._tick = tick(now + PROBE_FIRST, self._probe_after)
+            self._mark = None
         else:
             self._taken += batch
             if self.gathering:
                 self._windows += 1
                 self._gathered += batch
+            if self._mark is None and now >= self._tick - PROBE_SPAN_LONGEST:
+                self._mark = (now, self._taken)
         self.gathering = busy
         if now < self._tick:
             return self.window if busy else None
-        since, self._since = self._since, None
+        self._since = None
         if self._gathered >= self._windows * self._half_full:
             # Windows half full or more: a load at which gathering pays
             # most, and which clients waiting for the windows would not make. No
             # probe; the next busy time is looked at later.
             self._probe_after = min(PROBE_LONGEST, 4 * self._probe_after)
             return self.window if busy else None
-        rate = self._taken / (now - since)
+        marked, taken = self._mark if self._mark is not None else (now, self._taken)
+        clients, span = self._taken - taken, now - marked
+        # Too few clients or too short a stretch to compare with (a break just
+        # before the tick, the tail of a burst): the probe runs, so that the
+        # workers still probe together, but it proves nothing.
+        rate = clients / span if clients >= PROBE_MIN and span >= PROBE_SPAN else math.inf
         until = max(self._tick + PROBE_SPAN_LONGEST, now + PROBE_SPAN)
         self._probe = (now, until, 0, rate)
         self.gathering = False
