@@ -242,3 +242,33 @@ def test_an_ipv6_client_through_the_ipv4_hop(syslog: SyslogUDP, tmp_path: Path) 
         assert passed.fields["client"] == "::1"
         assert passed.fields["via"] == BALANCER
         pf.wait_log(r"postfix/smtpd\[\d+\]: connect from (localhost|unknown)\[::1\]")
+
+
+def test_a_mixed_family_header_reaches_postfix_as_the_client_not_as_repeld(
+    syslog: SyslogUDP, tmp_path: Path
+) -> None:
+    # A balancer's v2 header with an IPv4-mapped client and a native IPv6 server
+    # address, as HAProxy writes an IPv4 client on an IPv6 frontend. repeld once
+    # sent such a client on with a LOCAL header: Postfix then took repeld's own
+    # loopback address for the client, one its mynetworks trusts by default.
+    with stack(syslog, tmp_path) as (_front, rd, pf):
+        body = (
+            socket.inet_pton(socket.AF_INET6, "::ffff:198.51.100.7")
+            + socket.inet_pton(socket.AF_INET6, "2001:db8::25")
+            + (40123).to_bytes(2, "big")
+            + (25).to_bytes(2, "big")
+        )
+        header = b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x21]) + len(body).to_bytes(2, "big")
+        sock = connect(rd.address[1], source=BALANCER)
+        sock.sendall(header + body)
+        banner = read_line(sock, TIMEOUT)
+        assert banner.startswith(b"220 "), banner
+        sock.sendall(b"QUIT\r\n")
+        assert read_line(sock, TIMEOUT).startswith(b"221")
+        sock.close()
+        (passed,) = syslog.wait_for("pass")
+        assert (passed.fields["client"], passed.fields["via"]) == ("198.51.100.7", BALANCER)
+        # (HAProxy's health checks come from repeld's own address: they carry no client)
+        pf.wait_log(
+            r"postfix/smtpd\[\d+\]: connect from unknown\[(::ffff:)?198\.51\.100\.7\]:40123"
+        )

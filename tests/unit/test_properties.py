@@ -250,13 +250,23 @@ def test_proxy_headers_decode_back_to_the_addresses(
 ) -> None:
     client, server = pair
     want = (_normal(client), sport, _normal(server), dport)
-    # a v4-mapped IPv6 address is sent as IPv4; a mixed pair is UNKNOWN / LOCAL
+    # a v4-mapped IPv6 address is sent as IPv4; a mixed pair as IPv6, its IPv4 end
+    # mapped (as HAProxy sends it: never UNKNOWN or LOCAL for a client)
     mixed = (":" in want[0]) != (":" in want[2])
     if mixed:
-        assert v1(client, sport, server, dport) == b"PROXY UNKNOWN\r\n"
+        line, binary = v1(client, sport, server, dport), v2(client, sport, server, dport)
+        assert line.startswith(b"PROXY TCP6 ") and binary[13] == 0x21
+        for got in (_decode_v1(line), _decode_v2(binary)):
+            assert (_unmapped(got[0]), got[1], _unmapped(got[2]), got[3]) == want
         return
     assert _decode_v1(v1(client, sport, server, dport)) == want
     assert _decode_v2(v2(client, sport, server, dport)) == want
+
+
+def _unmapped(address: str) -> str:
+    ip = ipaddress.ip_address(address)
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return str(mapped if mapped is not None else ip)
 
 
 # -- log formatters -----------------------------------------------------------------------

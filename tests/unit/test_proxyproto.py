@@ -74,18 +74,27 @@ def test_v1_bytes(client: str, cport: int, server: str, sport: int, line: bytes)
     assert rest == TRAILER  # the header ends exactly where SMTP begins
 
 
-@pytest.mark.parametrize(
-    ("client", "server"),
-    [("192.0.2.7", "::1"), ("::1", "127.0.0.1"), ("::ffff:192.0.2.7", "2001:db8::1")],
-)
-def test_v1_mixed_families_say_unknown(client: str, server: str) -> None:
-    assert v1(client, 40000, server, 25) == b"PROXY UNKNOWN\r\n"
-    proxy, rest = decode(v1(client, 40000, server, 25))
+MIXED = [
+    ("192.0.2.7", "::1", "::ffff:192.0.2.7", "::1"),
+    ("::1", "127.0.0.1", "::1", "::ffff:127.0.0.1"),
+    ("::ffff:192.0.2.7", "2001:db8::1", "::ffff:192.0.2.7", "2001:db8::1"),
+]
+
+
+@pytest.mark.parametrize(("client", "server", "src", "dst"), MIXED)
+def test_v1_mixed_families_are_both_ipv6_the_ipv4_end_mapped(
+    client: str, server: str, src: str, dst: str
+) -> None:
+    # As HAProxy writes them; never UNKNOWN, which would make the MTA take the
+    # connection's own peer (repeld on loopback, trusted by default) for the client.
+    line = v1(client, 40000, server, 25)
+    assert line == f"PROXY TCP6 {src} {dst} 40000 25\r\n".encode()
+    proxy, rest = decode(line)
     assert proxy.valid, proxy.error
-    assert proxy.version == 1
-    assert proxy.family == AF.UNSPEC
-    assert proxy.protocol == PROTO.UNSPEC
-    assert proxy.src_addr is None
+    assert proxy.family == AF.INET6
+    assert proxy.src_addr == ipaddress.ip_address(src)
+    assert proxy.dst_addr == ipaddress.ip_address(dst)
+    assert (proxy.src_port, proxy.dst_port) == (40000, 25)
     assert rest == TRAILER
 
 
@@ -160,19 +169,19 @@ def test_v2_decoded_by_aiosmtpd(
     assert rest == TRAILER
 
 
-@pytest.mark.parametrize(
-    ("client", "server"),
-    [("192.0.2.7", "::1"), ("::1", "127.0.0.1"), ("::ffff:192.0.2.7", "2001:db8::1")],
-)
-def test_v2_mixed_families_send_local_unspec(client: str, server: str) -> None:
+@pytest.mark.parametrize(("client", "server", "src", "dst"), MIXED)
+def test_v2_mixed_families_are_both_ipv6_the_ipv4_end_mapped(
+    client: str, server: str, src: str, dst: str
+) -> None:
     data = v2(client, 40000, server, 25)
-    assert data == V2_SIGNATURE + b"\x20\x00\x00\x00"  # LOCAL, AF_UNSPEC, no body
     proxy, rest = decode(data)
     assert proxy.valid, proxy.error
     assert proxy.version == 2
-    assert proxy.command == V2_CMD.LOCAL
-    assert proxy.family == AF.UNSPEC
-    assert proxy.protocol == PROTO.UNSPEC
+    assert proxy.command == V2_CMD.PROXY
+    assert proxy.family == AF.INET6
+    assert proxy.src_addr == ipaddress.ip_address(src)
+    assert proxy.dst_addr == ipaddress.ip_address(dst)
+    assert (proxy.src_port, proxy.dst_port) == (40000, 25)
     assert rest == TRAILER
 
 
