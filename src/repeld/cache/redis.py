@@ -285,6 +285,11 @@ class RedisCache(QueuedVerdicts):
                 )
             return {}
         self._slow = 0
+        if not isinstance(values, list) or len(values) != len(names):
+            # A server that is not quite Redis (a proxy, a look-alike) answered
+            # MGET with another count of values: none of them can be trusted.
+            self._failed(f"lookup failed: MGET of {len(names)} names answered {_count(values)}")
+            return {}
         found: dict[str, CacheVerdict] = {}
         for i, key in enumerate(keys):
             good, bad = values[2 * i], values[2 * i + 1]
@@ -362,3 +367,7 @@ class RedisCache(QueuedVerdicts):
         stats["outages"] = self._notice.outages
         stats["pending"] = len(self._pending)
         return stats
+
+
+def _count(values: object) -> str:
+    return f"{len(values)} values" if isinstance(values, list) else type(values).__name__
