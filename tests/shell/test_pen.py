@@ -130,6 +130,48 @@ async def test_a_client_the_lists_hold_longer_never_holds_up_the_queue(
     assert len(pen) == 0
 
 
+async def test_a_client_the_lists_block_only_at_the_end_of_its_delay_is_held_then_passed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """--dnsbl-action delay, a block list's answer in and an allow list's still
+    awaited when the delay ends: the block applies then (the allow list counts as
+    not listing), and the client waits --dnsbl-delay and is passed. It was never
+    released: the pen dropped the wait that came with the block's event."""
+    decided: list[tuple[float, Verdict]] = []
+
+    def on_verdict(held: Held, verdict: Verdict) -> None:
+        decided.append((trio.current_time(), verdict))
+        if not isinstance(verdict, Logged):
+            held.sock.close()
+
+    pen = HoldingPen(on_verdict, lambda held, message: None)
+    ours, theirs = socket.socketpair()
+    policy = DnsPolicy(action=DnsAction.DELAY, block_delay=30.0)
+    unsettled = DnsScore(2, ("bl.example",), ("wl.example",), (-2, 0))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pen.run)
+            start = trio.current_time()
+            ours.setblocking(False)
+            conn = ConnInfo("192.0.2.1", 1000, "127.0.0.1", 25)
+            held = Held(ours, conn, Hold(start, 10.0, dns=policy))
+            pen.add(held)
+            await trio.sleep(1)
+            assert pen.settle(held, functools.partial(held.hold.listed, unsettled))
+            await trio.sleep(40)
+            nursery.cancel_scope.cancel()
+    finally:
+        pen.close()
+        ours.close()
+        theirs.close()
+    (when, logged), (passed_at, passed) = decided
+    assert isinstance(logged, Logged) and isinstance(logged.note, Blocked)
+    assert when - start == 10.0
+    assert passed == Pass(PassReason.DELAY, 30.0)
+    assert passed_at - start == 30.0
+    assert len(pen) == 0
+
+
 async def test_hung_up_connections_do_not_stay_queued_until_their_deadline(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -267,11 +267,13 @@ class HoldingPen:
         except BlockingIOError:
             if due:
                 verdict = hold.silence(now)
-                if isinstance(verdict, Wait) and verdict.deadline > now:
-                    # Held beyond its delay (the lists said so): wait on in the heap.
-                    self._wait(held, verdict.deadline)
-                    return
                 self._decide(held, verdict)
+                while isinstance(verdict, Logged):
+                    verdict = verdict.then
+                if isinstance(verdict, Wait) and verdict.deadline > now and self._live(held):
+                    # Held beyond its delay (the lists said so, maybe only now, with
+                    # a `dnsbl` event first): wait on in the heap.
+                    self._wait(held, verdict.deadline)
             return
         except OSError:
             self._decide(held, hold.reset(now))
