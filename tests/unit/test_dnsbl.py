@@ -455,12 +455,66 @@ def test_talker_waiting_for_the_cache_is_not_judged_by_the_lists() -> None:
     assert h.dns_result == ALLOWED
 
 
-def test_observed_talker_is_not_judged_by_the_lists() -> None:
-    h = hold(observe=True)
-    verdict = h.data(b"EHLO x\r\n", T0 + 1.0)
-    assert verdict == Logged(EarlyTalk(8, b"EHLO x\r\n", 1.0), Mute(T0 + 25.0))
-    assert h.listed(LISTED, T0 + 2.0) == Mute(T0 + 25.0)
+# --on-early log: the talk is written down and the client held for the whole delay;
+# then the lists judge it as they judge a silent client (postscreen's greet_action
+# ignore leaves its DNSBL test alone). Observing its talk once let a listed bot in.
+
+TALK = EarlyTalk(8, b"EHLO x\r\n", 1.0)
+
+
+def _observed(action: DnsAction, result: DnsScore) -> Hold:
+    h = hold(action, observe=True)
+    assert h.data(b"EHLO x\r\n", T0 + 1.0) == Logged(TALK, Mute(T0 + 25.0))
+    assert h.listed(result, T0 + 2.0) == Mute(T0 + 25.0)
+    return h
+
+
+@pytest.mark.parametrize("result", [NEITHER, ALLOWED])
+def test_an_observed_talker_the_lists_do_not_block_is_passed_with_its_bytes(
+    result: DnsScore,
+) -> None:
+    h = _observed(DnsAction.DROP, result)
     assert h.due(T0 + 25.0) == Pass(PassReason.DELAY, 25.0, 8)
+
+
+@pytest.mark.parametrize("action", [DnsAction.DROP, DnsAction.REJECT])
+def test_an_observed_talker_the_lists_block_is_dropped_or_rejected_at_the_delays_end(
+    action: DnsAction,
+) -> None:
+    h = _observed(action, LISTED)
+    assert h.due(T0 + 25.0) == Blocked(2, ("bl.example",), 25.0, action)
+    assert h.done
+
+
+def test_an_observed_talker_the_lists_block_with_action_log_is_written_down_and_passed() -> None:
+    h = _observed(DnsAction.LOG, LISTED)
+    blocked = Blocked(2, ("bl.example",), 25.0, DnsAction.LOG)
+    assert h.due(T0 + 25.0) == Logged(blocked, Pass(PassReason.DELAY, 25.0, 8))
+    assert h.done
+
+
+def test_an_observed_talker_the_lists_block_with_action_delay_waits_its_longer_hold() -> None:
+    h = _observed(DnsAction.DELAY, LISTED)
+    blocked = Blocked(2, ("bl.example",), 25.0, DnsAction.DELAY)
+    assert h.due(T0 + 25.0) == Logged(blocked, Mute(T0 + 60.0))
+    assert h.due(T0 + 60.0) == Pass(PassReason.DELAY, 60.0, 8)
+
+
+def test_an_observed_talker_still_unjudged_at_the_delays_end_is_judged_by_the_answers_in() -> None:
+    # An allow list has not answered: it counts as not listing, as for a silent client.
+    h = _observed(DnsAction.DROP, DnsScore(2, ("bl.example",), ("wl.example",), (-2, 0)))
+    assert h.due(T0 + 25.0) == Blocked(2, ("bl.example",), 25.0, DnsAction.DROP)
+
+
+def test_a_client_delayed_by_the_lists_that_then_talks_is_observed_until_the_lists_wait_ends() -> (
+    None
+):
+    h = hold(DnsAction.DELAY, observe=True)
+    blocked = Blocked(2, ("bl.example",), 1.0, DnsAction.DELAY)
+    assert h.listed(LISTED, T0 + 1.0) == Logged(blocked, Wait(T0 + 60.0))
+    talk = EarlyTalk(8, b"EHLO x\r\n", 30.0)
+    assert h.data(b"EHLO x\r\n", T0 + 30.0) == Logged(talk, Mute(T0 + 60.0))
+    assert h.due(T0 + 60.0) == Pass(PassReason.DELAY, 60.0, 8)
 
 
 # -- the options: parsers, settings, the configuration file -------------------------

@@ -152,6 +152,17 @@ def test_observe_mode_counts_the_connection_once_as_would_repel() -> None:
     assert (tally.what_if(5).repelled, tally.what_if(10).repelled) == (1, 2)
 
 
+def test_an_observed_talker_the_lists_then_cut_off_is_counted_once() -> None:
+    blocked = Blocked(2, ("bl.example",), 25.0, DnsAction.REJECT)
+    tally = _tally(
+        events.early_talker(_conn(port=1), EarlyTalk(4, b"EHLO", 2.0), "log"),
+        events.dnsbl(_conn(port=1), blocked),
+        events.passed(_conn(port=1), Pass(PassReason.DELAY, 25.0)),  # a later one, same port
+    )
+    assert (tally.would_repel, tally.waited, tally.judged) == (1, 1, 2)
+    assert tally.folded == 1 and tally.dnsbl == {"reject": 1}
+
+
 def test_held_out_clients_are_not_in_the_share() -> None:
     tally = _tally(
         events.passed(_conn(), Pass(PassReason.TRUSTED, 0.0)),

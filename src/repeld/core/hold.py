@@ -319,6 +319,7 @@ class Hold:
     """The decision for one held connection, from accept to verdict."""
 
     __slots__ = (
+        "_blocked",
         "_dns",
         "_dns_more",
         "_good",
@@ -377,6 +378,9 @@ class Hold:
         self._kept = False
         # The pass cache said good and the lists have not settled yet.
         self._good = False
+        # The lists' block has been applied (its event given; with --dnsbl-action
+        # delay, `_until` moved to its end).
+        self._blocked = False
 
     @property
     def done(self) -> bool:
@@ -441,14 +445,39 @@ class Hold:
 
     def _observed(self, now: float) -> Verdict:
         # OBSERVING: held for the whole delay, then passed with its bytes
-        # (enforce: then served by repeld's own dialogue).
+        # (enforce: then served by repeld's own dialogue). With --on-early log
+        # the lists judge the client at the end of the delay as they judge a
+        # silent one: observing its talk is no reason to let a listed client in.
         if now < self.deadline:
             return Mute(self.deadline)
-        self._state = _DONE
         if self.enforce:
+            self._state = _DONE
             assert self._talk is not None
             return Enforce(self._talk, self._elapsed(now))
+        if self._dns is not None and self.dns_result is not None:
+            if not self._blocked:
+                judgement = self._settled
+                if judgement is None:
+                    judgement = self._dns.judge(self.dns_result)
+                if judgement is Judgement.BLOCK:
+                    self._settled = judgement
+                    return self._observed_block(now)
+            elif now < self._until:  # blocked before it talked: its longer wait
+                return Mute(self._until)
+        self._state = _DONE
         return Pass(PassReason.DELAY, self._elapsed(now), self._early_bytes())
+
+    def _observed_block(self, now: float) -> Verdict:
+        # OBSERVING, the delay is over and the lists block: --dnsbl-action says
+        # what follows, as for a silent client, the talk's bytes kept for smtpd.
+        verdict = self._block(now)
+        if not isinstance(verdict, Logged):  # dropped or rejected
+            return verdict
+        if now < self._until:  # --dnsbl-action delay: held on, muted
+            self._state = _OBSERVING
+            return Logged(verdict.note, Mute(self._until))
+        self._state = _DONE
+        return Logged(verdict.note, Pass(PassReason.DELAY, self._elapsed(now), self._early_bytes()))
 
     def opening(self) -> bytes:
         """What to write to the client as the hold begins: the teaser, or b"" for nothing."""
@@ -668,6 +697,7 @@ class Hold:
         result = self.dns_result
         action = self._dns.action
         blocked = Blocked(result.score, result.lists, self._elapsed(now), action)
+        self._blocked = True
         if action in (DnsAction.DROP, DnsAction.REJECT):
             self._state = _DONE
             return blocked

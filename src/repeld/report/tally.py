@@ -9,9 +9,11 @@ for them; clients a DNS list cut off (`dnsbl` drop or reject) were turned away
 by the list, not by the delay, and are counted on their own row. In observe
 mode the early talker's connection also ends in a `pass`; that pass is matched
 to its early-talker event by client address and port and the connection
-counted once, as "would repel". A `proxy-error` is the load balancer's PROXY
-header gone wrong, not a verdict on a client: its own row too. Events the report
-does not break down are counted by name.
+counted once, as "would repel" (so is a `dnsbl` drop or reject that ends it
+instead, the lists judging an observed talker at the end of its delay). A
+`proxy-error` is the load balancer's PROXY header gone wrong, not a verdict on
+a client: its own row too. Events the report does not break down are counted
+by name.
 
 The memory is bounded whatever the number of lines: the times waited are kept
 as counts per whole second (what the give-up curve and the what-if table need,
@@ -313,7 +315,14 @@ class Tally:
         action = record.fields.get("action", "unknown")
         _bump(self.dnsbl, action)
         # log and delay hold the client on: its connection ends in another verdict.
-        return "dnsbl" if action in REPELLING else ""
+        if action not in REPELLING:
+            return ""
+        key = _conn(record)
+        if key in self._observed:  # a talker observed, then cut off by the lists at
+            del self._observed[key]  # the delay's end: counted once, as "would repel"
+            self.folded += 1
+            return ""
+        return "dnsbl"
 
     def _backend_error(self, record: Record) -> str:
         count = record.number("count")
