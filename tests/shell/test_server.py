@@ -255,6 +255,36 @@ async def test_a_backend_that_never_answers_gets_421_after_the_connect_timeout(
                 f.close()
 
 
+async def test_a_backend_that_resets_before_its_greeting_gets_the_client_a_421(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # An MTA stopped with connections in its accept queue (or at its process
+    # limit) takes the connection and resets it before a byte: the client, which
+    # waited the delay for nothing, is told to come back, not left with a bare FIN.
+    # (A backend that closes cleanly instead: its end of file reaches the client
+    # as the relay's half-close, before the session ends; an MTA retries either way.)
+    mta = trio.socket.socket()
+    await mta.bind(("127.0.0.1", 0))
+    mta.listen(8)
+
+    async def refuse() -> None:
+        while True:
+            conn, _ = await mta.accept()
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(refuse)
+        async with running(delay=DELAY, backend_port=mta.getsockname()[1]) as h:
+            client = await connect(h.address())
+            data, _ = await read_until_closed(client)
+            assert data == b"421 4.3.2 Service temporarily unavailable, try again later\r\n"
+            (ended,) = await h.receiver.wait_for("relay-end")
+            assert (ended.fields["end"], ended.fields["bytes_to_client"]) == ("backend-reset", "0")
+        nursery.cancel_scope.cancel()
+    mta.close()
+
+
 async def test_half_close_is_propagated(autojump_clock: trio.testing.MockClock) -> None:
     async with running(delay=DELAY) as h:
         client = await connect(h.address())

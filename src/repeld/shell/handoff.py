@@ -25,7 +25,7 @@ from repeld.config.settings import AnyBackend, PassBackend, Settings
 from repeld.core import events, postfixpass, proxyproto
 from repeld.core.addresses import host_port
 from repeld.core.events import ConnInfo
-from repeld.core.names import HandOffHow, HandOffResult
+from repeld.core.names import HandOffHow, HandOffResult, RelayEnd
 from repeld.service import tcptune
 from repeld.shell.eventlog import EventLog
 from repeld.shell.passfd import PassPool, PassPoolClosed
@@ -162,6 +162,11 @@ def handoff(
                 )
                 return
             if result.connected_at is None:  # stopped while connecting: come back later
+                reply_and_close(sock, BACKEND_UNAVAILABLE)
+            elif result.to_client == 0 and result.end is not RelayEnd.CLIENT_RESET and not check:
+                # The MTA ended the session before its greeting (stopped with the
+                # connection in its accept queue, at its process limit, silent for
+                # --relay-timeout): the client waited for nothing, and is told so.
                 reply_and_close(sock, BACKEND_UNAVAILABLE)
             if check:
                 return
