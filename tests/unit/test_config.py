@@ -155,3 +155,25 @@ def test_the_sample_config_is_valid_and_documents_every_key() -> None:
     for line in rendered.splitlines():
         key = line.lstrip("# ").split(" ")[0].rstrip(":")
         assert key in text, f"the sample does not mention {key}"
+
+
+@pytest.mark.parametrize(
+    ("text", "net"),
+    [
+        ("::ffff:192.0.2.0/120", "192.0.2.0/24"),
+        ("::ffff:127.0.0.1", "127.0.0.1/32"),
+        ("::ffff:0:0/96", "0.0.0.0/0"),
+        ("2001:db8::/32", "2001:db8::/32"),
+        ("192.0.2.0/24", "192.0.2.0/24"),
+    ],
+)
+def test_an_ipv4_mapped_network_is_the_ipv4_network_it_maps(
+    tmp_path: Path, text: str, net: str
+) -> None:
+    # Clients' mapped addresses are judged as IPv4 (::ffff:192.0.2.7 is 192.0.2.7): a
+    # network written mapped never matched anyone, and a balancer in it was judged an
+    # early talker for its PROXY header.
+    settings = settings_for(tmp_path, 'backend = "127.0.0.1:25"\n', "--trusted", text)
+    assert net in [str(n) for n in settings.trusted]
+    settings = settings_for(tmp_path, f'backend = "127.0.0.1:25"\nproxy-from = ["{text}"]\n')
+    assert net in [str(n) for n in settings.proxy_from]

@@ -433,6 +433,11 @@ def network(text: str) -> str:
         raise SettingError("trusted", text, NOT_A_NETWORK) from None
     if net.ip != net.network:  # 10.1.2.3/8 is a typo for a host or for 10.0.0.0/8
         raise SettingError("trusted", text, f"host bits set: did you mean {net.cidr}?")
+    if net.version == 6 and net.prefixlen >= 96 and net.ip.is_ipv4_mapped():
+        # A client's IPv4-mapped address is judged as the IPv4 address it maps
+        # (::ffff:192.0.2.7 is 192.0.2.7): so is a network written that way, or it
+        # would never match anyone (a balancer in it would be judged a talker).
+        return str(netaddr.IPNetwork(f"{net.ip.ipv4()}/{net.prefixlen - 96}").cidr)
     return str(net.cidr)
 
 
