@@ -144,6 +144,9 @@ VALID: list[tuple[str, bytes, Result | None]] = [
      build_v2(0x20, 0x11, v4_block("10.0.0.1", "10.0.0.2", 1, 2), tlv(4, b"")),
      Local(2, 31, (Tlv(4, b""),))),
     ("v2 local unix", build_v2(0x20, 0x31, bytes(216)), Local(2, 232)),
+    # LOCAL: "discard the protocol block including the family" (proxy-protocol.txt)
+    ("v2 local, a family and no block", SIG + b"\x20\x11\x00\x00", Local(2, 16)),
+    ("v2 local, an unknown family", SIG + b"\x20\x44\x00\x03" + bytes(3), Local(2, 19)),
     ("v2 at the bound",
      build_v2(0x21, 0x11, v4_block("192.0.2.1", "192.0.2.2", 3, 4),
               tlv(0xE0, bytes(V2_MAX - 16 - 12 - 3))),
@@ -244,7 +247,6 @@ ERRORS: list[tuple[bytes, ProxyReason]] = [
     (SIG + b"\x2f\x00\x00\x00", R.BAD_COMMAND),
     (SIG + b"\x21\x13\x00\x0c" + bytes(12), R.BAD_FAMILY),
     (SIG + b"\x21\x41\x00\x0c" + bytes(12), R.BAD_FAMILY),
-    (SIG + b"\x20\x44\x00\x00", R.BAD_FAMILY),
     (SIG + b"\x21\x12\x00\x0c" + bytes(12), R.UNSUPPORTED_FAMILY),  # UDP
     (SIG + b"\x21\x22\x00\x24" + bytes(36), R.UNSUPPORTED_FAMILY),
     (build_v2(0x21, 0x31, bytes(216)), R.UNSUPPORTED_FAMILY),  # UNIX stream
