@@ -472,3 +472,19 @@ def test_the_filter_takes_only_the_client_whatever_the_envelope(
         assert "\n" not in line and "\r" not in line
         found = [m.group("addr") for rx in _failregexes() if (m := rx.search(line))]
         assert found == ["192.0.2.55"], line
+
+
+def test_an_envelope_of_commas_keeps_the_event_within_syslogs_8_kib() -> None:
+    # Commas are escaped within each recipient's limit: escaped after the cut, ten
+    # recipients of commas made a 10 KiB event, which rsyslog's default 8 KiB
+    # maxMessageSize cut before `(action=enforce)`, out of the report's and
+    # fail2ban's sight.
+    worst = b"<" + b"," * 600 + b">"
+    env = Envelope(b"\x00" * 600, worst, (worst,) * MAX_RECIPIENTS, 40)
+    event = _enforced_event(env)
+    header = Header(facility=2, hostname="mx1.example.org", app_name="repeld", procid=4242,
+                    sd_id="repeld@32473")  # fmt: skip
+    assert len(format_rfc5424(event, header, 0.0)) < 8192
+    assert len(format_json(event, header, 0.0)) < 8192
+    recipients = str(event.get("recipients")).split(",")
+    assert len(recipients) == MAX_RECIPIENTS and all("," not in r for r in recipients)

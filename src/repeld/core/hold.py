@@ -784,18 +784,23 @@ def _escape_table() -> list[str]:
 
 
 _ESCAPES = _escape_table()
+#: The same with commas as `\\x2c`, for an item of a comma-separated list.
+_ESCAPES_COMMA = [*_ESCAPES[:0x2C], "\\x2c", *_ESCAPES[0x2D:]]
 
 
-def escape_bytes(data: bytes, limit: int = FIRST_BYTES_LIMIT) -> str:
+def escape_bytes(data: bytes, limit: int = FIRST_BYTES_LIMIT, *, commas: bool = False) -> str:
     """Render untrusted client bytes as printable ASCII, cut at `limit` characters.
 
     `\\r`, `\\n` and `\\\\` are spelled out, anything else outside printable
-    ASCII becomes `\\xNN`; an escape sequence is never cut in half.
+    ASCII becomes `\\xNN`; an escape sequence is never cut in half. `commas`:
+    a comma too (`\\x2c`), so that an item of a list can never pass for two,
+    within the same limit.
     """
+    table = _ESCAPES_COMMA if commas else _ESCAPES
     out: list[str] = []
     used = 0
     for b in data:
-        piece = _ESCAPES[b]
+        piece = table[b]
         if used + len(piece) > limit:
             break
         out.append(piece)
