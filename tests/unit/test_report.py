@@ -163,6 +163,16 @@ def test_an_observed_talker_the_lists_then_cut_off_is_counted_once() -> None:
     assert tally.folded == 1 and tally.dnsbl == {"reject": 1}
 
 
+def test_an_observed_talker_that_hangs_up_is_counted_once() -> None:
+    tally = _tally(
+        events.early_talker(_conn(port=1), EarlyTalk(4, b"EHLO", 2.0), "log"),
+        events.hangup(_conn(port=1), HangUp(3.0, reset=True)),
+        events.hangup(_conn(port=2), HangUp(7.0, reset=False)),
+    )
+    assert (tally.repelled, tally.would_repel, tally.judged) == (1, 1, 2)
+    assert tally.folded == 1 and sum(tally.hangups.values()) == 1
+
+
 def test_held_out_clients_are_not_in_the_share() -> None:
     tally = _tally(
         events.passed(_conn(), Pass(PassReason.TRUSTED, 0.0)),

@@ -9,11 +9,11 @@ for them; clients a DNS list cut off (`dnsbl` drop or reject) were turned away
 by the list, not by the delay, and are counted on their own row. In observe
 mode the early talker's connection also ends in a `pass`; that pass is matched
 to its early-talker event by client address and port and the connection
-counted once, as "would repel" (so is a `dnsbl` drop or reject that ends it
-instead, the lists judging an observed talker at the end of its delay). A
-`proxy-error` is the load balancer's PROXY header gone wrong, not a verdict on
-a client: its own row too. Events the report does not break down are counted
-by name.
+counted once, as "would repel" (so is a hang-up or a `dnsbl` drop or reject
+that ends it instead, the lists judging an observed talker at the end of its
+delay). A `proxy-error` is the load balancer's PROXY header gone wrong, not a
+verdict on a client: its own row too. Events the report does not break down
+are counted by name.
 
 The memory is bounded whatever the number of lines: the times waited are kept
 as counts per whole second (what the give-up curve and the what-if table need,
@@ -289,6 +289,11 @@ class Tally:
             _bump(self.sender_domains, domain)
 
     def _hangup(self, record: Record) -> str:
+        key = _conn(record)
+        if key in self._observed:  # an observed talker that left: counted once,
+            del self._observed[key]  # as "would repel" (with --teaser a bot that
+            self.folded += 1  # closes with the line unread resets: every time)
+            return ""
         _bump(self.hangups, record.fields.get("how", "unknown"))
         elapsed = record.number("elapsed")
         if elapsed is not None:
