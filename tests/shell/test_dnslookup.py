@@ -10,8 +10,11 @@ real trio clock, as the queries' timers run on it like the server's sleeps.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import errno
+import resource
+import socket
 
 import dns.message
 import dns.rcode
@@ -697,3 +700,63 @@ async def test_a_backlog_whose_sends_all_fail_ends_in_a_loop_not_a_recursion(
     assert lookups._running["silent.test"] == 0
     results = lookups.results()
     assert results.get("error", 0) + results.get("skipped", 0) + results.get("timeout", 0) >= 1500
+
+
+async def test_out_of_descriptors_the_sockets_open_serve_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every socket is due for a new port, or there are fewer than SOCKETS, when
+    the process runs out of descriptors (a flood): the queries go out on the
+    sockets already open. A fresh socket was insisted on, and every query failed
+    as an error: a listed client was scored as not listed."""
+    monkeypatch.setattr(dnslookup, "ROTATE_AFTER", 3)
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await sock.bind(("127.0.0.1", 0))
+
+    async def reply(data: bytes, peer: tuple[str, int]) -> None:
+        query = dns.message.from_wire(data)
+        answer = dns.message.make_response(query)
+        answer.answer.append(
+            dns.rrset.from_text(query.question[0].name, 300, "IN", "A", "127.0.0.2")
+        )
+        await trio.sleep(0.2)  # slow: the sockets have queries in flight
+        await sock.sendto(answer.to_wire(), peer)
+
+    got: dict[str, DnsScore] = {}
+    lookups = _lookups(sock.getsockname()[1], (DnsList("bl.test"),), got, 2.0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hog: list[socket.socket] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def serve() -> None:
+                while True:
+                    data, peer = await sock.recvfrom(4096)
+                    nursery.start_soon(reply, data, peer)
+
+            nursery.start_soon(serve)
+            nursery.start_soon(lookups.run)
+            for n in range(1, 13):  # every socket used up to its rotation
+                lookups.ask(f"127.7.0.{n}", f"warm-{n}")
+                await trio.sleep(0.01)
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))
+                with contextlib.suppress(OSError):
+                    while True:
+                        hog.append(socket.socket())
+                for n in range(1, 7):
+                    lookups.ask(f"127.7.1.{n}", f"listed-{n}")
+                    await trio.sleep(0.01)
+                while (
+                    sum(k.startswith("listed-") and v.reach == (0, 0) for k, v in got.items()) < 6
+                ):
+                    await trio.sleep(0.01)
+            finally:
+                for h in hog:
+                    h.close()
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            nursery.cancel_scope.cancel()
+    sock.close()
+    listed = [got[f"listed-{n}"] for n in range(1, 7)]
+    assert all(s.lists == ("bl.test",) and s.missing == () for s in listed), listed
+    assert lookups.statistics()["dns_errors"] == 0

@@ -464,20 +464,36 @@ class DnsLookups(Generic[T]):
 
     def _socket(self, server: tuple[str, int]) -> _Socket:
         # The next socket to that server in turn, opened (or replaced) as needed.
+        # More sockets and new source ports are hardening, never a reason to
+        # fail a query: out of descriptors, the sockets already open serve on.
         usable = [s for s in self._sockets if s.server == server and not s.retired]
         if len(usable) < SOCKETS:
-            fresh = _Socket(server)
-            self._sockets.append(fresh)
-            assert self._nursery is not None
-            self._nursery.start_soon(self._receive, fresh)
-            return fresh
+            fresh = self._open(server, needed=not usable)
+            if fresh is not None:
+                return fresh
         self._turn += 1
         chosen = usable[self._turn % len(usable)]
         if chosen.sent >= ROTATE_AFTER:  # a new source port; this one drains and goes
-            chosen.retired = True
-            self._close_if_idle(chosen)
-            return self._socket(server)
+            fresh = self._open(server, needed=False)
+            if fresh is not None:
+                chosen.retired = True
+                self._close_if_idle(chosen)
+                return fresh
         return chosen
+
+    def _open(self, server: tuple[str, int], *, needed: bool) -> _Socket | None:
+        # A new socket to `server`; None if the system refuses one and another is
+        # open (`needed` False), the error if none is.
+        try:
+            fresh = _Socket(server)
+        except OSError:
+            if needed:
+                raise
+            return None
+        self._sockets.append(fresh)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._receive, fresh)
+        return fresh
 
     def _close_if_idle(self, s: _Socket) -> None:
         if s.retired and not s.pending and s in self._sockets:
