@@ -64,3 +64,21 @@ def test_log_and_delay_do_not_end_a_connection(
     with pytest.raises(ValueError, match="does not end a connection"):
         block(server, "127.0.0.1", Blocked(1, ("bl.example",), 0.25, action))
     assert server.fileno() != -1  # untouched
+
+
+def test_reject_of_an_observed_talker_takes_its_bytes_first(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    # --on-early log: the talker's bytes were only peeked. Closed with them unread,
+    # the socket sent an RST and a pipelining client never read the 554.
+    client, server = pair
+    client.sendall(b"EHLO x\r\n")
+    for _ in range(100):  # bounded: the bytes are in the server's queue at once
+        try:
+            if server.recv(8, socket.MSG_PEEK) == b"EHLO x\r\n":
+                break
+        except BlockingIOError:
+            pass
+    block(server, "192.0.2.1", Blocked(2, ("bl.example",), 25.0, DnsAction.REJECT), unread=8)
+    assert _read_all(client).startswith(b"554 5.7.1 ")
+    assert client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0  # a FIN, no reset

@@ -455,6 +455,18 @@ def test_talker_waiting_for_the_cache_is_not_judged_by_the_lists() -> None:
     assert h.dns_result == ALLOWED
 
 
+def test_a_good_word_after_a_block_applied_at_the_delays_end_keeps_the_longer_hold() -> None:
+    # The lists settled while the cache's answer was awaited; the cache was silent
+    # until the end of the delay, where the block applied (--dnsbl-action delay).
+    # Its good word, late, once wrote the block down a second time.
+    h = hold(DnsAction.DELAY, cache_pending=True)
+    assert h.listed(LISTED, T0 + 1.0) == Wait(T0 + 25.0)
+    blocked = Blocked(2, ("bl.example",), 25.0, DnsAction.DELAY)
+    assert h.silence(T0 + 25.0) == Logged(blocked, Wait(T0 + 60.0))
+    assert h.remembered_good(T0 + 25.2) == Wait(T0 + 60.0)
+    assert h.silence(T0 + 60.0) == Pass(PassReason.DELAY, 60.0)
+
+
 # --on-early log: the talk is written down and the client held for the whole delay;
 # then the lists judge it as they judge a silent client (postscreen's greet_action
 # ignore leaves its DNSBL test alone). Observing its talk once let a listed bot in.

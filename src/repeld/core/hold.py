@@ -43,6 +43,9 @@ end of the delay):
     TALKED    reset                  -> EarlyTalk (T)                   DONE
                            observe   -> Logged(T, HangUp)               DONE
     OBSERVING due at D               -> Pass("delay", early_bytes)      DONE
+              ... the lists block    -> as HOLDING at D (drop/reject: Blocked;
+                                        log: Logged(Blocked, Pass); delay:
+                                        Logged(Blocked, Mute(B)))
     OBSERVING eof (half-close)       -> Mute(D)                         OBSERVING
     OBSERVING reset                  -> HangUp                          DONE
     HOLDING   dns: allow             -> Pass("dnswl")                   DONE
@@ -69,7 +72,7 @@ end of the delay):
     HOLDING (good) data              -> Mute(D)                         TALKED (good)
     TALKED (good) dns settled, or due at D: block -> the talk stands
                                      else -> Pass("cache", early_bytes) DONE
-    OBSERVING dns: any               -> Mute(D), the answer kept        OBSERVING
+    OBSERVING dns: any               -> Mute(D), the answer kept (judged at D)
     -- enforce (--on-early enforce; OBSERVING is shared, its end differs) --
     HOLDING   data, enforce          -> Mute(D)                         OBSERVING
     TALKED    cache: bad or unknown, or due at W, enforce
@@ -117,7 +120,9 @@ that list is pending is allowed now. A silent list so never holds up the
 others' verdict. The lists never make a new client wait longer than its
 delay: at its end, it is judged by the answers received, the lists that have
 not answered counting as not listing (postscreen at the end of its greet
-wait); a hold decided first by its talk is not fed the answers.
+wait); a hold decided first by its talk is not fed the answers. An observed
+talker (--on-early log) is judged by them at the end of its delay, as a
+silent client is: observing its talk is no reason to let a listed client in.
 
 What repeld saw itself and the lists are weighed so that neither launders
 the other. A remembered early talker is cut off even when a list allows it
@@ -130,7 +135,8 @@ silence is remembered as patient (`Pass.remembered`): the allow lists, a
 trusted network or a nodelay listener pass a client at once and have tested
 nothing. Once a client has talked, its talk decides as above and the lists'
 answer is only kept for the events (`dns_result`): an early talker is an
-early talker whatever the lists say, and a remembered client that talked
+early talker whatever the lists say (an observed one, once its delay is
+over, is blocked too if they block it), and a remembered client that talked
 loses the cache's pardon if the lists block it.
 
 "silence, due" must only be reported after a last non-blocking peek at the
@@ -601,6 +607,11 @@ class Hold:
         if self._dns is None:
             self._state = _DONE
             return Pass(PassReason.CACHE, self._elapsed(now), self._early_bytes())
+        if self._blocked and self._state == _HOLDING:
+            # The lists' block was applied at the end of the delay, the cache
+            # still silent (--dnsbl-action delay): the longer hold goes on, and
+            # the block is not written down twice.
+            return Wait(self._until)
         if self._settled is not None:
             self._kept = False
             return self._after_good(self._settled, now)

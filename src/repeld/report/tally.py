@@ -208,6 +208,8 @@ class Tally:
     backend_errors: int = 0
     #: Passes that followed an observed (`action=log`) early talk of the same connection.
     folded: int = 0
+    #: Hang-ups of observed talkers, in `hangups` but not in `repelled`.
+    folded_hangups: int = 0
     #: Whole seconds waited, counted: hang-ups, early talkers cut off, early talkers only
     #: logged; passes for `delay` (by the second they were patient up to, 1 ms of slack
     #: absorbing the rounding of `elapsed`, and by the delay they waited, rounded).
@@ -289,12 +291,13 @@ class Tally:
             _bump(self.sender_domains, domain)
 
     def _hangup(self, record: Record) -> str:
-        key = _conn(record)
-        if key in self._observed:  # an observed talker that left: counted once,
-            del self._observed[key]  # as "would repel" (with --teaser a bot that
-            self.folded += 1  # closes with the line unread resets: every time)
-            return ""
         _bump(self.hangups, record.fields.get("how", "unknown"))
+        key = _conn(record)
+        if key in self._observed:  # an observed talker that left: judged once, as
+            del self._observed[key]  # "would repel" (with --teaser a bot that closes
+            self.folded += 1  # with the line unread resets: every time); the
+            self.folded_hangups += 1  # verdicts table still counts its event
+            return ""
         elapsed = record.number("elapsed")
         if elapsed is not None:
             self.hangup_secs[_second(elapsed)] += 1
@@ -353,7 +356,8 @@ class Tally:
     @property
     def repelled(self) -> int:
         """Early talkers cut off and hang-ups: connections the delay turned away."""
-        return sum(self.early[a] for a in REPELLING) + sum(self.hangups.values())
+        hangups = sum(self.hangups.values()) - self.folded_hangups
+        return sum(self.early[a] for a in REPELLING) + hangups
 
     @property
     def would_repel(self) -> int:

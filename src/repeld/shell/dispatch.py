@@ -107,7 +107,8 @@ class Dispatch:
                 held.sock.close()
                 self.log.emit(events.hangup(held.conn, verdict))
             case Blocked():  # drop or reject: the lists ended it
-                block(held.sock, held.conn.client, verdict)
+                talk = held.hold.talk  # an observed talker (--on-early log)
+                block(held.sock, held.conn.client, verdict, talk.nbytes if talk else 0)
                 self.log.emit(events.dnsbl(held.conn, verdict))
             case Enforce():  # --on-early enforce: served, then written down
                 self.enforcing.start(held.sock, held.conn, verdict, self._dns_of(held))

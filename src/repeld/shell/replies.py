@@ -88,10 +88,16 @@ def cut_off(sock: socket.socket, verdict: EarlyTalk, action: str) -> None:
         abort(sock)
 
 
-def block(sock: socket.socket, client: str, verdict: Blocked) -> None:
+def block(sock: socket.socket, client: str, verdict: Blocked, unread: int = 0) -> None:
     """End a client the DNS lists blocked, as --dnsbl-action says: reject sends the
-    554 line naming the lists, drop resets the connection."""
+    554 line naming the lists, drop resets the connection. `unread`: the bytes an
+    observed talker sent (only peeked), taken first, as `cut_off` does."""
     if verdict.action is DnsAction.REJECT:
+        if unread:
+            try:  # so the close is a FIN after the 554, not an RST
+                sock.recv(unread)
+            except OSError:
+                pass
         reply_and_close(sock, reject_line(client, verdict.lists))
     elif verdict.action is DnsAction.DROP:
         abort(sock)
