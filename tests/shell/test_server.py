@@ -285,6 +285,19 @@ async def test_a_backend_that_resets_before_its_greeting_gets_the_client_a_421(
     mta.close()
 
 
+async def test_held_clients_hear_421_when_the_server_is_cancelled_without_a_drain(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Cancelled at once (or a front task failed), the drain is skipped; the held
+    # client is still told to come back, not just closed.
+    async with running(delay=DELAY) as h:
+        client = await connect(h.address())
+        await trio.sleep(1)
+        assert len(h.server.pen) == 1
+    data, how = await read_until_closed(client)
+    assert data.startswith(b"421 4.3.2 ") and how == "eof"
+
+
 async def test_half_close_is_propagated(autojump_clock: trio.testing.MockClock) -> None:
     async with running(delay=DELAY) as h:
         client = await connect(h.address())

@@ -196,7 +196,8 @@ class Server:
     async def serve(
         self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Accept and serve until `shutdown()` (a drain) or cancellation (at once).
+        """Accept and serve until `shutdown()` (a drain) or cancellation (at once;
+        the clients still held are told 421 all the same).
 
         Two nurseries, as hypercorn does: the front (pen and accept loops) stops
         at once on shutdown; the relays behind it get the grace period.
@@ -212,6 +213,15 @@ class Server:
                     services.cancel_scope.cancel()
         finally:
             self._close_listeners()
+            # Cancelled at once, or a front task failed, the drain was skipped:
+            # whoever is still held or sending a header is told to come back
+            # (421), never just closed (an exception of a Redis look-alike's
+            # reply once ended the server and dropped every held client so).
+            for sock in self.intake.evict_all():
+                reply_and_close(sock, SHUTTING_DOWN)
+            for held in self.pen.evict_all():
+                reply_and_close(held.sock, SHUTTING_DOWN)
+                self.shutdown_held += 1
             self.intake.close()
             self.pen.close()
 
