@@ -81,6 +81,32 @@ def test_a_program_that_cannot_start_gets_the_client_a_421(syslog: SyslogUDP) ->
         assert "No such file" in err.fields["error"]
 
 
+def test_past_max_exec_a_passed_client_hears_421_and_an_overload_is_written(
+    syslog: SyslogUDP,
+) -> None:
+    # Trusted clients skip the delay; each starts a program that keeps its session
+    # (as qmail-smtpd idles). Two run at once at most: the third client is told to
+    # come back, and the first program's end makes room for the next client.
+    port = free_port()
+    program = shlex.join(["/bin/sh", "-c", 'printf "220 sh\\r\\n"; read -r line; exit 0'])
+    with daemon(
+        "-l", f"127.0.0.1:{port}", "--exec", program, "--max-exec", "2",
+        "-t", "127.0.0.0/8", "--syslog", syslog.target, *AS_ROOT,
+    ):  # fmt: skip
+        first, second = connect(port, source="127.0.0.61"), connect(port, source="127.0.0.62")
+        assert read_line(first) == b"220 sh\r\n" and read_line(second) == b"220 sh\r\n"
+        third = connect(port, source="127.0.0.63")
+        assert read_line(third) == b"421 4.3.2 All server ports are busy\r\n"
+        (overload,) = syslog.wait_for("overload")
+        assert (overload.fields["limit"], overload.fields["client"]) == ("max-exec", "127.0.0.63")
+        first.sendall(b"QUIT\r\n")  # its program exits
+        syslog.wait_for("exec-end")
+        fourth = connect(port, source="127.0.0.64")
+        assert read_line(fourth) == b"220 sh\r\n"
+        for client in (first, second, third, fourth):
+            client.close()
+
+
 def test_shutdown_grace_ends_a_program_that_does_not(syslog: SyslogUDP) -> None:
     port = free_port()
     d = Daemon(

@@ -275,6 +275,15 @@ OPTIONS: tuple[Option, ...] = (
         metavar="N",
     ),
     Option(
+        "max-exec",
+        None,
+        count("max-exec", 1, 1_000_000),
+        40,
+        "--exec programs running at once; past it a passed client hears 421 4.3.2 "
+        "(default: 40, as tcpserver's -c)",
+        metavar="N",
+    ),
+    Option(
         "cache",
         None,
         cache_url,

@@ -114,6 +114,7 @@ class Settings:
     backlog: int | None = default("backlog")
     max_held: int | None = default("max-held")
     max_per_client: int = default("max-per-client")
+    max_exec: int = default("max-exec")
     cache: CacheSpec | None = default("cache")
     no_cache: bool = default("no-cache")
     cache_ttl: float = default("cache-ttl")

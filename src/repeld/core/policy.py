@@ -90,6 +90,7 @@ class Refuse(enum.StrEnum):
 
     MAX_HELD = "max-held"
     MAX_PER_CLIENT = "max-per-client"
+    MAX_EXEC = "max-exec"  # a passed client, at the hand-off: --exec programs running
 
 
 #: What the policy step answers: None holds the client.

@@ -26,12 +26,13 @@ from repeld.core import events, postfixpass, proxyproto
 from repeld.core.addresses import host_port
 from repeld.core.events import ConnInfo
 from repeld.core.names import HandOffHow, HandOffResult, RelayEnd
+from repeld.core.policy import Refuse
 from repeld.service import tcptune
 from repeld.shell.eventlog import EventLog
 from repeld.shell.passfd import PassPool, PassPoolClosed
 from repeld.shell.relay import RelayResult
 from repeld.shell.relaypool import RelayPool, RelayPoolClosed
-from repeld.shell.replies import BACKEND_UNAVAILABLE, reply_and_close
+from repeld.shell.replies import BACKEND_UNAVAILABLE, REFUSALS, reply_and_close
 from repeld.shell.ucspi import handoff_exec
 
 __all__ = [
@@ -275,6 +276,11 @@ class HandOff:
         self.listeners_tuned = True
         #: Clients handed on and not done yet (relayed by the pool, or --exec).
         self.active = 0
+        #: --exec programs running (at most --max-exec).
+        self.execs = 0
+        #: How a client past --max-exec is turned away (Admission.refuse: its
+        #: 421, counted, one overload event a second); the server sets it.
+        self.refuse: Callable[[socket.socket, ConnInfo, Refuse, float], None] | None = None
         #: Set when `active` falls to 0, for whoever waits in `wait_idle`.
         self._idle: trio.Event | None = None
         #: The relays nursery: the pool's task, and a task per --exec client.
@@ -319,6 +325,17 @@ class HandOff:
         if target is None:
             assert s.exec is not None  # settings guarantee one or the other
             assert self._nursery is not None
+            if self.execs >= s.max_exec and not check:
+                # A program per client, each as long as its session: one address
+                # the cache or --trusted lets through at once could start them
+                # by the hundred (tcpserver's -c, 40, bounds them the same way).
+                self.active -= 1
+                if self.refuse is not None:
+                    self.refuse(sock, conn, Refuse.MAX_EXEC, trio.current_time())
+                else:
+                    reply_and_close(sock, REFUSALS[Refuse.MAX_EXEC])
+                return
+            self.execs += 1
             self._nursery.start_soon(self._exec, sock, conn, accepted_at, s.exec, check)
             return
         if target.pass_path is not None:
@@ -375,6 +392,7 @@ class HandOff:
         try:
             await handoff_exec(sock, conn, accepted_at, program, self.log, check)
         finally:
+            self.execs -= 1
             self._ended()
 
     def _pool_error(self, message: str) -> None:

@@ -37,6 +37,7 @@ _SEND_FLAGS = getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL
 REFUSALS = {
     Refuse.MAX_HELD: b"421 4.3.2 All server ports are busy\r\n",
     Refuse.MAX_PER_CLIENT: b"421 4.7.0 Too many connections\r\n",
+    Refuse.MAX_EXEC: b"421 4.3.2 All server ports are busy\r\n",
 }
 
 

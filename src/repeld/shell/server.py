@@ -108,6 +108,7 @@ class Server:
         self.dispatch = Dispatch(settings, log, self.handoff)
         self.pen = HoldingPen(self.dispatch.verdict, self._pen_error)
         self.admission = Admission(settings, trusted, self.max_held, self.pen, self.dispatch, log)
+        self.handoff.refuse = self.admission.refuse  # --max-exec
         self.intake = Intake(settings, self.admission, log, self._health_check)
         self.admission.also_held = self.intake.__len__
         self.listeners: list[Listener] = []
