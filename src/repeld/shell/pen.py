@@ -219,18 +219,21 @@ class HoldingPen:
         self._queued = queued + len(waits)
         self._compactions += 1
 
-    def _decide(self, held: Held, verdict: Verdict) -> None:
+    def _decide(self, held: Held, verdict: Verdict) -> Wait | None:
+        """Carry `verdict` out; the `Wait` it ends in, if it does (the hold goes
+        on unmuted, and only the caller knows whether its deadline is queued)."""
         while isinstance(verdict, Logged):  # written down; the hold goes on
             if not self._handle(held, verdict):
-                return
+                return None
             verdict = verdict.then
         if isinstance(verdict, Wait):
-            return
+            return verdict
         if isinstance(verdict, Mute):
             self._mute(held, verdict.deadline)
-            return
+            return None
         self._release(held)
         self._handle(held, verdict)
+        return None
 
     def _handle(self, held: Held, verdict: Verdict) -> bool:
         try:
@@ -266,14 +269,11 @@ class HoldingPen:
             data = held.sock.recv(PEEK_LIMIT, _PEEK_FLAGS)
         except BlockingIOError:
             if due:
-                verdict = hold.silence(now)
-                self._decide(held, verdict)
-                while isinstance(verdict, Logged):
-                    verdict = verdict.then
-                if isinstance(verdict, Wait) and verdict.deadline > now and self._live(held):
+                wait = self._decide(held, hold.silence(now))
+                if wait is not None and wait.deadline > now:
                     # Held beyond its delay (the lists said so, maybe only now, with
                     # a `dnsbl` event first): wait on in the heap.
-                    self._wait(held, verdict.deadline)
+                    self._wait(held, wait.deadline)
             return
         except OSError:
             self._decide(held, hold.reset(now))
