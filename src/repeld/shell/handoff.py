@@ -258,6 +258,11 @@ def pass_to_smtpd(
         ended()
 
 
+def _refuse(sock: socket.socket, conn: ConnInfo, limit: Refuse, now: float) -> None:
+    # A HandOff's refusal until the server gives it the admission's (counted).
+    reply_and_close(sock, REFUSALS[limit])
+
+
 class HandOff:
     """The hand-off phase: every passed client goes to its MTA through the relay
     pool, or to the --exec program, and is counted until its session is over.
@@ -278,9 +283,9 @@ class HandOff:
         self.active = 0
         #: --exec programs running (at most --max-exec).
         self.execs = 0
-        #: How a client past --max-exec is turned away (Admission.refuse: its
-        #: 421, counted, one overload event a second); the server sets it.
-        self.refuse: Callable[[socket.socket, ConnInfo, Refuse, float], None] | None = None
+        #: How a client past --max-exec is turned away: the server sets
+        #: Admission.refuse (its 421, counted, one overload event a second).
+        self.refuse: Callable[[socket.socket, ConnInfo, Refuse, float], None] = _refuse
         #: Set when `active` falls to 0, for whoever waits in `wait_idle`.
         self._idle: trio.Event | None = None
         #: The relays nursery: the pool's task, and a task per --exec client.
@@ -321,20 +326,16 @@ class HandOff:
         """Hand one passed client on (`check`: a balancer's health check); returns at once."""
         target = backend or self.backend
         s = self.settings
+        if target is None and self.execs >= s.max_exec and not check:
+            # A program per client, each as long as its session: one address the
+            # cache or --trusted lets through at once could start them by the
+            # hundred (tcpserver's -c, 40, bounds them the same way).
+            self.refuse(sock, conn, Refuse.MAX_EXEC, trio.current_time())
+            return
         self.active += 1
         if target is None:
             assert s.exec is not None  # settings guarantee one or the other
             assert self._nursery is not None
-            if self.execs >= s.max_exec and not check:
-                # A program per client, each as long as its session: one address
-                # the cache or --trusted lets through at once could start them
-                # by the hundred (tcpserver's -c, 40, bounds them the same way).
-                self.active -= 1
-                if self.refuse is not None:
-                    self.refuse(sock, conn, Refuse.MAX_EXEC, trio.current_time())
-                else:
-                    reply_and_close(sock, REFUSALS[Refuse.MAX_EXEC])
-                return
             self.execs += 1
             self._nursery.start_soon(self._exec, sock, conn, accepted_at, s.exec, check)
             return
