@@ -76,14 +76,21 @@ def abort(sock: socket.socket) -> None:
     sock.close()
 
 
+def _take(sock: socket.socket, nbytes: int) -> None:
+    # Read what a talker sent (only peeked so far), so that closing after a
+    # reply sends a FIN, not an RST that may reach it before the reply.
+    if nbytes:
+        try:
+            sock.recv(nbytes)
+        except OSError:
+            pass
+
+
 def cut_off(sock: socket.socket, verdict: EarlyTalk, action: str) -> None:
     """End an early talker's connection as `--on-early` says (drop or reject; a
     talker that left while observed, `log`, is dropped)."""
     if action == "reject":
-        try:  # take what the talker said so the close is a FIN, not an RST
-            sock.recv(verdict.nbytes)
-        except OSError:
-            pass
+        _take(sock, verdict.nbytes)
         reply_and_close(sock, EARLY_REJECT)
     else:
         abort(sock)
@@ -94,11 +101,7 @@ def block(sock: socket.socket, client: str, verdict: Blocked, unread: int = 0) -
     554 line naming the lists, drop resets the connection. `unread`: the bytes an
     observed talker sent (only peeked), taken first, as `cut_off` does."""
     if verdict.action is DnsAction.REJECT:
-        if unread:
-            try:  # so the close is a FIN after the 554, not an RST
-                sock.recv(unread)
-            except OSError:
-                pass
+        _take(sock, unread)
         reply_and_close(sock, reject_line(client, verdict.lists))
     elif verdict.action is DnsAction.DROP:
         abort(sock)

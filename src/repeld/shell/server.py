@@ -215,14 +215,10 @@ class Server:
         finally:
             self._close_listeners()
             # Cancelled at once, or a front task failed, the drain was skipped:
-            # whoever is still held or sending a header is told to come back
-            # (421), never just closed (an exception of a Redis look-alike's
-            # reply once ended the server and dropped every held client so).
-            for sock in self.intake.evict_all():
-                reply_and_close(sock, SHUTTING_DOWN)
-            for held in self.pen.evict_all():
-                reply_and_close(held.sock, SHUTTING_DOWN)
-                self.shutdown_held += 1
+            # whoever is still held is told to come back all the same, never just
+            # closed (an exception of a Redis look-alike's reply once ended the
+            # server and dropped every held client so). After a drain, nobody is.
+            self._send_away()
             self.intake.close()
             self.pen.close()
 
@@ -278,16 +274,21 @@ class Server:
                 task_status.started(self)
             # Drain: no new clients, held ones told to come back, relays finish.
             self._close_listeners()
-            for sock in self.intake.evict_all():
-                reply_and_close(sock, SHUTTING_DOWN)
-            for held in self.pen.evict_all():
-                self.dispatch.enforcing.evicted(held)  # --on-early enforce
-                reply_and_close(held.sock, SHUTTING_DOWN)
-                self.shutdown_held += 1
+            self._send_away()
             with trio.CancelScope(deadline=trio.current_time() + self._grace) as drain:
                 self._drain = drain
                 await self.wait_idle()
             relays.cancel_scope.cancel()
+
+    def _send_away(self) -> None:
+        # Every client still sending its header or held is told to come back
+        # (421), an enforce talker's talk written down first.
+        for sock in self.intake.evict_all():
+            reply_and_close(sock, SHUTTING_DOWN)
+        for held in self.pen.evict_all():
+            self.dispatch.enforcing.evicted(held)  # --on-early enforce
+            reply_and_close(held.sock, SHUTTING_DOWN)
+            self.shutdown_held += 1
 
     async def _accept(self, listener: Listener) -> None:
         # A wake-up's clients are one batch for the event log (their events go
