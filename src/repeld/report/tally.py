@@ -290,13 +290,21 @@ class Tally:
         if domain:
             _bump(self.sender_domains, domain)
 
+    def _folded(self, record: Record) -> bool:
+        # The verdict that ends an observed talker's connection (its pass, or a
+        # hang-up or a list's cut): the connection is judged once, as "would repel".
+        key = _conn(record)
+        if key not in self._observed:
+            return False
+        del self._observed[key]
+        self.folded += 1
+        return True
+
     def _hangup(self, record: Record) -> str:
         _bump(self.hangups, record.fields.get("how", "unknown"))
-        key = _conn(record)
-        if key in self._observed:  # an observed talker that left: judged once, as
-            del self._observed[key]  # "would repel" (with --teaser a bot that closes
-            self.folded += 1  # with the line unread resets: every time); the
-            self.folded_hangups += 1  # verdicts table still counts its event
+        # (with --teaser a bot that closes with the line unread resets: every time)
+        if self._folded(record):
+            self.folded_hangups += 1  # the verdicts table still counts its event
             return ""
         elapsed = record.number("elapsed")
         if elapsed is not None:
@@ -306,10 +314,7 @@ class Tally:
     def _pass(self, record: Record) -> str:
         reason = record.fields.get("reason", "unknown")
         _bump(self.passes, reason)
-        key = _conn(record)
-        if key in self._observed:
-            del self._observed[key]
-            self.folded += 1
+        if self._folded(record):
             return ""
         if reason in HELD_OUT:
             return "pass-other"
@@ -323,12 +328,7 @@ class Tally:
         action = record.fields.get("action", "unknown")
         _bump(self.dnsbl, action)
         # log and delay hold the client on: its connection ends in another verdict.
-        if action not in REPELLING:
-            return ""
-        key = _conn(record)
-        if key in self._observed:  # a talker observed, then cut off by the lists at
-            del self._observed[key]  # the delay's end: counted once, as "would repel"
-            self.folded += 1
+        if action not in REPELLING or self._folded(record):
             return ""
         return "dnsbl"
 
