@@ -360,54 +360,44 @@ def _parse_v2(data: bytes) -> Result:
     command = ver_cmd & 0x0F
     if command not in (_LOCAL, _PROXY):
         return ProxyError(ProxyReason.BAD_COMMAND, f"command {command}, not LOCAL or PROXY")
-    if command == _LOCAL:
-        return _local_v2(data, fam, size)
-    if fam not in _ADDRESS_SIZE:
-        return ProxyError(ProxyReason.BAD_FAMILY, f"family and protocol 0x{fam:02x}")
-    if fam not in _TCP:
-        return ProxyError(
-            ProxyReason.UNSUPPORTED_FAMILY,
-            f"family and protocol 0x{fam:02x}: only TCP over IPv4 or IPv6 is relayed",
-        )
+    # LOCAL: the balancer's own connection (a health check). proxy-protocol.txt:
+    # the receiver "must discard the protocol block including the family", so
+    # neither the family nor the block's size is checked for it; its TLVs are
+    # read (and a CRC32C checked) only where a known family says where they begin.
+    local = command == _LOCAL
+    block = _ADDRESS_SIZE.get(fam)
+    if not local:
+        if block is None:
+            return ProxyError(ProxyReason.BAD_FAMILY, f"family and protocol 0x{fam:02x}")
+        if fam not in _TCP:
+            return ProxyError(
+                ProxyReason.UNSUPPORTED_FAMILY,
+                f"family and protocol 0x{fam:02x}: only TCP over IPv4 or IPv6 is relayed",
+            )
     total = _V2_FIXED + size
     if total > V2_MAX:
         return ProxyError(ProxyReason.V2_TOO_LONG, f"a header of {total} bytes, more than {V2_MAX}")
-    if size < _ADDRESS_SIZE[fam]:
+    if block is not None and size < block and not local:
         return ProxyError(
             ProxyReason.BAD_ADDRESS,
-            f"{size} bytes of addresses, less than the {_ADDRESS_SIZE[fam]} of 0x{fam:02x}",
+            f"{size} bytes of addresses, less than the {block} of 0x{fam:02x}",
         )
     if len(data) < total:
         return NeedMore(total)
     header = data[:total]
-    tlvs = _tlvs(header, _V2_FIXED + _ADDRESS_SIZE[fam])
+    if block is None or size < block:  # LOCAL, its block discarded whole
+        return Local(version=2, length=total, tlvs=())
+    tlvs = _tlvs(header, _V2_FIXED + block)
     if isinstance(tlvs, ProxyError):
         return tlvs
+    if local:
+        return Local(version=2, length=total, tlvs=tlvs)
     family = _TCP[fam]
     width = 4 if family is ProxyFamily.TCP4 else 16
     src = _packed(header[16 : 16 + width])
     dst = _packed(header[16 + width : 16 + 2 * width])
     sport, dport = _PORTS.unpack_from(header, 16 + 2 * width)
     return Proxied(2, total, family, src, sport, dst, dport, tlvs)
-
-
-def _local_v2(data: bytes, fam: int, size: int) -> Result:
-    # LOCAL: the balancer's own connection (a health check). proxy-protocol.txt:
-    # the receiver "must discard the protocol block including the family", so
-    # neither the family nor the block's size is checked; TLVs are read (and a
-    # CRC32C checked) only where a known family says where they begin.
-    total = _V2_FIXED + size
-    if total > V2_MAX:
-        return ProxyError(ProxyReason.V2_TOO_LONG, f"a header of {total} bytes, more than {V2_MAX}")
-    if len(data) < total:
-        return NeedMore(total)
-    block = _ADDRESS_SIZE.get(fam)
-    if block is None or size < block:
-        return Local(version=2, length=total, tlvs=())
-    tlvs = _tlvs(data[:total], _V2_FIXED + block)
-    if isinstance(tlvs, ProxyError):
-        return tlvs
-    return Local(version=2, length=total, tlvs=tlvs)
 
 
 _MAPPED = bytes(10) + b"\xff\xff"
