@@ -17,8 +17,10 @@ import trio.testing
 from repeld.core.dnsbl import DnsAction, DnsPolicy, DnsScore
 from repeld.core.events import ConnInfo
 from repeld.core.hold import (
+    FLOOD_LIMIT,
     Blocked,
     EarlyTalk,
+    Enforce,
     HangUp,
     Hold,
     Logged,
@@ -324,3 +326,101 @@ async def test_a_client_that_left_before_the_good_word_is_a_hang_up() -> None:
         assert not pen.settle(held, hold.remembered_good, lambda now: True)
         assert len(verdicts) == 1 and isinstance(verdicts[0], HangUp)
         assert hold.done and len(pen) == 0
+
+
+def _lowat(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+
+
+@contextlib.contextmanager
+def one_tcp_held(
+    hold: Hold,
+) -> Iterator[tuple[HoldingPen, list[tuple[Verdict, int]], Held, socket.socket]]:
+    """A pen (not yet running) holding one client of a real loopback TCP connection:
+    the pen, each verdict with the socket's low-water mark as it was carried out,
+    the held client and the client's own end. A final verdict closes the socket,
+    except a pass, whose socket the test reads."""
+    verdicts: list[tuple[Verdict, int]] = []
+
+    def on_verdict(held: Held, verdict: Verdict) -> None:
+        verdicts.append((verdict, _lowat(held.sock)))
+        if not isinstance(verdict, (Logged, Pass)):
+            held.sock.close()
+
+    pen = HoldingPen(on_verdict, lambda *_: None)
+    listener = socket.create_server(("127.0.0.1", 0))
+    ours, client = _tcp_pair(listener)
+    try:
+        ours.setblocking(False)
+        held = Held(ours, ConnInfo("192.0.2.1", 1000, "127.0.0.1", 25), hold)
+        pen.add(held)
+        yield pen, verdicts, held, client
+    finally:
+        pen.close()
+        for sock in (ours, client, listener):
+            sock.close()
+
+
+@pytest.mark.parametrize("mode", ["observe", "cache_pending", "enforce"])
+async def test_a_muted_talker_that_floods_is_decided_at_once(
+    autojump_clock: trio.testing.MockClock, mode: str
+) -> None:
+    # Muted, a talker's further bytes are not watched one by one; reaching
+    # FLOOD_LIMIT unread, they end its hold then, not at its deadline, so that
+    # they never sit in the kernel for the whole delay. The pen's socket is
+    # given back with its low-water mark at 1.
+    hold = Hold(
+        trio.current_time(),
+        3600.0,
+        cache_pending=mode == "cache_pending",
+        observe=mode == "observe",
+        enforce=mode == "enforce",
+    )
+    with one_tcp_held(hold) as (pen, verdicts, held, client):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pen.run)
+            client.send(b"EHLO x\r\n")
+            await trio.sleep(0.01)
+            assert pen.statistics().muted == 1 and not hold.done
+            assert _lowat(held.sock) == FLOOD_LIMIT
+            client.sendall(b"x" * (FLOOD_LIMIT // 2))
+            await trio.sleep(0.01)
+            assert not hold.done, verdicts  # below the limit: still muted
+            client.sendall(b"x" * (FLOOD_LIMIT // 2))
+            await trio.sleep(0.01)
+            assert hold.done and len(pen) == 0 and pen.statistics().muted == 0
+            verdict, lowat = verdicts[-1]
+            talk = verdict.talk if isinstance(verdict, Enforce) else verdict
+            assert isinstance(talk, EarlyTalk), verdicts
+            assert talk.nbytes >= FLOOD_LIMIT and talk.first.startswith(b"EHLO x\r\n")
+            assert lowat == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_observed_talker_below_the_limit_is_passed_with_every_byte(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Talk, more talk short of the limit, a half-close: the hold goes on to its
+    # deadline (the end of file is not taken for a flood), and the pass finds
+    # the bytes unread and the mark back at 1, so the MTA reads them as they come.
+    hold = Hold(trio.current_time(), 5.0, observe=True)
+    sent = b"EHLO x\r\n" + b"NOOP\r\n" * 2000
+    with one_tcp_held(hold) as (pen, verdicts, held, client):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pen.run)
+            client.send(sent[:8])
+            await trio.sleep(0.01)
+            client.sendall(sent[8:])
+            client.shutdown(socket.SHUT_WR)
+            await trio.sleep(1)
+            assert [type(v) for v, _ in verdicts] == [Logged] and not hold.done
+            await trio.sleep(5)
+            assert hold.done
+            verdict, lowat = verdicts[-1]
+            assert isinstance(verdict, Pass) and lowat == 1
+            nursery.cancel_scope.cancel()
+        held.sock.setblocking(True)
+        got = b""
+        while chunk := held.sock.recv(65536):
+            got += chunk
+        assert got == sent

@@ -31,6 +31,8 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
+from repeld.core.hold import FLOOD_LIMIT
+
 from ..postfix_fixture import POSTFIX, _main_cf, is_listening, postfix_instance
 from ..procs import Daemon as Repeld
 from ..procs import SyslogUDP, free_port, wait_for
@@ -452,6 +454,52 @@ def test_early_talker_over_a_raw_socket_json(syslog: SyslogUDP, action: str) -> 
         assert raw.startswith(b"<20>")  # mail.warning
         assert b" repeld[" in raw and b"]: @cee:{" in raw
         assert backend.handler.deliveries == []
+
+
+def test_an_observed_talker_is_cut_off_when_it_floods(syslog: SyslogUDP) -> None:
+    # --on-early log cuts nobody off for talking, but a talker with FLOOD_LIMIT
+    # bytes unread is cut off at once, written as a drop, so that its bytes do
+    # not sit in the kernel for the whole delay; one that talks less is held to
+    # the end and reaches the MTA, which reads its bytes as they come.
+    delay = 5.0
+    with aiosmtpd_backend(proxy=False) as backend, running_repeld(
+        "--listen", "127.0.0.1:0",
+        "--backend", backend.spec,
+        "--delay", str(delay),
+        "--on-early", "log",
+        "--syslog", syslog.target,
+        "--log-format", "json",
+    ) as rd:  # fmt: skip
+        with socket.create_connection(rd.address, timeout=TIMEOUT) as talker, \
+                socket.create_connection(rd.address, timeout=TIMEOUT) as bot:  # fmt: skip
+            talker.sendall(b"EHLO talker.example\r\n")
+            bot.sendall(b"EHLO bot.example\r\n")
+            logged = syslog.wait_for("early-talker", count=2)
+            assert {ev.fields["action"] for ev in logged} == {"log"}
+            started = time.monotonic()
+            bot.sendall(b"x" * FLOOD_LIMIT)
+            data, how = read_until_closed(bot)
+            assert (data, how) == (b"", "reset")
+            assert time.monotonic() - started < delay  # not held to the end
+            bot_port = bot.getsockname()[1]
+            cut = syslog.wait_for("early-talker", count=3)[-1]
+            assert cut.fields["action"] == "drop"
+            assert int(cut.fields["client_port"]) == bot_port
+            assert int(cut.fields["bytes"]) >= FLOOD_LIMIT
+            assert cut.fields["first"] == "EHLO bot.example\\r\\n"
+            talker.sendall(b"NOOP\r\n" * 1000)  # short of the limit
+            talker.settimeout(TIMEOUT)
+            reply = b""
+            while reply.count(b"\r\n250 ") < 1001:
+                chunk = talker.recv(65536)
+                assert chunk, reply[-200:]
+                reply += chunk
+            assert reply.startswith(b"220 ")
+            assert reply.count(b"\r\n250 ") == 1001  # EHLO's last line, each NOOP
+            talker.sendall(b"QUIT\r\n")
+        (passed,) = syslog.wait_for("pass")
+        assert passed.fields["reason"] == "delay"
+        assert float(passed.fields["elapsed"]) >= delay
 
 
 @pytest.mark.skipif(not HAVE_IPV6, reason="no IPv6 loopback")

@@ -7,6 +7,7 @@ import pytest
 from repeld.core.hold import (
     CACHE_WAIT,
     FIRST_BYTES_LIMIT,
+    FLOOD_LIMIT,
     PEEK_LIMIT,
     EarlyTalk,
     Enforce,
@@ -56,6 +57,8 @@ def feed(hold: Hold, what: str, data: bytes, at: float) -> Verdict:
         return hold.eof(now)
     if what == "reset":
         return hold.reset(now)
+    if what == "flood":  # a muted talker's unread bytes reached the limit
+        return hold.flood(FLOOD_LIMIT, now)
     if what == "good":
         return hold.remembered_good(now)
     if what == "bad":
@@ -81,6 +84,8 @@ def test_decision_table(
 
 EHLO = b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n"
 TALK = EarlyTalk(len(EHLO), EHLO, 0.25)
+#: The talk of a muted talker whose unread bytes reached FLOOD_LIMIT.
+FLOODED = EarlyTalk(FLOOD_LIMIT, EHLO, 0.25)
 W = T0 + 0.25 + CACHE_WAIT  # the cache answer counts until then
 D = T0 + 25.0
 
@@ -143,6 +148,20 @@ CACHE_CASES: list[tuple[str, bool, bool, list[tuple[str, bytes, float]], list[Ve
         [Mute(W), Mute(W), TALK],
     ),
     (
+        "a talker that floods while the cache is awaited: cut off, no answer waited for",
+        True,
+        False,
+        [("data", EHLO, 0.25), ("flood", b"", 0.3125)],
+        [Mute(W), FLOODED],
+    ),
+    (
+        "a talker that half-closes and floods meanwhile: cut off",
+        True,
+        False,
+        [("data", EHLO, 0.25), ("eof", b"", 0.3125), ("flood", b"", 0.375)],
+        [Mute(W), Mute(W), FLOODED],
+    ),
+    (
         "silent client, cache unknown: held as usual",
         True,
         False,
@@ -176,6 +195,27 @@ CACHE_CASES: list[tuple[str, bool, bool, list[tuple[str, bytes, float]], list[Ve
         True,
         [("data", EHLO, 0.25), ("eof", b"", 3.0), ("due", b"", 25.0)],
         [Logged(TALK, Mute(D)), Mute(D), Pass(PassReason.DELAY, 25.0, len(EHLO))],
+    ),
+    (
+        "observe: a talker that floods is cut off all the same (logged first)",
+        False,
+        True,
+        [("data", EHLO, 0.25), ("flood", b"", 3.0)],
+        [Logged(TALK, Mute(D)), FLOODED],
+    ),
+    (
+        "observe: a flood while the cache is awaited: cut off, written once",
+        True,
+        True,
+        [("data", EHLO, 0.25), ("flood", b"", 0.375)],
+        [Mute(W), FLOODED],
+    ),
+    (
+        "observe: a remembered talker that talks again, then floods: cut off",
+        True,
+        True,
+        [("data", EHLO, 0.25), ("bad", b"", 0.375), ("flood", b"", 3.0)],
+        [Mute(W), Logged(TALK, Mute(D)), FLOODED],
     ),
     (
         "observe: a talker that resets while the cache is awaited: logged, a hang-up",
@@ -303,6 +343,18 @@ ENFORCE_CASES: list[tuple[str, bool, list[tuple[str, bytes, float]], list[Verdic
         [Mute(T0 + 24.875 + CACHE_WAIT), Enforce(EarlyTalk(len(EHLO), EHLO, 24.875), 25.375)],
     ),
     (
+        "a talker that floods is greeted at once, not held to the end",
+        False,
+        [("data", EHLO, 0.25), ("flood", b"", 3.0)],
+        [Mute(D), Enforce(FLOODED, 3.0)],
+    ),
+    (
+        "a flood while the cache is awaited: greeted at once",
+        True,
+        [("data", EHLO, 0.25), ("flood", b"", 0.375)],
+        [Mute(W), Enforce(FLOODED, 0.375)],
+    ),
+    (
         "a silent client remembered as a talker: cut off unheard, as with drop",
         True,
         [("bad", b"", 0.0625)],
@@ -421,3 +473,48 @@ def test_escape_cuts_at_the_limit_without_splitting_an_escape() -> None:
     cut = escape_bytes(b"x" * 98 + b"\xff\xff")
     assert cut == "x" * 98  # "\xff" would need 4 more characters
     assert all(len(escape_bytes(bytes([b]) * 200)) <= FIRST_BYTES_LIMIT for b in range(256))
+
+
+@pytest.mark.parametrize(
+    ("mode", "pending", "expected"),
+    [
+        ("drop", False, EarlyTalk(FLOOD_LIMIT, EHLO, 0.25)),
+        ("drop", True, EarlyTalk(FLOOD_LIMIT, EHLO, 0.25)),
+        ("observe", False, EarlyTalk(FLOOD_LIMIT, EHLO, 0.25)),
+        ("observe", True, EarlyTalk(FLOOD_LIMIT, EHLO, 0.25)),
+        ("enforce", False, Enforce(EarlyTalk(FLOOD_LIMIT, EHLO, 0.25), 0.25)),
+    ],
+)
+def test_a_talk_that_comes_as_a_flood_ends_the_hold_at_once(
+    mode: str, pending: bool, expected: Verdict
+) -> None:
+    # FLOOD_LIMIT bytes unread at the first look: never muted, whatever the mode
+    # or the cache (an observed one is written down once, by the cut).
+    def hold(pending: bool) -> Hold:
+        return Hold(
+            T0, 25.0, cache_pending=pending, observe=mode == "observe", enforce=mode == "enforce"
+        )
+
+    flooded = hold(pending)
+    assert flooded.data(EHLO, T0 + 0.25, FLOOD_LIMIT) == expected
+    assert flooded.done
+    below = hold(True)
+    assert below.data(EHLO, T0 + 0.25, FLOOD_LIMIT - 1) == Mute(W)  # one byte less: muted
+
+
+def test_flood_is_for_a_muted_talker_only() -> None:
+    silent = Hold(T0, 25.0, cache_pending=True)
+    with pytest.raises(LocalProtocolError):
+        silent.flood(FLOOD_LIMIT, T0 + 1)
+    cut = Hold(T0, 25.0)
+    cut.data(EHLO, T0 + 1)
+    with pytest.raises(LocalProtocolError):
+        cut.flood(FLOOD_LIMIT, T0 + 2)
+
+
+def test_a_flood_counts_what_the_buffer_holds_not_less_than_the_talk() -> None:
+    # On Linux the pen also reports a buffer filled below the limit (many small
+    # segments): the talk's count never goes down.
+    hold = Hold(T0, 25.0, observe=True)
+    hold.data(EHLO, T0 + 0.25, 5000)
+    assert hold.flood(4000, T0 + 1) == EarlyTalk(5000, EHLO, 0.25)

@@ -173,6 +173,20 @@ def test_an_observed_talker_that_hangs_up_is_counted_once() -> None:
     assert tally.folded == 1 and tally.hangups == {"reset": 1, "close": 1}
 
 
+def test_an_observed_talker_cut_off_for_its_flood_is_counted_once() -> None:
+    # --on-early log, then FLOOD_LIMIT bytes unread (core/hold.py): the talk was
+    # logged, then the cut written as a drop; one connection, "would repel".
+    flood = EarlyTalk(20000, b"EHLO", 2.0)
+    tally = _tally(
+        events.early_talker(_conn(port=1), EarlyTalk(4, b"EHLO", 2.0), "log"),
+        events.early_talker(_conn(port=1), flood, "drop"),
+        events.early_talker(_conn(port=2), flood, "drop"),  # cut at once: never logged
+    )
+    assert (tally.repelled, tally.would_repel, tally.judged) == (1, 1, 2)
+    assert tally.folded == 1 and tally.early == {"log": 1, "drop": 2}
+    assert sum(n for _, n in tally.networks.most_common(5)) == 2
+
+
 def test_held_out_clients_are_not_in_the_share() -> None:
     tally = _tally(
         events.passed(_conn(), Pass(PassReason.TRUSTED, 0.0)),

@@ -24,6 +24,8 @@ end of the delay):
     HOLDING   data                   -> EarlyTalk                       DONE
     HOLDING   data, cache pending    -> Mute(W)                         TALKED
     HOLDING   data, observe          -> Logged(T, Mute(D))              OBSERVING
+    HOLDING   data, FLOOD_LIMIT bytes or more
+                                     -> T (enforce: Enforce(T))          DONE
     HOLDING   eof / reset            -> HangUp                          DONE
     HOLDING   silence, early         -> Wait(D)                         HOLDING
     HOLDING   silence, due           -> Pass("delay")                   DONE
@@ -48,6 +50,8 @@ end of the delay):
                                         Logged(Blocked, Mute(B)))
     OBSERVING eof (half-close)       -> Mute(D)                         OBSERVING
     OBSERVING reset                  -> HangUp                          DONE
+    TALKED, OBSERVING flood          -> T, its bytes counted            DONE
+                           enforce   -> Enforce(T) at once              DONE
     HOLDING   dns: allow             -> Pass("dnswl")                   DONE
     HOLDING   dns: block, drop/reject-> Blocked                         DONE
     HOLDING   dns: block, log        -> Logged(Blocked, Wait(D))        HOLDING
@@ -104,6 +108,15 @@ In observe mode a talker that the cache is bad about is written down as a
 talk (observe never cuts anyone off); while a TALKED hold waits in observe
 mode, an answer of bad is the same as unknown.
 
+A muted talker's further bytes are not watched one by one, but the shell says
+when its unread bytes reach FLOOD_LIMIT or fill its socket's buffer (`flood()`;
+`data()` when they came in that number at once), and then the talk ends the
+hold at once, in every mode: under drop and reject it is cut off as any talker
+(the cache's answer is not waited for); with --on-early log, which cuts nobody
+off for talking, it is cut off too, written down as a drop, since observing it
+to the end would keep its bytes in the kernel for the whole delay; with
+--on-early enforce it is greeted at once, and its dialogue reads what it sent.
+
 The teaser (`opening()`, `opened()`) is the first line of a multi-line
 greeting, `220-TEXT`: postscreen's pregreet test sends it too, so that a bot
 that talks on seeing any line talks early. The MTA's greeting (one line or
@@ -155,7 +168,7 @@ may not have been served yet in that turn of its loop.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from repeld.core.dnsbl import DnsAction, DnsPolicy, DnsScore, Judgement
 from repeld.core.names import PassReason
@@ -163,6 +176,7 @@ from repeld.core.names import PassReason
 __all__ = [
     "CACHE_WAIT",
     "FIRST_BYTES_LIMIT",
+    "FLOOD_LIMIT",
     "PEEK_LIMIT",
     "Blocked",
     "CacheVerdict",
@@ -184,6 +198,13 @@ __all__ = [
 
 #: The most a peek asks of the kernel: enough to show what a bot said.
 PEEK_LIMIT = 1024
+#: The most a talker may have unread before its greeting while it waits (muted)
+#: for a verdict: past it the talk ends its hold at once, whatever --on-early
+#: says (`flood`). No mail client sends that much unasked (a PIPECONNECT Exim
+#: sends one EHLO line; 16 KiB is some 400 pipelined RCPT lines), and the bytes
+#: would sit in the kernel's memory for the whole delay: with the default
+#: tcp_rmem, up to 128 KiB per talker against the 0.66 KiB of a silent client.
+FLOOD_LIMIT = 16384
 #: The escaped rendering of a talker's first bytes is cut at this many characters
 #: (postscreen's PREGREET log line does the same).
 FIRST_BYTES_LIMIT = 100
@@ -519,6 +540,8 @@ class Hold:
         nbytes = max(len(peeked), total or 0)
         talk = EarlyTalk(nbytes, bytes(peeked[:PEEK_LIMIT]), self._elapsed(now), self.teased)
         self._talk = talk
+        if nbytes >= FLOOD_LIMIT:
+            return self._flooded(now)
         if self._pending or self._good:  # the cache's answer, or the lists', decides
             self._state = _TALKED
             return self._holding_on()
@@ -529,6 +552,25 @@ class Hold:
             self._state = _OBSERVING
             return self._observed(now)
         self._state = _DONE
+        return talk
+
+    def flood(self, total: int, now: float) -> Verdict:
+        """A muted talker's unread bytes reached FLOOD_LIMIT (`total` in all), or
+        filled its socket's buffer: the talk ends the hold now, in every mode."""
+        self._check()
+        talk = self._talk
+        if self._state == _HOLDING or talk is None:
+            raise LocalProtocolError("flood() for a hold that was not muted")
+        self._talk = replace(talk, nbytes=max(talk.nbytes, total))
+        return self._flooded(now)
+
+    def _flooded(self, now: float) -> Verdict:
+        # A talker with too much unread: cut off (enforce: greeted) at once.
+        talk = self._talk
+        assert talk is not None
+        self._state = _DONE
+        if self.enforce:
+            return Enforce(talk, self._elapsed(now))
         return talk
 
     def _left(self, now: float, reset: bool) -> Verdict:

@@ -11,7 +11,8 @@ mode the early talker's connection also ends in a `pass`; that pass is matched
 to its early-talker event by client address and port and the connection
 counted once, as "would repel" (so is a hang-up or a `dnsbl` drop or reject
 that ends it instead, the lists judging an observed talker at the end of its
-delay). A `proxy-error` is the load balancer's PROXY header gone wrong, not a
+delay, or the drop of an observed talker that sent too much: core/hold.py's
+FLOOD_LIMIT). A `proxy-error` is the load balancer's PROXY header gone wrong, not a
 verdict on a client: its own row too. Events the report does not break down
 are counted by name.
 
@@ -210,6 +211,9 @@ class Tally:
     folded: int = 0
     #: Hang-ups of observed talkers, in `hangups` but not in `repelled`.
     folded_hangups: int = 0
+    #: Observed talkers cut off for a flood (more than the core's FLOOD_LIMIT
+    #: unread), in `early` but not in `repelled`.
+    folded_early: int = 0
     #: Whole seconds waited, counted: hang-ups, early talkers cut off, early talkers only
     #: logged; passes for `delay` (by the second they were patient up to, 1 ms of slack
     #: absorbing the rounding of `elapsed`, and by the delay they waited, rounded).
@@ -265,6 +269,12 @@ class Tally:
     def _early(self, record: Record) -> str:
         action = record.fields.get("action", "unknown")
         _bump(self.early, action)
+        if action in REPELLING and self._folded(record):
+            # Its talk was logged, then it was cut off for its flood: the
+            # connection is counted once, as "would repel" (the events table
+            # still counts this event).
+            self.folded_early += 1
+            return ""
         self.networks.add(network_of(record.fields.get("client", "?")))
         elapsed = record.number("elapsed")
         if action == "log":
@@ -357,7 +367,8 @@ class Tally:
     def repelled(self) -> int:
         """Early talkers cut off and hang-ups: connections the delay turned away."""
         hangups = sum(self.hangups.values()) - self.folded_hangups
-        return sum(self.early[a] for a in REPELLING) + hangups
+        cut = sum(self.early[a] for a in REPELLING) - self.folded_early
+        return cut + hangups
 
     @property
     def would_repel(self) -> int:

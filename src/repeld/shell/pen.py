@@ -24,9 +24,14 @@ in the heap below, so it never holds up the clients queued behind it.
 
 A talker whose verdict waits (for the pass cache, or to the end of the delay
 in observe mode) is muted: its bytes are in, so the level-triggered set must
-stop reporting them or the pen would spin. It is watched for leaving only
-(EPOLLRDHUP; on kqueue it leaves the set) and its deadline goes in a small
-heap, as only talkers are ever in it.
+stop reporting them or the pen would spin. Its socket's low-water mark
+(SO_RCVLOWAT) goes up to the core's FLOOD_LIMIT, so it is reported again only
+when it leaves (EPOLLRDHUP, an error; EV_EOF on kqueue) or when that many bytes
+wait unread (or, on Linux, when they fill its buffer): then the hold hears of
+the flood (`Hold.flood`) and the bytes are not kept for the whole delay. The
+mark goes back to 1 as the talker leaves the pen, before the MTA or repeld's
+own dialogue reads from it. Its deadline goes in a small heap, as only
+talkers are ever in it.
 
 An entry stays in its queue after its connection is decided (a hang-up, an
 early talker, a cache answer) and is skipped at its deadline; so that a client
@@ -53,7 +58,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from repeld.core.events import ConnInfo
-from repeld.core.hold import PEEK_LIMIT, Hold, Logged, Mute, Verdict, Wait
+from repeld.core.hold import FLOOD_LIMIT, PEEK_LIMIT, Hold, Logged, Mute, Verdict, Wait
 from repeld.shell.poller import ERROR_READY, HUP, IN, Poller, watch
 
 if TYPE_CHECKING:
@@ -65,6 +70,10 @@ _PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 _BATCH = 512
 #: Dead queue entries tolerated beyond the held count before a compaction.
 _SLACK = 64
+#: What a muted talker is watched for: its leaving, and its bytes reaching the
+#: low-water mark (FLOOD_LIMIT). On kqueue, where HUP is 0, the read filter
+#: reports both (EV_EOF, or that many bytes).
+_MUTED = IN | HUP
 
 
 class Held:
@@ -83,6 +92,14 @@ class Held:
         self.conn = conn
         self.hold = hold
         self.backend = backend
+
+
+def _set_lowat(sock: socket.socket, nbytes: int) -> None:
+    # Readable only once `nbytes` wait (or at end of file, or in error).
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
+    except OSError:  # gone already: its leaving is reported all the same
+        pass
 
 
 def _pending(sock: socket.socket) -> int:
@@ -189,8 +206,9 @@ class HoldingPen:
                 self._muted.discard(fd)
                 if fd in self._deaf:
                     self._deaf.discard(fd)
-                elif HUP:
-                    self._poller.update(fd, HUP, 0)
+                else:
+                    self._poller.update(fd, _MUTED, 0)
+                _set_lowat(held.sock, 1)  # as it came: the MTA reads every byte
             else:
                 self._poller.update(fd, IN, 0)
             client = held.conn.client
@@ -246,11 +264,13 @@ class HoldingPen:
         return True
 
     def _mute(self, held: Held, deadline: float) -> None:
-        # Its bytes are in: watch only for its leaving, and wake at `deadline`.
+        # Its bytes are in: watch for its leaving or a flood, and wake at `deadline`.
         fd = held.sock.fileno()
         if fd not in self._muted:
             self._muted.add(fd)
-            self._poller.update(fd, IN, HUP)
+            _set_lowat(held.sock, FLOOD_LIMIT)
+            if HUP:
+                self._poller.update(fd, IN, _MUTED)
         if deadline != held.hold.deadline:  # the delay's own is queued already
             self._wait(held, deadline)
 
@@ -327,18 +347,28 @@ class HoldingPen:
             held = self._held.get(fd)
             if held is None:
                 continue
-            if fd in self._muted:  # a muted talker only shows up when it leaves
-                hold = held.hold
-                verdict = hold.reset(now) if ev & ERROR_READY else hold.eof(now)
-                if isinstance(verdict, Mute) and fd not in self._deaf:
-                    # Half-closed after talking (an Exim that pipelined QUIT does):
-                    # it still waits for replies, so only its deadline can decide.
-                    self._deaf.add(fd)
-                    self._poller.update(fd, HUP, 0)
-                self._decide(held, verdict)
+            if fd in self._muted:  # a muted talker shows up when it leaves or floods
+                self._decide(held, self._muted_ready(held, ev, now))
             else:
                 self._peek(held, now, due=False)
         return len(ready)
+
+    def _muted_ready(self, held: Held, ev: int, now: float) -> Verdict:
+        hold = held.hold
+        if ev & ERROR_READY:
+            return hold.reset(now)
+        total = _pending(held.sock)
+        if total >= FLOOD_LIMIT or (HUP and not ev & HUP):
+            # That many bytes wait, or (Linux, readable below the mark, no end of
+            # file) the kernel found its buffer full of them.
+            return hold.flood(total, now)
+        verdict = hold.eof(now)
+        if isinstance(verdict, Mute):
+            # Half-closed after talking (an Exim that pipelined QUIT does): it
+            # still waits for replies, so only its deadline can decide.
+            self._deaf.add(held.sock.fileno())
+            self._poller.update(held.sock.fileno(), _MUTED, 0)
+        return verdict
 
     def evict_all(self) -> list[Held]:
         """Stop watching every held connection and give them to the caller (shutdown)."""
