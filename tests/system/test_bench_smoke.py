@@ -332,6 +332,27 @@ def test_bench_report_small_run_prints_the_table() -> None:
     assert "repeld report: 2500 events in 3000 lines (500 lines skipped" in proc.stdout
 
 
+def test_talker_memory_small_run_prints_the_table(tmp_path: Path) -> None:
+    # 50 observed talkers, 64 KiB each after their EHLO: the table's every row,
+    # and what the run saw (each talk logged, each talker then cut for its flood).
+    out = tmp_path / "talkers.json"
+    argv = [str(ROOT / "bench" / "talker-memory"), "--n", "50", "--settle", "0.5"]
+    proc = subprocess.run(
+        [sys.executable, *argv, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "talker-memory: 50 talkers, --on-early log, 65536 bytes each" in proc.stdout
+    for row in ("still held", "unread KiB (server)", "skmem r KiB/talker", "system TCP mem KiB"):
+        assert f"| {row} | " in proc.stdout, proc.stdout
+    run = json.loads(out.read_text())["runs"]["repeld"]
+    assert (run["logged"], run["cut (events)"], run["still held"]) == (50, 50, 0)
+
+
 BENCH_RELAY = ROOT / "bench" / "bench-relay"
 
 
