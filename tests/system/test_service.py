@@ -420,6 +420,83 @@ def test_a_refused_reload_reaches_stderr_and_systemd(
     assert ":2: delay: invalid value '0'" in lines[0]
 
 
+@needs_root
+def test_a_reload_the_workers_refuse_is_reported_to_systemd_as_refused(
+    syslog: SyslogUDP, backend: LineBackend, tmp_path: Path
+) -> None:
+    # The parent (root) reads a trusted file of mode 0600 and finds the new
+    # configuration good; its workers, dropped to nobody, cannot read it and keep
+    # the old one. systemd must hear "refused", not "reloaded".
+    notify, env = _notify_socket(tmp_path, passcred=True)
+    home = Path(tempfile.mkdtemp(prefix="repeld-reload-"))
+    try:
+        home.chmod(0o755)
+        trusted = home / "trusted"
+        trusted.write_text("192.0.2.0/24\n")
+        config = home / "repeld.toml"
+        config.write_text(f'backend = "{backend.address}"\ndelay = 20\n')
+        config.chmod(0o644)
+        argv = [sys.executable, "-m", "repeld", "-c", str(config), "--no-cache"]
+        argv += ["--user", "nobody", "-l", f"127.0.0.1:{free_port()}", "-w", "2"]
+        argv += ["--syslog", syslog.target]
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            assert _from_main(notify, proc.pid).startswith("READY=1\nSTATUS=2 workers")
+            syslog.wait_for("start", 3)  # the parent's and both workers'
+            trusted.chmod(0o600)
+            config.write_text(f'{config.read_text()}trusted-file = "{trusted}"\n')
+            proc.send_signal(signal.SIGHUP)
+            assert _from_main(notify, proc.pid).startswith("RELOADING=1\n")
+            refused = _from_main(notify, proc.pid)
+            assert refused.startswith(
+                "READY=1\nSTATUS=reload refused, old configuration kept (2 of 2 workers): "
+            ), refused
+            assert "--trusted-file" in refused and "Permission denied" in refused
+            errors = syslog.wait_for("config-error", 2)
+            assert len({e.procid for e in errors}) == 2  # each worker wrote its own
+            trusted.chmod(0o644)  # readable by the service user: the same file now serves
+            proc.send_signal(signal.SIGHUP)
+            assert _from_main(notify, proc.pid).startswith("RELOADING=1\n")
+            assert _from_main(notify, proc.pid) == (
+                "READY=1\nSTATUS=2 workers; configuration reloaded"
+            )
+            assert len(syslog.wait_for("reload", 2)) == 2
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            assert proc.stderr is not None
+            err = proc.stderr.read().decode()
+            proc.stderr.close()
+        assert "Traceback" not in err, err
+    finally:
+        shutil.rmtree(home)
+        notify.close()
+
+
+def test_reload_status_says_what_the_workers_did() -> None:
+    from repeld.process.workers import _reload_status
+
+    assert _reload_status(2, 2, [], 0) == "2 workers; configuration reloaded"
+    assert _reload_status(2, 1, [], 1) == (
+        "2 workers; configuration reloaded (1 did not answer within 10 s)"
+    )
+    assert _reload_status(2, 1, ["x: cannot read"], 0) == (
+        "reload refused by 1 of 2 workers, 1 reloaded: x: cannot read"
+    )
+    assert _reload_status(3, 0, ["a", "b"], 1) == (
+        "reload refused, old configuration kept (2 of 3 workers): a"
+    )
+
+
 def test_workers_stop_on_a_sigterm_that_comes_before_they_are_up(tmp_path: Path) -> None:
     # systemctl start then stop at once: the parent has said READY=1 and its workers are
     # still being spawned. Each must still get the SIGTERM, and the parent exit.

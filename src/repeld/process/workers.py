@@ -15,7 +15,10 @@ Spawning (fork+exec) rather than forking keeps trio's state out of the
 children and lets a crashed worker be replaced at any time.
 
 Signals are fanned out: SIGHUP is checked by the parent first (a bad file is
-refused once, with one `config-error`, and never reaches the workers), SIGTERM
+refused once, with one `config-error`, and never reaches the workers), then
+each worker reloads and tells the parent how that went over its pipe, and only
+then does the parent tell systemd: a worker, which reads the files as the user
+it dropped to, may refuse what the parent (root) could read. SIGTERM
 and SIGINT are forwarded and the parent exits once every worker has drained,
 SIGUSR1/SIGINFO ask each worker for its counters over a pipe and the parent
 writes one `stats` event with the sums. With --metrics the parent alone serves
@@ -72,6 +75,7 @@ __all__ = [
     "announce_ready",
     "inherited_sockets",
     "outside_view",
+    "report_reload",
     "send_statistics",
     "supervise",
     "watch_parent",
@@ -88,6 +92,9 @@ RESTART_DELAY_MAX = 30.0
 STABLE_AFTER = 10.0
 #: How long the parent waits for every worker's counters.
 STATS_WAIT = 1.0
+#: How long the parent waits for every worker to say how its reload went (a
+#: worker resolves the backend's name again, which may take a resolver's time).
+RELOAD_WAIT = 10.0
 
 
 def inherited_sockets(env: dict[str, str] | None = None) -> list[tuple[socket.socket, str]]:
@@ -123,6 +130,12 @@ def send_statistics(stats: dict[str, int], metrics: Snapshot | None = None) -> b
     if metrics is None:
         return _tell_parent(dict(stats))
     return _tell_parent({**stats, "metrics": metrics})
+
+
+def report_reload(refused: str | None) -> bool:
+    """In a worker: tell the parent how a SIGHUP went (`refused`: why it was
+    refused, None if the new configuration serves); False when not a worker."""
+    return _tell_parent({"reload": refused or ""})
 
 
 def outside_view(settings: Settings) -> Outside:
@@ -188,6 +201,9 @@ class Supervisor:
         self.ready: set[int] = set()
         self._lifelines: dict[int, int] = {}
         self._stats_arrived = trio.Event()
+        #: This reload's answers by pid: "" (reloaded) or why the worker refused.
+        self._reloads: dict[int, str] = {}
+        self._reload_arrived = trio.Event()
 
     def _sockets_for(self, index: int) -> list[tuple[socket.socket, Listen]]:
         return self.sockets[index % len(self.sockets)]
@@ -234,6 +250,10 @@ class Supervisor:
                         if data.get("ready"):
                             self.ready.add(pid)
                             continue
+                        if "reload" in data:
+                            self._reloads[pid] = str(data["reload"])
+                            self._reload_arrived.set()
+                            continue
                         metrics = data.pop("metrics", None)
                         if isinstance(metrics, dict):
                             self.tally.update(pid, metrics)
@@ -259,6 +279,7 @@ class Supervisor:
                 status = await proc.wait()
                 nursery.cancel_scope.cancel()
             del self.procs[index]
+            self._reload_arrived.set()  # a reload waits for it no more
             os.close(self._lifelines.pop(index))
             self.ready.discard(proc.pid)
             self.tally.retire(proc.pid)  # its counters stay in the sum
@@ -286,6 +307,25 @@ class Supervisor:
                 proc.send_signal(signum)
             except OSError:
                 pass
+
+    async def reload_workers(self) -> tuple[int, list[str], int]:
+        """SIGHUP every ready worker and wait, RELOAD_WAIT at most, for each to say
+        how its reload went: (how many reloaded, why the others refused, how many
+        did not answer). A worker that dies meanwhile is not waited for."""
+        self._reloads = {}
+        expected = {proc.pid for proc in self.procs.values()} & self.ready
+        self.signal_workers(signal.SIGHUP)
+        with trio.move_on_after(RELOAD_WAIT):
+            while True:
+                live = expected & {proc.pid for proc in self.procs.values()}
+                if live <= self._reloads.keys():
+                    break
+                self._reload_arrived = trio.Event()
+                await self._reload_arrived.wait()
+        answers = [self._reloads[pid] for pid in expected if pid in self._reloads]
+        refused = [reason for reason in answers if reason]
+        live = expected & {proc.pid for proc in self.procs.values()}
+        return len(answers) - len(refused), refused, len(live - self._reloads.keys())
 
     async def _ask_workers(self) -> dict[int, dict[str, int]]:
         """The counters of every ready worker that answered, by pid.
@@ -335,6 +375,20 @@ class Supervisor:
         self.log.emit(events.stats(totals, trio.current_time() - started))
 
 
+def _reload_status(workers: int, reloaded: int, refused: list[str], silent: int) -> str:
+    # What systemd is told when the workers have answered (each worker that
+    # refused wrote its own `config-error`, and the reason to the journal).
+    if refused:
+        asked = f"{len(refused)} of {reloaded + len(refused) + silent} workers"
+        if not reloaded:
+            return f"{sdnotify.REFUSED} ({asked}): {refused[0]}"
+        return f"reload refused by {asked}, {reloaded} reloaded: {refused[0]}"
+    status = f"{workers} workers; configuration reloaded"
+    if silent:
+        status += f" ({silent} did not answer within {RELOAD_WAIT:g} s)"
+    return status
+
+
 async def _handle_signals(
     sup: Supervisor,
     signals: AsyncIterator[int],
@@ -354,10 +408,11 @@ async def _handle_signals(
                     print(f"repeld: {sdnotify.REFUSED}: {reason}", file=sys.stderr, flush=True)
                 sdnotify.reload_refused(reason)
             else:
-                sup.log.reconfigure(settings)
-                watch.reconfigure(settings)  # the periodic backend check
-                sup.signal_workers(signal.SIGHUP)
-                sdnotify.ready(f"{settings.workers} workers; configuration reloaded")
+                reloaded, refused, silent = await sup.reload_workers()
+                if reloaded or not refused:  # the parent's part follows its workers
+                    sup.log.reconfigure(settings)
+                    watch.reconfigure(settings)  # the periodic backend check
+                sdnotify.ready(_reload_status(settings.workers, reloaded, refused, silent))
         elif signum in (signal.SIGTERM, signal.SIGINT):
             sdnotify.stopping()
             sup.stopping = True
