@@ -471,6 +471,46 @@ async def test_a_file_overwritten_with_garbage_is_reported_once_until_removed(db
     assert len(errors) == 1
 
 
+async def test_a_corrupt_index_is_one_outage_however_the_probe_reads(db: Path) -> None:
+    # The key index garbled, the table intact: every lookup fails ("malformed"),
+    # while the writer's probe, which reads the table's first row, succeeds. That
+    # probe is no proof that lookups work: it ended the outage every round, and
+    # the next lookup began another.
+    first = SqliteCache(str(db))
+    async with running_caches(first):
+        for i in range(50):
+            first.remember_good(f"192.0.2.{i}")
+        await first.flush()
+    with sqlite3.connect(db) as conn:
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        (root,) = conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_cache_1'"
+        ).fetchone()
+    conn.close()
+    with db.open("r+b") as f:
+        f.seek(page * (root - 1))
+        f.write(b"\xde\xad\xbe\xef" * (page // 4))
+    errors: list[str] = []
+    recoveries: list[str] = []
+    cache = SqliteCache(
+        str(db), flush_interval=0.05, on_error=errors.append, on_recover=recoveries.append
+    )
+    async with running_caches(cache):
+        for _ in range(10):  # ten rounds of the writer's probe, a lookup in each
+            assert await cache.lookup("192.0.2.3") is UNKNOWN
+            await trio.sleep(0.06)
+        assert len(errors) == 1 and "malformed" in errors[0], errors
+        assert recoveries == []
+        assert cache.statistics()["outages"] == 1
+        for path in cache_files(db):  # the admin removes it: a fresh file
+            path.unlink()
+        await wait_for(lambda: len(recoveries) == 1)
+        cache.remember_good("192.0.2.3")
+        await cache.flush()
+        assert await cache.lookup("192.0.2.3") is GOOD
+    assert len(errors) == 1
+
+
 #: A cache in a child process running as nobody (root writes to a mode 0444 file):
 #: it writes, makes its files read-only, writes again, makes them writable again.
 READ_ONLY_CHILD = textwrap.dedent(

@@ -170,6 +170,37 @@ async def test_redis_killed_and_restarted(server: RedisServer) -> None:
         assert mx1.statistics()["outages"] == 1
 
 
+async def test_a_redis_that_refuses_writes_is_one_outage_until_it_takes_them(
+    server: RedisServer,
+) -> None:
+    # A read-only replica (here: of a master that is not there) answers PING and
+    # reads, and refuses every write. The probe's PING alone must not end the
+    # outage: that was a cache-error and a cache-recover every retry.
+    import redis
+
+    admin = redis.Redis(host="127.0.0.1", port=server.port)
+    calls = Calls()
+    mx1 = make(server, calls)
+    mx2 = make(server)
+    async with running_caches(mx1, mx2):
+        await trio.to_thread.run_sync(admin.replicaof, "127.0.0.1", str(free_port()))
+        mx1.remember_good("192.0.2.8")
+        await until(lambda: len(calls.errors) == 1)
+        assert "cannot write 1 entries" in calls.errors[0] and "read only" in calls.errors[0]
+        await trio.sleep(1.5)  # retry_max 0.4: several probes, each PING answered
+        assert len(calls.errors) == 1, calls.errors
+        assert calls.recoveries == [], calls.recoveries
+        assert mx1.statistics()["outages"] == 1
+        assert await mx1.lookup("192.0.2.8") is GOOD  # still queued, still answers
+
+        await trio.to_thread.run_sync(admin.replicaof, "NO", "ONE")
+        await until(lambda: len(calls.recoveries) == 1)
+        assert "writing again" in calls.recoveries[0]
+        await eventually(answers(mx2, "192.0.2.8", GOOD))  # the kept batch was written
+        assert len(calls.errors) == 1 and mx1.statistics()["outages"] == 1
+    admin.close()
+
+
 async def test_a_hung_redis_never_blocks_the_loop(server: RedisServer) -> None:
     calls = Calls()
     mx1 = make(server, calls, threads=2, timeouts_before_down=3)

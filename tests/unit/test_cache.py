@@ -202,6 +202,28 @@ async def test_outage_notice_reports_transitions_only(
     assert notice.outages == 2
 
 
+def test_an_outage_ends_when_every_kind_that_failed_has_worked_since() -> None:
+    # A store that answers reads (or a PING) and refuses writes is one outage.
+    errors: list[str] = []
+    recoveries: list[str] = []
+    notice = OutageNotice(errors.append, recoveries.append, clock=lambda: 0.0)
+    read, write, opened = OutageNotice.READ, OutageNotice.WRITE, OutageNotice.OPEN
+    assert notice.failed("cannot write", write) is True
+    for _ in range(5):
+        assert notice.ok("reachable", read) is False  # a read proves nothing of writes
+        assert notice.failed("cannot write", write) is False
+    assert notice.failed("lookup failed", read) is False
+    assert notice.ok("written", write) is False  # the reads failed too meanwhile
+    assert notice.failing(read) and not notice.failing(write)
+    assert notice.ok("read", read) is True
+    assert (errors, recoveries) == (["cannot write"], ["read (after 0.0s)"])
+    assert notice.failed("garbled", read) is True
+    assert notice.failed("cannot reopen", opened) is False
+    assert notice.ok("reopened", opened) is False
+    assert notice.ok("a lookup", read) is True
+    assert recoveries[-1] == "a lookup (after 0.0s)" and notice.outages == 2
+
+
 async def test_pending_writes_coalesce_and_requeue() -> None:
     pending = PendingWrites(limit=2, batch_size=10)
     assert pending.put("a", GOOD, 100.0)

@@ -126,12 +126,30 @@ class CacheStats:
 class OutageNotice:
     """One `on_error` per outage and one `on_recover` when it ends.
 
-    Backends call `failed` on every failure and `ok` on every success; only the
-    transitions reach the callbacks. The state starts healthy, so a backend that
-    is down at start is reported by its first failure.
+    Backends call `failed` on every failure and `ok` on every success, naming
+    the kind of operation (`READ`, `WRITE`, `OPEN`; "" for a backend that does
+    not tell them apart); only the transitions reach the callbacks. An outage
+    ends only when every kind that failed during it has succeeded since: a
+    store that answers reads (or a PING) while it refuses writes (a full
+    Redis, a read-only replica, a full disk) is one outage, not one per write.
+    The state starts healthy, so a backend that is down at start is reported
+    by its first failure.
     """
 
-    __slots__ = ("_clock", "_on_error", "_on_recover", "down_since", "outages", "up")
+    __slots__ = (
+        "_clock",
+        "_failing",
+        "_on_error",
+        "_on_recover",
+        "down_since",
+        "outages",
+        "up",
+    )
+
+    #: The kinds of operation an outage is counted by.
+    READ = "read"
+    WRITE = "write"
+    OPEN = "open"
 
     def __init__(
         self,
@@ -145,9 +163,16 @@ class OutageNotice:
         self.up = True
         self.outages = 0
         self.down_since = 0.0
+        # The kinds that failed in this outage and have not succeeded since.
+        self._failing: set[str] = set()
 
-    def failed(self, message: str) -> bool:
+    def failing(self, kind: str) -> bool:
+        """`kind` failed in this outage and has not succeeded since."""
+        return kind in self._failing
+
+    def failed(self, message: str, kind: str = "") -> bool:
         """Record a failure; True when this started an outage (and was reported)."""
+        self._failing.add(kind)
         if not self.up:
             return False
         self.up = False
@@ -156,12 +181,15 @@ class OutageNotice:
         self._on_error(message)
         return True
 
-    def ok(self, message: str) -> bool:
+    def ok(self, message: str, kind: str = "") -> bool:
         """Record a success; True when this ended an outage (and was reported).
 
         The message reaches `on_recover` with how long the outage lasted appended.
         """
         if self.up:
+            return False
+        self._failing.discard(kind)
+        if self._failing:  # something else still fails
             return False
         self.up = True
         duration = max(0.0, self._clock() - self.down_since)

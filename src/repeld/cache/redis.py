@@ -45,7 +45,11 @@ UNKNOWN at once without touching Redis (the delay applies, which is safe),
 verdicts stay queued (bounded by `max_pending`), and `run` probes with PING
 every `retry_min` (0.5 s) doubling to `retry_max` (10 s). A probe whose second
 PING answers within `lookup_timeout` ends the outage: ONE `on_recover`, then
-the queue is written. redis-py reconnects its pooled connections by itself.
+the queue is written. An outage that began with a refused write (a full Redis
+under `noeviction`, a read-only replica) needs more than a PING: the probe then
+writes the queued batch too, and only its success ends the outage, so a Redis
+that answers PING and refuses writes is one outage, not one every half second.
+redis-py reconnects its pooled connections by itself.
 Expiries are Redis's, so the hosts' clocks do not matter for them; the
 injectable `wallclock` only dates the values and the time a verdict waited in
 the queue.
@@ -218,9 +222,9 @@ class RedisCache(QueuedVerdicts):
 
     # -- health ----------------------------------------------------------------------
 
-    def _failed(self, message: str) -> None:
+    def _failed(self, message: str, kind: str = OutageNotice.READ) -> None:
         self._stats.errors += 1
-        self._notice.failed(f"cache {self.label}: {message}")
+        self._notice.failed(f"cache {self.label}: {message}", kind)
 
     async def _probe(self) -> str | None:
         """None if Redis answers a PING, and a second within lookup_timeout; else why not."""
@@ -301,9 +305,14 @@ class RedisCache(QueuedVerdicts):
 
     async def flush(self) -> None:
         """Write the queued verdicts now, if Redis is up (run does this every flush_interval)."""
+        if self._notice.up:
+            await self._flush()
+
+    async def _flush(self) -> bool:
+        # Write the queued verdicts; False if Redis refused them (they stay queued).
         async with self._flush_lock:
-            if not self._pending.queued or not self._notice.up:
-                return
+            if not self._pending.queued:
+                return True
             batch = self._pending.take()
             written = False
             try:
@@ -312,13 +321,16 @@ class RedisCache(QueuedVerdicts):
                 )
                 written = True
             except _ERRORS as exc:
-                self._failed(f"cannot write {len(batch)} entries: {_describe(exc)}")
+                self._failed(
+                    f"cannot write {len(batch)} entries: {_describe(exc)}", OutageNotice.WRITE
+                )
             finally:
                 if written:
                     self._stats.written += len(batch)
                     self._pending.done()
                 else:
                     self._stats.dropped += self._pending.failed()
+            return written
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Check Redis, then write batches while it is up and probe it while it is down.
@@ -338,11 +350,14 @@ class RedisCache(QueuedVerdicts):
                 continue
             await trio.sleep(delay)
             delay = min(delay * 2, self.retry_max)
-            if await self._probe() is None:
-                self._slow = 0
-                self._notice.ok(f"cache {self.label}: reachable again")
-            else:
+            if await self._probe() is not None:
                 self._stats.errors += 1
+                continue
+            self._slow = 0
+            notice = self._notice
+            if notice.failing(notice.WRITE) and await self._flush():
+                notice.ok(f"cache {self.label}: writing again", notice.WRITE)
+            notice.ok(f"cache {self.label}: reachable again", notice.READ)
 
     async def aclose(self) -> None:
         """Write what is queued if Redis is up (at most close_timeout), then disconnect."""

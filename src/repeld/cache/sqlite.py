@@ -300,24 +300,29 @@ class SqliteCache(QueuedVerdicts):
         if old is not None:
             old.close()
 
-    def _check(self, down: bool) -> None:
-        """Reopen a file replaced or deleted under us, or one that fails while down.
+    def _check(self, down: bool) -> bool:
+        """Reopen a file replaced or deleted under us, or one that fails while down;
+        True if it was reopened.
 
         A file that still reads (immutable, read-only, a full disk) keeps its
         connection: lookups go on and the failing writes speak for themselves.
         Raises what reopening (or, when down, the probe after it) raised.
         """
+        reopened = False
         if self._conn is not None:
             now = _identity(self.path)
             if now is None or now != self._file:
                 self._reopen()  # deleted, or another file renamed over it
+                reopened = True
         if not down:
-            return
+            return reopened
         try:
             self._probe()
         except _ERRORS:  # truncated, garbled, closed: start over (the schema, too)
             self._reopen()
             self._probe()
+            reopened = True
+        return reopened
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
@@ -326,12 +331,14 @@ class SqliteCache(QueuedVerdicts):
 
     # -- health ----------------------------------------------------------------------
 
-    def _failed(self, what: str, exc: Exception) -> None:
+    def _failed(self, what: str, exc: Exception, kind: str) -> None:
         self._stats.errors += 1
-        self._notice.failed(f"cache {self}: {what}: {_describe(exc)}")
+        self._notice.failed(f"cache {self}: {what}: {_describe(exc)}", kind)
 
-    def _ok(self) -> None:
-        self._notice.ok(f"cache {self}: working again")
+    def _ok(self, kind: str) -> None:
+        # The outage ends once every kind that failed in it has worked since: a
+        # probe that reads the table's first row proves nothing of a lookup.
+        self._notice.ok(f"cache {self}: working again", kind)
 
     # -- the PassCache API -------------------------------------------------------------
 
@@ -351,7 +358,9 @@ class SqliteCache(QueuedVerdicts):
                         self._select, missing, now, limiter=self._limiter, abandon_on_cancel=True
                     )
                 except _ERRORS as exc:
-                    self._failed("lookup failed", exc)
+                    self._failed("lookup failed", exc, OutageNotice.READ)
+                else:
+                    self._ok(OutageNotice.READ)
             if scope.cancelled_caught:
                 self._stats.timeouts += 1
         else:
@@ -372,7 +381,7 @@ class SqliteCache(QueuedVerdicts):
                 await trio.to_thread.run_sync(self._write, batch, limiter=self._limiter)
                 written = True
             except _ERRORS as exc:
-                self._failed(f"cannot write {len(batch)} entries", exc)
+                self._failed(f"cannot write {len(batch)} entries", exc, OutageNotice.WRITE)
             finally:
                 if written:
                     self._stats.written += len(batch)
@@ -380,7 +389,7 @@ class SqliteCache(QueuedVerdicts):
                 else:
                     self._stats.dropped += self._pending.failed()
             if written:
-                self._ok()
+                self._ok(OutageNotice.WRITE)
 
     async def sweep(self) -> int:
         """Delete expired rows now (run does this every sweep_interval); how many went."""
@@ -391,10 +400,11 @@ class SqliteCache(QueuedVerdicts):
                     self._sweep_chunk, self._wallclock(), limiter=self._limiter
                 )
             except _ERRORS as exc:
-                self._failed("cannot sweep expired entries", exc)
+                self._failed("cannot sweep expired entries", exc, OutageNotice.WRITE)
                 break
             total += n
             if n < self.sweep_chunk:
+                self._ok(OutageNotice.WRITE)
                 break
         self._stats.swept += total
         return total
@@ -428,12 +438,17 @@ class SqliteCache(QueuedVerdicts):
         """Reopen the file if it changed or the cache is down; report a recovery."""
         down = not self._notice.up
         try:
-            await trio.to_thread.run_sync(self._check, down, limiter=self._limiter)
+            reopened = await trio.to_thread.run_sync(self._check, down, limiter=self._limiter)
         except _ERRORS as exc:
-            self._failed("cannot reopen the cache database", exc)
+            self._failed("cannot reopen the cache database", exc, OutageNotice.OPEN)
             return
-        if down and not self._pending:  # else the next write tells (one in flight, too)
-            self._ok()
+        if not down:
+            return
+        self._ok(OutageNotice.OPEN)
+        if reopened:  # started over: what failed to read is gone with the old file
+            self._ok(OutageNotice.READ)
+        if not self._pending:  # else the next write tells (one in flight, too)
+            self._ok(OutageNotice.WRITE)
 
     async def aclose(self) -> None:
         """Write what is queued (at most close_timeout) and close the database."""
