@@ -249,6 +249,28 @@ async def test_max_per_client_counts_the_real_clients_not_the_balancer(
             sock.close()
 
 
+@pytest.mark.parametrize(("prefix", "refused"), [(64, 1), (128, 0)])
+async def test_max_per_client_counts_an_ipv6_client_by_its_network(
+    autojump_clock: trio.testing.MockClock, prefix: int, refused: int
+) -> None:
+    # One IPv6 host owns a /64: counted by address, it could fill --max-held from
+    # it alone. It counts by --cache-v6-prefix, as the pass cache remembers it.
+    async with running(max_per_client=2, cache_v6_prefix=prefix, **FROM_BALANCER) as h:
+        socks = []
+        for i, client in enumerate(
+            ["2001:db8:1:2::a", "2001:db8:1:2::b", "2001:db8:1:2::c", "2001:db8:1:3::a"]
+        ):
+            header = v2(client, 40000 + i, "2001:db8::25", 25)
+            socks.append(await _through(h.address(), header))
+        await trio.sleep(1.0)
+        assert len(h.server.pen) == 4 - refused
+        assert h.server.statistics()["refused"] == refused
+        if refused:  # the third of its /64; the other /64 is held
+            assert await read_line(socks[2]) == b"421 4.7.0 Too many connections\r\n"
+        for sock in socks:
+            sock.close()
+
+
 async def test_an_ipv6_client_through_an_ipv4_balancer(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -13,7 +13,7 @@ from repeld.cache.memory import MemoryCache
 from repeld.cache.open import make_cache
 from repeld.cache.spec import CacheSpec, default_cache_path, parse_cache_url, parse_v6_prefix
 from repeld.config.errors import SettingError
-from repeld.core.addresses import DEFAULT_V6_PREFIX, cache_key
+from repeld.core.addresses import DEFAULT_V6_PREFIX, cache_key, client_key
 
 GOOD, BAD, UNKNOWN = CacheVerdict.GOOD, CacheVerdict.BAD, CacheVerdict.UNKNOWN
 
@@ -64,6 +64,22 @@ def test_cache_key_bad_prefix(prefix: object) -> None:
 def test_cache_key_bad_address(address: str) -> None:
     with pytest.raises(ValueError):
         cache_key(address, 64)
+
+
+@pytest.mark.parametrize(
+    ("address", "prefix", "key"),
+    [
+        ("192.0.2.7", 64, "192.0.2.7"),
+        ("::ffff:192.0.2.7", 64, "192.0.2.7"),
+        ("2001:db8:1:2::a", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2::a", 128, "2001:db8:1:2::a/128"),
+        ("not an address", 64, "not an address"),
+        ("fe80::1%eth0", 64, "fe80::/64"),
+    ],
+)
+def test_client_key_is_the_cache_key_or_the_address(address: str, prefix: int, key: str) -> None:
+    # --max-per-client counts a client under this.
+    assert client_key(address, prefix) == key
 
 
 def test_parse_v6_prefix() -> None:

@@ -270,8 +270,8 @@ OPTIONS: tuple[Option, ...] = (
         None,
         count("max-per-client", 1, 1_000_000),
         10,
-        "connections held at once from one address; past it 421 4.7.0 Too many connections "
-        "(default: 10)",
+        "connections held at once from one client (IPv6: its --cache-v6-prefix network); "
+        "past it 421 4.7.0 Too many connections (default: 10)",
         metavar="N",
     ),
     Option(
@@ -314,8 +314,8 @@ OPTIONS: tuple[Option, ...] = (
         None,
         v6_prefix,
         64,
-        "IPv6 clients are remembered by this prefix, since one host owns a /64; 32 to 128 "
-        "(default: 64)",
+        "IPv6 clients are remembered, and counted for --max-per-client, by this prefix, "
+        "since one host owns a /64; 32 to 128 (default: 64)",
         metavar="BITS",
     ),
     Option(

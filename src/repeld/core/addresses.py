@@ -24,6 +24,7 @@ __all__ = [
     "address_int",
     "bracket",
     "cache_key",
+    "client_key",
     "host_name_problem",
     "host_port",
     "normalize_address",
@@ -161,3 +162,16 @@ def cache_key(address: str, v6_prefix: int = DEFAULT_V6_PREFIX) -> str:
     if ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
     return str(ipaddress.IPv6Network((ip, v6_prefix), strict=False))
+
+
+def client_key(address: str, v6_prefix: int = DEFAULT_V6_PREFIX) -> str:
+    """What --max-per-client counts `address` under: the pass cache's key, so an
+    IPv6 client by its network of `v6_prefix` bits (one host usually owns a whole
+    /64, and would otherwise have 2**64 addresses to fill the pen from), an IPv4
+    one by its address; an address that is none (a test's name) as it is."""
+    if ":" not in address:  # IPv4, checked cheaply: the accept path's common case
+        return address
+    try:
+        return cache_key(address, v6_prefix)
+    except ValueError:
+        return address

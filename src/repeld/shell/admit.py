@@ -111,7 +111,8 @@ class Admission:
             self.dispatch.passed(sock, conn, now, _AT_ONCE[reason], backend)
             return
         pen = self.pen
-        refused = policy.limit(len(pen) + self.also_held(), pen.per_client.get(client, 0))
+        held_from_client = pen.per_client.get(pen.client_key(client), 0)
+        refused = policy.limit(len(pen) + self.also_held(), held_from_client)
         if refused is None:
             self._hold(sock, conn, backend, now)
         else:

@@ -132,6 +132,7 @@ class HoldingPen:
         self,
         on_verdict: Callable[[Held, Verdict], None],
         on_error: Callable[[Held, str], None],
+        client_key: Callable[[str], str] = str,
     ) -> None:
         self._on_verdict = on_verdict
         self._on_error = on_error
@@ -149,8 +150,10 @@ class HoldingPen:
         #: Entries in the deadline queues and the heap, dead ones included.
         self._queued = 0
         self._compactions = 0
-        #: How many connections each client address has in the pen now.
+        #: How many connections each client has in the pen now, by `client_key`
+        #: of its address (--max-per-client: an IPv6 client by its network).
         self.per_client: dict[str, int] = {}
+        self.client_key = client_key
 
     def __len__(self) -> int:
         return len(self._held)
@@ -163,7 +166,7 @@ class HoldingPen:
         fd = held.sock.fileno()
         self._held[fd] = held
         self._poller.update(fd, 0, IN)
-        client = held.conn.client
+        client = self.client_key(held.conn.client)
         self.per_client[client] = self.per_client.get(client, 0) + 1
         delay = held.hold.deadline - held.hold.accepted_at
         queue = self._queues.get(delay)
@@ -211,7 +214,7 @@ class HoldingPen:
                 _set_lowat(held.sock, 1)  # as it came: the MTA reads every byte
             else:
                 self._poller.update(fd, IN, 0)
-            client = held.conn.client
+            client = self.client_key(held.conn.client)
             left = self.per_client[client] - 1
             if left:
                 self.per_client[client] = left

@@ -18,6 +18,7 @@ drain), applies a SIGHUP reload and answers for the counters.
 from __future__ import annotations
 
 import errno
+import functools
 import socket
 import sys
 from collections.abc import Iterable
@@ -30,6 +31,7 @@ from repeld.cache.lookup import BatchedLookups
 from repeld.cache.open import make_cache
 from repeld.config.settings import Listen, Settings, load_trusted
 from repeld.core import events
+from repeld.core.addresses import client_key
 from repeld.core.dnsbl import WATCH_WINDOW
 from repeld.core.events import ConnInfo
 from repeld.core.names import EventName
@@ -106,7 +108,10 @@ class Server:
         #: never gather on a short one).
         self.accept_queue = accept_queue
         self.dispatch = Dispatch(settings, log, self.handoff)
-        self.pen = HoldingPen(self.dispatch.verdict, self._pen_error)
+        # --max-per-client counts an IPv6 client by its --cache-v6-prefix network
+        # (a restart-only setting: the pen's keys never change under it).
+        per_client = functools.partial(client_key, v6_prefix=settings.cache_v6_prefix)
+        self.pen = HoldingPen(self.dispatch.verdict, self._pen_error, per_client)
         self.admission = Admission(settings, trusted, self.max_held, self.pen, self.dispatch, log)
         self.handoff.refuse = self.admission.refuse  # --max-exec
         self.intake = Intake(settings, self.admission, log, self._health_check)
