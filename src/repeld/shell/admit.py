@@ -35,7 +35,7 @@ from repeld.shell.dnslookup import DnsLookups
 from repeld.shell.eventlog import EventLog
 from repeld.shell.handoff import BackendTarget
 from repeld.shell.pen import Held, HoldingPen
-from repeld.shell.replies import REFUSALS, abort, reply_and_close, send_now
+from repeld.shell.replies import REFUSALS, abort, reply_and_close, send_now, spoke_first
 
 __all__ = ["OVERLOAD_EVENT_INTERVAL", "Admission", "teaser_for"]
 
@@ -162,9 +162,14 @@ class Admission:
 
         Never blocking: a fresh socket takes one line at once, and one that does
         not is the core's to judge (a hang-up), so the pen never waits on a write.
+        A client whose bytes (or end) came before the teaser could go out never
+        hears it: the pen's first look judges it, untouched, as not teased.
         """
+        spoke = spoke_first(held.sock)
+        if spoke:
+            return True
         hold = held.hold
-        sent = send_now(held.sock, hold.opening())
+        sent = None if spoke is None else send_now(held.sock, hold.opening())
         verdict = hold.reset(now) if sent is None else hold.opened(sent, now)
         if isinstance(verdict, Wait):
             return True
