@@ -105,6 +105,8 @@ def test_past_max_exec_a_passed_client_hears_421_and_an_overload_is_written(
         assert read_line(fourth) == b"220 sh\r\n"
         for client in (first, second, third, fourth):
             client.close()
+        passed = {ev.fields["client"] for ev in syslog.wait_for("pass", 3)}
+        assert passed == {"127.0.0.61", "127.0.0.62", "127.0.0.64"}  # not the one told 421
 
 
 def test_shutdown_grace_ends_a_program_that_does_not(syslog: SyslogUDP) -> None:

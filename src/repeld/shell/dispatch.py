@@ -137,7 +137,10 @@ class Dispatch:
         backend: BackendTarget | None = None,
         dns: DnsScore | None = None,
     ) -> None:
-        """Write the pass event and hand the client on (also for trusted and nodelay)."""
+        """Write the pass event and hand the client on (also for trusted and nodelay),
+        unless the hand-off is at its limit (--max-exec: a 421 and an overload event)."""
+        if self.handoff.turned_away(sock, conn, backend):
+            return
         if dns is None and self.dns:  # trusted, nodelay: never asked
             dns = DnsScore()
         how = self.handoff.kind(backend)  # issue 19: handoff=pass

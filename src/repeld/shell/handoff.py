@@ -314,6 +314,22 @@ class HandOff:
         """Hand-offs to pass services by how they ended (repeld_handoffs_total)."""
         return dict(self.passer.outcomes) if self.passer is not None else {}
 
+    def turned_away(
+        self, sock: socket.socket, conn: ConnInfo, backend: BackendTarget | None = None
+    ) -> bool:
+        """Turn a passed client away if its hand-off is at a limit: True if it was.
+
+        --max-exec: a program per client, each as long as its session; one
+        address the cache or --trusted lets through at once could start them by
+        the hundred (tcpserver's -c, 40, bounds them the same way). Asked before
+        the client's `pass` event is written, so that a client told 421 is not
+        also written down as passed.
+        """
+        if (backend or self.backend) is None and self.execs >= self.settings.max_exec:
+            self.refuse(sock, conn, Refuse.MAX_EXEC, trio.current_time())
+            return True
+        return False
+
     def client(
         self,
         sock: socket.socket,
@@ -323,15 +339,10 @@ class HandOff:
         *,
         check: bool = False,
     ) -> None:
-        """Hand one passed client on (`check`: a balancer's health check); returns at once."""
+        """Hand one passed client on (`check`: a balancer's health check, never
+        turned away; any other has been asked `turned_away` first); returns at once."""
         target = backend or self.backend
         s = self.settings
-        if target is None and self.execs >= s.max_exec and not check:
-            # A program per client, each as long as its session: one address the
-            # cache or --trusted lets through at once could start them by the
-            # hundred (tcpserver's -c, 40, bounds them the same way).
-            self.refuse(sock, conn, Refuse.MAX_EXEC, trio.current_time())
-            return
         self.active += 1
         if target is None:
             assert s.exec is not None  # settings guarantee one or the other
