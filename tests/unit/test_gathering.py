@@ -316,6 +316,27 @@ def test_a_wake_up_late_for_its_tick_probes_for_probe_span() -> None:
     assert g.after_wakeup(2, late + PROBE_SPAN + 0.002, False) is not None
 
 
+@pytest.mark.parametrize(("late", "probed_lean"), [(PROBE_SPAN + 0.01, False), (0.005, True)])
+def test_a_probe_that_begins_late_for_its_tick_proves_nothing(
+    late: float, probed_lean: bool
+) -> None:
+    # Waiting clients (two a window) up to a break at a burst's tail, across the
+    # tick: the wake-up that begins the probe is late, the stretch it compares
+    # with runs through the break, and the probe is cut to PROBE_SPAN. Clients
+    # then taken at once came "faster" than that stretch's, which a break made
+    # slow (the afternoon's one remaining false lean: 8 clients in 55 ms).
+    g = gathering()
+    now, answers = _gather(g, T0, 2, PROBE_FIRST - 0.05)
+    assert None not in answers
+    assert g.after_wakeup(0, now, False) is None  # nobody: the break
+    begin = T0 + PROBE_FIRST + late  # the tick is T0 + PROBE_FIRST
+    assert g.after_wakeup(1, begin, False) is None  # the probe begins
+    now, answers = _probe(g, begin, 0.0015)  # taken at once: 667 a second, to its end
+    assert answers == [None] * len(answers)
+    lean = g.after_wakeup(2, now + 0.001, False) is None
+    assert lean is probed_lean
+
+
 def test_windows_half_full_or_more_are_never_probed() -> None:
     # 1,000 a second and more: the windows shrink to gather CLIENTS each; clients
     # waiting for them would have made no such load, and gathering pays most here.

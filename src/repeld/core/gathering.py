@@ -37,7 +37,8 @@ The rules, in order:
   `PROBE_SPAN_LONGEST` before the tick, they were waiting for the windows, and
   the loop does not gather for `LEAN_PAUSE`. The rate it compares with is that
   of the stretch just before, as long as the probe (with `PROBE_MIN` clients
-  in each, or the probe proves nothing): a busy time may begin with a load
+  in each, and a probe that begins within `PROBE_SPAN` of its tick, or the
+  probe proves nothing): a busy time may begin with a load
   still coming up, or span a break of up to `PROBE_FIRST` between two bursts,
   and its rate as a whole made clients that came as fast either way look 1.5
   to 2.2 times faster in the probe (docs/perf-log/2026-12-07-afternoon.md:
@@ -218,9 +219,13 @@ class Gathering:
         marked, taken = self._mark if self._mark is not None else (now, self._taken)
         clients, span = self._taken - taken, now - marked
         # Too few clients or too short a stretch to compare with (a break just
-        # before the tick, the tail of a burst): the probe runs, so that the
-        # workers still probe together, but it proves nothing.
-        rate = clients / span if clients >= PROBE_MIN and span >= PROBE_SPAN else math.inf
+        # before the tick, the tail of a burst), or a wake-up late for its tick
+        # (a break across it: the stretch before runs through it, and the probe
+        # is cut to PROBE_SPAN; clients that wait for the windows come at least
+        # one a window): the probe runs, so that the workers still probe
+        # together, but it proves nothing.
+        proves = clients >= PROBE_MIN and span >= PROBE_SPAN and now - self._tick <= PROBE_SPAN
+        rate = clients / span if proves else math.inf
         until = max(self._tick + PROBE_SPAN_LONGEST, now + PROBE_SPAN)
         self._probe = (now, until, 0, rate)
         self.gathering = False
