@@ -482,6 +482,37 @@ def test_a_reload_the_workers_refuse_is_reported_to_systemd_as_refused(
         notify.close()
 
 
+@needs_root
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or shutil.which("nsenter") is None,
+    reason="needs util-linux's unshare and nsenter",
+)
+def test_a_reload_takes_the_host_name_as_it_is_now(syslog: SyslogUDP, backend: LineBackend) -> None:
+    # A host named after repeld started (DHCP or cloud-init at boot): its events
+    # named the old host until a restart. repeld runs in a UTS namespace of its
+    # own, so the test renames its host, not the machine.
+    port = free_port()
+    argv = ["unshare", "--uts", sys.executable, "-m", "repeld", "-b", backend.address]
+    argv += ["-l", f"127.0.0.1:{port}", "--no-cache", "--syslog", syslog.target, *AS_ROOT]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        (start,) = syslog.wait_for("start")
+        assert start.host == socket.gethostname()
+        subprocess.run(
+            ["nsenter", "--uts", "-t", str(proc.pid), "hostname", "mx-renamed.example"],
+            check=True,
+        )
+        proc.send_signal(signal.SIGHUP)
+        (reload,) = syslog.wait_for("reload")
+        assert reload.host == "mx-renamed.example"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_reload_status_says_what_the_workers_did() -> None:
     from repeld.process.workers import _reload_status
 

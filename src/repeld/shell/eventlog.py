@@ -151,6 +151,9 @@ class EventLog:
         #: time; an emit_built() one not yet built, too.
         self._unframed: list[tuple[Event | _Unbuilt, float]] = []
         self._lines_ready = trio.Event()
+        #: The HOSTNAME of every message: given, or the host's, read again at each
+        #: reload (a host named after repeld started, by DHCP or cloud-init at boot).
+        self._fixed_hostname = hostname
         self._hostname = hostname if hostname is not None else socket.gethostname()
         self._sock: socket.socket | None = None
         #: The first queued message is the unsent rest of a TCP frame.
@@ -201,7 +204,10 @@ class EventLog:
         self._octet_counting = target is not None and target.kind == "tcp"
 
     def reconfigure(self, settings: Settings) -> None:
-        """Take the logging settings of a reloaded configuration."""
+        """Take the logging settings of a reloaded configuration (and the host's name
+        as it is now)."""
+        if self._fixed_hostname is None:
+            self._hostname = socket.gethostname()
         self._configure(
             settings.syslog,
             settings.log_format,
