@@ -513,6 +513,40 @@ def test_a_reload_takes_the_host_name_as_it_is_now(syslog: SyslogUDP, backend: L
             proc.wait()
 
 
+def test_a_sigterm_is_not_held_up_by_a_reload_waiting_for_a_worker(
+    syslog: SyslogUDP, backend: LineBackend
+) -> None:
+    # A worker that cannot answer a reload (stopped here; stuck resolving its
+    # backend's name, say) held the parent's SIGTERM up for the reload's whole
+    # wait (RELOAD_WAIT, 10 s): the healthy worker went on taking clients.
+    from repeld.process.workers import RELOAD_WAIT
+
+    argv = [sys.executable, "-m", "repeld", "-b", backend.address, "--no-cache", *AS_ROOT]
+    argv += ["-l", f"127.0.0.1:{free_port()}", "-w", "2", "--syslog", syslog.target]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    stuck = 0
+    try:
+        starts = syslog.wait_for("worker-start", 2)
+        syslog.wait_for("start", 3)  # the parent's and both workers'
+        stuck, healthy = (int(ev.fields["pid"]) for ev in starts)
+        os.kill(stuck, signal.SIGSTOP)
+        proc.send_signal(signal.SIGHUP)
+        (reload,) = syslog.wait_for("reload")  # the healthy worker's
+        assert reload.procid == str(healthy)
+        proc.send_signal(signal.SIGTERM)
+        (stop,) = syslog.wait_for("stop", timeout=RELOAD_WAIT / 2)
+        assert stop.procid == str(healthy)
+        os.kill(stuck, signal.SIGCONT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if stuck:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stuck, signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_reload_status_says_what_the_workers_did() -> None:
     from repeld.process.workers import _reload_status
 
@@ -523,8 +557,14 @@ def test_reload_status_says_what_the_workers_did() -> None:
     assert _reload_status(2, 1, ["x: cannot read"], 0) == (
         "reload refused by 1 of 2 workers, 1 reloaded: x: cannot read"
     )
-    assert _reload_status(3, 0, ["a", "b"], 1) == (
-        "reload refused, old configuration kept (2 of 3 workers): a"
+    assert _reload_status(3, 0, ["a", "b"], 0) == (
+        "reload refused, old configuration kept (2 of 2 workers): a"
+    )
+    assert _reload_status(3, 0, ["a", "b"], 1) == (  # the silent one may have reloaded
+        "reload refused by 2 of 3 workers, 1 did not answer within 10 s: a"
+    )
+    assert _reload_status(3, 1, ["a"], 1) == (
+        "reload refused by 1 of 3 workers, 1 reloaded, 1 did not answer within 10 s: a"
     )
 
 

@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import trio
@@ -78,6 +79,7 @@ async def _reload(
     watch: BackendWatch | None = None,
 ) -> None:
     sdnotify.reloading()
+    began = time.monotonic()  # a worker's answer says which SIGHUP it is for
     try:
         settings = reload_settings()
         trusted = load_trusted(settings)
@@ -88,14 +90,14 @@ async def _reload(
         if log.stderr is None:  # to the journal too (with -f the event line is there)
             print(f"repeld: {sdnotify.REFUSED}: {reason}", file=sys.stderr, flush=True)
         sdnotify.reload_refused(reason)
-        workers.report_reload(reason)  # a worker tells its parent, which tells systemd
+        workers.report_reload(reason, began)  # a worker tells its parent, which tells systemd
         return
     log.emit(events.reload(server.apply(settings, trusted, backend)))
     if watch is not None:  # the backend check, in the background (shell/backendwatch.py)
         watch.reconfigure(settings)
     bound = " ".join(host_port(h, p) for h, p in server.addresses)
     sdnotify.ready(f"listening on {bound}; configuration reloaded")
-    workers.report_reload(None)
+    workers.report_reload(None, began)
 
 
 async def _handle_signals(

@@ -44,6 +44,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import trio
@@ -132,10 +133,12 @@ def send_statistics(stats: dict[str, int], metrics: Snapshot | None = None) -> b
     return _tell_parent({**stats, "metrics": metrics})
 
 
-def report_reload(refused: str | None) -> bool:
+def report_reload(refused: str | None, began: float) -> bool:
     """In a worker: tell the parent how a SIGHUP went (`refused`: why it was
-    refused, None if the new configuration serves); False when not a worker."""
-    return _tell_parent({"reload": refused or ""})
+    refused, None if the new configuration serves; `began`: when this reload
+    began, on the host's monotonic clock, which the parent reads alike); False
+    when not a worker."""
+    return _tell_parent({"reload": refused or "", "began": began})
 
 
 def outside_view(settings: Settings) -> Outside:
@@ -201,9 +204,12 @@ class Supervisor:
         self.ready: set[int] = set()
         self._lifelines: dict[int, int] = {}
         self._stats_arrived = trio.Event()
-        #: This reload's answers by pid: "" (reloaded) or why the worker refused.
-        self._reloads: dict[int, str] = {}
+        #: Each worker's last reload by pid: when it began (host monotonic clock),
+        #: and "" (reloaded) or why the worker refused.
+        self._reloads: dict[int, tuple[float, str]] = {}
         self._reload_arrived = trio.Event()
+        #: One reload at a time (each waits for its workers' answers).
+        self.reloading = trio.Lock()
 
     def _sockets_for(self, index: int) -> list[tuple[socket.socket, Listen]]:
         return self.sockets[index % len(self.sockets)]
@@ -251,7 +257,8 @@ class Supervisor:
                             self.ready.add(pid)
                             continue
                         if "reload" in data:
-                            self._reloads[pid] = str(data["reload"])
+                            began = float(data.get("began", 0.0))
+                            self._reloads[pid] = (began, str(data["reload"]))
                             self._reload_arrived.set()
                             continue
                         metrics = data.pop("metrics", None)
@@ -279,6 +286,7 @@ class Supervisor:
                 status = await proc.wait()
                 nursery.cancel_scope.cancel()
             del self.procs[index]
+            self._reloads.pop(proc.pid, None)
             self._reload_arrived.set()  # a reload waits for it no more
             os.close(self._lifelines.pop(index))
             self.ready.discard(proc.pid)
@@ -311,21 +319,32 @@ class Supervisor:
     async def reload_workers(self) -> tuple[int, list[str], int]:
         """SIGHUP every ready worker and wait, RELOAD_WAIT at most, for each to say
         how its reload went: (how many reloaded, why the others refused, how many
-        did not answer). A worker that dies meanwhile is not waited for."""
-        self._reloads = {}
+        did not answer). A worker that dies meanwhile is not waited for.
+
+        Only a reload that began after the signal answers: a worker still busy
+        with an earlier one (that reload's wait over) answers that one first.
+        """
+        sent = time.monotonic()
         expected = {proc.pid for proc in self.procs.values()} & self.ready
         self.signal_workers(signal.SIGHUP)
+
+        def answers() -> dict[int, str]:
+            return {
+                pid: reason
+                for pid, (began, reason) in self._reloads.items()
+                if pid in expected and began >= sent
+            }
+
         with trio.move_on_after(RELOAD_WAIT):
-            while True:
-                live = expected & {proc.pid for proc in self.procs.values()}
-                if live <= self._reloads.keys():
-                    break
+            while not self._live(expected) <= answers().keys():
                 self._reload_arrived = trio.Event()
                 await self._reload_arrived.wait()
-        answers = [self._reloads[pid] for pid in expected if pid in self._reloads]
-        refused = [reason for reason in answers if reason]
-        live = expected & {proc.pid for proc in self.procs.values()}
-        return len(answers) - len(refused), refused, len(live - self._reloads.keys())
+        got = answers()
+        refused = [reason for reason in got.values() if reason]
+        return len(got) - len(refused), refused, len(self._live(expected) - got.keys())
+
+    def _live(self, pids: set[int]) -> set[int]:
+        return pids & {proc.pid for proc in self.procs.values()}
 
     async def _ask_workers(self) -> dict[int, dict[str, int]]:
         """The counters of every ready worker that answered, by pid.
@@ -378,15 +397,42 @@ class Supervisor:
 def _reload_status(workers: int, reloaded: int, refused: list[str], silent: int) -> str:
     # What systemd is told when the workers have answered (each worker that
     # refused wrote its own `config-error`, and the reason to the journal).
+    unanswered = f"{silent} did not answer within {RELOAD_WAIT:g} s"
     if refused:
         asked = f"{len(refused)} of {reloaded + len(refused) + silent} workers"
-        if not reloaded:
+        if not reloaded and not silent:
             return f"{sdnotify.REFUSED} ({asked}): {refused[0]}"
-        return f"reload refused by {asked}, {reloaded} reloaded: {refused[0]}"
+        others = ([f"{reloaded} reloaded"] if reloaded else []) + ([unanswered] if silent else [])
+        return f"reload refused by {asked}, {', '.join(others)}: {refused[0]}"
     status = f"{workers} workers; configuration reloaded"
     if silent:
-        status += f" ({silent} did not answer within {RELOAD_WAIT:g} s)"
+        status += f" ({unanswered})"
     return status
+
+
+async def _reload(
+    sup: Supervisor, reload_settings: Callable[[], Settings], watch: BackendWatch
+) -> None:
+    # One SIGHUP, in a task of its own: waiting for the workers' answers must
+    # not hold up a SIGTERM or a SIGUSR1 that comes meanwhile.
+    async with sup.reloading:
+        sdnotify.reloading()
+        try:
+            settings = reload_settings()
+        except Exception as exc:  # whatever reading it raised: the old one stays
+            reason = str(exc).replace("\n", "; ")
+            sup.log.emit(events.config_error(reason))
+            if sup.log.stderr is None:  # to the journal too, as daemon._reload does
+                print(f"repeld: {sdnotify.REFUSED}: {reason}", file=sys.stderr, flush=True)
+            sdnotify.reload_refused(reason)
+            return
+        reloaded, refused, silent = await sup.reload_workers()
+        if sup.stopping:  # a SIGTERM came meanwhile: STOPPING=1 was the last word
+            return
+        if reloaded or not refused:  # unless every worker that answered refused
+            sup.log.reconfigure(settings)
+            watch.reconfigure(settings)  # the periodic backend check
+        sdnotify.ready(_reload_status(settings.workers, reloaded, refused, silent))
 
 
 async def _handle_signals(
@@ -396,29 +442,16 @@ async def _handle_signals(
     started: float,
     watch: BackendWatch,
 ) -> None:
-    async for signum in signals:
-        if signum == signal.SIGHUP:
-            sdnotify.reloading()
-            try:
-                settings = reload_settings()
-            except Exception as exc:  # whatever reading it raised: the old one stays
-                reason = str(exc).replace("\n", "; ")
-                sup.log.emit(events.config_error(reason))
-                if sup.log.stderr is None:  # to the journal too, as daemon._reload does
-                    print(f"repeld: {sdnotify.REFUSED}: {reason}", file=sys.stderr, flush=True)
-                sdnotify.reload_refused(reason)
+    async with trio.open_nursery() as nursery:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                nursery.start_soon(_reload, sup, reload_settings, watch)
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                sdnotify.stopping()
+                sup.stopping = True
+                sup.signal_workers(signal.SIGTERM)
             else:
-                reloaded, refused, silent = await sup.reload_workers()
-                if reloaded or not refused:  # the parent's part follows its workers
-                    sup.log.reconfigure(settings)
-                    watch.reconfigure(settings)  # the periodic backend check
-                sdnotify.ready(_reload_status(settings.workers, reloaded, refused, silent))
-        elif signum in (signal.SIGTERM, signal.SIGINT):
-            sdnotify.stopping()
-            sup.stopping = True
-            sup.signal_workers(signal.SIGTERM)
-        else:
-            await sup.collect_stats(started)
+                nursery.start_soon(sup.collect_stats, started)
 
 
 async def supervise(

@@ -1,0 +1,67 @@
+"""The --workers parent's reload round on real child processes and a real pipe.
+
+The children stand in for workers that handle SIGHUP (they ignore it, and the
+test writes on the stats pipe what a worker's `report_reload` writes, with the
+time its reload began on the host's monotonic clock). The parent counts an
+answer only from a reload that began after its signal: a worker still busy
+with the last reload when that reload's wait ended answers that one first, and
+that answer must not stand for this one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import trio
+
+from repeld.config.settings import Settings
+from repeld.process import workers
+from repeld.process.workers import Supervisor
+from repeld.shell.eventlog import EventLog
+
+_IGNORE_HUP = "import signal, time; signal.signal(signal.SIGHUP, signal.SIG_IGN); time.sleep(60)"
+
+
+def _answer(fd: int, pid: int, refused: str, began: float) -> None:
+    os.write(fd, json.dumps({"pid": pid, "reload": refused, "began": began}).encode() + b"\n")
+
+
+async def test_an_answer_to_an_earlier_reload_does_not_answer_this_one() -> None:
+    sup = Supervisor(Settings(), [], [], EventLog(None, hostname="test"))
+    children = [await trio.lowlevel.open_process([sys.executable, "-c", _IGNORE_HUP]) for _ in "ab"]
+    read_fd, write_fd = os.pipe()
+    try:
+        for index, child in enumerate(children):
+            sup.procs[index] = child
+            sup.ready.add(child.pid)
+        a, b = (child.pid for child in children)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sup._read_stats, read_fd)
+            # Reload 1: `a` answers at once, `b` is still resolving its backend.
+            before_first = time.monotonic()
+            _answer(write_fd, a, "", time.monotonic())
+            with trio.move_on_after(0.5):  # (RELOAD_WAIT is 10 s)
+                await sup.reload_workers()
+
+            # Reload 2: the files are refused now. `b` first answers reload 1 (it
+            # began before this signal), then this one.
+            async def workers_answer() -> None:
+                await trio.sleep(0.05)
+                _answer(write_fd, b, "", before_first)  # reload 1, late: reloaded
+                await trio.sleep(0.05)
+                _answer(write_fd, a, "cannot read", time.monotonic())
+                await trio.sleep(0.2)
+                _answer(write_fd, b, "cannot read", time.monotonic())
+
+            nursery.start_soon(workers_answer)
+            assert await sup.reload_workers() == (0, ["cannot read", "cannot read"], 0)
+            nursery.cancel_scope.cancel()
+    finally:
+        os.close(write_fd)
+        for child in children:
+            child.kill()
+            await child.wait()
+    assert workers.RELOAD_WAIT == 10.0
