@@ -511,6 +511,44 @@ async def test_a_corrupt_index_is_one_outage_however_the_probe_reads(db: Path) -
     assert len(errors) == 1
 
 
+async def test_a_few_bad_index_pages_are_one_outage_while_lookups_keep_failing(
+    db: Path,
+) -> None:
+    # One leaf of the key index garbled among many: lookups of some keys fail,
+    # of others work. Each lookup that worked ended the outage and the next that
+    # failed began another; while the failures keep coming it is one outage.
+    first = SqliteCache(str(db))
+    keys = [f"10.0.{i // 256}.{i % 256}" for i in range(5000)]
+    async with running_caches(first):
+        for key in keys:
+            first.remember_good(key)
+        await first.flush()
+    with sqlite3.connect(db) as conn:
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        (root,) = conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_cache_1'"
+        ).fetchone()
+    conn.close()
+    with db.open("r+b") as f:
+        f.seek(page * (root - 1))
+        interior = f.read(page)
+        assert interior[0] == 2  # an interior page of the index: its right-most child
+        f.seek(page * (int.from_bytes(interior[8:12], "big") - 1))
+        f.write(b"\xde\xad\xbe\xef" * (page // 4))
+    errors: list[str] = []
+    recoveries: list[str] = []
+    cache = SqliteCache(
+        str(db), flush_interval=0.05, on_error=errors.append, on_recover=recoveries.append
+    )
+    async with running_caches(cache):
+        for _ in range(20):  # returning clients of both kinds, 20 a second
+            assert await cache.lookup(min(keys)) is GOOD  # on the index's first leaf
+            assert await cache.lookup(max(keys)) is UNKNOWN  # on the garbled last
+            await trio.sleep(0.05)
+        assert len(errors) == 1 and "malformed" in errors[0], errors
+        assert recoveries == [] and cache.statistics()["outages"] == 1
+
+
 #: A cache in a child process running as nobody (root writes to a mode 0444 file):
 #: it writes, makes its files read-only, writes again, makes them writable again.
 READ_ONLY_CHILD = textwrap.dedent(
@@ -627,6 +665,8 @@ async def test_a_full_disk_is_one_cache_error_and_space_back_is_cache_recover(
             assert "full" in errors[0], errors
             assert await cache.lookup("192.0.2.1") is GOOD  # reading goes on
             assert await cache.lookup("10.0.7.207") is GOOD  # the kept batch answers
+            await cache.sweep()  # deleting nothing works on a full disk: no proof of writes
+            assert recoveries == []
             await trio.sleep(0.5)
             assert len(errors) == 1  # one per outage
             assert recoveries == []

@@ -201,6 +201,59 @@ async def test_a_redis_that_refuses_writes_is_one_outage_until_it_takes_them(
     admin.close()
 
 
+async def test_a_redis_that_answers_ping_and_refuses_lookups_is_one_outage(
+    server: RedisServer,
+) -> None:
+    # An ACL user that may PING and write but not MGET (a mistake in its rules):
+    # every lookup fails. The probe's PING alone ended each outage.
+    admin = server.client()
+    commands = ["+ping", "+set", "+del", "+multi", "+exec", "+client", "+hello"]
+    admin.acl_setuser("mx", enabled=True, passwords=["+secret"], keys=["*"], commands=commands)
+    calls = Calls()
+    mx1 = make(server, calls, username="mx", password="secret")
+    async with running_caches(mx1):
+        await until(lambda: len(calls.errors) == 1)
+        assert "mget" in calls.errors[0].lower()
+        for _ in range(10):  # lookups go to Redis again only once it is back
+            assert await mx1.lookup("192.0.2.9") is UNKNOWN
+            await trio.sleep(0.15)  # retry_max 0.4: several probes meanwhile
+        assert len(calls.errors) == 1 and calls.recoveries == [], calls.recoveries
+        admin.acl_setuser("mx", enabled=True, commands=[*commands, "+mget"])
+        await until(lambda: len(calls.recoveries) == 1)
+        assert mx1.statistics()["outages"] == 1
+    admin.close()
+
+
+async def test_closing_waits_for_the_probes_write_of_the_kept_verdicts(
+    server: RedisServer,
+) -> None:
+    # While Redis refuses writes, the probe writes the kept verdicts itself. A
+    # close meanwhile must wait for that write (the flush lock) before it decides
+    # what is lost: it counted the batch as dropped and closed the client under it.
+    import redis
+
+    admin = redis.Redis(host="127.0.0.1", port=server.port)
+    calls = Calls()
+    mx1 = make(server, calls)
+    async with running_caches(mx1):
+        await trio.to_thread.run_sync(admin.replicaof, "127.0.0.1", str(free_port()))
+        mx1.remember_good("192.0.2.8")
+        await until(lambda: len(calls.errors) == 1)
+        closed = trio.Event()
+
+        async def close() -> None:
+            await mx1.aclose()
+            closed.set()
+
+        # (the lock held as the probe holds it while it writes)
+        async with trio.open_nursery() as nursery, mx1._flush_lock:
+            nursery.start_soon(close)
+            await trio.sleep(0.3)
+            assert not closed.is_set()  # waits for the write in flight
+        assert mx1.statistics()["dropped"] == 1  # still refused: lost, and counted
+    admin.close()
+
+
 async def test_a_hung_redis_never_blocks_the_loop(server: RedisServer) -> None:
     calls = Calls()
     mx1 = make(server, calls, threads=2, timeouts_before_down=3)

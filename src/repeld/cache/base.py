@@ -41,6 +41,7 @@ Rules every backend keeps:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
@@ -132,17 +133,22 @@ class OutageNotice:
     ends only when every kind that failed during it has succeeded since: a
     store that answers reads (or a PING) while it refuses writes (a full
     Redis, a read-only replica, a full disk) is one outage, not one per write.
-    The state starts healthy, so a backend that is down at start is reported
-    by its first failure.
+    With `quiet`, it also ends only after that many seconds without a failure:
+    a store that fails some operations and not others (an SQLite file with a
+    few bad pages) is one outage while the failures keep coming, not one per
+    failure. The state starts healthy, so a backend that is down at start is
+    reported by its first failure.
     """
 
     __slots__ = (
         "_clock",
         "_failing",
+        "_last_failure",
         "_on_error",
         "_on_recover",
         "down_since",
         "outages",
+        "quiet",
         "up",
     )
 
@@ -156,10 +162,13 @@ class OutageNotice:
         on_error: Callback | None = None,
         on_recover: Callback | None = None,
         clock: Callable[[], float] = trio.current_time,
+        quiet: float = 0.0,
     ) -> None:
         self._on_error = on_error or _ignore
         self._on_recover = on_recover or _ignore
         self._clock = clock
+        self.quiet = quiet
+        self._last_failure = -math.inf
         self.up = True
         self.outages = 0
         self.down_since = 0.0
@@ -173,6 +182,7 @@ class OutageNotice:
     def failed(self, message: str, kind: str = "") -> bool:
         """Record a failure; True when this started an outage (and was reported)."""
         self._failing.add(kind)
+        self._last_failure = self._clock()
         if not self.up:
             return False
         self.up = False
@@ -190,6 +200,8 @@ class OutageNotice:
             return False
         self._failing.discard(kind)
         if self._failing:  # something else still fails
+            return False
+        if self._clock() - self._last_failure < self.quiet:  # a later success will tell
             return False
         self.up = True
         duration = max(0.0, self._clock() - self.down_since)

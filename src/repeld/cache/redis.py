@@ -227,7 +227,10 @@ class RedisCache(QueuedVerdicts):
         self._notice.failed(f"cache {self.label}: {message}", kind)
 
     async def _probe(self) -> str | None:
-        """None if Redis answers a PING, and a second within lookup_timeout; else why not."""
+        """None if Redis answers a PING, then a lookup's MGET within lookup_timeout;
+        else why not. The MGET is what lookups send: a Redis that answers PING and
+        refuses MGET (an ACL user without it, a proxy) has not recovered."""
+        names = [self.pass_name("probe"), self.penalty_name("probe")]
         try:
             with trio.move_on_after(3 * self.io_timeout) as scope:
                 await trio.to_thread.run_sync(
@@ -237,10 +240,10 @@ class RedisCache(QueuedVerdicts):
                 return "no answer to PING"
             with trio.move_on_after(self.lookup_timeout) as scope:
                 await trio.to_thread.run_sync(
-                    self._ping, limiter=self._limiter, abandon_on_cancel=True
+                    self._mget, names, limiter=self._limiter, abandon_on_cancel=True
                 )
             if scope.cancelled_caught:
-                return f"PING takes longer than {self.lookup_timeout * 1000:.0f} ms"
+                return f"a lookup takes longer than {self.lookup_timeout * 1000:.0f} ms"
         except _ERRORS as exc:
             return _describe(exc)
         return None
@@ -304,33 +307,41 @@ class RedisCache(QueuedVerdicts):
         return found
 
     async def flush(self) -> None:
-        """Write the queued verdicts now, if Redis is up (run does this every flush_interval)."""
-        if self._notice.up:
-            await self._flush()
+        """Write the queued verdicts now, if Redis is up (run does this every flush_interval).
+
+        Waits for a write in flight first (the probe's, while Redis refused writes):
+        at close, what it writes is not counted as dropped.
+        """
+        async with self._flush_lock:
+            if self._notice.up:
+                await self._write_queued()
 
     async def _flush(self) -> bool:
-        # Write the queued verdicts; False if Redis refused them (they stay queued).
+        # The probe's write of the kept verdicts, up or not; False if Redis refused.
         async with self._flush_lock:
-            if not self._pending.queued:
-                return True
-            batch = self._pending.take()
-            written = False
-            try:
-                await trio.to_thread.run_sync(
-                    self._write, batch, self._wallclock(), limiter=self._limiter
-                )
-                written = True
-            except _ERRORS as exc:
-                self._failed(
-                    f"cannot write {len(batch)} entries: {_describe(exc)}", OutageNotice.WRITE
-                )
-            finally:
-                if written:
-                    self._stats.written += len(batch)
-                    self._pending.done()
-                else:
-                    self._stats.dropped += self._pending.failed()
-            return written
+            return await self._write_queued()
+
+    async def _write_queued(self) -> bool:
+        # Write the queued verdicts (the flush lock held); False if Redis refused
+        # them (they stay queued).
+        if not self._pending.queued:
+            return True
+        batch = self._pending.take()
+        written = False
+        try:
+            await trio.to_thread.run_sync(
+                self._write, batch, self._wallclock(), limiter=self._limiter
+            )
+            written = True
+        except _ERRORS as exc:
+            self._failed(f"cannot write {len(batch)} entries: {_describe(exc)}", OutageNotice.WRITE)
+        finally:
+            if written:
+                self._stats.written += len(batch)
+                self._pending.done()
+            else:
+                self._stats.dropped += self._pending.failed()
+        return written
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Check Redis, then write batches while it is up and probe it while it is down.
@@ -355,7 +366,7 @@ class RedisCache(QueuedVerdicts):
                 continue
             self._slow = 0
             notice = self._notice
-            if notice.failing(notice.WRITE) and await self._flush():
+            if notice.failing(notice.WRITE) and not self._closed and await self._flush():
                 notice.ok(f"cache {self.label}: writing again", notice.WRITE)
             notice.ok(f"cache {self.label}: reachable again", notice.READ)
 

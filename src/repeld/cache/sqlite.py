@@ -95,12 +95,16 @@ from repeld.cache.base import (
     Write,
 )
 
-__all__ = ["JOURNAL_MODE", "SCHEMA_VERSION", "SqliteCache"]
+__all__ = ["JOURNAL_MODE", "RECOVER_QUIET", "SCHEMA_VERSION", "SqliteCache"]
 
 SCHEMA_VERSION = 1
 
 #: The rollback journal, kept as an empty cache.sqlite-journal between writes.
 JOURNAL_MODE = "TRUNCATE"
+#: An outage ends only after this many seconds without a failure: lookups go on
+#: while the cache is down, and a file with a few bad pages fails some and not
+#: others (one outage while the failures keep coming, not one per failure).
+RECOVER_QUIET = 2.0
 
 _SCHEMA = f"""
 BEGIN IMMEDIATE;
@@ -222,7 +226,7 @@ class SqliteCache(QueuedVerdicts):
         self._file: _Identity = None  # what self._conn has open
         self._pending = PendingWrites(max_pending, batch_size)
         self._flush_lock = trio.Lock()
-        self._notice = OutageNotice(on_error, on_recover)
+        self._notice = OutageNotice(on_error, on_recover, quiet=RECOVER_QUIET)
         self._stats = CacheStats()
         self._closed = False
 
@@ -404,7 +408,8 @@ class SqliteCache(QueuedVerdicts):
                 break
             total += n
             if n < self.sweep_chunk:
-                self._ok(OutageNotice.WRITE)
+                if not self._pending:  # a batch that failed has yet to be written
+                    self._ok(OutageNotice.WRITE)
                 break
         self._stats.swept += total
         return total
