@@ -343,16 +343,16 @@ ENFORCE_CASES: list[tuple[str, bool, list[tuple[str, bytes, float]], list[Verdic
         [Mute(T0 + 24.875 + CACHE_WAIT), Enforce(EarlyTalk(len(EHLO), EHLO, 24.875), 25.375)],
     ),
     (
-        "a talker that floods is greeted at once, not held to the end",
+        "a talker that floods is cut off, not greeted (it would leave the pen's count)",
         False,
         [("data", EHLO, 0.25), ("flood", b"", 3.0)],
-        [Mute(D), Enforce(FLOODED, 3.0)],
+        [Mute(D), FLOODED],
     ),
     (
-        "a flood while the cache is awaited: greeted at once",
+        "a flood while the cache is awaited: cut off",
         True,
         [("data", EHLO, 0.25), ("flood", b"", 0.375)],
-        [Mute(W), Enforce(FLOODED, 0.375)],
+        [Mute(W), FLOODED],
     ),
     (
         "a silent client remembered as a talker: cut off unheard, as with drop",
@@ -482,7 +482,7 @@ def test_escape_cuts_at_the_limit_without_splitting_an_escape() -> None:
         ("drop", True, EarlyTalk(FLOOD_LIMIT, EHLO, 0.25)),
         ("observe", False, EarlyTalk(FLOOD_LIMIT, EHLO, 0.25)),
         ("observe", True, EarlyTalk(FLOOD_LIMIT, EHLO, 0.25)),
-        ("enforce", False, Enforce(EarlyTalk(FLOOD_LIMIT, EHLO, 0.25), 0.25)),
+        ("enforce", False, EarlyTalk(FLOOD_LIMIT, EHLO, 0.25)),
     ],
 )
 def test_a_talk_that_comes_as_a_flood_ends_the_hold_at_once(

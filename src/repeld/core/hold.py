@@ -25,7 +25,7 @@ end of the delay):
     HOLDING   data, cache pending    -> Mute(W)                         TALKED
     HOLDING   data, observe          -> Logged(T, Mute(D))              OBSERVING
     HOLDING   data, FLOOD_LIMIT bytes or more
-                                     -> T (enforce: Enforce(T))          DONE
+                                     -> T, whatever the mode            DONE
     HOLDING   eof / reset            -> HangUp                          DONE
     HOLDING   silence, early         -> Wait(D)                         HOLDING
     HOLDING   silence, due           -> Pass("delay")                   DONE
@@ -51,7 +51,6 @@ end of the delay):
     OBSERVING eof (half-close)       -> Mute(D)                         OBSERVING
     OBSERVING reset                  -> HangUp                          DONE
     TALKED, OBSERVING flood          -> T, its bytes counted            DONE
-                           enforce   -> Enforce(T) at once              DONE
     HOLDING   dns: allow             -> Pass("dnswl")                   DONE
     HOLDING   dns: block, drop/reject-> Blocked                         DONE
     HOLDING   dns: block, log        -> Logged(Blocked, Wait(D))        HOLDING
@@ -101,7 +100,7 @@ remembers as an early talker is cut off unheard (`Penalty`) as with drop.
 A talker whose cache answer is still to come is not judged on its bytes: a
 client the cache remembers as patient (an Exim with PIPECONNECT sends EHLO,
 MAIL and RCPT before the banner) is passed with those bytes still unread in
-the socket. `Mute` tells the shell to stop watching the socket for bytes
+the socket. `Mute` tells the shell to stop watching the socket for each byte
 (they are there already) and to call `due()` at its deadline. The wait is
 bounded by CACHE_WAIT after the talk: no answer by then counts as unknown.
 In observe mode a talker that the cache is bad about is written down as a
@@ -113,9 +112,11 @@ when its unread bytes reach FLOOD_LIMIT or fill its socket's buffer (`flood()`;
 `data()` when they came in that number at once), and then the talk ends the
 hold at once, in every mode: under drop and reject it is cut off as any talker
 (the cache's answer is not waited for); with --on-early log, which cuts nobody
-off for talking, it is cut off too, written down as a drop, since observing it
-to the end would keep its bytes in the kernel for the whole delay; with
---on-early enforce it is greeted at once, and its dialogue reads what it sent.
+off for talking, and with enforce, it is cut off too, written down as a drop:
+observing it to the end would keep its bytes in the kernel for the whole
+delay, and greeting it at once would let it out of the pen (and out of
+--max-per-client's count) to start another session, and another, until every
+enforce session was its.
 
 The teaser (`opening()`, `opened()`) is the first line of a multi-line
 greeting, `220-TEXT`: postscreen's pregreet test sends it too, so that a bot
@@ -247,8 +248,9 @@ class Wait:
 
 @dataclass(frozen=True, slots=True)
 class Mute:
-    """No verdict yet, and the client's bytes are in: stop watching for more,
-    and call `due()` at or after `deadline` (or `eof()`/`reset()` if it leaves)."""
+    """No verdict yet, and the client's bytes are in: stop watching for each one
+    more (only for a flood of them, `flood()`), and call `due()` at or after
+    `deadline` (or `eof()`/`reset()` if it leaves)."""
 
     deadline: float
 
@@ -565,12 +567,10 @@ class Hold:
         return self._flooded(now)
 
     def _flooded(self, now: float) -> Verdict:
-        # A talker with too much unread: cut off (enforce: greeted) at once.
+        # A talker with too much unread: cut off at once, whatever the mode.
         talk = self._talk
         assert talk is not None
         self._state = _DONE
-        if self.enforce:
-            return Enforce(talk, self._elapsed(now))
         return talk
 
     def _left(self, now: float, reset: bool) -> Verdict:

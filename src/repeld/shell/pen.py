@@ -26,9 +26,12 @@ A talker whose verdict waits (for the pass cache, or to the end of the delay
 in observe mode) is muted: its bytes are in, so the level-triggered set must
 stop reporting them or the pen would spin. Its socket's low-water mark
 (SO_RCVLOWAT) goes up to the core's FLOOD_LIMIT, so it is reported again only
-when it leaves (EPOLLRDHUP, an error; EV_EOF on kqueue) or when that many bytes
+when it leaves (EPOLLRDHUP, an error; EV_EOF on kqueue, where a reset looks
+like an end of file and is found out at the hand-off) or when that many bytes
 wait unread (or, on Linux, when they fill its buffer): then the hold hears of
-the flood (`Hold.flood`) and the bytes are not kept for the whole delay. The
+the flood (`Hold.flood`) and the bytes are not kept for the whole delay. A
+flood is looked for, too, before an answer or a deadline decides a muted
+talker, since the pen may not have served the readiness yet. The
 mark goes back to 1 as the talker leaves the pen, before the MTA or repeld's
 own dialogue reads from it. Its deadline goes in a small heap, as only
 talkers are ever in it.
@@ -194,7 +197,10 @@ class HoldingPen:
         if held.hold.done or self._held.get(held.sock.fileno()) is not held:
             return False
         now = trio.current_time()
-        if look is not None and not held.hold.muted and look(now):
+        if held.hold.muted:
+            if self._flooded(held, now):  # its readiness, not yet served, comes first
+                return False
+        elif look is not None and look(now):
             self._peek(held, now, due=False)
             if not self._live(held):
                 return False
@@ -316,7 +322,8 @@ class HoldingPen:
                 self._queued -= 1
                 if self._live(held):
                     if held.hold.muted:
-                        self._decide(held, held.hold.due(now))
+                        if not self._flooded(held, now):
+                            self._decide(held, held.hold.due(now))
                     else:
                         self._peek(held, now, due=True)
             if queue:
@@ -330,7 +337,8 @@ class HoldingPen:
             if not self._live(held):
                 continue
             if held.hold.muted:
-                self._decide(held, held.hold.due(now))
+                if not self._flooded(held, now):
+                    self._decide(held, held.hold.due(now))
             else:  # silent, held beyond its delay
                 self._peek(held, now, due=True)
         if waits:
@@ -355,6 +363,15 @@ class HoldingPen:
             else:
                 self._peek(held, now, due=False)
         return len(ready)
+
+    def _flooded(self, held: Held, now: float) -> bool:
+        """A muted talker decided by its flood (True): before an answer or its
+        deadline, whose turn may come before the pen serves the readiness."""
+        total = _pending(held.sock)
+        if total < FLOOD_LIMIT:
+            return False
+        self._decide(held, held.hold.flood(total, now))
+        return True
 
     def _muted_ready(self, held: Held, ev: int, now: float) -> Verdict:
         hold = held.hold

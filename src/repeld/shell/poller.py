@@ -61,17 +61,20 @@ if sys.platform == "linux":
     #: Set in what ready() reports when the socket has an error pending (a
     #: refused connect, a reset); 0 where the poller cannot tell.
     ERROR_READY = select.EPOLLERR | select.EPOLLHUP
-    #: Interest in the peer's leaving only (FIN or RST), not in bytes: for a
-    #: socket whose unread bytes are already known (the pen's muted talkers).
-    #: 0 where the poller has no such interest: the socket leaves the set.
+    #: Interest in the peer's leaving (FIN or RST), reported as a bit of its own:
+    #: the pen's muted talkers are watched for IN with a raised low-water mark
+    #: (SO_RCVLOWAT) and HUP, so an end of file below the mark is told from a
+    #: flood. 0 where the poller has no such bit (kqueue: EV_EOF comes on the
+    #: read filter, and a reset looks like an end of file).
     HUP = select.EPOLLRDHUP
 
     class Poller:
         """A level-triggered readiness set that trio waits on as one fd (epoll).
 
-        No EPOLLRDHUP with IN: end of file shows as readable, and a socket that is
-        interesting for nothing (mask 0) is taken out of the set, so an EPOLLHUP
-        that is reported regardless of interest cannot spin the pool.
+        End of file shows as readable (EPOLLRDHUP besides, for the pen's muted
+        talkers), and a socket that is interesting for nothing (mask 0) is taken
+        out of the set, so an EPOLLHUP that is reported regardless of interest
+        cannot spin the pool.
         """
 
         def __init__(self) -> None:
