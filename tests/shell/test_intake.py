@@ -271,6 +271,34 @@ async def test_max_per_client_counts_an_ipv6_client_by_its_network(
             sock.close()
 
 
+async def test_a_reload_does_not_change_what_the_cache_keys_an_ipv6_client_by(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # --cache-v6-prefix takes effect after a restart (the reload event says so):
+    # a reload that changes it must not change the keys the cache learns under.
+    import dataclasses
+
+    from repeld.cache.memory import MemoryCache
+    from repeld.cache.spec import parse_cache_url
+
+    async with running(
+        cache=parse_cache_url("memory"), penalty_ttl=600.0, cache_v6_prefix=64, **FROM_BALANCER
+    ) as h:
+        server = h.server
+        server.apply(
+            dataclasses.replace(server.settings, cache_v6_prefix=128),
+            server.admission.policy.trusted,
+            None,
+        )
+        sock = await _through(h.address(), v2("2001:db8:1:2::a", 40001, "2001:db8::25", 25))
+        await sock.send(b"EHLO bot\r\n")
+        await h.receiver.wait_for("early-talker")
+        await trio.sleep(1.0)  # the cache's writer
+        assert isinstance(server.cache, MemoryCache)
+        assert list(server.cache._entries) == ["2001:db8:1:2::/64"]
+        sock.close()
+
+
 async def test_an_ipv6_client_through_an_ipv4_balancer(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -81,6 +81,9 @@ class Admission:
         #: header-pending ones), set by the server.
         self.also_held: Callable[[], int] = lambda: 0
         self._penalties = settings.penalty_ttl > 0
+        #: --cache-v6-prefix takes effect after a restart: the cache's keys (and the
+        #: pen's --max-per-client count) keep the one repeld started with.
+        self._v6_prefix = settings.cache_v6_prefix
         # limit -> (time of the last overload event, refusals since then)
         self._overload: dict[Refuse, tuple[float, int]] = {}
         self.configure(settings, trusted, settings.dns_policy())
@@ -124,7 +127,7 @@ class Admission:
         key = None
         if self.lookups is not None:
             try:
-                key = cache_key(conn.client, self.settings.cache_v6_prefix)
+                key = cache_key(conn.client, self._v6_prefix)
             except ValueError:
                 pass
         settings = self.settings

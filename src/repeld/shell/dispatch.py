@@ -64,6 +64,9 @@ class Dispatch:
         self.settings = settings
         self.log = log
         self.handoff = handoff
+        #: The cache's keys keep the --cache-v6-prefix repeld started with (a
+        #: restart-only setting; a reload's value is not the cache's).
+        self._v6_prefix = settings.cache_v6_prefix
         #: The pass cache that learns from verdicts (None when off).
         self.cache: PassCache | None = None
         #: DNS lists are configured: verdict events carry their score.
@@ -92,9 +95,10 @@ class Dispatch:
             case EarlyTalk():
                 action = EarlyAction(self.settings.on_early)
                 if action not in _CUTS:
-                    # Held under drop or reject, then a reload to log or enforce: the
-                    # hold decided by the mode it began in (log and enforce holds
-                    # never end in EarlyTalk), so it is cut off, and written so.
+                    # A log or enforce hold's talker that flooded (core/hold.py's
+                    # FLOOD_LIMIT), or one held under drop or reject, then a reload
+                    # to log or enforce (the hold decides by the mode it began in):
+                    # cut off, and written so.
                     action = EarlyAction.DROP
                 rtt = rtt_ms(held.sock)
                 cut_off(held.sock, verdict, action)
@@ -170,7 +174,7 @@ class Dispatch:
         if taught is None or self.cache is None:
             return
         try:
-            key = cache_key(conn.client, self.settings.cache_v6_prefix)
+            key = cache_key(conn.client, self._v6_prefix)
         except ValueError:
             return
         if taught is Lesson.GOOD:
