@@ -23,6 +23,7 @@ from repeld.config.file import load_settings, read_config
 from repeld.config.options import OPTIONS
 from repeld.config.values import dns_list
 from repeld.core import events
+from repeld.core.addresses import cache_key
 from repeld.core.dnsbl import DnsAction, DnsList, DnsPolicy, DnsScore, ReplyFilter
 from repeld.core.events import ConnInfo
 from repeld.core.hold import (
@@ -397,3 +398,36 @@ def test_any_file_content_gives_settings_or_config_error(content: bytes) -> None
             load_settings({}, str(path), explicit=True)
         except ConfigError as exc:
             assert exc.problems
+
+
+def _key_by_ipaddress(address: str, prefix: int) -> str:
+    # cache_key as it was written before its fast path (the keys stored in caches).
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, prefix), strict=False))
+
+
+_V6_SHAPES = st.sampled_from(["compressed", "exploded", "upper"])
+
+
+@settings(max_examples=3000)
+@given(
+    value=st.one_of(
+        st.integers(min_value=0, max_value=2**128 - 1),
+        st.integers(min_value=0, max_value=2**48 - 1),  # ::a.b.c.d, ::ffff:..., zeros
+        st.integers(min_value=0, max_value=2**32 - 1).map(lambda v: v | 0xFFFF << 32),
+        st.integers(min_value=0, max_value=2**64 - 1).map(lambda v: v << 64),
+    ),
+    prefix=st.integers(min_value=32, max_value=128),
+    shape=_V6_SHAPES,
+)
+def test_the_cache_key_of_an_ipv6_address_is_what_ipaddress_writes(
+    value: int, prefix: int, shape: str
+) -> None:
+    # The keys are stored in SQLite and Redis: the fast path (inet_pton and
+    # inet_ntop) must write them exactly as ipaddress did, or a remembered
+    # client is remembered no more.
+    ip = ipaddress.IPv6Address(value)
+    text = {"compressed": ip.compressed, "exploded": ip.exploded, "upper": str(ip).upper()}[shape]
+    assert cache_key(text, prefix) == _key_by_ipaddress(text, prefix)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 
 __all__ = [
     "DEFAULT_V6_PREFIX",
@@ -143,6 +144,28 @@ def check_v6_prefix(v6_prefix: int) -> None:
         )
 
 
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def _v6_key(address: str, v6_prefix: int) -> str | None:
+    # cache_key of a plain IPv6 address, as ipaddress writes it, in a sixth of
+    # its time (some 2 against 13 us: it runs per held IPv6 client, in the
+    # accept path); None for ipaddress to do it: a dotted part, a scope id, an
+    # address inet_pton refuses, or a result inet_ntop writes dotted (::a.b.c.d).
+    if "." in address or "%" in address:
+        return None
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, address)
+    except (OSError, ValueError):
+        return None
+    if packed[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    drop = 128 - v6_prefix
+    network = (int.from_bytes(packed, "big") >> drop << drop).to_bytes(16, "big")
+    text = socket.inet_ntop(socket.AF_INET6, network)
+    return None if "." in text else f"{text}/{v6_prefix}"
+
+
 def cache_key(address: str, v6_prefix: int = DEFAULT_V6_PREFIX) -> str:
     """The key `address` is remembered under.
 
@@ -156,6 +179,9 @@ def cache_key(address: str, v6_prefix: int = DEFAULT_V6_PREFIX) -> str:
         if _ipv4_int(address) is None:
             raise ValueError(f"{address!r} is not an IP address")
         return address
+    key = _v6_key(address, v6_prefix)
+    if key is not None:
+        return key
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv4Address):
         return str(ip)
