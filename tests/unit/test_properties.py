@@ -431,3 +431,24 @@ def test_the_cache_key_of_an_ipv6_address_is_what_ipaddress_writes(
     ip = ipaddress.IPv6Address(value)
     text = {"compressed": ip.compressed, "exploded": ip.exploded, "upper": str(ip).upper()}[shape]
     assert cache_key(text, prefix) == _key_by_ipaddress(text, prefix)
+
+
+@settings(max_examples=3000)
+@given(
+    text=st.text(alphabet="0123456789abcdefABCDEF:", max_size=45),
+    prefix=st.integers(min_value=32, max_value=128),
+)
+def test_a_spelling_the_fast_ipv6_path_takes_is_one_ipaddress_takes_too(
+    text: str, prefix: int
+) -> None:
+    # The fast path must refuse (to ipaddress, which raises) whatever ipaddress
+    # refuses: otherwise a string that was no address would now be keyed.
+    try:
+        expected: str | None = _key_by_ipaddress(text, prefix)
+    except ValueError:
+        expected = None
+    try:
+        got: str | None = cache_key(text, prefix)
+    except ValueError:
+        got = None
+    assert got == expected
