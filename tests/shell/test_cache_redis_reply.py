@@ -75,3 +75,31 @@ async def test_an_mget_answered_with_another_count_is_unknown_and_an_error(reply
         assert len(errors) == 1
         assert "MGET of 2 names answered" in errors[0], errors
         nursery.cancel_scope.cancel()
+
+
+async def test_a_look_alike_whose_mget_is_short_stays_one_outage() -> None:
+    # The probe's MGET must be judged as a lookup's: accepting any answer ended
+    # the outage at every probe, and the next lookup began another (20 in 3 s).
+    errors: list[str] = []
+    recoveries: list[str] = []
+    async with trio.open_nursery() as nursery:
+        serve = functools.partial(trio.serve_tcp, _look_alike(b"*1\r\n_\r\n"), 0, host="127.0.0.1")
+        (listener,) = await nursery.start(serve)
+        port = listener.socket.getsockname()[1]
+        cache = RedisCache(
+            "127.0.0.1",
+            port,
+            on_error=errors.append,
+            on_recover=recoveries.append,
+            lookup_timeout=2.0,
+            io_timeout=2.0,
+            retry_min=0.05,
+            retry_max=0.1,
+        )
+        await nursery.start(cache.run)
+        for _ in range(10):  # probes every 0.1 s meanwhile
+            assert await cache.lookup("192.0.2.1") is CacheVerdict.UNKNOWN
+            await trio.sleep(0.15)
+        assert len(errors) == 1 and "MGET of 2 names answered" in errors[0], errors
+        assert recoveries == [] and cache.statistics()["outages"] == 1
+        nursery.cancel_scope.cancel()

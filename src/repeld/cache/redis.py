@@ -238,12 +238,16 @@ class RedisCache(QueuedVerdicts):
                 )
             if scope.cancelled_caught:
                 return "no answer to PING"
+            values: object = None
             with trio.move_on_after(self.lookup_timeout) as scope:
-                await trio.to_thread.run_sync(
+                values = await trio.to_thread.run_sync(
                     self._mget, names, limiter=self._limiter, abandon_on_cancel=True
                 )
             if scope.cancelled_caught:
                 return f"a lookup takes longer than {self.lookup_timeout * 1000:.0f} ms"
+            if not isinstance(values, list) or len(values) != len(names):
+                # As a lookup judges it (_fetch): a look-alike's short answer.
+                return f"MGET of {len(names)} names answered {_count(values)}"
         except _ERRORS as exc:
             return _describe(exc)
         return None
