@@ -16,6 +16,7 @@ import sys
 import time
 
 import trio
+import trio.testing
 
 from repeld.config.settings import Settings
 from repeld.process import workers
@@ -65,3 +66,38 @@ async def test_an_answer_to_an_earlier_reload_does_not_answer_this_one() -> None
             child.kill()
             await child.wait()
     assert workers.RELOAD_WAIT == 10.0
+
+
+async def test_reloads_run_one_at_a_time_and_sighups_meanwhile_are_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Five SIGHUPs during a reload that waits: one more reload after it, not five
+    # rounds of RELOADING=1 / READY=1 in a row (trio's signal receiver merged them
+    # when the signal loop waited for each reload itself).
+    from repeld.process.reloads import Reloads
+
+    stopping = False
+    runs: list[tuple[str, float]] = []
+
+    async def reload() -> None:
+        runs.append(("begin", trio.current_time()))
+        await trio.sleep(1.0)
+        runs.append(("end", trio.current_time()))
+
+    reloads = Reloads(lambda: stopping)
+    async with trio.open_nursery() as nursery:
+        reloads.request(nursery, reload)
+        await trio.sleep(0.1)
+        for _ in range(5):
+            reloads.request(nursery, reload)
+    assert [what for what, _ in runs] == ["begin", "end", "begin", "end"]
+    assert runs[2][1] >= runs[1][1]  # never two at once
+
+    runs.clear()
+    async with trio.open_nursery() as nursery:
+        reloads.request(nursery, reload)
+        await trio.sleep(0.1)
+        reloads.request(nursery, reload)  # waits behind the first
+        stopping = True  # a SIGTERM: the waiting one never begins, no new one starts
+        reloads.request(nursery, reload)
+    assert [what for what, _ in runs] == ["begin", "end"]

@@ -38,6 +38,7 @@ from repeld.core.addresses import host_port
 from repeld.core.names import EventName
 from repeld.metrics import merge, render
 from repeld.process import workers
+from repeld.process.reloads import Reloads
 from repeld.service import activation, privileges, sdnotify
 from repeld.service.pidfile import PidFile, PidFileError
 from repeld.shell.backendwatch import BackendWatch
@@ -77,6 +78,7 @@ async def _reload(
     log: EventLog,
     reload_settings: Callable[[], Settings],
     watch: BackendWatch | None = None,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> None:
     sdnotify.reloading()
     began = time.monotonic()  # a worker's answer says which SIGHUP it is for
@@ -84,6 +86,8 @@ async def _reload(
         settings = reload_settings()
         trusted = load_trusted(settings)
         backend = await resolve_optional_backend(settings)
+        if stopping():  # a SIGTERM came while the name was resolved: draining now
+            return
     except Exception as exc:  # whatever reading it raised: the old one stays
         reason = str(exc).replace("\n", "; ")
         log.emit(events.config_error(reason))
@@ -109,18 +113,26 @@ async def _handle_signals(
     watch: BackendWatch | None = None,
 ) -> None:
     stopping = False
-    async for signum in signals:
-        if signum == signal.SIGHUP:
-            await _reload(server, log, reload_settings, watch)
-        elif signum in (signal.SIGTERM, signal.SIGINT):
-            sdnotify.stopping()
-            # The first asks for a drain; a second cuts the relays at once.
-            server.shutdown(0.0 if stopping else None)
-            stopping = True
-        elif not workers.send_statistics(  # a worker tells its parent
-            server.statistics(), server.metrics_snapshot() if server.metrics else None
-        ):
-            log.emit(events.stats(server.statistics(), trio.current_time() - started))
+    # A reload is a task of its own (process/reloads.py): one that resolves the
+    # backend's name for long must not hold up a SIGTERM.
+    reloads = Reloads(lambda: stopping)
+
+    async def reload() -> None:
+        await _reload(server, log, reload_settings, watch, reloads.stopping)
+
+    async with trio.open_nursery() as nursery:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                reloads.request(nursery, reload)
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                sdnotify.stopping()
+                # The first asks for a drain; a second cuts the relays at once.
+                server.shutdown(0.0 if stopping else None)
+                stopping = True
+            elif not workers.send_statistics(  # a worker tells its parent
+                server.statistics(), server.metrics_snapshot() if server.metrics else None
+            ):
+                log.emit(events.stats(server.statistics(), trio.current_time() - started))
 
 
 async def serve_forever(

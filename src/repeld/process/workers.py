@@ -55,6 +55,7 @@ from repeld.core import events
 from repeld.core.addresses import host_port
 from repeld.core.names import EventName
 from repeld.metrics import ProcessStats, Snapshot, WorkerTally, render
+from repeld.process.reloads import Reloads
 from repeld.service import activation, privileges, sdnotify
 from repeld.service.listeners import (
     backlog_for,
@@ -208,8 +209,8 @@ class Supervisor:
         #: and "" (reloaded) or why the worker refused.
         self._reloads: dict[int, tuple[float, str]] = {}
         self._reload_arrived = trio.Event()
-        #: One reload at a time (each waits for its workers' answers).
-        self.reloading = trio.Lock()
+        #: SIGHUP's reloads: one at a time, each waiting for its workers' answers.
+        self.reloads = Reloads(lambda: self.stopping)
 
     def _sockets_for(self, index: int) -> list[tuple[socket.socket, Listen]]:
         return self.sockets[index % len(self.sockets)]
@@ -413,26 +414,25 @@ def _reload_status(workers: int, reloaded: int, refused: list[str], silent: int)
 async def _reload(
     sup: Supervisor, reload_settings: Callable[[], Settings], watch: BackendWatch
 ) -> None:
-    # One SIGHUP, in a task of its own: waiting for the workers' answers must
-    # not hold up a SIGTERM or a SIGUSR1 that comes meanwhile.
-    async with sup.reloading:
-        sdnotify.reloading()
-        try:
-            settings = reload_settings()
-        except Exception as exc:  # whatever reading it raised: the old one stays
-            reason = str(exc).replace("\n", "; ")
-            sup.log.emit(events.config_error(reason))
-            if sup.log.stderr is None:  # to the journal too, as daemon._reload does
-                print(f"repeld: {sdnotify.REFUSED}: {reason}", file=sys.stderr, flush=True)
-            sdnotify.reload_refused(reason)
-            return
-        reloaded, refused, silent = await sup.reload_workers()
-        if sup.stopping:  # a SIGTERM came meanwhile: STOPPING=1 was the last word
-            return
-        if reloaded or not refused:  # unless every worker that answered refused
-            sup.log.reconfigure(settings)
-            watch.reconfigure(settings)  # the periodic backend check
-        sdnotify.ready(_reload_status(settings.workers, reloaded, refused, silent))
+    # One SIGHUP, in a task of its own (process/reloads.py): waiting for the
+    # workers' answers must not hold up a SIGTERM or a SIGUSR1 meanwhile.
+    sdnotify.reloading()
+    try:
+        settings = reload_settings()
+    except Exception as exc:  # whatever reading it raised: the old one stays
+        reason = str(exc).replace("\n", "; ")
+        sup.log.emit(events.config_error(reason))
+        if sup.log.stderr is None:  # to the journal too, as daemon._reload does
+            print(f"repeld: {sdnotify.REFUSED}: {reason}", file=sys.stderr, flush=True)
+        sdnotify.reload_refused(reason)
+        return
+    reloaded, refused, silent = await sup.reload_workers()
+    if sup.stopping:  # a SIGTERM came meanwhile: STOPPING=1 was the last word
+        return
+    if reloaded or not refused:  # unless every worker that answered refused
+        sup.log.reconfigure(settings)
+        watch.reconfigure(settings)  # the periodic backend check
+    sdnotify.ready(_reload_status(settings.workers, reloaded, refused, silent))
 
 
 async def _handle_signals(
@@ -442,16 +442,29 @@ async def _handle_signals(
     started: float,
     watch: BackendWatch,
 ) -> None:
+    collecting = False
+
+    async def collect() -> None:  # SIGUSR1s during a round are that round, as before
+        nonlocal collecting
+        try:
+            await sup.collect_stats(started)
+        finally:
+            collecting = False
+
+    async def reload() -> None:
+        await _reload(sup, reload_settings, watch)
+
     async with trio.open_nursery() as nursery:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                nursery.start_soon(_reload, sup, reload_settings, watch)
+                sup.reloads.request(nursery, reload)
             elif signum in (signal.SIGTERM, signal.SIGINT):
                 sdnotify.stopping()
                 sup.stopping = True
                 sup.signal_workers(signal.SIGTERM)
-            else:
-                nursery.start_soon(sup.collect_stats, started)
+            elif not collecting:
+                collecting = True
+                nursery.start_soon(collect)
 
 
 async def supervise(
