@@ -26,8 +26,9 @@ from repeld.shell.eventlog import EventLog
 _IGNORE_HUP = "import signal, time; signal.signal(signal.SIGHUP, signal.SIG_IGN); time.sleep(60)"
 
 
-def _answer(fd: int, pid: int, refused: str, began: float) -> None:
-    os.write(fd, json.dumps({"pid": pid, "reload": refused, "began": began}).encode() + b"\n")
+def _answer(fd: int, pid: int, refused: str, began: float, stopping: bool = False) -> None:
+    line = {"pid": pid, "reload": refused, "began": began, "stopping": int(stopping)}
+    os.write(fd, json.dumps(line).encode() + b"\n")
 
 
 async def test_an_answer_to_an_earlier_reload_does_not_answer_this_one() -> None:
@@ -68,6 +69,37 @@ async def test_an_answer_to_an_earlier_reload_does_not_answer_this_one() -> None
     assert workers.RELOAD_WAIT == 10.0
 
 
+async def test_a_draining_worker_is_not_waited_for(autojump_clock: trio.testing.MockClock) -> None:
+    # A worker that got a SIGTERM of its own drains and does not reload; it says
+    # so, and the parent neither waits RELOAD_WAIT for it nor counts it silent.
+    sup = Supervisor(Settings(), [], [], EventLog(None, hostname="test"))
+    children = [await trio.lowlevel.open_process([sys.executable, "-c", _IGNORE_HUP]) for _ in "ab"]
+    read_fd, write_fd = os.pipe()
+    try:
+        for index, child in enumerate(children):
+            sup.procs[index] = child
+            sup.ready.add(child.pid)
+        a, b = (child.pid for child in children)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sup._read_stats, read_fd)
+
+            async def workers_answer() -> None:
+                await trio.sleep(0.05)
+                _answer(write_fd, a, "", time.monotonic())
+                _answer(write_fd, b, "", time.monotonic(), stopping=True)
+
+            nursery.start_soon(workers_answer)
+            started = trio.current_time()
+            assert await sup.reload_workers() == (1, [], 0)
+            assert trio.current_time() - started < workers.RELOAD_WAIT
+            nursery.cancel_scope.cancel()
+    finally:
+        os.close(write_fd)
+        for child in children:
+            child.kill()
+            await child.wait()
+
+
 async def test_reloads_run_one_at_a_time_and_sighups_meanwhile_are_one(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -84,7 +116,8 @@ async def test_reloads_run_one_at_a_time_and_sighups_meanwhile_are_one(
         await trio.sleep(1.0)
         runs.append(("end", trio.current_time()))
 
-    reloads = Reloads(lambda: stopping)
+    skipped: list[float] = []
+    reloads = Reloads(lambda: stopping, lambda: skipped.append(trio.current_time()))
     async with trio.open_nursery() as nursery:
         reloads.request(nursery, reload)
         await trio.sleep(0.1)
@@ -101,3 +134,4 @@ async def test_reloads_run_one_at_a_time_and_sighups_meanwhile_are_one(
         stopping = True  # a SIGTERM: the waiting one never begins, no new one starts
         reloads.request(nursery, reload)
     assert [what for what, _ in runs] == ["begin", "end"]
+    assert len(skipped) == 2  # each told (a worker answers its parent)

@@ -547,6 +547,37 @@ def test_a_sigterm_is_not_held_up_by_a_reload_waiting_for_a_worker(
             proc.wait()
 
 
+def test_ctrl_c_on_foreground_workers_drains_the_relays(
+    syslog: SyslogUDP, backend: LineBackend
+) -> None:
+    # ^C sends SIGINT to the terminal's whole process group. The workers were in
+    # it, so each had that SIGINT and the parent's SIGTERM: two stop signals, and
+    # the second cuts the relays at once. They run in sessions of their own now.
+    port = free_port()
+    argv = [sys.executable, "-m", "repeld", "-f", "-b", backend.address, "--no-cache"]
+    argv += ["-l", f"127.0.0.1:{port}", "-w", "2", "-t", "127.0.0.2", "--shutdown-grace", "60"]
+    argv += ["--syslog", syslog.target, *AS_ROOT]
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        syslog.wait_for("start", 3)  # the parent's and both workers'
+        relayed = connect(port, source="127.0.0.2")
+        assert read_line(relayed) == b"220 backend.test ESMTP\r\n"
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on ^C
+        syslog.wait_for("stop", 1)  # the worker that holds no relay is done
+        relayed.settimeout(2.0)
+        with pytest.raises(TimeoutError):  # draining: the relay goes on
+            relayed.recv(100)
+        relayed.close()
+        proc.send_signal(signal.SIGTERM)  # a second stop signal: cut, and gone
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def test_reload_status_says_what_the_workers_did() -> None:
     from repeld.process.workers import _reload_status
 

@@ -86,15 +86,19 @@ async def _reload(
         settings = reload_settings()
         trusted = load_trusted(settings)
         backend = await resolve_optional_backend(settings)
-        if stopping():  # a SIGTERM came while the name was resolved: draining now
-            return
     except Exception as exc:  # whatever reading it raised: the old one stays
+        if stopping():  # a SIGTERM came meanwhile: STOPPING=1 was the last word
+            workers.report_reload(None, began, stopping=True)
+            return
         reason = str(exc).replace("\n", "; ")
         log.emit(events.config_error(reason))
         if log.stderr is None:  # to the journal too (with -f the event line is there)
             print(f"repeld: {sdnotify.REFUSED}: {reason}", file=sys.stderr, flush=True)
         sdnotify.reload_refused(reason)
         workers.report_reload(reason, began)  # a worker tells its parent, which tells systemd
+        return
+    if stopping():  # a SIGTERM came while the name was resolved: draining now
+        workers.report_reload(None, began, stopping=True)
         return
     log.emit(events.reload(server.apply(settings, trusted, backend)))
     if watch is not None:  # the backend check, in the background (shell/backendwatch.py)
@@ -113,9 +117,13 @@ async def _handle_signals(
     watch: BackendWatch | None = None,
 ) -> None:
     stopping = False
+
     # A reload is a task of its own (process/reloads.py): one that resolves the
     # backend's name for long must not hold up a SIGTERM.
-    reloads = Reloads(lambda: stopping)
+    def skipped() -> None:  # a worker draining still answers its parent, which waits
+        workers.report_reload(None, time.monotonic(), stopping=True)
+
+    reloads = Reloads(lambda: stopping, skipped)
 
     async def reload() -> None:
         await _reload(server, log, reload_settings, watch, reloads.stopping)

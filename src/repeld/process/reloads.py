@@ -12,8 +12,9 @@ starts a task, and the tasks keep the old loop's two properties:
   receiver made them when the loop waited for each reload itself: the waiting
   reload reads the files as they are when it runs.
 
-Once the process is stopping, no reload begins, and one that has begun does not
-apply its settings (`stopping()`; STOPPING=1 was systemd's last word).
+Once the process is stopping, no reload begins (`skipped()` is told, so that a
+worker still answers its parent), and one that has begun does not apply its
+settings (`stopping()`; STOPPING=1 was systemd's last word).
 """
 
 from __future__ import annotations
@@ -28,15 +29,22 @@ __all__ = ["Reloads"]
 class Reloads:
     """The reloads of one process; `request` one per SIGHUP."""
 
-    def __init__(self, stopping: Callable[[], bool]) -> None:
+    def __init__(
+        self, stopping: Callable[[], bool], skipped: Callable[[], None] = lambda: None
+    ) -> None:
         #: True once a SIGTERM (or SIGINT) has come.
         self.stopping = stopping
+        #: Called for a reload that does not begin because the process is stopping.
+        self.skipped = skipped
         self._lock = trio.Lock()
         self._waiting = False
 
     def request(self, nursery: trio.Nursery, reload: Callable[[], Awaitable[None]]) -> None:
         """Reload in a task of `nursery`, unless one is waiting already (it will do)."""
-        if self._waiting or self.stopping():
+        if self.stopping():
+            self.skipped()
+            return
+        if self._waiting:
             return
         self._waiting = True
         nursery.start_soon(self._run, reload)
@@ -44,5 +52,7 @@ class Reloads:
     async def _run(self, reload: Callable[[], Awaitable[None]]) -> None:
         async with self._lock:
             self._waiting = False
-            if not self.stopping():
+            if self.stopping():
+                self.skipped()
+            else:
                 await reload()

@@ -134,12 +134,12 @@ def send_statistics(stats: dict[str, int], metrics: Snapshot | None = None) -> b
     return _tell_parent({**stats, "metrics": metrics})
 
 
-def report_reload(refused: str | None, began: float) -> bool:
+def report_reload(refused: str | None, began: float, *, stopping: bool = False) -> bool:
     """In a worker: tell the parent how a SIGHUP went (`refused`: why it was
     refused, None if the new configuration serves; `began`: when this reload
-    began, on the host's monotonic clock, which the parent reads alike); False
-    when not a worker."""
-    return _tell_parent({"reload": refused or "", "began": began})
+    began, on the host's monotonic clock, which the parent reads alike;
+    `stopping`: it did not reload, being stopped); False when not a worker."""
+    return _tell_parent({"reload": refused or "", "began": began, "stopping": int(stopping)})
 
 
 def outside_view(settings: Settings) -> Outside:
@@ -206,8 +206,9 @@ class Supervisor:
         self._lifelines: dict[int, int] = {}
         self._stats_arrived = trio.Event()
         #: Each worker's last reload by pid: when it began (host monotonic clock),
-        #: and "" (reloaded) or why the worker refused.
-        self._reloads: dict[int, tuple[float, str]] = {}
+        #: "" (reloaded) or why the worker refused, and whether it was stopping
+        #: (draining after a SIGTERM of its own: it takes no part in the reload).
+        self._reloads: dict[int, tuple[float, str, bool]] = {}
         self._reload_arrived = trio.Event()
         #: SIGHUP's reloads: one at a time, each waiting for its workers' answers.
         self.reloads = Reloads(lambda: self.stopping)
@@ -234,6 +235,10 @@ class Supervisor:
                 env=env,
                 pass_fds=[s.fileno() for s, _ in socks] + [write_fd, life_read],
                 stdin=subprocess.DEVNULL,
+                # Out of the terminal's process group: ^C on `repeld -f -w N` reaches
+                # the parent alone, which forwards one SIGTERM (a drain). A worker that
+                # had the SIGINT too counted two stop signals and cut its relays.
+                start_new_session=True,
             )
         finally:
             os.close(write_fd)
@@ -259,7 +264,8 @@ class Supervisor:
                             continue
                         if "reload" in data:
                             began = float(data.get("began", 0.0))
-                            self._reloads[pid] = (began, str(data["reload"]))
+                            stopping = bool(data.get("stopping"))
+                            self._reloads[pid] = (began, str(data["reload"]), stopping)
                             self._reload_arrived.set()
                             continue
                         metrics = data.pop("metrics", None)
@@ -329,20 +335,29 @@ class Supervisor:
         expected = {proc.pid for proc in self.procs.values()} & self.ready
         self.signal_workers(signal.SIGHUP)
 
-        def answers() -> dict[int, str]:
-            return {
-                pid: reason
-                for pid, (began, reason) in self._reloads.items()
-                if pid in expected and began >= sent
-            }
+        def answers() -> tuple[dict[int, str], set[int]]:
+            # Who answered this reload, and who is draining (not waited for).
+            got: dict[int, str] = {}
+            draining: set[int] = set()
+            for pid, (began, reason, stopping) in self._reloads.items():
+                if pid in expected and began >= sent:
+                    if stopping:
+                        draining.add(pid)
+                    else:
+                        got[pid] = reason
+            return got, draining
 
         with trio.move_on_after(RELOAD_WAIT):
-            while not self._live(expected) <= answers().keys():
+            while True:
+                got, draining = answers()
+                if self._live(expected) - draining <= got.keys():
+                    break
                 self._reload_arrived = trio.Event()
                 await self._reload_arrived.wait()
-        got = answers()
+        got, draining = answers()
         refused = [reason for reason in got.values() if reason]
-        return len(got) - len(refused), refused, len(self._live(expected) - got.keys())
+        silent = self._live(expected) - draining - got.keys()
+        return len(got) - len(refused), refused, len(silent)
 
     def _live(self, pids: set[int]) -> set[int]:
         return pids & {proc.pid for proc in self.procs.values()}
