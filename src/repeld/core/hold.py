@@ -543,7 +543,7 @@ class Hold:
         talk = EarlyTalk(nbytes, bytes(peeked[:PEEK_LIMIT]), self._elapsed(now), self.teased)
         self._talk = talk
         if nbytes >= FLOOD_LIMIT:
-            return self._flooded(now)
+            return self._flooded()
         if self._pending or self._good:  # the cache's answer, or the lists', decides
             self._state = _TALKED
             return self._holding_on()
@@ -564,9 +564,9 @@ class Hold:
         if self._state == _HOLDING or talk is None:
             raise LocalProtocolError("flood() for a hold that was not muted")
         self._talk = replace(talk, nbytes=max(talk.nbytes, total))
-        return self._flooded(now)
+        return self._flooded()
 
-    def _flooded(self, now: float) -> Verdict:
+    def _flooded(self) -> Verdict:
         # A talker with too much unread: cut off at once, whatever the mode.
         talk = self._talk
         assert talk is not None
