@@ -183,6 +183,8 @@ async def test_a_redis_that_refuses_writes_is_one_outage_until_it_takes_them(
     mx1 = make(server, calls)
     mx2 = make(server)
     async with running_caches(mx1, mx2):
+        mx1.remember_good("192.0.2.7")  # stored while Redis takes writes
+        await eventually(answers(mx2, "192.0.2.7", GOOD))
         await trio.to_thread.run_sync(admin.replicaof, "127.0.0.1", str(free_port()))
         mx1.remember_good("192.0.2.8")
         await until(lambda: len(calls.errors) == 1)
@@ -192,6 +194,9 @@ async def test_a_redis_that_refuses_writes_is_one_outage_until_it_takes_them(
         assert calls.recoveries == [], calls.recoveries
         assert mx1.statistics()["outages"] == 1
         assert await mx1.lookup("192.0.2.8") is GOOD  # still queued, still answers
+        # Down for its writes alone, Redis still answers lookups (they were off for
+        # the whole outage: every client waited the full delay).
+        assert await mx1.lookup("192.0.2.7") is GOOD
 
         await trio.to_thread.run_sync(admin.replicaof, "NO", "ONE")
         await until(lambda: len(calls.recoveries) == 1)

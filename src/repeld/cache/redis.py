@@ -40,12 +40,13 @@ of this cache's own. Why this and not something else:
   its limiter token until then, so threads never pile up beyond `threads`.
 
 Outages: a Redis error, or `timeouts_before_down` (3) lookup timeouts in a
-row, marks Redis down: ONE `on_error(message)`. While down, lookups answer
-UNKNOWN at once without touching Redis (the delay applies, which is safe),
+row, marks Redis down: ONE `on_error(message)`. While down for its lookups (or
+unreachable), lookups answer UNKNOWN at once without touching Redis (the delay
+applies, which is safe); down for its writes alone, it is still asked;
 verdicts stay queued (bounded by `max_pending`), and `run` probes with PING
-every `retry_min` (0.5 s) doubling to `retry_max` (10 s). A probe whose second
-PING answers within `lookup_timeout` ends the outage: ONE `on_recover`, then
-the queue is written. An outage that began with a refused write (a full Redis
+every `retry_min` (0.5 s) doubling to `retry_max` (10 s). A probe whose PING
+answers, then a lookup's MGET within `lookup_timeout`, ends the outage: ONE
+`on_recover`, then the queue is written. An outage that began with a refused write (a full Redis
 under `noeviction`, a read-only replica) needs more than a PING: the probe then
 writes the queued batch too, and only its success ends the outage, so a Redis
 that answers PING and refuses writes is one outage, not one every half second.
@@ -263,7 +264,9 @@ class RedisCache(QueuedVerdicts):
         answers = [self._pending.get(key, now) for key in keys]
         missing = [key for key, answer in zip(keys, answers, strict=True) if answer is None]
         found: dict[str, CacheVerdict] = {}
-        if missing and not self._closed and self._notice.up:
+        # Down for its writes alone (a read-only replica, a Redis full under
+        # noeviction), it still answers lookups: ask it; down for lookups, not.
+        if missing and not self._closed and not self._notice.failing(OutageNotice.READ):
             found = await self._fetch(missing)
         else:
             await trio.lowlevel.checkpoint()
