@@ -233,6 +233,15 @@ class QueuedVerdicts:
             return
         self._stats.writes += 1
 
+    def _batch_ended(self, size: int, written: bool) -> None:
+        # The batch in flight (`size` verdicts) was written, or refused: then it
+        # goes back under what was queued since (counted if dropped for room).
+        if written:
+            self._stats.written += size
+            self._pending.done()
+        else:
+            self._stats.dropped += self._pending.failed()
+
     def remember_good(self, key: str) -> None:
         """Queue a pass for `key`; never blocks."""
         self._queue(key, CacheVerdict.GOOD, self.pass_ttl)

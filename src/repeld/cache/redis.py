@@ -343,11 +343,7 @@ class RedisCache(QueuedVerdicts):
         except _ERRORS as exc:
             self._failed(f"cannot write {len(batch)} entries: {_describe(exc)}", OutageNotice.WRITE)
         finally:
-            if written:
-                self._stats.written += len(batch)
-                self._pending.done()
-            else:
-                self._stats.dropped += self._pending.failed()
+            self._batch_ended(len(batch), written)
         return written
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -387,11 +387,7 @@ class SqliteCache(QueuedVerdicts):
             except _ERRORS as exc:
                 self._failed(f"cannot write {len(batch)} entries", exc, OutageNotice.WRITE)
             finally:
-                if written:
-                    self._stats.written += len(batch)
-                    self._pending.done()
-                else:
-                    self._stats.dropped += self._pending.failed()
+                self._batch_ended(len(batch), written)
             if written:
                 self._ok(OutageNotice.WRITE)
 
