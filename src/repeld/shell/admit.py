@@ -34,8 +34,8 @@ from repeld.shell.dispatch import Dispatch
 from repeld.shell.dnslookup import DnsLookups
 from repeld.shell.eventlog import EventLog
 from repeld.shell.handoff import BackendTarget
-from repeld.shell.pen import Held, HoldingPen
-from repeld.shell.replies import REFUSALS, abort, reply_and_close, send_now, spoke_first
+from repeld.shell.pen import Held, HoldingPen, spoke_first
+from repeld.shell.replies import REFUSALS, abort, reply_and_close, send_now
 
 __all__ = ["OVERLOAD_EVENT_INTERVAL", "Admission", "teaser_for"]
 

@@ -67,7 +67,7 @@ from repeld.shell.poller import ERROR_READY, HUP, IN, Poller, watch
 if TYPE_CHECKING:
     from repeld.shell.handoff import BackendTarget
 
-__all__ = ["Held", "HoldingPen", "PenStatistics"]
+__all__ = ["Held", "HoldingPen", "PenStatistics", "spoke_first"]
 
 _PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 _BATCH = 512
@@ -103,6 +103,19 @@ def _set_lowat(sock: socket.socket, nbytes: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
     except OSError:  # gone already: its leaving is reported all the same
         pass
+
+
+def spoke_first(sock: socket.socket) -> bool | None:
+    """The client sent something, or closed its side, before repeld wrote a byte
+    (the teaser: one non-blocking peek, as the pen's, no byte consumed); None if
+    the connection failed (a reset, whose error the peek has taken)."""
+    try:
+        sock.recv(1, _PEEK_FLAGS)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return True
 
 
 def _pending(sock: socket.socket) -> int:

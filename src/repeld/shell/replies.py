@@ -27,14 +27,12 @@ __all__ = [
     "reply_and_close",
     "rtt_ms",
     "send_now",
-    "spoke_first",
 ]
 
 EARLY_REJECT = b"554 5.5.1 Protocol error: you talked before my greeting\r\n"
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
 BACKEND_UNAVAILABLE = b"421 4.3.2 Service temporarily unavailable, try again later\r\n"
 _SEND_FLAGS = getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 0)
-_PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 
 REFUSALS = {
     Refuse.MAX_HELD: b"421 4.3.2 All server ports are busy\r\n",
@@ -56,19 +54,6 @@ def reply_and_close(sock: socket.socket, line: bytes) -> None:
 def rtt_ms(sock: socket.socket) -> float:
     """The kernel's smoothed round-trip time to the client, for the event (0 if unknown)."""
     return tcptune.rtt_ms(sock.fileno())
-
-
-def spoke_first(sock: socket.socket) -> bool | None:
-    """The client sent something, or closed its side, before repeld wrote a byte
-    (one non-blocking peek: no byte is consumed); None if the connection failed
-    (a reset, whose error the peek has taken)."""
-    try:
-        sock.recv(1, _PEEK_FLAGS)
-    except BlockingIOError:
-        return False
-    except OSError:
-        return None
-    return True
 
 
 def send_now(sock: socket.socket, data: bytes) -> int | None:
