@@ -471,15 +471,13 @@ async def test_a_file_overwritten_with_garbage_is_reported_once_until_removed(db
     assert len(errors) == 1
 
 
-async def test_a_corrupt_index_is_one_outage_however_the_probe_reads(db: Path) -> None:
-    # The key index garbled, the table intact: every lookup fails ("malformed"),
-    # while the writer's probe, which reads the table's first row, succeeds. That
-    # probe is no proof that lookups work: it ended the outage every round, and
-    # the next lookup began another.
+async def _garble_key_index(db: Path, keys: list[str], *, leaf: bool) -> None:
+    """A cache file remembering `keys`, then its key index's root page garbled
+    (`leaf`: the root's right-most child instead, one leaf among many)."""
     first = SqliteCache(str(db))
     async with running_caches(first):
-        for i in range(50):
-            first.remember_good(f"192.0.2.{i}")
+        for key in keys:
+            first.remember_good(key)
         await first.flush()
     with sqlite3.connect(db) as conn:
         page = conn.execute("PRAGMA page_size").fetchone()[0]
@@ -489,7 +487,19 @@ async def test_a_corrupt_index_is_one_outage_however_the_probe_reads(db: Path) -
     conn.close()
     with db.open("r+b") as f:
         f.seek(page * (root - 1))
+        if leaf:
+            interior = f.read(page)
+            assert interior[0] == 2  # an interior page of the index: its right-most child
+            f.seek(page * (int.from_bytes(interior[8:12], "big") - 1))
         f.write(b"\xde\xad\xbe\xef" * (page // 4))
+
+
+async def test_a_corrupt_index_is_one_outage_however_the_probe_reads(db: Path) -> None:
+    # The key index garbled, the table intact: every lookup fails ("malformed"),
+    # while the writer's probe, which reads the table's first row, succeeds. That
+    # probe is no proof that lookups work: it ended the outage every round, and
+    # the next lookup began another.
+    await _garble_key_index(db, [f"192.0.2.{i}" for i in range(50)], leaf=False)
     errors: list[str] = []
     recoveries: list[str] = []
     cache = SqliteCache(
@@ -517,24 +527,8 @@ async def test_a_few_bad_index_pages_are_one_outage_while_lookups_keep_failing(
     # One leaf of the key index garbled among many: lookups of some keys fail,
     # of others work. Each lookup that worked ended the outage and the next that
     # failed began another; while the failures keep coming it is one outage.
-    first = SqliteCache(str(db))
     keys = [f"10.0.{i // 256}.{i % 256}" for i in range(5000)]
-    async with running_caches(first):
-        for key in keys:
-            first.remember_good(key)
-        await first.flush()
-    with sqlite3.connect(db) as conn:
-        page = conn.execute("PRAGMA page_size").fetchone()[0]
-        (root,) = conn.execute(
-            "SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_cache_1'"
-        ).fetchone()
-    conn.close()
-    with db.open("r+b") as f:
-        f.seek(page * (root - 1))
-        interior = f.read(page)
-        assert interior[0] == 2  # an interior page of the index: its right-most child
-        f.seek(page * (int.from_bytes(interior[8:12], "big") - 1))
-        f.write(b"\xde\xad\xbe\xef" * (page // 4))
+    await _garble_key_index(db, keys, leaf=True)
     errors: list[str] = []
     recoveries: list[str] = []
     cache = SqliteCache(

@@ -10,10 +10,12 @@ that answer must not stand for this one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import AsyncIterator
 
 import trio
 import trio.testing
@@ -31,7 +33,10 @@ def _answer(fd: int, pid: int, refused: str, began: float, stopping: bool = Fals
     os.write(fd, json.dumps(line).encode() + b"\n")
 
 
-async def test_an_answer_to_an_earlier_reload_does_not_answer_this_one() -> None:
+@contextlib.asynccontextmanager
+async def _two_workers() -> AsyncIterator[tuple[Supervisor, int, int, int, trio.Nursery]]:
+    """A parent with two ready children standing in for its workers, reading the
+    stats pipe: (the parent, the pipe's write end, one pid, the other, a nursery)."""
     sup = Supervisor(Settings(), [], [], EventLog(None, hostname="test"))
     children = [await trio.lowlevel.open_process([sys.executable, "-c", _IGNORE_HUP]) for _ in "ab"]
     read_fd, write_fd = os.pipe()
@@ -42,62 +47,52 @@ async def test_an_answer_to_an_earlier_reload_does_not_answer_this_one() -> None
         a, b = (child.pid for child in children)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sup._read_stats, read_fd)
-            # Reload 1: `a` answers at once, `b` is still resolving its backend.
-            before_first = time.monotonic()
-            _answer(write_fd, a, "", time.monotonic())
-            with trio.move_on_after(0.5):  # (RELOAD_WAIT is 10 s)
-                await sup.reload_workers()
-
-            # Reload 2: the files are refused now. `b` first answers reload 1 (it
-            # began before this signal), then this one.
-            async def workers_answer() -> None:
-                await trio.sleep(0.05)
-                _answer(write_fd, b, "", before_first)  # reload 1, late: reloaded
-                await trio.sleep(0.05)
-                _answer(write_fd, a, "cannot read", time.monotonic())
-                await trio.sleep(0.2)
-                _answer(write_fd, b, "cannot read", time.monotonic())
-
-            nursery.start_soon(workers_answer)
-            assert await sup.reload_workers() == (0, ["cannot read", "cannot read"], 0)
+            yield sup, write_fd, a, b, nursery
             nursery.cancel_scope.cancel()
     finally:
         os.close(write_fd)
         for child in children:
             child.kill()
             await child.wait()
+
+
+async def test_an_answer_to_an_earlier_reload_does_not_answer_this_one() -> None:
+    async with _two_workers() as (sup, write_fd, a, b, nursery):
+        # Reload 1: `a` answers at once, `b` is still resolving its backend.
+        before_first = time.monotonic()
+        _answer(write_fd, a, "", time.monotonic())
+        with trio.move_on_after(0.5):  # (RELOAD_WAIT is 10 s)
+            await sup.reload_workers()
+
+        # Reload 2: the files are refused now. `b` first answers reload 1 (it
+        # began before this signal), then this one.
+        async def workers_answer() -> None:
+            await trio.sleep(0.05)
+            _answer(write_fd, b, "", before_first)  # reload 1, late: reloaded
+            await trio.sleep(0.05)
+            _answer(write_fd, a, "cannot read", time.monotonic())
+            await trio.sleep(0.2)
+            _answer(write_fd, b, "cannot read", time.monotonic())
+
+        nursery.start_soon(workers_answer)
+        assert await sup.reload_workers() == (0, ["cannot read", "cannot read"], 0)
     assert workers.RELOAD_WAIT == 10.0
 
 
 async def test_a_draining_worker_is_not_waited_for(autojump_clock: trio.testing.MockClock) -> None:
     # A worker that got a SIGTERM of its own drains and does not reload; it says
     # so, and the parent neither waits RELOAD_WAIT for it nor counts it silent.
-    sup = Supervisor(Settings(), [], [], EventLog(None, hostname="test"))
-    children = [await trio.lowlevel.open_process([sys.executable, "-c", _IGNORE_HUP]) for _ in "ab"]
-    read_fd, write_fd = os.pipe()
-    try:
-        for index, child in enumerate(children):
-            sup.procs[index] = child
-            sup.ready.add(child.pid)
-        a, b = (child.pid for child in children)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(sup._read_stats, read_fd)
+    async with _two_workers() as (sup, write_fd, a, b, nursery):
 
-            async def workers_answer() -> None:
-                await trio.sleep(0.05)
-                _answer(write_fd, a, "", time.monotonic())
-                _answer(write_fd, b, "", time.monotonic(), stopping=True)
+        async def workers_answer() -> None:
+            await trio.sleep(0.05)
+            _answer(write_fd, a, "", time.monotonic())
+            _answer(write_fd, b, "", time.monotonic(), stopping=True)
 
-            nursery.start_soon(workers_answer)
-            started = trio.current_time()
-            assert await sup.reload_workers() == (1, [], 0)
-            assert trio.current_time() - started < workers.RELOAD_WAIT
-            nursery.cancel_scope.cancel()
-    finally:
-        os.close(write_fd)
-        for child in children:
-            child.kill()
-            await child.wait()
+        nursery.start_soon(workers_answer)
+        started = trio.current_time()
+        assert await sup.reload_workers() == (1, [], 0)
+        assert trio.current_time() - started < workers.RELOAD_WAIT
 
 
 async def test_reloads_run_one_at_a_time_and_sighups_meanwhile_are_one(

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import trio
 
 from repeld.cache.base import CacheVerdict
@@ -170,22 +171,26 @@ async def test_redis_killed_and_restarted(server: RedisServer) -> None:
         assert mx1.statistics()["outages"] == 1
 
 
+async def _refusing_writes(admin: redis.Redis) -> None:
+    """Make the server a read-only replica (of a master that is not there): it
+    answers PING and reads, and refuses every write."""
+    await trio.to_thread.run_sync(admin.replicaof, "127.0.0.1", str(free_port()))
+
+
 async def test_a_redis_that_refuses_writes_is_one_outage_until_it_takes_them(
     server: RedisServer,
 ) -> None:
     # A read-only replica (here: of a master that is not there) answers PING and
     # reads, and refuses every write. The probe's PING alone must not end the
     # outage: that was a cache-error and a cache-recover every retry.
-    import redis
-
-    admin = redis.Redis(host="127.0.0.1", port=server.port)
+    admin = server.client()
     calls = Calls()
     mx1 = make(server, calls)
     mx2 = make(server)
     async with running_caches(mx1, mx2):
         mx1.remember_good("192.0.2.7")  # stored while Redis takes writes
         await eventually(answers(mx2, "192.0.2.7", GOOD))
-        await trio.to_thread.run_sync(admin.replicaof, "127.0.0.1", str(free_port()))
+        await _refusing_writes(admin)
         mx1.remember_good("192.0.2.8")
         await until(lambda: len(calls.errors) == 1)
         assert "cannot write 1 entries" in calls.errors[0] and "read only" in calls.errors[0]
@@ -235,13 +240,11 @@ async def test_closing_waits_for_the_probes_write_of_the_kept_verdicts(
     # While Redis refuses writes, the probe writes the kept verdicts itself. A
     # close meanwhile must wait for that write (the flush lock) before it decides
     # what is lost: it counted the batch as dropped and closed the client under it.
-    import redis
-
-    admin = redis.Redis(host="127.0.0.1", port=server.port)
+    admin = server.client()
     calls = Calls()
     mx1 = make(server, calls)
     async with running_caches(mx1):
-        await trio.to_thread.run_sync(admin.replicaof, "127.0.0.1", str(free_port()))
+        await _refusing_writes(admin)
         mx1.remember_good("192.0.2.8")
         await until(lambda: len(calls.errors) == 1)
         closed = trio.Event()
