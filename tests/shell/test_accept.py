@@ -25,16 +25,15 @@ from repeld.shell.accept import (
     ACCEPT_BATCH,
     FLOOD_PAUSE,
     GATHER,
-    GATHER_CLIENTS,
     GATHER_MIN,
     GATHER_MIN_BACKLOG,
-    GATHER_WORKERS,
-    HALF_FULL_LEAST,
+    LEAD_TOKEN,
     RETRY_ERRNOS,
+    Lead,
     Listener,
     accept_loop,
-    half_full,
-    longest_window,
+    restore_lead,
+    waiting_bytes,
 )
 from repeld.shell.eventlog import EventLog
 from repeld.shell.server import open_server
@@ -166,11 +165,12 @@ class _Arrivals:
         relaying: int = 0,
         backlog: int = GATHER_MIN_BACKLOG,
         longest: float = GATHER,
+        lead: Lead | None = None,
     ) -> None:
         """Start an accept loop on `lsock` that records each client in `taken`."""
         nursery.start_soon(
             accept_loop,
-            Listener(lsock, Listen("127.0.0.1", 0)),
+            Listener(lsock, Listen("127.0.0.1", 0), lead=lead),
             self.accepted,
             lambda *_: None,
             lambda: relaying,
@@ -389,69 +389,31 @@ async def test_while_sessions_are_relayed_or_on_a_short_queue_the_loop_never_gat
             nursery.cancel_scope.cancel()
 
 
-def _assert_longest_window(workers: int, waited: float) -> None:
-    # One process's windows never pass GATHER, whatever each brings; a worker's may.
-    if workers == 1:
-        assert GATHER / 2 < waited <= GATHER * 1.01
-    else:
-        assert GATHER * 1.25 < waited <= GATHER_WORKERS * 1.01
-
-
-@pytest.mark.parametrize("workers", [1, 2])
-async def test_a_worker_of_several_lets_clients_gather_longer(
-    autojump_clock: trio.testing.MockClock, workers: int
+async def test_a_worker_that_holds_the_lead_gathers_with_one_process_s_windows(
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
-    # A worker of two or more sees only its share of the clients: a longer window.
-    assert longest_window(1) == GATHER
-    assert longest_window(2) == GATHER_WORKERS > GATHER
-    assert longest_window(16) == GATHER_WORKERS
-    with _arrivals() as a:
-        lsock = a.listener()
-        async with trio.open_nursery() as nursery:
-            a.serve(nursery, lsock, longest=longest_window(workers))
-            await trio.sleep(1)
-            _assert_longest_window(workers, await a.trickle(lsock))
-            nursery.cancel_scope.cancel()
-
-
-@pytest.mark.parametrize("workers", [1, 2, 3, 5])
-def test_a_worker_is_half_full_under_the_load_that_fills_one_process_half(workers: int) -> None:
-    # Busy times at or above this are not probed (core/gathering.py): the mark is
-    # one host-wide rate, and each worker sees its share.
-    rate = half_full(workers) * workers / longest_window(workers)
-    assert rate == pytest.approx(GATHER_CLIENTS / 2 / GATHER)  # 800 clients a second
-    assert half_full(1) == GATHER_CLIENTS / 2 == 8
-    assert half_full(2) == pytest.approx(6)
-
-
-@pytest.mark.parametrize("workers", [6, 8, 16, 64])
-def test_many_workers_keep_a_half_full_mark_a_probe_can_fall_under(workers: int) -> None:
-    # A window of a stretch of gathering takes one client or more: a mark of one
-    # or less would never let a busy time be probed (16 workers: 0.75).
-    assert half_full(workers) == HALF_FULL_LEAST > 1
-
-
-@pytest.mark.parametrize("workers", [1, 2])
-async def test_the_server_gives_each_worker_its_longest_window(
-    autojump_clock: trio.testing.MockClock, workers: int
-) -> None:
-    # The server's own accept loops, with --workers as a worker process reads it.
+    # The server's own accept loop, as a worker of --workers 2 runs it: the
+    # worker that holds the lead takes every worker's clients, so its windows
+    # are one process's (GATHER), not longer for a share of the clients.
     receiver = Receiver()
     settings = Settings(
         backend=Backend("127.0.0.1", 9),
         listen=(Listen("127.0.0.1", 0),),
         syslog=SyslogTarget("udp", host="127.0.0.1", port=await receiver.bind()),
         no_cache=True,
-        workers=workers,
+        workers=2,
     )
     server = await open_server(settings, EventLog.from_settings(settings))
-    with _arrivals() as a:
+    with _arrivals() as a, _lead_pipe(free=True) as (token, give_back):
         server.intake.accepted = a.accepted  # type: ignore[method-assign,assignment]  # when taken
+        server.listeners[0].lead = Lead(token, give_back, [])
         lsock = server.listeners[0].sock
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
             await trio.sleep(1)
-            _assert_longest_window(workers, await a.trickle(lsock))
+            waited = await a.trickle(lsock)
+            assert GATHER / 2 < waited <= GATHER * 1.01
+            assert waiting_bytes(token) == 0  # it held the lead meanwhile
             nursery.cancel_scope.cancel()
 
 
@@ -489,3 +451,91 @@ def test_the_retried_errors_are_about_one_client_never_the_listener() -> None:
     for persistent in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK, errno.EFAULT):
         assert persistent not in RETRY_ERRNOS
     assert {errno.ECONNABORTED, errno.EINTR, errno.EPROTO} <= RETRY_ERRNOS
+
+
+@contextlib.contextmanager
+def _lead_pipe(free: bool) -> Iterator[tuple[int, int]]:
+    """A lead's pipe as process/workers.py makes it: holding the token if `free`."""
+    token, give_back = os.pipe()
+    os.set_blocking(token, False)
+    os.set_blocking(give_back, False)
+    if free:
+        os.write(give_back, LEAD_TOKEN)
+    try:
+        yield token, give_back
+    finally:
+        os.close(token)
+        os.close(give_back)
+
+
+async def test_the_lead_takes_every_workers_clients_in_its_windows_and_lets_go_when_quiet(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # One worker's loop (the other worker, whose socket is `theirs`, follows):
+    # a burst on its own socket starts gathering, so it takes the lead, and its
+    # windows take the clients waiting on the other worker's socket too.
+    with _arrivals() as a, _lead_pipe(free=True) as (token, give_back):
+        own, theirs = a.listener(), a.listener()
+        async with trio.open_nursery() as nursery:
+            a.serve(nursery, own, lead=Lead(token, give_back, [theirs]))
+            await trio.sleep(1)
+            await a.connect(own, 2)
+            burst = a.taken[1][0]
+            assert waiting_bytes(token) == 0  # the lead is this worker's
+            await a.connect(theirs, 3)
+            late = [t for t, _ in a.taken[2:]]
+            assert burst + GATHER_MIN * 0.99 <= min(late) <= burst + GATHER * 1.01
+            assert max(late) - min(late) < GATHER_MIN  # in one window
+            # Quiet: a window that brings nobody ends the gathering, and the lead
+            # is given back; the other worker's clients are its own again.
+            await trio.sleep(1)
+            assert waiting_bytes(token) == 1
+            a.clients.append(socket.create_connection(theirs.getsockname()))
+            await trio.sleep(1)
+            assert len(a.taken) == 5
+            nursery.cancel_scope.cancel()
+        assert waiting_bytes(token) == 1
+
+
+async def test_a_worker_follows_while_another_holds_the_lead_and_listens_once_it_is_let_go(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The lead is taken (not in the pipe): its holder takes this worker's clients
+    # in its windows, so this one does not listen, even for a lone client, which
+    # would cost it a wake-up each. Once the lead is given back, it listens again.
+    with _arrivals() as a, _lead_pipe(free=False) as (token, give_back):
+        own, theirs = a.listener(), a.listener()
+        async with trio.open_nursery() as nursery:
+            a.serve(nursery, own, lead=Lead(token, give_back, [theirs]))
+            await trio.sleep(1)
+            a.clients.append(socket.create_connection(own.getsockname()))
+            await trio.sleep(1)
+            assert a.taken == []  # left to the lead's windows
+            let_go = trio.current_time()
+            os.write(give_back, LEAD_TOKEN)
+            with trio.fail_after(1):
+                while not a.taken:
+                    await trio.sleep(0.0001)
+            assert a.taken[0][0] - let_go < GATHER_MIN
+            assert waiting_bytes(token) == 1  # not gathering: it did not take the lead
+            start = await a.connect(own, 1)
+            assert a.taken[-1][0] - start < GATHER / 10  # listening: at once
+            nursery.cancel_scope.cancel()
+
+
+def test_a_lead_given_back_after_the_parent_restored_one_leaves_one() -> None:
+    # A worker died while another held the lead: the parent, which cannot tell
+    # who held it, put one back (restore_lead). The holder's release keeps one.
+    with _lead_pipe(free=True) as (token, give_back):
+        lead = Lead(token, give_back, [])
+        assert lead.claim() and lead.holds
+        assert not Lead(token, give_back, []).claim()  # one worker at a time
+        restore_lead(token, give_back)  # empty: a byte goes back
+        assert waiting_bytes(token) == 1
+        lead.release()
+        assert not lead.holds
+        assert waiting_bytes(token) == 1
+        restore_lead(token, give_back)  # free already: nothing more
+        assert waiting_bytes(token) == 1
+        lead.release()  # not held: nothing given back
+        assert waiting_bytes(token) == 1

@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import os
 import pwd
+import shlex
 import shutil
 import signal
 import socket
@@ -17,11 +18,15 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from repeld.process.workers import LEAD_ENV
+from repeld.shell.accept import waiting_bytes
 
 from ..procs import (
     Daemon,
@@ -32,6 +37,7 @@ from ..procs import (
     free_port,
     proc_state,
     read_line,
+    wait_for,
 )
 
 ROOT = os.geteuid() == 0
@@ -319,6 +325,103 @@ def test_two_workers_share_the_load_and_a_dead_one_is_replaced(
         assert stats.fields["workers_answered"] == "2"
         assert stats.fields["worker_restarts"] == "1"
         assert int(stats.fields["pass"]) <= 40  # the killed worker's counts went with it
+    assert "Traceback" not in d.stderr_text()
+
+
+class _Load:
+    """Clients in threads, each connecting, reading the greeting and closing, again
+    and again until stopped (30 s at most): enough at once that the workers gather."""
+
+    def __init__(self, port: int, threads: int = 8) -> None:
+        self.port = port
+        self.served = 0
+        self.failed: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(f"127.0.2.{i + 1}",)) for i in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, source: str) -> None:
+        deadline = time.monotonic() + 30
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                with connect(self.port, source=source) as c:
+                    line = read_line(c)
+            except OSError as exc:
+                self.failed.append(repr(exc))
+                continue
+            if line.startswith(b"220 "):
+                self.served += 1
+            else:
+                self.failed.append(repr(line))
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+
+def _lead_pipe(worker: int) -> int:
+    """An fd of this process on the workers' shared lead pipe (its first listener's)."""
+    environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+    (spec,) = [v for v in environ if v.startswith(f"{LEAD_ENV}=".encode())]
+    token = spec.split(b"=", 1)[1].split(b",")[0].split(b":")[1].decode()
+    return os.open(f"/proc/{worker}/fd/{token}", os.O_RDONLY | os.O_NONBLOCK)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_killed_while_one_holds_the_gathering_lead_get_it_back(
+    syslog: SyslogUDP,
+) -> None:
+    # Under load one worker holds the listener's lead (shell/accept.py's Lead)
+    # and takes every worker's clients; the others follow. A worker killed
+    # with it cannot give it back: the parent puts it back, or every worker
+    # after it would follow nobody and no client would be taken again.
+    # (--exec: a process that relays sessions never gathers.)
+    port = free_port()
+    program = shlex.join(["/bin/sh", "-c", 'printf "220 sh\\r\\n"'])
+    args = ["-l", f"127.0.0.1:{port}", "--exec", program, "-t", "127.0.0.0/8"]
+    with daemon(*args, "--workers", "2", "--syslog", syslog.target, *AS_ROOT) as d:
+        pids = [int(e.fields["pid"]) for e in syslog.wait_for("worker-start", 2)]
+        syslog.wait_for("start", 3)  # the parent's and both workers'
+        pipe = _lead_pipe(pids[0])
+        load = None
+        try:
+            assert waiting_bytes(pipe) == 1  # idle: nobody holds it
+            load = _Load(port)
+            held = False
+            for _ in range(100):  # freeze both; is the lead held by one of them?
+                for pid in pids:
+                    os.kill(pid, signal.SIGSTOP)
+                time.sleep(0.02)
+                held = waiting_bytes(pipe) == 0
+                if held:
+                    break
+                for pid in pids:
+                    os.kill(pid, signal.SIGCONT)
+                time.sleep(0.05)
+            assert held, "no worker took the lead under load"
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.5)  # the clients the killed workers had taken are cut
+            lost, served = len(load.failed), load.served
+            assert lost <= 8  # one a thread at most
+            syslog.wait_for("worker-start", 4)  # both replaced (RESTART_DELAY)
+            assert wait_for(lambda: load is not None and load.served > served + 50, 15)
+            load.stop()
+            assert len(load.failed) == lost, load.failed
+            # Idle again: the lead is free, exactly once, and each client taken at once.
+            assert wait_for(lambda: waiting_bytes(pipe) == 1, 5)
+            for i in range(10):
+                with connect(port, source=f"127.0.3.{i + 1}") as c:
+                    assert read_line(c, timeout=5).startswith(b"220 ")
+            assert waiting_bytes(pipe) == 1
+        finally:
+            if load is not None:
+                load.stop()
+            os.close(pipe)
     assert "Traceback" not in d.stderr_text()
 
 

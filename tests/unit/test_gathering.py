@@ -17,6 +17,8 @@ from repeld.core.gathering import (
     PROBE_SPAN_LONGEST,
     SHORTEST,
     Gathering,
+    Role,
+    lead_role,
     tick,
 )
 
@@ -357,3 +359,19 @@ def test_a_worker_told_a_lower_half_full_leaves_its_fuller_windows_unprobed(
     assert g.after_wakeup(2, T0, False) == LONGEST / 2
     _, answers = _gather(g, T0 + LONGEST / 2, CLIENTS // 2 - 1, PROBE_LONGEST * 3)
     assert (None in answers) is probed
+
+
+# (window, holds the lead, found it free) -> the role (core/gathering.py's lead_role)
+ROLES = [
+    (0.01, True, False, Role.GATHER),  # holds it, gathers on
+    (0.01, False, True, Role.GATHER),  # took it (it was free)
+    (0.01, False, False, Role.FOLLOW),  # another worker gathers for it
+    (None, True, False, Role.LISTEN),  # stops gathering: lets it go
+    (None, False, True, Role.LISTEN),  # nobody gathers: listen
+    (None, False, False, Role.FOLLOW),  # another gathers: its windows take the clients
+]
+
+
+@pytest.mark.parametrize(("window", "holds", "free", "role"), ROLES)
+def test_lead_role(window: float | None, holds: bool, free: bool, role: Role) -> None:
+    assert lead_role(window, holds, free) is role

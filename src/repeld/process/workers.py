@@ -64,6 +64,7 @@ from repeld.service.listeners import (
     reuseport_option,
     reuses_port,
 )
+from repeld.shell.accept import LEAD_TOKEN, Lead, Listener, restore_lead
 from repeld.shell.backendcheck import Outside
 from repeld.shell.backendwatch import BackendWatch
 from repeld.shell.eventlog import EventLog
@@ -71,10 +72,12 @@ from repeld.shell.metrics_http import open_endpoint
 
 __all__ = [
     "FDS_ENV",
+    "LEAD_ENV",
     "STATS_ENV",
     "WORKER_ENV",
     "Supervisor",
     "announce_ready",
+    "attach_leads",
     "inherited_sockets",
     "outside_view",
     "report_reload",
@@ -85,6 +88,7 @@ __all__ = [
 
 WORKER_ENV = "REPELD_WORKER"
 FDS_ENV = "REPELD_WORKER_FDS"
+LEAD_ENV = "REPELD_LEAD_FDS"
 STATS_ENV = "REPELD_STATS_FD"
 LIFELINE_ENV = "REPELD_LIFELINE_FD"
 #: A worker that dies is replaced after this long, doubling while it keeps dying.
@@ -110,6 +114,34 @@ def inherited_sockets(env: dict[str, str] | None = None) -> list[tuple[socket.so
         os.set_inheritable(sock.fileno(), False)
         result.append((sock, name))
     return result
+
+
+def attach_leads(listeners: list[Listener], env: dict[str, str] | None = None) -> int:
+    """In a worker: give each listener the gathering lead its parent shares
+    among the workers (shell/accept.py's `Lead`); how many got one.
+
+    REPELD_LEAD_FDS lists, per listener, `LISTEN:TOKEN:GIVE_BACK[:SIBLING...]`:
+    the worker's own listening socket, the lead's pipe (read and write end)
+    and the other workers' sockets of the same listener.
+    """
+    environ = os.environ if env is None else env
+    spec = environ.pop(LEAD_ENV, "")
+    by_fd = {lst.sock.fileno(): lst for lst in listeners}
+    attached = 0
+    for item in filter(None, spec.split(",")):
+        listen, token, give_back, *siblings = (int(fd) for fd in item.split(":"))
+        fds = [token, give_back, *siblings]
+        for fd in fds:
+            os.set_inheritable(fd, False)
+        listener = by_fd.get(listen)
+        if listener is None or listener.lead is not None:  # never: the parent's own list
+            for fd in fds:
+                os.close(fd)
+            continue
+        socks = [socket.socket(fileno=fd) for fd in siblings]
+        listener.lead = Lead(token, give_back, socks)
+        attached += 1
+    return attached
 
 
 def _tell_parent(message: dict[str, object]) -> bool:
@@ -212,6 +244,16 @@ class Supervisor:
         self._reload_arrived = trio.Event()
         #: SIGHUP's reloads: one at a time, each waiting for its workers' answers.
         self.reloads = Reloads(lambda: self.stopping)
+        #: Each listener's gathering lead (shell/accept.py's `Lead`): a pipe that
+        #: holds one byte while no worker leads, shared by every worker.
+        self.leads: list[tuple[int, int]] = []
+        if settings.workers > 1:
+            for _ in sockets[0]:
+                token, give_back = os.pipe()
+                os.set_blocking(token, False)
+                os.set_blocking(give_back, False)
+                os.write(give_back, LEAD_TOKEN)
+                self.leads.append((token, give_back))
 
     def _sockets_for(self, index: int) -> list[tuple[socket.socket, Listen]]:
         return self.sockets[index % len(self.sockets)]
@@ -226,6 +268,13 @@ class Supervisor:
         env = dict(os.environ)
         env[WORKER_ENV] = str(index)
         env[FDS_ENV] = ",".join(f"{s.fileno()}:{_fd_name(spec)}" for s, spec in socks)
+        leads = []
+        lead_fds: list[int] = []
+        for j, ((sock, _), (token, give_back)) in enumerate(zip(socks, self.leads, strict=True)):
+            siblings = [copy[j][0].fileno() for copy in self.sockets if copy is not socks]
+            leads.append(":".join(map(str, (sock.fileno(), token, give_back, *siblings))))
+            lead_fds += [token, give_back, *siblings]
+        env[LEAD_ENV] = ",".join(leads)
         env[STATS_ENV] = str(write_fd)
         env[LIFELINE_ENV] = str(life_read)
         env.pop("NOTIFY_SOCKET", None)  # only the parent speaks to systemd
@@ -233,7 +282,7 @@ class Supervisor:
             proc = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "repeld", *self.argv],
                 env=env,
-                pass_fds=[s.fileno() for s, _ in socks] + [write_fd, life_read],
+                pass_fds=[s.fileno() for s, _ in socks] + lead_fds + [write_fd, life_read],
                 stdin=subprocess.DEVNULL,
                 # Out of the terminal's process group: ^C on `repeld -f -w N` reaches
                 # the parent alone, which forwards one SIGTERM (a drain). A worker that
@@ -293,6 +342,8 @@ class Supervisor:
                 status = await proc.wait()
                 nursery.cancel_scope.cancel()
             del self.procs[index]
+            for token, give_back in self.leads:  # it may have died with a lead
+                restore_lead(token, give_back)
             self._reloads.pop(proc.pid, None)
             self._reload_arrived.set()  # a reload waits for it no more
             os.close(self._lifelines.pop(index))

@@ -22,13 +22,8 @@ CPU than a client's whole accept (on the 2-CPU VM of docs/PERFORMANCE.md, over
 half of what a client passed at once cost was waking up for it). Each sleep is
 sized from what the one before brought, aiming at `GATHER_CLIENTS` clients a
 wake-up, between `GATHER_MIN` and `GATHER` (10 ms): the longest up to 1,600
-clients a second, shorter above. A worker of --workers 2 or more sees only its
-share of the clients, so its longest window is `GATHER_WORKERS` (15 ms): each of
-two workers then gathers three quarters as many clients a wake-up as one process
-does (an A/B of two workers in front of Postfix: 126-133 µs of CPU per
-handed-off message at 10 ms, 105-108 at 15 ms at the same messages per second;
-20 ms took 101-106 but 10 % fewer messages a second: docs/PERFORMANCE.md). A
-client waits at most that much longer to be taken, nothing beside a greeting
+clients a second, shorter above. A client waits at most that much longer to
+be taken, nothing beside a greeting
 delay of seconds (its hold counts from then); a quiet listener, whose wake-ups
 find one client each, takes each at once as before, and a gathered wake-up that
 finds nobody goes back to waiting for the next. A flood (a wake-up that takes
@@ -47,6 +42,16 @@ for a quarter of a second, and if they came 1.5 times as fast then, it does not
 gather for 10 s. Probes begin and end on ticks of the host's monotonic clock,
 so that workers probe together (core/gathering.py, which makes every one of
 these decisions; this module only accepts and sleeps).
+
+With --workers each worker has a socket of its own per listener, and one
+worker at a time gathers, for all of them: the one that holds the listener's
+lead (`Lead`, a byte in a pipe the workers share) takes, at the end of each
+window, the clients of every worker's socket, and the others sleep until it
+lets the lead go, which it does as soon as it stops gathering. Two workers that
+each gathered their share (in 15 ms windows) cost 13 µs more per handed-off
+message than with the lead, and 14-21 µs more than one process; with the lead
+they cost what one process costs (docs/perf-log/2026-12-07-night.md).
+core/gathering.py's `lead_role` says who does what.
 
 A window is a wait for a timerfd (`WakeTimer`, from the native module), not a
 trio sleep: a trio sleep ends by cancelling its scope, which raises an
@@ -73,7 +78,11 @@ all the work there is.
 from __future__ import annotations
 
 import errno
+import fcntl
+import os
 import socket
+import struct
+import termios
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -97,14 +106,11 @@ __all__ = [
     "GATHER_CLIENTS",
     "GATHER_MIN",
     "GATHER_MIN_BACKLOG",
-    "GATHER_WORKERS",
-    "HALF_FULL_LEAST",
     "RETRY_ERRNOS",
     "Batching",
+    "Lead",
     "Listener",
     "accept_loop",
-    "half_full",
-    "longest_window",
 ]
 
 #: How long the loop pauses on EMFILE, ENFILE, ENOBUFS or ENOMEM.
@@ -143,8 +149,6 @@ ACCEPT_BATCH = 64
 #: Under load, the longest the accept loop lets new connections gather before
 #: it takes them (seconds): one wake-up for many clients (the module docstring).
 GATHER = 0.010
-#: With --workers, the longest a worker's window may grow to (`longest_window`).
-GATHER_WORKERS = 0.015
 #: The shortest gathering sleep, and how many clients a sleep aims to gather
 #: (core/gathering.py decides each window).
 GATHER_MIN = gathering.SHORTEST
@@ -153,31 +157,83 @@ GATHER_CLIENTS = gathering.CLIENTS
 #: clients more than a window's worth would overflow it while the loop sleeps.
 GATHER_MIN_BACKLOG = 128
 FLOOD_PAUSE = gathering.FLOOD_PAUSE
-#: The lowest half-full mark of a worker (`half_full`).
-HALF_FULL_LEAST = 2.0
 
 
-def longest_window(workers: int) -> float:
-    """The longest gathering sleep of one of `workers` processes sharing the clients."""
-    return GATHER_WORKERS if workers > 1 else GATHER
+#: The byte that stands for a listener's free lead in its pipe.
+LEAD_TOKEN = b"L"
 
 
-def half_full(workers: int) -> float:
-    """Clients a window of one of `workers` processes takes, on average, under the
-    host-wide load at which one process's windows are half full (`GATHER_CLIENTS` / 2
-    in `GATHER`: 800 clients a second): at or above it, its busy times are not
-    probed (core/gathering.py).
+@dataclass(slots=True)
+class Lead:
+    """One listener's gathering lead, shared by the workers of --workers.
 
-    Each worker sees its share of the clients in windows of its own length, so
-    two workers at 15 ms are half full at 6 clients a window. Held to one
-    process's 8, two workers under 800 to 1,070 clients a second probed where
-    one process does not: at the start of every busy time and again 2 s in, a
-    quarter of a second of taking each client at once. Never under
-    `HALF_FULL_LEAST` (from six workers on): gathering goes on only while each
-    window brings someone, so its windows take one client or more whatever
-    the load, and a lower mark would never let a busy time be probed.
+    The lead is a byte in a pipe that every worker inherits (process/
+    workers.py), as make's jobserver hands out its tokens: the pipe holds it
+    while no worker leads, a worker takes it with a non-blocking read, which
+    one worker alone can win, and gives it back with a write, which makes the
+    pipe readable for every worker that waits for it (`token`). `siblings`
+    are the other workers' sockets of the same listener, whose clients the
+    lead's windows take too (core/gathering.py's `lead_role` says when).
     """
-    return max(HALF_FULL_LEAST, GATHER_CLIENTS / 2 * longest_window(workers) / (GATHER * workers))
+
+    token: int
+    give_back: int
+    siblings: list[socket.socket]
+    #: This worker holds the lead now.
+    holds: bool = False
+
+    def claim(self) -> bool:
+        """Take the lead if it is free: True if this worker holds it now."""
+        try:
+            self.holds = os.read(self.token, 1) == LEAD_TOKEN
+        except OSError:  # BlockingIOError: another worker holds it
+            self.holds = False
+        return self.holds
+
+    def free(self) -> bool:
+        """No worker holds the lead (it is not taken)."""
+        try:
+            return waiting_bytes(self.token) > 0
+        except OSError:  # never on a pipe; if so, listen as without a lead
+            return True
+
+    def release(self) -> None:
+        """Give the lead back, if this worker holds it."""
+        if not self.holds:
+            return
+        self.holds = False
+        try:
+            os.write(self.give_back, LEAD_TOKEN)
+            # The parent puts a byte back when a worker dies with the lead
+            # (`restore_lead`), and cannot tell whether the dead one held it:
+            # if not, there are two now. Whoever gives a lead back keeps one.
+            surplus = waiting_bytes(self.token) - 1
+            if surplus > 0:
+                os.read(self.token, surplus)
+        except OSError:  # never on a pipe of one byte; at worst no lead, as before
+            pass
+
+    def close(self) -> None:
+        """Give the lead back and close this worker's copies of the siblings."""
+        self.release()
+        for sock in self.siblings:
+            sock.close()
+
+
+def waiting_bytes(fd: int) -> int:
+    """Bytes waiting to be read in a pipe (FIONREAD)."""
+    count: int = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    return count
+
+
+def restore_lead(token: int, give_back: int) -> None:
+    """After a worker died: put the lead back unless it is free already (the
+    dead worker may have held it; see `Lead.release`)."""
+    try:
+        if waiting_bytes(token) == 0:
+            os.write(give_back, LEAD_TOKEN)
+    except OSError:
+        pass
 
 
 @dataclass(slots=True)
@@ -190,6 +246,8 @@ class Listener:
     local: tuple[str, int] | None = field(default=None)
     #: This listener's own MTA (,backend=), else None for --backend.
     backend: BackendTarget | None = field(default=None)
+    #: The workers' shared gathering lead (--workers), else None.
+    lead: Lead | None = field(default=None)
 
 
 Accepted = Callable[[socket.socket, tuple[object, ...], Listener], None]
@@ -231,9 +289,10 @@ async def accept_loop(
     broken, and the caller ends the server with it. `relaying()`: how many
     sessions repeld relays now; while there are any, the loop never gathers.
     `backlog`: the listener's accept queue; under GATHER_MIN_BACKLOG, never.
-    `longest`: the longest gathering sleep (`longest_window(workers)`); `full`:
-    the clients a window takes on average at which busy times are not probed
-    (`half_full(workers)`). `batching` (the EventLog) is told when each
+    `longest`: the longest gathering sleep; `full`: the clients a window takes
+    on average at which busy times are not probed (core/gathering.py).
+    `listener.lead`: the lead shared by --workers (`Lead`), with which one
+    worker at a time gathers, for all of them. `batching` (the EventLog) is told when each
     wake-up's batch of clients begins (`defer`) and ends (`write_deferred`,
     before every wait).
     """
@@ -278,14 +337,19 @@ async def _accept(
 ) -> None:
     lsock = listener.sock
     family, kind, proto = lsock.family, lsock.type | socket.SOCK_NONBLOCK, lsock.proto
-    accept = Acceptor(lsock.fileno()).accept
+    lead = listener.lead
+    own = [Acceptor(lsock.fileno()).accept]
+    # Holding the lead, a wake-up takes the clients of every worker's socket.
+    every = own + [Acceptor(s.fileno()).accept for s in lead.siblings] if lead else own
+    sources = own
+    source = 0  # the socket of `sources` taken from now
     batch = 0  # clients this wake-up has taken
     pause: Coroutine[object, object, None]
     batching.defer()
     try:
         while True:
             try:
-                client = accept()
+                client = sources[source]()
             except OSError as exc:
                 if exc.errno in _PAUSE_ERRNOS:
                     # Out of descriptors or memory: stop accepting for a moment
@@ -308,13 +372,28 @@ async def _accept(
                     if batch % ACCEPT_BATCH:
                         continue
                     pause = trio.lowlevel.checkpoint()
+                elif source + 1 < len(sources):  # the lead: the next worker's socket
+                    source += 1
+                    continue
                 else:
                     # Busy: let the next clients gather, then take them all in
                     # one go (core/gathering.py says when, and when not).
+                    source = 0
                     now = trio.current_time() + host_clock
                     window = gather.after_wakeup(batch, now, relaying() > 0)
                     batch = 0
-                    if window is None:
+                    role = gathering.Role.LISTEN if window is None else gathering.Role.GATHER
+                    if lead is not None:
+                        holds = lead.holds
+                        free = not holds and (lead.claim() if window is not None else lead.free())
+                        role = gathering.lead_role(window, holds, free)
+                        if role is gathering.Role.LISTEN:
+                            lead.release()
+                        sources = every if lead.holds else own
+                    if role is gathering.Role.FOLLOW and lead is not None:
+                        # The lead takes this socket's clients: wake when it is let go.
+                        pause = trio.lowlevel.wait_readable(lead.token)
+                    elif window is None:
                         pause = trio.lowlevel.wait_readable(lsock)
                     elif timer is not None:
                         # A wait for the timer's fd ends without the exception
@@ -339,4 +418,6 @@ async def _accept(
             await pause
             batching.defer()
     finally:
+        if lead is not None:
+            lead.release()
         batching.write_deferred()

@@ -44,8 +44,6 @@ from repeld.shell.accept import (
     Batching,
     Listener,
     accept_loop,
-    half_full,
-    longest_window,
 )
 from repeld.shell.admit import Admission
 from repeld.shell.dispatch import Dispatch
@@ -307,9 +305,9 @@ class Server:
                 self._accept_paused,
                 self._relaying,
                 self.accept_queue,
-                longest_window(self.settings.workers),
-                half_full(self.settings.workers),
-                batching,
+                # Workers gather one at a time, each for all (the lead, shell/
+                # accept.py), with one process's windows.
+                batching=batching,
             )
         except OSError as exc:
             # A broken listener (EBADF, EINVAL...) never heals: retrying it would
@@ -323,6 +321,8 @@ class Server:
     def _close_listeners(self) -> None:
         for lst in self.listeners:
             lst.sock.close()
+            if lst.lead is not None:
+                lst.lead.close()
 
     def shutdown(self, grace: float | None = None) -> None:
         """Stop accepting now; 421 to held clients; relays get `grace` seconds."""
