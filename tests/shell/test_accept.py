@@ -9,6 +9,7 @@ import contextlib
 import errno
 import functools
 import os
+import resource
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -539,3 +540,45 @@ def test_a_lead_given_back_after_the_parent_restored_one_leaves_one() -> None:
         assert waiting_bytes(token) == 1
         lead.release()  # not held: nothing given back
         assert waiting_bytes(token) == 1
+
+
+def _lowest_free_fd() -> int:
+    fd = os.dup(0)  # the kernel gives the lowest free number
+    os.close(fd)
+    return fd
+
+
+async def test_a_lead_out_of_descriptors_gives_the_lead_back_while_it_pauses(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # EMFILE is this worker's limit, not the others': holding the lead through
+    # its pause would leave their sockets' clients waiting for nobody.
+    paused: list[OSError] = []
+    with _arrivals() as a, _lead_pipe(free=True) as (token, give_back):
+        own, theirs = a.listener(), a.listener()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                accept_loop,
+                Listener(own, Listen("127.0.0.1", 0), lead=Lead(token, give_back, [theirs])),
+                a.accepted,
+                lambda _lst, exc: paused.append(exc),
+            )
+            await trio.sleep(1)
+            await a.connect(own, 2)
+            assert waiting_bytes(token) == 0  # gathering: the lead is this worker's
+            late = socket.socket()
+            a.clients.append(late)
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (_lowest_free_fd(), hard))
+            try:
+                late.connect(theirs.getsockname())
+                with trio.fail_after(1):
+                    while not paused:
+                        await trio.sleep(0.001)
+                assert paused[0].errno == errno.EMFILE
+                assert waiting_bytes(token) == 1  # given back for the pause
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            await trio.sleep(1)
+            assert len(a.taken) == 2  # the other worker's client is its own again
+            nursery.cancel_scope.cancel()

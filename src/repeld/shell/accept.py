@@ -356,6 +356,11 @@ async def _accept(
                     # (spamd does the same) instead of spinning on the error.
                     on_pause(listener, exc)
                     pause = trio.sleep(ACCEPT_BACKOFF)
+                    if lead is not None and lead.holds:
+                        # This worker's limit: the others, which wait for the
+                        # lead, take their clients themselves meanwhile.
+                        lead.release()
+                        sources, source = own, 0
                 elif exc.errno in RETRY_ERRNOS:
                     # That client is gone: take the next, with a checkpoint so
                     # that even an endless run of them can be cancelled.
