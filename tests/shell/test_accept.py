@@ -21,6 +21,7 @@ import trio.testing
 from repeld.config.settings import Backend, Listen, Settings
 from repeld.config.values import SyslogTarget
 from repeld.core.gathering import PROBE_FIRST, PROBE_SPAN_LONGEST
+from repeld.process.workers import LEAD_ENV, attach_leads
 from repeld.service.tcptune import Acceptor
 from repeld.shell.accept import (
     ACCEPT_BATCH,
@@ -582,3 +583,35 @@ async def test_a_lead_out_of_descriptors_gives_the_lead_back_while_it_pauses(
             await trio.sleep(1)
             assert len(a.taken) == 2  # the other worker's client is its own again
             nursery.cancel_scope.cancel()
+
+
+def test_a_worker_takes_its_lead_from_the_parent_and_tunes_the_siblings() -> None:
+    # process/workers.py's REPELD_LEAD_FDS, as the parent writes it: the lead's
+    # pipe and the other workers' sockets, kept from any --exec program, and
+    # each sibling tuned as the worker's own listener is (its clients are taken
+    # by the lead, maybe before its own worker has started).
+    with _arrivals() as a, _lead_pipe(free=True) as (token, give_back):
+        own, theirs, unknown = a.listener(), a.listener(), a.listener()
+        lst = Listener(own, Listen("127.0.0.1", 0))
+        fds = [os.dup(fd) for fd in (token, give_back, theirs.fileno())]
+        strays = [os.dup(fd) for fd in (token, give_back)]
+        for fd in fds + strays:
+            os.set_inheritable(fd, True)
+        env = {
+            LEAD_ENV: f"{own.fileno()}:{fds[0]}:{fds[1]}:{fds[2]},"
+            f"{unknown.fileno()}:{strays[0]}:{strays[1]}"
+        }
+        tuned: list[int] = []
+        assert attach_leads([lst], lambda sock: tuned.append(sock.fileno()), env) == 1
+        assert LEAD_ENV not in env
+        assert lst.lead is not None and [s.fileno() for s in lst.lead.siblings] == [fds[2]]
+        assert tuned == [fds[2]]
+        assert not any(os.get_inheritable(fd) for fd in fds)
+        for fd in strays:  # no listener of this worker's: closed
+            with pytest.raises(OSError):
+                os.fstat(fd)
+        assert lst.lead.claim()
+        lst.lead.close()
+        assert waiting_bytes(token) == 1
+        os.close(fds[0])
+        os.close(fds[1])

@@ -116,13 +116,19 @@ def inherited_sockets(env: dict[str, str] | None = None) -> list[tuple[socket.so
     return result
 
 
-def attach_leads(listeners: list[Listener], env: dict[str, str] | None = None) -> int:
+def attach_leads(
+    listeners: list[Listener],
+    tune: Callable[[socket.socket], None],
+    env: dict[str, str] | None = None,
+) -> int:
     """In a worker: give each listener the gathering lead its parent shares
     among the workers (shell/accept.py's `Lead`); how many got one.
 
     REPELD_LEAD_FDS lists, per listener, `LISTEN:TOKEN:GIVE_BACK[:SIBLING...]`:
     the worker's own listening socket, the lead's pipe (read and write end)
-    and the other workers' sockets of the same listener.
+    and the other workers' sockets of the same listener. Each sibling is
+    `tune`d as the worker's own listener is: the lead takes its clients (its
+    own worker tunes it too, but may not have started yet).
     """
     environ = os.environ if env is None else env
     spec = environ.pop(LEAD_ENV, "")
@@ -139,6 +145,8 @@ def attach_leads(listeners: list[Listener], env: dict[str, str] | None = None) -
                 os.close(fd)
             continue
         socks = [socket.socket(fileno=fd) for fd in siblings]
+        for sock in socks:
+            tune(sock)
         listener.lead = Lead(token, give_back, socks)
         attached += 1
     return attached

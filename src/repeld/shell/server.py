@@ -165,6 +165,11 @@ class Server:
         self.handoff.listeners_tuned = tune_listener(sock) and self.handoff.listeners_tuned
         self.listeners.append(Listener(sock, spec, None if wildcard else (host, port), backend))
 
+    def tune_sibling(self, sock: socket.socket) -> None:
+        """Tune another worker's socket of a listener, whose clients this worker
+        takes while it holds the lead (shell/accept.py's `Lead`), as its own."""
+        self.handoff.listeners_tuned = tune_listener(sock) and self.handoff.listeners_tuned
+
     def _relaying(self) -> int:
         """Sessions the relay pool relays now (the accept loops never gather then)."""
         pool = self.handoff.pool
