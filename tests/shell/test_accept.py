@@ -543,6 +543,25 @@ def test_a_lead_given_back_after_the_parent_restored_one_leaves_one() -> None:
         assert waiting_bytes(token) == 1
 
 
+def test_a_lead_given_back_never_takes_one_out_of_the_pipe() -> None:
+    # Two workers may hold a lead each (the parent put one back while one was
+    # held). A release that trimmed the pipe back to one byte could, with two
+    # releases at once (both write, both see two, both take one), leave none:
+    # every worker would then follow nobody for good. A release only ever
+    # adds a byte, and only to an empty pipe; a second lead goes away so.
+    with _lead_pipe(free=True) as (token, give_back):
+        first, second = Lead(token, give_back, []), Lead(token, give_back, [])
+        assert first.claim()
+        restore_lead(token, give_back)
+        assert second.claim()
+        os.write(give_back, LEAD_TOKEN * 2)  # as if two more had been given back
+        first.release()
+        assert waiting_bytes(token) == 2  # nothing added, nothing taken
+        os.read(token, 2)
+        second.release()  # the last one: back in the pipe
+        assert waiting_bytes(token) == 1
+
+
 def _lowest_free_fd() -> int:
     fd = os.dup(0)  # the kernel gives the lowest free number
     os.close(fd)

@@ -202,15 +202,15 @@ class Lead:
         if not self.holds:
             return
         self.holds = False
+        # The parent puts a byte back when a worker dies with the lead
+        # (`restore_lead`), and cannot tell whether the dead one held it: if
+        # not, there are two. A lead is given back only into an empty pipe, so
+        # a second one goes away, and the last one never does: two workers
+        # giving theirs back at once may both write (two again), never neither.
         try:
-            os.write(self.give_back, LEAD_TOKEN)
-            # The parent puts a byte back when a worker dies with the lead
-            # (`restore_lead`), and cannot tell whether the dead one held it:
-            # if not, there are two now. Whoever gives a lead back keeps one.
-            surplus = waiting_bytes(self.token) - 1
-            if surplus > 0:
-                os.read(self.token, surplus)
-        except OSError:  # never on a pipe of one byte; at worst no lead, as before
+            if waiting_bytes(self.token) == 0:
+                os.write(self.give_back, LEAD_TOKEN)
+        except OSError:  # never on a pipe of one byte
             pass
 
     def close(self) -> None:
