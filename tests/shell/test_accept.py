@@ -26,6 +26,7 @@ from repeld.service.tcptune import Acceptor
 from repeld.shell.accept import (
     ACCEPT_BATCH,
     FLOOD_PAUSE,
+    FOLLOW_CHECK,
     GATHER,
     GATHER_MIN,
     GATHER_MIN_BACKLOG,
@@ -504,24 +505,85 @@ async def test_a_worker_follows_while_another_holds_the_lead_and_listens_once_it
 ) -> None:
     # The lead is taken (not in the pipe): its holder takes this worker's clients
     # in its windows, so this one does not listen, even for a lone client, which
-    # would cost it a wake-up each. Once the lead is given back, it listens again.
+    # would cost it a wake-up each; it looks at its own socket every
+    # FOLLOW_CHECK all the same (a lead that is stopped takes nobody's). Once the
+    # lead is given back, it listens again.
     with _arrivals() as a, _lead_pipe(free=False) as (token, give_back):
         own, theirs = a.listener(), a.listener()
         async with trio.open_nursery() as nursery:
             a.serve(nursery, own, lead=Lead(token, give_back, [theirs]))
-            await trio.sleep(1)
+            await trio.sleep(FOLLOW_CHECK * 2.5)
+            start = await a.connect(own, 1)  # waits for the next check
+            assert FOLLOW_CHECK / 4 < a.taken[0][0] - start <= FOLLOW_CHECK * 1.01
+            await trio.sleep(FOLLOW_CHECK / 2)  # mid-way to the next check
             a.clients.append(socket.create_connection(own.getsockname()))
-            await trio.sleep(1)
-            assert a.taken == []  # left to the lead's windows
+            await trio.sleep(FOLLOW_CHECK / 10)
+            assert len(a.taken) == 1  # left to the lead's windows
             let_go = trio.current_time()
             os.write(give_back, LEAD_TOKEN)
             with trio.fail_after(1):
-                while not a.taken:
+                while len(a.taken) < 2:
                     await trio.sleep(0.0001)
-            assert a.taken[0][0] - let_go < GATHER_MIN
+            assert a.taken[1][0] - let_go < GATHER_MIN
             assert waiting_bytes(token) == 1  # not gathering: it did not take the lead
             start = await a.connect(own, 1)
             assert a.taken[-1][0] - start < GATHER / 10  # listening: at once
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_flood_on_the_leads_own_socket_gives_the_lead_back_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A socket that never empties never ends the lead's wake-up, and with it
+    # the others' wait: at ACCEPT_BATCH clients in a wake-up (a flood, core/
+    # gathering.py) the lead goes back, and each worker takes its own.
+    with _arrivals() as a, _lead_pipe(free=True) as (token, give_back):
+        own, theirs = a.listener(), a.listener()
+        async with trio.open_nursery() as nursery:
+            a.serve(nursery, own, lead=Lead(token, give_back, [theirs]))
+            await trio.sleep(1)
+            await a.connect(own, 2)
+            assert waiting_bytes(token) == 0
+            a.clients += [socket.create_connection(theirs.getsockname()) for _ in range(3)]
+            a.clients += [socket.create_connection(own.getsockname()) for _ in range(80)]
+            await trio.sleep(1)
+            assert waiting_bytes(token) == 1  # given back in the flood
+            # Its own, all of them; of the other worker's, none: no lead since.
+            assert len(a.taken) == 2 + 80
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_worker_without_room_neither_takes_nor_keeps_the_lead(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The clients a worker takes stay its own (held, in a program, in an
+    # enforce session), and its limits are its own: with less than half of one
+    # free it leaves the lead to a worker with room.
+    roomy = [True]
+    with _arrivals() as a, _lead_pipe(free=True) as (token, give_back):
+        own, theirs = a.listener(), a.listener()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(
+                    accept_loop,
+                    Listener(own, Listen("127.0.0.1", 0), lead=Lead(token, give_back, [theirs])),
+                    a.accepted,
+                    lambda *_: None,
+                    room=lambda: roomy[0],
+                )
+            )
+            await trio.sleep(1)
+            await a.connect(own, 2)
+            assert waiting_bytes(token) == 0  # room: it leads
+            roomy[0] = False
+            await a.connect(own, 1)  # the next wake-up: given back
+            assert waiting_bytes(token) == 1
+            await trio.sleep(1)
+            await a.connect(own, 2)  # would gather: but takes no lead
+            assert waiting_bytes(token) == 1
+            a.clients.append(socket.create_connection(theirs.getsockname()))
+            await trio.sleep(1)
+            assert len(a.taken) == 5  # the other worker's client is not taken here
             nursery.cancel_scope.cancel()
 
 
@@ -634,3 +696,35 @@ def test_a_worker_takes_its_lead_from_the_parent_and_tunes_the_siblings() -> Non
         assert waiting_bytes(token) == 1
         os.close(fds[0])
         os.close(fds[1])
+
+
+async def test_the_server_has_room_to_lead_until_half_its_held_places_are_taken(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    receiver = Receiver()
+    settings = Settings(
+        backend=Backend("127.0.0.1", 9),
+        listen=(Listen("127.0.0.1", 0),),
+        syslog=SyslogTarget("udp", host="127.0.0.1", port=await receiver.bind()),
+        no_cache=True,
+        max_held=4,
+        max_per_client=10,
+        workers=2,
+    )
+    server = await open_server(settings, EventLog.from_settings(settings))
+    clients: list[socket.socket] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            assert server._room()
+            address = server.listeners[0].sock.getsockname()
+            for held in (1, 2):
+                clients.append(socket.create_connection(address))
+                with trio.fail_after(5):
+                    while len(server.pen) < held:
+                        await trio.sleep(0.01)
+            assert not server._room()  # 2 of 4: half taken
+            nursery.cancel_scope.cancel()
+    finally:
+        for c in clients:
+            c.close()

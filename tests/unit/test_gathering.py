@@ -13,12 +13,15 @@ from repeld.core.gathering import (
     PROBE_FIRST,
     PROBE_LONGEST,
     PROBE_MIN,
+    PROBE_POLL,
     PROBE_SPAN,
     PROBE_SPAN_LONGEST,
+    ROOM,
     SHORTEST,
     Gathering,
     Role,
     lead_role,
+    room,
     tick,
 )
 
@@ -350,28 +353,92 @@ def test_windows_half_full_or_more_are_never_probed() -> None:
 
 
 @pytest.mark.parametrize(("half_full", "probed"), [(CLIENTS / 2, True), (CLIENTS / 2 - 2, False)])
-def test_a_worker_told_a_lower_half_full_leaves_its_fuller_windows_unprobed(
+def test_a_gathering_told_a_lower_half_full_leaves_its_fuller_windows_unprobed(
     half_full: float, probed: bool
 ) -> None:
-    # Windows of CLIENTS / 2 - 1: under one process's mark, at or over that of a
-    # worker of two (shell/accept.py's half_full: the same host-wide load).
+    # Windows of CLIENTS / 2 - 1: under the default mark, at or over a lower one
+    # (accept_loop's `full`).
     g = Gathering(LONGEST, True, FLOOD, half_full)
     assert g.after_wakeup(2, T0, False) == LONGEST / 2
     _, answers = _gather(g, T0 + LONGEST / 2, CLIENTS // 2 - 1, PROBE_LONGEST * 3)
     assert (None in answers) is probed
 
 
-# (window, holds the lead, found it free) -> the role (core/gathering.py's lead_role)
+# (window, holds the lead, found it free, room, flood) -> the role (core/gathering.py's lead_role)
 ROLES = [
-    (0.01, True, False, Role.GATHER),  # holds it, gathers on
-    (0.01, False, True, Role.GATHER),  # took it (it was free)
-    (0.01, False, False, Role.FOLLOW),  # another worker gathers for it
-    (None, True, False, Role.LISTEN),  # stops gathering: lets it go
-    (None, False, True, Role.LISTEN),  # nobody gathers: listen
-    (None, False, False, Role.FOLLOW),  # another gathers: its windows take the clients
+    (0.01, True, False, True, False, Role.GATHER),  # holds it, gathers on
+    (0.01, False, True, True, False, Role.GATHER),  # took it (it was free)
+    (0.01, False, False, True, False, Role.FOLLOW),  # another worker gathers for it
+    (None, True, False, True, False, Role.LISTEN),  # stops gathering: lets it go
+    (None, False, True, True, False, Role.LISTEN),  # nobody gathers: its own clients
+    (None, False, False, True, False, Role.FOLLOW),  # another gathers: its windows take them
+    (0.01, True, False, False, False, Role.LISTEN),  # no room: lets it go
+    (0.01, False, True, False, False, Role.LISTEN),  # no room: does not take it
+    (0.01, False, False, False, False, Role.FOLLOW),  # no room: the lead takes its clients
+    (None, True, False, True, True, Role.LISTEN),  # a flood: every worker its own
+    (None, False, False, True, True, Role.LISTEN),  # a flood: never follows
 ]
 
 
-@pytest.mark.parametrize(("window", "holds", "free", "role"), ROLES)
-def test_lead_role(window: float | None, holds: bool, free: bool, role: Role) -> None:
-    assert lead_role(window, holds, free) is role
+@pytest.mark.parametrize(("window", "holds", "free", "roomy", "flood", "role"), ROLES)
+def test_lead_role(
+    window: float | None, holds: bool, free: bool, roomy: bool, flood: bool, role: Role
+) -> None:
+    assert lead_role(window, holds, free, room=roomy, flood=flood) is role
+
+
+@pytest.mark.parametrize(
+    ("counts", "expected"),
+    [
+        (((0, 100), (0, 40), (0, 100)), True),
+        (((49, 100), (19, 40), (49, 100)), True),
+        (((50, 100), (0, 40), (0, 100)), False),  # half the held places taken
+        (((0, 100), (20, 40), (0, 100)), False),  # half the --exec programs
+        (((0, 100), (0, 40), (50, 100)), False),  # half the enforce sessions
+        (((0, 0),), False),  # no place at all
+    ],
+)
+def test_a_worker_leads_only_with_half_of_each_limit_free(
+    counts: tuple[tuple[int, int], ...], expected: bool
+) -> None:
+    assert room(counts) is expected
+    assert ROOM == 0.5
+
+
+def _busy_then_probe(shared: bool) -> tuple[Gathering, float]:
+    """A gathering at 4 clients a window (under half full) until its probe begins."""
+    g = Gathering(LONGEST, True, FLOOD, shared=shared)
+    now = T0
+    window = g.after_wakeup(4, now, False)
+    while window is not None and window > PROBE_POLL:
+        now += window
+        window = g.after_wakeup(4, now, False)
+    return g, now
+
+
+def test_a_shared_gathering_probes_by_looking_every_millisecond() -> None:
+    # The worker that leads probes for every worker: it keeps the lead and its
+    # windows (PROBE_POLL), so that it counts the same clients as before.
+    alone, _ = _busy_then_probe(shared=False)
+    shared, now = _busy_then_probe(shared=True)
+    assert alone.after_wakeup(1, now + 0.001, False) is None  # each at once
+    assert shared.after_wakeup(1, now + 0.001, False) == PROBE_POLL
+    # Clients that waited for the windows come faster in the probe: a lean.
+    t = now + 0.001
+    while t < now + PROBE_SPAN_LONGEST + 0.01:
+        t += PROBE_POLL
+        window = shared.after_wakeup(1, t, False)
+        if window is None:
+            break
+    assert window is None
+    later = t + 0.1
+    assert shared.after_wakeup(2, later, False) is None  # leaning: takes each at once
+    assert shared.after_wakeup(2, later + LEAN_PAUSE + 0.01, False) is not None
+
+
+def test_flooded_says_when_a_wake_up_took_a_flood() -> None:
+    g = gathering()
+    assert not g.flooded(T0)
+    g.after_wakeup(FLOOD, T0, False)
+    assert g.flooded(T0 + FLOOD_PAUSE / 2)
+    assert not g.flooded(T0 + FLOOD_PAUSE)

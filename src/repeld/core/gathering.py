@@ -59,7 +59,10 @@ The rules, in order:
   a second at first, then 2, 8 and 16 s. Workers under the same load probe
   together, and the periods nest (each is a multiple of the one before), so a
   worker that probes less often still finds the others probing with it. In
-  one process this only moves a probe to the next tick.
+  one process this only moves a probe to the next tick. With the lead (next)
+  one worker gathers for all, and it probes for all: it keeps the lead through
+  its probe and looks at every worker's socket each `PROBE_POLL`, so that its
+  count before and during the probe is of the same clients.
 - **one worker gathers for every worker** (`lead_role`). With --workers, each
   worker has a socket of its own per listener (SO_REUSEPORT) and the kernel
   spreads the clients; two workers gathering each its share woke the host half
@@ -70,9 +73,10 @@ The rules, in order:
   free, and then at each window's end takes the clients of every worker's
   socket; a worker that finds it taken lets its own socket wait for the lead's
   windows, and sleeps until the lead is let go. The lead is let go as soon as
-  its worker stops gathering (a quiet listener, a probe, a lean, a flood, a
-  relay), and then each worker takes its own clients at once again; while it
-  is held, a worker that need not gather follows too. Under a
+  its worker stops gathering (a quiet listener, a lean, a flood, a relay, or
+  less than `ROOM` of one of its limits free: the clients it takes stay its
+  own), and then each worker takes its own clients at once again; while it is
+  held, a worker that need not gather follows too, unless it is in a flood. Under a
   load that needs gathering one process does the accepting for the host, as
   postscreen does; under one that needs more than a process, nobody gathers and
   the kernel's spreading stands. The lead worker sees every client, so it
@@ -92,12 +96,15 @@ __all__ = [
     "PROBE_FIRST",
     "PROBE_LONGEST",
     "PROBE_MIN",
+    "PROBE_POLL",
     "PROBE_SPAN",
     "PROBE_SPAN_LONGEST",
+    "ROOM",
     "SHORTEST",
     "Gathering",
     "Role",
     "lead_role",
+    "room",
     "tick",
 ]
 
@@ -129,12 +136,22 @@ LEAN_RATIO = 1.5
 PROBE_MIN = 8
 #: How long the loop then takes each client at once before it gathers again.
 LEAN_PAUSE = 10.0
+#: With workers sharing a lead: the probe's windows. The worker that gathers
+#: takes every worker's clients and keeps the lead through its probe (another
+#: worker would gather meanwhile, and the prober would count its own share
+#: only), so it cannot wait for each client: it looks every millisecond.
+PROBE_POLL = 0.001
+#: A worker leads only while it has this share or more of each of its limits
+#: free (`room`): the clients it takes stay its own (held, in a program, in an
+#: enforce session), and its limits are its own.
+ROOM = 0.5
 
 
 class Role(enum.Enum):
     """What a worker's accept loop does after a wake-up, where workers share a lead."""
 
-    #: Wait for the next connection on its own socket (not gathering).
+    #: Take its own socket's clients only, as a lone process does (each at once,
+    #: or in its own windows); it holds no lead.
     LISTEN = "listen"
     #: Hold the lead: sleep the window, then take the clients of every worker's socket.
     GATHER = "gather"
@@ -143,22 +160,34 @@ class Role(enum.Enum):
     FOLLOW = "follow"
 
 
-def lead_role(window: float | None, holds: bool, free: bool) -> Role:
+def lead_role(
+    window: float | None, holds: bool, free: bool, *, room: bool = True, flood: bool = False
+) -> Role:
     """The role after a wake-up whose gathering answered `window` (None: do not
     gather), for a worker that `holds` the lead, or else found it `free` (the
-    shell claims it when `window` is not None, so free then means it is this
-    worker's now). A worker that gets LISTEN while it holds the lead lets it go.
+    shell claims it when the worker would gather, so free then means it is
+    this worker's now). A worker that gets LISTEN while it holds the lead lets
+    it go.
 
-    A worker that need not gather follows all the same while another holds the
-    lead: that one takes its socket's clients in its windows, and listening
-    would only take them one wake-up each, ahead of the windows (two workers
-    in front of Postfix: 0.27 wake-ups a message instead of 0.10).
+    - A worker without `room` (`room()`) neither takes nor keeps the lead:
+      whoever leads takes its clients, so the load goes to a worker with room.
+    - In a `flood` every worker takes its own clients: none leads or follows.
+    - A worker that need not gather follows all the same while another holds
+      the lead: that one takes its socket's clients in its windows, and
+      listening would only take them one wake-up each, ahead of the windows
+      (two workers in front of Postfix: 0.27 wake-ups a message, not 0.10).
     """
-    if holds and window is not None:
-        return Role.GATHER
+    if flood:
+        return Role.LISTEN
+    gather = window is not None and room
     if holds or free:
-        return Role.GATHER if window is not None else Role.LISTEN
+        return Role.GATHER if gather else Role.LISTEN
     return Role.FOLLOW
+
+
+def room(counts: tuple[tuple[int, int], ...]) -> bool:
+    """Each (in use, limit) of a worker leaves `ROOM` of the limit free."""
+    return all(used < limit * ROOM for used, limit in counts)
 
 
 def tick(after: float, period: float) -> float:
@@ -181,6 +210,7 @@ class Gathering:
         "_may_gather",
         "_probe",
         "_probe_after",
+        "_shared",
         "_since",
         "_taken",
         "_tick",
@@ -190,9 +220,17 @@ class Gathering:
     )
 
     def __init__(
-        self, longest: float, may_gather: bool, flood: int, half_full: float = CLIENTS / 2
+        self,
+        longest: float,
+        may_gather: bool,
+        flood: int,
+        half_full: float = CLIENTS / 2,
+        shared: bool = False,
     ) -> None:
         self._longest = longest
+        #: Workers share a lead: a probe looks every PROBE_POLL instead of
+        #: waiting for each client (its windows take every worker's clients).
+        self._shared = shared
         self._may_gather = may_gather
         self._flood = flood
         #: Clients a window takes on average at which a busy time is not probed.
@@ -279,7 +317,11 @@ class Gathering:
         until = max(self._tick + PROBE_SPAN_LONGEST, now + PROBE_SPAN)
         self._probe = (now, until, 0, rate)
         self.gathering = False
-        return None
+        return PROBE_POLL if self._shared else None
+
+    def flooded(self, now: float) -> bool:
+        """A wake-up took `flood` clients or more within FLOOD_PAUSE."""
+        return now < self._flood_until
 
     def _probing(self, batch: int, now: float) -> float | None:
         assert self._probe is not None
@@ -289,7 +331,7 @@ class Gathering:
             self._last = now
         if now < until:
             self._probe = (began, until, clients, rate)
-            return None
+            return PROBE_POLL if self._shared else None
         self._probe = None
         if now - until > PROBE_FIRST:  # the load went away during it: it proves nothing
             self._probe_after = PROBE_FIRST

@@ -32,7 +32,14 @@ counter goes backwards; `repeld_workers_answered` says who answered).
 The environment protocol between parent and worker (internal, not an API):
 REPELD_WORKER is the worker's index, REPELD_WORKER_FDS lists `fd:name` pairs of
 inherited listeners (a name ending in "nodelay" marks a nodelay listener, as
-with socket activation), REPELD_STATS_FD is the pipe for the counters.
+with socket activation), REPELD_LEAD_FDS gives each listener's gathering lead
+and the other workers' sockets of it (`attach_leads`), REPELD_STATS_FD is the
+pipe for the counters.
+
+The lead (shell/accept.py's `Lead`): one pipe per listener, made here with one
+byte in it, which the worker that gathers holds and gives back; one worker
+gathers at a time, for all of them. A worker that dies with it cannot give it
+back, so after every death the parent puts a byte back if the pipe is empty.
 """
 
 from __future__ import annotations

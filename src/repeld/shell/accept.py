@@ -102,6 +102,7 @@ __all__ = [
     "ACCEPT_BACKOFF",
     "ACCEPT_BATCH",
     "FLOOD_PAUSE",
+    "FOLLOW_CHECK",
     "GATHER",
     "GATHER_CLIENTS",
     "GATHER_MIN",
@@ -161,6 +162,10 @@ FLOOD_PAUSE = gathering.FLOOD_PAUSE
 
 #: The byte that stands for a listener's free lead in its pipe.
 LEAD_TOKEN = b"L"
+#: A worker that follows looks at its own socket at least this often: a lead
+#: stopped (SIGSTOP, a debugger) or stalled would otherwise leave its
+#: clients waiting for nobody.
+FOLLOW_CHECK = 0.25
 
 
 @dataclass(slots=True)
@@ -281,6 +286,7 @@ async def accept_loop(
     longest: float = GATHER,
     full: float = GATHER_CLIENTS / 2,
     batching: Batching | None = None,
+    room: Callable[[], bool] = lambda: True,
 ) -> None:
     """Accept from `listener` until cancelled; `accepted(sock, addr, listener)` for each.
 
@@ -292,13 +298,17 @@ async def accept_loop(
     `longest`: the longest gathering sleep; `full`: the clients a window takes
     on average at which busy times are not probed (core/gathering.py).
     `listener.lead`: the lead shared by --workers (`Lead`), with which one
-    worker at a time gathers, for all of them. `batching` (the EventLog) is told when each
+    worker at a time gathers, for all of them; `room()`: this worker has room
+    for more clients (core/gathering.py's `room`), else it does not lead.
+    `batching` (the EventLog) is told when each
     wake-up's batch of clients begins (`defer`) and ends (`write_deferred`,
     before every wait).
     """
     if batching is None:
         batching = _NO_BATCHING
-    gather = gathering.Gathering(longest, backlog >= GATHER_MIN_BACKLOG, ACCEPT_BATCH, full)
+    gather = gathering.Gathering(
+        longest, backlog >= GATHER_MIN_BACKLOG, ACCEPT_BATCH, full, listener.lead is not None
+    )
     # The gathering's time is the host's monotonic clock, which every worker
     # reads alike, so that their probes begin on the same ticks (trio's clock
     # has an offset of its own in each process, and a test's clock is virtual:
@@ -306,10 +316,18 @@ async def accept_loop(
     host_clock = time.monotonic() - trio.current_time()
     timer = _window_timer()
     try:
-        await _accept(listener, accepted, on_pause, relaying, gather, host_clock, timer, batching)
+        await _accept(
+            listener, accepted, on_pause, relaying, gather, host_clock, timer, batching, room
+        )
     finally:
         if timer is not None:
             timer.close()
+
+
+async def _follow(token: int) -> None:
+    """Wait for the lead to be given back, FOLLOW_CHECK at most."""
+    with trio.move_on_after(FOLLOW_CHECK):
+        await trio.lowlevel.wait_readable(token)
 
 
 def _window_timer() -> WakeTimer | None:
@@ -334,6 +352,7 @@ async def _accept(
     host_clock: float,
     timer: WakeTimer | None,
     batching: Batching,
+    room: Callable[[], bool],
 ) -> None:
     lsock = listener.sock
     family, kind, proto = lsock.family, lsock.type | socket.SOCK_NONBLOCK, lsock.proto
@@ -377,6 +396,12 @@ async def _accept(
                     if batch % ACCEPT_BATCH:
                         continue
                     pause = trio.lowlevel.checkpoint()
+                    if lead is not None and lead.holds:
+                        # A flood (core/gathering.py): every worker takes its
+                        # own, now, not at the end of a wake-up that a socket
+                        # never empty would never reach.
+                        lead.release()
+                        sources, source = own, 0
                 elif source + 1 < len(sources):  # the lead: the next worker's socket
                     source += 1
                     continue
@@ -389,15 +414,21 @@ async def _accept(
                     batch = 0
                     role = gathering.Role.LISTEN if window is None else gathering.Role.GATHER
                     if lead is not None:
-                        holds = lead.holds
-                        free = not holds and (lead.claim() if window is not None else lead.free())
-                        role = gathering.lead_role(window, holds, free)
+                        holds, roomy = lead.holds, room()
+                        flood = gather.flooded(now)
+                        if holds or flood:
+                            free = False
+                        elif window is not None and roomy:
+                            free = lead.claim()
+                        else:
+                            free = lead.free()
+                        role = gathering.lead_role(window, holds, free, room=roomy, flood=flood)
                         if role is gathering.Role.LISTEN:
                             lead.release()
                         sources = every if lead.holds else own
                     if role is gathering.Role.FOLLOW and lead is not None:
                         # The lead takes this socket's clients: wake when it is let go.
-                        pause = trio.lowlevel.wait_readable(lead.token)
+                        pause = _follow(lead.token)
                     elif window is None:
                         pause = trio.lowlevel.wait_readable(lsock)
                     elif timer is not None:

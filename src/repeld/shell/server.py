@@ -34,6 +34,7 @@ from repeld.core import events
 from repeld.core.addresses import client_key
 from repeld.core.dnsbl import WATCH_WINDOW
 from repeld.core.events import ConnInfo
+from repeld.core.gathering import room
 from repeld.core.names import EventName
 from repeld.core.policy import TrustedNetworks
 from repeld.metrics import Metrics, Snapshot
@@ -169,6 +170,18 @@ class Server:
         """Tune another worker's socket of a listener, whose clients this worker
         takes while it holds the lead (shell/accept.py's `Lead`), as its own."""
         self.handoff.listeners_tuned = tune_listener(sock) and self.handoff.listeners_tuned
+
+    def _room(self) -> bool:
+        """Room for the clients of every worker (the lead: shell/accept.py): the
+        clients this worker takes stay its own, and its limits are its own."""
+        enforcing = self.dispatch.enforcing
+        return room(
+            (
+                (len(self.pen), self.max_held),
+                (self.handoff.execs, self.settings.max_exec),
+                (enforcing.active, enforcing.limit),
+            )
+        )
 
     def _relaying(self) -> int:
         """Sessions the relay pool relays now (the accept loops never gather then)."""
@@ -313,6 +326,7 @@ class Server:
                 # Workers gather one at a time, each for all (the lead, shell/
                 # accept.py), with one process's windows.
                 batching=batching,
+                room=self._room,
             )
         except OSError as exc:
             # A broken listener (EBADF, EINVAL...) never heals: retrying it would
