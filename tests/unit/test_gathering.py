@@ -442,3 +442,46 @@ def test_flooded_says_when_a_wake_up_took_a_flood() -> None:
     g.after_wakeup(FLOOD, T0, False)
     assert g.flooded(T0 + FLOOD_PAUSE / 2)
     assert not g.flooded(T0 + FLOOD_PAUSE)
+
+
+def test_a_probe_begun_before_the_lead_was_taken_proves_nothing() -> None:
+    # Its rate before was of this worker's share; in the probe, with the lead,
+    # it counts every worker's clients: those would look faster, and a lean
+    # cost ten seconds of taking each client at once.
+    shared, now = _busy_then_probe(shared=True)
+    shared.took_lead(now)
+    t = now
+    window: float | None = PROBE_POLL
+    while window is not None:
+        t += PROBE_POLL
+        window = shared.after_wakeup(1, t, False)
+    assert shared.after_wakeup(2, t + 0.1, False) is not None  # no lean: gathers on
+
+
+def test_taking_the_lead_begins_the_busy_time_again() -> None:
+    # A busy time of this worker's own share: its probe would compare that
+    # share's rate with every worker's clients. Taken at the lead, it begins
+    # again, and the probe comes a PROBE_FIRST later.
+    g = Gathering(LONGEST, True, FLOOD, shared=True)
+    now = T0
+    assert g.after_wakeup(4, now, False) is not None
+    while now < T0 + PROBE_FIRST / 2:
+        now += LONGEST
+        assert g.after_wakeup(4, now, False) is not None
+    g.took_lead(now)
+    due = tick(now + PROBE_FIRST, PROBE_FIRST)
+    while now < due - LONGEST:
+        now += LONGEST
+        assert g.after_wakeup(4, now, False) == LONGEST  # no probe yet
+    while now < due + LONGEST:
+        now += LONGEST
+        window = g.after_wakeup(4, now, False)
+    assert window == PROBE_POLL  # probing, on the tick after the new start
+
+
+def test_a_flood_or_a_relay_ends_a_shared_probe() -> None:
+    for batch, relaying in ((FLOOD, False), (1, True)):
+        g, now = _busy_then_probe(shared=True)
+        assert g.after_wakeup(1, now + PROBE_POLL, False) == PROBE_POLL
+        assert g.after_wakeup(batch, now + 2 * PROBE_POLL, relaying) is None
+        assert g.flooded(now + 2 * PROBE_POLL) is (batch >= FLOOD)

@@ -74,9 +74,12 @@ The rules, in order:
   socket; a worker that finds it taken lets its own socket wait for the lead's
   windows, and sleeps until the lead is let go. The lead is let go as soon as
   its worker stops gathering (a quiet listener, a lean, a flood, a relay, or
-  less than `ROOM` of one of its limits free: the clients it takes stay its
-  own), and then each worker takes its own clients at once again; while it is
-  held, a worker that need not gather follows too, unless it is in a flood. Under a
+  `ROOM` of one of its limits in use: the clients it takes stay its own), and
+  then each worker takes its own clients again (a worker without room may
+  gather its own socket in windows of its own); while it is held, a worker
+  that need not gather follows too, unless it is in a flood. A worker that
+  takes the lead begins its busy time again (`took_lead`): what it counted
+  before was its own share. Under a
   load that needs gathering one process does the accepting for the host, as
   postscreen does; under one that needs more than a process, nobody gathers and
   the kernel's spreading stands. The lead worker sees every client, so it
@@ -141,8 +144,8 @@ LEAN_PAUSE = 10.0
 #: worker would gather meanwhile, and the prober would count its own share
 #: only), so it cannot wait for each client: it looks every millisecond.
 PROBE_POLL = 0.001
-#: A worker leads only while it has this share or more of each of its limits
-#: free (`room`): the clients it takes stay its own (held, in a program, in an
+#: A worker leads only while less than this share of each of its limits is in
+#: use (`room`): the clients it takes stay its own (held, in a program, in an
 #: enforce session), and its limits are its own.
 ROOM = 0.5
 
@@ -186,7 +189,7 @@ def lead_role(
 
 
 def room(counts: tuple[tuple[int, int], ...]) -> bool:
-    """Each (in use, limit) of a worker leaves `ROOM` of the limit free."""
+    """Each (in use, limit) of a worker has less than `ROOM` of the limit in use."""
     return all(used < limit * ROOM for used, limit in counts)
 
 
@@ -265,7 +268,11 @@ class Gathering:
         """The wake-up took `batch` clients and found no more waiting: how long to
         sleep before accepting again, or None to wait for the next connection."""
         if self._probe is not None:
-            return self._probing(batch, now)
+            if batch < self._flood and not relaying:
+                return self._probing(batch, now)
+            # A flood or a relay ends the probe (it proves nothing) as it ends
+            # gathering: with the lead the probe's windows would go on.
+            self._probe = None
         if now - self._last > PROBE_FIRST:  # the load went away: probe soon
             self._since = None
             self._probe_after = PROBE_FIRST
@@ -318,6 +325,21 @@ class Gathering:
         self._probe = (now, until, 0, rate)
         self.gathering = False
         return PROBE_POLL if self._shared else None
+
+    def took_lead(self, now: float) -> None:
+        """This worker has just taken the workers' lead (`lead_role`): from now
+        on it takes every worker's clients. A busy time, and a probe, begun
+        before counted its own only, and would compare unlike with like (a
+        rate before the probe of a share of the clients made them look 1.5
+        times faster in it, and cost ten seconds of taking each at once): the
+        busy time begins again now, and a probe under way proves nothing."""
+        if self._probe is not None:
+            began, until, clients, _ = self._probe
+            self._probe = (began, until, clients, math.inf)
+        elif self._since is not None:
+            self._since, self._taken, self._windows, self._gathered = now, 0, 0, 0
+            self._tick = tick(now + PROBE_FIRST, self._probe_after)
+            self._mark = None
 
     def flooded(self, now: float) -> bool:
         """A wake-up took `flood` clients or more within FLOOD_PAUSE."""

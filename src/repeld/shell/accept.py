@@ -47,11 +47,17 @@ With --workers each worker has a socket of its own per listener, and one
 worker at a time gathers, for all of them: the one that holds the listener's
 lead (`Lead`, a byte in a pipe the workers share) takes, at the end of each
 window, the clients of every worker's socket, and the others sleep until it
-lets the lead go, which it does as soon as it stops gathering. Two workers that
-each gathered their share (in 15 ms windows) cost 13 µs more per handed-off
-message than with the lead, and 14-21 µs more than one process; with the lead
-they cost what one process costs (docs/perf-log/2026-12-07-night.md).
-core/gathering.py's `lead_role` says who does what.
+lets the lead go, looking at their own socket every `FOLLOW_CHECK` all the
+same (a stopped lead takes nobody's clients). The lead goes back as soon as
+its worker stops gathering, at once in a flood (the 64th client of a
+wake-up) and when an accept fails for want of descriptors, and is not taken
+without room (`room()`: half of a limit in use). Its worker probes for all,
+keeping the lead and looking at every socket each `PROBE_POLL` (1 ms) rather
+than taking each client at once. Two workers that each gathered their share
+(in 15 ms windows) cost 14-21 µs more per handed-off message than one process;
+with the lead they cost about what one process costs
+(docs/perf-log/2026-12-07-night.md). core/gathering.py's `lead_role` says who
+does what.
 
 A window is a wait for a timerfd (`WakeTimer`, from the native module), not a
 trio sleep: a trio sleep ends by cancelling its scope, which raises an
@@ -420,6 +426,8 @@ async def _accept(
                             free = False
                         elif window is not None and roomy:
                             free = lead.claim()
+                            if free:
+                                gather.took_lead(now)
                         else:
                             free = lead.free()
                         role = gathering.lead_role(window, holds, free, room=roomy, flood=flood)
