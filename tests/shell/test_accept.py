@@ -728,3 +728,43 @@ async def test_the_server_has_room_to_lead_until_half_its_held_places_are_taken(
     finally:
         for c in clients:
             c.close()
+
+
+async def test_the_lead_keeps_the_lead_through_its_probe_and_looks_at_every_socket(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Clients every 2.5 ms on two workers' sockets: windows under half full, so
+    # the lead probes. It probes for all (core/gathering.py's PROBE_POLL): it
+    # keeps the lead, and takes every socket's clients within a millisecond or
+    # so, until the probe ends and it gives the lead back. (A probe of its own
+    # socket alone gives the lead back as it begins, and the clients before it
+    # waited for 10 ms windows.)
+    with _arrivals() as a, _lead_pipe(free=True) as (token, give_back):
+        own, theirs = a.listener(), a.listener()
+        arrived: list[float] = []
+        async with trio.open_nursery() as nursery:
+            a.serve(nursery, own, lead=Lead(token, give_back, [theirs]))
+            await trio.sleep(1)
+            await a.connect(own, 2)
+            released = None
+            start = trio.current_time()
+            while trio.current_time() < start + 1.5 and released is None:
+                for lsock in (own, theirs):
+                    arrived.append(trio.current_time())
+                    a.clients.append(socket.create_connection(lsock.getsockname()))
+                    await trio.sleep(0.0025)
+                if waiting_bytes(token):
+                    released = trio.current_time()
+            assert released is not None and released > start + PROBE_FIRST
+            await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        taken = sorted(t for t, _ in a.taken[2:])
+        waits = [t - at for at, t in zip(arrived, taken, strict=False)]
+        probed = [
+            w
+            for at, w in zip(arrived, waits, strict=False)
+            if released - 0.2 < at < released - 0.01
+        ]
+        gathered = [w for at, w in zip(arrived, waits, strict=False) if at < start + 0.4]
+        assert probed and max(probed) < 0.0015  # polled, every socket, with the lead
+        assert max(gathered) > GATHER / 2  # before it: windows
