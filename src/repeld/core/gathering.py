@@ -291,9 +291,7 @@ class Gathering:
             if not busy:
                 self.gathering = False
                 return None
-            self._since, self._taken, self._windows, self._gathered = now, 0, 0, 0
-            self._tick = tick(now + PROBE_FIRST, self._probe_after)
-            self._mark = None
+            self._begin_busy(now)
         else:
             self._taken += batch
             if self.gathering:
@@ -337,9 +335,14 @@ class Gathering:
             began, until, clients, _ = self._probe
             self._probe = (began, until, clients, math.inf)
         elif self._since is not None:
-            self._since, self._taken, self._windows, self._gathered = now, 0, 0, 0
-            self._tick = tick(now + PROBE_FIRST, self._probe_after)
-            self._mark = None
+            self._begin_busy(now)
+
+    def _begin_busy(self, now: float) -> None:
+        """A busy time begins now: nothing counted yet, its probe due on the
+        first tick of the period at least PROBE_FIRST on."""
+        self._since, self._taken, self._windows, self._gathered = now, 0, 0, 0
+        self._tick = tick(now + PROBE_FIRST, self._probe_after)
+        self._mark = None
 
     def flooded(self, now: float) -> bool:
         """A wake-up took `flood` clients or more within FLOOD_PAUSE."""

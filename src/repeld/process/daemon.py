@@ -158,7 +158,7 @@ async def serve_forever(
     log = EventLog.from_settings(settings)
     with trio.open_signal_receiver(*_signals()) as signals:
         server = await open_server(settings, log, inherited or ())
-        workers.attach_leads(server.listeners, server.tune_sibling)  # a worker: the shared lead
+        workers.attach_leads(server.listeners, server.tune)  # a worker: the shared lead
         # The backend check (start, reload, periodic): here, or in the --workers parent.
         watch = BackendWatch(settings, log) if serve_metrics else None
         endpoint = None

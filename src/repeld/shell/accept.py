@@ -84,11 +84,8 @@ all the work there is.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import socket
-import struct
-import termios
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -100,6 +97,7 @@ import trio.testing
 from repeld.config.values import Listen
 from repeld.core import gathering
 from repeld.service.tcptune import Acceptor, WakeTimer
+from repeld.shell.poller import waiting_bytes
 
 if TYPE_CHECKING:
     from repeld.shell.handoff import BackendTarget
@@ -213,16 +211,7 @@ class Lead:
         if not self.holds:
             return
         self.holds = False
-        # The parent puts a byte back when a worker dies with the lead
-        # (`restore_lead`), and cannot tell whether the dead one held it: if
-        # not, there are two. A lead is given back only into an empty pipe, so
-        # a second one goes away, and the last one never does: two workers
-        # giving theirs back at once may both write (two again), never neither.
-        try:
-            if waiting_bytes(self.token) == 0:
-                os.write(self.give_back, LEAD_TOKEN)
-        except OSError:  # never on a pipe of one byte
-            pass
+        restore_lead(self.token, self.give_back)
 
     def close(self) -> None:
         """Give the lead back and close this worker's copies of the siblings."""
@@ -231,15 +220,15 @@ class Lead:
             sock.close()
 
 
-def waiting_bytes(fd: int) -> int:
-    """Bytes waiting to be read in a pipe (FIONREAD)."""
-    count: int = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
-    return count
-
-
 def restore_lead(token: int, give_back: int) -> None:
-    """After a worker died: put the lead back unless it is free already (the
-    dead worker may have held it; see `Lead.release`)."""
+    """Give a lead back into the pipe unless it holds one already.
+
+    The parent calls it after a worker died (the dead one may have held it),
+    and cannot tell whether the dead one did: if not, there are two. A lead is
+    given back (`Lead.release` too) only into an empty pipe, so a second one
+    goes away, and the last one never does: two workers giving theirs back at
+    once may both write (two again), never neither.
+    """
     try:
         if waiting_bytes(token) == 0:
             os.write(give_back, LEAD_TOKEN)
@@ -420,11 +409,13 @@ async def _accept(
                     batch = 0
                     role = gathering.Role.LISTEN if window is None else gathering.Role.GATHER
                     if lead is not None:
-                        holds, roomy = lead.holds, room()
+                        # (room() only for a worker that would gather: without
+                        # a window the role does not depend on it.)
+                        holds, roomy = lead.holds, window is not None and room()
                         flood = gather.flooded(now)
                         if holds or flood:
                             free = False
-                        elif window is not None and roomy:
+                        elif roomy:
                             free = lead.claim()
                             if free:
                                 gather.took_lead(now)

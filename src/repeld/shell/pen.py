@@ -47,13 +47,10 @@ at least as many releases paid for it, so it is amortised O(1) per connection.
 from __future__ import annotations
 
 import collections
-import fcntl
 import heapq
 import itertools
 import math
 import socket
-import struct
-import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -62,7 +59,7 @@ import trio
 
 from repeld.core.events import ConnInfo
 from repeld.core.hold import FLOOD_LIMIT, PEEK_LIMIT, Hold, Logged, Mute, Verdict, Wait
-from repeld.shell.poller import ERROR_READY, HUP, IN, Poller, watch
+from repeld.shell.poller import ERROR_READY, HUP, IN, Poller, waiting_bytes, watch
 
 if TYPE_CHECKING:
     from repeld.shell.handoff import BackendTarget
@@ -121,8 +118,7 @@ def spoke_first(sock: socket.socket) -> bool | None:
 def _pending(sock: socket.socket) -> int:
     # How many bytes are waiting in all, so a flood is counted beyond the peek.
     try:
-        buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
-        return int(struct.unpack("i", buf)[0])
+        return waiting_bytes(sock.fileno())
     except OSError:
         return 0
 

@@ -40,13 +40,33 @@ removes a closed fd's filters at close(), whoever else holds the socket.
 
 from __future__ import annotations
 
+import fcntl
 import select
+import struct
 import sys
+import termios
 from collections.abc import Callable
 
 import trio
 
-__all__ = ["ERROR_READY", "HUP", "IN", "OUT", "READ_READY", "WRITE_READY", "Poller", "watch"]
+__all__ = [
+    "ERROR_READY",
+    "HUP",
+    "IN",
+    "OUT",
+    "READ_READY",
+    "WRITE_READY",
+    "Poller",
+    "waiting_bytes",
+    "watch",
+]
+
+
+def waiting_bytes(fd: int) -> int:
+    """Bytes waiting to be read on a socket or a pipe (FIONREAD); OSError if none."""
+    count: int = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    return count
+
 
 #: Interest bits (the same values on both platforms): epoll's EPOLLIN / EPOLLOUT.
 IN = 1

@@ -162,13 +162,13 @@ class Server:
     ) -> None:
         host, port = sock.getsockname()[:2]
         wildcard = host in ("0.0.0.0", "::")
-        # One listener that passes no tuning on means every client is tuned itself.
-        self.handoff.listeners_tuned = tune_listener(sock) and self.handoff.listeners_tuned
+        self.tune(sock)
         self.listeners.append(Listener(sock, spec, None if wildcard else (host, port), backend))
 
-    def tune_sibling(self, sock: socket.socket) -> None:
-        """Tune another worker's socket of a listener, whose clients this worker
-        takes while it holds the lead (shell/accept.py's `Lead`), as its own."""
+    def tune(self, sock: socket.socket) -> None:
+        """Tune a listening socket whose clients this server takes: its own, or
+        another worker's, taken while it holds the lead (shell/accept.py's
+        `Lead`). One that passes no tuning on means every client is tuned itself."""
         self.handoff.listeners_tuned = tune_listener(sock) and self.handoff.listeners_tuned
 
     def _room(self) -> bool:
