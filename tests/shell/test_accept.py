@@ -36,9 +36,9 @@ from repeld.shell.accept import (
     Listener,
     accept_loop,
     restore_lead,
-    waiting_bytes,
 )
 from repeld.shell.eventlog import EventLog
+from repeld.shell.poller import waiting_bytes
 from repeld.shell.server import open_server
 
 from ..harness import Receiver
@@ -169,17 +169,34 @@ class _Arrivals:
         backlog: int = GATHER_MIN_BACKLOG,
         longest: float = GATHER,
         lead: Lead | None = None,
+        room: Callable[[], bool] = lambda: True,
     ) -> None:
         """Start an accept loop on `lsock` that records each client in `taken`."""
         nursery.start_soon(
-            accept_loop,
-            Listener(lsock, Listen("127.0.0.1", 0), lead=lead),
-            self.accepted,
-            lambda *_: None,
-            lambda: relaying,
-            backlog,
-            longest,
+            functools.partial(
+                accept_loop,
+                Listener(lsock, Listen("127.0.0.1", 0), lead=lead),
+                self.accepted,
+                lambda *_: None,
+                lambda: relaying,
+                backlog,
+                longest,
+                room=room,
+            )
         )
+
+    def serve_leading(
+        self,
+        nursery: trio.Nursery,
+        token: int,
+        give_back: int,
+        room: Callable[[], bool] = lambda: True,
+    ) -> tuple[socket.socket, socket.socket]:
+        """One worker's accept loop with the lead's pipe, beside another worker's
+        socket that only the lead takes from: (its own, the other's)."""
+        own, theirs = self.listener(), self.listener()
+        self.serve(nursery, own, lead=Lead(token, give_back, [theirs]), room=room)
+        return own, theirs
 
     async def connect(self, lsock: socket.socket, count: int) -> float:
         """`count` clients at once; when they connected, once all are taken."""
@@ -478,9 +495,8 @@ async def test_the_lead_takes_every_workers_clients_in_its_windows_and_lets_go_w
     # a burst on its own socket starts gathering, so it takes the lead, and its
     # windows take the clients waiting on the other worker's socket too.
     with _arrivals() as a, _lead_pipe(free=True) as (token, give_back):
-        own, theirs = a.listener(), a.listener()
         async with trio.open_nursery() as nursery:
-            a.serve(nursery, own, lead=Lead(token, give_back, [theirs]))
+            own, theirs = a.serve_leading(nursery, token, give_back)
             await trio.sleep(1)
             await a.connect(own, 2)
             burst = a.taken[1][0]
@@ -509,9 +525,8 @@ async def test_a_worker_follows_while_another_holds_the_lead_and_listens_once_it
     # FOLLOW_CHECK all the same (a lead that is stopped takes nobody's). Once the
     # lead is given back, it listens again.
     with _arrivals() as a, _lead_pipe(free=False) as (token, give_back):
-        own, theirs = a.listener(), a.listener()
         async with trio.open_nursery() as nursery:
-            a.serve(nursery, own, lead=Lead(token, give_back, [theirs]))
+            own, _ = a.serve_leading(nursery, token, give_back)
             await trio.sleep(FOLLOW_CHECK * 2.5)
             start = await a.connect(own, 1)  # waits for the next check
             assert FOLLOW_CHECK / 4 < a.taken[0][0] - start <= FOLLOW_CHECK * 1.01
@@ -538,9 +553,8 @@ async def test_a_flood_on_the_leads_own_socket_gives_the_lead_back_at_once(
     # the others' wait: at ACCEPT_BATCH clients in a wake-up (a flood, core/
     # gathering.py) the lead goes back, and each worker takes its own.
     with _arrivals() as a, _lead_pipe(free=True) as (token, give_back):
-        own, theirs = a.listener(), a.listener()
         async with trio.open_nursery() as nursery:
-            a.serve(nursery, own, lead=Lead(token, give_back, [theirs]))
+            own, theirs = a.serve_leading(nursery, token, give_back)
             await trio.sleep(1)
             await a.connect(own, 2)
             assert waiting_bytes(token) == 0
@@ -561,17 +575,8 @@ async def test_a_worker_without_room_neither_takes_nor_keeps_the_lead(
     # free it leaves the lead to a worker with room.
     roomy = [True]
     with _arrivals() as a, _lead_pipe(free=True) as (token, give_back):
-        own, theirs = a.listener(), a.listener()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                functools.partial(
-                    accept_loop,
-                    Listener(own, Listen("127.0.0.1", 0), lead=Lead(token, give_back, [theirs])),
-                    a.accepted,
-                    lambda *_: None,
-                    room=lambda: roomy[0],
-                )
-            )
+            own, theirs = a.serve_leading(nursery, token, give_back, room=lambda: roomy[0])
             await trio.sleep(1)
             await a.connect(own, 2)
             assert waiting_bytes(token) == 0  # room: it leads
@@ -740,10 +745,9 @@ async def test_the_lead_keeps_the_lead_through_its_probe_and_looks_at_every_sock
     # socket alone gives the lead back as it begins, and the clients before it
     # waited for 10 ms windows.)
     with _arrivals() as a, _lead_pipe(free=True) as (token, give_back):
-        own, theirs = a.listener(), a.listener()
         arrived: list[float] = []
         async with trio.open_nursery() as nursery:
-            a.serve(nursery, own, lead=Lead(token, give_back, [theirs]))
+            own, theirs = a.serve_leading(nursery, token, give_back)
             await trio.sleep(1)
             await a.connect(own, 2)
             released = None

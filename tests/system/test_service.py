@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from repeld.process.workers import LEAD_ENV
-from repeld.shell.accept import waiting_bytes
+from repeld.shell.poller import waiting_bytes
 
 from ..procs import (
     Daemon,
