@@ -187,6 +187,55 @@ def test_an_observed_talker_cut_off_for_its_flood_is_counted_once() -> None:
     assert sum(n for _, n in tally.networks.most_common(5)) == 2
 
 
+def _lines_of(*written: tuple[int, Event]) -> list[str]:
+    """Each event as the process `pid` writes it (RFC 5424, PROCID `pid`)."""
+    return [
+        format_rfc5424(
+            e, Header(FACILITIES["mail"], "mx1", "repeld", pid, "mx@99999"), NOW
+        ).decode()
+        for pid, e in written
+    ]
+
+
+def test_a_talker_held_when_repeld_stopped_is_not_folded_into_a_later_connection() -> None:
+    # Logged, then told 421 at shutdown (no verdict is written for it); after a
+    # restart a client that happens to have the same address and port passes.
+    # It was folded into the old talk: a pass counted as a "would repel".
+    talk = events.early_talker(_conn(port=1), EarlyTalk(4, b"EHLO", 2.0), "log")
+    later = events.passed(_conn(port=1), Pass(PassReason.DELAY, 25.0))
+    lines = _lines_of(
+        (100, talk),
+        (100, events.lifecycle(EventName.STOP)),
+        (200, events.lifecycle(EventName.START)),
+    )
+    for pid in (200, 100):  # a new process, or the same PID again (reused)
+        tally = tally_lines([*lines, *_lines_of((pid, later))], YEAR)
+        assert tally.folded == 0 and tally.passes == {"delay": 1}
+        assert (tally.would_repel, tally.waited, tally.judged) == (1, 1, 2)
+    # -f's lines say no process: its stop and start end every connection before
+    stderr = [format_stderr(e, NOW) for e in (talk, events.lifecycle(EventName.STOP), later)]
+    tally = tally_lines(stderr, YEAR)
+    assert tally.folded == 0 and (tally.would_repel, tally.waited) == (1, 1)
+
+
+def test_an_observed_talker_is_folded_only_with_its_own_process_verdicts() -> None:
+    talk = events.early_talker(_conn(port=1), EarlyTalk(4, b"EHLO", 2.0), "log")
+    passed = events.passed(_conn(port=1), Pass(PassReason.DELAY, 25.0))
+    # the same worker: one connection; another worker's: two
+    assert tally_lines(_lines_of((101, talk), (101, passed)), YEAR).folded == 1
+    assert tally_lines(_lines_of((101, talk), (102, passed)), YEAR).folded == 0
+    # a worker that died holding it: the parent's worker-exit ends its connections,
+    # and its PID, reused, is a new process
+    died = events.worker(EventName.WORKER_EXIT, 0, 101, -9)
+    tally = tally_lines(_lines_of((101, talk), (100, died), (101, passed)), YEAR)
+    assert tally.folded == 0 and (tally.would_repel, tally.waited) == (1, 1)
+    # the other workers' connections go on
+    other = events.early_talker(_conn(port=2), EarlyTalk(4, b"EHLO", 2.0), "log")
+    other_passed = events.passed(_conn(port=2), Pass(PassReason.DELAY, 25.0))
+    lines = _lines_of((102, other), (100, died), (102, other_passed))
+    assert tally_lines(lines, YEAR).folded == 1
+
+
 def test_held_out_clients_are_not_in_the_share() -> None:
     tally = _tally(
         events.passed(_conn(), Pass(PassReason.TRUSTED, 0.0)),

@@ -67,6 +67,9 @@ class Record:
     fields: dict[str, str]
     time: float | None
     shape: str  # "rfc5424", "json" or "summary"
+    #: The process that wrote it (RFC 5424's PROCID, the tag's `[PID]`), "" where
+    #: the line does not say (-f's lines): whose connections it speaks of.
+    procid: str = ""
 
     def number(self, key: str) -> float | None:
         """A finite numeric field, or None if it is missing or not a number."""
@@ -81,7 +84,7 @@ class Record:
 
 _APP = "repeld"
 #: `<PRI>1 TIME HOST APP PROCID MSGID `, then the structured data.
-_RFC5424_HEAD = re.compile(r"<\d{1,3}>1 (\S{1,64}) \S{1,255} (\S{1,48}) \S{1,128} \S{1,32} ")
+_RFC5424_HEAD = re.compile(r"<\d{1,3}>1 (\S{1,64}) \S{1,255} (\S{1,48}) (\S{1,128}) \S{1,32} ")
 _BSD = r"(?P<mon>[A-Z][a-z]{2}) (?P<day>[ \d]\d) (?P<h>\d\d):(?P<m>\d\d):(?P<s>\d\d)"
 _ISO = r"(?P<iso>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:?\d\d)?)"
 #: `[<PRI>]TIME [HOST] repeld[PID]: ` (or `repeld: `, or `repeld[PID] ` with no colon).
@@ -89,7 +92,7 @@ _ISO = r"(?P<iso>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:?\d\d
 #: tag is not taken for the host, nor its message for repeld's tag.
 _FILE_HEAD = re.compile(
     rf"(?:<\d{{1,3}}>)?(?:{_BSD}|{_ISO}) (?:\S{{0,254}}[^\s:\]] )?"
-    r"repeld(?:\[\d{1,10}\](?:: ?| )|: ?)"
+    r"repeld(?:\[(?P<pid>\d{1,10})\](?:: ?| )|: ?)"
 )
 #: What `-f` prints before the summary: the local time and the event's name.
 _STDERR = re.compile(r"\d\d:\d\d:\d\d\.\d{3} (?P<name>[a-z][a-z0-9-]{0,31}): ")
@@ -327,19 +330,21 @@ def parse_line(line: str, year: int) -> Record | None:
         if head.group(2) != _APP:
             return None
         when = None if head.group(1) == "-" else _iso_time(head.group(1))
+        procid = "" if head.group(3) == "-" else head.group(3)
         fields, msg_at = _from_sd(line, head.end())
         if fields is not None:
-            return Record(fields["event"], fields, when, "rfc5424")
+            return Record(fields["event"], fields, when, "rfc5424", procid)
         found = None if msg_at < 0 else _from_message(line[msg_at:])
     elif (head := _FILE_HEAD.match(line)) is not None:
         when = _iso_time(head["iso"]) if head["iso"] else _bsd_time(head, year)
+        procid = head["pid"] or ""
         found = _from_message(line[head.end() :])
     elif _STDERR.match(line) is not None:
-        when = None
+        when, procid = None, ""
         found = _from_message(line)
     else:
         return None
     if found is None:
         return None
     shape, fields = found
-    return Record(fields["event"], fields, when, shape)
+    return Record(fields["event"], fields, when, shape, procid)

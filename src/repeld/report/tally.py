@@ -230,7 +230,11 @@ class Tally:
     bucket_width: int = BUCKETS[0]
     buckets: Counter[tuple[int, str]] = field(default_factory=Counter)
     #: Connections whose early talk was only logged, awaiting their pass (oldest first).
-    _observed: dict[tuple[str, str], None] = field(default_factory=dict)
+    #: By (process, client, client port): a connection is one process's, and
+    #: ends with it (`_lifecycle`): a talker still held when repeld stopped
+    #: writes no verdict, and a later connection from the same address and
+    #: port, after a restart, was folded into it.
+    _observed: dict[tuple[str, str, str], None] = field(default_factory=dict)
     #: Enforced talkers (--on-early enforce): their sender domains and HELO names.
     sender_domains: Counter[str] = field(default_factory=Counter)
     helo_names: Counter[str] = field(default_factory=Counter)
@@ -342,6 +346,15 @@ class Tally:
             return ""
         return "dnsbl"
 
+    def _lifecycle(self, record: Record) -> str:
+        # A process started or stopped (or, a worker, died): none of its
+        # connections is open any more, and none is judged again.
+        gone = record.fields.get("pid", "") if record.event == EventName.WORKER_EXIT else None
+        procid = record.procid if gone is None else gone
+        if any(key[0] == procid for key in self._observed):
+            self._observed = {key: None for key in self._observed if key[0] != procid}
+        return ""
+
     def _backend_error(self, record: Record) -> str:
         count = record.number("count")
         self.backend_errors += max(int(count), 1) if count is not None else 1
@@ -429,8 +442,8 @@ class Tally:
         return start, width, bars
 
 
-def _conn(record: Record) -> tuple[str, str]:
-    return record.fields.get("client", ""), record.fields.get("client_port", "")
+def _conn(record: Record) -> tuple[str, str, str]:
+    return record.procid, record.fields.get("client", ""), record.fields.get("client_port", "")
 
 
 _HANDLERS: dict[str, Callable[[Tally, Record], str]] = {
@@ -441,4 +454,7 @@ _HANDLERS: dict[str, Callable[[Tally, Record], str]] = {
     EventName.BACKEND_ERROR: Tally._backend_error,
     EventName.OVERLOAD: Tally._overload,
     EventName.PROXY_ERROR: Tally._proxy_error,
+    EventName.START: Tally._lifecycle,
+    EventName.STOP: Tally._lifecycle,
+    EventName.WORKER_EXIT: Tally._lifecycle,
 }
