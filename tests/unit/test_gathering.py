@@ -98,12 +98,16 @@ def _gather(
 
 
 def _probe(g: Gathering, now: float, every: float) -> tuple[float, list[float | None]]:
-    """One client each `every` seconds until any probe is over: (time, answers)."""
+    """One client each `every` seconds until any probe is over: (time, answers).
+    The last answer is the probe's end: None after a lean, else a window (the
+    load is on: gathering goes on at once)."""
     answers: list[float | None] = []
     end = now + PROBE_SPAN_LONGEST
     while now <= end:
         now += every
         answers.append(g.after_wakeup(1, now, False))
+        if answers[-1] is not None:
+            break
     return now, answers
 
 
@@ -146,8 +150,9 @@ def test_a_probe_compares_with_the_stretch_just_before_it(first: str) -> None:
     assert answers[-1] is None  # the probe begins, on its tick
     assert now == pytest.approx(T0 + PROBE_FIRST, abs=LONGEST)
     now, answers = _probe(g, now, 0.002)
-    assert answers == [None] * len(answers)
-    assert g.after_wakeup(2, now + 0.0005, False) is not None  # gathering on
+    assert answers[:-1] == [None] * (len(answers) - 1)
+    assert answers[-1] == LONGEST  # no lean: gathering on at once, as before the probe
+    assert g.after_wakeup(2, now + 0.0005, False) is not None
 
 
 @pytest.mark.parametrize(("before", "probed_lean"), [(PROBE_MIN - 1, False), (PROBE_MIN, True)])
@@ -337,7 +342,8 @@ def test_a_probe_that_begins_late_for_its_tick_proves_nothing(
     begin = T0 + PROBE_FIRST + late  # the tick is T0 + PROBE_FIRST
     assert g.after_wakeup(1, begin, False) is None  # the probe begins
     now, answers = _probe(g, begin, 0.0015)  # taken at once: 667 a second, to its end
-    assert answers == [None] * len(answers)
+    assert answers[:-1] == [None] * (len(answers) - 1)
+    assert (answers[-1] is None) is probed_lean  # no lean: gathering on at once
     lean = g.after_wakeup(2, now + 0.001, False) is None
     assert lean is probed_lean
 
@@ -452,10 +458,12 @@ def test_a_probe_begun_before_the_lead_was_taken_proves_nothing() -> None:
     shared.took_lead(now)
     t = now
     window: float | None = PROBE_POLL
-    while window is not None:
+    while window == PROBE_POLL:
         t += PROBE_POLL
         window = shared.after_wakeup(1, t, False)
-    assert shared.after_wakeup(2, t + 0.1, False) is not None  # no lean: gathers on
+    assert t >= now + PROBE_SPAN  # the probe ran its course
+    assert window is not None  # no lean: gathering on at once
+    assert shared.after_wakeup(2, t + 0.1, False) is not None
 
 
 def test_taking_the_lead_begins_the_busy_time_again() -> None:
