@@ -741,34 +741,41 @@ async def test_the_lead_keeps_the_lead_through_its_probe_and_looks_at_every_sock
     # Clients every 2.5 ms on two workers' sockets: windows under half full, so
     # the lead probes. It probes for all (core/gathering.py's PROBE_POLL): it
     # keeps the lead, and takes every socket's clients within a millisecond or
-    # so, until the probe ends and it gives the lead back. (A probe of its own
-    # socket alone gives the lead back as it begins, and the clients before it
-    # waited for 10 ms windows.)
+    # so, and when the probe ends with the clients still coming it gathers on
+    # in windows, the lead still its own. (A probe of its own socket alone gave
+    # the lead back as it began, and the clients before it waited for 10 ms
+    # windows; a probe that gave it back at its end let every worker take its
+    # own clients at once.)
     with _arrivals() as a, _lead_pipe(free=True) as (token, give_back):
         arrived: list[float] = []
+        released = False
         async with trio.open_nursery() as nursery:
             own, theirs = a.serve_leading(nursery, token, give_back)
             await trio.sleep(1)
             await a.connect(own, 2)
-            released = None
             start = trio.current_time()
-            while trio.current_time() < start + 1.5 and released is None:
+            while trio.current_time() < start + 2 * PROBE_FIRST + 3 * PROBE_SPAN_LONGEST:
                 for lsock in (own, theirs):
                     arrived.append(trio.current_time())
                     a.clients.append(socket.create_connection(lsock.getsockname()))
                     await trio.sleep(0.0025)
-                if waiting_bytes(token):
-                    released = trio.current_time()
-            assert released is not None and released > start + PROBE_FIRST
+                released = released or waiting_bytes(token) > 0
             await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
         taken = sorted(t for t, _ in a.taken[2:])
-        waits = [t - at for at, t in zip(arrived, taken, strict=False)]
-        probed = [
-            w
-            for at, w in zip(arrived, waits, strict=False)
-            if released - 0.2 < at < released - 0.01
-        ]
-        gathered = [w for at, w in zip(arrived, waits, strict=False) if at < start + 0.4]
-        assert probed and max(probed) < 0.0015  # polled, every socket, with the lead
-        assert max(gathered) > GATHER / 2  # before it: windows
+        waits = list(zip(arrived, [t - at for at, t in zip(arrived, taken, strict=False)]))
+        # The probe: the longest run of clients each taken within 1.5 ms.
+        runs: list[list[tuple[float, float]]] = [[]]
+        for at, wait in waits:
+            if wait < 0.0015:
+                runs[-1].append((at, wait))
+            elif runs[-1]:
+                runs.append([])
+        probe = max(runs, key=len)
+        began, ended = probe[0][0], probe[-1][0]
+        assert ended - began > PROBE_SPAN_LONGEST - 0.05  # polled, every socket
+        before = [w for at, w in waits if at < began]
+        after = [w for at, w in waits if at > ended]
+        assert max(before) > GATHER / 2  # before it: windows
+        assert after and max(after) > GATHER / 2  # after it: windows again, at once
+        assert not released  # and the lead kept all along
