@@ -754,7 +754,11 @@ async def test_the_lead_keeps_the_lead_through_its_probe_and_looks_at_every_sock
             await trio.sleep(1)
             await a.connect(own, 2)
             start = trio.current_time()
-            while trio.current_time() < start + 2 * PROBE_FIRST + 3 * PROBE_SPAN_LONGEST:
+            # The first probe begins on a tick PROBE_FIRST to 2 * PROBE_FIRST
+            # after the start and lasts PROBE_SPAN_LONGEST; the next is due
+            # 2 * PROBE_FIRST after the first at the soonest: the clients stop
+            # before it, with windows between the two.
+            while trio.current_time() < start + 3 * PROBE_FIRST - 0.05:
                 for lsock in (own, theirs):
                     arrived.append(trio.current_time())
                     a.clients.append(socket.create_connection(lsock.getsockname()))
@@ -763,7 +767,7 @@ async def test_the_lead_keeps_the_lead_through_its_probe_and_looks_at_every_sock
             await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
         taken = sorted(t for t, _ in a.taken[2:])
-        waits = list(zip(arrived, [t - at for at, t in zip(arrived, taken, strict=False)]))
+        waits = [(at, t - at) for at, t in zip(arrived, taken, strict=False)]
         # The probe: the longest run of clients each taken within 1.5 ms.
         runs: list[list[tuple[float, float]]] = [[]]
         for at, wait in waits:

@@ -39,9 +39,10 @@ got 183 a second through `pass:` with gathering, 673 without. So the loop
 probes: after half a second to a second of being busy (gathering, and the
 breaks between) at windows less than half full, it takes each client at once
 for a quarter of a second, and if they came 1.5 times as fast then, it does not
-gather for 10 s; if not, and they still come, it gathers on at once. Probes begin and end on ticks of the host's monotonic clock,
-so that workers probe together (core/gathering.py, which makes every one of
-these decisions; this module only accepts and sleeps).
+gather for 10 s; if not, and they still come, it gathers on at once. Probes
+begin and end on ticks of the host's monotonic clock, so that workers probe
+together (core/gathering.py, which makes every one of these decisions; this
+module only accepts and sleeps).
 
 With --workers each worker has a socket of its own per listener, and one
 worker at a time gathers, for all of them: the one that holds the listener's
