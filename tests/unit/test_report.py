@@ -236,6 +236,35 @@ def test_an_observed_talker_is_folded_only_with_its_own_process_verdicts() -> No
     assert tally_lines(lines, YEAR).folded == 1
 
 
+def test_a_worker_that_starts_or_dies_ends_no_other_workers_connections() -> None:
+    talk = events.early_talker(_conn(port=2), EarlyTalk(4, b"EHLO", 2.0), "log")
+    passed = events.passed(_conn(port=2), Pass(PassReason.DELAY, 25.0))
+    started = events.lifecycle(EventName.START)
+    died = events.worker(EventName.WORKER_EXIT, 0, 101, -9)
+    # a replacement worker's start, in its own PID
+    assert tally_lines(_lines_of((102, talk), (103, started), (102, passed)), YEAR).folded == 1
+    # -f with --workers: no line names its process, and a worker-exit read from
+    # its summary names none either: it ends nothing
+    stderr = [format_stderr(e, NOW) for e in (talk, died, started, passed)]
+    assert tally_lines(stderr, YEAR).folded == 1
+
+
+def test_the_talkers_forgotten_for_room_are_forgotten_by_their_process_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("repeld.report.tally.MAX_KEYS", 3)
+    talks = [
+        (101, events.early_talker(_conn(port=p), EarlyTalk(4, b"EHLO", 2.0), "log"))
+        for p in (1, 2, 3, 4)
+    ]
+    stop = (101, events.lifecycle(EventName.STOP))
+    again = [(201, events.passed(_conn(port=p), Pass(PassReason.DELAY, 25.0))) for p in (1, 4)]
+    tally = tally_lines(_lines_of(*talks, stop, *again), YEAR)
+    assert tally.folded == 0 and tally.passes == {"delay": 2}
+    tally = tally_lines(_lines_of(*talks, (101, again[1][1])), YEAR)
+    assert tally.folded == 1  # port 1 was forgotten for room; port 4 is still open
+
+
 def test_held_out_clients_are_not_in_the_share() -> None:
     tally = _tally(
         events.passed(_conn(), Pass(PassReason.TRUSTED, 0.0)),

@@ -231,10 +231,12 @@ class Tally:
     buckets: Counter[tuple[int, str]] = field(default_factory=Counter)
     #: Connections whose early talk was only logged, awaiting their pass (oldest first).
     #: By (process, client, client port): a connection is one process's, and
-    #: ends with it (`_lifecycle`): a talker still held when repeld stopped
+    #: ends with it (`_ended`): a talker still held when repeld stopped
     #: writes no verdict, and a later connection from the same address and
-    #: port, after a restart, was folded into it.
+    #: port, after a restart, was folded into it. `_by_process` indexes them,
+    #: so that a process's end costs what it removes.
     _observed: dict[tuple[str, str, str], None] = field(default_factory=dict)
+    _by_process: dict[str, set[tuple[str, str, str]]] = field(default_factory=dict)
     #: Enforced talkers (--on-early enforce): their sender domains and HELO names.
     sender_domains: Counter[str] = field(default_factory=Counter)
     helo_names: Counter[str] = field(default_factory=Counter)
@@ -284,8 +286,9 @@ class Tally:
         if action == "log":
             key = _conn(record)
             if key not in self._observed and len(self._observed) >= MAX_KEYS:
-                del self._observed[next(iter(self._observed))]
+                self._forget(next(iter(self._observed)))
             self._observed[key] = None
+            self._by_process.setdefault(key[0], set()).add(key)
             if elapsed is not None:
                 self.would_secs[_second(elapsed)] += 1
             return "would-repel"
@@ -310,9 +313,16 @@ class Tally:
         key = _conn(record)
         if key not in self._observed:
             return False
-        del self._observed[key]
+        self._forget(key)
         self.folded += 1
         return True
+
+    def _forget(self, key: tuple[str, str, str]) -> None:
+        del self._observed[key]
+        keys = self._by_process[key[0]]
+        keys.discard(key)
+        if not keys:
+            del self._by_process[key[0]]
 
     def _hangup(self, record: Record) -> str:
         _bump(self.hangups, record.fields.get("how", "unknown"))
@@ -346,13 +356,19 @@ class Tally:
             return ""
         return "dnsbl"
 
-    def _lifecycle(self, record: Record) -> str:
-        # A process started or stopped (or, a worker, died): none of its
-        # connections is open any more, and none is judged again.
-        gone = record.fields.get("pid", "") if record.event == EventName.WORKER_EXIT else None
-        procid = record.procid if gone is None else gone
-        if any(key[0] == procid for key in self._observed):
-            self._observed = {key: None for key in self._observed if key[0] != procid}
+    def _ended(self, record: Record) -> str:
+        # A process stopped, or a worker died (the parent's worker-exit names
+        # it: the structured shapes say its pid, a summary does not): none of
+        # its connections is open any more, nor judged again. A process that
+        # starts has a PID of its own; lines that name none (-f) end at a stop.
+        if record.event == EventName.WORKER_EXIT:
+            procid = record.fields.get("pid")
+            if not procid:
+                return ""
+        else:
+            procid = record.procid
+        for key in self._by_process.pop(procid, ()):
+            del self._observed[key]
         return ""
 
     def _backend_error(self, record: Record) -> str:
@@ -454,7 +470,6 @@ _HANDLERS: dict[str, Callable[[Tally, Record], str]] = {
     EventName.BACKEND_ERROR: Tally._backend_error,
     EventName.OVERLOAD: Tally._overload,
     EventName.PROXY_ERROR: Tally._proxy_error,
-    EventName.START: Tally._lifecycle,
-    EventName.STOP: Tally._lifecycle,
-    EventName.WORKER_EXIT: Tally._lifecycle,
+    EventName.STOP: Tally._ended,
+    EventName.WORKER_EXIT: Tally._ended,
 }
