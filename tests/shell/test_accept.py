@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import math
 import os
 import resource
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -733,6 +735,42 @@ async def test_the_server_has_room_to_lead_until_half_its_held_places_are_taken(
     finally:
         for c in clients:
             c.close()
+
+
+async def test_the_lead_lets_the_lead_go_at_its_probes_end_when_the_clients_stop() -> None:
+    # The real clock and the kernel's timer: the lead's probe waits for a
+    # client on every worker's socket at once, and for the timer armed at the
+    # probe's end. Clients that stop in the middle of the probe leave it
+    # nothing to wake it but the timer: without it the lead would sleep with
+    # the lead until the next client, however late, and the other workers
+    # would take their clients only each FOLLOW_CHECK.
+    with _arrivals() as a, _lead_pipe(free=True) as (token, give_back):
+        async with trio.open_nursery() as nursery:
+            own, theirs = a.serve_leading(nursery, token, give_back)
+            await trio.sleep(0.05)
+            # Begin a quarter period off the ticks, so that the first probe's
+            # tick is known: the first multiple of PROBE_FIRST at least
+            # PROBE_FIRST after the start.
+            await trio.sleep((0.25 - time.monotonic() % PROBE_FIRST) % PROBE_FIRST)
+            begun = time.monotonic()
+            due = math.ceil((begun + PROBE_FIRST) / PROBE_FIRST) * PROBE_FIRST
+            await a.connect(own, 2)
+            sockets = (own, theirs)
+            while time.monotonic() < due + 0.1:  # into the probe
+                arrived = trio.current_time()
+                await a.connect(sockets[len(a.clients) % 2], 1)
+                await trio.sleep(max(0.0, 0.004 - (trio.current_time() - arrived)))
+            stopped = time.monotonic()
+            assert not waiting_bytes(token)  # the probe holds the lead
+            with trio.fail_after(5):
+                while not waiting_bytes(token):
+                    await trio.sleep(0.005)
+            released = time.monotonic()
+            nursery.cancel_scope.cancel()
+        # let go at the probe's end, PROBE_SPAN_LONGEST after its tick (and
+        # after a window, if enough clients came in it to gather on)
+        assert due + PROBE_SPAN_LONGEST - 0.02 < released < due + PROBE_SPAN_LONGEST + 0.1
+        assert released - stopped < PROBE_SPAN_LONGEST
 
 
 async def test_the_lead_keeps_the_lead_through_its_probe_and_looks_at_every_socket(

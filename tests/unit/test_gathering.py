@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 
@@ -13,7 +14,6 @@ from repeld.core.gathering import (
     PROBE_FIRST,
     PROBE_LONGEST,
     PROBE_MIN,
-    PROBE_POLL,
     PROBE_SPAN,
     PROBE_SPAN_LONGEST,
     ROOM,
@@ -393,6 +393,23 @@ def test_lead_role(
     assert lead_role(window, holds, free, room=roomy, flood=flood) is role
 
 
+# (holds the lead, found it free, room, flood) -> the role of a worker probing
+PROBING = [
+    (True, False, True, False, Role.PROBE),  # keeps the lead: every worker's clients at once
+    (False, True, True, False, Role.PROBE),  # took it (it was free)
+    (False, False, True, False, Role.FOLLOW),  # another leads (its own probe is its share)
+    (True, False, False, False, Role.LISTEN),  # no room: lets it go
+    (True, False, True, True, Role.LISTEN),  # a flood: every worker its own
+]
+
+
+@pytest.mark.parametrize(("holds", "free", "roomy", "flood", "role"), PROBING)
+def test_lead_role_while_probing(
+    holds: bool, free: bool, roomy: bool, flood: bool, role: Role
+) -> None:
+    assert lead_role(None, holds, free, room=roomy, flood=flood, probing=True) is role
+
+
 @pytest.mark.parametrize(
     ("counts", "expected"),
     [
@@ -411,35 +428,33 @@ def test_a_worker_leads_only_with_half_of_each_limit_free(
     assert ROOM == 0.5
 
 
-def _busy_then_probe(shared: bool) -> tuple[Gathering, float]:
+def _busy_then_probe() -> tuple[Gathering, float]:
     """A gathering at 4 clients a window (under half full) until its probe begins."""
-    g = Gathering(LONGEST, True, FLOOD, shared=shared)
+    g = Gathering(LONGEST, True, FLOOD)
     now = T0
     window = g.after_wakeup(4, now, False)
-    while window is not None and window > PROBE_POLL:
+    while window is not None:
         now += window
         window = g.after_wakeup(4, now, False)
+    assert g.probing
     return g, now
 
 
-def test_a_shared_gathering_probes_by_looking_every_millisecond() -> None:
-    # The worker that leads probes for every worker: it keeps the lead and its
-    # windows (PROBE_POLL), so that it counts the same clients as before.
-    alone, _ = _busy_then_probe(shared=False)
-    shared, now = _busy_then_probe(shared=True)
-    assert alone.after_wakeup(1, now + 0.001, False) is None  # each at once
-    assert shared.after_wakeup(1, now + 0.001, False) == PROBE_POLL
+def test_a_probe_says_it_is_under_way_and_when_it_ends() -> None:
+    # With the lead, the shell takes every worker's clients at once through the
+    # probe (Role.PROBE) and waits no longer than its end, where it lets the
+    # lead go if nobody came: `probing` and `probe_until` say when.
+    g, now = _busy_then_probe()
+    end = tick(now - LONGEST, PROBE_FIRST) + PROBE_SPAN_LONGEST
+    assert g.probe_until() == pytest.approx(end)
     # Clients that waited for the windows come faster in the probe: a lean.
-    t = now + 0.001
-    while t < now + PROBE_SPAN_LONGEST + 0.01:
-        t += PROBE_POLL
-        window = shared.after_wakeup(1, t, False)
-        if window is None:
-            break
-    assert window is None
-    later = t + 0.1
-    assert shared.after_wakeup(2, later, False) is None  # leaning: takes each at once
-    assert shared.after_wakeup(2, later + LEAN_PAUSE + 0.01, False) is not None
+    t = now
+    while g.probing:
+        t += 0.001
+        assert g.after_wakeup(1, t, False) is None  # each at once
+    assert t >= end and g.probe_until() == math.inf
+    assert g.after_wakeup(2, t + 0.1, False) is None  # leaning: takes each at once
+    assert g.after_wakeup(2, t + 0.1 + LEAN_PAUSE + 0.01, False) is not None
 
 
 def test_flooded_says_when_a_wake_up_took_a_flood() -> None:
@@ -454,24 +469,24 @@ def test_a_probe_begun_before_the_lead_was_taken_proves_nothing() -> None:
     # Its rate before was of this worker's share; in the probe, with the lead,
     # it counts every worker's clients: those would look faster, and a lean
     # cost ten seconds of taking each client at once.
-    shared, now = _busy_then_probe(shared=True)
-    shared.took_lead(now)
+    g, now = _busy_then_probe()
+    g.took_lead(now)
     t = now
-    window: float | None = PROBE_POLL
-    while window == PROBE_POLL:
-        t += PROBE_POLL
-        window = shared.after_wakeup(1, t, False)
+    window: float | None = None
+    while g.probing:
+        t += 0.001
+        window = g.after_wakeup(1, t, False)
     # the probe ran its course: to PROBE_SPAN_LONGEST after the tick it began on
     assert t >= tick(now - LONGEST, PROBE_FIRST) + PROBE_SPAN_LONGEST
     assert window is not None  # no lean: gathering on at once
-    assert shared.after_wakeup(2, t + 0.1, False) is not None
+    assert g.after_wakeup(2, t + 0.1, False) is not None
 
 
 def test_taking_the_lead_begins_the_busy_time_again() -> None:
     # A busy time of this worker's own share: its probe would compare that
     # share's rate with every worker's clients. Taken at the lead, it begins
     # again, and the probe comes a PROBE_FIRST later.
-    g = Gathering(LONGEST, True, FLOOD, shared=True)
+    g = Gathering(LONGEST, True, FLOOD)
     now = T0
     assert g.after_wakeup(4, now, False) is not None
     while now < T0 + PROBE_FIRST / 2:
@@ -485,12 +500,14 @@ def test_taking_the_lead_begins_the_busy_time_again() -> None:
     while now < due + LONGEST:
         now += LONGEST
         window = g.after_wakeup(4, now, False)
-    assert window == PROBE_POLL  # probing, on the tick after the new start
+    assert window is None and g.probing  # probing, on the tick after the new start
 
 
-def test_a_flood_or_a_relay_ends_a_shared_probe() -> None:
+def test_a_flood_or_a_relay_ends_a_probe() -> None:
+    # (With the lead, a probe holds it: a flood or a relay lets it go at once.)
     for batch, relaying in ((FLOOD, False), (1, True)):
-        g, now = _busy_then_probe(shared=True)
-        assert g.after_wakeup(1, now + PROBE_POLL, False) == PROBE_POLL
-        assert g.after_wakeup(batch, now + 2 * PROBE_POLL, relaying) is None
-        assert g.flooded(now + 2 * PROBE_POLL) is (batch >= FLOOD)
+        g, now = _busy_then_probe()
+        assert g.after_wakeup(1, now + 0.001, False) is None and g.probing
+        assert g.after_wakeup(batch, now + 0.002, relaying) is None
+        assert not g.probing
+        assert g.flooded(now + 0.002) is (batch >= FLOOD)

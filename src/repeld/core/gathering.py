@@ -64,9 +64,13 @@ The rules, in order:
   together, and the periods nest (each is a multiple of the one before), so a
   worker that probes less often still finds the others probing with it. In
   one process this only moves a probe to the next tick. With the lead (next)
-  one worker gathers for all, and it probes for all: it keeps the lead through
-  its probe and looks at every worker's socket each `PROBE_POLL`, so that its
-  count before and during the probe is of the same clients.
+  one worker gathers for all, and it probes for all (`Role.PROBE`): it keeps
+  the lead through its probe and takes every worker's clients at once, so
+  that its count before and during the probe is of the same clients. (It
+  looked at every socket each millisecond before, a wake-up each whether a
+  client came or not: with two workers the probes were a quarter of the
+  accept loop's wake-ups in bench-relay's rounds, docs/perf-log/
+  2026-12-07-late.md.)
 - **one worker gathers for every worker** (`lead_role`). With --workers, each
   worker has a socket of its own per listener (SO_REUSEPORT) and the kernel
   spreads the clients; two workers gathering each its share woke the host half
@@ -103,7 +107,6 @@ __all__ = [
     "PROBE_FIRST",
     "PROBE_LONGEST",
     "PROBE_MIN",
-    "PROBE_POLL",
     "PROBE_SPAN",
     "PROBE_SPAN_LONGEST",
     "ROOM",
@@ -143,11 +146,6 @@ LEAN_RATIO = 1.5
 PROBE_MIN = 8
 #: How long the loop then takes each client at once before it gathers again.
 LEAN_PAUSE = 10.0
-#: With workers sharing a lead: the probe's windows. The worker that gathers
-#: takes every worker's clients and keeps the lead through its probe (another
-#: worker would gather meanwhile, and the prober would count its own share
-#: only), so it cannot wait for each client: it looks every millisecond.
-PROBE_POLL = 0.001
 #: A worker leads only while less than this share of each of its limits is in
 #: use (`room`): the clients it takes stay its own (held, in a program, in an
 #: enforce session), and its limits are its own.
@@ -165,10 +163,20 @@ class Role(enum.Enum):
     #: Another worker holds the lead and takes this one's clients too: sleep until
     #: it lets the lead go.
     FOLLOW = "follow"
+    #: Hold the lead through a probe: take the clients of every worker's socket
+    #: at once, as one process's probe takes its own (the shell waits on all of
+    #: them, and for the probe's end).
+    PROBE = "probe"
 
 
 def lead_role(
-    window: float | None, holds: bool, free: bool, *, room: bool = True, flood: bool = False
+    window: float | None,
+    holds: bool,
+    free: bool,
+    *,
+    room: bool = True,
+    flood: bool = False,
+    probing: bool = False,
 ) -> Role:
     """The role after a wake-up whose gathering answered `window` (None: do not
     gather), for a worker that `holds` the lead, or else found it `free` (the
@@ -179,6 +187,8 @@ def lead_role(
     - A worker without `room` (`room()`) neither takes nor keeps the lead:
       whoever leads takes its clients, so the load goes to a worker with room.
     - In a `flood` every worker takes its own clients: none leads or follows.
+    - A worker `probing` (`Gathering.probing`) with the lead keeps it through
+      the probe and takes every worker's clients at once (PROBE).
     - A worker that need not gather follows all the same while another holds
       the lead: that one takes its socket's clients in its windows, and
       listening would only take them one wake-up each, ahead of the windows
@@ -186,9 +196,12 @@ def lead_role(
     """
     if flood:
         return Role.LISTEN
-    gather = window is not None and room
     if holds or free:
-        return Role.GATHER if gather else Role.LISTEN
+        if not room:
+            return Role.LISTEN
+        if probing:
+            return Role.PROBE
+        return Role.GATHER if window is not None else Role.LISTEN
     return Role.FOLLOW
 
 
@@ -217,7 +230,6 @@ class Gathering:
         "_may_gather",
         "_probe",
         "_probe_after",
-        "_shared",
         "_since",
         "_taken",
         "_tick",
@@ -232,12 +244,8 @@ class Gathering:
         may_gather: bool,
         flood: int,
         half_full: float = CLIENTS / 2,
-        shared: bool = False,
     ) -> None:
         self._longest = longest
-        #: Workers share a lead: a probe looks every PROBE_POLL instead of
-        #: waiting for each client (its windows take every worker's clients).
-        self._shared = shared
         self._may_gather = may_gather
         self._flood = flood
         #: Clients a window takes on average at which a busy time is not probed.
@@ -326,7 +334,18 @@ class Gathering:
         until = max(self._tick + PROBE_SPAN_LONGEST, now + PROBE_SPAN)
         self._probe = (now, until, 0, rate)
         self.gathering = False
-        return PROBE_POLL if self._shared else None
+        return None
+
+    @property
+    def probing(self) -> bool:
+        """A probe is under way: the loop takes each client at once (with the
+        lead: every worker's, `Role.PROBE`)."""
+        return self._probe is not None
+
+    def probe_until(self) -> float:
+        """When the probe under way ends (the host clock): the lead's wait for
+        clients ends then, if none came, so that it lets the lead go."""
+        return self._probe[1] if self._probe is not None else math.inf
 
     def took_lead(self, now: float) -> None:
         """This worker has just taken the workers' lead (`lead_role`): from now
@@ -360,7 +379,7 @@ class Gathering:
             self._last = now
         if now < until:
             self._probe = (began, until, clients, rate)
-            return PROBE_POLL if self._shared else None
+            return None
         self._probe = None
         if now - until > PROBE_FIRST:  # the load went away during it: it proves nothing
             self._probe_after = PROBE_FIRST

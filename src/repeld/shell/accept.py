@@ -53,10 +53,13 @@ same (a stopped lead takes nobody's clients). The lead goes back as soon as
 its worker stops gathering, at once in a flood (the 64th client of a
 wake-up) and when an accept fails for want of descriptors, and is not taken
 without room (`room()`: half of a limit in use). Its worker probes for all,
-keeping the lead and looking at every socket each `PROBE_POLL` (1 ms) rather
-than taking each client at once. Two workers that each gathered their share
-(in 15 ms windows) cost 14-21 µs more per handed-off message than one process;
-with the lead they cost about what one process costs
+keeping the lead and taking every socket's clients at once: it waits on a set
+of all of them (shell/poller.py's `Poller`) and on the window timer, armed at
+the probe's end so that it lets the lead go then if nobody came. (It looked
+at every socket each millisecond before: a wake-up each, client or not.) Two
+workers that each gathered their share (in 15 ms windows) cost 14-21 µs more
+per handed-off message than one process; with the lead they cost about what
+one process costs
 (docs/perf-log/2026-12-07-night.md). core/gathering.py's `lead_role` says who
 does what.
 
@@ -98,7 +101,7 @@ import trio.testing
 from repeld.config.values import Listen
 from repeld.core import gathering
 from repeld.service.tcptune import Acceptor, WakeTimer
-from repeld.shell.poller import waiting_bytes
+from repeld.shell.poller import IN, Poller, waiting_bytes
 
 if TYPE_CHECKING:
     from repeld.shell.handoff import BackendTarget
@@ -167,6 +170,9 @@ FLOOD_PAUSE = gathering.FLOOD_PAUSE
 
 #: The byte that stands for a listener's free lead in its pipe.
 LEAD_TOKEN = b"L"
+#: The least the lead's probe waits for its end (seconds): a wake-up just past
+#: it still ends it.
+SHORTEST_WAIT = 0.0005
 #: A worker that follows looks at its own socket at least this often: a lead
 #: stopped (SIGSTOP, a debugger) or stalled would otherwise leave its
 #: clients waiting for nobody.
@@ -302,9 +308,7 @@ async def accept_loop(
     """
     if batching is None:
         batching = _NO_BATCHING
-    gather = gathering.Gathering(
-        longest, backlog >= GATHER_MIN_BACKLOG, ACCEPT_BATCH, full, listener.lead is not None
-    )
+    gather = gathering.Gathering(longest, backlog >= GATHER_MIN_BACKLOG, ACCEPT_BATCH, full)
     # The gathering's time is the host's monotonic clock, which every worker
     # reads alike, so that their probes begin on the same ticks (trio's clock
     # has an offset of its own in each process, and a test's clock is virtual:
@@ -324,6 +328,32 @@ async def _follow(token: int) -> None:
     """Wait for the lead to be given back, FOLLOW_CHECK at most."""
     with trio.move_on_after(FOLLOW_CHECK):
         await trio.lowlevel.wait_readable(token)
+
+
+async def _wait_at_most(fd: int, seconds: float) -> None:
+    """Wait for `fd` to be readable, `seconds` at most (where there is no timer)."""
+    with trio.move_on_after(seconds):
+        await trio.lowlevel.wait_readable(fd)
+
+
+def _every_socket(lsock: socket.socket, lead: Lead, timer: WakeTimer | None) -> Poller:
+    """A set of every worker's socket of the listener (and the timer), for the
+    lead's probe to wait on as one fd: it takes each client at once, whichever
+    socket it came to, and wakes at the probe's end if none did.
+
+    The sockets are inherited by every worker (the poller's rule 1 names this
+    exception): the set lives no longer than they do in this worker, and is
+    closed first."""
+    every = Poller()
+    try:
+        for fd in (lsock.fileno(), *(s.fileno() for s in lead.siblings)):
+            every.update(fd, 0, IN)
+        if timer is not None:
+            every.update(timer.fd, 0, IN)
+    except BaseException:
+        every.close()
+        raise
+    return every
 
 
 def _window_timer() -> WakeTimer | None:
@@ -356,6 +386,8 @@ async def _accept(
     own = [Acceptor(lsock.fileno()).accept]
     # Holding the lead, a wake-up takes the clients of every worker's socket.
     every = own + [Acceptor(s.fileno()).accept for s in lead.siblings] if lead else own
+    # The lead's probe waits on all of them (and the timer) at once.
+    everyone = _every_socket(lsock, lead, timer) if lead is not None else None
     sources = own
     source = 0  # the socket of `sources` taken from now
     batch = 0  # clients this wake-up has taken
@@ -409,10 +441,12 @@ async def _accept(
                     window = gather.after_wakeup(batch, now, relaying() > 0)
                     batch = 0
                     role = gathering.Role.LISTEN if window is None else gathering.Role.GATHER
+                    probing = gather.probing
                     if lead is not None:
-                        # (room() only for a worker that would gather: without
-                        # a window the role does not depend on it.)
-                        holds, roomy = lead.holds, window is not None and room()
+                        # (room() only for a worker that would gather or probe:
+                        # otherwise the role does not depend on it.)
+                        holds = lead.holds
+                        roomy = (window is not None or probing) and room()
                         flood = gather.flooded(now)
                         if holds or flood:
                             free = False
@@ -422,13 +456,29 @@ async def _accept(
                                 gather.took_lead(now)
                         else:
                             free = lead.free()
-                        role = gathering.lead_role(window, holds, free, room=roomy, flood=flood)
+                        role = gathering.lead_role(
+                            window, holds, free, room=roomy, flood=flood, probing=probing
+                        )
                         if role is gathering.Role.LISTEN:
                             lead.release()
                         sources = every if lead.holds else own
                     if role is gathering.Role.FOLLOW and lead is not None:
                         # The lead takes this socket's clients: wake when it is let go.
                         pause = _follow(lead.token)
+                    elif role is gathering.Role.PROBE and everyone is not None:
+                        # Every worker's clients at once, until the probe's end.
+                        left = max(gather.probe_until() - now, SHORTEST_WAIT)
+                        armed = False
+                        if timer is not None:
+                            try:
+                                timer.arm(left)  # in the set: it ends the wait
+                                armed = True
+                            except OSError:  # never; if so, trio's scope
+                                timer = None
+                        if armed:
+                            pause = trio.lowlevel.wait_readable(everyone.fileno())
+                        else:
+                            pause = _wait_at_most(everyone.fileno(), left)
                     elif window is None:
                         pause = trio.lowlevel.wait_readable(lsock)
                     elif timer is not None:
@@ -454,6 +504,8 @@ async def _accept(
             await pause
             batching.defer()
     finally:
+        if everyone is not None:
+            everyone.close()
         if lead is not None:
             lead.release()
         batching.write_deferred()

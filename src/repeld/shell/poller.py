@@ -22,7 +22,11 @@ client. So:
    The one socket handed to a child, a client passed to --exec (ucspi.py),
    has left the pen's set before it is handed on (the pen releases a
    connection before its verdict is carried out) and never enters the relay
-   pool's.
+   pool's. The exception: with --workers, every worker inherits every
+   worker's listening socket of a listener (process/workers.py), and the
+   lead's probe watches them all in a set of its own (shell/accept.py's
+   `_every_socket`). Those live as long as the worker, and the set is
+   closed before any of them.
 2. Every fd leaves the set before it is closed: the pen's release, and both
    sides of a relayed session, the pool's own backend socket included. Rule 1
    alone would not make a close without EPOLL_CTL_DEL safe: trio's
