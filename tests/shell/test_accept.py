@@ -395,6 +395,48 @@ async def test_clients_that_wait_for_the_windows_are_soon_taken_at_once(
         assert late and max(late) < GATHER_MIN / 2  # then each taken at once
 
 
+async def test_the_lead_that_finds_clients_waiting_keeps_the_lead_and_takes_all_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The same clients, coming to two workers' sockets, and the worker that
+    # leads finds them waiting: it keeps the lead through the lean and takes
+    # every socket's clients at once. (Had it let the lead go, the other
+    # worker, which has not found them waiting, would gather them again until
+    # a probe of its own: here nobody serves that socket, and its clients
+    # would wait for the lead's FOLLOW_CHECK.)
+    with _arrivals() as a, _lead_pipe(free=True) as (token, give_back):
+        connected: list[float] = []
+        async with trio.open_nursery() as nursery:
+            own, theirs = a.serve_leading(nursery, token, give_back)
+            await trio.sleep(1)
+            start = trio.current_time()
+            connected += [start, start]
+            await a.connect(own, 2)  # two at once: it gathers, and takes the lead
+            held = []
+            done = 0
+            while trio.current_time() < start + 1.2:
+                for i in range(done, len(a.taken)):  # done with: few fds open at once
+                    a.taken[i][1].close()
+                    a.clients[i].close()
+                done = len(a.taken)
+                while len(a.clients) - len(a.taken) < 2:
+                    connected.append(trio.current_time())
+                    lsock = (own, theirs)[len(a.clients) % 2]
+                    a.clients.append(socket.create_connection(lsock.getsockname()))
+                await trio.sleep(0.0015)  # a session's turn-around
+                held.append((trio.current_time() - start, waiting_bytes(token) == 0))
+            nursery.cancel_scope.cancel()
+        waits = [
+            (at - start, taken - at) for at, (taken, _) in zip(connected, a.taken, strict=False)
+        ]
+        early = [w for at, w in waits if at < PROBE_FIRST]
+        late = [w for at, w in waits if at > PROBE_FIRST + 2 * PROBE_SPAN_LONGEST]
+        # the lead kept through the lean, and every socket's clients at once
+        assert all(h for at, h in held if at > PROBE_FIRST + 2 * PROBE_SPAN_LONGEST)
+        assert max(early) > GATHER / 2  # gathered at first
+        assert len(late) > 100 and max(late) < GATHER_MIN / 2  # then each taken at once
+
+
 async def test_while_sessions_are_relayed_or_on_a_short_queue_the_loop_never_gathers(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

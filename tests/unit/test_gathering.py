@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 
@@ -393,21 +392,20 @@ def test_lead_role(
     assert lead_role(window, holds, free, room=roomy, flood=flood) is role
 
 
-# (holds the lead, found it free, room, flood) -> the role of a worker probing
-PROBING = [
-    (True, False, True, False, Role.PROBE),  # keeps the lead: every worker's clients at once
-    (False, True, True, False, Role.PROBE),  # took it (it was free)
+# (holds the lead, found it free, room, flood) -> the role of a worker that takes
+# clients at once for a probe or a lean (Gathering.at_once_until)
+AT_ONCE = [
+    (True, False, True, False, Role.AT_ONCE),  # keeps the lead: every worker's clients at once
+    (False, True, True, False, Role.AT_ONCE),  # took it (it was free)
     (False, False, True, False, Role.FOLLOW),  # another leads (its own probe is its share)
     (True, False, False, False, Role.LISTEN),  # no room: lets it go
     (True, False, True, True, Role.LISTEN),  # a flood: every worker its own
 ]
 
 
-@pytest.mark.parametrize(("holds", "free", "roomy", "flood", "role"), PROBING)
-def test_lead_role_while_probing(
-    holds: bool, free: bool, roomy: bool, flood: bool, role: Role
-) -> None:
-    assert lead_role(None, holds, free, room=roomy, flood=flood, probing=True) is role
+@pytest.mark.parametrize(("holds", "free", "roomy", "flood", "role"), AT_ONCE)
+def test_lead_role_at_once(holds: bool, free: bool, roomy: bool, flood: bool, role: Role) -> None:
+    assert lead_role(None, holds, free, room=roomy, flood=flood, at_once=True) is role
 
 
 @pytest.mark.parametrize(
@@ -440,21 +438,30 @@ def _busy_then_probe() -> tuple[Gathering, float]:
     return g, now
 
 
-def test_a_probe_says_it_is_under_way_and_when_it_ends() -> None:
-    # With the lead, the shell takes every worker's clients at once through the
-    # probe (Role.PROBE) and waits no longer than its end, where it lets the
-    # lead go if nobody came: `probing` and `probe_until` say when.
+def test_at_once_until_says_how_long_the_lead_takes_every_client_at_once() -> None:
+    # With the lead, the shell takes every worker's clients at once through a
+    # probe and a lean (Role.AT_ONCE), and wakes no later than this says if
+    # nobody came, to let the lead go.
     g, now = _busy_then_probe()
     end = tick(now - LONGEST, PROBE_FIRST) + PROBE_SPAN_LONGEST
-    assert g.probe_until() == pytest.approx(end)
+    assert g.at_once_until(now) == pytest.approx(end)  # the probe's end
     # Clients that waited for the windows come faster in the probe: a lean.
     t = now
     while g.probing:
         t += 0.001
         assert g.after_wakeup(1, t, False) is None  # each at once
-    assert t >= end and g.probe_until() == math.inf
+    assert t >= end
+    # Through the lean, as long as the clients come: PROBE_FIRST after the last
+    assert g.at_once_until(t) == pytest.approx(t + PROBE_FIRST)
     assert g.after_wakeup(2, t + 0.1, False) is None  # leaning: takes each at once
-    assert g.after_wakeup(2, t + 0.1 + LEAN_PAUSE + 0.01, False) is not None
+    assert g.at_once_until(t + 0.1) == pytest.approx(t + 0.1 + PROBE_FIRST)
+    assert g.at_once_until(t + 0.1 + PROBE_FIRST + 0.01) is None  # nobody came: let go
+    g.after_wakeup(1, t + 0.2, True)  # sessions relayed: every worker its own
+    assert g.at_once_until(t + 0.2) is None
+    g.after_wakeup(1, t + LEAN_PAUSE - 0.2, False)
+    assert g.at_once_until(t + LEAN_PAUSE - 0.1) == pytest.approx(t + LEAN_PAUSE)  # its end
+    assert g.after_wakeup(2, t + LEAN_PAUSE + 0.01, False) is not None  # gathering again
+    assert g.at_once_until(t + LEAN_PAUSE + 0.01) is None
 
 
 def test_flooded_says_when_a_wake_up_took_a_flood() -> None:

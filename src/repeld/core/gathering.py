@@ -81,8 +81,12 @@ The rules, in order:
   free, and then at each window's end takes the clients of every worker's
   socket; a worker that finds it taken lets its own socket wait for the lead's
   windows, and sleeps until the lead is let go. The lead is let go as soon as
-  its worker stops gathering (a quiet listener, a lean, a flood, a relay, or
-  `ROOM` of one of its limits in use: the clients it takes stay its own), and
+  its worker stops gathering (a quiet listener, a flood, a relay, or `ROOM` of
+  one of its limits in use: the clients it takes stay its own), except for a
+  probe and a lean, through which it keeps the lead and takes every worker's
+  clients at once (`Role.AT_ONCE`, `Gathering.at_once_until`: a lean found by
+  the worker that leads holds for all, where another worker would have
+  gathered the same clients again until a probe of its own), and
   then each worker takes its own clients again (a worker without room may
   gather its own socket in windows of its own); while it is held, a worker
   that need not gather follows too, unless it is in a flood. A worker that
@@ -163,10 +167,11 @@ class Role(enum.Enum):
     #: Another worker holds the lead and takes this one's clients too: sleep until
     #: it lets the lead go.
     FOLLOW = "follow"
-    #: Hold the lead through a probe: take the clients of every worker's socket
-    #: at once, as one process's probe takes its own (the shell waits on all of
-    #: them, and for the probe's end).
-    PROBE = "probe"
+    #: Hold the lead and take the clients of every worker's socket at once, as
+    #: one process takes its own (the shell waits on all of them, and for the
+    #: time `Gathering.at_once_until` says): through a probe, and through a
+    #: lean, which the other workers then keep too.
+    AT_ONCE = "at-once"
 
 
 def lead_role(
@@ -176,7 +181,7 @@ def lead_role(
     *,
     room: bool = True,
     flood: bool = False,
-    probing: bool = False,
+    at_once: bool = False,
 ) -> Role:
     """The role after a wake-up whose gathering answered `window` (None: do not
     gather), for a worker that `holds` the lead, or else found it `free` (the
@@ -187,8 +192,10 @@ def lead_role(
     - A worker without `room` (`room()`) neither takes nor keeps the lead:
       whoever leads takes its clients, so the load goes to a worker with room.
     - In a `flood` every worker takes its own clients: none leads or follows.
-    - A worker `probing` (`Gathering.probing`) with the lead keeps it through
-      the probe and takes every worker's clients at once (PROBE).
+    - A worker that takes clients `at_once` (`Gathering.at_once_until`: a
+      probe, a lean) with the lead keeps it, and takes every worker's clients
+      at once (AT_ONCE): a probe counts every worker's clients, and a lean
+      found by one worker holds for all.
     - A worker that need not gather follows all the same while another holds
       the lead: that one takes its socket's clients in its windows, and
       listening would only take them one wake-up each, ahead of the windows
@@ -199,8 +206,8 @@ def lead_role(
     if holds or free:
         if not room:
             return Role.LISTEN
-        if probing:
-            return Role.PROBE
+        if at_once:
+            return Role.AT_ONCE
         return Role.GATHER if window is not None else Role.LISTEN
     return Role.FOLLOW
 
@@ -230,6 +237,7 @@ class Gathering:
         "_may_gather",
         "_probe",
         "_probe_after",
+        "_relaying",
         "_since",
         "_taken",
         "_tick",
@@ -256,6 +264,8 @@ class Gathering:
         self.gathering = False
         self._flood_until = -math.inf
         self._lean_until = -math.inf
+        #: The last wake-up said sessions are relayed.
+        self._relaying = False
         #: Since when the loop has been busy (from a wake-up that began gathering,
         #: through the breaks between its stretches, until its probe, a quiet
         #: `PROBE_FIRST`, or a time it may not gather); the clients since, and
@@ -279,6 +289,7 @@ class Gathering:
     def after_wakeup(self, batch: int, now: float, relaying: bool) -> float | None:
         """The wake-up took `batch` clients and found no more waiting: how long to
         sleep before accepting again, or None to wait for the next connection."""
+        self._relaying = relaying
         if self._probe is not None:
             if batch < self._flood and not relaying:
                 return self._probing(batch, now)
@@ -338,14 +349,24 @@ class Gathering:
 
     @property
     def probing(self) -> bool:
-        """A probe is under way: the loop takes each client at once (with the
-        lead: every worker's, `Role.PROBE`)."""
+        """A probe is under way: the loop takes each client at once."""
         return self._probe is not None
 
-    def probe_until(self) -> float:
-        """When the probe under way ends (the host clock): the lead's wait for
-        clients ends then, if none came, so that it lets the lead go."""
-        return self._probe[1] if self._probe is not None else math.inf
+    def at_once_until(self, now: float) -> float | None:
+        """Until when a worker that holds the lead keeps it and takes every
+        worker's clients at once (`Role.AT_ONCE`), or None: the probe's end,
+        or through a lean (clients that wait for the windows) as long as they
+        come, `PROBE_FIRST` after the last at most, and not while relaying.
+        The shell wakes then if no client came, and the lead goes back.
+
+        Through a lean, a worker that let the lead go would leave the others
+        to gather again, each until a probe of its own found the clients
+        waiting (0.5 to 1 s of windows they wait for, each)."""
+        if self._probe is not None:
+            return self._probe[1]
+        if self._relaying or now >= self._lean_until or now - self._last > PROBE_FIRST:
+            return None
+        return min(self._lean_until, self._last + PROBE_FIRST)
 
     def took_lead(self, now: float) -> None:
         """This worker has just taken the workers' lead (`lead_role`): from now

@@ -53,10 +53,13 @@ same (a stopped lead takes nobody's clients). The lead goes back as soon as
 its worker stops gathering, at once in a flood (the 64th client of a
 wake-up) and when an accept fails for want of descriptors, and is not taken
 without room (`room()`: half of a limit in use). Its worker probes for all,
-keeping the lead and taking every socket's clients at once: it waits on a set
-of all of them (shell/poller.py's `Poller`) and on the window timer, armed at
-the probe's end so that it lets the lead go then if nobody came. (It looked
-at every socket each millisecond before: a wake-up each, client or not.) Two
+and through its probe and a lean it finds keeps the lead and takes every
+socket's clients at once (`Role.AT_ONCE`): it waits on a set of all of them
+(shell/poller.py's `Poller`) and on the window timer, armed at the probe's
+end, or `PROBE_FIRST` after the lean's last client, so that it lets the lead
+go then if nobody came. (It looked at every socket each millisecond through a
+probe before, a wake-up each, client or not, and let the lead go at a lean,
+for another worker to gather the same clients again.) Two
 workers that each gathered their share (in 15 ms windows) cost 14-21 µs more
 per handed-off message than one process; with the lead they cost about what
 one process costs
@@ -441,12 +444,12 @@ async def _accept(
                     window = gather.after_wakeup(batch, now, relaying() > 0)
                     batch = 0
                     role = gathering.Role.LISTEN if window is None else gathering.Role.GATHER
-                    probing = gather.probing
+                    until = gather.at_once_until(now) if lead is not None else None
                     if lead is not None:
-                        # (room() only for a worker that would gather or probe:
-                        # otherwise the role does not depend on it.)
+                        # (room() only for a worker that would gather, or lead
+                        # at once: otherwise the role does not depend on it.)
                         holds = lead.holds
-                        roomy = (window is not None or probing) and room()
+                        roomy = (window is not None or until is not None) and room()
                         flood = gather.flooded(now)
                         if holds or flood:
                             free = False
@@ -457,7 +460,7 @@ async def _accept(
                         else:
                             free = lead.free()
                         role = gathering.lead_role(
-                            window, holds, free, room=roomy, flood=flood, probing=probing
+                            window, holds, free, room=roomy, flood=flood, at_once=until is not None
                         )
                         if role is gathering.Role.LISTEN:
                             lead.release()
@@ -465,9 +468,14 @@ async def _accept(
                     if role is gathering.Role.FOLLOW and lead is not None:
                         # The lead takes this socket's clients: wake when it is let go.
                         pause = _follow(lead.token)
-                    elif role is gathering.Role.PROBE and everyone is not None:
-                        # Every worker's clients at once, until the probe's end.
-                        left = max(gather.probe_until() - now, SHORTEST_WAIT)
+                    elif (
+                        role is gathering.Role.AT_ONCE
+                        and everyone is not None
+                        and until is not None
+                    ):
+                        # Every worker's clients at once (a probe, a lean), until
+                        # the time the gathering gave: then it lets the lead go.
+                        left = max(until - now, SHORTEST_WAIT)
                         armed = False
                         if timer is not None:
                             try:
