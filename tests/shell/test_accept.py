@@ -819,9 +819,9 @@ async def test_the_lead_keeps_the_lead_through_its_probe_and_looks_at_every_sock
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     # Clients every 2.5 ms on two workers' sockets: windows under half full, so
-    # the lead probes. It probes for all (core/gathering.py's PROBE_POLL): it
-    # keeps the lead, and takes every socket's clients within a millisecond or
-    # so, and when the probe ends with the clients still coming it gathers on
+    # the lead probes. It probes for all (core/gathering.py's Role.AT_ONCE): it
+    # keeps the lead, and takes every socket's clients at once (within 1.5 ms
+    # here: the clients' own steps), and when the probe ends with the clients still coming it gathers on
     # in windows, the lead still its own. (A probe of its own socket alone gave
     # the lead back as it began, and the clients before it waited for 10 ms
     # windows; a probe that gave it back at its end let every worker take its

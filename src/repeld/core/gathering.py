@@ -64,7 +64,7 @@ The rules, in order:
   together, and the periods nest (each is a multiple of the one before), so a
   worker that probes less often still finds the others probing with it. In
   one process this only moves a probe to the next tick. With the lead (next)
-  one worker gathers for all, and it probes for all (`Role.PROBE`): it keeps
+  one worker gathers for all, and it probes for all (`Role.AT_ONCE`): it keeps
   the lead through its probe and takes every worker's clients at once, so
   that its count before and during the probe is of the same clients. (It
   looked at every socket each millisecond before, a wake-up each whether a
