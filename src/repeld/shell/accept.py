@@ -339,24 +339,40 @@ async def _wait_at_most(fd: int, seconds: float) -> None:
         await trio.lowlevel.wait_readable(fd)
 
 
-def _every_socket(lsock: socket.socket, lead: Lead, timer: WakeTimer | None) -> Poller:
+def _every_socket(lsock: socket.socket, lead: Lead, timer: WakeTimer | None) -> Poller | None:
     """A set of every worker's socket of the listener (and the timer), for the
-    lead's probe to wait on as one fd: it takes each client at once, whichever
-    socket it came to, and wakes at the probe's end if none did.
+    lead to wait on as one fd through a probe or a lean (`Role.AT_ONCE`): it
+    takes each client at once, whichever socket it came to, and wakes at the
+    time the gathering gave if none did. None if the kernel refuses it (out
+    of descriptors, of epoll watches): a reason to do without, never to stop
+    accepting.
 
     The sockets are inherited by every worker (the poller's rule 1 names this
     exception): the set lives no longer than they do in this worker, and is
     closed first."""
-    every = Poller()
+    try:
+        every = Poller()
+    except OSError:
+        return None
     try:
         for fd in (lsock.fileno(), *(s.fileno() for s in lead.siblings)):
             every.update(fd, 0, IN)
         if timer is not None:
             every.update(timer.fd, 0, IN)
+    except OSError:
+        every.close()
+        return None
     except BaseException:
         every.close()
         raise
     return every
+
+
+def _drop_timer(everyone: Poller | None, timer: WakeTimer) -> None:
+    """The loop gives up its timer (it refused to be armed): out of the set too,
+    where an expiry nobody reads would keep the set readable for ever."""
+    if everyone is not None:
+        everyone.update(timer.fd, IN, 0)
 
 
 def _window_timer() -> WakeTimer | None:
@@ -391,6 +407,8 @@ async def _accept(
     every = own + [Acceptor(s.fileno()).accept for s in lead.siblings] if lead else own
     # The lead's probe waits on all of them (and the timer) at once.
     everyone = _every_socket(lsock, lead, timer) if lead is not None else None
+    # (None without a lead, or if the kernel refused the set: the lead then
+    # gathers only, and lets the lead go for a probe or a lean.)
     sources = own
     source = 0  # the socket of `sources` taken from now
     batch = 0  # clients this wake-up has taken
@@ -460,7 +478,12 @@ async def _accept(
                         else:
                             free = lead.free()
                         role = gathering.lead_role(
-                            window, holds, free, room=roomy, flood=flood, at_once=until is not None
+                            window,
+                            holds,
+                            free,
+                            room=roomy,
+                            flood=flood,
+                            at_once=until is not None and everyone is not None,
                         )
                         if role is gathering.Role.LISTEN:
                             lead.release()
@@ -482,6 +505,7 @@ async def _accept(
                                 timer.arm(left)  # in the set: it ends the wait
                                 armed = True
                             except OSError:  # never; if so, trio's scope
+                                _drop_timer(everyone, timer)
                                 timer = None
                         if armed:
                             pause = trio.lowlevel.wait_readable(everyone.fileno())
@@ -495,6 +519,7 @@ async def _accept(
                         try:
                             timer.arm(window)
                         except OSError:  # never: it was made for this; if so, trio's
+                            _drop_timer(everyone, timer)
                             timer = None
                             pause = trio.sleep(window)
                         else:
