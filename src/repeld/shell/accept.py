@@ -405,7 +405,7 @@ async def _accept(
     own = [Acceptor(lsock.fileno()).accept]
     # Holding the lead, a wake-up takes the clients of every worker's socket.
     every = own + [Acceptor(s.fileno()).accept for s in lead.siblings] if lead else own
-    # The lead's probe waits on all of them (and the timer) at once.
+    # Through a probe or a lean the lead waits on all of them (and the timer).
     everyone = _every_socket(lsock, lead, timer) if lead is not None else None
     # (None without a lead, or if the kernel refused the set: the lead then
     # gathers only, and lets the lead go for a probe or a lean.)
