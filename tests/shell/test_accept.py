@@ -428,16 +428,21 @@ async def test_the_lead_that_finds_clients_waiting_keeps_the_lead_and_takes_all_
                     a.clients.append(socket.create_connection(lsock.getsockname()))
                 await trio.sleep(0.0015)  # a session's turn-around
                 held.append((trio.current_time() - start, waiting_bytes(token) == 0))
+            waits = [
+                (at - start, taken - at) for at, (taken, _) in zip(connected, a.taken, strict=False)
+            ]
+            # Still in the lean, a flood: every worker takes its own at once.
+            assert waiting_bytes(token) == 0
+            await a.connect(own, ACCEPT_BATCH)
+            flooded = waiting_bytes(token) == 1
             nursery.cancel_scope.cancel()
-        waits = [
-            (at - start, taken - at) for at, (taken, _) in zip(connected, a.taken, strict=False)
-        ]
         early = [w for at, w in waits if at < PROBE_FIRST]
         late = [w for at, w in waits if at > PROBE_FIRST + 2 * PROBE_SPAN_LONGEST]
         # the lead kept through the lean, and every socket's clients at once
         assert all(h for at, h in held if at > PROBE_FIRST + 2 * PROBE_SPAN_LONGEST)
         assert max(early) > GATHER / 2  # gathered at first
         assert len(late) > 100 and max(late) < GATHER_MIN / 2  # then each taken at once
+        assert flooded  # and a flood let it go
 
 
 async def test_while_sessions_are_relayed_or_on_a_short_queue_the_loop_never_gathers(
