@@ -203,6 +203,16 @@ class _Arrivals:
         self.serve(nursery, own, lead=Lead(token, give_back, [theirs]), room=room)
         return own, theirs
 
+    async def take_the_lead(
+        self, nursery: trio.Nursery, token: int, give_back: int
+    ) -> tuple[socket.socket, socket.socket, float]:
+        """`serve_leading`, then two clients at once on its own socket, which
+        start gathering and so take the lead: (its own, the other's, when the
+        two connected)."""
+        own, theirs = self.serve_leading(nursery, token, give_back)
+        await trio.sleep(1)
+        return own, theirs, await self.connect(own, 2)
+
     async def connect(self, lsock: socket.socket, count: int) -> float:
         """`count` clients at once; when they connected, once all are taken."""
         start = trio.current_time()
@@ -410,11 +420,9 @@ async def test_the_lead_that_finds_clients_waiting_keeps_the_lead_and_takes_all_
     with _arrivals() as a, _lead_pipe(free=True) as (token, give_back):
         connected: list[float] = []
         async with trio.open_nursery() as nursery:
-            own, theirs = a.serve_leading(nursery, token, give_back)
-            await trio.sleep(1)
-            start = trio.current_time()
+            # two at once: it gathers, and takes the lead
+            own, theirs, start = await a.take_the_lead(nursery, token, give_back)
             connected += [start, start]
-            await a.connect(own, 2)  # two at once: it gathers, and takes the lead
             held = []
             done = 0
             while trio.current_time() < start + 1.2:
@@ -548,9 +556,7 @@ async def test_the_lead_takes_every_workers_clients_in_its_windows_and_lets_go_w
     # windows take the clients waiting on the other worker's socket too.
     with _arrivals() as a, _lead_pipe(free=True) as (token, give_back):
         async with trio.open_nursery() as nursery:
-            own, theirs = a.serve_leading(nursery, token, give_back)
-            await trio.sleep(1)
-            await a.connect(own, 2)
+            _, theirs, _ = await a.take_the_lead(nursery, token, give_back)
             burst = a.taken[1][0]
             assert waiting_bytes(token) == 0  # the lead is this worker's
             await a.connect(theirs, 3)
@@ -606,9 +612,7 @@ async def test_a_flood_on_the_leads_own_socket_gives_the_lead_back_at_once(
     # gathering.py) the lead goes back, and each worker takes its own.
     with _arrivals() as a, _lead_pipe(free=True) as (token, give_back):
         async with trio.open_nursery() as nursery:
-            own, theirs = a.serve_leading(nursery, token, give_back)
-            await trio.sleep(1)
-            await a.connect(own, 2)
+            own, theirs, _ = await a.take_the_lead(nursery, token, give_back)
             assert waiting_bytes(token) == 0
             a.clients += [socket.create_connection(theirs.getsockname()) for _ in range(3)]
             a.clients += [socket.create_connection(own.getsockname()) for _ in range(80)]
@@ -892,9 +896,7 @@ async def test_the_lead_keeps_the_lead_through_its_probe_and_looks_at_every_sock
         arrived: list[float] = []
         released = False
         async with trio.open_nursery() as nursery:
-            own, theirs = a.serve_leading(nursery, token, give_back)
-            await trio.sleep(1)
-            await a.connect(own, 2)
+            own, theirs, _ = await a.take_the_lead(nursery, token, give_back)
             start = trio.current_time()
             # The first probe begins on a tick PROBE_FIRST to 2 * PROBE_FIRST
             # after the start and lasts PROBE_SPAN_LONGEST; the next is due
