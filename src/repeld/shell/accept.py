@@ -327,14 +327,10 @@ async def accept_loop(
             timer.close()
 
 
-async def _follow(token: int) -> None:
-    """Wait for the lead to be given back, FOLLOW_CHECK at most."""
-    with trio.move_on_after(FOLLOW_CHECK):
-        await trio.lowlevel.wait_readable(token)
-
-
 async def _wait_at_most(fd: int, seconds: float) -> None:
-    """Wait for `fd` to be readable, `seconds` at most (where there is no timer)."""
+    """Wait for `fd` to be readable, `seconds` at most: the lead given back
+    (FOLLOW_CHECK), or the end of the lead's wait on every socket where
+    there is no timer."""
     with trio.move_on_after(seconds):
         await trio.lowlevel.wait_readable(fd)
 
@@ -462,7 +458,13 @@ async def _accept(
                     window = gather.after_wakeup(batch, now, relaying() > 0)
                     batch = 0
                     role = gathering.Role.LISTEN if window is None else gathering.Role.GATHER
-                    until = gather.at_once_until(now) if lead is not None else None
+                    # Every worker's clients at once (a probe, a lean) until
+                    # then: only ever without a window, and with the set.
+                    until = (
+                        gather.at_once_until(now)
+                        if window is None and everyone is not None
+                        else None
+                    )
                     if lead is not None:
                         # (room() only for a worker that would gather, or lead
                         # at once: otherwise the role does not depend on it.)
@@ -483,14 +485,14 @@ async def _accept(
                             free,
                             room=roomy,
                             flood=flood,
-                            at_once=until is not None and everyone is not None,
+                            at_once=until is not None,
                         )
                         if role is gathering.Role.LISTEN:
                             lead.release()
                         sources = every if lead.holds else own
                     if role is gathering.Role.FOLLOW and lead is not None:
                         # The lead takes this socket's clients: wake when it is let go.
-                        pause = _follow(lead.token)
+                        pause = _wait_at_most(lead.token, FOLLOW_CHECK)
                     elif (
                         role is gathering.Role.AT_ONCE
                         and everyone is not None
