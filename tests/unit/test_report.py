@@ -249,6 +249,34 @@ def test_a_worker_that_starts_or_dies_ends_no_other_workers_connections() -> Non
     assert tally_lines(stderr, YEAR).folded == 1
 
 
+def test_merged_logs_of_two_hosts_keep_their_processes_apart() -> None:
+    # Two MX hosts' logs in one file: each has a repeld with PID 101.
+    talk = events.early_talker(_conn(port=1), EarlyTalk(4, b"EHLO", 2.0), "log")
+    passed = events.passed(_conn(port=1), Pass(PassReason.DELAY, 25.0))
+    stop = events.lifecycle(EventName.STOP)
+    died = events.worker(EventName.WORKER_EXIT, 0, 101, -9)
+
+    def rfc5424(host: str, event: Event) -> str:
+        header = Header(FACILITIES["mail"], host, "repeld", 101, "mx@99999")
+        return format_rfc5424(event, header, NOW).decode()
+
+    def file_line(host: str, event: Event) -> str:  # `TIME HOST repeld[101]: @cee:{...}`
+        header = Header(FACILITIES["mail"], host, "repeld", 101, "mx@99999")
+        return format_json(event, header, NOW).decode()
+
+    for shape in (rfc5424, file_line):
+        # the other host's pass is another connection, not this talker's verdict
+        tally = tally_lines([shape("mx1", talk), shape("mx2", passed)], YEAR)
+        assert tally.folded == 0 and (tally.would_repel, tally.waited) == (1, 1), shape
+        # the other host's stop, or its worker's exit, ends none of this host's talkers
+        for end in (stop, died):
+            lines = [shape("mx1", talk), shape("mx2", end), shape("mx1", passed)]
+            assert tally_lines(lines, YEAR).folded == 1, (shape, end)
+        # and the same host's stop ends them
+        lines = [shape("mx1", talk), shape("mx1", stop), shape("mx1", passed)]
+        assert tally_lines(lines, YEAR).folded == 0, shape
+
+
 def test_the_talkers_forgotten_for_room_are_forgotten_by_their_process_too(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -70,6 +70,9 @@ class Record:
     #: The process that wrote it (RFC 5424's PROCID, the tag's `[PID]`), "" where
     #: the line does not say (-f's lines): whose connections it speaks of.
     procid: str = ""
+    #: The host that wrote it (RFC 5424's HOSTNAME, a file line's host), "" where
+    #: the line does not say: logs of several hosts merged can share a PID.
+    host: str = ""
 
     def number(self, key: str) -> float | None:
         """A finite numeric field, or None if it is missing or not a number."""
@@ -84,14 +87,14 @@ class Record:
 
 _APP = "repeld"
 #: `<PRI>1 TIME HOST APP PROCID MSGID `, then the structured data.
-_RFC5424_HEAD = re.compile(r"<\d{1,3}>1 (\S{1,64}) \S{1,255} (\S{1,48}) (\S{1,128}) \S{1,32} ")
+_RFC5424_HEAD = re.compile(r"<\d{1,3}>1 (\S{1,64}) (\S{1,255}) (\S{1,48}) (\S{1,128}) \S{1,32} ")
 _BSD = r"(?P<mon>[A-Z][a-z]{2}) (?P<day>[ \d]\d) (?P<h>\d\d):(?P<m>\d\d):(?P<s>\d\d)"
 _ISO = r"(?P<iso>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:?\d\d)?)"
 #: `[<PRI>]TIME [HOST] repeld[PID]: ` (or `repeld: `, or `repeld[PID] ` with no colon).
 #: A HOST never ends in `:` or `]`, so that in a line without one another program's
 #: tag is not taken for the host, nor its message for repeld's tag.
 _FILE_HEAD = re.compile(
-    rf"(?:<\d{{1,3}}>)?(?:{_BSD}|{_ISO}) (?:\S{{0,254}}[^\s:\]] )?"
+    rf"(?:<\d{{1,3}}>)?(?:{_BSD}|{_ISO}) (?:(?P<host>\S{{0,254}}[^\s:\]]) )?"
     r"repeld(?:\[(?P<pid>\d{1,10})\](?:: ?| )|: ?)"
 )
 #: What `-f` prints before the summary: the local time and the event's name.
@@ -327,24 +330,25 @@ def parse_line(line: str, year: int) -> Record | None:
     if len(line) > MAX_LINE:
         return None
     if (head := _RFC5424_HEAD.match(line)) is not None:
-        if head.group(2) != _APP:
+        if head.group(3) != _APP:
             return None
         when = None if head.group(1) == "-" else _iso_time(head.group(1))
-        procid = "" if head.group(3) == "-" else head.group(3)
+        host = "" if head.group(2) == "-" else head.group(2)
+        procid = "" if head.group(4) == "-" else head.group(4)
         fields, msg_at = _from_sd(line, head.end())
         if fields is not None:
-            return Record(fields["event"], fields, when, "rfc5424", procid)
+            return Record(fields["event"], fields, when, "rfc5424", procid, host)
         found = None if msg_at < 0 else _from_message(line[msg_at:])
     elif (head := _FILE_HEAD.match(line)) is not None:
         when = _iso_time(head["iso"]) if head["iso"] else _bsd_time(head, year)
-        procid = head["pid"] or ""
+        host, procid = head["host"] or "", head["pid"] or ""
         found = _from_message(line[head.end() :])
     elif _STDERR.match(line) is not None:
-        when, procid = None, ""
+        when, host, procid = None, "", ""
         found = _from_message(line)
     else:
         return None
     if found is None:
         return None
     shape, fields = found
-    return Record(fields["event"], fields, when, shape, procid)
+    return Record(fields["event"], fields, when, shape, procid, host)

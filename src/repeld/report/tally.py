@@ -233,8 +233,9 @@ class Tally:
     #: By (process, client, client port): a connection is one process's, and
     #: ends with it (`_ended`): a talker still held when repeld stopped
     #: writes no verdict, and a later connection from the same address and
-    #: port, after a restart, was folded into it. `_by_process` indexes them,
-    #: so that a process's end costs what it removes.
+    #: port, after a restart, was folded into it. A process is its host and
+    #: PID (`_process`): merged logs of several hosts can share a PID.
+    #: `_by_process` indexes them, so that a process's end costs what it removes.
     _observed: dict[tuple[str, str, str], None] = field(default_factory=dict)
     _by_process: dict[str, set[tuple[str, str, str]]] = field(default_factory=dict)
     #: Enforced talkers (--on-early enforce): their sender domains and HELO names.
@@ -362,12 +363,13 @@ class Tally:
         # its connections is open any more, nor judged again. A process that
         # starts has a PID of its own; lines that name none (-f) end at a stop.
         if record.event == EventName.WORKER_EXIT:
-            procid = record.fields.get("pid")
-            if not procid:
+            pid = record.fields.get("pid")
+            if not pid:
                 return ""
+            process = _process(record.host, pid)
         else:
-            procid = record.procid
-        for key in self._by_process.pop(procid, ()):
+            process = _process(record.host, record.procid)
+        for key in self._by_process.pop(process, ()):
             del self._observed[key]
         return ""
 
@@ -458,8 +460,14 @@ class Tally:
         return start, width, bars
 
 
+def _process(host: str, procid: str) -> str:
+    # A host name has no space in it (nor has a PID): the pair in one key.
+    return f"{host} {procid}"
+
+
 def _conn(record: Record) -> tuple[str, str, str]:
-    return record.procid, record.fields.get("client", ""), record.fields.get("client_port", "")
+    process = _process(record.host, record.procid)
+    return process, record.fields.get("client", ""), record.fields.get("client_port", "")
 
 
 _HANDLERS: dict[str, Callable[[Tally, Record], str]] = {
