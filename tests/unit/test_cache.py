@@ -28,6 +28,12 @@ GOOD, BAD, UNKNOWN = CacheVerdict.GOOD, CacheVerdict.BAD, CacheVerdict.UNKNOWN
         ("::ffff:192.0.2.7", 64, "192.0.2.7"),
         ("::FFFF:192.0.2.7", 48, "192.0.2.7"),
         ("::ffff:c000:207", 64, "192.0.2.7"),  # the same mapped address, hex form
+        # a translator's well-known prefix (RFC 6052): the IPv4 client, not one /64
+        ("64:ff9b::192.0.2.7", 64, "192.0.2.7"),
+        ("64:FF9B::c000:207", 128, "192.0.2.7"),
+        ("64:ff9b:0:0:0:0:c000:208", 48, "192.0.2.8"),
+        ("64:ff9b:1::c000:207", 64, "64:ff9b:1::/64"),  # RFC 8215's local-use: not known
+        ("64:ff9b::1:c000:207", 64, "64:ff9b::/64"),  # not in the /96
         ("2001:db8:1:2:3:4:5:6", 64, "2001:db8:1:2::/64"),
         ("2001:DB8:1:2::99", 64, "2001:db8:1:2::/64"),
         ("2001:db8:1:2:3:4:5:6", 48, "2001:db8:1::/48"),
@@ -71,6 +77,8 @@ def test_cache_key_bad_address(address: str) -> None:
     [
         ("192.0.2.7", 64, "192.0.2.7"),
         ("::ffff:192.0.2.7", 64, "192.0.2.7"),
+        ("64:ff9b::192.0.2.7", 64, "192.0.2.7"),  # each translated client counted apart
+        ("64:ff9b::192.0.2.8", 64, "192.0.2.8"),
         ("2001:db8:1:2::a", 64, "2001:db8:1:2::/64"),
         ("2001:db8:1:2::a", 128, "2001:db8:1:2::a/128"),
         ("not an address", 64, "not an address"),

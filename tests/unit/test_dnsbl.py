@@ -62,6 +62,8 @@ T0 = 1000.0
         ("192.0.2.1", "1.2.0.192.bl.example"),
         ("127.0.0.2", "2.0.0.127.bl.example"),
         ("::ffff:192.0.2.1", "1.2.0.192.bl.example"),  # a mapped address is asked as IPv4
+        ("64:ff9b::192.0.2.1", "1.2.0.192.bl.example"),  # so is a translated one (RFC 6052)
+        ("64:ff9b::c000:201", "1.2.0.192.bl.example"),
         (
             "2001:db8::1",
             "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.bl.example",

@@ -400,11 +400,17 @@ def test_any_file_content_gives_settings_or_config_error(content: bytes) -> None
             assert exc.problems
 
 
+_WKP = ipaddress.IPv6Network("64:ff9b::/96")
+
+
 def _key_by_ipaddress(address: str, prefix: int) -> str:
-    # cache_key as it was written before its fast path (the keys stored in caches).
+    # cache_key as it was written before its fast path (the keys stored in caches),
+    # IPv4 clients a translator shows in the well-known prefix keyed as IPv4.
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
+    if ip in _WKP:
+        return str(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
     return str(ipaddress.IPv6Network((ip, prefix), strict=False))
 
 
@@ -417,6 +423,7 @@ _V6_SHAPES = st.sampled_from(["compressed", "exploded", "upper"])
         st.integers(min_value=0, max_value=2**128 - 1),
         st.integers(min_value=0, max_value=2**48 - 1),  # ::a.b.c.d, ::ffff:..., zeros
         st.integers(min_value=0, max_value=2**32 - 1).map(lambda v: v | 0xFFFF << 32),
+        st.integers(min_value=0, max_value=2**33 - 1).map(lambda v: v ^ int(_WKP[0])),
         st.integers(min_value=0, max_value=2**64 - 1).map(lambda v: v << 64),
     ),
     prefix=st.integers(min_value=32, max_value=128),

@@ -343,6 +343,8 @@ def test_refusals_and_networks() -> None:
     assert tally.refused == {"max-held": 5, "max-per-client": 1}
     assert tally.networks.most_common(5) == [("192.0.2.0/24", 3), ("2001:db8:1:2::/64", 1)]
     assert network_of("not an address") == "not an address"
+    # a client a translator shows in the well-known prefix is in its IPv4 /24
+    assert network_of("64:ff9b::192.0.2.9") == network_of("::ffff:c000:209") == "192.0.2.0/24"
 
 
 def test_text_report() -> None:

@@ -7,7 +7,11 @@ paths cannot.
 * `address_int` -- (family, integer) of an address, for range checks;
 * `cache_key` -- the key a client is remembered under in the pass cache: the
   address for IPv4, the `/v6_prefix` network for IPv6, because one IPv6 host
-  owns a whole /64 and walks through it at will;
+  owns a whole /64 and walks through it at will; an IPv4 client a translator
+  shows in RFC 6052's well-known prefix (`64:ff9b::192.0.2.7`) by its IPv4
+  address, or the whole IPv4 Internet would be one /64;
+* `embedded_ipv4` -- the IPv4 client an IPv6 address stands for (IPv4-mapped,
+  or translated with the well-known prefix), or None;
 * `host_port` / `bracket` -- the one `[host]:port` spelling of an endpoint;
 * `host_name_problem` -- why an operator's host name is not one (or None).
 """
@@ -25,6 +29,7 @@ __all__ = [
     "bracket",
     "cache_key",
     "client_key",
+    "embedded_ipv4",
     "host_name_problem",
     "host_port",
     "normalize_address",
@@ -130,6 +135,27 @@ def address_int(address: str) -> tuple[int, int] | None:
     return 6, int(ip)
 
 
+#: RFC 6052's well-known prefix, 64:ff9b::/96: a stateless translator (SIIT, RFC
+#: 7915; RFC 7755's IPv6-only data centres) shows every IPv4 client to an
+#: IPv6-only host as this prefix and the client's IPv4 address. RFC 6052 keeps
+#: it for global IPv4 addresses only, and it is not routed on the IPv6 Internet.
+_WKP = int(ipaddress.IPv6Address("64:ff9b::")) >> 32
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 client `ip` stands for: IPv4-mapped (`::ffff:192.0.2.7`) or
+    translated with the well-known prefix (`64:ff9b::192.0.2.7`); else None.
+
+    Used for what is remembered or counted of a client, and for what the DNS
+    lists are asked, never for --trusted: a network is trusted as written.
+    """
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if int(ip) >> 32 == _WKP:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 def check_v6_prefix(v6_prefix: int) -> None:
     """ValueError unless `v6_prefix` is an integer from 32 to 128."""
     if (
@@ -156,6 +182,11 @@ def _hextets(part: str) -> list[int] | None:
     return [int(g, 16) for g in groups]
 
 
+#: The first six groups of an IPv6 address that carries an IPv4 client in its
+#: last two: `::ffff:0:0/96` and the well-known prefix `64:ff9b::/96`.
+_IPV4_CARRIERS = ([0, 0, 0, 0, 0, 0xFFFF], [0x64, 0xFF9B, 0, 0, 0, 0])
+
+
 def _v6_key(address: str, v6_prefix: int) -> str | None:
     # cache_key of a plain IPv6 address, written as ipaddress writes it (RFC 5952:
     # lower case, the longest run of two or more zero groups, the first of equals,
@@ -173,7 +204,7 @@ def _v6_key(address: str, v6_prefix: int) -> str | None:
     if missing < (1 if len(halves) == 2 else 0) or (len(halves) == 1 and missing):
         return None
     groups = head + [0] * missing + tail
-    if groups[:6] == [0, 0, 0, 0, 0, 0xFFFF]:  # IPv4-mapped: the IPv4 client
+    if groups[:6] in _IPV4_CARRIERS:  # IPv4-mapped or translated: the IPv4 client
         return f"{groups[6] >> 8}.{groups[6] & 255}.{groups[7] >> 8}.{groups[7] & 255}"
     kept = v6_prefix // 16
     if kept < 8:
@@ -202,7 +233,8 @@ def _v6_key(address: str, v6_prefix: int) -> str | None:
 def cache_key(address: str, v6_prefix: int = DEFAULT_V6_PREFIX) -> str:
     """The key `address` is remembered under.
 
-    IPv4: the address (`192.0.2.7`); `::ffff:192.0.2.7` is the same client.
+    IPv4: the address (`192.0.2.7`); `::ffff:192.0.2.7` and `64:ff9b::192.0.2.7`
+    (`embedded_ipv4`) are the same client.
     IPv6: the network of `v6_prefix` bits in CIDR form (`2001:db8:1:2::/64`), so
     the two families can never collide. A scope id (`fe80::1%eth0`) is dropped.
     Raises ValueError for a bad address or a prefix outside 32-128.
@@ -218,8 +250,9 @@ def cache_key(address: str, v6_prefix: int = DEFAULT_V6_PREFIX) -> str:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv4Address):
         return str(ip)
-    if ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
+    carried = embedded_ipv4(ip)
+    if carried is not None:
+        return str(carried)
     return str(ipaddress.IPv6Network((ip, v6_prefix), strict=False))
 
 
@@ -227,7 +260,8 @@ def client_key(address: str, v6_prefix: int = DEFAULT_V6_PREFIX) -> str:
     """What --max-per-client counts `address` under: the pass cache's key, so an
     IPv6 client by its network of `v6_prefix` bits (one host usually owns a whole
     /64, and would otherwise have 2**64 addresses to fill the pen from), an IPv4
-    one by its address; an address that is none (a test's name) as it is."""
+    one by its address, translated or not; an address that is none (a test's
+    name) as it is."""
     if ":" not in address:  # IPv4, checked cheaply: the accept path's common case
         return address
     try:

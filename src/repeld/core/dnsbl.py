@@ -41,6 +41,8 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from repeld.core.addresses import embedded_ipv4
+
 __all__ = [
     "ANSWER_CACHE_SIZE",
     "ERROR_REPLIES",
@@ -133,8 +135,11 @@ def query_name(address: str, domain: str) -> str:
     """The name to look up for `address` on the list `domain`.
 
     IPv4: the octets reversed (192.0.2.1 -> 1.2.0.192.DOMAIN); IPv6: the 32
-    nibbles reversed, as ip6.arpa does. An IPv4-mapped IPv6 address is asked
-    as the IPv4 address it carries. ValueError for anything that is no address.
+    nibbles reversed, as ip6.arpa does. An IPv6 address that carries an IPv4
+    client (IPv4-mapped, or translated with the well-known prefix 64:ff9b::/96:
+    `addresses.embedded_ipv4`) is asked as that IPv4 address: the lists list
+    the client, not the translator's prefix. ValueError for anything that is
+    no address.
     """
     return f"{reversed_address(address)}.{domain.rstrip('.')}"
 
@@ -150,8 +155,8 @@ def reversed_address(address: str) -> str:
     if canonical is not None:
         return ".".join(reversed(canonical.groups()))
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        ip = embedded_ipv4(ip) or ip
     if isinstance(ip, ipaddress.IPv4Address):
         return ".".join(reversed(str(ip).split(".")))
     return ".".join(reversed(ip.exploded.replace(":", "")))

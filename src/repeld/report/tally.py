@@ -38,6 +38,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from repeld.core.addresses import embedded_ipv4
 from repeld.core.names import EarlyAction, EventName, PassReason
 from repeld.report.parse import Record
 
@@ -90,7 +91,11 @@ _MAX_SECONDS = 366 * 86400
 
 
 def network_of(address: str) -> str:
-    """The /24 (IPv4) or /64 (IPv6) network of an address, or the text as it is."""
+    """The /24 (IPv4) or /64 (IPv6) network of an address, or the text as it is.
+
+    An IPv6 address that carries an IPv4 client (`addresses.embedded_ipv4`:
+    IPv4-mapped, or a translator's 64:ff9b::/96) is in that client's /24.
+    """
     octets = address.split(".")
     if len(octets) == 4 and all(_OCTET.fullmatch(o) for o in octets):
         return f"{octets[0]}.{octets[1]}.{octets[2]}.0/24"  # the common case, fast
@@ -98,6 +103,8 @@ def network_of(address: str) -> str:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        ip = embedded_ipv4(ip) or ip
     bits = 24 if ip.version == 4 else 64
     return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))
 
