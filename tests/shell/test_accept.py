@@ -170,20 +170,21 @@ class _Arrivals:
         self,
         nursery: trio.Nursery,
         lsock: socket.socket,
-        relaying: int = 0,
+        relaying: int | Callable[[], int] = 0,
         backlog: int = GATHER_MIN_BACKLOG,
         longest: float = GATHER,
         lead: Lead | None = None,
         room: Callable[[], bool] = lambda: True,
     ) -> None:
-        """Start an accept loop on `lsock` that records each client in `taken`."""
+        """Start an accept loop on `lsock` that records each client in `taken`
+        (`relaying`: how many sessions are relayed, or a function that says)."""
         nursery.start_soon(
             functools.partial(
                 accept_loop,
                 Listener(lsock, Listen("127.0.0.1", 0), lead=lead),
                 self.accepted,
                 lambda *_: None,
-                lambda: relaying,
+                relaying if callable(relaying) else lambda: relaying,
                 backlog,
                 longest,
                 room=room,
@@ -196,20 +197,27 @@ class _Arrivals:
         token: int,
         give_back: int,
         room: Callable[[], bool] = lambda: True,
+        relaying: Callable[[], int] = lambda: 0,
     ) -> tuple[socket.socket, socket.socket]:
         """One worker's accept loop with the lead's pipe, beside another worker's
         socket that only the lead takes from: (its own, the other's)."""
         own, theirs = self.listener(), self.listener()
-        self.serve(nursery, own, lead=Lead(token, give_back, [theirs]), room=room)
+        lead = Lead(token, give_back, [theirs])
+        self.serve(nursery, own, lead=lead, room=room, relaying=relaying)
         return own, theirs
 
     async def take_the_lead(
-        self, nursery: trio.Nursery, token: int, give_back: int
+        self,
+        nursery: trio.Nursery,
+        token: int,
+        give_back: int,
+        room: Callable[[], bool] = lambda: True,
+        relaying: Callable[[], int] = lambda: 0,
     ) -> tuple[socket.socket, socket.socket, float]:
         """`serve_leading`, then two clients at once on its own socket, which
         start gathering and so take the lead: (its own, the other's, when the
         two connected)."""
-        own, theirs = self.serve_leading(nursery, token, give_back)
+        own, theirs = self.serve_leading(nursery, token, give_back, room, relaying)
         await trio.sleep(1)
         return own, theirs, await self.connect(own, 2)
 
@@ -451,6 +459,51 @@ async def test_the_lead_that_finds_clients_waiting_keeps_the_lead_and_takes_all_
         assert max(early) > GATHER / 2  # gathered at first
         assert len(late) > 100 and max(late) < GATHER_MIN / 2  # then each taken at once
         assert flooded  # and a flood let it go
+
+
+@pytest.mark.parametrize("change", ["relaying", "no room"])
+async def test_the_lead_in_a_lean_lets_the_lead_go_when_it_relays_or_runs_out_of_room(
+    autojump_clock: trio.testing.MockClock, change: str
+) -> None:
+    # Taking every socket's clients at once through a lean (Role.AT_ONCE), the
+    # lead lets the lead go at the first wake-up after a session is relayed
+    # (the windows end, and so does the lean: Gathering.at_once_until) or after
+    # its room runs out (a worker without room neither takes nor keeps it):
+    # each worker then takes its own clients.
+    relaying, roomy = [0], [True]
+    with _arrivals() as a, _lead_pipe(free=True) as (token, give_back):
+        async with trio.open_nursery() as nursery:
+            own, theirs, start = await a.take_the_lead(
+                nursery, token, give_back, lambda: roomy[0], lambda: relaying[0]
+            )
+            done = 0
+            while trio.current_time() < start + 1.2:  # the lean test's clients
+                for i in range(done, len(a.taken)):
+                    a.taken[i][1].close()
+                    a.clients[i].close()
+                done = len(a.taken)
+                while len(a.clients) - len(a.taken) < 2:
+                    lsock = (own, theirs)[len(a.clients) % 2]
+                    a.clients.append(socket.create_connection(lsock.getsockname()))
+                await trio.sleep(0.0015)
+            with trio.fail_after(1):
+                while len(a.taken) < len(a.clients):
+                    await trio.sleep(0.0005)
+            assert waiting_bytes(token) == 0  # in the lean, with the lead
+            in_lean = await a.connect(theirs, 1)
+            assert a.taken[-1][0] - in_lean < GATHER_MIN / 2  # every socket's, at once
+            if change == "relaying":
+                relaying[0] = 1
+            else:
+                roomy[0] = False
+            start = await a.connect(own, 1)  # the next wake-up: given back
+            assert a.taken[-1][0] - start < GATHER_MIN / 2
+            assert waiting_bytes(token) == 1
+            taken = len(a.taken)
+            a.clients.append(socket.create_connection(theirs.getsockname()))
+            await trio.sleep(1)
+            assert len(a.taken) == taken  # the other worker's clients are its own now
+            nursery.cancel_scope.cancel()
 
 
 async def test_while_sessions_are_relayed_or_on_a_short_queue_the_loop_never_gathers(
