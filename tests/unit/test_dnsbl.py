@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from repeld.config.errors import SettingError
@@ -735,6 +735,8 @@ def test_the_score_cache_keeps_a_score_by_address() -> None:
 
 
 @given(st.ip_addresses())
+@example(ipaddress.IPv6Address("64:ff9b::c000:201"))
+@example(ipaddress.IPv6Address("::ffff:c000:201"))
 def test_the_fast_reversal_is_the_reversal(
     ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
 ) -> None:
@@ -742,6 +744,8 @@ def test_the_fast_reversal_is_the_reversal(
         expected = ".".join(reversed(str(ip).split(".")))
     elif ip.ipv4_mapped is not None:
         expected = ".".join(reversed(str(ip.ipv4_mapped).split(".")))
+    elif ip in ipaddress.IPv6Network("64:ff9b::/96"):  # translated (RFC 6052): as IPv4
+        expected = ".".join(reversed(str(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)).split(".")))
     else:
         expected = ".".join(reversed(ip.exploded.replace(":", "")))
     assert reversed_address(str(ip)) == expected
