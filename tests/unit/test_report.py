@@ -275,6 +275,10 @@ def test_merged_logs_of_two_hosts_keep_their_processes_apart() -> None:
         # and the same host's stop ends them
         lines = [shape("mx1", talk), shape("mx1", stop), shape("mx1", passed)]
         assert tally_lines(lines, YEAR).folded == 0, shape
+    # One process, its host spelled two ways (a reload from local JSON, the
+    # syslog daemon's short name, to RFC 5424's full one): still one process.
+    lines = [file_line("mx1", talk), rfc5424("MX1.example.org", passed)]
+    assert tally_lines(lines, YEAR).folded == 1
 
 
 def test_the_talkers_forgotten_for_room_are_forgotten_by_their_process_too(

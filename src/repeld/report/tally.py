@@ -468,8 +468,11 @@ class Tally:
 
 
 def _process(host: str, procid: str) -> str:
-    # A host name has no space in it (nor has a PID): the pair in one key.
-    return f"{host} {procid}"
+    # The host by its first label, in lower case: one process's lines can name
+    # it `mx1` (a syslog daemon's header, local JSON) and `mx1.example.org`
+    # (repeld's own RFC 5424) once a reload switches formats. A host name has
+    # no space in it (nor has a PID): the pair in one key.
+    return f"{host.split('.', 1)[0].lower()} {procid}"
 
 
 def _conn(record: Record) -> tuple[str, str, str]:
