@@ -7,14 +7,27 @@ from __future__ import annotations
 
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from repeld.config.settings import Backend, Listen
+from repeld.cache.spec import parse_cache_url
+from repeld.config.settings import Backend, Listen, Settings
+from repeld.config.values import SyslogTarget
+from repeld.shell.eventlog import EventLog
+from repeld.shell.server import open_server
 
-from ..harness import GREETING, TrioBackend, connect, read_line, read_until_closed, running
+from ..harness import (
+    GREETING,
+    Receiver,
+    TrioBackend,
+    connect,
+    read_line,
+    read_until_closed,
+    running,
+)
 
 DELAY = 25.0
 
@@ -557,3 +570,34 @@ async def test_a_talker_held_before_a_reload_to_log_is_written_as_what_it_got(
         (talker,) = await h.receiver.wait_for("early-talker")
         assert talker.fields["action"] == "drop"
         client.close()
+
+
+@pytest.mark.parametrize("cache", ["memory", "sqlite"])
+async def test_a_stop_asked_before_the_server_serves_is_not_lost(
+    tmp_path: Path, cache: str
+) -> None:
+    # A SIGTERM during start-up (a backend name slow to resolve) is taken at
+    # the first wait of serve(), the pass cache's opening, before the front
+    # that shutdown() cancels began: it was lost, and the server served on
+    # until a second SIGTERM (systemd: until TimeoutStopSec, then SIGKILL).
+    receiver = Receiver()
+    udp_port = await receiver.bind()
+    spec = "memory" if cache == "memory" else f"sqlite:{tmp_path / 'cache.sqlite'}"
+    settings = Settings(
+        backend=Backend("127.0.0.1", 9),
+        listen=(Listen("127.0.0.1", 0),),
+        syslog=SyslogTarget("udp", host="127.0.0.1", port=udp_port),
+        cache=parse_cache_url(spec),
+    )
+    log = EventLog.from_settings(settings)
+    server = await open_server(settings, log)
+    address = server.addresses[0]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(receiver.run)
+        nursery.start_soon(log.run)
+        server.shutdown()
+        with trio.fail_after(10):
+            await server.serve()
+        nursery.cancel_scope.cancel()
+    with pytest.raises(ConnectionRefusedError):  # and it listens no more
+        socket.create_connection(address, timeout=5).close()

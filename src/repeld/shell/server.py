@@ -117,6 +117,9 @@ class Server:
         self.admission.also_held = self.intake.__len__
         self.listeners: list[Listener] = []
         self._front: trio.CancelScope | None = None
+        #: `shutdown()` was called: a SIGTERM (or the parent's end) that came
+        #: before the front began, while the cache opened, is not lost.
+        self._stopping = False
         self._grace = settings.shutdown_grace
         self._drain: trio.CancelScope | None = None
         #: Held clients told to come back at shutdown.
@@ -226,7 +229,8 @@ class Server:
         """
         try:
             async with trio.open_nursery() as services:
-                await self._start_cache(services)
+                if not self._stopping:
+                    await self._start_cache(services)
                 try:
                     await self._serve(task_status)
                 finally:
@@ -256,6 +260,13 @@ class Server:
             self.cache = None
 
     async def _serve(self, task_status: trio.TaskStatus[Server]) -> None:
+        if self._stopping:
+            # Asked to stop before the front began (a SIGTERM during start-up
+            # is taken at the cache's opening, the first wait): nothing was
+            # accepted, nobody is held, so there is nothing to drain. Served,
+            # it would never stop: `shutdown()` had no front to cancel.
+            task_status.started(self)
+            return
         admission = self.admission
         self.dispatch.cache = self.cache
         async with trio.open_nursery() as relays:
@@ -344,7 +355,9 @@ class Server:
                 lst.lead.close()
 
     def shutdown(self, grace: float | None = None) -> None:
-        """Stop accepting now; 421 to held clients; relays get `grace` seconds."""
+        """Stop accepting now; 421 to held clients; relays get `grace` seconds.
+        Before `serve()` has begun to accept, it never will."""
+        self._stopping = True
         self._grace = self.settings.shutdown_grace if grace is None else grace
         if self._drain is not None:  # already draining: a second SIGTERM shortens it
             self._drain.deadline = min(self._drain.deadline, trio.current_time() + self._grace)
