@@ -85,6 +85,24 @@ def test_binds_a_low_port_as_root_then_runs_as_the_service_user(
     assert not pidfile.exists() or pidfile.read_text() == ""
 
 
+def test_the_workers_parent_keeps_its_pid_file_roots(
+    syslog: SyslogUDP, backend: LineBackend, tmp_path: Path
+) -> None:
+    # The parent stays root and the workers drop to nobody: a pid file handed
+    # to nobody would let a worker name any process for root's `kill`.
+    pidfile = tmp_path / "repeld.pid"
+    argv = ["-l", f"127.0.0.1:{free_port()}", "-b", backend.address, "-w", "2"]
+    argv += ["--user", "nobody", "--pidfile", str(pidfile), "--syslog", syslog.target]
+    with daemon(*argv) as d:
+        syslog.wait_for("start", 3)  # the parent's and both workers'
+        assert pidfile.read_text() == f"{d.pid}\n"
+        assert (pidfile.stat().st_uid, pidfile.stat().st_gid) == (0, 0)
+        workers = {int(e.fields["pid"]) for e in syslog.wait_for("worker-start", 2)}
+        for pid in workers:
+            assert _status(pid)["Uid"].split() == [str(pwd.getpwnam("nobody").pw_uid)] * 4
+    assert not pidfile.exists()  # the parent, root, removes it
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         try:

@@ -218,7 +218,10 @@ def _prepare(
     def prepare() -> None:
         # Root's last acts: the pid file, then the chroot and the drop.
         if pid is not None:
-            pid.create(owner=_owner(settings, plan))
+            # The service user's when this process becomes it; a --workers
+            # parent stays root, and a file naming root's process that its
+            # unprivileged workers could rewrite would aim root's kill.
+            pid.create(owner=_owner(settings, plan) if drop else None)
         if not drop:
             return
         if plan.action == "drop":
