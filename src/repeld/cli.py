@@ -122,10 +122,16 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], dict[
     return values, actions
 
 
-def settings_from(flags: dict[str, Any], actions: dict[str, Any]) -> Settings:
-    """Defaults, the configuration file, then the flags; raises ConfigError."""
+def settings_from(
+    flags: dict[str, Any], actions: dict[str, Any], *, file_seen: bool = False
+) -> Settings:
+    """Defaults, the configuration file, then the flags; raises ConfigError.
+
+    `file_seen`: the default file existed when repeld started, so that a reload
+    that cannot find it (inside --chroot, or moved away) is refused, not
+    served with the defaults."""
     path = actions.get("config") or default_config_path()
-    return load_settings(flags, path, explicit="config" in actions)
+    return load_settings(flags, path, explicit="config" in actions or file_seen)
 
 
 def check_backend(settings: Settings) -> int:
@@ -208,4 +214,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_backend(settings)
     from repeld.process import daemon
 
-    return daemon.start(settings, lambda: settings_from(flags, actions), argv)
+    # The file repeld started with is the one a reload must read.
+    seen = "config" not in actions and os.path.exists(default_config_path())
+    return daemon.start(settings, lambda: settings_from(flags, actions, file_seen=seen), argv)

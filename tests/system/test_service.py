@@ -210,6 +210,39 @@ def test_sighup_with_a_broken_file_keeps_the_old_config(
         assert not syslog.named("reload")
 
 
+def test_a_reload_that_cannot_find_the_default_file_keeps_the_old_config(
+    syslog: SyslogUDP, backend: LineBackend, tmp_path: Path
+) -> None:
+    # Started with the default file (no -c), then a reload that cannot see it
+    # (inside --chroot, or the file moved away): it was read as "no file", and
+    # the defaults came in force, the file's delay and trusted networks gone.
+    config = tmp_path / "repeld.toml"  # where /etc/repeld/repeld.toml would be
+    port = free_port()
+    config.write_text(f'delay = 2\nsyslog = "{syslog.target}"\ntrusted = ["127.0.0.9/32"]\n')
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        f"import repeld.cli\nrepeld.cli.default_config_path = lambda: {str(config)!r}\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
+    argv = ["-l", f"127.0.0.1:{port}", "-b", backend.address, *AS_ROOT]
+    with daemon(*argv, env=env) as d:
+        config.rename(tmp_path / "moved.toml")
+        d.signal(signal.SIGHUP)
+        (err,) = syslog.wait_for("config-error")
+        assert str(config) in err.fields["error"]
+        client = connect(port, source="127.0.0.9")  # still trusted: the old config
+        t0 = time.monotonic()
+        assert read_line(client) == b"220 backend.test ESMTP\r\n"
+        assert time.monotonic() - t0 < 1.5
+        client.close()
+        assert not syslog.named("reload")
+        (tmp_path / "moved.toml").rename(config)
+        d.signal(signal.SIGHUP)
+        (reload,) = syslog.wait_for("reload")  # the file back: read again
+        assert reload.fields["restart_needed"] == ""
+
+
 @contextlib.contextmanager
 def relaying(
     syslog: SyslogUDP, backend: LineBackend, grace: str, *extra: str
