@@ -113,6 +113,28 @@ def _port_free(port: int) -> bool:
 
 
 @needs_root
+def test_a_second_repeld_with_workers_does_not_join_the_port(
+    syslog: SyslogUDP, backend: LineBackend
+) -> None:
+    # The workers' sockets share a port with SO_REUSEPORT, which a second
+    # instance's sockets could join too: it took a share of the clients unseen.
+    port = free_port()
+    argv = ["-l", f"127.0.0.1:{port}", "-b", backend.address, "-w", "2", *AS_ROOT]
+    with daemon(*argv, "--syslog", syslog.target) as first:
+        second = subprocess.run(
+            [sys.executable, "-m", "repeld", "-f", "--no-cache", *argv],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert second.returncode == 1
+        assert second.stderr.strip() == (
+            f"repeld: cannot listen on 127.0.0.1:{port}: Address already in use"
+        )
+        assert first.proc.poll() is None
+    assert "Traceback" not in first.stderr_text()
+
+
 def test_refuses_to_run_on_as_root_without_a_user(backend: LineBackend) -> None:
     try:
         pwd.getpwnam("repeld")

@@ -570,7 +570,9 @@ async def supervise(
         copies = settings.workers if balanced else 1
         sockets: list[list[tuple[socket.socket, Listen]]] = []
         try:
-            sockets.append(open_listeners(settings, backlog, inherited, reuseport=balanced))
+            sockets.append(
+                open_listeners(settings, backlog, inherited, reuseport=balanced, first=True)
+            )
             # Port 0 (tests) means "any": every copy must share the first one's port.
             same = dataclasses.replace(
                 settings,

@@ -77,18 +77,23 @@ def bind_listener(
     *,
     reuseport: bool = False,
     dual_stack: bool = False,
+    first: bool = False,
 ) -> socket.socket:
     """A bound, listening, non-blocking socket for `spec`.
 
     IPv6 sockets are v6-only, except a copy of a dual-stack socket that systemd
     passed (`dual_stack`): a v6-only socket joins a dual-stack one's port but
-    is given none of its clients, v4 or v6.
+    is given none of its clients, v4 or v6. `first` (with `reuseport`): the
+    first of the workers' copies, which must not join a port that another
+    program's sockets share already (`_check_free`).
     """
     sock = socket.socket(spec.family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         option = reuseport_option() if reuseport else None
         if option is not None:
+            if first and spec.port:
+                _check_free(spec, dual_stack)
             sock.setsockopt(socket.SOL_SOCKET, option, 1)
         if spec.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
@@ -104,6 +109,25 @@ def bind_listener(
     return sock
 
 
+def _check_free(spec: Listen, dual_stack: bool) -> None:
+    """OSError (EADDRINUSE) if a socket listens on `spec` already.
+
+    SO_REUSEPORT lets a socket of the same user join a port whose sockets all
+    set it: the workers' copies of one listener, but also a second repeld
+    --workers started by mistake, which would take its share of port 25's
+    clients unseen. A socket without the option, bound and closed at once,
+    finds the port taken, as a single process's bind does.
+    """
+    probe = socket.socket(spec.family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if spec.family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
+        probe.bind((spec.host, spec.port))
+    finally:
+        probe.close()
+
+
 def open_listeners(
     settings: Settings,
     backlog: int,
@@ -111,12 +135,14 @@ def open_listeners(
     *,
     reuseport: bool = False,
     dual_stack: Collection[Listen] = (),
+    first: bool = False,
 ) -> list[tuple[socket.socket, Listen]]:
     """A socket for every --listen spec: an inherited one where it matches, else bound.
 
     Inherited sockets that no spec asks for are closed with a warning: the
     configuration is the one description of what repeld serves. The specs in
-    `dual_stack` are bound dual-stack (copies of systemd's dual-stack sockets).
+    `dual_stack` are bound dual-stack (copies of systemd's dual-stack sockets);
+    `first`: the first of the workers' copies (`bind_listener`).
     """
     matched = match_listeners(inherited, settings.listen)
     socks = list(matched.listeners)
@@ -131,7 +157,8 @@ def open_listeners(
     try:
         for spec in matched.unbound:
             dual = spec in dual_stack
-            socks.append((bind_listener(spec, backlog, reuseport=reuseport, dual_stack=dual), spec))
+            sock = bind_listener(spec, backlog, reuseport=reuseport, dual_stack=dual, first=first)
+            socks.append((sock, spec))
     except BaseException:
         for sock, _ in socks:
             sock.close()
