@@ -10,6 +10,8 @@ import contextlib
 import fcntl
 import os
 import pwd
+import re
+import resource
 import shlex
 import shutil
 import signal
@@ -133,6 +135,37 @@ def test_a_second_repeld_with_workers_does_not_join_the_port(
         )
         assert first.proc.poll() is None
     assert "Traceback" not in first.stderr_text()
+
+
+def test_a_worker_that_cannot_be_started_again_is_tried_again_later(
+    syslog: SyslogUDP, backend: LineBackend
+) -> None:
+    # A worker died and the parent is out of descriptors (or processes): the
+    # new worker's pipes are refused. That ended the parent with a traceback,
+    # the other worker left alone; now it is tried again, as a dead worker is,
+    # and a SIGTERM during the wait ends it at once, not after the wait.
+    argv = ["-l", f"127.0.0.1:{free_port()}", "-b", backend.address, "-w", "2"]
+    with daemon(*argv, "--syslog", syslog.target, *AS_ROOT) as d:
+        pids = {int(e.fields["pid"]) for e in syslog.wait_for("worker-start", 2)}
+        limits = resource.prlimit(d.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(d.pid, resource.RLIMIT_NOFILE, (3, limits[1]))  # no new fd
+        victim = pids.pop()
+        os.kill(victim, signal.SIGKILL)
+        refused = [e.fields["error"] for e in syslog.wait_for("error", 2)]  # tried twice
+        pattern = r"cannot start worker [01]: Too many open files; again in \d+ s"
+        assert all(re.fullmatch(pattern, error) for error in refused), refused
+        resource.prlimit(d.pid, resource.RLIMIT_NOFILE, limits)
+        new = int(syslog.wait_for("worker-start", 3)[2].fields["pid"])
+        assert new not in (victim, *pids)
+        assert d.proc.poll() is None
+        os.kill(pids.pop(), 0)  # the other worker served on all along
+        # Dead again within its first seconds: the next start waits 8 s.
+        os.kill(new, signal.SIGKILL)
+        syslog.wait_for("worker-exit", 2)
+        t0 = time.monotonic()
+        assert d.stop(signal.SIGTERM) == 0
+        assert time.monotonic() - t0 < 4  # the wait ended at the SIGTERM
+    assert "Traceback" not in d.stderr_text()
 
 
 def test_refuses_to_run_on_as_root_without_a_user(backend: LineBackend) -> None:

@@ -236,6 +236,8 @@ class Supervisor:
         self.sockets = sockets
         self.log = log
         self.stopping = False
+        #: Set with `stopping` (`stop`): ends a wait before a worker's restart.
+        self._stopped = trio.Event()
         self.procs: dict[int, trio.Process] = {}
         self.restarts = 0
         self._stats: dict[int, dict[str, int]] = {}
@@ -273,13 +275,34 @@ class Supervisor:
     def _sockets_for(self, index: int) -> list[tuple[socket.socket, Listen]]:
         return self.sockets[index % len(self.sockets)]
 
+    def stop(self) -> None:
+        """SIGTERM: no worker is started again, nor waited for to be."""
+        self.stopping = True
+        self._stopped.set()
+
     async def _spawn(self, index: int) -> tuple[trio.Process, int]:
-        socks = self._sockets_for(index)
+        """Start worker `index`: it, and the read end of its statistics' pipe.
+        OSError (fork or a pipe refused) leaves no descriptor behind."""
         read_fd, write_fd = os.pipe()
-        # The worker holds the read end of a pipe only the parent can write to:
-        # EOF on it means the parent is gone, and the worker drains and exits.
-        life_read, life_write = os.pipe()
+        try:
+            # The worker holds the read end of a pipe only the parent can write
+            # to: EOF on it means the parent is gone, and it drains and exits.
+            life_read, life_write = os.pipe()
+        except BaseException:
+            os.close(read_fd)
+            os.close(write_fd)
+            raise
+        try:
+            proc = await self._exec(index, write_fd, life_read)
+        except BaseException:
+            os.close(read_fd)
+            os.close(life_write)
+            raise
         self._lifelines[index] = life_write
+        return proc, read_fd
+
+    async def _exec(self, index: int, write_fd: int, life_read: int) -> trio.Process:
+        socks = self._sockets_for(index)
         env = dict(os.environ)
         env[WORKER_ENV] = str(index)
         env[FDS_ENV] = ",".join(f"{s.fileno()}:{_fd_name(spec)}" for s, spec in socks)
@@ -307,7 +330,7 @@ class Supervisor:
         finally:
             os.close(write_fd)
             os.close(life_read)
-        return proc, read_fd
+        return proc
 
     async def _read_stats(self, read_fd: int) -> None:
         stream = trio.lowlevel.FdStream(read_fd)
@@ -346,7 +369,21 @@ class Supervisor:
         """Run worker `index`; replace it whenever it dies, until shutdown."""
         delay = RESTART_DELAY
         while not self.stopping:
-            proc, read_fd = await self._spawn(index)
+            try:
+                proc, read_fd = await self._spawn(index)
+            except OSError as exc:
+                # fork or a pipe refused (EAGAIN, ENOMEM, EMFILE), likely just
+                # when a worker died of the same want: tried again after the
+                # wait, as a dead worker is; the parent and the others go on.
+                why = exc.strerror or str(exc)
+                self.log.emit(
+                    events.internal_error(
+                        None, 0.0, f"cannot start worker {index}: {why}; again in {delay:g} s"
+                    )
+                )
+                await self._wait_before_restart(delay)
+                delay = min(delay * 2, RESTART_DELAY_MAX)
+                continue
             self.procs[index] = proc
             if self.stopping:  # SIGTERM came while it was spawned: signal_workers missed it
                 proc.send_signal(signal.SIGTERM)
@@ -372,8 +409,13 @@ class Supervisor:
             self.log.emit(events.worker(EventName.WORKER_EXIT, index, proc.pid, status))
             if trio.current_time() - started >= STABLE_AFTER:
                 delay = RESTART_DELAY
-            await trio.sleep(delay)
+            await self._wait_before_restart(delay)
             delay = min(delay * 2, RESTART_DELAY_MAX)
+
+    async def _wait_before_restart(self, delay: float) -> None:
+        # Up to RESTART_DELAY_MAX: a SIGTERM meanwhile ends it, not the wait.
+        with trio.move_on_after(delay):
+            await self._stopped.wait()
 
     def signal_workers(self, signum: int) -> None:
         """Pass a signal on to every worker that handles signals already.
@@ -541,7 +583,7 @@ async def _handle_signals(
                 sup.reloads.request(nursery, reload)
             elif signum in (signal.SIGTERM, signal.SIGINT):
                 sdnotify.stopping()
-                sup.stopping = True
+                sup.stop()
                 sup.signal_workers(signal.SIGTERM)
             elif not collecting:
                 collecting = True
