@@ -147,6 +147,7 @@ def test_a_worker_that_cannot_be_started_again_is_tried_again_later(
     argv = ["-l", f"127.0.0.1:{free_port()}", "-b", backend.address, "-w", "2"]
     with daemon(*argv, "--syslog", syslog.target, *AS_ROOT) as d:
         pids = {int(e.fields["pid"]) for e in syslog.wait_for("worker-start", 2)}
+        syslog.wait_for("start", 3)  # the parent's and the workers': ready
         limits = resource.prlimit(d.pid, resource.RLIMIT_NOFILE)
         resource.prlimit(d.pid, resource.RLIMIT_NOFILE, (3, limits[1]))  # no new fd
         victim = pids.pop()
@@ -166,6 +167,33 @@ def test_a_worker_that_cannot_be_started_again_is_tried_again_later(
         assert d.stop(signal.SIGTERM) == 0
         assert time.monotonic() - t0 < 4  # the wait ended at the SIGTERM
     assert "Traceback" not in d.stderr_text()
+
+
+def test_workers_that_cannot_start_end_the_parent_with_status_1(
+    syslog: SyslogUDP, backend: LineBackend
+) -> None:
+    # Only the workers drop privileges, so only they find the user missing:
+    # they were replaced for ever, port 25 bound and nobody accepting, while
+    # the parent told systemd it was ready. One process exits 1 for it.
+    argv = ["-l", f"127.0.0.1:{free_port()}", "-b", backend.address, "-w", "2"]
+    argv += ["--user", "nosuchuser", "--syslog", syslog.target]
+    proc = subprocess.run(
+        [sys.executable, "-m", "repeld", "-f", "--no-cache", *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert "repeld: --user: no such user 'nosuchuser'" in lines  # the worker's own
+    assert re.fullmatch(
+        r"repeld: worker [01] exited at start-up \(status 1\): not starting", lines[-1]
+    )
+    assert "Traceback" not in proc.stderr
+    exits = syslog.wait_for("worker-exit")
+    assert exits[0].fields["status"] == "1"
+    assert exits[0].msg.endswith("; not starting")
+    assert syslog.wait_for("stop")
 
 
 def test_refuses_to_run_on_as_root_without_a_user(backend: LineBackend) -> None:

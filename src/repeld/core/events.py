@@ -547,8 +547,12 @@ def stats(counters: dict[str, int], uptime: float) -> Event:
     )
 
 
-def worker(what: EventName, index: int, pid: int, status: int | None = None) -> Event:
-    """A worker process started ("worker-start") or died and will be replaced ("worker-exit")."""
+def worker(
+    what: EventName, index: int, pid: int, status: int | None = None, then: str = "restarting"
+) -> Event:
+    """A worker process started ("worker-start") or died ("worker-exit"), and
+    `then` what the parent does: it is replaced, or (at the start, before it
+    was ever ready) repeld does not start."""
     if status is None:
         return _service(
             what, Severity.INFO, f"WORKER {index} started, pid {pid}", worker=index, pid=pid
@@ -557,7 +561,7 @@ def worker(what: EventName, index: int, pid: int, status: int | None = None) -> 
     return _service(
         what,
         Severity.ERR,
-        f"WORKER {index} pid {pid} exited with {how}; restarting",
+        f"WORKER {index} pid {pid} exited with {how}; {then}",
         worker=index,
         pid=pid,
         status=status,

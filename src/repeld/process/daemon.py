@@ -310,7 +310,12 @@ def start(
             inherited = activation.listen_fds() if "LISTEN_FDS" in os.environ else []
             prepare = _prepare(settings, plan, pid)
             trio.run(serve_forever, settings, reload_settings, prepare, inherited)
-    except (privileges.PrivilegeError, PidFileError, activation.ActivationError) as exc:
+    except (
+        privileges.PrivilegeError,
+        PidFileError,
+        activation.ActivationError,
+        workers.WorkerStartError,
+    ) as exc:
         print(f"repeld: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as exc:

@@ -212,6 +212,14 @@ async def watch_parent(on_orphaned: Callable[[], None]) -> None:
     on_orphaned()
 
 
+class WorkerStartError(Exception):
+    """A worker ended before it was ever ready, at the start: the parent exits 1."""
+
+
+def _status_text(status: int) -> str:
+    return f"signal {-status}" if status < 0 else f"status {status}"
+
+
 def announce_ready() -> bool:
     """In a worker: say that signals are handled now (before, one would kill it)."""
     return _tell_parent({"ready": 1})
@@ -238,6 +246,13 @@ class Supervisor:
         self.stopping = False
         #: Set with `stopping` (`stop`): ends a wait before a worker's restart.
         self._stopped = trio.Event()
+        #: The workers (by index) that have said they are ready at least once;
+        #: `started` is set once every one has, or once stopping.
+        self._ready_once: set[int] = set()
+        self.started = trio.Event()
+        #: Why the start failed: a worker that ended before it was ever ready,
+        #: at the start (what one process would refuse to start with).
+        self.start_failed: str | None = None
         self.procs: dict[int, trio.Process] = {}
         self.restarts = 0
         self._stats: dict[int, dict[str, int]] = {}
@@ -279,6 +294,7 @@ class Supervisor:
         """SIGTERM: no worker is started again, nor waited for to be."""
         self.stopping = True
         self._stopped.set()
+        self.started.set()
 
     async def _spawn(self, index: int) -> tuple[trio.Process, int]:
         """Start worker `index`: it, and the read end of its statistics' pipe.
@@ -348,6 +364,11 @@ class Supervisor:
                         pid = int(data.pop("pid"))
                         if data.get("ready"):
                             self.ready.add(pid)
+                            self._ready_once.update(
+                                i for i, proc in self.procs.items() if proc.pid == pid
+                            )
+                            if len(self._ready_once) >= self.settings.workers:
+                                self.started.set()
                             continue
                         if "reload" in data:
                             began = float(data.get("began", 0.0))
@@ -392,8 +413,11 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_stats, read_fd)
                 status = await proc.wait()
-                nursery.cancel_scope.cancel()
+                # What it wrote before it ended (its `ready`, say) is read to
+                # the pipe's end, which its exit closed; a second at most.
+                nursery.cancel_scope.deadline = trio.current_time() + STATS_WAIT
             del self.procs[index]
+            was_ready = proc.pid in self.ready
             for token, give_back in self.leads:  # it may have died with a lead
                 restore_lead(token, give_back)
             self._reloads.pop(proc.pid, None)
@@ -405,8 +429,22 @@ class Supervisor:
             self._late.discard(proc.pid)
             if self.stopping:
                 return
+            first = not was_ready and not self.started.is_set()
+            then = "not starting" if first else "restarting"
+            self.log.emit(events.worker(EventName.WORKER_EXIT, index, proc.pid, status, then))
+            if first:
+                # Ended before it was ever ready, at the start: a user that
+                # does not exist, a --chroot that is missing, a backend that
+                # does not resolve. One process refuses to start then (exit
+                # 1); replaced, it would fail so for ever while the parent,
+                # port 25 bound, told its supervisor all was well.
+                self.start_failed = (
+                    f"worker {index} exited at start-up ({_status_text(status)}): not starting"
+                )
+                self.stop()
+                self.signal_workers(signal.SIGTERM)
+                return
             self.restarts += 1
-            self.log.emit(events.worker(EventName.WORKER_EXIT, index, proc.pid, status))
             if trio.current_time() - started >= STABLE_AFTER:
                 delay = RESTART_DELAY
             await self._wait_before_restart(delay)
@@ -689,7 +727,9 @@ async def supervise(
                 async with trio.open_nursery() as workers:
                     for index in range(settings.workers):
                         workers.start_soon(sup.keep_worker, index)
-                    sdnotify.ready(f"{settings.workers} workers")
+                    await sup.started.wait()  # every worker ready, or stopping
+                    if not sup.stopping:
+                        sdnotify.ready(f"{settings.workers} workers")
                 nursery.cancel_scope.cancel()
             log.emit(
                 events.lifecycle(EventName.STOP, workers=settings.workers, restarts=sup.restarts)
@@ -698,3 +738,5 @@ async def supervise(
         for socks in sockets:
             for s, _ in socks:
                 s.close()
+    if sup.start_failed is not None:
+        raise WorkerStartError(sup.start_failed)
