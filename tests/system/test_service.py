@@ -326,6 +326,48 @@ def test_a_reload_that_cannot_find_the_default_file_keeps_the_old_config(
         assert reload.fields["restart_needed"] == ""
 
 
+def test_a_worker_ready_only_after_a_reload_is_told_of_it(
+    syslog: SyslogUDP, backend: LineBackend, tmp_path: Path
+) -> None:
+    # A worker reads the configuration well before it can take a SIGHUP (one
+    # then would kill it), so a reload meanwhile skipped it: it served the old
+    # file until it next died, while systemd heard "reloaded". Here each
+    # worker, its configuration read, waits 2 s before it says it is ready.
+    config = tmp_path / "repeld.toml"
+    port = free_port()
+    _config(config, backend, port, syslog)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, time\n"
+        "if os.environ.get('REPELD_WORKER') is not None:\n"
+        "    import repeld.process.workers as w\n"
+        "    told = w.announce_ready\n"
+        "    def late():\n"
+        f"        open(os.path.join({str(marks)!r}, str(os.getpid())), 'w').close()\n"
+        "        time.sleep(2)\n"
+        "        return told()\n"
+        "    w.announce_ready = late\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
+    with daemon("-c", str(config), "-w", "2", *AS_ROOT, env=env) as d:
+        deadline = time.monotonic() + 20
+        while len(os.listdir(marks)) < 2:  # both have read the file, not yet ready
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        _config(config, backend, port, syslog, 'trusted = ["127.0.0.9/32"]\n')
+        d.signal(signal.SIGHUP)
+        syslog.wait_for("reload", 2)  # each worker's, once ready
+        for _ in range(10):  # trusted in both workers: none held
+            client = connect(port, source="127.0.0.9")
+            t0 = time.monotonic()
+            assert read_line(client) == b"220 backend.test ESMTP\r\n"
+            assert time.monotonic() - t0 < 1.5
+            client.close()
+
+
 @contextlib.contextmanager
 def relaying(
     syslog: SyslogUDP, backend: LineBackend, grace: str, *extra: str

@@ -44,8 +44,10 @@ back, so after every death the parent puts a byte back if the pipe is empty.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import signal
 import socket
@@ -274,6 +276,13 @@ class Supervisor:
         #: (draining after a SIGTERM of its own: it takes no part in the reload).
         self._reloads: dict[int, tuple[float, str, bool]] = {}
         self._reload_arrived = trio.Event()
+        #: When the last SIGHUP went to the workers, and when each (by pid) was
+        #: spawned (the host's monotonic clock): a worker spawned before a
+        #: reload and ready only after it was skipped by it (a SIGHUP would
+        #: have killed it), and is told on its `ready` (its configuration may
+        #: have been read before the file changed).
+        self._reload_sent = -math.inf
+        self._spawned: dict[int, float] = {}
         #: SIGHUP's reloads: one at a time, each waiting for its workers' answers.
         self.reloads = Reloads(lambda: self.stopping)
         #: Each listener's gathering lead (shell/accept.py's `Lead`): a pipe that
@@ -364,6 +373,7 @@ class Supervisor:
                         pid = int(data.pop("pid"))
                         if data.get("ready"):
                             self.ready.add(pid)
+                            self._reload_missed(pid)
                             self._ready_once.update(
                                 i for i, proc in self.procs.items() if proc.pid == pid
                             )
@@ -390,6 +400,7 @@ class Supervisor:
         """Run worker `index`; replace it whenever it dies, until shutdown."""
         delay = RESTART_DELAY
         while not self.stopping:
+            spawned = time.monotonic()
             try:
                 proc, read_fd = await self._spawn(index)
             except OSError as exc:
@@ -406,6 +417,7 @@ class Supervisor:
                 delay = min(delay * 2, RESTART_DELAY_MAX)
                 continue
             self.procs[index] = proc
+            self._spawned[proc.pid] = spawned
             if self.stopping:  # SIGTERM came while it was spawned: signal_workers missed it
                 proc.send_signal(signal.SIGTERM)
             started = trio.current_time()
@@ -417,6 +429,7 @@ class Supervisor:
                 # the pipe's end, which its exit closed; a second at most.
                 nursery.cancel_scope.deadline = trio.current_time() + STATS_WAIT
             del self.procs[index]
+            del self._spawned[proc.pid]
             was_ready = proc.pid in self.ready
             for token, give_back in self.leads:  # it may have died with a lead
                 restore_lead(token, give_back)
@@ -455,6 +468,14 @@ class Supervisor:
         with trio.move_on_after(delay):
             await self._stopped.wait()
 
+    def _reload_missed(self, pid: int) -> None:
+        if self._spawned.get(pid, math.inf) >= self._reload_sent:
+            return
+        for proc in self.procs.values():
+            if proc.pid == pid:
+                with contextlib.suppress(OSError):
+                    proc.send_signal(signal.SIGHUP)
+
     def signal_workers(self, signum: int) -> None:
         """Pass a signal on to every worker that handles signals already.
 
@@ -477,7 +498,7 @@ class Supervisor:
         Only a reload that began after the signal answers: a worker still busy
         with an earlier one (that reload's wait over) answers that one first.
         """
-        sent = time.monotonic()
+        sent = self._reload_sent = time.monotonic()
         expected = {proc.pid for proc in self.procs.values()} & self.ready
         self.signal_workers(signal.SIGHUP)
 
