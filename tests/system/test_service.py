@@ -16,6 +16,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -194,6 +195,34 @@ def test_workers_that_cannot_start_end_the_parent_with_status_1(
     assert exits[0].fields["status"] == "1"
     assert exits[0].msg.endswith("; not starting")
     assert syslog.wait_for("stop")
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o027, 0o640), (0o000, 0o644)])
+def test_files_are_made_with_the_callers_umask_or_a_stricter_one(
+    backend: LineBackend, tmp_path: Path, umask: int, mode: int
+) -> None:
+    # repeld.service sets UMask=0027: the pass cache names clients and their
+    # verdicts, and was made 0644 all the same (repeld set 022 over it). A
+    # looser mask is still made 022: never a group- or world-writable file.
+    cache, pidfile = tmp_path / "cache.sqlite", tmp_path / "repeld.pid"
+    argv = [sys.executable, "-m", "repeld", "-f", "-l", f"127.0.0.1:{free_port()}"]
+    argv += ["-b", backend.address, "--cache", f"sqlite:{cache}", "--pidfile", str(pidfile)]
+    shell = ["sh", "-c", f'umask {umask:03o}; exec "$@"', "sh"]
+    proc = subprocess.Popen([*shell, *argv, *AS_ROOT], stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # (a warning about the syslog socket may come first)
+            if line.startswith("repeld: listening on "):
+                break
+        deadline = time.monotonic() + 10
+        while not cache.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert stat.S_IMODE(cache.stat().st_mode) == mode
+        assert stat.S_IMODE(pidfile.stat().st_mode) == mode
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def test_refuses_to_run_on_as_root_without_a_user(backend: LineBackend) -> None:

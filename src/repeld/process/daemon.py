@@ -278,7 +278,10 @@ def start(
     --workers processes, or one of those workers (spawned by the supervisor,
     which has already bound the listeners and dropped privileges).
     """
-    os.umask(0o022)
+    # Never group- or world-writable files, but a stricter mask (systemd's
+    # UMask=0027 in repeld.service) is kept: the pass cache's file names
+    # clients and their verdicts.
+    os.umask(os.umask(0o022) | 0o022)
     pid: PidFile | None = None
     try:
         if os.environ.get(workers.WORKER_ENV) is not None:
