@@ -18,6 +18,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -415,3 +416,23 @@ def test_backend_up_follows_the_periodic_check(syslog: SyslogUDP, backend: LineB
         syslog.drain(0.2)
         gone = [m for m in syslog.named("backend-check") if m.fields["backend"] == backend.address]
         assert len(gone) == 1
+
+
+def test_a_metrics_port_in_use_is_one_line_naming_it(backend: LineBackend) -> None:
+    # "repeld: Address already in use" named neither the option nor the address.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        argv = ["-l", f"127.0.0.1:{free_port()}", "-b", backend.address]
+        argv += ["--metrics", f"127.0.0.1:{port}", "--syslog", "udp://127.0.0.1:9", *AS_ROOT]
+        proc = subprocess.run(
+            [sys.executable, "-m", "repeld", "-f", "--no-cache", *argv],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"repeld: --metrics: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )

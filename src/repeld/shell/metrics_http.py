@@ -90,9 +90,11 @@ def open_metrics_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
         sock.listen(MAX_SCRAPES * 4)
         sock.setblocking(False)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        # Start-up prints this one line: it says which of repeld's sockets.
+        where = host_port(host, port)
+        raise OSError(exc.errno, f"--metrics: cannot listen on {where}: {exc.strerror}") from None
     return sock
 
 
