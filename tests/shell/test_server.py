@@ -5,6 +5,7 @@ receiver.
 
 from __future__ import annotations
 
+import resource
 import socket
 import struct
 from pathlib import Path
@@ -601,3 +602,30 @@ async def test_a_stop_asked_before_the_server_serves_is_not_lost(
         nursery.cancel_scope.cancel()
     with pytest.raises(ConnectionRefusedError):  # and it listens no more
         socket.create_connection(address, timeout=5).close()
+
+
+async def test_max_held_taken_out_at_a_reload_is_the_default_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Set to 1, then taken out of the file: the limit stayed 1, unsaid.
+    import dataclasses
+
+    from repeld.core.policy import TrustedNetworks
+    from repeld.service.capacity import default_max_held
+
+    async with running(delay=DELAY, max_held=1) as h:
+        server = h.server
+        first = await connect(h.address(), source="127.0.0.10")
+        await trio.sleep(1)
+        second = await connect(h.address(), source="127.0.0.11")
+        assert (await read_until_closed(second))[0].startswith(b"421 4.3.2")
+        notes = server.apply(
+            dataclasses.replace(server.settings, max_held=None), TrustedNetworks(()), server.backend
+        )
+        assert notes == []
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert server.max_held == server.admission.max_held == default_max_held(nofile)
+        third = await connect(h.address(), source="127.0.0.12")
+        await trio.sleep(1)
+        for held in (first, third):  # both held, and greeted after the delay
+            assert await read_line(held) == GREETING

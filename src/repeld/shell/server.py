@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import resource
 import socket
 import sys
 from collections.abc import Iterable
@@ -379,8 +380,11 @@ class Server:
             if getattr(old, name) != getattr(settings, name)
         ]
         admission = self.admission
-        if settings.max_held != old.max_held and settings.max_held is not None:
-            self.max_held = admission.max_held = settings.max_held
+        if settings.max_held != old.max_held:
+            # Taken out of the file: the default again, as open_server makes it.
+            nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            held = settings.max_held or default_max_held(nofile)
+            self.max_held = admission.max_held = held
         self.settings = settings
         policy = settings.dns_policy()
         if admission.dns is not None:  # the lists and the resolver need a restart
