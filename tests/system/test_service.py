@@ -88,12 +88,16 @@ def test_binds_a_low_port_as_root_then_runs_as_the_service_user(
     assert not pidfile.exists() or pidfile.read_text() == ""
 
 
+@needs_root
 def test_the_workers_parent_keeps_its_pid_file_roots(
     syslog: SyslogUDP, backend: LineBackend, tmp_path: Path
 ) -> None:
     # The parent stays root and the workers drop to nobody: a pid file handed
     # to nobody would let a worker name any process for root's `kill`.
     pidfile = tmp_path / "repeld.pid"
+    pidfile.write_text("")  # left by a one-process run, the service user's
+    nobody = pwd.getpwnam("nobody")
+    os.chown(pidfile, nobody.pw_uid, nobody.pw_gid)
     argv = ["-l", f"127.0.0.1:{free_port()}", "-b", backend.address, "-w", "2"]
     argv += ["--user", "nobody", "--pidfile", str(pidfile), "--syslog", syslog.target]
     with daemon(*argv) as d:
@@ -115,7 +119,6 @@ def _port_free(port: int) -> bool:
     return True
 
 
-@needs_root
 def test_a_second_repeld_with_workers_does_not_join_the_port(
     syslog: SyslogUDP, backend: LineBackend
 ) -> None:
@@ -170,6 +173,7 @@ def test_a_worker_that_cannot_be_started_again_is_tried_again_later(
     assert "Traceback" not in d.stderr_text()
 
 
+@needs_root
 def test_workers_that_cannot_start_end_the_parent_with_status_1(
     syslog: SyslogUDP, backend: LineBackend
 ) -> None:
@@ -225,6 +229,7 @@ def test_files_are_made_with_the_callers_umask_or_a_stricter_one(
         proc.wait(30)
 
 
+@needs_root
 def test_refuses_to_run_on_as_root_without_a_user(backend: LineBackend) -> None:
     try:
         pwd.getpwnam("repeld")

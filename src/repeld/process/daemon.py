@@ -220,8 +220,9 @@ def _prepare(
         if pid is not None:
             # The service user's when this process becomes it; a --workers
             # parent stays root, and a file naming root's process that its
-            # unprivileged workers could rewrite would aim root's kill.
-            pid.create(owner=_owner(settings, plan) if drop else None)
+            # unprivileged workers could rewrite would aim root's kill: root's
+            # again, even if an older run left it the service user's.
+            pid.create(owner=_owner(settings, plan) if drop else _root_owner())
         if not drop:
             return
         if plan.action == "drop":
@@ -238,6 +239,11 @@ def _prepare(
                 ) from None
 
     return prepare
+
+
+def _root_owner() -> tuple[int, int] | None:
+    """(0, this group) when running as root, else None (the file stays as it is)."""
+    return (0, os.getegid()) if os.geteuid() == 0 else None
 
 
 def _owner(settings: Settings, plan: privileges.Plan) -> tuple[int, int] | None:
