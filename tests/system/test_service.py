@@ -360,16 +360,10 @@ def test_a_reload_that_cannot_find_the_default_file_keeps_the_old_config(
         assert reload.fields["restart_needed"] == ""
 
 
-def test_a_worker_ready_only_after_a_reload_is_told_of_it(
-    syslog: SyslogUDP, backend: LineBackend, tmp_path: Path
-) -> None:
-    # A worker reads the configuration well before it can take a SIGHUP (one
-    # then would kill it), so a reload meanwhile skipped it: it served the old
-    # file until it next died, while systemd heard "reloaded". Here each
-    # worker, its configuration read, waits 2 s before it says it is ready.
-    config = tmp_path / "repeld.toml"
-    port = free_port()
-    _config(config, backend, port, syslog)
+def _late_workers(tmp_path: Path, late: float = 2.0) -> tuple[Path, dict[str, str]]:
+    """An environment in which each worker, its configuration read and its
+    signals handled, waits `late` seconds before it says it is ready, having
+    left a file named by its pid in the directory returned."""
     marks = tmp_path / "marks"
     marks.mkdir()
     site = tmp_path / "site"
@@ -381,12 +375,49 @@ def test_a_worker_ready_only_after_a_reload_is_told_of_it(
         "    told = w.announce_ready\n"
         "    def late():\n"
         f"        open(os.path.join({str(marks)!r}, str(os.getpid())), 'w').close()\n"
-        "        time.sleep(2)\n"
+        f"        time.sleep({late})\n"
         "        return told()\n"
         "    w.announce_ready = late\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
-    with daemon("-c", str(config), "-w", "2", *AS_ROOT, env=env) as d:
+    return marks, {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
+
+
+def test_a_worker_killed_before_it_was_ready_is_replaced(
+    syslog: SyslogUDP, backend: LineBackend, tmp_path: Path
+) -> None:
+    # A worker that ends by a signal before it is ready, at the start, is
+    # someone else's doing (the OOM killer, a pkill): replaced, not taken for
+    # a start that cannot succeed, which ends repeld with status 1.
+    marks, env = _late_workers(tmp_path)
+    argv = ["-l", f"127.0.0.1:{free_port()}", "-b", backend.address, "-w", "2"]
+    with daemon(*argv, "--syslog", syslog.target, *AS_ROOT, env=env) as d:
+        deadline = time.monotonic() + 20
+        while not os.listdir(marks):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(int(os.listdir(marks)[0]), signal.SIGKILL)
+        (exit_,) = syslog.wait_for("worker-exit")
+        assert exit_.msg.endswith("; restarting")
+        syslog.wait_for("worker-start", 3)
+        syslog.wait_for("start", 3)  # the parent's, the other worker's, the new one's
+        assert d.proc.poll() is None
+
+
+def test_a_worker_ready_only_after_a_reload_is_told_of_it(
+    syslog: SyslogUDP, backend: LineBackend, tmp_path: Path
+) -> None:
+    # A worker reads the configuration well before it can take a SIGHUP (one
+    # then would kill it), so a reload meanwhile skipped it: it served the old
+    # file until it next died, while systemd heard "reloaded". Here each
+    # worker, its configuration read, waits 2 s before it says it is ready.
+    config = tmp_path / "repeld.toml"
+    port = free_port()
+    _config(config, backend, port, syslog)
+    marks, env = _late_workers(tmp_path)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # systemd's part
+    notify.bind(str(tmp_path / "notify.sock"))
+    env["NOTIFY_SOCKET"] = str(tmp_path / "notify.sock")
+    with notify, daemon("-c", str(config), "-w", "2", *AS_ROOT, env=env) as d:
         deadline = time.monotonic() + 20
         while len(os.listdir(marks)) < 2:  # both have read the file, not yet ready
             assert time.monotonic() < deadline
@@ -400,6 +431,14 @@ def test_a_worker_ready_only_after_a_reload_is_told_of_it(
             assert read_line(client) == b"220 backend.test ESMTP\r\n"
             assert time.monotonic() - t0 < 1.5
             client.close()
+        # systemd heard READY=1 once, when the workers were ready: not before
+        # them for a reload, which the start's READY=1 ends.
+        notify.setblocking(False)
+        heard = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                heard.append(notify.recv(4096).decode())
+        assert heard == ["READY=1\nSTATUS=2 workers"]
 
 
 @contextlib.contextmanager

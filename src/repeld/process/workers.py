@@ -403,11 +403,13 @@ class Supervisor:
             spawned = time.monotonic()
             try:
                 proc, read_fd = await self._spawn(index)
-            except OSError as exc:
+            except (OSError, RuntimeError) as exc:
                 # fork or a pipe refused (EAGAIN, ENOMEM, EMFILE), likely just
                 # when a worker died of the same want: tried again after the
                 # wait, as a dead worker is; the parent and the others go on.
-                why = exc.strerror or str(exc)
+                # (RuntimeError: trio runs Popen in a thread of its own, and
+                # "can't start new thread" is how a refused one says so.)
+                why = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
                 self.log.emit(
                     events.internal_error(
                         None, 0.0, f"cannot start worker {index}: {why}; again in {delay:g} s"
@@ -442,7 +444,9 @@ class Supervisor:
             self._late.discard(proc.pid)
             if self.stopping:
                 return
-            first = not was_ready and not self.started.is_set()
+            # (A signal is someone else's doing, a SIGTERM not the parent's
+            # or the OOM killer: replaced, as after the start.)
+            first = status > 0 and not was_ready and not self.started.is_set()
             then = "not starting" if first else "restarting"
             self.log.emit(events.worker(EventName.WORKER_EXIT, index, proc.pid, status, then))
             if first:
@@ -469,7 +473,7 @@ class Supervisor:
             await self._stopped.wait()
 
     def _reload_missed(self, pid: int) -> None:
-        if self._spawned.get(pid, math.inf) >= self._reload_sent:
+        if self.stopping or self._spawned.get(pid, math.inf) >= self._reload_sent:
             return
         for proc in self.procs.values():
             if proc.pid == pid:
@@ -598,7 +602,12 @@ async def _reload(
 ) -> None:
     # One SIGHUP, in a task of its own (process/reloads.py): waiting for the
     # workers' answers must not hold up a SIGTERM or a SIGUSR1 meanwhile.
-    sdnotify.reloading()
+    # Before every worker is ready systemd has not heard READY=1 yet: the
+    # start's READY=1 ends this reload too (the late workers are sent it on
+    # their ready), and a READY=1 of its own would come before them.
+    starting = not sup.started.is_set()
+    if not starting:
+        sdnotify.reloading()
     try:
         settings = reload_settings()
     except Exception as exc:  # whatever reading it raised: the old one stays
@@ -606,7 +615,8 @@ async def _reload(
         sup.log.emit(events.config_error(reason))
         if sup.log.stderr is None:  # to the journal too, as daemon._reload does
             print(f"repeld: {sdnotify.REFUSED}: {reason}", file=sys.stderr, flush=True)
-        sdnotify.reload_refused(reason)
+        if not starting:
+            sdnotify.reload_refused(reason)
         return
     reloaded, refused, silent = await sup.reload_workers()
     if sup.stopping:  # a SIGTERM came meanwhile: STOPPING=1 was the last word
@@ -614,7 +624,8 @@ async def _reload(
     if reloaded or not refused:  # unless every worker that answered refused
         sup.log.reconfigure(settings)
         watch.reconfigure(settings)  # the periodic backend check
-    sdnotify.ready(_reload_status(settings.workers, reloaded, refused, silent))
+    if not starting:
+        sdnotify.ready(_reload_status(settings.workers, reloaded, refused, silent))
 
 
 async def _handle_signals(
