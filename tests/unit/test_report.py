@@ -279,6 +279,11 @@ def test_merged_logs_of_two_hosts_keep_their_processes_apart() -> None:
     # syslog daemon's short name, to RFC 5424's full one): still one process.
     lines = [file_line("mx1", talk), rfc5424("MX1.example.org", passed)]
     assert tally_lines(lines, YEAR).folded == 1
+    # Hosts named by their addresses (a relay's HOSTNAME) are two hosts.
+    for one, other in (("192.0.2.7", "192.0.2.8"), ("2001:db8::7", "2001:db8::8")):
+        assert tally_lines([rfc5424(one, talk), rfc5424(other, passed)], YEAR).folded == 0
+        lines = [rfc5424(one, talk), rfc5424(other, stop), rfc5424(one, passed)]
+        assert tally_lines(lines, YEAR).folded == 1
 
 
 def test_the_talkers_forgotten_for_room_are_forgotten_by_their_process_too(

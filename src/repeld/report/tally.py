@@ -470,8 +470,11 @@ class Tally:
 def _process(host: str, procid: str) -> str:
     # The host by its first label, in lower case: one process's lines can name
     # it `mx1` (a syslog daemon's header, local JSON) and `mx1.example.org`
-    # (repeld's own RFC 5424) once a reload switches formats. A host name has
-    # no space in it (nor has a PID): the pair in one key.
+    # (repeld's own RFC 5424) once a reload switches formats. An address (a
+    # relay's HOSTNAME may be one) is whole. A host name has no space in it
+    # (nor has a PID): the pair in one key.
+    if ":" in host or host.replace(".", "").isdigit():
+        return f"{host.lower()} {procid}"
     return f"{host.split('.', 1)[0].lower()} {procid}"
 
 
