@@ -122,6 +122,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], dict[
     return values, actions
 
 
+#: Set by a repeld that started with the default configuration file: its
+#: workers read that file as if named with -c, so that one started after the
+#: file went away does not serve the defaults beside the others.
+CONFIG_SEEN_ENV = "REPELD_CONFIG_SEEN"
+
+
 def settings_from(
     flags: dict[str, Any], actions: dict[str, Any], *, file_seen: bool = False
 ) -> Settings:
@@ -191,8 +197,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         sys.stdout.write(kernel_report(flags.get("max-held"), flags.get("backlog")))
         return 0
+    # The default file, if there at the start, is the one every reload and
+    # every worker (even one started after the file went) must read.
+    seen = "config" not in actions and (
+        os.environ.get(CONFIG_SEEN_ENV) == "1" or os.path.exists(default_config_path())
+    )
     try:
-        settings = settings_from(flags, actions)
+        settings = settings_from(flags, actions, file_seen=seen)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"repeld: {problem}", file=sys.stderr)
@@ -214,6 +225,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_backend(settings)
     from repeld.process import daemon
 
-    # The file repeld started with is the one a reload must read.
-    seen = "config" not in actions and os.path.exists(default_config_path())
+    if seen:  # --workers: the workers are spawned with this environment
+        os.environ[CONFIG_SEEN_ENV] = "1"
     return daemon.start(settings, lambda: settings_from(flags, actions, file_seen=seen), argv)

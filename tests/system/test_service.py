@@ -360,6 +360,30 @@ def test_a_reload_that_cannot_find_the_default_file_keeps_the_old_config(
         assert reload.fields["restart_needed"] == ""
 
 
+def test_a_worker_started_after_the_default_file_went_does_not_serve_the_defaults(
+    syslog: SyslogUDP, backend: LineBackend, tmp_path: Path
+) -> None:
+    # Each worker reads the configuration itself: one started after the file
+    # the parent started with went away served the defaults (the file's delay
+    # and trusted networks gone) beside workers that kept them.
+    config = tmp_path / "repeld.toml"  # where /etc/repeld/repeld.toml would be
+    config.write_text(f'delay = 2\nsyslog = "{syslog.target}"\ntrusted = ["127.0.0.9/32"]\n')
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        f"import repeld.cli\nrepeld.cli.default_config_path = lambda: {str(config)!r}\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
+    argv = ["-l", f"127.0.0.1:{free_port()}", "-b", backend.address, "-w", "2", *AS_ROOT]
+    with daemon(*argv, env=env):
+        pids = [int(e.fields["pid"]) for e in syslog.wait_for("worker-start", 2)]
+        syslog.wait_for("start", 3)
+        config.rename(tmp_path / "moved.toml")
+        os.kill(pids[0], signal.SIGKILL)
+        exits = syslog.wait_for("worker-exit", 2)  # the killed one, then its replacement
+        assert exits[1].fields["status"] == "2"  # refused: the file is missing
+
+
 def _late_workers(tmp_path: Path, late: float = 2.0) -> tuple[Path, dict[str, str]]:
     """An environment in which each worker, its configuration read and its
     signals handled, waits `late` seconds before it says it is ready, having
