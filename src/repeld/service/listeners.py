@@ -77,23 +77,18 @@ def bind_listener(
     *,
     reuseport: bool = False,
     dual_stack: bool = False,
-    first: bool = False,
 ) -> socket.socket:
     """A bound, listening, non-blocking socket for `spec`.
 
     IPv6 sockets are v6-only, except a copy of a dual-stack socket that systemd
     passed (`dual_stack`): a v6-only socket joins a dual-stack one's port but
-    is given none of its clients, v4 or v6. `first` (with `reuseport`): the
-    first of the workers' copies, which must not join a port that another
-    program's sockets share already (`_check_free`).
+    is given none of its clients, v4 or v6.
     """
     sock = socket.socket(spec.family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         option = reuseport_option() if reuseport else None
         if option is not None:
-            if first and spec.port:
-                _check_free(spec, dual_stack)
             sock.setsockopt(socket.SOL_SOCKET, option, 1)
         if spec.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
@@ -124,6 +119,8 @@ def _check_free(spec: Listen, dual_stack: bool) -> None:
         if spec.family == socket.AF_INET6:
             probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
         probe.bind((spec.host, spec.port))
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {spec}: {exc.strerror}") from None
     finally:
         probe.close()
 
@@ -141,8 +138,10 @@ def open_listeners(
 
     Inherited sockets that no spec asks for are closed with a warning: the
     configuration is the one description of what repeld serves. The specs in
-    `dual_stack` are bound dual-stack (copies of systemd's dual-stack sockets);
-    `first`: the first of the workers' copies (`bind_listener`).
+    `dual_stack` are bound dual-stack (copies of systemd's dual-stack sockets).
+    `first` (with `reuseport`): the first of the workers' copies, whose ports
+    must not be in use already (`_check_free`): every one is looked at before
+    any is bound, so that the listeners may still overlap one another.
     """
     matched = match_listeners(inherited, settings.listen)
     socks = list(matched.listeners)
@@ -155,10 +154,13 @@ def open_listeners(
         )
         sock.close()
     try:
+        if first and reuseport and reuseport_option() is not None:
+            for spec in matched.unbound:
+                if spec.port:  # (0: any free port)
+                    _check_free(spec, spec in dual_stack)
         for spec in matched.unbound:
             dual = spec in dual_stack
-            sock = bind_listener(spec, backlog, reuseport=reuseport, dual_stack=dual, first=first)
-            socks.append((sock, spec))
+            socks.append((bind_listener(spec, backlog, reuseport=reuseport, dual_stack=dual), spec))
     except BaseException:
         for sock, _ in socks:
             sock.close()
