@@ -8,12 +8,12 @@ from __future__ import annotations
 import resource
 import socket
 import struct
-from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
+from repeld.cache.memory import MemoryCache
 from repeld.cache.spec import parse_cache_url
 from repeld.config.settings import Backend, Listen, Settings
 from repeld.config.values import SyslogTarget
@@ -573,32 +573,53 @@ async def test_a_talker_held_before_a_reload_to_log_is_written_as_what_it_got(
         client.close()
 
 
-@pytest.mark.parametrize("cache", ["memory", "sqlite"])
-async def test_a_stop_asked_before_the_server_serves_is_not_lost(
-    tmp_path: Path, cache: str
-) -> None:
+class _SlowToOpen(MemoryCache):
+    """A memory cache that opens when told (as SQLite's file, opened in a
+    thread, or a Redis server's first answer, take their time)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opening = trio.Event()
+        self.opened = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.opening.set()
+        await self.opened.wait()
+        await super().run(task_status=task_status)
+
+
+@pytest.mark.parametrize("when", ["before serve()", "while the cache opens"])
+async def test_a_stop_asked_before_the_server_serves_is_not_lost(when: str) -> None:
     # A SIGTERM during start-up (a backend name slow to resolve) is taken at
     # the first wait of serve(), the pass cache's opening, before the front
     # that shutdown() cancels began: it was lost, and the server served on
     # until a second SIGTERM (systemd: until TimeoutStopSec, then SIGKILL).
     receiver = Receiver()
     udp_port = await receiver.bind()
-    spec = "memory" if cache == "memory" else f"sqlite:{tmp_path / 'cache.sqlite'}"
     settings = Settings(
         backend=Backend("127.0.0.1", 9),
         listen=(Listen("127.0.0.1", 0),),
         syslog=SyslogTarget("udp", host="127.0.0.1", port=udp_port),
-        cache=parse_cache_url(spec),
+        cache=parse_cache_url("memory"),
     )
     log = EventLog.from_settings(settings)
     server = await open_server(settings, log)
+    cache = server.cache = _SlowToOpen()
     address = server.addresses[0]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(receiver.run)
         nursery.start_soon(log.run)
-        server.shutdown()
         with trio.fail_after(10):
-            await server.serve()
+            if when == "before serve()":
+                server.shutdown()
+                await server.serve()
+                assert not cache.opening.is_set()  # nothing opened for nothing
+            else:
+                async with trio.open_nursery() as serving:
+                    serving.start_soon(server.serve)
+                    await cache.opening.wait()
+                    server.shutdown()  # the SIGTERM, taken now
+                    cache.opened.set()
         nursery.cancel_scope.cancel()
     with pytest.raises(ConnectionRefusedError):  # and it listens no more
         socket.create_connection(address, timeout=5).close()
