@@ -36,8 +36,9 @@ ALLOWED: dict[str, set[str]] = {
     "service": {"core", "config"},
     # The process top: start-up, signals, the --workers parent; it assembles the rest.
     "process": {"core", "config", "cache", "metrics", "shell", "service"},
-    # The report reads events back by the vocabulary events.py writes them with.
-    "report": {"core.names"},
+    # The report reads events back by the vocabulary events.py writes them with,
+    # and groups clients as repeld's rules see their addresses.
+    "report": {"core.names", "core.addresses"},
     "cli": {"core", "config", "cache", "shell", "service", "process", "report"},
     "__main__": {"cli"},
 }
