@@ -154,6 +154,9 @@ class RedisCache(QueuedVerdicts):
             username=username,
             password=password,
             ssl=tls,
+            # redis-py checks the certificate's host name by default only from
+            # 6.0 on, and pyproject allows 5.x: said, not assumed.
+            ssl_check_hostname=tls,
             socket_timeout=io_timeout,
             socket_connect_timeout=io_timeout,
             retry=Retry(NoBackoff(), 0),
