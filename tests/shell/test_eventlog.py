@@ -684,17 +684,21 @@ async def test_a_deferred_batch_that_meets_a_refusal_keeps_the_refused_one(
 async def test_a_deferred_batch_drops_only_the_datagram_too_big_to_send(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    # A send error that is the message's own (EMSGSIZE: past UDP's 64 KiB)
-    # drops that one, counted, and the rest of the batch waits for the writer,
-    # which sends it, in order, on a new socket after RETRY_AFTER.
+    # A send error that is the message's own (EMSGSIZE: past UDP's 64 KiB,
+    # FreeBSD's /var/run/log's 2 KiB) drops that one, counted, and the rest of
+    # the batch goes out at once, in order, on the same socket: closed, a unix
+    # socket inside --chroot could not be opened again, and every event after
+    # it was held for RETRY_AFTER.
     receiver, port = roomy_udp_receiver()
     log = EventLog(SyslogTarget("udp", host="127.0.0.1", port=port), hostname="testhost")
     huge = events.internal_error(None, 0.0, "x" * 70_000)
     try:
         async with idle_writer(log):
+            sock = log._sock
             emit_batch(log, passed(0), huge, passed(2))
             assert (log.written, log.dropped, log.statistics()["queued"]) == (1, 1, 1)
-            await written(log, 2, RETRY_AFTER * 3)
+            await written(log, 2, RETRY_AFTER / 2)
+            assert log._sock is sock
             got = [parse(d) for d in drain_now(receiver)]
     finally:
         receiver.close()
@@ -1041,3 +1045,70 @@ async def test_a_burst_of_backend_errors_past_the_bound_goes_out_as_a_summary() 
     got_passes = sum(1 for g in got if g.event == "pass")
     assert log.dropped == passes - got_passes > 0
     assert log.written == errors + got_passes
+
+
+async def test_a_reload_while_the_writer_connects_to_the_old_target_stands() -> None:
+    # A TCP target whose accept queue is full: the writer's connect waits for
+    # a SYN retransmit (a second). A reload to a UDP target meanwhile was
+    # undone when that connect succeeded: the events went to the old target,
+    # unframed in its stream, and the new one heard nothing.
+    old = socket.socket()
+    old.bind(("127.0.0.1", 0))
+    old.listen(0)
+    queued = socket.create_connection(old.getsockname())  # the accept queue is full
+    receiver, port = roomy_udp_receiver()
+    log = EventLog(SyslogTarget("tcp", host="127.0.0.1", port=old.getsockname()[1]))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(log.run)
+            log.emit(marker())
+            await trio.sleep(0.2)  # connecting to the old target
+            new = SyslogTarget("udp", host="127.0.0.1", port=port)
+            log.reconfigure(Settings(backend=Backend("127.0.0.1", 25), syslog=new))
+            accepted = old.accept()[0]  # room: the retransmitted SYN gets through
+            await trio.sleep(1.5)
+            log.emit(passed(1))
+            await written(log, 1, 5)
+            assert log._sock is not None and log._sock.type == socket.SOCK_DGRAM
+            got = [parse(d) for d in drain_now(receiver)]
+            nursery.cancel_scope.cancel()
+        accepted.close()
+    finally:
+        receiver.close()
+        queued.close()
+        old.close()
+    assert [g.fields["client_port"] for g in got] == ["1"]
+
+
+async def test_a_reload_wakes_a_send_waiting_on_the_old_socket(tmp_path: Path) -> None:
+    # The writer waits for a receiver that does not read when a reload closes
+    # its socket: trio was not told, kept the waiter, and the next socket given
+    # the same number could not be waited on (BusyResourceError).
+    tmp = tmp_path
+    stuck = unix_receiver(tmp / "stuck.sock")
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+    receiver, port = roomy_udp_receiver()
+    log = EventLog(SyslogTarget("unix", path=str(tmp / "stuck.sock")), queue_bytes=1 << 20)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(log.run)
+            for i in range(2000):  # the stuck receiver's queue fills: the writer waits
+                log.emit(passed(i))
+            await trio.sleep(0.2)
+            new = SyslogTarget("udp", host="127.0.0.1", port=port)
+            log.reconfigure(Settings(backend=Backend("127.0.0.1", 25), syslog=new))
+            a, b = socket.socketpair()  # likely the old socket's number
+            with a, b:
+                a.setblocking(False)
+                with trio.fail_after(2):
+                    await trio.lowlevel.wait_writable(a)  # BusyResourceError before
+            log.emit(passed(5000))
+            with trio.fail_after(5):
+                while not any(
+                    parse(d).fields.get("client_port") == "5000" for d in drain_now(receiver)
+                ):
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        receiver.close()
+        stuck.close()

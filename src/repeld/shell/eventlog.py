@@ -41,6 +41,7 @@ syslog was given.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import functools
 import math
@@ -105,6 +106,15 @@ _TARGET_GONE = frozenset(
         errno.ECONNABORTED,
     }
 )
+#: A datagram the target's socket will never take (FreeBSD's /var/run/log takes
+#: 2 KiB, and an enforced talker's event can be twice that): it alone is
+#: dropped, the socket is kept (inside --chroot it could not be opened again).
+_TOO_LONG = errno.EMSGSIZE
+#: The kernel's buffers are full for a moment (FreeBSD's full /var/run/log):
+#: a datagram socket is waited for, as when it would block.
+_NO_BUFFERS = errno.ENOBUFS
+#: How long a datagram socket out of buffers is left alone before the next try.
+NO_BUFFERS_PAUSE = 0.01
 #: The most often a failing target is reported on stderr.
 COMPLAIN_INTERVAL = 60.0
 
@@ -535,6 +545,8 @@ class EventLog:
             except BlockingIOError:
                 return False
             except OSError as exc:
+                if exc.errno == _NO_BUFFERS and sock.type == socket.SOCK_DGRAM:
+                    return False  # the waiting send waits for room
                 if not self._failed(exc, weight):
                     queue.popleft()
                     self._queued_bytes -= len(message) + MESSAGE_OVERHEAD
@@ -621,6 +633,11 @@ class EventLog:
 
     def _close(self) -> None:
         if self._sock is not None:
+            # A send waiting on it (a reload's close) wakes with
+            # ClosedResourceError, and trio forgets the fd before another
+            # socket takes its number.
+            with contextlib.suppress(RuntimeError):  # (outside trio: no waiter)
+                trio.lowlevel.notify_closing(self._sock)
             self._sock.close()
             self._sock = None
 
@@ -649,8 +666,15 @@ class EventLog:
                     sock.setblocking(False)
                     sock.connect(addr)
         except (OSError, TimeoutError) as exc:
+            if self.target != target:  # a reload meanwhile: try the new one
+                return None
             self._retry_at = trio.current_time() + RETRY_AFTER
             self._complain("cannot connect", exc)
+            return None
+        if self.target != target:
+            # A reload while this connected (a resolver's or a TCP connect's
+            # wait) chose another target: this socket is not its.
+            sock.close()
             return None
         self._sock = sock
         self._fresh = True
@@ -664,7 +688,7 @@ class EventLog:
         """
         try:
             with trio.move_on_after(SEND_WAIT) as scope:
-                await send_all(sock, message)
+                await _send_whole(sock, message)
             if scope.cancelled_caught:
                 # The receiver is not reading: drop this one, keep the socket
                 # (a stream socket's framing may be broken: reconnect).
@@ -672,6 +696,13 @@ class EventLog:
                 if self._octet_counting:
                     self._close()
                 return False
+        except trio.ClosedResourceError:
+            # A reload closed the socket while this waited on it (`_close`):
+            # the message goes to the new target.
+            if self._partial:
+                self._dropped += weight
+                return False
+            return None
         except OSError as exc:
             if not self._failed(exc, weight):
                 return False
@@ -686,8 +717,14 @@ class EventLog:
         """A send failed: close, reconnect for the next try. Whether to send it again.
 
         A closed or refused socket (a syslog daemon restarting) is no fault of
-        the message: it is kept. Any other error drops it (counted).
+        the message: it is kept. Any other error drops it (counted). A message
+        too long for the target is dropped alone: the socket is kept, and the
+        messages after it are not held up.
         """
+        if exc.errno == _TOO_LONG:
+            self._dropped += weight
+            self._complain("send failed", exc)
+            return False
         self._close()
         keep = exc.errno in _TARGET_GONE
         if not keep:
@@ -727,6 +764,18 @@ class EventLog:
             self._complained = False
             if self.target is not None and self.target.kind != "udp":  # UDP cannot tell
                 _say(f"repeld: syslog {self.target}: writing again")
+
+
+async def _send_whole(sock: socket.socket, message: bytes) -> None:
+    """`send_all`, and for a datagram socket out of buffers, a pause and again."""
+    while True:
+        try:
+            await send_all(sock, message)
+            return
+        except OSError as exc:
+            if exc.errno != _NO_BUFFERS or sock.type != socket.SOCK_DGRAM:
+                raise
+        await trio.sleep(NO_BUFFERS_PAUSE)
 
 
 def _say(line: str) -> None:
