@@ -495,6 +495,28 @@ async def test_tcp_receiver_restart_keeps_framing(autojump_clock: trio.testing.M
         nursery.cancel_scope.cancel()
 
 
+async def test_an_event_after_the_tcp_receiver_closed_is_not_lost() -> None:
+    # The receiver closes the connection (a syslog daemon restarting): the
+    # next send still went into the kernel, counted written, and was lost to
+    # the reset that followed. The writer now asks the socket first.
+    receiver = OctetCountingReceiver()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(receiver.serve)
+        log = EventLog(SyslogTarget("tcp", host="127.0.0.1", port=port), hostname="testhost")
+        nursery.start_soon(log.run)
+        for i in range(3):
+            log.emit(passed(i))
+            with trio.fail_after(5):
+                while len(receiver.frames) < i + 1:
+                    await receiver.arrived.wait()
+            receiver.kick()  # closed: its FIN reaches the writer's socket
+            await trio.sleep(0.1)
+        assert [int(parse(f).fields["client_port"]) for f in receiver.frames] == [0, 1, 2]
+        assert (log.written, log.dropped) == (3, 0)
+        assert receiver.connections == 3
+        nursery.cancel_scope.cancel()
+
+
 async def test_foreground_lines_and_syslog_stay_in_order_across_batches() -> None:
     # -f: the writer task writes both the stderr line and the datagram of every
     # event, many events per wake-up, and neither stream reorders or loses one.

@@ -534,6 +534,12 @@ class EventLog:
         the socket did not take the first message whole, or it failed.
         """
         queue = self._queue
+        if queue and not self._partial and self._octet_counting and _peer_closed(sock):
+            # A TCP receiver that closed (a syslog daemon restarting) still
+            # takes the next sends into the kernel, and loses them: ask first
+            # (as rsyslog's omfwd does), one call a batch, and reconnect.
+            self._close()
+            return False
         for _ in range(_WRITE_BATCH):
             if not queue:
                 return False
@@ -764,6 +770,16 @@ class EventLog:
             self._complained = False
             if self.target is not None and self.target.kind != "udp":  # UDP cannot tell
                 _say(f"repeld: syslog {self.target}: writing again")
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """Whether the other end of a stream socket has closed it (or reset it)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 async def _send_whole(sock: socket.socket, message: bytes) -> None:
