@@ -704,11 +704,10 @@ class EventLog:
                 return False
         except trio.ClosedResourceError:
             # A reload closed the socket while this waited on it (`_close`):
-            # the message goes to the new target.
-            if self._partial:
-                self._dropped += weight
-                return False
-            return None
+            # framed for the old target, it goes as the rest of the queue
+            # did (`_discard`): dropped, counted.
+            self._dropped += weight
+            return False
         except OSError as exc:
             if not self._failed(exc, weight):
                 return False
