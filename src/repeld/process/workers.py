@@ -373,12 +373,7 @@ class Supervisor:
                         pid = int(data.pop("pid"))
                         if data.get("ready"):
                             self.ready.add(pid)
-                            self._reload_missed(pid)
-                            self._ready_once.update(
-                                i for i, proc in self.procs.items() if proc.pid == pid
-                            )
-                            if len(self._ready_once) >= self.settings.workers:
-                                self.started.set()
+                            self._ready(pid)
                             continue
                         if "reload" in data:
                             began = float(data.get("began", 0.0))
@@ -472,13 +467,18 @@ class Supervisor:
         with trio.move_on_after(delay):
             await self._stopped.wait()
 
-    def _reload_missed(self, pid: int) -> None:
-        if self.stopping or self._spawned.get(pid, math.inf) >= self._reload_sent:
+    def _ready(self, pid: int) -> None:
+        # A worker said it handles signals: the start is over once every one
+        # has, and one spawned before the last reload is sent it now.
+        index = next((i for i, proc in self.procs.items() if proc.pid == pid), None)
+        if index is None:
             return
-        for proc in self.procs.values():
-            if proc.pid == pid:
-                with contextlib.suppress(OSError):
-                    proc.send_signal(signal.SIGHUP)
+        self._ready_once.add(index)
+        if len(self._ready_once) >= self.settings.workers:
+            self.started.set()
+        if not self.stopping and self._spawned[pid] < self._reload_sent:
+            with contextlib.suppress(OSError):
+                self.procs[index].send_signal(signal.SIGHUP)
 
     def signal_workers(self, signum: int) -> None:
         """Pass a signal on to every worker that handles signals already.
