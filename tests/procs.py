@@ -240,6 +240,19 @@ class Daemon:
         return int(self.proc.returncode)
 
 
+def run_repeld(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """`python -m repeld ARGS` run to its end: its status, stdout and stderr
+    (`timeout` bounds one that should exit at once: a hung one is killed)."""
+    return subprocess.run(
+        [sys.executable, "-m", "repeld", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
 @contextlib.contextmanager
 def daemon(
     *args: str, env: dict[str, str] | None = None, inherit: Sequence[int] = ()

@@ -22,8 +22,8 @@ from repeld import __version__
 from repeld.cli import main
 from repeld.config.settings import OPTIONS
 
-#: Bound for a subprocess that should exit at once (a hung one is killed).
-RUN_TIMEOUT = 60.0
+from ..procs import run_repeld
+
 #: For runs that get as far as starting: drop root, and no pass cache under /var.
 USER_ARGS = ["--no-cache", *(["--user", "nobody"] if os.geteuid() == 0 else [])]
 
@@ -62,17 +62,6 @@ def one_line(err: str) -> str:
     assert lines[0].startswith("repeld: "), lines[0]
     assert "Traceback" not in err
     return lines[0]
-
-
-def run_repeld(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "repeld", *args],
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
 
 
 # -- the baseline the table varies ---------------------------------------------------

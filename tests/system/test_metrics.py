@@ -18,7 +18,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -27,7 +26,16 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..procs import LineBackend, SyslogUDP, connect, daemon, free_port, read_line, wait_for
+from ..procs import (
+    LineBackend,
+    SyslogUDP,
+    connect,
+    daemon,
+    free_port,
+    read_line,
+    run_repeld,
+    wait_for,
+)
 
 DELAY = 1.0
 AS_ROOT = ["--user", "root"] if os.geteuid() == 0 else []
@@ -426,12 +434,7 @@ def test_a_metrics_port_in_use_is_one_line_naming_it(backend: LineBackend) -> No
         port = taken.getsockname()[1]
         argv = ["-l", f"127.0.0.1:{free_port()}", "-b", backend.address]
         argv += ["--metrics", f"127.0.0.1:{port}", "--syslog", "udp://127.0.0.1:9", *AS_ROOT]
-        proc = subprocess.run(
-            [sys.executable, "-m", "repeld", "-f", "--no-cache", *argv],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        proc = run_repeld("-f", "--no-cache", *argv, timeout=30)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
         f"repeld: --metrics: cannot listen on 127.0.0.1:{port}: Address already in use"

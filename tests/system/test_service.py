@@ -40,6 +40,7 @@ from ..procs import (
     free_port,
     proc_state,
     read_line,
+    run_repeld,
     wait_for,
 )
 
@@ -127,12 +128,7 @@ def test_a_second_repeld_with_workers_does_not_join_the_port(
     port = free_port()
     argv = ["-l", f"127.0.0.1:{port}", "-b", backend.address, "-w", "2", *AS_ROOT]
     with daemon(*argv, "--syslog", syslog.target) as first:
-        second = subprocess.run(
-            [sys.executable, "-m", "repeld", "-f", "--no-cache", *argv],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        second = run_repeld("-f", "--no-cache", *argv, timeout=30)
         assert second.returncode == 1
         assert second.stderr.strip() == (
             f"repeld: cannot listen on 127.0.0.1:{port}: Address already in use"
@@ -182,12 +178,7 @@ def test_workers_that_cannot_start_end_the_parent_with_status_1(
     # the parent told systemd it was ready. One process exits 1 for it.
     argv = ["-l", f"127.0.0.1:{free_port()}", "-b", backend.address, "-w", "2"]
     argv += ["--user", "nosuchuser", "--syslog", syslog.target]
-    proc = subprocess.run(
-        [sys.executable, "-m", "repeld", "-f", "--no-cache", *argv],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    proc = run_repeld("-f", "--no-cache", *argv, timeout=30)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert "repeld: --user: no such user 'nosuchuser'" in lines  # the worker's own
@@ -327,21 +318,32 @@ def test_sighup_with_a_broken_file_keeps_the_old_config(
         assert not syslog.named("reload")
 
 
+def _with_site(tmp_path: Path, code: str) -> dict[str, str]:
+    """An environment whose Python runs `code` at start-up (a sitecustomize
+    module), in repeld and in each of its workers."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(code)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
+
+
+def _default_config(tmp_path: Path, syslog: SyslogUDP) -> tuple[Path, dict[str, str]]:
+    """A configuration file standing for /etc/repeld/repeld.toml (a 2 s delay,
+    127.0.0.9 trusted), and an environment in which it is repeld's default."""
+    config = tmp_path / "repeld.toml"
+    config.write_text(f'delay = 2\nsyslog = "{syslog.target}"\ntrusted = ["127.0.0.9/32"]\n')
+    code = f"import repeld.cli\nrepeld.cli.default_config_path = lambda: {str(config)!r}\n"
+    return config, _with_site(tmp_path, code)
+
+
 def test_a_reload_that_cannot_find_the_default_file_keeps_the_old_config(
     syslog: SyslogUDP, backend: LineBackend, tmp_path: Path
 ) -> None:
     # Started with the default file (no -c), then a reload that cannot see it
     # (inside --chroot, or the file moved away): it was read as "no file", and
     # the defaults came in force, the file's delay and trusted networks gone.
-    config = tmp_path / "repeld.toml"  # where /etc/repeld/repeld.toml would be
+    config, env = _default_config(tmp_path, syslog)
     port = free_port()
-    config.write_text(f'delay = 2\nsyslog = "{syslog.target}"\ntrusted = ["127.0.0.9/32"]\n')
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        f"import repeld.cli\nrepeld.cli.default_config_path = lambda: {str(config)!r}\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
     argv = ["-l", f"127.0.0.1:{port}", "-b", backend.address, *AS_ROOT]
     with daemon(*argv, env=env) as d:
         config.rename(tmp_path / "moved.toml")
@@ -366,14 +368,7 @@ def test_a_worker_started_after_the_default_file_went_does_not_serve_the_default
     # Each worker reads the configuration itself: one started after the file
     # the parent started with went away served the defaults (the file's delay
     # and trusted networks gone) beside workers that kept them.
-    config = tmp_path / "repeld.toml"  # where /etc/repeld/repeld.toml would be
-    config.write_text(f'delay = 2\nsyslog = "{syslog.target}"\ntrusted = ["127.0.0.9/32"]\n')
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        f"import repeld.cli\nrepeld.cli.default_config_path = lambda: {str(config)!r}\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
+    config, env = _default_config(tmp_path, syslog)
     argv = ["-l", f"127.0.0.1:{free_port()}", "-b", backend.address, "-w", "2", *AS_ROOT]
     with daemon(*argv, env=env):
         pids = [int(e.fields["pid"]) for e in syslog.wait_for("worker-start", 2)]
@@ -390,9 +385,8 @@ def _late_workers(tmp_path: Path, late: float = 2.0) -> tuple[Path, dict[str, st
     left a file named by its pid in the directory returned."""
     marks = tmp_path / "marks"
     marks.mkdir()
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
+    env = _with_site(
+        tmp_path,
         "import os, time\n"
         "if os.environ.get('REPELD_WORKER') is not None:\n"
         "    import repeld.process.workers as w\n"
@@ -401,9 +395,9 @@ def _late_workers(tmp_path: Path, late: float = 2.0) -> tuple[Path, dict[str, st
         f"        open(os.path.join({str(marks)!r}, str(os.getpid())), 'w').close()\n"
         f"        time.sleep({late})\n"
         "        return told()\n"
-        "    w.announce_ready = late\n"
+        "    w.announce_ready = late\n",
     )
-    return marks, {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
+    return marks, env
 
 
 def test_a_worker_killed_before_it_was_ready_is_replaced(
