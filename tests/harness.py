@@ -19,7 +19,7 @@ from repeld.config.settings import Backend, Listen, Settings
 from repeld.config.values import SyslogTarget
 from repeld.core.proxyproto import V2_SIGNATURE
 from repeld.shell.eventlog import EventLog
-from repeld.shell.server import Server, run_server
+from repeld.shell.server import Server, open_server, run_server
 
 from .syslog_receiver import Received, parse
 
@@ -166,6 +166,21 @@ class Harness:
 
     def address(self, index: int = 0) -> tuple[str, int]:
         return self.server.addresses[index]
+
+
+async def opened(receiver: Receiver, **overrides: Any) -> tuple[Server, EventLog]:
+    """repeld bound on a free loopback port, not serving yet, its events to
+    `receiver` (bound first), its backend the discard port: the server and
+    its event log (whose writer the test runs)."""
+    udp_port = await receiver.bind()
+    settings = Settings(
+        backend=Backend("127.0.0.1", 9),
+        listen=(Listen("127.0.0.1", 0),),
+        syslog=SyslogTarget("udp", host="127.0.0.1", port=udp_port),
+        **overrides,
+    )
+    log = EventLog.from_settings(settings)
+    return await open_server(settings, log), log
 
 
 @asynccontextmanager

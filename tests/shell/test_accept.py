@@ -15,7 +15,7 @@ import select
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 import trio
@@ -46,7 +46,7 @@ from repeld.shell.eventlog import EventLog
 from repeld.shell.poller import waiting_bytes
 from repeld.shell.server import open_server
 
-from ..harness import Receiver
+from ..harness import Receiver, opened
 
 
 def _flatten(exc: BaseException) -> list[BaseException]:
@@ -77,15 +77,7 @@ async def test_a_broken_listener_ends_the_server_with_an_error_event(
     errno_name: str,
 ) -> None:
     receiver = Receiver()
-    udp_port = await receiver.bind()
-    settings = Settings(
-        backend=Backend("127.0.0.1", 9),
-        listen=(Listen("127.0.0.1", 0),),
-        syslog=SyslogTarget("udp", host="127.0.0.1", port=udp_port),
-        no_cache=True,
-    )
-    log = EventLog.from_settings(settings)
-    server = await open_server(settings, log)
+    server, log = await opened(receiver, no_cache=True)
     lsock = server.listeners[0].sock
     caught: BaseException | None = None
     async with trio.open_nursery() as outer:
@@ -229,6 +221,32 @@ class _Arrivals:
             while len(self.taken) < len(self.clients):
                 await trio.sleep(0.0001)
         return start
+
+    async def sessions(
+        self,
+        sockets: Sequence[socket.socket],
+        until: float,
+        connected: list[float] | None = None,
+        each_turn: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Two connections at a time, each opened when one before is taken, as a
+        relay flushing its queue opens them, to `sockets` in turn, until `until`
+        (trio's clock); those done with are closed (few fds open at once).
+        `connected` gets when each was opened; `each_turn` runs after each
+        turn-around."""
+        done = 0
+        while trio.current_time() < until:
+            for i in range(done, len(self.taken)):
+                self.taken[i][1].close()
+                self.clients[i].close()
+            done = len(self.taken)
+            while len(self.clients) - len(self.taken) < 2:
+                if connected is not None:
+                    connected.append(trio.current_time())
+                lsock = sockets[len(self.clients) % len(sockets)]
+                self.clients.append(socket.create_connection(lsock.getsockname()))
+            await trio.sleep(0.0015)  # a session's turn-around
+            each_turn()
 
     async def trickle(self, lsock: socket.socket) -> float:
         """Two at once (gathering begins), then one a window (so each window grows
@@ -396,16 +414,7 @@ async def test_clients_that_wait_for_the_windows_are_soon_taken_at_once(
             a.serve(nursery, lsock)
             await trio.sleep(1)
             start = trio.current_time()
-            done = 0
-            while trio.current_time() < start + 1.2:
-                for i in range(done, len(a.taken)):  # done with: few fds open at once
-                    a.taken[i][1].close()
-                    a.clients[i].close()
-                done = len(a.taken)
-                while len(a.clients) - len(a.taken) < 2:
-                    connected.append(trio.current_time())
-                    a.clients.append(socket.create_connection(lsock.getsockname()))
-                await trio.sleep(0.0015)  # a session's turn-around
+            await a.sessions((lsock,), start + 1.2, connected)
             nursery.cancel_scope.cancel()
         waits = [
             (at - start, taken - at) for at, (taken, _) in zip(connected, a.taken, strict=False)
@@ -431,21 +440,15 @@ async def test_the_lead_that_finds_clients_waiting_keeps_the_lead_and_takes_all_
             # two at once: it gathers, and takes the lead
             own, theirs, start = await a.take_the_lead(nursery, token, give_back)
             connected += [start, start]
-            held = []
-            done = 0
+            held: list[tuple[float, bool]] = []
             # The probe begins on a tick of the host's clock (core/gathering.py),
             # so it can end as late as about 1.25 s in: 1.5 s are in the lean.
-            while trio.current_time() < start + 1.5:
-                for i in range(done, len(a.taken)):  # done with: few fds open at once
-                    a.taken[i][1].close()
-                    a.clients[i].close()
-                done = len(a.taken)
-                while len(a.clients) - len(a.taken) < 2:
-                    connected.append(trio.current_time())
-                    lsock = (own, theirs)[len(a.clients) % 2]
-                    a.clients.append(socket.create_connection(lsock.getsockname()))
-                await trio.sleep(0.0015)  # a session's turn-around
-                held.append((trio.current_time() - start, waiting_bytes(token) == 0))
+            await a.sessions(
+                (own, theirs),
+                start + 1.5,
+                connected,
+                lambda: held.append((trio.current_time() - start, waiting_bytes(token) == 0)),
+            )
             waits = [
                 (at - start, taken - at) for at, (taken, _) in zip(connected, a.taken, strict=False)
             ]
@@ -478,16 +481,7 @@ async def test_the_lead_in_a_lean_lets_the_lead_go_when_it_relays_or_runs_out_of
             own, theirs, start = await a.take_the_lead(
                 nursery, token, give_back, lambda: roomy[0], lambda: relaying[0]
             )
-            done = 0
-            while trio.current_time() < start + 1.5:  # the lean test's clients, into the lean
-                for i in range(done, len(a.taken)):
-                    a.taken[i][1].close()
-                    a.clients[i].close()
-                done = len(a.taken)
-                while len(a.clients) - len(a.taken) < 2:
-                    lsock = (own, theirs)[len(a.clients) % 2]
-                    a.clients.append(socket.create_connection(lsock.getsockname()))
-                await trio.sleep(0.0015)
+            await a.sessions((own, theirs), start + 1.5)  # the lean test's, into the lean
             with trio.fail_after(1):
                 while len(a.taken) < len(a.clients):
                     await trio.sleep(0.0005)

@@ -15,16 +15,14 @@ import trio.testing
 
 from repeld.cache.memory import MemoryCache
 from repeld.cache.spec import parse_cache_url
-from repeld.config.settings import Backend, Listen, Settings
-from repeld.config.values import SyslogTarget
-from repeld.shell.eventlog import EventLog
-from repeld.shell.server import open_server
+from repeld.config.settings import Backend, Listen
 
 from ..harness import (
     GREETING,
     Receiver,
     TrioBackend,
     connect,
+    opened,
     read_line,
     read_until_closed,
     running,
@@ -595,15 +593,7 @@ async def test_a_stop_asked_before_the_server_serves_is_not_lost(when: str) -> N
     # that shutdown() cancels began: it was lost, and the server served on
     # until a second SIGTERM (systemd: until TimeoutStopSec, then SIGKILL).
     receiver = Receiver()
-    udp_port = await receiver.bind()
-    settings = Settings(
-        backend=Backend("127.0.0.1", 9),
-        listen=(Listen("127.0.0.1", 0),),
-        syslog=SyslogTarget("udp", host="127.0.0.1", port=udp_port),
-        cache=parse_cache_url("memory"),
-    )
-    log = EventLog.from_settings(settings)
-    server = await open_server(settings, log)
+    server, log = await opened(receiver, cache=parse_cache_url("memory"))
     cache = server.cache = _SlowToOpen()
     address = server.addresses[0]
     async with trio.open_nursery() as nursery:
