@@ -735,7 +735,7 @@ class EventLog:
         if not keep:
             self._dropped += weight
         refused_again = self._refused_again(exc)
-        if exc.errno != errno.ENOBUFS and (
+        if exc.errno != _NO_BUFFERS and (
             self._fresh or exc.errno not in _TARGET_GONE or refused_again
         ):
             # A socket that never delivered failed, or a UDP target refused twice:
