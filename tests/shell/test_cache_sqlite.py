@@ -639,6 +639,41 @@ def fill(directory: Path) -> Path:
     return filler
 
 
+async def test_a_talker_loses_its_stored_pass_though_the_queue_filled_with_passes(
+    tmp_path: Path,
+) -> None:
+    # A long outage (here a full disk) fills the write queue with passes; the
+    # early talk of a client with a stored pass must still take that pass away.
+    errors: list[str] = []
+    recoveries: list[str] = []
+    with small_filesystem(tmp_path / "small", "256k") as small:
+        db = small / "cache.sqlite"
+        cache = SqliteCache(
+            str(db),
+            flush_interval=0.05,
+            max_pending=100,
+            on_error=errors.append,
+            on_recover=recoveries.append,
+        )
+        async with running_caches(cache):
+            cache.remember_good("192.0.2.1")
+            await cache.flush()
+            filler = fill(small)
+            for i in range(2000):
+                cache.remember_good(f"10.0.{i // 256}.{i % 256}")
+            await wait_for(lambda: len(errors) == 1)
+            cache.remember_bad("192.0.2.1")  # penalties off: forget its pass
+            assert await cache.lookup("192.0.2.1") is UNKNOWN
+            filler.unlink()
+            await wait_for(lambda: len(recoveries) == 1)
+            assert "192.0.2.1" not in rows(db)
+            assert await cache.lookup("192.0.2.1") is UNKNOWN
+            stats = cache.statistics()
+            assert (
+                stats["dropped"] == 2000 + 1 - 100
+            )  # the passes beyond room, and one for the forget
+
+
 async def test_a_full_disk_is_one_cache_error_and_space_back_is_cache_recover(
     tmp_path: Path,
 ) -> None:

@@ -250,10 +250,10 @@ def test_an_outage_ends_when_every_kind_that_failed_has_worked_since() -> None:
 
 async def test_pending_writes_coalesce_and_requeue() -> None:
     pending = PendingWrites(limit=2, batch_size=10)
-    assert pending.put("a", GOOD, 100.0)
-    assert pending.put("a", BAD, 100.0)  # same key: replaces, no room used
-    assert pending.put("b", GOOD, 100.0)
-    assert not pending.put("c", GOOD, 100.0)  # full
+    assert pending.put("a", GOOD, 100.0) is None
+    assert pending.put("a", BAD, 100.0) is None  # same key: replaces, no room used
+    assert pending.put("b", GOOD, 100.0) is None
+    assert pending.put("c", GOOD, 100.0) == "c"  # full: the new pass is lost
     assert pending.get("a", 50.0) is BAD
     assert pending.get("a", 100.0) is UNKNOWN  # expired while queued
     assert pending.get("z", 50.0) is None  # ask the backend
@@ -266,6 +266,40 @@ async def test_pending_writes_coalesce_and_requeue() -> None:
     pending.take()
     pending.done()
     assert len(pending) == 0
+
+
+def test_a_full_queue_loses_passes_never_a_penalty_while_a_pass_waits() -> None:
+    pending = PendingWrites(limit=3, batch_size=10)
+    for key in "abc":
+        assert pending.put(key, GOOD, 100.0) is None
+    assert pending.put("d", GOOD, 100.0) == "d"  # a pass: lost itself
+    assert pending.put("t", BAD, 100.0) == "a"  # a penalty: the oldest pass gives way
+    assert pending.put("u", UNKNOWN, 100.0) == "b"  # so does a "forget"
+    assert pending.put("b", GOOD, 100.0) == "b"  # gone for good: a new key, and full
+    assert pending.put("c", BAD, 100.0) is None  # a queued pass turned penalty: no room used
+    assert pending.put("v", BAD, 100.0) == "v"  # no pass left to give way
+    assert pending.queued == {"c": (BAD, 100.0), "t": (BAD, 100.0), "u": (UNKNOWN, 100.0)}
+    assert pending.goods == {}
+
+
+def test_a_failed_batch_trims_the_oldest_passes_first() -> None:
+    pending = PendingWrites(limit=3, batch_size=10)
+    pending.put("a", GOOD, 100.0)
+    pending.put("t", BAD, 100.0)
+    pending.put("b", GOOD, 100.0)
+    pending.take()
+    pending.put("c", GOOD, 100.0)
+    pending.put("u", UNKNOWN, 100.0)
+    pending.put("a", BAD, 100.0)  # newer than the batch's pass
+    assert pending.failed() == 2  # 5 keys, room for 3: the two oldest passes
+    assert pending.queued == {"a": (BAD, 100.0), "t": (BAD, 100.0), "u": (UNKNOWN, 100.0)}
+    assert pending.put("w", BAD, 100.0) == "w"
+    pending.take()
+    pending.put("x", BAD, 100.0)
+    assert pending.failed() == 1  # no pass at all: the oldest write goes
+    assert list(pending.queued) == ["t", "u", "x"]
+    assert pending.put("y", GOOD, 100.0) == "y"  # still full
+    assert pending.goods == {}
 
 
 # -- --cache -------------------------------------------------------------------------------

@@ -26,7 +26,9 @@ Rules every backend keeps:
 * `lookup` is the only awaited call on a connection's path and is bounded: a
   backend that is slow or down answers UNKNOWN, never an exception.
 * `remember_good` / `remember_bad` never block: they queue the write and the
-  background task `run` applies it in batches.
+  background task `run` applies it in batches. The queue is bounded, and when
+  it is full a pass is what is lost, never a penalty or a "forget" while a
+  pass is queued (`PendingWrites`).
 * The last verdict wins: a pass clears a penalty and a penalty replaces a
   pass. With penalties off, `remember_bad` still forgets any pass recorded for
   that key, so an early talker is never left marked good.
@@ -228,10 +230,14 @@ class QueuedVerdicts:
     _wallclock: Callable[[], float]
 
     def _queue(self, key: str, verdict: CacheVerdict, ttl: float) -> None:
-        if self._closed or not self._pending.put(key, verdict, self._wallclock() + ttl):
+        if self._closed:
             self._stats.dropped += 1
             return
-        self._stats.writes += 1
+        lost = self._pending.put(key, verdict, self._wallclock() + ttl)
+        if lost is not None:  # this write, or an older pass it took the room of
+            self._stats.dropped += 1
+        if lost != key:
+            self._stats.writes += 1
 
     def _batch_ended(self, size: int, written: bool) -> None:
         # The batch in flight (`size` verdicts) was written, or refused: then it
@@ -259,12 +265,16 @@ class PendingWrites:
 
     `queued` fills from `put`; the writer `take`s it as one batch, which stays
     visible to lookups (`get`) as `inflight` until `done` or `failed`; a failed
-    batch goes back under anything queued since (newer verdicts win). The queue
-    is bounded: beyond `limit` keys a new key is dropped (a lost pass only means
-    one more delay, a lost penalty one more hold).
+    batch goes back under anything queued since (newer verdicts win).
+
+    The queue is bounded: beyond `limit` keys something is lost, and a pass is
+    lost first. A lost pass only means one more delay for that client; a lost
+    penalty or "forget" would leave an early talker's stored pass in force (a
+    wrong verdict), so such a write takes the room of the oldest queued pass,
+    and is itself dropped only when no pass is left to give way.
     """
 
-    __slots__ = ("batch_size", "inflight", "limit", "queued", "wake")
+    __slots__ = ("batch_size", "goods", "inflight", "limit", "queued", "wake")
 
     def __init__(self, limit: int = 100_000, batch_size: int = 256) -> None:
         if limit < 1 or batch_size < 1:
@@ -272,20 +282,33 @@ class PendingWrites:
         self.limit = limit
         self.batch_size = batch_size
         self.queued: dict[str, Write] = {}
+        self.goods: dict[str, None] = {}  # the keys of `queued` that hold a pass, oldest first
         self.inflight: dict[str, Write] = {}
         self.wake = trio.Event()
 
     def __len__(self) -> int:
         return len(self.queued) + len(self.inflight)
 
-    def put(self, key: str, verdict: CacheVerdict, expires: float) -> bool:
-        """Queue a verdict; False if it was dropped because the queue is full."""
+    def put(self, key: str, verdict: CacheVerdict, expires: float) -> str | None:
+        """Queue a verdict; the key of the write lost for room, if any.
+
+        That is `key` itself when the queue is full and the write is a pass or
+        no pass is queued to give way; otherwise the oldest queued pass.
+        """
+        lost = None
         if key not in self.queued and len(self.queued) >= self.limit:
-            return False
+            if verdict is CacheVerdict.GOOD or not self.goods:
+                return key
+            lost = next(iter(self.goods))
+            del self.goods[lost], self.queued[lost]
         self.queued[key] = (verdict, expires)
+        if verdict is CacheVerdict.GOOD:
+            self.goods[key] = None
+        else:
+            self.goods.pop(key, None)
         if len(self.queued) >= self.batch_size:
             self.wake.set()
-        return True
+        return lost
 
     def get(self, key: str, now: float) -> CacheVerdict | None:
         """The newest not yet stored verdict for `key`, or None to ask the backend."""
@@ -309,23 +332,30 @@ class PendingWrites:
         """Move everything queued in flight and return it (empty if nothing is)."""
         if self.inflight:
             raise RuntimeError("a batch is already in flight")
-        self.inflight, self.queued = self.queued, {}
+        self.inflight, self.queued, self.goods = self.queued, {}, {}
         return self.inflight
 
     def done(self) -> None:
         self.inflight = {}
 
     def failed(self) -> int:
-        """Put the batch in flight back; returns how many keys were dropped for room."""
+        """Put the batch in flight back; returns how many keys were dropped for room.
+
+        The oldest passes go first, then (only if nothing but penalties and
+        "forget"s is left) the oldest of those.
+        """
         merged = self.inflight
         merged.update(self.queued)
         self.inflight = {}
-        dropped = 0
-        while len(merged) > self.limit:
-            del merged[next(iter(merged))]  # the oldest writes go first
-            dropped += 1
+        over = len(merged) - self.limit
+        goods = [key for key, (verdict, _) in merged.items() if verdict is CacheVerdict.GOOD]
+        for key in goods[: max(0, over)]:
+            del merged[key]
+        for key in list(merged)[: max(0, over - len(goods))]:
+            del merged[key]
         self.queued = merged
-        return dropped
+        self.goods = dict.fromkeys(key for key in goods[max(0, over) :])
+        return max(0, over)
 
 
 # -- the protocol ----------------------------------------------------------------
