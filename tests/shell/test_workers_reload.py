@@ -79,6 +79,43 @@ async def test_an_answer_to_an_earlier_reload_does_not_answer_this_one() -> None
     assert workers.RELOAD_WAIT == 10.0
 
 
+async def test_a_worker_ready_only_after_the_signal_answers_this_reload() -> None:
+    # `b` was still starting at the SIGHUP (one would have killed it): it is sent
+    # the reload on its ready, and its refusal is this reload's, not "reloaded".
+    async with _two_workers() as (sup, write_fd, a, b, nursery):
+        sup.ready.discard(b)
+        sup._spawned = {a: time.monotonic(), b: time.monotonic()}
+
+        async def workers_answer() -> None:
+            await trio.sleep(0.05)
+            _answer(write_fd, a, "", time.monotonic())
+            await trio.sleep(0.2)
+            os.write(write_fd, json.dumps({"pid": b, "ready": 1}).encode() + b"\n")
+            await trio.sleep(0.05)
+            _answer(write_fd, b, "cannot read", time.monotonic())
+
+        nursery.start_soon(workers_answer)
+        assert await sup.reload_workers() == (1, ["cannot read"], 0)
+        assert b in sup.ready
+
+
+async def test_a_worker_never_ready_is_counted_silent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with _two_workers() as (sup, write_fd, a, b, nursery):
+        sup.ready.discard(b)
+        sup._spawned = {a: time.monotonic(), b: time.monotonic()}
+
+        async def workers_answer() -> None:
+            await trio.sleep(0.05)
+            _answer(write_fd, a, "", time.monotonic())
+
+        nursery.start_soon(workers_answer)
+        started = trio.current_time()
+        assert await sup.reload_workers() == (1, [], 1)
+        assert trio.current_time() - started >= workers.RELOAD_WAIT
+
+
 async def test_a_draining_worker_is_not_waited_for(autojump_clock: trio.testing.MockClock) -> None:
     # A worker that got a SIGTERM of its own drains and does not reload; it says
     # so, and the parent neither waits RELOAD_WAIT for it nor counts it silent.

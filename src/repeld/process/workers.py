@@ -495,15 +495,18 @@ class Supervisor:
                 pass
 
     async def reload_workers(self) -> tuple[int, list[str], int]:
-        """SIGHUP every ready worker and wait, RELOAD_WAIT at most, for each to say
-        how its reload went: (how many reloaded, why the others refused, how many
+        """SIGHUP every worker and wait, RELOAD_WAIT at most, for each to say how
+        its reload went: (how many reloaded, why the others refused, how many
         did not answer). A worker that dies meanwhile is not waited for.
 
-        Only a reload that began after the signal answers: a worker still busy
-        with an earlier one (that reload's wait over) answers that one first.
+        A worker not yet ready is sent its SIGHUP when it says it is (`_ready`),
+        and waited for as the others: its answer, a refusal say, is this
+        reload's too. Only a reload that began after the signal answers: a
+        worker still busy with an earlier one (that reload's wait over)
+        answers that one first.
         """
         sent = self._reload_sent = time.monotonic()
-        expected = {proc.pid for proc in self.procs.values()} & self.ready
+        expected = {proc.pid for proc in self.procs.values()}
         self.signal_workers(signal.SIGHUP)
 
         def answers() -> tuple[dict[int, str], set[int]]:
