@@ -324,14 +324,27 @@ def connect(port: int, source: str | None = None, host: str = "127.0.0.1") -> so
 class RedisServer:
     """One redis-server process on 127.0.0.1:port, restartable on the same port."""
 
-    def __init__(self, workdir: Path, port: int, password: str | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int,
+        password: str | None = None,
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.port = port
         self.password = password
+        self.tls = tls  # (certificate, key): TLS only, on `port`
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> None:
-        args = [REDIS_SERVER, "--save", "", "--appendonly", "no", "--port", str(self.port)]
+        args = [REDIS_SERVER, "--save", "", "--appendonly", "no"]
+        if self.tls is None:
+            args += ["--port", str(self.port)]
+        else:
+            cert, key = self.tls
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            args += ["--tls-cert-file", str(cert), "--tls-key-file", str(key)]
         args += ["--bind", "127.0.0.1", "--dir", str(self.workdir), "--daemonize", "no"]
         if self.password is not None:
             args += ["--requirepass", self.password]
@@ -367,4 +380,7 @@ class RedisServer:
             password=self.password,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
+            # the test's own view of the server: no check of its certificate
+            ssl=self.tls is not None,
+            ssl_cert_reqs="none",
         )

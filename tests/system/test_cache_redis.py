@@ -7,7 +7,9 @@ port in a temporary directory and kills it at the end; every wait is bounded.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -346,6 +348,82 @@ async def test_password_from_a_file(tmp_path: Path) -> None:
             assert await bad.lookup("192.0.2.7") is UNKNOWN
         assert "wrong-pw" not in calls.errors[0]
         assert "s3cret" not in calls.errors[0]
+    finally:
+        srv.kill()
+
+
+def _openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+
+def _certificate(tmp: Path, name: str, subject_alt_name: str, ca: str) -> tuple[Path, Path]:
+    """A certificate and key for `subject_alt_name`, signed by CA `ca` (made if new)."""
+    ca_key, ca_cert = tmp / f"{ca}.key", tmp / f"{ca}.pem"
+    if not ca_cert.exists():
+        _openssl(
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-keyout", ca_key, "-out", ca_cert, "-subj", f"/CN={ca}",
+        )  # fmt: skip
+    key, csr, cert = tmp / f"{name}.key", tmp / f"{name}.csr", tmp / f"{name}.pem"
+    _openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", f"/CN={name}"
+    )
+    ext = tmp / f"{name}.ext"
+    ext.write_text(f"subjectAltName={subject_alt_name}\n")
+    _openssl(
+        "x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key, "-CAcreateserial",
+        "-out", cert, "-days", "2", "-extfile", ext,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+@pytest.mark.parametrize(
+    ("subject_alt_name", "signer", "works"),
+    [
+        ("IP:127.0.0.1", "trusted-ca", True),
+        ("DNS:cache.wrong.example", "trusted-ca", False),  # another host's certificate
+        ("IP:127.0.0.1", "unknown-ca", False),  # a CA the system does not trust
+    ],
+)
+async def test_rediss_against_a_real_tls_server(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    subject_alt_name: str,
+    signer: str,
+    works: bool,
+) -> None:
+    # `rediss://` trusts the system's CAs (here SSL_CERT_FILE, which OpenSSL
+    # reads as the system store) and checks the server's name: a certificate of
+    # the wrong host, or of a CA nobody trusts, is a cache outage, and no
+    # verdict is read from or written to that server.
+    trusted_cert, _ = _certificate(tmp_path, "unused", "DNS:unused.example", "trusted-ca")
+    cert, key = _certificate(tmp_path, "server", subject_alt_name, signer)
+    monkeypatch.setenv("SSL_CERT_FILE", str(trusted_cert.parent / "trusted-ca.pem"))
+    srv = RedisServer(tmp_path, free_port(), tls=(cert, key))
+    srv.start()
+    try:
+        calls = Calls()
+        cache = make_cache(
+            parse_cache_url(f"rediss://127.0.0.1:{srv.port}"),
+            on_error=calls.errors.append,
+            on_recover=calls.recoveries.append,
+        )
+        assert isinstance(cache, RedisCache)
+        admin = srv.client()
+        admin.set("repeld:pass:192.0.2.9", str(int(time.time())), ex=600)
+        async with running_caches(cache):
+            cache.remember_good("192.0.2.7")
+            if works:  # a write and a read, each through TLS
+                await until(lambda: admin.exists("repeld:pass:192.0.2.7") == 1)
+                assert await cache.lookup("192.0.2.9") is GOOD
+            else:
+                await until(lambda: len(calls.errors) == 1)
+                assert "certificate" in calls.errors[0].lower(), calls.errors
+                assert await cache.lookup("192.0.2.9") is UNKNOWN
+                await trio.sleep(0.3)  # the writer's retries meanwhile
+                assert admin.exists("repeld:pass:192.0.2.7") == 0
+        assert len(calls.errors) == (0 if works else 1)
     finally:
         srv.kill()
 
