@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -213,6 +214,66 @@ def test_report_counts_a_real_run(fmt: str, tmp_path: Path) -> None:
     assert "  repelled            5   71.4%" in done.stdout
     assert "delay in force: 3 s" in done.stdout
     assert svg.read_text().startswith("<?xml")
+
+
+JOURNAL_REMOTE = next(
+    (
+        path
+        for path in (
+            "/lib/systemd/systemd-journal-remote",
+            "/usr/lib/systemd/systemd-journal-remote",
+        )
+        if os.access(path, os.X_OK)
+    ),
+    None,
+)
+
+
+@pytest.mark.skipif(
+    JOURNAL_REMOTE is None or shutil.which("journalctl") is None,
+    reason="needs journalctl and systemd-journal-remote",
+)
+def test_report_reads_each_short_format_of_journalctl(tmp_path: Path) -> None:
+    """Under systemd repeld's -f lines go to the journal: `journalctl -u repeld -o
+    FORMAT | repeld report` must read what journalctl prints in each short format.
+    The journal file is written by systemd-journal-remote from repeld's real lines,
+    with the fields journald gives a service's standard error."""
+    received, _, stderr = _run("json", tmp_path)
+    messages = [(m.event, m.fields) for m in received]
+    events_on_stderr = [line for line in stderr if not line.startswith("repeld:")]
+    start = int(time.time() * 1_000_000)
+    entries = []
+    for i, line in enumerate(events_on_stderr):
+        entries.append(
+            f"__REALTIME_TIMESTAMP={start + i * 1000}\n__MONOTONIC_TIMESTAMP={1000 + i}\n"
+            "_BOOT_ID=0123456789abcdef0123456789abcdef\n_HOSTNAME=mx1\n_PID=4242\n"
+            f"SYSLOG_IDENTIFIER=repeld\n_SYSTEMD_UNIT=repeld.service\nMESSAGE={line}\n\n"
+        )
+    export = tmp_path / "repeld.export"
+    export.write_text("".join(entries))
+    journal = tmp_path / "repeld.journal"
+    assert JOURNAL_REMOTE is not None
+    subprocess.run(
+        [JOURNAL_REMOTE, f"--output={journal}", str(export)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    formats = ["short", "short-precise", "short-iso", "short-iso-precise", "short-full"]
+    formats += ["short-unix"]
+    # Each in this process's own time zone, which the report reads a time without
+    # one in; and short-full where the zone has no abbreviation but an offset
+    # (Dubai's "+04"), which is read as such.
+    for fmt, zone in [(f, None) for f in formats] + [("short-full", "Asia/Dubai")]:
+        env = dict(os.environ) if zone is None else {**os.environ, "TZ": zone}
+        printed = subprocess.run(
+            ["journalctl", "--file", str(journal), "-o", fmt, "--no-pager"],
+            check=True, capture_output=True, text=True, timeout=60, env=env,
+        ).stdout.splitlines()  # fmt: skip
+        assert len(printed) == len(events_on_stderr), printed
+        tally = tally_lines(printed, time.localtime(start / 1e6).tm_year)
+        _check(tally, messages)
+        assert tally.skipped == 0
+        assert tally.first is not None  # the time of each line was read
+        assert abs(tally.first - start / 1e6) < 1.0, (fmt, zone, printed[0])
 
 
 def _free_udp_port() -> int:

@@ -53,6 +53,14 @@ def _event_lines(event: Event) -> dict[str, str]:
         "rsyslog-fileformat": f"2026-11-30T00:25:05.250000+00:00 mx1 repeld[4242]: {event.summary}",
         "stderr": format_stderr(event, NOW),
         "journal-of-stderr": "Nov 30 00:25:05 mx1 repeld[4242]: " + format_stderr(event, NOW),
+        # journalctl -o short-precise, short-full (UTC), short-unix, short-iso-precise
+        "journal-short-precise": "Nov 30 00:25:05.250000 mx1 repeld[4242]: "
+        + format_stderr(event, NOW),
+        "journal-short-full": "Mon 2026-11-30 00:25:05 UTC mx1 repeld[4242]: "
+        + format_stderr(event, NOW),
+        "journal-short-unix": "1795998305.250000 mx1 repeld[4242]: " + format_stderr(event, NOW),
+        "journal-short-iso-precise": "2026-11-30T00:25:05.250000+0000 mx1 repeld[4242]: "
+        + format_stderr(event, NOW),
     }
 
 
@@ -94,7 +102,27 @@ def test_every_shape_gives_the_event_back(event: Event, shape: str) -> None:
         assert record.time is None
     else:
         assert record.time is not None
-        assert abs(record.time - NOW) < (1 if shape in ("rfc5424", "rsyslog-fileformat") else 86400)
+        exact = {"rfc5424", "rsyslog-fileformat", "journal-short-full", "journal-short-unix"}
+        exact.add("journal-short-iso-precise")
+        assert abs(record.time - NOW) < (1 if shape in exact else 86400)
+
+
+def test_the_times_and_hosts_of_journalctl_and_nil_hosts() -> None:
+    line = "PASS DELAY [192.0.2.7]:50123 after 25.001"
+    precise = parse_line(f"Nov 30 00:25:05.250000 mx1 repeld[1]: {line}", YEAR)
+    plain = parse_line(f"Nov 30 00:25:05 mx1 repeld[1]: {line}", YEAR)
+    assert precise is not None and plain is not None
+    assert precise.time is not None and plain.time is not None
+    assert precise.time - plain.time == pytest.approx(0.25)
+    dubai = parse_line(f"Mon 2026-11-30 04:25:05 +04 mx1 repeld[1]: {line}", YEAR)
+    india = parse_line(f"Mon 2026-11-30 05:55:05 +0530 mx1 repeld[1]: {line}", YEAR)
+    assert dubai is not None and india is not None
+    assert dubai.time == india.time == NOW - 0.25
+    # RFC 5424's NILVALUE host and a file line's "-" are the same process: no host
+    nil_file = parse_line(f"Nov 30 00:25:05 - repeld[1]: {line}", YEAR)
+    nil_5424 = parse_line(f"<22>1 2026-11-30T00:25:05Z - repeld 1 - - {line}", YEAR)
+    assert nil_file is not None and nil_5424 is not None
+    assert nil_file.host == nil_5424.host == ""
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,9 @@ flat object, so no nesting reaches the decoder.
 
 The time of an event is the RFC 5424 header's, or the line's RFC 3164
 timestamp (`Mmm dd hh:mm:ss`, in local time of the given year) or RFC 3339
-one (rsyslog's RSYSLOG_FileFormat); `-f` lines alone carry no date.
+one (rsyslog's RSYSLOG_FileFormat), or one of journalctl's short formats
+(short-precise, short-full, short-unix; short and short-iso are the first
+two); `-f` lines alone carry no date.
 """
 
 from __future__ import annotations
@@ -88,13 +90,24 @@ class Record:
 _APP = "repeld"
 #: `<PRI>1 TIME HOST APP PROCID MSGID `, then the structured data.
 _RFC5424_HEAD = re.compile(r"<\d{1,3}>1 (\S{1,64}) (\S{1,255}) (\S{1,48}) (\S{1,128}) \S{1,32} ")
-_BSD = r"(?P<mon>[A-Z][a-z]{2}) (?P<day>[ \d]\d) (?P<h>\d\d):(?P<m>\d\d):(?P<s>\d\d)"
+#: RFC 3164's, or with microseconds as `journalctl -o short-precise` prints it.
+_BSD = (
+    r"(?P<mon>[A-Z][a-z]{2}) (?P<day>[ \d]\d) (?P<h>\d\d):(?P<m>\d\d):(?P<s>\d\d)"
+    r"(?P<frac>\.\d{1,6})?"
+)
 _ISO = r"(?P<iso>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:?\d\d)?)"
+#: `journalctl -o short-full` (`Mon 2026-11-30 00:25:05 UTC`: a zone's abbreviation,
+#: or its offset where it has none) and `-o short-unix` (seconds since the epoch).
+_FULL = (
+    r"[A-Z][a-z]{2} (?P<full>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?:\.\d{1,6})?"
+    r" (?P<zone>[A-Za-z]{1,10}|[+-]\d\d(?:\d\d)?)"
+)
+_UNIX = r"(?P<unix>\d{1,12}\.\d{6})"
 #: `[<PRI>]TIME [HOST] repeld[PID]: ` (or `repeld: `, or `repeld[PID] ` with no colon).
 #: A HOST never ends in `:` or `]`, so that in a line without one another program's
 #: tag is not taken for the host, nor its message for repeld's tag.
 _FILE_HEAD = re.compile(
-    rf"(?:<\d{{1,3}}>)?(?:{_BSD}|{_ISO}) (?:(?P<host>\S{{0,254}}[^\s:\]]) )?"
+    rf"(?:<\d{{1,3}}>)?(?:{_BSD}|{_ISO}|{_FULL}|{_UNIX}) (?:(?P<host>\S{{0,254}}[^\s:\]]) )?"
     r"repeld(?:\[(?P<pid>\d{1,10})\](?:: ?| )|: ?)"
 )
 #: What `-f` prints before the summary: the local time and the event's name.
@@ -207,9 +220,26 @@ def _bsd_time(match: re.Match[str], year: int) -> float | None:
         return None
     day, hour, minute, second = (int(match[g]) for g in ("day", "h", "m", "s"))
     try:
-        return time.mktime((year, month, day, hour, minute, second, 0, 0, -1))
+        when = time.mktime((year, month, day, hour, minute, second, 0, 0, -1))
     except (OverflowError, ValueError):
         return None
+    return when + float(match["frac"]) if match["frac"] else when
+
+
+def _file_time(match: re.Match[str], year: int) -> float | None:
+    """The time of a file line's head, in whichever of its shapes it came."""
+    if match["iso"]:
+        return _iso_time(match["iso"])
+    if match["unix"]:
+        return float(match["unix"])
+    if match["full"]:
+        zone = match["zone"]
+        if zone in ("UTC", "GMT"):
+            return _iso_time(match["full"] + "+00:00")
+        if zone[0] in "+-":
+            return _iso_time(match["full"] + zone)
+        return _iso_time(match["full"])  # an abbreviation: local time, as RFC 3164's
+    return _bsd_time(match, year)
 
 
 def _iso_time(text: str) -> float | None:
@@ -340,8 +370,9 @@ def parse_line(line: str, year: int) -> Record | None:
             return Record(fields["event"], fields, when, "rfc5424", procid, host)
         found = None if msg_at < 0 else _from_message(line[msg_at:])
     elif (head := _FILE_HEAD.match(line)) is not None:
-        when = _iso_time(head["iso"]) if head["iso"] else _bsd_time(head, year)
-        host, procid = head["host"] or "", head["pid"] or ""
+        when = _file_time(head, year)
+        host = "" if head["host"] in (None, "-") else head["host"]  # "-": RFC 5424's none
+        procid = head["pid"] or ""
         found = _from_message(line[head.end() :])
     elif _STDERR.match(line) is not None:
         when, host, procid = None, "", ""
