@@ -17,6 +17,7 @@ import resource
 import socket
 
 import dns.message
+import dns.nameserver
 import dns.rcode
 import dns.rrset
 import pytest
@@ -162,6 +163,77 @@ async def test_a_silent_or_failing_list_counts_as_not_listing() -> None:
     assert got == {"127.0.0.2#0": DnsScore(1, ("bl.test",), ("silent.test", "broken.test"))}
     assert trio.current_time() - started < 5.0  # bounded by the timeout, not by the server
     assert lookups.results() == {"timeout": 1, "error": 1, "listed": 1}
+
+
+async def _answering(
+    sock: trio.socket.SocketType, rcode: dns.rcode.Rcode | None, asked: list[str]
+) -> None:
+    # A resolver that lists every name asked (rcode None), or answers every
+    # question with `rcode`: REFUSED (not ours to serve) or SERVFAIL (broken for
+    # now), as the first of resolv.conf's servers may.
+    while True:
+        data, peer = await sock.recvfrom(4096)
+        query = dns.message.from_wire(data)
+        name = str(query.question[0].name)
+        asked.append(name)
+        reply = dns.message.make_response(query)
+        if rcode is None:
+            reply.answer.append(dns.rrset.from_text(name, 300, "IN", "A", "127.0.0.2"))
+        else:
+            reply.set_rcode(rcode)
+        await sock.sendto(reply.to_wire(), peer)
+
+
+@pytest.mark.parametrize("first", ["refused", "servfail", "closed"])
+async def test_a_first_server_that_fails_hands_each_query_to_the_next(first: str) -> None:
+    # resolv.conf names two servers and the first refuses, fails, or is down: every
+    # query must go on to the second (as glibc's and dnspython's resolvers do), not
+    # end as "error", which passed every listed client unseen.
+    bad = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await bad.bind(("127.0.0.1", 0))
+    bad_port = bad.getsockname()[1]
+    good = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await good.bind(("127.0.0.1", 0))
+    resolver = make_resolver(Resolver("127.0.0.1", 53))
+    resolver.nameservers = [
+        dns.nameserver.Do53Nameserver("127.0.0.1", bad_port),
+        dns.nameserver.Do53Nameserver("127.0.0.1", good.getsockname()[1]),
+    ]
+    if first == "closed":
+        bad.close()  # nothing listens there: port unreachable
+    got: dict[str, DnsScore] = {}
+    to_bad: list[str] = []
+    to_good: list[str] = []
+    lookups = DnsLookups(
+        resolver,
+        (DnsList("bl.test"),),
+        got.__setitem__,
+        lambda item: item not in got or got[item].reach != (0, 0),
+        2.0,
+    )
+    clients = [f"10.0.0.{n}" for n in range(1, 51)]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            if first != "closed":
+                rcode = dns.rcode.REFUSED if first == "refused" else dns.rcode.SERVFAIL
+                nursery.start_soon(_answering, bad, rcode, to_bad)
+            nursery.start_soon(_answering, good, None, to_good)
+            nursery.start_soon(lookups.run)
+            await trio.sleep(0.05)
+            for address in clients[:25]:  # one after the other, as clients come
+                lookups.ask(address, address)
+                await trio.sleep(0.001)
+            for address in clients[25:]:  # and at once
+                lookups.ask(address, address)
+            while len(got) < len(clients) or any(s.reach != (0, 0) for s in got.values()):
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    bad.close()
+    good.close()
+    assert got == {address: DnsScore(1, ("bl.test",)) for address in clients}
+    assert lookups.results() == {"listed": 50}
+    assert len(to_good) == 50
+    assert len(to_bad) == (0 if first == "closed" else 50)  # each asked there first
 
 
 async def test_a_non_address_is_answered_at_once_with_nothing() -> None:

@@ -518,12 +518,20 @@ class DnsLookups(Generic[T]):
             while qid in s.pending:
                 qid = secrets.randbelow(65536)
             s.sock.send(query(qid, q.asked))
-        except OSError as exc:  # no buffer, no route, no descriptor: no answer
+        except OSError as exc:  # no buffer, no route, no descriptor, or refused:
+            # a try that gets no answer. (ECONNREFUSED is a port unreachable that
+            # came back for an earlier query on this socket.) The next try goes
+            # at once, to the next server if there are several.
             if q.tries == 0:
+                q.sent_at = now
+            q.tries += 1
+            if q.tries < TRIES:
+                self._send(q, now)
+            elif q.ids:  # an earlier try may still be answered
+                self._timer(q.sent_at + self.timeout, q, _EXPIRE)
+            else:
                 kind = "timeout" if exc.errno in (errno.EAGAIN, errno.ENOBUFS) else "error"
                 self._finish(q, None, now, kind)
-            else:  # the first try may still be answered
-                self._timer(q.sent_at + self.timeout, q, _EXPIRE)
             return
         s.pending[qid] = q
         s.sent += 1
@@ -572,7 +580,17 @@ class DnsLookups(Generic[T]):
             return
         now = trio.current_time()
         if reply.error is not None:
-            self._finish(q, None, now, "error")
+            # SERVFAIL, REFUSED and the like are that server's: the next one is
+            # asked at once, as a resolver would (the first of resolv.conf's may
+            # refuse every query); the query fails when no try is left out.
+            qid = data[0] << 8 | data[1]
+            del s.pending[qid]
+            q.ids.remove((s, qid))
+            self._close_if_idle(s)
+            if q.tries < TRIES and len(self.servers) > 1 and self._counts(q):
+                self._send(q, now)
+            elif not q.ids:
+                self._finish(q, None, now, "error")
         else:
             self._finish(q, reply, now, "listed" if reply.addresses else "clear")
 
