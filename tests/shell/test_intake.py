@@ -112,17 +112,15 @@ async def test_a_header_one_byte_per_segment_works_and_the_delay_starts_at_its_e
         sock.close()
 
 
-@pytest.mark.parametrize(
-    ("version", "header", "seen"),
-    [("v2", LOCAL_V2, "LOCAL"), ("v1", b"PROXY UNKNOWN\r\n", "UNKNOWN")],
-)
+@pytest.mark.parametrize(("version", "header"), [("v2", LOCAL_V2), ("v1", b"PROXY UNKNOWN\r\n")])
 async def test_a_health_check_goes_straight_to_the_mta_and_is_no_client(
-    version: str, header: bytes, seen: str, autojump_clock: trio.testing.MockClock
+    version: str, header: bytes, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with running(
         backend_proxy=True, proxy_protocol=version, metrics="127.0.0.1:0", **FROM_BALANCER
     ) as h:
         sock = await _through(h.address(), header)
+        checker_port = sock.getsockname()[1]
         start = trio.current_time()
         assert await read_line(sock) == GREETING  # at once: the check sees the MTA's 220
         assert trio.current_time() - start < 0.5
@@ -132,7 +130,10 @@ async def test_a_health_check_goes_straight_to_the_mta_and_is_no_client(
         sock.close()
         await trio.sleep(1.0)
         (info,) = h.backend.headers
-        assert info is not None and info.src == seen  # the MTA is told: no client here
+        # The MTA is told the balancer, as it would be without repeld: never
+        # LOCAL / UNKNOWN, for which it takes repeld's own address (trusted?).
+        assert info is not None and (info.src, info.dst) == (BALANCER, h.address()[0])
+        assert info.src_port == checker_port
         names = {m.event for m in h.receiver.messages}
         assert not names & {"pass", "early-talker", "hangup", "relay-end", "proxy-error"}
         snap = h.server.metrics_snapshot()
@@ -140,11 +141,47 @@ async def test_a_health_check_goes_straight_to_the_mta_and_is_no_client(
         assert len(h.server.pen) == 0
 
 
+@pytest.mark.parametrize(("version", "header"), [("v2", LOCAL_V2), ("v1", b"PROXY UNKNOWN\r\n")])
+async def test_bytes_after_a_local_header_are_no_health_check(
+    version: str, header: bytes, autojump_clock: trio.testing.MockClock
+) -> None:
+    # nginx writes PROXY UNKNOWN, HAProxy LOCAL, for a real client on a unix
+    # socket listener: one that talks before its greeting is no health check
+    # (those wait for the 220) and must not reach the MTA unheld.
+    async with running(
+        backend_proxy=True, proxy_protocol=version, metrics="127.0.0.1:0", **FROM_BALANCER
+    ) as h:
+        sock = await _through(h.address(), header + b"EHLO spammer.example\r\n")
+        assert await read_until_closed(sock) == (b"", "reset")
+        sock.close()
+        (error,) = await h.receiver.wait_for("proxy-error")
+        assert error.fields["reason"] == "local-talk"
+        await trio.sleep(1.0)
+        assert h.backend.headers == []  # the MTA never saw it
+        snap = h.server.metrics_snapshot()
+        assert snap["labelled"]["proxy"] == {"error": 1}
+
+
 async def test_connect_and_close_is_a_tcp_check_and_says_nothing(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with running(**FROM_BALANCER) as h:
         sock = await connect(h.address(), source=BALANCER)
+        sock.close()
+        await trio.sleep(1.0)
+        assert h.receiver.messages == []
+        assert h.server.intake.outcomes[ProxyOutcome.CHECK] == 1
+
+
+async def test_connect_and_reset_is_a_tcp_check_and_says_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A checker that ends its connect-only check with an RST (SO_LINGER 0), as
+    # some layer-4 checkers do: a check, not a proxy-error every interval.
+    async with running(**FROM_BALANCER) as h:
+        sock = await connect(h.address(), source=BALANCER)
+        await trio.sleep(0.1)  # accepted and waiting in the intake
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
         await trio.sleep(1.0)
         assert h.receiver.messages == []

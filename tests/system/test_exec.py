@@ -168,7 +168,7 @@ def test_exec_settings_errors(
 def test_a_balancer_check_reaches_the_program_and_writes_no_event(syslog: SyslogUDP) -> None:
     # --proxy-from with --exec: a v2 LOCAL health check is served by the program at
     # once (the balancer sees its 220), and is no client: no exec-end, no pass.
-    from repeld.core.proxyproto import local, v2
+    from repeld.core.proxyproto import V2_SIGNATURE, v2
 
     port = free_port()
     program = shlex.join(["/bin/sh", "-c", SMTP_SH])
@@ -181,7 +181,7 @@ def test_a_balancer_check_reaches_the_program_and_writes_no_event(syslog: Syslog
         *AS_ROOT,
     ):  # fmt: skip
         check = connect(port, source="127.0.0.60")
-        check.sendall(local("v2"))
+        check.sendall(V2_SIGNATURE + bytes([0x20, 0x00, 0, 0]))  # LOCAL
         assert read_line(check).startswith(b"220 sh ready ")
         check.sendall(b"QUIT\r\n")
         assert read_line(check) == b"221 bye\r\n"

@@ -9,7 +9,7 @@ import struct
 
 from repeld.core.addresses import normalize_address
 
-__all__ = ["V2_SIGNATURE", "header", "local", "v1", "v2"]
+__all__ = ["V2_SIGNATURE", "header", "v1", "v2"]
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 _V2_PROXY = 0x21  # version 2, command PROXY
@@ -62,17 +62,6 @@ def v2(client: str, client_port: int, server: str, server_port: int) -> bytes:
     fam = _TCP4 if pair[0].version == 4 else _TCP6
     body = pair[0].packed + pair[1].packed + struct.pack("!HH", client_port, server_port)
     return V2_SIGNATURE + struct.pack("!BBH", _V2_PROXY, fam, len(body)) + body
-
-
-def local(version: str) -> bytes:
-    """The header of a connection that carries no client (a balancer's health check):
-    `PROXY UNKNOWN` in v1, command LOCAL in v2, nothing for `none`; the MTA then
-    takes the connection's own endpoints."""
-    if version == "v1":
-        return b"PROXY UNKNOWN\r\n"
-    if version == "v2":
-        return V2_SIGNATURE + struct.pack("!BBH", 0x20, 0x00, 0)
-    return b""
 
 
 def header(version: str, client: str, client_port: int, server: str, server_port: int) -> bytes:

@@ -149,8 +149,9 @@ def handoff(
     When the session is over its event is written, `sock` is closed and
     `ended()` is called, once, whatever happened. `tuned`: `sock` came from a
     listener that `tune_listener` tuned; `strip_pipe_connect`: take PIPECONNECT
-    out of the MTA's first EHLO reply; `check`: a balancer's health check, announced
-    with a LOCAL header and ended without a `relay-end` (it is not a client).
+    out of the MTA's first EHLO reply; `check`: a balancer's health check (`conn`
+    the balancer's own connection, announced as such) ended without a
+    `relay-end` (it is not a client).
     """
 
     def done(result: RelayResult) -> None:
@@ -194,12 +195,12 @@ def handoff(
                 _tune_for_relay(sock)
             except OSError:
                 pass  # the client may have gone already; the relay will see it
-        if check:
-            header = proxyproto.local(proxy_protocol)
-        else:
-            header = proxyproto.header(
-                proxy_protocol, conn.client, conn.client_port, conn.server, conn.server_port
-            )
+        # A health check's `conn` is the balancer's own connection: the MTA is told
+        # the balancer, as it would be without repeld, never "no client" (then it
+        # takes the socket's peer, repeld's own address, which it may trust).
+        header = proxyproto.header(
+            proxy_protocol, conn.client, conn.client_port, conn.server, conn.server_port
+        )
         pool.connect_and_relay(
             sock,
             target.addresses,

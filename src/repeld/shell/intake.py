@@ -26,11 +26,15 @@ connection, and the delay counts from the moment the header was complete.
 What is not a client is settled here and goes no further:
 
 - a balancer's own connection (v2 LOCAL, v1 `PROXY UNKNOWN`): its health check,
-  handed at once to the backend with a LOCAL header of its own (so HAProxy's
-  `check-send-proxy` + `option smtpchk` sees the MTA's 220), counted in
-  `checks`, with no hold, verdict, cache entry or event;
-- a balancer's connection closed before sending a byte: a plain TCP check,
-  counted in `checks` too;
+  handed at once to the backend (so HAProxy's `check-send-proxy` + `option
+  smtpchk` sees the MTA's 220) with a header that names the balancer as the
+  client (a LOCAL one would let the MTA take repeld's own address, which its
+  mynetworks may trust), counted in `checks`, with no hold, verdict, cache
+  entry or event. One that has sent a byte after its header is no check (a
+  check waits for the greeting) but a client the balancer cannot name, a unix
+  socket's: reset, with a `proxy-error` (`local-talk`);
+- a balancer's connection closed or reset before sending a byte: a plain TCP
+  check, counted in `checks` too;
 - anything else (no header in time, a malformed or unsupported one, closed in
   the middle of it): reset, with a `proxy-error` event naming the balancer and
   the reason, never an early talker and never a ban.
@@ -57,7 +61,15 @@ from repeld.core.events import ConnInfo
 from repeld.core.hold import HangUp, Hold
 from repeld.core.names import ProxyOutcome
 from repeld.core.policy import Refuse, TrustedNetworks
-from repeld.core.proxyinput import MAX_HEADER, Local, NeedMore, Proxied, ProxyError, parse
+from repeld.core.proxyinput import (
+    MAX_HEADER,
+    Local,
+    NeedMore,
+    Proxied,
+    ProxyError,
+    ProxyReason,
+    parse,
+)
 from repeld.shell.accept import Listener
 from repeld.shell.admit import Admission
 from repeld.shell.eventlog import EventLog
@@ -229,6 +241,11 @@ class Intake:
         except BlockingIOError:
             data = None
         except OSError:
+            if not pending.buffer:  # reset before its first byte: a TCP check, as a close is
+                self._release(pending)
+                sock.close()
+                self.outcomes[ProxyOutcome.CHECK] += 1
+                return
             self._fail(pending, now, ProxyOutcome.RESET, "reset by the balancer")
             return
         if data == b"":  # end of file
@@ -280,6 +297,19 @@ class Intake:
             return
         peer, listener = pending.peer, pending.listener
         if isinstance(header, Local):
+            # A health check waits for the MTA's greeting before it says a word
+            # (HAProxy's smtpchk does): one that talked already is no check, but
+            # a client the balancer cannot name (a unix socket's), and is not
+            # let through unheld.
+            try:
+                talked = sock.recv(1, _PEEK_FLAGS)
+            except OSError:
+                talked = b""
+            if talked:
+                abort(sock)
+                self._event(pending, now, ProxyReason.LOCAL_TALK, "bytes after a LOCAL header")
+                self.outcomes[ProxyOutcome.ERROR] += 1
+                return
             self.outcomes[ProxyOutcome.CHECK] += 1
             self._check(sock, peer, now, listener)
             return
