@@ -129,7 +129,8 @@ def _lookups(
 async def test_every_list_is_asked_once_and_scored() -> None:
     lists = (DnsList("bl.test", weight=3), DnsList("wl.test", weight=-1))
     got, queries, lookups = await _run(lists, ["127.0.0.2", "127.0.0.9"])
-    assert got == {"127.0.0.2#0": DnsScore(2, ("bl.test", "wl.test")), "127.0.0.9#1": DnsScore()}
+    both = DnsScore(2, ("bl.test", "wl.test"), allowing=("wl.test",))
+    assert got == {"127.0.0.2#0": both, "127.0.0.9#1": DnsScore()}
     assert set(queries.values()) == {1} and len(queries) == 4
     assert lookups.statistics() == {
         "dns_lookups": 4,
@@ -247,7 +248,8 @@ async def test_a_score_from_cached_answers_is_known_at_once_until_the_first_expi
     got, queries, lookups = await _run(lists, ["127.0.0.2", "127.0.0.9"])
     now = trio.current_time()
     # 127.0.0.2: two A answers (TTL 300); 127.0.0.9: two NXDOMAIN (NEGATIVE_TTL).
-    assert lookups.known("127.0.0.2", now) == got["127.0.0.2#0"] == DnsScore(0, domains(lists))
+    assert lookups.known("127.0.0.2", now) == got["127.0.0.2#0"]
+    assert got["127.0.0.2#0"] == DnsScore(0, domains(lists), allowing=("wl.test",))
     assert lookups.known("127.0.0.9", now) == DnsScore()
     assert lookups.known("127.0.0.9", now + NEGATIVE_TTL + 1) is None
     assert lookups.known("127.0.0.2", now + 299) is not None

@@ -124,7 +124,11 @@ def test_score_sums_the_weights_of_the_entries_that_listed() -> None:
     answers = {"range.example": ["127.0.0.4", "127.0.0.5"], "any.example": ["127.0.0.2"]}
     assert score(lists, answers) == DnsScore(4, ("range.example", "any.example"))
     assert score(lists, {}) == DnsScore()
-    assert score(lists, {"wl.example": ["127.0.5.3"]}) == DnsScore(-2, ("wl.example",))
+    allowed = score(lists, {"wl.example": ["127.0.5.3"]})
+    assert allowed == DnsScore(-2, ("wl.example",), allowing=("wl.example",))
+    assert allowed.blocking == ()
+    mixed = score(lists, {"wl.example": ["127.0.5.3"], "any.example": ["127.0.0.2"]})
+    assert mixed.lists == ("any.example", "wl.example") and mixed.blocking == ("any.example",)
 
 
 def test_several_entries_on_one_domain_share_one_query() -> None:
@@ -132,9 +136,10 @@ def test_several_entries_on_one_domain_share_one_query() -> None:
     high = DnsList("dnswl.example", (((127, 127),), ((0, 0),), ((0, 255),), ((3, 3),)), -3)
     lists = [low, high, ANY]
     assert domains(lists) == ("dnswl.example", "any.example")
-    assert score(lists, {"dnswl.example": ["127.0.15.3"]}) == DnsScore(-3, ("dnswl.example",))
+    wl = ("dnswl.example",)
+    assert score(lists, {"dnswl.example": ["127.0.15.3"]}) == DnsScore(-3, wl, allowing=wl)
     both = {"dnswl.example": ["127.0.15.3", "127.0.15.1"]}
-    assert score(lists, both) == DnsScore(-4, ("dnswl.example",))
+    assert score(lists, both) == DnsScore(-4, wl, allowing=wl)
 
 
 @pytest.mark.parametrize(
@@ -260,6 +265,20 @@ def test_blocked_client_is_cut_off(action: DnsAction) -> None:
     h = hold(action)
     assert h.listed(LISTED, T0 + 1.0) == Blocked(2, ("bl.example",), 1.0, action)
     assert h.done
+
+
+
+def test_a_block_names_only_the_lists_that_weighed_for_it() -> None:
+    # bl*3 and an allow list both answered: the 554 (and the dnsbl event) names
+    # the block list, never the allow list as a reason for the block.
+    h = hold(DnsAction.REJECT)
+    both = score(
+        [DnsList("bl.example", None, 3), DnsList("wl.example", None, -1)],
+        {"wl.example": ["127.0.0.2"], "bl.example": ["127.0.0.2"]},
+    )
+    assert both.lists == ("bl.example", "wl.example")
+    assert h.listed(both, T0 + 1.0) == Blocked(2, ("bl.example",), 1.0, DnsAction.REJECT)
+    assert reject_line("192.0.2.1", ("bl.example",)).endswith(b"blocked using bl.example\r\n")
 
 
 def test_blocked_client_is_logged_and_held_on() -> None:
@@ -604,7 +623,8 @@ def test_dnswl_weight_is_positive_and_counts_against_the_score() -> None:
         parse("list.dnswl.org*0")
     s = Settings(dnsbl=(DnsList("bl.example", None, 2),), dnswl=(parse("wl.example*3"),))
     assert s.dns_lists() == (DnsList("bl.example", None, 2), DnsList("wl.example", None, -3))
-    assert score(s.dns_lists(), {"wl.example": ["127.0.0.2"]}) == DnsScore(-3, ("wl.example",))
+    wl = ("wl.example",)
+    assert score(s.dns_lists(), {"wl.example": ["127.0.0.2"]}) == DnsScore(-3, wl, allowing=wl)
 
 
 @pytest.mark.parametrize(

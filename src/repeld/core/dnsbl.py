@@ -172,12 +172,22 @@ class DnsScore:
     """What the lists said of a client: the sum of weights and the domains that
     listed it; `missing`, the domains that have not answered (yet, or in time);
     `reach`, the least and the most their weights could still add to the score
-    ((0, 0) once no answer is to come: the score is final)."""
+    ((0, 0) once no answer is to come: the score is final); `allowing`, those of
+    `lists` whose entries that matched weigh nothing or less (an allow list's):
+    never named as a reason for a block."""
 
     score: int = 0
     lists: tuple[str, ...] = ()
     missing: tuple[str, ...] = ()
     reach: tuple[int, int] = (0, 0)
+    allowing: tuple[str, ...] = ()
+
+    @property
+    def blocking(self) -> tuple[str, ...]:
+        """The domains that listed the client with a positive weight."""
+        return (
+            tuple(d for d in self.lists if d not in self.allowing) if self.allowing else self.lists
+        )
 
 
 #: The score of a client no list listed (most of them): one shared instance.
@@ -197,14 +207,15 @@ def score(
     those of them whose answer may still come (their weights make the reach).
     """
     total = 0
-    listed: dict[str, None] = {}
+    listed: dict[str, int] = {}  # each domain that listed the client, and its weight
     for entry in lists:
         if entry.matches(answers.get(entry.domain, ())):
             total += entry.weight
-            listed[entry.domain] = None
+            listed[entry.domain] = listed.get(entry.domain, 0) + entry.weight
     if not listed and not missing:
         return UNLISTED
-    return DnsScore(total, tuple(listed), tuple(missing), reach(lists, pending))
+    allowing = tuple(domain for domain, weight in listed.items() if weight <= 0)
+    return DnsScore(total, tuple(listed), tuple(missing), reach(lists, pending), allowing)
 
 
 def reach(lists: Iterable[DnsList], pending: Iterable[str]) -> tuple[int, int]:

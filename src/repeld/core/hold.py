@@ -315,7 +315,8 @@ class Penalty:
 
 @dataclass(frozen=True, slots=True)
 class Blocked:
-    """The DNS lists' score reached --dnsbl-threshold (`action`: --dnsbl-action).
+    """The DNS lists' score reached --dnsbl-threshold (`action`: --dnsbl-action);
+    `lists`, the lists that listed the client with a positive weight.
 
     Final for drop and reject; for log and delay it comes inside `Logged`.
     """
@@ -749,7 +750,7 @@ class Hold:
         assert self._dns is not None and self.dns_result is not None
         result = self.dns_result
         action = self._dns.action
-        blocked = Blocked(result.score, result.lists, self._elapsed(now), action)
+        blocked = Blocked(result.score, result.blocking, self._elapsed(now), action)
         self._blocked = True
         if action in (DnsAction.DROP, DnsAction.REJECT):
             self._state = _DONE
