@@ -10,8 +10,12 @@ which the zones list or not (tests/nsd_fixture.py has the table).
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -432,3 +436,35 @@ def test_a_block_list_outranks_a_remembered_pass(
     assert [(f["reason"], f["score"], f["lists"]) for f in passes] == [("delay", "1", "bl.test")]
     blocked = [(m.fields["client"], m.fields["action"]) for m in syslog.named("dnsbl")]
     assert blocked == [("127.0.0.2", "log"), ("127.0.0.2", "reject"), ("127.0.0.3", "reject")]
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="needs root and util-linux's unshare (a private mount of /etc/resolv.conf)",
+)
+@pytest.mark.parametrize(
+    "resolv_conf",
+    ["search example.org\n", "nameserver https://dns.example/dns-query\n"],
+    ids=["no-nameserver", "only-doh"],
+)
+def test_no_nameserver_for_the_lists_is_one_line_and_no_start(
+    tmp_path: Path, resolv_conf: str
+) -> None:
+    # A container's resolv.conf with no nameserver line: a traceback once; one
+    # naming only DNS over HTTPS: a start whose every lookup failed unseen.
+    conf = tmp_path / "resolv.conf"
+    conf.write_text(resolv_conf)
+    script = (
+        f"mount --bind {shlex.quote(str(conf))} /etc/resolv.conf && exec "
+        + shlex.join([sys.executable, "-m", "repeld", "-f", "--user", "nobody"])
+        + " -l 127.0.0.1:0 -b 127.0.0.1:9 --dnsbl bl.test"
+    )
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == [
+        "repeld: the DNS lists have no server to ask: /etc/resolv.conf names no nameserver;"
+        " name one with --resolver"
+    ]

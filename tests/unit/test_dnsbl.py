@@ -267,7 +267,6 @@ def test_blocked_client_is_cut_off(action: DnsAction) -> None:
     assert h.done
 
 
-
 def test_a_block_names_only_the_lists_that_weighed_for_it() -> None:
     # bl*3 and an allow list both answered: the 554 (and the dnsbl event) names
     # the block list, never the allow list as a reason for the block.

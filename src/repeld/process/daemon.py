@@ -42,6 +42,7 @@ from repeld.process.reloads import Reloads
 from repeld.service import activation, privileges, sdnotify
 from repeld.service.pidfile import PidFile, PidFileError
 from repeld.shell.backendwatch import BackendWatch
+from repeld.shell.dnslookup import NoResolverError
 from repeld.shell.eventlog import EventLog
 from repeld.shell.handoff import resolve_optional_backend
 from repeld.shell.metrics_http import open_endpoint
@@ -324,6 +325,7 @@ def start(
         PidFileError,
         activation.ActivationError,
         workers.WorkerStartError,
+        NoResolverError,
     ) as exc:
         print(f"repeld: {exc}", file=sys.stderr)
         return EXIT_FAILURE

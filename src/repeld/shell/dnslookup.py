@@ -67,6 +67,7 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import dns.asyncresolver
+import dns.resolver
 import trio
 
 from repeld.config.values import Resolver
@@ -122,13 +123,28 @@ COMPACT_AFTER = 1024
 TRIES = 2
 
 
+class NoResolverError(Exception):
+    """No plain DNS server to ask the lists through: repeld does not start."""
+
+
 def make_resolver(server: Resolver | None) -> dns.asyncresolver.Resolver:
     """Where the lists are asked: --resolver, else the servers of /etc/resolv.conf.
 
-    Called before any chroot or privilege drop: it reads /etc/resolv.conf.
+    Called before any chroot or privilege drop: it reads /etc/resolv.conf. A
+    configuration that names no plain DNS server (none at all, or only DNS over
+    HTTPS) is NoResolverError: every lookup would fail unseen.
     """
     if server is None:
-        return dns.asyncresolver.Resolver()
+        try:
+            resolver = dns.asyncresolver.Resolver()
+        except dns.resolver.NoResolverConfiguration:
+            resolver = None
+        if resolver is None or not _servers(resolver):
+            raise NoResolverError(
+                "the DNS lists have no server to ask: /etc/resolv.conf names no"
+                " nameserver; name one with --resolver"
+            )
+        return resolver
     resolver = dns.asyncresolver.Resolver(configure=False)
     resolver.nameservers = [server.host]
     resolver.port = server.port
