@@ -534,10 +534,19 @@ async def test_a_query_waiting_for_its_turn_gives_up_after_the_timeout() -> None
     assert stats["dns_skipped"] == len(clients) - lookups.slots
 
 
-async def test_a_reload_that_removes_the_lists_keeps_them_until_a_restart() -> None:
-    """The lists are restart-only: a SIGHUP whose settings have none says so, and the
-    lists in force go on, with their thresholds, for the next clients (a client
-    whose score is cached included) instead of being half removed."""
+@pytest.mark.parametrize(
+    ("lists", "threshold"),
+    [((), 1), ((DnsList("bl.test", weight=2),), 2)],
+    ids=["removed", "reweighed"],
+)
+async def test_a_reload_that_removes_the_lists_keeps_them_until_a_restart(
+    lists: tuple[DnsList, ...], threshold: int
+) -> None:
+    """The lists are restart-only: a SIGHUP whose settings have none, or others,
+    says so, and the lists in force go on, with their thresholds, for the next
+    clients (a client whose score is cached included) instead of being half
+    removed. A new threshold written for new weights (bl.test*2 and 2) would
+    have let the old weight 1 through."""
     sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
     await sock.bind(("127.0.0.1", 0))
     queries: collections.Counter[str] = collections.Counter()
@@ -556,7 +565,9 @@ async def test_a_reload_that_removes_the_lists_keeps_them_until_a_restart() -> N
                 first.close()
                 server = h.server
                 notes = server.apply(
-                    dataclasses.replace(server.settings, dnsbl=()), TrustedNetworks(()), None
+                    dataclasses.replace(server.settings, dnsbl=lists, dnsbl_threshold=threshold),
+                    TrustedNetworks(()),
+                    None,
                 )
                 assert notes == ["dnsbl changed: takes effect after a restart"]
                 again = await connect(h.address(), source="127.0.0.2")  # its score is cached

@@ -389,7 +389,9 @@ class Server:
         policy = settings.dns_policy()
         if admission.dns is not None:  # the lists and the resolver need a restart
             admission.dns.timeout = settings.dns_timeout
-            if policy is None:  # lists removed: they stay until then, with their policy
+            if policy is None or settings.dns_lists() != old.dns_lists():
+                # Lists removed or changed: the running ones stay until then,
+                # with their policy; new thresholds weigh the new weights only.
                 policy = admission.dns_policy
         admission.configure(settings, trusted, policy)
         self.intake.configure(settings)
