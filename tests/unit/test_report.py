@@ -180,6 +180,23 @@ def test_observe_mode_counts_the_connection_once_as_would_repel() -> None:
     assert (tally.what_if(5).repelled, tally.what_if(10).repelled) == (1, 2)
 
 
+
+def test_an_observed_penalty_is_judged_by_the_verdict_that_ends_it() -> None:
+    # --on-early log with penalties: a remembered talker's penalty event (0 bytes,
+    # action log), then its connection's own talk and pass. One connection, one
+    # "would repel", not three.
+    tally = _tally(
+        events.penalized(_conn(port=1), 0.0, "log"),
+        events.early_talker(_conn(port=1), EarlyTalk(4, b"EHLO", 0.3), "log"),
+        events.passed(_conn(port=1), Pass(PassReason.DELAY, 25.0)),
+        events.penalized(_conn(port=2), 0.0, "log"),  # patient this time
+        events.passed(_conn(port=2), Pass(PassReason.DELAY, 25.0)),
+    )
+    assert (tally.would_repel, tally.waited, tally.judged) == (1, 1, 2)
+    assert tally.early == {"log": 1, "penalty-log": 2}
+    assert tally.would_secs == {0: 1}
+
+
 def test_an_observed_talker_the_lists_then_cut_off_is_counted_once() -> None:
     blocked = Blocked(2, ("bl.example",), 25.0, DnsAction.REJECT)
     tally = _tally(

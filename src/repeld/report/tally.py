@@ -282,6 +282,14 @@ class Tally:
 
     def _early(self, record: Record) -> str:
         action = record.fields.get("action", "unknown")
+        if action == "log" and record.fields.get("bytes") == "0":
+            # A remembered talker in observe mode (a penalty, "log"): held as
+            # usual, its connection is judged by the verdict that ends it, as
+            # an enforcing penalty (never held) is not judged at all.
+            _bump(self.early, "penalty-log")
+            return ""
+        if action == "log" and _conn(record) in self._observed:
+            return ""  # its talk is counted already (a line twice, merged logs)
         _bump(self.early, action)
         if action in REPELLING and self._folded(record):
             # Its talk was logged, then it was cut off for its flood: the
