@@ -180,7 +180,6 @@ def test_observe_mode_counts_the_connection_once_as_would_repel() -> None:
     assert (tally.what_if(5).repelled, tally.what_if(10).repelled) == (1, 2)
 
 
-
 def test_an_observed_penalty_is_judged_by_the_verdict_that_ends_it() -> None:
     # --on-early log with penalties: a remembered talker's penalty event (0 bytes,
     # action log), then its connection's own talk and pass. One connection, one

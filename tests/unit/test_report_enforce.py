@@ -64,6 +64,30 @@ def test_sender_domains_and_helo_names_are_counted(
     ]
 
 
+def test_summary_lines_say_their_envelopes_are_not_in_them() -> None:
+    # -f lines and file templates that drop the structured data carry no envelope
+    # the report can read back for sure: "none given" would read as if the
+    # clients had given none (an audit of false positives reads this table).
+    lines = [f"Nov 30 00:25:05 mx1 repeld[4242]: {e.summary}" for e in EVENTS[:2]]
+    lines.append(format_rfc5424(EVENTS[2], HEADER, NOW).decode())
+    tally = tally_lines(lines, YEAR)
+    assert tally.early == {"enforce": 3} and tally.envelopes_unread == 2
+    assert tally.helo_names == {"abcdef": 1}
+    section = render_text(tally, top=2).split("talkers), top 2\n", 1)[1]
+    assert section.splitlines()[0] == (
+        "  (2 read from summary lines, which do not carry the envelope:"
+        " read the JSON or RFC 5424 events)"
+    )
+    only_summaries = tally_lines(lines[:2], YEAR)
+    section = render_text(only_summaries, top=2).split("talkers), top 2\n", 1)[1]
+    assert section.splitlines()[1:] == [
+        "  sender domains",
+        "    not in these lines",
+        "  HELO names",
+        "    not in these lines",
+    ]
+
+
 def test_no_section_without_enforced_talkers() -> None:
     event = events.early_talker(
         ConnInfo("192.0.2.1", 1, "198.51.100.25", 25), EarlyTalk(1, b"x", 0.1), "drop"

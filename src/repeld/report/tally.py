@@ -248,6 +248,10 @@ class Tally:
     #: Enforced talkers (--on-early enforce): their sender domains and HELO names.
     sender_domains: Counter[str] = field(default_factory=Counter)
     helo_names: Counter[str] = field(default_factory=Counter)
+    #: Enforced talkers read from summary lines (-f, a file template that drops
+    #: the structured data): their envelope, escaped but for its spaces, is not
+    #: read back from the summary, where it cannot be told apart for sure.
+    envelopes_unread: int = 0
 
     def skip(self, too_long: bool = False) -> None:
         """A line that holds no repeld event (or was too long to read)."""
@@ -311,7 +315,10 @@ class Tally:
         if action in REPELLING and elapsed is not None:
             self.early_secs[_second(elapsed)] += 1
         if action == "enforce":
-            self._envelope(record)
+            if record.shape == "summary":  # its envelope is in the structured data only
+                self.envelopes_unread += 1
+            else:
+                self._envelope(record)
         return "early-talker"
 
     def _envelope(self, record: Record) -> None:

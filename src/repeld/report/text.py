@@ -120,6 +120,12 @@ def _envelopes(tally: Tally, top: int, add: Callable[[str], None]) -> None:
     # --on-early enforce: whom the cut clients wrote as, and what they called themselves.
     add("")
     add(f"Cut clients' envelopes (--on-early enforce: {tally.early['enforce']} talkers), top {top}")
+    unread = tally.envelopes_unread
+    if unread:
+        add(
+            f"  ({unread} read from summary lines, which do not carry the envelope:"
+            " read the JSON or RFC 5424 events)"
+        )
     for title, counts in (
         ("sender domains", tally.sender_domains),
         ("HELO names", tally.helo_names),
@@ -128,4 +134,4 @@ def _envelopes(tally: Tally, top: int, add: Callable[[str], None]) -> None:
         for name, count in counts.most_common(top):
             add(f"    {name:41s} {count:7d}")
         if not counts:
-            add("    none given")
+            add("    none given" if unread < tally.early["enforce"] else "    not in these lines")
