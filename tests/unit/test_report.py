@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from repeld.core.hold import (
 from repeld.core.logformat import FACILITIES, Header, format_json, format_rfc5424, format_stderr
 from repeld.core.names import EventName, RelayEnd
 from repeld.report.main import main, make_parser, read_lines, tally_lines
-from repeld.report.parse import MAX_LINE, parse_line
+from repeld.report.parse import MAX_LINE, Years, parse_line
 from repeld.report.svg import LABELS, WIDTH, legend_rows, render_svg
 from repeld.report.tally import CATEGORIES, Tally, TopCounter, network_of
 from repeld.report.text import render_text
@@ -105,6 +106,35 @@ def test_every_shape_gives_the_event_back(event: Event, shape: str) -> None:
         exact = {"rfc5424", "rsyslog-fileformat", "journal-short-full", "journal-short-unix"}
         exact.add("journal-short-iso-precise")
         assert abs(record.time - NOW) < (1 if shape in exact else 86400)
+
+
+
+def test_rfc3164_times_follow_the_logs_new_year() -> None:
+    # A log across New Year: its Jan lines are the next year's, not eleven months
+    # before its Dec ones (which drew a year-long, useless picture).
+    line = "{} mx1 repeld[1]: PASS DELAY [192.0.2.7]:{} after 25.001"
+    lines = [
+        line.format("Dec 31 23:58:00", 1),
+        line.format("Jan  1 00:01:00", 2),
+        line.format("Dec 31 23:59:30", 3),  # merged out of order: still the old year
+        line.format("Jan  1 00:02:00", 4),
+    ]
+    tally = tally_lines(lines, 2025)
+    assert tally.first is not None and tally.last is not None
+    assert tally.last - tally.first == pytest.approx(240.0)
+    assert time.localtime(tally.first).tm_year == 2025
+    assert time.localtime(tally.last).tm_year == 2026
+
+
+def test_without_a_year_a_date_to_come_is_last_years() -> None:
+    # A December log read on 8 January: its first timestamp is last December,
+    # not eleven months ahead; a date of today stays this year's.
+    now = time.mktime((2027, 1, 8, 12, 0, 0, 0, 0, -1))
+    years = Years(2027, guess=True, now=now)
+    assert (years.of(12, 30), years.of(12, 31), years.of(1, 2)) == (2026, 2026, 2027)
+    today = Years(2027, guess=True, now=now)
+    assert today.of(1, 8) == 2027
+    assert today.of(1, 9) == 2027  # within a day: clocks and zones differ
 
 
 def test_the_times_and_hosts_of_journalctl_and_nil_hosts() -> None:

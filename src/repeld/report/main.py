@@ -11,7 +11,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, BinaryIO, NoReturn, cast
 
-from repeld.report.parse import MAX_LINE, parse_line
+from repeld.report.parse import MAX_LINE, Years, parse_line
 from repeld.report.svg import render_svg
 from repeld.report.tally import Tally
 from repeld.report.text import render_text
@@ -54,8 +54,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--year",
         type=int,
         metavar="YEAR",
-        default=time.localtime().tm_year,
-        help="the year of RFC 3164 timestamps, which have none (default: this year)",
+        help="the year of each file's first RFC 3164 timestamp, which has none (default: this"
+        " year, or last year for a date still to come)",
     )
     parser.add_argument(
         "--top",
@@ -83,11 +83,17 @@ def read_lines(stream: IO[bytes], limit: int = MAX_LINE) -> Iterator[str | None]
         yield None
 
 
-def tally_lines(lines: Iterable[str | None], year: int, tally: Tally | None = None) -> Tally:
-    """Every line read into a Tally (None: a line too long to read)."""
+def tally_lines(
+    lines: Iterable[str | None], year: int | Years, tally: Tally | None = None
+) -> Tally:
+    """Every line of one log read into a Tally (None: a line too long to read).
+
+    `year`: of its first RFC 3164 timestamp; the log's new years are followed.
+    """
     tally = Tally() if tally is None else tally
+    years = Years(year) if isinstance(year, int) else year
     for line in lines:
-        record = None if line is None else parse_line(line, year)
+        record = None if line is None else parse_line(line, years)
         if record is None:
             tally.skip(too_long=line is None)
         else:
@@ -111,7 +117,11 @@ def main(argv: Sequence[str]) -> int:
         try:
             stream = _open(name)
             try:
-                tally_lines(read_lines(stream), args.year, tally)
+                if args.year is None:
+                    years = Years(time.localtime().tm_year, guess=True)
+                else:
+                    years = Years(args.year)
+                tally_lines(read_lines(stream), years, tally)
             finally:
                 if stream is not sys.stdin.buffer:
                     stream.close()

@@ -48,7 +48,7 @@ from datetime import datetime
 
 from repeld.core.names import EventName
 
-__all__ = ["MAX_LINE", "Record", "parse_line"]
+__all__ = ["MAX_LINE", "Record", "Years", "parse_line"]
 
 #: Lines longer than this (in characters, the line end excluded) are skipped unread.
 MAX_LINE = 16384
@@ -214,11 +214,51 @@ _KEYWORD = re.compile(r"[A-Z][A-Z0-9-]{0,31}(?=[ :]|$)")
 _BROKEN_DOWN = frozenset(event for event, _ in _SUMMARIES.values())
 
 
-def _bsd_time(match: re.Match[str], year: int) -> float | None:
+class Years:
+    """The years of one log's RFC 3164 timestamps, which carry none, read in order.
+
+    The first is `year`; a month more than six before the last one seen (Jan
+    after Dec) begins the next year, and one more than six after it (Dec after
+    Jan, logs merged out of order) is the year before, for that line. `guess`
+    (no --year given): a first timestamp more than a day after `now` is last
+    year's, as a December log read in January is.
+    """
+
+    __slots__ = ("_guess", "_month", "_now", "year")
+
+    def __init__(self, year: int, *, guess: bool = False, now: float | None = None) -> None:
+        self.year = year
+        self._guess = guess
+        self._now = time.time() if now is None else now
+        self._month = 0
+
+    def of(self, month: int, day: int) -> int:
+        """The year of a timestamp in `month` (and `day`), this line's."""
+        if self._month == 0:
+            self._month = month
+            if self._guess:
+                try:
+                    first = time.mktime((self.year, month, day, 0, 0, 0, 0, 0, -1))
+                except (OverflowError, ValueError):
+                    return self.year
+                if first > self._now + 86400:
+                    self.year -= 1
+            return self.year
+        if month < self._month - 6:
+            self.year += 1
+        elif month > self._month + 6:
+            return self.year - 1
+        self._month = month
+        return self.year
+
+
+def _bsd_time(match: re.Match[str], year: int | Years) -> float | None:
     month = _MONTHS.get(match["mon"])
     if month is None:
         return None
     day, hour, minute, second = (int(match[g]) for g in ("day", "h", "m", "s"))
+    if isinstance(year, Years):
+        year = year.of(month, day)
     try:
         when = time.mktime((year, month, day, hour, minute, second, 0, 0, -1))
     except (OverflowError, ValueError):
@@ -226,7 +266,7 @@ def _bsd_time(match: re.Match[str], year: int) -> float | None:
     return when + float(match["frac"]) if match["frac"] else when
 
 
-def _file_time(match: re.Match[str], year: int) -> float | None:
+def _file_time(match: re.Match[str], year: int | Years) -> float | None:
     """The time of a file line's head, in whichever of its shapes it came."""
     if match["iso"]:
         return _iso_time(match["iso"])
@@ -351,10 +391,11 @@ def _from_message(msg: str) -> tuple[str, dict[str, str]] | None:
     return None if fields is None else ("summary", fields)
 
 
-def parse_line(line: str, year: int) -> Record | None:
+def parse_line(line: str, year: int | Years) -> Record | None:
     """The repeld event in one log line, or None if there is none.
 
-    `year` dates RFC 3164 timestamps, which carry none.
+    `year` dates RFC 3164 timestamps, which carry none (`Years`: a log's, read
+    in order, across its new years).
     """
     line = line.rstrip("\r\n")
     if len(line) > MAX_LINE:
