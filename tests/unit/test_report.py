@@ -108,6 +108,25 @@ def test_every_shape_gives_the_event_back(event: Event, shape: str) -> None:
         assert abs(record.time - NOW) < (1 if shape in exact else 86400)
 
 
+def test_no_terminal_control_reaches_the_reader() -> None:
+    # Anyone who can write to syslog can send repeld-tagged lines (`logger -t
+    # repeld`): JSON escapes put an ESC, a BEL or a line end into a name that
+    # the report prints, to the administrator's terminal.
+    hostile = "\u001b]52;c;cm0gLXJmIH4=\u0007\n  repelled 99999 100.0%\u001b[2J"
+    lines = [
+        "Nov 30 00:25:05 mx1 repeld[1]: @cee:"
+        + json.dumps({"event": "early-talker", "client": "192.0.2.7", "action": hostile}),
+        "Nov 30 00:25:05 mx1 repeld[1]: @cee:" + json.dumps({"event": hostile}),
+        "Nov 30 00:25:05 mx1 repeld[1]: @cee:"
+        + json.dumps({"event": "early-talker", "client": hostile, "action": "drop"}),
+        "Nov 30 00:25:05 mx1 repeld[1]: @cee:"
+        + json.dumps({"event": "early-talker", "action": "enforce", "helo": hostile}),
+    ]
+    text = render_text(tally_lines(lines, YEAR))
+    assert not [c for c in text if not c.isprintable() and c != "\n"]
+    assert "\\x1b]52;c;cm0gLXJmIH4=\\x07\\n  repelled 99999 100.0%\\x1b[2J" in text
+    assert not [line for line in text.splitlines() if line.startswith("  repelled 99999")]
+
 
 def test_rfc3164_times_follow_the_logs_new_year() -> None:
     # A log across New Year: its Jan lines are the next year's, not eleven months

@@ -20,8 +20,17 @@ def _pct(part: int, whole: int) -> str:
     return f"{100.0 * part / whole:5.1f}%" if whole else "    -"
 
 
+def _shown(text: str) -> str:
+    """A name taken from the log, as printable text: anyone who can write to
+    syslog can put a terminal's escape sequences or a line end in a JSON event
+    (`\\u001b`), and the report's reader must not get them raw."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def _breakdown(counts: Counter[str]) -> str:
-    return ", ".join(f"{name} {n}" for name, n in counts.most_common()) or "none"
+    return ", ".join(f"{_shown(name)} {n}" for name, n in counts.most_common()) or "none"
 
 
 def _stamp(when: float) -> str:
@@ -108,7 +117,7 @@ def render_text(tally: Tally, top: int = 10) -> str:
         )
     busiest = tally.networks.most_common(top)
     for network, count in busiest:
-        add(f"  {network:43s} {count:7d}")
+        add(f"  {_shown(network):43s} {count:7d}")
     if not busiest:
         add("  none")
     if tally.early["enforce"]:
@@ -132,6 +141,6 @@ def _envelopes(tally: Tally, top: int, add: Callable[[str], None]) -> None:
     ):
         add(f"  {title}")
         for name, count in counts.most_common(top):
-            add(f"    {name:41s} {count:7d}")
+            add(f"    {_shown(name):41s} {count:7d}")
         if not counts:
             add("    none given" if unread < tally.early["enforce"] else "    not in these lines")
