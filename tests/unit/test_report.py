@@ -752,6 +752,7 @@ def test_a_clock_gone_wrong_still_gives_a_few_bars() -> None:
         events.worker(EventName.WORKER_START, 1, 4243),
         events.worker(EventName.WORKER_EXIT, 1, 4243, -9),
         events.relay_end(_conn(), 25.0, 3.0, 10, 20, RelayEnd.CLOSED),
+        events.dns_list_alarm("bl.example", 0.95, 200),  # its summary begins "DNS list"
     ],
     ids=lambda e: e.name,
 )

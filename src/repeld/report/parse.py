@@ -348,6 +348,8 @@ def _other_name(word: str, summary: str) -> str:
     # case, but for WORKER, which says "started" or "exited".
     if word == "WORKER":
         return "worker-exit" if " exited with " in summary else "worker-start"
+    if word == "DNS" and summary.startswith("DNS list "):
+        return EventName.DNS_LIST_ALARM
     return word.lower()
 
 
