@@ -182,8 +182,9 @@ COUNTERS = (
     _Family(
         "dns_lookups",
         "repeld_dns_lookups",
-        "DNS list answers, one per list and client, by result (listed, clear: a query "
-        "answered; timeout, error: none; cached: no query; skipped: none, no query; "
+        "DNS list answers, one per list and client, by result (listed, refused, clear: a "
+        "query answered, refused with only refusal codes; timeout, error: none; cached: no "
+        "query; skipped: none, no query; "
         "late: answered after its clients were decided)",
         "result",
         RESULTS,

@@ -619,9 +619,22 @@ async def test_sockets_are_replaced_on_new_source_ports(monkeypatch: pytest.Monk
     assert open_now <= SOCKETS  # the retired ones were closed
 
 
-async def test_a_list_that_lists_everyone_raises_the_alarm_once() -> None:
+@pytest.mark.parametrize(
+    ("answer", "what", "hits", "listed"),
+    [
+        ("127.0.0.2", "listed", WATCH_WINDOW + 50, WATCH_WINDOW + 50),
+        # Spamhaus to a public resolver: lists nobody, and once said nothing
+        ("127.255.255.254", "refused", 0, 0),
+        ("198.51.100.80", "refused", 0, 0),  # a parked domain's web server
+    ],
+)
+async def test_a_list_that_lists_everyone_raises_the_alarm_once(
+    answer: str, what: str, hits: int, listed: int
+) -> None:
     """A list whose domain answers every name (dead, hijacked, or refusing us with
-    a listing) is noticed after WATCH_WINDOW answers, and said once."""
+    a listing) is noticed after WATCH_WINDOW answers, and said once; so is one
+    that answers every name with a refusal code or no 127/8 address, which
+    lists nobody while it looks healthy."""
     sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
     await sock.bind(("127.0.0.1", 0))
 
@@ -631,13 +644,13 @@ async def test_a_list_that_lists_everyone_raises_the_alarm_once() -> None:
             query = dns.message.from_wire(data)
             reply = dns.message.make_response(query)
             name = query.question[0].name
-            reply.answer.append(dns.rrset.from_text(name, 300, "IN", "A", "127.0.0.2"))
+            reply.answer.append(dns.rrset.from_text(name, 300, "IN", "A", answer))
             await sock.sendto(reply.to_wire(), peer)
 
-    alarms: list[tuple[str, float]] = []
+    alarms: list[tuple[str, float, str]] = []
     got: dict[str, DnsScore] = {}
     lookups = _lookups(sock.getsockname()[1], (DnsList("all.test"),), got, 2.0)
-    lookups._on_alarm = lambda domain, share: alarms.append((domain, share))
+    lookups._on_alarm = lambda domain, share, kind: alarms.append((domain, share, kind))
     clients = [f"127.7.{n // 250}.{n % 250 + 1}" for n in range(WATCH_WINDOW + 50)]
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
@@ -650,8 +663,11 @@ async def test_a_list_that_lists_everyone_raises_the_alarm_once() -> None:
                 await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
     sock.close()
-    assert alarms == [("all.test", 1.0)]
-    assert lookups.hits() == {"all.test": len(clients)}
+    assert alarms == [("all.test", 1.0, what)]
+    assert sum(lookups.hits().values()) == hits
+    results = lookups.results()
+    assert results.get("listed", 0) == listed
+    assert results.get("refused", 0) == len(clients) - listed
 
 
 async def test_a_resolver_on_ipv6_is_asked_over_ipv6() -> None:

@@ -68,6 +68,7 @@ __all__ = [
     "negative_ttl",
     "query_name",
     "reach",
+    "refuses",
     "reject_line",
     "reversed_address",
     "score",
@@ -122,6 +123,22 @@ ERROR_REPLIES = ("127.0.0.255", "127.255.255.0/24")
 
 def _refusal(octets: bytes) -> bool:
     return octets == b"\x7f\x00\x00\xff" or octets[:3] == b"\x7f\xff\xff"
+
+
+def refuses(replies: Iterable[str]) -> bool:
+    """Whether an answer with A records says only that the list refuses the
+    asker (ERROR_REPLIES) or holds nothing a list answers (no 127/8 address: a
+    parked or hijacked domain): a list that answers so lists nobody."""
+    seen = False
+    for reply in replies:
+        seen = True
+        try:
+            octets = ipaddress.IPv4Address(reply).packed
+        except ValueError:
+            continue
+        if octets[0] == 127 and not _refusal(octets):
+            return False
+    return seen
 
 
 def _octet_text(octet: Octet) -> str:
@@ -299,8 +316,9 @@ def reject_line(client: str, lists: Sequence[str]) -> bytes:
     )
 
 
-#: How one list's answer for one client came: from a query (listed: an A record,
-#: clear: NXDOMAIN or none, timeout, error: SERVFAIL, refused...) or with no query
+#: How one list's answer for one client came: from a query (listed: an A record;
+#: refused: only A records that say the list refuses the asker, or no 127/8 one
+#: (`refuses`); clear: NXDOMAIN or none; timeout; error: SERVFAIL, REFUSED...) or with no query
 #: of its own (cached: the answer cache, or a query in flight for another client
 #: from the same address), so that every client counts once per list; or none
 #: came (skipped: the list, busy with its share of the queries in flight, could
@@ -310,7 +328,7 @@ def reject_line(client: str, lists: Sequence[str]) -> bytes:
 #: shown by metrics.py.
 #: late: a query whose answer came after every client that waited for it had
 #: been decided (kept in the cache, but no client's verdict had it).
-RESULTS = ("listed", "clear", "timeout", "error", "cached", "skipped", "late")
+RESULTS = ("listed", "refused", "clear", "timeout", "error", "cached", "skipped", "late")
 #: The most entries a `TtlCache` keeps (answers, or scores); the oldest go first.
 ANSWER_CACHE_SIZE = 100_000
 #: How long "not listed" (NXDOMAIN, or no A record) is kept at least, in seconds,

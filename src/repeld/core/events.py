@@ -358,19 +358,31 @@ def dnsbl(conn: ConnInfo, verdict: Blocked) -> Event:
     )
 
 
-def dns_list_alarm(domain: str, share: float, window: int) -> Event:
+def dns_list_alarm(domain: str, share: float, window: int, answer: str = "listed") -> Event:
     """A DNS list listed nearly every client of late (`share` of the last `window`
     answers to queries of its own): a dead list whose domain answers everything,
-    a list refusing us with a listing answer, a hijacked domain."""
+    a list refusing us with a listing answer, a hijacked domain. `answer`
+    "refused": it answered nearly every query with a refusal code (Spamhaus's
+    127.255.255.254 to a public resolver) or no 127/8 address, so it lists nobody."""
     percent = round(100 * share, 1)
+    if answer == "refused":
+        summary = (
+            f"DNS list {domain} refused {percent:g}% of the last {window} queries: "
+            "it lists nobody for this resolver (a public one?)"
+        )
+    else:
+        summary = (
+            f"DNS list {domain} listed {percent:g}% of the last {window} clients asked: "
+            "dead, hijacked or refusing this resolver?"
+        )
     return _service(
         EventName.DNS_LIST_ALARM,
         Severity.WARNING,
-        f"DNS list {domain} listed {percent:g}% of the last {window} clients asked: "
-        "dead, hijacked or refusing this resolver?",
+        summary,
         list=domain,
         share=percent,
         window=window,
+        answer=answer,
     )
 
 

@@ -78,6 +78,7 @@ from repeld.core.dnsbl import (
     ListWatch,
     ScoreCache,
     domains,
+    refuses,
     reversed_address,
     score,
 )
@@ -251,7 +252,7 @@ class DnsLookups(Generic[T]):
         timeout: float,
         cache: AnswerCache | None = None,
         scores: ScoreCache | None = None,
-        on_alarm: Callable[[str, float], None] | None = None,
+        on_alarm: Callable[[str, float, str], None] | None = None,
     ) -> None:
         self.servers = _servers(resolver)
         self.lists = lists
@@ -266,6 +267,7 @@ class DnsLookups(Generic[T]):
         self.cache = cache if cache is not None else AnswerCache()
         self.scores = scores if scores is not None else ScoreCache()
         self.watch = ListWatch()
+        self.refusals = ListWatch()  # a list that refuses this resolver lists nobody
         # Clients judged by `known` (each one a cached answer from every list).
         self._known = 0
         self._queue: list[tuple[str, T]] = []
@@ -338,7 +340,7 @@ class DnsLookups(Generic[T]):
         per list that listed them), clients given every list's answer while they
         waited, and clients decided before that."""
         by_result = self._by_result()
-        sent = sum(by_result[r] for r in ("listed", "clear", "timeout", "error", "late"))
+        sent = sum(by_result[r] for r in ("listed", "refused", "clear", "timeout", "error", "late"))
         return {
             "dns_lookups": sent,
             "dns_timeouts": by_result["timeout"],
@@ -607,8 +609,10 @@ class DnsLookups(Generic[T]):
                 self._send(q, now)
             elif not q.ids:
                 self._finish(q, None, now, "error")
+        elif not reply.addresses:
+            self._finish(q, reply, now, "clear")
         else:
-            self._finish(q, reply, now, "listed" if reply.addresses else "clear")
+            self._finish(q, reply, now, "refused" if refuses(reply.addresses) else "listed")
 
     # -- answers -----------------------------------------------------------------
 
@@ -628,7 +632,10 @@ class DnsLookups(Generic[T]):
             expires = self.cache.put((q.domain, q.name), replies, reply.ttl, now)
             alarm = self.watch.seen(q.domain, self._lists(q.domain, replies))
             if alarm is not None and self._on_alarm is not None:
-                self._on_alarm(q.domain, alarm)
+                self._on_alarm(q.domain, alarm, "listed")
+            alarm = self.refusals.seen(q.domain, result == "refused")
+            if alarm is not None and self._on_alarm is not None:
+                self._on_alarm(q.domain, alarm, "refused")
         waiters, q.waiters, q.ids = q.waiters, [], []  # its timers may outlive it
         for client in waiters:
             self._answered(client, q.domain, replies, expires, now)

@@ -295,8 +295,8 @@ class Server:
                         lambda held: held.hold.awaiting_dns,
                         s.dns_timeout,
                         # issue 21: a list that lists nearly everyone is an event
-                        on_alarm=lambda domain, share: self.log.emit(
-                            events.dns_list_alarm(domain, share, WATCH_WINDOW)
+                        on_alarm=lambda domain, share, answer: self.log.emit(
+                            events.dns_list_alarm(domain, share, WATCH_WINDOW, answer)
                         ),
                     )
                     self.dispatch.dns = True
