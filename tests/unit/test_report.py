@@ -25,6 +25,7 @@ from repeld.core.hold import (
 )
 from repeld.core.logformat import FACILITIES, Header, format_json, format_rfc5424, format_stderr
 from repeld.core.names import EventName, RelayEnd
+from repeld.report import tally as tally_module
 from repeld.report.main import main, make_parser, read_lines, tally_lines
 from repeld.report.parse import MAX_LINE, Years, parse_line
 from repeld.report.svg import LABELS, WIDTH, legend_rows, render_svg
@@ -653,6 +654,31 @@ def test_memory_does_not_grow_with_the_lines() -> None:
     _start, width, bars = tally.over_time()
     assert width == 3 * 3600 and len(bars) <= 72 + 1
     assert sum(sum(b.values()) for b in bars) == 20_000
+
+
+def test_memory_stays_bounded_whatever_the_lines_say(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Crafted lines: times spread over millennia, a new wait in every one. The
+    # tables keyed by seconds and by buckets must not grow with them (once 197 MiB
+    # and an SVG of 150,002 "delay in force" labels for 300,000 lines).
+    monkeypatch.setattr(tally_module, "MAX_KEYS", 500)
+    tally = Tally()
+    for i in range(3000):
+        when = 1000.0 + i * 86400.0 * 400  # every line 400 days after the last
+        conn = _conn("192.0.2.7", 1000 + i)
+        elapsed = 30.0 + i * 7.0  # up to some 6 hours
+        event = (
+            events.hangup(conn, HangUp(elapsed, reset=False)),
+            events.passed(conn, Pass(PassReason.DELAY, elapsed)),
+        )[i % 2]
+        record = parse_line(format_rfc5424(event, HEADER, when).decode(), YEAR)
+        assert record is not None
+        tally.add(record)
+    assert len(tally.buckets) <= 500
+    assert max(tally.hangup_secs) == max(tally.patient_secs) == 2 * 3600
+    assert len(tally.delays) <= 2 * 3600 + 1
+    assert len(tally.delays_seen()) == 5
+    svg = render_svg(tally)
+    assert svg.count("delay in force: ") == 5
 
 
 def test_top_counter_keeps_the_heavy_hitters() -> None:

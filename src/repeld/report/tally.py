@@ -16,13 +16,15 @@ FLOOD_LIMIT). A `proxy-error` is the load balancer's PROXY header gone wrong, no
 verdict on a client: its own row too. Events the report does not break down
 are counted by name.
 
-The memory is bounded whatever the number of lines: the times waited are kept
-as counts per whole second (what the give-up curve and the what-if table need,
-since the delays they try are whole seconds), the verdicts over time as counts
-per bucket (the bucket widening as the log's span grows, never beyond 72
-buckets a day), and every table keyed by something from the log has a cap
-(`MAX_KEYS`; past it, the busiest networks are counted by the Space-Saving
-algorithm and marked approximate).
+The memory is bounded whatever the number of lines, and whatever they say: the
+times waited are kept as counts per whole second up to two hours (what the
+give-up curve and the what-if table need, since the delays they try are whole
+seconds), the verdicts over time as counts per bucket (the bucket widening as
+the log's span grows, never beyond 72 buckets a day, and never more than
+`MAX_KEYS` buckets: a log whose times span millennia draws what fits), and
+every table keyed by something from the log has a cap (`MAX_KEYS`; past it,
+the busiest networks are counted by the Space-Saving algorithm and marked
+approximate).
 
 An enforced early talker (`enforce`, --on-early enforce) was cut off too, after
 repeld refused its recipients; its event names the HELO and sender it gave,
@@ -86,8 +88,12 @@ MAX_BARS = 72
 #: The most distinct keys (networks, reasons, event names, connections awaiting their
 #: pass) any one table keeps.
 MAX_KEYS = 100_000
-#: The longest wait kept as such, in seconds; longer ones count as this long.
-_MAX_SECONDS = 366 * 86400
+#: The longest wait kept as such, in seconds; longer ones count as this long. Twice
+#: the longest delay repeld takes (--delay, --dnsbl-delay: an hour): no curve bin and
+#: no candidate delay looks past it, and a table keyed by seconds stays this small.
+_MAX_SECONDS = 2 * 3600
+#: The delays in force the report names (the most common, when a log says more).
+MAX_DELAYS_SHOWN = 5
 
 
 def network_of(address: str) -> str:
@@ -282,7 +288,9 @@ class Tally:
             for (index, cat), n in self.buckets.items():
                 merged[index // ratio, cat] += n
             self.buckets, self.bucket_width = merged, width
-        self.buckets[int(when // width), category] += 1
+        key = (int(when // width), category)
+        if key in self.buckets or len(self.buckets) < MAX_KEYS:  # bounded: a log spread
+            self.buckets[key] += 1  # over millennia (crafted) draws what fits
 
     def _early(self, record: Record) -> str:
         action = record.fields.get("action", "unknown")
@@ -434,8 +442,9 @@ class Tally:
         return self.repelled + self.would_repel + self.waited
 
     def delays_seen(self) -> list[int]:
-        """The delays in force, as the whole seconds passed clients waited."""
-        return sorted(self.delays)
+        """The delays in force, as the whole seconds passed clients waited (the
+        MAX_DELAYS_SHOWN most common)."""
+        return sorted(d for d, _ in self.delays.most_common(MAX_DELAYS_SHOWN))
 
     def curve(self, *kinds: str) -> list[int]:
         """How many hang-ups ("hangup"), early talk cut off ("early") or only logged
