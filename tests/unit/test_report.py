@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import time
@@ -576,6 +577,24 @@ def test_report_main_skips_what_it_cannot_read(
     out = capsys.readouterr()
     assert out.err == ""
     assert "1 events in 4 lines (3 lines skipped: not repeld events, 1 of them too long" in out.out
+
+
+def test_a_file_that_cannot_be_read_costs_only_itself(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # logrotate compressing a file while the report runs: that file is named, the
+    # others are read and the report printed, and the status says one failed.
+    good = tmp_path / "mail.log"
+    good.write_bytes(format_rfc5424(SAMPLES[0], HEADER, NOW) + b"\n")
+    broken = tmp_path / "mail.log.1.gz"
+    broken.write_bytes(gzip.compress(format_rfc5424(SAMPLES[1], HEADER, NOW) * 50)[:40])
+    assert main([str(broken), str(tmp_path / "gone.log"), str(good)]) == 1
+    out = capsys.readouterr()
+    errors = out.err.splitlines()
+    assert len(errors) == 2
+    assert errors[0].startswith(f"repeld report: {broken}: ")
+    assert errors[1] == f"repeld report: {tmp_path / 'gone.log'}: No such file or directory"
+    assert out.out.startswith("repeld report: 1 events in 1 lines")
 
 
 # -- counting every event ------------------------------------------------------------

@@ -113,6 +113,7 @@ def main(argv: Sequence[str]) -> int:
     """Run the report; the exit status (1 if a file cannot be read, 2 on bad usage)."""
     args = make_parser().parse_args(argv)
     tally = Tally()
+    status = 0
     for name in args.files:
         try:
             stream = _open(name)
@@ -127,8 +128,10 @@ def main(argv: Sequence[str]) -> int:
                     stream.close()
         except (OSError, EOFError, zlib.error) as exc:  # a truncated or corrupt .gz too
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            # The others are still read and the report printed: one file being
+            # compressed by logrotate right now must not cost a week's report.
             print(f"repeld report: {name}: {why}", file=sys.stderr)
-            return 1
+            status = 1
     try:
         sys.stdout.write(render_text(tally, top=args.top))
         sys.stdout.flush()
@@ -142,4 +145,4 @@ def main(argv: Sequence[str]) -> int:
         except OSError as exc:
             print(f"repeld report: {args.svg}: {exc.strerror or exc}", file=sys.stderr)
             return 1
-    return 0
+    return status
