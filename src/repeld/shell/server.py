@@ -17,6 +17,7 @@ drain), applies a SIGHUP reload and answers for the counters.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import resource
@@ -373,12 +374,13 @@ class Server:
         Held connections keep their deadlines and relays their backend; new
         connections see the new delay, trusted networks, limits and backend.
         """
-        old = self.settings
+        old = self.settings  # what runs: the restart-only settings as started
         notes = [
             f"{name.replace('_', '-')} changed: takes effect after a restart"
-            for name in _RESTART_ONLY
+            for name in _kept(old, settings)
             if getattr(old, name) != getattr(settings, name)
         ]
+        settings = pinned(old, settings)
         admission = self.admission
         if settings.max_held != old.max_held:
             # Taken out of the file: the default again, as open_server makes it.
@@ -386,14 +388,10 @@ class Server:
             held = settings.max_held or default_max_held(nofile)
             self.max_held = admission.max_held = held
         self.settings = settings
-        policy = settings.dns_policy()
-        if admission.dns is not None:  # the lists and the resolver need a restart
+        if admission.dns is not None:
             admission.dns.timeout = settings.dns_timeout
-            if policy is None or settings.dns_lists() != old.dns_lists():
-                # Lists removed or changed: the running ones stay until then,
-                # with their policy; new thresholds weigh the new weights only.
-                policy = admission.dns_policy
-        admission.configure(settings, trusted, policy)
+        # (Lists changed or removed: the running ones and their policy, as pinned.)
+        admission.configure(settings, trusted, settings.dns_policy())
         self.intake.configure(settings)
         self.dispatch.settings = settings
         self.dispatch.enforcing.name = enforce_name(settings)  # --on-early enforce
@@ -463,6 +461,9 @@ class Server:
         }
 
 
+#: The DNS lists' thresholds and action: kept with the lists while they wait for a restart.
+_DNS_POLICY = ("dnsbl_threshold", "dnswl_threshold", "dnsbl_action", "dnsbl_delay")
+
 #: Settings a running server cannot take over on SIGHUP.
 _RESTART_ONLY = (
     "listen",
@@ -482,6 +483,25 @@ _RESTART_ONLY = (
     "dnswl",
     "resolver",
 )
+
+
+def _kept(running: Settings, new: Settings) -> tuple[str, ...]:
+    # The settings of `running` that `new` cannot change without a restart: the
+    # restart-only ones, and while the DNS lists wait for one (changed, or
+    # removed), their thresholds and action too: new ones written for the new
+    # weights must not weigh the old.
+    if running.dns_lists() != new.dns_lists():
+        return _RESTART_ONLY + _DNS_POLICY
+    return _RESTART_ONLY
+
+
+def pinned(running: Settings, new: Settings) -> Settings:
+    """`new`, but with what of `running` only a restart changes: what a server
+    that runs `running` serves once it has applied `new` (`Server.apply`), and
+    what a --workers parent gives a worker it starts."""
+    return dataclasses.replace(
+        new, **{name: getattr(running, name) for name in _kept(running, new)}
+    )
 
 
 async def open_server(
