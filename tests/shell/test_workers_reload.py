@@ -167,3 +167,10 @@ async def test_reloads_run_one_at_a_time_and_sighups_meanwhile_are_one(
         reloads.request(nursery, reload)
     assert [what for what, _ in runs] == ["begin", "end"]
     assert len(skipped) == 2  # each told (a worker answers its parent)
+
+
+def test_cli_and_the_workers_name_the_same_environment() -> None:
+    # cli.py names a worker's variable itself, so that --check-config loads no trio.
+    from repeld import cli
+
+    assert cli.WORKER_ENV == workers.WORKER_ENV

@@ -44,11 +44,13 @@ back, so after every death the parent puts a byte back if the pipe is empty.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import json
 import math
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -78,10 +80,12 @@ from repeld.shell.backendcheck import Outside
 from repeld.shell.backendwatch import BackendWatch
 from repeld.shell.eventlog import EventLog
 from repeld.shell.metrics_http import open_endpoint
+from repeld.shell.server import pinned
 
 __all__ = [
     "FDS_ENV",
     "LEAD_ENV",
+    "SETTINGS_ENV",
     "STATS_ENV",
     "WORKER_ENV",
     "Supervisor",
@@ -91,11 +95,15 @@ __all__ = [
     "outside_view",
     "report_reload",
     "send_statistics",
+    "settings_from_parent",
     "supervise",
     "watch_parent",
 ]
 
-WORKER_ENV = "REPELD_WORKER"
+WORKER_ENV = "REPELD_WORKER"  # cli.py names it too, to load this module only in a worker
+#: The settings a worker serves, from its parent (pickled, base64): the parent's
+#: in force, not the file as it is when the worker starts (`settings_from_parent`).
+SETTINGS_ENV = "REPELD_WORKER_SETTINGS"
 FDS_ENV = "REPELD_WORKER_FDS"
 LEAD_ENV = "REPELD_LEAD_FDS"
 STATS_ENV = "REPELD_STATS_FD"
@@ -110,6 +118,20 @@ STATS_WAIT = 1.0
 #: How long the parent waits for every worker to say how its reload went (a
 #: worker resolves the backend's name again, which may take a resolver's time).
 RELOAD_WAIT = 10.0
+
+
+def settings_from_parent() -> Settings | None:
+    """In a worker: the settings its parent gave it (taken out of the environment,
+    which an --exec program inherits), or None outside a worker."""
+    if os.environ.get(WORKER_ENV) is None:
+        return None
+    text = os.environ.pop(SETTINGS_ENV, None)
+    if text is None:
+        return None
+    settings = pickle.loads(base64.b64decode(text))  # from our own parent, root
+    if not isinstance(settings, Settings):
+        raise TypeError("the parent's settings are not Settings")
+    return settings
 
 
 def inherited_sockets(env: dict[str, str] | None = None) -> list[tuple[socket.socket, str]]:
@@ -340,6 +362,10 @@ class Supervisor:
         env[LEAD_ENV] = ",".join(leads)
         env[STATS_ENV] = str(write_fd)
         env[LIFELINE_ENV] = str(life_read)
+        # What the others serve: a worker replaced after a reload (or after the
+        # file was edited, with no reload yet) serves the same, not the file as
+        # it is now, and keeps the restart-only settings (the cache, the lists).
+        env[SETTINGS_ENV] = base64.b64encode(pickle.dumps(self.settings)).decode("ascii")
         env.pop("NOTIFY_SOCKET", None)  # only the parent speaks to systemd
         try:
             proc = await trio.lowlevel.open_process(
@@ -625,6 +651,7 @@ async def _reload(
     if sup.stopping:  # a SIGTERM came meanwhile: STOPPING=1 was the last word
         return
     if reloaded or not refused:  # unless every worker that answered refused
+        sup.settings = pinned(sup.settings, settings)  # what a new worker is given
         sup.log.reconfigure(settings)
         watch.reconfigure(settings)  # the periodic backend check
     if not starting:
