@@ -141,27 +141,6 @@ async def test_a_health_check_goes_straight_to_the_mta_and_is_no_client(
         assert len(h.server.pen) == 0
 
 
-@pytest.mark.parametrize(("version", "header"), [("v2", LOCAL_V2), ("v1", b"PROXY UNKNOWN\r\n")])
-async def test_bytes_after_a_local_header_are_no_health_check(
-    version: str, header: bytes, autojump_clock: trio.testing.MockClock
-) -> None:
-    # nginx writes PROXY UNKNOWN, HAProxy LOCAL, for a real client on a unix
-    # socket listener: one that talks before its greeting is no health check
-    # (those wait for the 220) and must not reach the MTA unheld.
-    async with running(
-        backend_proxy=True, proxy_protocol=version, metrics="127.0.0.1:0", **FROM_BALANCER
-    ) as h:
-        sock = await _through(h.address(), header + b"EHLO spammer.example\r\n")
-        assert await read_until_closed(sock) == (b"", "reset")
-        sock.close()
-        (error,) = await h.receiver.wait_for("proxy-error")
-        assert error.fields["reason"] == "local-talk"
-        await trio.sleep(1.0)
-        assert h.backend.headers == []  # the MTA never saw it
-        snap = h.server.metrics_snapshot()
-        assert snap["labelled"]["proxy"] == {"error": 1}
-
-
 async def test_connect_and_close_is_a_tcp_check_and_says_nothing(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -112,9 +112,6 @@ class ProxyReason(enum.StrEnum):
     BAD_ADDRESS = "bad-address"  # an address or port not valid for its family, or cut short
     BAD_TLV = "bad-tlv"  # a v2 TLV runs past the header, or a CRC32C TLV is not 4 bytes
     BAD_CRC32C = "bad-crc32c"  # the CRC32C TLV does not match the header
-    # (The intake's, not the parser's:) bytes right after a LOCAL / UNKNOWN
-    # header: a health check waits for the greeting, this is a client unnamed.
-    LOCAL_TALK = "local-talk"
 
 
 class ProxyFamily(enum.StrEnum):

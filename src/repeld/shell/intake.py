@@ -30,9 +30,8 @@ What is not a client is settled here and goes no further:
   smtpchk` sees the MTA's 220) with a header that names the balancer as the
   client (a LOCAL one would let the MTA take repeld's own address, which its
   mynetworks may trust), counted in `checks`, with no hold, verdict, cache
-  entry or event. One that has sent a byte after its header is no check (a
-  check waits for the greeting) but a client the balancer cannot name, a unix
-  socket's: reset, with a `proxy-error` (`local-talk`);
+  entry or event (a balancer sends such a header for a client it cannot name
+  too, a unix socket listener's: the manual says to keep those away);
 - a balancer's connection closed or reset before sending a byte: a plain TCP
   check, counted in `checks` too;
 - anything else (no header in time, a malformed or unsupported one, closed in
@@ -61,15 +60,7 @@ from repeld.core.events import ConnInfo
 from repeld.core.hold import HangUp, Hold
 from repeld.core.names import ProxyOutcome
 from repeld.core.policy import Refuse, TrustedNetworks
-from repeld.core.proxyinput import (
-    MAX_HEADER,
-    Local,
-    NeedMore,
-    Proxied,
-    ProxyError,
-    ProxyReason,
-    parse,
-)
+from repeld.core.proxyinput import MAX_HEADER, Local, NeedMore, Proxied, ProxyError, parse
 from repeld.shell.accept import Listener
 from repeld.shell.admit import Admission
 from repeld.shell.eventlog import EventLog
@@ -297,19 +288,8 @@ class Intake:
             return
         peer, listener = pending.peer, pending.listener
         if isinstance(header, Local):
-            # A health check waits for the MTA's greeting before it says a word
-            # (HAProxy's smtpchk does): one that talked already is no check, but
-            # a client the balancer cannot name (a unix socket's), and is not
-            # let through unheld.
-            try:
-                talked = sock.recv(1, _PEEK_FLAGS)
-            except OSError:
-                talked = b""
-            if talked:
-                abort(sock)
-                self._event(pending, now, ProxyReason.LOCAL_TALK, "bytes after a LOCAL header")
-                self.outcomes[ProxyOutcome.ERROR] += 1
-                return
+            # (Whatever it sends goes to the MTA: HAProxy before 2.2 sends its
+            # smtpchk HELO right behind the header, before any greeting.)
             self.outcomes[ProxyOutcome.CHECK] += 1
             self._check(sock, peer, now, listener)
             return
