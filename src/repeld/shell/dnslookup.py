@@ -205,6 +205,7 @@ class _Query(Generic[T]):
         "queued",
         "sent_at",
         "slot",
+        "timers",
         "tries",
         "waiters",
     )
@@ -222,6 +223,8 @@ class _Query(Generic[T]):
         self.done = False
         #: It holds one of its list's slots.
         self.slot = False
+        #: Its entries in the timers' heap (they stay there until due once it is done).
+        self.timers = 0
 
 
 class _Client(Generic[T]):
@@ -392,7 +395,7 @@ class DnsLookups(Generic[T]):
         # so that its size follows the queries in flight, not the rate times the
         # timeout (a flood of new addresses answered at once).
         q.done = True
-        self._dead += 1
+        self._dead += q.timers
         if self._dead > COMPACT_AFTER and 2 * self._dead > len(self._timers):
             self._timers = [t for t in self._timers if not t[2].done]
             heapq.heapify(self._timers)
@@ -409,6 +412,7 @@ class DnsLookups(Generic[T]):
 
     def _timer(self, when: float, q: _Query[T], kind: int) -> None:
         heapq.heappush(self._timers, (when, next(self._order), q, kind))
+        q.timers += 1
         if when + TICK < self._wake_at:  # well before the task planned to look: wake it
             self._wake_at = when
             self._due.set()
@@ -418,11 +422,14 @@ class DnsLookups(Generic[T]):
         timers = self._timers
         while timers and timers[0][0] <= now:
             _, _, q, kind = heapq.heappop(timers)
+            q.timers -= 1
             if q.done:
                 self._dead = max(0, self._dead - 1)
                 continue
             if kind == _RETRY:
-                if q.tries < TRIES and self._counts(q):
+                if q.tries >= TRIES:  # sent again early (an error answer): its EXPIRE is queued
+                    continue
+                if self._counts(q):
                     self._send(q, now)
                 else:  # nobody waits for it now: no more tries, but its time stands
                     self._timer(q.sent_at + self.timeout, q, _EXPIRE)
