@@ -156,6 +156,11 @@ def test_without_a_year_a_date_to_come_is_last_years() -> None:
     today = Years(2027, guess=True, now=now)
     assert today.of(1, 8) == 2027
     assert today.of(1, 9) == 2027  # within a day: clocks and zones differ
+    # `cat mail.log*` newest first, read on 8 January, back seven months: never
+    # dated ahead of today (it once gave July and June of 2027).
+    back = Years(2027, guess=True, now=now)
+    months = [1, 12, 11, 10, 9, 8, 7, 6]
+    assert [back.of(m, 15 if m != 1 else 5) for m in months] == [2027] + [2026] * 7
 
 
 def test_the_times_and_hosts_of_journalctl_and_nil_hosts() -> None:

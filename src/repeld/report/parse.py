@@ -217,39 +217,36 @@ _BROKEN_DOWN = frozenset(event for event, _ in _SUMMARIES.values())
 class Years:
     """The years of one log's RFC 3164 timestamps, which carry none, read in order.
 
-    The first is `year`; a month more than six before the last one seen (Jan
-    after Dec) begins the next year, and one more than six after it (Dec after
-    Jan, logs merged out of order) is the year before, for that line. `guess`
-    (no --year given): a first timestamp more than a day after `now` is last
-    year's, as a December log read in January is.
+    The first is `year`; each later one is the year, of the last line's and the
+    two beside it, that puts its month nearest the last line's (Jan after Dec
+    is the next year's, Dec after Jan the year before's: logs merged, or read
+    newest first). `guess` (no --year given): no timestamp is dated more than a
+    day after `now`; one that would be is the year before's, as a December log
+    read in January is.
     """
 
-    __slots__ = ("_guess", "_month", "_now", "year")
+    __slots__ = ("_guess", "_last", "_now", "year")
 
     def __init__(self, year: int, *, guess: bool = False, now: float | None = None) -> None:
         self.year = year
         self._guess = guess
         self._now = time.time() if now is None else now
-        self._month = 0
+        self._last: int | None = None  # the last line's year * 12 + month
 
     def of(self, month: int, day: int) -> int:
         """The year of a timestamp in `month` (and `day`), this line's."""
-        if self._month == 0:
-            self._month = month
-            if self._guess:
-                try:
-                    first = time.mktime((self.year, month, day, 0, 0, 0, 0, 0, -1))
-                except (OverflowError, ValueError):
-                    return self.year
-                if first > self._now + 86400:
-                    self.year -= 1
-            return self.year
-        if month < self._month - 6:
-            self.year += 1
-        elif month > self._month + 6:
-            return self.year - 1
-        self._month = month
-        return self.year
+        year = self.year
+        if self._last is not None:
+            last = self._last
+            year = min((year, year + 1, year - 1), key=lambda y: abs(y * 12 + month - last))
+        if self._guess:
+            try:
+                if time.mktime((year, month, day, 0, 0, 0, 0, 0, -1)) > self._now + 86400:
+                    year -= 1
+            except (OverflowError, ValueError):
+                pass
+        self.year, self._last = year, year * 12 + month
+        return year
 
 
 def _bsd_time(match: re.Match[str], year: int | Years) -> float | None:
