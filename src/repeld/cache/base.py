@@ -268,10 +268,11 @@ class PendingWrites:
     batch goes back under anything queued since (newer verdicts win).
 
     The queue is bounded: beyond `limit` keys something is lost, and a pass is
-    lost first. A lost pass only means one more delay for that client; a lost
-    penalty or "forget" would leave an early talker's stored pass in force (a
-    wrong verdict), so such a write takes the room of the oldest queued pass,
-    and is itself dropped only when no pass is left to give way.
+    lost first. A lost pass means one more delay for that client (or an older
+    penalty of its key left in force); a lost penalty or "forget" would leave an
+    early talker's stored pass in force (a wrong verdict), so such a write takes
+    the room of the oldest queued pass, and is itself dropped only when no pass
+    is left to give way.
     """
 
     __slots__ = ("batch_size", "goods", "inflight", "limit", "queued", "wake")
