@@ -95,6 +95,7 @@ __all__ = [
     "outside_view",
     "report_reload",
     "send_statistics",
+    "settings_for_worker",
     "settings_from_parent",
     "supervise",
     "watch_parent",
@@ -120,17 +121,28 @@ STATS_WAIT = 1.0
 RELOAD_WAIT = 10.0
 
 
+def settings_for_worker(settings: Settings) -> str:
+    """`settings` as the parent gives them to a worker (SETTINGS_ENV), with the
+    version that wrote them."""
+    return base64.b64encode(pickle.dumps((__version__, settings))).decode("ascii")
+
+
 def settings_from_parent() -> Settings | None:
     """In a worker: the settings its parent gave it (taken out of the environment,
-    which an --exec program inherits), or None outside a worker."""
+    which an --exec program inherits), or None outside a worker, or from a parent
+    of another version (a package upgraded under a running parent: its Settings
+    may not be ours): the worker then reads the configuration file, as before."""
     if os.environ.get(WORKER_ENV) is None:
         return None
     text = os.environ.pop(SETTINGS_ENV, None)
     if text is None:
         return None
-    settings = pickle.loads(base64.b64decode(text))  # from our own parent, root
-    if not isinstance(settings, Settings):
-        raise TypeError("the parent's settings are not Settings")
+    try:
+        version, settings = pickle.loads(base64.b64decode(text))  # our own parent's, root
+    except Exception:  # another version's classes, or not ours at all: the file then
+        return None
+    if version != __version__ or not isinstance(settings, Settings):
+        return None
     return settings
 
 
@@ -365,7 +377,7 @@ class Supervisor:
         # What the others serve: a worker replaced after a reload (or after the
         # file was edited, with no reload yet) serves the same, not the file as
         # it is now, and keeps the restart-only settings (the cache, the lists).
-        env[SETTINGS_ENV] = base64.b64encode(pickle.dumps(self.settings)).decode("ascii")
+        env[SETTINGS_ENV] = settings_for_worker(self.settings)
         env.pop("NOTIFY_SOCKET", None)  # only the parent speaks to systemd
         try:
             proc = await trio.lowlevel.open_process(
