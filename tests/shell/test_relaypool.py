@@ -13,7 +13,8 @@ import hashlib
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -796,3 +797,98 @@ async def test_finished_sessions_are_freed_without_the_cycle_collector(
     assert sides == 0
     # Only the heap's stale entries keep a finished session (and nothing it held).
     assert sessions <= 64 + 1
+
+
+async def test_an_fd_number_reused_within_a_batch_gets_no_stale_event() -> None:
+    # One wake-up's events, in an order the kernel may give: A's backend reset
+    # (A ends, and its `done` closes A's client), then B's refused connect (B
+    # opens a socket to its next address, which takes the lowest free number:
+    # that of A's client), then A's client's own event, fetched before it was
+    # closed. That event was taken for "B's connect answered": B counted as
+    # connected to an address that never answered, and waited for the idle
+    # timeout instead of the connect timeout. Real sockets, real epoll; only the
+    # order within the batch is forced.
+    def pair() -> tuple[socket.socket, socket.socket]:
+        with socket.socket() as lst:
+            lst.bind(("127.0.0.1", 0))
+            lst.listen(1)
+            outside = socket.create_connection(lst.getsockname())
+            inside, _ = lst.accept()
+        return outside, inside
+
+    a_out, a_client = pair()
+    good = socket.socket()
+    good.bind(("127.0.0.1", 0))
+    good.listen(8)
+    with socket.socket() as gone:  # a port nothing listens on: refused at once
+        gone.bind(("127.0.0.1", 0))
+        refused = gone.getsockname()
+    hole = socket.socket()  # a full accept queue: SYNs are dropped, no answer
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    fillers = [socket.socket() for _ in range(3)]
+    for f in fillers:
+        f.setblocking(False)
+        f.connect_ex(hole.getsockname())
+    b_out, b_client = pair()
+    errors: list[str] = []
+    p = RelayPool(errors.append)
+    fds: dict[str, int] = {}
+    real_ready = p._poller.ready
+
+    def in_that_order(limit: int) -> list[tuple[int, int]]:
+        order = {fds.get("A backend"): 0, fds.get("B backend"): 1, fds.get("A client"): 2}
+        return sorted(real_ready(limit), key=lambda event: order.get(event[0], 3))
+
+    p._poller.ready = in_that_order  # type: ignore[method-assign]
+    results: dict[str, tuple[RelayResult, float]] = {}
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.run)
+            await trio.sleep(0.05)
+            t0 = trio.current_time()
+
+            def ended(name: str, sock: socket.socket) -> Callable[[RelayResult], None]:
+                def done(result: RelayResult) -> None:
+                    results[name] = (result, trio.current_time() - t0)
+                    sock.close()
+
+                return done
+
+            p.connect_and_relay(
+                a_client,
+                [(socket.AF_INET, good.getsockname())],
+                connect_timeout=1.0,
+                idle_timeout=5.0,
+                done=ended("A", a_client),
+            )
+            fds["A client"] = a_client.fileno()
+            (fds["A backend"],) = (fd for fd, s in p._sides.items() if s.name == "backend")
+            a_mta, _ = good.accept()
+            p.connect_and_relay(
+                b_client,
+                [(socket.AF_INET, refused), (socket.AF_INET, hole.getsockname())],
+                connect_timeout=1.0,
+                idle_timeout=5.0,
+                done=ended("B", b_client),
+            )
+            (fds["B backend"],) = (
+                fd for fd, s in p._sides.items() if s.name == "backend" and fd != fds["A backend"]
+            )
+            # All three ready before the pool's task runs again (no checkpoint here).
+            a_mta.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            a_mta.close()
+            a_out.sendall(b"hello")
+            time.sleep(0.1)
+            with trio.fail_after(8):
+                while len(results) < 2:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    finally:
+        for s in (a_out, b_out, good, hole, *fillers):
+            s.close()
+    b, after = results["B"]
+    assert b.connected_at is None
+    assert b.connect_error == "no answer within 1s"
+    assert after < 3.0  # its connect timeout, not the idle timeout of 5 s
+    assert errors == []

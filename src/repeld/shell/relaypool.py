@@ -159,6 +159,8 @@ class RelayPool:
         self._on_error = on_error
         self._poller = Poller()
         self._sides: dict[int, _Side] = {}
+        #: While `_serve` handles a batch: the sockets opened in it (see there).
+        self._opened: set[int] | None = None
         self._sessions = 0
         # (deadline, tie-breaker, session): at most one live entry per open session.
         self._heap: list[tuple[float, int, _Session]] = []
@@ -254,6 +256,8 @@ class RelayPool:
                 continue
             side = session.attach(sock)
             self._sides[side.fd] = side
+            if self._opened is not None:
+                self._opened.add(side.fd)
             if _established(sock):
                 # On loopback the handshake is over before connect() returns: no
                 # need to wait for the socket to become writable.
@@ -349,9 +353,14 @@ class RelayPool:
         """Connect, flush and pump every ready socket; how many there were."""
         sides = self._sides
         ready = self._poller.ready(_BATCH)
+        # A socket opened during this batch (a connect to the next address) may
+        # take the number of one closed earlier in it, whose event is still to
+        # come in this list: that event is not the new socket's.
+        opened: set[int] = set()
+        self._opened = opened
         for ready_fd, events in ready:
             side = sides.get(ready_fd)
-            if side is None:
+            if side is None or ready_fd in opened:
                 continue  # its session ended earlier in this batch
             session = side.session
             try:
@@ -370,6 +379,7 @@ class RelayPool:
                     self._pump(side, now)
             except Exception as exc:  # one broken session never stops the others
                 self._fail(session, exc)
+        self._opened = None
         self._unlink()
         return len(ready)
 
