@@ -435,6 +435,20 @@ begin retry
             raise AssertionError(f"no delivery attempt for {message_id}:\n{self.log_text()}")
         return message_id
 
+    def retry(self, message_id: str) -> None:
+        """Run a deferred message's delivery again now (`exim -M`), and wait for its
+        next attempt."""
+        before = len(self.deliveries(message_id))
+        subprocess.run(
+            [str(self.exim), "-C", str(self.config), "-M", message_id],
+            capture_output=True,
+            timeout=SEND_TIMEOUT,
+            start_new_session=True,
+            check=False,
+        )
+        if not wait_for(lambda: len(self.deliveries(message_id)) > before, SEND_TIMEOUT, 0.05):
+            raise AssertionError(f"no new attempt for {message_id}:\n{self.log_text()}")
+
     def deliveries(self, message_id: str | None = None) -> list[Delivery]:
         """Every delivery attempt in the mainlog (of one message, if given)."""
         status = {"=>": "delivered", "->": "delivered", "==": "deferred", "**": "failed"}

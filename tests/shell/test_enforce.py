@@ -45,7 +45,7 @@ async def test_a_talker_is_held_greeted_refused_and_written_down(
         )
         await client.send(b"MAIL FROM:<a@sender.example>\r\nRCPT TO:<b@rcpt.example>\r\n")
         assert await read_line(client) == b"250 2.1.0 Ok\r\n"
-        assert await read_line(client) == b"550 5.5.1 Protocol error\r\n"
+        assert await read_line(client) == b"450 4.7.1 Protocol error: try again later\r\n"
         await client.send(b"DATA\r\n")
         assert (await read_line(client)).startswith(b"554 ")
         await client.send(b"QUIT\r\n")

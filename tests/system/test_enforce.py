@@ -78,8 +78,8 @@ def test_smtplib_talking_early_is_refused_and_written_down(syslog: SyslogUDP) ->
             with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
                 smtp.sendmail("a@sender.example", ["b@rcpt.example", "c@rcpt.example"], MESSAGE)
             assert refused.value.recipients == {
-                "b@rcpt.example": (550, b"5.5.1 Protocol error"),
-                "c@rcpt.example": (550, b"5.5.1 Protocol error"),
+                "b@rcpt.example": (450, b"4.7.1 Protocol error: try again later"),
+                "c@rcpt.example": (450, b"4.7.1 Protocol error: try again later"),
             }
             assert smtp.docmd("DATA")[0] == 554
             assert smtp.noop()[0] == 250
@@ -132,7 +132,7 @@ def test_swaks_talking_early_is_refused_and_written_down(syslog: SyslogUDP) -> N
         transcript = done.stdout + done.stderr
         assert done.returncode != 0, transcript  # no recipient was accepted
         assert "<-  220 mx.enforce.test ESMTP" in transcript
-        assert "<** 550 5.5.1 Protocol error" in transcript
+        assert "<** 450 4.7.1 Protocol error: try again later" in transcript
         assert "PIPELINING" not in transcript and "STARTTLS" not in transcript
         (ev,) = syslog.wait_for("early-talker")
         assert ev.format == "rfc5424"

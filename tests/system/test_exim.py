@@ -187,3 +187,32 @@ def test_behind_repeld_exim_never_learns_to_pipeline_early(syslog: SyslogUDP) ->
         syslog.drain()
         assert syslog.named("early-talker") == [], story(client, server, rd)
         assert all(" L* " not in line for line in server.accepted()), story(client, server, rd)
+
+
+def test_an_exim_enforced_by_mistake_defers_and_delivers_on_retry(syslog: SyslogUDP) -> None:
+    """An Exim that learned PIPECONNECT before repeld stood in front of its peer
+    (--keep-pipe-connect stands for that) and that the pass cache does not know
+    talks early; --on-early enforce refuses its recipients. A permanent 550
+    bounced its message; the temporary refusal defers it, and Exim's retry,
+    which no longer pipelines early, is delivered."""
+    exim = require_exim()
+    with exim_server(exim, hosts_proxy="127.0.0.1") as server, running_repeld(
+        "--backend", server.address,
+        "--delay", str(DELAY),
+        "--no-cache",
+        "--proxy-protocol", "v1",
+        "--on-early", "enforce",
+        "--keep-pipe-connect",
+        "--syslog", syslog.target,
+    ) as rd, exim_client(exim, rd.address[1]) as client:  # fmt: skip
+        client.send()  # patient: delivered, and PIPECONNECT learned
+        second = client.send()  # early: enforced
+        (first_try,) = client.deliveries(second)
+        assert first_try.status == "deferred", story(client, server, rd)  # not "failed"
+        client.retry(second)
+        attempts = client.deliveries(second)
+        assert [d.status for d in attempts] == ["deferred", "delivered"], story(client, server, rd)
+        assert not attempts[1].early_pipelining, story(client, server, rd)  # waited this time
+        assert " <= <> " not in client.log_text(), story(client, server, rd)  # no bounce
+        (enforced,) = syslog.wait_for("early-talker")
+        assert enforced.fields["action"] == "enforce"

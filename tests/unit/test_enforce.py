@@ -52,7 +52,7 @@ DIALOGUE: list[tuple[str, bytes, bytes, EnforceEnd | None]] = [
     ("MAIL with a space", b"mail from: <a@b>\r\n", b"250 2.1.0 Ok\r\n", None),
     ("MAIL null sender", b"MAIL FROM:<>\r\n", b"250 2.1.0 Ok\r\n", None),
     ("MAIL without FROM:", b"MAIL <a@b>\r\n", b"501 5.5.4 Syntax: MAIL FROM:<address>\r\n", None),
-    ("RCPT", b"RCPT TO:<c@d.example>\r\n", b"550 5.5.1 Protocol error\r\n", None),
+    ("RCPT", b"RCPT TO:<c@d.example>\r\n", b"450 4.7.1 Protocol error: try again later\r\n", None),
     ("RCPT without TO:", b"RCPT <c@d>\r\n", b"501 5.5.4 Syntax: RCPT TO:<address>\r\n", None),
     ("DATA", b"DATA\r\n", b"554 5.5.1 Error: no valid recipients\r\n", None),
     ("BDAT", b"BDAT 5 LAST\r\nxxxxx", b"554 5.5.1 Error: no valid recipients\r\n", None),
@@ -71,7 +71,7 @@ DIALOGUE: list[tuple[str, bytes, bytes, EnforceEnd | None]] = [
         "pipelined: answered in order",
         b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nQUIT\r\n",
         EHLO_REPLY
-        + b"250 2.1.0 Ok\r\n550 5.5.1 Protocol error\r\n"
+        + b"250 2.1.0 Ok\r\n450 4.7.1 Protocol error: try again later\r\n"
         + b"554 5.5.1 Error: no valid recipients\r\n221 2.0.0 Bye\r\n",
         EnforceEnd.QUIT,
     ),
@@ -109,7 +109,7 @@ DIALOGUE: list[tuple[str, bytes, bytes, EnforceEnd | None]] = [
     (
         "more than MAX_RECIPIENTS recipients: 421",
         b"".join(b"RCPT TO:<r%d@x>\r\n" % i for i in range(MAX_RECIPIENTS + 2)),
-        b"550 5.5.1 Protocol error\r\n" * MAX_RECIPIENTS
+        b"450 4.7.1 Protocol error: try again later\r\n" * MAX_RECIPIENTS
         + b"421 4.5.3 mx.test Error: too many recipients\r\n",
         EnforceEnd.RECIPIENTS,
     ),

@@ -19,7 +19,7 @@ What it answers, command by command (the verb is case-insensitive):
                     use to do more than name itself and its envelope)
     HELO x          250 NAME
     MAIL FROM:<a>   250 2.1.0 Ok                      (501 if not MAIL FROM:)
-    RCPT TO:<b>     550 5.5.1 Protocol error          (501 if not RCPT TO:)
+    RCPT TO:<b>     450 4.7.1 Protocol error: try again later  (501 if not RCPT TO:)
     DATA            554 5.5.1 Error: no valid recipients
     BDAT n [LAST]   the same, and the n bytes of the chunk are skipped unread
     RSET, NOOP      250 2.0.0 Ok
@@ -91,7 +91,11 @@ def greeting_name(text: str) -> bytes:
 
 _OK = b"250 2.0.0 Ok\r\n"
 _SENDER_OK = b"250 2.1.0 Ok\r\n"
-_REFUSED = b"550 5.5.1 Protocol error\r\n"
+#: A temporary refusal (postscreen's enforce says 550): a real MTA that talked
+#: early by mistake (an Exim that learned PIPECONNECT before repeld stood in
+#: front of its peer) defers and retries, without early pipelining, where a 550
+#: would bounce its message.
+_REFUSED = b"450 4.7.1 Protocol error: try again later\r\n"
 _NO_DATA = b"554 5.5.1 Error: no valid recipients\r\n"
 _BYE = b"221 2.0.0 Bye\r\n"
 _BAD_SYNTAX = b"500 5.5.2 Error: bad syntax\r\n"
