@@ -15,6 +15,7 @@ from repeld.core.enforce import (
     MAX_COMMANDS,
     MAX_LINE,
     MAX_RECIPIENTS,
+    MAX_SKIPPED,
     SESSION_TIME,
     EnforceEnd,
     Enforcer,
@@ -159,6 +160,26 @@ def test_a_long_line_over_many_reads_is_answered_once() -> None:
         assert engine.receive(b"x" * 4096, T0) == b""
     assert engine.receive(b"x\r\nNOOP\r\n", T0) == b"250 2.0.0 Ok\r\n"
     assert engine.commands == 2
+
+
+@pytest.mark.parametrize(
+    "flood",
+    [b"BDAT 999999999999 LAST\r\n", b"y" * MAX_LINE],
+    ids=["bdat", "endless-line"],
+)
+def test_what_a_session_skips_unread_is_bounded(flood: bytes) -> None:
+    # An endless BDAT chunk or line was read and thrown away, 4 KiB at a time, until
+    # SESSION_TIME: a core kept busy for 30 s by one client, 100 at once.
+    engine = Enforcer(NAME, T0)
+    engine.receive(flood, T0)
+    said = b""
+    for _ in range(MAX_SKIPPED // 4096 + 2):
+        said += engine.receive(b"z" * 4096, T0)
+        if engine.done:
+            break
+    assert engine.done and engine.end is EnforceEnd.DATA
+    assert said.endswith(b"421 4.7.0 mx.test Error: too much data\r\n")
+    assert engine.receive(b"NOOP\r\n", T0) == b""
 
 
 def test_the_session_ends_at_its_time() -> None:

@@ -35,6 +35,8 @@ and its bounds, past any of which it answers 421 and closes (`end` says which):
     MAX_COMMANDS commands                 the next one: 421 4.7.0 too many commands
     MAX_RECIPIENTS recipients recorded    the next RCPT: 421 4.5.3 too many recipients
     SESSION_TIME seconds after greeting   421 4.4.2 timeout exceeded (`timeout(now)`)
+    MAX_SKIPPED bytes skipped unread      421 4.7.0 too much data (BDAT chunks, and
+                    the tails of lines too long: the work a client can make)
 
 Commands that arrive together (a client that pipelines although it was not told
 it may) are answered in order, in one write. A line ends at LF, with or without
@@ -54,6 +56,7 @@ __all__ = [
     "MAX_COMMANDS",
     "MAX_LINE",
     "MAX_RECIPIENTS",
+    "MAX_SKIPPED",
     "SESSION_TIME",
     "EnforceEnd",
     "Enforcer",
@@ -67,6 +70,10 @@ MAX_LINE = 512
 MAX_COMMANDS = 20
 #: Recipients recorded; the next RCPT is told 421.
 MAX_RECIPIENTS = 10
+#: Bytes skipped unread in one session (BDAT chunks, the tails of lines too
+#: long); past them it is told 421: reading and throwing away a client's endless
+#: BDAT kept a core busy until SESSION_TIME, and nothing it sends is wanted.
+MAX_SKIPPED = 1 << 20
 #: Seconds from the greeting to the 421 that ends a session, whatever it is doing.
 SESSION_TIME = 30.0
 
@@ -109,6 +116,7 @@ _CLOSING = {
     EnforceEnd.TIMEOUT: (b"421 4.4.2 ", b" Error: timeout exceeded\r\n"),
     EnforceEnd.COMMANDS: (b"421 4.7.0 ", b" Error: too many commands\r\n"),
     EnforceEnd.RECIPIENTS: (b"421 4.5.3 ", b" Error: too many recipients\r\n"),
+    EnforceEnd.DATA: (b"421 4.7.0 ", b" Error: too much data\r\n"),
     EnforceEnd.SHUTDOWN: (b"421 4.3.2 ", b" Service shutting down, try again later\r\n"),
 }
 
@@ -133,6 +141,7 @@ class Enforcer:
         "_recipients",
         "_skip_bytes",
         "_skip_line",
+        "_skipped",
         "commands",
         "deadline",
         "end",
@@ -147,6 +156,7 @@ class Enforcer:
         self._buf = bytearray()
         self._skip_line = False  # the rest of a line too long is being skipped
         self._skip_bytes = 0  # the rest of a BDAT chunk is being skipped
+        self._skipped = 0  # bytes skipped so far (MAX_SKIPPED)
         self.commands = 0
         self.helo = b""
         self.sender = b""
@@ -182,16 +192,22 @@ class Enforcer:
         buf += data
         out = bytearray()
         while self.end is None and buf:
+            if self._skipped > MAX_SKIPPED:
+                out += self._close(EnforceEnd.DATA)
+                break
             if self._skip_bytes:  # a BDAT chunk: not commands
                 n = min(self._skip_bytes, len(buf))
                 del buf[:n]
                 self._skip_bytes -= n
+                self._skipped += n
                 continue
             nl = buf.find(b"\n")
             if self._skip_line:  # the tail of a line already answered 500
                 if nl < 0:
+                    self._skipped += len(buf)
                     buf.clear()
-                    break
+                    continue
+                self._skipped += nl + 1
                 del buf[: nl + 1]
                 self._skip_line = False
                 continue

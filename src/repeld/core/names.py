@@ -76,6 +76,7 @@ class EnforceEnd(enum.StrEnum):
     TIMEOUT = "timeout"  # SESSION_TIME seconds after the greeting (421)
     COMMANDS = "commands"  # more than MAX_COMMANDS commands (421)
     RECIPIENTS = "recipients"  # more than MAX_RECIPIENTS recipients (421)
+    DATA = "data"  # more than MAX_SKIPPED bytes skipped: BDAT chunks, overlong lines (421)
     SHUTDOWN = "shutdown"  # repeld was stopping (421)
     GONE = "gone"  # the talker left before the end of its delay: never greeted
     BUSY = "busy"  # every enforce session was taken: dropped as --on-early drop does
