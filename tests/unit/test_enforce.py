@@ -224,7 +224,9 @@ def test_shutdown_says_421() -> None:
     ("text", "name"),
     [
         ("mx.example.org", b"mx.example.org"),
-        ("two words", b"two?words"),
+        ("two words", b"two"),
+        ("mx.example.org ESMTP Postfix", b"mx.example.org"),  # a teaser text: its name
+        ("  ", b"localhost"),
         ("h\u00e9", b"h?"),
         ("", b"localhost"),
     ],

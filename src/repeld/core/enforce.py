@@ -90,10 +90,12 @@ class Envelope:
 
 
 def greeting_name(text: str) -> bytes:
-    """The name in the 220 and 250 lines: `text` (--teaser-text, or the host name)
-    with anything outside printable ASCII, and spaces, made `?`, so it stays one word."""
-    clean = "".join(c if "!" <= c <= "~" else "?" for c in text) or "localhost"
-    return clean.encode("ascii")
+    """The name in the 220 and 250 lines: the first word of `text` (--teaser-text,
+    `mx.example.org ESMTP Postfix` say, or the host name), anything outside
+    printable ASCII in it made `?`."""
+    words = text.split()
+    clean = "".join(c if "!" <= c <= "~" else "?" for c in words[0]) if words else ""
+    return (clean or "localhost").encode("ascii")
 
 
 _OK = b"250 2.0.0 Ok\r\n"
