@@ -126,8 +126,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], dict[
 #: workers read that file as if named with -c, so that one started after the
 #: file went away does not serve the defaults beside the others.
 CONFIG_SEEN_ENV = "REPELD_CONFIG_SEEN"
-#: process/workers.py's WORKER_ENV, named here so that --check-config need not load trio.
-WORKER_ENV = "REPELD_WORKER"
 
 
 def settings_from(
@@ -205,12 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.get(CONFIG_SEEN_ENV) == "1" or os.path.exists(default_config_path())
     )
     try:
-        given = None
-        if WORKER_ENV in os.environ:  # a --workers worker serves what its parent gives
-            from repeld.process.workers import settings_from_parent  # (trio: not for --check-*)
-
-            given = settings_from_parent()
-        settings = given or settings_from(flags, actions, file_seen=seen)
+        settings = settings_from(flags, actions, file_seen=seen)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"repeld: {problem}", file=sys.stderr)

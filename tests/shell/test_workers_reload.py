@@ -17,7 +17,6 @@ import sys
 import time
 from collections.abc import AsyncIterator
 
-import pytest
 import trio
 import trio.testing
 
@@ -168,28 +167,3 @@ async def test_reloads_run_one_at_a_time_and_sighups_meanwhile_are_one(
         reloads.request(nursery, reload)
     assert [what for what, _ in runs] == ["begin", "end"]
     assert len(skipped) == 2  # each told (a worker answers its parent)
-
-
-def test_cli_and_the_workers_name_the_same_environment() -> None:
-    # cli.py names a worker's variable itself, so that --check-config loads no trio.
-    from repeld import cli
-
-    assert cli.WORKER_ENV == workers.WORKER_ENV
-
-
-def test_a_worker_takes_its_parents_settings_of_its_own_version_only(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # A package upgraded under a running parent: a new worker must not take the
-    # old parent's Settings (another class, maybe other fields) but read the file.
-    given = Settings(delay=7.0)
-    monkeypatch.setenv(workers.WORKER_ENV, "0")
-    monkeypatch.setenv(workers.SETTINGS_ENV, workers.settings_for_worker(given))
-    assert workers.settings_from_parent() == given
-    assert workers.SETTINGS_ENV not in os.environ  # an --exec program inherits none
-    monkeypatch.setattr(workers, "__version__", "0.0.1")
-    monkeypatch.setenv(workers.SETTINGS_ENV, workers.settings_for_worker(given))
-    monkeypatch.setattr(workers, "__version__", "0.0.2")
-    assert workers.settings_from_parent() is None
-    monkeypatch.setenv(workers.SETTINGS_ENV, "bm90IGEgcGlja2xl")  # not a pickle at all
-    assert workers.settings_from_parent() is None

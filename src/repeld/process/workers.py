@@ -44,13 +44,11 @@ back, so after every death the parent puts a byte back if the pipe is empty.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import json
 import math
 import os
-import pickle
 import signal
 import socket
 import subprocess
@@ -80,12 +78,10 @@ from repeld.shell.backendcheck import Outside
 from repeld.shell.backendwatch import BackendWatch
 from repeld.shell.eventlog import EventLog
 from repeld.shell.metrics_http import open_endpoint
-from repeld.shell.server import pinned
 
 __all__ = [
     "FDS_ENV",
     "LEAD_ENV",
-    "SETTINGS_ENV",
     "STATS_ENV",
     "WORKER_ENV",
     "Supervisor",
@@ -95,16 +91,11 @@ __all__ = [
     "outside_view",
     "report_reload",
     "send_statistics",
-    "settings_for_worker",
-    "settings_from_parent",
     "supervise",
     "watch_parent",
 ]
 
-WORKER_ENV = "REPELD_WORKER"  # cli.py names it too, to load this module only in a worker
-#: The settings a worker serves, from its parent (pickled, base64): the parent's
-#: in force, not the file as it is when the worker starts (`settings_from_parent`).
-SETTINGS_ENV = "REPELD_WORKER_SETTINGS"
+WORKER_ENV = "REPELD_WORKER"
 FDS_ENV = "REPELD_WORKER_FDS"
 LEAD_ENV = "REPELD_LEAD_FDS"
 STATS_ENV = "REPELD_STATS_FD"
@@ -119,31 +110,6 @@ STATS_WAIT = 1.0
 #: How long the parent waits for every worker to say how its reload went (a
 #: worker resolves the backend's name again, which may take a resolver's time).
 RELOAD_WAIT = 10.0
-
-
-def settings_for_worker(settings: Settings) -> str:
-    """`settings` as the parent gives them to a worker (SETTINGS_ENV), with the
-    version that wrote them."""
-    return base64.b64encode(pickle.dumps((__version__, settings))).decode("ascii")
-
-
-def settings_from_parent() -> Settings | None:
-    """In a worker: the settings its parent gave it (taken out of the environment,
-    which an --exec program inherits), or None outside a worker, or from a parent
-    of another version (a package upgraded under a running parent: its Settings
-    may not be ours): the worker then reads the configuration file, as before."""
-    if os.environ.get(WORKER_ENV) is None:
-        return None
-    text = os.environ.pop(SETTINGS_ENV, None)
-    if text is None:
-        return None
-    try:
-        version, settings = pickle.loads(base64.b64decode(text))  # our own parent's, root
-    except Exception:  # another version's classes, or not ours at all: the file then
-        return None
-    if version != __version__ or not isinstance(settings, Settings):
-        return None
-    return settings
 
 
 def inherited_sockets(env: dict[str, str] | None = None) -> list[tuple[socket.socket, str]]:
@@ -374,10 +340,6 @@ class Supervisor:
         env[LEAD_ENV] = ",".join(leads)
         env[STATS_ENV] = str(write_fd)
         env[LIFELINE_ENV] = str(life_read)
-        # What the others serve: a worker replaced after a reload (or after the
-        # file was edited, with no reload yet) serves the same, not the file as
-        # it is now, and keeps the restart-only settings (the cache, the lists).
-        env[SETTINGS_ENV] = settings_for_worker(self.settings)
         env.pop("NOTIFY_SOCKET", None)  # only the parent speaks to systemd
         try:
             proc = await trio.lowlevel.open_process(
@@ -663,7 +625,6 @@ async def _reload(
     if sup.stopping:  # a SIGTERM came meanwhile: STOPPING=1 was the last word
         return
     if reloaded or not refused:  # unless every worker that answered refused
-        sup.settings = pinned(sup.settings, settings)  # what a new worker is given
         sup.log.reconfigure(settings)
         watch.reconfigure(settings)  # the periodic backend check
     if not starting:
