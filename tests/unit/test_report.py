@@ -161,6 +161,11 @@ def test_without_a_year_a_date_to_come_is_last_years() -> None:
     back = Years(2027, guess=True, now=now)
     months = [1, 12, 11, 10, 9, 8, 7, 6]
     assert [back.of(m, 15 if m != 1 else 5) for m in months] == [2027] + [2026] * 7
+    # A log from 20 November to 20 February read on 8 December: only its first line
+    # is judged against today; the others follow it, in order, not a year apart.
+    dec = time.mktime((2026, 12, 8, 12, 0, 0, 0, 0, -1))
+    archive = Years(2026, guess=True, now=dec)
+    assert [archive.of(m, 20) for m in (11, 12, 1, 2)] == [2026, 2026, 2027, 2027]
 
 
 def test_the_times_and_hosts_of_journalctl_and_nil_hosts() -> None:

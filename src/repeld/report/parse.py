@@ -220,9 +220,10 @@ class Years:
     The first is `year`; each later one is the year, of the last line's and the
     two beside it, that puts its month nearest the last line's (Jan after Dec
     is the next year's, Dec after Jan the year before's: logs merged, or read
-    newest first). `guess` (no --year given): no timestamp is dated more than a
-    day after `now`; one that would be is the year before's, as a December log
-    read in January is.
+    newest first). `guess` (no --year given): the first timestamp is not dated
+    more than a day after `now`; one that would be is the year before's, as a
+    December log read in January is. (The later ones follow it, even past
+    `now`: an archive of last winter read today keeps its own order.)
     """
 
     __slots__ = ("_guess", "_last", "_now", "year")
@@ -239,7 +240,7 @@ class Years:
         if self._last is not None:
             last = self._last
             year = min((year, year + 1, year - 1), key=lambda y: abs(y * 12 + month - last))
-        if self._guess:
+        if self._guess and self._last is None:  # the first line: later ones follow it
             try:
                 if time.mktime((year, month, day, 0, 0, 0, 0, 0, -1)) > self._now + 86400:
                     year -= 1

@@ -497,8 +497,7 @@ def _kept(running: Settings, new: Settings) -> tuple[str, ...]:
 
 def pinned(running: Settings, new: Settings) -> Settings:
     """`new`, but with what of `running` only a restart changes: what a server
-    that runs `running` serves once it has applied `new` (`Server.apply`), and
-    what a --workers parent gives a worker it starts."""
+    that runs `running` serves once it has applied `new` (`Server.apply`)."""
     return dataclasses.replace(
         new, **{name: getattr(running, name) for name in _kept(running, new)}
     )
