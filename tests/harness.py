@@ -7,8 +7,8 @@ from __future__ import annotations
 import dataclasses
 import socket
 import struct
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -260,3 +260,21 @@ async def running_caches(*caches: PassCache) -> AsyncIterator[None]:
     finally:
         for cache in caches:
             await cache.aclose()
+
+
+@contextmanager
+def unanswered() -> Iterator[tuple[str, int]]:
+    """A loopback address whose connects are never answered: a listener whose
+    accept queue is full drops every further SYN."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(0)
+        fillers = [socket.socket() for _ in range(4)]
+        try:
+            for f in fillers:
+                f.setblocking(False)
+                f.connect_ex(silent.getsockname())
+            yield silent.getsockname()
+        finally:
+            for f in fillers:
+                f.close()

@@ -27,6 +27,8 @@ from repeld.shell.poller import IN
 from repeld.shell.relay import CHUNK, RelayResult
 from repeld.shell.relaypool import RelayPool, RelayPoolClosed
 
+from ..harness import unanswered
+
 LONG = 1e6  # an idle timeout no test reaches unless it means to
 HUNG = 3600.0
 
@@ -808,29 +810,30 @@ async def test_an_fd_number_reused_within_a_batch_gets_no_stale_event() -> None:
     # connected to an address that never answered, and waited for the idle
     # timeout instead of the connect timeout. Real sockets, real epoll; only the
     # order within the batch is forced.
-    def pair() -> tuple[socket.socket, socket.socket]:
-        with socket.socket() as lst:
-            lst.bind(("127.0.0.1", 0))
-            lst.listen(1)
-            outside = socket.create_connection(lst.getsockname())
-            inside, _ = lst.accept()
-        return outside, inside
+    with listening() as lst, listening() as good, unanswered() as hole:
+        a_out, a_client = _tcp(lst)
+        with socket.socket() as gone:  # a port nothing listens on: refused at once
+            gone.bind(("127.0.0.1", 0))
+            refused = gone.getsockname()
+        b_out, b_client = _tcp(lst)
+        with a_out, b_out:
+            results = await _relay_in_that_order(a_out, a_client, b_client, good, refused, hole)
+    b, after = results["B"]
+    assert b.connected_at is None
+    assert b.connect_error == "no answer within 1s"
+    assert after < 3.0  # its connect timeout, not the idle timeout of 5 s
 
-    a_out, a_client = pair()
-    good = socket.socket()
-    good.bind(("127.0.0.1", 0))
-    good.listen(8)
-    with socket.socket() as gone:  # a port nothing listens on: refused at once
-        gone.bind(("127.0.0.1", 0))
-        refused = gone.getsockname()
-    hole = socket.socket()  # a full accept queue: SYNs are dropped, no answer
-    hole.bind(("127.0.0.1", 0))
-    hole.listen(0)
-    fillers = [socket.socket() for _ in range(3)]
-    for f in fillers:
-        f.setblocking(False)
-        f.connect_ex(hole.getsockname())
-    b_out, b_client = pair()
+
+async def _relay_in_that_order(
+    a_out: socket.socket,
+    a_client: socket.socket,
+    b_client: socket.socket,
+    good: socket.socket,
+    refused: tuple[str, int],
+    hole: tuple[str, int],
+) -> dict[str, tuple[RelayResult, float]]:
+    """Session A to `good`, B to `refused` then `hole`; A's backend reset, B's
+    refusal and A's client's bytes handled in that order in one batch."""
     errors: list[str] = []
     p = RelayPool(errors.append)
     fds: dict[str, int] = {}
@@ -842,53 +845,46 @@ async def test_an_fd_number_reused_within_a_batch_gets_no_stale_event() -> None:
 
     p._poller.ready = in_that_order  # type: ignore[method-assign]
     results: dict[str, tuple[RelayResult, float]] = {}
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(p.run)
-            await trio.sleep(0.05)
-            t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(p.run)
+        await trio.sleep(0.05)
+        t0 = trio.current_time()
 
-            def ended(name: str, sock: socket.socket) -> Callable[[RelayResult], None]:
-                def done(result: RelayResult) -> None:
-                    results[name] = (result, trio.current_time() - t0)
-                    sock.close()
+        def ended(name: str, sock: socket.socket) -> Callable[[RelayResult], None]:
+            def done(result: RelayResult) -> None:
+                results[name] = (result, trio.current_time() - t0)
+                sock.close()
 
-                return done
+            return done
 
-            p.connect_and_relay(
-                a_client,
-                [(socket.AF_INET, good.getsockname())],
-                connect_timeout=1.0,
-                idle_timeout=5.0,
-                done=ended("A", a_client),
-            )
-            fds["A client"] = a_client.fileno()
-            (fds["A backend"],) = (fd for fd, s in p._sides.items() if s.name == "backend")
-            a_mta, _ = good.accept()
-            p.connect_and_relay(
-                b_client,
-                [(socket.AF_INET, refused), (socket.AF_INET, hole.getsockname())],
-                connect_timeout=1.0,
-                idle_timeout=5.0,
-                done=ended("B", b_client),
-            )
-            (fds["B backend"],) = (
-                fd for fd, s in p._sides.items() if s.name == "backend" and fd != fds["A backend"]
-            )
-            # All three ready before the pool's task runs again (no checkpoint here).
-            a_mta.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
-            a_mta.close()
-            a_out.sendall(b"hello")
-            time.sleep(0.1)
-            with trio.fail_after(8):
-                while len(results) < 2:
-                    await trio.sleep(0.05)
-            nursery.cancel_scope.cancel()
-    finally:
-        for s in (a_out, b_out, good, hole, *fillers):
-            s.close()
-    b, after = results["B"]
-    assert b.connected_at is None
-    assert b.connect_error == "no answer within 1s"
-    assert after < 3.0  # its connect timeout, not the idle timeout of 5 s
+        p.connect_and_relay(
+            a_client,
+            [(socket.AF_INET, good.getsockname())],
+            connect_timeout=1.0,
+            idle_timeout=5.0,
+            done=ended("A", a_client),
+        )
+        fds["A client"] = a_client.fileno()
+        (fds["A backend"],) = (fd for fd, s in p._sides.items() if s.name == "backend")
+        a_mta, _ = good.accept()
+        p.connect_and_relay(
+            b_client,
+            [(socket.AF_INET, refused), (socket.AF_INET, hole)],
+            connect_timeout=1.0,
+            idle_timeout=5.0,
+            done=ended("B", b_client),
+        )
+        (fds["B backend"],) = (
+            fd for fd, s in p._sides.items() if s.name == "backend" and fd != fds["A backend"]
+        )
+        # All three ready before the pool's task runs again (no checkpoint here).
+        a_mta.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        a_mta.close()
+        a_out.sendall(b"hello")
+        time.sleep(0.1)
+        with trio.fail_after(8):
+            while len(results) < 2:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
     assert errors == []
+    return results

@@ -26,6 +26,7 @@ from ..harness import (
     read_line,
     read_until_closed,
     running,
+    unanswered,
 )
 
 DELAY = 25.0
@@ -244,27 +245,16 @@ async def test_a_backend_that_never_answers_gets_421_after_the_connect_timeout(
 ) -> None:
     # A listener whose accept queue is full drops every further SYN: the
     # connect is never answered, and --connect-timeout ends the wait.
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(0)
-        fillers = [socket.socket() for _ in range(4)]
-        for f in fillers:
-            f.setblocking(False)
-            f.connect_ex(silent.getsockname())
-        try:
-            port = silent.getsockname()[1]
-            async with running(delay=DELAY, backend_port=port, connect_timeout=9.0) as h:
-                client = await connect(h.address())
-                data, how = await read_until_closed(client)
-                assert data == b"421 4.3.2 Service temporarily unavailable, try again later\r\n"
-                assert how == "eof"
-                (ev,) = await h.receiver.wait_for("backend-error")
-                assert ev.fields["error"] == "no answer within 9s"
-                assert float(ev.fields["elapsed"]) == pytest.approx(DELAY + 9.0, abs=0.05)
-                assert h.server.relays == 0
-        finally:
-            for f in fillers:
-                f.close()
+    with unanswered() as (_, port):
+        async with running(delay=DELAY, backend_port=port, connect_timeout=9.0) as h:
+            client = await connect(h.address())
+            data, how = await read_until_closed(client)
+            assert data == b"421 4.3.2 Service temporarily unavailable, try again later\r\n"
+            assert how == "eof"
+            (ev,) = await h.receiver.wait_for("backend-error")
+            assert ev.fields["error"] == "no answer within 9s"
+            assert float(ev.fields["elapsed"]) == pytest.approx(DELAY + 9.0, abs=0.05)
+            assert h.server.relays == 0
 
 
 async def test_a_backend_that_resets_before_its_greeting_gets_the_client_a_421(
