@@ -639,6 +639,19 @@ def fill(directory: Path) -> Path:
     return filler
 
 
+async def _fill_up(cache: SqliteCache, small: Path, errors: list[str]) -> Path:
+    """192.0.2.1's pass written, then the file system filled and 2,000 passes
+    queued (new pages: more than the file has room for) until the one outage is
+    said; the filler, whose removal gives the space back."""
+    cache.remember_good("192.0.2.1")
+    await cache.flush()
+    filler = fill(small)
+    for i in range(2000):
+        cache.remember_good(f"10.0.{i // 256}.{i % 256}")
+    await wait_for(lambda: len(errors) == 1)
+    return filler
+
+
 async def test_a_talker_loses_its_stored_pass_though_the_queue_filled_with_passes(
     tmp_path: Path,
 ) -> None:
@@ -656,22 +669,15 @@ async def test_a_talker_loses_its_stored_pass_though_the_queue_filled_with_passe
             on_recover=recoveries.append,
         )
         async with running_caches(cache):
-            cache.remember_good("192.0.2.1")
-            await cache.flush()
-            filler = fill(small)
-            for i in range(2000):
-                cache.remember_good(f"10.0.{i // 256}.{i % 256}")
-            await wait_for(lambda: len(errors) == 1)
+            filler = await _fill_up(cache, small, errors)
             cache.remember_bad("192.0.2.1")  # penalties off: forget its pass
             assert await cache.lookup("192.0.2.1") is UNKNOWN
             filler.unlink()
             await wait_for(lambda: len(recoveries) == 1)
             assert "192.0.2.1" not in rows(db)
             assert await cache.lookup("192.0.2.1") is UNKNOWN
-            stats = cache.statistics()
-            assert (
-                stats["dropped"] == 2000 + 1 - 100
-            )  # the passes beyond room, and one for the forget
+            # the passes beyond room, and one for the forget
+            assert cache.statistics()["dropped"] == 2000 + 1 - 100
 
 
 async def test_a_full_disk_is_one_cache_error_and_space_back_is_cache_recover(
@@ -685,12 +691,7 @@ async def test_a_full_disk_is_one_cache_error_and_space_back_is_cache_recover(
             str(db), flush_interval=0.05, on_error=errors.append, on_recover=recoveries.append
         )
         async with running_caches(cache):
-            cache.remember_good("192.0.2.1")
-            await cache.flush()
-            filler = fill(small)
-            for i in range(2000):  # new pages: more than the file has room for
-                cache.remember_good(f"10.0.{i // 256}.{i % 256}")
-            await wait_for(lambda: len(errors) == 1)
+            filler = await _fill_up(cache, small, errors)
             assert "full" in errors[0], errors
             assert await cache.lookup("192.0.2.1") is GOOD  # reading goes on
             assert await cache.lookup("10.0.7.207") is GOOD  # the kept batch answers

@@ -34,9 +34,12 @@ def _answer(fd: int, pid: int, refused: str, began: float, stopping: bool = Fals
 
 
 @contextlib.asynccontextmanager
-async def _two_workers() -> AsyncIterator[tuple[Supervisor, int, int, int, trio.Nursery]]:
+async def _two_workers(
+    *, second_starting: bool = False
+) -> AsyncIterator[tuple[Supervisor, int, int, int, trio.Nursery]]:
     """A parent with two ready children standing in for its workers, reading the
-    stats pipe: (the parent, the pipe's write end, one pid, the other, a nursery)."""
+    stats pipe: (the parent, the pipe's write end, one pid, the other, a nursery).
+    `second_starting`: the other was spawned and is not ready yet."""
     sup = Supervisor(Settings(), [], [], EventLog(None, hostname="test"))
     children = [await trio.lowlevel.open_process([sys.executable, "-c", _IGNORE_HUP]) for _ in "ab"]
     read_fd, write_fd = os.pipe()
@@ -45,6 +48,9 @@ async def _two_workers() -> AsyncIterator[tuple[Supervisor, int, int, int, trio.
             sup.procs[index] = child
             sup.ready.add(child.pid)
         a, b = (child.pid for child in children)
+        if second_starting:
+            sup.ready.discard(b)
+            sup._spawned = {a: time.monotonic(), b: time.monotonic()}
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sup._read_stats, read_fd)
             yield sup, write_fd, a, b, nursery
@@ -82,9 +88,7 @@ async def test_an_answer_to_an_earlier_reload_does_not_answer_this_one() -> None
 async def test_a_worker_ready_only_after_the_signal_answers_this_reload() -> None:
     # `b` was still starting at the SIGHUP (one would have killed it): it is sent
     # the reload on its ready, and its refusal is this reload's, not "reloaded".
-    async with _two_workers() as (sup, write_fd, a, b, nursery):
-        sup.ready.discard(b)
-        sup._spawned = {a: time.monotonic(), b: time.monotonic()}
+    async with _two_workers(second_starting=True) as (sup, write_fd, a, b, nursery):
 
         async def workers_answer() -> None:
             await trio.sleep(0.05)
@@ -102,9 +106,7 @@ async def test_a_worker_ready_only_after_the_signal_answers_this_reload() -> Non
 async def test_a_worker_never_ready_is_counted_silent(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async with _two_workers() as (sup, write_fd, a, b, nursery):
-        sup.ready.discard(b)
-        sup._spawned = {a: time.monotonic(), b: time.monotonic()}
+    async with _two_workers(second_starting=True) as (sup, write_fd, a, _, nursery):
 
         async def workers_answer() -> None:
             await trio.sleep(0.05)
