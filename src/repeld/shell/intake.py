@@ -227,25 +227,22 @@ class Intake:
 
     def _read(self, pending: _Pending, now: float, *, due: bool = False) -> None:
         sock = pending.sock
+        reset = False
         try:
             data = sock.recv(MAX_HEADER - len(pending.buffer), _PEEK_FLAGS)
         except BlockingIOError:
             data = None
         except OSError:
-            if not pending.buffer:  # reset before its first byte: a TCP check, as a close is
+            data, reset = b"", True
+        if data == b"":  # end of file, or reset
+            if not pending.buffer:  # before its first byte: a plain TCP health check
                 self._release(pending)
                 sock.close()
                 self.outcomes[ProxyOutcome.CHECK] += 1
-                return
-            self._fail(pending, now, ProxyOutcome.RESET, "reset by the balancer")
-            return
-        if data == b"":  # end of file
-            if pending.buffer:
+            elif reset:
+                self._fail(pending, now, ProxyOutcome.RESET, "reset by the balancer")
+            else:
                 self._fail(pending, now, ProxyOutcome.TRUNCATED, "closed within the header")
-            else:  # connect and close: a plain TCP health check
-                self._release(pending)
-                sock.close()
-                self.outcomes[ProxyOutcome.CHECK] += 1
             return
         result = parse(pending.buffer + data) if data else NeedMore(len(pending.buffer) + 1)
         match result:
