@@ -348,15 +348,15 @@ class PendingWrites:
         merged = self.inflight
         merged.update(self.queued)
         self.inflight = {}
-        over = len(merged) - self.limit
+        over = max(0, len(merged) - self.limit)
         goods = [key for key, (verdict, _) in merged.items() if verdict is CacheVerdict.GOOD]
-        for key in goods[: max(0, over)]:
+        for key in goods[:over]:
             del merged[key]
         for key in list(merged)[: max(0, over - len(goods))]:
             del merged[key]
         self.queued = merged
-        self.goods = dict.fromkeys(key for key in goods[max(0, over) :])
-        return max(0, over)
+        self.goods = dict.fromkeys(goods[over:])
+        return over
 
 
 # -- the protocol ----------------------------------------------------------------
