@@ -147,6 +147,75 @@ def test_check_config_exit_2_with_one_line_per_problem(tmp_path: Path) -> None:
     ]
 
 
+#: Every option away from its default (the two handlers in turn): what --check-config
+#: prints of it must read back the same.
+_EVERY_OPTION = """\
+listen = ["127.0.0.1:2525", "[::1]:2526,nodelay", "127.0.0.2:2527,backend=127.0.0.1:26"]
+delay = 12.5
+trusted = ["192.0.2.0/24", "::ffff:10.0.0.0/104"]
+trusted-file = []
+proxy-from = ["127.0.0.9"]
+proxy-timeout = 3.5
+proxy-protocol = "v2"
+on-early = "enforce"
+teaser = true
+teaser-text = "mx.example.org ESMTP \\"hi\\" \\\\ back"
+report-attacks = false
+syslog = "udp://127.0.0.1:5514"
+log-format = "json"
+facility = "local3"
+sd-id = "repeld@32473"
+metrics = "[::1]:9199"
+backend-check-interval = 17
+relay-timeout = 100
+connect-timeout = 7
+backlog = 511
+max-held = 1234
+max-per-client = 9
+max-exec = 11
+cache = "redis://127.0.0.1:6380/3?password_file={password}"
+cache-ttl = 86400
+cache-v6-prefix = 56
+penalty-ttl = 600
+dnsbl = ["zen.example.org=127.0.0.[2..11]*3", "b.example.org"]
+dnswl = ["list.dnswl.example=127.0.[0..255].[1..3]*2"]
+dnsbl-threshold = 2
+dnswl-threshold = -1
+dnsbl-action = "delay"
+dnsbl-delay = 60
+resolver = "[::1]:5353"
+dns-timeout = 2.5
+workers = 2
+shutdown-grace = 9
+keep-pipe-connect = true
+user = "nobody"
+group = "nogroup"
+chroot = "/var/empty"
+pidfile = "/run/x.pid"
+foreground = true
+"""
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [
+        # A program's words with a space and a quote in them (rendered as a
+        # tuple's repr, `exec` once read back as a program named "('/usr/bin/env',").
+        """exec = "/usr/bin/env 'FOO=a b' X=\\"it's\\" cat"\n""",
+        'backend = "pass:/var/spool/postfix/private/smtpd"\n',
+        'backend = "[::1]:10025"\nno-cache = true\n',
+    ],
+)
+def test_every_option_printed_reads_back_the_same(tmp_path: Path, handler: str) -> None:
+    (tmp_path / "password").write_text("secret\n")
+    path = tmp_path / "repeld.toml"
+    path.write_text(handler + _EVERY_OPTION.format(password=tmp_path / "password"))
+    settings = load_settings({}, str(path), explicit=True)
+    again = tmp_path / "again.toml"
+    again.write_text(render_settings(settings))
+    assert load_settings({}, str(again), explicit=True) == settings
+
+
 def test_the_sample_config_is_valid_and_documents_every_key() -> None:
     settings = load_settings({}, str(SAMPLE), explicit=True)
     assert settings.proxy_protocol == "v1"

@@ -10,6 +10,7 @@ on its own line with the file, the line number, the key and the bad value, so
 from __future__ import annotations
 
 import re
+import shlex
 import sys
 import tomllib
 from collections.abc import Mapping
@@ -161,6 +162,8 @@ def render_settings(settings: Settings) -> str:
             lines.append(f"{name} = {'true' if value else 'false'}")
         elif isinstance(value, int | float):
             lines.append(f"{name} = {value!r}")
+        elif name == "exec":  # a tuple of words: the command line that parses back to them
+            lines.append(f"{name} = {_toml(shlex.join(value))}")
         else:
             lines.append(f"{name} = {_toml(str(value))}")
         if name == "log-format" and value == "auto":
