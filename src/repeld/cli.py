@@ -16,7 +16,12 @@ from typing import Any, NoReturn
 
 from repeld import __version__
 from repeld.config.errors import ConfigError, SettingError, shown
-from repeld.config.file import default_config_path, load_settings, render_settings
+from repeld.config.file import (
+    default_config_path,
+    inherited_settings,
+    load_settings,
+    render_settings,
+)
 from repeld.config.settings import OPTIONS, Option, Settings
 
 __all__ = ["EXIT_FAILURE", "EXIT_USAGE", "main", "make_parser", "parse_args"]
@@ -203,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.get(CONFIG_SEEN_ENV) == "1" or os.path.exists(default_config_path())
     )
     try:
-        settings = settings_from(flags, actions, file_seen=seen)
+        # A --workers worker starts with what its parent serves, not the file.
+        settings = inherited_settings() or settings_from(flags, actions, file_seen=seen)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"repeld: {problem}", file=sys.stderr)

@@ -11,16 +11,22 @@ that answer must not stand for this one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
-from repeld.config.settings import Settings
+from repeld.config.errors import ConfigError
+from repeld.config.file import SETTINGS_ENV, inherited_settings, settings_from_text
+from repeld.config.settings import Settings, load_trusted
+from repeld.core.policy import TrustedNetworks
 from repeld.process import workers
 from repeld.process.workers import Supervisor
 from repeld.shell.eventlog import EventLog
@@ -169,3 +175,95 @@ async def test_reloads_run_one_at_a_time_and_sighups_meanwhile_are_one(
         reloads.request(nursery, reload)
     assert [what for what, _ in runs] == ["begin", "end"]
     assert len(skipped) == 2  # each told (a worker answers its parent)
+
+
+_COUNT_HUPS = (
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGHUP, lambda *_: open(sys.argv[1], 'a').write('hup\\n'))\n"
+    "time.sleep(60)\n"
+)
+
+
+@pytest.mark.parametrize("ready", ["during the wait", "after it", "spawned after it"])
+async def test_a_worker_spawned_during_a_reload_is_sent_it(tmp_path: Path, ready: str) -> None:
+    # A worker started again while a reload waits for the others' answers is
+    # given the settings of before it (the reload is not taken yet), and was
+    # not sent its SIGHUP: it served the old settings until it next died. It
+    # is sent the reload when it is taken, or on its ready if later; one
+    # spawned once it is taken starts with it.
+    hups = tmp_path / "hups"
+    new = Settings(delay=7.0)
+    assert Settings().delay != 7.0
+    async with _two_workers() as (sup, write_fd, a, b, nursery):
+        late = await trio.lowlevel.open_process([sys.executable, "-c", _COUNT_HUPS, str(hups)])
+        try:
+            await trio.sleep(0.5)  # its handler set
+
+            def spawn_late() -> None:
+                sup.procs[2] = late
+                sup._spawned[late.pid] = time.monotonic()
+
+            def late_is_ready() -> None:
+                os.write(write_fd, json.dumps({"pid": late.pid, "ready": 1}).encode() + b"\n")
+
+            async def workers_answer() -> None:
+                await trio.sleep(0.05)
+                if ready != "spawned after it":
+                    spawn_late()
+                if ready == "during the wait":
+                    late_is_ready()
+                    await trio.sleep(0.1)
+                    assert not hups.exists()  # with the settings of before, until taken
+                _answer(write_fd, a, "", time.monotonic())
+                _answer(write_fd, b, "", time.monotonic())
+
+            nursery.start_soon(workers_answer)
+            assert await sup.reload_workers() == (2, [], 0)
+            sup.adopt(new, TrustedNetworks())
+            if ready == "spawned after it":
+                spawn_late()
+            assert sup.settings.delay == 7.0  # what a worker spawned now starts with
+            if ready != "during the wait":
+                late_is_ready()
+            await trio.sleep(0.3)
+            told = hups.read_text().count("hup") if hups.exists() else 0
+            assert told == (0 if ready == "spawned after it" else 1)
+        finally:
+            late.kill()
+            await late.wait()
+
+
+def test_what_a_worker_is_given_reads_back_with_the_trusted_files_inline(
+    tmp_path: Path,
+) -> None:
+    nets = tmp_path / "trusted.txt"
+    nets.write_text("192.0.2.0/24\n2001:db8::/32  # v6\n")
+    base = settings_from_text('backend = "127.0.0.1:10025"\n', "settings")
+    settings = dataclasses.replace(
+        base, delay=3.0, trusted=("198.51.100.7/32",), trusted_file=(str(nets),)
+    )
+    trusted = load_trusted(settings)
+    nets.write_text("")  # a later edit, not reloaded, is not what the workers serve
+    text = workers.settings_text(settings, trusted)
+    given = settings_from_text(text, "settings")
+    assert given == dataclasses.replace(
+        settings, trusted=("198.51.100.7/32", "192.0.2.0/24", "2001:db8::/32"), trusted_file=()
+    )
+    assert load_trusted(given).sources == trusted.sources
+
+
+def test_a_worker_that_cannot_read_its_parents_settings_says_so_in_one_line() -> None:
+    # A repeld upgraded under its running parent, the option gone.
+    fd = os.memfd_create("test-settings")
+    os.write(fd, b'backend = "127.0.0.1:10025"\nbogus = 1\n')
+    env = {SETTINGS_ENV: str(fd)}
+    with pytest.raises(ConfigError) as caught:
+        inherited_settings(env)
+    assert caught.value.problems == [
+        "a worker cannot take its parent's settings (repeld upgraded under it? restart it): "
+        "settings:2: unknown key 'bogus'"
+    ]
+    assert env == {}
+    with pytest.raises(OSError):  # read once, and closed
+        os.fstat(fd)
+    assert inherited_settings({}) is None  # not a worker

@@ -16,6 +16,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import struct
 import subprocess
@@ -43,6 +44,7 @@ from ..procs import (
     run_repeld,
     wait_for,
 )
+from ..syslog_receiver import Received
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root (CI runs as root)")
@@ -365,18 +367,93 @@ def test_a_reload_that_cannot_find_the_default_file_keeps_the_old_config(
 def test_a_worker_started_after_the_default_file_went_does_not_serve_the_defaults(
     syslog: SyslogUDP, backend: LineBackend, tmp_path: Path
 ) -> None:
-    # Each worker reads the configuration itself: one started after the file
-    # the parent started with went away served the defaults (the file's delay
-    # and trusted networks gone) beside workers that kept them.
+    # A worker started after the file the parent started with went away served
+    # the defaults (the file's delay and trusted networks gone) beside workers
+    # that kept them; then it refused to start. It serves its parent's now.
     config, env = _default_config(tmp_path, syslog)
-    argv = ["-l", f"127.0.0.1:{free_port()}", "-b", backend.address, "-w", "2", *AS_ROOT]
+    port = free_port()
+    argv = ["-l", f"127.0.0.1:{port}", "-b", backend.address, "-w", "2", *AS_ROOT]
     with daemon(*argv, env=env):
         pids = [int(e.fields["pid"]) for e in syslog.wait_for("worker-start", 2)]
         syslog.wait_for("start", 3)
         config.rename(tmp_path / "moved.toml")
         os.kill(pids[0], signal.SIGKILL)
-        exits = syslog.wait_for("worker-exit", 2)  # the killed one, then its replacement
-        assert exits[1].fields["status"] == "2"  # refused: the file is missing
+        replacement = int(syslog.wait_for("worker-start", 3)[2].fields["pid"])
+        syslog.wait_for("start", 4)
+        passes = _none_held(syslog, port, ["127.0.0.9"])  # trusted by the file
+        assert {int(e.procid) for e in passes} == {pids[1], replacement}
+        assert not syslog.named("worker-exit")
+
+
+def test_a_replaced_worker_serves_what_the_others_serve(
+    syslog: SyslogUDP, backend: LineBackend, tmp_path: Path
+) -> None:
+    # A worker started again after a crash read the files as they were then:
+    # a cache a reload had named (a restart-only setting) opened beside the
+    # one the others kept, an edit never reloaded served by it alone, and a
+    # file broken since made it die at each start. It starts with what its
+    # parent serves.
+    config = tmp_path / "repeld.toml"
+    nets = tmp_path / "trusted.txt"
+    first, other = tmp_path / "first.sqlite", tmp_path / "other.sqlite"
+    port = free_port()
+
+    _config(config, backend, port, syslog, f'cache = "sqlite:{first}"\n')
+    # (A --cache flag keeps the harness's --no-cache away, and lets the file name it.)
+    with daemon("-c", str(config), "--cache-ttl", "3600", "-w", "2", *AS_ROOT) as d:
+        pids = [int(e.fields["pid"]) for e in syslog.wait_for("worker-start", 2)]
+        syslog.wait_for("start", 3)  # the parent's and both workers'
+        remembered = connect(port, source="127.0.0.10")  # waits once: in the first cache
+        assert read_line(remembered) == b"220 backend.test ESMTP\r\n"
+        remembered.close()
+        assert wait_for(lambda: _cached(first, "127.0.0.10"), 5)
+        nets.write_text("127.0.0.9\n")
+        extra = f'cache = "sqlite:{other}"\ntrusted-file = ["{nets}"]\n'
+        _config(config, backend, port, syslog, extra)
+        d.signal(signal.SIGHUP)
+        for reload in syslog.wait_for("reload", 2):  # each worker's
+            assert reload.fields["restart_needed"] == "cache changed: takes effect after a restart"
+        nets.write_text("")  # not reloaded: 127.0.0.9 stays trusted
+
+        os.kill(pids[0], signal.SIGKILL)
+        second = int(syslog.wait_for("worker-start", 3)[2].fields["pid"])
+        syslog.wait_for("start", 4)
+        passes = _none_held(syslog, port, ["127.0.0.9", "127.0.0.10"])
+        assert {e.fields["reason"] for e in passes} == {"trusted", "cache"}
+        assert {int(e.procid) for e in passes} == {pids[1], second}
+        assert not other.exists()
+
+        config.write_text("listen = [\n")  # broken, and not reloaded
+        os.kill(second, signal.SIGKILL)
+        (exit_,) = syslog.wait_for("worker-exit")
+        assert exit_.fields["pid"] == str(second)
+        third = int(syslog.wait_for("worker-start", 1)[0].fields["pid"])
+        syslog.wait_for("start", 1)  # it started; it did not exit 2 for the file
+        passes = _none_held(syslog, port, ["127.0.0.9", "127.0.0.10"])
+        assert {e.fields["reason"] for e in passes} == {"trusted", "cache"}
+        assert {int(e.procid) for e in passes} == {pids[1], third}
+        assert not syslog.named("worker-exit")  # none since: the third one runs on
+
+
+def _none_held(syslog: SyslogUDP, port: int, sources: list[str], count: int = 40) -> list[Received]:
+    """`count` clients from `sources` in turn, each greeted at once (none held):
+    their `pass` events (the events before them are cleared)."""
+    syslog.messages.clear()
+    for i in range(count):
+        client = connect(port, source=sources[i % len(sources)])
+        t0 = time.monotonic()
+        assert read_line(client) == b"220 backend.test ESMTP\r\n", i
+        assert time.monotonic() - t0 < 1.5, i
+        client.close()
+    return syslog.wait_for("pass", count)
+
+
+def _cached(path: Path, address: str) -> bool:
+    """Whether the SQLite cache at `path` has a row for `address` yet."""
+    if not path.exists():
+        return False
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return bool(db.execute("SELECT 1 FROM cache WHERE key = ?", (address,)).fetchall())
 
 
 def _late_workers(tmp_path: Path, late: float = 2.0) -> tuple[Path, dict[str, str]]:

@@ -9,6 +9,7 @@ on its own line with the file, the line number, the key and the bad value, so
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import sys
@@ -24,11 +25,15 @@ from repeld.core.logformat import wire_format
 
 __all__ = [
     "CLI_ONLY",
+    "SETTINGS_ENV",
     "ConfigError",
     "default_config_path",
+    "inherited_settings",
     "load_settings",
+    "parse_config",
     "read_config",
     "render_settings",
+    "settings_from_text",
 ]
 
 #: Flags that make no sense as keys in the file.
@@ -78,6 +83,11 @@ def read_config(path: str) -> dict[str, Any]:
         text = read_operator_file(path)
     except UnreadableFile as exc:
         raise ConfigError([f"{path}: cannot read: {exc}"]) from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: str) -> dict[str, Any]:
+    """`read_config` of a text already read; `path` names it in the problems."""
     try:
         raw = tomllib.loads(text)
     except RecursionError:  # tomllib recurses on nested arrays and tables
@@ -132,6 +142,50 @@ def load_settings(
             ) from None
         raise ConfigError([f"{origin}: {exc}"]) from None
     return settings
+
+
+def settings_from_text(text: str, origin: str) -> Settings:
+    """The settings that `render_settings` printed: they read back the same
+    (the flags are in the text already, the trusted networks inline); raises
+    ConfigError naming `origin`."""
+    values = parse_config(text, origin)
+    try:
+        settings = build_settings(values)
+        load_trusted(settings)
+        _check_cache(settings)
+    except SettingError as exc:
+        raise ConfigError([f"{origin}: {exc}"]) from None
+    return settings
+
+
+#: Set by a --workers parent for each worker: a descriptor on the settings it
+#: starts with, as `render_settings` prints them.
+SETTINGS_ENV = "REPELD_SETTINGS_FD"
+
+
+def inherited_settings(env: dict[str, str] | None = None) -> Settings | None:
+    """In a --workers worker: the settings its parent gave it (None if it gave
+    none; process/workers.py says why).
+
+    Raises ConfigError when this repeld cannot read them: another version of
+    repeld than the parent's, upgraded under it, which a restart ends."""
+    environ = os.environ if env is None else env
+    spec = environ.pop(SETTINGS_ENV, None)
+    if spec is None:
+        return None
+    fd = int(spec)
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    try:
+        return settings_from_text(b"".join(chunks).decode("utf-8"), "settings")
+    except ConfigError as exc:
+        why = "a worker cannot take its parent's settings (repeld upgraded under it? restart it)"
+        raise ConfigError([f"{why}: {problem}" for problem in exc.problems]) from None
 
 
 def _check_cache(settings: Settings) -> None:

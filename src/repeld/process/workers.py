@@ -34,7 +34,21 @@ REPELD_WORKER is the worker's index, REPELD_WORKER_FDS lists `fd:name` pairs of
 inherited listeners (a name ending in "nodelay" marks a nodelay listener, as
 with socket activation), REPELD_LEAD_FDS gives each listener's gathering lead
 and the other workers' sockets of it (`attach_leads`), REPELD_STATS_FD is the
-pipe for the counters.
+pipe for the counters, REPELD_SETTINGS_FD a file (memfd) holding the settings
+the worker starts with.
+
+The settings a worker starts with are the parent's, not the file's: what the
+workers serve (`Supervisor.settings`: what the parent started with, then each
+reload that the workers took, with what only a restart changes pinned as
+`Server.apply` pins it), written as `--check-config` prints them with the
+trusted networks inline. A worker started again after a crash would otherwise
+read the files as they are then: an edit not reloaded served by one worker
+alone, another cache opened after a reload that named it, a broken file a
+worker that dies at each start. Text, not a pickle: a repeld upgraded under
+its running parent reads it with its own parsers, or says in one line that it
+cannot. A worker reads the files on a SIGHUP only, as one process does; one
+started from settings a reload then replaced is sent that reload (`_ready`,
+`adopt`).
 
 The lead (shell/accept.py's `Lead`): one pipe per listener, made here with one
 byte in it, which the worker that gathers holds and gives back; one worker
@@ -53,16 +67,20 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import trio
 
 from repeld import __version__
-from repeld.config.settings import Listen, Settings
+from repeld.config.errors import SettingError
+from repeld.config.file import SETTINGS_ENV, render_settings
+from repeld.config.settings import Listen, Settings, load_trusted
 from repeld.core import events
 from repeld.core.addresses import host_port
 from repeld.core.names import EventName
+from repeld.core.policy import TrustedNetworks
 from repeld.metrics import ProcessStats, Snapshot, WorkerTally, render
 from repeld.process.reloads import Reloads
 from repeld.service import activation, privileges, sdnotify
@@ -78,6 +96,7 @@ from repeld.shell.backendcheck import Outside
 from repeld.shell.backendwatch import BackendWatch
 from repeld.shell.eventlog import EventLog
 from repeld.shell.metrics_http import open_endpoint
+from repeld.shell.server import pinned
 
 __all__ = [
     "FDS_ENV",
@@ -91,6 +110,7 @@ __all__ = [
     "outside_view",
     "report_reload",
     "send_statistics",
+    "settings_text",
     "supervise",
     "watch_parent",
 ]
@@ -123,6 +143,30 @@ def inherited_sockets(env: dict[str, str] | None = None) -> list[tuple[socket.so
         os.set_inheritable(sock.fileno(), False)
         result.append((sock, name))
     return result
+
+
+def settings_text(settings: Settings, trusted: TrustedNetworks) -> str:
+    """What a worker starts with: `settings` as --check-config prints them, with
+    the trusted networks of `trusted` (the files as the parent read them) inline."""
+    return render_settings(dataclasses.replace(settings, trusted=trusted.sources, trusted_file=()))
+
+
+def _settings_file(text: str) -> int:
+    # A memfd (Linux, FreeBSD 13), else an unlinked temporary file: any size, no
+    # path, and the worker reads it when it likes (a pipe would hold 64 KiB).
+    try:
+        fd = os.memfd_create("repeld-settings")
+    except (AttributeError, OSError):
+        fd, path = tempfile.mkstemp(prefix="repeld-settings-")
+        os.unlink(path)
+    try:
+        data = memoryview(text.encode("utf-8"))
+        while data:
+            data = data[os.write(fd, data) :]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def attach_leads(
@@ -240,8 +284,12 @@ class Supervisor:
         argv: Sequence[str],
         sockets: list[list[tuple[socket.socket, Listen]]],
         log: EventLog,
+        trusted: TrustedNetworks | None = None,
     ) -> None:
+        #: What the workers serve, and a new one starts with (`adopt`): the
+        #: settings, and the trusted networks of the flags and files.
         self.settings = settings
+        self.trusted = TrustedNetworks(settings.trusted) if trusted is None else trusted
         self.argv = list(argv)
         self.sockets = sockets
         self.log = log
@@ -276,12 +324,15 @@ class Supervisor:
         #: (draining after a SIGTERM of its own: it takes no part in the reload).
         self._reloads: dict[int, tuple[float, str, bool]] = {}
         self._reload_arrived = trio.Event()
-        #: When the last SIGHUP went to the workers, and when each (by pid) was
-        #: spawned (the host's monotonic clock): a worker spawned before a
-        #: reload and ready only after it was skipped by it (a SIGHUP would
-        #: have killed it), and is told on its `ready` (its configuration may
-        #: have been read before the file changed).
+        #: When the last SIGHUP went to the workers, when the workers' settings
+        #: last changed (`adopt`), and when each worker (by pid) was spawned
+        #: with the settings of then (the host's monotonic clock). A worker
+        #: spawned before a reload and ready only after it was skipped by it
+        #: (a SIGHUP would have killed it), and one spawned with settings a
+        #: reload then replaced is behind: each is sent the reload on its
+        #: `ready`, or at `adopt` if it is ready already.
         self._reload_sent = -math.inf
+        self._adopted = -math.inf
         self._spawned: dict[int, float] = {}
         #: SIGHUP's reloads: one at a time, each waiting for its workers' answers.
         self.reloads = Reloads(lambda: self.stopping)
@@ -295,6 +346,26 @@ class Supervisor:
                 os.set_blocking(give_back, False)
                 os.write(give_back, LEAD_TOKEN)
                 self.leads.append((token, give_back))
+
+    def adopt(self, settings: Settings, trusted: TrustedNetworks) -> None:
+        """A reload the workers took: what they serve now is `settings`, with
+        what only a restart changes as they run it (`pinned`), and `trusted`.
+
+        A ready worker spawned since the reload's signal, with the settings of
+        before, is sent the reload now; one not ready yet, on its `ready`.
+        """
+        self.settings = pinned(self.settings, settings)
+        self.trusted = trusted
+        self._adopted = time.monotonic()
+        for pid in self.ready:
+            if self._spawned.get(pid, -math.inf) > self._reload_sent:
+                self._hup(pid)
+
+    def _hup(self, pid: int) -> None:
+        proc = next((p for p in self.procs.values() if p.pid == pid), None)
+        if proc is not None and not self.stopping:
+            with contextlib.suppress(OSError):
+                proc.send_signal(signal.SIGHUP)
 
     def _sockets_for(self, index: int) -> list[tuple[socket.socket, Listen]]:
         return self.sockets[index % len(self.sockets)]
@@ -341,11 +412,15 @@ class Supervisor:
         env[STATS_ENV] = str(write_fd)
         env[LIFELINE_ENV] = str(life_read)
         env.pop("NOTIFY_SOCKET", None)  # only the parent speaks to systemd
+        settings_fd = -1
         try:
+            settings_fd = _settings_file(settings_text(self.settings, self.trusted))
+            env[SETTINGS_ENV] = str(settings_fd)
+            own = [write_fd, life_read, settings_fd]
             proc = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "repeld", *self.argv],
                 env=env,
-                pass_fds=[s.fileno() for s, _ in socks] + lead_fds + [write_fd, life_read],
+                pass_fds=[s.fileno() for s, _ in socks] + lead_fds + own,
                 stdin=subprocess.DEVNULL,
                 # Out of the terminal's process group: ^C on `repeld -f -w N` reaches
                 # the parent alone, which forwards one SIGTERM (a drain). A worker that
@@ -355,6 +430,8 @@ class Supervisor:
         finally:
             os.close(write_fd)
             os.close(life_read)
+            if settings_fd >= 0:
+                os.close(settings_fd)
         return proc
 
     async def _read_stats(self, read_fd: int) -> None:
@@ -469,16 +546,16 @@ class Supervisor:
 
     def _ready(self, pid: int) -> None:
         # A worker said it handles signals: the start is over once every one
-        # has, and one spawned before the last reload is sent it now.
+        # has, and one behind the last reload is sent it now: spawned before
+        # its signal, or with the settings it replaced.
         index = next((i for i, proc in self.procs.items() if proc.pid == pid), None)
         if index is None:
             return
         self._ready_once.add(index)
         if len(self._ready_once) >= self.settings.workers:
             self.started.set()
-        if not self.stopping and self._spawned[pid] < self._reload_sent:
-            with contextlib.suppress(OSError):
-                self.procs[index].send_signal(signal.SIGHUP)
+        if self._spawned[pid] < max(self._reload_sent, self._adopted):
+            self._hup(pid)
 
     def signal_workers(self, signum: int) -> None:
         """Pass a signal on to every worker that handles signals already.
@@ -613,6 +690,7 @@ async def _reload(
         sdnotify.reloading()
     try:
         settings = reload_settings()
+        trusted = load_trusted(settings)  # what a worker started from now on is given
     except Exception as exc:  # whatever reading it raised: the old one stays
         reason = str(exc).replace("\n", "; ")
         sup.log.emit(events.config_error(reason))
@@ -625,6 +703,7 @@ async def _reload(
     if sup.stopping:  # a SIGTERM came meanwhile: STOPPING=1 was the last word
         return
     if reloaded or not refused:  # unless every worker that answered refused
+        sup.adopt(settings, trusted)
         sup.log.reconfigure(settings)
         watch.reconfigure(settings)  # the periodic backend check
     if not starting:
@@ -670,6 +749,10 @@ async def supervise(
     prepare: Callable[[], None] | None = None,
 ) -> None:
     """The parent of `settings.workers` workers, until they have all drained."""
+    try:  # read a moment ago, when the settings were checked: what the workers start with
+        trusted = load_trusted(settings)
+    except SettingError as exc:
+        raise WorkerStartError(str(exc)) from None
     log = EventLog.from_settings(settings)
     sigs = [signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1]
     if hasattr(signal, "SIGINFO"):
@@ -719,7 +802,7 @@ async def supervise(
                 for s, _ in socks:
                     s.close()
             raise
-        sup = Supervisor(settings, argv, sockets, log)
+        sup = Supervisor(settings, argv, sockets, log, trusted)
         # The periodic backend check and its gauges, from outside the workers' chroot.
         watch = BackendWatch(settings, log, view=outside_view(settings))
         sup.extra_metrics = watch.snapshot
