@@ -200,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if actions.get("check-kernel"):
         from repeld.service.capacity import kernel_report
 
-        sys.stdout.write(kernel_report(flags.get("max-held"), flags.get("backlog")))
+        workers = flags.get("workers", 1)
+        sys.stdout.write(kernel_report(flags.get("max-held"), flags.get("backlog"), workers))
         return 0
     # The default file, if there at the start, is the one every reload and
     # every worker (even one started after the file went) must read.

@@ -5,9 +5,12 @@ receiver.
 
 from __future__ import annotations
 
+import errno
+import os
 import resource
 import socket
 import struct
+from typing import Any
 
 import pytest
 import trio
@@ -16,6 +19,7 @@ import trio.testing
 from repeld.cache.memory import MemoryCache
 from repeld.cache.spec import parse_cache_url
 from repeld.config.settings import Backend, Listen
+from repeld.core.policy import Refuse
 
 from ..harness import (
     GREETING,
@@ -630,3 +634,56 @@ async def test_max_held_taken_out_at_a_reload_is_the_default_again(
         await trio.sleep(1)
         for held in (first, third):  # both held, and greeted after the delay
             assert await read_line(held) == GREETING
+
+
+class _FullWatchSet:
+    """A poller the kernel will not add `refusals` more sockets to, as when
+    fs.epoll.max_user_watches is reached (ENOSPC; ENOMEM under a memory limit).
+    That limit is one per user for the whole host, so a test cannot lower it
+    without starving every other epoll of the machine: the refusal alone is
+    stood in for, every other call goes to the real poller."""
+
+    def __init__(self, poller: Any, refusals: int = 1) -> None:
+        self.poller = poller
+        self.refusals = refusals
+
+    def update(self, fd: int, old: int, new: int) -> None:
+        if not old and new and self.refusals:
+            self.refusals -= 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.poller.update(fd, old, new)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.poller, name)
+
+
+@pytest.mark.parametrize("where", ["pen", "intake"])
+async def test_a_socket_the_kernel_will_not_watch_is_turned_away_and_the_rest_serve_on(
+    where: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The pen's (and the intake's) registration failing stopped the whole
+    # daemon as a "broken listener", and its shutdown then raised KeyError for
+    # the half-added client: no held client heard its 421.
+    async with running(delay=DELAY, proxy_from=("127.0.0.1/32",)) as h:
+        waiting = await connect(h.address(), source="127.0.0.9")  # held before
+        await trio.sleep(1)
+        part = h.server.pen if where == "pen" else h.server.intake
+        part._poller = _FullWatchSet(part._poller)  # type: ignore[assignment]
+        if where == "pen":
+            turned = await connect(h.address(), source="127.0.0.10")
+        else:  # a balancer whose header comes in two parts: it waits for the rest
+            turned = await connect(h.address(), source="127.0.0.1")
+            await turned.send(b"PROXY TCP4 192.0.2.1 ")
+        assert await read_until_closed(turned) == (
+            b"421 4.3.2 All server ports are busy\r\n",
+            "eof",
+        )
+        (overload,) = await h.receiver.wait_for("overload")
+        assert overload.fields["limit"] == "kernel"
+        held = await connect(h.address(), source="127.0.0.11")  # the next is held again
+        assert await read_line(waiting) == GREETING
+        h.server.shutdown()
+        data, _ = await read_until_closed(held)
+        assert data.startswith(b"421 ")  # the shutdown's, as to every held client
+        assert h.receiver.named("error") == []
+        assert h.server.admission.refusals[Refuse.KERNEL] == 1

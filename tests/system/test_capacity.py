@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from repeld.service.capacity import FD_RESERVE, Limits, capacity_warnings, default_max_held
+from repeld.service.capacity import (
+    FD_RESERVE,
+    Limits,
+    capacity_warnings,
+    default_max_held,
+    epoll_watches,
+)
 
 
 def test_default_max_held_keeps_a_reserve() -> None:
@@ -25,6 +31,13 @@ def test_capacity_warnings_name_the_numbers() -> None:
     (bl,) = capacity_warnings(100, Limits(20000, 20000), 8192, 4096)
     assert "--backlog 8192" in bl and "4096" in bl
     assert capacity_warnings(19000, Limits(20000, 20000), 4096, 4096) == []
+    # Every held client is one epoll watch, and the user's limit is shared by the
+    # workers: past it the kernel refuses to watch one more (`overload` limit=kernel).
+    (watch,) = capacity_warnings(19000, Limits(20000, 20000), 4096, 4096, watches=30000, workers=2)
+    assert "--max-held 19000 x 2 workers" in watch and "max_user_watches is 30000" in watch
+    assert (
+        capacity_warnings(19000, Limits(20000, 20000), 4096, 4096, watches=38000, workers=2) == []
+    )
 
 
 def test_check_kernel_prints_the_limits_and_the_fix() -> None:
@@ -41,6 +54,9 @@ def test_check_kernel_prints_the_limits_and_the_fix() -> None:
         somaxconn = Path("/proc/sys/net/core/somaxconn").read_text().strip()
         assert f"accept queue cap                {somaxconn}" in out
         assert "sysctl -w net.core.somaxconn=" in out
+        watches = Path("/proc/sys/fs/epoll/max_user_watches").read_text().strip()
+        assert f"epoll watches per user          {watches}" in out
+        assert epoll_watches() == int(watches)
     assert "--max-held                      50000" in out
     assert "--max-held 50000 needs about 50512 file descriptors" in out
     assert "LimitNOFILE=100512" in out

@@ -91,6 +91,8 @@ class Refuse(enum.StrEnum):
     MAX_HELD = "max-held"
     MAX_PER_CLIENT = "max-per-client"
     MAX_EXEC = "max-exec"  # a passed client, at the hand-off: --exec programs running
+    #: The kernel would not watch one more socket (fs.epoll.max_user_watches, memory).
+    KERNEL = "kernel"
 
 
 #: What the policy step answers: None holds the client.

@@ -20,6 +20,7 @@ __all__ = [
     "Limits",
     "capacity_warnings",
     "default_max_held",
+    "epoll_watches",
     "kernel_report",
     "raise_nofile",
 ]
@@ -58,10 +59,26 @@ def default_max_held(nofile: int) -> int:
     return max(_MIN_HELD, nofile - FD_RESERVE)
 
 
+def epoll_watches() -> int | None:
+    """Linux's fs.epoll.max_user_watches: how many sockets all of one user's epoll
+    sets may watch together (None elsewhere, or unreadable)."""
+    text = (
+        _read("/proc/sys/fs/epoll/max_user_watches") if sys.platform.startswith("linux") else None
+    )
+    return int(text) if text is not None and text.isdigit() else None
+
+
 def capacity_warnings(
-    max_held: int, limits: Limits, backlog: int, accept_cap: int | None
+    max_held: int,
+    limits: Limits,
+    backlog: int,
+    accept_cap: int | None,
+    *,
+    watches: int | None = None,
+    workers: int = 1,
 ) -> list[str]:
-    """One line per limit that cannot hold what was asked."""
+    """One line per limit that cannot hold what was asked (`watches`: the
+    epoll watches the user may have, shared by `workers` processes)."""
     warnings = []
     need = max_held + FD_RESERVE
     if need > limits.soft:
@@ -69,6 +86,14 @@ def capacity_warnings(
             f"--max-held {max_held} needs about {need} file descriptors but the limit is "
             f"{limits.soft} (hard {limits.hard}); raise it (LimitNOFILE=, limits.conf, "
             f"login.conf) or lower --max-held (see repeld --check-kernel)"
+        )
+    if watches is not None and max_held * workers > watches:
+        # Past it the kernel refuses to watch a held client: turned away with a
+        # 421 (`overload` limit=kernel), well before --max-held.
+        held = f"{max_held} x {workers} workers" if workers > 1 else str(max_held)
+        warnings.append(
+            f"--max-held {held} needs that many epoll watches but fs.epoll.max_user_watches "
+            f"is {watches}; raise it (sysctl) or lower --max-held (see repeld --check-kernel)"
         )
     if accept_cap is not None and backlog > accept_cap:
         warnings.append(
@@ -85,7 +110,7 @@ def _read(path: str) -> str | None:
         return None
 
 
-def kernel_report(max_held: int | None, backlog: int | None) -> str:
+def kernel_report(max_held: int | None, backlog: int | None, workers: int = 1) -> str:
     """The text of `repeld --check-kernel`: limits now, and what to change."""
     limits = raise_nofile()
     try:
@@ -109,6 +134,7 @@ def kernel_report(max_held: int | None, backlog: int | None) -> str:
         ports = " - ".join((_read("/proc/sys/net/ipv4/ip_local_port_range") or "unknown").split())
         lines += [
             f"  system-wide open files          {_read('/proc/sys/fs/file-max') or 'unknown'}",
+            f"  epoll watches per user          {epoll_watches() or 'unknown'}",
             f"  local port range                {ports}",
             f"  TCP FIN timeout                 {_read('/proc/sys/net/ipv4/tcp_fin_timeout')} s",
         ]
@@ -121,7 +147,9 @@ def kernel_report(max_held: int | None, backlog: int | None) -> str:
         + ("" if backlog is not None else " (the kernel's cap)"),
         "",
     ]
-    warnings = capacity_warnings(held, limits, want_backlog or 0, cap)
+    warnings = capacity_warnings(
+        held, limits, want_backlog or 0, cap, watches=epoll_watches(), workers=workers
+    )
     if warnings:
         lines.append("problems:")
         lines += [f"  {w}" for w in warnings]
@@ -139,6 +167,8 @@ def kernel_report(max_held: int | None, backlog: int | None) -> str:
         "                                         clients a 1 s SYN retry)",
         "    sysctl -w net.ipv4.tcp_max_syn_backlog=65535",
         "    sysctl -w fs.file-max=1000000",
+        f"    sysctl -w fs.epoll.max_user_watches={max(2 * held * workers, 1 << 20)}"
+        "   (every held client is watched)",
         "    (persist them in /etc/sysctl.d/90-repeld.conf)",
         "  FreeBSD:",
         f"    /etc/login.conf (daemon class):  :openfiles={nofile}:  then cap_mkdb /etc/login.conf",

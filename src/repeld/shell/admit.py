@@ -149,7 +149,11 @@ class Admission:
             return
         if self.teaser and not self._tease(held, now):
             return
-        self.pen.add(held)
+        try:
+            self.pen.add(held)
+        except OSError:  # the kernel's limit, not this client's: turned away, not lost
+            self.refuse(sock, conn, Refuse.KERNEL, now)
+            return
         if key is not None:
             # The hold has begun; a known client is let out as soon as the
             # cache answers, so a slow cache never delays anyone further,

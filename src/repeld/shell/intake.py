@@ -179,11 +179,15 @@ class Intake:
         # anything is registered, and a complete one never costs the set or a queue.
         self._read(pending, now)
 
-    def _register(self, pending: _Pending) -> None:
+    def _register(self, pending: _Pending, now: float) -> None:
         """Wait for the rest of `pending`'s header: into the set and a deadline queue."""
         fd = pending.sock.fileno()
+        try:
+            self._poller.update(fd, 0, IN)
+        except OSError:  # ENOSPC (fs.epoll.max_user_watches), ENOMEM: as at --max-held
+            self.admission.refuse(pending.sock, pending.peer, Refuse.KERNEL, now)
+            return
         self._pending[fd] = pending
-        self._poller.update(fd, 0, IN)
         heapq.heappush(self._deadlines, (pending.deadline, next(self._seq), pending))
         if self._wake is not None and pending.deadline < self._wake.deadline:
             self._wake.deadline = pending.deadline
@@ -263,7 +267,7 @@ class Intake:
                         f" ({len(pending.buffer)} bytes of it)",
                     )
                 elif not self._live(pending):
-                    self._register(pending)
+                    self._register(pending, now)
             case ProxyError(reason=reason, detail=detail):
                 self._fail(pending, now, ProxyOutcome.ERROR, detail, str(reason))
             case Proxied() | Local():

@@ -174,10 +174,13 @@ class HoldingPen:
         return PenStatistics(len(self._held), len(self._muted), self._queued, self._compactions)
 
     def add(self, held: Held) -> None:
-        """Start watching `held`; its deadline is `held.hold.deadline`."""
+        """Start watching `held`; its deadline is `held.hold.deadline`.
+
+        OSError, and nothing changed, if the kernel will not watch one more
+        socket (ENOSPC: fs.epoll.max_user_watches; ENOMEM)."""
         fd = held.sock.fileno()
-        self._held[fd] = held
         self._poller.update(fd, 0, IN)
+        self._held[fd] = held
         client = self.client_key(held.conn.client)
         self.per_client[client] = self.per_client.get(client, 0) + 1
         delay = held.hold.deadline - held.hold.accepted_at

@@ -38,6 +38,7 @@ REFUSALS = {
     Refuse.MAX_HELD: b"421 4.3.2 All server ports are busy\r\n",
     Refuse.MAX_PER_CLIENT: b"421 4.7.0 Too many connections\r\n",
     Refuse.MAX_EXEC: b"421 4.3.2 All server ports are busy\r\n",
+    Refuse.KERNEL: b"421 4.3.2 All server ports are busy\r\n",
 }
 
 

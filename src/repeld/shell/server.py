@@ -40,7 +40,12 @@ from repeld.core.gathering import room
 from repeld.core.names import EventName
 from repeld.core.policy import TrustedNetworks
 from repeld.metrics import Metrics, Snapshot
-from repeld.service.capacity import capacity_warnings, default_max_held, raise_nofile
+from repeld.service.capacity import (
+    capacity_warnings,
+    default_max_held,
+    epoll_watches,
+    raise_nofile,
+)
 from repeld.service.listeners import DEFAULT_BACKLOG, backlog_for, open_listeners
 from repeld.shell.accept import (
     ACCEPT_BACKOFF,
@@ -519,7 +524,10 @@ async def open_server(
     limits = raise_nofile()
     max_held = settings.max_held or default_max_held(limits.soft)
     backlog, accept_cap = backlog_for(settings)
-    for warning in capacity_warnings(max_held, limits, backlog, accept_cap):
+    warnings = capacity_warnings(
+        max_held, limits, backlog, accept_cap, watches=epoll_watches(), workers=settings.workers
+    )
+    for warning in warnings:
         print(f"repeld: warning: {warning}", file=sys.stderr, flush=True)
     server = Server(settings, trusted, backend, log, max_held, min(backlog, accept_cap or backlog))
     # Built here, before any privilege drop or chroot, so its modules are loaded.
