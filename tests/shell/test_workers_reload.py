@@ -260,10 +260,24 @@ def test_a_worker_that_cannot_read_its_parents_settings_says_so_in_one_line() ->
     with pytest.raises(ConfigError) as caught:
         inherited_settings(env)
     assert caught.value.problems == [
-        "a worker cannot take its parent's settings (repeld upgraded under it? restart it): "
+        "a worker cannot take its parent's settings (after an upgrade, restart repeld): "
         "settings:2: unknown key 'bogus'"
     ]
     assert env == {}
     with pytest.raises(OSError):  # read once, and closed
         os.fstat(fd)
     assert inherited_settings({}) is None  # not a worker
+
+
+def test_settings_that_do_not_read_back_are_not_handed_over(tmp_path: Path) -> None:
+    # A pid file named by a flag not in UTF-8 (argv's surrogate escapes): the text
+    # cannot carry it. The parent died of UnicodeEncodeError at the first spawn;
+    # now its workers read the files themselves, as before the hand-over.
+    base = settings_from_text('backend = "127.0.0.1:10025"\n', "settings")
+    text, why = workers.handover(base, TrustedNetworks())
+    assert text is not None and why == ""
+    odd = dataclasses.replace(base, pidfile=str(tmp_path / "p\udcff.pid"))
+    text, why = workers.handover(odd, TrustedNetworks())
+    assert text is None and "surrogates not allowed" in why
+    sup = Supervisor(odd, [], [], EventLog(None, hostname="test"))
+    assert sup._handed is None

@@ -1385,3 +1385,33 @@ def test_sighup_with_a_config_tomllib_cannot_parse_keeps_serving(
         client.close()
         assert d.proc.poll() is None
         assert not syslog.named("reload")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reload_whose_delay_would_pass_the_kept_dnsbl_delay_is_refused(
+    syslog: SyslogUDP, backend: LineBackend, tmp_path: Path, workers: int
+) -> None:
+    # The lists changed, so their action and --dnsbl-delay wait for a restart with
+    # them; a --delay as long or longer held listed clients for less than clean
+    # ones, and a worker started again could not read those settings back.
+    config = tmp_path / "repeld.toml"
+    port = free_port()
+    lists = '\nresolver = "127.0.0.1:9"\ndnsbl-action = "delay"\ndnsbl-delay = 10\n'
+    _config(config, backend, port, syslog, f'dnsbl = ["a.example.org"]{lists}')
+    config.write_text(config.read_text().replace("delay = 2\n", "delay = 1\n", 1))
+    with daemon("-c", str(config), "-w", str(workers), *AS_ROOT) as d:
+        syslog.wait_for("start", 1 if workers == 1 else 1 + workers)
+        _config(config, backend, port, syslog, 'dnsbl = ["b.example.org"]\ndelay = 20\n')
+        config.write_text(config.read_text().replace("delay = 2\n", "", 1))
+        d.signal(signal.SIGHUP)
+        (err,) = syslog.wait_for("config-error")
+        assert err.fields["error"] == (
+            "--delay: invalid value 20.0: must be shorter than the --dnsbl-delay (10) that "
+            "the DNS lists keep until a restart"
+        )
+        client = connect(port, source="127.0.0.9")  # the old delay, 1 s
+        t0 = time.monotonic()
+        assert read_line(client) == b"220 backend.test ESMTP\r\n"
+        assert time.monotonic() - t0 < 5
+        client.close()
+        assert not syslog.named("reload")

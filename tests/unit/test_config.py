@@ -7,6 +7,7 @@ import pwd
 import re
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -200,20 +201,44 @@ foreground = true
     "handler",
     [
         # A program's words with a space and a quote in them (rendered as a
-        # tuple's repr, `exec` once read back as a program named "('/usr/bin/env',").
+        # tuple's repr, `exec` once read back as a program named "('/usr/bin/env",),
+        # and on two lines (a newline in a TOML string is no TOML).
         """exec = "/usr/bin/env 'FOO=a b' X=\\"it's\\" cat"\n""",
+        '''exec = """/bin/sh -c '\n  exec /bin/cat\n'"""\n''',
         'backend = "pass:/var/spool/postfix/private/smtpd"\n',
         'backend = "[::1]:10025"\nno-cache = true\n',
     ],
 )
-def test_every_option_printed_reads_back_the_same(tmp_path: Path, handler: str) -> None:
+@pytest.mark.parametrize(
+    "odd",
+    [
+        "",
+        'cache = "sqlite:////tmp/x.sqlite"',  # the SQLAlchemy spelling: read as //tmp/x
+        'cache = "sqlite:/tmp/a %25 b.sqlite"',
+        'cache = "redis://:s3c%3Ar%40t@[::1]:6380/3"',  # a password in the URL
+        'cache = "rediss://us%20er@127.0.0.1?password_file={pwfile}"',
+        'delay = "0.00001"',  # was printed 1e-05, which the flag refuses
+        'pidfile = "/run/a\\u0001b.pid"',
+    ],
+)
+def test_every_option_printed_reads_back_the_same(tmp_path: Path, handler: str, odd: str) -> None:
     (tmp_path / "password").write_text("secret\n")
+    text = handler + _EVERY_OPTION.format(password=tmp_path / "password")
+    if odd:  # in place of the line of that key
+        key = odd.split(" =", 1)[0]
+        text = "".join(f"{line}\n" for line in text.splitlines() if not line.startswith(key + " "))
+        password = tmp_path / "pass word+%26"  # read back as written, not as a query
+        password.write_text("secret\n")
+        text += odd.replace("{pwfile}", urllib.parse.quote(str(password))) + "\n"
     path = tmp_path / "repeld.toml"
-    path.write_text(handler + _EVERY_OPTION.format(password=tmp_path / "password"))
+    path.write_text(text)
     settings = load_settings({}, str(path), explicit=True)
     again = tmp_path / "again.toml"
-    again.write_text(render_settings(settings))
+    again.write_text(render_settings(settings, reveal=True))  # what a worker is given
     assert load_settings({}, str(again), explicit=True) == settings
+    if settings.cache is not None and settings.cache.password is not None:
+        printed = render_settings(settings)  # --check-config: never the password
+        assert "s3c" not in printed and ":***@" in printed
 
 
 def test_the_sample_config_is_valid_and_documents_every_key() -> None:

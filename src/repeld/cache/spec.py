@@ -64,6 +64,24 @@ class CacheSpec:
         scheme = "rediss" if self.tls else "redis"
         return f"{scheme}://{auth}{host}:{self.port}/{self.db}{query}"
 
+    def url(self, *, reveal: bool = False) -> str:
+        """The value that `parse_cache_url` reads back as this one, every
+        character quoted; the password as *** unless `reveal` (what the
+        --workers parent gives its workers, through no path)."""
+        if self.kind in ("none", "memory"):
+            return self.kind
+        if self.kind == "sqlite":
+            return f"sqlite://{self.path}"  # sqlite:///x, and sqlite:////x for //x
+        auth = ""
+        if self.username is not None or self.password is not None:
+            auth = quote(self.username or "", safe="")
+            if self.password is not None:
+                auth += ":" + (quote(self.password, safe="") if reveal else "***")
+            auth += "@"
+        query = f"?password_file={quote(self.password_file)}" if self.password_file else ""
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}{bracket(self.host)}:{self.port}/{self.db}{query}"
+
     def read_password(self) -> str | None:
         """The Redis password: from the URL, or the first line of `password_file`.
 

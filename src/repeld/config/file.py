@@ -15,9 +15,11 @@ import shlex
 import sys
 import tomllib
 from collections.abc import Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from repeld.cache.spec import CacheSpec
 from repeld.config.errors import ConfigError, SettingError, shown
 from repeld.config.reading import UnreadableFile, read_operator_file
 from repeld.config.settings import OPTION_BY_NAME, Option, Settings, build_settings, load_trusted
@@ -183,8 +185,8 @@ def inherited_settings(env: dict[str, str] | None = None) -> Settings | None:
         os.close(fd)
     try:
         return settings_from_text(b"".join(chunks).decode("utf-8"), "settings")
-    except ConfigError as exc:
-        why = "a worker cannot take its parent's settings (repeld upgraded under it? restart it)"
+    except ConfigError as exc:  # the parent read them back itself (workers.handover)
+        why = "a worker cannot take its parent's settings (after an upgrade, restart repeld)"
         raise ConfigError([f"{why}: {problem}" for problem in exc.problems]) from None
 
 
@@ -202,8 +204,9 @@ def _check_cache(settings: Settings) -> None:
     spec.read_password()  # SettingError for an unreadable or empty password file
 
 
-def render_settings(settings: Settings) -> str:
-    """The effective settings as TOML, the way --check-config prints them."""
+def render_settings(settings: Settings, *, reveal: bool = False) -> str:
+    """The effective settings as TOML, the way --check-config prints them, which
+    read back as the same settings; a password as *** unless `reveal`."""
     lines = []
     for name, opt in OPTION_BY_NAME.items():
         value = getattr(settings, name.replace("-", "_"))
@@ -214,8 +217,14 @@ def render_settings(settings: Settings) -> str:
             lines.append(f"# {name}: " + ("derived at start" if derived else "not set"))
         elif isinstance(value, bool):
             lines.append(f"{name} = {'true' if value else 'false'}")
+        elif isinstance(value, float) and "e" in repr(value):
+            # A TOML float is read through str() again (1e-05), which the flags'
+            # parsers refuse: a string of its digits.
+            lines.append(f"{name} = {_toml(format(Decimal(repr(value)), 'f'))}")
         elif isinstance(value, int | float):
             lines.append(f"{name} = {value!r}")
+        elif isinstance(value, CacheSpec):
+            lines.append(f"{name} = {_toml(value.url(reveal=reveal))}")
         elif name == "exec":  # a tuple of words: the command line that parses back to them
             lines.append(f"{name} = {_toml(shlex.join(value))}")
         else:
@@ -227,5 +236,15 @@ def render_settings(settings: Settings) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: What a TOML basic string cannot hold as itself: the quote, the backslash and
+#: the control characters (a tab may stay, but is escaped too).
+_TOML_ESCAPE = re.compile(r'["\\\x00-\x1f\x7f]')
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    return "\\" + char if char in '"\\' else f"\\u{ord(char):04x}"
+
+
 def _toml(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + _TOML_ESCAPE.sub(_escaped, text) + '"'

@@ -46,7 +46,7 @@ from repeld.shell.dnslookup import NoResolverError
 from repeld.shell.eventlog import EventLog
 from repeld.shell.handoff import resolve_optional_backend
 from repeld.shell.metrics_http import open_endpoint
-from repeld.shell.server import Server, open_server
+from repeld.shell.server import Server, open_server, pinned
 
 __all__ = ["EXIT_FAILURE", "serve_forever", "start"]
 
@@ -85,6 +85,7 @@ async def _reload(
     began = time.monotonic()  # a worker's answer says which SIGHUP it is for
     try:
         settings = reload_settings()
+        pinned(server.settings, settings)  # what it would serve, refused here if it must be
         trusted = load_trusted(settings)
         backend = await resolve_optional_backend(settings)
     except Exception as exc:  # whatever reading it raised: the old one stays

@@ -75,7 +75,7 @@ import trio
 
 from repeld import __version__
 from repeld.config.errors import SettingError
-from repeld.config.file import SETTINGS_ENV, render_settings
+from repeld.config.file import SETTINGS_ENV, render_settings, settings_from_text
 from repeld.config.settings import Listen, Settings, load_trusted
 from repeld.core import events
 from repeld.core.addresses import host_port
@@ -147,8 +147,32 @@ def inherited_sockets(env: dict[str, str] | None = None) -> list[tuple[socket.so
 
 def settings_text(settings: Settings, trusted: TrustedNetworks) -> str:
     """What a worker starts with: `settings` as --check-config prints them, with
-    the trusted networks of `trusted` (the files as the parent read them) inline."""
-    return render_settings(dataclasses.replace(settings, trusted=trusted.sources, trusted_file=()))
+    the trusted networks of `trusted` (the files as the parent read them) inline
+    and the Redis password as it is."""
+    return render_settings(
+        dataclasses.replace(settings, trusted=trusted.sources, trusted_file=()), reveal=True
+    )
+
+
+def handover(settings: Settings, trusted: TrustedNetworks) -> tuple[str | None, str]:
+    """`settings_text`, if it reads back as the same settings, and ""; else
+    (None, why): the workers then read the files themselves, as before.
+
+    Read back by the parent each time it changes, so that a value the text
+    cannot carry (a flag not in UTF-8, say) costs the hand-over, never a
+    worker that fails at every start."""
+    expected = dataclasses.replace(settings, trusted=trusted.sources, trusted_file=())
+    try:
+        text = settings_text(settings, trusted)
+        text.encode("utf-8")  # what the memfd holds: not a flag's surrogate escapes
+        back = settings_from_text(text, "settings")
+    except Exception as exc:  # ConfigError, UnicodeEncodeError, whatever else
+        return None, str(exc).replace("\n", "; ") or type(exc).__name__
+    if back != expected:
+        fields = dataclasses.fields(back)
+        differ = [f.name for f in fields if getattr(back, f.name) != getattr(expected, f.name)]
+        return None, "these do not read back the same: " + ", ".join(differ)
+    return text, ""
 
 
 def _settings_file(text: str) -> int:
@@ -290,6 +314,10 @@ class Supervisor:
         #: settings, and the trusted networks of the flags and files.
         self.settings = settings
         self.trusted = TrustedNetworks(settings.trusted) if trusted is None else trusted
+        #: What a worker started now is given (`handover`), or None and why not.
+        self._handed: str | None = None
+        self._not_handed = ""
+        self._hand_over()
         self.argv = list(argv)
         self.sockets = sockets
         self.log = log
@@ -356,10 +384,14 @@ class Supervisor:
         """
         self.settings = pinned(self.settings, settings)
         self.trusted = trusted
+        self._hand_over()
         self._adopted = time.monotonic()
         for pid in self.ready:
             if self._spawned.get(pid, -math.inf) > self._reload_sent:
                 self._hup(pid)
+
+    def _hand_over(self) -> None:
+        self._handed, self._not_handed = handover(self.settings, self.trusted)
 
     def _hup(self, pid: int) -> None:
         proc = next((p for p in self.procs.values() if p.pid == pid), None)
@@ -414,9 +446,19 @@ class Supervisor:
         env.pop("NOTIFY_SOCKET", None)  # only the parent speaks to systemd
         settings_fd = -1
         try:
-            settings_fd = _settings_file(settings_text(self.settings, self.trusted))
-            env[SETTINGS_ENV] = str(settings_fd)
-            own = [write_fd, life_read, settings_fd]
+            own = [write_fd, life_read]
+            if self._handed is not None:
+                settings_fd = _settings_file(self._handed)
+                env[SETTINGS_ENV] = str(settings_fd)
+                own.append(settings_fd)
+            elif self._not_handed:  # said once for these settings
+                print(
+                    f"repeld: warning: worker {index} reads the configuration files itself:"
+                    f" {self._not_handed}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self._not_handed = ""
             proc = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "repeld", *self.argv],
                 env=env,
@@ -690,6 +732,7 @@ async def _reload(
         sdnotify.reloading()
     try:
         settings = reload_settings()
+        pinned(sup.settings, settings)  # what the workers would serve: refused here if it must be
         trusted = load_trusted(settings)  # what a worker started from now on is given
     except Exception as exc:  # whatever reading it raised: the old one stays
         reason = str(exc).replace("\n", "; ")
@@ -702,8 +745,9 @@ async def _reload(
     reloaded, refused, silent = await sup.reload_workers()
     if sup.stopping:  # a SIGTERM came meanwhile: STOPPING=1 was the last word
         return
-    if reloaded or not refused:  # unless every worker that answered refused
+    if reloaded:  # what a worker started from now on is given
         sup.adopt(settings, trusted)
+    if reloaded or not refused:  # unless every worker that answered refused
         sup.log.reconfigure(settings)
         watch.reconfigure(settings)  # the periodic backend check
     if not starting:

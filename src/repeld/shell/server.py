@@ -31,6 +31,7 @@ import trio
 from repeld.cache.base import CacheError, PassCache
 from repeld.cache.lookup import BatchedLookups
 from repeld.cache.open import make_cache
+from repeld.config.errors import SettingError
 from repeld.config.settings import Listen, Settings, load_trusted
 from repeld.core import events
 from repeld.core.addresses import client_key
@@ -502,10 +503,24 @@ def _kept(running: Settings, new: Settings) -> tuple[str, ...]:
 
 def pinned(running: Settings, new: Settings) -> Settings:
     """`new`, but with what of `running` only a restart changes: what a server
-    that runs `running` serves once it has applied `new` (`Server.apply`)."""
-    return dataclasses.replace(
+    that runs `running` serves once it has applied `new` (`Server.apply`).
+
+    SettingError if the two together break a rule across settings: a reload
+    refused, not served (build_settings checked `new` alone).
+    """
+    kept = dataclasses.replace(
         new, **{name: getattr(running, name) for name in _kept(running, new)}
     )
+    if kept.dnsbl_action == "delay" and kept.dnsbl_delay <= kept.delay:
+        # The lists changed: their policy waits for a restart with them, and a
+        # listed client would be held for less than a clean one.
+        raise SettingError(
+            "delay",
+            kept.delay,
+            f"must be shorter than the --dnsbl-delay ({kept.dnsbl_delay:g}) that the DNS "
+            "lists keep until a restart",
+        )
+    return kept
 
 
 async def open_server(
