@@ -39,6 +39,8 @@ needs_root = pytest.mark.skipif(not ROOT, reason="dropping privileges needs root
 NOBODY = pwd.getpwnam("nobody")
 # Debian's nobody belongs to "nogroup"; FreeBSD's to "nobody".
 NOBODY_GROUP = grp.getgrgid(NOBODY.pw_gid).gr_name
+#: Groups nobody is not in: one given as a supplementary group, one it never has.
+MAIL, ADM = grp.getgrnam("mail").gr_gid, grp.getgrnam("adm").gr_gid
 NO_SUCH = "repeld-test-no-such-name"
 
 
@@ -265,7 +267,7 @@ def test_drop_with_an_explicit_group() -> None:
 
 
 CHROOT_CHILD = r"""
-import json, os, sys
+import grp, json, os, sys
 from repeld.service.privileges import drop_privileges
 
 outside_cwd = os.getcwd()
@@ -305,15 +307,19 @@ def test_drop_into_a_chroot(tmp_path: Path) -> None:
 # interpreter under /root could not be exec'd as nobody), so everything the test
 # uses is imported first.
 UNPRIVILEGED_CHILD = r"""
-import json, os, sys
+import grp, json, os, sys
 from repeld.service.privileges import PrivilegeError, decide, drop_privileges
 
-uid, gid = int(sys.argv[1]), int(sys.argv[2])
-os.setgroups([])
+uid, gid, extra, other = (int(arg) for arg in sys.argv[1:5])
+os.setgroups([extra])  # systemd's SupplementaryGroups=
 os.setresgid(gid, gid, gid)
 os.setresuid(uid, uid, uid)
 out = {"decide_none": decide(None).action, "decide_self": decide("nobody").action}
 for name, call in (("decide_root", lambda: decide("root")),
+                   ("own_group", lambda: decide("nobody", grp.getgrgid(gid).gr_name).action),
+                   ("extra_group", lambda: decide(None, grp.getgrgid(extra).gr_name).action),
+                   ("other_group", lambda: decide("nobody", grp.getgrgid(other).gr_name)),
+                   ("no_group", lambda: decide(None, "no-such-group-here")),
                    ("drop", lambda: drop_privileges("nobody"))):
     try:
         call()
@@ -327,7 +333,12 @@ print(json.dumps(out))
 @needs_root
 def test_an_unprivileged_process_stays_and_cannot_switch() -> None:
     out = subprocess.run(
-        [sys.executable, "-c", UNPRIVILEGED_CHILD, str(NOBODY.pw_uid), str(NOBODY.pw_gid)],
+        [
+            sys.executable,
+            "-c",
+            UNPRIVILEGED_CHILD,
+            *map(str, (NOBODY.pw_uid, NOBODY.pw_gid, MAIL, ADM)),
+        ],
         cwd="/",
         capture_output=True,
         text=True,
@@ -341,3 +352,11 @@ def test_an_unprivileged_process_stays_and_cannot_switch() -> None:
         f"--user: cannot become 'root' (uid 0) without root; running as uid {NOBODY.pw_uid}"
     )
     assert report["drop"] == "--user: cannot switch to 'nobody': not running as root"
+    # A group it has (its own, or systemd's SupplementaryGroups=) is kept; another was
+    # ignored, and a --group postdrop meant for Postfix's public/ failed every client.
+    assert report["own_group"] == report["extra_group"] == "no error"
+    assert report["other_group"] == (
+        f"--group: cannot switch to 'adm' (gid {ADM}) without root; running as gid "
+        f"{NOBODY.pw_gid} (under systemd: Group= or SupplementaryGroups=adm)"
+    )
+    assert report["no_group"] == "--group: no such group 'no-such-group-here'"

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RC_SCRIPT = ROOT / "scripts" / "rc.d" / "repeld"
 STUB_DIR = Path(__file__).resolve().parents[1] / "rcsubr_stub"
 SERVICE = ROOT / "scripts" / "systemd" / "repeld.service"
+SAMPLE = ROOT / "scripts" / "repeld.toml.sample"
 SOCKET = ROOT / "scripts" / "systemd" / "repeld.socket"
 DASH = shutil.which("dash")
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
@@ -214,7 +215,9 @@ def _start(rc: RcEnv) -> tuple[int, int]:
 
 
 def test_start_builds_the_daemon_command_line(rc: RcEnv) -> None:
-    rc.conf(repeld_flags="--delay 10 -l 127.0.0.1:2525")
+    # A value with a space, quoted, is one argument to the check as to the start
+    # (rc.subr evals the start's command line; the check split it on the space).
+    rc.conf(repeld_flags="--delay 10 -l 127.0.0.1:2525 --teaser-text 'mx.test ESMTP'")
     supervisor, child = _start(rc)
     ((first,),) = [list(e.values()) for e in rc.daemon_entries()[:1]]
     assert first == [
@@ -231,12 +234,12 @@ def test_start_builds_the_daemon_command_line(rc: RcEnv) -> None:
         str(rc.repeld),
         "-c",
         str(rc.config),
-        "--user",
-        "repeld",
         "--delay",
         "10",
         "-l",
         "127.0.0.1:2525",
+        "--teaser-text",
+        "mx.test ESMTP",
     ]
     check, run = rc.repeld_entries()[:2]
     # The configuration is checked, with the same flags, before daemon(8) detaches.
@@ -244,15 +247,18 @@ def test_start_builds_the_daemon_command_line(rc: RcEnv) -> None:
         "--check-config",
         "-c",
         str(rc.config),
-        "--user",
-        "repeld",
         "--delay",
         "10",
         "-l",
         "127.0.0.1:2525",
+        "--teaser-text",
+        "mx.test ESMTP",
     ]
     assert run["pid"] == child
     assert run["argv"] == first[10 + 1 :]
+    # No --user unless rc.conf names one: the configuration's `user` decides (a flag
+    # would override user = "postfix", which a pass: backend to private/ needs).
+    assert "--user" not in first
     assert supervisor != child
 
 
@@ -329,6 +335,7 @@ def test_the_stub_would_catch_a_leaked_repeld_user(rc: RcEnv) -> None:
     text = rc.script.read_text()
     assert "\nunset repeld_user\n" in text
     rc.script.write_text(text.replace("\nunset repeld_user\n", "\n"))
+    rc.conf(repeld_user="repeld")
     start = rc.run("start")
     assert start.returncode == 1
     assert "$repeld_user=repeld: rc.subr would su(1) to it" in start.stderr
@@ -361,8 +368,6 @@ def test_checkconfig_runs_repeld_check_config(rc: RcEnv) -> None:
         "--check-config",
         "-c",
         str(rc.config),
-        "--user",
-        "repeld",
         "--delay",
         "5",
     ]
@@ -427,7 +432,7 @@ def test_defaults_when_rc_conf_says_only_enable(rc: RcEnv) -> None:
         "/var/run/repeld.child.pid",
         "/usr/local/etc/repeld.toml",
     )
-    assert args.endswith("-c /usr/local/etc/repeld.toml --user repeld")
+    assert args.endswith("-c /usr/local/etc/repeld.toml")
     assert user == "unset", "repeld_user must not reach rc.subr"
 
 
@@ -490,14 +495,9 @@ def _reload_check(config: Path, opts: str) -> subprocess.CompletedProcess[str]:
     unit = _unit(SERVICE)
     exec_start = _one(unit, "Service", "ExecStart")
     command = _values(unit, "Service", "ExecReload")[0]
-    # The check is given the flags the daemon was started with.
-    assert exec_start.split()[1:] == [
-        "-c",
-        "/etc/repeld/repeld.toml",
-        "--user",
-        "repeld",
-        "$REPELD_OPTS",
-    ]
+    # The check is given the flags the daemon was started with, and no --user: the
+    # configuration's `user` is the one start-up takes (a flag would override it).
+    assert exec_start.split()[1:] == ["-c", "/etc/repeld/repeld.toml", "$REPELD_OPTS"]
     assert command.startswith("/bin/sh -c '") and command.endswith("'")
     script = command[len("/bin/sh -c '") : -1].replace("$$", "$")  # systemd's unescaping
     script = script.replace("/usr/local/bin/repeld", f"{sys.executable} -m repeld")
@@ -511,7 +511,7 @@ def _reload_check(config: Path, opts: str) -> subprocess.CompletedProcess[str]:
 def test_reload_checks_the_configuration_before_the_signal(tmp_path: Path) -> None:
     config = tmp_path / "repeld.toml"
     config.write_text('backend = "127.0.0.1:10025"\ndelay = 0\n')
-    # The user it runs as (REPELD_OPTS comes last, so its --user wins over the unit's).
+    # The user it runs as, as REPELD_OPTS may say.
     me = ["--user", pwd.getpwuid(os.geteuid()).pw_name, "--no-cache"]
     refused = _reload_check(config, " ".join(me))
     assert refused.returncode == 2, "a non-zero ExecReload= fails `systemctl reload`"
@@ -521,13 +521,11 @@ def test_reload_checks_the_configuration_before_the_signal(tmp_path: Path) -> No
     config.write_text('backend = "127.0.0.1:10025"\ndelay = 10\n')
     accepted = _reload_check(config, " ".join(me))
     assert (accepted.returncode, accepted.stdout, accepted.stderr) == (0, "", "")
-    # What start-up would refuse, too: here the unit's own user, if this machine has none.
-    try:
-        pwd.getpwnam("repeld")
-    except KeyError:
-        missing = _reload_check(config, "--no-cache")
-        assert missing.returncode == 2
-        assert "--user: " in missing.stderr and "'repeld'" in missing.stderr
+    # What start-up would refuse, too: the file's user, which no flag of the unit hides.
+    config.write_text('backend = "127.0.0.1:10025"\nuser = "no-such-user-here"\n')
+    missing = _reload_check(config, "--no-cache")
+    assert missing.returncode == 2
+    assert missing.stderr == "repeld: --user: no such user 'no-such-user-here'\n"
 
 
 def test_stop_timeout_outlasts_the_shutdown_grace() -> None:
@@ -544,8 +542,10 @@ def test_service_user_and_capability_agree() -> None:
     unit = _unit(SERVICE)
     user = _one(unit, "Service", "User")
     exec_start = _one(unit, "Service", "ExecStart").split()
-    # --user names the user systemd starts it as, so repeld does not try to drop.
-    assert exec_start[exec_start.index("--user") + 1] == user
+    # The configuration's user is the one systemd starts it as, so repeld does not
+    # try to drop; no --user in the unit, which would override the file's.
+    assert "--user" not in exec_start
+    assert 'user = "' + user + '"' in SAMPLE.read_text().splitlines()
     assert _one(unit, "Service", "AmbientCapabilities") == "CAP_NET_BIND_SERVICE"
     assert _one(unit, "Service", "CapabilityBoundingSet") == "CAP_NET_BIND_SERVICE"
     families = _one(unit, "Service", "RestrictAddressFamilies").split()

@@ -306,11 +306,11 @@ def start(
             def reload_settings() -> Settings:
                 return dataclasses.replace(configured(), listen=listen)
 
-            plan = privileges.decide(settings.user)
+            plan = privileges.decide(settings.user, settings.group)
             run = functools.partial(serve_forever, serve_metrics=False)
             trio.run(run, settings, reload_settings, _prepare(settings, plan, None), inherited)
             return 0
-        plan = privileges.decide(settings.user)
+        plan = privileges.decide(settings.user, settings.group)
         pid = PidFile(settings.pidfile) if settings.pidfile else None
         if settings.workers > 1:
             # Like Postfix's master, the supervisor stays root so that it can

@@ -29,7 +29,7 @@ __all__ = ["problems"]
 def _privilege_problems(settings: Settings) -> list[str]:
     """The user and group start-up would switch to (or stay as), as privileges decides."""
     try:
-        plan = privileges.decide(settings.user)
+        plan = privileges.decide(settings.user, settings.group)
         if plan.action == "drop":
             assert plan.user is not None
             privileges.resolve(plan.user, settings.group)

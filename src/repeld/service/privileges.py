@@ -123,14 +123,29 @@ def uid_of(user: str) -> int | None:
         return None
 
 
-def decide(user: str | None) -> Plan:
-    """`plan_drop` for this process, with the lookups done."""
-    return plan_drop(
+def decide(user: str | None, group: str | None = None) -> Plan:
+    """`plan_drop` for this process, with the lookups done.
+
+    Not root, it stays as it is: a `group` must then be one it has already
+    (systemd's Group= or SupplementaryGroups=), or PrivilegeError: ignored, a
+    --group postdrop meant to open Postfix's public/ would fail each client."""
+    plan = plan_drop(
         os.geteuid(),
         user,
         default=default_user(),
         user_uid=None if user is None else uid_of(user),
     )
+    if plan.action == "stay" and group is not None and os.geteuid() != 0:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise PrivilegeError(f"--group: no such group {group!r}") from None
+        if gid != os.getegid() and gid not in os.getgroups():
+            raise PrivilegeError(
+                f"--group: cannot switch to {group!r} (gid {gid}) without root; running as "
+                f"gid {os.getegid()} (under systemd: Group= or SupplementaryGroups={group})"
+            )
+    return plan
 
 
 def resolve(user: str, group: str | None = None) -> Identity:
@@ -164,7 +179,7 @@ def dropped_identity(user: str | None, group: str | None = None) -> Identity | N
     after its drop, or None: it stays as this process is (`decide`), or it would
     refuse to start, which it says itself."""
     try:
-        plan = decide(user)
+        plan = decide(user, group)
         if plan.action == "drop" and plan.user is not None:
             return resolve(plan.user, group)
     except PrivilegeError:
