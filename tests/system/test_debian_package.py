@@ -166,6 +166,20 @@ def test_the_package_has_no_lintian_error(deb: Path) -> None:
     assert result.returncode == 0 and not errors, result.stdout + result.stderr
 
 
+def test_the_socket_and_the_service_are_stopped_and_started_together(
+    deb: Path, tmp_path: Path
+) -> None:
+    # Stopped in two calls, a connection queued on an enabled repeld.socket started
+    # the service again once it stopped, and a removal left it on port 25.
+    _run(["dpkg-deb", "-e", str(deb), str(tmp_path / "control")], timeout=60)
+    prerm = (tmp_path / "control" / "prerm").read_text()
+    postinst = (tmp_path / "control" / "postinst").read_text()
+    both = "'repeld.service' 'repeld.socket'"
+    assert f"deb-systemd-invoke stop {both}" in prerm, prerm
+    assert f"deb-systemd-invoke $_dh_action {both}" in postinst, postinst
+    assert prerm.count("deb-systemd-invoke") == 1
+
+
 def test_the_installed_files(debian_root: Path) -> None:
     out = in_root(
         debian_root,

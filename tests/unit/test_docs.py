@@ -849,3 +849,20 @@ def test_manual_page_is_lint_clean(page: Path) -> None:
         check=False,
     )
     assert (done.returncode, done.stdout + done.stderr) == (0, "")
+
+
+@pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed")
+@pytest.mark.parametrize("page", MAN_PAGES, ids=lambda p: p.name)
+def test_manual_page_renders_whole_with_groff(page: Path) -> None:
+    # man(1) on Debian renders with groff, not mandoc: a reference with five
+    # authors stopped groff 1.22.4 (Debian 12) and lost the rest of repeld(8).
+    done = subprocess.run(
+        ["groff", "-mandoc", "-Tutf8", str(page)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stderr.decode()) == (0, "")
+    text = re.sub(r".\x08", "", done.stdout.decode())  # overstrike: bold, underline
+    last = re.findall(r"^\.Sh (.+)$", page.read_text(), re.MULTILINE)[-1]
+    assert re.search(rf"^{re.escape(last)}$", text, re.MULTILINE), f"no {last} section"
