@@ -705,3 +705,35 @@ async def test_a_full_disk_is_one_cache_error_and_space_back_is_cache_recover(
             assert len(rows(db)) == 2001
             assert cache.statistics()["dropped"] == 0
         assert len(errors) == 1
+
+
+async def test_an_outage_with_a_full_batch_waiting_is_retried_each_interval(
+    tmp_path: Path,
+) -> None:
+    # A failed batch goes back to the queue; with a full batch (256) waiting, the
+    # writer's wait returned at once and it retried without a pause, a core busy
+    # for the whole outage (thousands of reopen and write attempts a second).
+    directory = tmp_path / "cache"
+    directory.mkdir()
+    errors: list[str] = []
+    cache = SqliteCache(str(directory / "cache.sqlite"), flush_interval=0.2, on_error=errors.append)
+    async with running_caches(cache):
+        cache.remember_good("192.0.2.1")
+        await cache.flush()
+        shutil.rmtree(directory)  # the directory gone: no reopen, no write
+        for i in range(300):
+            cache.remember_good(f"198.51.100.{i}" if i < 256 else f"203.0.113.{i - 256}")
+        before = cache.statistics()["errors"]
+        await trio.sleep(1.0)
+        tries = cache.statistics()["errors"] - before
+        assert 1 <= tries <= 15, tries  # about two a flush interval, not thousands
+        assert len(errors) == 1  # one outage
+        directory.mkdir()  # back: every verdict written, none lost to the retries
+
+        def written() -> int:
+            try:
+                return len(rows(directory / "cache.sqlite"))
+            except sqlite3.Error:  # not made yet, or its table not yet
+                return 0
+
+        await wait_for(lambda: written() == 300)

@@ -430,7 +430,10 @@ class SqliteCache(QueuedVerdicts):
             if trio.current_time() >= next_sweep:
                 await self.sweep()
                 next_sweep = trio.current_time() + self.sweep_interval
-            await self._pending.wait(self.flush_interval)
+            if self._notice.up:
+                await self._pending.wait(self.flush_interval)
+            else:  # a failed batch is queued again: a full one must not be retried at once
+                await trio.sleep(self.flush_interval)
             await self._check_file()
             if self._pending.queued:
                 await self.flush()
