@@ -234,19 +234,72 @@ async def test_lookups_never_block_the_loop_while_another_writer_holds_the_lock(
         nursery.cancel_scope.cancel()
 
 
-async def test_an_unusable_path_fails_at_start(tmp_path: Path) -> None:
-    missing_dir = SqliteCache(str(tmp_path / "no" / "such" / "dir" / "cache.sqlite"))
+@pytest.mark.parametrize("trouble", ["no directory yet", "not a database"])
+async def test_a_path_unusable_at_start_is_an_outage_until_it_can_be_opened(
+    tmp_path: Path, trouble: str
+) -> None:
+    # It was "cache off until restart": every client waited every time for as long
+    # as repeld ran, though the directory came (a mount) or the file was mended.
+    if trouble == "no directory yet":
+        directory = tmp_path / "not" / "yet"
+        path = directory / "cache.sqlite"
+
+        def mend() -> None:
+            directory.mkdir(parents=True)
+
+    else:
+        path = tmp_path / "junk.sqlite"
+        path.write_bytes(b"this is not an SQLite database, not even close" * 100)
+        mend = path.unlink
+    errors: list[str] = []
+    recoveries: list[str] = []
+    cache = SqliteCache(
+        str(path), flush_interval=0.05, on_error=errors.append, on_recover=recoveries.append
+    )
+    async with running_caches(cache):
+        (error,) = errors
+        assert f"cache sqlite:{path}: cannot open the cache database: " in error
+        assert await cache.lookup("k") is UNKNOWN
+        cache.remember_good("k")  # queued meanwhile
+        mend()
+        await wait_for(lambda: recoveries != [])
+        await wait_for(lambda: "k" in rows(path))
+    assert len(errors) == 1
+
+
+async def test_another_version_s_file_stays_refused_at_start(db: Path) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    cache = SqliteCache(str(db))
     async with trio.open_nursery() as nursery:
-        with pytest.raises(CacheError, match="cannot open the cache database"):
-            await nursery.start(missing_dir.run)
-    not_a_db = tmp_path / "junk"
-    not_a_db.write_bytes(b"this is not an SQLite database, not even close" * 100)
-    junk = SqliteCache(str(not_a_db))
-    async with trio.open_nursery() as nursery:
-        with pytest.raises(CacheError, match=r"junk.*not a database"):
-            await nursery.start(junk.run)
-    assert await junk.lookup("k") is UNKNOWN  # never opened: every lookup is a miss
-    await junk.aclose()
+        with pytest.raises(CacheError, match=r"cannot open the cache database .*schema version 99"):
+            await nursery.start(cache.run)
+    assert await cache.lookup("k") is UNKNOWN  # never opened: every lookup is a miss
+    await cache.aclose()
+
+
+async def test_a_file_locked_at_start_is_opened_once_the_lock_goes(db: Path) -> None:
+    # A backup (sqlite3 .backup) or an admin's sqlite3 shell holding a transaction
+    # for longer than busy_timeout (1 s) while repeld starts.
+    async with running_caches(SqliteCache(str(db))):
+        pass
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    errors: list[str] = []
+    recoveries: list[str] = []
+    cache = SqliteCache(
+        str(db), flush_interval=0.1, on_error=errors.append, on_recover=recoveries.append
+    )
+    try:
+        async with running_caches(cache):
+            assert len(errors) == 1 and "locked" in errors[0]
+            holder.execute("COMMIT")
+            cache.remember_good("192.0.2.9")
+            await wait_for(lambda: recoveries != [])
+            await wait_for(lambda: "192.0.2.9" in rows(db))
+    finally:
+        holder.close()
 
 
 async def test_a_file_an_older_repeld_left_in_wal_mode_is_converted(db: Path) -> None:

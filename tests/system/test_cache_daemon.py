@@ -221,7 +221,13 @@ def test_an_unusable_cache_path_leaves_repeld_serving(
         assert _greeted_after(port, "127.0.0.91") >= 0.4
         d.signal(signal.SIGUSR1)
         stats = syslog.wait_for("stats")[0]
-        assert "cache_lookups" not in stats.fields  # running without a cache
+        assert stats.fields["cache_outages"] == "1"  # an outage, not a cache turned off
+        blocker.unlink()
+        blocker.mkdir()  # the directory it wanted: the cache opens, and remembers
+        syslog.wait_for("cache-recover")
+        assert _greeted_after(port, "127.0.0.92") >= 0.4
+        assert wait_for(lambda: (blocker / "cache.sqlite").exists(), 5)
+        assert wait_for(lambda: _greeted_after(port, "127.0.0.92") < 0.3, 10)
 
 
 class GarbageRedis(socketserver.ThreadingTCPServer):

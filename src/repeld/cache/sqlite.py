@@ -413,17 +413,21 @@ class SqliteCache(QueuedVerdicts):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the database, then write batches, sweep, and notice recovery.
 
-        Raises CacheError before `started()` if the database cannot be opened.
+        Raises CacheError before `started()` if the file is not one this repeld
+        may use (another schema version, a journal mode it cannot leave). Any
+        other failure to open it is an outage, tried again each flush interval
+        as at run time: locked past `busy_timeout` (a backup, an admin's sqlite3
+        shell), a directory not there or not writable yet, a broken file.
         """
         if self._closed:
             raise CacheError(f"cache {self} is closed")
         if self._conn is None:
             try:
                 await trio.to_thread.run_sync(self._reopen, limiter=self._limiter)
-            except _ERRORS as exc:
-                raise CacheError(
-                    f"cannot open the cache database {self.path}: {_describe(exc)}"
-                ) from None
+            except CacheError as exc:
+                raise CacheError(f"cannot open the cache database {self.path}: {exc}") from None
+            except _ERRORS as exc:  # every client waits meanwhile, as without a cache
+                self._failed("cannot open the cache database", exc, OutageNotice.OPEN)
         task_status.started()
         next_sweep = trio.current_time()
         while True:
