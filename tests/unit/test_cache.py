@@ -403,3 +403,37 @@ async def test_make_cache() -> None:
     cache = make_cache(parse_cache_url("memory"), pass_ttl=5.0, penalty_ttl=1.0)
     assert isinstance(cache, MemoryCache)
     assert (cache.pass_ttl, cache.penalty_ttl) == (5.0, 1.0)
+
+
+async def test_decided_clients_in_the_lookup_queue_cost_no_trip(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Clients that left before their batch was asked (connect-then-reset floods)
+    # took a place in the batch of 1,024: a slow cache then let the queue grow
+    # for as long as the flood lasted, and live clients waited behind it.
+    from repeld.cache.lookup import BatchedLookups
+
+    cache = MemoryCache(pass_ttl=3600)
+    cache.remember_good("192.0.2.7")
+    answered: list[tuple[int, CacheVerdict]] = []
+    trips: list[int] = []
+    live = {500, 1500, 2500}  # one in each slice of 1,024 as it was taken
+    lookups: BatchedLookups[int] = BatchedLookups(
+        cache,
+        lambda item, verdict: answered.append((item, verdict)),
+        lambda item: item in live,
+        on_trip=lambda _seconds, clients: trips.append(clients),
+    )
+    for i in range(3000):
+        lookups.ask("192.0.2.7" if i == 2500 else f"198.51.100.{i % 250}", i)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lookups.run)
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert trips == [3]  # one trip for the three that wait
+    assert sorted(answered) == [
+        (500, CacheVerdict.UNKNOWN),
+        (1500, CacheVerdict.UNKNOWN),
+        (2500, CacheVerdict.GOOD),
+    ]
+    assert len(lookups) == 0

@@ -9,6 +9,7 @@ wait for an answer, and where the answer goes.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -28,7 +29,9 @@ class BatchedLookups(Generic[T]):
     """Queue `ask(key, item)`; `run()` answers each through `on_answer(item, verdict)`.
 
     An item for which `waiting(item)` is false by the time its batch leaves is
-    not asked about (its connection was decided meanwhile).
+    not asked about (its connection was decided meanwhile), nor takes a place
+    in it: a flood of clients that leave at once costs no trip, and the queue
+    never holds more than the waiting clients and those one trip left behind.
     """
 
     def __init__(
@@ -45,7 +48,7 @@ class BatchedLookups(Generic[T]):
         self._batch = batch
         #: Told (seconds, clients) after each trip to the cache (--metrics).
         self._on_trip = on_trip
-        self._queue: list[tuple[str, T]] = []
+        self._queue: collections.deque[tuple[str, T]] = collections.deque()
         self._due = trio.Event()
 
     def __len__(self) -> int:
@@ -62,9 +65,12 @@ class BatchedLookups(Generic[T]):
             if not self._queue:
                 self._due = trio.Event()
                 await self._due.wait()
-            batch = self._queue[: self._batch]
-            del self._queue[: self._batch]
-            asked = [(key, item) for key, item in batch if self._waiting(item)]
+            asked: list[tuple[str, T]] = []
+            queue, waiting = self._queue, self._waiting
+            while queue and len(asked) < self._batch:
+                key, item = queue.popleft()
+                if waiting(item):
+                    asked.append((key, item))
             if not asked:
                 continue
             started = trio.current_time()
