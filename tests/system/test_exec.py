@@ -146,6 +146,8 @@ def test_shutdown_grace_ends_a_program_that_does_not(syslog: SyslogUDP) -> None:
         (["--exec", "smtpd"], "give the program's absolute path"),
         (["--exec", "'/bin/sh"], "No closing quotation"),
         (["--exec", ""], "expected a program to run"),
+        # (a config file's "\u0000": execve refused it for every passed client, unanswered)
+        (["--exec", "/bin/cat x\x00y"], "a NUL character cannot be in a program's arguments"),
         (["--exec", "/bin/true", "-b", "127.0.0.1:25"], "give --exec or --backend, not both"),
         ([], "backend is required"),
     ],

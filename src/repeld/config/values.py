@@ -482,6 +482,8 @@ def command(text: str) -> tuple[str, ...]:
         raise SettingError("exec", text, "expected a program to run")
     if not argv[0].startswith("/"):
         raise SettingError("exec", text, "give the program's absolute path")
+    if "\0" in text:  # execve(2) cannot pass it: every passed client would be refused
+        raise SettingError("exec", text, "a NUL character cannot be in a program's arguments")
     return argv
 
 

@@ -81,11 +81,12 @@ async def handoff_exec(
                 env=exec_environment(conn),
                 start_new_session=True,  # a ^C on repeld's terminal is not for it
             )
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: what execve cannot take
             sock.setblocking(False)
             reply_and_close(sock, BACKEND_UNAVAILABLE)
             elapsed = trio.current_time() - accepted_at
-            log.emit(events.backend_error(conn, elapsed, program, exc.strerror or str(exc)))
+            why = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+            log.emit(events.backend_error(conn, elapsed, program, why))
             return
         sock.close()  # the program has its own copies
         started = trio.current_time()
