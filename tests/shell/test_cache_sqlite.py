@@ -65,7 +65,7 @@ async def test_a_pass_is_written_in_a_batch_and_seen_by_another_instance(db: Pat
     assert [p.name for p in cache_files(db)] == ["cache.sqlite", "cache.sqlite-journal"]
     assert (db.parent / "cache.sqlite-journal").stat().st_size == 0
     with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
 
 
 async def test_a_full_batch_is_written_before_the_interval(db: Path) -> None:
@@ -104,7 +104,7 @@ async def test_last_verdict_wins_and_no_penalty_means_forget(db: Path) -> None:
         without.remember_bad("k")  # an early talker is never left marked good
         assert await without.lookup("k") is UNKNOWN
         await without.flush()
-        assert "k" not in rows(db)
+        assert rows(db)["k"][0] == 0  # forgotten: a row of its own, answered UNKNOWN
 
 
 async def test_expiry_on_the_injected_wall_clock_and_sweep(db: Path) -> None:
@@ -129,7 +129,7 @@ async def test_run_sweeps_rows_whose_time_has_passed(db: Path) -> None:
     past = time.time() - 1.0
     with sqlite3.connect(db) as conn:
         conn.executemany(
-            "INSERT INTO cache VALUES (?, ?, ?)",
+            "INSERT INTO cache (key, verdict, expires) VALUES (?, ?, ?)",
             [(f"old{i}", 1, past) for i in range(25)]
             + [("fresh", 1, time.time() + 600), ("odd", 7, time.time() + 600)],
         )
@@ -336,7 +336,9 @@ async def test_a_row_another_writer_garbled_is_a_cache_error_not_a_crash(db: Pat
     cache = SqliteCache(str(db), on_error=errors.append)
     async with running_caches(cache):
         with sqlite3.connect(db) as conn:  # SQLite keeps text in an INTEGER column
-            conn.execute("INSERT INTO cache VALUES ('192.0.2.9', 'garbage', 1e12)")
+            conn.execute(
+                "INSERT INTO cache (key, verdict, expires) VALUES ('192.0.2.9', 'x', 1e12)"
+            )
         assert await cache.lookup("192.0.2.9") is UNKNOWN
         assert await cache.lookup_many(["192.0.2.9", "192.0.2.10"]) == [UNKNOWN, UNKNOWN]
         assert len(errors) == 1
@@ -453,7 +455,7 @@ async def test_a_file_replaced_or_deleted_while_running_is_reopened(db: Path) ->
         async with running_caches(SqliteCache(str(other))):  # a cache file of its own
             pass
         with sqlite3.connect(other) as conn:
-            conn.execute("INSERT INTO cache VALUES ('192.0.2.2', 1, 1e12)")
+            conn.execute("INSERT INTO cache (key, verdict, expires) VALUES ('192.0.2.2', 1, 1e12)")
         conn.close()
         os.replace(other, db)  # another inode at the path, as a restore from backup does
         await wait_for(lambda: "192.0.2.2" in rows(db))
@@ -727,7 +729,7 @@ async def test_a_talker_loses_its_stored_pass_though_the_queue_filled_with_passe
             assert await cache.lookup("192.0.2.1") is UNKNOWN
             filler.unlink()
             await wait_for(lambda: len(recoveries) == 1)
-            assert "192.0.2.1" not in rows(db)
+            assert rows(db)["192.0.2.1"][0] == 0  # forgotten
             assert await cache.lookup("192.0.2.1") is UNKNOWN
             # the passes beyond room, and one for the forget
             assert cache.statistics()["dropped"] == 2000 + 1 - 100
@@ -790,3 +792,48 @@ async def test_an_outage_with_a_full_batch_waiting_is_retried_each_interval(
                 return 0
 
         await wait_for(lambda: written() == 300)
+
+
+@pytest.mark.parametrize("penalty_ttl", [600.0, None], ids=["penalty", "forget"])
+async def test_the_newest_verdict_wins_whichever_process_writes_last(
+    db: Path, penalty_ttl: float | None
+) -> None:
+    # Two processes (the --workers) flush on timers of their own: a pass decided
+    # first but written last overwrote a newer penalty (or undid a forget), and
+    # the early talker was passed at once for a day. So did a backlog written
+    # after an outage.
+    now = [1_000_000.0]
+    first, second, reader = (
+        SqliteCache(str(db), penalty_ttl=penalty_ttl, flush_interval=60.0, wallclock=lambda: now[0])
+        for _ in range(3)
+    )
+    async with running_caches(first, second, reader):
+        first.remember_good("192.0.2.7")  # it waited the delay on one worker...
+        now[0] += 0.2
+        second.remember_bad("192.0.2.7")  # ...and talked early on the other
+        await second.flush()
+        await first.flush()  # the older verdict, written last
+        expected = BAD if penalty_ttl else UNKNOWN
+        assert await reader.lookup("192.0.2.7") is expected
+        now[0] += 0.2
+        first.remember_good("192.0.2.7")  # a newer pass still wins
+        await first.flush()
+        assert await reader.lookup("192.0.2.7") is GOOD
+
+
+async def test_a_file_of_the_previous_schema_gets_the_decision_time(db: Path) -> None:
+    old = sqlite3.connect(db, isolation_level=None)  # what repeld made before
+    old.execute(
+        "CREATE TABLE cache (key TEXT PRIMARY KEY, verdict INTEGER NOT NULL, expires REAL NOT NULL)"
+    )
+    old.execute("INSERT INTO cache VALUES ('192.0.2.1', 1, 1e12)")
+    old.execute("PRAGMA user_version = 1")
+    old.close()
+    cache = SqliteCache(str(db), flush_interval=60.0)
+    async with running_caches(cache):
+        assert await cache.lookup("192.0.2.1") is GOOD  # kept
+        cache.remember_bad("192.0.2.1")  # newer than any row it had
+        await cache.flush()
+        assert await cache.lookup("192.0.2.1") is UNKNOWN
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2

@@ -239,6 +239,14 @@ class QueuedVerdicts:
         if lost != key:
             self._stats.writes += 1
 
+    def _decided(self, verdict: CacheVerdict, expires: float) -> float:
+        """When a queued verdict was decided, on the wall clock: its expiry less the
+        time to live it was queued with (`_queue`)."""
+        ttl = self.pass_ttl
+        if verdict is CacheVerdict.BAD and self.penalty_ttl is not None:
+            ttl = self.penalty_ttl
+        return expires - ttl
+
     def _batch_ended(self, size: int, written: bool) -> None:
         # The batch in flight (`size` verdicts) was written, or refused: then it
         # goes back under what was queued since (counted if dropped for room).

@@ -58,14 +58,22 @@ still reads (immutable, read-only, a full disk) keeps its connection, so lookups
 go on; its failing writes are the one `on_error`, the batch is kept, and the
 first write that works again is the `on_recover`.
 
-Schema (PRAGMA user_version = 1)::
+Schema (PRAGMA user_version = 2)::
 
     CREATE TABLE cache (
         key     TEXT PRIMARY KEY,   -- cache.cache_key(): 192.0.2.7, 2001:db8::/64
-        verdict INTEGER NOT NULL,   -- CacheVerdict: 1 GOOD (passed), 2 BAD (penalty)
-        expires REAL NOT NULL       -- wall-clock Unix time, seconds
+        verdict INTEGER NOT NULL,   -- CacheVerdict: 1 GOOD (passed), 2 BAD (penalty),
+                                    -- 0 forgotten (an early talker, no penalties)
+        expires REAL NOT NULL,      -- wall-clock Unix time, seconds
+        decided REAL NOT NULL DEFAULT 0  -- when the verdict was made, wall clock
     );
     CREATE INDEX cache_expires ON cache (expires);
+
+A write replaces a row only with a verdict decided as late or later (`_UPSERT`):
+the processes sharing the file flush on timers of their own, and one's backlog
+after an outage may land long after another's newer verdicts. A version 1 file
+is given the column on open (its rows decided at 0); an older repeld refuses a
+version 2 file (a restart after an upgrade).
 
 Expiries are wall-clock (`wallclock`, default `time.time`) because monotonic
 time means nothing after a restart; a clock step only shortens or lengthens
@@ -97,7 +105,7 @@ from repeld.cache.base import (
 
 __all__ = ["JOURNAL_MODE", "RECOVER_QUIET", "SCHEMA_VERSION", "SqliteCache"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: The rollback journal, kept as an empty cache.sqlite-journal between writes.
 JOURNAL_MODE = "TRUNCATE"
@@ -111,11 +119,28 @@ BEGIN IMMEDIATE;
 CREATE TABLE IF NOT EXISTS cache (
     key     TEXT PRIMARY KEY,
     verdict INTEGER NOT NULL,
-    expires REAL NOT NULL
+    expires REAL NOT NULL,
+    decided REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS cache_expires ON cache (expires);
 PRAGMA user_version = {SCHEMA_VERSION};
 COMMIT;
+"""
+
+#: Version 1 (and the files before it) had no decision time: their rows count as
+#: decided at 0, before any new verdict.
+_ADD_DECIDED = "ALTER TABLE cache ADD COLUMN decided REAL NOT NULL DEFAULT 0"
+
+#: A verdict replaces the stored one only if it was decided as late or later: two
+#: processes flush out of the order they decided in (each every `flush_interval`,
+#: or a backlog after an outage), and the newest verdict must win, not the last
+#: written. A forget is a row too (verdict 0, answered UNKNOWN), which outlives
+#: any pass decided before it.
+_UPSERT = """
+INSERT INTO cache (key, verdict, expires, decided) VALUES (?, ?, ?, ?)
+ON CONFLICT (key) DO UPDATE
+SET verdict = excluded.verdict, expires = excluded.expires, decided = excluded.decided
+WHERE excluded.decided >= cache.decided
 """
 
 
@@ -132,7 +157,7 @@ def _open(path: str, busy_timeout: float) -> tuple[sqlite3.Connection, _Identity
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         conn.execute("PRAGMA mmap_size = 0")  # a build may map by default
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
+        if version not in (0, 1, SCHEMA_VERSION):
             raise CacheError(f"schema version {version}, this repeld knows {SCHEMA_VERSION}")
         try:
             mode = conn.execute(f"PRAGMA journal_mode = {JOURNAL_MODE}").fetchone()[0]
@@ -144,6 +169,8 @@ def _open(path: str, busy_timeout: float) -> tuple[sqlite3.Connection, _Identity
             raise CacheError(f"cannot use journal mode {JOURNAL_MODE} (it stays {mode})")
         conn.execute("PRAGMA synchronous = FULL")
         conn.executescript(_SCHEMA)
+        if "decided" not in {row[1] for row in conn.execute("PRAGMA table_info(cache)")}:
+            conn.execute(_ADD_DECIDED)
         identity = _identity(path)
     except BaseException:
         conn.close()
@@ -254,14 +281,10 @@ class SqliteCache(QueuedVerdicts):
         conn = self._conn
         if conn is None:
             raise sqlite3.ProgrammingError("the cache database is closed")
-        rows = [(k, v.value, e) for k, (v, e) in batch.items() if v is not CacheVerdict.UNKNOWN]
-        forget = [(k,) for k, (v, _) in batch.items() if v is CacheVerdict.UNKNOWN]
+        rows = [(k, v.value, e, self._decided(v, e)) for k, (v, e) in batch.items()]
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany(
-                "INSERT OR REPLACE INTO cache (key, verdict, expires) VALUES (?, ?, ?)", rows
-            )
-            conn.executemany("DELETE FROM cache WHERE key = ?", forget)
+            conn.executemany(_UPSERT, rows)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
