@@ -281,3 +281,28 @@ def test_settings_that_do_not_read_back_are_not_handed_over(tmp_path: Path) -> N
     assert text is None and "surrogates not allowed" in why
     sup = Supervisor(odd, [], [], EventLog(None, hostname="test"))
     assert sup._handed is None
+
+
+async def test_a_reload_no_worker_was_there_to_answer_is_what_the_next_one_gets() -> None:
+    # Every worker being replaced (an OOM kill of both) at the SIGHUP: the reload
+    # was reported done, but each new worker was handed the old settings.
+    sup = Supervisor(Settings(), [], [], EventLog(None, hostname="test"))
+    assert await sup.reload_workers() == (0, [], 0)
+    sup.settle(Settings(delay=7.0), TrustedNetworks(), 0, [], 0)
+    assert sup.settings.delay == 7.0
+
+
+@pytest.mark.parametrize("late", ["", "cannot read"], ids=["taken", "refused"])
+async def test_a_reload_answered_late_is_settled_by_the_first_late_answer(
+    late: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with _two_workers() as (sup, write_fd, a, _, _nursery):
+        assert await sup.reload_workers() == (0, [], 2)  # both silent for RELOAD_WAIT
+        sup.settle(Settings(delay=7.0), TrustedNetworks(), 0, [], 2)
+        assert sup.settings.delay != 7.0  # not yet: they may refuse it
+        _answer(write_fd, a, late, time.monotonic())
+        await trio.sleep(0.5)
+        assert (sup.settings.delay == 7.0) is (late == "")
+        _answer(write_fd, a, "", time.monotonic())  # settled: one answer decides
+        await trio.sleep(0.5)
+        assert (sup.settings.delay == 7.0) is (late == "")

@@ -361,6 +361,8 @@ class Supervisor:
         #: `ready`, or at `adopt` if it is ready already.
         self._reload_sent = -math.inf
         self._adopted = -math.inf
+        #: A reload no worker answered in time: taken at the first late answer.
+        self._late_adopt: tuple[Settings, TrustedNetworks, float] | None = None
         self._spawned: dict[int, float] = {}
         #: SIGHUP's reloads: one at a time, each waiting for its workers' answers.
         self.reloads = Reloads(lambda: self.stopping)
@@ -389,6 +391,24 @@ class Supervisor:
         for pid in self.ready:
             if self._spawned.get(pid, -math.inf) > self._reload_sent:
                 self._hup(pid)
+
+    def settle(
+        self,
+        settings: Settings,
+        trusted: TrustedNetworks,
+        reloaded: int,
+        refused: list[str],
+        silent: int,
+    ) -> None:
+        """What a worker started from now on is given, once the workers have
+        answered a reload (`reload_workers`): its settings if one took them, or
+        none was there to (every worker being replaced); if every worker that
+        answered in time did and others were silent, at the first late answer
+        that took them; not if one refused and none took them."""
+        if reloaded or not (refused or silent):
+            self.adopt(settings, trusted)
+        elif not refused:
+            self._late_adopt = (settings, trusted, self._reload_sent)
 
     def _hand_over(self) -> None:
         self._handed, self._not_handed = handover(self.settings, self.trusted)
@@ -499,6 +519,11 @@ class Supervisor:
                             stopping = bool(data.get("stopping"))
                             self._reloads[pid] = (began, str(data["reload"]), stopping)
                             self._reload_arrived.set()
+                            late = self._late_adopt
+                            if late is not None and began >= late[2] and not stopping:
+                                self._late_adopt = None  # taken, or refused: settled
+                                if not data["reload"]:
+                                    self.adopt(late[0], late[1])
                             continue
                         metrics = data.pop("metrics", None)
                         if isinstance(metrics, dict):
@@ -625,6 +650,7 @@ class Supervisor:
         answers that one first.
         """
         sent = self._reload_sent = time.monotonic()
+        self._late_adopt = None  # an earlier reload's: this one is newer
         expected = {proc.pid for proc in self.procs.values()}
         self.signal_workers(signal.SIGHUP)
 
@@ -745,8 +771,7 @@ async def _reload(
     reloaded, refused, silent = await sup.reload_workers()
     if sup.stopping:  # a SIGTERM came meanwhile: STOPPING=1 was the last word
         return
-    if reloaded:  # what a worker started from now on is given
-        sup.adopt(settings, trusted)
+    sup.settle(settings, trusted, reloaded, refused, silent)
     if reloaded or not refused:  # unless every worker that answered refused
         sup.log.reconfigure(settings)
         watch.reconfigure(settings)  # the periodic backend check

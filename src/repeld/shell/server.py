@@ -511,7 +511,7 @@ def pinned(running: Settings, new: Settings) -> Settings:
     kept = dataclasses.replace(
         new, **{name: getattr(running, name) for name in _kept(running, new)}
     )
-    if kept.dnsbl_action == "delay" and kept.dnsbl_delay <= kept.delay:
+    if kept.dnsbl and kept.dnsbl_action == "delay" and kept.dnsbl_delay <= kept.delay:
         # The lists changed: their policy waits for a restart with them, and a
         # listed client would be held for less than a clean one.
         raise SettingError(
