@@ -20,6 +20,7 @@ from repeld.config.file import (
     default_config_path,
     inherited_settings,
     load_settings,
+    read_config,
     render_settings,
 )
 from repeld.config.settings import OPTIONS, Option, Settings
@@ -200,8 +201,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if actions.get("check-kernel"):
         from repeld.service.capacity import kernel_report
 
-        workers = flags.get("workers", 1)
-        sys.stdout.write(kernel_report(flags.get("max-held"), flags.get("backlog"), workers))
+        values = dict(flags)  # the file's max-held, backlog and workers too, under the flags
+        path = actions.get("config") or default_config_path()
+        if "config" in actions or os.path.exists(path):
+            try:
+                values = {**read_config(path), **flags}
+            except ConfigError as exc:
+                for problem in exc.problems:
+                    print(f"repeld: {problem}", file=sys.stderr)
+                return EXIT_USAGE
+        held, backlog, workers = (values.get(k) for k in ("max-held", "backlog", "workers"))
+        sys.stdout.write(kernel_report(held, backlog, workers or 1))
         return 0
     # The default file, if there at the start, is the one every reload and
     # every worker (even one started after the file went) must read.

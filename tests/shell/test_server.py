@@ -5,6 +5,7 @@ receiver.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import resource
@@ -18,8 +19,12 @@ import trio.testing
 
 from repeld.cache.memory import MemoryCache
 from repeld.cache.spec import parse_cache_url
-from repeld.config.settings import Backend, Listen
+from repeld.config.errors import SettingError
+from repeld.config.settings import Backend, Listen, Settings
+from repeld.core.dnsbl import DnsList
 from repeld.core.policy import Refuse
+from repeld.shell.replies import BACKEND_UNAVAILABLE
+from repeld.shell.server import pinned
 
 from ..harness import (
     GREETING,
@@ -687,3 +692,39 @@ async def test_a_socket_the_kernel_will_not_watch_is_turned_away_and_the_rest_se
         assert data.startswith(b"421 ")  # the shutdown's, as to every held client
         assert h.receiver.named("error") == []
         assert h.server.admission.refusals[Refuse.KERNEL] == 1
+
+
+async def test_a_relay_the_kernel_will_not_watch_is_a_backend_error_and_leaves_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Refused when its relay was set up, a passed client heard its 421, but the
+    # half-made session stayed in the pool with its MTA connection until the
+    # shutdown, which then counted one relay more than there were (relays=-1).
+    async with running(delay=DELAY) as h:
+        pool = h.server.handoff.pool
+        assert pool is not None
+        pool._poller = _FullWatchSet(pool._poller)  # type: ignore[assignment]
+        refused = await connect(h.address(), source="127.0.0.9")
+        data, _ = await read_until_closed(refused)
+        assert data == BACKEND_UNAVAILABLE
+        (error,) = await h.receiver.wait_for("backend-error")
+        assert "No space left on device" in error.fields["error"]
+        assert len(pool) == 0 and pool.registered() == {}
+        relayed = await connect(h.address(), source="127.0.0.10")  # the next is relayed
+        assert await read_line(relayed) == GREETING
+        relayed.close()
+        await h.receiver.wait_for("relay-end")
+        assert h.server.statistics()["relays"] == 0
+        assert h.receiver.named("error") == []
+
+
+def test_a_kept_dnsbl_delay_refuses_a_reload_only_while_block_lists_run() -> None:
+    running = Settings(backend=Backend("127.0.0.1", 25), dnsbl_action="delay", dnsbl_delay=60.0)
+    new = dataclasses.replace(
+        running, dnsbl=(DnsList("b.example.org"),), delay=70.0, dnsbl_delay=120.0
+    )
+    kept = pinned(running, new)  # no list runs: nobody is held for less than a clean client
+    assert (kept.dnsbl, kept.delay, kept.dnsbl_delay) == ((), 70.0, 60.0)
+    with_lists = dataclasses.replace(running, dnsbl=(DnsList("a.example.org"),))
+    with pytest.raises(SettingError, match=r"shorter than the --dnsbl-delay \(60\)"):
+        pinned(with_lists, new)

@@ -63,6 +63,25 @@ def test_check_kernel_prints_the_limits_and_the_fix() -> None:
     assert "kern.ipc.soacceptqueue" in out and "openfiles=" in out
 
 
+def test_check_kernel_counts_the_configuration_file_too(tmp_path: Path) -> None:
+    # It read the flags only: a file's workers (and max-held) were not counted in
+    # the epoll watches and descriptors it asks for.
+    config = tmp_path / "repeld.toml"
+    config.write_text('backend = "127.0.0.1:25"\nmax-held = 400000\nworkers = 3\n')
+    argv = [sys.executable, "-m", "repeld", "--check-kernel", "-c", str(config)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "--max-held                      400000" in out
+    if sys.platform.startswith("linux"):
+        assert "fs.epoll.max_user_watches=2400000" in out  # twice 400,000 x 3 workers
+    out = subprocess.run(
+        [*argv, "--max-held", "1000"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert "--max-held                      1000" in out  # a flag wins over the file
+    config.write_text("workers = 0\n")
+    bad = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith(f"repeld: {config}:1: workers:")
+
+
 def _lower_nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
 

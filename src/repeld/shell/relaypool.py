@@ -216,7 +216,11 @@ class RelayPool:
         session.strip_pipe_connect = strip_pipe_connect
         self._sessions += 1
         self._sides[session.client.fd] = session.client  # not polled until connected
-        self._try_connect(session, trio.current_time(), OSError("no address for the backend"))
+        try:
+            self._try_connect(session, trio.current_time(), OSError("no address for the backend"))
+        except OSError as exc:  # the kernel would not watch a socket (ENOSPC, ENOMEM)
+            session.result.connect_error = _reason(exc)
+            self._finish(session)  # as a connect that failed: `done` says so, the 421
         if session.open:
             self._arm(session)
         else:  # no address answered at once; outside the pool's wake-ups, so safe
