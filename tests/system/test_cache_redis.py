@@ -103,7 +103,7 @@ async def test_two_mx_hosts_share_passes_and_penalties(server: RedisServer) -> N
         assert 3590 <= ttl <= 3600  # a native Redis expiry: SET ... EX
         stamp = direct.get("repeld:pass:192.0.2.7")
         assert stamp is not None
-        assert abs(int(stamp) - time.time()) < 60
+        assert abs(float(stamp) - time.time()) < 60  # when the verdict was decided
 
         mx2.remember_bad("2001:db8:1:2::/64")
         await eventually(answers(mx1, "2001:db8:1:2::/64", BAD))
@@ -437,3 +437,32 @@ def test_rediss_checks_the_servers_host_name(tls: bool) -> None:
     cache = RedisCache("127.0.0.1", free_port(), tls=tls)
     kwargs = cache._client.connection_pool.connection_kwargs
     assert kwargs.get("ssl_check_hostname", False) is tls
+
+
+@pytest.mark.parametrize("penalty_ttl", [600.0, None], ids=["penalty", "forget"])
+async def test_the_newest_verdict_wins_whichever_host_writes_last(
+    server: RedisServer, penalty_ttl: float | None
+) -> None:
+    # Two MX hosts flush on timers of their own (and one's backlog lands after an
+    # outage): a pass decided first and written last replaced a newer penalty, or
+    # undid a forget, and the early talker was passed at once for a day.
+    now = [time.time()]
+    mx1, mx2, reader = (
+        make(server, penalty_ttl=penalty_ttl, flush_interval=60.0, wallclock=lambda: now[0])
+        for _ in range(3)
+    )
+    async with running_caches(mx1, mx2, reader):
+        mx1.remember_good("192.0.2.7")  # it waited the delay at mx1...
+        now[0] += 0.2
+        mx2.remember_bad("192.0.2.7")  # ...and talked early at mx2
+        await mx2.flush()
+        await mx1.flush()  # the older verdict, written last
+        assert await reader.lookup("192.0.2.7") is (BAD if penalty_ttl else UNKNOWN)
+        now[0] += 0.2
+        mx1.remember_good("192.0.2.7")  # a newer pass still wins
+        await mx1.flush()
+        assert await reader.lookup("192.0.2.7") is GOOD
+    direct = server.client()
+    names = sorted(n.decode() for n in direct.scan_iter(match="repeld:*"))
+    assert names == ["repeld:pass:192.0.2.7"]
+    assert mx1.statistics()["errors"] == mx2.statistics()["errors"] == 0

@@ -11,13 +11,19 @@ Keys, all with a native Redis expiry, written `SET <name> <unix-time> EX <ttl>`:
 
     repeld:pass:<key>      a client that waited the whole delay  (EX --cache-ttl)
     repeld:penalty:<key>   an early talker, only with --penalty-ttl (EX --penalty-ttl)
+    repeld:forget:<key>    an early talker, penalties off: its pass forgotten
+                           (EX --cache-ttl; never looked up)
 
 `<key>` is `cache.cache_key()`: `192.0.2.7`, or `2001:db8:1:2::/64` for IPv6.
-The value is the Unix time the verdict was written, for the curious; only the
-key's presence counts. A pass deletes the penalty key and a penalty (or, with
-penalties off, an early talk) deletes the pass key in the same MULTI/EXEC, so
-the last verdict wins; if both keys exist anyway, BAD wins. A lookup is one
-MGET of both names. Inspect with `redis-cli --scan --pattern 'repeld:*'` and
+The value is the Unix time the verdict was decided; a lookup counts only the
+key's presence. A write WATCHes the batch's keys, reads their values, and in
+one MULTI/EXEC sets each verdict's key and deletes the other two, for the
+verdicts decided as late as the stored one or later: the hosts flush on timers
+of their own (and one's backlog lands after an outage), and the newest verdict
+must win, not the last written (the hosts' clocks order them: keep them in NTP
+time). An EXEC that another host's write spoiled is tried again, WATCH_TRIES
+times. If a pass and a penalty key exist anyway, BAD wins. A lookup is one
+MGET of the pass and penalty names. Inspect with `redis-cli --scan --pattern 'repeld:*'` and
 `TTL`; clearing a client is `DEL repeld:pass:<key> repeld:penalty:<key>`. The
 `repeld` prefix is the `namespace` argument.
 
@@ -84,6 +90,19 @@ from repeld.core.addresses import host_port
 __all__ = ["DEFAULT_NAMESPACE", "RedisCache"]
 
 DEFAULT_NAMESPACE = "repeld"
+
+#: How many times a batch is read and written again while other hosts keep changing
+#: its keys between the read and the write (WATCH); then it is a failed write.
+WATCH_TRIES = 5
+
+
+def _stamp(value: bytes | str | None) -> float:
+    """When a stored verdict was decided: its value (0 if none, or not a number)."""
+    try:
+        return float(value) if value is not None else 0.0
+    except ValueError:
+        return 0.0
+
 
 #: What a failed Redis call can raise through redis-py: anything, at this boundary.
 #: Not only RedisError and OSError: what a malformed reply (`*garbage`) raises
@@ -198,28 +217,56 @@ class RedisCache(QueuedVerdicts):
         """The Redis key of a penalty: `repeld:penalty:<key>`."""
         return f"{self.namespace}:penalty:{key}"
 
+    def forget_name(self, key: str) -> str:
+        """The Redis key of a forgotten pass (penalties off): `repeld:forget:<key>`."""
+        return f"{self.namespace}:forget:{key}"
+
     # -- the worker threads' side ------------------------------------------------------
 
     def _mget(self, names: list[str]) -> list[bytes | str | None]:
         return list(self._client.mget(names))
 
     def _write(self, batch: dict[str, Write], now: float) -> None:
-        stamp = str(int(now))
-        pipe = self._client.pipeline(transaction=True)
-        for key, (verdict, expires) in batch.items():
-            ttl = math.ceil(expires - now)
-            good, bad = self.pass_name(key), self.penalty_name(key)
-            if verdict is CacheVerdict.GOOD:
-                pipe.delete(bad)
-                if ttl > 0:
-                    pipe.set(good, stamp, ex=ttl)
-            elif verdict is CacheVerdict.BAD:
-                pipe.delete(good)
-                if ttl > 0:
-                    pipe.set(bad, stamp, ex=ttl)
-            else:
-                pipe.delete(good)
-        pipe.execute()
+        # WATCH the batch's keys, read when their verdicts were decided, and write
+        # in one MULTI/EXEC only the verdicts decided as late or later; EXEC fails
+        # if another host wrote one of them meanwhile, and the batch is read again.
+        items = list(batch.items())
+        names = [
+            name
+            for key, _ in items
+            for name in (self.pass_name(key), self.penalty_name(key), self.forget_name(key))
+        ]
+        for _ in range(WATCH_TRIES):
+            with self._client.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(*names)  # type: ignore[no-untyped-call]
+                    stamps = pipe.mget(names)
+                    pipe.multi()
+                    for i, (key, (verdict, expires)) in enumerate(items):
+                        decided = self._decided(verdict, expires)
+                        if max(_stamp(v) for v in stamps[3 * i : 3 * i + 3]) > decided:
+                            continue  # a newer verdict is stored: it stays
+                        self._queue_write(pipe, key, verdict, decided, math.ceil(expires - now))
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
+        raise redis.WatchError(f"its keys changed under {WATCH_TRIES} tries in a row")
+
+    def _queue_write(
+        self, pipe: Any, key: str, verdict: CacheVerdict, decided: float, ttl: int
+    ) -> None:
+        # The verdict's own key set (valued when it was decided), the other two deleted.
+        names = {
+            CacheVerdict.GOOD: self.pass_name(key),
+            CacheVerdict.BAD: self.penalty_name(key),
+            CacheVerdict.UNKNOWN: self.forget_name(key),
+        }
+        for kind, name in names.items():
+            if kind is not verdict:
+                pipe.delete(name)
+            elif ttl > 0:
+                pipe.set(name, f"{decided:.6f}", ex=ttl)
 
     def _ping(self) -> None:
         self._client.ping()
