@@ -819,6 +819,10 @@ async def test_the_newest_verdict_wins_whichever_process_writes_last(
         first.remember_good("192.0.2.7")  # a newer pass still wins
         await first.flush()
         assert await reader.lookup("192.0.2.7") is GOOD
+        now[0] -= 3600  # the clock stepped back: an early talk is older than the pass
+        second.remember_bad("192.0.2.7")
+        await second.flush()
+        assert await reader.lookup("192.0.2.7") is expected  # never left marked patient
 
 
 async def test_a_file_of_the_previous_schema_gets_the_decision_time(db: Path) -> None:

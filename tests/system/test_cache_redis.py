@@ -462,7 +462,11 @@ async def test_the_newest_verdict_wins_whichever_host_writes_last(
         mx1.remember_good("192.0.2.7")  # a newer pass still wins
         await mx1.flush()
         assert await reader.lookup("192.0.2.7") is GOOD
+        now[0] -= 3600  # mx2's clock stepped back: an early talk older than the pass
+        mx2.remember_bad("192.0.2.7")
+        await mx2.flush()
+        assert await reader.lookup("192.0.2.7") is (BAD if penalty_ttl else UNKNOWN)
     direct = server.client()
     names = sorted(n.decode() for n in direct.scan_iter(match="repeld:*"))
-    assert names == ["repeld:pass:192.0.2.7"]
+    assert names == [f"repeld:{'penalty' if penalty_ttl else 'forget'}:192.0.2.7"]
     assert mx1.statistics()["errors"] == mx2.statistics()["errors"] == 0

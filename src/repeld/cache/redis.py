@@ -17,15 +17,17 @@ Keys, all with a native Redis expiry, written `SET <name> <unix-time> EX <ttl>`:
 `<key>` is `cache.cache_key()`: `192.0.2.7`, or `2001:db8:1:2::/64` for IPv6.
 The value is the Unix time the verdict was decided; a lookup counts only the
 key's presence. A write WATCHes the batch's keys, reads their values, and in
-one MULTI/EXEC sets each verdict's key and deletes the other two, for the
-verdicts decided as late as the stored one or later: the hosts flush on timers
-of their own (and one's backlog lands after an outage), and the newest verdict
-must win, not the last written (the hosts' clocks order them: keep them in NTP
-time). An EXEC that another host's write spoiled is tried again, WATCH_TRIES
-times. If a pass and a penalty key exist anyway, BAD wins. A lookup is one
-MGET of the pass and penalty names. Inspect with `redis-cli --scan --pattern 'repeld:*'` and
-`TTL`; clearing a client is `DEL repeld:pass:<key> repeld:penalty:<key>`. The
-`repeld` prefix is the `namespace` argument.
+one MULTI/EXEC sets each verdict's key and deletes the other two; a pass only
+if decided as late as the stored verdict or later: the hosts flush on timers of
+their own (and one's backlog lands after an outage), and a pass decided before
+a penalty must not undo it (the hosts' clocks order them: keep them in NTP
+time). A penalty or a forget always replaces it: an early talker is never left
+marked patient, not even by a clock stepped back. An EXEC that another host's
+write spoiled is tried again, WATCH_TRIES times. If a pass and a penalty key
+exist anyway, BAD wins. A lookup is one MGET of the pass and penalty names.
+Inspect with `redis-cli --scan --pattern 'repeld:*'` and `TTL`; clearing a
+client is `DEL repeld:pass:<key> repeld:penalty:<key>`. The `repeld` prefix is
+the `namespace` argument.
 
 The client: redis-py's synchronous client, each command run in
 `trio.to_thread.run_sync` under a `trio.CapacityLimiter(threads)` (default 4)
@@ -244,8 +246,9 @@ class RedisCache(QueuedVerdicts):
                     pipe.multi()
                     for i, (key, (verdict, expires)) in enumerate(items):
                         decided = self._decided(verdict, expires)
-                        if max(_stamp(v) for v in stamps[3 * i : 3 * i + 3]) > decided:
-                            continue  # a newer verdict is stored: it stays
+                        newest = max(_stamp(v) for v in stamps[3 * i : 3 * i + 3])
+                        if verdict is CacheVerdict.GOOD and newest > decided:
+                            continue  # a pass older than what is stored: it stays
                         self._queue_write(pipe, key, verdict, decided, math.ceil(expires - now))
                     pipe.execute()
                     return

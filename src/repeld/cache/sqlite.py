@@ -69,9 +69,10 @@ Schema (PRAGMA user_version = 2)::
     );
     CREATE INDEX cache_expires ON cache (expires);
 
-A write replaces a row only with a verdict decided as late or later (`_UPSERT`):
-the processes sharing the file flush on timers of their own, and one's backlog
-after an outage may land long after another's newer verdicts. A version 1 file
+A pass replaces a row only if decided as late or later (`_UPSERT`): the
+processes sharing the file flush on timers of their own, and one's backlog
+after an outage may land long after another's newer penalty. A penalty or a
+forget always replaces it. A version 1 file
 is given the column on open (its rows decided at 0); an older repeld refuses a
 version 2 file (a restart after an upgrade).
 
@@ -131,16 +132,18 @@ COMMIT;
 #: decided at 0, before any new verdict.
 _ADD_DECIDED = "ALTER TABLE cache ADD COLUMN decided REAL NOT NULL DEFAULT 0"
 
-#: A verdict replaces the stored one only if it was decided as late or later: two
+#: A pass replaces the stored verdict only if it was decided as late or later: two
 #: processes flush out of the order they decided in (each every `flush_interval`,
-#: or a backlog after an outage), and the newest verdict must win, not the last
-#: written. A forget is a row too (verdict 0, answered UNKNOWN), which outlives
-#: any pass decided before it.
+#: or a backlog after an outage), and a pass decided before a penalty must not
+#: undo it. A penalty or a forget always replaces it: an early talker is never
+#: left marked patient, not even by a clock stepped back (the cost of the other
+#: way round is one more delay). A forget is a row too (verdict 0, answered
+#: UNKNOWN), which outlives any pass decided before it.
 _UPSERT = """
 INSERT INTO cache (key, verdict, expires, decided) VALUES (?, ?, ?, ?)
 ON CONFLICT (key) DO UPDATE
 SET verdict = excluded.verdict, expires = excluded.expires, decided = excluded.decided
-WHERE excluded.decided >= cache.decided
+WHERE excluded.verdict != 1 OR excluded.decided >= cache.decided
 """
 
 
