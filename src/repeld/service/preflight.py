@@ -10,17 +10,22 @@ that runs it: root for a daemon that drops privileges itself, the service user u
 systemd's User=.
 
 Each problem is one line naming the option, worded as start-up words it
-(privileges.PrivilegeError, pidfile.PidFileError). What cannot be known beforehand
-is left to start-up: a port already bound, a backend that is down (`--check-backend`
-asks that), a syslog socket that is not there yet.
+(privileges.PrivilegeError, pidfile.PidFileError). A backend's host name is
+resolved as start-up and every reload resolve it: a name that does not resolve
+stops a start with port 25 closed, and the unit's ExecReload runs this check
+first. What cannot be known beforehand is left to start-up: a port already
+bound, a backend that is down (`--check-backend` asks that), a syslog socket
+that is not there yet.
 """
 
 from __future__ import annotations
 
 import grp
 import os
+import socket
 
-from repeld.config.settings import Settings
+from repeld.config.settings import Backend, Settings
+from repeld.core.addresses import host_port
 from repeld.service import privileges
 
 __all__ = ["problems"]
@@ -42,6 +47,21 @@ def _privilege_problems(settings: Settings) -> list[str]:
     return []
 
 
+def _backend_problems(settings: Settings) -> list[str]:
+    """The backends whose host name does not resolve, worded as start-up words it
+    (shell/handoff.py's resolve_backend)."""
+    found = []
+    backends = [settings.backend, *(spec.backend for spec in settings.listen)]
+    for backend in dict.fromkeys(b for b in backends if isinstance(b, Backend)):
+        try:
+            socket.getaddrinfo(backend.host, backend.port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            where = host_port(backend.host, backend.port)
+            found.append(f"--backend {where}: cannot resolve: {reason}")
+    return found
+
+
 def _directory_problem(option: str, directory: str) -> str | None:
     """Why `directory` (named by --`option`) cannot be used, or None."""
     if os.path.isdir(directory):
@@ -52,7 +72,7 @@ def _directory_problem(option: str, directory: str) -> str | None:
 
 def problems(settings: Settings) -> list[str]:
     """One line per thing start-up would refuse in `settings` on this machine; [] if none."""
-    found = _privilege_problems(settings)
+    found = _privilege_problems(settings) + _backend_problems(settings)
     if settings.chroot is not None:
         problem = _directory_problem("chroot", settings.chroot)
         if problem is None and os.geteuid() != 0:
