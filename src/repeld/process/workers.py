@@ -46,9 +46,12 @@ read the files as they are then: an edit not reloaded served by one worker
 alone, another cache opened after a reload that named it, a broken file a
 worker that dies at each start. Text, not a pickle: a repeld upgraded under
 its running parent reads it with its own parsers, or says in one line that it
-cannot. A worker reads the files on a SIGHUP only, as one process does; one
-started from settings a reload then replaced is sent that reload (`_ready`,
-`adopt`).
+cannot. The parent reads the text back first (`handover`): settings it cannot
+carry are not given, and the workers read the files as before, with a warning.
+A worker reads the files on a SIGHUP only, as one process does (the Redis
+password file at each start too); one started from settings a reload then
+replaced is sent that reload (`_ready`, `adopt`), and a reload is taken for
+the workers started later once one worker took it (`settle`).
 
 The lead (shell/accept.py's `Lead`): one pipe per listener, made here with one
 byte in it, which the worker that gathers holds and gives back; one worker
