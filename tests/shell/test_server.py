@@ -728,3 +728,33 @@ def test_a_kept_dnsbl_delay_refuses_a_reload_only_while_block_lists_run() -> Non
     with_lists = dataclasses.replace(running, dnsbl=(DnsList("a.example.org"),))
     with pytest.raises(SettingError, match=r"shorter than the --dnsbl-delay \(60\)"):
         pinned(with_lists, new)
+
+
+async def test_a_next_address_the_kernel_will_not_watch_ends_that_relay_alone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The backend's first address never answers: the connect to the next one is
+    # made from the pool's timer, and a refused registration there escaped the
+    # pool's task, ending the server: every relay cut, every held client dropped.
+    async with running(delay=DELAY, connect_timeout=5.0) as h:
+        with unanswered() as silent:
+            target = h.server.handoff.backend
+            assert target is not None
+            silent_first = ((socket.AF_INET, silent), *target.addresses)
+            h.server.handoff.backend = dataclasses.replace(target, addresses=silent_first)
+            earlier = await connect(h.address(), source="127.0.0.20")
+            assert await read_line(earlier) == GREETING  # relayed, through the second
+            pool = h.server.handoff.pool
+            assert pool is not None
+            pool._poller = _FullWatchSet(pool._poller, refusals=0)  # type: ignore[assignment]
+            victim = await connect(h.address(), source="127.0.0.21")
+            await trio.sleep(DELAY + 1)  # passed: its first address is being tried
+            pool._poller.refusals = 1  # type: ignore[attr-defined]  # the second's refused
+            assert await read_until_closed(victim) == (BACKEND_UNAVAILABLE, "eof")
+            (error,) = await h.receiver.wait_for("backend-error")
+            assert "No space left on device" in error.fields["error"]
+            earlier.close()
+            await h.receiver.wait_for("relay-end")  # the earlier relay went on to its end
+            later = await connect(h.address(), source="127.0.0.22")
+            assert await read_line(later) == GREETING  # and the server serves on
+            assert h.receiver.named("error") == []

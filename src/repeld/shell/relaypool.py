@@ -216,11 +216,7 @@ class RelayPool:
         session.strip_pipe_connect = strip_pipe_connect
         self._sessions += 1
         self._sides[session.client.fd] = session.client  # not polled until connected
-        try:
-            self._try_connect(session, trio.current_time(), OSError("no address for the backend"))
-        except OSError as exc:  # the kernel would not watch a socket (ENOSPC, ENOMEM)
-            session.result.connect_error = _reason(exc)
-            self._finish(session)  # as a connect that failed: `done` says so, the 421
+        self._try_connect(session, trio.current_time(), OSError("no address for the backend"))
         if session.open:
             self._arm(session)
         else:  # no address answered at once; outside the pool's wake-ups, so safe
@@ -265,11 +261,14 @@ class RelayPool:
             if _established(sock):
                 # On loopback the handshake is over before connect() returns: no
                 # need to wait for the socket to become writable.
-                self._connected(session, now)
+                self._relay(session, now)
                 return
             session.connecting = True
             session.deadline = now + session.connect_timeout
-            self._set_mask(side)  # OUT: writable once the MTA answers
+            try:
+                self._set_mask(side)  # OUT: writable once the MTA answers
+            except OSError as exc:
+                self._unwatched(session, exc)
             return
         session.result.connect_error = _reason(last)
         self._finish(session)
@@ -285,7 +284,20 @@ class RelayPool:
             self._drop_backend(session)
             self._try_connect(session, now, OSError(err, os.strerror(err)))
             return
-        self._connected(session, now)
+        self._relay(session, now)
+
+    def _relay(self, session: _Session, now: float) -> None:
+        try:
+            self._connected(session, now)
+        except OSError as exc:
+            self._unwatched(session, exc)
+
+    def _unwatched(self, session: _Session, exc: OSError) -> None:
+        # The kernel would not watch a socket of it (ENOSPC: fs.epoll.max_user_watches;
+        # ENOMEM): over as a connect that failed, so `done` answers 421 with a
+        # backend-error; escaped, it ended the pool's task and the server with it.
+        session.result.connect_error = _reason(exc)
+        self._finish(session)
 
     def _connect_timed_out(self, session: _Session, now: float) -> None:
         self._drop_backend(session)
