@@ -306,3 +306,17 @@ async def test_a_reload_answered_late_is_settled_by_the_first_late_answer(
         _answer(write_fd, a, "", time.monotonic())  # settled: one answer decides
         await trio.sleep(0.5)
         assert (sup.settings.delay == 7.0) is (late == "")
+
+
+async def test_a_reload_whose_silent_workers_all_die_is_given_to_their_replacements(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with _two_workers(second_starting=True) as (sup, _write_fd, _a, _b, _nursery):
+        assert await sup.reload_workers() == (0, [], 2)
+        sup.settle(Settings(delay=7.0), TrustedNetworks(), 0, [], 2)
+        del sup.procs[0]  # `a` died without an answer: `b` may still give one
+        sup._settle_late()
+        assert sup.settings.delay != 7.0
+        del sup.procs[1]  # and `b`: nobody is left to take it or refuse it
+        sup._settle_late()
+        assert sup.settings.delay == 7.0

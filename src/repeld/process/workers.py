@@ -413,6 +413,17 @@ class Supervisor:
         elif not refused:
             self._late_adopt = (settings, trusted, self._reload_sent)
 
+    def _settle_late(self) -> None:
+        # A reload waiting for a late answer whose workers are all gone (a worker
+        # spawned since got the settings of before it, and will be sent it at
+        # `adopt`): nobody is left to take it or refuse it, as when none was there.
+        late = self._late_adopt
+        if late is None:
+            return
+        if all(self._spawned.get(p.pid, math.inf) > late[2] for p in self.procs.values()):
+            self._late_adopt = None
+            self.adopt(late[0], late[1])
+
     def _hand_over(self) -> None:
         self._handed, self._not_handed = handover(self.settings, self.trusted)
 
@@ -579,6 +590,7 @@ class Supervisor:
                 restore_lead(token, give_back)
             self._reloads.pop(proc.pid, None)
             self._reload_arrived.set()  # a reload waits for it no more
+            self._settle_late()
             os.close(self._lifelines.pop(index))
             self.ready.discard(proc.pid)
             self.tally.retire(proc.pid)  # its counters stay in the sum
