@@ -470,3 +470,68 @@ async def test_the_newest_verdict_wins_whichever_host_writes_last(
     names = sorted(n.decode() for n in direct.scan_iter(match="repeld:*"))
     assert names == [f"repeld:{'penalty' if penalty_ttl else 'forget'}:192.0.2.7"]
     assert mx1.statistics()["errors"] == mx2.statistics()["errors"] == 0
+
+
+async def test_a_redis_without_watch_still_stores_every_verdict(server: RedisServer) -> None:
+    # An ACL user (or a proxy) without WATCH: every write failed, an outage for
+    # good, and no pass nor penalty stored at all. Written as before the order.
+    admin = server.client()
+    commands = ["+@read", "+@write", "+@connection", "+multi", "+exec", "-watch"]
+    admin.acl_setuser("mx", enabled=True, passwords=["+secret"], keys=["*"], commands=commands)
+    calls = Calls()
+    mx1 = make(server, calls, username="mx", password="secret", penalty_ttl=600.0)
+    async with running_caches(mx1):
+        mx1.remember_good("192.0.2.7")
+        mx1.remember_bad("2001:db8:1:2::/64")
+        await mx1.flush()
+        mx1.remember_good("192.0.2.8")
+        await mx1.flush()
+        assert admin.exists("repeld:pass:192.0.2.7", "repeld:pass:192.0.2.8") == 2
+        assert admin.exists("repeld:penalty:2001:db8:1:2::/64") == 1
+    (error,) = calls.errors  # said once
+    assert "no WATCH" in error and "no permissions to run the 'watch' command" in error
+    assert mx1.statistics()["outages"] == 0
+    admin.close()
+
+
+async def test_a_write_cut_off_while_watching_is_one_failure_not_five_tries(
+    server: RedisServer,
+) -> None:
+    # redis-py turns a connection lost or timed out while WATCHing into its
+    # WatchError: it was taken for another host's write and tried five times, one
+    # io_timeout each (a flush, and the shutdown, waited that long).
+    admin = server.client()
+    calls = Calls()
+    mx1 = make(server, calls)
+    async with running_caches(mx1):
+        await mx1.flush()
+        before = int(admin.info("commandstats").get("cmdstat_watch", {}).get("calls", 0))
+        admin.client_pause(3000, all=False)  # writes only, as FAILOVER does
+        mx1.remember_good("192.0.2.7")
+        await mx1.flush()
+        assert len(calls.errors) == 1
+        assert "keys changed" not in calls.errors[0] and "imeout" in calls.errors[0]
+        admin.client_unpause()
+        after = int(admin.info("commandstats").get("cmdstat_watch", {}).get("calls", 0))
+        assert after - before == 1
+    admin.close()
+
+
+async def test_a_forget_leaves_a_penalty_and_a_stamp_from_the_future_orders_nothing(
+    server: RedisServer,
+) -> None:
+    admin = server.client()
+    with_penalties = make(server, penalty_ttl=600.0)
+    without = make(server)
+    async with running_caches(with_penalties, without):
+        with_penalties.remember_bad("192.0.2.7")
+        await with_penalties.flush()
+        without.remember_bad("192.0.2.7")  # a host with penalties off: a forget
+        await without.flush()
+        assert await with_penalties.lookup("192.0.2.7") is BAD  # the penalty stands
+        # A host whose clock was a year ahead wrote this; passes now are "older".
+        admin.set("repeld:forget:192.0.2.9", str(time.time() + 365 * 86400), ex=600)
+        without.remember_good("192.0.2.9")
+        await without.flush()
+        assert await without.lookup("192.0.2.9") is GOOD
+    admin.close()

@@ -98,12 +98,19 @@ DEFAULT_NAMESPACE = "repeld"
 WATCH_TRIES = 5
 
 
-def _stamp(value: bytes | str | None) -> float:
-    """When a stored verdict was decided: its value (0 if none, or not a number)."""
+#: A stored verdict decided more than this far in a writer's future was written
+#: by a clock that was wrong then: it orders nothing.
+FUTURE_SLACK = 300.0
+
+
+def _stamp(value: bytes | str | None, future: float) -> float:
+    """When a stored verdict was decided: its value; 0 if none, not a number, or
+    later than `future`."""
     try:
-        return float(value) if value is not None else 0.0
+        stamp = float(value) if value is not None else 0.0
     except ValueError:
         return 0.0
+    return stamp if stamp <= future else 0.0
 
 
 #: What a failed Redis call can raise through redis-py: anything, at this boundary.
@@ -191,6 +198,12 @@ class RedisCache(QueuedVerdicts):
         self._stats = CacheStats()
         self._slow = 0  # lookup timeouts in a row
         self._closed = False
+        #: Whether this Redis has WATCH (not behind some proxies, nor for an ACL
+        #: user without it): without, a pass is written without being compared
+        #: with a newer verdict, as before the comparison; `on_error` says so once.
+        self._watch = True
+        self._no_watch = ""
+        self._on_error = on_error
 
     @classmethod
     def from_spec(cls, spec: CacheSpec, **kwargs: Any) -> RedisCache:
@@ -238,38 +251,53 @@ class RedisCache(QueuedVerdicts):
             for key, _ in items
             for name in (self.pass_name(key), self.penalty_name(key), self.forget_name(key))
         ]
+        future = now + FUTURE_SLACK
         for _ in range(WATCH_TRIES):
             with self._client.pipeline(transaction=True) as pipe:
                 try:
-                    pipe.watch(*names)  # type: ignore[no-untyped-call]
-                    stamps = pipe.mget(names)
+                    stamps: list[Any] = [None] * len(names)
+                    if self._watch:
+                        try:
+                            pipe.watch(*names)  # type: ignore[no-untyped-call]
+                        except redis.ResponseError as exc:  # no WATCH here (a proxy, an ACL)
+                            self._watch = False
+                            self._no_watch = _describe(exc)
+                        else:
+                            stamps = pipe.mget(names)
                     pipe.multi()
                     for i, (key, (verdict, expires)) in enumerate(items):
                         decided = self._decided(verdict, expires)
-                        newest = max(_stamp(v) for v in stamps[3 * i : 3 * i + 3])
+                        # (A stamp in the writer's future came from a clock wrong then.)
+                        newest = max(_stamp(v, future) for v in stamps[3 * i : 3 * i + 3])
                         if verdict is CacheVerdict.GOOD and newest > decided:
                             continue  # a pass older than what is stored: it stays
                         self._queue_write(pipe, key, verdict, decided, math.ceil(expires - now))
                     pipe.execute()
                     return
-                except redis.WatchError:
-                    continue
+                except redis.WatchError as exc:
+                    lost = redis.ConnectionError | redis.TimeoutError | OSError
+                    if isinstance(exc.__context__, lost):
+                        # redis-py's word for a connection lost while watching: not
+                        # another host's write, and no reason to try five times.
+                        raise exc.__context__ from None
         raise redis.WatchError(f"its keys changed under {WATCH_TRIES} tries in a row")
 
     def _queue_write(
         self, pipe: Any, key: str, verdict: CacheVerdict, decided: float, ttl: int
     ) -> None:
-        # The verdict's own key set (valued when it was decided), the other two deleted.
+        # The verdict's own key set (valued when it was decided), the others deleted;
+        # a forget leaves a penalty that a host with penalties on wrote.
         names = {
             CacheVerdict.GOOD: self.pass_name(key),
             CacheVerdict.BAD: self.penalty_name(key),
             CacheVerdict.UNKNOWN: self.forget_name(key),
         }
         for kind, name in names.items():
-            if kind is not verdict:
+            if kind is verdict:
+                if ttl > 0:
+                    pipe.set(name, f"{decided:.6f}", ex=ttl)
+            elif not (verdict is CacheVerdict.UNKNOWN and kind is CacheVerdict.BAD):
                 pipe.delete(name)
-            elif ttl > 0:
-                pipe.set(name, f"{decided:.6f}", ex=ttl)
 
     def _ping(self) -> None:
         self._client.ping()
@@ -397,6 +425,12 @@ class RedisCache(QueuedVerdicts):
             self._failed(f"cannot write {len(batch)} entries: {_describe(exc)}", OutageNotice.WRITE)
         finally:
             self._batch_ended(len(batch), written)
+        if self._no_watch and self._on_error is not None:  # said once, from the loop
+            why, self._no_watch = self._no_watch, ""
+            self._on_error(
+                f"cache {self.label}: no WATCH ({why}): passes are written without being"
+                " compared with a newer verdict of another host"
+            )
         return written
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

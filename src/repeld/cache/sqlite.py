@@ -58,7 +58,7 @@ still reads (immutable, read-only, a full disk) keeps its connection, so lookups
 go on; its failing writes are the one `on_error`, the batch is kept, and the
 first write that works again is the `on_recover`.
 
-Schema (PRAGMA user_version = 2)::
+Schema (PRAGMA user_version = 1)::
 
     CREATE TABLE cache (
         key     TEXT PRIMARY KEY,   -- cache.cache_key(): 192.0.2.7, 2001:db8::/64
@@ -72,9 +72,11 @@ Schema (PRAGMA user_version = 2)::
 A pass replaces a row only if decided as late or later (`_UPSERT`): the
 processes sharing the file flush on timers of their own, and one's backlog
 after an outage may land long after another's newer penalty. A penalty or a
-forget always replaces it. A version 1 file
-is given the column on open (its rows decided at 0); an older repeld refuses a
-version 2 file (a restart after an upgrade).
+forget always replaces it, and so does anything a row decided in the writer's
+future (more than `FUTURE_SLACK` ahead: a clock that was wrong when it was
+written). A file made before the column is given it on open, in the schema's
+own transaction (its rows decided at 0); the version stays 1, so an older
+repeld still opens the file (its writes are decided at 0).
 
 Expiries are wall-clock (`wallclock`, default `time.time`) because monotonic
 time means nothing after a restart; a clock step only shortens or lengthens
@@ -106,7 +108,11 @@ from repeld.cache.base import (
 
 __all__ = ["JOURNAL_MODE", "RECOVER_QUIET", "SCHEMA_VERSION", "SqliteCache"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 1
+
+#: A stored verdict decided more than this far in a writer's future was written
+#: by a clock that was wrong then: any verdict replaces it.
+FUTURE_SLACK = 300.0
 
 #: The rollback journal, kept as an empty cache.sqlite-journal between writes.
 JOURNAL_MODE = "TRUNCATE"
@@ -115,35 +121,32 @@ JOURNAL_MODE = "TRUNCATE"
 #: others (one outage while the failures keep coming, not one per failure).
 RECOVER_QUIET = 2.0
 
-_SCHEMA = f"""
-BEGIN IMMEDIATE;
+_TABLE = """
 CREATE TABLE IF NOT EXISTS cache (
     key     TEXT PRIMARY KEY,
     verdict INTEGER NOT NULL,
     expires REAL NOT NULL,
     decided REAL NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS cache_expires ON cache (expires);
-PRAGMA user_version = {SCHEMA_VERSION};
-COMMIT;
+)
 """
-
-#: Version 1 (and the files before it) had no decision time: their rows count as
-#: decided at 0, before any new verdict.
+#: A file made before the decision time: its rows count as decided at 0.
 _ADD_DECIDED = "ALTER TABLE cache ADD COLUMN decided REAL NOT NULL DEFAULT 0"
+_INDEX = "CREATE INDEX IF NOT EXISTS cache_expires ON cache (expires)"
 
 #: A pass replaces the stored verdict only if it was decided as late or later: two
 #: processes flush out of the order they decided in (each every `flush_interval`,
 #: or a backlog after an outage), and a pass decided before a penalty must not
 #: undo it. A penalty or a forget always replaces it: an early talker is never
-#: left marked patient, not even by a clock stepped back (the cost of the other
-#: way round is one more delay). A forget is a row too (verdict 0, answered
-#: UNKNOWN), which outlives any pass decided before it.
+#: left marked patient, not even by a clock stepped back (the other way round, a
+#: penalty decided before a pass and written after it, costs a patient client one
+#: more delay, or with --penalty-ttl that long cut off). A row decided in the
+#: writer's future (the last parameter) is replaced by anything. A forget is a
+#: row too (verdict 0, answered UNKNOWN), which outlives any pass decided before it.
 _UPSERT = """
 INSERT INTO cache (key, verdict, expires, decided) VALUES (?, ?, ?, ?)
 ON CONFLICT (key) DO UPDATE
 SET verdict = excluded.verdict, expires = excluded.expires, decided = excluded.decided
-WHERE excluded.verdict != 1 OR excluded.decided >= cache.decided
+WHERE excluded.verdict != 1 OR excluded.decided >= cache.decided OR cache.decided > ?
 """
 
 
@@ -160,7 +163,7 @@ def _open(path: str, busy_timeout: float) -> tuple[sqlite3.Connection, _Identity
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         conn.execute("PRAGMA mmap_size = 0")  # a build may map by default
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, 1, SCHEMA_VERSION):
+        if version not in (0, SCHEMA_VERSION):
             raise CacheError(f"schema version {version}, this repeld knows {SCHEMA_VERSION}")
         try:
             mode = conn.execute(f"PRAGMA journal_mode = {JOURNAL_MODE}").fetchone()[0]
@@ -171,14 +174,29 @@ def _open(path: str, busy_timeout: float) -> tuple[sqlite3.Connection, _Identity
         if str(mode).lower() != JOURNAL_MODE.lower():
             raise CacheError(f"cannot use journal mode {JOURNAL_MODE} (it stays {mode})")
         conn.execute("PRAGMA synchronous = FULL")
-        conn.executescript(_SCHEMA)
-        if "decided" not in {row[1] for row in conn.execute("PRAGMA table_info(cache)")}:
-            conn.execute(_ADD_DECIDED)
+        _set_up(conn)
         identity = _identity(path)
     except BaseException:
         conn.close()
         raise
     return conn, identity
+
+
+def _set_up(conn: sqlite3.Connection) -> None:
+    """The table, its decision time and its index, in one write transaction:
+    processes opening an older file at once add the column once."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(_TABLE)
+        if "decided" not in {row[1] for row in conn.execute("PRAGMA table_info(cache)")}:
+            conn.execute(_ADD_DECIDED)
+        conn.execute(_INDEX)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 #: What names a file: (st_dev, st_ino); None when nothing is at the path.
@@ -284,7 +302,8 @@ class SqliteCache(QueuedVerdicts):
         conn = self._conn
         if conn is None:
             raise sqlite3.ProgrammingError("the cache database is closed")
-        rows = [(k, v.value, e, self._decided(v, e)) for k, (v, e) in batch.items()]
+        future = self._wallclock() + FUTURE_SLACK
+        rows = [(k, v.value, e, self._decided(v, e), future) for k, (v, e) in batch.items()]
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(_UPSERT, rows)
