@@ -887,3 +887,20 @@ def test_processes_opening_an_older_file_at_once_add_the_column_once(tmp_path: P
         for thread in threads:
             thread.join(30)
         assert failures == [], failures
+
+
+async def test_a_forget_leaves_a_penalty_another_process_wrote(db: Path) -> None:
+    # Processes with and without --penalty-ttl on one file: a forget erased the
+    # penalty, and a banned talker was held for the delay instead of reset (a
+    # Redis forget leaves the penalty key).
+    with_penalties = SqliteCache(str(db), penalty_ttl=600.0, flush_interval=60.0)
+    without = SqliteCache(str(db), flush_interval=60.0)
+    async with running_caches(with_penalties, without):
+        with_penalties.remember_bad("192.0.2.7")
+        await with_penalties.flush()
+        without.remember_bad("192.0.2.7")
+        await without.flush()
+        assert await with_penalties.lookup("192.0.2.7") is BAD
+        without.remember_good("192.0.2.7")  # a full wait still clears it
+        await without.flush()
+        assert await with_penalties.lookup("192.0.2.7") is GOOD

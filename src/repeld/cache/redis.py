@@ -259,8 +259,13 @@ class RedisCache(QueuedVerdicts):
                     if self._watch:
                         try:
                             pipe.watch(*names)  # type: ignore[no-untyped-call]
-                        except redis.ResponseError as exc:  # no WATCH here (a proxy, an ACL)
-                            self._watch = False
+                        except redis.ResponseError as exc:
+                            text = str(exc).lower()
+                            if not isinstance(exc, redis.exceptions.NoPermissionError) and (
+                                "unknown command" not in text
+                            ):
+                                raise  # a passing error: a failed write, tried again
+                            self._watch = False  # none here (a proxy, an ACL user)
                             self._no_watch = _describe(exc)
                         else:
                             stamps = pipe.mget(names)

@@ -141,12 +141,14 @@ _INDEX = "CREATE INDEX IF NOT EXISTS cache_expires ON cache (expires)"
 #: penalty decided before a pass and written after it, costs a patient client one
 #: more delay, or with --penalty-ttl that long cut off). A row decided in the
 #: writer's future (the last parameter) is replaced by anything. A forget is a
-#: row too (verdict 0, answered UNKNOWN), which outlives any pass decided before it.
+#: row too (verdict 0, answered UNKNOWN), which outlives any pass decided before it
+#: and leaves a penalty that a process with penalties on wrote (as Redis does).
 _UPSERT = """
 INSERT INTO cache (key, verdict, expires, decided) VALUES (?, ?, ?, ?)
 ON CONFLICT (key) DO UPDATE
 SET verdict = excluded.verdict, expires = excluded.expires, decided = excluded.decided
-WHERE excluded.verdict != 1 OR excluded.decided >= cache.decided OR cache.decided > ?
+WHERE (excluded.verdict != 1 OR excluded.decided >= cache.decided OR cache.decided > ?)
+AND NOT (excluded.verdict = 0 AND cache.verdict = 2)
 """
 
 
