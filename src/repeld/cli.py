@@ -229,13 +229,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"repeld: cannot read the configuration: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     if actions.get("check-config"):
-        from repeld.service.preflight import problems
+        from repeld.service.preflight import problems, warnings
 
         refused = problems(settings)  # what start-up would refuse on this machine
         for problem in refused:
             print(f"repeld: {problem}", file=sys.stderr)
         if refused:
             return EXIT_USAGE
+        for warning in warnings(settings):  # what a reload takes and a restart would not
+            print(f"repeld: warning: {warning}", file=sys.stderr)
         sys.stdout.write(render_settings(settings))
         return 0
     if actions.get("check-backend"):

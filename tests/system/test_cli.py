@@ -613,9 +613,19 @@ def test_check_config_refuses_a_backend_name_that_start_up_cannot_resolve(
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.splitlines()
     assert line.startswith("repeld: --backend mta.repeld-test.invalid:25: cannot resolve: ")
-    config.write_text('backend = "127.0.0.1:25"\n')  # an address: nothing to resolve
+    # A listener's backend= name: a reload keeps what it resolved to (listeners
+    # change at a restart only), so a reload is not refused for it; it is said.
+    config.write_text(
+        'backend = "127.0.0.1:25"\n'
+        'listen = ["127.0.0.1:2525", "127.0.0.1:2526,backend=mta.repeld-test.invalid:10025"]\n'
+    )
     done = subprocess.run(
         ["unshare", "-m", "sh", "-c", script],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(
+        "repeld: warning: --backend mta.repeld-test.invalid:10025: cannot resolve: "
+    )
+    assert line.endswith("(a listener's: a restart would refuse it)")

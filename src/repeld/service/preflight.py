@@ -28,7 +28,7 @@ from repeld.config.settings import Backend, Settings
 from repeld.core.addresses import host_port
 from repeld.service import privileges
 
-__all__ = ["problems"]
+__all__ = ["problems", "warnings"]
 
 
 def _privilege_problems(settings: Settings) -> list[str]:
@@ -47,18 +47,33 @@ def _privilege_problems(settings: Settings) -> list[str]:
     return []
 
 
+def _unresolved(backend: Backend) -> str | None:
+    """Why `backend`'s host name does not resolve (as start-up words it:
+    shell/handoff.py's resolve_backend), or None."""
+    try:
+        socket.getaddrinfo(backend.host, backend.port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return f"--backend {host_port(backend.host, backend.port)}: cannot resolve: {reason}"
+    return None
+
+
 def _backend_problems(settings: Settings) -> list[str]:
-    """The backends whose host name does not resolve, worded as start-up words it
-    (shell/handoff.py's resolve_backend)."""
+    """--backend, if its host name does not resolve: start-up and every reload
+    refuse it."""
+    why = _unresolved(settings.backend) if isinstance(settings.backend, Backend) else None
+    return [why] if why is not None else []
+
+
+def warnings(settings: Settings) -> list[str]:
+    """What start-up would refuse but a reload takes: a listener's backend= name
+    that does not resolve (listeners change at a restart only, and a reload
+    keeps what they resolved to)."""
     found = []
-    backends = [settings.backend, *(spec.backend for spec in settings.listen)]
-    for backend in dict.fromkeys(b for b in backends if isinstance(b, Backend)):
-        try:
-            socket.getaddrinfo(backend.host, backend.port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            where = host_port(backend.host, backend.port)
-            found.append(f"--backend {where}: cannot resolve: {reason}")
+    listed = (spec.backend for spec in settings.listen if isinstance(spec.backend, Backend))
+    for backend in dict.fromkeys(listed):
+        if backend != settings.backend and (why := _unresolved(backend)) is not None:
+            found.append(f"{why} (a listener's: a restart would refuse it)")
     return found
 
 
