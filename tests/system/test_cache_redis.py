@@ -494,6 +494,11 @@ async def test_a_redis_without_watch_still_stores_every_verdict(server: RedisSer
     admin.close()
 
 
+def _watches(admin: redis.Redis) -> int:
+    """How many WATCH commands the server has run."""
+    return int(admin.info("commandstats").get("cmdstat_watch", {}).get("calls", 0))
+
+
 async def test_a_write_cut_off_while_watching_is_one_failure_not_five_tries(
     server: RedisServer,
 ) -> None:
@@ -505,14 +510,14 @@ async def test_a_write_cut_off_while_watching_is_one_failure_not_five_tries(
     mx1 = make(server, calls)
     async with running_caches(mx1):
         await mx1.flush()
-        before = int(admin.info("commandstats").get("cmdstat_watch", {}).get("calls", 0))
+        before = _watches(admin)
         admin.client_pause(3000, all=False)  # writes only, as FAILOVER does
         mx1.remember_good("192.0.2.7")
         await mx1.flush()
         assert len(calls.errors) == 1
         assert "keys changed" not in calls.errors[0] and "imeout" in calls.errors[0]
         admin.client_unpause()
-        after = int(admin.info("commandstats").get("cmdstat_watch", {}).get("calls", 0))
+        after = _watches(admin)
         assert after - before == 1
     admin.close()
 

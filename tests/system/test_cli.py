@@ -606,10 +606,14 @@ def test_check_config_refuses_a_backend_name_that_start_up_cannot_resolve(
     me = pwd.getpwuid(os.geteuid()).pw_name
     argv = [sys.executable, "-m", "repeld", "--check-config", "-c", str(config), "--user", me]
     script = f"mount --bind {shlex.quote(str(conf))} /etc/resolv.conf && exec {shlex.join(argv)}"
-    done = subprocess.run(
-        ["unshare", "-m", "sh", "-c", script],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["unshare", "-m", "sh", "-c", script],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    done = check()
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.splitlines()
     assert line.startswith("repeld: --backend mta.repeld-test.invalid:25: cannot resolve: ")
@@ -619,10 +623,7 @@ def test_check_config_refuses_a_backend_name_that_start_up_cannot_resolve(
         'backend = "127.0.0.1:25"\n'
         'listen = ["127.0.0.1:2525", "127.0.0.1:2526,backend=mta.repeld-test.invalid:10025"]\n'
     )
-    done = subprocess.run(
-        ["unshare", "-m", "sh", "-c", script],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    done = check()
     assert done.returncode == 0, done.stderr
     (line,) = done.stderr.splitlines()
     assert line.startswith(

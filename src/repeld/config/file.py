@@ -133,9 +133,7 @@ def load_settings(
         values.update(read_config(config_path))
     values.update(flags)
     try:
-        settings = build_settings(values)
-        load_trusted(settings)
-        _check_cache(settings)
+        return _checked(values)
     except SettingError as exc:
         origin = "command line" if exc.option in flags else (config_path or "command line")
         if exc.option == "backend" and exc.value is None:
@@ -143,6 +141,14 @@ def load_settings(
                 [f"backend is required: set it in {config_path} or with --backend"]
             ) from None
         raise ConfigError([f"{origin}: {exc}"]) from None
+
+
+def _checked(values: Mapping[str, Any]) -> Settings:
+    """Settings from parsed values, with what only they tell checked too: the
+    trusted-network files read, the cache's needs met (SettingError if not)."""
+    settings = build_settings(values)
+    load_trusted(settings)
+    _check_cache(settings)
     return settings
 
 
@@ -150,14 +156,10 @@ def settings_from_text(text: str, origin: str) -> Settings:
     """The settings that `render_settings` printed: they read back the same
     (the flags are in the text already, the trusted networks inline); raises
     ConfigError naming `origin`."""
-    values = parse_config(text, origin)
     try:
-        settings = build_settings(values)
-        load_trusted(settings)
-        _check_cache(settings)
+        return _checked(parse_config(text, origin))
     except SettingError as exc:
         raise ConfigError([f"{origin}: {exc}"]) from None
-    return settings
 
 
 #: Set by a --workers parent for each worker: a descriptor on the settings it
